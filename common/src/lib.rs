@@ -1,0 +1,145 @@
+//! The ABI shared by weft's eBPF programs (`ebpf/`) and the node proxy (`proxy/`).
+//!
+//! Everything here is `#[repr(C)]`, plain old data, and laid out without implicit padding so
+//! that the kernel side and user space agree byte for byte.
+//!
+//! Byte-order convention, used everywhere in this crate:
+//! * IPv4 addresses are `u32` holding the address octets in memory order (network byte order),
+//!   exactly as the kernel exposes `user_ip4`, `local_ip4` and `remote_ip4`. In user space
+//!   convert with `u32::from_ne_bytes(addr.octets())` and `Ipv4Addr::from(v.to_ne_bytes())`.
+//! * Ports are `u16` in **host** byte order.
+#![no_std]
+
+/// Names of the maps and programs in the eBPF object. They are also the file names under the
+/// bpffs pin directory (`<bpffs>/<name>`).
+pub mod names {
+    /// Enrolled pod cgroup ids: `HashMap<u64 cgroup id, u8>`.
+    pub const ENROLLED: &str = "ENROLLED";
+    /// Redirect configuration: `Array<Config>` with one element.
+    pub const CONFIG: &str = "CONFIG";
+    /// Destination ports never redirected: `HashMap<u16 port, u8>`.
+    pub const EXCL_PORTS: &str = "EXCL_PORTS";
+    /// Destination CIDRs never redirected: `LpmTrie<u32 ipv4, u8>`.
+    pub const EXCL_CIDRS: &str = "EXCL_CIDRS";
+    /// Original destination by socket cookie (written by connect4/6): `LruHashMap<u64, OrigDst>`.
+    pub const BY_COOKIE: &str = "BY_COOKIE";
+    /// Original destination by client 4-tuple (written by sock_ops): `LruHashMap<FlowKey, OrigDst>`.
+    pub const BY_TUPLE: &str = "BY_TUPLE";
+    /// Redirect events: `RingBuf` of `RedirectEvent`.
+    pub const EVENTS: &str = "EVENTS";
+    /// Counters, indexed by `Counter`: `PerCpuArray<u64>`.
+    pub const STATS: &str = "STATS";
+
+    pub const PROG_CONNECT4: &str = "weft_connect4";
+    pub const PROG_CONNECT6: &str = "weft_connect6";
+    pub const PROG_SOCK_OPS: &str = "weft_sock_ops";
+}
+
+/// How many cgroup ancestor levels the programs walk looking for an enrolled pod cgroup.
+pub const MAX_CGROUP_DEPTH: u32 = 16;
+/// Capacity of the LRU maps holding original destinations.
+pub const ORIG_DST_ENTRIES: u32 = 65_536;
+/// Capacity of the enrolled-cgroup map.
+pub const ENROLLED_ENTRIES: u32 = 16_384;
+/// Size of the redirect-event ring buffer, in bytes (a power of two, multiple of the page size).
+pub const EVENTS_BYTES: u32 = 1 << 20;
+
+/// Redirect configuration written by the proxy (element 0 of `CONFIG`).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Config {
+    /// Outbound capture listener address, network byte order. 0 = redirection disabled.
+    pub proxy_ip4: u32,
+    /// Outbound capture listener port, host byte order.
+    pub proxy_port: u16,
+    pub _pad: u16,
+}
+
+/// The original destination of a redirected connection and who made it.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct OrigDst {
+    /// Socket cookie of the client socket.
+    pub cookie: u64,
+    /// The enrolled (pod) cgroup id the connecting socket was found under.
+    pub cgroup_id: u64,
+    /// Original destination IPv4 address, network byte order.
+    pub ip4: u32,
+    /// Original destination port, host byte order.
+    pub port: u16,
+    /// `AF_INET` or `AF_INET6` (an IPv4-mapped IPv6 connect).
+    pub family: u16,
+}
+
+/// The client side 4-tuple of a redirected connection, as the proxy sees it on accept:
+/// `src` is the pod's address and ephemeral port, `dst` is the proxy listener.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+pub struct FlowKey {
+    /// Client (pod) IPv4 address, network byte order.
+    pub src_ip4: u32,
+    /// Proxy IPv4 address, network byte order.
+    pub dst_ip4: u32,
+    /// Client port, host byte order.
+    pub src_port: u16,
+    /// Proxy port, host byte order.
+    pub dst_port: u16,
+}
+
+/// One event per redirected `connect()`, sent on the `EVENTS` ring buffer.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct RedirectEvent {
+    /// `bpf_ktime_get_boot_ns()` at the time of the connect.
+    pub boot_ns: u64,
+    pub orig: OrigDst,
+}
+
+/// Indexes into the `STATS` per-CPU counter array.
+#[repr(u32)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Counter {
+    /// connect() calls seen (TCP, IPv4 or IPv4-mapped).
+    ConnectSeen = 0,
+    /// connect() calls redirected to the proxy.
+    Redirected = 1,
+    /// Not redirected: no enrolled ancestor cgroup.
+    NotEnrolled = 2,
+    /// Not redirected: excluded destination (loopback, proxy itself, excluded port or CIDR).
+    Excluded = 3,
+    /// sock_ops saw an established redirected connection and recorded its 4-tuple.
+    TupleRecorded = 4,
+    /// A redirect event could not be written to the ring buffer (full).
+    EventsDropped = 5,
+}
+
+impl Counter {
+    pub const COUNT: u32 = 6;
+    pub const ALL: [Counter; Counter::COUNT as usize] = [
+        Counter::ConnectSeen,
+        Counter::Redirected,
+        Counter::NotEnrolled,
+        Counter::Excluded,
+        Counter::TupleRecorded,
+        Counter::EventsDropped,
+    ];
+    pub const fn name(self) -> &'static str {
+        match self {
+            Counter::ConnectSeen => "connect_seen",
+            Counter::Redirected => "redirected",
+            Counter::NotEnrolled => "not_enrolled",
+            Counter::Excluded => "excluded",
+            Counter::TupleRecorded => "tuple_recorded",
+            Counter::EventsDropped => "events_dropped",
+        }
+    }
+}
+
+#[cfg(feature = "user")]
+mod user {
+    // SAFETY: all types are repr(C) plain data with no padding and no invalid bit patterns.
+    unsafe impl aya::Pod for super::Config {}
+    unsafe impl aya::Pod for super::OrigDst {}
+    unsafe impl aya::Pod for super::FlowKey {}
+    unsafe impl aya::Pod for super::RedirectEvent {}
+}
