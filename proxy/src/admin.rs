@@ -1,1 +1,174 @@
-//! (in progress)
+//! The admin API, served on a Unix socket and on a loopback TCP address:
+//!
+//! | path | what |
+//! |---|---|
+//! | `/flows` | recent flows as NDJSON; `?follow=1` keeps streaming; filters `namespace`, `pod`, `verdict`, `since`, `last` |
+//! | `/workloads` | pods known to this node, enrolled or not, with cgroup ids |
+//! | `/config_dump` | effective configuration and registry snapshot summary |
+//! | `/status` | programs, maps, counters |
+//! | `/healthz/ready` | 200 once programs are attached and the registry is loaded, else 503 |
+
+use std::convert::Infallible;
+use std::net::SocketAddr;
+use std::path::Path;
+use std::sync::Arc;
+
+use anyhow::Context;
+use axum::body::Body;
+use axum::extract::{Query, State};
+use axum::http::{header, StatusCode};
+use axum::response::{IntoResponse, Response};
+use axum::routing::get;
+use axum::{Json, Router};
+use bytes::Bytes;
+use futures::StreamExt;
+use serde::Deserialize;
+use tokio_stream::wrappers::errors::BroadcastStreamRecvError;
+use tokio_stream::wrappers::BroadcastStream;
+
+use crate::flows::{parse_since, Flow, FlowFilter, FlowStore, Verdict};
+
+/// What the admin API asks of the running node.
+pub trait NodeView: Send + Sync + 'static {
+    fn workloads(&self) -> serde_json::Value;
+    fn config_dump(&self) -> serde_json::Value;
+    fn status(&self) -> serde_json::Value;
+    /// `Err(reason)` while not ready.
+    fn ready(&self) -> Result<(), String>;
+}
+
+#[derive(Clone)]
+struct AppState {
+    flows: Arc<FlowStore>,
+    view: Arc<dyn NodeView>,
+}
+
+/// The admin router, shared by the Unix socket and TCP listeners.
+pub fn router(flows: Arc<FlowStore>, view: Arc<dyn NodeView>) -> Router {
+    Router::new()
+        .route("/flows", get(flows_handler))
+        .route(
+            "/workloads",
+            get(|State(s): State<AppState>| async move { Json(s.view.workloads()) }),
+        )
+        .route(
+            "/config_dump",
+            get(|State(s): State<AppState>| async move { Json(s.view.config_dump()) }),
+        )
+        .route(
+            "/status",
+            get(|State(s): State<AppState>| async move { Json(s.view.status()) }),
+        )
+        .route("/healthz/ready", get(ready_handler))
+        .with_state(AppState { flows, view })
+}
+
+/// Serves `router` on a Unix socket (replacing a stale socket file) until the task is dropped.
+pub async fn serve_unix(path: &Path, router: Router) -> anyhow::Result<()> {
+    if let Some(dir) = path.parent() {
+        std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
+    }
+    match std::fs::remove_file(path) {
+        Ok(()) => {}
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+        Err(e) => return Err(e).with_context(|| format!("removing stale {}", path.display())),
+    }
+    let listener = tokio::net::UnixListener::bind(path)
+        .with_context(|| format!("binding admin socket {}", path.display()))?;
+    axum::serve(listener, router)
+        .await
+        .context("admin socket server")
+}
+
+/// Binds the admin TCP address; the returned future serves it.
+pub async fn bind_tcp(addr: SocketAddr) -> anyhow::Result<tokio::net::TcpListener> {
+    tokio::net::TcpListener::bind(addr)
+        .await
+        .with_context(|| format!("binding admin address {addr}"))
+}
+
+pub async fn serve_tcp(listener: tokio::net::TcpListener, router: Router) -> anyhow::Result<()> {
+    axum::serve(listener, router)
+        .await
+        .context("admin TCP server")
+}
+
+async fn ready_handler(State(s): State<AppState>) -> Response {
+    match s.view.ready() {
+        Ok(()) => (StatusCode::OK, "ready\n").into_response(),
+        Err(why) => (
+            StatusCode::SERVICE_UNAVAILABLE,
+            format!("not ready: {why}\n"),
+        )
+            .into_response(),
+    }
+}
+
+#[derive(Deserialize, Default)]
+struct FlowsQuery {
+    namespace: Option<String>,
+    pod: Option<String>,
+    verdict: Option<String>,
+    since: Option<String>,
+    /// Only the last N matching flows from history.
+    last: Option<usize>,
+    follow: Option<String>,
+}
+
+fn truthy(v: &Option<String>) -> bool {
+    matches!(v.as_deref(), Some("1" | "true" | "yes" | ""))
+}
+
+async fn flows_handler(State(s): State<AppState>, Query(q): Query<FlowsQuery>) -> Response {
+    let verdict = match q.verdict.as_deref().map(str::parse::<Verdict>).transpose() {
+        Ok(v) => v,
+        Err(e) => return (StatusCode::BAD_REQUEST, format!("{e}\n")).into_response(),
+    };
+    let since = match q
+        .since
+        .as_deref()
+        .map(|v| parse_since(v, time::OffsetDateTime::now_utc()))
+        .transpose()
+    {
+        Ok(v) => v,
+        Err(e) => return (StatusCode::BAD_REQUEST, format!("{e}\n")).into_response(),
+    };
+    let filter = FlowFilter {
+        namespace: q.namespace,
+        pod: q.pod,
+        verdict,
+        since,
+    };
+    // Subscribe first so nothing recorded between the snapshot and the subscription is lost.
+    let live = truthy(&q.follow).then(|| s.flows.subscribe());
+    let mut history = s.flows.recent(&filter);
+    if let Some(n) = q.last {
+        let skip = history.len().saturating_sub(n);
+        history.drain(..skip);
+    }
+    let seen = history.last().map(|f| f.seq).unwrap_or(0);
+    let history = futures::stream::iter(history.into_iter().map(|f| line(&f)));
+    let body = match live {
+        None => Body::from_stream(history.map(Ok::<_, Infallible>)),
+        Some(rx) => {
+            let live = BroadcastStream::new(rx).filter_map(move |r| {
+                let out = match r {
+                    Ok(f) if f.seq > seen && filter.matches(&f) => Some(line(&f)),
+                    Ok(_) => None,
+                    Err(BroadcastStreamRecvError::Lagged(n)) => {
+                        Some(Bytes::from(format!("{{\"lost_flows\":{n}}}\n")))
+                    }
+                };
+                futures::future::ready(out)
+            });
+            Body::from_stream(history.chain(live).map(Ok::<_, Infallible>))
+        }
+    };
+    ([(header::CONTENT_TYPE, "application/x-ndjson")], body).into_response()
+}
+
+fn line(flow: &Flow) -> Bytes {
+    let mut v = serde_json::to_vec(flow).unwrap_or_default();
+    v.push(b'\n');
+    Bytes::from(v)
+}

@@ -1,1 +1,270 @@
-//! (in progress)
+//! `weft node` configuration: command-line flags, optionally layered over a YAML file
+//! (`--config`). A flag given on the command line wins over the same key in the file; keys in
+//! the file are the flag names without the leading dashes.
+
+use std::net::{IpAddr, SocketAddr};
+use std::path::{Path, PathBuf};
+
+use anyhow::{bail, Context};
+use clap::Args;
+use serde::{Deserialize, Serialize};
+
+/// Default outbound capture port.
+pub const DEFAULT_PROXY_PORT: u16 = 15001;
+pub const DEFAULT_ADMIN_SOCKET: &str = "/run/weft/admin.sock";
+pub const DEFAULT_ADMIN_ADDRESS: &str = "127.0.0.1:15000";
+pub const DEFAULT_BPFFS: &str = "/sys/fs/bpf/weft";
+pub const DEFAULT_CGROUP_ROOT: &str = "/sys/fs/cgroup";
+
+/// Flags of `weft node`. Every one is optional on the command line so that a config file can
+/// supply it; [`NodeArgs::resolve`] applies defaults and checks what is required.
+#[derive(Args, Debug, Clone, Default)]
+pub struct NodeArgs {
+    /// YAML file with any of the settings below (keys are the flag names, e.g. `node-name:`).
+    #[arg(long, value_name = "FILE")]
+    pub config: Option<PathBuf>,
+    /// This node's name (pods are hosted here when `spec.nodeName` matches).
+    #[arg(long, env = "WEFT_NODE_NAME")]
+    pub node_name: Option<String>,
+    /// Kubernetes-shaped YAML registry: a file or a directory of *.yaml files, re-read on change.
+    #[arg(long, value_name = "PATH")]
+    pub registry: Option<PathBuf>,
+    /// Outbound capture listener and redirect target, `IP[:PORT]` (default port 15001).
+    /// Defaults to the node's InternalIP from the registry.
+    #[arg(long, value_name = "IP:PORT")]
+    pub proxy_address: Option<String>,
+    /// cgroup v2 directory the eBPF programs attach to; kubelet pod cgroups live below it.
+    #[arg(long, value_name = "PATH")]
+    pub cgroup_root: Option<PathBuf>,
+    /// bpffs directory where programs, links and maps are pinned (default /sys/fs/bpf/weft).
+    #[arg(long, value_name = "PATH")]
+    pub bpffs: Option<PathBuf>,
+    /// Admin API Unix socket (default /run/weft/admin.sock).
+    #[arg(long, value_name = "PATH")]
+    pub admin_socket: Option<PathBuf>,
+    /// Admin API TCP address (default 127.0.0.1:15000).
+    #[arg(long, value_name = "IP:PORT")]
+    pub admin_address: Option<SocketAddr>,
+    /// Destination ports never redirected (comma separated).
+    #[arg(long, value_delimiter = ',', value_name = "PORT,...")]
+    pub exclude_ports: Option<Vec<u16>>,
+    /// Destination IPv4 CIDRs never redirected (comma separated).
+    #[arg(long, value_delimiter = ',', value_name = "CIDR,...")]
+    pub exclude_cidrs: Option<Vec<ipnet::Ipv4Net>>,
+    /// Number of flows kept in memory (default 10000).
+    #[arg(long, value_name = "N")]
+    pub flow_capacity: Option<usize>,
+    /// Upstream connect timeout in milliseconds (default 5000).
+    #[arg(long, value_name = "MS")]
+    pub connect_timeout_ms: Option<u64>,
+}
+
+/// The same settings as they appear in a `--config` file.
+#[derive(Deserialize, Debug, Default)]
+#[serde(deny_unknown_fields, rename_all = "kebab-case")]
+struct FileConfig {
+    node_name: Option<String>,
+    registry: Option<PathBuf>,
+    proxy_address: Option<String>,
+    cgroup_root: Option<PathBuf>,
+    bpffs: Option<PathBuf>,
+    admin_socket: Option<PathBuf>,
+    admin_address: Option<SocketAddr>,
+    exclude_ports: Option<Vec<u16>>,
+    exclude_cidrs: Option<Vec<ipnet::Ipv4Net>>,
+    flow_capacity: Option<usize>,
+    connect_timeout_ms: Option<u64>,
+}
+
+/// Where the proxy listens for redirected connections: given explicitly, or the node's
+/// address from the registry.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum ProxyAddress {
+    Given(SocketAddr),
+    /// Only a port: the IP comes from the Node object.
+    FromNode(u16),
+}
+
+/// Effective `weft node` configuration (shown by `/config_dump`).
+#[derive(Debug, Clone, Serialize)]
+pub struct NodeConfig {
+    pub node_name: String,
+    pub registry: PathBuf,
+    pub proxy_address: ProxyAddress,
+    pub cgroup_root: PathBuf,
+    pub bpffs: PathBuf,
+    pub admin_socket: PathBuf,
+    pub admin_address: SocketAddr,
+    pub exclude_ports: Vec<u16>,
+    pub exclude_cidrs: Vec<ipnet::Ipv4Net>,
+    pub flow_capacity: usize,
+    pub connect_timeout_ms: u64,
+}
+
+impl NodeArgs {
+    /// Merges the config file (if any) under the flags and applies defaults.
+    pub fn resolve(self) -> anyhow::Result<NodeConfig> {
+        let file = match &self.config {
+            Some(path) => read_file_config(path)?,
+            None => FileConfig::default(),
+        };
+        let node_name = self.node_name.or(file.node_name).context(
+            "--node-name is required (flag, WEFT_NODE_NAME or `node-name:` in --config)",
+        )?;
+        let registry = self
+            .registry
+            .or(file.registry)
+            .context("--registry is required (flag or `registry:` in --config)")?;
+        let proxy_address = match self.proxy_address.or(file.proxy_address) {
+            Some(s) => parse_proxy_address(&s)?,
+            None => ProxyAddress::FromNode(DEFAULT_PROXY_PORT),
+        };
+        let flow_capacity = self
+            .flow_capacity
+            .or(file.flow_capacity)
+            .unwrap_or(crate::flows::DEFAULT_CAPACITY);
+        if flow_capacity == 0 {
+            bail!("--flow-capacity must be at least 1");
+        }
+        Ok(NodeConfig {
+            node_name,
+            registry,
+            proxy_address,
+            cgroup_root: self
+                .cgroup_root
+                .or(file.cgroup_root)
+                .unwrap_or_else(|| DEFAULT_CGROUP_ROOT.into()),
+            bpffs: self
+                .bpffs
+                .or(file.bpffs)
+                .unwrap_or_else(|| DEFAULT_BPFFS.into()),
+            admin_socket: self
+                .admin_socket
+                .or(file.admin_socket)
+                .unwrap_or_else(|| DEFAULT_ADMIN_SOCKET.into()),
+            admin_address: self
+                .admin_address
+                .or(file.admin_address)
+                .unwrap_or_else(|| DEFAULT_ADMIN_ADDRESS.parse().expect("valid default")),
+            exclude_ports: self
+                .exclude_ports
+                .or(file.exclude_ports)
+                .unwrap_or_default(),
+            exclude_cidrs: self
+                .exclude_cidrs
+                .or(file.exclude_cidrs)
+                .unwrap_or_default(),
+            flow_capacity,
+            connect_timeout_ms: self
+                .connect_timeout_ms
+                .or(file.connect_timeout_ms)
+                .unwrap_or(5000),
+        })
+    }
+}
+
+fn read_file_config(path: &Path) -> anyhow::Result<FileConfig> {
+    let text =
+        std::fs::read_to_string(path).with_context(|| format!("reading {}", path.display()))?;
+    let de = serde_yaml_ng::Deserializer::from_str(&text);
+    serde_path_to_error::deserialize(de).map_err(|e| {
+        let line = e.inner().location().map(|l| l.line()).unwrap_or(0);
+        let field = e.path().to_string();
+        anyhow::anyhow!("{}:{line}: {field}: {}", path.display(), e.inner())
+    })
+}
+
+/// `IP`, `IP:PORT` or `:PORT`.
+pub fn parse_proxy_address(s: &str) -> anyhow::Result<ProxyAddress> {
+    if let Some(port) = s.strip_prefix(':') {
+        let port = port
+            .parse()
+            .with_context(|| format!("--proxy-address {s:?}: bad port"))?;
+        return Ok(ProxyAddress::FromNode(port));
+    }
+    if let Ok(sa) = s.parse::<SocketAddr>() {
+        return Ok(ProxyAddress::Given(sa));
+    }
+    if let Ok(ip) = s.parse::<IpAddr>() {
+        return Ok(ProxyAddress::Given(SocketAddr::new(ip, DEFAULT_PROXY_PORT)));
+    }
+    bail!("--proxy-address {s:?}: expected IP, IP:PORT or :PORT")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::io::Write;
+
+    #[test]
+    fn proxy_address_forms() {
+        assert_eq!(
+            parse_proxy_address("10.0.0.1").unwrap(),
+            ProxyAddress::Given("10.0.0.1:15001".parse().unwrap())
+        );
+        assert_eq!(
+            parse_proxy_address("10.0.0.1:9999").unwrap(),
+            ProxyAddress::Given("10.0.0.1:9999".parse().unwrap())
+        );
+        assert_eq!(
+            parse_proxy_address(":16001").unwrap(),
+            ProxyAddress::FromNode(16001)
+        );
+        assert!(parse_proxy_address("nope").is_err());
+    }
+
+    #[test]
+    fn file_is_layered_under_flags() {
+        let mut f = tempfile::NamedTempFile::new().unwrap();
+        writeln!(
+            f,
+            "node-name: from-file\nregistry: /etc/weft/registry\nexclude-ports: [22, 53]\nflow-capacity: 50"
+        )
+        .unwrap();
+        let args = NodeArgs {
+            config: Some(f.path().into()),
+            node_name: Some("from-flag".into()),
+            ..Default::default()
+        };
+        let c = args.resolve().unwrap();
+        assert_eq!(c.node_name, "from-flag");
+        assert_eq!(c.registry, PathBuf::from("/etc/weft/registry"));
+        assert_eq!(c.exclude_ports, vec![22, 53]);
+        assert_eq!(c.flow_capacity, 50);
+        assert_eq!(c.admin_socket, PathBuf::from(DEFAULT_ADMIN_SOCKET));
+        assert_eq!(c.proxy_address, ProxyAddress::FromNode(15001));
+    }
+
+    #[test]
+    fn bad_file_names_file_line_and_field() {
+        let mut f = tempfile::NamedTempFile::new().unwrap();
+        writeln!(f, "node-name: a\nflow-capacity: lots").unwrap();
+        let err = NodeArgs {
+            config: Some(f.path().into()),
+            ..Default::default()
+        }
+        .resolve()
+        .unwrap_err()
+        .to_string();
+        assert!(err.contains(&format!("{}:2", f.path().display())), "{err}");
+        assert!(err.contains("flow-capacity"), "{err}");
+
+        let mut g = tempfile::NamedTempFile::new().unwrap();
+        writeln!(g, "node-name: a\nregistyr: /x").unwrap();
+        let err = NodeArgs {
+            config: Some(g.path().into()),
+            ..Default::default()
+        }
+        .resolve()
+        .unwrap_err()
+        .to_string();
+        assert!(err.contains("unknown field `registyr`"), "{err}");
+    }
+
+    #[test]
+    fn required_settings_are_named() {
+        let err = NodeArgs::default().resolve().unwrap_err().to_string();
+        assert!(err.contains("--node-name"), "{err}");
+    }
+}

@@ -1,1 +1,230 @@
-//! (in progress)
+//! Moving bytes between the client and the upstream connection.
+//!
+//! Each direction is relayed with `splice(2)` through a pipe, so payload bytes stay in the
+//! kernel (socket → pipe → socket); the proxy never copies them through user space. End of
+//! stream in one direction is passed on as a half-close (`shutdown(SHUT_WR)`) while the other
+//! direction keeps flowing. A reset on one side is passed on as a reset on the other.
+
+use std::io;
+use std::os::fd::{AsFd, AsRawFd, OwnedFd};
+
+use nix::fcntl::{splice, OFlag, SpliceFFlags};
+use tokio::io::Interest;
+use tokio::net::TcpStream;
+
+/// Pipe size requested per direction (the kernel caps it at `fs.pipe-max-size`).
+const PIPE_SIZE: i32 = 1 << 20;
+/// Largest single splice.
+const CHUNK: usize = 1 << 20;
+
+/// Bytes moved each way and how the relay ended.
+#[derive(Debug, Default, Clone, PartialEq, Eq)]
+pub struct Relayed {
+    /// Client → upstream.
+    pub sent: u64,
+    /// Upstream → client.
+    pub received: u64,
+    /// The first error seen (e.g. a reset); the relay stops on it.
+    pub error: Option<String>,
+}
+
+/// Relays `client` ⇄ `upstream` until both directions reach end of stream or one fails.
+pub async fn relay(client: TcpStream, upstream: TcpStream) -> Relayed {
+    let up = async {
+        let r = Direction::new().map(|d| d.run(&client, &upstream));
+        match r {
+            Ok(fut) => fut.await,
+            Err(e) => (0, Err(e)),
+        }
+    };
+    let down = async {
+        let r = Direction::new().map(|d| d.run(&upstream, &client));
+        match r {
+            Ok(fut) => fut.await,
+            Err(e) => (0, Err(e)),
+        }
+    };
+    tokio::pin!(up, down);
+    // Run both directions; if one fails, stop the other and reset both sockets.
+    let mut out = Relayed::default();
+    let mut up_done = false;
+    let mut down_done = false;
+    while !(up_done && down_done) {
+        tokio::select! {
+            (n, r) = &mut up, if !up_done => {
+                up_done = true;
+                out.sent = n;
+                if let Err(e) = r {
+                    out.error = Some(format!("client→upstream: {e}"));
+                    break;
+                }
+            }
+            (n, r) = &mut down, if !down_done => {
+                down_done = true;
+                out.received = n;
+                if let Err(e) = r {
+                    out.error = Some(format!("upstream→client: {e}"));
+                    break;
+                }
+            }
+        }
+    }
+    if out.error.is_some() {
+        // Abort: both peers see a reset rather than a clean close.
+        reset(&client);
+        reset(&upstream);
+    }
+    out
+}
+
+/// Arranges for the socket to send RST instead of FIN when it is closed.
+pub fn reset(stream: &TcpStream) {
+    let _ = socket2::SockRef::from(stream).set_linger(Some(std::time::Duration::ZERO));
+}
+
+struct Direction {
+    pipe_r: OwnedFd,
+    pipe_w: OwnedFd,
+}
+
+impl Direction {
+    fn new() -> io::Result<Self> {
+        let (pipe_r, pipe_w) = nix::unistd::pipe2(OFlag::O_CLOEXEC | OFlag::O_NONBLOCK)?;
+        // Best effort: a larger pipe means fewer splice calls for bulk transfers.
+        let _ = nix::fcntl::fcntl(&pipe_w, nix::fcntl::FcntlArg::F_SETPIPE_SZ(PIPE_SIZE));
+        Ok(Self { pipe_r, pipe_w })
+    }
+
+    /// Moves bytes from `src` to `dst` until end of stream, then half-closes `dst`.
+    /// Returns the byte count even on error.
+    async fn run(self, src: &TcpStream, dst: &TcpStream) -> (u64, io::Result<()>) {
+        let mut total = 0u64;
+        let flags = SpliceFFlags::SPLICE_F_MOVE | SpliceFFlags::SPLICE_F_NONBLOCK;
+        loop {
+            // socket → pipe
+            let n = loop {
+                if let Err(e) = src.readable().await {
+                    return (total, Err(e));
+                }
+                match src.try_io(Interest::READABLE, || {
+                    splice(
+                        src.as_fd(),
+                        None,
+                        self.pipe_w.as_fd(),
+                        None,
+                        CHUNK,
+                        flags | SpliceFFlags::SPLICE_F_MORE,
+                    )
+                    .map_err(io::Error::from)
+                }) {
+                    Ok(n) => break n,
+                    Err(e) if e.kind() == io::ErrorKind::WouldBlock => continue,
+                    Err(e) => return (total, Err(e)),
+                }
+            };
+            if n == 0 {
+                // End of stream from src: pass the half-close on.
+                let r = shutdown_write(dst);
+                return (total, r);
+            }
+            // pipe → socket, until the pipe is empty again.
+            let mut left = n;
+            while left > 0 {
+                if let Err(e) = dst.writable().await {
+                    return (total, Err(e));
+                }
+                match dst.try_io(Interest::WRITABLE, || {
+                    splice(self.pipe_r.as_fd(), None, dst.as_fd(), None, left, flags)
+                        .map_err(io::Error::from)
+                }) {
+                    Ok(0) => return (total, Err(io::ErrorKind::WriteZero.into())),
+                    Ok(m) => {
+                        left -= m;
+                        total += m as u64;
+                    }
+                    Err(e) if e.kind() == io::ErrorKind::WouldBlock => continue,
+                    Err(e) => return (total, Err(e)),
+                }
+            }
+        }
+    }
+}
+
+fn shutdown_write(s: &TcpStream) -> io::Result<()> {
+    // SAFETY: plain shutdown(2) on a descriptor we borrow for the call.
+    let r = unsafe { libc::shutdown(s.as_raw_fd(), libc::SHUT_WR) };
+    if r == 0 {
+        return Ok(());
+    }
+    let e = io::Error::last_os_error();
+    // The peer may already be gone; that is the other direction's problem to report.
+    if e.raw_os_error() == Some(libc::ENOTCONN) {
+        Ok(())
+    } else {
+        Err(e)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    use tokio::net::TcpListener;
+
+    /// client ⇄ [relay] ⇄ server over loopback; returns (client side, server side, relay task).
+    async fn setup() -> (TcpStream, TcpStream, tokio::task::JoinHandle<Relayed>) {
+        let front = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let back = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let front_addr = front.local_addr().unwrap();
+        let back_addr = back.local_addr().unwrap();
+        let client = TcpStream::connect(front_addr).await.unwrap();
+        let (accepted, _) = front.accept().await.unwrap();
+        let upstream = TcpStream::connect(back_addr).await.unwrap();
+        let (server, _) = back.accept().await.unwrap();
+        let task = tokio::spawn(relay(accepted, upstream));
+        (client, server, task)
+    }
+
+    #[tokio::test]
+    async fn relays_both_ways_with_half_close() {
+        let (mut client, mut server, task) = setup().await;
+        let payload: Vec<u8> = (0..3_000_000u32).map(|i| (i % 251) as u8).collect();
+        let expect = payload.clone();
+        let writer = tokio::spawn(async move {
+            client.write_all(&payload).await.unwrap();
+            client.shutdown().await.unwrap(); // half-close: the server must see EOF
+            let mut back = Vec::new();
+            client.read_to_end(&mut back).await.unwrap();
+            back
+        });
+        let mut got = Vec::new();
+        server.read_to_end(&mut got).await.unwrap();
+        assert_eq!(got.len(), expect.len());
+        assert!(got == expect);
+        // The server can still answer after the client's half-close.
+        server.write_all(b"done").await.unwrap();
+        server.shutdown().await.unwrap();
+        drop(server);
+        assert_eq!(writer.await.unwrap(), b"done");
+        let r = task.await.unwrap();
+        assert_eq!(r.sent, 3_000_000);
+        assert_eq!(r.received, 4);
+        assert_eq!(r.error, None);
+    }
+
+    #[tokio::test]
+    async fn reset_is_passed_on() {
+        let (mut client, server, task) = setup().await;
+        client.write_all(b"hello").await.unwrap();
+        reset(&server);
+        drop(server);
+        let r = task.await.unwrap();
+        assert!(r.error.is_some(), "{r:?}");
+        let mut buf = [0u8; 16];
+        let e = client.read(&mut buf).await;
+        assert!(
+            matches!(&e, Err(e) if e.kind() == io::ErrorKind::ConnectionReset),
+            "{e:?}"
+        );
+    }
+}
