@@ -1,1 +1,98 @@
-fn main() {}
+//! Project tasks: `cargo xtask setup | test | demo | bench`.
+
+mod setup;
+
+use std::process::Command;
+
+use anyhow::{bail, Context};
+use clap::{Parser, Subcommand};
+
+#[derive(Parser)]
+#[command(name = "xtask", about = "weft project tasks")]
+struct Cli {
+    #[command(subcommand)]
+    cmd: Cmd,
+}
+
+#[derive(Subcommand)]
+enum Cmd {
+    /// Install what building and testing weft needs (idempotent): nightly rust-src,
+    /// bpf-linker built against the nightly's LLVM, Debian packages used by the tests.
+    Setup,
+    /// Formatting, lints, unit tests and the privileged end-to-end tests (needs root).
+    Test {
+        /// Extra arguments for `cargo test` (after `--`), e.g. a test name filter.
+        #[arg(last = true)]
+        args: Vec<String>,
+    },
+}
+
+fn main() -> anyhow::Result<()> {
+    match Cli::parse().cmd {
+        Cmd::Setup => setup::run(),
+        Cmd::Test { args } => test(&args),
+    }
+}
+
+fn test(args: &[String]) -> anyhow::Result<()> {
+    setup::run()?;
+    require_root("the end-to-end tests create network namespaces, cgroups and load eBPF programs")?;
+    cargo(&["fmt", "--all", "--", "--check"])?;
+    cargo(&["clippy", "--all-targets", "--", "-D", "warnings"])?;
+    // Default members only: the eBPF crate builds for its own target, via proxy/build.rs.
+    // Build every binary the end-to-end tests start (weft, weft-testpod) before running them.
+    cargo(&["build", "--bins"])?;
+    let mut test_args = vec!["test", "--no-fail-fast", "--"];
+    test_args.extend(args.iter().map(String::as_str));
+    cargo(&test_args)
+}
+
+pub fn require_root(why: &str) -> anyhow::Result<()> {
+    if !nix_is_root() {
+        bail!("must run as root: {why}");
+    }
+    Ok(())
+}
+
+fn nix_is_root() -> bool {
+    std::fs::read_to_string("/proc/self/status")
+        .ok()
+        .and_then(|s| {
+            s.lines()
+                .find(|l| l.starts_with("Uid:"))
+                .and_then(|l| l.split_whitespace().nth(2).map(|e| e == "0"))
+        })
+        .unwrap_or(false)
+}
+
+/// Runs `cargo <args>` from the workspace root, failing on a non-zero exit.
+pub fn cargo(args: &[&str]) -> anyhow::Result<()> {
+    let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
+    run(Command::new(cargo).args(args).current_dir(workspace_root()))
+}
+
+pub fn run(cmd: &mut Command) -> anyhow::Result<()> {
+    eprintln!("+ {}", describe(cmd));
+    let status = cmd
+        .status()
+        .with_context(|| format!("running {}", describe(cmd)))?;
+    if !status.success() {
+        bail!("{} failed: {status}", describe(cmd));
+    }
+    Ok(())
+}
+
+pub fn describe(cmd: &Command) -> String {
+    std::iter::once(cmd.get_program())
+        .chain(cmd.get_args())
+        .map(|s| s.to_string_lossy().into_owned())
+        .collect::<Vec<_>>()
+        .join(" ")
+}
+
+pub fn workspace_root() -> std::path::PathBuf {
+    std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
+        .parent()
+        .expect("xtask lives in the workspace")
+        .to_path_buf()
+}

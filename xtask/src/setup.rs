@@ -1,0 +1,145 @@
+//! `cargo xtask setup`: everything a fresh machine needs to build and test weft. Idempotent:
+//! each step checks first and does nothing when already satisfied.
+
+use std::path::{Path, PathBuf};
+use std::process::Command;
+
+use anyhow::{bail, Context};
+
+use crate::{describe, run};
+
+/// The nightly toolchain that builds the eBPF crate (its LLVM is what bpf-linker links to).
+const NIGHTLY: &str = "nightly";
+const BPF_LINKER_VERSION: &str = "0.13";
+/// Debian packages the tests, demo and benchmarks use.
+const APT_PACKAGES: &[&str] = &[
+    "iproute2",
+    "curl",
+    "tshark",
+    "wrk",
+    "nghttp2-client",
+    "haproxy",
+    "nginx",
+];
+
+pub fn run() -> anyhow::Result<()> {
+    rust_src()?;
+    bpf_linker()?;
+    apt_packages()?;
+    Ok(())
+}
+
+fn output(cmd: &mut Command) -> anyhow::Result<String> {
+    let out = cmd
+        .output()
+        .with_context(|| format!("running {}", describe(cmd)))?;
+    if !out.status.success() {
+        bail!(
+            "{} failed: {}",
+            describe(cmd),
+            String::from_utf8_lossy(&out.stderr).trim()
+        );
+    }
+    Ok(String::from_utf8_lossy(&out.stdout).into_owned())
+}
+
+fn rust_src() -> anyhow::Result<()> {
+    let installed = output(Command::new("rustup").args(["toolchain", "list"]))?;
+    if !installed.lines().any(|l| l.starts_with(NIGHTLY)) {
+        run(Command::new("rustup").args([
+            "toolchain",
+            "install",
+            NIGHTLY,
+            "--profile",
+            "minimal",
+        ]))?;
+    }
+    let comps = output(Command::new("rustup").args([
+        "component",
+        "list",
+        "--installed",
+        "--toolchain",
+        NIGHTLY,
+    ]))?;
+    if !comps.lines().any(|l| l.starts_with("rust-src")) {
+        run(Command::new("rustup").args(["component", "add", "rust-src", "--toolchain", NIGHTLY]))?;
+    }
+    Ok(())
+}
+
+fn cargo_bin_dir() -> PathBuf {
+    std::env::var_os("CARGO_HOME")
+        .map(PathBuf::from)
+        .or_else(|| std::env::var_os("HOME").map(|h| Path::new(&h).join(".cargo")))
+        .unwrap_or_else(|| "/root/.cargo".into())
+        .join("bin")
+}
+
+fn bpf_linker() -> anyhow::Result<()> {
+    let bin = cargo_bin_dir().join("bpf-linker");
+    if let Ok(v) = output(Command::new(&bin).arg("--version")) {
+        if v.split_whitespace()
+            .nth(1)
+            .is_some_and(|v| v.starts_with(BPF_LINKER_VERSION))
+        {
+            return Ok(());
+        }
+    }
+    // bpf-linker must link the very LLVM the nightly rustc uses: point LLVM_PREFIX at a
+    // directory whose lib/ holds that shared library under the names llvm-sys looks for.
+    let sysroot =
+        output(Command::new("rustc").args([&format!("+{NIGHTLY}"), "--print", "sysroot"]))?;
+    let lib = Path::new(sysroot.trim()).join("lib");
+    let llvm = std::fs::read_dir(&lib)
+        .with_context(|| format!("reading {}", lib.display()))?
+        .filter_map(|e| e.ok())
+        .map(|e| e.file_name().to_string_lossy().into_owned())
+        .find(|n| n.starts_with("libLLVM.so."))
+        .with_context(|| format!("no libLLVM.so.* in {}", lib.display()))?;
+    // libLLVM.so.22.1-rust-1.97.0-nightly → major version 22 → cargo feature llvm-22.
+    let major = llvm
+        .trim_start_matches("libLLVM.so.")
+        .split('.')
+        .next()
+        .context("unexpected libLLVM file name")?
+        .to_string();
+    let prefix = std::env::temp_dir().join(format!("weft-llvm-prefix-{major}"));
+    let prefix_lib = prefix.join("lib");
+    std::fs::create_dir_all(&prefix_lib)?;
+    for name in ["libLLVM.so".to_string(), llvm.clone()] {
+        let link = prefix_lib.join(&name);
+        let _ = std::fs::remove_file(&link);
+        std::os::unix::fs::symlink(lib.join(&llvm), &link)
+            .with_context(|| format!("linking {}", link.display()))?;
+    }
+    run(Command::new("cargo")
+        .args(["install", "bpf-linker", "--version"])
+        .arg(format!("^{BPF_LINKER_VERSION}"))
+        .args(["--no-default-features", "--features"])
+        .arg(format!("llvm-{major}"))
+        .env("LLVM_PREFIX", &prefix))
+}
+
+fn apt_packages() -> anyhow::Result<()> {
+    let missing: Vec<&str> = APT_PACKAGES
+        .iter()
+        .copied()
+        .filter(|p| {
+            !Command::new("dpkg-query")
+                .args(["-W", "-f=${Status}", p])
+                .output()
+                .map(|o| String::from_utf8_lossy(&o.stdout).contains("install ok installed"))
+                .unwrap_or(false)
+        })
+        .collect();
+    if missing.is_empty() {
+        return Ok(());
+    }
+    run(Command::new("apt-get")
+        .arg("update")
+        .env("DEBIAN_FRONTEND", "noninteractive"))?;
+    run(Command::new("apt-get")
+        .args(["install", "-y", "--no-install-recommends"])
+        .args(&missing)
+        .env("DEBIAN_FRONTEND", "noninteractive"))
+}
