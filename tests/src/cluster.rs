@@ -1,0 +1,993 @@
+//! The cluster on one machine: a fabric netns with a bridge, nodes (netns + veth on the bridge +
+//! a cgroup root), pods (netns + veth to their node + a kubelet-layout cgroup), Services, and the
+//! Kubernetes-shaped registry describing them.
+
+use crate::cgroup::{self, CgroupDriver, Qos};
+use crate::cleanup;
+use crate::ids;
+use crate::netns::{self, InNetns};
+use crate::process::{self, Logs, Place, Proc};
+use crate::registry::{self, Labels, ServicePort, TargetPort};
+use anyhow::{bail, Context, Result};
+use serde_json::Value;
+use std::collections::BTreeMap;
+use std::net::{Ipv4Addr, SocketAddr};
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output};
+use std::sync::{Arc, Mutex, MutexGuard, Once};
+use std::time::Duration;
+
+/// Gateway address every pod routes through (answered by proxy ARP on the node's host veth).
+pub const POD_GATEWAY: Ipv4Addr = Ipv4Addr::new(169, 254, 1, 1);
+/// Name of the bridge in the fabric netns.
+pub const FABRIC_BRIDGE: &str = "br0";
+const MAX_NODES: usize = 200;
+
+/// Node `k` (1-based) has IP 172.30.0.<10+k>/16.
+pub fn node_ip(k: u8) -> Ipv4Addr {
+    Ipv4Addr::new(172, 30, 0, 10 + k)
+}
+
+/// Node `k` (1-based) has pod CIDR 10.244.<k>.0/24.
+pub fn pod_cidr(k: u8) -> String {
+    format!("10.244.{k}.0/24")
+}
+
+pub(crate) struct Shared {
+    id: String,
+    test_name: String,
+    cgroup_dir: PathBuf,
+    fabric: String,
+    logs: Logs,
+}
+
+/// What a pod is started with. `PodSpec::new(ns, name)` plus the builder methods, or a struct
+/// literal with `..Default::default()`.
+#[derive(Debug, Clone, Default)]
+pub struct PodSpec {
+    pub namespace: String,
+    pub name: String,
+    pub labels: Labels,
+    /// Defaults to `default` when empty.
+    pub service_account: String,
+    pub qos: Qos,
+    /// (name, containerPort); the name may be empty.
+    pub container_ports: Vec<(String, u16)>,
+    pub driver: CgroupDriver,
+}
+
+impl PodSpec {
+    pub fn new(namespace: &str, name: &str) -> PodSpec {
+        PodSpec {
+            namespace: namespace.into(),
+            name: name.into(),
+            ..Default::default()
+        }
+    }
+
+    pub fn label(mut self, k: &str, v: &str) -> Self {
+        self.labels.insert(k.into(), v.into());
+        self
+    }
+
+    pub fn service_account(mut self, sa: &str) -> Self {
+        self.service_account = sa.into();
+        self
+    }
+
+    pub fn qos(mut self, qos: Qos) -> Self {
+        self.qos = qos;
+        self
+    }
+
+    pub fn port(mut self, name: &str, port: u16) -> Self {
+        self.container_ports.push((name.into(), port));
+        self
+    }
+
+    pub fn driver(mut self, driver: CgroupDriver) -> Self {
+        self.driver = driver;
+        self
+    }
+}
+
+/// A Service to add. `cluster_ip: None` allocates one from 10.96.0.0/16.
+#[derive(Debug, Clone, Default)]
+pub struct ServiceSpec {
+    pub namespace: String,
+    pub name: String,
+    pub cluster_ip: Option<Ipv4Addr>,
+    pub selector: Labels,
+    pub ports: Vec<ServicePort>,
+}
+
+impl ServiceSpec {
+    pub fn new(namespace: &str, name: &str) -> ServiceSpec {
+        ServiceSpec {
+            namespace: namespace.into(),
+            name: name.into(),
+            ..Default::default()
+        }
+    }
+
+    pub fn selector(mut self, k: &str, v: &str) -> Self {
+        self.selector.insert(k.into(), v.into());
+        self
+    }
+
+    pub fn cluster_ip(mut self, ip: Ipv4Addr) -> Self {
+        self.cluster_ip = Some(ip);
+        self
+    }
+
+    /// Add a port: `port("http", 80, 8080, Some("http"))` or `port("web", 80, "web", None)`.
+    pub fn port(
+        mut self,
+        name: &str,
+        port: u16,
+        target_port: impl Into<TargetPort>,
+        app_protocol: Option<&str>,
+    ) -> Self {
+        self.ports.push(ServicePort {
+            name: name.into(),
+            port,
+            target_port: target_port.into(),
+            app_protocol: app_protocol.map(str::to_string),
+        });
+        self
+    }
+}
+
+/// A Service as added.
+#[derive(Debug, Clone)]
+pub struct Service {
+    pub namespace: String,
+    pub name: String,
+    pub cluster_ip: Ipv4Addr,
+    pub selector: Labels,
+    pub ports: Vec<ServicePort>,
+}
+
+impl Service {
+    /// `<clusterIP>:<port>`.
+    pub fn addr(&self, port: u16) -> SocketAddr {
+        SocketAddr::from((self.cluster_ip, port))
+    }
+}
+
+struct NodeInner {
+    name: String,
+    index: u8,
+    ip: Ipv4Addr,
+    netns: String,
+    cgroup_root: PathBuf,
+    system_cgroup: PathBuf,
+    bpffs_dir: PathBuf,
+    state_dir: PathBuf,
+    shared: Arc<Shared>,
+}
+
+/// A simulated node. Cheap to clone; does not keep the cluster alive.
+#[derive(Clone)]
+pub struct Node {
+    inner: Arc<NodeInner>,
+}
+
+impl std::fmt::Debug for Node {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(
+            f,
+            "Node({} {} {})",
+            self.inner.name, self.inner.ip, self.inner.netns
+        )
+    }
+}
+
+impl InNetns for Node {
+    fn netns_name(&self) -> &str {
+        &self.inner.netns
+    }
+}
+
+impl Node {
+    pub fn name(&self) -> &str {
+        &self.inner.name
+    }
+
+    /// 1-based index k: IP 172.30.0.<10+k>, pod CIDR 10.244.<k>.0/24.
+    pub fn index(&self) -> u8 {
+        self.inner.index
+    }
+
+    /// The node IP (InternalIP).
+    pub fn ip(&self) -> Ipv4Addr {
+        self.inner.ip
+    }
+
+    pub fn pod_cidr(&self) -> String {
+        pod_cidr(self.inner.index)
+    }
+
+    /// The node's cgroup root (weft's `--cgroup-root`); the kubelet layout lives below it.
+    pub fn cgroup_root(&self) -> &Path {
+        &self.inner.cgroup_root
+    }
+
+    /// The cgroup that `node.spawn` puts processes into (`<test cgroup>/<node>.system`): outside
+    /// the cgroup root, so the proxy is never captured.
+    pub fn system_cgroup(&self) -> &Path {
+        &self.inner.system_cgroup
+    }
+
+    /// A bpffs pin directory for this node's weft (`/sys/fs/bpf/weft-<id>-<node>`; not created;
+    /// removed at teardown if it exists).
+    pub fn bpffs_dir(&self) -> &Path {
+        &self.inner.bpffs_dir
+    }
+
+    /// A directory for this node's files (admin socket, config, registry…); created.
+    pub fn state_dir(&self) -> &Path {
+        &self.inner.state_dir
+    }
+
+    /// Start a process in the node's netns and system cgroup. stdout/stderr go to the log dir.
+    pub fn spawn(&self, cmd: &Command) -> Result<Proc> {
+        process::spawn(&self.inner.shared.logs, &self.place(), cmd)
+    }
+
+    /// Run a process to completion on the node (time limit 60 s).
+    pub fn output(&self, cmd: &Command) -> Result<Output> {
+        self.output_timeout(cmd, process::DEFAULT_OUTPUT_TIMEOUT)
+    }
+
+    pub fn output_timeout(&self, cmd: &Command, timeout: Duration) -> Result<Output> {
+        process::output(&self.inner.shared.logs, &self.place(), cmd, timeout)
+    }
+
+    /// `ip <args>` in the node netns.
+    pub fn ip_cmd(&self, args: &[&str]) -> Result<String> {
+        netns::ip(&self.inner.netns, args)
+    }
+
+    fn place(&self) -> Place<'_> {
+        Place {
+            cgroup: &self.inner.system_cgroup,
+            netns: &self.inner.netns,
+            label: &self.inner.name,
+        }
+    }
+}
+
+struct PodInner {
+    namespace: String,
+    name: String,
+    uid: String,
+    ip: Ipv4Addr,
+    node: Node,
+    netns: String,
+    host_veth: String,
+    pod_cgroup: PathBuf,
+    container_cgroup: PathBuf,
+    container_id: String,
+    qos: Qos,
+    driver: CgroupDriver,
+    service_account: String,
+    label: String,
+}
+
+/// A simulated pod. Cheap to clone; does not keep the cluster alive.
+#[derive(Clone)]
+pub struct Pod {
+    inner: Arc<PodInner>,
+}
+
+impl std::fmt::Debug for Pod {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(
+            f,
+            "Pod({}/{} {} on {})",
+            self.inner.namespace,
+            self.inner.name,
+            self.inner.ip,
+            self.inner.node.name()
+        )
+    }
+}
+
+impl InNetns for Pod {
+    fn netns_name(&self) -> &str {
+        &self.inner.netns
+    }
+}
+
+impl Pod {
+    pub fn namespace(&self) -> &str {
+        &self.inner.namespace
+    }
+
+    pub fn name(&self) -> &str {
+        &self.inner.name
+    }
+
+    /// metadata.uid (RFC 4122 v4).
+    pub fn uid(&self) -> &str {
+        &self.inner.uid
+    }
+
+    pub fn ip(&self) -> Ipv4Addr {
+        self.inner.ip
+    }
+
+    /// `<pod ip>:<port>`.
+    pub fn addr(&self, port: u16) -> SocketAddr {
+        SocketAddr::from((self.inner.ip, port))
+    }
+
+    pub fn node(&self) -> &Node {
+        &self.inner.node
+    }
+
+    pub fn service_account(&self) -> &str {
+        &self.inner.service_account
+    }
+
+    /// `spiffe://<trust_domain>/ns/<namespace>/sa/<serviceaccount>`.
+    pub fn spiffe_id(&self, trust_domain: &str) -> String {
+        format!(
+            "spiffe://{trust_domain}/ns/{}/sa/{}",
+            self.inner.namespace, self.inner.service_account
+        )
+    }
+
+    pub fn qos(&self) -> Qos {
+        self.inner.qos
+    }
+
+    pub fn driver(&self) -> CgroupDriver {
+        self.inner.driver
+    }
+
+    /// The pod cgroup (absolute path; `…/kubepods-<qos>-pod<uid_>.slice` or `…/pod<uid>`).
+    pub fn pod_cgroup(&self) -> &Path {
+        &self.inner.pod_cgroup
+    }
+
+    /// The container cgroup (absolute path) where the pod's processes run.
+    pub fn container_cgroup(&self) -> &Path {
+        &self.inner.container_cgroup
+    }
+
+    /// 64 hex digits (status.containerStatuses[0].containerID without `containerd://`).
+    pub fn container_id(&self) -> &str {
+        &self.inner.container_id
+    }
+
+    /// Name of the pod's veth peer in the node netns.
+    pub fn host_veth(&self) -> &str {
+        &self.inner.host_veth
+    }
+
+    /// Start a process in the pod: it joins the container cgroup, then enters the pod netns.
+    pub fn spawn(&self, cmd: &Command) -> Result<Proc> {
+        process::spawn(&self.inner.node.inner.shared.logs, &self.place(), cmd)
+    }
+
+    /// Run a process to completion in the pod (time limit 60 s).
+    pub fn output(&self, cmd: &Command) -> Result<Output> {
+        self.output_timeout(cmd, process::DEFAULT_OUTPUT_TIMEOUT)
+    }
+
+    pub fn output_timeout(&self, cmd: &Command, timeout: Duration) -> Result<Output> {
+        process::output(
+            &self.inner.node.inner.shared.logs,
+            &self.place(),
+            cmd,
+            timeout,
+        )
+    }
+
+    /// `ip <args>` in the pod netns.
+    pub fn ip_cmd(&self, args: &[&str]) -> Result<String> {
+        netns::ip(&self.inner.netns, args)
+    }
+
+    fn place(&self) -> Place<'_> {
+        Place {
+            cgroup: &self.inner.container_cgroup,
+            netns: &self.inner.netns,
+            label: &self.inner.label,
+        }
+    }
+}
+
+struct PodEntry {
+    pod: Pod,
+    labels: Labels,
+    container_ports: Vec<(String, u16)>,
+    ready: bool,
+}
+
+#[derive(Default)]
+struct State {
+    nodes: Vec<Node>,
+    /// Next host number per node index.
+    next_host: BTreeMap<u8, u8>,
+    pods: Vec<PodEntry>,
+    services: Vec<Service>,
+    next_service_ip: u32,
+    namespaces: BTreeMap<String, Labels>,
+    extra: Vec<Value>,
+    sync_path: Option<PathBuf>,
+}
+
+/// A Kubernetes cluster on one machine. Everything it created is removed on drop (also when the
+/// test panics, and then the tails of all logs are printed).
+pub struct Cluster {
+    shared: Arc<Shared>,
+    state: Mutex<State>,
+}
+
+impl std::fmt::Debug for Cluster {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "Cluster({} {})", self.shared.id, self.shared.test_name)
+    }
+}
+
+fn check_name(what: &str, s: &str, max: usize) -> Result<()> {
+    let ok = !s.is_empty()
+        && s.len() <= max
+        && s.bytes()
+            .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-' || b == b'.')
+        && !s.starts_with(['-', '.'])
+        && !s.ends_with(['-', '.']);
+    if !ok {
+        bail!("invalid {what} name {s:?} (lowercase RFC 1123, at most {max} chars)");
+    }
+    Ok(())
+}
+
+/// Root of per-test log directories: `$WEFT_TEST_LOGS`, else `<tmp>/weft-tests`.
+pub fn logs_root() -> PathBuf {
+    std::env::var_os("WEFT_TEST_LOGS")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| std::env::temp_dir().join("weft-tests"))
+}
+
+impl Cluster {
+    /// A new, empty cluster: fabric netns with a bridge, a test cgroup, a log directory.
+    /// The first cluster of a process also removes leftovers of dead runs ([`crate::cleanup_stale`]).
+    pub fn new(test_name: &str) -> Result<Cluster> {
+        static STALE: Once = Once::new();
+        STALE.call_once(|| {
+            if let Err(e) = cleanup::cleanup_stale() {
+                eprintln!("weft-tests: cleaning up stale clusters: {e:#}");
+            }
+        });
+        let mut id = ids::cluster_id();
+        let mut tries = 0;
+        while !cleanup::create_marker(&id, test_name)? {
+            tries += 1;
+            if tries > 100 {
+                bail!("could not claim a cluster id");
+            }
+            id = ids::cluster_id();
+        }
+        let safe_name: String = test_name
+            .chars()
+            .map(|c| {
+                if c.is_ascii_alphanumeric() || c == '-' || c == '_' {
+                    c
+                } else {
+                    '_'
+                }
+            })
+            .take(60)
+            .collect();
+        let logs_dir = logs_root().join(format!("{safe_name}-{id}"));
+        let logs = match Logs::new(logs_dir) {
+            Ok(l) => l,
+            Err(e) => {
+                let _ = cleanup::teardown(&id);
+                return Err(e);
+            }
+        };
+        let shared = Arc::new(Shared {
+            cgroup_dir: cleanup::cgroup_dir(&id),
+            fabric: format!("{}fabric", cleanup::netns_prefix(&id)),
+            id,
+            test_name: test_name.to_string(),
+            logs,
+        });
+        // From here on, Drop cleans up whatever was created.
+        let cluster = Cluster {
+            shared,
+            state: Mutex::new(State {
+                next_service_ip: 10,
+                ..Default::default()
+            }),
+        };
+        cgroup::create(&cluster.shared.cgroup_dir)?;
+        let fab = &cluster.shared.fabric;
+        netns::create(fab)?;
+        netns::ip(fab, &["link", "set", "lo", "up"])?;
+        netns::ip(fab, &["link", "add", FABRIC_BRIDGE, "type", "bridge"])?;
+        netns::ip(fab, &["link", "set", FABRIC_BRIDGE, "up"])?;
+        Ok(cluster)
+    }
+
+    /// Short unique id (6 hex digits) used in every name this cluster owns.
+    pub fn id(&self) -> &str {
+        &self.shared.id
+    }
+
+    pub fn test_name(&self) -> &str {
+        &self.shared.test_name
+    }
+
+    /// `/sys/fs/cgroup/unified/weft-test-<id>`.
+    pub fn cgroup_dir(&self) -> &Path {
+        &self.shared.cgroup_dir
+    }
+
+    /// Netns holding the bridge all nodes are attached to.
+    pub fn fabric_netns(&self) -> &str {
+        &self.shared.fabric
+    }
+
+    /// Where process logs go (kept after the test).
+    pub fn logs_dir(&self) -> &Path {
+        &self.shared.logs.dir
+    }
+
+    /// The last `lines` lines of every log (process stdout/stderr, commands.log).
+    pub fn log_tails(&self, lines: usize) -> String {
+        self.shared.logs.tails(lines)
+    }
+
+    fn state(&self) -> MutexGuard<'_, State> {
+        self.state.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Add a node: netns on the fabric with IP 172.30.0.<10+k>/16, forwarding on, routes to
+    /// every other node's pod CIDR (and theirs to this one's), a cgroup root and a system cgroup.
+    pub fn add_node(&self, name: &str) -> Result<Node> {
+        check_name("node", name, 40)?;
+        let mut st = self.state();
+        if st.nodes.iter().any(|n| n.name() == name) {
+            bail!("node {name} already exists");
+        }
+        if st.nodes.len() >= MAX_NODES {
+            bail!("too many nodes");
+        }
+        let k = (st.nodes.len() + 1) as u8;
+        let ip = node_ip(k);
+        let ns = format!("{}node-{name}", cleanup::netns_prefix(&self.shared.id));
+        let fab = &self.shared.fabric;
+        let fab_port = format!("n{k}");
+        netns::create(&ns)?;
+        netns::ip(
+            fab,
+            &[
+                "link", "add", &fab_port, "type", "veth", "peer", "name", "eth0", "netns", &ns,
+            ],
+        )?;
+        netns::ip(
+            fab,
+            &["link", "set", &fab_port, "master", FABRIC_BRIDGE, "up"],
+        )?;
+        // Deterministic, whatever the root netns has: forwarding on, no reverse-path filter
+        // (inherited by veths created later).
+        netns::sysctls(
+            &ns,
+            &[
+                ("net.ipv4.ip_forward", "1"),
+                ("net.ipv4.conf.all.rp_filter", "0"),
+                ("net.ipv4.conf.default.rp_filter", "0"),
+                ("net.ipv4.conf.eth0.rp_filter", "0"),
+            ],
+        )?;
+        let cidr = format!("{ip}/16");
+        netns::ip(&ns, &["link", "set", "lo", "up"])?;
+        netns::ip(&ns, &["addr", "add", &cidr, "dev", "eth0"])?;
+        netns::ip(&ns, &["link", "set", "eth0", "up"])?;
+        // Proxy ARP answers only for targets routed out of another interface: give the pods'
+        // gateway address such a route.
+        let gw = format!("{POD_GATEWAY}/32");
+        netns::ip(&ns, &["route", "add", &gw, "dev", "eth0"])?;
+        for other in &st.nodes {
+            let (oc, oip) = (other.pod_cidr(), other.ip().to_string());
+            netns::ip(&ns, &["route", "add", &oc, "via", &oip, "dev", "eth0"])?;
+            let (mc, mip) = (pod_cidr(k), ip.to_string());
+            netns::ip(
+                other.netns_name(),
+                &["route", "add", &mc, "via", &mip, "dev", "eth0"],
+            )?;
+        }
+        let cgroup_root = self.shared.cgroup_dir.join(name);
+        let system_cgroup = self.shared.cgroup_dir.join(format!("{name}.system"));
+        cgroup::create(&cgroup_root)?;
+        cgroup::create(&system_cgroup)?;
+        let state_dir = self.shared.logs.dir.join(format!("node-{name}"));
+        std::fs::create_dir_all(&state_dir)?;
+        let node = Node {
+            inner: Arc::new(NodeInner {
+                name: name.into(),
+                index: k,
+                ip,
+                netns: ns,
+                cgroup_root,
+                system_cgroup,
+                bpffs_dir: Path::new(cleanup::BPFFS)
+                    .join(format!("{}{name}", cleanup::bpffs_prefix(&self.shared.id))),
+                state_dir,
+                shared: self.shared.clone(),
+            }),
+        };
+        st.nodes.push(node.clone());
+        st.next_host.insert(k, 2);
+        self.sync(&st)?;
+        Ok(node)
+    }
+
+    /// Add a pod on `node`: netns with eth0 = 10.244.<k>.<n>/32, default route via 169.254.1.1
+    /// (proxy ARP on the node's host veth), a /32 route on the node, a kubelet-layout cgroup.
+    pub fn add_pod(&self, node: &Node, spec: PodSpec) -> Result<Pod> {
+        check_name("namespace", &spec.namespace, 63)?;
+        check_name("pod", &spec.name, 100)?;
+        let mut st = self.state();
+        if !st.nodes.iter().any(|n| Arc::ptr_eq(&n.inner, &node.inner)) {
+            bail!("node {} is not in this cluster", node.name());
+        }
+        if st
+            .pods
+            .iter()
+            .any(|p| p.pod.namespace() == spec.namespace && p.pod.name() == spec.name)
+        {
+            bail!("pod {}/{} already exists", spec.namespace, spec.name);
+        }
+        let k = node.index();
+        let host = *st.next_host.get(&k).unwrap_or(&2);
+        if host == 255 {
+            bail!("node {} has no pod addresses left", node.name());
+        }
+        let ip = Ipv4Addr::new(10, 244, k, host);
+        let uid = ids::uuid_v4();
+        let container_id = ids::container_id();
+        let ns = format!(
+            "{}pod-{}-{}",
+            cleanup::netns_prefix(&self.shared.id),
+            spec.namespace,
+            spec.name
+        );
+        let host_veth = format!("cali{}", &uid.replace('-', "")[..11]);
+        let node_ns = node.netns_name();
+        netns::create(&ns)?;
+        netns::ip(
+            node_ns,
+            &[
+                "link", "add", &host_veth, "type", "veth", "peer", "name", "eth0", "netns", &ns,
+            ],
+        )?;
+        let addr = format!("{ip}/32");
+        let gw = POD_GATEWAY.to_string();
+        netns::ip(&ns, &["link", "set", "lo", "up"])?;
+        netns::ip(&ns, &["addr", "add", &addr, "dev", "eth0"])?;
+        netns::ip(&ns, &["link", "set", "eth0", "up"])?;
+        netns::ip(
+            &ns,
+            &[
+                "route", "add", "default", "via", &gw, "dev", "eth0", "onlink",
+            ],
+        )?;
+        netns::sysctls(
+            node_ns,
+            &[
+                (&format!("net.ipv4.conf.{host_veth}.proxy_arp"), "1"),
+                (&format!("net.ipv4.neigh.{host_veth}.proxy_delay"), "0"),
+            ],
+        )?;
+        netns::ip(node_ns, &["link", "set", &host_veth, "up"])?;
+        let node_ip = node.ip().to_string();
+        netns::ip(
+            node_ns,
+            &["route", "add", &addr, "dev", &host_veth, "src", &node_ip],
+        )?;
+        let (pod_rel, ctr_rel) = cgroup::kubelet_layout(spec.driver, spec.qos, &uid, &container_id);
+        let pod_cgroup = node.cgroup_root().join(pod_rel);
+        let container_cgroup = node.cgroup_root().join(ctr_rel);
+        cgroup::create(&container_cgroup)?;
+        let service_account = if spec.service_account.is_empty() {
+            "default".to_string()
+        } else {
+            spec.service_account.clone()
+        };
+        let pod = Pod {
+            inner: Arc::new(PodInner {
+                label: format!("{}.{}", spec.namespace, spec.name),
+                namespace: spec.namespace.clone(),
+                name: spec.name.clone(),
+                uid,
+                ip,
+                node: node.clone(),
+                netns: ns,
+                host_veth,
+                pod_cgroup,
+                container_cgroup,
+                container_id,
+                qos: spec.qos,
+                driver: spec.driver,
+                service_account,
+            }),
+        };
+        st.next_host.insert(k, host + 1);
+        st.namespaces.entry(spec.namespace.clone()).or_default();
+        st.pods.push(PodEntry {
+            pod: pod.clone(),
+            labels: spec.labels,
+            container_ports: spec.container_ports,
+            ready: true,
+        });
+        self.sync(&st)?;
+        Ok(pod)
+    }
+
+    /// Delete a pod: kill its processes, remove its netns (and so its veth pair and route) and
+    /// its cgroup, drop it from the registry.
+    pub fn remove_pod(&self, pod: &Pod) -> Result<()> {
+        let mut st = self.state();
+        let Some(i) = st
+            .pods
+            .iter()
+            .position(|p| Arc::ptr_eq(&p.pod.inner, &pod.inner))
+        else {
+            bail!(
+                "pod {}/{} is not in this cluster",
+                pod.namespace(),
+                pod.name()
+            );
+        };
+        st.pods.remove(i);
+        cgroup::remove_tree(pod.pod_cgroup())?;
+        netns::delete(pod.netns_name())?;
+        self.sync(&st)
+    }
+
+    /// Add a Service (namespace created implicitly). Cluster IPs are allocated from 10.96.0.0/16
+    /// (starting at 10.96.0.10) unless given.
+    pub fn add_service(&self, spec: ServiceSpec) -> Result<Service> {
+        check_name("namespace", &spec.namespace, 63)?;
+        check_name("service", &spec.name, 63)?;
+        let mut st = self.state();
+        if st
+            .services
+            .iter()
+            .any(|s| s.namespace == spec.namespace && s.name == spec.name)
+        {
+            bail!("service {}/{} already exists", spec.namespace, spec.name);
+        }
+        let cluster_ip = match spec.cluster_ip {
+            Some(ip) => ip,
+            None => loop {
+                let n = st.next_service_ip;
+                if n >= 0xfffe {
+                    bail!("out of cluster IPs");
+                }
+                st.next_service_ip += 1;
+                let ip = Ipv4Addr::new(10, 96, (n >> 8) as u8, n as u8);
+                if n as u8 != 0 && n as u8 != 255 && !st.services.iter().any(|s| s.cluster_ip == ip)
+                {
+                    break ip;
+                }
+            },
+        };
+        if st.services.iter().any(|s| s.cluster_ip == cluster_ip) {
+            bail!("cluster IP {cluster_ip} already in use");
+        }
+        let svc = Service {
+            namespace: spec.namespace,
+            name: spec.name,
+            cluster_ip,
+            selector: spec.selector,
+            ports: spec.ports,
+        };
+        st.namespaces.entry(svc.namespace.clone()).or_default();
+        st.services.push(svc.clone());
+        self.sync(&st)?;
+        Ok(svc)
+    }
+
+    pub fn remove_service(&self, namespace: &str, name: &str) -> Result<()> {
+        let mut st = self.state();
+        let before = st.services.len();
+        st.services
+            .retain(|s| !(s.namespace == namespace && s.name == name));
+        if st.services.len() == before {
+            bail!("service {namespace}/{name} not found");
+        }
+        self.sync(&st)
+    }
+
+    /// Replace a namespace's labels (creating the namespace if needed).
+    pub fn set_namespace_labels(&self, namespace: &str, labels: Labels) -> Result<()> {
+        check_name("namespace", namespace, 63)?;
+        let mut st = self.state();
+        st.namespaces.insert(namespace.to_string(), labels);
+        self.sync(&st)
+    }
+
+    /// Replace a pod's labels.
+    pub fn set_pod_labels(&self, pod: &Pod, labels: Labels) -> Result<()> {
+        let mut st = self.state();
+        let e = st
+            .pods
+            .iter_mut()
+            .find(|p| Arc::ptr_eq(&p.pod.inner, &pod.inner))
+            .context("pod not in this cluster")?;
+        e.labels = labels;
+        self.sync(&st)
+    }
+
+    /// Set the pod's Ready condition.
+    pub fn set_pod_ready(&self, pod: &Pod, ready: bool) -> Result<()> {
+        let mut st = self.state();
+        let e = st
+            .pods
+            .iter_mut()
+            .find(|p| Arc::ptr_eq(&p.pod.inner, &pod.inner))
+            .context("pod not in this cluster")?;
+        e.ready = ready;
+        self.sync(&st)
+    }
+
+    /// Add or replace (by kind, namespace, name) arbitrary Kubernetes objects, e.g. Istio
+    /// AuthorizationPolicy or Gateway API routes, given as (multi-document) YAML. They are
+    /// emitted after the built-in objects.
+    pub fn apply_yaml(&self, yaml: &str) -> Result<()> {
+        let docs = registry::parse_documents(yaml)?;
+        let mut st = self.state();
+        for d in docs {
+            let key = registry::object_key(&d);
+            if key.0.is_empty() || key.2.is_empty() {
+                bail!("object without kind or metadata.name: {d}");
+            }
+            match st.extra.iter_mut().find(|e| registry::object_key(e) == key) {
+                Some(e) => *e = d,
+                None => st.extra.push(d),
+            }
+        }
+        self.sync(&st)
+    }
+
+    /// Remove an object added with [`Cluster::apply_yaml`]. Returns whether it existed.
+    pub fn delete_object(&self, kind: &str, namespace: &str, name: &str) -> Result<bool> {
+        let mut st = self.state();
+        let key = (kind.to_string(), namespace.to_string(), name.to_string());
+        let before = st.extra.len();
+        st.extra.retain(|e| registry::object_key(e) != key);
+        let removed = st.extra.len() != before;
+        self.sync(&st)?;
+        Ok(removed)
+    }
+
+    pub fn nodes(&self) -> Vec<Node> {
+        self.state().nodes.clone()
+    }
+
+    pub fn node(&self, name: &str) -> Option<Node> {
+        self.state()
+            .nodes
+            .iter()
+            .find(|n| n.name() == name)
+            .cloned()
+    }
+
+    pub fn pods(&self) -> Vec<Pod> {
+        self.state().pods.iter().map(|p| p.pod.clone()).collect()
+    }
+
+    pub fn pod(&self, namespace: &str, name: &str) -> Option<Pod> {
+        self.state()
+            .pods
+            .iter()
+            .find(|p| p.pod.namespace() == namespace && p.pod.name() == name)
+            .map(|p| p.pod.clone())
+    }
+
+    pub fn services(&self) -> Vec<Service> {
+        self.state().services.clone()
+    }
+
+    /// The current labels of a pod.
+    pub fn pod_labels(&self, pod: &Pod) -> Option<Labels> {
+        self.state()
+            .pods
+            .iter()
+            .find(|p| Arc::ptr_eq(&p.pod.inner, &pod.inner))
+            .map(|p| p.labels.clone())
+    }
+
+    fn objects(st: &State) -> Vec<Value> {
+        let mut docs = Vec::new();
+        for (name, labels) in &st.namespaces {
+            docs.push(registry::namespace(name, labels));
+        }
+        for n in &st.nodes {
+            docs.push(registry::node(n.name(), n.ip(), &n.pod_cidr()));
+        }
+        for e in &st.pods {
+            let p = &e.pod;
+            docs.push(registry::pod(&registry::PodObject {
+                namespace: p.namespace(),
+                name: p.name(),
+                uid: p.uid(),
+                labels: &e.labels,
+                node_name: p.node().name(),
+                host_ip: p.node().ip(),
+                service_account: p.service_account(),
+                container_ports: &e.container_ports,
+                container_id: p.container_id(),
+                pod_ip: p.ip(),
+                qos: p.qos().as_str(),
+                ready: e.ready,
+            }));
+        }
+        for s in &st.services {
+            docs.push(registry::service(
+                &s.namespace,
+                &s.name,
+                s.cluster_ip,
+                &s.selector,
+                &s.ports,
+            ));
+        }
+        docs.extend(st.extra.iter().cloned());
+        docs
+    }
+
+    /// The whole cluster as Kubernetes-shaped multi-document YAML: Namespaces, Nodes, Pods,
+    /// Services, then objects added with [`Cluster::apply_yaml`].
+    pub fn registry_yaml(&self) -> String {
+        registry::to_yaml(&Self::objects(&self.state()))
+    }
+
+    /// Write [`Cluster::registry_yaml`] to `path` (atomically).
+    pub fn write_registry(&self, path: &Path) -> Result<()> {
+        registry::write_atomic(path, &self.registry_yaml())
+    }
+
+    /// Write the registry to `path` now and again after every change to the cluster.
+    pub fn sync_registry_to(&self, path: &Path) -> Result<()> {
+        let mut st = self.state();
+        st.sync_path = Some(path.to_path_buf());
+        self.sync(&st)
+    }
+
+    /// A default registry path in the log directory (`<logs>/registry.yaml`).
+    pub fn default_registry_path(&self) -> PathBuf {
+        self.shared.logs.dir.join("registry.yaml")
+    }
+
+    fn sync(&self, st: &State) -> Result<()> {
+        if let Some(p) = &st.sync_path {
+            registry::write_atomic(p, &registry::to_yaml(&Self::objects(st)))?;
+        }
+        Ok(())
+    }
+}
+
+impl Drop for Cluster {
+    fn drop(&mut self) {
+        if std::thread::panicking() {
+            eprintln!(
+                "=== weft-tests: test {:?} failed; cluster {} logs in {} ===\n{}",
+                self.shared.test_name,
+                self.shared.id,
+                self.shared.logs.dir.display(),
+                self.shared.logs.tails(40)
+            );
+        }
+        if let Err(e) = cleanup::teardown(&self.shared.id) {
+            eprintln!("weft-tests: tearing down cluster {}: {e:#}", self.shared.id);
+        }
+    }
+}
