@@ -2,18 +2,20 @@
 //! a cgroup root), pods (netns + veth to their node + a kubelet-layout cgroup), Services, and the
 //! Kubernetes-shaped registry describing them.
 
-use crate::cgroup::{self, CgroupDriver, Qos};
+use crate::cgroup;
 use crate::cleanup;
 use crate::ids;
 use crate::netns::{self, InNetns};
-use crate::process::{self, Logs, Place, Proc};
-use crate::registry::{self, Labels, ServicePort, TargetPort};
+use crate::node::{Node, NodeInner};
+use crate::pod::{Pod, PodInner};
+use crate::process::Logs;
+use crate::registry::{self, Labels};
+use crate::spec::{PodSpec, Service, ServiceSpec};
 use anyhow::{bail, Context, Result};
 use serde_json::Value;
 use std::collections::BTreeMap;
-use std::net::{Ipv4Addr, SocketAddr};
+use std::net::Ipv4Addr;
 use std::path::{Path, PathBuf};
-use std::process::{Command, Output};
 use std::sync::{Arc, Mutex, MutexGuard, Once};
 use std::time::Duration;
 
@@ -34,370 +36,11 @@ pub fn pod_cidr(k: u8) -> String {
 }
 
 pub(crate) struct Shared {
-    id: String,
-    test_name: String,
-    cgroup_dir: PathBuf,
-    fabric: String,
-    logs: Logs,
-}
-
-/// What a pod is started with. `PodSpec::new(ns, name)` plus the builder methods, or a struct
-/// literal with `..Default::default()`.
-#[derive(Debug, Clone, Default)]
-pub struct PodSpec {
-    pub namespace: String,
-    pub name: String,
-    pub labels: Labels,
-    /// Defaults to `default` when empty.
-    pub service_account: String,
-    pub qos: Qos,
-    /// (name, containerPort); the name may be empty.
-    pub container_ports: Vec<(String, u16)>,
-    pub driver: CgroupDriver,
-}
-
-impl PodSpec {
-    pub fn new(namespace: &str, name: &str) -> PodSpec {
-        PodSpec {
-            namespace: namespace.into(),
-            name: name.into(),
-            ..Default::default()
-        }
-    }
-
-    pub fn label(mut self, k: &str, v: &str) -> Self {
-        self.labels.insert(k.into(), v.into());
-        self
-    }
-
-    pub fn service_account(mut self, sa: &str) -> Self {
-        self.service_account = sa.into();
-        self
-    }
-
-    pub fn qos(mut self, qos: Qos) -> Self {
-        self.qos = qos;
-        self
-    }
-
-    pub fn port(mut self, name: &str, port: u16) -> Self {
-        self.container_ports.push((name.into(), port));
-        self
-    }
-
-    pub fn driver(mut self, driver: CgroupDriver) -> Self {
-        self.driver = driver;
-        self
-    }
-}
-
-/// A Service to add. `cluster_ip: None` allocates one from 10.96.0.0/16.
-#[derive(Debug, Clone, Default)]
-pub struct ServiceSpec {
-    pub namespace: String,
-    pub name: String,
-    pub cluster_ip: Option<Ipv4Addr>,
-    pub selector: Labels,
-    pub ports: Vec<ServicePort>,
-}
-
-impl ServiceSpec {
-    pub fn new(namespace: &str, name: &str) -> ServiceSpec {
-        ServiceSpec {
-            namespace: namespace.into(),
-            name: name.into(),
-            ..Default::default()
-        }
-    }
-
-    pub fn selector(mut self, k: &str, v: &str) -> Self {
-        self.selector.insert(k.into(), v.into());
-        self
-    }
-
-    pub fn cluster_ip(mut self, ip: Ipv4Addr) -> Self {
-        self.cluster_ip = Some(ip);
-        self
-    }
-
-    /// Add a port: `port("http", 80, 8080, Some("http"))` or `port("web", 80, "web", None)`.
-    pub fn port(
-        mut self,
-        name: &str,
-        port: u16,
-        target_port: impl Into<TargetPort>,
-        app_protocol: Option<&str>,
-    ) -> Self {
-        self.ports.push(ServicePort {
-            name: name.into(),
-            port,
-            target_port: target_port.into(),
-            app_protocol: app_protocol.map(str::to_string),
-        });
-        self
-    }
-}
-
-/// A Service as added.
-#[derive(Debug, Clone)]
-pub struct Service {
-    pub namespace: String,
-    pub name: String,
-    pub cluster_ip: Ipv4Addr,
-    pub selector: Labels,
-    pub ports: Vec<ServicePort>,
-}
-
-impl Service {
-    /// `<clusterIP>:<port>`.
-    pub fn addr(&self, port: u16) -> SocketAddr {
-        SocketAddr::from((self.cluster_ip, port))
-    }
-}
-
-struct NodeInner {
-    name: String,
-    index: u8,
-    ip: Ipv4Addr,
-    netns: String,
-    cgroup_root: PathBuf,
-    system_cgroup: PathBuf,
-    bpffs_dir: PathBuf,
-    state_dir: PathBuf,
-    shared: Arc<Shared>,
-}
-
-/// A simulated node. Cheap to clone; does not keep the cluster alive.
-#[derive(Clone)]
-pub struct Node {
-    inner: Arc<NodeInner>,
-}
-
-impl std::fmt::Debug for Node {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        write!(
-            f,
-            "Node({} {} {})",
-            self.inner.name, self.inner.ip, self.inner.netns
-        )
-    }
-}
-
-impl InNetns for Node {
-    fn netns_name(&self) -> &str {
-        &self.inner.netns
-    }
-}
-
-impl Node {
-    pub fn name(&self) -> &str {
-        &self.inner.name
-    }
-
-    /// 1-based index k: IP 172.30.0.<10+k>, pod CIDR 10.244.<k>.0/24.
-    pub fn index(&self) -> u8 {
-        self.inner.index
-    }
-
-    /// The node IP (InternalIP).
-    pub fn ip(&self) -> Ipv4Addr {
-        self.inner.ip
-    }
-
-    pub fn pod_cidr(&self) -> String {
-        pod_cidr(self.inner.index)
-    }
-
-    /// The node's cgroup root (weft's `--cgroup-root`); the kubelet layout lives below it.
-    pub fn cgroup_root(&self) -> &Path {
-        &self.inner.cgroup_root
-    }
-
-    /// The cgroup that `node.spawn` puts processes into (`<test cgroup>/<node>.system`): outside
-    /// the cgroup root, so the proxy is never captured.
-    pub fn system_cgroup(&self) -> &Path {
-        &self.inner.system_cgroup
-    }
-
-    /// A bpffs pin directory for this node's weft (`/sys/fs/bpf/weft-<id>-<node>`; not created;
-    /// removed at teardown if it exists).
-    pub fn bpffs_dir(&self) -> &Path {
-        &self.inner.bpffs_dir
-    }
-
-    /// A directory for this node's files (admin socket, config, registry…); created.
-    pub fn state_dir(&self) -> &Path {
-        &self.inner.state_dir
-    }
-
-    /// Start a process in the node's netns and system cgroup. stdout/stderr go to the log dir.
-    pub fn spawn(&self, cmd: &Command) -> Result<Proc> {
-        process::spawn(&self.inner.shared.logs, &self.place(), cmd)
-    }
-
-    /// Run a process to completion on the node (time limit 60 s).
-    pub fn output(&self, cmd: &Command) -> Result<Output> {
-        self.output_timeout(cmd, process::DEFAULT_OUTPUT_TIMEOUT)
-    }
-
-    pub fn output_timeout(&self, cmd: &Command, timeout: Duration) -> Result<Output> {
-        process::output(&self.inner.shared.logs, &self.place(), cmd, timeout)
-    }
-
-    /// `ip <args>` in the node netns.
-    pub fn ip_cmd(&self, args: &[&str]) -> Result<String> {
-        netns::ip(&self.inner.netns, args)
-    }
-
-    fn place(&self) -> Place<'_> {
-        Place {
-            cgroup: &self.inner.system_cgroup,
-            netns: &self.inner.netns,
-            label: &self.inner.name,
-        }
-    }
-}
-
-struct PodInner {
-    namespace: String,
-    name: String,
-    uid: String,
-    ip: Ipv4Addr,
-    node: Node,
-    netns: String,
-    host_veth: String,
-    pod_cgroup: PathBuf,
-    container_cgroup: PathBuf,
-    container_id: String,
-    qos: Qos,
-    driver: CgroupDriver,
-    service_account: String,
-    label: String,
-}
-
-/// A simulated pod. Cheap to clone; does not keep the cluster alive.
-#[derive(Clone)]
-pub struct Pod {
-    inner: Arc<PodInner>,
-}
-
-impl std::fmt::Debug for Pod {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        write!(
-            f,
-            "Pod({}/{} {} on {})",
-            self.inner.namespace,
-            self.inner.name,
-            self.inner.ip,
-            self.inner.node.name()
-        )
-    }
-}
-
-impl InNetns for Pod {
-    fn netns_name(&self) -> &str {
-        &self.inner.netns
-    }
-}
-
-impl Pod {
-    pub fn namespace(&self) -> &str {
-        &self.inner.namespace
-    }
-
-    pub fn name(&self) -> &str {
-        &self.inner.name
-    }
-
-    /// metadata.uid (RFC 4122 v4).
-    pub fn uid(&self) -> &str {
-        &self.inner.uid
-    }
-
-    pub fn ip(&self) -> Ipv4Addr {
-        self.inner.ip
-    }
-
-    /// `<pod ip>:<port>`.
-    pub fn addr(&self, port: u16) -> SocketAddr {
-        SocketAddr::from((self.inner.ip, port))
-    }
-
-    pub fn node(&self) -> &Node {
-        &self.inner.node
-    }
-
-    pub fn service_account(&self) -> &str {
-        &self.inner.service_account
-    }
-
-    /// `spiffe://<trust_domain>/ns/<namespace>/sa/<serviceaccount>`.
-    pub fn spiffe_id(&self, trust_domain: &str) -> String {
-        format!(
-            "spiffe://{trust_domain}/ns/{}/sa/{}",
-            self.inner.namespace, self.inner.service_account
-        )
-    }
-
-    pub fn qos(&self) -> Qos {
-        self.inner.qos
-    }
-
-    pub fn driver(&self) -> CgroupDriver {
-        self.inner.driver
-    }
-
-    /// The pod cgroup (absolute path; `…/kubepods-<qos>-pod<uid_>.slice` or `…/pod<uid>`).
-    pub fn pod_cgroup(&self) -> &Path {
-        &self.inner.pod_cgroup
-    }
-
-    /// The container cgroup (absolute path) where the pod's processes run.
-    pub fn container_cgroup(&self) -> &Path {
-        &self.inner.container_cgroup
-    }
-
-    /// 64 hex digits (status.containerStatuses[0].containerID without `containerd://`).
-    pub fn container_id(&self) -> &str {
-        &self.inner.container_id
-    }
-
-    /// Name of the pod's veth peer in the node netns.
-    pub fn host_veth(&self) -> &str {
-        &self.inner.host_veth
-    }
-
-    /// Start a process in the pod: it joins the container cgroup, then enters the pod netns.
-    pub fn spawn(&self, cmd: &Command) -> Result<Proc> {
-        process::spawn(&self.inner.node.inner.shared.logs, &self.place(), cmd)
-    }
-
-    /// Run a process to completion in the pod (time limit 60 s).
-    pub fn output(&self, cmd: &Command) -> Result<Output> {
-        self.output_timeout(cmd, process::DEFAULT_OUTPUT_TIMEOUT)
-    }
-
-    pub fn output_timeout(&self, cmd: &Command, timeout: Duration) -> Result<Output> {
-        process::output(
-            &self.inner.node.inner.shared.logs,
-            &self.place(),
-            cmd,
-            timeout,
-        )
-    }
-
-    /// `ip <args>` in the pod netns.
-    pub fn ip_cmd(&self, args: &[&str]) -> Result<String> {
-        netns::ip(&self.inner.netns, args)
-    }
-
-    fn place(&self) -> Place<'_> {
-        Place {
-            cgroup: &self.inner.container_cgroup,
-            netns: &self.inner.netns,
-            label: &self.inner.label,
-        }
-    }
+    pub(crate) id: String,
+    pub(crate) test_name: String,
+    pub(crate) cgroup_dir: PathBuf,
+    pub(crate) fabric: String,
+    pub(crate) logs: Logs,
 }
 
 struct PodEntry {
@@ -453,6 +96,24 @@ pub fn logs_root() -> PathBuf {
         .unwrap_or_else(|| std::env::temp_dir().join("weft-tests"))
 }
 
+/// Remove per-test log directories older than `age` (logs are kept after each test).
+fn prune_old_logs(age: Duration) {
+    let Ok(d) = std::fs::read_dir(logs_root()) else {
+        return;
+    };
+    for e in d.flatten() {
+        let old = e
+            .metadata()
+            .and_then(|m| m.modified())
+            .ok()
+            .and_then(|t| t.elapsed().ok())
+            .is_some_and(|el| el > age);
+        if old && e.file_type().is_ok_and(|t| t.is_dir()) {
+            let _ = std::fs::remove_dir_all(e.path());
+        }
+    }
+}
+
 impl Cluster {
     /// A new, empty cluster: fabric netns with a bridge, a test cgroup, a log directory.
     /// The first cluster of a process also removes leftovers of dead runs ([`crate::cleanup_stale`]).
@@ -462,6 +123,7 @@ impl Cluster {
             if let Err(e) = cleanup::cleanup_stale() {
                 eprintln!("weft-tests: cleaning up stale clusters: {e:#}");
             }
+            prune_old_logs(Duration::from_secs(2 * 24 * 3600));
         });
         let mut id = ids::cluster_id();
         let mut tries = 0;

@@ -17,19 +17,22 @@ mod cleanup;
 mod cluster;
 pub mod ids;
 pub mod netns;
+mod node;
+mod pod;
 mod process;
 pub mod registry;
+mod spec;
 mod wait;
 
 pub use cgroup::{CgroupDriver, Qos};
 pub use cleanup::{cleanup_stale, StaleReport};
-pub use cluster::{
-    logs_root, node_ip, pod_cidr, Cluster, Node, Pod, PodSpec, Service, ServiceSpec, FABRIC_BRIDGE,
-    POD_GATEWAY,
-};
+pub use cluster::{logs_root, node_ip, pod_cidr, Cluster, FABRIC_BRIDGE, POD_GATEWAY};
 pub use netns::InNetns;
+pub use node::Node;
+pub use pod::Pod;
 pub use process::Proc;
 pub use registry::{Labels, ServicePort, TargetPort};
+pub use spec::{PodSpec, Service, ServiceSpec};
 pub use wait::{tcp_connect, wait_for, wait_for_tcp, wait_until};
 
 use std::path::PathBuf;

@@ -526,3 +526,103 @@ fn binaries() {
         PathBuf::from(env!("CARGO_BIN_EXE_weft-testpod"))
     );
 }
+
+#[test]
+fn testpod_http_mode() {
+    let c = Cluster::new("http_mode").unwrap();
+    let n = c.add_node("node-1").unwrap();
+    let client = c.add_pod(&n, PodSpec::new("default", "client")).unwrap();
+    let web = c.add_pod(&n, PodSpec::new("default", "web")).unwrap();
+    let _srv = serve(&web, 8080, "http", "web-1");
+    let addr = web.addr(8080).to_string();
+    let run = |args: &[&str]| {
+        let out = client
+            .output(testpod().arg("http").arg(&addr).args(args))
+            .unwrap();
+        assert!(out.status.success(), "{out:?}");
+        String::from_utf8_lossy(&out.stdout).into_owned()
+    };
+    let out = run(&["--path", "/hello?x=1", "-H", "x-test: yes", "--include"]);
+    assert!(out.starts_with("status=200\n"), "{out}");
+    assert!(out.contains("< x-testpod-name: web-1\n"), "{out}");
+    assert!(out.contains("name=web-1\n"), "{out}");
+    assert!(out.contains(&format!("peer={}:", client.ip())), "{out}");
+    assert!(out.contains("path=/hello?x=1\n"), "{out}");
+    assert!(out.contains("header x-test: yes\n"), "{out}");
+    let out = run(&["--path", "/status/503"]);
+    assert!(out.starts_with("status=503\n"), "{out}");
+    let out = run(&["--method", "POST", "--data", "abc"]);
+    assert!(
+        out.contains("method=POST\n") && out.contains("body-bytes=3\n"),
+        "{out}"
+    );
+
+    // Keep-alive: two pipelined requests on one connection.
+    let two =
+        "GET /a HTTP/1.1\r\nhost: x\r\n\r\nGET /b HTTP/1.1\r\nhost: x\r\nconnection: close\r\n\r\n";
+    let (code, out, err) = call(&client, &addr, two);
+    assert_eq!(code, 0, "{err}");
+    assert_eq!(out.matches("HTTP/1.1 200 OK").count(), 2, "{out}");
+    assert!(
+        out.contains("path=/a\n") && out.contains("path=/b\n"),
+        "{out}"
+    );
+
+    // Chunked request bodies are read.
+    let chunked = "POST /c HTTP/1.1\r\nhost: x\r\ntransfer-encoding: chunked\r\nconnection: close\r\n\r\n3\r\nabc\r\n2\r\nde\r\n0\r\n\r\n";
+    let (code, out, _) = call(&client, &addr, chunked);
+    assert_eq!(code, 0);
+    assert!(out.contains("body-bytes=5\n"), "{out}");
+}
+
+/// The example of tests/README.md, kept compiling and passing.
+#[test]
+fn readme_example() {
+    use weft_tests::{testpod_bin, ServiceSpec};
+    let c = Cluster::new("readme_example").unwrap();
+    let (a, b) = (c.add_node("node-a").unwrap(), c.add_node("node-b").unwrap());
+    let client = c.add_pod(&a, PodSpec::new("default", "client")).unwrap();
+    let server = c
+        .add_pod(
+            &b,
+            PodSpec::new("default", "server")
+                .label("app", "srv")
+                .port("tcp", 8080),
+        )
+        .unwrap();
+    let svc = c
+        .add_service(
+            ServiceSpec::new("default", "srv")
+                .selector("app", "srv")
+                .port("tcp", 80, 8080, None),
+        )
+        .unwrap();
+    c.set_namespace_labels("default", labels(&[("weft.dev/mesh", "enabled")]))
+        .unwrap();
+    c.sync_registry_to(&c.default_registry_path()).unwrap();
+    let _srv = server
+        .spawn(Command::new(testpod_bin()).args([
+            "serve",
+            "--listen",
+            "0.0.0.0:8080",
+            "--mode",
+            "whoami",
+            "--name",
+            "srv",
+        ]))
+        .unwrap();
+    wait_for_tcp(&client, server.addr(8080), Duration::from_secs(10)).unwrap();
+    let out = client
+        .output(Command::new(testpod_bin()).args([
+            "call",
+            &server.addr(8080).to_string(),
+            "--send",
+            "hi",
+        ]))
+        .unwrap();
+    assert!(String::from_utf8_lossy(&out.stdout).contains(&format!("peer={}:", client.ip())));
+    assert_eq!(svc.addr(80).to_string(), "10.96.0.10:80");
+    assert!(std::fs::read_to_string(c.default_registry_path())
+        .unwrap()
+        .contains("weft.dev/mesh: enabled"));
+}

@@ -3,6 +3,9 @@
 //! - `serve --listen ADDR [--listen ADDR…] [--mode echo|whoami] [--name NAME]`: TCP server.
 //!   Each connection gets `name=<NAME>\n` (with `--name`), then `peer=<ip:port>\n` (whoami), then
 //!   an echo of everything the client sends until it half-closes.
+//!   `--mode http`: a small HTTP/1.1 server (see `Mode::Http`).
+//! - `http ADDR [--method M] [--path P] [-H 'k: v'] [--data D]`: one HTTP request; prints
+//!   `status=<code>` and the body.
 //! - `call ADDR --send TEXT [--timeout-ms N]`: connect, send, half-close, print the response.
 //!   Exit 2 on connect failure, 3 on reset/timeout after connecting (error on stderr).
 //! - `load ADDR --conns N --parallel P --tag TAG`: N connections (P at a time), each sends
@@ -12,7 +15,7 @@
 
 use clap::{Parser, Subcommand, ValueEnum};
 use std::collections::BTreeMap;
-use std::io::{ErrorKind, Read, Write};
+use std::io::{BufRead, BufReader, ErrorKind, Read, Write};
 use std::net::{Shutdown, SocketAddr, TcpListener, TcpStream};
 use std::process::ExitCode;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -35,6 +38,10 @@ enum Mode {
     Echo,
     /// Write `peer=<ip:port>` first, then echo.
     Whoami,
+    /// HTTP/1.1 (keep-alive): 200 with a text body `name=…/peer=…/method=…/path=…/host=…` and one
+    /// `header <name>: <value>` line per request header; `/status/<code>` answers with that
+    /// status, `/delay/<ms>` waits first (at most 60 s).
+    Http,
 }
 
 #[derive(Subcommand)]
@@ -55,6 +62,29 @@ enum Cmd {
         addr: SocketAddr,
         #[arg(long, default_value = "")]
         send: String,
+        #[arg(long, default_value_t = 5000)]
+        timeout_ms: u64,
+    },
+    /// One HTTP/1.1 request (Connection: close); prints `status=<code>`, then the body
+    /// (`--include`: response headers as `< name: value` lines before the body).
+    /// Exit 2 on connect failure, 3 on reset/timeout/malformed response.
+    Http {
+        addr: SocketAddr,
+        #[arg(long, default_value = "GET")]
+        method: String,
+        #[arg(long, default_value = "/")]
+        path: String,
+        /// Host header (default: ADDR).
+        #[arg(long)]
+        host: Option<String>,
+        /// Extra request header `Name: value` (repeatable).
+        #[arg(long = "header", short = 'H')]
+        headers: Vec<String>,
+        /// Request body.
+        #[arg(long)]
+        data: Option<String>,
+        #[arg(long)]
+        include: bool,
         #[arg(long, default_value_t = 5000)]
         timeout_ms: u64,
     },
@@ -84,6 +114,25 @@ fn main() -> ExitCode {
             send,
             timeout_ms,
         } => call(addr, &send, Duration::from_millis(timeout_ms)),
+        Cmd::Http {
+            addr,
+            method,
+            path,
+            host,
+            headers,
+            data,
+            include,
+            timeout_ms,
+        } => http(
+            addr,
+            &method,
+            &path,
+            host,
+            &headers,
+            data.as_deref(),
+            include,
+            Duration::from_millis(timeout_ms),
+        ),
         Cmd::Load {
             addr,
             conns,
@@ -145,6 +194,10 @@ fn serve(listen: Vec<SocketAddr>, mode: Mode, name: Option<String>) -> ExitCode 
 
 fn handle(mut s: TcpStream, peer: SocketAddr, mode: Mode, name: Option<&str>) {
     let _ = s.set_nodelay(true);
+    if mode == Mode::Http {
+        serve_http(s, peer, name);
+        return;
+    }
     let mut head = String::new();
     if let Some(n) = name {
         head.push_str(&format!("name={n}\n"));
@@ -169,6 +222,233 @@ fn handle(mut s: TcpStream, peer: SocketAddr, mode: Mode, name: Option<&str>) {
         }
     }
     let _ = s.shutdown(Shutdown::Write);
+}
+
+/// Read a line (LF-terminated, CR stripped); None at EOF or error. Bounded to 64 KiB.
+fn read_line(r: &mut impl BufRead) -> Option<String> {
+    let mut line = String::new();
+    match r.take(64 * 1024).read_line(&mut line) {
+        Ok(0) | Err(_) => None,
+        Ok(_) => Some(line.trim_end_matches(['\r', '\n']).to_string()),
+    }
+}
+
+/// Read headers up to the empty line.
+fn read_headers(r: &mut impl BufRead) -> Option<Vec<(String, String)>> {
+    let mut headers = Vec::new();
+    loop {
+        let line = read_line(r)?;
+        if line.is_empty() {
+            return Some(headers);
+        }
+        let (k, v) = line.split_once(':')?;
+        headers.push((k.trim().to_string(), v.trim().to_string()));
+        if headers.len() > 200 {
+            return None;
+        }
+    }
+}
+
+fn header<'a>(headers: &'a [(String, String)], name: &str) -> Option<&'a str> {
+    headers
+        .iter()
+        .find(|(k, _)| k.eq_ignore_ascii_case(name))
+        .map(|(_, v)| v.as_str())
+}
+
+/// Read a message body (Content-Length or chunked); None on a malformed or truncated body.
+fn read_body(r: &mut impl BufRead, headers: &[(String, String)]) -> Option<Vec<u8>> {
+    let chunked = header(headers, "transfer-encoding")
+        .is_some_and(|v| v.to_ascii_lowercase().contains("chunked"));
+    let mut body = Vec::new();
+    if chunked {
+        loop {
+            let size_line = read_line(r)?;
+            let size = usize::from_str_radix(size_line.split(';').next()?.trim(), 16).ok()?;
+            if size == 0 {
+                // Trailers, then the empty line.
+                read_headers(r)?;
+                return Some(body);
+            }
+            let start = body.len();
+            body.resize(start + size, 0);
+            r.read_exact(&mut body[start..]).ok()?;
+            read_line(r)?;
+        }
+    }
+    if let Some(len) = header(headers, "content-length") {
+        let len: usize = len.parse().ok()?;
+        body.resize(len, 0);
+        r.read_exact(&mut body).ok()?;
+    }
+    Some(body)
+}
+
+fn serve_http(s: TcpStream, peer: SocketAddr, name: Option<&str>) {
+    let Ok(read_half) = s.try_clone() else {
+        return;
+    };
+    let mut r = BufReader::new(read_half);
+    let mut w = s;
+    loop {
+        let Some(line) = read_line(&mut r) else {
+            return;
+        };
+        if line.is_empty() {
+            continue;
+        }
+        let mut parts = line.split(' ');
+        let (method, target, version) = (
+            parts.next().unwrap_or(""),
+            parts.next().unwrap_or("/"),
+            parts.next().unwrap_or("HTTP/1.0"),
+        );
+        let Some(headers) = read_headers(&mut r) else {
+            return;
+        };
+        let Some(body) = read_body(&mut r, &headers) else {
+            return;
+        };
+        let conn = header(&headers, "connection")
+            .unwrap_or("")
+            .to_ascii_lowercase();
+        let keep_alive = if version == "HTTP/1.1" {
+            !conn.contains("close")
+        } else {
+            conn.contains("keep-alive")
+        };
+        let path = target.split('?').next().unwrap_or("/");
+        let mut status = 200u16;
+        if let Some(code) = path.strip_prefix("/status/") {
+            status = code.parse().unwrap_or(400);
+        } else if let Some(ms) = path.strip_prefix("/delay/") {
+            let ms: u64 = ms.parse().unwrap_or(0);
+            std::thread::sleep(Duration::from_millis(ms.min(60_000)));
+        }
+        let mut text = String::new();
+        if let Some(n) = name {
+            text.push_str(&format!("name={n}\n"));
+        }
+        text.push_str(&format!(
+            "peer={peer}\nmethod={method}\npath={target}\nhost={}\nbody-bytes={}\n",
+            header(&headers, "host").unwrap_or(""),
+            body.len()
+        ));
+        for (k, v) in &headers {
+            text.push_str(&format!("header {}: {v}\n", k.to_ascii_lowercase()));
+        }
+        let mut resp = format!(
+            "HTTP/1.1 {status} {}\r\ncontent-type: text/plain\r\ncontent-length: {}\r\n",
+            reason(status),
+            text.len()
+        );
+        if let Some(n) = name {
+            resp.push_str(&format!("x-testpod-name: {n}\r\n"));
+        }
+        if !keep_alive {
+            resp.push_str("connection: close\r\n");
+        }
+        resp.push_str("\r\n");
+        if method != "HEAD" {
+            resp.push_str(&text);
+        }
+        if w.write_all(resp.as_bytes()).is_err() {
+            return;
+        }
+        if !keep_alive {
+            let _ = w.shutdown(Shutdown::Write);
+            return;
+        }
+    }
+}
+
+fn reason(status: u16) -> &'static str {
+    match status {
+        200 => "OK",
+        400 => "Bad Request",
+        403 => "Forbidden",
+        404 => "Not Found",
+        500 => "Internal Server Error",
+        502 => "Bad Gateway",
+        503 => "Service Unavailable",
+        504 => "Gateway Timeout",
+        _ => "Status",
+    }
+}
+
+#[allow(clippy::too_many_arguments)]
+fn http(
+    addr: SocketAddr,
+    method: &str,
+    path: &str,
+    host: Option<String>,
+    headers: &[String],
+    data: Option<&str>,
+    include: bool,
+    timeout: Duration,
+) -> ExitCode {
+    let mut req = format!(
+        "{method} {path} HTTP/1.1\r\nhost: {}\r\n",
+        host.unwrap_or_else(|| addr.to_string())
+    );
+    for h in headers {
+        req.push_str(h);
+        req.push_str("\r\n");
+    }
+    let data = data.unwrap_or("");
+    if !data.is_empty() || matches!(method, "POST" | "PUT" | "PATCH") {
+        req.push_str(&format!("content-length: {}\r\n", data.len()));
+    }
+    req.push_str("connection: close\r\n\r\n");
+    req.push_str(data);
+    let resp = match exchange(addr, req.as_bytes(), timeout) {
+        Ok(r) => r,
+        Err(Failure::Connect(e)) => {
+            eprintln!("error: connect {addr}: {e}");
+            return ExitCode::from(2);
+        }
+        Err(Failure::Io(e)) => {
+            eprintln!("error: {addr}: {e}");
+            return ExitCode::from(3);
+        }
+    };
+    let mut r = BufReader::new(&resp[..]);
+    let status = read_line(&mut r).and_then(|l| {
+        let mut p = l.split(' ');
+        p.next().filter(|v| v.starts_with("HTTP/"))?;
+        p.next()?.parse::<u16>().ok()
+    });
+    let parsed = status.and_then(|s| {
+        let h = read_headers(&mut r)?;
+        let body = if header(&h, "transfer-encoding").is_some()
+            || header(&h, "content-length").is_some()
+        {
+            read_body(&mut r, &h)?
+        } else {
+            let mut b = Vec::new();
+            r.read_to_end(&mut b).ok()?;
+            b
+        };
+        Some((s, h, body))
+    });
+    let Some((status, h, body)) = parsed else {
+        eprintln!(
+            "error: {addr}: malformed response: {:?}",
+            String::from_utf8_lossy(&resp)
+        );
+        return ExitCode::from(3);
+    };
+    let mut out = format!("status={status}\n");
+    if include {
+        for (k, v) in &h {
+            out.push_str(&format!("< {}: {v}\n", k.to_ascii_lowercase()));
+        }
+    }
+    let mut stdout = std::io::stdout();
+    let _ = stdout.write_all(out.as_bytes());
+    let _ = stdout.write_all(&body);
+    let _ = stdout.flush();
+    ExitCode::SUCCESS
 }
 
 /// Why one exchange failed.
