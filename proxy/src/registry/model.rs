@@ -1,0 +1,439 @@
+//! weft's compact view of the cluster: the immutable [`Snapshot`] and its queries.
+
+use std::collections::{BTreeMap, HashMap};
+use std::net::{IpAddr, SocketAddr};
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::SystemTime;
+
+use serde::{Serialize, Serializer};
+
+/// Namespace label that enrolls a namespace's pods in the mesh (with [`ENROLL_VALUE`]).
+pub const ENROLL_LABEL: &str = "weft.dev/mesh";
+/// Value of [`ENROLL_LABEL`] that enrolls a namespace.
+pub const ENROLL_VALUE: &str = "enabled";
+
+/// Labels of an object (also used for selectors).
+pub type Labels = BTreeMap<String, String>;
+
+/// Kubernetes QoS class of a pod (`status.qosClass`); decides where the kubelet puts its cgroup.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Default, Serialize)]
+pub enum QosClass {
+    Guaranteed,
+    Burstable,
+    #[default]
+    BestEffort,
+}
+
+impl QosClass {
+    /// The Kubernetes spelling (`Guaranteed`, `Burstable`, `BestEffort`).
+    pub fn as_str(self) -> &'static str {
+        match self {
+            QosClass::Guaranteed => "Guaranteed",
+            QosClass::Burstable => "Burstable",
+            QosClass::BestEffort => "BestEffort",
+        }
+    }
+
+    /// Parses the Kubernetes spelling.
+    pub fn parse(s: &str) -> Option<QosClass> {
+        match s {
+            "Guaranteed" => Some(QosClass::Guaranteed),
+            "Burstable" => Some(QosClass::Burstable),
+            "BestEffort" => Some(QosClass::BestEffort),
+            _ => None,
+        }
+    }
+}
+
+/// A port declared by one of a pod's containers.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct ContainerPort {
+    pub name: Option<String>,
+    pub port: u16,
+    /// `TCP`, `UDP` or `SCTP` (default `TCP`).
+    pub protocol: String,
+}
+
+/// A pod, reduced to what the data plane needs.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct Pod {
+    pub namespace: String,
+    pub name: String,
+    pub uid: String,
+    pub node_name: Option<String>,
+    /// Primary pod IP (`status.podIP`, else the first of `status.podIPs`).
+    pub ip: Option<IpAddr>,
+    /// All pod IPs, primary first (dual stack).
+    pub ips: Vec<IpAddr>,
+    pub labels: Labels,
+    /// `spec.serviceAccountName` (default `default`).
+    pub service_account: String,
+    /// Ready condition is `True`; without conditions, phase is `Running`.
+    pub ready: bool,
+    /// `status.phase` as given (`Pending`, `Running`, `Succeeded`, `Failed`, `Unknown`).
+    pub phase: Option<String>,
+    pub qos: QosClass,
+    /// `spec.hostNetwork`: the pod shares its node's network and cgroup identity is not its own IP.
+    pub host_network: bool,
+    pub ports: Vec<ContainerPort>,
+}
+
+impl Pod {
+    /// Phase `Succeeded` or `Failed`: the pod's IP may already belong to another pod.
+    pub fn is_terminated(&self) -> bool {
+        matches!(self.phase.as_deref(), Some("Succeeded" | "Failed"))
+    }
+
+    /// Container port named `name` with protocol `protocol` (Kubernetes named-port lookup).
+    pub fn named_port(&self, name: &str, protocol: &str) -> Option<u16> {
+        self.ports
+            .iter()
+            .find(|p| p.name.as_deref() == Some(name) && p.protocol == protocol)
+            .map(|p| p.port)
+    }
+
+    /// Whether every `key=value` of `selector` is among the pod's labels.
+    pub fn matches(&self, selector: &Labels) -> bool {
+        selector.iter().all(|(k, v)| self.labels.get(k) == Some(v))
+    }
+}
+
+/// Where a service port sends traffic on the selected pods.
+#[derive(Debug, Clone, PartialEq, Eq, Hash, Serialize)]
+#[serde(untagged)]
+pub enum TargetPort {
+    Number(u16),
+    /// A container port name, looked up in each endpoint pod.
+    Name(String),
+}
+
+/// One port of a service.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct ServicePort {
+    pub name: Option<String>,
+    pub port: u16,
+    /// Absent in the source → `Number(port)`.
+    pub target_port: TargetPort,
+    /// `TCP`, `UDP` or `SCTP` (default `TCP`).
+    pub protocol: String,
+    pub app_protocol: Option<String>,
+}
+
+/// A service.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct Service {
+    pub namespace: String,
+    pub name: String,
+    /// `None` for headless (`clusterIP: None`) and ExternalName services.
+    pub cluster_ip: Option<IpAddr>,
+    /// All cluster IPs, primary first (dual stack); empty when `cluster_ip` is `None`.
+    pub cluster_ips: Vec<IpAddr>,
+    /// `None` when absent or empty: such a service has no automatic endpoints.
+    pub selector: Option<Labels>,
+    pub ports: Vec<ServicePort>,
+}
+
+impl Service {
+    /// The service port `port`/`protocol`.
+    pub fn port(&self, port: u16, protocol: &str) -> Option<&ServicePort> {
+        self.ports
+            .iter()
+            .find(|p| p.port == port && p.protocol == protocol)
+    }
+}
+
+/// A node.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct Node {
+    pub name: String,
+    /// IP addresses from `status.addresses`: `InternalIP` ones first, then `ExternalIP`.
+    pub addresses: Vec<IpAddr>,
+    pub labels: Labels,
+}
+
+/// A document of a kind weft does not model (yet): Istio, Gateway API, …, kept for later stages.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct RawObject {
+    pub api_version: String,
+    pub kind: String,
+    /// `metadata.namespace` as written (absent for cluster-scoped objects or the default namespace).
+    pub namespace: Option<String>,
+    pub name: String,
+    /// The whole document.
+    pub value: serde_json::Value,
+}
+
+/// Classification of an original destination (see [`Snapshot::resolve`]).
+#[derive(Debug, Clone)]
+pub enum Destination {
+    /// A service VIP and one of its TCP ports.
+    Service {
+        service: Arc<Service>,
+        port: ServicePort,
+    },
+    /// A pod IP (of a pod that is not terminated and not on the host network).
+    Pod(Arc<Pod>),
+    /// Anything else (outside the cluster, a node, a service VIP on a port it does not expose, …).
+    Passthrough,
+}
+
+/// A ready endpoint of a service port.
+#[derive(Debug, Clone, Serialize)]
+pub struct Endpoint {
+    #[serde(serialize_with = "ser_arc")]
+    pub pod: Arc<Pod>,
+    pub addr: SocketAddr,
+}
+
+/// An immutable view of the cluster. Built once (see `SnapshotBuilder`), shared behind an `Arc`, never
+/// mutated: a change builds a new snapshot.
+#[derive(Debug, Serialize)]
+pub struct Snapshot {
+    /// Incremented on every successful (re)load that changed something.
+    pub generation: u64,
+    #[serde(serialize_with = "ser_time")]
+    pub loaded_at: SystemTime,
+    /// Files the snapshot was read from, in load order.
+    pub sources: Vec<PathBuf>,
+    /// Namespace name → labels.
+    pub namespaces: BTreeMap<String, Labels>,
+    pub nodes: BTreeMap<String, Node>,
+    /// Sorted by (namespace, name).
+    #[serde(serialize_with = "ser_arc_vec")]
+    pub pods: Vec<Arc<Pod>>,
+    /// Sorted by (namespace, name).
+    #[serde(serialize_with = "ser_arc_vec")]
+    pub services: Vec<Arc<Service>>,
+    /// Documents of other kinds, in load order.
+    pub others: Vec<RawObject>,
+    #[serde(skip)]
+    index: Index,
+}
+
+#[derive(Debug, Default)]
+struct Index {
+    /// Pod IP → index in `pods` (pods with an IP, not terminated, not host network).
+    pod_by_ip: HashMap<IpAddr, usize>,
+    /// Node name → indexes in `pods`, sorted by (namespace, name).
+    pods_by_node: HashMap<String, Vec<usize>>,
+    /// (cluster IP, TCP port) → (index in `services`, index in its `ports`).
+    service_by_vip: HashMap<(IpAddr, u16), (usize, usize)>,
+}
+
+/// Counts for status displays.
+#[derive(Debug, Clone, Serialize)]
+pub struct SnapshotSummary {
+    pub generation: u64,
+    /// RFC 3339.
+    pub loaded_at: String,
+    pub sources: Vec<PathBuf>,
+    pub namespaces: usize,
+    pub nodes: usize,
+    pub pods: usize,
+    pub services: usize,
+    pub others: usize,
+}
+
+impl Snapshot {
+    /// Builds a snapshot and its indexes. Objects need not be sorted; duplicates are the caller's
+    /// business (the first pod/service of a given IP or VIP:port wins in the indexes).
+    pub(crate) fn new(
+        generation: u64,
+        sources: Vec<PathBuf>,
+        namespaces: BTreeMap<String, Labels>,
+        nodes: BTreeMap<String, Node>,
+        mut pods: Vec<Arc<Pod>>,
+        mut services: Vec<Arc<Service>>,
+        others: Vec<RawObject>,
+    ) -> Snapshot {
+        pods.sort_by(|a, b| (&a.namespace, &a.name).cmp(&(&b.namespace, &b.name)));
+        services.sort_by(|a, b| (&a.namespace, &a.name).cmp(&(&b.namespace, &b.name)));
+        let mut index = Index::default();
+        for (i, pod) in pods.iter().enumerate() {
+            if let Some(node) = &pod.node_name {
+                index.pods_by_node.entry(node.clone()).or_default().push(i);
+            }
+            if pod.is_terminated() || pod.host_network {
+                continue;
+            }
+            for ip in &pod.ips {
+                index.pod_by_ip.entry(*ip).or_insert(i);
+            }
+        }
+        for (i, svc) in services.iter().enumerate() {
+            for ip in &svc.cluster_ips {
+                for (j, port) in svc.ports.iter().enumerate() {
+                    if port.protocol == "TCP" {
+                        index
+                            .service_by_vip
+                            .entry((*ip, port.port))
+                            .or_insert((i, j));
+                    }
+                }
+            }
+        }
+        Snapshot {
+            generation,
+            loaded_at: SystemTime::now(),
+            sources,
+            namespaces,
+            nodes,
+            pods,
+            services,
+            others,
+            index,
+        }
+    }
+
+    /// An empty snapshot (generation 0).
+    pub fn empty() -> Snapshot {
+        Snapshot::new(
+            0,
+            Vec::new(),
+            BTreeMap::new(),
+            BTreeMap::new(),
+            Vec::new(),
+            Vec::new(),
+            Vec::new(),
+        )
+    }
+
+    /// Whether namespace `ns` carries `weft.dev/mesh=enabled`.
+    pub fn namespace_enrolled(&self, ns: &str) -> bool {
+        self.namespaces
+            .get(ns)
+            .and_then(|labels| labels.get(ENROLL_LABEL))
+            .is_some_and(|v| v == ENROLL_VALUE)
+    }
+
+    /// The pod `ns/name`.
+    pub fn pod(&self, ns: &str, name: &str) -> Option<&Arc<Pod>> {
+        self.pods
+            .binary_search_by(|p| (p.namespace.as_str(), p.name.as_str()).cmp(&(ns, name)))
+            .ok()
+            .map(|i| &self.pods[i])
+    }
+
+    /// The pod owning `ip`: pods with that IP that are not terminated (`Succeeded`/`Failed`) and
+    /// not on the host network.
+    pub fn pod_by_ip(&self, ip: IpAddr) -> Option<&Arc<Pod>> {
+        self.index
+            .pod_by_ip
+            .get(&canonical(ip))
+            .map(|&i| &self.pods[i])
+    }
+
+    /// Pods scheduled on `node`, by (namespace, name).
+    pub fn pods_on_node<'a>(&'a self, node: &'a str) -> impl Iterator<Item = &'a Arc<Pod>> + 'a {
+        self.index
+            .pods_by_node
+            .get(node)
+            .into_iter()
+            .flatten()
+            .map(|&i| &self.pods[i])
+    }
+
+    /// Pods of namespace `ns`, by name.
+    pub fn pods_in_namespace<'a>(&'a self, ns: &'a str) -> impl Iterator<Item = &'a Arc<Pod>> + 'a {
+        let start = self.pods.partition_point(|p| p.namespace.as_str() < ns);
+        self.pods[start..]
+            .iter()
+            .take_while(move |p| p.namespace == ns)
+    }
+
+    /// The node `name`.
+    pub fn node(&self, name: &str) -> Option<&Node> {
+        self.nodes.get(name)
+    }
+
+    /// The service `ns/name`.
+    pub fn service(&self, ns: &str, name: &str) -> Option<&Arc<Service>> {
+        self.services
+            .binary_search_by(|s| (s.namespace.as_str(), s.name.as_str()).cmp(&(ns, name)))
+            .ok()
+            .map(|i| &self.services[i])
+    }
+
+    /// Classifies an original destination: a service VIP on one of its TCP ports, else a pod IP,
+    /// else passthrough. IPv4-mapped IPv6 addresses are treated as IPv4.
+    pub fn resolve(&self, dst: SocketAddr) -> Destination {
+        let ip = canonical(dst.ip());
+        if let Some(&(s, p)) = self.index.service_by_vip.get(&(ip, dst.port())) {
+            let service = self.services[s].clone();
+            let port = service.ports[p].clone();
+            return Destination::Service { service, port };
+        }
+        match self.pod_by_ip(ip) {
+            Some(pod) => Destination::Pod(pod.clone()),
+            None => Destination::Passthrough,
+        }
+    }
+
+    /// Ready endpoints of `port` of `svc`: pods of the service's namespace matching its selector,
+    /// ready, not terminated, with an IP. The port is the target port; a named target port is
+    /// looked up in each pod's container ports (same protocol) and pods without it are skipped.
+    /// Ordered by pod name. A service without selector has no endpoints.
+    pub fn endpoints(&self, svc: &Service, port: &ServicePort) -> Vec<Endpoint> {
+        let Some(selector) = &svc.selector else {
+            return Vec::new();
+        };
+        self.pods_in_namespace(&svc.namespace)
+            .filter(|pod| pod.ready && !pod.is_terminated() && pod.matches(selector))
+            .filter_map(|pod| {
+                let ip = pod.ip?;
+                let target = match &port.target_port {
+                    TargetPort::Number(n) => *n,
+                    TargetPort::Name(name) => pod.named_port(name, &port.protocol)?,
+                };
+                Some(Endpoint {
+                    pod: pod.clone(),
+                    addr: SocketAddr::new(ip, target),
+                })
+            })
+            .collect()
+    }
+
+    /// Counts for status displays.
+    pub fn summary(&self) -> SnapshotSummary {
+        SnapshotSummary {
+            generation: self.generation,
+            loaded_at: rfc3339(self.loaded_at),
+            sources: self.sources.clone(),
+            namespaces: self.namespaces.len(),
+            nodes: self.nodes.len(),
+            pods: self.pods.len(),
+            services: self.services.len(),
+            others: self.others.len(),
+        }
+    }
+}
+
+/// IPv4-mapped IPv6 → IPv4 (a dual-stack socket reports IPv4 peers that way).
+fn canonical(ip: IpAddr) -> IpAddr {
+    match ip {
+        IpAddr::V6(v6) => v6
+            .to_ipv4_mapped()
+            .map(IpAddr::V4)
+            .unwrap_or(IpAddr::V6(v6)),
+        v4 => v4,
+    }
+}
+
+pub(crate) fn rfc3339(t: SystemTime) -> String {
+    time::OffsetDateTime::from(t)
+        .format(&time::format_description::well_known::Rfc3339)
+        .unwrap_or_default()
+}
+
+fn ser_time<S: Serializer>(t: &SystemTime, s: S) -> Result<S::Ok, S::Error> {
+    s.serialize_str(&rfc3339(*t))
+}
+
+pub(crate) fn ser_arc<T: Serialize, S: Serializer>(v: &Arc<T>, s: S) -> Result<S::Ok, S::Error> {
+    T::serialize(v, s)
+}
+
+fn ser_arc_vec<T: Serialize, S: Serializer>(v: &[Arc<T>], s: S) -> Result<S::Ok, S::Error> {
+    s.collect_seq(v.iter().map(|a| &**a))
+}

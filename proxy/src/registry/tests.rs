@@ -1,0 +1,814 @@
+use std::net::{IpAddr, SocketAddr};
+use std::time::Duration;
+
+use super::*;
+
+const CLUSTER: &str = r#"# A small cluster.
+apiVersion: v1
+kind: Namespace
+metadata:
+  name: demo
+  labels:
+    weft.dev/mesh: enabled
+---
+apiVersion: v1
+kind: Namespace
+metadata:
+  name: other
+---
+apiVersion: v1
+kind: Node
+metadata:
+  name: node-1
+  labels:
+    kubernetes.io/hostname: node-1
+status:
+  addresses:
+  - type: Hostname
+    address: node-1
+  - type: ExternalIP
+    address: 192.0.2.1
+  - type: InternalIP
+    address: 10.0.0.1
+---
+apiVersion: v1
+kind: Pod
+metadata:
+  namespace: demo
+  name: server-0
+  uid: 6f1a9a5e-0c1b-4a0e-9a57-1b2c3d4e5f60
+  labels:
+    app: server
+spec:
+  nodeName: node-1
+  serviceAccountName: server
+  containers:
+  - name: app
+    image: server
+    ports:
+    - name: http
+      containerPort: 8080
+    - name: metrics
+      containerPort: 9090
+status:
+  phase: Running
+  qosClass: Burstable
+  podIP: 10.244.1.10
+  podIPs:
+  - ip: 10.244.1.10
+  - ip: fd00::10
+  conditions:
+  - type: Ready
+    status: "True"
+---
+apiVersion: v1
+kind: Pod
+metadata:
+  namespace: demo
+  name: server-1
+  uid: 7f1a9a5e-0c1b-4a0e-9a57-1b2c3d4e5f61
+  labels:
+    app: server
+spec:
+  nodeName: node-2
+  containers:
+  - name: app
+    ports:
+    - name: http
+      containerPort: 8081
+status:
+  phase: Running
+  qosClass: Guaranteed
+  podIP: 10.244.2.11
+  conditions:
+  - type: Ready
+    status: "True"
+---
+# Matches the selector but is not ready.
+apiVersion: v1
+kind: Pod
+metadata:
+  namespace: demo
+  name: server-2
+  uid: 8f1a9a5e-0c1b-4a0e-9a57-1b2c3d4e5f62
+  labels:
+    app: server
+spec:
+  nodeName: node-1
+  containers:
+  - name: app
+    ports:
+    - name: http
+      containerPort: 8080
+status:
+  phase: Running
+  podIP: 10.244.1.12
+  conditions:
+  - type: Ready
+    status: "False"
+---
+# Ready, matching labels, but without the named port.
+apiVersion: v1
+kind: Pod
+metadata:
+  namespace: demo
+  name: server-3
+  uid: 9f1a9a5e-0c1b-4a0e-9a57-1b2c3d4e5f63
+  labels:
+    app: server
+spec:
+  nodeName: node-1
+  containers:
+  - name: app
+status:
+  phase: Running
+  podIP: 10.244.1.13
+---
+# Same labels, other namespace.
+apiVersion: v1
+kind: Pod
+metadata:
+  namespace: other
+  name: server-9
+  uid: af1a9a5e-0c1b-4a0e-9a57-1b2c3d4e5f69
+  labels:
+    app: server
+spec:
+  nodeName: node-1
+  containers:
+  - name: app
+    ports:
+    - name: http
+      containerPort: 8080
+status:
+  phase: Running
+  podIP: 10.244.1.19
+---
+apiVersion: v1
+kind: Pod
+metadata:
+  namespace: demo
+  name: client
+  uid: bf1a9a5e-0c1b-4a0e-9a57-1b2c3d4e5f6b
+spec:
+  nodeName: node-1
+  containers:
+  - name: client
+status:
+  phase: Running
+  podIP: 10.244.1.20
+---
+# A finished job whose IP now belongs to someone else.
+apiVersion: v1
+kind: Pod
+metadata:
+  namespace: demo
+  name: job-done
+  uid: cf1a9a5e-0c1b-4a0e-9a57-1b2c3d4e5f6c
+spec:
+  nodeName: node-1
+  containers:
+  - name: job
+status:
+  phase: Succeeded
+  podIP: 10.244.1.30
+---
+apiVersion: v1
+kind: Service
+metadata:
+  namespace: demo
+  name: server
+spec:
+  clusterIP: 10.96.0.10
+  selector:
+    app: server
+  ports:
+  - name: http
+    port: 80
+    targetPort: http
+    appProtocol: http
+  - name: metrics
+    port: 9090
+  - name: http-udp
+    port: 8443
+    protocol: UDP
+    targetPort: http
+---
+apiVersion: v1
+kind: Service
+metadata:
+  namespace: demo
+  name: server-headless
+spec:
+  clusterIP: None
+  selector:
+    app: server
+  ports:
+  - port: 8080
+    targetPort: 8080
+---
+apiVersion: networking.istio.io/v1
+kind: VirtualService
+metadata:
+  namespace: demo
+  name: server-routes
+spec:
+  hosts: [server]
+  http:
+  - route:
+    - destination:
+        host: server
+"#;
+
+fn sa(s: &str) -> SocketAddr {
+    s.parse().unwrap()
+}
+
+fn ip(s: &str) -> IpAddr {
+    s.parse().unwrap()
+}
+
+fn names(endpoints: &[Endpoint]) -> Vec<(String, SocketAddr)> {
+    endpoints
+        .iter()
+        .map(|e| (e.pod.name.clone(), e.addr))
+        .collect()
+}
+
+fn errors_of(yaml: &str) -> Vec<String> {
+    match Snapshot::from_yaml(yaml) {
+        Ok(_) => panic!("expected errors"),
+        Err(e) => e.iter().map(|e| e.to_string()).collect(),
+    }
+}
+
+#[test]
+fn parses_a_realistic_file() {
+    let s = Snapshot::from_yaml(CLUSTER).unwrap();
+    assert!(s.namespace_enrolled("demo"));
+    assert!(!s.namespace_enrolled("other"));
+    assert!(!s.namespace_enrolled("missing"));
+
+    let node = s.node("node-1").unwrap();
+    assert_eq!(node.addresses, vec![ip("10.0.0.1"), ip("192.0.2.1")]);
+    assert_eq!(node.labels["kubernetes.io/hostname"], "node-1");
+
+    let p = s.pod("demo", "server-0").unwrap();
+    assert_eq!(p.uid, "6f1a9a5e-0c1b-4a0e-9a57-1b2c3d4e5f60");
+    assert_eq!(p.node_name.as_deref(), Some("node-1"));
+    assert_eq!(p.ip, Some(ip("10.244.1.10")));
+    assert_eq!(p.ips, vec![ip("10.244.1.10"), ip("fd00::10")]);
+    assert_eq!(p.labels["app"], "server");
+    assert_eq!(p.service_account, "server");
+    assert!(p.ready);
+    assert_eq!(p.qos, QosClass::Burstable);
+    assert_eq!(
+        p.ports,
+        vec![
+            ContainerPort {
+                name: Some("http".into()),
+                port: 8080,
+                protocol: "TCP".into()
+            },
+            ContainerPort {
+                name: Some("metrics".into()),
+                port: 9090,
+                protocol: "TCP".into()
+            },
+        ]
+    );
+    assert_eq!(s.pod("demo", "server-1").unwrap().qos, QosClass::Guaranteed);
+    let client = s.pod("demo", "client").unwrap();
+    assert_eq!(client.qos, QosClass::BestEffort, "default without qosClass");
+    assert_eq!(client.service_account, "default");
+    assert!(client.ready, "no conditions, Running");
+    assert!(!s.pod("demo", "server-2").unwrap().ready);
+
+    let svc = s.service("demo", "server").unwrap();
+    assert_eq!(svc.cluster_ip, Some(ip("10.96.0.10")));
+    assert_eq!(svc.ports[0].target_port, TargetPort::Name("http".into()));
+    assert_eq!(svc.ports[0].app_protocol.as_deref(), Some("http"));
+    assert_eq!(svc.ports[1].target_port, TargetPort::Number(9090));
+    assert_eq!(svc.ports[2].protocol, "UDP");
+    let headless = s.service("demo", "server-headless").unwrap();
+    assert_eq!(headless.cluster_ip, None);
+
+    assert_eq!(s.others.len(), 1);
+    let vs = &s.others[0];
+    assert_eq!(
+        (vs.api_version.as_str(), vs.kind.as_str()),
+        ("networking.istio.io/v1", "VirtualService")
+    );
+    assert_eq!(
+        (vs.namespace.as_deref(), vs.name.as_str()),
+        (Some("demo"), "server-routes")
+    );
+    assert_eq!(vs.value["spec"]["hosts"][0], "server");
+
+    let on_node: Vec<&str> = s.pods_on_node("node-1").map(|p| p.name.as_str()).collect();
+    assert_eq!(
+        on_node,
+        ["client", "job-done", "server-0", "server-2", "server-3", "server-9"]
+    );
+    assert_eq!(s.pods_on_node("node-9").count(), 0);
+
+    // The admin API serializes the snapshot.
+    let json = serde_json::to_value(&s).unwrap();
+    assert_eq!(json["pods"][0]["name"], "client");
+    assert_eq!(json["services"][0]["ports"][0]["target_port"], "http");
+    assert_eq!(s.summary().pods, 7);
+}
+
+#[test]
+fn resolves_destinations() {
+    let s = Snapshot::from_yaml(CLUSTER).unwrap();
+    match s.resolve(sa("10.96.0.10:80")) {
+        Destination::Service { service, port } => {
+            assert_eq!(service.name, "server");
+            assert_eq!(port.name.as_deref(), Some("http"));
+        }
+        other => panic!("{other:?}"),
+    }
+    // IPv4-mapped form, as a dual-stack listener reports it.
+    assert!(matches!(
+        s.resolve(sa("[::ffff:10.96.0.10]:9090")),
+        Destination::Service { .. }
+    ));
+    // Only TCP ports are reachable through the VIP.
+    assert!(matches!(
+        s.resolve(sa("10.96.0.10:8443")),
+        Destination::Passthrough
+    ));
+    assert!(matches!(
+        s.resolve(sa("10.96.0.10:81")),
+        Destination::Passthrough
+    ));
+    match s.resolve(sa("10.244.1.10:8080")) {
+        Destination::Pod(p) => assert_eq!(p.name, "server-0"),
+        other => panic!("{other:?}"),
+    }
+    match s.resolve(sa("[fd00::10]:8080")) {
+        Destination::Pod(p) => assert_eq!(p.name, "server-0"),
+        other => panic!("{other:?}"),
+    }
+    assert!(
+        matches!(s.resolve(sa("10.244.1.30:80")), Destination::Passthrough),
+        "terminated"
+    );
+    assert!(matches!(
+        s.resolve(sa("1.1.1.1:443")),
+        Destination::Passthrough
+    ));
+    assert!(s.pod_by_ip(ip("10.244.1.30")).is_none());
+    assert_eq!(s.pod_by_ip(ip("10.244.1.20")).unwrap().name, "client");
+}
+
+#[test]
+fn endpoints_follow_selector_readiness_and_named_ports() {
+    let s = Snapshot::from_yaml(CLUSTER).unwrap();
+    let svc = s.service("demo", "server").unwrap();
+    // Named target port: server-2 is not ready, server-3 lacks the port, server-9 is elsewhere.
+    assert_eq!(
+        names(&s.endpoints(svc, &svc.ports[0])),
+        vec![
+            ("server-0".into(), sa("10.244.1.10:8080")),
+            ("server-1".into(), sa("10.244.2.11:8081")),
+        ]
+    );
+    // Numeric target port: every ready pod.
+    assert_eq!(
+        names(&s.endpoints(svc, &svc.ports[1])),
+        vec![
+            ("server-0".into(), sa("10.244.1.10:9090")),
+            ("server-1".into(), sa("10.244.2.11:9090")),
+            ("server-3".into(), sa("10.244.1.13:9090")),
+        ]
+    );
+    // Named ports match on protocol too.
+    assert!(s.endpoints(svc, &svc.ports[2]).is_empty());
+    let headless = s.service("demo", "server-headless").unwrap();
+    assert_eq!(s.endpoints(headless, &headless.ports[0]).len(), 3);
+}
+
+#[test]
+fn service_without_selector_has_no_endpoints() {
+    let s = Snapshot::from_yaml(
+        "apiVersion: v1\nkind: Service\nmetadata: {name: ext}\nspec:\n  clusterIP: 10.96.0.99\n  selector: {}\n  ports: [{port: 443}]\n---\napiVersion: v1\nkind: Pod\nmetadata: {name: p, uid: u1}\nstatus: {phase: Running, podIP: 10.1.1.1}\n",
+    )
+    .unwrap();
+    let svc = s.service("default", "ext").unwrap();
+    assert_eq!(svc.selector, None);
+    assert!(s.endpoints(svc, &svc.ports[0]).is_empty());
+}
+
+#[test]
+fn list_documents_are_flattened() {
+    let s = Snapshot::from_yaml(
+        "apiVersion: v1\nkind: List\nitems:\n- apiVersion: v1\n  kind: Namespace\n  metadata:\n    name: a\n- apiVersion: v1\n  kind: Pod\n  metadata:\n    name: p\n    namespace: a\n    uid: u-1\n",
+    )
+    .unwrap();
+    assert!(s.namespaces.contains_key("a"));
+    assert!(s.pod("a", "p").is_some());
+
+    let errors = errors_of(
+        "apiVersion: v1\nkind: List\nitems:\n- apiVersion: v1\n  kind: Namespace\n  metadata:\n    name: a\n- apiVersion: v1\n  kind: Pod\n  metadata:\n    name: p\n    uid: u-1\n  spec:\n    containers:\n    - name: c\n      ports:\n      - containerPort: http\n",
+    );
+    assert_eq!(
+        errors,
+        vec![
+            "<inline>:17: document 1 (Pod default/p): items[1].spec.containers[0].ports[0].containerPort: invalid type: string \"http\", expected i32"
+        ]
+    );
+}
+
+#[test]
+fn type_errors_name_file_line_document_and_field() {
+    let yaml = "\
+apiVersion: v1
+kind: Namespace
+metadata:
+  name: demo
+---
+apiVersion: v1
+kind: Pod
+metadata:
+  namespace: demo
+  name: client
+  uid: 1234
+spec:
+  containers:
+  - name: app
+    ports:
+    - containerPort: x
+";
+    assert_eq!(
+        errors_of(yaml),
+        vec![
+            "<inline>:16: document 2 (Pod demo/client): spec.containers[0].ports[0].containerPort: invalid type: string \"x\", expected i32"
+        ]
+    );
+    let errors = errors_of(
+        "apiVersion: v1\nkind: Service\nmetadata:\n  name: s\nspec:\n  ports: {port: 80}\n",
+    );
+    assert_eq!(
+        errors,
+        vec!["<inline>:6: document 1 (Service default/s): spec.ports: invalid type: map, expected a sequence"]
+    );
+}
+
+#[test]
+fn semantic_errors_point_at_the_field() {
+    let yaml = "\
+apiVersion: v1
+kind: Pod
+metadata:
+  name: no-uid
+---
+apiVersion: v1
+kind: Pod
+metadata:
+  name: bad-ip
+  uid: u-2
+status:
+  phase: Running
+  podIP: 10.0.0.300
+---
+apiVersion: v1
+kind: Service
+metadata:
+  namespace: demo
+  name: svc
+spec:
+  clusterIP: not-an-ip
+  ports:
+  - name: ok
+    port: 80
+  - name: big
+    port: 70000
+    targetPort: 0
+---
+apiVersion: v1
+kind: Namespace
+metadata:
+  labels: {a: b}
+";
+    assert_eq!(
+        errors_of(yaml),
+        vec![
+            "<inline>:3: document 1 (Pod default/no-uid): metadata.uid: is required for a Pod (it locates the pod's cgroup)",
+            "<inline>:13: document 2 (Pod default/bad-ip): status.podIP: invalid IP address \"10.0.0.300\"",
+            "<inline>:21: document 3 (Service demo/svc): spec.clusterIP: invalid IP address \"not-an-ip\"",
+            "<inline>:26: document 3 (Service demo/svc): spec.ports[1].port: port 70000 out of range 1-65535",
+            "<inline>:27: document 3 (Service demo/svc): spec.ports[1].targetPort: port 0 out of range 1-65535",
+            "<inline>:31: document 4 (Namespace): metadata.name: is required",
+        ]
+    );
+}
+
+#[test]
+fn duplicates_and_structure_errors() {
+    let yaml = "\
+apiVersion: v1
+kind: Namespace
+metadata: {name: a}
+---
+# again
+apiVersion: v1
+kind: Namespace
+metadata:
+  name: a
+---
+apiVersion: v1
+kind: Service
+metadata: {name: s1}
+spec: {clusterIP: 10.96.0.1}
+---
+apiVersion: v1
+kind: Service
+metadata: {name: s2}
+spec: {clusterIP: 10.96.0.1}
+---
+- just
+- a list
+---
+kind: Thing
+metadata: {name: t}
+";
+    assert_eq!(
+        errors_of(yaml),
+        vec![
+            "<inline>:9: document 2 (Namespace a): metadata.name: duplicate Namespace a, first defined at <inline>:1",
+            "<inline>:19: document 4 (Service default/s2): spec.clusterIP: cluster IP 10.96.0.1 is already used by Service default/s1",
+            "<inline>:21: document 5: expected a Kubernetes object (a mapping with apiVersion and kind), found a sequence",
+            "<inline>:24: document 6: apiVersion: is required",
+        ]
+    );
+}
+
+#[test]
+fn syntax_errors_carry_the_line() {
+    let yaml = "\
+apiVersion: v1
+kind: Namespace
+metadata:
+  name: fine
+---
+apiVersion: v1
+kind: Pod
+metadata:
+  name: broken
+   uid: x
+";
+    let errors = errors_of(yaml);
+    assert_eq!(errors.len(), 1);
+    assert!(
+        errors[0]
+            .starts_with("<inline>:10: document 2: mapping values are not allowed in this context"),
+        "{}",
+        errors[0]
+    );
+    let errors = errors_of("a: [1, 2\n");
+    assert!(
+        errors[0].starts_with("<inline>:2: document 1: "),
+        "{}",
+        errors[0]
+    );
+}
+
+#[test]
+fn loads_a_directory_in_name_order() {
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    std::fs::write(
+        d.join("10-pods.yml"),
+        "apiVersion: v1\nkind: Pod\nmetadata: {name: p, namespace: n, uid: u1}\n",
+    )
+    .unwrap();
+    std::fs::write(
+        d.join("00-namespaces.yaml"),
+        "apiVersion: v1\nkind: Namespace\nmetadata: {name: n, labels: {weft.dev/mesh: enabled}}\n",
+    )
+    .unwrap();
+    std::fs::write(d.join("README.md"), "not yaml: [").unwrap();
+    std::fs::write(d.join(".hidden.yaml"), "not yaml: [").unwrap();
+    std::fs::create_dir(d.join("sub.yaml")).unwrap();
+    let s = load::load(d, 7).unwrap();
+    assert_eq!(s.generation, 7);
+    assert_eq!(
+        s.sources,
+        vec![d.join("00-namespaces.yaml"), d.join("10-pods.yml")]
+    );
+    assert!(s.namespace_enrolled("n"));
+    assert!(s.pod("n", "p").is_some());
+
+    std::fs::write(
+        d.join("20-bad.yaml"),
+        "apiVersion: v1\nkind: Namespace\nmetadata: {name: n}\n",
+    )
+    .unwrap();
+    let errors = load::load(d, 8).unwrap_err();
+    assert_eq!(
+        errors.to_string(),
+        format!(
+            "{}:3: document 1 (Namespace n): metadata.name: duplicate Namespace n, first defined at {}:1",
+            d.join("20-bad.yaml").display(),
+            d.join("00-namespaces.yaml").display()
+        )
+    );
+    let missing = load::load(&d.join("nope"), 1).unwrap_err();
+    assert!(missing.to_string().contains("cannot read"), "{missing}");
+}
+
+const GOOD_V1: &str = "apiVersion: v1\nkind: Namespace\nmetadata: {name: one}\n";
+const GOOD_V2: &str = "apiVersion: v1\nkind: Namespace\nmetadata: {name: two}\n";
+const BAD: &str = "apiVersion: v1\nkind: Pod\nmetadata: {name: nouid}\n";
+
+#[test]
+fn reload_keeps_the_last_good_snapshot() {
+    let dir = tempfile::tempdir().unwrap();
+    let file = dir.path().join("cluster.yaml");
+    std::fs::write(&file, BAD).unwrap();
+    let first = Registry::load(&file).unwrap_err();
+    assert_eq!(first.len(), 1);
+
+    std::fs::write(&file, GOOD_V1).unwrap();
+    let reg = Registry::load(&file).unwrap();
+    let mut rx = reg.subscribe();
+    assert_eq!(reg.snapshot().generation, 1);
+    assert_eq!(reg.reload(), Ok(false), "unchanged");
+
+    std::fs::write(&file, BAD).unwrap();
+    let err = reg.reload().unwrap_err();
+    assert!(err
+        .to_string()
+        .contains("cluster.yaml:3: document 1 (Pod default/nouid): metadata.uid"));
+    assert_eq!(reg.last_error(), Some(err.to_string()));
+    assert!(reg.snapshot().namespaces.contains_key("one"));
+    assert!(!rx.has_changed().unwrap());
+
+    std::fs::write(&file, GOOD_V2).unwrap();
+    assert_eq!(reg.reload(), Ok(true));
+    assert_eq!(reg.last_error(), None);
+    assert_eq!(reg.snapshot().generation, 2);
+    assert!(rx.has_changed().unwrap());
+    assert!(rx.borrow_and_update().namespaces.contains_key("two"));
+
+    // Back to bad and back to the same good content: the error clears without a new generation.
+    std::fs::write(&file, BAD).unwrap();
+    assert!(reg.reload().is_err());
+    std::fs::write(&file, GOOD_V2).unwrap();
+    assert_eq!(reg.reload(), Ok(false));
+    assert_eq!(reg.last_error(), None);
+
+    std::fs::remove_file(&file).unwrap();
+    assert!(reg.reload().is_err());
+    assert_eq!(reg.snapshot().generation, 2);
+}
+
+async fn wait_for(rx: &mut watch::Receiver<Arc<Snapshot>>, what: impl Fn(&Snapshot) -> bool) {
+    tokio::time::timeout(Duration::from_secs(10), async {
+        loop {
+            if what(&rx.borrow_and_update()) {
+                return;
+            }
+            rx.changed().await.unwrap();
+        }
+    })
+    .await
+    .expect("registry did not pick up the change in time");
+}
+
+/// Writes like an editor: a temporary file renamed over the target.
+fn save(path: &Path, text: &str) {
+    let tmp = path.with_extension("tmp~");
+    std::fs::write(&tmp, text).unwrap();
+    std::fs::rename(&tmp, path).unwrap();
+}
+
+#[tokio::test]
+async fn watcher_follows_file_edits() {
+    let dir = tempfile::tempdir().unwrap();
+    let file = dir.path().join("cluster.yaml");
+    std::fs::write(&file, GOOD_V1).unwrap();
+    let reg = Arc::new(Registry::load(&file).unwrap());
+    let mut rx = reg.subscribe();
+    let task = reg.clone().spawn_watcher_with(WatchConfig {
+        debounce: Duration::from_millis(50),
+        poll_interval: Duration::from_secs(60),
+    });
+    // Let the watch be set up before the first change.
+    tokio::time::sleep(Duration::from_millis(100)).await;
+
+    save(&file, BAD);
+    tokio::time::timeout(Duration::from_secs(10), async {
+        while reg.last_error().is_none() {
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    })
+    .await
+    .expect("bad edit not noticed");
+    assert!(
+        reg.snapshot().namespaces.contains_key("one"),
+        "last good kept"
+    );
+
+    std::fs::write(&file, GOOD_V2).unwrap();
+    wait_for(&mut rx, |s| s.namespaces.contains_key("two")).await;
+    assert_eq!(reg.last_error(), None);
+    assert_eq!(reg.snapshot().generation, 2);
+    task.abort();
+}
+
+#[tokio::test]
+async fn watcher_follows_configmap_style_symlink_swaps() {
+    // A ConfigMap volume: name.yaml -> ..data/name.yaml, ..data -> ..<timestamp>, swapped by rename.
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    let version = |n: &str, text: &str| {
+        let v = d.join(format!("..{n}"));
+        std::fs::create_dir(&v).unwrap();
+        std::fs::write(v.join("cluster.yaml"), text).unwrap();
+        let tmp = d.join("..data_tmp");
+        std::os::unix::fs::symlink(format!("..{n}"), &tmp).unwrap();
+        std::fs::rename(&tmp, d.join("..data")).unwrap();
+    };
+    version("v1", GOOD_V1);
+    std::os::unix::fs::symlink("..data/cluster.yaml", d.join("cluster.yaml")).unwrap();
+
+    let reg = Arc::new(Registry::load(d).unwrap());
+    assert_eq!(reg.snapshot().sources, vec![d.join("cluster.yaml")]);
+    let mut rx = reg.subscribe();
+    let task = reg.clone().spawn_watcher_with(WatchConfig {
+        debounce: Duration::from_millis(50),
+        poll_interval: Duration::from_secs(60),
+    });
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    version("v2", GOOD_V2);
+    wait_for(&mut rx, |s| s.namespaces.contains_key("two")).await;
+    task.abort();
+}
+
+#[tokio::test]
+async fn watcher_polls_when_events_are_missed() {
+    let dir = tempfile::tempdir().unwrap();
+    let file = dir.path().join("cluster.yaml");
+    std::fs::write(&file, GOOD_V1).unwrap();
+    let reg = Arc::new(Registry::load(&file).unwrap());
+    let mut rx = reg.subscribe();
+    // A debounce longer than the test: only the poll can see the change.
+    let task = reg.clone().spawn_watcher_with(WatchConfig {
+        debounce: Duration::from_secs(3600),
+        poll_interval: Duration::from_millis(100),
+    });
+    save(&file, GOOD_V2);
+    wait_for(&mut rx, |s| s.namespaces.contains_key("two")).await;
+    task.abort();
+}
+
+#[test]
+fn locate_never_panics_on_partial_documents() {
+    let paths = [
+        "metadata.name",
+        "spec.containers[0].ports[1].containerPort",
+        "spec.ports[2].targetPort",
+        "status.podIPs[1].ip",
+        "items[0].spec",
+        "spec.http[0].route[0].destination.host",
+    ];
+    let lines: Vec<&str> = CLUSTER.lines().collect();
+    for end in 0..lines.len() {
+        for start in (0..end).step_by(7) {
+            let text = lines[start..end].join("\n");
+            for p in paths {
+                if let Some(line) = load::locate(&text, p) {
+                    assert!(
+                        line >= 1 && line <= end - start,
+                        "{p} in lines {start}..{end}"
+                    );
+                }
+            }
+        }
+    }
+}
+
+#[test]
+fn publish_and_from_snapshot() {
+    let reg = Registry::from_snapshot(Snapshot::empty());
+    assert_eq!(reg.snapshot().generation, 0);
+    assert_eq!(reg.reload(), Ok(false), "no source");
+    let mut rx = reg.subscribe();
+    let mut builder = SnapshotBuilder::new();
+    let ns: k8s_openapi::api::core::v1::Namespace = serde_json::from_value(
+        serde_json::json!({"apiVersion": "v1", "kind": "Namespace", "metadata": {"name": "x"}}),
+    )
+    .unwrap();
+    builder
+        .insert(Object::Namespace(Box::new(ns.clone())))
+        .unwrap();
+    let dup = builder.insert(Object::Namespace(Box::new(ns))).unwrap_err();
+    assert_eq!(dup[0].to_string(), "metadata.name: duplicate Namespace x");
+    let snap = reg.publish(builder, Vec::new());
+    assert_eq!(snap.generation, 1);
+    assert!(rx.has_changed().unwrap());
+    assert!(reg.snapshot().namespaces.contains_key("x"));
+}
