@@ -796,7 +796,7 @@ fn publish_and_from_snapshot() {
     let reg = Registry::from_snapshot(Snapshot::empty());
     assert_eq!(reg.snapshot().generation, 0);
     assert_eq!(reg.reload(), Ok(false), "no source");
-    let mut rx = reg.subscribe();
+    let rx = reg.subscribe();
     let mut builder = SnapshotBuilder::new();
     let ns: k8s_openapi::api::core::v1::Namespace = serde_json::from_value(
         serde_json::json!({"apiVersion": "v1", "kind": "Namespace", "metadata": {"name": "x"}}),
