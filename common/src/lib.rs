@@ -33,6 +33,9 @@ pub mod names {
     pub const PROG_CONNECT4: &str = "weft_connect4";
     pub const PROG_CONNECT6: &str = "weft_connect6";
     pub const PROG_SOCK_OPS: &str = "weft_sock_ops";
+
+    /// Prefix of the pinned link of each program: `<bpffs>/link_<program name>`.
+    pub const LINK_PIN_PREFIX: &str = "link_";
 }
 
 /// How many cgroup ancestor levels the programs walk looking for an enrolled pod cgroup.
@@ -41,6 +44,10 @@ pub const MAX_CGROUP_DEPTH: u32 = 16;
 pub const ORIG_DST_ENTRIES: u32 = 65_536;
 /// Capacity of the enrolled-cgroup map.
 pub const ENROLLED_ENTRIES: u32 = 16_384;
+/// Capacity of the excluded-ports map.
+pub const EXCL_PORTS_ENTRIES: u32 = 1024;
+/// Capacity of the excluded-CIDRs trie.
+pub const EXCL_CIDRS_ENTRIES: u32 = 1024;
 /// Size of the redirect-event ring buffer, in bytes (a power of two, multiple of the page size).
 pub const EVENTS_BYTES: u32 = 1 << 20;
 
