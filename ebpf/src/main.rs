@@ -1,2 +1,323 @@
+//! weft's kernel side: transparent redirection of enrolled pods' outbound TCP connections to the
+//! node proxy, and the bookkeeping that lets the proxy recover where each connection was going.
+//!
+//! * `weft_connect4` / `weft_connect6` (cgroup `connect4` / `connect6`): for a TCP `connect()` made
+//!   by a process below an enrolled pod cgroup, remember the original destination by socket
+//!   cookie, emit a redirect event and rewrite the destination to the proxy listener.
+//! * `weft_sock_ops` (`sock_ops`, `ACTIVE_ESTABLISHED`): once the redirected connection is up,
+//!   re-key the record by the client 4-tuple, which is what the proxy sees on `accept()`.
+//!
+//! The shared ABI (map names, value layouts, byte orders) lives in `weft-common`.
 #![no_std]
 #![no_main]
+
+use core::ptr::{addr_of, addr_of_mut, read_volatile, write_volatile};
+
+use aya_ebpf::{
+    bindings::{bpf_sock_addr, bpf_sock_ops, BPF_SOCK_OPS_ACTIVE_ESTABLISHED_CB},
+    helpers::{
+        bpf_get_current_ancestor_cgroup_id, bpf_get_current_cgroup_id, bpf_get_socket_cookie,
+        bpf_ktime_get_boot_ns,
+    },
+    macros::{cgroup_sock_addr, map, sock_ops},
+    maps::{lpm_trie::Key, Array, HashMap, LpmTrie, LruHashMap, PerCpuArray, RingBuf},
+    programs::{SockAddrContext, SockOpsContext},
+    EbpfContext,
+};
+use weft_common::{
+    Config, Counter, FlowKey, OrigDst, RedirectEvent, ENROLLED_ENTRIES, EVENTS_BYTES,
+    EXCL_CIDRS_ENTRIES, EXCL_PORTS_ENTRIES, MAX_CGROUP_DEPTH, ORIG_DST_ENTRIES,
+};
+
+const AF_INET: u16 = 2;
+const AF_INET6: u16 = 10;
+const SOCK_STREAM: u32 = 1;
+const IPPROTO_TCP: u32 = 6;
+
+/// Word 2 of an IPv4-mapped IPv6 address (`::ffff:0:0/96`) as the kernel stores it: bytes
+/// `00 00 ff ff` in memory order.
+const V4MAPPED_WORD2: u32 = u32::from_ne_bytes([0, 0, 0xff, 0xff]);
+
+/// Values returned by cgroup sock_addr programs: 1 lets the `connect()` proceed.
+const ALLOW: i32 = 1;
+
+#[map(name = "ENROLLED")]
+static ENROLLED: HashMap<u64, u8> = HashMap::with_max_entries(ENROLLED_ENTRIES, 0);
+
+#[map(name = "CONFIG")]
+static CONFIG: Array<Config> = Array::with_max_entries(1, 0);
+
+#[map(name = "EXCL_PORTS")]
+static EXCL_PORTS: HashMap<u16, u8> = HashMap::with_max_entries(EXCL_PORTS_ENTRIES, 0);
+
+#[map(name = "EXCL_CIDRS")]
+static EXCL_CIDRS: LpmTrie<u32, u8> = LpmTrie::with_max_entries(EXCL_CIDRS_ENTRIES, 0);
+
+#[map(name = "BY_COOKIE")]
+static BY_COOKIE: LruHashMap<u64, OrigDst> = LruHashMap::with_max_entries(ORIG_DST_ENTRIES, 0);
+
+#[map(name = "BY_TUPLE")]
+static BY_TUPLE: LruHashMap<FlowKey, OrigDst> = LruHashMap::with_max_entries(ORIG_DST_ENTRIES, 0);
+
+#[map(name = "EVENTS")]
+static EVENTS: RingBuf = RingBuf::with_byte_size(EVENTS_BYTES, 0);
+
+#[map(name = "STATS")]
+static STATS: PerCpuArray<u64> = PerCpuArray::with_max_entries(Counter::COUNT, 0);
+
+#[inline(always)]
+fn count(counter: Counter) {
+    if let Some(slot) = STATS.get_ptr_mut(counter as u32) {
+        // SAFETY: the pointer comes from a successful map lookup and stays valid for the whole
+        // program run. The slot is this CPU's own (the bpfel target has no atomic RMW in core;
+        // a preempted concurrent run on the same CPU could at worst lose one increment).
+        unsafe { write_volatile(slot, read_volatile(slot).wrapping_add(1)) };
+    }
+}
+
+/// The enrolled pod cgroup the current task lives under, if any.
+///
+/// Walks the ancestors of the task's cgroup from the root down (the helper returns 0 past the
+/// task's own level), then the task's own cgroup in case it sits deeper than the walk reaches.
+#[inline(always)]
+fn enrolled_cgroup() -> Option<u64> {
+    // SAFETY: helpers without pointer arguments.
+    let current = unsafe { bpf_get_current_cgroup_id() };
+    let mut level: u32 = 0;
+    while level < MAX_CGROUP_DEPTH {
+        // SAFETY: as above.
+        let id = unsafe { bpf_get_current_ancestor_cgroup_id(level as i32) };
+        if id == 0 {
+            break;
+        }
+        if ENROLLED.get_ptr(id).is_some() {
+            return Some(id);
+        }
+        if id == current {
+            return None;
+        }
+        level += 1;
+    }
+    if ENROLLED.get_ptr(current).is_some() {
+        return Some(current);
+    }
+    None
+}
+
+/// Why a destination is not redirected, or `None` to redirect it.
+#[inline(always)]
+fn excluded(cfg: &Config, ip4: u32, port: u16) -> bool {
+    let first_octet = ip4.to_ne_bytes()[0];
+    // 127.0.0.0/8 and 0.0.0.0 (which means "this host") never leave the pod.
+    if first_octet == 127 || ip4 == 0 {
+        return true;
+    }
+    // The proxy itself (any port): admin, HBONE and the capture listener are reached directly.
+    if ip4 == cfg.proxy_ip4 {
+        return true;
+    }
+    if EXCL_PORTS.get_ptr(port).is_some() {
+        return true;
+    }
+    EXCL_CIDRS.get(Key::new(32, ip4)).is_some()
+}
+
+/// Decides whether to redirect a TCP connect to `ip4:port`; on success records the original
+/// destination and returns the proxy address to rewrite to.
+#[inline(always)]
+fn redirect<C: EbpfContext>(ctx: &C, ip4: u32, port: u16, family: u16) -> Option<Config> {
+    let cfg = *CONFIG.get(0)?;
+    if cfg.proxy_ip4 == 0 {
+        return None;
+    }
+    count(Counter::ConnectSeen);
+    let Some(cgroup_id) = enrolled_cgroup() else {
+        count(Counter::NotEnrolled);
+        return None;
+    };
+    if excluded(&cfg, ip4, port) {
+        count(Counter::Excluded);
+        return None;
+    }
+    // SAFETY: ctx is the program's own context.
+    let cookie = unsafe { bpf_get_socket_cookie(ctx.as_ptr()) };
+    let orig = OrigDst {
+        cookie,
+        cgroup_id,
+        ip4,
+        port,
+        family,
+    };
+    // If the record cannot be saved the proxy could not tell where the connection was going:
+    // leave such a connection alone rather than break it.
+    BY_COOKIE.insert(cookie, orig, 0).ok()?;
+    match EVENTS.reserve::<RedirectEvent>(0) {
+        Some(mut entry) => {
+            entry.write(RedirectEvent {
+                // SAFETY: helper without arguments.
+                boot_ns: unsafe { bpf_ktime_get_boot_ns() },
+                orig,
+            });
+            entry.submit(0);
+        }
+        None => count(Counter::EventsDropped),
+    }
+    count(Counter::Redirected);
+    Some(cfg)
+}
+
+#[inline(always)]
+fn is_tcp(sa: *const bpf_sock_addr) -> bool {
+    // SAFETY: `sa` is the context pointer; 32-bit loads of documented fields.
+    unsafe {
+        read_volatile(addr_of!((*sa).type_)) == SOCK_STREAM
+            && read_volatile(addr_of!((*sa).protocol)) == IPPROTO_TCP
+    }
+}
+
+#[cgroup_sock_addr(connect4)]
+pub fn weft_connect4(ctx: SockAddrContext) -> i32 {
+    let sa = ctx.sock_addr;
+    if !is_tcp(sa) {
+        return ALLOW;
+    }
+    // SAFETY: context field loads and stores, one 32-bit access at a time.
+    unsafe {
+        let ip4 = read_volatile(addr_of!((*sa).user_ip4));
+        // user_port holds the port in network order in its low 16 bits.
+        let port = u16::from_be(read_volatile(addr_of!((*sa).user_port)) as u16);
+        if let Some(cfg) = redirect(&ctx, ip4, port, AF_INET) {
+            write_volatile(addr_of_mut!((*sa).user_ip4), cfg.proxy_ip4);
+            write_volatile(
+                addr_of_mut!((*sa).user_port),
+                u32::from(cfg.proxy_port.to_be()),
+            );
+        }
+    }
+    ALLOW
+}
+
+#[cgroup_sock_addr(connect6)]
+pub fn weft_connect6(ctx: SockAddrContext) -> i32 {
+    let sa = ctx.sock_addr;
+    if !is_tcp(sa) {
+        return ALLOW;
+    }
+    // SAFETY: context field loads and stores, one 32-bit access at a time.
+    unsafe {
+        let w0 = read_volatile(addr_of!((*sa).user_ip6[0]));
+        let w1 = read_volatile(addr_of!((*sa).user_ip6[1]));
+        let w2 = read_volatile(addr_of!((*sa).user_ip6[2]));
+        if w0 != 0 || w1 != 0 || w2 != V4MAPPED_WORD2 {
+            // Native IPv6: not captured (the proxy listens on IPv4).
+            return ALLOW;
+        }
+        let ip4 = read_volatile(addr_of!((*sa).user_ip6[3]));
+        let port = u16::from_be(read_volatile(addr_of!((*sa).user_port)) as u16);
+        if let Some(cfg) = redirect(&ctx, ip4, port, AF_INET6) {
+            // Words 0..2 already hold ::ffff: — only the IPv4 part and the port change.
+            write_volatile(addr_of_mut!((*sa).user_ip6[3]), cfg.proxy_ip4);
+            write_volatile(
+                addr_of_mut!((*sa).user_port),
+                u32::from(cfg.proxy_port.to_be()),
+            );
+        }
+    }
+    ALLOW
+}
+
+/// The IPv4 address of one end of a sock_ops socket: `ip4` for AF_INET, the embedded IPv4 of an
+/// IPv4-mapped address for AF_INET6.
+#[inline(always)]
+fn sock_ops_ip4(family: u32, ip4: u32, ip6: [u32; 4]) -> Option<u32> {
+    if family == u32::from(AF_INET) {
+        return Some(ip4);
+    }
+    if family == u32::from(AF_INET6) && ip6[0] == 0 && ip6[1] == 0 && ip6[2] == V4MAPPED_WORD2 {
+        return Some(ip6[3]);
+    }
+    None
+}
+
+#[sock_ops]
+pub fn weft_sock_ops(ctx: SockOpsContext) -> u32 {
+    let ops: *const bpf_sock_ops = ctx.ops;
+    // SAFETY: `ops` is the context pointer.
+    if unsafe { read_volatile(addr_of!((*ops).op)) } != BPF_SOCK_OPS_ACTIVE_ESTABLISHED_CB {
+        return 1;
+    }
+    // SAFETY: ctx is the program's own context.
+    let cookie = unsafe { bpf_get_socket_cookie(ctx.as_ptr()) };
+    // SAFETY: the map value is copied out right away.
+    let Some(orig) = (unsafe { BY_COOKIE.get(cookie) }).copied() else {
+        return 1;
+    };
+    // Every field is read with its own fixed-offset 32-bit load, whatever the family: the
+    // verifier rejects context accesses through a computed pointer, which is what the compiler
+    // makes of "read this field or that one".
+    // SAFETY: context field loads.
+    let (family, local_ip4, remote_ip4, local_ip6, remote_ip6, local_port, remote_port) = unsafe {
+        (
+            read_volatile(addr_of!((*ops).family)),
+            read_volatile(addr_of!((*ops).local_ip4)),
+            read_volatile(addr_of!((*ops).remote_ip4)),
+            [
+                read_volatile(addr_of!((*ops).local_ip6[0])),
+                read_volatile(addr_of!((*ops).local_ip6[1])),
+                read_volatile(addr_of!((*ops).local_ip6[2])),
+                read_volatile(addr_of!((*ops).local_ip6[3])),
+            ],
+            [
+                read_volatile(addr_of!((*ops).remote_ip6[0])),
+                read_volatile(addr_of!((*ops).remote_ip6[1])),
+                read_volatile(addr_of!((*ops).remote_ip6[2])),
+                read_volatile(addr_of!((*ops).remote_ip6[3])),
+            ],
+            read_volatile(addr_of!((*ops).local_port)),
+            read_volatile(addr_of!((*ops).remote_port)),
+        )
+    };
+    let (Some(src_ip4), Some(dst_ip4)) = (
+        sock_ops_ip4(family, local_ip4, local_ip6),
+        sock_ops_ip4(family, remote_ip4, remote_ip6),
+    ) else {
+        return 1;
+    };
+    let key = FlowKey {
+        src_ip4,
+        dst_ip4,
+        // local_port is in host order; remote_port carries the network-order port in its upper
+        // 16 bits on little-endian kernels (the 16-bit field is shifted into place).
+        src_port: local_port as u16,
+        dst_port: u16::from_be(remote_port_be(remote_port)),
+    };
+    if BY_TUPLE.insert(key, orig, 0).is_ok() {
+        let _ = BY_COOKIE.remove(cookie);
+        count(Counter::TupleRecorded);
+    }
+    1
+}
+
+/// The network-order port out of `bpf_sock_ops.remote_port`.
+#[inline(always)]
+fn remote_port_be(v: u32) -> u16 {
+    #[cfg(target_endian = "little")]
+    {
+        (v >> 16) as u16
+    }
+    #[cfg(target_endian = "big")]
+    {
+        v as u16
+    }
+}
+
+#[cfg(not(test))]
+#[panic_handler]
+fn panic(_info: &core::panic::PanicInfo) -> ! {
+    loop {}
+}
+
+/// Only helpers without GPL restrictions are used; the object carries the project's license.
+#[unsafe(link_section = "license")]
+#[unsafe(no_mangle)]
+static LICENSE: [u8; 11] = *b"Apache-2.0\0";
