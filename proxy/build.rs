@@ -1,1 +1,86 @@
-fn main() {}
+//! Builds the eBPF object (`ebpf/`, crate `weft-ebpf`, binary `weft`) with aya-build and leaves
+//! it at `$OUT_DIR/weft`, where `capture.rs` embeds it with
+//! `aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/weft"))`.
+//!
+//! aya-build runs `rustup run nightly cargo build -p weft-ebpf --target bpfel-unknown-none
+//! -Z build-std=core --release` with its own target dir under `$OUT_DIR`, so a plain `cargo build`
+//! of the workspace (stable toolchain) is enough. Needs the nightly toolchain with `rust-src` and
+//! `bpf-linker` on `PATH` (`cargo xtask setup` installs both).
+//!
+//! Set `AYA_BUILD_SKIP=1` to skip the eBPF build (an empty object is written so the proxy still
+//! compiles; loading it then fails at run time).
+use std::{env, fs, path::PathBuf};
+
+use anyhow::{bail, Context as _};
+
+fn main() -> anyhow::Result<()> {
+    let manifest_dir = PathBuf::from(env::var("CARGO_MANIFEST_DIR").context("CARGO_MANIFEST_DIR")?);
+    let workspace = manifest_dir
+        .parent()
+        .context("proxy crate has no parent directory")?;
+    let ebpf_dir = workspace.join("ebpf");
+    let common_dir = workspace.join("common");
+    let out_dir = PathBuf::from(env::var("OUT_DIR").context("OUT_DIR")?);
+
+    // Everything the eBPF object is built from. (aya-build itself adds the ebpf crate root.)
+    for path in [
+        ebpf_dir.join("src"),
+        ebpf_dir.join("Cargo.toml"),
+        ebpf_dir.join("build.rs"),
+        common_dir.join("src"),
+        common_dir.join("Cargo.toml"),
+        workspace.join("Cargo.toml"),
+        workspace.join("Cargo.lock"),
+    ] {
+        println!("cargo:rerun-if-changed={}", path.display());
+    }
+
+    let skip = env::var("AYA_BUILD_SKIP").is_ok_and(|v| v == "1" || v.eq_ignore_ascii_case("true"));
+    if skip {
+        let obj = out_dir.join("weft");
+        if !obj.exists() {
+            fs::write(&obj, []).with_context(|| format!("writing {}", obj.display()))?;
+        }
+    } else if which_bpf_linker().is_none() {
+        bail!(
+            "bpf-linker not found on PATH, it is needed to build the eBPF programs (ebpf/). \
+             Run `cargo xtask setup` (installs bpf-linker and the nightly toolchain with rust-src), \
+             or set AYA_BUILD_SKIP=1 to build without them."
+        );
+    }
+
+    // aya-build forwards everything the nested cargo prints to stderr as `cargo:warning`, which
+    // cargo then replays on every build; keep the nested cargo's progress lines out of it.
+    // Compiler diagnostics still come through (they are read from its JSON output).
+    // (The build script is single-threaded here, so changing the environment is fine.)
+    env::set_var("CARGO_TERM_QUIET", "true");
+
+    let ebpf_root = ebpf_dir
+        .to_str()
+        .with_context(|| format!("non UTF-8 path {}", ebpf_dir.display()))?;
+    aya_build::build_ebpf(
+        [aya_build::Package {
+            name: "weft-ebpf",
+            root_dir: ebpf_root,
+            ..Default::default()
+        }],
+        aya_build::Toolchain::Nightly,
+    )
+    .context(
+        "building the eBPF programs (ebpf/, crate weft-ebpf) with the nightly toolchain \
+         (needs rust-src and bpf-linker: `cargo xtask setup` installs them)",
+    )?;
+
+    let obj = out_dir.join("weft");
+    if !skip && !obj.is_file() {
+        bail!("aya-build did not produce {}", obj.display());
+    }
+    Ok(())
+}
+
+fn which_bpf_linker() -> Option<PathBuf> {
+    let path = env::var_os("PATH")?;
+    env::split_paths(&path)
+        .map(|dir| dir.join("bpf-linker"))
+        .find(|candidate| candidate.is_file())
+}
