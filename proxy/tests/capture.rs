@@ -1,0 +1,482 @@
+//! Privileged integration tests of the eBPF capture (`weft::capture`).
+//!
+//! Needs root, a cgroup v2 hierarchy at `/sys/fs/cgroup/unified`, and `ip` (iproute2). Each test
+//! builds its own world, named after the test and the process id so tests can run in parallel:
+//!
+//! * a network namespace whose `lo` carries 10.250.0.1 (the proxy), 10.250.0.2 (a service) and
+//!   10.250.0.200 (an excluded network), with a "proxy" listener on 10.250.0.1:15001 and "direct"
+//!   listeners on 0.0.0.0:8080 and 0.0.0.0:9090;
+//! * a cgroup subtree under `/sys/fs/cgroup/unified/weft-cap-<test>-<pid>` (the attach point),
+//!   with a pod cgroup and a container cgroup below it;
+//! * a bpffs pin directory `/sys/fs/bpf/weft-cap-<test>-<pid>`.
+//!
+//! "Pod" processes are this test binary re-executed (test `client_helper`): the child joins the
+//! requested cgroup first, then enters the network namespace, connects, and reports which
+//! listener answered. Everything is removed on drop, also when a test panics.
+
+use std::{
+    collections::HashSet,
+    fs::{self, File},
+    io::{Read, Write},
+    net::{Ipv4Addr, SocketAddr, SocketAddrV4, TcpListener, TcpStream},
+    os::unix::fs::MetadataExt,
+    path::{Path, PathBuf},
+    process::Command,
+    sync::mpsc,
+    thread,
+    time::{Duration, SystemTime},
+};
+
+use weft::capture::{Capture, CaptureConfig, Redirect};
+
+const HELPER_ENV: &str = "WEFT_CAPTURE_TEST_CLIENT";
+const CGROUP2: &str = "/sys/fs/cgroup/unified";
+const PROXY: SocketAddrV4 = SocketAddrV4::new(Ipv4Addr::new(10, 250, 0, 1), 15001);
+const SERVICE: &str = "10.250.0.2:8080";
+const TIMEOUT: Duration = Duration::from_secs(5);
+
+/// Not a test on its own: the "pod" process of the tests below (a no-op unless re-executed).
+#[test]
+fn client_helper() {
+    let Ok(spec) = std::env::var(HELPER_ENV) else {
+        return;
+    };
+    let mut cgroup = None;
+    let mut netns = None;
+    let mut target = None;
+    for part in spec.split(';') {
+        match part.split_once('=') {
+            Some(("cgroup", v)) => cgroup = Some(v.to_owned()),
+            Some(("netns", v)) => netns = Some(v.to_owned()),
+            Some(("target", v)) => target = Some(v.parse::<SocketAddr>().expect("target")),
+            _ => panic!("bad helper spec {spec:?}"),
+        }
+    }
+    // The cgroup first: entering the netns does not change what /sys shows, but keep the order
+    // the real test cluster uses.
+    fs::write(
+        Path::new(&cgroup.expect("cgroup")).join("cgroup.procs"),
+        std::process::id().to_string(),
+    )
+    .expect("joining the cgroup");
+    enter_netns(&netns.expect("netns"));
+    let result = (|| -> std::io::Result<String> {
+        let mut stream = TcpStream::connect_timeout(&target.expect("target"), TIMEOUT)?;
+        stream.set_read_timeout(Some(TIMEOUT))?;
+        let local = stream.local_addr()?;
+        let peer = stream.peer_addr()?;
+        let mut tag = String::new();
+        stream.read_to_string(&mut tag)?;
+        Ok(format!("local={local} peer={peer} tag={tag}"))
+    })();
+    match result {
+        Ok(line) => println!("\nRESULT {line}"),
+        Err(err) => println!("\nRESULT error={err}"),
+    }
+}
+
+fn enter_netns(name: &str) {
+    let ns = File::open(format!("/run/netns/{name}")).expect("opening netns");
+    nix::sched::setns(&ns, nix::sched::CloneFlags::CLONE_NEWNET).expect("setns");
+}
+
+/// What a pod process saw.
+#[derive(Debug)]
+struct Client {
+    local: SocketAddr,
+    tag: String,
+}
+
+/// One test's cgroups, network namespace and pin directory; removed on drop.
+struct World {
+    name: String,
+    top: PathBuf,
+    pin_dir: PathBuf,
+    accepted: mpsc::Receiver<(SocketAddr, SocketAddr)>,
+}
+
+impl World {
+    fn new(test: &str) -> World {
+        assert!(
+            nix::unistd::geteuid().is_root(),
+            "the capture tests need root (eBPF, cgroups, network namespaces)"
+        );
+        let name = format!("weft-cap-{test}-{}", std::process::id());
+        let top = Path::new(CGROUP2).join(&name);
+        let pin_dir = Path::new("/sys/fs/bpf").join(&name);
+        // Remove leftovers of an earlier run with the same pid.
+        let _ = Capture::remove_pins(&pin_dir);
+        remove_cgroup_tree(&top);
+        let _ = Command::new("ip").args(["netns", "del", &name]).output();
+
+        fs::create_dir(&top).unwrap_or_else(|e| panic!("creating {}: {e}", top.display()));
+        let (tx, accepted) = mpsc::channel();
+        let world = World {
+            name,
+            top,
+            pin_dir,
+            accepted,
+        };
+        ip(&["netns", "add", &world.name]);
+        ip(&["-n", &world.name, "link", "set", "lo", "up"]);
+        for addr in ["10.250.0.1/32", "10.250.0.2/32", "10.250.0.200/32"] {
+            ip(&["-n", &world.name, "addr", "add", addr, "dev", "lo"]);
+        }
+        world.serve(tx);
+        world
+    }
+
+    /// Creates `rel` (and its parents) under the test's cgroup; returns its path.
+    fn cgroup(&self, rel: &str) -> PathBuf {
+        let path = self.top.join(rel);
+        fs::create_dir_all(&path).unwrap_or_else(|e| panic!("creating {}: {e}", path.display()));
+        path
+    }
+
+    fn config(&self, cgroup_root: &Path) -> CaptureConfig {
+        CaptureConfig {
+            cgroup_root: cgroup_root.to_owned(),
+            bpffs: self.pin_dir.clone(),
+            proxy_addr: PROXY,
+            exclude_ports: vec![9090],
+            exclude_cidrs: vec!["10.250.0.192/26".parse().unwrap()],
+        }
+    }
+
+    /// Listeners inside the namespace: the proxy reports each accepted (peer, local) pair.
+    fn serve(&self, accepted: mpsc::Sender<(SocketAddr, SocketAddr)>) {
+        let ns = self.name.clone();
+        let (proxy, direct) = thread::spawn(move || {
+            enter_netns(&ns);
+            let proxy = TcpListener::bind(PROXY).expect("binding the proxy listener");
+            let direct = ["0.0.0.0:8080", "0.0.0.0:9090"]
+                .map(|a| TcpListener::bind(a).unwrap_or_else(|e| panic!("binding {a}: {e}")));
+            (proxy, direct)
+        })
+        .join()
+        .unwrap();
+        thread::spawn(move || {
+            for stream in proxy.incoming() {
+                let Ok(mut stream) = stream else { continue };
+                let pair = (stream.peer_addr().unwrap(), stream.local_addr().unwrap());
+                if accepted.send(pair).is_err() {
+                    return;
+                }
+                let _ = stream.write_all(b"proxy");
+            }
+        });
+        for listener in direct {
+            thread::spawn(move || {
+                for mut stream in listener.incoming().flatten() {
+                    let _ = stream.write_all(b"direct");
+                }
+            });
+        }
+    }
+
+    /// Runs a pod process in `cgroup` that connects to `target`.
+    fn connect_from(&self, cgroup: &Path, target: &str) -> Client {
+        let spec = format!(
+            "cgroup={};netns={};target={target}",
+            cgroup.display(),
+            self.name
+        );
+        let out = Command::new(std::env::current_exe().unwrap())
+            .args([
+                "client_helper",
+                "--exact",
+                "--nocapture",
+                "--test-threads=1",
+            ])
+            .env(HELPER_ENV, spec)
+            .output()
+            .expect("running the client helper");
+        let stdout = String::from_utf8_lossy(&out.stdout);
+        let line = stdout
+            .lines()
+            .find_map(|l| l.split_once("RESULT ").map(|(_, r)| r))
+            .unwrap_or_else(|| {
+                panic!(
+                    "client helper printed no result: {stdout}\n{}",
+                    String::from_utf8_lossy(&out.stderr)
+                )
+            });
+        let field = |name: &str| {
+            line.split(' ')
+                .find_map(|f| f.strip_prefix(name)?.strip_prefix('='))
+                .map(str::to_owned)
+        };
+        if let Some(err) = field("error") {
+            panic!(
+                "connect to {target} from {} failed: {err}",
+                cgroup.display()
+            );
+        }
+        Client {
+            local: field("local").unwrap().parse().unwrap(),
+            tag: field("tag").unwrap(),
+        }
+    }
+
+    /// Connects from `cgroup` and expects the proxy to answer; returns what `take_redirect`
+    /// says about the accepted connection.
+    fn redirected(&self, capture: &Capture, cgroup: &Path, target: &str) -> Redirect {
+        let (peer, local) = self.expect_proxy(cgroup, target);
+        let redirect = capture
+            .take_redirect(peer, local)
+            .unwrap_or_else(|| panic!("no redirect record for {peer} -> {local} ({target})"));
+        assert_eq!(
+            capture.take_redirect(peer, local),
+            None,
+            "take_redirect must consume the record"
+        );
+        redirect
+    }
+
+    /// Connects from `cgroup` and expects the proxy to answer; returns the accepted pair.
+    fn expect_proxy(&self, cgroup: &Path, target: &str) -> (SocketAddr, SocketAddr) {
+        let client = self.connect_from(cgroup, target);
+        assert_eq!(client.tag, "proxy", "{target} should have been redirected");
+        let (peer, local) = self.accepted.recv_timeout(TIMEOUT).expect("proxy accept");
+        // (An IPv4-mapped IPv6 client sees its own address as ::ffff:a.b.c.d.)
+        let client_local = SocketAddr::new(client.local.ip().to_canonical(), client.local.port());
+        assert_eq!(peer, client_local, "the proxy sees the pod's own address");
+        assert_eq!(local, SocketAddr::V4(PROXY));
+        (peer, local)
+    }
+
+    fn expect_direct(&self, cgroup: &Path, target: &str) {
+        let client = self.connect_from(cgroup, target);
+        assert_eq!(
+            client.tag,
+            "direct",
+            "{target} from {} should not have been redirected",
+            cgroup.display()
+        );
+    }
+}
+
+impl Drop for World {
+    fn drop(&mut self) {
+        if let Err(err) = Capture::remove_pins(&self.pin_dir) {
+            eprintln!("removing {}: {err:#}", self.pin_dir.display());
+        }
+        remove_cgroup_tree(&self.top);
+        let _ = Command::new("ip")
+            .args(["netns", "del", &self.name])
+            .output();
+    }
+}
+
+fn ip(args: &[&str]) {
+    let out = Command::new("ip").args(args).output().expect("running ip");
+    assert!(
+        out.status.success(),
+        "ip {}: {}",
+        args.join(" "),
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
+fn remove_cgroup_tree(dir: &Path) {
+    let Ok(entries) = fs::read_dir(dir) else {
+        return;
+    };
+    for entry in entries.flatten() {
+        if entry.file_type().is_ok_and(|t| t.is_dir()) {
+            remove_cgroup_tree(&entry.path());
+        }
+    }
+    if let Err(err) = fs::remove_dir(dir) {
+        eprintln!("removing cgroup {}: {err}", dir.display());
+    }
+}
+
+fn cgroup_id(path: &Path) -> u64 {
+    fs::metadata(path).unwrap().ino()
+}
+
+fn own_cgroup_id() -> u64 {
+    let cgroup = fs::read_to_string("/proc/self/cgroup").unwrap();
+    let own = cgroup.lines().find_map(|l| l.strip_prefix("0::")).unwrap();
+    cgroup_id(&Path::new(CGROUP2).join(own.trim().trim_start_matches('/')))
+}
+
+fn enrolled(ids: &[u64]) -> HashSet<u64> {
+    ids.iter().copied().collect()
+}
+
+#[test]
+fn redirects_enrolled_pods_and_survives_restart() {
+    let world = World::new("main");
+    let root = world.top.clone();
+    let pod = world.cgroup("pod");
+    let ctr = world.cgroup("pod/ctr");
+    let other = world.cgroup("other");
+    let cfg = world.config(&root);
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(1)
+        .enable_all()
+        .build()
+        .unwrap();
+
+    let capture = Capture::attach(&cfg).expect("attach");
+    let status = capture.status();
+    assert!(!status.reused_pins);
+    assert_eq!(status.attach_point, root);
+    assert_eq!(status.pin_path, world.pin_dir);
+    let names: Vec<_> = status.programs.iter().map(|p| p.name.as_str()).collect();
+    assert_eq!(names, ["weft_connect4", "weft_connect6", "weft_sock_ops"]);
+    assert!(
+        status.programs.iter().all(|p| p.attached && p.id != 0),
+        "{status:?}"
+    );
+    for pin in ["link_weft_connect4", "ENROLLED", "BY_TUPLE", "EVENTS"] {
+        assert!(world.pin_dir.join(pin).exists(), "{pin} not pinned");
+    }
+    let mut events = {
+        let _rt = rt.enter();
+        capture.events().expect("events")
+    };
+
+    // Nothing enrolled yet.
+    world.expect_direct(&ctr, SERVICE);
+
+    // The test process's own cgroup (standing in for the proxy's) is never enrolled.
+    capture
+        .set_enrolled(&enrolled(&[cgroup_id(&pod), own_cgroup_id()]))
+        .unwrap();
+    let enrolled_map = capture.status().maps;
+    let enrolled_map = enrolled_map.iter().find(|m| m.name == "ENROLLED").unwrap();
+    assert_eq!(enrolled_map.entries, 1);
+    // A process in a container cgroup below the enrolled pod cgroup is redirected, and the
+    // redirect names the pod cgroup.
+    let before = SystemTime::now();
+    let r = world.redirected(&capture, &ctr, SERVICE);
+    assert_eq!(r.original_dst, SERVICE.parse().unwrap());
+    assert_eq!(r.cgroup_id, cgroup_id(&pod));
+    assert_ne!(r.cookie, 0);
+    let event = rt
+        .block_on(async { tokio::time::timeout(TIMEOUT, events.recv()).await })
+        .expect("redirect event")
+        .expect("event channel open");
+    assert_eq!(event.redirect, r);
+    let skew = event
+        .time
+        .duration_since(before - Duration::from_secs(1))
+        .expect("event time before the connect");
+    assert!(skew < Duration::from_secs(30), "event time off by {skew:?}");
+
+    // A destination nothing listens on or routes to (a Service VIP) reaches the proxy too.
+    let r = world.redirected(&capture, &ctr, "10.96.0.10:80");
+    assert_eq!(r.original_dst, "10.96.0.10:80".parse().unwrap());
+    // IPv4-mapped IPv6 through connect6; reported as IPv4.
+    let r = world.redirected(&capture, &ctr, "[::ffff:10.250.0.2]:8080");
+    assert_eq!(r.original_dst, SERVICE.parse().unwrap());
+    assert_eq!(r.cgroup_id, cgroup_id(&pod));
+
+    // Not redirected: other cgroup, loopback, the proxy's address, excluded port and CIDR.
+    world.expect_direct(&other, SERVICE);
+    world.expect_direct(&ctr, "127.0.0.1:8080");
+    world.expect_direct(&ctr, "10.250.0.1:8080");
+    world.expect_direct(&ctr, "10.250.0.2:9090");
+    world.expect_direct(&ctr, "10.250.0.200:8080");
+
+    let counters = capture.status().counters;
+    let c = |name: &str| counters[name];
+    assert_eq!(c("redirected"), 3, "{counters:?}");
+    assert_eq!(c("tuple_recorded"), 3, "{counters:?}");
+    assert_eq!(c("not_enrolled"), 2, "{counters:?}");
+    assert_eq!(c("excluded"), 4, "{counters:?}");
+    assert_eq!(c("connect_seen"), 9, "{counters:?}");
+    assert_eq!(c("events_dropped"), 0, "{counters:?}");
+    let prog_ids: Vec<u32> = status.programs.iter().map(|p| p.id).collect();
+
+    // The proxy goes away without detaching: redirection continues, and the record of a
+    // connection made meanwhile is still there for the next proxy.
+    drop(events);
+    drop(capture);
+    let (peer, local) = world.expect_proxy(&ctr, SERVICE);
+
+    let capture = Capture::attach(&cfg).expect("re-attach");
+    let status = capture.status();
+    assert!(status.reused_pins, "{status:?}");
+    assert_eq!(
+        status.programs.iter().map(|p| p.id).collect::<Vec<_>>(),
+        prog_ids
+    );
+    assert!(status.programs.iter().all(|p| p.attached));
+    let r = capture
+        .take_redirect(peer, local)
+        .expect("record of the connection made while the proxy was down");
+    assert_eq!(r.original_dst, SERVICE.parse().unwrap());
+    assert_eq!(status.counters["redirected"], 4);
+    let enrolled_map = status.maps.iter().find(|m| m.name == "ENROLLED").unwrap();
+    assert_eq!(enrolled_map.entries, 1);
+
+    // A restart with other settings updates them: now 8080 is excluded, 9090 is not.
+    drop(capture);
+    let cfg = CaptureConfig {
+        exclude_ports: vec![8080],
+        ..cfg
+    };
+    let capture = Capture::attach(&cfg).expect("re-attach with new exclusions");
+    assert!(capture.status().reused_pins);
+    world.expect_direct(&ctr, SERVICE);
+    let r = world.redirected(&capture, &ctr, "10.250.0.2:9090");
+    assert_eq!(r.original_dst, "10.250.0.2:9090".parse().unwrap());
+
+    // Un-enrolling stops redirection.
+    capture.set_enrolled(&HashSet::new()).unwrap();
+    world.expect_direct(&ctr, "10.250.0.2:9090");
+    capture.set_enrolled(&enrolled(&[cgroup_id(&pod)])).unwrap();
+
+    // Detaching removes the programs and the pins.
+    capture.detach_and_unpin().expect("detach");
+    assert!(!world.pin_dir.exists(), "pins left behind");
+    world.expect_direct(&ctr, "10.250.0.2:9090");
+}
+
+#[test]
+fn stale_pins_are_replaced() {
+    let world = World::new("stale");
+    let a = world.cgroup("a");
+    let a_pod = world.cgroup("a/pod");
+    let b = world.cgroup("b");
+    let b_pod = world.cgroup("b/pod");
+
+    let capture = Capture::attach(&world.config(&a)).expect("attach to a");
+    capture
+        .set_enrolled(&enrolled(&[cgroup_id(&a_pod), cgroup_id(&b_pod)]))
+        .unwrap();
+    world.redirected(&capture, &a_pod, SERVICE);
+    drop(capture);
+
+    // Same pin directory, another attach point: the pinned links do not fit and are replaced
+    // (detached, not merely unpinned), and the maps start empty.
+    let capture = Capture::attach(&world.config(&b)).expect("attach to b");
+    let status = capture.status();
+    assert!(!status.reused_pins);
+    assert_eq!(status.attach_point, b);
+    assert!(status.programs.iter().all(|p| p.attached), "{status:?}");
+    assert_eq!(status.counters["redirected"], 0);
+    capture
+        .set_enrolled(&enrolled(&[cgroup_id(&a_pod), cgroup_id(&b_pod)]))
+        .unwrap();
+    world.expect_direct(&a_pod, SERVICE);
+    let r = world.redirected(&capture, &b_pod, SERVICE);
+    assert_eq!(r.cgroup_id, cgroup_id(&b_pod));
+
+    // Broken pins: a link pin removed by hand.
+    drop(capture);
+    fs::remove_file(world.pin_dir.join("link_weft_sock_ops")).unwrap();
+    let capture = Capture::attach(&world.config(&b)).expect("attach over broken pins");
+    assert!(!capture.status().reused_pins);
+    capture
+        .set_enrolled(&enrolled(&[cgroup_id(&b_pod)]))
+        .unwrap();
+    let r = world.redirected(&capture, &b_pod, SERVICE);
+    assert_eq!(r.cgroup_id, cgroup_id(&b_pod));
+    assert_eq!(capture.status().counters["redirected"], 1);
+    capture.detach_and_unpin().unwrap();
+}
