@@ -313,7 +313,31 @@ impl Capture {
             )
         })?;
 
-        let mut links = Vec::with_capacity(PROGRAMS.len());
+        let mut capture = Capture {
+            attach_point: cfg.cgroup_root.clone(),
+            pin_dir: pin_dir.clone(),
+            cgroup_id,
+            reused_pins: false,
+            links: Vec::with_capacity(PROGRAMS.len()),
+            enrolled: Mutex::new(take_map(&mut ebpf, names::ENROLLED)?),
+            config: Mutex::new(take_map(&mut ebpf, names::CONFIG)?),
+            excl_ports: Mutex::new(take_map(&mut ebpf, names::EXCL_PORTS)?),
+            excl_cidrs: Mutex::new(take_map(&mut ebpf, names::EXCL_CIDRS)?),
+            by_cookie: Mutex::new(take_map(&mut ebpf, names::BY_COOKIE)?),
+            by_tuple: Mutex::new(take_map(&mut ebpf, names::BY_TUPLE)?),
+            stats: Mutex::new(take_map(&mut ebpf, names::STATS)?),
+            events: Mutex::new(Some(take_map(&mut ebpf, names::EVENTS)?)),
+            shutdown: watch::channel(()).0,
+            own_cgroups: own_cgroup_ids().unwrap_or_else(|err| {
+                warn!("cannot tell which cgroup this process is in: {err:#}");
+                HashSet::new()
+            }),
+        };
+
+        // Configuration first: a freshly attached program must not redirect before the
+        // exclusions are in place.
+        capture.write_config(cfg)?;
+
         let mut reused = 0;
         for (spec, old) in PROGRAMS.iter().zip(existing.iter_mut()) {
             let pin = link_pin_path(&pin_dir, spec.name);
@@ -329,7 +353,7 @@ impl Capture {
                 let old_tag = old.info()?.prog_tag;
                 if old_tag == tag {
                     debug!(program = spec.name, pin = %pin.display(), "re-using pinned link");
-                    links.push(old);
+                    capture.links.push(old);
                     reused += 1;
                     continue;
                 }
@@ -348,7 +372,7 @@ impl Capture {
                 old.detach()
                     .with_context(|| format!("detaching old link {}", pin.display()))?;
                 remove_file_if_exists(&pin)?;
-                links.push(pin_link(new_link, &pin, spec)?);
+                capture.links.push(pin_link(new_link, &pin, spec)?);
             } else {
                 remove_file_if_exists(&pin)?;
                 let new_link = attach_program(program, &cgroup).with_context(|| {
@@ -358,35 +382,13 @@ impl Capture {
                         cfg.cgroup_root.display()
                     )
                 })?;
-                links.push(pin_link(new_link, &pin, spec)?);
+                capture.links.push(pin_link(new_link, &pin, spec)?);
             }
         }
-        let reused_pins = reused == PROGRAMS.len();
-
-        let capture = Capture {
-            attach_point: cfg.cgroup_root.clone(),
-            pin_dir: pin_dir.clone(),
-            cgroup_id,
-            reused_pins,
-            links,
-            enrolled: Mutex::new(take_map(&mut ebpf, names::ENROLLED)?),
-            config: Mutex::new(take_map(&mut ebpf, names::CONFIG)?),
-            excl_ports: Mutex::new(take_map(&mut ebpf, names::EXCL_PORTS)?),
-            excl_cidrs: Mutex::new(take_map(&mut ebpf, names::EXCL_CIDRS)?),
-            by_cookie: Mutex::new(take_map(&mut ebpf, names::BY_COOKIE)?),
-            by_tuple: Mutex::new(take_map(&mut ebpf, names::BY_TUPLE)?),
-            stats: Mutex::new(take_map(&mut ebpf, names::STATS)?),
-            events: Mutex::new(Some(take_map(&mut ebpf, names::EVENTS)?)),
-            shutdown: watch::channel(()).0,
-            own_cgroups: own_cgroup_ids().unwrap_or_else(|err| {
-                warn!("cannot tell which cgroup this process is in: {err:#}");
-                HashSet::new()
-            }),
-        };
+        capture.reused_pins = reused == PROGRAMS.len();
+        let reused_pins = capture.reused_pins;
         // The programs stay loaded through their links; the rest of the object can go.
         drop(ebpf);
-
-        capture.write_config(cfg)?;
         for link in &capture.links {
             let info = link.info()?;
             if info.cgroup_id != cgroup_id {
@@ -579,16 +581,8 @@ impl Capture {
         remove_pins(bpffs, true)
     }
 
+    /// Writes the exclusion maps, then `CONFIG` (which turns redirection on).
     fn write_config(&self, cfg: &CaptureConfig) -> anyhow::Result<()> {
-        let config = Config {
-            proxy_ip4: ip4_ne(*cfg.proxy_addr.ip()),
-            proxy_port: cfg.proxy_addr.port(),
-            _pad: 0,
-        };
-        lock(&self.config)
-            .set(0, config, 0)
-            .context("writing CONFIG")?;
-
         let mut ports = lock(&self.excl_ports);
         let want: HashSet<u16> = cfg.exclude_ports.iter().copied().collect();
         let have: HashSet<u16> = ports
@@ -636,6 +630,17 @@ impl Capture {
                 )
             })?;
         }
+        drop(cidrs);
+
+        let config = Config {
+            proxy_ip4: ip4_ne(*cfg.proxy_addr.ip()),
+            proxy_port: cfg.proxy_addr.port(),
+            _pad: 0,
+        };
+        lock(&self.config)
+            .set(0, config, 0)
+            .context("writing CONFIG")?;
+
         Ok(())
     }
 
