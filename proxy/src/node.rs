@@ -1,1 +1,266 @@
-//! (in progress)
+//! `weft node`: wires capture, registry, the outbound path, flows and the admin API together
+//! and keeps the kernel's enrolled-cgroup map in step with the registry.
+
+use std::collections::HashSet;
+use std::net::{SocketAddr, SocketAddrV4};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::{bail, Context};
+use arc_swap::ArcSwap;
+use serde_json::json;
+use tracing::{error, info, warn};
+
+use crate::admin::{self, NodeView};
+use crate::capture::{Capture, CaptureConfig};
+use crate::cli::WorkloadInfo;
+use crate::config::{NodeConfig, ProxyAddress};
+use crate::flows::FlowStore;
+use crate::outbound::{self, Outbound};
+use crate::registry::cgroup::WorkloadIndex;
+use crate::registry::Registry;
+
+/// How often pod cgroups are re-resolved even without a registry change (the kubelet may
+/// create a pod's cgroup after the pod appears in the registry).
+const RESCAN_EVERY: Duration = Duration::from_secs(1);
+
+struct NodeState {
+    cfg: NodeConfig,
+    proxy_addr: SocketAddrV4,
+    registry: Arc<Registry>,
+    capture: Arc<Capture>,
+    workloads: Arc<ArcSwap<WorkloadIndex>>,
+    flows: Arc<FlowStore>,
+    ready: AtomicBool,
+}
+
+pub async fn run(cfg: NodeConfig) -> anyhow::Result<()> {
+    let registry = Arc::new(
+        Registry::load(&cfg.registry)
+            .map_err(|e| anyhow::anyhow!("{e}"))
+            .with_context(|| format!("loading the registry {}", cfg.registry.display()))?,
+    );
+    registry.clone().spawn_watcher();
+    let proxy_addr = proxy_address(&cfg, &registry)?;
+
+    let capture = Arc::new(Capture::attach(&CaptureConfig {
+        cgroup_root: cfg.cgroup_root.clone(),
+        bpffs: cfg.bpffs.clone(),
+        proxy_addr,
+        exclude_ports: cfg.exclude_ports.clone(),
+        exclude_cidrs: cfg.exclude_cidrs.clone(),
+    })?);
+    let flows = Arc::new(FlowStore::new(cfg.flow_capacity));
+    let index = WorkloadIndex::build(&registry.snapshot(), &cfg.node_name, &cfg.cgroup_root);
+    capture.set_enrolled(&index.enrolled_ids())?;
+    let workloads = Arc::new(ArcSwap::from_pointee(index));
+
+    let listener = outbound::bind(SocketAddr::V4(proxy_addr)).await?;
+    let outbound = Arc::new(Outbound::new(
+        cfg.node_name.clone(),
+        capture.clone(),
+        registry.clone(),
+        workloads.clone(),
+        flows.clone(),
+        Duration::from_millis(cfg.connect_timeout_ms),
+    ));
+    tokio::spawn(outbound.clone().serve(listener));
+    match capture.events() {
+        Ok(events) => {
+            tokio::spawn(outbound.clone().watch_redirects(events));
+        }
+        Err(e) => {
+            warn!(error = %format!("{e:#}"), "redirect events unavailable; unhandled redirects will not be reported")
+        }
+    }
+
+    let state = Arc::new(NodeState {
+        cfg: cfg.clone(),
+        proxy_addr,
+        registry: registry.clone(),
+        capture: capture.clone(),
+        workloads: workloads.clone(),
+        flows: flows.clone(),
+        ready: AtomicBool::new(false),
+    });
+    tokio::spawn(reconcile(state.clone()));
+
+    let router = admin::router(flows.clone(), state.clone());
+    let tcp = admin::bind_tcp(cfg.admin_address).await?;
+    let socket_path = cfg.admin_socket.clone();
+    let unix_router = router.clone();
+    tokio::spawn(async move {
+        if let Err(e) = admin::serve_unix(&socket_path, unix_router).await {
+            error!(error = %format!("{e:#}"), "admin socket stopped");
+        }
+    });
+    tokio::spawn(async move {
+        if let Err(e) = admin::serve_tcp(tcp, router).await {
+            error!(error = %format!("{e:#}"), "admin TCP listener stopped");
+        }
+    });
+
+    state.ready.store(true, Ordering::Release);
+    info!(node = %cfg.node_name, proxy = %proxy_addr, cgroup_root = %cfg.cgroup_root.display(),
+        admin_socket = %cfg.admin_socket.display(), admin_address = %cfg.admin_address, "weft node ready");
+
+    shutdown_signal().await;
+    info!("shutting down; eBPF programs stay attached and pinned for the next start");
+    let _ = std::fs::remove_file(&cfg.admin_socket);
+    Ok(())
+}
+
+fn proxy_address(cfg: &NodeConfig, registry: &Registry) -> anyhow::Result<SocketAddrV4> {
+    let addr = match cfg.proxy_address {
+        ProxyAddress::Given(a) => a,
+        ProxyAddress::FromNode(port) => {
+            let snap = registry.snapshot();
+            let node = snap.node(&cfg.node_name).with_context(|| {
+                format!(
+                    "--proxy-address not given and node {:?} is not in the registry to take its address from",
+                    cfg.node_name
+                )
+            })?;
+            let ip = node
+                .addresses
+                .iter()
+                .find(|a| a.is_ipv4())
+                .with_context(|| {
+                    format!(
+                        "node {:?} has no IPv4 address in the registry",
+                        cfg.node_name
+                    )
+                })?;
+            SocketAddr::new(*ip, port)
+        }
+    };
+    match addr {
+        SocketAddr::V4(v4) if !v4.ip().is_unspecified() => Ok(v4),
+        _ => bail!("--proxy-address {addr}: must be a specific IPv4 address pods can reach"),
+    }
+}
+
+/// Keeps the workload index and the kernel's enrolled set in step with the registry and with
+/// pod cgroups appearing or going away.
+async fn reconcile(state: Arc<NodeState>) {
+    let mut changes = state.registry.subscribe();
+    let mut tick = tokio::time::interval(RESCAN_EVERY);
+    let mut enrolled: HashSet<u64> = state.workloads.load().enrolled_ids();
+    loop {
+        tokio::select! {
+            r = changes.changed() => if r.is_err() { return },
+            _ = tick.tick() => {}
+        }
+        let index = WorkloadIndex::build(
+            &state.registry.snapshot(),
+            &state.cfg.node_name,
+            &state.cfg.cgroup_root,
+        );
+        let want = index.enrolled_ids();
+        state.workloads.store(Arc::new(index));
+        if want != enrolled {
+            match state.capture.set_enrolled(&want) {
+                Ok(()) => {
+                    info!(
+                        enrolled = want.len(),
+                        added = want.difference(&enrolled).count(),
+                        removed = enrolled.difference(&want).count(),
+                        "enrolled cgroups updated"
+                    );
+                    enrolled = want;
+                }
+                Err(e) => error!(error = %format!("{e:#}"), "updating enrolled cgroups"),
+            }
+        }
+    }
+}
+
+async fn shutdown_signal() {
+    use tokio::signal::unix::{signal, SignalKind};
+    let mut term = match signal(SignalKind::terminate()) {
+        Ok(s) => s,
+        Err(_) => return std::future::pending().await,
+    };
+    tokio::select! {
+        _ = term.recv() => {}
+        _ = tokio::signal::ctrl_c() => {}
+    }
+}
+
+impl NodeView for NodeState {
+    fn workloads(&self) -> serde_json::Value {
+        let index = self.workloads.load();
+        let rows: Vec<WorkloadInfo> = index
+            .entries()
+            .iter()
+            .map(|e| WorkloadInfo {
+                namespace: e.pod.namespace.clone(),
+                pod: e.pod.name.clone(),
+                ip: e.pod.ip,
+                node: e.pod.node_name.clone(),
+                service_account: e.pod.service_account.clone(),
+                ready: e.pod.ready,
+                enrolled: e.enrolled,
+                cgroup_id: e.cgroup_id,
+                cgroup_path: e.cgroup_path.clone(),
+            })
+            .collect();
+        serde_json::to_value(rows).unwrap_or_default()
+    }
+
+    fn config_dump(&self) -> serde_json::Value {
+        let snap = self.registry.snapshot();
+        json!({
+            "config": self.cfg,
+            "proxy_address": self.proxy_addr,
+            "registry": {
+                "generation": snap.generation,
+                "sources": snap.sources,
+                "last_error": self.registry.last_error(),
+                "snapshot": &*snap,
+            },
+        })
+    }
+
+    fn status(&self) -> serde_json::Value {
+        let snap = self.registry.snapshot();
+        let index = self.workloads.load();
+        let loaded_at = time::OffsetDateTime::from(snap.loaded_at)
+            .format(&time::format_description::well_known::Rfc3339)
+            .unwrap_or_default();
+        json!({
+            "node": self.cfg.node_name,
+            "ready": self.ready().is_ok(),
+            "proxy_address": self.proxy_addr,
+            "registry": {
+                "generation": snap.generation,
+                "loaded_at": loaded_at,
+                "pods": snap.pods.len(),
+                "services": snap.services.len(),
+                "last_error": self.registry.last_error(),
+            },
+            "workloads": {
+                "total": index.entries().len(),
+                "enrolled": index.entries().iter().filter(|e| e.enrolled).count(),
+            },
+            "capture": self.capture.status(),
+            "flows": {
+                "kept": self.flows.len(),
+                "capacity": self.flows.capacity(),
+                "totals": self.flows.totals(),
+            },
+        })
+    }
+
+    fn ready(&self) -> Result<(), String> {
+        if !self.ready.load(Ordering::Acquire) {
+            return Err("starting".into());
+        }
+        let st = self.capture.status();
+        if let Some(p) = st.programs.iter().find(|p| !p.attached) {
+            return Err(format!("eBPF program {} is not attached", p.name));
+        }
+        Ok(())
+    }
+}

@@ -1,1 +1,338 @@
-//! (in progress)
+//! The outbound path: accept a redirected connection on the capture listener, identify the
+//! source workload by its cgroup, resolve the original destination (Service VIP → a ready
+//! endpoint, pod IP → that pod, anything else → passthrough), connect, relay, record the flow.
+
+use std::collections::HashMap;
+use std::net::SocketAddr;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use arc_swap::ArcSwap;
+use time::OffsetDateTime;
+use tokio::net::{TcpListener, TcpStream};
+use tracing::{debug, info, warn};
+
+use crate::capture::{Capture, Redirect, RedirectEvent};
+use crate::flows::{Destination as FlowDestination, Flow, FlowStore, Source, Verdict};
+use crate::forward;
+use crate::registry::cgroup::WorkloadIndex;
+use crate::registry::{Destination, Registry, Snapshot};
+
+/// How long a redirect event may wait for its connection to reach the listener before it is
+/// reported as [`Verdict::Unhandled`].
+const UNHANDLED_AFTER: Duration = Duration::from_secs(5);
+
+pub struct Outbound {
+    node_name: String,
+    capture: Arc<Capture>,
+    registry: Arc<Registry>,
+    workloads: Arc<ArcSwap<WorkloadIndex>>,
+    flows: Arc<FlowStore>,
+    connect_timeout: Duration,
+    round_robin: Mutex<HashMap<String, usize>>,
+    tracker: RedirectTracker,
+}
+
+impl Outbound {
+    pub fn new(
+        node_name: String,
+        capture: Arc<Capture>,
+        registry: Arc<Registry>,
+        workloads: Arc<ArcSwap<WorkloadIndex>>,
+        flows: Arc<FlowStore>,
+        connect_timeout: Duration,
+    ) -> Self {
+        Self {
+            node_name,
+            capture,
+            registry,
+            workloads,
+            flows,
+            connect_timeout,
+            round_robin: Mutex::new(HashMap::new()),
+            tracker: RedirectTracker::default(),
+        }
+    }
+
+    /// Accepts redirected connections forever.
+    pub async fn serve(self: Arc<Self>, listener: TcpListener) {
+        loop {
+            match listener.accept().await {
+                Ok((conn, peer)) => {
+                    let this = self.clone();
+                    tokio::spawn(async move { this.handle(conn, peer).await });
+                }
+                Err(e) => {
+                    // EMFILE and friends: back off briefly instead of spinning.
+                    warn!(error = %e, "accept failed");
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                }
+            }
+        }
+    }
+
+    async fn handle(&self, client: TcpStream, peer: SocketAddr) {
+        let started = Instant::now();
+        let mut flow = Flow {
+            seq: 0,
+            time: OffsetDateTime::now_utc(),
+            node: self.node_name.clone(),
+            source: Source {
+                ip: Some(peer.ip()),
+                ..Default::default()
+            },
+            original_destination: String::new(),
+            destination: FlowDestination::default(),
+            protocol: "tcp".into(),
+            verdict: Verdict::Forwarded,
+            bytes_sent: 0,
+            bytes_received: 0,
+            duration_ms: 0.0,
+            error: None,
+            cgroup_id: None,
+        };
+        let local = match client.local_addr() {
+            Ok(a) => a,
+            Err(e) => {
+                debug!(error = %e, "connection gone before it could be identified");
+                return;
+            }
+        };
+        let Some(redirect) = self.capture.take_redirect(peer, local) else {
+            warn!(%peer, "connection without a redirect record: original destination unknown, closing");
+            forward::reset(&client);
+            flow.verdict = Verdict::Unidentified;
+            flow.error = Some("no eBPF redirect record for this connection".into());
+            self.finish(flow, started);
+            return;
+        };
+        self.tracker.accepted(redirect.cookie);
+        flow.original_destination = redirect.original_dst.to_string();
+        flow.cgroup_id = Some(redirect.cgroup_id);
+
+        // Identify: the cgroup decides who is calling, not the source address.
+        let snapshot = self.registry.snapshot();
+        if let Some(pod) = self.workloads.load().by_cgroup(redirect.cgroup_id) {
+            flow.source.namespace = Some(pod.namespace.clone());
+            flow.source.pod = Some(pod.name.clone());
+            if pod.ip.is_some_and(|ip| ip != peer.ip()) {
+                warn!(pod = %format!("{}/{}", pod.namespace, pod.name), %peer,
+                    "source address differs from the pod's registered IP; identified by cgroup");
+            }
+        }
+
+        let target = match self.pick_target(&snapshot, &redirect, &mut flow.destination) {
+            Some(t) => t,
+            None => {
+                forward::reset(&client);
+                flow.verdict = Verdict::NoEndpoint;
+                flow.error = Some("service has no ready endpoint".into());
+                self.finish(flow, started);
+                return;
+            }
+        };
+        flow.destination.address = Some(target.to_string());
+
+        let upstream =
+            match tokio::time::timeout(self.connect_timeout, TcpStream::connect(target)).await {
+                Ok(Ok(s)) => s,
+                Ok(Err(e)) => {
+                    forward::reset(&client);
+                    flow.verdict = Verdict::ConnectFailed;
+                    flow.error = Some(e.to_string());
+                    self.finish(flow, started);
+                    return;
+                }
+                Err(_) => {
+                    forward::reset(&client);
+                    flow.verdict = Verdict::ConnectFailed;
+                    flow.error = Some(format!(
+                        "connect timed out after {:?}",
+                        self.connect_timeout
+                    ));
+                    self.finish(flow, started);
+                    return;
+                }
+            };
+        let _ = client.set_nodelay(true);
+        let _ = upstream.set_nodelay(true);
+        let relayed = forward::relay(client, upstream).await;
+        flow.bytes_sent = relayed.sent;
+        flow.bytes_received = relayed.received;
+        flow.error = relayed.error;
+        self.finish(flow, started);
+    }
+
+    /// Resolves where to connect, filling in the flow's destination. `None` when a Service has
+    /// no ready endpoint.
+    fn pick_target(
+        &self,
+        snapshot: &Snapshot,
+        redirect: &Redirect,
+        dest: &mut FlowDestination,
+    ) -> Option<SocketAddr> {
+        match snapshot.resolve(redirect.original_dst) {
+            Destination::Service { service, port } => {
+                dest.service = Some(format!("{}/{}", service.namespace, service.name));
+                dest.namespace = Some(service.namespace.clone());
+                let endpoints = snapshot.endpoints(&service, &port);
+                if endpoints.is_empty() {
+                    return None;
+                }
+                let key = format!("{}/{}:{}", service.namespace, service.name, port.port);
+                let i = {
+                    let mut rr = self.round_robin.lock().unwrap_or_else(|e| e.into_inner());
+                    let next = rr.entry(key).or_insert(0);
+                    let i = *next % endpoints.len();
+                    *next = next.wrapping_add(1);
+                    i
+                };
+                let ep = &endpoints[i];
+                dest.pod = Some(ep.pod.name.clone());
+                Some(ep.addr)
+            }
+            Destination::Pod(pod) => {
+                dest.namespace = Some(pod.namespace.clone());
+                dest.pod = Some(pod.name.clone());
+                Some(redirect.original_dst)
+            }
+            Destination::Passthrough => Some(redirect.original_dst),
+        }
+    }
+
+    fn finish(&self, mut flow: Flow, started: Instant) {
+        flow.duration_ms = started.elapsed().as_secs_f64() * 1000.0;
+        info!(
+            source = %flow.source.pod.as_deref().unwrap_or("?"),
+            original_destination = %flow.original_destination,
+            destination = %flow.destination.address.as_deref().unwrap_or("-"),
+            verdict = %flow.verdict,
+            sent = flow.bytes_sent,
+            received = flow.bytes_received,
+            error = flow.error.as_deref().unwrap_or(""),
+            "flow"
+        );
+        self.flows.record(flow);
+    }
+
+    /// Consumes eBPF redirect events and records a [`Verdict::Unhandled`] flow for every
+    /// redirect whose connection never reached the listener.
+    pub async fn watch_redirects(
+        self: Arc<Self>,
+        mut events: tokio::sync::mpsc::Receiver<RedirectEvent>,
+    ) {
+        let mut sweep = tokio::time::interval(Duration::from_secs(1));
+        loop {
+            tokio::select! {
+                ev = events.recv() => match ev {
+                    Some(ev) => self.tracker.redirected(ev),
+                    None => return,
+                },
+                _ = sweep.tick() => {
+                    for ev in self.tracker.expired() {
+                        self.record_unhandled(ev);
+                    }
+                }
+            }
+        }
+    }
+
+    fn record_unhandled(&self, ev: RedirectEvent) {
+        let wl = self.workloads.load();
+        let pod = wl.by_cgroup(ev.redirect.cgroup_id);
+        let snapshot = self.registry.snapshot();
+        let mut destination = FlowDestination::default();
+        match snapshot.resolve(ev.redirect.original_dst) {
+            Destination::Service { service, .. } => {
+                destination.namespace = Some(service.namespace.clone());
+                destination.service = Some(format!("{}/{}", service.namespace, service.name));
+            }
+            Destination::Pod(p) => {
+                destination.namespace = Some(p.namespace.clone());
+                destination.pod = Some(p.name.clone());
+            }
+            Destination::Passthrough => {}
+        }
+        info!(cookie = ev.redirect.cookie, original_destination = %ev.redirect.original_dst,
+            "redirected connection never reached the proxy");
+        self.flows.record(Flow {
+            seq: 0,
+            time: OffsetDateTime::from(ev.time),
+            node: self.node_name.clone(),
+            source: Source {
+                namespace: pod.map(|p| p.namespace.clone()),
+                pod: pod.map(|p| p.name.clone()),
+                ip: pod.and_then(|p| p.ip),
+            },
+            original_destination: ev.redirect.original_dst.to_string(),
+            destination,
+            protocol: "tcp".into(),
+            verdict: Verdict::Unhandled,
+            bytes_sent: 0,
+            bytes_received: 0,
+            duration_ms: 0.0,
+            error: Some("redirected by eBPF but the connection never reached the proxy".into()),
+            cgroup_id: Some(ev.redirect.cgroup_id),
+        });
+    }
+}
+
+/// Pairs redirect events (by socket cookie) with accepted connections.
+#[derive(Default)]
+struct RedirectTracker {
+    inner: Mutex<TrackerState>,
+}
+
+#[derive(Default)]
+struct TrackerState {
+    /// Events whose connection has not been accepted yet.
+    pending: HashMap<u64, (RedirectEvent, Instant)>,
+    /// Accepted connections whose event has not been read yet (the ring buffer can lag).
+    accepted: HashMap<u64, Instant>,
+}
+
+impl RedirectTracker {
+    fn accepted(&self, cookie: u64) {
+        let mut s = self.inner.lock().unwrap_or_else(|e| e.into_inner());
+        if s.pending.remove(&cookie).is_none() {
+            s.accepted.insert(cookie, Instant::now());
+        }
+    }
+
+    fn redirected(&self, ev: RedirectEvent) {
+        let mut s = self.inner.lock().unwrap_or_else(|e| e.into_inner());
+        let cookie = ev.redirect.cookie;
+        if s.accepted.remove(&cookie).is_none() {
+            s.pending.insert(cookie, (ev, Instant::now()));
+        }
+    }
+
+    /// Events that waited too long, oldest first; forgets stale accept marks.
+    fn expired(&self) -> Vec<RedirectEvent> {
+        let now = Instant::now();
+        let mut s = self.inner.lock().unwrap_or_else(|e| e.into_inner());
+        s.accepted
+            .retain(|_, t| now.duration_since(*t) < Duration::from_secs(60));
+        let mut out = Vec::new();
+        s.pending.retain(|_, (ev, t)| {
+            if now.duration_since(*t) >= UNHANDLED_AFTER {
+                out.push(ev.clone());
+                false
+            } else {
+                true
+            }
+        });
+        out.sort_by_key(|e| e.time);
+        out
+    }
+}
+
+/// Logs the listener address once bound.
+pub async fn bind(addr: SocketAddr) -> anyhow::Result<TcpListener> {
+    use anyhow::Context;
+    let l = TcpListener::bind(addr)
+        .await
+        .with_context(|| format!("binding the capture listener {addr}"))?;
+    info!(%addr, "capture listener ready");
+    Ok(l)
+}
