@@ -23,6 +23,7 @@ mod process;
 pub mod registry;
 mod spec;
 mod wait;
+mod weft;
 
 pub use cgroup::{CgroupDriver, Qos};
 pub use cleanup::{cleanup_stale, StaleReport};
@@ -34,6 +35,7 @@ pub use process::Proc;
 pub use registry::{Labels, ServicePort, TargetPort};
 pub use spec::{PodSpec, Service, ServiceSpec};
 pub use wait::{tcp_connect, wait_for, wait_for_tcp, wait_until};
+pub use weft::Weft;
 
 use std::path::PathBuf;
 
