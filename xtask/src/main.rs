@@ -68,10 +68,10 @@ fn nix_is_root() -> bool {
 /// Runs `cargo <args>` from the workspace root, failing on a non-zero exit.
 pub fn cargo(args: &[&str]) -> anyhow::Result<()> {
     let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
-    run(Command::new(cargo).args(args).current_dir(workspace_root()))
+    exec(Command::new(cargo).args(args).current_dir(workspace_root()))
 }
 
-pub fn run(cmd: &mut Command) -> anyhow::Result<()> {
+pub fn exec(cmd: &mut Command) -> anyhow::Result<()> {
     eprintln!("+ {}", describe(cmd));
     let status = cmd
         .status()

@@ -6,7 +6,7 @@ use std::process::Command;
 
 use anyhow::{bail, Context};
 
-use crate::{describe, run};
+use crate::{describe, exec};
 
 /// The nightly toolchain that builds the eBPF crate (its LLVM is what bpf-linker links to).
 const NIGHTLY: &str = "nightly";
@@ -46,7 +46,7 @@ fn output(cmd: &mut Command) -> anyhow::Result<String> {
 fn rust_src() -> anyhow::Result<()> {
     let installed = output(Command::new("rustup").args(["toolchain", "list"]))?;
     if !installed.lines().any(|l| l.starts_with(NIGHTLY)) {
-        run(Command::new("rustup").args([
+        exec(Command::new("rustup").args([
             "toolchain",
             "install",
             NIGHTLY,
@@ -62,7 +62,13 @@ fn rust_src() -> anyhow::Result<()> {
         NIGHTLY,
     ]))?;
     if !comps.lines().any(|l| l.starts_with("rust-src")) {
-        run(Command::new("rustup").args(["component", "add", "rust-src", "--toolchain", NIGHTLY]))?;
+        exec(Command::new("rustup").args([
+            "component",
+            "add",
+            "rust-src",
+            "--toolchain",
+            NIGHTLY,
+        ]))?;
     }
     Ok(())
 }
@@ -112,12 +118,14 @@ fn bpf_linker() -> anyhow::Result<()> {
         std::os::unix::fs::symlink(lib.join(&llvm), &link)
             .with_context(|| format!("linking {}", link.display()))?;
     }
-    run(Command::new("cargo")
-        .args(["install", "bpf-linker", "--version"])
-        .arg(format!("^{BPF_LINKER_VERSION}"))
-        .args(["--no-default-features", "--features"])
-        .arg(format!("llvm-{major}"))
-        .env("LLVM_PREFIX", &prefix))
+    exec(
+        Command::new("cargo")
+            .args(["install", "bpf-linker", "--version"])
+            .arg(format!("^{BPF_LINKER_VERSION}"))
+            .args(["--no-default-features", "--features"])
+            .arg(format!("llvm-{major}"))
+            .env("LLVM_PREFIX", &prefix),
+    )
 }
 
 fn apt_packages() -> anyhow::Result<()> {
@@ -135,11 +143,15 @@ fn apt_packages() -> anyhow::Result<()> {
     if missing.is_empty() {
         return Ok(());
     }
-    run(Command::new("apt-get")
-        .arg("update")
-        .env("DEBIAN_FRONTEND", "noninteractive"))?;
-    run(Command::new("apt-get")
-        .args(["install", "-y", "--no-install-recommends"])
-        .args(&missing)
-        .env("DEBIAN_FRONTEND", "noninteractive"))
+    exec(
+        Command::new("apt-get")
+            .arg("update")
+            .env("DEBIAN_FRONTEND", "noninteractive"),
+    )?;
+    exec(
+        Command::new("apt-get")
+            .args(["install", "-y", "--no-install-recommends"])
+            .args(&missing)
+            .env("DEBIAN_FRONTEND", "noninteractive"),
+    )
 }
