@@ -244,7 +244,8 @@ async fn status(args: StatusArgs) -> anyhow::Result<()> {
     }
     let s = |p: &str| v.pointer(p).map(display_json).unwrap_or_else(|| "-".into());
     writeln!(out, "Node:        {}", s("/node"))?;
-    writeln!(out, "Ready:       {}", s("/ready"))?;
+    let ready = v.get("ready").and_then(|r| r.as_bool()).unwrap_or(false);
+    writeln!(out, "Ready:       {}", yes_no(ready))?;
     writeln!(out, "Proxy:       {}", s("/proxy_address"))?;
     writeln!(
         out,
@@ -305,7 +306,8 @@ async fn status(args: StatusArgs) -> anyhow::Result<()> {
     for (section, ptr) in [("ebpf", "/capture/counters"), ("flows", "/flows/totals")] {
         if let Some(obj) = v.pointer(ptr).and_then(|c| c.as_object()) {
             for (k, val) in obj {
-                writeln!(out, "  {section}.{k:<24} {}", display_json(val))?;
+                let name = format!("{section}.{k}");
+                writeln!(out, "  {name:<30} {}", display_json(val))?;
             }
         }
     }

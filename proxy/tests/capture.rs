@@ -1,6 +1,6 @@
 //! Privileged integration tests of the eBPF capture (`weft::capture`).
 //!
-//! Needs root, a cgroup v2 hierarchy at `/sys/fs/cgroup/unified`, and `ip` (iproute2). Each test
+//! Needs root, a cgroup v2 hierarchy (`/sys/fs/cgroup`, or `/sys/fs/cgroup/unified` on hybrid hosts), and `ip` (iproute2). Each test
 //! builds its own world, named after the test and the process id so tests can run in parallel:
 //!
 //! * a network namespace whose `lo` carries 10.250.0.1 (the proxy), 10.250.0.2 (a service) and
@@ -30,10 +30,19 @@ use std::{
 use weft::capture::{Capture, CaptureConfig, Redirect};
 
 const HELPER_ENV: &str = "WEFT_CAPTURE_TEST_CLIENT";
-const CGROUP2: &str = "/sys/fs/cgroup/unified";
 const PROXY: SocketAddrV4 = SocketAddrV4::new(Ipv4Addr::new(10, 250, 0, 1), 15001);
 const SERVICE: &str = "10.250.0.2:8080";
 const TIMEOUT: Duration = Duration::from_secs(5);
+
+/// The cgroup v2 mount: `/sys/fs/cgroup` on a pure v2 host, `/sys/fs/cgroup/unified` on a hybrid one.
+fn cgroup2_root() -> PathBuf {
+    let pure = Path::new("/sys/fs/cgroup");
+    if pure.join("cgroup.controllers").exists() {
+        pure.to_path_buf()
+    } else {
+        pure.join("unified")
+    }
+}
 
 /// Not a test on its own: the "pod" process of the tests below (a no-op unless re-executed).
 #[test]
@@ -102,7 +111,7 @@ impl World {
             "the capture tests need root (eBPF, cgroups, network namespaces)"
         );
         let name = format!("weft-cap-{test}-{}", std::process::id());
-        let top = Path::new(CGROUP2).join(&name);
+        let top = cgroup2_root().join(&name);
         let pin_dir = Path::new("/sys/fs/bpf").join(&name);
         // Remove leftovers of an earlier run with the same pid.
         let _ = Capture::remove_pins(&pin_dir);
@@ -299,7 +308,7 @@ fn cgroup_id(path: &Path) -> u64 {
 fn own_cgroup_id() -> u64 {
     let cgroup = fs::read_to_string("/proc/self/cgroup").unwrap();
     let own = cgroup.lines().find_map(|l| l.strip_prefix("0::")).unwrap();
-    cgroup_id(&Path::new(CGROUP2).join(own.trim().trim_start_matches('/')))
+    cgroup_id(&cgroup2_root().join(own.trim().trim_start_matches('/')))
 }
 
 fn enrolled(ids: &[u64]) -> HashSet<u64> {

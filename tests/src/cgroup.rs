@@ -4,9 +4,19 @@ use anyhow::{bail, Context, Result};
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
-/// Where the unified (v2) hierarchy is mounted. The v1 hierarchies under /sys/fs/cgroup are
-/// never used.
-pub const UNIFIED_ROOT: &str = "/sys/fs/cgroup/unified";
+/// Where the unified (v2) hierarchy is mounted: `/sys/fs/cgroup` on a pure cgroup v2 host,
+/// `/sys/fs/cgroup/unified` on a hybrid one. The v1 hierarchies are never used.
+pub fn unified_root() -> &'static Path {
+    static ROOT: std::sync::OnceLock<PathBuf> = std::sync::OnceLock::new();
+    ROOT.get_or_init(|| {
+        let pure = Path::new("/sys/fs/cgroup");
+        if pure.join("cgroup.controllers").exists() {
+            pure.to_path_buf()
+        } else {
+            pure.join("unified")
+        }
+    })
+}
 
 /// Quality-of-service class of a pod (decides the kubelet cgroup parent).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
@@ -83,15 +93,19 @@ pub fn kubelet_layout(
 
 /// `mkdir -p` below the unified root.
 pub fn create(path: &Path) -> Result<()> {
-    if !path.starts_with(UNIFIED_ROOT) {
-        bail!("{} is not below {UNIFIED_ROOT}", path.display());
+    if !path.starts_with(unified_root()) {
+        bail!(
+            "{} is not below {}",
+            path.display(),
+            unified_root().display()
+        );
     }
     std::fs::create_dir_all(path).with_context(|| format!("creating cgroup {}", path.display()))
 }
 
 /// The path of a cgroup as its members see it in `/proc/<pid>/cgroup` (`0::<this>`).
 pub fn relative(path: &Path) -> String {
-    let rel = path.strip_prefix(UNIFIED_ROOT).unwrap_or(path);
+    let rel = path.strip_prefix(unified_root()).unwrap_or(path);
     format!("/{}", rel.display())
 }
 
@@ -166,7 +180,7 @@ pub fn remove_tree(path: &Path) -> Result<()> {
     if !path.exists() {
         return Ok(());
     }
-    if !path.starts_with(UNIFIED_ROOT) || path == Path::new(UNIFIED_ROOT) {
+    if !path.starts_with(unified_root()) || path == unified_root() {
         bail!("refusing to remove {}", path.display());
     }
     kill_all(path)?;

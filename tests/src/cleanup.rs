@@ -22,7 +22,7 @@ pub fn netns_prefix(id: &str) -> String {
 }
 
 pub fn cgroup_dir(id: &str) -> PathBuf {
-    Path::new(cgroup::UNIFIED_ROOT).join(format!("weft-test-{id}"))
+    cgroup::unified_root().join(format!("weft-test-{id}"))
 }
 
 pub fn bpffs_prefix(id: &str) -> String {
@@ -153,7 +153,7 @@ pub fn cleanup_stale() -> Result<StaleReport> {
             }
         }
     }
-    if let Ok(d) = std::fs::read_dir(cgroup::UNIFIED_ROOT) {
+    if let Ok(d) = std::fs::read_dir(cgroup::unified_root()) {
         for e in d.flatten() {
             let n = e.file_name().to_string_lossy().into_owned();
             if let Some(id) = n.strip_prefix("weft-test-") {

@@ -10,7 +10,7 @@
 //! - the cluster is described as Kubernetes-shaped YAML for weft's file registry.
 //!
 //! Everything is owned by a per-cluster id and removed on drop, even when the test panics.
-//! Requires root, cgroup v2 at /sys/fs/cgroup/unified and iproute2.
+//! Requires root, cgroup v2 (at /sys/fs/cgroup, or /sys/fs/cgroup/unified on hybrid hosts) and iproute2.
 
 pub mod cgroup;
 mod cleanup;

@@ -58,7 +58,7 @@ fn leftovers(id: &str) -> Vec<String> {
         .into_iter()
         .filter(|n| n.starts_with(&format!("wt{id}-")))
         .collect();
-    let cg = PathBuf::from(format!("/sys/fs/cgroup/unified/weft-test-{id}"));
+    let cg = weft_tests::cgroup::unified_root().join(format!("weft-test-{id}"));
     if cg.exists() {
         v.push(cg.display().to_string());
     }
