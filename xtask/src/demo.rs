@@ -1,0 +1,176 @@
+//! `cargo xtask demo`: a cluster on this machine, weft on its node, some traffic, and what
+//! `weft flows` and `weft workloads` show about it.
+
+use std::path::PathBuf;
+use std::process::Command;
+use std::time::Duration;
+
+use anyhow::Context;
+use weft_tests::{labels, testpod_bin, wait_for_tcp, Cluster, PodSpec, ServiceSpec, Weft};
+
+pub fn run(keep: bool) -> anyhow::Result<()> {
+    crate::setup::run()?;
+    crate::require_root("the demo creates network namespaces, cgroups and loads eBPF programs")?;
+    crate::cargo(&["build", "--release", "--bins"])?;
+    let bins = crate::workspace_root().join("target/release");
+    std::env::set_var("WEFT_BIN", bins.join("weft"));
+    std::env::set_var("WEFT_TESTPOD_BIN", bins.join("weft-testpod"));
+
+    step("A cluster on one machine: node-1, namespaces shop (weft.dev/mesh=enabled) and legacy");
+    let cluster = Cluster::new("demo")?;
+    let node = cluster.add_node("node-1")?;
+    let frontend = cluster.add_pod(
+        &node,
+        PodSpec::new("shop", "frontend").service_account("frontend"),
+    )?;
+    let catalog: Vec<_> = (0..2)
+        .map(|i| {
+            cluster.add_pod(
+                &node,
+                PodSpec::new("shop", &format!("catalog-{i}"))
+                    .label("app", "catalog")
+                    .service_account("catalog")
+                    .port("http", 8080),
+            )
+        })
+        .collect::<anyhow::Result<_>>()?;
+    let batch = cluster.add_pod(&node, PodSpec::new("legacy", "batch"))?;
+    let svc = cluster.add_service(
+        ServiceSpec::new("shop", "catalog")
+            .selector("app", "catalog")
+            .port("http", 80, "http", Some("http")),
+    )?;
+    let orders = cluster.add_service(
+        ServiceSpec::new("shop", "orders")
+            .selector("app", "orders")
+            .port("http", 80, 8080, None),
+    )?;
+    cluster.set_namespace_labels("shop", labels(&[("weft.dev/mesh", "enabled")]))?;
+    let mut servers = Vec::new();
+    for pod in &catalog {
+        servers.push(pod.spawn(Command::new(testpod_bin()).args([
+            "serve",
+            "--listen",
+            "0.0.0.0:8080",
+            "--mode",
+            "whoami",
+            "--name",
+            pod.name(),
+        ]))?);
+        wait_for_tcp(pod, pod.addr(8080), Duration::from_secs(10))?;
+    }
+    println!(
+        "  node-1 {}   frontend {}   catalog-0 {}   catalog-1 {}   batch {}",
+        node.ip(),
+        frontend.ip(),
+        catalog[0].ip(),
+        catalog[1].ip(),
+        batch.ip()
+    );
+    println!("  Service shop/catalog {} → catalog-0, catalog-1 :8080    Service shop/orders {} → (no pods)", svc.addr(80), orders.addr(80));
+
+    step("weft node on node-1");
+    let weft = Weft::start(&cluster, &node)?;
+    println!("  ready; admin socket {}", weft.admin_socket().display());
+
+    step("Traffic");
+    let call =
+        |pod: &weft_tests::Pod, addr: std::net::SocketAddr, what: &str| -> anyhow::Result<()> {
+            let out = pod.output(Command::new(testpod_bin()).args([
+                "call",
+                &addr.to_string(),
+                "--send",
+                what,
+                "--timeout-ms",
+                "3000",
+            ]))?;
+            let text = String::from_utf8_lossy(&out.stdout);
+            let answer = text
+                .lines()
+                .filter(|l| l.starts_with("name=") || l.starts_with("peer="))
+                .collect::<Vec<_>>()
+                .join(" ");
+            let result = if out.status.success() {
+                answer
+            } else {
+                format!("failed: {}", String::from_utf8_lossy(&out.stderr).trim())
+            };
+            println!("  {}/{} → {addr}: {result}", pod.namespace(), pod.name());
+            Ok(())
+        };
+    for i in 0..4 {
+        call(&frontend, svc.addr(80), &format!("GET /item/{i}"))?;
+    }
+    call(&frontend, orders.addr(80), "GET /orders")?;
+    call(&frontend, catalog[0].addr(9090), "nothing listens here")?;
+    call(&batch, catalog[1].addr(8080), "not meshed")?;
+    std::thread::sleep(Duration::from_millis(300));
+
+    step("weft flows");
+    print!("{}", weft.cli(&["flows"])?);
+    println!("  (legacy/batch is not enrolled: its direct call to catalog-1 is not in the flows, and catalog-1 saw {} as its peer)", batch.ip());
+
+    step("weft flows -o json --last 1");
+    print!("{}", weft.cli(&["flows", "-o", "json", "--last", "1"])?);
+
+    step("weft workloads");
+    print!("{}", weft.cli(&["workloads"])?);
+
+    step("weft status");
+    print!("{}", weft.cli(&["status"])?);
+
+    if keep {
+        let weft_bin = PathBuf::from(std::env::var("WEFT_BIN")?);
+        step("Left running (Ctrl-C tears it all down)");
+        println!(
+            "  {} flows --follow --admin-socket {}",
+            weft_bin.display(),
+            weft.admin_socket().display()
+        );
+        println!(
+            "  {} workloads --admin-socket {}",
+            weft_bin.display(),
+            weft.admin_socket().display()
+        );
+        println!(
+            "  registry (edit it live, e.g. remove the shop label): {}",
+            cluster.default_registry_path().display()
+        );
+        println!(
+            "  call the Service again from the enrolled pod (join its cgroup, then its netns):"
+        );
+        println!(
+            "    bash -c 'echo $$ > {}/cgroup.procs && exec ip netns exec {} {} call {} --send hi'",
+            frontend.container_cgroup().display(),
+            weft_tests::InNetns::netns_name(&frontend),
+            testpod_bin().display(),
+            svc.addr(80)
+        );
+        wait_for_interrupt().context("waiting for Ctrl-C")?;
+    }
+    drop(servers);
+    drop(weft);
+    drop(cluster);
+    Ok(())
+}
+
+fn step(title: &str) {
+    println!("\n== {title}");
+}
+
+fn wait_for_interrupt() -> anyhow::Result<()> {
+    use std::sync::atomic::{AtomicBool, Ordering};
+    static STOP: AtomicBool = AtomicBool::new(false);
+    extern "C" fn on_signal(_: libc::c_int) {
+        STOP.store(true, Ordering::SeqCst);
+    }
+    // SAFETY: the handler only stores to an atomic, which is async-signal-safe.
+    unsafe {
+        libc::signal(libc::SIGINT, on_signal as *const () as libc::sighandler_t);
+        libc::signal(libc::SIGTERM, on_signal as *const () as libc::sighandler_t);
+    }
+    while !STOP.load(Ordering::SeqCst) {
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    Ok(())
+}
