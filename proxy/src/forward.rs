@@ -30,20 +30,8 @@ pub struct Relayed {
 
 /// Relays `client` ⇄ `upstream` until both directions reach end of stream or one fails.
 pub async fn relay(client: TcpStream, upstream: TcpStream) -> Relayed {
-    let up = async {
-        let r = Direction::new().map(|d| d.run(&client, &upstream));
-        match r {
-            Ok(fut) => fut.await,
-            Err(e) => (0, Err(e)),
-        }
-    };
-    let down = async {
-        let r = Direction::new().map(|d| d.run(&upstream, &client));
-        match r {
-            Ok(fut) => fut.await,
-            Err(e) => (0, Err(e)),
-        }
-    };
+    let up = pump(&client, &upstream);
+    let down = pump(&upstream, &client);
     tokio::pin!(up, down);
     // Run both directions; if one fails, stop the other and reset both sockets.
     let mut out = Relayed::default();
@@ -80,6 +68,14 @@ pub async fn relay(client: TcpStream, upstream: TcpStream) -> Relayed {
 /// Arranges for the socket to send RST instead of FIN when it is closed.
 pub fn reset(stream: &TcpStream) {
     let _ = socket2::SockRef::from(stream).set_linger(Some(std::time::Duration::ZERO));
+}
+
+/// One direction, `src` → `dst`: (bytes moved, how it ended).
+async fn pump(src: &TcpStream, dst: &TcpStream) -> (u64, io::Result<()>) {
+    match Direction::new() {
+        Ok(d) => d.run(src, dst).await,
+        Err(e) => (0, Err(e)),
+    }
 }
 
 struct Direction {

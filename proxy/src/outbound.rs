@@ -100,11 +100,8 @@ impl Outbound {
         };
         let Some(redirect) = self.capture.take_redirect(peer, local) else {
             warn!(%peer, "connection without a redirect record: original destination unknown, closing");
-            forward::reset(&client);
-            flow.verdict = Verdict::Unidentified;
-            flow.error = Some("no eBPF redirect record for this connection".into());
-            self.finish(flow, started);
-            return;
+            let why = "no eBPF redirect record for this connection".to_string();
+            return self.refuse(&client, flow, Verdict::Unidentified, why, started);
         };
         self.tracker.accepted(redirect.cookie);
         flow.original_destination = redirect.original_dst.to_string();
@@ -124,36 +121,29 @@ impl Outbound {
         let target = match self.pick_target(&snapshot, &redirect, &mut flow.destination) {
             Some(t) => t,
             None => {
-                forward::reset(&client);
-                flow.verdict = Verdict::NoEndpoint;
-                flow.error = Some("service has no ready endpoint".into());
-                self.finish(flow, started);
-                return;
+                let why = "service has no ready endpoint".to_string();
+                return self.refuse(&client, flow, Verdict::NoEndpoint, why, started);
             }
         };
         flow.destination.address = Some(target.to_string());
 
-        let upstream =
-            match tokio::time::timeout(self.connect_timeout, TcpStream::connect(target)).await {
-                Ok(Ok(s)) => s,
-                Ok(Err(e)) => {
-                    forward::reset(&client);
-                    flow.verdict = Verdict::ConnectFailed;
-                    flow.error = Some(e.to_string());
-                    self.finish(flow, started);
-                    return;
-                }
-                Err(_) => {
-                    forward::reset(&client);
-                    flow.verdict = Verdict::ConnectFailed;
-                    flow.error = Some(format!(
-                        "connect timed out after {:?}",
-                        self.connect_timeout
-                    ));
-                    self.finish(flow, started);
-                    return;
-                }
-            };
+        let connect = tokio::time::timeout(self.connect_timeout, TcpStream::connect(target));
+        let upstream = match connect.await {
+            Ok(Ok(s)) => s,
+            Ok(Err(e)) => {
+                return self.refuse(
+                    &client,
+                    flow,
+                    Verdict::ConnectFailed,
+                    e.to_string(),
+                    started,
+                )
+            }
+            Err(_) => {
+                let why = format!("connect timed out after {:?}", self.connect_timeout);
+                return self.refuse(&client, flow, Verdict::ConnectFailed, why, started);
+            }
+        };
         let _ = client.set_nodelay(true);
         let _ = upstream.set_nodelay(true);
         let relayed = forward::relay(client, upstream).await;
@@ -198,6 +188,21 @@ impl Outbound {
             }
             Destination::Passthrough => Some(redirect.original_dst),
         }
+    }
+
+    /// Resets the client connection and records why.
+    fn refuse(
+        &self,
+        client: &TcpStream,
+        mut flow: Flow,
+        verdict: Verdict,
+        why: String,
+        started: Instant,
+    ) {
+        forward::reset(client);
+        flow.verdict = verdict;
+        flow.error = Some(why);
+        self.finish(flow, started);
     }
 
     fn finish(&self, mut flow: Flow, started: Instant) {
