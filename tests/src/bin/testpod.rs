@@ -12,6 +12,9 @@
 //!   `TAG-<i>-<random>` and checks an echo backend returns exactly it (`name=`/`peer=` header
 //!   lines are accepted and counted per backend name). Prints one JSON line
 //!   `{"ok":…,"mismatched":…,"failed":…,"backends":{…},"errors":[…]}`; exit 0 iff all ok.
+//! - `bench <connect|rr|stream|connect-latency> ADDR --duration-ms N --parallel P --size BYTES`:
+//!   a bounded measurement against an echo (`stream`: a discard) server, after a warm-up; prints
+//!   one JSON object (counts, rates, latency percentiles in µs, throughput). See `bench`.
 
 use clap::{Parser, Subcommand, ValueEnum};
 use std::collections::BTreeMap;
@@ -42,6 +45,21 @@ enum Mode {
     /// `header <name>: <value>` line per request header; `/status/<code>` answers with that
     /// status, `/delay/<ms>` waits first (at most 60 s).
     Http,
+    /// Read and drop everything; when the client half-closes, answer `bytes=<count>\n` and close
+    /// (the sink for `bench stream`).
+    Discard,
+}
+
+#[derive(Clone, Copy, ValueEnum, PartialEq, Eq, Debug)]
+enum BenchKind {
+    /// New connections: connect, one `--size` echo round trip, close (`--parallel` loops).
+    Connect,
+    /// Request/response: `--size` bytes echoed back on one persistent connection per `--parallel`.
+    Rr,
+    /// Bulk send to a discard server (`--parallel` connections); throughput in Gbit/s.
+    Stream,
+    /// Time of the `connect()` call alone (blocking, fresh socket each time), then close.
+    ConnectLatency,
 }
 
 #[derive(Subcommand)]
@@ -56,6 +74,11 @@ enum Cmd {
         /// Prefix every response with `name=<NAME>`.
         #[arg(long)]
         name: Option<String>,
+        /// Serve with a fixed pool of N threads per listener, each accepting and serving one
+        /// connection at a time (no thread creation per connection; for benchmarks). 0: one new
+        /// thread per connection.
+        #[arg(long, default_value_t = 0, value_parser = clap::value_parser!(u64).range(0..=1024))]
+        workers: u64,
     },
     /// One connection: send, half-close, print the response.
     Call {
@@ -104,11 +127,43 @@ enum Cmd {
         #[arg(long, default_value_t = 120)]
         max_secs: u64,
     },
+    /// A bounded measurement; prints one JSON object. Exit 1 if any operation failed.
+    Bench {
+        #[arg(value_enum)]
+        kind: BenchKind,
+        addr: SocketAddr,
+        /// Measured time (after the warm-up).
+        #[arg(long, default_value_t = 3000, value_parser = clap::value_parser!(u64).range(1..=600_000))]
+        duration_ms: u64,
+        /// Same work, not measured, before the measured time.
+        #[arg(long, default_value_t = 500, value_parser = clap::value_parser!(u64).range(0..=60_000))]
+        warmup_ms: u64,
+        #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(u64).range(1..=256))]
+        parallel: u64,
+        /// Request (= response) size for connect/rr; write size for stream.
+        #[arg(long, default_value_t = 1024, value_parser = clap::value_parser!(u64).range(1..=16 << 20))]
+        size: u64,
+        /// Upper bound on measured operations (stream: writes) over all workers.
+        #[arg(long, default_value_t = 10_000_000, value_parser = clap::value_parser!(u64).range(1..))]
+        max_ops: u64,
+        /// Per-operation I/O time limit.
+        #[arg(long, default_value_t = 5000)]
+        timeout_ms: u64,
+        /// Pace each worker to at most this many operations per second (0: as fast as it can).
+        /// Latency under light load rather than at saturation.
+        #[arg(long, default_value_t = 0, value_parser = clap::value_parser!(u64).range(0..=1_000_000))]
+        rate: u64,
+    },
 }
 
 fn main() -> ExitCode {
     match Cli::parse().cmd {
-        Cmd::Serve { listen, mode, name } => serve(listen, mode, name),
+        Cmd::Serve {
+            listen,
+            mode,
+            name,
+            workers,
+        } => serve(listen, mode, name, workers),
         Cmd::Call {
             addr,
             send,
@@ -148,10 +203,33 @@ fn main() -> ExitCode {
             Duration::from_millis(timeout_ms),
             Duration::from_secs(max_secs),
         ),
+        Cmd::Bench {
+            kind,
+            addr,
+            duration_ms,
+            warmup_ms,
+            parallel,
+            size,
+            max_ops,
+            timeout_ms,
+            rate,
+        } => bench::run(
+            kind,
+            addr,
+            &bench::Opts {
+                duration: Duration::from_millis(duration_ms),
+                warmup: Duration::from_millis(warmup_ms),
+                parallel: parallel as usize,
+                size: size as usize,
+                max_ops,
+                timeout: Duration::from_millis(timeout_ms),
+                interval: (rate > 0).then(|| Duration::from_nanos(1_000_000_000 / rate)),
+            },
+        ),
     }
 }
 
-fn serve(listen: Vec<SocketAddr>, mode: Mode, name: Option<String>) -> ExitCode {
+fn serve(listen: Vec<SocketAddr>, mode: Mode, name: Option<String>, workers: u64) -> ExitCode {
     let mut listeners = Vec::new();
     for addr in &listen {
         match TcpListener::bind(addr) {
@@ -172,6 +250,25 @@ fn serve(listen: Vec<SocketAddr>, mode: Mode, name: Option<String>) -> ExitCode 
     let name = Arc::new(name);
     let mut threads = Vec::new();
     for l in listeners {
+        if workers > 0 {
+            for _ in 0..workers {
+                let Ok(l) = l.try_clone() else {
+                    eprintln!("cloning the listener failed");
+                    return ExitCode::from(1);
+                };
+                let name = name.clone();
+                threads.push(std::thread::spawn(move || loop {
+                    match l.accept() {
+                        Ok((s, peer)) => handle(s, peer, mode, name.as_deref()),
+                        Err(e) => {
+                            eprintln!("accept: {e}");
+                            std::thread::sleep(Duration::from_millis(10));
+                        }
+                    }
+                }));
+            }
+            continue;
+        }
         let name = name.clone();
         threads.push(std::thread::spawn(move || loop {
             match l.accept() {
@@ -198,6 +295,10 @@ fn handle(mut s: TcpStream, peer: SocketAddr, mode: Mode, name: Option<&str>) {
         serve_http(s, peer, name);
         return;
     }
+    if mode == Mode::Discard {
+        discard(s);
+        return;
+    }
     let mut head = String::new();
     if let Some(n) = name {
         head.push_str(&format!("name={n}\n"));
@@ -221,6 +322,22 @@ fn handle(mut s: TcpStream, peer: SocketAddr, mode: Mode, name: Option<&str>) {
             Err(_) => return,
         }
     }
+    let _ = s.shutdown(Shutdown::Write);
+}
+
+/// Read and count until end of stream, then answer `bytes=<count>\n` and close.
+fn discard(mut s: TcpStream) {
+    let mut buf = vec![0u8; 256 * 1024];
+    let mut total = 0u64;
+    loop {
+        match s.read(&mut buf) {
+            Ok(0) => break,
+            Ok(n) => total += n as u64,
+            Err(e) if e.kind() == ErrorKind::Interrupted => continue,
+            Err(_) => return,
+        }
+    }
+    let _ = s.write_all(format!("bytes={total}\n").as_bytes());
     let _ = s.shutdown(Shutdown::Write);
 }
 
@@ -618,5 +735,410 @@ fn load(
         ExitCode::SUCCESS
     } else {
         ExitCode::from(1)
+    }
+}
+
+/// `weft-testpod bench`: bounded client-side measurements, one JSON object on stdout.
+///
+/// Every worker starts at a common instant, does the same work unmeasured for `--warmup-ms`,
+/// then measured for `--duration-ms` (operations *started* in that window count). Latencies are
+/// per operation, taken with the monotonic clock around it; rates divide measured operations by
+/// the measured window (until the last measured operation finished).
+mod bench {
+    use super::BenchKind;
+    use clap::ValueEnum;
+    use std::io::{ErrorKind, Read, Write};
+    use std::net::{Shutdown, SocketAddr, TcpStream};
+    use std::process::ExitCode;
+    use std::sync::atomic::{AtomicU64, Ordering};
+    use std::sync::Arc;
+    use std::time::{Duration, Instant};
+
+    pub struct Opts {
+        pub duration: Duration,
+        pub warmup: Duration,
+        pub parallel: usize,
+        pub size: usize,
+        pub max_ops: u64,
+        pub timeout: Duration,
+        /// Least time between the starts of two operations of one worker.
+        pub interval: Option<Duration>,
+    }
+
+    /// The common schedule of all workers.
+    #[derive(Clone, Copy)]
+    struct Clock {
+        start: Instant,
+        measure_from: Instant,
+        end: Instant,
+    }
+
+    /// What one worker saw.
+    #[derive(Default)]
+    struct Part {
+        ops: u64,
+        warmup_ops: u64,
+        errors: u64,
+        error_samples: Vec<String>,
+        /// Nanoseconds per measured operation.
+        samples: Vec<u64>,
+        bytes: u64,
+        warmup_bytes: u64,
+        /// When this worker's last measured operation finished.
+        last: Option<Instant>,
+    }
+
+    impl Part {
+        fn error(&mut self, e: impl std::fmt::Display) {
+            self.errors += 1;
+            if self.error_samples.len() < 5 {
+                self.error_samples.push(e.to_string());
+            }
+        }
+
+        fn done(&mut self, began: Instant, clock: &Clock) {
+            let now = Instant::now();
+            if began >= clock.measure_from {
+                self.ops += 1;
+                self.samples.push((now - began).as_nanos() as u64);
+                self.last = Some(now);
+            } else {
+                self.warmup_ops += 1;
+            }
+        }
+    }
+
+    /// Request bytes: a fixed binary pattern (never mistaken for HTTP by a sniffing proxy).
+    fn payload(size: usize) -> Vec<u8> {
+        (0..size).map(|i| ((i * 7 + 3) % 251) as u8).collect()
+    }
+
+    /// Whether a worker may start another operation now (`Some(measured)`), or must stop.
+    /// With pacing, waits for the worker's next slot first.
+    fn next(clock: &Clock, budget: &AtomicU64, pace: &mut Pace) -> Option<bool> {
+        if let Some(iv) = pace.interval {
+            let slot = pace.next.unwrap_or_else(Instant::now);
+            sleep_until(slot);
+            // A late slot is not made up for: no bursts after a stall.
+            pace.next = Some(slot.max(Instant::now() - iv) + iv);
+        }
+        let now = Instant::now();
+        if now >= clock.end {
+            return None;
+        }
+        let measured = now >= clock.measure_from;
+        if measured
+            && budget
+                .fetch_update(Ordering::Relaxed, Ordering::Relaxed, |b| b.checked_sub(1))
+                .is_err()
+        {
+            return None;
+        }
+        Some(measured)
+    }
+
+    /// One worker's pacing state.
+    struct Pace {
+        interval: Option<Duration>,
+        next: Option<Instant>,
+    }
+
+    impl Pace {
+        fn new(o: &Opts) -> Pace {
+            Pace {
+                interval: o.interval,
+                next: None,
+            }
+        }
+    }
+
+    fn sleep_until(t: Instant) {
+        let now = Instant::now();
+        if t > now {
+            std::thread::sleep(t - now);
+        }
+    }
+
+    fn connect(addr: SocketAddr, timeout: Duration) -> std::io::Result<TcpStream> {
+        let s = TcpStream::connect_timeout(&addr, timeout)?;
+        s.set_nodelay(true)?;
+        s.set_read_timeout(Some(timeout))?;
+        s.set_write_timeout(Some(timeout))?;
+        Ok(s)
+    }
+
+    /// One echo round trip on `s`.
+    fn round_trip(s: &mut TcpStream, req: &[u8], buf: &mut [u8]) -> std::io::Result<()> {
+        s.write_all(req)?;
+        s.read_exact(buf)?;
+        if buf != req {
+            return Err(std::io::Error::new(
+                ErrorKind::InvalidData,
+                "echo differs from the request",
+            ));
+        }
+        Ok(())
+    }
+
+    fn worker_connect(addr: SocketAddr, o: &Opts, clock: Clock, budget: &AtomicU64) -> Part {
+        let mut p = Part::default();
+        let req = payload(o.size);
+        let mut buf = vec![0u8; o.size];
+        sleep_until(clock.start);
+        let mut pace = Pace::new(o);
+        while next(&clock, budget, &mut pace).is_some() {
+            let began = Instant::now();
+            let r = connect(addr, o.timeout).and_then(|mut s| round_trip(&mut s, &req, &mut buf));
+            match r {
+                Ok(()) => p.done(began, &clock),
+                Err(e) => {
+                    p.error(format!("connect+rr: {e}"));
+                    std::thread::sleep(Duration::from_millis(1));
+                }
+            }
+        }
+        p
+    }
+
+    fn worker_rr(addr: SocketAddr, o: &Opts, clock: Clock, budget: &AtomicU64) -> Part {
+        let mut p = Part::default();
+        let req = payload(o.size);
+        let mut buf = vec![0u8; o.size];
+        let mut s = match connect(addr, o.timeout) {
+            Ok(s) => s,
+            Err(e) => {
+                p.error(format!("connect: {e}"));
+                return p;
+            }
+        };
+        sleep_until(clock.start);
+        let mut pace = Pace::new(o);
+        while next(&clock, budget, &mut pace).is_some() {
+            let began = Instant::now();
+            match round_trip(&mut s, &req, &mut buf) {
+                Ok(()) => p.done(began, &clock),
+                Err(e) => {
+                    p.error(format!("rr: {e}"));
+                    break;
+                }
+            }
+        }
+        p
+    }
+
+    fn worker_stream(addr: SocketAddr, o: &Opts, clock: Clock, budget: &AtomicU64) -> Part {
+        let mut p = Part::default();
+        let chunk = payload(o.size);
+        let mut s = match connect(addr, o.timeout) {
+            Ok(s) => s,
+            Err(e) => {
+                p.error(format!("connect: {e}"));
+                return p;
+            }
+        };
+        sleep_until(clock.start);
+        let mut pace = Pace::new(o);
+        while let Some(measured) = next(&clock, budget, &mut pace) {
+            if let Err(e) = s.write_all(&chunk) {
+                p.error(format!("write: {e}"));
+                return p;
+            }
+            if measured {
+                p.bytes += chunk.len() as u64;
+                p.ops += 1;
+            } else {
+                p.warmup_bytes += chunk.len() as u64;
+            }
+        }
+        // The window ends when the server confirms it has received everything.
+        let mut resp = String::new();
+        let r = s
+            .shutdown(Shutdown::Write)
+            .and_then(|_| s.read_to_string(&mut resp));
+        p.last = Some(Instant::now());
+        if let Err(e) = r {
+            p.error(format!("waiting for the discard count: {e}"));
+            return p;
+        }
+        let sent = p.bytes + p.warmup_bytes;
+        let got = resp
+            .trim()
+            .strip_prefix("bytes=")
+            .and_then(|n| n.parse::<u64>().ok());
+        if got != Some(sent) {
+            p.error(format!("sent {sent} bytes, server answered {resp:?}"));
+        }
+        p
+    }
+
+    /// The address as a C sockaddr for a raw `connect(2)`.
+    fn sockaddr(addr: SocketAddr) -> (libc::sockaddr_storage, libc::socklen_t) {
+        // SAFETY: all-zero is a valid sockaddr_storage.
+        let mut ss: libc::sockaddr_storage = unsafe { std::mem::zeroed() };
+        let len = match addr {
+            SocketAddr::V4(a) => {
+                // SAFETY: sockaddr_storage is large and aligned enough for sockaddr_in.
+                let sin = unsafe { &mut *(&mut ss as *mut _ as *mut libc::sockaddr_in) };
+                sin.sin_family = libc::AF_INET as libc::sa_family_t;
+                sin.sin_port = a.port().to_be();
+                sin.sin_addr.s_addr = u32::from(*a.ip()).to_be();
+                std::mem::size_of::<libc::sockaddr_in>()
+            }
+            SocketAddr::V6(a) => {
+                // SAFETY: as above, for sockaddr_in6.
+                let sin6 = unsafe { &mut *(&mut ss as *mut _ as *mut libc::sockaddr_in6) };
+                sin6.sin6_family = libc::AF_INET6 as libc::sa_family_t;
+                sin6.sin6_port = a.port().to_be();
+                sin6.sin6_addr.s6_addr = a.ip().octets();
+                sin6.sin6_scope_id = a.scope_id();
+                std::mem::size_of::<libc::sockaddr_in6>()
+            }
+        };
+        (ss, len as libc::socklen_t)
+    }
+
+    /// Times `connect(2)` alone: the socket is made before the clock starts, closed after.
+    fn worker_connect_latency(
+        addr: SocketAddr,
+        o: &Opts,
+        clock: Clock,
+        budget: &AtomicU64,
+    ) -> Part {
+        let mut p = Part::default();
+        let (sa, len) = sockaddr(addr);
+        let family = if addr.is_ipv4() {
+            libc::AF_INET
+        } else {
+            libc::AF_INET6
+        };
+        sleep_until(clock.start);
+        let mut pace = Pace::new(o);
+        while next(&clock, budget, &mut pace).is_some() {
+            // SAFETY: plain socket(2).
+            let fd = unsafe { libc::socket(family, libc::SOCK_STREAM | libc::SOCK_CLOEXEC, 0) };
+            if fd < 0 {
+                p.error(format!("socket: {}", std::io::Error::last_os_error()));
+                std::thread::sleep(Duration::from_millis(1));
+                continue;
+            }
+            let began = Instant::now();
+            // SAFETY: sa/len describe a valid sockaddr for this family.
+            let r = unsafe { libc::connect(fd, &sa as *const _ as *const libc::sockaddr, len) };
+            if r == 0 {
+                p.done(began, &clock);
+            } else {
+                p.error(format!("connect: {}", std::io::Error::last_os_error()));
+            }
+            // SAFETY: fd is ours.
+            unsafe { libc::close(fd) };
+            if r != 0 {
+                std::thread::sleep(Duration::from_millis(1));
+            }
+        }
+        p
+    }
+
+    /// Nearest-rank percentile of sorted samples, in µs.
+    fn pct(sorted: &[u64], q: f64) -> f64 {
+        if sorted.is_empty() {
+            return 0.0;
+        }
+        let rank = ((q * sorted.len() as f64).ceil() as usize).clamp(1, sorted.len());
+        sorted[rank - 1] as f64 / 1000.0
+    }
+
+    fn round(x: f64, digits: i32) -> f64 {
+        let m = 10f64.powi(digits);
+        (x * m).round() / m
+    }
+
+    pub fn run(kind: BenchKind, addr: SocketAddr, o: &Opts) -> ExitCode {
+        let start = Instant::now() + Duration::from_millis(20);
+        let clock = Clock {
+            start,
+            measure_from: start + o.warmup,
+            end: start + o.warmup + o.duration,
+        };
+        let budget = Arc::new(AtomicU64::new(o.max_ops));
+        let worker = match kind {
+            BenchKind::Connect => worker_connect,
+            BenchKind::Rr => worker_rr,
+            BenchKind::Stream => worker_stream,
+            BenchKind::ConnectLatency => worker_connect_latency,
+        };
+        let parts: Vec<Part> = std::thread::scope(|sc| {
+            let handles: Vec<_> = (0..o.parallel)
+                .map(|_| {
+                    let budget = budget.clone();
+                    sc.spawn(move || worker(addr, o, clock, &budget))
+                })
+                .collect();
+            handles
+                .into_iter()
+                .map(|h| h.join().unwrap_or_default())
+                .collect()
+        });
+        let mut all = Part::default();
+        for p in parts {
+            all.ops += p.ops;
+            all.warmup_ops += p.warmup_ops;
+            all.errors += p.errors;
+            for e in p.error_samples {
+                if all.error_samples.len() < 5 {
+                    all.error_samples.push(e);
+                }
+            }
+            all.samples.extend(p.samples);
+            all.bytes += p.bytes;
+            all.warmup_bytes += p.warmup_bytes;
+            all.last = all.last.max(p.last);
+        }
+        let window = all
+            .last
+            .map(|l| l.max(clock.end) - clock.measure_from)
+            .unwrap_or(o.duration)
+            .as_secs_f64();
+        let mut json = serde_json::json!({
+            "kind": kind.to_possible_value().map(|v| v.get_name().to_string()).unwrap_or_default(),
+            "addr": addr.to_string(),
+            "parallel": o.parallel,
+            "size": o.size,
+            "warmup_ms": o.warmup.as_millis() as u64,
+            "duration_ms": o.duration.as_millis() as u64,
+            "window_ms": round(window * 1000.0, 1),
+            "ops": all.ops,
+            "warmup_ops": all.warmup_ops,
+            "errors": all.errors,
+            "error_samples": all.error_samples,
+            "rate": round(all.ops as f64 / window, 1),
+        });
+        if kind == BenchKind::Stream {
+            json["bytes"] = all.bytes.into();
+            json["warmup_bytes"] = all.warmup_bytes.into();
+            json["gbit_s"] = round(all.bytes as f64 * 8.0 / window / 1e9, 3).into();
+        } else {
+            let s = &mut all.samples;
+            s.sort_unstable();
+            let mean = if s.is_empty() {
+                0.0
+            } else {
+                s.iter().sum::<u64>() as f64 / s.len() as f64 / 1000.0
+            };
+            json["latency_us"] = serde_json::json!({
+                "samples": s.len(),
+                "mean": round(mean, 2),
+                "p50": round(pct(s, 0.50), 2),
+                "p90": round(pct(s, 0.90), 2),
+                "p99": round(pct(s, 0.99), 2),
+                "p999": round(pct(s, 0.999), 2),
+                "max": round(pct(s, 1.0), 2),
+            });
+        }
+        println!("{json}");
+        if all.errors == 0 && all.ops > 0 {
+            ExitCode::SUCCESS
+        } else {
+            ExitCode::from(1)
+        }
     }
 }
