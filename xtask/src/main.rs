@@ -1,5 +1,6 @@
 //! Project tasks: `cargo xtask setup | test | demo | bench`.
 
+mod bench;
 mod setup;
 
 use std::process::Command;
@@ -25,12 +26,16 @@ enum Cmd {
         #[arg(last = true)]
         args: Vec<String>,
     },
+    /// Data-path benchmark on a one-node test cluster: direct vs. weft vs. haproxy vs. nginx
+    /// (needs root). See docs/benchmarks.md.
+    Bench(bench::Args),
 }
 
 fn main() -> anyhow::Result<()> {
     match Cli::parse().cmd {
         Cmd::Setup => setup::run(),
         Cmd::Test { args } => test(&args),
+        Cmd::Bench(args) => bench::run(args),
     }
 }
 

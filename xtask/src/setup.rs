@@ -20,6 +20,8 @@ const APT_PACKAGES: &[&str] = &[
     "nghttp2-client",
     "haproxy",
     "nginx",
+    // nginx's TCP proxy (stream module), for the benchmark.
+    "libnginx-mod-stream",
 ];
 
 pub fn run() -> anyhow::Result<()> {
