@@ -30,6 +30,8 @@ pub enum Verdict {
     /// eBPF redirected a connect() but the connection never reached the proxy (for example
     /// the proxy was down, or the client gave up).
     Unhandled,
+    /// Refused by an AuthorizationPolicy (see the flow's `policy`).
+    Denied,
 }
 
 impl Verdict {
@@ -40,6 +42,7 @@ impl Verdict {
             Verdict::ConnectFailed => "connect_failed",
             Verdict::Unidentified => "unidentified",
             Verdict::Unhandled => "unhandled",
+            Verdict::Denied => "denied",
         }
     }
 }
@@ -54,7 +57,7 @@ impl std::str::FromStr for Verdict {
     type Err = String;
     fn from_str(s: &str) -> Result<Self, Self::Err> {
         serde_json::from_value(serde_json::Value::String(s.to_ascii_lowercase()))
-            .map_err(|_| format!("unknown verdict {s:?} (forwarded, no_endpoint, connect_failed, unidentified, unhandled)"))
+            .map_err(|_| format!("unknown verdict {s:?} (forwarded, no_endpoint, connect_failed, unidentified, unhandled, denied)"))
     }
 }
 
@@ -64,6 +67,9 @@ pub struct Source {
     pub namespace: Option<String>,
     pub pod: Option<String>,
     pub ip: Option<IpAddr>,
+    /// SPIFFE id of the calling workload (from its cgroup, or its peer certificate inbound).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub identity: Option<String>,
 }
 
 /// Where the flow went (after Service resolution).
@@ -75,6 +81,9 @@ pub struct Destination {
     pub service: Option<String>,
     /// The `ip:port` weft connected to.
     pub address: Option<String>,
+    /// SPIFFE id of the destination workload, when it is in the mesh.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub identity: Option<String>,
 }
 
 /// One proxied (or attempted) connection.
@@ -105,6 +114,12 @@ pub struct Flow {
     /// The pod cgroup the connection was attributed to.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub cgroup_id: Option<u64>,
+    /// Carried between nodes in mutual TLS (HBONE).
+    #[serde(default)]
+    pub mtls: bool,
+    /// The AuthorizationPolicy (`namespace/name`) that denied the connection.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub policy: Option<String>,
 }
 
 /// Which flows a reader wants. Every set field must match.
@@ -276,6 +291,7 @@ mod tests {
                 namespace: Some(ns.into()),
                 pod: Some(pod.into()),
                 ip: Some("10.244.1.2".parse().unwrap()),
+                identity: Some("spiffe://cluster.local/ns/front/sa/default".into()),
             },
             original_destination: "10.96.0.10:80".into(),
             destination: Destination {
@@ -283,6 +299,7 @@ mod tests {
                 pod: Some("web-0".into()),
                 service: Some("backend/web".into()),
                 address: Some("10.244.1.3:8080".into()),
+                identity: None,
             },
             protocol: "tcp".into(),
             verdict,
@@ -291,6 +308,8 @@ mod tests {
             duration_ms: 0.5,
             error: None,
             cgroup_id: Some(7),
+            mtls: false,
+            policy: None,
         }
     }
 
@@ -371,6 +390,7 @@ mod tests {
             "connect_failed",
             "unidentified",
             "unhandled",
+            "denied",
         ] {
             assert_eq!(v.parse::<Verdict>().unwrap().as_str(), v);
         }

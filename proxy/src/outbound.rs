@@ -90,6 +90,8 @@ impl Outbound {
             duration_ms: 0.0,
             error: None,
             cgroup_id: None,
+            mtls: false,
+            policy: None,
         };
         let local = match client.local_addr() {
             Ok(a) => a,
@@ -268,6 +270,7 @@ impl Outbound {
                 namespace: pod.map(|p| p.namespace.clone()),
                 pod: pod.map(|p| p.name.clone()),
                 ip: pod.and_then(|p| p.ip),
+                identity: None,
             },
             original_destination: ev.redirect.original_dst.to_string(),
             destination,
@@ -278,6 +281,8 @@ impl Outbound {
             duration_ms: 0.0,
             error: Some("redirected by eBPF but the connection never reached the proxy".into()),
             cgroup_id: Some(ev.redirect.cgroup_id),
+            mtls: false,
+            policy: None,
         });
     }
 }
