@@ -1,6 +1,7 @@
 //! Project tasks: `cargo xtask setup | test | demo | bench`.
 
 mod bench;
+mod demo;
 mod setup;
 
 use std::process::Command;
@@ -20,6 +21,13 @@ enum Cmd {
     /// Install what building and testing weft needs (idempotent): nightly rust-src,
     /// bpf-linker built against the nightly's LLVM, Debian packages used by the tests.
     Setup,
+    /// A cluster on this machine with weft on its node: traffic, then `weft flows` and
+    /// `weft workloads` (needs root).
+    Demo {
+        /// Leave the cluster and weft running until Ctrl-C, for `weft flows --follow`.
+        #[arg(long)]
+        keep: bool,
+    },
     /// Formatting, lints, unit tests and the privileged end-to-end tests (needs root).
     Test {
         /// Extra arguments for `cargo test` (after `--`), e.g. a test name filter.
@@ -34,6 +42,7 @@ enum Cmd {
 fn main() -> anyhow::Result<()> {
     match Cli::parse().cmd {
         Cmd::Setup => setup::run(),
+        Cmd::Demo { keep } => demo::run(keep),
         Cmd::Test { args } => test(&args),
         Cmd::Bench(args) => bench::run(args),
     }
