@@ -29,10 +29,15 @@ pub mod names {
     pub const EVENTS: &str = "EVENTS";
     /// Counters, indexed by `Counter`: `PerCpuArray<u64>`.
     pub const STATS: &str = "STATS";
+    /// PeerAuthentication mode of pod cgroups (per port, or 0 for the pod's default):
+    /// `HashMap<StrictKey, u8 mode>` with `strict_mode::STRICT` / `strict_mode::NOT_STRICT`.
+    pub const STRICT: &str = "STRICT";
 
     pub const PROG_CONNECT4: &str = "weft_connect4";
     pub const PROG_CONNECT6: &str = "weft_connect6";
     pub const PROG_SOCK_OPS: &str = "weft_sock_ops";
+    /// `cgroup_skb/ingress`: drops plaintext connection attempts to STRICT pods.
+    pub const PROG_INGRESS: &str = "weft_ingress";
 
     /// Prefix of the pinned link of each program: `<bpffs>/link_<program name>`.
     pub const LINK_PIN_PREFIX: &str = "link_";
@@ -48,6 +53,8 @@ pub const ENROLLED_ENTRIES: u32 = 16_384;
 pub const EXCL_PORTS_ENTRIES: u32 = 1024;
 /// Capacity of the excluded-CIDRs trie.
 pub const EXCL_CIDRS_ENTRIES: u32 = 1024;
+/// Capacity of the PeerAuthentication map (pod defaults plus per-port overrides).
+pub const STRICT_ENTRIES: u32 = 32_768;
 /// Size of the redirect-event ring buffer, in bytes (a power of two, multiple of the page size).
 pub const EVENTS_BYTES: u32 = 1 << 20;
 
@@ -93,6 +100,29 @@ pub struct FlowKey {
     pub dst_port: u16,
 }
 
+/// Key of `STRICT`: a pod cgroup and one of its ports, or port 0 for the pod's default mode.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+pub struct StrictKey {
+    /// The pod cgroup id (the cgroup directory's inode number).
+    pub cgroup_id: u64,
+    /// Destination (pod) port, host byte order; 0 = every port without an entry of its own.
+    pub port: u16,
+    /// Always zero (map keys are compared byte for byte).
+    pub _pad: [u16; 3],
+}
+
+/// Values of `STRICT`.
+pub mod strict_mode {
+    /// PeerAuthentication STRICT: new plaintext TCP connections are only accepted from the
+    /// node's own address (the proxy, which delivers mesh traffic, and kubelet probes) and
+    /// loopback; others are dropped in the kernel.
+    pub const STRICT: u8 = 1;
+    /// An explicit PERMISSIVE or DISABLE: everything is accepted. Lets a per-port entry
+    /// override a STRICT pod default.
+    pub const NOT_STRICT: u8 = 2;
+}
+
 /// One event per redirected `connect()`, sent on the `EVENTS` ring buffer.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
@@ -118,10 +148,12 @@ pub enum Counter {
     TupleRecorded = 4,
     /// A redirect event could not be written to the ring buffer (full).
     EventsDropped = 5,
+    /// A new inbound plaintext TCP connection (SYN) to a STRICT pod was dropped.
+    StrictDropped = 6,
 }
 
 impl Counter {
-    pub const COUNT: u32 = 6;
+    pub const COUNT: u32 = 7;
     pub const ALL: [Counter; Counter::COUNT as usize] = [
         Counter::ConnectSeen,
         Counter::Redirected,
@@ -129,6 +161,7 @@ impl Counter {
         Counter::Excluded,
         Counter::TupleRecorded,
         Counter::EventsDropped,
+        Counter::StrictDropped,
     ];
     pub const fn name(self) -> &'static str {
         match self {
@@ -138,9 +171,13 @@ impl Counter {
             Counter::Excluded => "excluded",
             Counter::TupleRecorded => "tuple_recorded",
             Counter::EventsDropped => "events_dropped",
+            Counter::StrictDropped => "strict_dropped",
         }
     }
 }
+
+// The kernel compares map keys byte for byte: no implicit padding anywhere.
+const _: () = assert!(core::mem::size_of::<StrictKey>() == 16);
 
 #[cfg(feature = "user")]
 mod user {
@@ -149,4 +186,5 @@ mod user {
     unsafe impl aya::Pod for super::OrigDst {}
     unsafe impl aya::Pod for super::FlowKey {}
     unsafe impl aya::Pod for super::RedirectEvent {}
+    unsafe impl aya::Pod for super::StrictKey {}
 }
