@@ -6,6 +6,9 @@
 //!   cookie, emit a redirect event and rewrite the destination to the proxy listener.
 //! * `weft_sock_ops` (`sock_ops`, `ACTIVE_ESTABLISHED`): once the redirected connection is up,
 //!   re-key the record by the client 4-tuple, which is what the proxy sees on `accept()`.
+//! * `weft_ingress` (`cgroup_skb/ingress`): PeerAuthentication STRICT. Drops the SYN of a new
+//!   inbound TCP connection to a STRICT pod unless it comes from the node's own address (where the
+//!   proxy delivers mesh traffic from, and kubelet probes come from) or loopback.
 //!
 //! The shared ABI (map names, value layouts, byte orders) lives in `weft-common`.
 #![no_std]
@@ -17,16 +20,17 @@ use aya_ebpf::{
     bindings::{bpf_sock_addr, bpf_sock_ops, BPF_SOCK_OPS_ACTIVE_ESTABLISHED_CB},
     helpers::{
         bpf_get_current_ancestor_cgroup_id, bpf_get_current_cgroup_id, bpf_get_socket_cookie,
-        bpf_ktime_get_boot_ns,
+        bpf_ktime_get_boot_ns, bpf_skb_ancestor_cgroup_id, bpf_skb_cgroup_id,
     },
-    macros::{cgroup_sock_addr, map, sock_ops},
+    macros::{cgroup_skb, cgroup_sock_addr, map, sock_ops},
     maps::{lpm_trie::Key, Array, HashMap, LpmTrie, LruHashMap, PerCpuArray, RingBuf},
-    programs::{SockAddrContext, SockOpsContext},
+    programs::{SkBuffContext, SockAddrContext, SockOpsContext},
     EbpfContext,
 };
 use weft_common::{
-    Config, Counter, FlowKey, OrigDst, RedirectEvent, ENROLLED_ENTRIES, EVENTS_BYTES,
-    EXCL_CIDRS_ENTRIES, EXCL_PORTS_ENTRIES, MAX_CGROUP_DEPTH, ORIG_DST_ENTRIES,
+    strict_mode, Config, Counter, FlowKey, OrigDst, RedirectEvent, StrictKey, ENROLLED_ENTRIES,
+    EVENTS_BYTES, EXCL_CIDRS_ENTRIES, EXCL_PORTS_ENTRIES, MAX_CGROUP_DEPTH, ORIG_DST_ENTRIES,
+    STRICT_ENTRIES,
 };
 
 const AF_INET: u16 = 2;
@@ -40,6 +44,16 @@ const V4MAPPED_WORD2: u32 = u32::from_ne_bytes([0, 0, 0xff, 0xff]);
 
 /// Values returned by cgroup sock_addr programs: 1 lets the `connect()` proceed.
 const ALLOW: i32 = 1;
+
+/// Values returned by cgroup_skb programs.
+const SKB_PASS: i32 = 1;
+const SKB_DROP: i32 = 0;
+
+/// `skb->protocol` of IPv4 packets (also those delivered to AF_INET6 sockets as IPv4-mapped).
+const ETH_P_IP: u16 = 0x0800;
+const IPPROTO_TCP_U8: u8 = 6;
+const TCP_FLAG_SYN: u8 = 0x02;
+const TCP_FLAG_ACK: u8 = 0x10;
 
 #[map(name = "ENROLLED")]
 static ENROLLED: HashMap<u64, u8> = HashMap::with_max_entries(ENROLLED_ENTRIES, 0);
@@ -64,6 +78,9 @@ static EVENTS: RingBuf = RingBuf::with_byte_size(EVENTS_BYTES, 0);
 
 #[map(name = "STATS")]
 static STATS: PerCpuArray<u64> = PerCpuArray::with_max_entries(Counter::COUNT, 0);
+
+#[map(name = "STRICT")]
+static STRICT: HashMap<StrictKey, u8> = HashMap::with_max_entries(STRICT_ENTRIES, 0);
 
 #[inline(always)]
 fn count(counter: Counter) {
@@ -309,6 +326,105 @@ fn remote_port_be(v: u32) -> u16 {
     {
         v as u16
     }
+}
+
+#[cgroup_skb(ingress)]
+pub fn weft_ingress(ctx: SkBuffContext) -> i32 {
+    if strict_refused(&ctx) {
+        count(Counter::StrictDropped);
+        return SKB_DROP;
+    }
+    SKB_PASS
+}
+
+/// Whether an inbound packet opens a plaintext connection that a STRICT pod must refuse: an
+/// IPv4 TCP SYN (ACK clear, so replies to the pod's own connections never qualify) from neither
+/// the node's address nor loopback, to a pod whose effective mode for the destination port is
+/// STRICT. Anything that cannot be parsed passes.
+#[inline(always)]
+fn strict_refused(ctx: &SkBuffContext) -> bool {
+    // IPv4 packets, whatever the socket family: IPv4-mapped traffic on AF_INET6 sockets too.
+    if u16::from_be(ctx.skb.protocol() as u16) != ETH_P_IP {
+        return false;
+    }
+    // At cgroup ingress the packet starts at the network header.
+    let Ok(ip) = ctx.load::<[u8; 20]>(0) else {
+        return false;
+    };
+    if ip[0] >> 4 != 4 || ip[9] != IPPROTO_TCP_U8 {
+        return false;
+    }
+    // Fragments are reassembled before socket delivery; a non-first one has no TCP header.
+    if (ip[6] & 0x1f) != 0 || ip[7] != 0 {
+        return false;
+    }
+    let ihl = usize::from(ip[0] & 0x0f) * 4;
+    if ihl < 20 {
+        return false;
+    }
+    // Ports (bytes 0..4) and flags (byte 13) of the TCP header.
+    let Ok(tcp) = ctx.load::<[u8; 14]>(ihl) else {
+        return false;
+    };
+    if tcp[13] & (TCP_FLAG_SYN | TCP_FLAG_ACK) != TCP_FLAG_SYN {
+        return false;
+    }
+    let src = u32::from_ne_bytes([ip[12], ip[13], ip[14], ip[15]]);
+    if ip[12] == 127 {
+        return false;
+    }
+    // The node's address: the proxy delivers mesh traffic from it, kubelet probes come from it.
+    // (If CONFIG were unset, 0 matches no real source: STRICT pods then accept loopback only.)
+    if CONFIG.get(0).is_some_and(|cfg| cfg.proxy_ip4 == src) {
+        return false;
+    }
+    let port = u16::from_be_bytes([tcp[2], tcp[3]]);
+    strict_mode_of(ctx, port) == Some(strict_mode::STRICT)
+}
+
+/// The PeerAuthentication mode for `port` of the pod the receiving socket lives under: the first
+/// ancestor of the socket's cgroup, from the root down, with an entry for that port or a default
+/// (port 0) entry. `None` when no ancestor has one.
+#[inline(always)]
+fn strict_mode_of(ctx: &SkBuffContext, port: u16) -> Option<u8> {
+    let skb = ctx.skb.skb;
+    // SAFETY: helpers taking the program's own context.
+    let current = unsafe { bpf_skb_cgroup_id(skb) };
+    if current == 0 {
+        return None;
+    }
+    let mut level: u32 = 0;
+    while level < MAX_CGROUP_DEPTH {
+        // SAFETY: as above.
+        let id = unsafe { bpf_skb_ancestor_cgroup_id(skb, level as i32) };
+        if id == 0 {
+            break;
+        }
+        if let Some(mode) = strict_entry(id, port) {
+            return Some(mode);
+        }
+        if id == current {
+            return None;
+        }
+        level += 1;
+    }
+    strict_entry(current, port)
+}
+
+/// The `STRICT` entry of `cgroup_id` for `port`, else its default (port 0) entry.
+#[inline(always)]
+fn strict_entry(cgroup_id: u64, port: u16) -> Option<u8> {
+    let mut key = StrictKey {
+        cgroup_id,
+        port,
+        _pad: [0; 3],
+    };
+    // SAFETY: the map values are copied out right away.
+    if let Some(mode) = unsafe { STRICT.get(&key) } {
+        return Some(*mode);
+    }
+    key.port = 0;
+    unsafe { STRICT.get(&key) }.copied()
 }
 
 #[cfg(not(test))]
