@@ -2,11 +2,11 @@
 //!
 //! [`Capture::attach`] loads the programs built from `ebpf/` (embedded in this binary by
 //! `build.rs`), attaches them to the configured cgroup v2 root and pins maps and links under a
-//! bpffs directory, so redirection keeps working while the proxy restarts:
+//! bpffs directory, so redirection and STRICT enforcement keep working while the proxy restarts:
 //!
 //! ```text
-//! <bpffs>/ENROLLED CONFIG EXCL_PORTS EXCL_CIDRS BY_COOKIE BY_TUPLE EVENTS STATS   maps
-//! <bpffs>/link_weft_connect4 link_weft_connect6 link_weft_sock_ops                 cgroup links
+//! <bpffs>/ENROLLED CONFIG EXCL_PORTS EXCL_CIDRS BY_COOKIE BY_TUPLE EVENTS STATS STRICT    maps
+//! <bpffs>/link_weft_connect4 link_weft_connect6 link_weft_sock_ops link_weft_ingress   cgroup links
 //! ```
 //!
 //! A later `attach` with the same directory re-opens the pins instead of re-attaching. Pins
@@ -19,7 +19,7 @@
 //! `weft_common` and `ebpf/src/main.rs`.
 
 use std::{
-    collections::{BTreeMap, HashSet},
+    collections::{BTreeMap, HashMap, HashSet},
     ffi::CString,
     fs::{self, File},
     io,
@@ -40,7 +40,8 @@ use aya::{
         MapInfo, MapType, PerCpuArray, RingBuf,
     },
     programs::{
-        links::FdLink, loaded_programs, CgroupAttachMode, CgroupSockAddr, Program, SockOps,
+        links::FdLink, loaded_programs, CgroupAttachMode, CgroupSkb, CgroupSockAddr, Program,
+        SockOps,
     },
     Ebpf, EbpfLoader,
 };
@@ -52,8 +53,9 @@ use tokio::{
 };
 use tracing::{debug, info, warn};
 use weft_common::{
-    names, Config, Counter, FlowKey, OrigDst, RedirectEvent as RawEvent, ENROLLED_ENTRIES,
-    EVENTS_BYTES, EXCL_CIDRS_ENTRIES, EXCL_PORTS_ENTRIES, ORIG_DST_ENTRIES,
+    names, strict_mode, Config, Counter, FlowKey, OrigDst, RedirectEvent as RawEvent, StrictKey,
+    ENROLLED_ENTRIES, EVENTS_BYTES, EXCL_CIDRS_ENTRIES, EXCL_PORTS_ENTRIES, ORIG_DST_ENTRIES,
+    STRICT_ENTRIES,
 };
 
 /// The eBPF object built by `build.rs` from `ebpf/`.
@@ -72,6 +74,7 @@ const CGROUP2_SUPER_MAGIC: i64 = 0x6367_7270;
 // bpf(2) commands and attach types used directly (aya 0.14 has no API for them).
 const BPF_OBJ_GET: libc::c_long = 7;
 const BPF_LINK_DETACH: libc::c_long = 34;
+const BPF_CGROUP_INET_INGRESS: u32 = 0;
 const BPF_CGROUP_SOCK_OPS: u32 = 3;
 const BPF_CGROUP_INET4_CONNECT: u32 = 10;
 const BPF_CGROUP_INET6_CONNECT: u32 = 11;
@@ -112,6 +115,26 @@ pub struct RedirectEvent {
     pub redirect: Redirect,
     /// When the `connect()` happened (wall clock).
     pub time: SystemTime,
+}
+
+/// PeerAuthentication mode of a pod, or of one of its ports (see [`Capture::set_strict`]).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize)]
+pub enum StrictMode {
+    /// STRICT: new plaintext TCP connections from anywhere but the node's own address (the
+    /// proxy's address: mesh deliveries and kubelet probes) or loopback are dropped.
+    Strict,
+    /// An explicit PERMISSIVE or DISABLE: everything is accepted. As a per-port entry it
+    /// overrides a STRICT pod default.
+    NotStrict,
+}
+
+impl StrictMode {
+    fn to_raw(self) -> u8 {
+        match self {
+            StrictMode::Strict => strict_mode::STRICT,
+            StrictMode::NotStrict => strict_mode::NOT_STRICT,
+        }
+    }
 }
 
 #[derive(Clone, Debug, Serialize)]
@@ -159,6 +182,7 @@ pub struct Capture {
     by_cookie: Mutex<BpfHashMap<MapData, u64, OrigDst>>,
     by_tuple: Mutex<BpfHashMap<MapData, FlowKey, OrigDst>>,
     stats: Mutex<PerCpuArray<MapData, u64>>,
+    strict: Mutex<BpfHashMap<MapData, StrictKey, u8>>,
     events: Mutex<Option<RingBuf<MapData>>>,
     /// Dropped with the `Capture`, which stops the event pump task.
     shutdown: watch::Sender<()>,
@@ -180,7 +204,7 @@ struct ProgSpec {
     attach_type: u32,
 }
 
-const PROGRAMS: [ProgSpec; 3] = [
+const PROGRAMS: [ProgSpec; 4] = [
     ProgSpec {
         name: names::PROG_CONNECT4,
         attach_type: BPF_CGROUP_INET4_CONNECT,
@@ -193,6 +217,10 @@ const PROGRAMS: [ProgSpec; 3] = [
         name: names::PROG_SOCK_OPS,
         attach_type: BPF_CGROUP_SOCK_OPS,
     },
+    ProgSpec {
+        name: names::PROG_INGRESS,
+        attach_type: BPF_CGROUP_INET_INGRESS,
+    },
 ];
 
 /// The layout every map must have, checked before re-using a pinned map.
@@ -204,7 +232,7 @@ struct MapSpec {
     max_entries: u32,
 }
 
-fn map_specs() -> [MapSpec; 8] {
+fn map_specs() -> [MapSpec; 9] {
     use std::mem::size_of;
     let spec = |name, map_type, key_size: usize, value_size: usize, max_entries| MapSpec {
         name,
@@ -258,13 +286,20 @@ fn map_specs() -> [MapSpec; 8] {
             size_of::<u64>(),
             Counter::COUNT,
         ),
+        spec(
+            names::STRICT,
+            MapType::Hash,
+            size_of::<StrictKey>(),
+            size_of::<u8>(),
+            STRICT_ENTRIES,
+        ),
     ]
 }
 
 impl Capture {
     /// Mounts bpffs at `cfg.bpffs`'s parent if nothing is mounted there, creates the pin
     /// directory, then either re-opens the pinned maps and links of a previous run or loads the
-    /// object, pins its maps, attaches the three programs to `cfg.cgroup_root` and pins the
+    /// object, pins its maps, attaches the four programs to `cfg.cgroup_root` and pins the
     /// links. Finally writes `CONFIG` and the exclusion maps from `cfg`.
     pub fn attach(cfg: &CaptureConfig) -> anyhow::Result<Capture> {
         validate(cfg)?;
@@ -296,7 +331,7 @@ impl Capture {
                     "pinned capture state is unusable, removing it and loading fresh: {err:#}"
                 );
                 remove_pins(&pin_dir, false)?;
-                [None, None, None]
+                no_links()
             }
         };
 
@@ -326,6 +361,7 @@ impl Capture {
             by_cookie: Mutex::new(take_map(&mut ebpf, names::BY_COOKIE)?),
             by_tuple: Mutex::new(take_map(&mut ebpf, names::BY_TUPLE)?),
             stats: Mutex::new(take_map(&mut ebpf, names::STATS)?),
+            strict: Mutex::new(take_map(&mut ebpf, names::STRICT)?),
             events: Mutex::new(Some(take_map(&mut ebpf, names::EVENTS)?)),
             shutdown: watch::channel(()).0,
             own_cgroups: own_cgroup_ids().unwrap_or_else(|err| {
@@ -439,6 +475,55 @@ impl Capture {
         Ok(())
     }
 
+    /// Make `STRICT` contain exactly `entries`: `(pod cgroup id, port)` → mode, where port 0 is
+    /// the pod's default and a non-zero port overrides it for that port. A pod without entries,
+    /// or whose effective mode for a port is [`StrictMode::NotStrict`], accepts everything.
+    ///
+    /// Tightening changes (new or changed STRICT entries, stale NotStrict overrides) are
+    /// applied before loosening ones, so while the map is being updated a connection is never
+    /// let through that neither the old nor the new setting would accept. (The other way round,
+    /// a dropped SYN is retransmitted by the client; a plaintext connection accepted cannot be
+    /// taken back.)
+    pub fn set_strict(&self, entries: &HashMap<(u64, u16), StrictMode>) -> anyhow::Result<()> {
+        let mut map = lock(&self.strict);
+        let current: HashMap<(u64, u16), u8> = map
+            .iter()
+            .map(|kv| kv.map(|(k, v)| ((k.cgroup_id, k.port), v)))
+            .collect::<Result<_, _>>()
+            .context("listing STRICT")?;
+        let key = |&(cgroup_id, port): &(u64, u16)| StrictKey {
+            cgroup_id,
+            port,
+            _pad: [0; 3],
+        };
+        let upsert = |map: &mut BpfHashMap<MapData, StrictKey, u8>, mode: StrictMode| {
+            for (k, m) in entries.iter().filter(|(_, &m)| m == mode) {
+                if current.get(k) != Some(&m.to_raw()) {
+                    map.insert(key(k), m.to_raw(), 0).with_context(|| {
+                        format!("setting cgroup {} port {} to {m:?} in STRICT", k.0, k.1)
+                    })?;
+                }
+            }
+            anyhow::Ok(())
+        };
+        let remove_stale = |map: &mut BpfHashMap<MapData, StrictKey, u8>, strict: bool| {
+            for (k, &raw) in &current {
+                if (raw == strict_mode::STRICT) == strict && !entries.contains_key(k) {
+                    ignore_missing(map.remove(&key(k))).with_context(|| {
+                        format!("removing cgroup {} port {} from STRICT", k.0, k.1)
+                    })?;
+                }
+            }
+            anyhow::Ok(())
+        };
+        // Tighten first, then loosen.
+        upsert(&mut map, StrictMode::Strict)?;
+        remove_stale(&mut map, false)?;
+        upsert(&mut map, StrictMode::NotStrict)?;
+        remove_stale(&mut map, true)?;
+        Ok(())
+    }
+
     /// On accept: `peer` = client (pod) address, `local` = our listener address. Looks the
     /// connection up in `BY_TUPLE` and deletes the entry. `None` if unknown.
     pub fn take_redirect(&self, peer: SocketAddr, local: SocketAddr) -> Option<Redirect> {
@@ -519,6 +604,7 @@ impl Capture {
             entries(names::BY_TUPLE, count_keys(lock(&self.by_tuple).keys())),
             0,
             Counter::COUNT as usize,
+            entries(names::STRICT, count_keys(lock(&self.strict).keys())),
         ];
         let maps = map_specs()
             .iter()
@@ -795,6 +881,7 @@ fn load_program(program: &mut Program) -> anyhow::Result<()> {
     match program {
         Program::CgroupSockAddr(p) => p.load()?,
         Program::SockOps(p) => p.load()?,
+        Program::CgroupSkb(p) => p.load()?,
         other => bail!("unexpected program type {:?}", other.prog_type()),
     }
     Ok(())
@@ -810,6 +897,14 @@ fn attach_program(program: &mut Program, cgroup: &File) -> anyhow::Result<FdLink
         Program::SockOps(p) => {
             let p: &mut SockOps = p;
             let id = p.attach(cgroup.as_fd(), CgroupAttachMode::Single)?;
+            FdLink::try_from(p.take_link(id)?)?
+        }
+        Program::CgroupSkb(p) => {
+            let p: &mut CgroupSkb = p;
+            // The direction comes from the program's ELF section (`cgroup_skb/ingress`).
+            let attach_type =
+                (*p.expected_attach_type()).context("cgroup_skb program without a direction")?;
+            let id = p.attach(cgroup.as_fd(), attach_type, CgroupAttachMode::Single)?;
             FdLink::try_from(p.take_link(id)?)?
         }
         other => bail!("unexpected program type {:?}", other.prog_type()),
@@ -924,9 +1019,10 @@ impl LinkHandle {
 
 /// Opens the pinned links in `dir` and checks that they form a working attachment to the cgroup
 /// `cgroup_id` whose maps are the pinned maps with the expected layout. Returns the links (per
-/// program) when all three are fine, all `None` when there are no pinned links, and an error
-/// when the pins are unusable (the caller removes them).
-fn inspect_pins(dir: &Path, cgroup_id: u64) -> anyhow::Result<[Option<LinkHandle>; 3]> {
+/// program, in `PROGRAMS` order) when all of them are fine, all `None` when there are no pinned
+/// links, and an error when the pins are unusable (the caller removes them). Pins of a build
+/// with fewer programs or maps are unusable: everything is loaded fresh.
+fn inspect_pins(dir: &Path, cgroup_id: u64) -> anyhow::Result<Vec<Option<LinkHandle>>> {
     // Pinned maps must have this build's layout, whether or not links are pinned.
     let mut pinned_map_ids = HashSet::new();
     for spec in map_specs() {
@@ -965,7 +1061,7 @@ fn inspect_pins(dir: &Path, cgroup_id: u64) -> anyhow::Result<[Option<LinkHandle
         .map(|spec| link_pin_path(dir, spec.name))
         .collect();
     if pins.iter().all(|p| !p.exists()) {
-        return Ok([None, None, None]);
+        return Ok(no_links());
     }
     if pinned_map_ids.len() != map_specs().len() {
         bail!(
@@ -973,7 +1069,7 @@ fn inspect_pins(dir: &Path, cgroup_id: u64) -> anyhow::Result<[Option<LinkHandle
             dir.display()
         );
     }
-    let mut links = Vec::with_capacity(3);
+    let mut links = Vec::with_capacity(PROGRAMS.len());
     let mut used_maps = HashSet::new();
     for (spec, pin) in PROGRAMS.iter().zip(&pins) {
         let link = LinkHandle::open(pin, spec)?;
@@ -1012,12 +1108,12 @@ fn inspect_pins(dir: &Path, cgroup_id: u64) -> anyhow::Result<[Option<LinkHandle
             dir.display()
         );
     }
-    let mut links = links.into_iter();
-    Ok([
-        links.next().flatten(),
-        links.next().flatten(),
-        links.next().flatten(),
-    ])
+    Ok(links)
+}
+
+/// One `None` per program: nothing pinned to re-use.
+fn no_links() -> Vec<Option<LinkHandle>> {
+    PROGRAMS.iter().map(|_| None).collect()
 }
 
 /// Detaches pinned links and removes all pins in `dir`, then (if `remove_dir`) `dir` itself.
@@ -1303,6 +1399,7 @@ mod tests {
             names::PROG_CONNECT4,
             names::PROG_CONNECT6,
             names::PROG_SOCK_OPS,
+            names::PROG_INGRESS,
             names::ENROLLED,
             names::CONFIG,
             names::EXCL_PORTS,
@@ -1311,6 +1408,7 @@ mod tests {
             names::BY_TUPLE,
             names::EVENTS,
             names::STATS,
+            names::STRICT,
         ];
         all.into_iter()
             .filter(|name| {

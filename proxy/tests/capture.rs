@@ -3,33 +3,37 @@
 //! Needs root, a cgroup v2 hierarchy (`/sys/fs/cgroup`, or `/sys/fs/cgroup/unified` on hybrid hosts), and `ip` (iproute2). Each test
 //! builds its own world, named after the test and the process id so tests can run in parallel:
 //!
-//! * a network namespace whose `lo` carries 10.250.0.1 (the proxy), 10.250.0.2 (a service) and
-//!   10.250.0.200 (an excluded network), with a "proxy" listener on 10.250.0.1:15001 and "direct"
-//!   listeners on 0.0.0.0:8080 and 0.0.0.0:9090;
+//! * a network namespace whose `lo` carries 10.250.0.1 (the proxy, also the node's address),
+//!   10.250.0.2 (a service), 10.250.0.3 (a pod server) and 10.250.0.200 (an excluded network),
+//!   with a "proxy" listener on 10.250.0.1:15001 and "direct" listeners on 0.0.0.0:8080 and
+//!   0.0.0.0:9090;
 //! * a cgroup subtree under `/sys/fs/cgroup/unified/weft-cap-<test>-<pid>` (the attach point),
 //!   with a pod cgroup and a container cgroup below it;
 //! * a bpffs pin directory `/sys/fs/bpf/weft-cap-<test>-<pid>`.
 //!
-//! "Pod" processes are this test binary re-executed (test `client_helper`): the child joins the
-//! requested cgroup first, then enters the network namespace, connects, and reports which
-//! listener answered. Everything is removed on drop, also when a test panics.
+//! "Pod" processes are this test binary re-executed (tests `client_helper` and `server_helper`):
+//! the child joins the requested cgroup first, then enters the network namespace, and connects
+//! and reports which listener answered, or listens until its stdin closes. Everything is removed
+//! on drop, also when a test panics.
 
 use std::{
-    collections::HashSet,
+    collections::{HashMap, HashSet},
     fs::{self, File},
-    io::{Read, Write},
+    io::{self, BufRead, BufReader, Read, Write},
     net::{Ipv4Addr, SocketAddr, SocketAddrV4, TcpListener, TcpStream},
     os::unix::fs::MetadataExt,
     path::{Path, PathBuf},
-    process::Command,
+    process::{Child, Command, Stdio},
     sync::mpsc,
     thread,
     time::{Duration, SystemTime},
 };
 
-use weft::capture::{Capture, CaptureConfig, Redirect};
+use socket2::{Domain, Protocol, Socket, Type};
+use weft::capture::{Capture, CaptureConfig, Redirect, StrictMode};
 
 const HELPER_ENV: &str = "WEFT_CAPTURE_TEST_CLIENT";
+const SERVER_ENV: &str = "WEFT_CAPTURE_TEST_SERVER";
 const PROXY: SocketAddrV4 = SocketAddrV4::new(Ipv4Addr::new(10, 250, 0, 1), 15001);
 const SERVICE: &str = "10.250.0.2:8080";
 const TIMEOUT: Duration = Duration::from_secs(5);
@@ -84,6 +88,49 @@ fn client_helper() {
     }
 }
 
+/// Not a test on its own: a "pod" server for the tests below (a no-op unless re-executed).
+/// Listens on every `listen` address, answers each connection with its local port, prints
+/// `READY` once listening and exits when its stdin closes.
+#[test]
+fn server_helper() {
+    let Ok(spec) = std::env::var(SERVER_ENV) else {
+        return;
+    };
+    let mut cgroup = None;
+    let mut netns = None;
+    let mut listen = Vec::new();
+    for part in spec.split(';') {
+        match part.split_once('=') {
+            Some(("cgroup", v)) => cgroup = Some(v.to_owned()),
+            Some(("netns", v)) => netns = Some(v.to_owned()),
+            Some(("listen", v)) => listen.extend(
+                v.split(',')
+                    .map(|a| a.parse::<SocketAddr>().expect("listen")),
+            ),
+            _ => panic!("bad helper spec {spec:?}"),
+        }
+    }
+    // The cgroup first: a socket belongs to the cgroup its creator was in at the time.
+    fs::write(
+        Path::new(&cgroup.expect("cgroup")).join("cgroup.procs"),
+        std::process::id().to_string(),
+    )
+    .expect("joining the cgroup");
+    enter_netns(&netns.expect("netns"));
+    for addr in listen {
+        let listener = TcpListener::bind(addr).unwrap_or_else(|e| panic!("binding {addr}: {e}"));
+        thread::spawn(move || {
+            for mut stream in listener.incoming().flatten() {
+                let _ = stream.write_all(addr.port().to_string().as_bytes());
+            }
+        });
+    }
+    println!("\nREADY");
+    io::stdout().flush().unwrap();
+    let _ = io::copy(&mut io::stdin(), &mut io::sink());
+    std::process::exit(0);
+}
+
 fn enter_netns(name: &str) {
     let ns = File::open(format!("/run/netns/{name}")).expect("opening netns");
     nix::sched::setns(&ns, nix::sched::CloneFlags::CLONE_NEWNET).expect("setns");
@@ -128,7 +175,12 @@ impl World {
         };
         ip(&["netns", "add", &world.name]);
         ip(&["-n", &world.name, "link", "set", "lo", "up"]);
-        for addr in ["10.250.0.1/32", "10.250.0.2/32", "10.250.0.200/32"] {
+        for addr in [
+            "10.250.0.1/32",
+            "10.250.0.2/32",
+            "10.250.0.3/32",
+            "10.250.0.200/32",
+        ] {
             ip(&["-n", &world.name, "addr", "add", addr, "dev", "lo"]);
         }
         world.serve(tx);
@@ -254,6 +306,56 @@ impl World {
         (peer, local)
     }
 
+    /// Starts a pod server process in `cgroup` listening on `listen`; stopped on drop.
+    fn serve_in(&self, cgroup: &Path, listen: &[&str]) -> Server {
+        let spec = format!(
+            "cgroup={};netns={};listen={}",
+            cgroup.display(),
+            self.name,
+            listen.join(",")
+        );
+        let mut child = Command::new(std::env::current_exe().unwrap())
+            .args([
+                "server_helper",
+                "--exact",
+                "--nocapture",
+                "--test-threads=1",
+            ])
+            .env(SERVER_ENV, spec)
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .spawn()
+            .expect("running the server helper");
+        let stdout = child.stdout.take().unwrap();
+        let server = Server(child);
+        let ready = BufReader::new(stdout)
+            .lines()
+            .map_while(Result::ok)
+            .any(|l| l == "READY");
+        assert!(ready, "the server helper did not start");
+        server
+    }
+
+    /// Connects from `src` (an address in the namespace, any port) to `target` with a 1 s
+    /// connect timeout; returns what the server answered.
+    fn dial(&self, src: Ipv4Addr, target: &str) -> io::Result<String> {
+        let ns = self.name.clone();
+        let target: SocketAddr = target.parse().unwrap();
+        thread::spawn(move || {
+            enter_netns(&ns);
+            let socket = Socket::new(Domain::IPV4, Type::STREAM, Some(Protocol::TCP))?;
+            socket.bind(&SocketAddr::from((src, 0)).into())?;
+            socket.connect_timeout(&target.into(), Duration::from_secs(1))?;
+            let mut stream = TcpStream::from(socket);
+            stream.set_read_timeout(Some(TIMEOUT))?;
+            let mut answer = String::new();
+            stream.read_to_string(&mut answer)?;
+            Ok(answer)
+        })
+        .join()
+        .unwrap()
+    }
+
     fn expect_direct(&self, cgroup: &Path, target: &str) {
         let client = self.connect_from(cgroup, target);
         assert_eq!(
@@ -262,6 +364,16 @@ impl World {
             "{target} from {} should not have been redirected",
             cgroup.display()
         );
+    }
+}
+
+/// A server process in a pod; killed on drop.
+struct Server(Child);
+
+impl Drop for Server {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
     }
 }
 
@@ -335,7 +447,15 @@ fn redirects_enrolled_pods_and_survives_restart() {
     assert_eq!(status.attach_point, root);
     assert_eq!(status.pin_path, world.pin_dir);
     let names: Vec<_> = status.programs.iter().map(|p| p.name.as_str()).collect();
-    assert_eq!(names, ["weft_connect4", "weft_connect6", "weft_sock_ops"]);
+    assert_eq!(
+        names,
+        [
+            "weft_connect4",
+            "weft_connect6",
+            "weft_sock_ops",
+            "weft_ingress"
+        ]
+    );
     assert!(
         status.programs.iter().all(|p| p.attached && p.id != 0),
         "{status:?}"
@@ -399,6 +519,7 @@ fn redirects_enrolled_pods_and_survives_restart() {
     assert_eq!(c("excluded"), 4, "{counters:?}");
     assert_eq!(c("connect_seen"), 9, "{counters:?}");
     assert_eq!(c("events_dropped"), 0, "{counters:?}");
+    assert_eq!(c("strict_dropped"), 0, "{counters:?}");
     let prog_ids: Vec<u32> = status.programs.iter().map(|p| p.id).collect();
 
     // The proxy goes away without detaching: redirection continues, and the record of a
@@ -488,4 +609,139 @@ fn stale_pins_are_replaced() {
     assert_eq!(r.cgroup_id, cgroup_id(&b_pod));
     assert_eq!(capture.status().counters["redirected"], 1);
     capture.detach_and_unpin().unwrap();
+}
+
+fn strict(entries: &[(&Path, u16, StrictMode)]) -> HashMap<(u64, u16), StrictMode> {
+    entries
+        .iter()
+        .map(|&(cgroup, port, mode)| ((cgroup_id(cgroup), port), mode))
+        .collect()
+}
+
+#[test]
+fn strict_pods_refuse_plaintext_from_other_sources() {
+    let world = World::new("strict");
+    let pod = world.cgroup("pod");
+    let ctr = world.cgroup("pod/ctr");
+    let other = world.cgroup("other");
+    let cfg = world.config(&world.top);
+    let node = *PROXY.ip();
+    let outsider = Ipv4Addr::new(10, 250, 0, 2);
+    let loopback = Ipv4Addr::LOCALHOST;
+
+    let capture = Capture::attach(&cfg).expect("attach");
+    let status = capture.status();
+    let ingress = status
+        .programs
+        .iter()
+        .find(|p| p.name == "weft_ingress")
+        .expect("weft_ingress in status");
+    assert!(ingress.attached && ingress.id != 0, "{status:?}");
+    for pin in ["link_weft_ingress", "STRICT"] {
+        assert!(world.pin_dir.join(pin).exists(), "{pin} not pinned");
+    }
+    let strict_map = |capture: &Capture| {
+        capture
+            .status()
+            .maps
+            .into_iter()
+            .find(|m| m.name == "STRICT")
+            .expect("STRICT in status")
+            .entries
+    };
+    let dropped = |capture: &Capture| capture.counters()["strict_dropped"];
+
+    // A pod server (not enrolled: enforcement does not depend on it) on an IPv4 socket for two
+    // ports, and a dual-stack IPv6 socket that gets IPv4 connections as IPv4-mapped.
+    let _server = world.serve_in(&ctr, &["0.0.0.0:7070", "0.0.0.0:7071", "[::]:7072"]);
+    let open = |capture: &Capture, src: Ipv4Addr, target: &str| {
+        let before = dropped(capture);
+        let port = target.rsplit(':').next().unwrap();
+        match world.dial(src, target) {
+            Ok(answer) => assert_eq!(answer, port, "{src} -> {target}"),
+            Err(err) => panic!("{src} -> {target} should connect: {err}"),
+        }
+        assert_eq!(
+            dropped(capture),
+            before,
+            "{src} -> {target}: counted as dropped"
+        );
+    };
+    let refused = |capture: &Capture, src: Ipv4Addr, target: &str| {
+        let before = dropped(capture);
+        match world.dial(src, target) {
+            Err(err) if err.kind() == io::ErrorKind::TimedOut => {}
+            other => panic!("{src} -> {target} should time out (SYN dropped), got {other:?}"),
+        }
+        assert!(dropped(capture) > before, "{src} -> {target}: not counted");
+    };
+
+    // Nothing STRICT yet.
+    open(&capture, outsider, "10.250.0.3:7070");
+
+    // STRICT pod: only the node's address and loopback get through, on every port and both
+    // socket families. The entry is on the pod cgroup; the server lives in a container below.
+    capture
+        .set_strict(&strict(&[
+            (&pod, 0, StrictMode::Strict),
+            (&other, 7071, StrictMode::NotStrict),
+        ]))
+        .unwrap();
+    assert_eq!(strict_map(&capture), 2);
+    refused(&capture, outsider, "10.250.0.3:7070");
+    refused(&capture, outsider, "10.250.0.3:7071");
+    refused(&capture, outsider, "10.250.0.3:7072");
+    open(&capture, node, "10.250.0.3:7070");
+    open(&capture, node, "10.250.0.3:7072");
+    open(&capture, loopback, "127.0.0.1:7070");
+
+    // A per-port PERMISSIVE/DISABLE override lets its port through; the others stay STRICT.
+    capture
+        .set_strict(&strict(&[
+            (&pod, 0, StrictMode::Strict),
+            (&pod, 7071, StrictMode::NotStrict),
+        ]))
+        .unwrap();
+    assert_eq!(strict_map(&capture), 2);
+    open(&capture, outsider, "10.250.0.3:7071");
+    refused(&capture, outsider, "10.250.0.3:7070");
+
+    // A STRICT port of a pod that is not STRICT by default.
+    capture
+        .set_strict(&strict(&[
+            (&pod, 0, StrictMode::NotStrict),
+            (&pod, 7070, StrictMode::Strict),
+        ]))
+        .unwrap();
+    refused(&capture, outsider, "10.250.0.3:7070");
+    open(&capture, outsider, "10.250.0.3:7071");
+
+    // Enforcement goes on while the proxy is down, and a restart re-uses the pinned program and
+    // keeps the entries.
+    capture
+        .set_strict(&strict(&[(&pod, 0, StrictMode::Strict)]))
+        .unwrap();
+    let prog_ids: Vec<u32> = capture.status().programs.iter().map(|p| p.id).collect();
+    let before = dropped(&capture);
+    drop(capture);
+    assert!(world.dial(outsider, "10.250.0.3:7070").is_err());
+    let capture = Capture::attach(&cfg).expect("re-attach");
+    let status = capture.status();
+    assert!(status.reused_pins, "{status:?}");
+    assert_eq!(
+        status.programs.iter().map(|p| p.id).collect::<Vec<_>>(),
+        prog_ids
+    );
+    assert!(dropped(&capture) > before);
+    assert_eq!(strict_map(&capture), 1);
+    refused(&capture, outsider, "10.250.0.3:7071");
+    open(&capture, node, "10.250.0.3:7071");
+
+    // No longer STRICT: everyone gets through again.
+    capture.set_strict(&HashMap::new()).unwrap();
+    assert_eq!(strict_map(&capture), 0);
+    open(&capture, outsider, "10.250.0.3:7070");
+    open(&capture, outsider, "10.250.0.3:7072");
+
+    capture.detach_and_unpin().expect("detach");
 }
