@@ -10,6 +10,7 @@ pub mod cli;
 pub mod config;
 pub mod flows;
 pub mod forward;
+pub mod identity;
 pub mod node;
 pub mod outbound;
 pub mod registry;

@@ -1,0 +1,613 @@
+//! Workload identity: SPIFFE ids, the mesh CA, and short-lived X.509 SVIDs.
+//!
+//! Every node holds the mesh CA key (root or intermediate) and mints SVIDs for the pods it hosts,
+//! and only for those ([`IdentityManager::set_local_identities`]). An SVID is an ECDSA P-256 leaf
+//! whose only URI SAN is the workload's SPIFFE id; it is re-minted at half of its lifetime, by
+//! [`IdentityManager::spawn_rotation`] even when nobody uses it. Open TLS connections keep the
+//! certificate they were made with; new handshakes use the current one.
+//!
+//! TLS configurations for the HBONE tunnel ([`IdentityManager::client_config`],
+//! [`IdentityManager::server_config`]) live in [`tls`]: TLS 1.3 only, ALPN `h2`, mutual
+//! authentication against the trust bundle, the server certificate chosen by SNI ([`sni_for`]),
+//! the server's SPIFFE id checked by the client.
+
+mod spiffe;
+mod tls;
+
+use std::collections::{HashMap, HashSet};
+use std::fs;
+use std::io::Write;
+use std::os::unix::fs::OpenOptionsExt;
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex, MutexGuard, Weak};
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use anyhow::{anyhow, bail, Context, Result};
+use rcgen::{
+    BasicConstraints, CertificateParams, DistinguishedName, DnType, ExtendedKeyUsagePurpose, IsCa,
+    Issuer, KeyPair, KeyUsagePurpose, SanType, SerialNumber,
+};
+use rustls::crypto::CryptoProvider;
+use rustls::pki_types::pem::PemObject;
+use rustls::pki_types::{CertificateDer, PrivateKeyDer, PrivatePkcs8KeyDer};
+use rustls::sign::CertifiedKey;
+use rustls::RootCertStore;
+use serde::Serialize;
+use time::OffsetDateTime;
+use tracing::{debug, info, warn};
+
+pub use spiffe::{identity_from_sni, sni_for, validate_trust_domain, SpiffeId, SpiffeIdError};
+pub use tls::{peer_identity, ALPN_H2};
+
+/// How far in the past a new SVID's notBefore is set, to tolerate clock skew between nodes.
+pub const NOT_BEFORE_SKEW: Duration = Duration::from_secs(60);
+/// Longest pause of the rotation task between two looks at the local identities.
+const ROTATION_MAX_SLEEP: Duration = Duration::from_secs(60);
+
+/// Where the node's CA material comes from and how long SVIDs live.
+#[derive(Debug, Clone)]
+pub struct IdentityConfig {
+    /// PEM: the issuing CA certificate (root or intermediate), optionally followed by the rest of
+    /// its chain. Self-signed certificates in this file are trusted roots; the others are sent
+    /// after the leaf in every handshake.
+    pub ca_cert: PathBuf,
+    /// PEM (PKCS#8, SEC1 or PKCS#1) private key of the issuing CA.
+    pub ca_key: PathBuf,
+    /// Extra PEM files of trusted roots, e.g. the next root during a root rotation. Peers whose
+    /// chain ends in any of these roots, or in the CA's own root, are accepted.
+    pub trust_bundle: Vec<PathBuf>,
+    pub trust_domain: String,
+    /// Lifetime of minted SVIDs (whole seconds; at least 1 s).
+    pub svid_ttl: Duration,
+}
+
+/// An X.509 SVID: certificate chain and key of one workload identity.
+pub struct Svid {
+    pub id: SpiffeId,
+    /// Leaf first, then the intermediates up to (not including) the root.
+    pub chain: Vec<CertificateDer<'static>>,
+    /// PKCS#8 private key of the leaf.
+    pub key: PrivateKeyDer<'static>,
+    /// Serial number, lowercase hex without separators.
+    pub serial: String,
+    pub not_before: SystemTime,
+    pub not_after: SystemTime,
+    /// When it is due for re-minting (half of its lifetime after it was minted).
+    pub refresh_at: SystemTime,
+    certified: Arc<CertifiedKey>,
+}
+
+impl Svid {
+    /// The chain and key in the form rustls serves.
+    pub fn certified_key(&self) -> Arc<CertifiedKey> {
+        self.certified.clone()
+    }
+
+    pub fn info(&self) -> SvidInfo {
+        SvidInfo {
+            identity: self.id.to_string(),
+            serial: self.serial.clone(),
+            not_before: OffsetDateTime::from(self.not_before),
+            not_after: OffsetDateTime::from(self.not_after),
+        }
+    }
+}
+
+impl std::fmt::Debug for Svid {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Svid")
+            .field("id", &self.id.to_string())
+            .field("serial", &self.serial)
+            .field("not_before", &OffsetDateTime::from(self.not_before))
+            .field("not_after", &OffsetDateTime::from(self.not_after))
+            .field("chain_len", &self.chain.len())
+            .finish_non_exhaustive()
+    }
+}
+
+/// What `weft certs` shows about one SVID.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct SvidInfo {
+    pub identity: String,
+    pub serial: String,
+    #[serde(with = "time::serde::rfc3339")]
+    pub not_before: OffsetDateTime,
+    #[serde(with = "time::serde::rfc3339")]
+    pub not_after: OffsetDateTime,
+}
+
+/// Mints, caches and rotates the SVIDs of the identities hosted on this node, and builds the
+/// TLS configurations that present them.
+pub struct IdentityManager {
+    state: Arc<State>,
+    server_config: Arc<rustls::ServerConfig>,
+    client_configs: Mutex<HashMap<(SpiffeId, SpiffeId), Arc<rustls::ClientConfig>>>,
+}
+
+/// What the TLS callbacks (certificate resolvers) share with the manager.
+pub(crate) struct State {
+    trust_domain: String,
+    ttl: Duration,
+    issuer: Issuer<'static, KeyPair>,
+    /// notAfter of the issuing CA: SVIDs never outlive it.
+    ca_not_after: SystemTime,
+    /// Sent after the leaf: the issuing CA when it is an intermediate, and further intermediates.
+    intermediates: Vec<CertificateDer<'static>>,
+    roots: Arc<RootCertStore>,
+    provider: Arc<CryptoProvider>,
+    local: Mutex<Local>,
+    changed: tokio::sync::Notify,
+}
+
+#[derive(Default)]
+struct Local {
+    ids: HashSet<SpiffeId>,
+    svids: HashMap<SpiffeId, Arc<Svid>>,
+}
+
+impl IdentityManager {
+    pub fn new(config: IdentityConfig) -> Result<Self> {
+        validate_trust_domain(&config.trust_domain)?;
+        let ttl = Duration::from_secs(config.svid_ttl.as_secs().max(1));
+
+        let key_pem = fs::read_to_string(&config.ca_key)
+            .with_context(|| format!("reading the CA key {}", config.ca_key.display()))?;
+        let key = KeyPair::from_pem(&key_pem)
+            .with_context(|| format!("parsing the CA key {}", config.ca_key.display()))?;
+        let ca_certs = read_certs(&config.ca_cert)?;
+        let issuing = ca_certs
+            .first()
+            .ok_or_else(|| anyhow!("{}: no certificate", config.ca_cert.display()))?;
+        let ca_not_after = {
+            let (_, x) = x509_parser::parse_x509_certificate(issuing)
+                .map_err(|e| anyhow!("{}: {e}", config.ca_cert.display()))?;
+            if !x.is_ca() {
+                bail!("{}: not a CA certificate", config.ca_cert.display());
+            }
+            if x.public_key().subject_public_key.data.as_ref() != key.public_key_raw() {
+                bail!(
+                    "{} does not belong to the CA certificate {}",
+                    config.ca_key.display(),
+                    config.ca_cert.display()
+                );
+            }
+            let t = x.validity().not_after.timestamp();
+            UNIX_EPOCH + Duration::from_secs(t.max(0) as u64)
+        };
+        if ca_not_after <= SystemTime::now() {
+            bail!(
+                "the CA certificate {} has expired",
+                config.ca_cert.display()
+            );
+        }
+        let issuer = Issuer::from_ca_cert_der(issuing, key)
+            .map_err(|e| anyhow!("{}: {e}", config.ca_cert.display()))?;
+
+        let mut roots = RootCertStore::empty();
+        let mut intermediates = Vec::new();
+        for cert in &ca_certs {
+            if is_self_signed(cert) {
+                roots
+                    .add(cert.clone())
+                    .with_context(|| format!("{}: bad root", config.ca_cert.display()))?;
+            } else {
+                intermediates.push(cert.clone());
+            }
+        }
+        for path in &config.trust_bundle {
+            let certs = read_certs(path)?;
+            if certs.is_empty() {
+                bail!("{}: no certificate", path.display());
+            }
+            for cert in certs {
+                roots
+                    .add(cert)
+                    .with_context(|| format!("{}: bad root", path.display()))?;
+            }
+        }
+        if roots.is_empty() {
+            bail!(
+                "no trusted root: {} holds no self-signed certificate and no trust bundle is configured",
+                config.ca_cert.display()
+            );
+        }
+
+        let state = Arc::new(State {
+            trust_domain: config.trust_domain,
+            ttl,
+            issuer,
+            ca_not_after,
+            intermediates,
+            roots: Arc::new(roots),
+            provider: Arc::new(tls::provider()),
+            local: Mutex::new(Local::default()),
+            changed: tokio::sync::Notify::new(),
+        });
+        let server_config = tls::server_config(&state)?;
+        Ok(IdentityManager {
+            state,
+            server_config,
+            client_configs: Mutex::new(HashMap::new()),
+        })
+    }
+
+    pub fn trust_domain(&self) -> &str {
+        &self.state.trust_domain
+    }
+
+    pub fn svid_ttl(&self) -> Duration {
+        self.state.ttl
+    }
+
+    /// The trusted roots (the CA's own root and the trust bundle).
+    pub fn roots(&self) -> Arc<RootCertStore> {
+        self.state.roots.clone()
+    }
+
+    /// Sets the identities of the pods hosted on this node. SVIDs of identities that are no
+    /// longer local are dropped (their handshakes fail from now on); new ones are minted by the
+    /// rotation task, or on first use.
+    pub fn set_local_identities(&self, ids: HashSet<SpiffeId>) {
+        {
+            let mut local = self.state.lock();
+            local.svids.retain(|id, _| ids.contains(id));
+            local.ids = ids;
+        }
+        lock(&self.client_configs).retain(|(src, _), _| self.state.is_local(src));
+        self.state.changed.notify_one();
+    }
+
+    /// The identities currently hosted on this node.
+    pub fn local_identities(&self) -> HashSet<SpiffeId> {
+        self.state.lock().ids.clone()
+    }
+
+    /// The current SVID of `id`, minted if there is none or the cached one is past half of its
+    /// lifetime. Fails for identities this node does not host.
+    pub fn svid(&self, id: &SpiffeId) -> Result<Arc<Svid>> {
+        self.state.svid(id)
+    }
+
+    /// Re-mints every local identity at half-life, in the background, until the manager is
+    /// dropped. Open connections are not touched.
+    pub fn spawn_rotation(self: Arc<Self>) -> tokio::task::JoinHandle<()> {
+        let state = Arc::downgrade(&self.state);
+        drop(self);
+        tokio::spawn(rotate(state))
+    }
+
+    /// The SVIDs currently held, sorted by identity.
+    pub fn certs(&self) -> Vec<SvidInfo> {
+        let local = self.state.lock();
+        let mut out: Vec<SvidInfo> = local.svids.values().map(|s| s.info()).collect();
+        out.sort_by(|a, b| a.identity.cmp(&b.identity));
+        out
+    }
+
+    /// Client side of the tunnel: presents the current SVID of `source` (looked up at every
+    /// handshake, so a cached config keeps working across rotations) and accepts only a server
+    /// whose chain ends in a trusted root and whose SPIFFE id is exactly `expected_server`.
+    /// Connect with the server name [`sni_for`]`(expected_server)`.
+    pub fn client_config(
+        &self,
+        source: &SpiffeId,
+        expected_server: &SpiffeId,
+    ) -> Result<Arc<rustls::ClientConfig>> {
+        if !self.state.is_local(source) {
+            bail!("{source} is not an identity hosted on this node");
+        }
+        let key = (source.clone(), expected_server.clone());
+        if let Some(c) = lock(&self.client_configs).get(&key) {
+            return Ok(c.clone());
+        }
+        let config = tls::client_config(&self.state, source, expected_server)?;
+        lock(&self.client_configs).insert(key, config.clone());
+        Ok(config)
+    }
+
+    /// Server side of the tunnel: requires a client certificate chained to a trusted root and
+    /// serves the SVID of the local identity named in SNI (no certificate, so no handshake, for
+    /// any other name).
+    pub fn server_config(&self) -> Arc<rustls::ServerConfig> {
+        self.server_config.clone()
+    }
+
+    /// The SPIFFE id in a verified peer chain (see [`peer_identity`]), in this trust domain.
+    pub fn peer_identity(&self, certs: &[CertificateDer<'_>]) -> Result<SpiffeId> {
+        peer_identity(certs, &self.state.trust_domain)
+    }
+}
+
+async fn rotate(state: Weak<State>) {
+    loop {
+        let sleep = {
+            let Some(state) = state.upgrade() else { return };
+            let now = SystemTime::now();
+            let ids: Vec<SpiffeId> = state.lock().ids.iter().cloned().collect();
+            let mut next = now + ROTATION_MAX_SLEEP;
+            for id in ids {
+                match state.svid(&id) {
+                    Ok(svid) => next = next.min(svid.refresh_at),
+                    // Removed meanwhile, or the CA cannot sign: retry soon.
+                    Err(e) => {
+                        warn!(identity = %id, error = %e, "minting SVID failed");
+                        next = next.min(now + Duration::from_secs(1));
+                    }
+                }
+            }
+            let sleep = next
+                .duration_since(SystemTime::now())
+                .unwrap_or_default()
+                .max(Duration::from_millis(10));
+            // Wake early when the set of local identities changes.
+            let changed = async move { state.changed.notified().await };
+            tokio::time::timeout(sleep, changed)
+        };
+        let _ = sleep.await;
+    }
+}
+
+impl State {
+    fn lock(&self) -> MutexGuard<'_, Local> {
+        lock(&self.local)
+    }
+
+    fn is_local(&self, id: &SpiffeId) -> bool {
+        self.lock().ids.contains(id)
+    }
+
+    pub(crate) fn svid(&self, id: &SpiffeId) -> Result<Arc<Svid>> {
+        let mut local = self.lock();
+        if !local.ids.contains(id) {
+            bail!("{id} is not an identity hosted on this node");
+        }
+        let now = SystemTime::now();
+        if let Some(s) = local.svids.get(id) {
+            if now < s.refresh_at {
+                return Ok(s.clone());
+            }
+        }
+        let svid = Arc::new(self.mint(id, now)?);
+        debug!(identity = %id, serial = %svid.serial, "minted SVID");
+        local.svids.insert(id.clone(), svid.clone());
+        Ok(svid)
+    }
+
+    /// The local identity a client asked for by SNI.
+    pub(crate) fn local_by_sni(&self, name: &str) -> Option<SpiffeId> {
+        let local = self.lock();
+        if let Some(id) = identity_from_sni(name) {
+            return local.ids.contains(&id).then_some(id);
+        }
+        // The hashed form of long identities.
+        let name = name.to_ascii_lowercase();
+        local.ids.iter().find(|id| sni_for(id) == name).cloned()
+    }
+
+    fn mint(&self, id: &SpiffeId, now: SystemTime) -> Result<Svid> {
+        if id.trust_domain() != self.trust_domain {
+            bail!(
+                "{id} is not in this node's trust domain {}",
+                self.trust_domain
+            );
+        }
+        let now_s = truncate_to_secs(now);
+        let not_before = now_s - NOT_BEFORE_SKEW;
+        let not_after = (now_s + self.ttl).min(self.ca_not_after);
+        if not_after <= now {
+            bail!("the CA certificate has expired");
+        }
+        let key = KeyPair::generate_for(&rcgen::PKCS_ECDSA_P256_SHA256)?;
+        let serial = random_serial(&self.provider)?;
+        let mut params = CertificateParams::default();
+        params.distinguished_name = DistinguishedName::new();
+        params.subject_alt_names = vec![SanType::URI(id.to_string().try_into()?)];
+        params.is_ca = IsCa::ExplicitNoCa;
+        params.key_usages = vec![KeyUsagePurpose::DigitalSignature];
+        params.extended_key_usages = vec![
+            ExtendedKeyUsagePurpose::ServerAuth,
+            ExtendedKeyUsagePurpose::ClientAuth,
+        ];
+        params.not_before = OffsetDateTime::from(not_before);
+        params.not_after = OffsetDateTime::from(not_after);
+        params.serial_number = Some(SerialNumber::from_slice(&serial));
+        params.use_authority_key_identifier_extension = true;
+        let cert = params.signed_by(&key, &self.issuer)?;
+
+        let mut chain = Vec::with_capacity(1 + self.intermediates.len());
+        chain.push(cert.der().clone());
+        chain.extend(self.intermediates.iter().cloned());
+        let key_der = PrivateKeyDer::Pkcs8(PrivatePkcs8KeyDer::from(key.serialize_der()));
+        let signer = self
+            .provider
+            .key_provider
+            .load_private_key(key_der.clone_key())?;
+        let certified = Arc::new(CertifiedKey::new(chain.clone(), signer));
+        let lifetime = not_after.duration_since(now).unwrap_or_default();
+        Ok(Svid {
+            id: id.clone(),
+            chain,
+            key: key_der,
+            serial: hex(&serial),
+            not_before,
+            not_after,
+            refresh_at: now + lifetime / 2,
+            certified,
+        })
+    }
+}
+
+fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|e| e.into_inner())
+}
+
+fn truncate_to_secs(t: SystemTime) -> SystemTime {
+    let secs = t.duration_since(UNIX_EPOCH).unwrap_or_default().as_secs();
+    UNIX_EPOCH + Duration::from_secs(secs)
+}
+
+/// 16 random bytes, positive and without a leading zero byte, so the DER encoding and the hex
+/// form agree.
+fn random_serial(provider: &CryptoProvider) -> Result<[u8; 16]> {
+    let mut serial = [0u8; 16];
+    provider
+        .secure_random
+        .fill(&mut serial)
+        .map_err(|_| anyhow!("no randomness for a serial number"))?;
+    serial[0] = (serial[0] & 0x7f) | 0x40;
+    Ok(serial)
+}
+
+fn hex(bytes: &[u8]) -> String {
+    bytes.iter().map(|b| format!("{b:02x}")).collect()
+}
+
+fn read_certs(path: &Path) -> Result<Vec<CertificateDer<'static>>> {
+    let pem = fs::read(path).with_context(|| format!("reading {}", path.display()))?;
+    CertificateDer::pem_slice_iter(&pem)
+        .collect::<Result<Vec<_>, _>>()
+        .map_err(|e| anyhow!("{}: {e}", path.display()))
+}
+
+fn is_self_signed(cert: &CertificateDer<'_>) -> bool {
+    match x509_parser::parse_x509_certificate(cert) {
+        Ok((_, x)) => x.subject().as_raw() == x.issuer().as_raw(),
+        Err(_) => false,
+    }
+}
+
+/// Creates a mesh root CA in `out_dir`: an ECDSA P-256 self-signed certificate (`ca.crt`, CA,
+/// keyCertSign + cRLSign) valid for `validity`, and its PKCS#8 key (`ca.key`, mode 0600).
+/// Refuses to overwrite an existing CA. Backs `weft ca init --out DIR`.
+pub fn init_ca(out_dir: &Path, trust_domain: &str, validity: Duration) -> Result<()> {
+    validate_trust_domain(trust_domain)?;
+    let (crt, key) = ca_paths(out_dir)?;
+    let provider = tls::provider();
+    let key_pair = KeyPair::generate_for(&rcgen::PKCS_ECDSA_P256_SHA256)?;
+    let mut params = ca_params(trust_domain, "weft root CA", validity, &provider)?;
+    params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
+    let cert = params.self_signed(&key_pair)?;
+    write_ca(&crt, &cert.pem(), &key, &key_pair.serialize_pem())?;
+    info!(cert = %crt.display(), trust_domain, "created mesh root CA");
+    Ok(())
+}
+
+/// Creates an intermediate CA in `out_dir`, signed by the CA in `parent_cert`/`parent_key`:
+/// `ca.crt` holds the intermediate followed by the parent's chain (so a node configured with it
+/// trusts the root), `ca.key` its key (0600). Lets the root key stay offline.
+pub fn init_intermediate_ca(
+    parent_cert: &Path,
+    parent_key: &Path,
+    out_dir: &Path,
+    trust_domain: &str,
+    validity: Duration,
+) -> Result<()> {
+    validate_trust_domain(trust_domain)?;
+    let (crt, key) = ca_paths(out_dir)?;
+    let parent_chain = read_certs(parent_cert)?;
+    let parent = parent_chain
+        .first()
+        .ok_or_else(|| anyhow!("{}: no certificate", parent_cert.display()))?;
+    let parent_key = KeyPair::from_pem(
+        &fs::read_to_string(parent_key)
+            .with_context(|| format!("reading {}", parent_key.display()))?,
+    )?;
+    let issuer = Issuer::from_ca_cert_der(parent, parent_key)?;
+    let provider = tls::provider();
+    let key_pair = KeyPair::generate_for(&rcgen::PKCS_ECDSA_P256_SHA256)?;
+    let mut params = ca_params(trust_domain, "weft intermediate CA", validity, &provider)?;
+    params.is_ca = IsCa::Ca(BasicConstraints::Constrained(0));
+    params.use_authority_key_identifier_extension = true;
+    let cert = params.signed_by(&key_pair, &issuer)?;
+    let mut pem = cert.pem();
+    for c in &parent_chain {
+        pem.push_str(&pem_encode("CERTIFICATE", c));
+    }
+    write_ca(&crt, &pem, &key, &key_pair.serialize_pem())?;
+    info!(cert = %crt.display(), trust_domain, "created intermediate CA");
+    Ok(())
+}
+
+fn ca_paths(out_dir: &Path) -> Result<(PathBuf, PathBuf)> {
+    fs::create_dir_all(out_dir).with_context(|| format!("creating {}", out_dir.display()))?;
+    let crt = out_dir.join("ca.crt");
+    let key = out_dir.join("ca.key");
+    for p in [&crt, &key] {
+        if p.exists() {
+            bail!("{} already exists; not overwriting a CA", p.display());
+        }
+    }
+    Ok((crt, key))
+}
+
+fn ca_params(
+    trust_domain: &str,
+    cn: &str,
+    validity: Duration,
+    provider: &CryptoProvider,
+) -> Result<CertificateParams> {
+    let now = truncate_to_secs(SystemTime::now());
+    let mut params = CertificateParams::default();
+    let mut dn = DistinguishedName::new();
+    dn.push(DnType::OrganizationName, trust_domain);
+    dn.push(DnType::CommonName, cn);
+    params.distinguished_name = dn;
+    params.key_usages = vec![
+        KeyUsagePurpose::KeyCertSign,
+        KeyUsagePurpose::CrlSign,
+        KeyUsagePurpose::DigitalSignature,
+    ];
+    params.not_before = OffsetDateTime::from(now - NOT_BEFORE_SKEW);
+    params.not_after = OffsetDateTime::from(now + validity);
+    params.serial_number = Some(SerialNumber::from_slice(&random_serial(provider)?));
+    Ok(params)
+}
+
+fn write_ca(crt: &Path, crt_pem: &str, key: &Path, key_pem: &str) -> Result<()> {
+    let mut f = fs::OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .mode(0o600)
+        .open(key)
+        .with_context(|| format!("creating {}", key.display()))?;
+    f.write_all(key_pem.as_bytes())?;
+    f.sync_all()?;
+    let mut f = fs::OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .mode(0o644)
+        .open(crt)
+        .with_context(|| format!("creating {}", crt.display()))?;
+    f.write_all(crt_pem.as_bytes())?;
+    f.sync_all()?;
+    Ok(())
+}
+
+/// PEM armour (RFC 7468) around DER bytes.
+fn pem_encode(label: &str, der: &[u8]) -> String {
+    const B64: &[u8; 64] = b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789+/";
+    let mut b64 = String::with_capacity(der.len().div_ceil(3) * 4);
+    for chunk in der.chunks(3) {
+        let n = chunk.len();
+        let v = (chunk[0] as u32) << 16
+            | (chunk.get(1).copied().unwrap_or(0) as u32) << 8
+            | chunk.get(2).copied().unwrap_or(0) as u32;
+        for i in 0..4 {
+            if i <= n {
+                b64.push(B64[((v >> (18 - 6 * i)) & 63) as usize] as char);
+            } else {
+                b64.push('=');
+            }
+        }
+    }
+    let mut out = format!("-----BEGIN {label}-----\n");
+    for line in b64.as_bytes().chunks(64) {
+        out.push_str(std::str::from_utf8(line).unwrap_or_default());
+        out.push('\n');
+    }
+    out.push_str(&format!("-----END {label}-----\n"));
+    out
+}
+
+#[cfg(test)]
+mod tests;
