@@ -14,3 +14,4 @@ pub mod identity;
 pub mod node;
 pub mod outbound;
 pub mod registry;
+pub mod tunnel;

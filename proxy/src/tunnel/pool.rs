@@ -1,0 +1,694 @@
+//! Outbound side of HBONE: a pool of mTLS HTTP/2 connections to other nodes, and one
+//! `CONNECT` stream per tunnelled connection.
+//!
+//! Connections are keyed by (source identity, destination identity, destination node): a
+//! connection authenticates exactly one identity pair, so it can only carry streams of that
+//! pair. Each carries up to `max_streams_per_conn` streams; when all of a key's connections are
+//! full a new one is dialled, and callers arriving while it is being dialled wait for it instead
+//! of dialling their own. Connections idle for `idle_timeout` are closed; dead ones (closed by
+//! the peer, failed, `GOAWAY`) are dropped and a stream that could not start on them is retried
+//! on a fresh connection. A connection takes no new streams once its own or its peer's
+//! certificate has expired (rotation gives new connections new certificates; open streams are
+//! never cut).
+
+use std::collections::HashMap;
+use std::net::{IpAddr, SocketAddr};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex, MutexGuard, Weak};
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+
+use bytes::Bytes;
+use h2::client::SendRequest;
+use http::{Method, Request, StatusCode};
+use rustls::pki_types::ServerName;
+use serde::Serialize;
+use tokio::net::TcpStream;
+use tokio::sync::{watch, Notify};
+use tokio_rustls::TlsConnector;
+use tracing::{debug, info};
+
+use super::{
+    forwarded_for, Tunnel, CONNECTION_WINDOW, MAX_FRAME, MAX_HEADER_LIST, POLICY_HEADER,
+    SEND_BUFFER, STREAM_WINDOW,
+};
+use crate::identity::{sni_for, IdentityManager, SpiffeId, ALPN_H2};
+
+/// How many times a stream is tried on a fresh connection when the chosen one turned out dead.
+const ATTEMPTS: usize = 3;
+/// How long a connection asked to close may finish its in-flight frames.
+const CLOSE_GRACE: Duration = Duration::from_secs(5);
+
+#[derive(Debug, Clone)]
+pub struct PoolConfig {
+    /// Streams multiplexed on one connection before another is opened.
+    pub max_streams_per_conn: usize,
+    /// A connection without streams for this long is closed.
+    pub idle_timeout: Duration,
+    /// TCP connect + TLS handshake + HTTP/2 handshake.
+    pub connect_timeout: Duration,
+    /// From sending `CONNECT` to the response (the destination node connects to the pod
+    /// meanwhile).
+    pub response_timeout: Duration,
+}
+
+impl Default for PoolConfig {
+    fn default() -> Self {
+        PoolConfig {
+            max_streams_per_conn: 100,
+            idle_timeout: Duration::from_secs(60),
+            connect_timeout: Duration::from_secs(10),
+            response_timeout: Duration::from_secs(15),
+        }
+    }
+}
+
+/// Where and as whom to open one tunnel.
+#[derive(Debug, Clone)]
+pub struct Hbone {
+    /// The calling workload's identity (its SVID is presented).
+    pub source: SpiffeId,
+    /// The destination workload's identity (the only server identity accepted).
+    pub destination: SpiffeId,
+    /// The destination node's HBONE address (`node ip:15008`).
+    pub node: SocketAddr,
+    /// Destination pod `ip:port` (the `:authority`).
+    pub target: SocketAddr,
+    /// Source pod IP (`Forwarded: for=`).
+    pub forwarded_for: IpAddr,
+}
+
+/// Why a tunnel could not be opened.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum TunnelError {
+    /// No SVID or TLS configuration for the source identity (e.g. not hosted on this node).
+    #[error("identity: {0}")]
+    Identity(String),
+    /// TCP connect to the node failed or timed out.
+    #[error("connecting to {node}: {message}")]
+    Connect { node: SocketAddr, message: String },
+    /// TLS handshake failed (certificate refused either way, wrong server identity, ...).
+    #[error("TLS handshake with {node}: {message}")]
+    Tls { node: SocketAddr, message: String },
+    /// HTTP/2 failure on the connection or the stream.
+    #[error("HTTP/2 with {node}: {message}")]
+    Http2 { node: SocketAddr, message: String },
+    /// No response to `CONNECT` in time.
+    #[error("no response from {node} within {timeout:?}")]
+    Timeout { node: SocketAddr, timeout: Duration },
+    /// The destination node answered with a status other than 200.
+    #[error("{}", rejected_message(*.status, .policy.as_deref()))]
+    Rejected { status: u16, policy: Option<String> },
+}
+
+fn rejected_message(status: u16, policy: Option<&str>) -> String {
+    match status {
+        403 => format!(
+            "denied by the destination (policy {})",
+            policy.unwrap_or("unknown")
+        ),
+        404 => "the destination node does not host the target (404)".into(),
+        502 | 503 => format!("the destination node could not reach the target ({status})"),
+        400 => "the destination node refused the request as malformed (400)".into(),
+        _ => format!("the destination node answered {status}"),
+    }
+}
+
+impl TunnelError {
+    /// The HTTP status the destination node answered, if it answered.
+    pub fn status(&self) -> Option<u16> {
+        match self {
+            TunnelError::Rejected { status, .. } => Some(*status),
+            _ => None,
+        }
+    }
+
+    /// The policy that denied the tunnel (403 with `x-weft-policy`).
+    pub fn policy(&self) -> Option<&str> {
+        match self {
+            TunnelError::Rejected { policy, .. } => policy.as_deref(),
+            _ => None,
+        }
+    }
+
+    /// Denied by the destination's authorization (403).
+    pub fn is_denied(&self) -> bool {
+        self.status() == Some(403)
+    }
+}
+
+/// One pooled TLS connection, as seen by its streams.
+#[derive(Debug, Clone, Serialize)]
+pub struct ConnectionInfo {
+    /// Unique within the pool.
+    pub id: u64,
+    pub node: SocketAddr,
+    /// The server's SPIFFE id (verified).
+    pub peer: SpiffeId,
+    /// Serial number of the server's certificate (lowercase hex).
+    pub peer_serial: String,
+    /// Serial number of the certificate this side presented.
+    pub local_serial: String,
+    /// The earlier of both certificates' notAfter: no new streams after that.
+    #[serde(skip)]
+    pub expires: SystemTime,
+}
+
+/// Pool key: connections are never shared across identity pairs or nodes.
+#[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct PoolKey {
+    pub source: SpiffeId,
+    pub destination: SpiffeId,
+    pub node: SocketAddr,
+}
+
+/// Counters of the pool, totals and per key (for the admin API).
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize)]
+pub struct PoolStats {
+    /// Connections open or being opened.
+    pub connections: usize,
+    /// Streams open, or waiting for their connection.
+    pub streams_active: usize,
+    pub connections_opened_total: u64,
+    pub connections_failed_total: u64,
+    pub connections_closed_total: u64,
+    /// Tunnels established (200).
+    pub streams_opened_total: u64,
+    /// `CONNECT` answered with another status.
+    pub streams_rejected_total: u64,
+    pub keys: Vec<PoolKeyStats>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct PoolKeyStats {
+    pub source: SpiffeId,
+    pub destination: SpiffeId,
+    pub node: SocketAddr,
+    pub connections: usize,
+    pub streams_active: usize,
+}
+
+/// Shared handle; clones use the same connections.
+#[derive(Clone)]
+pub struct Pool {
+    inner: Arc<Inner>,
+}
+
+struct Inner {
+    identity: Arc<IdentityManager>,
+    config: PoolConfig,
+    conns: Mutex<HashMap<PoolKey, Vec<Arc<Conn>>>>,
+    next_id: AtomicU64,
+    opened: AtomicU64,
+    failed: AtomicU64,
+    closed: AtomicU64,
+    streams_opened: AtomicU64,
+    streams_rejected: AtomicU64,
+}
+
+struct Conn {
+    id: u64,
+    key: PoolKey,
+    state: watch::Receiver<ConnState>,
+    /// Streams on it, open or about to be.
+    streams: AtomicUsize,
+    idle_since: Mutex<Instant>,
+    dead: AtomicBool,
+    close: Notify,
+}
+
+#[derive(Clone)]
+enum ConnState {
+    Connecting,
+    Ready(Arc<Ready>),
+    Failed(TunnelError),
+    Closed,
+}
+
+struct Ready {
+    send: SendRequest<Bytes>,
+    info: Arc<ConnectionInfo>,
+}
+
+/// A stream's claim on a connection; given back on drop.
+pub(crate) struct Slot {
+    conn: Arc<Conn>,
+}
+
+impl Drop for Slot {
+    fn drop(&mut self) {
+        if self.conn.streams.fetch_sub(1, Ordering::AcqRel) == 1 {
+            *lock(&self.conn.idle_since) = Instant::now();
+        }
+    }
+}
+
+impl Conn {
+    fn usable(&self, now: SystemTime) -> bool {
+        if self.dead.load(Ordering::Acquire) {
+            return false;
+        }
+        match &*self.state.borrow() {
+            ConnState::Connecting => true,
+            ConnState::Ready(r) => now < r.info.expires,
+            ConnState::Failed(_) | ConnState::Closed => false,
+        }
+    }
+
+    fn kill(&self) {
+        self.dead.store(true, Ordering::Release);
+        self.close.notify_one();
+    }
+
+    async fn ready(&self) -> Result<Arc<Ready>, Option<TunnelError>> {
+        let mut rx = self.state.clone();
+        loop {
+            match &*rx.borrow_and_update() {
+                ConnState::Connecting => {}
+                ConnState::Ready(r) => return Ok(r.clone()),
+                ConnState::Failed(e) => return Err(Some(e.clone())),
+                ConnState::Closed => return Err(None),
+            }
+            if rx.changed().await.is_err() {
+                return Err(None);
+            }
+        }
+    }
+}
+
+impl Pool {
+    /// Must be called within a Tokio runtime (starts the idle reaper).
+    pub fn new(identity: Arc<IdentityManager>, config: PoolConfig) -> Pool {
+        let inner = Arc::new(Inner {
+            identity,
+            config,
+            conns: Mutex::new(HashMap::new()),
+            next_id: AtomicU64::new(1),
+            opened: AtomicU64::new(0),
+            failed: AtomicU64::new(0),
+            closed: AtomicU64::new(0),
+            streams_opened: AtomicU64::new(0),
+            streams_rejected: AtomicU64::new(0),
+        });
+        tokio::spawn(reap(Arc::downgrade(&inner)));
+        Pool { inner }
+    }
+
+    /// Opens a tunnel: a `CONNECT` stream on a pooled (or new) connection, answered 200.
+    pub async fn connect(&self, req: Hbone) -> Result<Tunnel, TunnelError> {
+        let key = PoolKey {
+            source: req.source.clone(),
+            destination: req.destination.clone(),
+            node: req.node,
+        };
+        let mut last = None;
+        for _ in 0..ATTEMPTS {
+            let slot = self.checkout(&key);
+            let ready = match slot.conn.ready().await {
+                Ok(r) => r,
+                Err(Some(e)) => return Err(e),
+                // Closed before it could be used: try another.
+                Err(None) => continue,
+            };
+            match self.open_stream(&ready, &req).await {
+                Ok((send, recv)) => {
+                    self.inner.streams_opened.fetch_add(1, Ordering::Relaxed);
+                    return Ok(Tunnel {
+                        send,
+                        recv,
+                        pending: Bytes::new(),
+                        write_closed: false,
+                        info: ready.info.clone(),
+                        _slot: slot,
+                    });
+                }
+                Err(Open::Retry(e)) => {
+                    debug!(conn = slot.conn.id, error = %e, "connection unusable, retrying on another");
+                    slot.conn.kill();
+                    last = Some(e);
+                }
+                Err(Open::Fail(e)) => {
+                    if e.status().is_some() {
+                        self.inner.streams_rejected.fetch_add(1, Ordering::Relaxed);
+                    }
+                    return Err(e);
+                }
+            }
+        }
+        Err(last.unwrap_or_else(|| TunnelError::Http2 {
+            node: req.node,
+            message: "connections kept closing".into(),
+        }))
+    }
+
+    /// Totals and per-key counts.
+    pub fn stats(&self) -> PoolStats {
+        let i = &self.inner;
+        let mut out = PoolStats {
+            connections_opened_total: i.opened.load(Ordering::Relaxed),
+            connections_failed_total: i.failed.load(Ordering::Relaxed),
+            connections_closed_total: i.closed.load(Ordering::Relaxed),
+            streams_opened_total: i.streams_opened.load(Ordering::Relaxed),
+            streams_rejected_total: i.streams_rejected.load(Ordering::Relaxed),
+            ..Default::default()
+        };
+        let conns = lock(&i.conns);
+        for (key, list) in conns.iter() {
+            let live: Vec<_> = list
+                .iter()
+                .filter(|c| !c.dead.load(Ordering::Acquire))
+                .collect();
+            if live.is_empty() {
+                continue;
+            }
+            let streams: usize = live.iter().map(|c| c.streams.load(Ordering::Relaxed)).sum();
+            out.connections += live.len();
+            out.streams_active += streams;
+            out.keys.push(PoolKeyStats {
+                source: key.source.clone(),
+                destination: key.destination.clone(),
+                node: key.node,
+                connections: live.len(),
+                streams_active: streams,
+            });
+        }
+        out.keys.sort_by(|a, b| {
+            (&a.source, &a.destination, a.node).cmp(&(&b.source, &b.destination, b.node))
+        });
+        out
+    }
+
+    /// Picks a connection of `key` with a free stream slot, or starts dialling a new one.
+    fn checkout(&self, key: &PoolKey) -> Slot {
+        let max = self.inner.config.max_streams_per_conn.max(1);
+        let now = SystemTime::now();
+        let mut conns = lock(&self.inner.conns);
+        let list = conns.entry(key.clone()).or_default();
+        list.retain(|c| !c.dead.load(Ordering::Acquire));
+        for c in list.iter() {
+            if !c.usable(now) {
+                continue;
+            }
+            let mut n = c.streams.load(Ordering::Acquire);
+            while n < max {
+                match c
+                    .streams
+                    .compare_exchange(n, n + 1, Ordering::AcqRel, Ordering::Acquire)
+                {
+                    Ok(_) => return Slot { conn: c.clone() },
+                    Err(m) => n = m,
+                }
+            }
+        }
+        let (tx, rx) = watch::channel(ConnState::Connecting);
+        let conn = Arc::new(Conn {
+            id: self.inner.next_id.fetch_add(1, Ordering::Relaxed),
+            key: key.clone(),
+            state: rx,
+            streams: AtomicUsize::new(1),
+            idle_since: Mutex::new(Instant::now()),
+            dead: AtomicBool::new(false),
+            close: Notify::new(),
+        });
+        list.push(conn.clone());
+        tokio::spawn(run_connection(self.inner.clone(), conn.clone(), tx));
+        Slot { conn }
+    }
+
+    async fn open_stream(
+        &self,
+        ready: &Ready,
+        req: &Hbone,
+    ) -> Result<(h2::SendStream<Bytes>, h2::RecvStream), Open> {
+        let node = req.node;
+        let h2_err = |e: h2::Error| {
+            let retry =
+                e.is_go_away() || e.is_io() || e.reason() == Some(h2::Reason::REFUSED_STREAM);
+            let e = TunnelError::Http2 {
+                node,
+                message: e.to_string(),
+            };
+            if retry {
+                Open::Retry(e)
+            } else {
+                Open::Fail(e)
+            }
+        };
+        let timeout = self.inner.config.response_timeout;
+        let request = Request::builder()
+            .method(Method::CONNECT)
+            .uri(req.target.to_string())
+            .header(http::header::FORWARDED, forwarded_for(req.forwarded_for))
+            .body(())
+            .map_err(|e| {
+                Open::Fail(TunnelError::Http2 {
+                    node,
+                    message: e.to_string(),
+                })
+            })?;
+        let exchange = async {
+            let mut send = ready.send.clone().ready().await.map_err(h2_err)?;
+            let (response, stream) = send.send_request(request, false).map_err(h2_err)?;
+            let response = response.await.map_err(h2_err)?;
+            Ok::<_, Open>((response, stream))
+        };
+        let (response, stream) = tokio::time::timeout(timeout, exchange)
+            .await
+            .map_err(|_| Open::Fail(TunnelError::Timeout { node, timeout }))??;
+        if response.status() != StatusCode::OK {
+            let policy = response
+                .headers()
+                .get(POLICY_HEADER)
+                .and_then(|v| v.to_str().ok())
+                .map(str::to_string);
+            return Err(Open::Fail(TunnelError::Rejected {
+                status: response.status().as_u16(),
+                policy,
+            }));
+        }
+        Ok((stream, response.into_body()))
+    }
+}
+
+enum Open {
+    /// The connection is unusable; another may work.
+    Retry(TunnelError),
+    Fail(TunnelError),
+}
+
+/// Dials one connection, publishes it, drives it until it ends or is asked to close, then
+/// takes it out of the pool.
+async fn run_connection(inner: Arc<Inner>, conn: Arc<Conn>, tx: watch::Sender<ConnState>) {
+    let timeout = inner.config.connect_timeout;
+    let node = conn.key.node;
+    let dialled = tokio::time::timeout(timeout, dial(&inner, &conn)).await;
+    let weak = Arc::downgrade(&inner);
+    // The connection task must not keep the pool alive.
+    drop(inner);
+    let (ready, connection) = match dialled {
+        Ok(Ok(x)) => x,
+        Ok(Err(e)) => return fail(&weak, &conn, &tx, e),
+        Err(_) => {
+            let e = TunnelError::Connect {
+                node,
+                message: format!("timed out after {timeout:?}"),
+            };
+            return fail(&weak, &conn, &tx, e);
+        }
+    };
+    if let Some(inner) = weak.upgrade() {
+        inner.opened.fetch_add(1, Ordering::Relaxed);
+    }
+    info!(conn = conn.id, %node, source = %conn.key.source, destination = %conn.key.destination,
+        peer_serial = %ready.info.peer_serial, "HBONE connection open");
+    let _ = tx.send(ConnState::Ready(ready));
+    tokio::pin!(connection);
+    let closing = tokio::select! {
+        r = &mut connection => {
+            if let Err(e) = r {
+                debug!(conn = conn.id, %node, error = %e, "HBONE connection ended");
+            }
+            false
+        }
+        _ = conn.close.notified() => true,
+    };
+    conn.dead.store(true, Ordering::Release);
+    // Dropping the last request handle lets h2 close the connection (GOAWAY) once its streams
+    // are done.
+    let _ = tx.send(ConnState::Closed);
+    if closing {
+        let _ = tokio::time::timeout(CLOSE_GRACE, &mut connection).await;
+    }
+    if let Some(inner) = weak.upgrade() {
+        inner.closed.fetch_add(1, Ordering::Relaxed);
+        inner.remove(&conn);
+    }
+    debug!(conn = conn.id, %node, "HBONE connection closed");
+}
+
+fn fail(weak: &Weak<Inner>, conn: &Arc<Conn>, tx: &watch::Sender<ConnState>, e: TunnelError) {
+    debug!(conn = conn.id, error = %e, "HBONE connection failed");
+    conn.dead.store(true, Ordering::Release);
+    let _ = tx.send(ConnState::Failed(e));
+    if let Some(inner) = weak.upgrade() {
+        inner.failed.fetch_add(1, Ordering::Relaxed);
+        inner.remove(conn);
+    }
+}
+
+type Connection = h2::client::Connection<tokio_rustls::client::TlsStream<TcpStream>, Bytes>;
+
+async fn dial(inner: &Inner, conn: &Conn) -> Result<(Arc<Ready>, Connection), TunnelError> {
+    let key = &conn.key;
+    let node = key.node;
+    let config = inner
+        .identity
+        .client_config(&key.source, &key.destination)
+        .map_err(|e| TunnelError::Identity(format!("{e:#}")))?;
+    let local = inner
+        .identity
+        .svid(&key.source)
+        .map_err(|e| TunnelError::Identity(format!("{e:#}")))?;
+    let name = ServerName::try_from(sni_for(&key.destination)).map_err(|e| {
+        TunnelError::Identity(format!("no server name for {}: {e}", key.destination))
+    })?;
+    let tcp = TcpStream::connect(node)
+        .await
+        .map_err(|e| TunnelError::Connect {
+            node,
+            message: e.to_string(),
+        })?;
+    let _ = tcp.set_nodelay(true);
+    let tls = TlsConnector::from(config)
+        .connect(name, tcp)
+        .await
+        .map_err(|e| TunnelError::Tls {
+            node,
+            message: e.to_string(),
+        })?;
+    let (_, session) = tls.get_ref();
+    if session.alpn_protocol() != Some(ALPN_H2) {
+        return Err(TunnelError::Tls {
+            node,
+            message: "server did not agree to ALPN h2".into(),
+        });
+    }
+    let (peer_serial, peer_not_after) = session
+        .peer_certificates()
+        .and_then(|c| c.first())
+        .and_then(|leaf| {
+            let (_, x) = x509_parser::parse_x509_certificate(leaf).ok()?;
+            let serial: String = x.raw_serial().iter().map(|b| format!("{b:02x}")).collect();
+            let not_after =
+                UNIX_EPOCH + Duration::from_secs(x.validity().not_after.timestamp().max(0) as u64);
+            Some((serial, not_after))
+        })
+        .ok_or_else(|| TunnelError::Tls {
+            node,
+            message: "server certificate unreadable".into(),
+        })?;
+    let (send, mut connection) = h2::client::Builder::new()
+        .initial_window_size(STREAM_WINDOW)
+        .initial_connection_window_size(CONNECTION_WINDOW)
+        .max_frame_size(MAX_FRAME)
+        .max_send_buffer_size(SEND_BUFFER)
+        .max_header_list_size(MAX_HEADER_LIST)
+        .enable_push(false)
+        .handshake(tls)
+        .await
+        .map_err(|e| TunnelError::Http2 {
+            node,
+            message: e.to_string(),
+        })?;
+    // In TLS 1.3 the client finishes its handshake before the server has judged the client
+    // certificate; a refusal arrives as an alert afterwards. One PING round trip makes sure
+    // the server took us (and speaks HTTP/2) before streams are queued on the connection.
+    let mut ping = connection.ping_pong().ok_or_else(|| TunnelError::Http2 {
+        node,
+        message: "no PING handle".into(),
+    })?;
+    let accepted = tokio::select! {
+        r = ping.ping(h2::Ping::opaque()) => r,
+        r = &mut connection => r.and_then(|()| Err(h2::Error::from(h2::Reason::NO_ERROR))),
+    };
+    if let Err(e) = accepted {
+        return Err(if e.is_io() {
+            TunnelError::Tls {
+                node,
+                message: e.to_string(),
+            }
+        } else {
+            TunnelError::Http2 {
+                node,
+                message: e.to_string(),
+            }
+        });
+    }
+    let info = Arc::new(ConnectionInfo {
+        id: conn.id,
+        node,
+        peer: key.destination.clone(),
+        peer_serial,
+        local_serial: local.serial.clone(),
+        expires: peer_not_after.min(local.not_after),
+    });
+    Ok((Arc::new(Ready { send, info }), connection))
+}
+
+impl Inner {
+    fn remove(&self, conn: &Arc<Conn>) {
+        let mut conns = lock(&self.conns);
+        if let Some(list) = conns.get_mut(&conn.key) {
+            list.retain(|c| !Arc::ptr_eq(c, conn));
+            if list.is_empty() {
+                conns.remove(&conn.key);
+            }
+        }
+    }
+
+    /// Closes connections idle for longer than the idle timeout, and ones that can take no
+    /// new streams and have none left.
+    fn reap(&self) {
+        let now = Instant::now();
+        let wall = SystemTime::now();
+        let conns = lock(&self.conns);
+        for c in conns.values().flatten() {
+            if c.streams.load(Ordering::Acquire) != 0 || c.dead.load(Ordering::Acquire) {
+                continue;
+            }
+            let idle = now.duration_since(*lock(&c.idle_since));
+            let ready = matches!(&*c.state.borrow(), ConnState::Ready(_));
+            if ready && (idle >= self.config.idle_timeout || !c.usable(wall)) {
+                debug!(conn = c.id, ?idle, "closing idle HBONE connection");
+                c.kill();
+            }
+        }
+    }
+}
+
+impl Drop for Inner {
+    fn drop(&mut self) {
+        for c in lock(&self.conns).values().flatten() {
+            c.kill();
+        }
+    }
+}
+
+async fn reap(inner: Weak<Inner>) {
+    let period = match inner.upgrade() {
+        Some(i) => {
+            (i.config.idle_timeout / 4).clamp(Duration::from_millis(50), Duration::from_secs(5))
+        }
+        None => return,
+    };
+    loop {
+        tokio::time::sleep(period).await;
+        match inner.upgrade() {
+            Some(i) => i.reap(),
+            None => return,
+        }
+    }
+}
+
+fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|e| e.into_inner())
+}
