@@ -13,5 +13,6 @@ pub mod forward;
 pub mod identity;
 pub mod node;
 pub mod outbound;
+pub mod policy;
 pub mod registry;
 pub mod tunnel;

@@ -141,6 +141,8 @@ impl SnapshotBuilder {
                 if raw.name.is_empty() {
                     return Err(vec![FieldError::new("metadata.name", "is required")]);
                 }
+                // Istio security policies are checked here so a bad one fails the load.
+                crate::policy::validate(&raw)?;
                 if !self.other_keys.insert(key.clone()) {
                     return Err(duplicate());
                 }

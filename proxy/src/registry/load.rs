@@ -427,6 +427,7 @@ impl Loader {
         let namespaced = !(core_kind && matches!(kind, "Namespace" | "Node"));
         let namespace = match namespace {
             None if core_kind && namespaced => Some("default"),
+            None if crate::policy::is_policy_kind(api_version, kind) => Some("default"),
             ns => ns.filter(|_| namespaced),
         };
         let label = match (name, namespace) {

@@ -1,0 +1,993 @@
+//! AuthorizationPolicy at L4: validation, compilation into matchers, evaluation.
+//!
+//! A compiled policy is a list of rules (ORed); a rule is a list of clauses (ANDed): one for
+//! `from`, one for `to`, one per `when` condition; a clause is a list of [`Match`]es (ORed): one
+//! per `from`/`to` entry; within a match every field must hold (a field holds when one of its
+//! values matches and none of its `not` values does). An empty rule has no clause and matches
+//! everything; a policy without rules matches nothing.
+
+use std::collections::HashMap;
+use std::net::IpAddr;
+
+use ipnet::IpNet;
+
+use super::{
+    check_selector, field_error, selector_pairs, selects, Action, AuthorizationPolicySpec,
+    ByNamespace, Condition, ConnRequest, Decision, DenyReason, Operation, Rule, Source,
+};
+use crate::registry::{FieldError, Pod};
+
+// ---------------------------------------------------------------------------------------------
+// Validation (Istio's ValidateAuthorizationPolicy, plus wildcard placement).
+// ---------------------------------------------------------------------------------------------
+
+/// `when` keys weft evaluates at L4.
+const L4_KEYS: &[&str] = &[
+    "source.ip",
+    "remote.ip",
+    "source.namespace",
+    "source.principal",
+    "source.serviceAccount",
+    "destination.ip",
+    "destination.port",
+];
+
+/// Every problem of an AuthorizationPolicy spec.
+pub(crate) fn check(spec: &AuthorizationPolicySpec) -> Vec<FieldError> {
+    let mut errors = Vec::new();
+    check_selector(&spec.selector, &mut errors);
+    let has_target =
+        spec.target_ref.is_some() || spec.target_refs.as_ref().is_some_and(|t| !t.is_empty());
+    if spec.selector.is_some() && has_target {
+        let path = if spec.target_ref.is_some() {
+            "spec.targetRef"
+        } else {
+            "spec.targetRefs"
+        };
+        errors.push(field_error(
+            path,
+            "only one of targetRefs or selector can be set",
+        ));
+    }
+    let no_rules = spec.rules.as_ref().is_none_or(|r| r.is_empty());
+    match spec.action {
+        Action::Custom => {
+            if no_rules {
+                errors.push(field_error(
+                    "spec.rules",
+                    "a CUSTOM policy without rules never triggers: add an empty rule `{}` to apply it to every connection",
+                ));
+            }
+            if spec.provider.as_ref().is_none_or(|p| p.name.is_empty()) {
+                errors.push(field_error(
+                    "spec.provider.name",
+                    "is required with action CUSTOM",
+                ));
+            }
+        }
+        Action::Deny if no_rules => errors.push(field_error(
+            "spec.rules",
+            "a DENY policy without rules never triggers: add an empty rule `{}` to deny every connection",
+        )),
+        _ => {}
+    }
+    if spec.provider.is_some() && spec.action != Action::Custom {
+        errors.push(field_error(
+            "spec.provider",
+            format!(
+                "is only allowed with action CUSTOM, found {}",
+                spec.action.as_str()
+            ),
+        ));
+    }
+    for (i, rule) in spec.rules.iter().flatten().enumerate() {
+        check_rule(rule, &format!("spec.rules[{i}]"), spec.action, &mut errors);
+    }
+    errors
+}
+
+fn check_rule(rule: &Rule, path: &str, action: Action, errors: &mut Vec<FieldError>) {
+    if rule.from.as_ref().is_some_and(|f| f.is_empty()) {
+        errors.push(field_error(
+            format!("{path}.from"),
+            "must not be empty (omit `from` to match any source)",
+        ));
+    }
+    for (j, from) in rule.from.iter().flatten().enumerate() {
+        let path = format!("{path}.from[{j}].source");
+        match &from.source {
+            None => errors.push(field_error(path, "is required")),
+            Some(src) => check_source(src, &path, action, errors),
+        }
+    }
+    if rule.to.as_ref().is_some_and(|t| t.is_empty()) {
+        errors.push(field_error(
+            format!("{path}.to"),
+            "must not be empty (omit `to` to match any operation)",
+        ));
+    }
+    for (j, to) in rule.to.iter().flatten().enumerate() {
+        let path = format!("{path}.to[{j}].operation");
+        match &to.operation {
+            None => errors.push(field_error(path, "is required")),
+            Some(op) => check_operation(op, &path, errors),
+        }
+    }
+    for (j, cond) in rule.when.iter().enumerate() {
+        check_condition(cond, &format!("{path}.when[{j}]"), action, errors);
+    }
+}
+
+fn check_source(src: &Source, path: &str, action: Action, errors: &mut Vec<FieldError>) {
+    let lists: [(&str, &[String]); 12] = [
+        ("principals", &src.principals),
+        ("notPrincipals", &src.not_principals),
+        ("requestPrincipals", &src.request_principals),
+        ("notRequestPrincipals", &src.not_request_principals),
+        ("namespaces", &src.namespaces),
+        ("notNamespaces", &src.not_namespaces),
+        ("serviceAccounts", &src.service_accounts),
+        ("notServiceAccounts", &src.not_service_accounts),
+        ("ipBlocks", &src.ip_blocks),
+        ("notIpBlocks", &src.not_ip_blocks),
+        ("remoteIpBlocks", &src.remote_ip_blocks),
+        ("notRemoteIpBlocks", &src.not_remote_ip_blocks),
+    ];
+    if lists.iter().all(|(_, l)| l.is_empty()) {
+        errors.push(field_error(
+            path,
+            "must not be empty (omit the `from` entry to match any source)",
+        ));
+        return;
+    }
+    let identity = [
+        &src.principals,
+        &src.not_principals,
+        &src.namespaces,
+        &src.not_namespaces,
+    ];
+    let accounts = [&src.service_accounts, &src.not_service_accounts];
+    if identity.iter().any(|l| !l.is_empty()) && accounts.iter().any(|l| !l.is_empty()) {
+        errors.push(field_error(
+            path,
+            "serviceAccounts cannot be combined with principals or namespaces",
+        ));
+    }
+    if action == Action::Custom {
+        for (name, list) in &lists[..8] {
+            if !list.is_empty() {
+                errors.push(field_error(
+                    format!("{path}.{name}"),
+                    "is not supported with action CUSTOM",
+                ));
+            }
+        }
+    }
+    for (name, list) in lists {
+        let path = format!("{path}.{name}");
+        match name {
+            "ipBlocks" | "notIpBlocks" | "remoteIpBlocks" | "notRemoteIpBlocks" => {
+                check_values(list, &path, errors, check_ip)
+            }
+            "serviceAccounts" | "notServiceAccounts" => check_service_accounts(list, &path, errors),
+            _ => check_values(list, &path, errors, check_wildcard),
+        }
+    }
+}
+
+fn check_operation(op: &Operation, path: &str, errors: &mut Vec<FieldError>) {
+    let lists: [(&str, &[String]); 8] = [
+        ("hosts", &op.hosts),
+        ("notHosts", &op.not_hosts),
+        ("ports", &op.ports),
+        ("notPorts", &op.not_ports),
+        ("methods", &op.methods),
+        ("notMethods", &op.not_methods),
+        ("paths", &op.paths),
+        ("notPaths", &op.not_paths),
+    ];
+    if lists.iter().all(|(_, l)| l.is_empty()) {
+        errors.push(field_error(
+            path,
+            "must not be empty (omit the `to` entry to match any operation)",
+        ));
+        return;
+    }
+    for (name, list) in lists {
+        let path = format!("{path}.{name}");
+        match name {
+            "ports" | "notPorts" => check_values(list, &path, errors, check_port),
+            _ => check_values(list, &path, errors, |_| Ok(())),
+        }
+    }
+}
+
+fn check_condition(cond: &Condition, path: &str, action: Action, errors: &mut Vec<FieldError>) {
+    let key = cond.key.as_str();
+    if key.is_empty() {
+        errors.push(field_error(format!("{path}.key"), "is required"));
+        return;
+    }
+    if cond.values.is_empty() && cond.not_values.is_empty() {
+        errors.push(field_error(
+            path,
+            format!("at least one of `values` or `notValues` must be set for key {key}"),
+        ));
+        return;
+    }
+    let map_key = |prefix: &str| -> Result<(), String> {
+        let rest = &key[prefix.len()..];
+        match rest.strip_prefix('[').and_then(|r| r.strip_suffix(']')) {
+            Some(inner) if !inner.is_empty() => Ok(()),
+            _ => Err(format!(
+                "bad key {key:?}: should have the form {prefix}[name]"
+            )),
+        }
+    };
+    type Check = fn(&str) -> Result<(), String>;
+    let checked: Result<Check, String> = match key {
+        "source.ip" | "remote.ip" | "destination.ip" => Ok(check_ip),
+        "destination.port" => Ok(check_port),
+        "source.namespace" | "source.principal" => Ok(check_wildcard),
+        "source.serviceAccount" => Ok(check_service_account),
+        "request.auth.principal"
+        | "request.auth.audiences"
+        | "request.auth.presenter"
+        | "connection.sni" => Ok(|_| Ok(())),
+        "destination.namespace" => {
+            Err(format!("attribute {key} is replaced by metadata.namespace"))
+        }
+        "destination.name" | "destination.user" => Err(format!(
+            "deprecated attribute {key}: only supported in v1alpha1"
+        )),
+        k if k.starts_with("destination.labels") => Err(format!(
+            "attribute {key} is replaced by the workload selector"
+        )),
+        k if k.starts_with("request.headers") => map_key("request.headers").map(|_| noop as Check),
+        k if k.starts_with("request.experimental.inline.headers") => {
+            map_key("request.experimental.inline.headers").map(|_| noop as Check)
+        }
+        k if k.starts_with("request.auth.claims") => {
+            map_key("request.auth.claims").map(|_| noop as Check)
+        }
+        k if k.starts_with("experimental.envoy.filters.") => {
+            match k.find('[').filter(|_| k.ends_with(']')) {
+                Some(open) if open < k.len() - 2 => Ok(noop),
+                _ => Err(format!("bad key {key:?}: should have the form a[b]")),
+            }
+        }
+        _ => Err(format!("unknown attribute {key:?}")),
+    };
+    let check = match checked {
+        Ok(check) => check,
+        Err(reason) => {
+            errors.push(field_error(format!("{path}.key"), reason));
+            return;
+        }
+    };
+    if action == Action::Custom
+        && (matches!(
+            key,
+            "source.namespace" | "source.principal" | "source.serviceAccount"
+        ) || key.starts_with("request.auth."))
+    {
+        errors.push(field_error(
+            format!("{path}.key"),
+            format!("{key} is not supported with action CUSTOM"),
+        ));
+    }
+    check_values(&cond.values, &format!("{path}.values"), errors, check);
+    check_values(
+        &cond.not_values,
+        &format!("{path}.notValues"),
+        errors,
+        check,
+    );
+    if key == "source.serviceAccount" {
+        for (name, list) in [("values", &cond.values), ("notValues", &cond.not_values)] {
+            if list.len() > 16 {
+                errors.push(field_error(
+                    format!("{path}.{name}"),
+                    "may not have more than 16 values",
+                ));
+            }
+        }
+    }
+}
+
+fn noop(_: &str) -> Result<(), String> {
+    Ok(())
+}
+
+fn check_values(
+    list: &[String],
+    path: &str,
+    errors: &mut Vec<FieldError>,
+    check: impl Fn(&str) -> Result<(), String>,
+) {
+    for (k, v) in list.iter().enumerate() {
+        let reason = if v.is_empty() {
+            Err("empty value is not allowed".to_string())
+        } else {
+            check(v)
+        };
+        if let Err(reason) = reason {
+            errors.push(field_error(format!("{path}[{k}]"), reason));
+        }
+    }
+}
+
+fn check_ip(v: &str) -> Result<(), String> {
+    parse_net(v)
+        .map(|_| ())
+        .ok_or_else(|| format!("invalid IP address or CIDR {v:?}"))
+}
+
+fn check_port(v: &str) -> Result<(), String> {
+    // Istio accepts 0-65535 (0 never matches).
+    match v.parse::<u16>() {
+        Ok(_) if v.bytes().all(|b| b.is_ascii_digit()) => Ok(()),
+        _ => Err(format!("invalid port {v:?}: expected a number 0-65535")),
+    }
+}
+
+/// `*` alone, as a prefix or as a suffix; anywhere else it would be compared literally and
+/// never match what the author meant.
+fn check_wildcard(v: &str) -> Result<(), String> {
+    if v == "*" {
+        return Ok(());
+    }
+    let inner = v
+        .strip_prefix('*')
+        .or_else(|| v.strip_suffix('*'))
+        .unwrap_or(v);
+    if inner.contains('*') {
+        Err(format!(
+            "invalid value {v:?}: `*` is only supported alone, as a prefix or as a suffix"
+        ))
+    } else {
+        Ok(())
+    }
+}
+
+fn check_service_accounts(list: &[String], path: &str, errors: &mut Vec<FieldError>) {
+    if list.len() > 16 {
+        errors.push(field_error(path, "may not have more than 16 values"));
+    }
+    check_values(list, path, errors, check_service_account);
+}
+
+/// `serviceAccount` or `namespace/serviceAccount`, no wildcard.
+fn check_service_account(v: &str) -> Result<(), String> {
+    let form = "expected `serviceAccount` or `namespace/serviceAccount`";
+    if v.contains('*') {
+        return Err(format!("invalid value {v:?}: wildcards are not supported"));
+    }
+    if v.len() > 320 {
+        return Err(format!("invalid value {v:?}: longer than 320 characters"));
+    }
+    let ok = match v.split_once('/') {
+        Some((ns, sa)) => !ns.is_empty() && !sa.is_empty() && !sa.contains('/'),
+        None => true,
+    };
+    if ok {
+        Ok(())
+    } else {
+        Err(format!("invalid value {v:?}: {form}"))
+    }
+}
+
+/// An IP address (a /32 or /128) or a CIDR; IPv4-mapped IPv6 addresses are taken as IPv4.
+fn parse_net(v: &str) -> Option<IpNet> {
+    if v.contains('/') {
+        v.parse::<IpNet>().ok()
+    } else {
+        v.parse::<IpAddr>()
+            .ok()
+            .map(|ip| IpNet::from(canonical(ip)))
+    }
+}
+
+fn canonical(ip: IpAddr) -> IpAddr {
+    match ip {
+        IpAddr::V6(v6) => v6
+            .to_ipv4_mapped()
+            .map(IpAddr::V4)
+            .unwrap_or(IpAddr::V6(v6)),
+        v4 => v4,
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// Compiled form.
+// ---------------------------------------------------------------------------------------------
+
+/// A string matcher: Istio's `*`, `prefix*`, `*suffix` and exact values.
+#[derive(Debug, Clone, PartialEq, Eq)]
+enum StrMatch {
+    /// `*`: any non-empty value (so never an absent identity).
+    Present,
+    Exact(Box<str>),
+    Prefix(Box<str>),
+    Suffix(Box<str>),
+}
+
+impl StrMatch {
+    fn new(v: &str) -> StrMatch {
+        if v == "*" {
+            StrMatch::Present
+        } else if let Some(s) = v.strip_prefix('*') {
+            StrMatch::Suffix(s.into())
+        } else if let Some(p) = v.strip_suffix('*') {
+            StrMatch::Prefix(p.into())
+        } else {
+            StrMatch::Exact(v.into())
+        }
+    }
+
+    fn matches(&self, v: &str) -> bool {
+        match self {
+            StrMatch::Present => !v.is_empty(),
+            StrMatch::Exact(e) => **e == *v,
+            StrMatch::Prefix(p) => v.starts_with(&**p),
+            StrMatch::Suffix(s) => v.ends_with(&**s),
+        }
+    }
+}
+
+/// `namespace/serviceAccount` of the source identity.
+#[derive(Debug, Clone, PartialEq, Eq)]
+struct SaMatch {
+    namespace: Box<str>,
+    account: Box<str>,
+}
+
+/// Values (ORed) and not-values (none may match) of one attribute.
+#[derive(Debug, Clone)]
+struct Field<T> {
+    pos: Box<[T]>,
+    neg: Box<[T]>,
+}
+
+impl<T> Default for Field<T> {
+    fn default() -> Self {
+        Field {
+            pos: Box::new([]),
+            neg: Box::new([]),
+        }
+    }
+}
+
+impl<T> Field<T> {
+    fn new(pos: impl IntoIterator<Item = T>, neg: impl IntoIterator<Item = T>) -> Field<T> {
+        Field {
+            pos: pos.into_iter().collect(),
+            neg: neg.into_iter().collect(),
+        }
+    }
+
+    #[inline]
+    fn holds(&self, f: impl Fn(&T) -> bool) -> bool {
+        (self.pos.is_empty() || self.pos.iter().any(&f)) && !self.neg.iter().any(&f)
+    }
+}
+
+/// One `from`/`to` entry or `when` condition: every field must hold.
+#[derive(Debug, Clone, Default)]
+struct Match {
+    ports: Field<u16>,
+    principals: Field<StrMatch>,
+    namespaces: Field<StrMatch>,
+    service_accounts: Field<SaMatch>,
+    source_ips: Field<IpNet>,
+    /// `remoteIpBlocks`: also the source IP at L4, but ANDed with `ipBlocks`.
+    remote_ips: Field<IpNet>,
+    destination_ips: Field<IpNet>,
+}
+
+impl Match {
+    #[inline]
+    fn matches(&self, c: &Ctx<'_>) -> bool {
+        let in_net = |ip: Option<IpAddr>| move |n: &IpNet| ip.is_some_and(|ip| n.contains(&ip));
+        self.ports.holds(|p| *p == c.port)
+            && self.source_ips.holds(in_net(c.source_ip))
+            && self.remote_ips.holds(in_net(c.source_ip))
+            && self.destination_ips.holds(in_net(c.destination_ip))
+            && self
+                .principals
+                .holds(|m| c.principal.is_some_and(|p| m.matches(p)))
+            && self
+                .namespaces
+                .holds(|m| c.namespace.is_some_and(|n| m.matches(n)))
+            && self.service_accounts.holds(|m| {
+                c.identity
+                    .is_some_and(|(ns, sa)| *m.namespace == *ns && *m.account == *sa)
+            })
+    }
+}
+
+/// Rule: clauses ANDed, matches within a clause ORed.
+#[derive(Debug, Clone, Default)]
+struct CompiledRule {
+    clauses: Vec<Vec<Match>>,
+}
+
+impl CompiledRule {
+    #[inline]
+    fn matches(&self, c: &Ctx<'_>) -> bool {
+        self.clauses
+            .iter()
+            .all(|clause| clause.iter().any(|m| m.matches(c)))
+    }
+}
+
+/// An AuthorizationPolicy ready to evaluate.
+#[derive(Debug, Clone)]
+struct Policy {
+    /// `ns/name`.
+    key: String,
+    /// Required labels (empty: every pod in scope).
+    selector: Vec<(String, String)>,
+    action: Action,
+    rules: Vec<CompiledRule>,
+    /// ALLOW: some rules were dropped because they need HTTP attributes.
+    http_rules_skipped: bool,
+}
+
+impl Policy {
+    #[inline]
+    fn matches(&self, c: &Ctx<'_>) -> bool {
+        self.rules.iter().any(|r| r.matches(c))
+    }
+}
+
+/// The attributes of a connection, computed once per evaluation.
+struct Ctx<'a> {
+    /// Without `spiffe://`; `None` when absent or empty.
+    principal: Option<&'a str>,
+    namespace: Option<&'a str>,
+    /// (namespace, service account) parsed from the principal.
+    identity: Option<(&'a str, &'a str)>,
+    source_ip: Option<IpAddr>,
+    destination_ip: Option<IpAddr>,
+    port: u16,
+}
+
+impl<'a> Ctx<'a> {
+    fn new(req: &ConnRequest<'a>) -> Ctx<'a> {
+        let principal = req
+            .source_principal
+            .map(|p| p.strip_prefix("spiffe://").unwrap_or(p))
+            .filter(|p| !p.is_empty());
+        let identity = principal.and_then(parse_identity);
+        Ctx {
+            principal,
+            namespace: req
+                .source_namespace
+                .filter(|n| !n.is_empty())
+                .or(identity.map(|(ns, _)| ns)),
+            identity,
+            source_ip: req.source_ip.map(canonical),
+            destination_ip: req.destination_ip.map(canonical),
+            port: req.destination_port,
+        }
+    }
+}
+
+/// `<td>/ns/<ns>/sa/<sa>` → (ns, sa).
+fn parse_identity(p: &str) -> Option<(&str, &str)> {
+    let mut parts = p.splitn(5, '/');
+    let _trust_domain = parts.next()?;
+    (parts.next()? == "ns").then_some(())?;
+    let ns = parts.next()?;
+    (parts.next()? == "sa").then_some(())?;
+    let sa = parts.next()?;
+    (!ns.is_empty() && !sa.is_empty()).then_some((ns, sa))
+}
+
+/// HTTP attributes found in a rule, by field name (for warnings).
+fn http_fields(rule: &Rule) -> Vec<&str> {
+    let mut out = Vec::new();
+    let mut add = |name: &'static str, present: bool| {
+        if present && !out.contains(&name) {
+            out.push(name);
+        }
+    };
+    for src in rule.from.iter().flatten().filter_map(|f| f.source.as_ref()) {
+        add("requestPrincipals", !src.request_principals.is_empty());
+        add(
+            "notRequestPrincipals",
+            !src.not_request_principals.is_empty(),
+        );
+    }
+    for op in rule
+        .to
+        .iter()
+        .flatten()
+        .filter_map(|t| t.operation.as_ref())
+    {
+        add("hosts", !op.hosts.is_empty());
+        add("notHosts", !op.not_hosts.is_empty());
+        add("methods", !op.methods.is_empty());
+        add("notMethods", !op.not_methods.is_empty());
+        add("paths", !op.paths.is_empty());
+        add("notPaths", !op.not_paths.is_empty());
+    }
+    let mut out: Vec<&str> = out;
+    for cond in &rule.when {
+        if !L4_KEYS.contains(&cond.key.as_str()) && !out.contains(&cond.key.as_str()) {
+            out.push(&cond.key);
+        }
+    }
+    out
+}
+
+fn str_field(pos: &[String], neg: &[String]) -> Field<StrMatch> {
+    Field::new(
+        pos.iter().map(|v| StrMatch::new(v)),
+        neg.iter().map(|v| StrMatch::new(v)),
+    )
+}
+
+fn net_field(pos: &[String], neg: &[String]) -> Field<IpNet> {
+    Field::new(
+        pos.iter().filter_map(|v| parse_net(v)),
+        neg.iter().filter_map(|v| parse_net(v)),
+    )
+}
+
+fn port_field(pos: &[String], neg: &[String]) -> Field<u16> {
+    Field::new(
+        pos.iter().filter_map(|v| v.parse().ok()),
+        neg.iter().filter_map(|v| v.parse().ok()),
+    )
+}
+
+fn sa_field(pos: &[String], neg: &[String], policy_ns: &str) -> Field<SaMatch> {
+    let one = |v: &String| {
+        let (ns, sa) = v.split_once('/').unwrap_or((policy_ns, v));
+        SaMatch {
+            namespace: ns.into(),
+            account: sa.into(),
+        }
+    };
+    Field::new(pos.iter().map(one), neg.iter().map(one))
+}
+
+/// Compiles a rule; HTTP attributes are left out (the caller drops ALLOW rules that have any).
+fn compile_rule(rule: &Rule, policy_ns: &str) -> CompiledRule {
+    let mut clauses = Vec::new();
+    if let Some(from) = &rule.from {
+        let clause = from
+            .iter()
+            .filter_map(|f| f.source.as_ref())
+            .map(|s| Match {
+                principals: str_field(&s.principals, &s.not_principals),
+                namespaces: str_field(&s.namespaces, &s.not_namespaces),
+                service_accounts: sa_field(&s.service_accounts, &s.not_service_accounts, policy_ns),
+                source_ips: net_field(&s.ip_blocks, &s.not_ip_blocks),
+                remote_ips: net_field(&s.remote_ip_blocks, &s.not_remote_ip_blocks),
+                ..Match::default()
+            })
+            .collect();
+        clauses.push(clause);
+    }
+    if let Some(to) = &rule.to {
+        let clause = to
+            .iter()
+            .filter_map(|t| t.operation.as_ref())
+            .map(|o| Match {
+                ports: port_field(&o.ports, &o.not_ports),
+                ..Match::default()
+            })
+            .collect();
+        clauses.push(clause);
+    }
+    for cond in &rule.when {
+        let (v, n) = (&cond.values[..], &cond.not_values[..]);
+        let m = match cond.key.as_str() {
+            "source.ip" | "remote.ip" => Match {
+                source_ips: net_field(v, n),
+                ..Match::default()
+            },
+            "destination.ip" => Match {
+                destination_ips: net_field(v, n),
+                ..Match::default()
+            },
+            "destination.port" => Match {
+                ports: port_field(v, n),
+                ..Match::default()
+            },
+            "source.namespace" => Match {
+                namespaces: str_field(v, n),
+                ..Match::default()
+            },
+            "source.principal" => Match {
+                principals: str_field(v, n),
+                ..Match::default()
+            },
+            "source.serviceAccount" => Match {
+                service_accounts: sa_field(v, n, policy_ns),
+                ..Match::default()
+            },
+            // HTTP attribute: ignored (matches everything).
+            _ => continue,
+        };
+        clauses.push(vec![m]);
+    }
+    CompiledRule { clauses }
+}
+
+// ---------------------------------------------------------------------------------------------
+// Index and evaluation.
+// ---------------------------------------------------------------------------------------------
+
+/// The policies of one scope, CUSTOM and DENY apart from ALLOW.
+#[derive(Debug, Default)]
+struct Bucket {
+    /// CUSTOM then DENY, each by key.
+    deny: Vec<Policy>,
+    /// By key.
+    allow: Vec<Policy>,
+}
+
+impl Bucket {
+    fn sort(&mut self) {
+        self.deny.sort_by(|a, b| {
+            (a.action != Action::Custom, &a.key).cmp(&(b.action != Action::Custom, &b.key))
+        });
+        self.allow.sort_by(|a, b| a.key.cmp(&b.key));
+    }
+}
+
+/// Compiled AuthorizationPolicies by scope.
+#[derive(Debug, Default)]
+pub(crate) struct Index {
+    root_namespace: String,
+    /// Root-namespace policies: with a selector they apply in every namespace.
+    global: Bucket,
+    /// Other namespaces.
+    namespaces: ByNamespace<Bucket>,
+    count: usize,
+}
+
+pub(crate) struct Builder {
+    index: Index,
+}
+
+impl Builder {
+    pub(crate) fn new(root_namespace: &str) -> Builder {
+        Builder {
+            index: Index {
+                root_namespace: root_namespace.to_string(),
+                global: Bucket::default(),
+                namespaces: HashMap::new(),
+                count: 0,
+            },
+        }
+    }
+
+    /// Adds a valid policy (see [`check`]); notes what is not enforced at L4 in `warnings`.
+    pub(crate) fn add(
+        &mut self,
+        namespace: &str,
+        name: &str,
+        spec: &AuthorizationPolicySpec,
+        warnings: &mut Vec<String>,
+    ) {
+        let key = format!("{namespace}/{name}");
+        if spec.target_ref.is_some() || spec.target_refs.as_ref().is_some_and(|t| !t.is_empty()) {
+            warnings.push(format!(
+                "AuthorizationPolicy {key}: targetRef policies are enforced by waypoints, not at L4: ignored"
+            ));
+            return;
+        }
+        if spec.action == Action::Audit {
+            warnings.push(format!(
+                "AuthorizationPolicy {key}: action AUDIT is not supported: ignored"
+            ));
+            return;
+        }
+        let mut rules = Vec::new();
+        let mut http: Vec<&str> = Vec::new();
+        let mut http_rules_skipped = false;
+        for rule in spec.rules.iter().flatten() {
+            let found = http_fields(rule);
+            for f in &found {
+                if !http.contains(f) {
+                    http.push(f);
+                }
+            }
+            if spec.action == Action::Allow && !found.is_empty() {
+                http_rules_skipped = true;
+                continue;
+            }
+            rules.push(compile_rule(rule, namespace));
+        }
+        if !http.is_empty() {
+            let effect = if spec.action == Action::Allow {
+                "the rules using them never match (fail closed: they allow nothing)"
+            } else {
+                "the rules are enforced without them (fail closed: they deny more than written)"
+            };
+            warnings.push(format!(
+                "AuthorizationPolicy {key}: HTTP attributes ({}) are not enforced until the L7 engine lands; {effect}",
+                http.join(", ")
+            ));
+        }
+        let policy = Policy {
+            key,
+            selector: selector_pairs(&spec.selector),
+            action: spec.action,
+            rules,
+            http_rules_skipped,
+        };
+        let bucket = if namespace == self.index.root_namespace {
+            &mut self.index.global
+        } else {
+            self.index
+                .namespaces
+                .entry(namespace.to_string())
+                .or_default()
+        };
+        match policy.action {
+            Action::Allow => bucket.allow.push(policy),
+            _ => bucket.deny.push(policy),
+        }
+        self.index.count += 1;
+    }
+
+    pub(crate) fn finish(mut self) -> Index {
+        self.index.global.sort();
+        for b in self.index.namespaces.values_mut() {
+            b.sort();
+        }
+        self.index
+    }
+}
+
+impl Index {
+    pub(crate) fn len(&self) -> usize {
+        self.count
+    }
+
+    /// The buckets that can apply to `pod`, root first, with "is the root bucket".
+    #[inline]
+    fn buckets<'s>(&'s self, pod: &Pod) -> [Option<(&'s Bucket, bool)>; 2] {
+        let ns = if pod.namespace == self.root_namespace {
+            None
+        } else {
+            self.namespaces.get(pod.namespace.as_str())
+        };
+        [Some((&self.global, true)), ns.map(|b| (b, false))]
+    }
+
+    /// How specific an applicable policy is for `pod` (higher = more).
+    #[inline]
+    fn rank(&self, p: &Policy, root_bucket: bool, pod: &Pod) -> u8 {
+        let own_namespace = !root_bucket || pod.namespace == self.root_namespace;
+        match (own_namespace, p.selector.is_empty()) {
+            (true, false) => 3,
+            (true, true) => 2,
+            (false, false) => 1,
+            (false, true) => 0,
+        }
+    }
+
+    pub(crate) fn authorize(&self, req: &ConnRequest<'_>) -> Decision {
+        let pod = req.destination;
+        let buckets = self.buckets(pod);
+        let ctx = Ctx::new(req);
+        for (bucket, _) in buckets.iter().flatten() {
+            for p in &bucket.deny {
+                if selects(&p.selector, pod) && p.matches(&ctx) {
+                    let reason = if p.action == Action::Custom {
+                        DenyReason::CustomPolicy
+                    } else {
+                        DenyReason::DenyPolicy
+                    };
+                    return Decision::Deny {
+                        policy: p.key.clone(),
+                        reason,
+                    };
+                }
+            }
+        }
+        let mut best: Option<(u8, &Policy)> = None;
+        let mut best_http: Option<(u8, &Policy)> = None;
+        for &(bucket, root) in buckets.iter().flatten() {
+            for p in &bucket.allow {
+                if !selects(&p.selector, pod) {
+                    continue;
+                }
+                if p.matches(&ctx) {
+                    return Decision::Allow;
+                }
+                let rank = self.rank(p, root, pod);
+                if best.is_none_or(|(r, _)| rank > r) {
+                    best = Some((rank, p));
+                }
+                if p.http_rules_skipped && best_http.is_none_or(|(r, _)| rank > r) {
+                    best_http = Some((rank, p));
+                }
+            }
+        }
+        match (best_http, best) {
+            (Some((_, p)), _) => Decision::Deny {
+                policy: p.key.clone(),
+                reason: DenyReason::NotAllowedHttpRules,
+            },
+            (None, Some((_, p))) => Decision::Deny {
+                policy: p.key.clone(),
+                reason: DenyReason::NotAllowed,
+            },
+            (None, None) => Decision::Allow,
+        }
+    }
+
+    pub(crate) fn applicable(&self, pod: &Pod) -> Vec<String> {
+        let mut out = Vec::new();
+        for (bucket, _) in self.buckets(pod).into_iter().flatten() {
+            let mut keys: Vec<&str> = bucket
+                .deny
+                .iter()
+                .chain(&bucket.allow)
+                .filter(|p| selects(&p.selector, pod))
+                .map(|p| p.key.as_str())
+                .collect();
+            keys.sort_unstable();
+            out.extend(keys.into_iter().map(str::to_string));
+        }
+        out
+    }
+}
+
+#[cfg(test)]
+mod unit {
+    use super::*;
+
+    #[test]
+    fn string_matchers() {
+        assert!(StrMatch::new("*").matches("x"));
+        assert!(!StrMatch::new("*").matches(""));
+        assert!(StrMatch::new("cluster.local/ns/a/*").matches("cluster.local/ns/a/sa/b"));
+        assert!(!StrMatch::new("cluster.local/ns/a/*").matches("cluster.local/ns/ab/sa/b"));
+        assert!(StrMatch::new("*/sa/b").matches("cluster.local/ns/a/sa/b"));
+        assert!(StrMatch::new("a").matches("a"));
+        assert!(!StrMatch::new("a").matches("ab"));
+    }
+
+    #[test]
+    fn identities() {
+        assert_eq!(
+            parse_identity("cluster.local/ns/demo/sa/client"),
+            Some(("demo", "client"))
+        );
+        assert_eq!(parse_identity("cluster.local/ns/demo"), None);
+        assert_eq!(parse_identity("cluster.local/x/demo/sa/c"), None);
+        assert_eq!(parse_identity("td/ns//sa/c"), None);
+    }
+
+    #[test]
+    fn value_checks() {
+        assert!(check_wildcard("*").is_ok());
+        assert!(check_wildcard("*.x").is_ok());
+        assert!(check_wildcard("x*").is_ok());
+        assert!(check_wildcard("a/*/b").is_err());
+        assert!(check_wildcard("*a*").is_err());
+        assert!(check_port("0").is_ok());
+        assert!(check_port("65535").is_ok());
+        assert!(check_port("65536").is_err());
+        assert!(check_port("+80").is_err());
+        assert!(check_ip("10.0.0.1").is_ok());
+        assert!(check_ip("10.0.0.0/8").is_ok());
+        assert!(check_ip("fd00::/8").is_ok());
+        assert!(check_ip("10.0.0.0/33").is_err());
+        assert!(check_ip("10.0.0").is_err());
+        assert!(check_service_account("a/b").is_ok());
+        assert!(check_service_account("b").is_ok());
+        assert!(check_service_account("a/").is_err());
+        assert!(check_service_account("a/b/c").is_err());
+        assert!(check_service_account("a/*").is_err());
+    }
+}
