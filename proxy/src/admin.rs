@@ -139,21 +139,23 @@ async fn flows_handler(State(s): State<AppState>, Query(q): Query<FlowsQuery>) -
         verdict,
         since,
     };
-    // Subscribe first so nothing recorded between the snapshot and the subscription is lost.
-    let live = truthy(&q.follow).then(|| s.flows.subscribe());
-    let mut history = s.flows.recent(&filter);
+    let (mut history, live) = if truthy(&q.follow) {
+        let (kept, rx) = s.flows.follow(&filter);
+        (kept, Some(rx))
+    } else {
+        (s.flows.recent(&filter), None)
+    };
     if let Some(n) = q.last {
         let skip = history.len().saturating_sub(n);
         history.drain(..skip);
     }
-    let seen = history.last().map(|f| f.seq).unwrap_or(0);
     let history = futures::stream::iter(history.into_iter().map(|f| line(&f)));
     let body = match live {
         None => Body::from_stream(history.map(Ok::<_, Infallible>)),
         Some(rx) => {
             let live = BroadcastStream::new(rx).filter_map(move |r| {
                 let out = match r {
-                    Ok(f) if f.seq > seen && filter.matches(&f) => Some(line(&f)),
+                    Ok(f) if filter.matches(&f) => Some(line(&f)),
                     Ok(_) => None,
                     Err(BroadcastStreamRecvError::Lagged(n)) => {
                         Some(Bytes::from(format!("{{\"lost_flows\":{n}}}\n")))

@@ -185,19 +185,21 @@ pub fn parse_since(s: &str, now: OffsetDateTime) -> Result<OffsetDateTime, Strin
     let n: u64 = num.parse().map_err(|_| {
         format!("--since {s:?}: expected a duration like 30s, 5m, 2h or an RFC 3339 time")
     })?;
+    let secs = |mult: u64| n.checked_mul(mult).map(Duration::from_secs);
     let d = match unit {
-        "ms" => Duration::from_millis(n),
-        "s" => Duration::from_secs(n),
-        "m" => Duration::from_secs(n * 60),
-        "h" => Duration::from_secs(n * 3600),
-        "d" => Duration::from_secs(n * 86_400),
+        "ms" => Some(Duration::from_millis(n)),
+        "s" => secs(1),
+        "m" => secs(60),
+        "h" => secs(3600),
+        "d" => secs(86_400),
         _ => {
             return Err(format!(
                 "--since {s:?}: unknown unit {unit:?} (ms, s, m, h, d)"
             ))
         }
     };
-    Ok(now - d)
+    d.and_then(|d| now.checked_sub(time::Duration::try_from(d).ok()?))
+        .ok_or_else(|| format!("--since {s:?}: too far back"))
 }
 
 /// The node's flow log: a bounded ring of recent flows plus a live feed.
@@ -225,24 +227,33 @@ impl FlowStore {
     /// Records a flow: assigns its sequence number, keeps it in the ring (dropping the oldest
     /// when full) and hands it to live subscribers.
     pub fn record(&self, mut flow: Flow) -> Arc<Flow> {
-        flow.seq = self.next_seq.fetch_add(1, Ordering::Relaxed);
-        let flow = Arc::new(flow);
-        {
-            let mut ring = self.ring.lock().unwrap_or_else(|e| e.into_inner());
-            if ring.len() == self.capacity {
-                ring.pop_front();
-            }
-            ring.push_back(flow.clone());
-        }
         *self
             .by_verdict
             .lock()
             .unwrap_or_else(|e| e.into_inner())
             .entry(flow.verdict)
             .or_default() += 1;
+        // Numbering, keeping and publishing under one lock: the ring is in sequence order and
+        // a reader that subscribes under the same lock sees each flow exactly once.
+        let mut ring = self.ring.lock().unwrap_or_else(|e| e.into_inner());
+        flow.seq = self.next_seq.fetch_add(1, Ordering::Relaxed);
+        let flow = Arc::new(flow);
+        if ring.len() == self.capacity {
+            ring.pop_front();
+        }
+        ring.push_back(flow.clone());
         // No subscriber is not an error.
         let _ = self.live.send(flow.clone());
         flow
+    }
+
+    /// The flows kept that match `filter` (oldest first) and a live feed of every flow
+    /// recorded after them: no gap and no repeat between the two.
+    pub fn follow(&self, filter: &FlowFilter) -> (Vec<Arc<Flow>>, broadcast::Receiver<Arc<Flow>>) {
+        let ring = self.ring.lock().unwrap_or_else(|e| e.into_inner());
+        let rx = self.live.subscribe();
+        let kept = ring.iter().filter(|f| filter.matches(f)).cloned().collect();
+        (kept, rx)
     }
 
     /// Flows currently kept that match `filter`, oldest first.
@@ -251,8 +262,7 @@ impl FlowStore {
         ring.iter().filter(|f| filter.matches(f)).cloned().collect()
     }
 
-    /// A live feed of flows recorded from now on. Subscribe before reading [`Self::recent`]
-    /// and skip sequence numbers already seen to get a gapless stream.
+    /// A live feed of flows recorded from now on.
     pub fn subscribe(&self) -> broadcast::Receiver<Arc<Flow>> {
         self.live.subscribe()
     }
@@ -356,6 +366,33 @@ mod tests {
         assert!(!later.matches(&f));
     }
 
+    #[test]
+    fn follow_has_no_gap_and_no_repeat_under_concurrent_records() {
+        let store = Arc::new(FlowStore::new(10_000));
+        let writers: Vec<_> = (0..4)
+            .map(|_| {
+                let store = store.clone();
+                std::thread::spawn(move || {
+                    for _ in 0..1000 {
+                        store.record(flow("a", "b", Verdict::Forwarded));
+                    }
+                })
+            })
+            .collect();
+        while store.len() < 1500 {
+            std::thread::yield_now();
+        }
+        let (kept, mut rx) = store.follow(&FlowFilter::default());
+        for w in writers {
+            w.join().unwrap();
+        }
+        let mut seqs: Vec<u64> = kept.iter().map(|f| f.seq).collect();
+        while let Ok(f) = rx.try_recv() {
+            seqs.push(f.seq);
+        }
+        assert_eq!(seqs, (1..=4000).collect::<Vec<u64>>());
+    }
+
     #[tokio::test]
     async fn live_subscribers_see_new_flows() {
         let store = FlowStore::new(10);
@@ -380,6 +417,8 @@ mod tests {
         assert!(parse_since("2026-11-21T12:00:00Z", now).is_ok());
         assert!(parse_since("5x", now).is_err());
         assert!(parse_since("abc", now).is_err());
+        assert!(parse_since("99999999999d", now).is_err());
+        assert!(parse_since("18446744073709551615d", now).is_err());
     }
 
     #[test]

@@ -7,6 +7,7 @@
 
 use std::io;
 use std::os::fd::{AsFd, AsRawFd, OwnedFd};
+use std::sync::atomic::{AtomicU64, Ordering};
 
 use nix::fcntl::{splice, OFlag, SpliceFFlags};
 use tokio::io::Interest;
@@ -30,39 +31,43 @@ pub struct Relayed {
 
 /// Relays `client` ⇄ `upstream` until both directions reach end of stream or one fails.
 pub async fn relay(client: TcpStream, upstream: TcpStream) -> Relayed {
-    let up = pump(&client, &upstream);
-    let down = pump(&upstream, &client);
+    // Counted as bytes move, so a direction that is cut short still reports what it moved.
+    let (sent, received) = (AtomicU64::new(0), AtomicU64::new(0));
+    let up = pump(&client, &upstream, &sent);
+    let down = pump(&upstream, &client, &received);
     tokio::pin!(up, down);
     // Run both directions; if one fails, stop the other and reset both sockets.
-    let mut out = Relayed::default();
+    let mut error = None;
     let mut up_done = false;
     let mut down_done = false;
     while !(up_done && down_done) {
         tokio::select! {
-            (n, r) = &mut up, if !up_done => {
+            r = &mut up, if !up_done => {
                 up_done = true;
-                out.sent = n;
                 if let Err(e) = r {
-                    out.error = Some(format!("client→upstream: {e}"));
+                    error = Some(format!("client→upstream: {e}"));
                     break;
                 }
             }
-            (n, r) = &mut down, if !down_done => {
+            r = &mut down, if !down_done => {
                 down_done = true;
-                out.received = n;
                 if let Err(e) = r {
-                    out.error = Some(format!("upstream→client: {e}"));
+                    error = Some(format!("upstream→client: {e}"));
                     break;
                 }
             }
         }
     }
-    if out.error.is_some() {
+    if error.is_some() {
         // Abort: both peers see a reset rather than a clean close.
         reset(&client);
         reset(&upstream);
     }
-    out
+    Relayed {
+        sent: sent.load(Ordering::Relaxed),
+        received: received.load(Ordering::Relaxed),
+        error,
+    }
 }
 
 /// Arranges for the socket to send RST instead of FIN when it is closed.
@@ -70,12 +75,9 @@ pub fn reset(stream: &TcpStream) {
     let _ = socket2::SockRef::from(stream).set_linger(Some(std::time::Duration::ZERO));
 }
 
-/// One direction, `src` → `dst`: (bytes moved, how it ended).
-async fn pump(src: &TcpStream, dst: &TcpStream) -> (u64, io::Result<()>) {
-    match Direction::new() {
-        Ok(d) => d.run(src, dst).await,
-        Err(e) => (0, Err(e)),
-    }
+/// One direction, `src` → `dst`, adding the bytes it moves to `moved`.
+async fn pump(src: &TcpStream, dst: &TcpStream, moved: &AtomicU64) -> io::Result<()> {
+    Direction::new()?.run(src, dst, moved).await
 }
 
 struct Direction {
@@ -92,16 +94,12 @@ impl Direction {
     }
 
     /// Moves bytes from `src` to `dst` until end of stream, then half-closes `dst`.
-    /// Returns the byte count even on error.
-    async fn run(self, src: &TcpStream, dst: &TcpStream) -> (u64, io::Result<()>) {
-        let mut total = 0u64;
+    async fn run(self, src: &TcpStream, dst: &TcpStream, moved: &AtomicU64) -> io::Result<()> {
         let flags = SpliceFFlags::SPLICE_F_MOVE | SpliceFFlags::SPLICE_F_NONBLOCK;
         loop {
             // socket → pipe
             let n = loop {
-                if let Err(e) = src.readable().await {
-                    return (total, Err(e));
-                }
+                src.readable().await?;
                 match src.try_io(Interest::READABLE, || {
                     splice(
                         src.as_fd(),
@@ -115,31 +113,28 @@ impl Direction {
                 }) {
                     Ok(n) => break n,
                     Err(e) if e.kind() == io::ErrorKind::WouldBlock => continue,
-                    Err(e) => return (total, Err(e)),
+                    Err(e) => return Err(e),
                 }
             };
             if n == 0 {
                 // End of stream from src: pass the half-close on.
-                let r = shutdown_write(dst);
-                return (total, r);
+                return shutdown_write(dst);
             }
             // pipe → socket, until the pipe is empty again.
             let mut left = n;
             while left > 0 {
-                if let Err(e) = dst.writable().await {
-                    return (total, Err(e));
-                }
+                dst.writable().await?;
                 match dst.try_io(Interest::WRITABLE, || {
                     splice(self.pipe_r.as_fd(), None, dst.as_fd(), None, left, flags)
                         .map_err(io::Error::from)
                 }) {
-                    Ok(0) => return (total, Err(io::ErrorKind::WriteZero.into())),
+                    Ok(0) => return Err(io::ErrorKind::WriteZero.into()),
                     Ok(m) => {
                         left -= m;
-                        total += m as u64;
+                        moved.fetch_add(m as u64, Ordering::Relaxed);
                     }
                     Err(e) if e.kind() == io::ErrorKind::WouldBlock => continue,
-                    Err(e) => return (total, Err(e)),
+                    Err(e) => return Err(e),
                 }
             }
         }
@@ -206,6 +201,22 @@ mod tests {
         assert_eq!(r.sent, 3_000_000);
         assert_eq!(r.received, 4);
         assert_eq!(r.error, None);
+    }
+
+    #[tokio::test]
+    async fn bytes_are_counted_when_a_side_resets() {
+        let (mut client, mut server, task) = setup().await;
+        client.write_all(b"0123456789").await.unwrap();
+        let mut got = [0u8; 10];
+        server.read_exact(&mut got).await.unwrap();
+        server.write_all(&[7u8; 1000]).await.unwrap();
+        let mut back = vec![0u8; 1000];
+        client.read_exact(&mut back).await.unwrap();
+        reset(&client);
+        drop(client);
+        let r = task.await.unwrap();
+        assert!(r.error.is_some(), "{r:?}");
+        assert_eq!((r.sent, r.received), (10, 1000));
     }
 
     #[tokio::test]
