@@ -21,6 +21,9 @@ use crate::registry::{Destination, Registry, Snapshot};
 /// How long a redirect event may wait for its connection to reach the listener before it is
 /// reported as [`Verdict::Unhandled`].
 const UNHANDLED_AFTER: Duration = Duration::from_secs(5);
+/// Bound on the redirects (and accepts) waiting to be paired; beyond it they are not tracked
+/// (the kernel ring buffer has a similar bound and counts what it drops).
+const TRACKED_MAX: usize = 65_536;
 
 pub struct Outbound {
     node_name: String,
@@ -101,7 +104,7 @@ impl Outbound {
             }
         };
         let Some(redirect) = self.capture.take_redirect(peer, local) else {
-            warn!(%peer, "connection without a redirect record: original destination unknown, closing");
+            debug!(%peer, "connection without a redirect record: original destination unknown, closing");
             let why = "no eBPF redirect record for this connection".to_string();
             return self.refuse(&client, flow, Verdict::Unidentified, why, started);
         };
@@ -209,7 +212,7 @@ impl Outbound {
 
     fn finish(&self, mut flow: Flow, started: Instant) {
         flow.duration_ms = started.elapsed().as_secs_f64() * 1000.0;
-        info!(
+        debug!(
             source = %flow.source.pod.as_deref().unwrap_or("?"),
             original_destination = %flow.original_destination,
             destination = %flow.destination.address.as_deref().unwrap_or("-"),
@@ -235,16 +238,36 @@ impl Outbound {
                     Some(ev) => self.tracker.redirected(ev),
                     None => return,
                 },
-                _ = sweep.tick() => {
-                    for ev in self.tracker.expired() {
-                        self.record_unhandled(ev);
-                    }
-                }
+                _ = sweep.tick() => self.report_unhandled(),
             }
         }
     }
 
-    fn record_unhandled(&self, ev: RedirectEvent) {
+    /// Records one `unhandled` flow per (source cgroup, original destination) for the redirects
+    /// that waited too long and whose connection never completed. A connection that completed
+    /// its handshake has left `BY_COOKIE` (sock_ops moved it), so it reached a listener even if
+    /// its event was read late or after a restart: that is not reported.
+    fn report_unhandled(&self) {
+        let mut groups: Vec<(RedirectEvent, usize)> = Vec::new();
+        for ev in self.tracker.expired() {
+            if self.capture.pending_by_cookie(ev.redirect.cookie).is_none() {
+                continue;
+            }
+            let same = |(g, _): &&mut (RedirectEvent, usize)| {
+                g.redirect.cgroup_id == ev.redirect.cgroup_id
+                    && g.redirect.original_dst == ev.redirect.original_dst
+            };
+            match groups.iter_mut().find(same) {
+                Some((_, n)) => *n += 1,
+                None => groups.push((ev, 1)),
+            }
+        }
+        for (ev, count) in groups {
+            self.record_unhandled(ev, count);
+        }
+    }
+
+    fn record_unhandled(&self, ev: RedirectEvent, count: usize) {
         let wl = self.workloads.load();
         let pod = wl.by_cgroup(ev.redirect.cgroup_id);
         let snapshot = self.registry.snapshot();
@@ -260,8 +283,12 @@ impl Outbound {
             }
             Destination::Passthrough => {}
         }
-        info!(cookie = ev.redirect.cookie, original_destination = %ev.redirect.original_dst,
-            "redirected connection never reached the proxy");
+        debug!(cookie = ev.redirect.cookie, original_destination = %ev.redirect.original_dst,
+            count, "redirected connections never reached the proxy");
+        let error = match count {
+            1 => "redirected by eBPF but the connection never reached the proxy".to_string(),
+            n => format!("{n} connections redirected by eBPF never reached the proxy"),
+        };
         self.flows.record(Flow {
             seq: 0,
             time: OffsetDateTime::from(ev.time),
@@ -279,7 +306,7 @@ impl Outbound {
             bytes_sent: 0,
             bytes_received: 0,
             duration_ms: 0.0,
-            error: Some("redirected by eBPF but the connection never reached the proxy".into()),
+            error: Some(error),
             cgroup_id: Some(ev.redirect.cgroup_id),
             mtls: false,
             policy: None,
@@ -304,7 +331,7 @@ struct TrackerState {
 impl RedirectTracker {
     fn accepted(&self, cookie: u64) {
         let mut s = self.inner.lock().unwrap_or_else(|e| e.into_inner());
-        if s.pending.remove(&cookie).is_none() {
+        if s.pending.remove(&cookie).is_none() && s.accepted.len() < TRACKED_MAX {
             s.accepted.insert(cookie, Instant::now());
         }
     }
@@ -312,7 +339,7 @@ impl RedirectTracker {
     fn redirected(&self, ev: RedirectEvent) {
         let mut s = self.inner.lock().unwrap_or_else(|e| e.into_inner());
         let cookie = ev.redirect.cookie;
-        if s.accepted.remove(&cookie).is_none() {
+        if s.accepted.remove(&cookie).is_none() && s.pending.len() < TRACKED_MAX {
             s.pending.insert(cookie, (ev, Instant::now()));
         }
     }
