@@ -568,9 +568,9 @@ impl Capture {
         Ok(rx)
     }
 
-    pub fn status(&self) -> CaptureStatus {
-        let programs = self
-            .links
+    /// Whether each program is still attached where it should be (cheap: reads link info only).
+    pub fn programs(&self) -> Vec<ProgramStatus> {
+        self.links
             .iter()
             .map(|link| match link.info() {
                 Ok(info) => ProgramStatus {
@@ -588,7 +588,11 @@ impl Capture {
                     }
                 }
             })
-            .collect();
+            .collect()
+    }
+
+    pub fn status(&self) -> CaptureStatus {
+        let programs = self.programs();
         let entries = |name: &str, n: Result<usize, MapError>| {
             n.unwrap_or_else(|err| {
                 warn!(map = name, "counting entries: {err}");

@@ -146,7 +146,7 @@ async fn flows(args: FlowsArgs) -> anyhow::Result<()> {
     let mut resp = get(&args.target, &path).await?;
     let mut stdout = std::io::stdout().lock();
     let mut buf = Vec::new();
-    let mut table = FlowTable::new(args.follow);
+    let mut table = FlowTable;
     if args.output == Output::Table && !args.follow {
         // Widths are fitted to the whole answer.
         let body = resp
@@ -237,6 +237,7 @@ async fn status(args: StatusArgs) -> anyhow::Result<()> {
     let body = get_body(&args.target, "/status").await?;
     let v: serde_json::Value = serde_json::from_slice(&body).context("decoding /status")?;
     let mut out = std::io::stdout().lock();
+    let ready = v.get("ready").and_then(|r| r.as_bool()).unwrap_or(false);
     if args.output == Output::Json {
         serde_json::to_writer(&mut out, &v)?;
         writeln!(out)?;
@@ -244,7 +245,6 @@ async fn status(args: StatusArgs) -> anyhow::Result<()> {
     }
     let s = |p: &str| v.pointer(p).map(display_json).unwrap_or_else(|| "-".into());
     writeln!(out, "Node:        {}", s("/node"))?;
-    let ready = v.get("ready").and_then(|r| r.as_bool()).unwrap_or(false);
     writeln!(out, "Ready:       {}", yes_no(ready))?;
     writeln!(out, "Proxy:       {}", s("/proxy_address"))?;
     writeln!(
@@ -422,9 +422,7 @@ where
 }
 
 /// Flow rows, hubble-style.
-struct FlowTable {
-    follow: bool,
-}
+struct FlowTable;
 
 const FLOW_HEADER: [&str; 7] = [
     "TIME",
@@ -439,10 +437,6 @@ const FLOW_HEADER: [&str; 7] = [
 const FOLLOW_WIDTHS: [usize; 7] = [19, 34, 38, 22, 14, 17, 9];
 
 impl FlowTable {
-    fn new(follow: bool) -> Self {
-        Self { follow }
-    }
-
     fn cells(f: &Flow) -> Vec<String> {
         let fmt = time::macros::format_description!(
             "[month repr:short] [day] [hour]:[minute]:[second].[subsecond digits:3]"
@@ -484,7 +478,6 @@ impl FlowTable {
     }
 
     fn print_row(&mut self, out: &mut impl Write, f: &Flow) -> std::io::Result<()> {
-        debug_assert!(self.follow);
         write_row(out, &Self::cells(f), &FOLLOW_WIDTHS)
     }
 

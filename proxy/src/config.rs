@@ -13,7 +13,6 @@ use serde::{Deserialize, Serialize};
 pub const DEFAULT_PROXY_PORT: u16 = 15001;
 pub const DEFAULT_ADMIN_SOCKET: &str = "/run/weft/admin.sock";
 pub const DEFAULT_ADMIN_ADDRESS: &str = "127.0.0.1:15000";
-pub const DEFAULT_BPFFS: &str = "/sys/fs/bpf/weft";
 pub const DEFAULT_CGROUP_ROOT: &str = "/sys/fs/cgroup";
 
 /// Flags of `weft node`. Every one is optional on the command line so that a config file can
@@ -138,7 +137,7 @@ impl NodeArgs {
             bpffs: self
                 .bpffs
                 .or(file.bpffs)
-                .unwrap_or_else(|| DEFAULT_BPFFS.into()),
+                .unwrap_or_else(|| crate::capture::DEFAULT_BPFFS.into()),
             admin_socket: self
                 .admin_socket
                 .or(file.admin_socket)

@@ -52,11 +52,12 @@ pub async fn run(cfg: NodeConfig) -> anyhow::Result<()> {
         exclude_cidrs: cfg.exclude_cidrs.clone(),
     })?);
     let flows = Arc::new(FlowStore::new(cfg.flow_capacity));
+    // Listen before enrolling anyone, so no enrolled connect is redirected to a closed port.
+    let listener = outbound::bind(SocketAddr::V4(proxy_addr)).await?;
     let index = WorkloadIndex::build(&registry.snapshot(), &cfg.node_name, &cfg.cgroup_root);
     capture.set_enrolled(&index.enrolled_ids())?;
     let workloads = Arc::new(ArcSwap::from_pointee(index));
 
-    let listener = outbound::bind(SocketAddr::V4(proxy_addr)).await?;
     let outbound = Arc::new(Outbound::new(
         cfg.node_name.clone(),
         capture.clone(),
@@ -152,11 +153,16 @@ async fn reconcile(state: Arc<NodeState>) {
             r = changes.changed() => if r.is_err() { return },
             _ = tick.tick() => {}
         }
-        let index = WorkloadIndex::build(
-            &state.registry.snapshot(),
-            &state.cfg.node_name,
-            &state.cfg.cgroup_root,
-        );
+        // Resolving cgroups touches the filesystem: keep it off the runtime's workers.
+        let st = state.clone();
+        let built = tokio::task::spawn_blocking(move || {
+            WorkloadIndex::build(
+                &st.registry.snapshot(),
+                &st.cfg.node_name,
+                &st.cfg.cgroup_root,
+            )
+        });
+        let Ok(index) = built.await else { continue };
         let want = index.enrolled_ids();
         state.workloads.store(Arc::new(index));
         if want != enrolled {
@@ -257,8 +263,7 @@ impl NodeView for NodeState {
         if !self.ready.load(Ordering::Acquire) {
             return Err("starting".into());
         }
-        let st = self.capture.status();
-        if let Some(p) = st.programs.iter().find(|p| !p.attached) {
+        if let Some(p) = self.capture.programs().iter().find(|p| !p.attached) {
             return Err(format!("eBPF program {} is not attached", p.name));
         }
         Ok(())
