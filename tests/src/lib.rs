@@ -59,10 +59,46 @@ pub fn target_profile_dir() -> PathBuf {
 }
 
 /// The `weft` binary: `$WEFT_BIN`, else `target/<profile>/weft` next to the test binary.
+///
+/// Cargo does not rebuild another package's binary before running this package's tests, so
+/// the default path is checked against the sources: a `weft` older than `proxy/`, `ebpf/` or
+/// `common/` is refused rather than silently tested (`cargo build --bins` or `cargo xtask test`).
 pub fn weft_bin() -> PathBuf {
-    std::env::var_os("WEFT_BIN")
-        .map(PathBuf::from)
-        .unwrap_or_else(|| target_profile_dir().join("weft"))
+    if let Some(bin) = std::env::var_os("WEFT_BIN") {
+        return PathBuf::from(bin);
+    }
+    let bin = target_profile_dir().join("weft");
+    let built = std::fs::metadata(&bin)
+        .and_then(|m| m.modified())
+        .unwrap_or_else(|e| panic!("{}: {e}: run `cargo build --bins` first", bin.display()));
+    let root = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("..");
+    if let Some(newer) = ["proxy/src", "ebpf/src", "common/src"]
+        .iter()
+        .find_map(|d| newer_file(&root.join(d), built))
+    {
+        panic!(
+            "{} is older than {}: run `cargo build --bins` (or `cargo xtask test`)",
+            bin.display(),
+            newer.display()
+        );
+    }
+    bin
+}
+
+/// A file below `dir` modified after `than`.
+fn newer_file(dir: &std::path::Path, than: std::time::SystemTime) -> Option<PathBuf> {
+    for entry in std::fs::read_dir(dir).ok()?.flatten() {
+        let path = entry.path();
+        let meta = entry.metadata().ok()?;
+        if meta.is_dir() {
+            if let Some(p) = newer_file(&path, than) {
+                return Some(p);
+            }
+        } else if meta.modified().is_ok_and(|m| m > than) {
+            return Some(path);
+        }
+    }
+    None
 }
 
 /// The `weft-testpod` binary: `$WEFT_TESTPOD_BIN`, else `target/<profile>/weft-testpod`

@@ -91,6 +91,17 @@ impl Node {
         process::spawn(&self.inner.shared.logs, &self.place(), cmd)
     }
 
+    /// Start a process in the node's netns but in another cgroup: how a `hostNetwork` pod (a
+    /// DaemonSet such as weft itself) runs, with the node's network and its own pod cgroup.
+    pub fn spawn_in_cgroup(&self, cgroup: &Path, cmd: &Command) -> Result<Proc> {
+        let place = Place {
+            cgroup,
+            netns: &self.inner.netns,
+            label: &self.inner.name,
+        };
+        process::spawn(&self.inner.shared.logs, &place, cmd)
+    }
+
     /// Run a process to completion on the node (time limit 60 s).
     pub fn output(&self, cmd: &Command) -> Result<Output> {
         self.output_timeout(cmd, process::DEFAULT_OUTPUT_TIMEOUT)

@@ -20,6 +20,7 @@ pub struct Weft {
     registry: PathBuf,
     admin_socket: PathBuf,
     extra: Vec<String>,
+    cgroup: Option<PathBuf>,
 }
 
 impl Weft {
@@ -39,6 +40,24 @@ impl Weft {
             registry,
             admin_socket: node.state_dir().join("admin.sock"),
             extra: extra.iter().map(|s| s.to_string()).collect(),
+            cgroup: None,
+        };
+        w.launch()?;
+        Ok(w)
+    }
+
+    /// Like [`Weft::start`], but weft runs in `cgroup` (e.g. a pod's container cgroup, as a
+    /// DaemonSet pod) instead of the node's system cgroup.
+    pub fn start_in_cgroup(cluster: &Cluster, node: &Node, cgroup: &Path) -> Result<Weft> {
+        let registry = cluster.default_registry_path();
+        cluster.sync_registry_to(&registry)?;
+        let mut w = Weft {
+            proc: None,
+            node: node.clone(),
+            registry,
+            admin_socket: node.state_dir().join("admin.sock"),
+            extra: Vec::new(),
+            cgroup: Some(cgroup.to_path_buf()),
         };
         w.launch()?;
         Ok(w)
@@ -61,7 +80,10 @@ impl Weft {
                 "WEFT_LOG",
                 std::env::var("WEFT_LOG").unwrap_or_else(|_| "info".into()),
             );
-        let mut proc = self.node.spawn(&cmd)?;
+        let mut proc = match &self.cgroup {
+            Some(cg) => self.node.spawn_in_cgroup(cg, &cmd)?,
+            None => self.node.spawn(&cmd)?,
+        };
         let deadline = Instant::now() + Duration::from_secs(30);
         loop {
             if self.ready() {

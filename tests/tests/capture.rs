@@ -315,19 +315,60 @@ fn loopback_and_the_proxy_itself_are_not_redirected() {
     weft.wait_flows(1, WAIT, |f| s(f, "/verdict") == "unidentified")
         .unwrap();
 
-    // weft's own upstream connection to the backend is never redirected back to itself: one
-    // call, exactly one forwarded flow, and the backend saw the node.
+    // One call through weft: exactly one redirect and one forwarded flow.
     let resp = call_ok(&t.client, t.web.addr(80), "once");
     assert_eq!(peer_ip(&resp), t.node.ip().to_string());
-    std::thread::sleep(Duration::from_millis(300));
-    let fwd = weft.flows(&["--verdict", "forwarded"]).unwrap();
-    assert_eq!(fwd.len(), 1, "{fwd:?}");
+    let fwd = weft
+        .wait_flows(1, WAIT, |f| s(f, "/verdict") == "forwarded")
+        .unwrap();
     assert_eq!(s(&fwd[0], "/source/pod"), "client");
     let st = weft.status().unwrap();
     assert_eq!(
         st.pointer("/capture/counters/redirected")
             .and_then(Value::as_u64),
         Some(1),
+        "{st}"
+    );
+}
+
+#[test]
+fn weft_in_an_enrolled_pod_never_redirects_its_own_connections() {
+    // weft deployed as a pod (DaemonSet) whose namespace someone labelled for the mesh: its
+    // pod cgroup is under the attach root and enrolled in the registry. If weft enrolled it, its
+    // own upstream connections would be redirected back to itself, forever.
+    let t = setup("self_enrollment");
+    let weft_pod = t
+        .cluster
+        .add_pod(&t.node, PodSpec::new("weft-system", "weft-node"))
+        .unwrap();
+    t.cluster
+        .set_namespace_labels("weft-system", labels(&[ENROLL]))
+        .unwrap();
+    let weft = Weft::start_in_cgroup(&t.cluster, &t.node, weft_pod.container_cgroup()).unwrap();
+
+    for i in 0..3 {
+        let resp = call_ok(&t.client, t.web.addr(80), &format!("call-{i}"));
+        assert_eq!(peer_ip(&resp), t.node.ip().to_string(), "{resp}");
+    }
+    let fwd = weft
+        .wait_flows(3, WAIT, |f| s(f, "/verdict") == "forwarded")
+        .unwrap();
+    assert!(
+        fwd.iter().all(|f| s(f, "/source/pod") == "client"),
+        "{fwd:?}"
+    );
+    std::thread::sleep(Duration::from_millis(300));
+    let all = weft.flows(&[]).unwrap();
+    assert_eq!(
+        all.len(),
+        3,
+        "weft's own connections must not come back as flows: {all:?}"
+    );
+    let st = weft.status().unwrap();
+    assert_eq!(
+        st.pointer("/capture/counters/redirected")
+            .and_then(Value::as_u64),
+        Some(3),
         "{st}"
     );
 }
