@@ -336,15 +336,18 @@ pub(crate) fn field_error(path: impl Into<String>, reason: impl Into<String>) ->
 fn parse_spec<T: DeserializeOwned + Default>(raw: &RawObject) -> Result<T, Vec<FieldError>> {
     match raw.value.get("spec") {
         None | Some(Value::Null) => Ok(T::default()),
-        Some(spec) => serde_path_to_error::deserialize(spec).map_err(|e| {
-            let path = e.path().to_string();
-            let path = if path.is_empty() || path == "." {
-                "spec".to_string()
-            } else {
-                format!("spec.{path}")
-            };
-            vec![field_error(path, e.into_inner().to_string())]
-        }),
+        // The path-tracking deserializer is slower: only for the error message.
+        Some(spec) => T::deserialize(spec)
+            .or_else(|_| serde_path_to_error::deserialize(spec))
+            .map_err(|e| {
+                let path = e.path().to_string();
+                let path = if path.is_empty() || path == "." {
+                    "spec".to_string()
+                } else {
+                    format!("spec.{path}")
+                };
+                vec![field_error(path, e.into_inner().to_string())]
+            }),
     }
 }
 
@@ -533,7 +536,6 @@ impl PolicySet {
                 continue;
             };
             let namespace = raw.namespace.as_deref().unwrap_or("default");
-            let key = format!("{namespace}/{}", raw.name);
             let result = match kind {
                 Kind::Authorization => parse_spec::<AuthorizationPolicySpec>(raw).and_then(|s| {
                     let errors = rbac::check(&s);
@@ -558,8 +560,8 @@ impl PolicySet {
             };
             if let Err(errors) = result {
                 for e in errors {
-                    let msg = format!("{} {key}: {e}", raw.kind);
-                    tracing::warn!("policy: skipping invalid {msg}");
+                    let msg = format!("{} {namespace}/{}: {e}", raw.kind, raw.name);
+                    warn_once(&format!("skipping invalid {msg}"));
                     set.errors.push(msg);
                 }
             }

@@ -163,7 +163,7 @@ fn check_source(src: &Source, path: &str, action: Action, errors: &mut Vec<Field
             }
         }
     }
-    for (name, list) in lists {
+    for (name, list) in lists.into_iter().filter(|(_, l)| !l.is_empty()) {
         let path = format!("{path}.{name}");
         match name {
             "ipBlocks" | "notIpBlocks" | "remoteIpBlocks" | "notRemoteIpBlocks" => {
@@ -193,7 +193,7 @@ fn check_operation(op: &Operation, path: &str, errors: &mut Vec<FieldError>) {
         ));
         return;
     }
-    for (name, list) in lists {
+    for (name, list) in lists.into_iter().filter(|(_, l)| !l.is_empty()) {
         let path = format!("{path}.{name}");
         match name {
             "ports" | "notPorts" => check_values(list, &path, errors, check_port),
@@ -276,21 +276,15 @@ fn check_condition(cond: &Condition, path: &str, action: Action, errors: &mut Ve
             format!("{key} is not supported with action CUSTOM"),
         ));
     }
-    check_values(&cond.values, &format!("{path}.values"), errors, check);
-    check_values(
-        &cond.not_values,
-        &format!("{path}.notValues"),
-        errors,
-        check,
-    );
-    if key == "source.serviceAccount" {
-        for (name, list) in [("values", &cond.values), ("notValues", &cond.not_values)] {
-            if list.len() > 16 {
-                errors.push(field_error(
-                    format!("{path}.{name}"),
-                    "may not have more than 16 values",
-                ));
-            }
+    for (name, list) in [("values", &cond.values), ("notValues", &cond.not_values)] {
+        if !list.is_empty() {
+            check_values(list, &format!("{path}.{name}"), errors, check);
+        }
+        if key == "source.serviceAccount" && list.len() > 16 {
+            errors.push(field_error(
+                format!("{path}.{name}"),
+                "may not have more than 16 values",
+            ));
         }
     }
 }

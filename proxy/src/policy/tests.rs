@@ -1206,3 +1206,36 @@ fn other_kinds_are_not_validated() {
     .unwrap();
     assert_eq!(PolicySet::build(&s, ROOT).len(), 0);
 }
+
+#[test]
+fn build_skips_invalid_objects_that_bypassed_the_loader() {
+    let raw = |name: &str, spec: serde_json::Value| crate::registry::RawObject {
+        api_version: "security.istio.io/v1".into(),
+        kind: "AuthorizationPolicy".into(),
+        namespace: Some("demo".into()),
+        name: name.into(),
+        value: serde_json::json!({ "spec": spec }),
+    };
+    let snapshot = Snapshot::new(
+        1,
+        Vec::new(),
+        BTreeMap::new(),
+        BTreeMap::new(),
+        Vec::new(),
+        Vec::new(),
+        vec![
+            raw("bad", serde_json::json!({"action": "DENY"})),
+            raw("typo", serde_json::json!({"rule": []})),
+            raw("good", serde_json::json!({"action": "DENY", "rules": [{}]})),
+        ],
+    );
+    let set = PolicySet::build(&snapshot, ROOT);
+    assert_eq!(set.len(), 1);
+    assert_eq!(
+        set.errors(),
+        [
+            "AuthorizationPolicy demo/bad: spec.rules: a DENY policy without rules never triggers: add an empty rule `{}` to deny every connection",
+            "AuthorizationPolicy demo/typo: spec.rule: unknown field `rule`, expected one of `selector`, `targetRef`, `targetRefs`, `rules`, `action`, `provider`",
+        ]
+    );
+}
