@@ -13,6 +13,7 @@ use serde::{Deserialize, Serialize};
 pub const DEFAULT_PROXY_PORT: u16 = 15001;
 pub const DEFAULT_ADMIN_SOCKET: &str = "/run/weft/admin.sock";
 pub const DEFAULT_ADMIN_ADDRESS: &str = "127.0.0.1:15000";
+pub const DEFAULT_METRICS_ADDRESS: &str = "0.0.0.0:15020";
 pub const DEFAULT_CGROUP_ROOT: &str = "/sys/fs/cgroup";
 
 /// Flags of `weft node`. Every one is optional on the command line so that a config file can
@@ -44,6 +45,9 @@ pub struct NodeArgs {
     /// Admin API TCP address (default 127.0.0.1:15000).
     #[arg(long, value_name = "IP:PORT")]
     pub admin_address: Option<SocketAddr>,
+    /// Prometheus `/metrics` address (default 0.0.0.0:15020).
+    #[arg(long, value_name = "IP:PORT")]
+    pub metrics_address: Option<SocketAddr>,
     /// Destination ports never redirected (comma separated).
     #[arg(long, value_delimiter = ',', value_name = "PORT,...")]
     pub exclude_ports: Option<Vec<u16>>,
@@ -69,6 +73,7 @@ struct FileConfig {
     bpffs: Option<PathBuf>,
     admin_socket: Option<PathBuf>,
     admin_address: Option<SocketAddr>,
+    metrics_address: Option<SocketAddr>,
     exclude_ports: Option<Vec<u16>>,
     exclude_cidrs: Option<Vec<ipnet::Ipv4Net>>,
     flow_capacity: Option<usize>,
@@ -95,6 +100,7 @@ pub struct NodeConfig {
     pub bpffs: PathBuf,
     pub admin_socket: PathBuf,
     pub admin_address: SocketAddr,
+    pub metrics_address: SocketAddr,
     pub exclude_ports: Vec<u16>,
     pub exclude_cidrs: Vec<ipnet::Ipv4Net>,
     pub flow_capacity: usize,
@@ -146,6 +152,10 @@ impl NodeArgs {
                 .admin_address
                 .or(file.admin_address)
                 .unwrap_or_else(|| DEFAULT_ADMIN_ADDRESS.parse().expect("valid default")),
+            metrics_address: self
+                .metrics_address
+                .or(file.metrics_address)
+                .unwrap_or_else(|| DEFAULT_METRICS_ADDRESS.parse().expect("valid default")),
             exclude_ports: self
                 .exclude_ports
                 .or(file.exclude_ports)

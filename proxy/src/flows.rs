@@ -209,6 +209,8 @@ pub struct FlowStore {
     next_seq: AtomicU64,
     live: broadcast::Sender<Arc<Flow>>,
     by_verdict: Mutex<std::collections::BTreeMap<Verdict, u64>>,
+    bytes_sent: AtomicU64,
+    bytes_received: AtomicU64,
 }
 
 impl FlowStore {
@@ -221,12 +223,18 @@ impl FlowStore {
             next_seq: AtomicU64::new(1),
             live,
             by_verdict: Mutex::new(Default::default()),
+            bytes_sent: AtomicU64::new(0),
+            bytes_received: AtomicU64::new(0),
         }
     }
 
     /// Records a flow: assigns its sequence number, keeps it in the ring (dropping the oldest
     /// when full) and hands it to live subscribers.
     pub fn record(&self, mut flow: Flow) -> Arc<Flow> {
+        self.bytes_sent
+            .fetch_add(flow.bytes_sent, Ordering::Relaxed);
+        self.bytes_received
+            .fetch_add(flow.bytes_received, Ordering::Relaxed);
         *self
             .by_verdict
             .lock()
@@ -277,6 +285,14 @@ impl FlowStore {
 
     pub fn capacity(&self) -> usize {
         self.capacity
+    }
+
+    /// Bytes of all flows recorded since start: (source → destination, back).
+    pub fn bytes_totals(&self) -> (u64, u64) {
+        (
+            self.bytes_sent.load(Ordering::Relaxed),
+            self.bytes_received.load(Ordering::Relaxed),
+        )
     }
 
     /// Total flows recorded since start, by verdict.

@@ -17,6 +17,7 @@ use crate::capture::{Capture, CaptureConfig};
 use crate::cli::WorkloadInfo;
 use crate::config::{NodeConfig, ProxyAddress};
 use crate::flows::FlowStore;
+use crate::metrics::{self, MetricsSnapshot, MetricsSource};
 use crate::outbound::{self, Outbound};
 use crate::registry::cgroup::WorkloadIndex;
 use crate::registry::Registry;
@@ -32,7 +33,16 @@ struct NodeState {
     capture: Arc<Capture>,
     workloads: Arc<ArcSwap<WorkloadIndex>>,
     flows: Arc<FlowStore>,
+    outbound: Arc<Outbound>,
     ready: AtomicBool,
+}
+
+impl std::fmt::Debug for NodeState {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("NodeState")
+            .field("node", &self.cfg.node_name)
+            .finish_non_exhaustive()
+    }
 }
 
 pub async fn run(cfg: NodeConfig) -> anyhow::Result<()> {
@@ -83,6 +93,7 @@ pub async fn run(cfg: NodeConfig) -> anyhow::Result<()> {
         capture: capture.clone(),
         workloads: workloads.clone(),
         flows: flows.clone(),
+        outbound: outbound.clone(),
         ready: AtomicBool::new(false),
     });
     tokio::spawn(reconcile(state.clone()));
@@ -99,6 +110,14 @@ pub async fn run(cfg: NodeConfig) -> anyhow::Result<()> {
     tokio::spawn(async move {
         if let Err(e) = admin::serve_tcp(tcp, router).await {
             error!(error = %format!("{e:#}"), "admin TCP listener stopped");
+        }
+    });
+
+    let metrics_addr = cfg.metrics_address;
+    let metrics_source = state.clone();
+    tokio::spawn(async move {
+        if let Err(e) = metrics::serve(metrics_addr, metrics_source).await {
+            error!(error = %format!("{e:#}"), "metrics listener stopped");
         }
     });
 
@@ -267,5 +286,23 @@ impl NodeView for NodeState {
             return Err(format!("eBPF program {} is not attached", p.name));
         }
         Ok(())
+    }
+}
+
+impl MetricsSource for NodeState {
+    fn metrics(&self) -> MetricsSnapshot {
+        let index = self.workloads.load();
+        let (bytes_sent, bytes_received) = self.flows.bytes_totals();
+        MetricsSnapshot {
+            flows_by_verdict: self.flows.totals(),
+            bytes_sent,
+            bytes_received,
+            active_connections: self.outbound.active_connections(),
+            ebpf: self.capture.counters(),
+            workloads: index.entries().len() as u64,
+            enrolled_workloads: index.entries().iter().filter(|e| e.enrolled).count() as u64,
+            registry_generation: self.registry.snapshot().generation,
+            registry_reload_failed: self.registry.last_error().is_some(),
+        }
     }
 }

@@ -4,6 +4,7 @@
 
 use std::collections::HashMap;
 use std::net::SocketAddr;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -34,6 +35,7 @@ pub struct Outbound {
     connect_timeout: Duration,
     round_robin: Mutex<HashMap<String, usize>>,
     tracker: RedirectTracker,
+    active: AtomicU64,
 }
 
 impl Outbound {
@@ -54,7 +56,13 @@ impl Outbound {
             connect_timeout,
             round_robin: Mutex::new(HashMap::new()),
             tracker: RedirectTracker::default(),
+            active: AtomicU64::new(0),
         }
+    }
+
+    /// Connections being relayed now.
+    pub fn active_connections(&self) -> u64 {
+        self.active.load(Ordering::Relaxed)
     }
 
     /// Accepts redirected connections forever.
@@ -151,7 +159,9 @@ impl Outbound {
         };
         let _ = client.set_nodelay(true);
         let _ = upstream.set_nodelay(true);
+        self.active.fetch_add(1, Ordering::Relaxed);
         let relayed = forward::relay(client, upstream).await;
+        self.active.fetch_sub(1, Ordering::Relaxed);
         flow.bytes_sent = relayed.sent;
         flow.bytes_received = relayed.received;
         flow.error = relayed.error;

@@ -220,6 +220,26 @@ impl Weft {
         }
     }
 
+    /// The Prometheus text from `<node ip>:15020/metrics`, fetched from inside the node.
+    pub fn metrics(&self) -> Result<String> {
+        let mut s =
+            crate::tcp_connect(&self.node, (self.node.ip(), 15020), Duration::from_secs(5))?;
+        s.set_read_timeout(Some(Duration::from_secs(10)))?;
+        write!(
+            s,
+            "GET /metrics HTTP/1.1\r\nHost: weft\r\nConnection: close\r\n\r\n"
+        )?;
+        let mut resp = String::new();
+        s.read_to_string(&mut resp)?;
+        if !resp.starts_with("HTTP/1.1 200") {
+            bail!("metrics: {resp}");
+        }
+        Ok(resp
+            .split_once("\r\n\r\n")
+            .map(|(_, b)| b.to_string())
+            .unwrap_or_default())
+    }
+
     /// `weft workloads -o json`.
     pub fn workloads(&self) -> Result<Vec<Value>> {
         json_lines(&self.cli(&["workloads", "-o", "json"])?)

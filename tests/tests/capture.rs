@@ -207,6 +207,19 @@ fn enrolled_pod_reaches_service_through_weft() {
             >= 1,
         "{st}"
     );
+
+    // Prometheus metrics on :15020.
+    let m = weft.metrics().unwrap();
+    for line in [
+        "weft_flows_total{verdict=\"forwarded\"} 1",
+        "weft_flow_bytes_total{direction=\"sent\"} 5",
+        "weft_ebpf_events_total{event=\"redirected\"} 1",
+        "weft_workloads 3",
+        "weft_enrolled_workloads 1",
+        "weft_registry_reload_failed 0",
+    ] {
+        assert!(m.lines().any(|l| l == line), "no {line:?} in\n{m}");
+    }
 }
 
 #[test]
