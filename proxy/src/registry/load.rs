@@ -308,8 +308,11 @@ struct Loader {
 struct Doc<'a> {
     file: &'a Path,
     index: usize,
-    /// The document padded with blank lines: line numbers are the file's.
+    /// The document's text; line numbers in it are relative to `line_offset`.
     text: &'a str,
+    /// Lines of the file before the document.
+    line_offset: usize,
+    /// First line with content, relative to the document.
     first_line: usize,
 }
 
@@ -324,7 +327,8 @@ impl Doc<'_> {
         let path = path.filter(|p| !p.is_empty() && p != ".");
         let line = line
             .or_else(|| path.as_deref().and_then(|p| locate(self.text, p)))
-            .unwrap_or(self.first_line);
+            .unwrap_or(self.first_line)
+            + self.line_offset;
         LoadError {
             file: self.file.to_path_buf(),
             line: Some(line),
@@ -359,13 +363,12 @@ impl Loader {
     fn file(&mut self, file: &Path, text: &str) {
         let text = text.strip_prefix('\u{feff}').unwrap_or(text);
         for (i, chunk) in split_documents(text).into_iter().enumerate() {
-            let mut padded = "\n".repeat(chunk.start_line);
-            padded.push_str(chunk.text);
             let doc = Doc {
                 file,
                 index: i + 1,
-                text: &padded,
-                first_line: chunk.first_content,
+                text: chunk.text,
+                line_offset: chunk.start_line,
+                first_line: chunk.first_content - chunk.start_line,
             };
             self.document(&doc);
         }

@@ -137,25 +137,31 @@ impl Registry {
         let Some(source) = &self.source else {
             return Ok(false);
         };
-        let mut state = self.lock();
+        // Reading and parsing happen without the lock, so `last_error()` (admin API, metrics)
+        // never waits for a large registry to parse.
         let files = match load::read_sources(source) {
             Ok(files) => files,
             Err(e) => {
-                state.failed = Some((None, e.clone()));
+                self.lock().failed = Some((None, e.clone()));
                 return Err(e);
             }
         };
         let fingerprint = load::fingerprint(&files);
-        if state.fingerprint == Some(fingerprint) {
-            state.failed = None;
-            return Ok(false);
-        }
-        if let Some((Some(failed), errors)) = &state.failed {
-            if *failed == fingerprint {
-                return Err(errors.clone());
+        {
+            let mut state = self.lock();
+            if state.fingerprint == Some(fingerprint) {
+                state.failed = None;
+                return Ok(false);
+            }
+            if let Some((Some(failed), errors)) = &state.failed {
+                if *failed == fingerprint {
+                    return Err(errors.clone());
+                }
             }
         }
-        match load::parse_sources(&files) {
+        let parsed = load::parse_sources(&files);
+        let mut state = self.lock();
+        match parsed {
             Ok(builder) => {
                 state.generation += 1;
                 let sources = files.into_iter().map(|f| f.path).collect();
