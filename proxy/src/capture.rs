@@ -652,7 +652,7 @@ impl Capture {
         self.cgroup_id
     }
 
-    /// Detach everything and remove the pins (for `weft node --cleanup`/tests); normal shutdown
+    /// Detach everything and remove the pins (tests; `weft uninstall` for a node without a running proxy); normal shutdown
     /// keeps pins.
     pub fn detach_and_unpin(self) -> anyhow::Result<()> {
         for link in &self.links {
@@ -665,7 +665,7 @@ impl Capture {
     }
 
     /// Detaches the links pinned in `bpffs` and removes every pin there, without loading
-    /// anything (for `weft node --cleanup` when no `Capture` can be built). A missing directory
+    /// anything (`weft uninstall`, when no `Capture` can be built). A missing directory
     /// is not an error.
     pub fn remove_pins(bpffs: &Path) -> anyhow::Result<()> {
         remove_pins(bpffs, true)

@@ -37,6 +37,16 @@ pub enum Command {
     Workloads(WorkloadsArgs),
     /// Show the node's eBPF programs, maps, counters and readiness.
     Status(StatusArgs),
+    /// Remove weft's capture from this node: detach the eBPF programs and delete the pins.
+    /// Stop `weft node` first; enrolled pods then connect directly again.
+    Uninstall(UninstallArgs),
+}
+
+#[derive(clap::Args, Debug)]
+pub struct UninstallArgs {
+    /// The pin directory `weft node` used (`--bpffs`).
+    #[arg(long, value_name = "PATH", default_value = crate::capture::DEFAULT_BPFFS)]
+    pub bpffs: PathBuf,
 }
 
 /// Which node to ask.
@@ -123,6 +133,14 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Flows(args) => flows(args).await,
         Command::Workloads(args) => workloads(args).await,
         Command::Status(args) => status(args).await,
+        Command::Uninstall(args) => {
+            crate::capture::Capture::remove_pins(&args.bpffs)?;
+            println!(
+                "weft capture removed ({} detached and unpinned)",
+                args.bpffs.display()
+            );
+            Ok(())
+        }
     }
 }
 

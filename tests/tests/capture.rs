@@ -634,3 +634,31 @@ fn malformed_registry_is_reported_and_last_good_snapshot_kept() {
     })
     .unwrap();
 }
+
+#[test]
+fn uninstall_detaches_capture() {
+    let t = setup("uninstall");
+    let mut weft = Weft::start(&t.cluster, &t.node).unwrap();
+    let target = t.backends[0].addr(8080);
+    assert_eq!(
+        peer_ip(&call_ok(&t.client, target, "meshed")),
+        t.node.ip().to_string()
+    );
+    weft.stop().unwrap();
+    let out = Command::new(weft_bin())
+        .args(["uninstall", "--bpffs"])
+        .arg(t.node.bpffs_dir())
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(!t.node.bpffs_dir().join("ENROLLED").exists());
+    // The enrolled pod now connects directly, as if weft had never been there.
+    assert_eq!(
+        peer_ip(&call_ok(&t.client, target, "direct")),
+        t.client.ip().to_string()
+    );
+}
