@@ -37,9 +37,36 @@ pub enum Command {
     Workloads(WorkloadsArgs),
     /// Show the node's eBPF programs, maps, counters and readiness.
     Status(StatusArgs),
+    /// Manage the mesh certificate authority.
+    #[command(subcommand)]
+    Ca(CaCommand),
+    /// List the workload certificates (SVIDs) this node holds, with their expiry.
+    Certs(CertsArgs),
     /// Remove weft's capture from this node: detach the eBPF programs and delete the pins.
     /// Stop `weft node` first; enrolled pods then connect directly again.
     Uninstall(UninstallArgs),
+}
+
+#[derive(Subcommand, Debug)]
+pub enum CaCommand {
+    /// Create a mesh root CA: DIR/ca.crt and DIR/ca.key (ECDSA P-256). Refuses to overwrite.
+    Init {
+        #[arg(long, value_name = "DIR")]
+        out: PathBuf,
+        #[arg(long, default_value = crate::config::DEFAULT_TRUST_DOMAIN)]
+        trust_domain: String,
+        /// How long the root is valid, e.g. 10y, 365d.
+        #[arg(long, default_value = "10y")]
+        validity: String,
+    },
+}
+
+#[derive(clap::Args, Debug)]
+pub struct CertsArgs {
+    #[arg(short, long, value_enum, default_value_t = Output::Table)]
+    pub output: Output,
+    #[command(flatten)]
+    pub target: AdminTarget,
 }
 
 #[derive(clap::Args, Debug)]
@@ -133,6 +160,21 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Flows(args) => flows(args).await,
         Command::Workloads(args) => workloads(args).await,
         Command::Status(args) => status(args).await,
+        Command::Ca(CaCommand::Init {
+            out,
+            trust_domain,
+            validity,
+        }) => {
+            let validity = humantime::parse_duration(&validity)
+                .with_context(|| format!("--validity {validity:?}: expected e.g. 10y or 365d"))?;
+            crate::identity::init_ca(&out, &trust_domain, validity)?;
+            println!(
+                "mesh CA for trust domain {trust_domain}: {0}/ca.crt, {0}/ca.key",
+                out.display()
+            );
+            Ok(())
+        }
+        Command::Certs(args) => certs(args).await,
         Command::Uninstall(args) => {
             crate::capture::Capture::remove_pins(&args.bpffs)?;
             println!(
@@ -245,6 +287,53 @@ async fn workloads(args: WorkloadsArgs) -> anyhow::Result<()> {
             r.cgroup_id
                 .map(|i| i.to_string())
                 .unwrap_or_else(|| "-".into()),
+        ]);
+    }
+    print_table(&mut out, &t)?;
+    Ok(())
+}
+
+/// One row of `/certs`.
+#[derive(Serialize, Deserialize, Debug, Clone)]
+pub struct CertInfo {
+    pub identity: String,
+    pub serial: String,
+    #[serde(with = "time::serde::rfc3339")]
+    pub not_before: time::OffsetDateTime,
+    #[serde(with = "time::serde::rfc3339")]
+    pub not_after: time::OffsetDateTime,
+}
+
+async fn certs(args: CertsArgs) -> anyhow::Result<()> {
+    let body = get_body(&args.target, "/certs").await?;
+    let rows: Vec<CertInfo> = serde_json::from_slice(&body).context("decoding /certs")?;
+    let mut out = std::io::stdout().lock();
+    if args.output == Output::Json {
+        for r in &rows {
+            serde_json::to_writer(&mut out, r)?;
+            writeln!(out)?;
+        }
+        return Ok(());
+    }
+    let now = time::OffsetDateTime::now_utc();
+    let fmt = time::format_description::well_known::Rfc3339;
+    let mut t = vec![[
+        "IDENTITY",
+        "SERIAL",
+        "NOT BEFORE",
+        "NOT AFTER",
+        "EXPIRES IN",
+    ]
+    .map(String::from)
+    .to_vec()];
+    for r in &rows {
+        let left = (r.not_after - now).whole_seconds().max(0) as u64;
+        t.push(vec![
+            r.identity.clone(),
+            r.serial.clone(),
+            r.not_before.format(&fmt).unwrap_or_default(),
+            r.not_after.format(&fmt).unwrap_or_default(),
+            humantime::format_duration(std::time::Duration::from_secs(left)).to_string(),
         ]);
     }
     print_table(&mut out, &t)?;

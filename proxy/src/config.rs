@@ -4,6 +4,7 @@
 
 use std::net::{IpAddr, SocketAddr};
 use std::path::{Path, PathBuf};
+use std::time::Duration;
 
 use anyhow::{bail, Context};
 use clap::Args;
@@ -14,6 +15,10 @@ pub const DEFAULT_PROXY_PORT: u16 = 15001;
 pub const DEFAULT_ADMIN_SOCKET: &str = "/run/weft/admin.sock";
 pub const DEFAULT_ADMIN_ADDRESS: &str = "127.0.0.1:15000";
 pub const DEFAULT_METRICS_ADDRESS: &str = "0.0.0.0:15020";
+pub const DEFAULT_HBONE_PORT: u16 = 15008;
+pub const DEFAULT_TRUST_DOMAIN: &str = "cluster.local";
+pub const DEFAULT_ROOT_NAMESPACE: &str = "istio-system";
+pub const DEFAULT_SVID_TTL: Duration = Duration::from_secs(24 * 3600);
 pub const DEFAULT_CGROUP_ROOT: &str = "/sys/fs/cgroup";
 
 /// Flags of `weft node`. Every one is optional on the command line so that a config file can
@@ -60,6 +65,28 @@ pub struct NodeArgs {
     /// Upstream connect timeout in milliseconds (default 5000).
     #[arg(long, value_name = "MS")]
     pub connect_timeout_ms: Option<u64>,
+    /// SPIFFE trust domain of the mesh (default cluster.local).
+    #[arg(long, value_name = "DOMAIN")]
+    pub trust_domain: Option<String>,
+    /// PEM certificate of the mesh CA (root or intermediate) that signs workload certificates
+    /// (`weft ca init --out DIR` creates one).
+    #[arg(long, value_name = "FILE")]
+    pub ca_cert: Option<PathBuf>,
+    /// PEM private key of that CA.
+    #[arg(long, value_name = "FILE")]
+    pub ca_key: Option<PathBuf>,
+    /// Extra trusted root certificates (PEM), e.g. the next root during a root rotation.
+    #[arg(long, value_name = "FILE")]
+    pub trust_bundle: Option<Vec<PathBuf>>,
+    /// Lifetime of workload certificates (default 24h; rotated at half-life), e.g. 10s, 1h.
+    #[arg(long, value_name = "DURATION")]
+    pub svid_ttl: Option<String>,
+    /// HBONE (mTLS HTTP/2 CONNECT) listener port on the proxy address (default 15008).
+    #[arg(long, value_name = "PORT")]
+    pub hbone_port: Option<u16>,
+    /// Namespace whose policies without a selector apply mesh-wide (default istio-system).
+    #[arg(long, value_name = "NAMESPACE")]
+    pub root_namespace: Option<String>,
 }
 
 /// The same settings as they appear in a `--config` file.
@@ -78,6 +105,13 @@ struct FileConfig {
     exclude_cidrs: Option<Vec<ipnet::Ipv4Net>>,
     flow_capacity: Option<usize>,
     connect_timeout_ms: Option<u64>,
+    trust_domain: Option<String>,
+    ca_cert: Option<PathBuf>,
+    ca_key: Option<PathBuf>,
+    trust_bundle: Option<Vec<PathBuf>>,
+    svid_ttl: Option<String>,
+    hbone_port: Option<u16>,
+    root_namespace: Option<String>,
 }
 
 /// Where the proxy listens for redirected connections: given explicitly, or the node's
@@ -105,6 +139,14 @@ pub struct NodeConfig {
     pub exclude_cidrs: Vec<ipnet::Ipv4Net>,
     pub flow_capacity: usize,
     pub connect_timeout_ms: u64,
+    pub trust_domain: String,
+    pub ca_cert: PathBuf,
+    pub ca_key: PathBuf,
+    pub trust_bundle: Vec<PathBuf>,
+    #[serde(with = "humantime_serde")]
+    pub svid_ttl: Duration,
+    pub hbone_port: u16,
+    pub root_namespace: String,
 }
 
 impl NodeArgs {
@@ -131,6 +173,24 @@ impl NodeArgs {
             .unwrap_or(crate::flows::DEFAULT_CAPACITY);
         if flow_capacity == 0 {
             bail!("--flow-capacity must be at least 1");
+        }
+        let ca_help = "create a mesh CA with `weft ca init --out DIR`, then pass --ca-cert DIR/ca.crt --ca-key DIR/ca.key";
+        let ca_cert = self
+            .ca_cert
+            .or(file.ca_cert)
+            .with_context(|| format!("--ca-cert is required: {ca_help}"))?;
+        let ca_key = self
+            .ca_key
+            .or(file.ca_key)
+            .with_context(|| format!("--ca-key is required: {ca_help}"))?;
+        let svid_ttl = match self.svid_ttl.or(file.svid_ttl) {
+            Some(s) => humantime::parse_duration(&s).with_context(|| {
+                format!("--svid-ttl {s:?}: expected a duration like 24h, 30m or 10s")
+            })?,
+            None => DEFAULT_SVID_TTL,
+        };
+        if svid_ttl < Duration::from_secs(2) {
+            bail!("--svid-ttl must be at least 2s");
         }
         Ok(NodeConfig {
             node_name,
@@ -169,6 +229,22 @@ impl NodeArgs {
                 .connect_timeout_ms
                 .or(file.connect_timeout_ms)
                 .unwrap_or(5000),
+            trust_domain: self
+                .trust_domain
+                .or(file.trust_domain)
+                .unwrap_or_else(|| DEFAULT_TRUST_DOMAIN.into()),
+            ca_cert,
+            ca_key,
+            trust_bundle: self.trust_bundle.or(file.trust_bundle).unwrap_or_default(),
+            svid_ttl,
+            hbone_port: self
+                .hbone_port
+                .or(file.hbone_port)
+                .unwrap_or(DEFAULT_HBONE_PORT),
+            root_namespace: self
+                .root_namespace
+                .or(file.root_namespace)
+                .unwrap_or_else(|| DEFAULT_ROOT_NAMESPACE.into()),
         })
     }
 }
@@ -228,7 +304,7 @@ mod tests {
         let mut f = tempfile::NamedTempFile::new().unwrap();
         writeln!(
             f,
-            "node-name: from-file\nregistry: /etc/weft/registry\nexclude-ports: [22, 53]\nflow-capacity: 50"
+            "node-name: from-file\nregistry: /etc/weft/registry\nexclude-ports: [22, 53]\nflow-capacity: 50\nca-cert: /etc/weft/ca.crt\nca-key: /etc/weft/ca.key\nsvid-ttl: 1h"
         )
         .unwrap();
         let args = NodeArgs {
@@ -243,6 +319,11 @@ mod tests {
         assert_eq!(c.flow_capacity, 50);
         assert_eq!(c.admin_socket, PathBuf::from(DEFAULT_ADMIN_SOCKET));
         assert_eq!(c.proxy_address, ProxyAddress::FromNode(15001));
+        assert_eq!(c.ca_cert, PathBuf::from("/etc/weft/ca.crt"));
+        assert_eq!(c.svid_ttl, Duration::from_secs(3600));
+        assert_eq!(c.trust_domain, "cluster.local");
+        assert_eq!(c.hbone_port, 15008);
+        assert_eq!(c.root_namespace, "istio-system");
     }
 
     #[test]
@@ -269,6 +350,20 @@ mod tests {
         .unwrap_err()
         .to_string();
         assert!(err.contains("unknown field `registyr`"), "{err}");
+    }
+
+    #[test]
+    fn ca_is_required_with_a_hint() {
+        let args = NodeArgs {
+            node_name: Some("n".into()),
+            registry: Some("/r".into()),
+            ..Default::default()
+        };
+        let err = args.resolve().unwrap_err().to_string();
+        assert!(
+            err.contains("--ca-cert") && err.contains("weft ca init"),
+            "{err}"
+        );
     }
 
     #[test]

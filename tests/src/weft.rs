@@ -18,6 +18,7 @@ pub struct Weft {
     proc: Option<Proc>,
     node: Node,
     registry: PathBuf,
+    ca_dir: PathBuf,
     admin_socket: PathBuf,
     extra: Vec<String>,
     cgroup: Option<PathBuf>,
@@ -38,6 +39,7 @@ impl Weft {
             proc: None,
             node: node.clone(),
             registry,
+            ca_dir: mesh_ca(cluster)?,
             admin_socket: node.state_dir().join("admin.sock"),
             extra: extra.iter().map(|s| s.to_string()).collect(),
             cgroup: None,
@@ -55,6 +57,7 @@ impl Weft {
             proc: None,
             node: node.clone(),
             registry,
+            ca_dir: mesh_ca(cluster)?,
             admin_socket: node.state_dir().join("admin.sock"),
             extra: Vec::new(),
             cgroup: Some(cgroup.to_path_buf()),
@@ -75,6 +78,10 @@ impl Weft {
             .arg(self.node.bpffs_dir())
             .arg("--admin-socket")
             .arg(&self.admin_socket)
+            .arg("--ca-cert")
+            .arg(self.ca_dir.join("ca.crt"))
+            .arg("--ca-key")
+            .arg(self.ca_dir.join("ca.key"))
             .args(&self.extra)
             .env(
                 "WEFT_LOG",
@@ -257,6 +264,22 @@ impl Drop for Weft {
             p.kill();
         }
     }
+}
+
+/// The cluster's mesh CA (`weft ca init`, once per cluster), shared by all its nodes.
+pub fn mesh_ca(cluster: &Cluster) -> Result<PathBuf> {
+    let dir = cluster.logs_dir().join("ca");
+    if !dir.join("ca.crt").exists() {
+        let out = Command::new(weft_bin())
+            .args(["ca", "init", "--out"])
+            .arg(&dir)
+            .output()
+            .context("running weft ca init")?;
+        if !out.status.success() {
+            bail!("weft ca init: {}", String::from_utf8_lossy(&out.stderr));
+        }
+    }
+    Ok(dir)
 }
 
 fn json_lines(s: &str) -> Result<Vec<Value>> {
