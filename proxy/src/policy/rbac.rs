@@ -436,6 +436,47 @@ struct SaMatch {
     account: Box<str>,
 }
 
+/// A CIDR as integers: `ip & mask == network`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Cidr {
+    V4 { network: u32, mask: u32 },
+    V6 { network: u128, mask: u128 },
+}
+
+impl Cidr {
+    fn new(net: IpNet) -> Cidr {
+        match net {
+            IpNet::V4(n) => {
+                let mask = u32::MAX
+                    .checked_shl(32 - u32::from(n.prefix_len()))
+                    .unwrap_or(0);
+                Cidr::V4 {
+                    network: u32::from(n.addr()) & mask,
+                    mask,
+                }
+            }
+            IpNet::V6(n) => {
+                let mask = u128::MAX
+                    .checked_shl(128 - u32::from(n.prefix_len()))
+                    .unwrap_or(0);
+                Cidr::V6 {
+                    network: u128::from(n.addr()) & mask,
+                    mask,
+                }
+            }
+        }
+    }
+
+    #[inline]
+    fn contains(&self, ip: IpAddr) -> bool {
+        match (*self, ip) {
+            (Cidr::V4 { network, mask }, IpAddr::V4(a)) => u32::from(a) & mask == network,
+            (Cidr::V6 { network, mask }, IpAddr::V6(a)) => u128::from(a) & mask == network,
+            _ => false,
+        }
+    }
+}
+
 /// Values (ORed) and not-values (none may match) of one attribute.
 #[derive(Debug, Clone)]
 struct Field<T> {
@@ -473,16 +514,16 @@ struct Match {
     principals: Field<StrMatch>,
     namespaces: Field<StrMatch>,
     service_accounts: Field<SaMatch>,
-    source_ips: Field<IpNet>,
+    source_ips: Field<Cidr>,
     /// `remoteIpBlocks`: also the source IP at L4, but ANDed with `ipBlocks`.
-    remote_ips: Field<IpNet>,
-    destination_ips: Field<IpNet>,
+    remote_ips: Field<Cidr>,
+    destination_ips: Field<Cidr>,
 }
 
 impl Match {
     #[inline]
     fn matches(&self, c: &Ctx<'_>) -> bool {
-        let in_net = |ip: Option<IpAddr>| move |n: &IpNet| ip.is_some_and(|ip| n.contains(&ip));
+        let in_net = |ip: Option<IpAddr>| move |n: &Cidr| ip.is_some_and(|ip| n.contains(ip));
         self.ports.holds(|p| *p == c.port)
             && self.source_ips.holds(in_net(c.source_ip))
             && self.remote_ips.holds(in_net(c.source_ip))
@@ -623,11 +664,9 @@ fn str_field(pos: &[String], neg: &[String]) -> Field<StrMatch> {
     )
 }
 
-fn net_field(pos: &[String], neg: &[String]) -> Field<IpNet> {
-    Field::new(
-        pos.iter().filter_map(|v| parse_net(v)),
-        neg.iter().filter_map(|v| parse_net(v)),
-    )
+fn net_field(pos: &[String], neg: &[String]) -> Field<Cidr> {
+    let cidr = |v: &String| parse_net(v).map(Cidr::new);
+    Field::new(pos.iter().filter_map(cidr), neg.iter().filter_map(cidr))
 }
 
 fn port_field(pos: &[String], neg: &[String]) -> Field<u16> {
@@ -949,6 +988,27 @@ mod unit {
         assert!(StrMatch::new("*/sa/b").matches("cluster.local/ns/a/sa/b"));
         assert!(StrMatch::new("a").matches("a"));
         assert!(!StrMatch::new("a").matches("ab"));
+    }
+
+    #[test]
+    fn cidrs() {
+        let c = |s: &str| Cidr::new(parse_net(s).unwrap());
+        let ip = |s: &str| s.parse::<IpAddr>().unwrap();
+        assert!(c("10.1.2.0/24").contains(ip("10.1.2.255")));
+        assert!(!c("10.1.2.0/24").contains(ip("10.1.3.0")));
+        assert!(
+            c("10.1.2.3/8").contains(ip("10.200.0.1")),
+            "host bits ignored"
+        );
+        assert!(c("0.0.0.0/0").contains(ip("192.0.2.1")));
+        assert!(!c("0.0.0.0/0").contains(ip("::1")));
+        assert!(c("10.0.0.1").contains(ip("10.0.0.1")));
+        assert!(!c("10.0.0.1").contains(ip("10.0.0.2")));
+        assert!(c("::ffff:10.0.0.1").contains(ip("10.0.0.1")), "mapped");
+        assert!(c("fd00::/8").contains(ip("fdff::1")));
+        assert!(!c("fd00::/8").contains(ip("fe00::1")));
+        assert!(c("::/0").contains(ip("2001:db8::1")));
+        assert!(c("2001:db8::1/128").contains(ip("2001:db8::1")));
     }
 
     #[test]
