@@ -5,8 +5,9 @@
 //! `UNSET` (or no `mtls`) inherits from the next level out; a `portLevelMtls` entry overrides the
 //! workload's mode for that container port, `UNSET` there inheriting the workload's effective
 //! mode. Where several policies compete at one level the oldest (`metadata.creationTimestamp`,
-//! then name; objects without a timestamp last) wins, as in Istio. As in Istio a root-namespace
-//! policy with a selector is a workload policy of the root namespace only.
+//! then name; objects without a timestamp last) wins, as in Istio. A root-namespace policy with
+//! a selector is a workload policy of the root namespace's pods only: it does not reach other
+//! namespaces (Istio's composition does not apply such a policy at all).
 
 use std::collections::{BTreeMap, HashMap};
 use std::fmt;
