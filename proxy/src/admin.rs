@@ -5,7 +5,8 @@
 //! | `/flows` | recent flows as NDJSON; `?follow=1` keeps streaming; filters `namespace`, `pod`, `verdict`, `since`, `last` |
 //! | `/workloads` | pods known to this node, enrolled or not, with cgroup ids |
 //! | `/config_dump` | effective configuration and registry snapshot summary |
-//! | `/status` | programs, maps, counters |
+//! | `/status` | programs, maps, counters, HBONE connections |
+//! | `/certs` | workload certificates (SVIDs) held by this node |
 //! | `/healthz/ready` | 200 once programs are attached and the registry is loaded, else 503 |
 
 use std::convert::Infallible;
@@ -33,6 +34,8 @@ pub trait NodeView: Send + Sync + 'static {
     fn workloads(&self) -> serde_json::Value;
     fn config_dump(&self) -> serde_json::Value;
     fn status(&self) -> serde_json::Value;
+    /// The workload certificates this node holds.
+    fn certs(&self) -> serde_json::Value;
     /// `Err(reason)` while not ready.
     fn ready(&self) -> Result<(), String>;
 }
@@ -58,6 +61,10 @@ pub fn router(flows: Arc<FlowStore>, view: Arc<dyn NodeView>) -> Router {
         .route(
             "/status",
             get(|State(s): State<AppState>| async move { Json(s.view.status()) }),
+        )
+        .route(
+            "/certs",
+            get(|State(s): State<AppState>| async move { Json(s.view.certs()) }),
         )
         .route("/healthz/ready", get(ready_handler))
         .with_state(AppState { flows, view })

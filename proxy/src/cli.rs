@@ -148,6 +148,9 @@ pub struct WorkloadInfo {
     pub ip: Option<std::net::IpAddr>,
     pub node: Option<String>,
     pub service_account: String,
+    /// SPIFFE id (mesh pods).
+    #[serde(default)]
+    pub identity: Option<String>,
     pub ready: bool,
     pub enrolled: bool,
     pub cgroup_id: Option<u64>,
@@ -281,7 +284,7 @@ async fn workloads(args: WorkloadsArgs) -> anyhow::Result<()> {
             r.namespace.clone(),
             r.pod.clone(),
             r.ip.map(|i| i.to_string()).unwrap_or_else(|| "-".into()),
-            r.service_account.clone(),
+            r.identity.clone().unwrap_or_else(|| "-".into()),
             yes_no(r.ready).into(),
             yes_no(r.enrolled).into(),
             r.cgroup_id

@@ -11,6 +11,7 @@ pub mod config;
 pub mod flows;
 pub mod forward;
 pub mod identity;
+pub mod inbound;
 pub mod metrics;
 pub mod node;
 pub mod outbound;

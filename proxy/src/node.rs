@@ -1,7 +1,7 @@
 //! `weft node`: wires capture, registry, the outbound path, flows and the admin API together
 //! and keeps the kernel's enrolled-cgroup map in step with the registry.
 
-use std::collections::HashSet;
+use std::collections::{HashMap, HashSet};
 use std::net::{SocketAddr, SocketAddrV4};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
@@ -13,14 +13,19 @@ use serde_json::json;
 use tracing::{error, info, warn};
 
 use crate::admin::{self, NodeView};
-use crate::capture::{Capture, CaptureConfig};
+use crate::capture::{Capture, CaptureConfig, StrictMode};
 use crate::cli::WorkloadInfo;
 use crate::config::{NodeConfig, ProxyAddress};
 use crate::flows::FlowStore;
+use crate::identity::{IdentityConfig, IdentityManager, SpiffeId};
+use crate::inbound::InboundPolicy;
 use crate::metrics::{self, MetricsSnapshot, MetricsSource};
-use crate::outbound::{self, Outbound};
+use crate::outbound::{self, workload_identity, Mesh, Outbound};
+use crate::policy::{MtlsMode, PolicySet};
 use crate::registry::cgroup::WorkloadIndex;
 use crate::registry::Registry;
+use crate::tunnel::inbound::{Inbound, InboundConfig};
+use crate::tunnel::pool::{Pool, PoolConfig};
 
 /// How often pod cgroups are re-resolved even without a registry change (the kubelet may
 /// create a pod's cgroup after the pod appears in the registry).
@@ -34,6 +39,10 @@ struct NodeState {
     workloads: Arc<ArcSwap<WorkloadIndex>>,
     flows: Arc<FlowStore>,
     outbound: Arc<Outbound>,
+    identity: Arc<IdentityManager>,
+    policies: Arc<ArcSwap<PolicySet>>,
+    pool: Arc<Pool>,
+    inbound: Arc<Inbound>,
     ready: AtomicBool,
 }
 
@@ -61,10 +70,55 @@ pub async fn run(cfg: NodeConfig) -> anyhow::Result<()> {
         exclude_ports: cfg.exclude_ports.clone(),
         exclude_cidrs: cfg.exclude_cidrs.clone(),
     })?);
+    let identity = Arc::new(
+        IdentityManager::new(IdentityConfig {
+            ca_cert: cfg.ca_cert.clone(),
+            ca_key: cfg.ca_key.clone(),
+            trust_bundle: cfg.trust_bundle.clone(),
+            trust_domain: cfg.trust_domain.clone(),
+            svid_ttl: cfg.svid_ttl,
+        })
+        .context("loading the mesh CA")?,
+    );
+    identity.clone().spawn_rotation();
+    let policies = Arc::new(ArcSwap::from_pointee(PolicySet::build(
+        &registry.snapshot(),
+        &cfg.root_namespace,
+    )));
+    let pool = Arc::new(Pool::new(
+        identity.clone(),
+        PoolConfig {
+            connect_timeout: Duration::from_millis(cfg.connect_timeout_ms),
+            ..PoolConfig::default()
+        },
+    ));
+
     let flows = Arc::new(FlowStore::new(cfg.flow_capacity));
+    // HBONE inbound: mutual TLS, then only pods hosted here, then AuthorizationPolicy.
+    let hbone_addr = SocketAddr::new((*proxy_addr.ip()).into(), cfg.hbone_port);
+    let hbone_listener = tokio::net::TcpListener::bind(hbone_addr)
+        .await
+        .with_context(|| format!("binding the HBONE listener {hbone_addr}"))?;
+    let inbound = Inbound::new(
+        identity.clone(),
+        Arc::new(InboundPolicy::new(
+            cfg.node_name.clone(),
+            cfg.trust_domain.clone(),
+            registry.clone(),
+            policies.clone(),
+            flows.clone(),
+        )),
+        InboundConfig {
+            connect_timeout: Duration::from_millis(cfg.connect_timeout_ms),
+            ..InboundConfig::default()
+        },
+    );
+    tokio::spawn(inbound.clone().serve(hbone_listener));
     // Listen before enrolling anyone, so no enrolled connect is redirected to a closed port.
     let listener = outbound::bind(SocketAddr::V4(proxy_addr)).await?;
     let index = WorkloadIndex::build(&registry.snapshot(), &cfg.node_name, &cfg.cgroup_root);
+    identity.set_local_identities(local_identities(&index, &cfg.trust_domain));
+    capture.set_strict(&strict_entries(&index, &policies.load()))?;
     capture.set_enrolled(&index.enrolled_ids())?;
     let workloads = Arc::new(ArcSwap::from_pointee(index));
 
@@ -75,6 +129,12 @@ pub async fn run(cfg: NodeConfig) -> anyhow::Result<()> {
         workloads.clone(),
         flows.clone(),
         Duration::from_millis(cfg.connect_timeout_ms),
+        Mesh {
+            trust_domain: cfg.trust_domain.clone(),
+            policies: policies.clone(),
+            pool: pool.clone(),
+            hbone_port: cfg.hbone_port,
+        },
     ));
     tokio::spawn(outbound.clone().serve(listener));
     match capture.events() {
@@ -94,6 +154,10 @@ pub async fn run(cfg: NodeConfig) -> anyhow::Result<()> {
         workloads: workloads.clone(),
         flows: flows.clone(),
         outbound: outbound.clone(),
+        identity: identity.clone(),
+        policies: policies.clone(),
+        pool: pool.clone(),
+        inbound: inbound.clone(),
         ready: AtomicBool::new(false),
     });
     tokio::spawn(reconcile(state.clone()));
@@ -122,7 +186,7 @@ pub async fn run(cfg: NodeConfig) -> anyhow::Result<()> {
     });
 
     state.ready.store(true, Ordering::Release);
-    info!(node = %cfg.node_name, proxy = %proxy_addr, cgroup_root = %cfg.cgroup_root.display(),
+    info!(node = %cfg.node_name, proxy = %proxy_addr, hbone = %hbone_addr, cgroup_root = %cfg.cgroup_root.display(),
         admin_socket = %cfg.admin_socket.display(), admin_address = %cfg.admin_address, "weft node ready");
 
     shutdown_signal().await;
@@ -167,21 +231,48 @@ async fn reconcile(state: Arc<NodeState>) {
     let mut changes = state.registry.subscribe();
     let mut tick = tokio::time::interval(RESCAN_EVERY);
     let mut enrolled: HashSet<u64> = state.workloads.load().enrolled_ids();
+    let mut strict = strict_entries(&state.workloads.load(), &state.policies.load());
+    let mut generation = state.registry.snapshot().generation;
     loop {
         tokio::select! {
             r = changes.changed() => if r.is_err() { return },
             _ = tick.tick() => {}
         }
+        let snapshot = state.registry.snapshot();
+        if snapshot.generation != generation {
+            generation = snapshot.generation;
+            let set = PolicySet::build(&snapshot, &state.cfg.root_namespace);
+            info!(
+                generation,
+                authorization_policies = set.len(),
+                peer_authentications = set.peer_authentications(),
+                "policies updated"
+            );
+            state.policies.store(Arc::new(set));
+        }
         // Resolving cgroups touches the filesystem: keep it off the runtime's workers.
         let st = state.clone();
         let built = tokio::task::spawn_blocking(move || {
-            WorkloadIndex::build(
-                &st.registry.snapshot(),
-                &st.cfg.node_name,
-                &st.cfg.cgroup_root,
-            )
+            WorkloadIndex::build(&snapshot, &st.cfg.node_name, &st.cfg.cgroup_root)
         });
         let Ok(index) = built.await else { continue };
+        state
+            .identity
+            .set_local_identities(local_identities(&index, &state.cfg.trust_domain));
+        // PeerAuthentication first: a pod that becomes STRICT is protected before anything else.
+        let want_strict = strict_entries(&index, &state.policies.load());
+        if want_strict != strict {
+            match state.capture.set_strict(&want_strict) {
+                Ok(()) => {
+                    info!(
+                        entries = want_strict.len(),
+                        "STRICT mTLS enforcement updated"
+                    );
+                    strict = want_strict;
+                }
+                Err(e) => error!(error = %format!("{e:#}"), "updating STRICT enforcement"),
+            }
+        }
         let want = index.enrolled_ids();
         state.workloads.store(Arc::new(index));
         if want != enrolled {
@@ -199,6 +290,41 @@ async fn reconcile(state: Arc<NodeState>) {
             }
         }
     }
+}
+
+/// The identities of the mesh pods hosted on this node: the only SVIDs it may hold.
+fn local_identities(index: &WorkloadIndex, trust_domain: &str) -> HashSet<SpiffeId> {
+    index
+        .entries()
+        .iter()
+        .filter(|e| e.enrolled)
+        .filter_map(|e| workload_identity(trust_domain, &e.pod))
+        .collect()
+}
+
+/// Kernel STRICT entries for the mesh pods of this node: `(pod cgroup, 0)` for the pod's
+/// PeerAuthentication mode and `(pod cgroup, port)` where `portLevelMtls` overrides it.
+fn strict_entries(index: &WorkloadIndex, policies: &PolicySet) -> HashMap<(u64, u16), StrictMode> {
+    let mut out = HashMap::new();
+    for e in index.entries().iter().filter(|e| e.enrolled) {
+        let Some(id) = e.cgroup_id else { continue };
+        let mtls = policies.mtls(&e.pod);
+        let strict = |m: MtlsMode| m == MtlsMode::Strict;
+        if strict(mtls.default) {
+            out.insert((id, 0), StrictMode::Strict);
+        }
+        for (port, mode) in &mtls.ports {
+            if strict(*mode) != strict(mtls.default) {
+                let m = if strict(*mode) {
+                    StrictMode::Strict
+                } else {
+                    StrictMode::NotStrict
+                };
+                out.insert((id, *port), m);
+            }
+        }
+    }
+    out
 }
 
 async fn shutdown_signal() {
@@ -225,6 +351,11 @@ impl NodeView for NodeState {
                 ip: e.pod.ip,
                 node: e.pod.node_name.clone(),
                 service_account: e.pod.service_account.clone(),
+                identity: e
+                    .enrolled
+                    .then(|| workload_identity(&self.cfg.trust_domain, &e.pod))
+                    .flatten()
+                    .map(|id| id.to_string()),
                 ready: e.pod.ready,
                 enrolled: e.enrolled,
                 cgroup_id: e.cgroup_id,
@@ -270,12 +401,26 @@ impl NodeView for NodeState {
                 "enrolled": index.entries().iter().filter(|e| e.enrolled).count(),
             },
             "capture": self.capture.status(),
+            "mesh": {
+                "trust_domain": self.cfg.trust_domain,
+                "svids": self.identity.certs().len(),
+                "authorization_policies": self.policies.load().len(),
+                "peer_authentications": self.policies.load().peer_authentications(),
+            },
+            "tunnel": {
+                "outbound": self.pool.stats(),
+                "inbound": self.inbound.stats(),
+            },
             "flows": {
                 "kept": self.flows.len(),
                 "capacity": self.flows.capacity(),
                 "totals": self.flows.totals(),
             },
         })
+    }
+
+    fn certs(&self) -> serde_json::Value {
+        serde_json::to_value(self.identity.certs()).unwrap_or_default()
     }
 
     fn ready(&self) -> Result<(), String> {

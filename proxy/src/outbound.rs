@@ -16,8 +16,11 @@ use tracing::{debug, info, warn};
 use crate::capture::{Capture, Redirect, RedirectEvent};
 use crate::flows::{Destination as FlowDestination, Flow, FlowStore, Source, Verdict};
 use crate::forward;
+use crate::identity::SpiffeId;
+use crate::policy::{ConnRequest, Decision, PolicySet};
 use crate::registry::cgroup::WorkloadIndex;
-use crate::registry::{Destination, Registry, Snapshot};
+use crate::registry::{Destination, Pod, Registry, Snapshot};
+use crate::tunnel::pool::{Hbone, Pool};
 
 /// How long a redirect event may wait for its connection to reach the listener before it is
 /// reported as [`Verdict::Unhandled`].
@@ -26,8 +29,18 @@ const UNHANDLED_AFTER: Duration = Duration::from_secs(5);
 /// (the kernel ring buffer has a similar bound and counts what it drops).
 const TRACKED_MAX: usize = 65_536;
 
+/// What the outbound path needs to carry mesh traffic: identities, policies, the HBONE pool.
+pub struct Mesh {
+    pub trust_domain: String,
+    pub policies: Arc<ArcSwap<PolicySet>>,
+    pub pool: Arc<Pool>,
+    /// HBONE port on every node (`:15008`).
+    pub hbone_port: u16,
+}
+
 pub struct Outbound {
     node_name: String,
+    mesh: Mesh,
     capture: Arc<Capture>,
     registry: Arc<Registry>,
     workloads: Arc<ArcSwap<WorkloadIndex>>,
@@ -46,9 +59,11 @@ impl Outbound {
         workloads: Arc<ArcSwap<WorkloadIndex>>,
         flows: Arc<FlowStore>,
         connect_timeout: Duration,
+        mesh: Mesh,
     ) -> Self {
         Self {
             node_name,
+            mesh,
             capture,
             registry,
             workloads,
@@ -122,7 +137,12 @@ impl Outbound {
 
         // Identify: the cgroup decides who is calling, not the source address.
         let snapshot = self.registry.snapshot();
-        if let Some(pod) = self.workloads.load().by_cgroup(redirect.cgroup_id) {
+        let source = self.workloads.load().by_cgroup(redirect.cgroup_id).cloned();
+        let source_id = source
+            .as_deref()
+            .and_then(|p| workload_identity(&self.mesh.trust_domain, p));
+        flow.source.identity = source_id.as_ref().map(|id| id.to_string());
+        if let Some(pod) = &source {
             flow.source.namespace = Some(pod.namespace.clone());
             flow.source.pod = Some(pod.name.clone());
             if pod.ip.is_some_and(|ip| ip != peer.ip()) {
@@ -131,7 +151,8 @@ impl Outbound {
             }
         }
 
-        let target = match self.pick_target(&snapshot, &redirect, &mut flow.destination) {
+        let (target, dest_pod) = match self.pick_target(&snapshot, &redirect, &mut flow.destination)
+        {
             Some(t) => t,
             None => {
                 let why = "service has no ready endpoint".to_string();
@@ -139,6 +160,38 @@ impl Outbound {
             }
         };
         flow.destination.address = Some(target.to_string());
+
+        // A destination in the mesh is authenticated and authorized: across nodes by HBONE
+        // (mutual TLS; the destination node decides), on this node right here.
+        if let Some(dest) = dest_pod.filter(|p| in_mesh(&snapshot, p)) {
+            let dest_id = workload_identity(&self.mesh.trust_domain, &dest);
+            flow.destination.identity = dest_id.as_ref().map(|id| id.to_string());
+            let (Some(source_id), Some(dest_id)) = (source_id, dest_id) else {
+                let why = "no workload identity for the source or the destination".to_string();
+                return self.refuse(&client, flow, Verdict::ConnectFailed, why, started);
+            };
+            if dest.node_name.as_deref() != Some(self.node_name.as_str()) {
+                return self
+                    .tunnel(
+                        client, flow, &snapshot, &dest, source_id, dest_id, target, peer, started,
+                    )
+                    .await;
+            }
+            let principal = source_id.principal();
+            let decision = self.mesh.policies.load().authorize(&ConnRequest {
+                destination: &dest,
+                destination_port: target.port(),
+                destination_ip: Some(target.ip()),
+                source_principal: Some(&principal),
+                source_namespace: None,
+                source_ip: Some(peer.ip()),
+            });
+            if let Decision::Deny { policy, reason } = decision {
+                flow.policy = Some(policy);
+                let why = format!("denied: {}", reason.as_str());
+                return self.refuse(&client, flow, Verdict::Denied, why, started);
+            }
+        }
 
         let connect = tokio::time::timeout(self.connect_timeout, TcpStream::connect(target));
         let upstream = match connect.await {
@@ -168,6 +221,66 @@ impl Outbound {
         self.finish(flow, started);
     }
 
+    /// Carries the connection to a mesh pod on another node through HBONE.
+    #[allow(clippy::too_many_arguments)]
+    async fn tunnel(
+        &self,
+        client: TcpStream,
+        mut flow: Flow,
+        snapshot: &Snapshot,
+        dest: &Pod,
+        source: SpiffeId,
+        destination: SpiffeId,
+        target: SocketAddr,
+        peer: SocketAddr,
+        started: Instant,
+    ) {
+        let node_ip = dest
+            .node_name
+            .as_deref()
+            .and_then(|n| snapshot.node(n))
+            .and_then(|n| n.addresses.iter().find(|a| a.is_ipv4()).copied());
+        let Some(node_ip) = node_ip else {
+            let why = format!(
+                "no address for node {:?} of the destination",
+                dest.node_name
+            );
+            return self.refuse(&client, flow, Verdict::ConnectFailed, why, started);
+        };
+        let req = Hbone {
+            source,
+            destination,
+            node: SocketAddr::new(node_ip, self.mesh.hbone_port),
+            target,
+            forwarded_for: peer.ip(),
+        };
+        let tunnel = match self.mesh.pool.connect(req).await {
+            Ok(t) => t,
+            Err(e) if e.is_denied() => {
+                flow.mtls = true;
+                flow.policy = e.policy().map(str::to_string);
+                return self.refuse(&client, flow, Verdict::Denied, e.to_string(), started);
+            }
+            Err(e) => {
+                return self.refuse(
+                    &client,
+                    flow,
+                    Verdict::ConnectFailed,
+                    e.to_string(),
+                    started,
+                )
+            }
+        };
+        flow.mtls = true;
+        self.active.fetch_add(1, Ordering::Relaxed);
+        let relayed = tunnel.relay(client).await;
+        self.active.fetch_sub(1, Ordering::Relaxed);
+        flow.bytes_sent = relayed.sent;
+        flow.bytes_received = relayed.received;
+        flow.error = relayed.error;
+        self.finish(flow, started);
+    }
+
     /// Resolves where to connect, filling in the flow's destination. `None` when a Service has
     /// no ready endpoint.
     fn pick_target(
@@ -175,7 +288,7 @@ impl Outbound {
         snapshot: &Snapshot,
         redirect: &Redirect,
         dest: &mut FlowDestination,
-    ) -> Option<SocketAddr> {
+    ) -> Option<(SocketAddr, Option<Arc<Pod>>)> {
         match snapshot.resolve(redirect.original_dst) {
             Destination::Service { service, port } => {
                 dest.service = Some(format!("{}/{}", service.namespace, service.name));
@@ -194,14 +307,14 @@ impl Outbound {
                 };
                 let ep = &endpoints[i];
                 dest.pod = Some(ep.pod.name.clone());
-                Some(ep.addr)
+                Some((ep.addr, Some(ep.pod.clone())))
             }
             Destination::Pod(pod) => {
                 dest.namespace = Some(pod.namespace.clone());
                 dest.pod = Some(pod.name.clone());
-                Some(redirect.original_dst)
+                Some((redirect.original_dst, Some(pod)))
             }
-            Destination::Passthrough => Some(redirect.original_dst),
+            Destination::Passthrough => Some((redirect.original_dst, None)),
         }
     }
 
@@ -372,6 +485,17 @@ impl RedirectTracker {
         out.sort_by_key(|e| e.time);
         out
     }
+}
+
+/// The SPIFFE identity of a pod: `spiffe://<td>/ns/<namespace>/sa/<serviceAccount>`.
+pub fn workload_identity(trust_domain: &str, pod: &Pod) -> Option<SpiffeId> {
+    SpiffeId::new(trust_domain, &pod.namespace, &pod.service_account).ok()
+}
+
+/// Whether a pod takes part in the mesh: its namespace is enrolled and it has its own network
+/// (host-network pods share the node's address and are never captured).
+pub fn in_mesh(snapshot: &Snapshot, pod: &Pod) -> bool {
+    !pod.host_network && snapshot.namespace_enrolled(&pod.namespace)
 }
 
 /// Logs the listener address once bound.
