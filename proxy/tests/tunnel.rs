@@ -432,6 +432,36 @@ async fn idle_connections_are_closed() {
 }
 
 #[tokio::test]
+async fn open_tunnels_outlive_their_pool() {
+    let s = setup().await;
+    let pool = s.pool();
+    let mut t = pool.connect(s.hbone()).await.unwrap();
+    drop(pool);
+    // Longer than the grace period of a closing connection without streams.
+    let started = Instant::now();
+    while started.elapsed() < Duration::from_millis(5500) {
+        assert_eq!(echo_round_trip(&mut t, b"alive").await, b"alive");
+        tokio::time::sleep(Duration::from_millis(500)).await;
+    }
+    t.shutdown().await.unwrap();
+    let mut rest = Vec::new();
+    t.read_to_end(&mut rest).await.unwrap();
+    assert!(rest.is_empty());
+}
+
+#[tokio::test]
+async fn identity_leaving_the_node_stops_new_tunnels() {
+    let s = setup().await;
+    let pool = s.pool();
+    let mut t = pool.connect(s.hbone()).await.unwrap();
+    s.client.set_local_identities(HashSet::new());
+    let e = pool.connect(s.hbone()).await.unwrap_err();
+    assert!(matches!(e, TunnelError::Identity(_)), "{e}");
+    // The open one is not cut.
+    assert_eq!(echo_round_trip(&mut t, b"x").await, b"x");
+}
+
+#[tokio::test]
 async fn deny_not_found_and_connect_failure() {
     let s = setup().await;
     let closed = {
@@ -844,18 +874,33 @@ async fn throughput() {
             });
         }
     });
-    async fn pump(mut c: TcpStream) -> f64 {
+    /// CPU time (user + system) of this process.
+    fn cpu() -> Duration {
+        let mut ru: libc::rusage = unsafe { std::mem::zeroed() };
+        // SAFETY: getrusage fills the struct we own.
+        unsafe { libc::getrusage(libc::RUSAGE_SELF, &mut ru) };
+        let tv = |t: libc::timeval| Duration::new(t.tv_sec as u64, t.tv_usec as u32 * 1000);
+        tv(ru.ru_utime) + tv(ru.ru_stime)
+    }
+    /// (Gbit/s, CPU seconds per GiB)
+    async fn pump(mut c: TcpStream) -> (f64, f64) {
         let buf = vec![7u8; 1 << 20];
+        let cpu_before = cpu();
         let started = Instant::now();
         let mut sent = 0;
         while sent < TOTAL {
-            c.write_all(&buf).await.unwrap();
+            if let Err(e) = c.write_all(&buf).await {
+                eprintln!("pump: {e} after {sent} bytes");
+                return (0.0, 0.0);
+            }
             sent += buf.len() as u64;
         }
         c.shutdown().await.unwrap();
         let mut rest = Vec::new();
         c.read_to_end(&mut rest).await.unwrap();
-        TOTAL as f64 / started.elapsed().as_secs_f64() / 1e9 * 8.0
+        let gbps = TOTAL as f64 / started.elapsed().as_secs_f64() / 1e9 * 8.0;
+        let cpu_per_gib = (cpu() - cpu_before).as_secs_f64() / (TOTAL as f64 / (1u64 << 30) as f64);
+        (gbps, cpu_per_gib)
     }
     let direct = pump(TcpStream::connect(sink_addr).await.unwrap()).await;
 
@@ -873,11 +918,15 @@ async fn throughput() {
         .await
         .unwrap();
     let relay = tokio::spawn(tunnel.relay(accepted));
+    // On the test's own thread, as a separate client process would be.
     let tunnelled = pump(client).await;
     let r = relay.await.unwrap();
+    assert_eq!(r.error, None);
     assert_eq!(r.sent, TOTAL);
+    let ((direct, direct_cpu), (tunnelled, tunnel_cpu)) = (direct, tunnelled);
     println!(
-        "loopback throughput: direct TCP {direct:.2} Gbit/s, HBONE tunnel {tunnelled:.2} Gbit/s ({:.0}%)",
+        "loopback throughput: direct TCP {direct:.2} Gbit/s ({direct_cpu:.2} CPU s/GiB), \
+         HBONE tunnel {tunnelled:.2} Gbit/s ({tunnel_cpu:.2} CPU s/GiB), {:.0}%",
         tunnelled / direct * 100.0
     );
 }

@@ -262,6 +262,11 @@ impl IdentityManager {
         self.state.lock().ids.clone()
     }
 
+    /// Whether `id` is hosted on this node.
+    pub fn is_local(&self, id: &SpiffeId) -> bool {
+        self.state.is_local(id)
+    }
+
     /// The current SVID of `id`, minted if there is none or the cached one is past half of its
     /// lifetime. Fails for identities this node does not host.
     pub fn svid(&self, id: &SpiffeId) -> Result<Arc<Svid>> {

@@ -251,7 +251,12 @@ impl Inbound {
             Ok(Ok(tls)) => tls,
             Ok(Err(e)) => {
                 inc(&self.stats.tls_failed);
-                warn!(peer = %peer_addr, error = %e, "HBONE TLS handshake refused");
+                if is_certificate_problem(&e) {
+                    warn!(peer = %peer_addr, error = %e, "HBONE TLS handshake refused");
+                } else {
+                    // Not TLS at all, or a peer that went away: scanners, probes.
+                    debug!(peer = %peer_addr, error = %e, "HBONE TLS handshake failed");
+                }
                 return;
             }
             Err(_) => {
@@ -427,6 +432,28 @@ impl Inbound {
             error = outcome.error.as_deref().unwrap_or(""), "HBONE stream done");
         self.handler.finished(&req, outcome);
     }
+}
+
+/// A TLS peer whose certificate (or lack of one) was refused, as opposed to a peer that does not
+/// speak TLS or left.
+fn is_certificate_problem(e: &std::io::Error) -> bool {
+    use rustls::AlertDescription as A;
+    use rustls::Error as E;
+    matches!(
+        e.get_ref().and_then(|i| i.downcast_ref::<E>()),
+        Some(
+            E::InvalidCertificate(_)
+                | E::NoCertificatesPresented
+                | E::AlertReceived(
+                    A::BadCertificate
+                        | A::UnsupportedCertificate
+                        | A::CertificateExpired
+                        | A::CertificateUnknown
+                        | A::CertificateRequired
+                        | A::UnknownCA
+                )
+        )
+    )
 }
 
 fn reply(respond: &mut SendResponse<Bytes>, status: StatusCode, policy: Option<&str>) {

@@ -35,7 +35,7 @@ use crate::identity::{sni_for, IdentityManager, SpiffeId, ALPN_H2};
 
 /// How many times a stream is tried on a fresh connection when the chosen one turned out dead.
 const ATTEMPTS: usize = 3;
-/// How long a connection asked to close may finish its in-flight frames.
+/// How long a closing connection without streams may take to finish its in-flight frames.
 const CLOSE_GRACE: Duration = Duration::from_secs(5);
 
 #[derive(Debug, Clone)]
@@ -295,6 +295,14 @@ impl Pool {
 
     /// Opens a tunnel: a `CONNECT` stream on a pooled (or new) connection, answered 200.
     pub async fn connect(&self, req: Hbone) -> Result<Tunnel, TunnelError> {
+        // A connection authenticated as an identity that has left this node carries no more
+        // streams.
+        if !self.inner.identity.is_local(&req.source) {
+            return Err(TunnelError::Identity(format!(
+                "{} is not an identity hosted on this node",
+                req.source
+            )));
+        }
         let key = PoolKey {
             source: req.source.clone(),
             destination: req.destination.clone(),
@@ -516,7 +524,18 @@ async fn run_connection(inner: Arc<Inner>, conn: Arc<Conn>, tx: watch::Sender<Co
     // are done.
     let _ = tx.send(ConnState::Closed);
     if closing {
-        let _ = tokio::time::timeout(CLOSE_GRACE, &mut connection).await;
+        // Open streams run to their end (closing only stops new ones); a connection without
+        // streams gets a short grace period to say goodbye.
+        loop {
+            tokio::select! {
+                _ = &mut connection => break,
+                _ = tokio::time::sleep(CLOSE_GRACE) => {
+                    if conn.streams.load(Ordering::Acquire) == 0 {
+                        break;
+                    }
+                }
+            }
+        }
     }
     if let Some(inner) = weak.upgrade() {
         inner.closed.fetch_add(1, Ordering::Relaxed);
