@@ -450,6 +450,60 @@ async fn open_tunnels_outlive_their_pool() {
 }
 
 #[tokio::test]
+async fn dead_connections_are_evicted() {
+    let s = setup().await;
+    // A cuttable wire between the pool and the node.
+    let wire = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let wire_addr = wire.local_addr().unwrap();
+    let node_addr = s.node;
+    let (cut_tx, cut_rx) = tokio::sync::watch::channel(false);
+    tokio::spawn(async move {
+        loop {
+            let (mut a, _) = wire.accept().await.unwrap();
+            let mut cut = cut_rx.clone();
+            tokio::spawn(async move {
+                let mut b = TcpStream::connect(node_addr).await.unwrap();
+                tokio::select! {
+                    _ = tokio::io::copy_bidirectional(&mut a, &mut b) => {}
+                    _ = cut.wait_for(|c| *c) => {
+                        weft::forward::reset(&a);
+                        weft::forward::reset(&b);
+                    }
+                }
+            });
+        }
+    });
+    let pool = s.pool();
+    let req = hbone(&s.src, &s.dst, wire_addr, s.echo);
+    let mut t = pool.connect(req.clone()).await.unwrap();
+    assert_eq!(echo_round_trip(&mut t, b"before").await, b"before");
+    cut_tx.send(true).unwrap();
+    let mut buf = [0u8; 8];
+    assert!(
+        t.read(&mut buf).await.is_err(),
+        "the stream dies with its connection"
+    );
+    drop(t);
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while pool.stats().connections != 0 {
+        assert!(Instant::now() < deadline, "{:?}", pool.stats());
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    cut_tx.send(false).unwrap();
+    let mut t = pool.connect(req).await.unwrap();
+    assert_eq!(echo_round_trip(&mut t, b"after").await, b"after");
+    let stats = pool.stats();
+    assert_eq!(
+        (
+            stats.connections,
+            stats.connections_opened_total,
+            stats.connections_closed_total
+        ),
+        (1, 2, 1)
+    );
+}
+
+#[tokio::test]
 async fn identity_leaving_the_node_stops_new_tunnels() {
     let s = setup().await;
     let pool = s.pool();
