@@ -272,7 +272,7 @@ async fn workloads(args: WorkloadsArgs) -> anyhow::Result<()> {
         "NAMESPACE",
         "POD",
         "IP",
-        "SERVICE ACCOUNT",
+        "IDENTITY",
         "READY",
         "ENROLLED",
         "CGROUP ID",
@@ -427,6 +427,22 @@ async fn status(args: StatusArgs) -> anyhow::Result<()> {
         s("/flows/kept"),
         s("/flows/capacity")
     )?;
+    writeln!(
+        out,
+        "Mesh:        trust domain {}, {} SVIDs, {} AuthorizationPolicies, {} PeerAuthentications",
+        s("/mesh/trust_domain"),
+        s("/mesh/svids"),
+        s("/mesh/authorization_policies"),
+        s("/mesh/peer_authentications")
+    )?;
+    writeln!(
+        out,
+        "HBONE:       outbound {} TLS connections ({} streams active); inbound {} TLS accepted, {} refused",
+        s("/tunnel/outbound/connections"),
+        s("/tunnel/outbound/streams_active"),
+        s("/tunnel/inbound/tls_accepted"),
+        s("/tunnel/inbound/tls_failed")
+    )?;
     Ok(())
 }
 
@@ -534,17 +550,18 @@ where
 /// Flow rows, hubble-style.
 struct FlowTable;
 
-const FLOW_HEADER: [&str; 7] = [
+const FLOW_HEADER: [&str; 8] = [
     "TIME",
     "SOURCE",
     "DESTINATION",
     "SERVICE",
+    "MTLS",
     "VERDICT",
     "BYTES (SENT/RECV)",
     "DURATION",
 ];
 /// Column widths for streamed output, where rows are printed as they come.
-const FOLLOW_WIDTHS: [usize; 7] = [19, 34, 38, 22, 14, 17, 9];
+const FOLLOW_WIDTHS: [usize; 8] = [19, 34, 38, 22, 4, 30, 17, 9];
 
 impl FlowTable {
     fn cells(f: &Flow) -> Vec<String> {
@@ -573,7 +590,11 @@ impl FlowTable {
             source,
             dest,
             f.destination.service.clone().unwrap_or_else(|| "-".into()),
-            f.verdict.as_str().to_ascii_uppercase(),
+            yes_no(f.mtls).into(),
+            match &f.policy {
+                Some(p) => format!("{} ({p})", f.verdict.as_str().to_ascii_uppercase()),
+                None => f.verdict.as_str().to_ascii_uppercase(),
+            },
             format!("{}/{}", f.bytes_sent, f.bytes_received),
             format_duration(f.duration_ms),
         ]

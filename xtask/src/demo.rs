@@ -1,5 +1,6 @@
-//! `cargo xtask demo`: a cluster on this machine, weft on its node, some traffic, and what
-//! `weft flows` and `weft workloads` show about it.
+//! `cargo xtask demo`: a two-node cluster on this machine, weft on each node, traffic across
+//! nodes in mutual TLS, a call denied by an AuthorizationPolicy, and what `weft flows`,
+//! `weft workloads`, `weft certs` and `weft status` show about it.
 
 use std::path::PathBuf;
 use std::process::Command;
@@ -16,17 +17,22 @@ pub fn run(keep: bool) -> anyhow::Result<()> {
     std::env::set_var("WEFT_BIN", bins.join("weft"));
     std::env::set_var("WEFT_TESTPOD_BIN", bins.join("weft-testpod"));
 
-    step("A cluster on one machine: node-1, namespaces shop (weft.dev/mesh=enabled) and legacy");
+    step(
+        "A cluster on one machine: node-1 and node-2; namespace shop is in the mesh, legacy is not",
+    );
     let cluster = Cluster::new("demo")?;
     let node = cluster.add_node("node-1")?;
+    let node2 = cluster.add_node("node-2")?;
     let frontend = cluster.add_pod(
         &node,
         PodSpec::new("shop", "frontend").service_account("frontend"),
     )?;
-    let catalog: Vec<_> = (0..2)
-        .map(|i| {
+    let catalog: Vec<_> = [&node, &node2]
+        .iter()
+        .enumerate()
+        .map(|(i, n)| {
             cluster.add_pod(
-                &node,
+                n,
                 PodSpec::new("shop", &format!("catalog-{i}"))
                     .label("app", "catalog")
                     .service_account("catalog")
@@ -34,11 +40,23 @@ pub fn run(keep: bool) -> anyhow::Result<()> {
             )
         })
         .collect::<anyhow::Result<_>>()?;
+    let payments = cluster.add_pod(
+        &node2,
+        PodSpec::new("shop", "payments-0")
+            .label("app", "payments")
+            .service_account("payments")
+            .port("http", 8080),
+    )?;
     let batch = cluster.add_pod(&node, PodSpec::new("legacy", "batch"))?;
     let svc = cluster.add_service(
         ServiceSpec::new("shop", "catalog")
             .selector("app", "catalog")
             .port("http", 80, "http", Some("http")),
+    )?;
+    let pay = cluster.add_service(
+        ServiceSpec::new("shop", "payments")
+            .selector("app", "payments")
+            .port("http", 80, "http", None),
     )?;
     let orders = cluster.add_service(
         ServiceSpec::new("shop", "orders")
@@ -46,8 +64,9 @@ pub fn run(keep: bool) -> anyhow::Result<()> {
             .port("http", 80, 8080, None),
     )?;
     cluster.set_namespace_labels("shop", labels(&[("weft.dev/mesh", "enabled")]))?;
+    cluster.apply_yaml(PAYMENTS_POLICY)?;
     let mut servers = Vec::new();
-    for pod in &catalog {
+    for pod in catalog.iter().chain([&payments]) {
         servers.push(pod.spawn(Command::new(testpod_bin()).args([
             "serve",
             "--listen",
@@ -60,18 +79,29 @@ pub fn run(keep: bool) -> anyhow::Result<()> {
         wait_for_tcp(pod, pod.addr(8080), Duration::from_secs(10))?;
     }
     println!(
-        "  node-1 {}   frontend {}   catalog-0 {}   catalog-1 {}   batch {}",
+        "  node-1 {}: frontend {}, catalog-0 {}, legacy/batch {}",
         node.ip(),
         frontend.ip(),
         catalog[0].ip(),
-        catalog[1].ip(),
         batch.ip()
     );
-    println!("  Service shop/catalog {} → catalog-0, catalog-1 :8080    Service shop/orders {} → (no pods)", svc.addr(80), orders.addr(80));
+    println!(
+        "  node-2 {}: catalog-1 {}, payments-0 {}",
+        node2.ip(),
+        catalog[1].ip(),
+        payments.ip()
+    );
+    println!("  Services: shop/catalog {} (catalog-0, catalog-1), shop/payments {}, shop/orders {} (no pods)", svc.addr(80), pay.addr(80), orders.addr(80));
+    println!("  AuthorizationPolicy shop/payments: only cluster.local/ns/shop/sa/checkout may call payments");
 
-    step("weft node on node-1");
+    step("weft node on node-1 and node-2 (mesh CA from `weft ca init`)");
     let weft = Weft::start(&cluster, &node)?;
-    println!("  ready; admin socket {}", weft.admin_socket().display());
+    let weft2 = Weft::start(&cluster, &node2)?;
+    println!(
+        "  ready; admin sockets {} and {}",
+        weft.admin_socket().display(),
+        weft2.admin_socket().display()
+    );
 
     step("Traffic");
     let call =
@@ -101,22 +131,32 @@ pub fn run(keep: bool) -> anyhow::Result<()> {
     for i in 0..4 {
         call(&frontend, svc.addr(80), &format!("GET /item/{i}"))?;
     }
+    call(&frontend, pay.addr(80), "POST /charge")?;
     call(&frontend, orders.addr(80), "GET /orders")?;
     call(&frontend, catalog[0].addr(9090), "nothing listens here")?;
     call(&batch, catalog[1].addr(8080), "not meshed")?;
     std::thread::sleep(Duration::from_millis(300));
 
-    step("weft flows");
+    step("weft flows (node-1: the calling side)");
     print!("{}", weft.cli(&["flows"])?);
-    println!("  (legacy/batch is not enrolled: its direct call to catalog-1 is not in the flows, and catalog-1 saw {} as its peer)", batch.ip());
+    println!("  (catalog-1 and payments-0 are on node-2: reached over mutual TLS. legacy/batch is not in the mesh: its direct call is not a flow, and catalog-1 saw {} as its peer)", batch.ip());
 
-    step("weft flows -o json --last 1");
-    print!("{}", weft.cli(&["flows", "-o", "json", "--last", "1"])?);
+    step("weft flows (node-2: the receiving side, identities from the peer certificates)");
+    print!("{}", weft2.cli(&["flows"])?);
 
-    step("weft workloads");
+    step("weft flows -o json --verdict denied");
+    print!(
+        "{}",
+        weft.cli(&["flows", "-o", "json", "--verdict", "denied"])?
+    );
+
+    step("weft workloads (node-1)");
     print!("{}", weft.cli(&["workloads"])?);
 
-    step("weft status");
+    step("weft certs (node-2)");
+    print!("{}", weft2.cli(&["certs"])?);
+
+    step("weft status (node-1)");
     print!("{}", weft.cli(&["status"])?);
 
     if keep {
@@ -149,10 +189,27 @@ pub fn run(keep: bool) -> anyhow::Result<()> {
         wait_for_interrupt().context("waiting for Ctrl-C")?;
     }
     drop(servers);
+    drop(weft2);
     drop(weft);
     drop(cluster);
     Ok(())
 }
+
+const PAYMENTS_POLICY: &str = "apiVersion: security.istio.io/v1
+kind: AuthorizationPolicy
+metadata:
+  name: payments
+  namespace: shop
+spec:
+  selector:
+    matchLabels:
+      app: payments
+  action: ALLOW
+  rules:
+  - from:
+    - source:
+        principals: [\"cluster.local/ns/shop/sa/checkout\"]
+";
 
 fn step(title: &str) {
     println!("\n== {title}");
