@@ -35,7 +35,7 @@ pub use process::Proc;
 pub use registry::{Labels, ServicePort, TargetPort};
 pub use spec::{PodSpec, Service, ServiceSpec};
 pub use wait::{tcp_connect, wait_for, wait_for_tcp, wait_until};
-pub use weft::Weft;
+pub use weft::{mesh_ca, Weft};
 
 use std::path::PathBuf;
 

@@ -626,3 +626,86 @@ fn same_node_mesh_traffic_is_authorized_without_tls() {
     );
     wait_denied(&m, &m.client, local.addr(8080), "back/deny-client");
 }
+
+/// A peer that is not a proper mesh node, driven with weft's own HBONE client against a real
+/// `weft node`: a certificate from another CA is refused at the TLS layer, and a valid peer
+/// asking for an address that is not a pod of that node is refused (no open relay).
+#[test]
+fn hbone_refuses_foreign_certificates_and_non_local_targets() {
+    use std::collections::HashSet;
+    use weft::identity::{init_ca, IdentityConfig, IdentityManager, SpiffeId};
+    use weft::tunnel::pool::{Hbone, Pool, PoolConfig};
+
+    let m = mesh("hbone_peers", &[]);
+    let client_id: SpiffeId = CLIENT_ID.parse().unwrap();
+    let web_id: SpiffeId = WEB_ID.parse().unwrap();
+    let manager = |ca: &std::path::Path| {
+        let mgr = IdentityManager::new(IdentityConfig {
+            ca_cert: ca.join("ca.crt"),
+            ca_key: ca.join("ca.key"),
+            trust_bundle: vec![],
+            trust_domain: "cluster.local".into(),
+            svid_ttl: Duration::from_secs(3600),
+        })
+        .unwrap();
+        mgr.set_local_identities(HashSet::from([client_id.clone()]));
+        Arc::new(mgr)
+    };
+    let rogue_dir = tempfile::tempdir().unwrap();
+    init_ca(rogue_dir.path(), "cluster.local", Duration::from_secs(3600)).unwrap();
+    let rogue = manager(rogue_dir.path());
+    let genuine = manager(&weft_tests::mesh_ca(&m.cluster).unwrap());
+    let hbone = |target: SocketAddr| Hbone {
+        source: client_id.clone(),
+        destination: web_id.clone(),
+        node: (m.b.ip(), 15008).into(),
+        target,
+        forwarded_for: m.client.ip().into(),
+    };
+    let failed_before = m.weft_b.status().unwrap()["tunnel"]["inbound"]["tls_failed"]
+        .as_u64()
+        .unwrap();
+
+    // From node-a's network, as a node would.
+    let results = weft_tests::netns::in_netns(m.a.netns_name(), || {
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .unwrap();
+        rt.block_on(async {
+            let connect = |mgr: Arc<IdentityManager>, req: Hbone| async move {
+                Pool::new(mgr, PoolConfig::default())
+                    .connect(req)
+                    .await
+                    .map(drop)
+            };
+            (
+                connect(rogue.clone(), hbone(m.web.addr(8080))).await,
+                connect(genuine.clone(), hbone(m.client.addr(8080))).await,
+                connect(genuine.clone(), hbone(m.web.addr(8080))).await,
+            )
+        })
+    })
+    .unwrap();
+    let (rogue_res, not_local, good) = results;
+    let e = rogue_res.expect_err("a certificate from another CA must be refused");
+    assert!(
+        e.status().is_none(),
+        "refused at the TLS layer, not by HTTP: {e}"
+    );
+    assert_eq!(
+        not_local.expect_err("not a pod of node-b").status(),
+        Some(404)
+    );
+    good.expect("a genuine peer asking for a local pod is served");
+    let failed_after = m.weft_b.status().unwrap()["tunnel"]["inbound"]["tls_failed"]
+        .as_u64()
+        .unwrap();
+    assert!(failed_after > failed_before);
+    // Nothing was delivered for the refused ones.
+    let flows = m.weft_b.flows(&[]).unwrap();
+    assert!(
+        flows.iter().all(|f| s(f, "/destination/pod") != "client"),
+        "{flows:?}"
+    );
+}
