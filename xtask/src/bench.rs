@@ -190,6 +190,8 @@ impl Run {
 struct Results {
     runs: BTreeMap<(Case, PathKind), Vec<Run>>,
     lat: BTreeMap<LatCase, Vec<Run>>,
+    /// eBPF program → (runs, total ns) during each connect() latency case.
+    bpf: BTreeMap<LatCase, BTreeMap<String, (u64, u64)>>,
     notes: Vec<String>,
 }
 
@@ -225,6 +227,11 @@ pub fn run(args: Args) -> Result<()> {
     // The harness starts binaries from these (single-threaded here: nothing reads env yet).
     std::env::set_var("WEFT_BIN", &weft);
     std::env::set_var("WEFT_TESTPOD_BIN", &testpod);
+    // weft logs one line per flow at info; haproxy and nginx run here without access logs.
+    // Compare like with like unless asked otherwise.
+    if std::env::var_os("WEFT_LOG").is_none() {
+        std::env::set_var("WEFT_LOG", "warn");
+    }
 
     let command = std::iter::once("cargo xtask bench".to_string())
         .chain(std::env::args().skip(2))
@@ -423,6 +430,7 @@ impl Bench {
         }
         // 4. connect() latency with the programs attached.
         if weft.is_some() {
+            let _stats = BpfStats::enable();
             for _ in 0..reps {
                 let addr = self.server.addr(ECHO_PORT);
                 self.latency(LatCase::PlainBpf, &self.plain, addr, res);
@@ -556,11 +564,20 @@ impl Bench {
         cmd.args(["--rate", &LATENCY_RATE.to_string()]);
         // The handshake is processed in the client's context (veth → node → veth), so with the
         // client alone on CPU 0 the call is timed without the accepting side's work in it.
+        let stats0 = bpf_prog_stats(self.node.bpffs_dir());
         let r = if online_cpus() >= 2 {
             self.pinned(pod, &cmd, 0, &[1])
         } else {
             self.client(pod, &cmd)
         };
+        let stats1 = bpf_prog_stats(self.node.bpffs_dir());
+        let acc = res.bpf.entry(case).or_default();
+        for (name, (n1, t1)) in stats1 {
+            let (n0, t0) = stats0.get(&name).copied().unwrap_or_default();
+            let e = acc.entry(name).or_default();
+            e.0 += n1.saturating_sub(n0);
+            e.1 += t1.saturating_sub(t0);
+        }
         match r {
             Ok(r) => {
                 if r.errors() > 0 {
@@ -672,6 +689,71 @@ impl Bench {
         wait_for_tcp(&self.plain, (node, NGINX_PORTS.0), Duration::from_secs(10))?;
         wait_for_tcp(&self.plain, (node, NGINX_PORTS.1), Duration::from_secs(10))
     }
+}
+
+/// Keeps the kernel's eBPF run-time statistics on while held (`BPF_ENABLE_STATS`; off again
+/// when the descriptor is closed, so nothing outlives the benchmark).
+struct BpfStats {
+    _fd: Option<std::os::fd::OwnedFd>,
+}
+
+impl BpfStats {
+    fn enable() -> BpfStats {
+        const BPF_ENABLE_STATS: libc::c_long = 32;
+        const BPF_STATS_RUN_TIME: u32 = 0;
+        // union bpf_attr { struct { __u32 type; } enable_stats; … }, zero-padded.
+        let attr: [u32; 4] = [BPF_STATS_RUN_TIME, 0, 0, 0];
+        // SAFETY: bpf(2) reads `size` bytes of `attr`, which we own.
+        let fd = unsafe {
+            libc::syscall(
+                libc::SYS_bpf,
+                BPF_ENABLE_STATS,
+                attr.as_ptr(),
+                std::mem::size_of_val(&attr),
+            )
+        };
+        if fd < 0 {
+            return BpfStats { _fd: None };
+        }
+        // SAFETY: a new descriptor that nothing else owns.
+        BpfStats {
+            _fd: Some(unsafe {
+                <std::os::fd::OwnedFd as std::os::fd::FromRawFd>::from_raw_fd(fd as i32)
+            }),
+        }
+    }
+}
+
+/// Program name → (run count, total run time ns) of the programs behind the links pinned in
+/// `dir` (counts only move while [`BpfStats`] is held). Empty without bpftool or pins.
+fn bpf_prog_stats(dir: &Path) -> BTreeMap<String, (u64, u64)> {
+    let mut out = BTreeMap::new();
+    let Ok(entries) = std::fs::read_dir(dir) else {
+        return out;
+    };
+    let json = |args: &[&str]| -> Option<Value> {
+        let o = Command::new("bpftool").arg("-j").args(args).output().ok()?;
+        o.status
+            .success()
+            .then(|| serde_json::from_slice(&o.stdout).ok())
+            .flatten()
+    };
+    for e in entries.flatten() {
+        let path = e.path().to_string_lossy().into_owned();
+        let Some(prog_id) =
+            json(&["link", "show", "pinned", &path]).and_then(|l| l.get("prog_id")?.as_u64())
+        else {
+            continue;
+        };
+        let Some(p) = json(&["prog", "show", "id", &prog_id.to_string()]) else {
+            continue;
+        };
+        let name = p["name"].as_str().unwrap_or("?").to_string();
+        let cnt = p.get("run_cnt").and_then(Value::as_u64).unwrap_or(0);
+        let ns = p.get("run_time_ns").and_then(Value::as_u64).unwrap_or(0);
+        out.insert(name, (cnt, ns));
+    }
+    out
 }
 
 fn online_cpus() -> usize {
@@ -923,8 +1005,9 @@ fn report(
     let _ = writeln!(s, "- weft {}; {}; {}", m.commit, m.haproxy, m.nginx);
     let _ = writeln!(
         s,
-        "- weft log level `WEFT_LOG={}` (it logs one line per flow at info)",
-        std::env::var("WEFT_LOG").unwrap_or_else(|_| "info".into())
+        "- weft log level `WEFT_LOG={}` (info logs one line per flow; haproxy and nginx have no \
+         access log here)",
+        std::env::var("WEFT_LOG").unwrap_or_default()
     );
     let _ = writeln!(
         s,
@@ -1022,6 +1105,41 @@ fn report(
          CPUs). It includes the TCP handshake with whoever accepts: the server pod, or weft on \
          the node for the enrolled client (weft's upstream connect is not in it)."
     );
+
+    let bpf: Vec<String> = [LatCase::PlainBpf, LatCase::EnrolledWeft]
+        .iter()
+        .filter_map(|c| {
+            let progs = res.bpf.get(c)?;
+            let lat_ops: f64 = res
+                .lat
+                .get(c)?
+                .iter()
+                .filter_map(|r| Some(r.f("/ops")? + r.f("/warmup_ops")?))
+                .sum();
+            let parts: Vec<String> = progs
+                .iter()
+                .filter(|(_, (n, _))| *n > 0)
+                .map(|(name, (n, ns))| {
+                    format!(
+                        "`{name}` {:.1} runs/connect × {:.0} ns",
+                        *n as f64 / lat_ops.max(1.0),
+                        *ns as f64 / *n as f64
+                    )
+                })
+                .collect();
+            (!parts.is_empty()).then(|| format!("- {}: {}", c.label(), parts.join(", ")))
+        })
+        .collect();
+    if !bpf.is_empty() {
+        let _ = writeln!(
+            s,
+            "\neBPF programs during these runs (kernel run-time statistics, `BPF_ENABLE_STATS`; \
+             runs include every socket event below the node's cgroup root, e.g. the server's):\n"
+        );
+        for l in bpf {
+            let _ = writeln!(s, "{l}");
+        }
+    }
 
     let _ = writeln!(s, "\n### every repetition\n");
     for case in Case::ALL {

@@ -22,6 +22,8 @@ const APT_PACKAGES: &[&str] = &[
     "nginx",
     // nginx's TCP proxy (stream module), for the benchmark.
     "libnginx-mod-stream",
+    // eBPF program run-time statistics in the benchmark.
+    "bpftool",
 ];
 
 pub fn run() -> anyhow::Result<()> {
