@@ -212,13 +212,8 @@ impl Outbound {
         };
         let _ = client.set_nodelay(true);
         let _ = upstream.set_nodelay(true);
-        self.active.fetch_add(1, Ordering::Relaxed);
-        let relayed = forward::relay(client, upstream).await;
-        self.active.fetch_sub(1, Ordering::Relaxed);
-        flow.bytes_sent = relayed.sent;
-        flow.bytes_received = relayed.received;
-        flow.error = relayed.error;
-        self.finish(flow, started);
+        self.relayed(flow, started, forward::relay(client, upstream))
+            .await;
     }
 
     /// Carries the connection to a mesh pod on another node through HBONE.
@@ -272,13 +267,7 @@ impl Outbound {
             }
         };
         flow.mtls = true;
-        self.active.fetch_add(1, Ordering::Relaxed);
-        let relayed = tunnel.relay(client).await;
-        self.active.fetch_sub(1, Ordering::Relaxed);
-        flow.bytes_sent = relayed.sent;
-        flow.bytes_received = relayed.received;
-        flow.error = relayed.error;
-        self.finish(flow, started);
+        self.relayed(flow, started, tunnel.relay(client)).await;
     }
 
     /// Resolves where to connect, filling in the flow's destination. `None` when a Service has
@@ -316,6 +305,22 @@ impl Outbound {
             }
             Destination::Passthrough => Some((redirect.original_dst, None)),
         }
+    }
+
+    /// Runs a relay (counted as active meanwhile) and records how it went.
+    async fn relayed(
+        &self,
+        mut flow: Flow,
+        started: Instant,
+        relay: impl std::future::Future<Output = forward::Relayed>,
+    ) {
+        self.active.fetch_add(1, Ordering::Relaxed);
+        let relayed = relay.await;
+        self.active.fetch_sub(1, Ordering::Relaxed);
+        flow.bytes_sent = relayed.sent;
+        flow.bytes_received = relayed.received;
+        flow.error = relayed.error;
+        self.finish(flow, started);
     }
 
     /// Resets the client connection and records why.

@@ -22,6 +22,7 @@ mod pod;
 mod process;
 pub mod registry;
 mod spec;
+pub mod traffic;
 mod wait;
 mod weft;
 

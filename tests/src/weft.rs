@@ -33,6 +33,21 @@ impl Weft {
 
     /// Like [`Weft::start`] with extra `weft node` flags.
     pub fn start_with(cluster: &Cluster, node: &Node, extra: &[&str]) -> Result<Weft> {
+        Self::launched(cluster, node, extra, None)
+    }
+
+    /// Like [`Weft::start`], but weft runs in `cgroup` (e.g. a pod's container cgroup, as a
+    /// DaemonSet pod) instead of the node's system cgroup.
+    pub fn start_in_cgroup(cluster: &Cluster, node: &Node, cgroup: &Path) -> Result<Weft> {
+        Self::launched(cluster, node, &[], Some(cgroup.to_path_buf()))
+    }
+
+    fn launched(
+        cluster: &Cluster,
+        node: &Node,
+        extra: &[&str],
+        cgroup: Option<PathBuf>,
+    ) -> Result<Weft> {
         let registry = cluster.default_registry_path();
         cluster.sync_registry_to(&registry)?;
         let mut w = Weft {
@@ -42,25 +57,7 @@ impl Weft {
             ca_dir: mesh_ca(cluster)?,
             admin_socket: node.state_dir().join("admin.sock"),
             extra: extra.iter().map(|s| s.to_string()).collect(),
-            cgroup: None,
-        };
-        w.launch()?;
-        Ok(w)
-    }
-
-    /// Like [`Weft::start`], but weft runs in `cgroup` (e.g. a pod's container cgroup, as a
-    /// DaemonSet pod) instead of the node's system cgroup.
-    pub fn start_in_cgroup(cluster: &Cluster, node: &Node, cgroup: &Path) -> Result<Weft> {
-        let registry = cluster.default_registry_path();
-        cluster.sync_registry_to(&registry)?;
-        let mut w = Weft {
-            proc: None,
-            node: node.clone(),
-            registry,
-            ca_dir: mesh_ca(cluster)?,
-            admin_socket: node.state_dir().join("admin.sock"),
-            extra: Vec::new(),
-            cgroup: Some(cgroup.to_path_buf()),
+            cgroup,
         };
         w.launch()?;
         Ok(w)

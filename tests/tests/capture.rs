@@ -8,55 +8,14 @@ use std::process::{Command, Output};
 use std::time::{Duration, Instant};
 
 use serde_json::Value;
+use weft_tests::traffic::{self, call_ok, serve, testpod};
 use weft_tests::*;
 
 const ENROLL: (&str, &str) = ("weft.dev/mesh", "enabled");
 const WAIT: Duration = Duration::from_secs(20);
 
-fn testpod() -> Command {
-    Command::new(testpod_bin())
-}
-
-fn serve(pod: &Pod, port: u16, mode: &str) -> Proc {
-    let p = pod
-        .spawn(testpod().args([
-            "serve",
-            "--listen",
-            &format!("0.0.0.0:{port}"),
-            "--mode",
-            mode,
-            "--name",
-            pod.name(),
-        ]))
-        .unwrap();
-    wait_for_tcp(pod, pod.addr(port), WAIT).unwrap();
-    p
-}
-
 fn call(from: &Pod, to: SocketAddr, text: &str) -> Output {
-    from.output(testpod().args([
-        "call",
-        &to.to_string(),
-        "--send",
-        text,
-        "--timeout-ms",
-        "5000",
-    ]))
-    .unwrap()
-}
-
-/// The response of a successful call.
-fn call_ok(from: &Pod, to: SocketAddr, text: &str) -> String {
-    let out = call(from, to, text);
-    let stdout = String::from_utf8_lossy(&out.stdout).into_owned();
-    assert!(
-        out.status.success(),
-        "call {to} from {} failed ({}): {stdout}{}",
-        from.name(),
-        out.status,
-        String::from_utf8_lossy(&out.stderr)
-    );
-    stdout
+    traffic::call(from, to, text, Duration::from_secs(5))
 }
 
 /// The `peer=<ip>:<port>` a whoami backend reported: the address it saw the connection from.
@@ -76,9 +35,7 @@ fn backend_name(response: &str) -> String {
         .to_string()
 }
 
-fn s<'a>(v: &'a Value, path: &str) -> &'a str {
-    v.pointer(path).and_then(Value::as_str).unwrap_or("")
-}
+use traffic::json_str as s;
 
 /// A node with an enrolled client namespace `front`, and two `whoami` backends behind the
 /// Service `back/web` (port 80 → named targetPort `http` = 8080).

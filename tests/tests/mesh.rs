@@ -5,12 +5,13 @@
 use std::collections::BTreeSet;
 use std::net::SocketAddr;
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
-use std::process::{Command, Output};
+use std::process::Output;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use serde_json::Value;
+use weft_tests::traffic::{self, call_ok, serve, testpod};
 use weft_tests::*;
 
 const ENROLL: (&str, &str) = ("weft.dev/mesh", "enabled");
@@ -18,58 +19,15 @@ const WAIT: Duration = Duration::from_secs(20);
 const CLIENT_ID: &str = "spiffe://cluster.local/ns/front/sa/client";
 const WEB_ID: &str = "spiffe://cluster.local/ns/back/sa/web";
 
-fn testpod() -> Command {
-    Command::new(testpod_bin())
-}
-
-fn serve(pod: &Pod, port: u16, mode: &str) -> Proc {
-    let p = pod
-        .spawn(testpod().args([
-            "serve",
-            "--listen",
-            &format!("0.0.0.0:{port}"),
-            "--mode",
-            mode,
-            "--name",
-            pod.name(),
-        ]))
-        .unwrap();
-    wait_for_tcp(pod, pod.addr(port), WAIT).unwrap();
-    p
-}
-
-fn call(from: &Pod, to: SocketAddr, text: &str, timeout_ms: u32) -> Output {
-    from.output(testpod().args([
-        "call",
-        &to.to_string(),
-        "--send",
-        text,
-        "--timeout-ms",
-        &timeout_ms.to_string(),
-    ]))
-    .unwrap()
-}
-
-fn call_ok(from: &Pod, to: SocketAddr, text: &str) -> String {
-    let out = call(from, to, text, 5000);
-    let stdout = String::from_utf8_lossy(&out.stdout).into_owned();
-    assert!(
-        out.status.success(),
-        "call {to} from {} failed ({}): {stdout}{}",
-        from.name(),
-        out.status,
-        String::from_utf8_lossy(&out.stderr)
-    );
-    stdout
+fn call(from: &Pod, to: SocketAddr, text: &str, timeout_ms: u64) -> Output {
+    traffic::call(from, to, text, Duration::from_millis(timeout_ms))
 }
 
 fn succeeds(from: &Pod, to: SocketAddr) -> bool {
     call(from, to, "ping", 3000).status.success()
 }
 
-fn s<'a>(v: &'a Value, path: &str) -> &'a str {
-    v.pointer(path).and_then(Value::as_str).unwrap_or("")
-}
+use traffic::json_str as s;
 
 /// Two nodes. node-a: `front/client` (sa client) and `front/other` (sa other), both enrolled;
 /// node-b: `back/web-0` (sa web, echo on 8080 and 9090) behind the Service `back/web`
