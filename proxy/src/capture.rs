@@ -67,6 +67,8 @@ pub const DEFAULT_BPFFS: &str = "/sys/fs/bpf/weft";
 /// Capacity of the channel returned by [`Capture::events`]. When the consumer falls behind, the
 /// kernel ring buffer fills up and the programs count `events_dropped`.
 const EVENT_CHANNEL: usize = 4096;
+/// How often the redirect-event ring buffer is drained.
+const EVENTS_DRAIN_EVERY: Duration = Duration::from_millis(100);
 
 const BPF_FS_MAGIC: i64 = 0xcafe_4a11;
 const CGROUP2_SUPER_MAGIC: i64 = 0x6367_7270;
@@ -1281,6 +1283,10 @@ async fn pump_events(
     mut shutdown: watch::Receiver<()>,
 ) {
     let mut batch = Vec::new();
+    // The programs submit without waking us (a wake-up per connect is costly for the pod that
+    // connects), so the ring is drained on a short timer as well as on readiness.
+    let mut drain = tokio::time::interval(EVENTS_DRAIN_EVERY);
+    drain.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
         tokio::select! {
             ready = ring.readable_mut() => {
@@ -1291,17 +1297,10 @@ async fn pump_events(
                         return;
                     }
                 };
-                let ring = guard.get_inner_mut();
-                while let Some(item) = ring.next() {
-                    if item.len() < std::mem::size_of::<RawEvent>() {
-                        warn!(len = item.len(), "short record in EVENTS");
-                        continue;
-                    }
-                    // SAFETY: the record holds at least one RawEvent (plain old data).
-                    batch.push(unsafe { std::ptr::read_unaligned(item.as_ptr().cast::<RawEvent>()) });
-                }
+                drain_ring(guard.get_inner_mut(), &mut batch);
                 guard.clear_ready();
             }
+            _ = drain.tick() => drain_ring(ring.get_mut(), &mut batch),
             _ = shutdown.changed() => return,
             _ = tx.closed() => return,
         }
@@ -1315,6 +1314,18 @@ async fn pump_events(
                 return;
             }
         }
+    }
+}
+
+/// Reads every record waiting in the ring.
+fn drain_ring(ring: &mut RingBuf<MapData>, batch: &mut Vec<RawEvent>) {
+    while let Some(item) = ring.next() {
+        if item.len() < std::mem::size_of::<RawEvent>() {
+            warn!(len = item.len(), "short record in EVENTS");
+            continue;
+        }
+        // SAFETY: the record holds at least one RawEvent (plain old data).
+        batch.push(unsafe { std::ptr::read_unaligned(item.as_ptr().cast::<RawEvent>()) });
     }
 }
 
