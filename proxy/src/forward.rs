@@ -14,7 +14,10 @@ use tokio::io::Interest;
 use tokio::net::TcpStream;
 
 /// Pipe size requested per direction (the kernel caps it at `fs.pipe-max-size`).
-const PIPE_SIZE: i32 = 1 << 20;
+/// Pipe size a direction grows to once it carries bulk data (the kernel caps it at
+/// `fs.pipe-max-size`). Pipes start at the default 64 KiB, so short connections never pay for
+/// a large buffer.
+const BULK_PIPE_SIZE: i32 = 1 << 20;
 /// Largest single splice.
 const CHUNK: usize = 1 << 20;
 
@@ -83,18 +86,37 @@ async fn pump(src: &TcpStream, dst: &TcpStream, moved: &AtomicU64) -> io::Result
 struct Direction {
     pipe_r: OwnedFd,
     pipe_w: OwnedFd,
+    /// Current pipe capacity; a splice that fills it means bulk data.
+    capacity: usize,
 }
 
 impl Direction {
     fn new() -> io::Result<Self> {
         let (pipe_r, pipe_w) = nix::unistd::pipe2(OFlag::O_CLOEXEC | OFlag::O_NONBLOCK)?;
-        // Best effort: a larger pipe means fewer splice calls for bulk transfers.
-        let _ = nix::fcntl::fcntl(&pipe_w, nix::fcntl::FcntlArg::F_SETPIPE_SZ(PIPE_SIZE));
-        Ok(Self { pipe_r, pipe_w })
+        let capacity = nix::fcntl::fcntl(&pipe_w, nix::fcntl::FcntlArg::F_GETPIPE_SZ)
+            .map(|n| n as usize)
+            .unwrap_or(usize::MAX);
+        Ok(Self {
+            pipe_r,
+            pipe_w,
+            capacity,
+        })
+    }
+
+    /// Best effort: a larger pipe means fewer splice calls for bulk transfers.
+    fn grow(&mut self) {
+        if let Ok(n) = nix::fcntl::fcntl(
+            &self.pipe_w,
+            nix::fcntl::FcntlArg::F_SETPIPE_SZ(BULK_PIPE_SIZE),
+        ) {
+            self.capacity = n as usize;
+        } else {
+            self.capacity = usize::MAX;
+        }
     }
 
     /// Moves bytes from `src` to `dst` until end of stream, then half-closes `dst`.
-    async fn run(self, src: &TcpStream, dst: &TcpStream, moved: &AtomicU64) -> io::Result<()> {
+    async fn run(mut self, src: &TcpStream, dst: &TcpStream, moved: &AtomicU64) -> io::Result<()> {
         let flags = SpliceFFlags::SPLICE_F_MOVE | SpliceFFlags::SPLICE_F_NONBLOCK;
         loop {
             // socket → pipe
@@ -120,6 +142,7 @@ impl Direction {
                 // End of stream from src: pass the half-close on.
                 return shutdown_write(dst);
             }
+            let bulk = n >= self.capacity;
             // pipe → socket, until the pipe is empty again.
             let mut left = n;
             while left > 0 {
@@ -136,6 +159,9 @@ impl Direction {
                     Err(e) if e.kind() == io::ErrorKind::WouldBlock => continue,
                     Err(e) => return Err(e),
                 }
+            }
+            if bulk {
+                self.grow();
             }
         }
     }
