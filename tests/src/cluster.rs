@@ -624,9 +624,10 @@ impl Cluster {
         self.sync(&st)
     }
 
-    /// A default registry path in the log directory (`<logs>/registry.yaml`).
+    /// A default registry path (`<logs>/registry/registry.yaml`), in a directory of its own:
+    /// weft watches the registry's directory, and the log files must not wake it.
     pub fn default_registry_path(&self) -> PathBuf {
-        self.shared.logs.dir.join("registry.yaml")
+        self.shared.logs.dir.join("registry").join("registry.yaml")
     }
 
     fn sync(&self, st: &State) -> Result<()> {
