@@ -1,13 +1,22 @@
 //! `cargo xtask bench`: weft's data path against a direct connection and two established TCP
-//! proxies (haproxy, nginx), on a one-node cluster built with the weft-tests harness.
+//! proxies (haproxy, nginx) on a one-node cluster, and weft's cross-node mesh path (HBONE)
+//! against direct TCP between two nodes; clusters built with the weft-tests harness.
 //!
-//! Topology (one simulated node, all pods on it):
+//! Single node (all pods on one node):
 //!
 //! ```text
 //! bench-plain/client ──────────────────────────────────────────────▶ bench-srv/server  (direct)
 //! bench-mesh/client ──connect(clusterIP)──eBPF──▶ weft :15001 ──────▶ bench-srv/server  (weft)
 //! bench-plain/client ──▶ node IP:18080 haproxy (mode tcp) ──────────▶ bench-srv/server  (haproxy)
 //! bench-plain/client ──▶ node IP:18180 nginx (stream proxy_pass) ───▶ bench-srv/server  (nginx)
+//! ```
+//!
+//! Cross-node (clients on node-1, the server on node-2; `bench-mesh` and `bench-srv` enrolled):
+//!
+//! ```text
+//! node-1 bench-plain/client ──── node-1 ── fabric ── node-2 ───────────────▶ bench-srv/server  (direct)
+//! node-1 bench-mesh/client ──eBPF──▶ weft node-1 :15001 ══ HBONE mTLS h2 ══▶ weft node-2 :15008
+//!                                                                   ──────▶ bench-srv/server  (weft)
 //! ```
 //!
 //! Every case runs the same `weft-testpod bench` client against the same `weft-testpod serve`
@@ -43,8 +52,11 @@ const NGINX_STREAM_MODULE: &str = "/usr/lib/nginx/modules/ngx_stream_module.so";
 const LATENCY_RATE: u64 = 2000;
 /// Server threads per listener (no thread creation per connection on the server side).
 const SERVER_WORKERS: &str = "64";
+/// Pace of the "one new connection" client: one connect + echo + close at a time, on an
+/// otherwise idle path (the latency of a new connection, not of a queue of them).
+const CONNECT_ONE_RATE: u64 = 1000;
 
-#[derive(clap::Args, Debug)]
+#[derive(clap::Args, Debug, Clone)]
 pub struct Args {
     /// Measured time of each case, per repetition.
     #[arg(long, default_value_t = 2000, value_parser = clap::value_parser!(u64).range(100..=60_000))]
@@ -66,6 +78,10 @@ pub struct Args {
         default_value = "direct,weft,haproxy,nginx"
     )]
     paths: Vec<PathKind>,
+    /// Run one topology only (default: both, single node first). Cross-node measures `direct`
+    /// and `weft` (haproxy and nginx are single-node only).
+    #[arg(long, value_enum)]
+    only: Option<Topology>,
     /// Also write the report (Markdown) to this file.
     #[arg(long)]
     output: Option<PathBuf>,
@@ -80,6 +96,24 @@ pub enum PathKind {
     Weft,
     Haproxy,
     Nginx,
+}
+
+/// A cluster layout measured in the run.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, ValueEnum)]
+pub enum Topology {
+    /// One node: every client, the server and the proxies on it.
+    SingleNode,
+    /// Two nodes: clients on node-1, the server on node-2, weft on both (HBONE between them).
+    CrossNode,
+}
+
+impl Topology {
+    fn name(self) -> &'static str {
+        match self {
+            Topology::SingleNode => "single-node",
+            Topology::CrossNode => "cross-node",
+        }
+    }
 }
 
 impl PathKind {
@@ -98,6 +132,9 @@ impl PathKind {
 enum Case {
     /// connect + 64 B echo + close, `--parallel` clients.
     Connect,
+    /// The same with one client paced to [`CONNECT_ONE_RATE`]: one new connection on an idle
+    /// path.
+    ConnectOne,
     /// 1 KiB echo round trips on one persistent connection.
     Rr,
     /// The same with the client, the server and the proxies on one CPU: no cross-CPU wake-ups,
@@ -108,11 +145,18 @@ enum Case {
 }
 
 impl Case {
-    const ALL: [Case; 4] = [Case::Connect, Case::Rr, Case::RrOneCpu, Case::Stream];
+    const ALL: [Case; 5] = [
+        Case::Connect,
+        Case::ConnectOne,
+        Case::Rr,
+        Case::RrOneCpu,
+        Case::Stream,
+    ];
 
     fn name(self) -> &'static str {
         match self {
             Case::Connect => "connect",
+            Case::ConnectOne => "connect-one",
             Case::Rr => "rr",
             Case::RrOneCpu => "rr-one-cpu",
             Case::Stream => "stream",
@@ -122,7 +166,7 @@ impl Case {
     /// The `weft-testpod bench` kind.
     fn kind(self) -> &'static str {
         match self {
-            Case::Connect => "connect",
+            Case::Connect | Case::ConnectOne => "connect",
             Case::Rr | Case::RrOneCpu => "rr",
             Case::Stream => "stream",
         }
@@ -130,7 +174,7 @@ impl Case {
 
     fn size(self) -> u64 {
         match self {
-            Case::Connect => 64,
+            Case::Connect | Case::ConnectOne => 64,
             Case::Rr | Case::RrOneCpu => 1024,
             Case::Stream => 128 * 1024,
         }
@@ -159,8 +203,9 @@ impl LatCase {
 #[derive(Clone, Debug)]
 struct Run {
     json: Value,
-    /// CPU time (µs) of the processes in the node's system cgroup (the proxies) during the run.
-    node_cpu_us: Option<u64>,
+    /// CPU time (µs) of the processes in each node's system cgroup (the proxies) during the
+    /// run, in the topology's node order (cross-node: node-1, node-2).
+    node_cpu_us: Vec<Option<u64>>,
 }
 
 impl Run {
@@ -172,10 +217,18 @@ impl Run {
         self.json.get("errors").and_then(Value::as_u64).unwrap_or(0)
     }
 
+    /// CPU µs of node `node`'s proxies during the run, or of all nodes' (`None`).
+    fn cpu_us(&self, node: Option<usize>) -> Option<u64> {
+        match node {
+            Some(i) => self.node_cpu_us.get(i).copied().flatten(),
+            None => self.node_cpu_us.iter().copied().sum(),
+        }
+    }
+
     /// Node-side CPU µs per operation (warm-up included: the CPU is sampled around the whole
-    /// client run). Stream: CPU ms per GB moved.
-    fn cpu_per_op(&self, case: Case) -> Option<f64> {
-        let cpu = self.node_cpu_us? as f64;
+    /// client run). Stream: CPU ms per GB moved. `node`: one node's proxies, or all (`None`).
+    fn cpu_per_op(&self, case: Case, node: Option<usize>) -> Option<f64> {
+        let cpu = self.cpu_us(node)? as f64;
         if case == Case::Stream {
             let bytes = self.f("/bytes")? + self.f("/warmup_bytes")?;
             return (bytes > 0.0).then(|| cpu / 1000.0 / (bytes / 1e9));
@@ -188,17 +241,50 @@ impl Run {
 /// Everything measured, plus what went wrong.
 #[derive(Default)]
 struct Results {
-    runs: BTreeMap<(Case, PathKind), Vec<Run>>,
+    runs: BTreeMap<(Topology, Case, PathKind), Vec<Run>>,
     lat: BTreeMap<LatCase, Vec<Run>>,
     /// eBPF program → (runs, total ns) during each connect() latency case.
     bpf: BTreeMap<LatCase, BTreeMap<String, (u64, u64)>>,
+    /// HBONE counters of the cross-node run: after the warm-up, and at the end.
+    tunnel: Option<(TunnelCounts, TunnelCounts)>,
+    /// Where each topology's cluster kept its logs.
+    logs: Vec<(Topology, PathBuf)>,
     notes: Vec<String>,
 }
 
-/// The cluster and what runs in it.
+/// HBONE counters from `weft status` on the two nodes of the cross-node run.
+#[derive(Clone, Copy, Debug, Default)]
+struct TunnelCounts {
+    /// node-1 (client side): TLS connections its pool opened, and tunnels (streams) opened.
+    opened: Option<u64>,
+    streams: Option<u64>,
+    /// node-2 (server side): TLS handshakes accepted, streams received.
+    accepted: Option<u64>,
+    streams_in: Option<u64>,
+}
+
+impl TunnelCounts {
+    fn read(client: &Weft, server: &Weft) -> TunnelCounts {
+        let get = |w: &Weft, ptr: &str| {
+            w.status()
+                .ok()
+                .and_then(|v| v.pointer(ptr).and_then(Value::as_u64))
+        };
+        TunnelCounts {
+            opened: get(client, "/tunnel/outbound/connections_opened_total"),
+            streams: get(client, "/tunnel/outbound/streams_opened_total"),
+            accepted: get(server, "/tunnel/inbound/tls_accepted"),
+            streams_in: get(server, "/tunnel/inbound/streams_total"),
+        }
+    }
+}
+
+/// One topology's cluster and what runs in it.
 struct Bench {
+    topo: Topology,
     cluster: Cluster,
-    node: Node,
+    /// The client node first; the server's node last (the same node in single-node).
+    nodes: Vec<Node>,
     server: Pod,
     plain: Pod,
     mesh: Pod,
@@ -244,17 +330,45 @@ pub fn run(args: Args) -> Result<()> {
     paths.sort();
     paths.dedup();
 
-    let mut b = Bench::new(args)?;
-    eprintln!(
-        "bench: cluster {} up; logs in {}",
-        b.cluster.id(),
-        b.cluster.logs_dir().display()
-    );
+    let topos = match args.only {
+        Some(t) => vec![t],
+        None => vec![Topology::SingleNode, Topology::CrossNode],
+    };
     let mut res = Results::default();
-    b.measure(&paths, &mut res);
-    let report = report(&command, &machine, &b, &paths, &res, started.elapsed());
+    // One topology at a time: the first cluster is gone before the next is built.
+    for topo in topos {
+        if topo == Topology::CrossNode && !paths.contains(&PathKind::Weft) {
+            res.notes.push(
+                "cross-node left out: it compares weft with direct, and weft is not in --paths"
+                    .into(),
+            );
+            continue;
+        }
+        let mut b = match Bench::new(topo, args.clone()) {
+            Ok(b) => b,
+            Err(e) => {
+                res.notes.push(format!(
+                    "{} left out: building the cluster: {e:#}",
+                    topo.name()
+                ));
+                continue;
+            }
+        };
+        eprintln!(
+            "bench: {} cluster {} up; logs in {}",
+            topo.name(),
+            b.cluster.id(),
+            b.cluster.logs_dir().display()
+        );
+        res.logs.push((topo, b.cluster.logs_dir().to_path_buf()));
+        match topo {
+            Topology::SingleNode => b.measure(&paths, &mut res),
+            Topology::CrossNode => b.measure_cross(&mut res),
+        }
+    }
+    let report = report(&command, &machine, &args, &paths, &res, started.elapsed());
     print!("{report}");
-    if let Some(out) = &b.args.output {
+    if let Some(out) = &args.output {
         std::fs::write(out, &report).with_context(|| format!("writing {}", out.display()))?;
         eprintln!("bench: report written to {}", out.display());
     }
@@ -275,11 +389,22 @@ fn target_dir() -> PathBuf {
 }
 
 impl Bench {
-    fn new(args: Args) -> Result<Bench> {
-        let cluster = Cluster::new("bench")?;
-        let node = cluster.add_node("node-a")?;
+    fn new(topo: Topology, args: Args) -> Result<Bench> {
+        let (cluster, nodes) = match topo {
+            Topology::SingleNode => {
+                let c = Cluster::new("bench")?;
+                let n = c.add_node("node-a")?;
+                (c, vec![n])
+            }
+            Topology::CrossNode => {
+                let c = Cluster::new("bench-cross")?;
+                let nodes = vec![c.add_node("node-1")?, c.add_node("node-2")?];
+                (c, nodes)
+            }
+        };
+        let (client_node, server_node) = (&nodes[0], &nodes[nodes.len() - 1]);
         let server = cluster.add_pod(
-            &node,
+            server_node,
             PodSpec::new("bench-srv", "server")
                 .label("app", "bench-srv")
                 .port("tcp-echo", ECHO_PORT)
@@ -291,18 +416,23 @@ impl Bench {
                 .port("tcp-echo", SVC_ECHO_PORT, ECHO_PORT, None)
                 .port("tcp-discard", SVC_DISCARD_PORT, DISCARD_PORT, None),
         )?;
-        let mesh = cluster.add_pod(&node, PodSpec::new("bench-mesh", "client"))?;
-        let plain = cluster.add_pod(&node, PodSpec::new("bench-plain", "client"))?;
-        cluster.set_namespace_labels("bench-mesh", labels(&[("weft.dev/mesh", "enabled")]))?;
+        let mesh = cluster.add_pod(client_node, PodSpec::new("bench-mesh", "client"))?;
+        let plain = cluster.add_pod(client_node, PodSpec::new("bench-plain", "client"))?;
+        let enrolled = labels(&[("weft.dev/mesh", "enabled")]);
+        cluster.set_namespace_labels("bench-mesh", enrolled.clone())?;
+        if topo == Topology::CrossNode {
+            // A mesh pod on another node: weft carries the connection over HBONE.
+            cluster.set_namespace_labels("bench-srv", enrolled)?;
+        }
         cluster.sync_registry_to(&cluster.default_registry_path())?;
         // Tens of thousands of short connections per case: let every side reuse TIME_WAIT ports
         // (these namespaces only; the same for every path).
-        for ns in [
-            node.netns_name(),
+        let namespaces = nodes.iter().map(|n| n.netns_name()).chain([
             mesh.netns_name(),
             plain.netns_name(),
             server.netns_name(),
-        ] {
+        ]);
+        for ns in namespaces {
             netns::sysctls(
                 ns,
                 &[
@@ -326,9 +456,10 @@ impl Bench {
             wait_for_tcp(&plain, server.addr(port), Duration::from_secs(10))?;
         }
         Ok(Bench {
+            topo,
             svc_ip: svc.cluster_ip,
             cluster,
-            node,
+            nodes,
             server,
             plain,
             mesh,
@@ -339,12 +470,8 @@ impl Bench {
 
     /// The client pod and (echo, discard) addresses of a path.
     fn target(&self, path: PathKind) -> (&Pod, SocketAddr, SocketAddr) {
-        let node = |(e, d): (u16, u16)| {
-            (
-                SocketAddr::from((self.node.ip(), e)),
-                SocketAddr::from((self.node.ip(), d)),
-            )
-        };
+        let ip = self.nodes[0].ip();
+        let node = |(e, d): (u16, u16)| (SocketAddr::from((ip, e)), SocketAddr::from((ip, d)));
         let (pod, (echo, discard)) = match path {
             PathKind::Direct => (
                 &self.plain,
@@ -378,7 +505,7 @@ impl Bench {
                 PathKind::Direct => continue,
                 PathKind::Haproxy => self.start_haproxy(),
                 PathKind::Nginx => self.start_nginx(),
-                PathKind::Weft => Weft::start(&self.cluster, &self.node).map(|w| {
+                PathKind::Weft => Weft::start(&self.cluster, &self.nodes[0]).map(|w| {
                     weft = Some(w);
                 }),
             };
@@ -395,39 +522,8 @@ impl Bench {
                 "weft did not start: the other paths ran without eBPF programs attached".into(),
             );
         }
-        // 3. Throughput and latency, interleaved: each repetition runs every case on every path,
-        // in a rotated path order, so slow drift (other load, thermal) spreads over all paths.
-        for rep in 0..reps as usize {
-            for case in Case::ALL {
-                let mut order = live.clone();
-                let n = order.len();
-                order.rotate_left(rep % n);
-                for p in order {
-                    eprintln!("bench: rep {}/{reps} {} {}", rep + 1, case.name(), p.name());
-                    match self.case(case, p) {
-                        Ok(r) => {
-                            if r.errors() > 0 {
-                                res.notes.push(format!(
-                                    "{} {} rep {}: {} errors, e.g. {}",
-                                    case.name(),
-                                    p.name(),
-                                    rep + 1,
-                                    r.errors(),
-                                    r.json["error_samples"]
-                                ));
-                            }
-                            res.runs.entry((case, p)).or_default().push(r);
-                        }
-                        Err(e) => res.notes.push(format!(
-                            "{} {} rep {}: {e:#}",
-                            case.name(),
-                            p.name(),
-                            rep + 1
-                        )),
-                    }
-                }
-            }
-        }
+        // 3. Throughput and latency.
+        self.run_cases(&live, res);
         // 4. connect() latency with the programs attached.
         if weft.is_some() {
             let _stats = BpfStats::enable();
@@ -439,16 +535,123 @@ impl Bench {
             }
         }
         if let Some(w) = &weft {
-            let log = w.log();
-            let warnings = log
-                .lines()
-                .filter(|l| l.contains("WARN") || l.contains("ERROR"))
-                .count();
-            if warnings > 0 {
-                res.notes.push(format!(
-                    "weft logged {warnings} warning/error lines (see {})",
-                    self.cluster.logs_dir().display()
-                ));
+            self.note_warnings(w, res);
+        }
+    }
+
+    /// The cross-node run: weft on both nodes, the pool warmed and checked to be HBONE, then
+    /// direct and weft interleaved like the single-node paths.
+    fn measure_cross(&mut self, res: &mut Results) {
+        let mut wefts = Vec::new();
+        for n in &self.nodes {
+            match Weft::start(&self.cluster, n) {
+                Ok(w) => wefts.push(w),
+                Err(e) => res.notes.push(format!(
+                    "cross-node weft left out: weft on {}: {e:#}",
+                    n.name()
+                )),
+            }
+        }
+        let mut live = Vec::new();
+        match self.check(PathKind::Direct) {
+            Ok(()) => live.push(PathKind::Direct),
+            Err(e) => res.notes.push(format!("cross-node direct left out: {e:#}")),
+        }
+        if let [client, server] = &wefts[..] {
+            match self
+                .check(PathKind::Weft)
+                .and_then(|_| self.check_hbone(client))
+            {
+                Ok(()) => live.push(PathKind::Weft),
+                Err(e) => res.notes.push(format!("cross-node weft left out: {e:#}")),
+            }
+            let warm = TunnelCounts::read(client, server);
+            self.run_cases(&live, res);
+            res.tunnel = Some((warm, TunnelCounts::read(client, server)));
+        } else {
+            self.run_cases(&live, res);
+        }
+        for w in &wefts {
+            self.note_warnings(w, res);
+        }
+    }
+
+    /// The checks went through the tunnel: node-1 recorded a flow to the server with mTLS. The
+    /// pooled TLS connection they opened stays for the measured runs (60 s idle timeout; every
+    /// case warms up again first).
+    fn check_hbone(&self, client: &Weft) -> Result<()> {
+        let server = self.server.ip().to_string();
+        client
+            .wait_flows(1, Duration::from_secs(10), |f| {
+                f.pointer("/mtls").and_then(Value::as_bool) == Some(true)
+                    && f.pointer("/destination/address")
+                        .and_then(Value::as_str)
+                        .is_some_and(|a| a.starts_with(&format!("{server}:")))
+            })
+            .context("no mTLS flow to the server on node-1: the weft path is not HBONE")?;
+        Ok(())
+    }
+
+    fn note_warnings(&self, w: &Weft, res: &mut Results) {
+        let warnings = w
+            .log()
+            .lines()
+            .filter(|l| l.contains("WARN") || l.contains("ERROR"))
+            .count();
+        if warnings > 0 {
+            res.notes.push(format!(
+                "weft on {} logged {warnings} warning/error lines (see {})",
+                w.node().name(),
+                self.cluster.logs_dir().display()
+            ));
+        }
+    }
+
+    /// Throughput and latency, interleaved: each repetition runs every case on every path, in a
+    /// rotated path order, so slow drift (other load, thermal) spreads over all paths.
+    fn run_cases(&self, live: &[PathKind], res: &mut Results) {
+        let reps = self.args.reps;
+        let topo = self.topo;
+        if live.is_empty() {
+            return;
+        }
+        for rep in 0..reps as usize {
+            for case in Case::ALL {
+                let mut order = live.to_vec();
+                let n = order.len();
+                order.rotate_left(rep % n);
+                for p in order {
+                    eprintln!(
+                        "bench: {} rep {}/{reps} {} {}",
+                        topo.name(),
+                        rep + 1,
+                        case.name(),
+                        p.name()
+                    );
+                    match self.case(case, p) {
+                        Ok(r) => {
+                            if r.errors() > 0 {
+                                res.notes.push(format!(
+                                    "{} {} {} rep {}: {} errors, e.g. {}",
+                                    topo.name(),
+                                    case.name(),
+                                    p.name(),
+                                    rep + 1,
+                                    r.errors(),
+                                    r.json["error_samples"]
+                                ));
+                            }
+                            res.runs.entry((topo, case, p)).or_default().push(r);
+                        }
+                        Err(e) => res.notes.push(format!(
+                            "{} {} {} rep {}: {e:#}",
+                            topo.name(),
+                            case.name(),
+                            p.name(),
+                            rep + 1
+                        )),
+                    }
+                }
             }
         }
     }
@@ -505,9 +708,15 @@ impl Bench {
     fn client(&self, pod: &Pod, cmd: &Command) -> Result<Run> {
         let limit = Duration::from_millis(self.args.duration_ms + self.args.warmup_ms)
             + Duration::from_secs(30);
-        let cpu0 = cgroup_cpu_us(self.node.system_cgroup());
+        let cpu = || -> Vec<Option<u64>> {
+            self.nodes
+                .iter()
+                .map(|n| cgroup_cpu_us(n.system_cgroup()))
+                .collect()
+        };
+        let cpu0 = cpu();
         let out = pod.output_timeout(cmd, limit)?;
-        let cpu1 = cgroup_cpu_us(self.node.system_cgroup());
+        let cpu1 = cpu();
         let stdout = String::from_utf8_lossy(&out.stdout);
         let json: Value = serde_json::from_str(stdout.trim()).with_context(|| {
             format!(
@@ -519,7 +728,11 @@ impl Bench {
         })?;
         Ok(Run {
             json,
-            node_cpu_us: cpu0.zip(cpu1).map(|(a, b)| b.saturating_sub(a)),
+            node_cpu_us: cpu0
+                .into_iter()
+                .zip(cpu1)
+                .map(|(a, b)| a.zip(b).map(|(a, b)| b.saturating_sub(a)))
+                .collect(),
         })
     }
 
@@ -527,10 +740,13 @@ impl Bench {
         let (pod, echo, discard) = self.target(path);
         let (addr, parallel) = match case {
             Case::Connect => (echo, self.args.parallel),
-            Case::Rr | Case::RrOneCpu => (echo, 1),
+            Case::ConnectOne | Case::Rr | Case::RrOneCpu => (echo, 1),
             Case::Stream => (discard, 1),
         };
-        let cmd = self.bench_cmd(case.kind(), addr, parallel, case.size());
+        let mut cmd = self.bench_cmd(case.kind(), addr, parallel, case.size());
+        if case == Case::ConnectOne {
+            cmd.args(["--rate", &CONNECT_ONE_RATE.to_string()]);
+        }
         if case != Case::RrOneCpu {
             return self.client(pod, &cmd);
         }
@@ -542,8 +758,10 @@ impl Bench {
     /// on `others` (all CPUs again afterwards).
     fn pinned(&self, pod: &Pod, cmd: &Command, client_cpu: usize, others: &[usize]) -> Result<Run> {
         let all: Vec<usize> = (0..online_cpus()).collect();
-        let groups = [self.server.container_cgroup(), self.node.system_cgroup()];
-        for g in groups {
+        let groups: Vec<&Path> = std::iter::once(self.server.container_cgroup())
+            .chain(self.nodes.iter().map(|n| n.system_cgroup()))
+            .collect();
+        for &g in &groups {
             pin_cgroup_threads(g, others)?;
         }
         let mut pinned = Command::new("taskset");
@@ -552,7 +770,7 @@ impl Bench {
             .arg(cmd.get_program())
             .args(cmd.get_args());
         let r = self.client(pod, &pinned);
-        for g in groups {
+        for &g in &groups {
             pin_cgroup_threads(g, &all)?;
         }
         r
@@ -564,13 +782,13 @@ impl Bench {
         cmd.args(["--rate", &LATENCY_RATE.to_string()]);
         // The handshake is processed in the client's context (veth → node → veth), so with the
         // client alone on CPU 0 the call is timed without the accepting side's work in it.
-        let stats0 = bpf_prog_stats(self.node.bpffs_dir());
+        let stats0 = bpf_prog_stats(self.nodes[0].bpffs_dir());
         let r = if online_cpus() >= 2 {
             self.pinned(pod, &cmd, 0, &[1])
         } else {
             self.client(pod, &cmd)
         };
-        let stats1 = bpf_prog_stats(self.node.bpffs_dir());
+        let stats1 = bpf_prog_stats(self.nodes[0].bpffs_dir());
         let acc = res.bpf.entry(case).or_default();
         for (name, (n1, t1)) in stats1 {
             let (n0, t0) = stats0.get(&name).copied().unwrap_or_default();
@@ -605,7 +823,7 @@ impl Bench {
     fn start_haproxy(&mut self) -> Result<()> {
         let dir = self.proxy_dir()?;
         let cfg = dir.join("haproxy.cfg");
-        let node = self.node.ip();
+        let node = self.nodes[0].ip();
         let srv = self.server.ip();
         let text = format!(
             "# generated by cargo xtask bench: plain L4 proxy, defaults otherwise\n\
@@ -617,9 +835,7 @@ impl Bench {
         );
         std::fs::write(&cfg, text)?;
         let cfg = cfg.to_string_lossy().into_owned();
-        let ok = self
-            .node
-            .output(Command::new("haproxy").args(["-c", "-f", &cfg]))?;
+        let ok = self.nodes[0].output(Command::new("haproxy").args(["-c", "-f", &cfg]))?;
         if !ok.status.success() {
             bail!(
                 "haproxy -c: {}{}",
@@ -627,9 +843,7 @@ impl Bench {
                 String::from_utf8_lossy(&ok.stderr)
             );
         }
-        let p = self
-            .node
-            .spawn(Command::new("haproxy").args(["-db", "-f", &cfg]))?;
+        let p = self.nodes[0].spawn(Command::new("haproxy").args(["-db", "-f", &cfg]))?;
         self.procs.push(p);
         wait_for_tcp(
             &self.plain,
@@ -650,7 +864,7 @@ impl Bench {
         let dir = self.proxy_dir()?;
         let cfg = dir.join("nginx.conf");
         let d = dir.display();
-        let node = self.node.ip();
+        let node = self.nodes[0].ip();
         let srv = self.server.ip();
         let cores = online_cpus();
         let text = format!(
@@ -676,15 +890,12 @@ impl Bench {
             format!("{d}/nginx-error.log"),
         );
         let args = ["-p", &prefix, "-e", &err, "-c", &cfg];
-        let ok = self
-            .node
-            .output(Command::new("nginx").args(args).arg("-t"))?;
+        let ok = self.nodes[0].output(Command::new("nginx").args(args).arg("-t"))?;
         if !ok.status.success() {
             bail!("nginx -t: {}", String::from_utf8_lossy(&ok.stderr));
         }
-        let p = self
-            .node
-            .spawn(Command::new("nginx").args(args).args(["-g", "daemon off;"]))?;
+        let p =
+            self.nodes[0].spawn(Command::new("nginx").args(args).args(["-g", "daemon off;"]))?;
         self.procs.push(p);
         wait_for_tcp(&self.plain, (node, NGINX_PORTS.0), Duration::from_secs(10))?;
         wait_for_tcp(&self.plain, (node, NGINX_PORTS.1), Duration::from_secs(10))
@@ -917,9 +1128,22 @@ const METRICS: &[Metric] = &[
         cpu: false,
     },
     Metric {
-        label: "one new connection (connect + echo + close), p50 µs ↓",
+        label: "connect + echo + close with 4 clients, p50 µs ↓",
         case: Case::Connect,
         get: |r, _| r.f("/latency_us/p50"),
+        cpu: false,
+    },
+    Metric {
+        label:
+            "one new connection alone (connect + 64 B echo + close, 1 client at 1000/s), p50 µs ↓",
+        case: Case::ConnectOne,
+        get: |r, _| r.f("/latency_us/p50"),
+        cpu: false,
+    },
+    Metric {
+        label: "one new connection alone, p99 µs ↓",
+        case: Case::ConnectOne,
+        get: |r, _| r.f("/latency_us/p99"),
         cpu: false,
     },
     Metric {
@@ -961,32 +1185,131 @@ const METRICS: &[Metric] = &[
     Metric {
         label: "proxy CPU per new connection, µs",
         case: Case::Connect,
-        get: |r, c| r.cpu_per_op(c),
+        get: |r, c| r.cpu_per_op(c, None),
         cpu: true,
     },
     Metric {
         label: "proxy CPU per 1 KiB round trip, µs",
         case: Case::Rr,
-        get: |r, c| r.cpu_per_op(c),
+        get: |r, c| r.cpu_per_op(c, None),
         cpu: true,
     },
     Metric {
         label: "proxy CPU per GB streamed, ms",
         case: Case::Stream,
-        get: |r, c| r.cpu_per_op(c),
+        get: |r, c| r.cpu_per_op(c, None),
         cpu: true,
     },
 ];
 
+/// The median of one number over a path's repetitions.
+fn med(
+    res: &Results,
+    topo: Topology,
+    case: Case,
+    p: PathKind,
+    get: impl Fn(&Run) -> Option<f64>,
+) -> Option<f64> {
+    let runs = res.runs.get(&(topo, case, p))?;
+    median(runs.iter().filter_map(get).collect())
+}
+
+/// The metric table of one topology: one column per path, then path/direct ratios.
+fn metric_table(
+    s: &mut String,
+    res: &Results,
+    topo: Topology,
+    paths: &[PathKind],
+    parallel: u64,
+    cpu: bool,
+) {
+    let paths: Vec<PathKind> = paths
+        .iter()
+        .copied()
+        .filter(|&p| {
+            Case::ALL
+                .iter()
+                .any(|&c| res.runs.contains_key(&(topo, c, p)))
+        })
+        .collect();
+    let mut head = String::from("| metric |");
+    let mut rule = String::from("|---|");
+    for p in &paths {
+        let _ = write!(head, " {} |", p.name());
+        rule.push_str("---:|");
+    }
+    for p in paths.iter().filter(|p| **p != PathKind::Direct) {
+        let _ = write!(head, " {}/direct |", p.name());
+        rule.push_str("---:|");
+    }
+    let _ = writeln!(s, "{head}\n{rule}");
+    for metric in METRICS.iter().filter(|m| cpu || !m.cpu) {
+        let label = metric
+            .label
+            .replace("4 clients", &format!("{parallel} clients"))
+            .replace("1000/s", &format!("{CONNECT_ONE_RATE}/s"));
+        let _ = write!(s, "| {label} |");
+        let val = |p: PathKind| med(res, topo, metric.case, p, |r| (metric.get)(r, metric.case));
+        let direct = val(PathKind::Direct);
+        for &p in &paths {
+            let cell = match val(p) {
+                _ if metric.cpu && p == PathKind::Direct => "—".to_string(),
+                Some(v) => fmt_num(v),
+                None => "n/a".to_string(),
+            };
+            let _ = write!(s, " {cell} |");
+        }
+        for &p in paths.iter().filter(|p| **p != PathKind::Direct) {
+            let cell = match (val(p), direct) {
+                _ if metric.cpu => "—".to_string(),
+                (Some(v), Some(d)) if d > 0.0 => format!("{:.2}×", v / d),
+                _ => "n/a".to_string(),
+            };
+            let _ = write!(s, " {cell} |");
+        }
+        let _ = writeln!(s);
+    }
+}
+
+/// The cross-node CPU table: each weft process, and both.
+fn cross_cpu_table(s: &mut String, res: &Results, parallel: u64) {
+    let rows = [
+        (
+            format!("per new connection ({parallel} clients), µs"),
+            Case::Connect,
+        ),
+        ("per 1 KiB round trip, µs".to_string(), Case::Rr),
+        ("per GB streamed, ms".to_string(), Case::Stream),
+    ];
+    let _ = writeln!(
+        s,
+        "| weft CPU | node-1 (client side) | node-2 (server side) | both |\n|---|---:|---:|---:|"
+    );
+    for (label, case) in rows {
+        let cell = |node: Option<usize>| {
+            med(res, Topology::CrossNode, case, PathKind::Weft, |r| {
+                r.cpu_per_op(case, node)
+            })
+            .map_or("n/a".into(), fmt_num)
+        };
+        let _ = writeln!(
+            s,
+            "| {label} | {} | {} | {} |",
+            cell(Some(0)),
+            cell(Some(1)),
+            cell(None)
+        );
+    }
+}
+
 fn report(
     command: &str,
     m: &Machine,
-    b: &Bench,
+    a: &Args,
     paths: &[PathKind],
     res: &Results,
     took: Duration,
 ) -> String {
-    let a = &b.args;
     let mut s = String::new();
     let _ = writeln!(s, "## weft data path benchmark\n");
     let _ = writeln!(s, "- command: `{command}`");
@@ -1017,59 +1340,139 @@ fn report(
         a.reps,
         took.as_secs_f64()
     );
-    let _ = writeln!(s);
+    for (topo, dir) in &res.logs {
+        let _ = writeln!(s, "- {} logs: `{}`", topo.name(), dir.display());
+    }
+    let ran = |t: Topology| res.runs.keys().any(|k| k.0 == t);
 
-    let mut head = String::from("| metric |");
-    let mut rule = String::from("|---|");
-    for p in paths {
-        let _ = write!(head, " {} |", p.name());
-        rule.push_str("---:|");
+    if ran(Topology::SingleNode) {
+        let _ = writeln!(s, "\n### single node\n");
+        metric_table(&mut s, res, Topology::SingleNode, paths, a.parallel, true);
+        let _ = writeln!(
+            s,
+            "\n↑ higher is better, ↓ lower is better. The ratio is path/direct for the number in \
+             that row. \"proxy CPU\" is the CPU time of the node's proxy processes (the node's \
+             system cgroup) over the whole client run, warm-up included, divided by all \
+             operations."
+        );
+        single_node_latency(&mut s, res);
     }
-    for p in paths.iter().filter(|p| **p != PathKind::Direct) {
-        let _ = write!(head, " {}/direct |", p.name());
-        rule.push_str("---:|");
-    }
-    let _ = writeln!(s, "{head}\n{rule}");
-    for metric in METRICS {
-        let label = metric
-            .label
-            .replace("4 clients", &format!("{} clients", a.parallel));
-        let _ = write!(s, "| {label} |");
-        let val = |p: PathKind| {
-            let runs = res.runs.get(&(metric.case, p))?;
-            median(
-                runs.iter()
-                    .filter_map(|r| (metric.get)(r, metric.case))
-                    .collect(),
-            )
-        };
-        let direct = val(PathKind::Direct);
-        for &p in paths {
-            let cell = match val(p) {
-                _ if metric.cpu && p == PathKind::Direct => "—".to_string(),
-                Some(v) => fmt_num(v),
-                None => "n/a".to_string(),
-            };
-            let _ = write!(s, " {cell} |");
-        }
-        for &p in paths.iter().filter(|p| **p != PathKind::Direct) {
-            let cell = match (val(p), direct) {
-                _ if metric.cpu => "—".to_string(),
-                (Some(v), Some(d)) if d > 0.0 => format!("{:.2}×", v / d),
-                _ => "n/a".to_string(),
-            };
-            let _ = write!(s, " {cell} |");
-        }
+
+    if ran(Topology::CrossNode) {
+        let _ = writeln!(s, "\n### cross-node (HBONE)\n");
+        let _ = writeln!(
+            s,
+            "Clients on node-1, the server on node-2. direct: a non-enrolled pod → the server's pod \
+             IP (plain TCP routed through both node namespaces). weft: an enrolled pod → the \
+             Service clusterIP: eBPF redirect → weft node-1 → HBONE (TLS 1.3 mTLS, HTTP/2 CONNECT, \
+             pooled) → weft node-2 :15008 → the server pod.\n"
+        );
+        metric_table(
+            &mut s,
+            res,
+            Topology::CrossNode,
+            &[PathKind::Direct, PathKind::Weft],
+            a.parallel,
+            false,
+        );
         let _ = writeln!(s);
+        cross_cpu_table(&mut s, res, a.parallel);
+        let _ = writeln!(
+            s,
+            "\n\"weft CPU\": CPU time of each node's system cgroup (only weft runs there) over the \
+             whole client run, warm-up included, divided by all operations."
+        );
+        if let Some((warm, end)) = res.tunnel {
+            let n = |v: Option<u64>| v.map_or("?".into(), |v| v.to_string());
+            let diff = |a: Option<u64>, b: Option<u64>| {
+                a.zip(b)
+                    .map_or("?".into(), |(a, b)| b.saturating_sub(a).to_string())
+            };
+            let _ = writeln!(
+                s,
+                "\nHBONE pool: node-1 had opened {} TLS connection(s) after the checks and warm-up, \
+                 and opened {} more during the measured runs, which carried {} tunnels (streams); \
+                 node-2 accepted {} TLS handshakes in all and received {} streams.",
+                n(warm.opened),
+                diff(warm.opened, end.opened),
+                diff(warm.streams, end.streams),
+                n(end.accepted),
+                n(end.streams_in)
+            );
+        }
     }
-    let _ = writeln!(
-        s,
-        "\n↑ higher is better, ↓ lower is better. The ratio is path/direct for the number in that \
-         row. \"proxy CPU\" is the CPU time of the node's proxy processes (the node's system \
-         cgroup) over the whole client run, warm-up included, divided by all operations."
-    );
 
-    let _ = writeln!(s, "\n### connect() latency\n");
+    let _ = writeln!(s, "\n### every repetition\n");
+    for topo in [Topology::SingleNode, Topology::CrossNode] {
+        for case in Case::ALL {
+            for &p in paths {
+                let Some(runs) = res.runs.get(&(topo, case, p)) else {
+                    continue;
+                };
+                let vals: Vec<String> = runs
+                    .iter()
+                    .map(|r| match case {
+                        Case::Stream => {
+                            format!("{} Gbit/s", r.f("/gbit_s").map_or("?".into(), fmt_num))
+                        }
+                        _ => format!(
+                            "{}/s p50 {} p99 {} µs",
+                            r.f("/rate").map_or("?".into(), fmt_num),
+                            r.f("/latency_us/p50").map_or("?".into(), fmt_num),
+                            r.f("/latency_us/p99").map_or("?".into(), fmt_num)
+                        ),
+                    })
+                    .collect();
+                let _ = writeln!(
+                    s,
+                    "- {} {} {}: {}",
+                    topo.name(),
+                    case.name(),
+                    p.name(),
+                    vals.join(" · ")
+                );
+            }
+        }
+    }
+    for c in [
+        LatCase::PlainNoBpf,
+        LatCase::PlainBpf,
+        LatCase::EnrolledWeft,
+    ] {
+        if let Some(runs) = res.lat.get(&c) {
+            let vals: Vec<String> = runs
+                .iter()
+                .map(|r| {
+                    format!(
+                        "p50 {} p99 {} µs",
+                        r.f("/latency_us/p50").map_or("?".into(), fmt_num),
+                        r.f("/latency_us/p99").map_or("?".into(), fmt_num)
+                    )
+                })
+                .collect();
+            let _ = writeln!(
+                s,
+                "- single-node connect() {}: {}",
+                c.label(),
+                vals.join(" · ")
+            );
+        }
+    }
+    if !res.notes.is_empty() {
+        let _ = writeln!(s, "\n### notes\n");
+        for n in &res.notes {
+            let _ = writeln!(s, "- {n}");
+        }
+    }
+    s
+}
+
+/// The single-node connect() latency table and the eBPF program costs.
+fn single_node_latency(s: &mut String, res: &Results) {
+    if res.lat.is_empty() {
+        return;
+    }
+    let _ = writeln!(s, "\n#### connect() latency (single node)\n");
     let _ = writeln!(
         s,
         "| case | p50 µs | p99 µs | mean µs | p50 vs. no eBPF |\n|---|---:|---:|---:|---:|"
@@ -1140,54 +1543,4 @@ fn report(
             let _ = writeln!(s, "{l}");
         }
     }
-
-    let _ = writeln!(s, "\n### every repetition\n");
-    for case in Case::ALL {
-        for &p in paths {
-            let Some(runs) = res.runs.get(&(case, p)) else {
-                continue;
-            };
-            let vals: Vec<String> = runs
-                .iter()
-                .map(|r| match case {
-                    Case::Stream => {
-                        format!("{} Gbit/s", r.f("/gbit_s").map_or("?".into(), fmt_num))
-                    }
-                    _ => format!(
-                        "{}/s p50 {} p99 {} µs",
-                        r.f("/rate").map_or("?".into(), fmt_num),
-                        r.f("/latency_us/p50").map_or("?".into(), fmt_num),
-                        r.f("/latency_us/p99").map_or("?".into(), fmt_num)
-                    ),
-                })
-                .collect();
-            let _ = writeln!(s, "- {} {}: {}", case.name(), p.name(), vals.join(" · "));
-        }
-    }
-    for c in [
-        LatCase::PlainNoBpf,
-        LatCase::PlainBpf,
-        LatCase::EnrolledWeft,
-    ] {
-        if let Some(runs) = res.lat.get(&c) {
-            let vals: Vec<String> = runs
-                .iter()
-                .map(|r| {
-                    format!(
-                        "p50 {} p99 {} µs",
-                        r.f("/latency_us/p50").map_or("?".into(), fmt_num),
-                        r.f("/latency_us/p99").map_or("?".into(), fmt_num)
-                    )
-                })
-                .collect();
-            let _ = writeln!(s, "- connect() {}: {}", c.label(), vals.join(" · "));
-        }
-    }
-    if !res.notes.is_empty() {
-        let _ = writeln!(s, "\n### notes\n");
-        for n in &res.notes {
-            let _ = writeln!(s, "- {n}");
-        }
-    }
-    s
 }
