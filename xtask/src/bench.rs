@@ -135,6 +135,9 @@ enum Case {
     /// The same with one client paced to [`CONNECT_ONE_RATE`]: one new connection on an idle
     /// path.
     ConnectOne,
+    /// `ConnectOne` with the client, the server and the proxies on one CPU: the software path
+    /// of a new connection, without cross-CPU wake-ups.
+    ConnectOneCpu,
     /// 1 KiB echo round trips on one persistent connection.
     Rr,
     /// The same with the client, the server and the proxies on one CPU: no cross-CPU wake-ups,
@@ -145,9 +148,10 @@ enum Case {
 }
 
 impl Case {
-    const ALL: [Case; 5] = [
+    const ALL: [Case; 6] = [
         Case::Connect,
         Case::ConnectOne,
+        Case::ConnectOneCpu,
         Case::Rr,
         Case::RrOneCpu,
         Case::Stream,
@@ -157,6 +161,7 @@ impl Case {
         match self {
             Case::Connect => "connect",
             Case::ConnectOne => "connect-one",
+            Case::ConnectOneCpu => "connect-one-cpu",
             Case::Rr => "rr",
             Case::RrOneCpu => "rr-one-cpu",
             Case::Stream => "stream",
@@ -166,7 +171,7 @@ impl Case {
     /// The `weft-testpod bench` kind.
     fn kind(self) -> &'static str {
         match self {
-            Case::Connect | Case::ConnectOne => "connect",
+            Case::Connect | Case::ConnectOne | Case::ConnectOneCpu => "connect",
             Case::Rr | Case::RrOneCpu => "rr",
             Case::Stream => "stream",
         }
@@ -174,7 +179,7 @@ impl Case {
 
     fn size(self) -> u64 {
         match self {
-            Case::Connect | Case::ConnectOne => 64,
+            Case::Connect | Case::ConnectOne | Case::ConnectOneCpu => 64,
             Case::Rr | Case::RrOneCpu => 1024,
             Case::Stream => 128 * 1024,
         }
@@ -740,14 +745,14 @@ impl Bench {
         let (pod, echo, discard) = self.target(path);
         let (addr, parallel) = match case {
             Case::Connect => (echo, self.args.parallel),
-            Case::ConnectOne | Case::Rr | Case::RrOneCpu => (echo, 1),
+            Case::ConnectOne | Case::ConnectOneCpu | Case::Rr | Case::RrOneCpu => (echo, 1),
             Case::Stream => (discard, 1),
         };
         let mut cmd = self.bench_cmd(case.kind(), addr, parallel, case.size());
-        if case == Case::ConnectOne {
+        if matches!(case, Case::ConnectOne | Case::ConnectOneCpu) {
             cmd.args(["--rate", &CONNECT_ONE_RATE.to_string()]);
         }
-        if case != Case::RrOneCpu {
+        if !matches!(case, Case::RrOneCpu | Case::ConnectOneCpu) {
             return self.client(pod, &cmd);
         }
         // Everything on CPU 0.
@@ -1144,6 +1149,12 @@ const METRICS: &[Metric] = &[
         label: "one new connection alone, p99 µs ↓",
         case: Case::ConnectOne,
         get: |r, _| r.f("/latency_us/p99"),
+        cpu: false,
+    },
+    Metric {
+        label: "one new connection alone, one CPU for all, p50 µs ↓",
+        case: Case::ConnectOneCpu,
+        get: |r, _| r.f("/latency_us/p50"),
         cpu: false,
     },
     Metric {
