@@ -34,8 +34,8 @@ enum Cmd {
         #[arg(last = true)]
         args: Vec<String>,
     },
-    /// Data-path benchmark on a one-node test cluster: direct vs. weft vs. haproxy vs. nginx
-    /// (needs root). See docs/benchmarks.md.
+    /// Data-path benchmark: on one node, direct vs. weft vs. haproxy vs. nginx; across two
+    /// nodes, direct vs. weft over HBONE (needs root). See docs/benchmarks.md.
     Bench(bench::Args),
 }
 
