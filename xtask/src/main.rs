@@ -58,7 +58,47 @@ fn test(args: &[String]) -> anyhow::Result<()> {
     cargo(&["build", "--bins"])?;
     let mut test_args = vec!["test", "--no-fail-fast", "--"];
     test_args.extend(args.iter().map(String::as_str));
-    cargo(&test_args)
+    cargo_test_summary(&test_args)
+}
+
+/// Runs `cargo test`, passing its output through, and ends with one line adding up every test
+/// binary's `test result:` (the last binaries, doc tests, hold none and would read as "0 passed").
+fn cargo_test_summary(args: &[&str]) -> anyhow::Result<()> {
+    use std::io::{BufRead, Write};
+    let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
+    let mut cmd = Command::new(cargo);
+    cmd.args(args)
+        .current_dir(workspace_root())
+        .stdout(std::process::Stdio::piped());
+    eprintln!("+ {}", describe(&cmd));
+    let mut child = cmd.spawn().context("running cargo test")?;
+    let out = child.stdout.take().context("cargo test stdout")?;
+    let (mut passed, mut failed, mut ignored) = (0u64, 0u64, 0u64);
+    let mut stdout = std::io::stdout();
+    for line in std::io::BufReader::new(out).lines() {
+        let line = line?;
+        writeln!(stdout, "{line}")?;
+        if let Some(rest) = line.strip_prefix("test result: ") {
+            for part in rest.split(['.', ';']) {
+                let mut words = part.split_whitespace();
+                if let (Some(n), Some(what)) = (words.next(), words.next()) {
+                    let n: u64 = n.parse().unwrap_or(0);
+                    match what {
+                        "passed" => passed += n,
+                        "failed" => failed += n,
+                        "ignored" => ignored += n,
+                        _ => {}
+                    }
+                }
+            }
+        }
+    }
+    let status = child.wait()?;
+    println!("weft: {passed} passed, {failed} failed, {ignored} skipped");
+    if !status.success() {
+        bail!("cargo test failed: {status}");
+    }
+    Ok(())
 }
 
 pub fn require_root(why: &str) -> anyhow::Result<()> {
