@@ -479,25 +479,23 @@ impl Cluster {
 
     /// Replace a pod's labels.
     pub fn set_pod_labels(&self, pod: &Pod, labels: Labels) -> Result<()> {
-        let mut st = self.state();
-        let e = st
-            .pods
-            .iter_mut()
-            .find(|p| Arc::ptr_eq(&p.pod.inner, &pod.inner))
-            .context("pod not in this cluster")?;
-        e.labels = labels;
-        self.sync(&st)
+        self.update_pod(pod, |e| e.labels = labels)
     }
 
     /// Set the pod's Ready condition.
     pub fn set_pod_ready(&self, pod: &Pod, ready: bool) -> Result<()> {
+        self.update_pod(pod, |e| e.ready = ready)
+    }
+
+    /// Change this cluster's record of `pod`, then rewrite the registry.
+    fn update_pod(&self, pod: &Pod, change: impl FnOnce(&mut PodEntry)) -> Result<()> {
         let mut st = self.state();
         let e = st
             .pods
             .iter_mut()
             .find(|p| Arc::ptr_eq(&p.pod.inner, &pod.inner))
             .context("pod not in this cluster")?;
-        e.ready = ready;
+        change(e);
         self.sync(&st)
     }
 
