@@ -150,3 +150,19 @@ pub fn workspace_root() -> std::path::PathBuf {
         .expect("xtask lives in the workspace")
         .to_path_buf()
 }
+
+/// Where `cargo build --release` puts the binaries: `target/release`, or
+/// `$CARGO_TARGET_DIR/release`.
+pub fn release_dir() -> std::path::PathBuf {
+    std::env::var_os("CARGO_TARGET_DIR")
+        .map(std::path::PathBuf::from)
+        .map(|p| {
+            if p.is_absolute() {
+                p
+            } else {
+                workspace_root().join(p)
+            }
+        })
+        .unwrap_or_else(|| workspace_root().join("target"))
+        .join("release")
+}

@@ -1,0 +1,192 @@
+//! The host under the benchmark: the facts recorded with the results ([`Machine`]), its CPUs
+//! and pinning threads to them, the CPU time of a cgroup, and the kernel's eBPF program
+//! run-time statistics.
+
+use std::collections::BTreeMap;
+use std::path::Path;
+use std::process::Command;
+
+use anyhow::{Context, Result};
+use serde_json::Value;
+
+use crate::workspace_root;
+
+/// Facts about the machine, recorded with the results.
+pub(super) struct Machine {
+    pub(super) date: String,
+    pub(super) cores: usize,
+    pub(super) cpu: String,
+    pub(super) kernel: String,
+    pub(super) mem: String,
+    pub(super) load_before: String,
+    pub(super) haproxy: String,
+    pub(super) nginx: String,
+    pub(super) commit: String,
+}
+
+impl Machine {
+    pub(super) fn probe() -> Machine {
+        let cpuinfo = std::fs::read_to_string("/proc/cpuinfo").unwrap_or_default();
+        let cpu = cpuinfo
+            .lines()
+            .find_map(|l| l.strip_prefix("model name"))
+            .map(|v| v.trim_start_matches([' ', '\t', ':']).trim().to_string())
+            .unwrap_or_else(|| "?".into());
+        let mem = std::fs::read_to_string("/proc/meminfo")
+            .ok()
+            .and_then(|m| {
+                m.lines()
+                    .find_map(|l| l.strip_prefix("MemTotal:"))
+                    .and_then(|v| v.split_whitespace().next()?.parse::<u64>().ok())
+            })
+            .map(|kb| format!("{:.1} GiB", kb as f64 / 1024.0 / 1024.0))
+            .unwrap_or_else(|| "?".into());
+        let root = workspace_root();
+        let mut commit = first_line(
+            Command::new("git")
+                .args(["rev-parse", "--short", "HEAD"])
+                .current_dir(&root),
+        );
+        let dirty = Command::new("git")
+            .args(["status", "--porcelain", "--untracked-files=no"])
+            .current_dir(&root)
+            .output()
+            .map(|o| !o.stdout.is_empty())
+            .unwrap_or(false);
+        if dirty {
+            commit.push_str(" (with uncommitted changes)");
+        }
+        Machine {
+            date: first_line(Command::new("date").args(["-u", "+%Y-%m-%d %H:%M UTC"])),
+            cores: std::thread::available_parallelism().map_or(0, |n| n.get()),
+            cpu,
+            kernel: read_trim("/proc/sys/kernel/osrelease"),
+            mem,
+            load_before: load_average(),
+            haproxy: first_line(Command::new("haproxy").arg("-v")),
+            nginx: first_line(Command::new("nginx").arg("-v")),
+            commit,
+        }
+    }
+}
+
+/// `/proc/loadavg` as it reads now ("?" if it cannot be read).
+pub(super) fn load_average() -> String {
+    read_trim("/proc/loadavg")
+}
+
+/// The first line a command prints (stdout, then stderr), or "?" if it cannot run.
+fn first_line(cmd: &mut Command) -> String {
+    cmd.output()
+        .ok()
+        .map(|o| {
+            let mut s = String::from_utf8_lossy(&o.stdout).into_owned();
+            s.push_str(&String::from_utf8_lossy(&o.stderr));
+            s.lines().next().unwrap_or("").trim().to_string()
+        })
+        .unwrap_or_else(|| "?".into())
+}
+
+fn read_trim(p: &str) -> String {
+    std::fs::read_to_string(p)
+        .map(|s| s.trim().to_string())
+        .unwrap_or_else(|_| "?".into())
+}
+
+pub(super) fn online_cpus() -> usize {
+    std::thread::available_parallelism().map_or(1, |n| n.get())
+}
+
+/// Sets the CPU affinity of every thread in a cgroup (`cgroup.threads`: that cgroup only).
+pub(super) fn pin_cgroup_threads(dir: &Path, cpus: &[usize]) -> Result<()> {
+    let threads = std::fs::read_to_string(dir.join("cgroup.threads"))
+        .with_context(|| format!("reading {}/cgroup.threads", dir.display()))?;
+    // SAFETY: cpu_set_t is a plain bit set; all-zero is the empty set.
+    let mut set: libc::cpu_set_t = unsafe { std::mem::zeroed() };
+    for &c in cpus {
+        // SAFETY: c < online CPUs < CPU_SETSIZE.
+        unsafe { libc::CPU_SET(c, &mut set) };
+    }
+    for tid in threads
+        .lines()
+        .filter_map(|l| l.trim().parse::<libc::pid_t>().ok())
+    {
+        // SAFETY: plain sched_setaffinity(2) with a valid set; a thread that has exited since
+        // the read fails with ESRCH, which is fine.
+        unsafe { libc::sched_setaffinity(tid, std::mem::size_of::<libc::cpu_set_t>(), &set) };
+    }
+    Ok(())
+}
+
+/// `usage_usec` of a cgroup v2 directory.
+pub(super) fn cgroup_cpu_us(dir: &Path) -> Option<u64> {
+    let s = std::fs::read_to_string(dir.join("cpu.stat")).ok()?;
+    s.lines()
+        .find_map(|l| l.strip_prefix("usage_usec "))
+        .and_then(|v| v.trim().parse().ok())
+}
+
+/// Keeps the kernel's eBPF run-time statistics on while held (`BPF_ENABLE_STATS`; off again
+/// when the descriptor is closed, so nothing outlives the benchmark).
+pub(super) struct BpfStats {
+    _fd: Option<std::os::fd::OwnedFd>,
+}
+
+impl BpfStats {
+    pub(super) fn enable() -> BpfStats {
+        const BPF_ENABLE_STATS: libc::c_long = 32;
+        const BPF_STATS_RUN_TIME: u32 = 0;
+        // union bpf_attr { struct { __u32 type; } enable_stats; … }, zero-padded.
+        let attr: [u32; 4] = [BPF_STATS_RUN_TIME, 0, 0, 0];
+        // SAFETY: bpf(2) reads `size` bytes of `attr`, which we own.
+        let fd = unsafe {
+            libc::syscall(
+                libc::SYS_bpf,
+                BPF_ENABLE_STATS,
+                attr.as_ptr(),
+                std::mem::size_of_val(&attr),
+            )
+        };
+        if fd < 0 {
+            return BpfStats { _fd: None };
+        }
+        // SAFETY: a new descriptor that nothing else owns.
+        BpfStats {
+            _fd: Some(unsafe {
+                <std::os::fd::OwnedFd as std::os::fd::FromRawFd>::from_raw_fd(fd as i32)
+            }),
+        }
+    }
+}
+
+/// Program name → (run count, total run time ns) of the programs behind the links pinned in
+/// `dir` (counts only move while [`BpfStats`] is held). Empty without bpftool or pins.
+pub(super) fn bpf_prog_stats(dir: &Path) -> BTreeMap<String, (u64, u64)> {
+    let mut out = BTreeMap::new();
+    let Ok(entries) = std::fs::read_dir(dir) else {
+        return out;
+    };
+    let json = |args: &[&str]| -> Option<Value> {
+        let o = Command::new("bpftool").arg("-j").args(args).output().ok()?;
+        o.status
+            .success()
+            .then(|| serde_json::from_slice(&o.stdout).ok())
+            .flatten()
+    };
+    for e in entries.flatten() {
+        let path = e.path().to_string_lossy().into_owned();
+        let Some(prog_id) =
+            json(&["link", "show", "pinned", &path]).and_then(|l| l.get("prog_id")?.as_u64())
+        else {
+            continue;
+        };
+        let Some(p) = json(&["prog", "show", "id", &prog_id.to_string()]) else {
+            continue;
+        };
+        let name = p["name"].as_str().unwrap_or("?").to_string();
+        let cnt = p.get("run_cnt").and_then(Value::as_u64).unwrap_or(0);
+        let ns = p.get("run_time_ns").and_then(Value::as_u64).unwrap_or(0);
+        out.insert(name, (cnt, ns));
+    }
+    out
+}

@@ -1,0 +1,319 @@
+//! `cargo xtask bench`: weft's data path against a direct connection and two established TCP
+//! proxies (haproxy, nginx) on a one-node cluster, and weft's cross-node mesh path (HBONE)
+//! against direct TCP between two nodes; clusters built with the weft-tests harness.
+//!
+//! Single node (all pods on one node):
+//!
+//! ```text
+//! bench-plain/client ──────────────────────────────────────────────▶ bench-srv/server  (direct)
+//! bench-mesh/client ──connect(clusterIP)──eBPF──▶ weft :15001 ──────▶ bench-srv/server  (weft)
+//! bench-plain/client ──▶ node IP:18080 haproxy (mode tcp) ──────────▶ bench-srv/server  (haproxy)
+//! bench-plain/client ──▶ node IP:18180 nginx (stream proxy_pass) ───▶ bench-srv/server  (nginx)
+//! ```
+//!
+//! Cross-node (clients on node-1, the server on node-2; `bench-mesh` and `bench-srv` enrolled):
+//!
+//! ```text
+//! node-1 bench-plain/client ──── node-1 ── fabric ── node-2 ───────────────▶ bench-srv/server  (direct)
+//! node-1 bench-mesh/client ──eBPF──▶ weft node-1 :15001 ══ HBONE mTLS h2 ══▶ weft node-2 :15008
+//!                                                                   ──────▶ bench-srv/server  (weft)
+//! ```
+//!
+//! Every case runs the same `weft-testpod bench` client against the same `weft-testpod serve`
+//! server (echo on 8080, discard on 8081) for the same time, after a warm-up; each case is
+//! repeated and the median is reported, with the ratio to the direct path.
+//!
+//! This file holds the command line ([`Args`]), [`run`] and the order of the measurements in
+//! each topology; `cases` says what each case measures and runs one, `topology` builds the
+//! clusters and the proxies, `machine` probes the host and `report` writes the Markdown.
+
+mod cases;
+mod machine;
+mod report;
+mod topology;
+
+use std::path::PathBuf;
+use std::time::Instant;
+
+use anyhow::{bail, Context, Result};
+use clap::ValueEnum;
+use weft_tests::Weft;
+
+use crate::{cargo, release_dir, require_root};
+use cases::{Case, LatCase, Results, TunnelCounts};
+use machine::{BpfStats, Machine};
+use topology::{Bench, Topology};
+
+#[derive(clap::Args, Debug, Clone)]
+pub struct Args {
+    /// Measured time of each case, per repetition.
+    #[arg(long, default_value_t = 2000, value_parser = clap::value_parser!(u64).range(100..=60_000))]
+    duration_ms: u64,
+    /// Warm-up before each measurement (same work, not counted).
+    #[arg(long, default_value_t = 500, value_parser = clap::value_parser!(u64).range(0..=10_000))]
+    warmup_ms: u64,
+    /// Repetitions of every case; the table shows medians.
+    #[arg(long, default_value_t = 3, value_parser = clap::value_parser!(u64).range(1..=9))]
+    reps: u64,
+    /// Parallel clients in the new-connections case.
+    #[arg(long, default_value_t = 4, value_parser = clap::value_parser!(u64).range(1..=64))]
+    parallel: u64,
+    /// Paths to measure (comma separated). `direct` is always measured: it is the reference.
+    #[arg(
+        long,
+        value_enum,
+        value_delimiter = ',',
+        default_value = "direct,weft,haproxy,nginx"
+    )]
+    paths: Vec<PathKind>,
+    /// Run one topology only (default: both, single node first). Cross-node measures `direct`
+    /// and `weft` (haproxy and nginx are single-node only).
+    #[arg(long, value_enum)]
+    only: Option<Topology>,
+    /// Also write the report (Markdown) to this file.
+    #[arg(long)]
+    output: Option<PathBuf>,
+    /// Use target/release as it is instead of running `cargo build --release --bins` first.
+    #[arg(long)]
+    no_build: bool,
+}
+
+/// A path from a client pod to the server, compared with the others.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, ValueEnum)]
+pub enum PathKind {
+    Direct,
+    Weft,
+    Haproxy,
+    Nginx,
+}
+
+impl PathKind {
+    fn name(self) -> &'static str {
+        match self {
+            PathKind::Direct => "direct",
+            PathKind::Weft => "weft",
+            PathKind::Haproxy => "haproxy",
+            PathKind::Nginx => "nginx",
+        }
+    }
+}
+
+pub fn run(args: Args) -> Result<()> {
+    crate::setup::run()?;
+    require_root("the benchmark builds a cluster of network namespaces and loads eBPF programs")?;
+    if !args.no_build {
+        cargo(&["build", "--release", "--bins"])?;
+    }
+    let release = release_dir();
+    let (weft, testpod) = (release.join("weft"), release.join("weft-testpod"));
+    let need_weft = args.paths.contains(&PathKind::Weft);
+    for b in [&weft, &testpod] {
+        if !b.exists() && (need_weft || *b == testpod) {
+            bail!(
+                "{} is missing (build with `cargo build --release --bins`)",
+                b.display()
+            );
+        }
+    }
+    // The harness starts binaries from these (single-threaded here: nothing reads env yet).
+    std::env::set_var("WEFT_BIN", &weft);
+    std::env::set_var("WEFT_TESTPOD_BIN", &testpod);
+    // weft logs one line per flow at info; haproxy and nginx run here without access logs.
+    // Compare like with like unless asked otherwise.
+    if std::env::var_os("WEFT_LOG").is_none() {
+        std::env::set_var("WEFT_LOG", "warn");
+    }
+
+    let command = std::iter::once("cargo xtask bench".to_string())
+        .chain(std::env::args().skip(2))
+        .collect::<Vec<_>>()
+        .join(" ");
+    let machine = Machine::probe();
+    let started = Instant::now();
+    let mut paths = args.paths.clone();
+    paths.push(PathKind::Direct);
+    paths.sort();
+    paths.dedup();
+
+    let topos = match args.only {
+        Some(t) => vec![t],
+        None => vec![Topology::SingleNode, Topology::CrossNode],
+    };
+    let mut res = Results::default();
+    // One topology at a time: the first cluster is gone before the next is built.
+    for topo in topos {
+        if topo == Topology::CrossNode && !paths.contains(&PathKind::Weft) {
+            res.notes.push(
+                "cross-node left out: it compares weft with direct, and weft is not in --paths"
+                    .into(),
+            );
+            continue;
+        }
+        let mut b = match Bench::new(topo, args.clone()) {
+            Ok(b) => b,
+            Err(e) => {
+                res.notes.push(format!(
+                    "{} left out: building the cluster: {e:#}",
+                    topo.name()
+                ));
+                continue;
+            }
+        };
+        eprintln!(
+            "bench: {} cluster {} up; logs in {}",
+            topo.name(),
+            b.cluster.id(),
+            b.cluster.logs_dir().display()
+        );
+        res.logs.push((topo, b.cluster.logs_dir().to_path_buf()));
+        match topo {
+            Topology::SingleNode => b.measure(&paths, &mut res),
+            Topology::CrossNode => b.measure_cross(&mut res),
+        }
+    }
+    let report = report::markdown(&command, &machine, &args, &paths, &res, started.elapsed());
+    print!("{report}");
+    if let Some(out) = &args.output {
+        std::fs::write(out, &report).with_context(|| format!("writing {}", out.display()))?;
+        eprintln!("bench: report written to {}", out.display());
+    }
+    Ok(())
+}
+
+impl Bench {
+    /// The single-node run: connect() latency without eBPF programs, the proxies started and
+    /// checked, every case on every path that came up, connect() latency with the programs.
+    fn measure(&mut self, paths: &[PathKind], res: &mut Results) {
+        let reps = self.args.reps;
+        // 1. connect() latency on a fresh node: no weft has run, so no programs are attached.
+        for _ in 0..reps {
+            self.latency(LatCase::PlainNoBpf, res);
+        }
+        // 2. The proxies. A path that does not come up is reported and left out.
+        let mut live: Vec<PathKind> = vec![PathKind::Direct];
+        let mut weft = None;
+        for &p in paths {
+            let up = match p {
+                PathKind::Direct => continue,
+                PathKind::Haproxy => self.start_haproxy(),
+                PathKind::Nginx => self.start_nginx(),
+                PathKind::Weft => Weft::start(&self.cluster, &self.nodes[0]).map(|w| {
+                    weft = Some(w);
+                }),
+            };
+            let up = up.and_then(|_| self.check(p));
+            match up {
+                Ok(()) => live.push(p),
+                Err(e) => res.notes.push(format!("{} left out: {e:#}", p.name())),
+            }
+        }
+        // Weft's programs stay attached when weft runs; the other paths are measured in the
+        // same conditions (a non-enrolled connect() runs the program and returns).
+        if weft.is_none() && paths.contains(&PathKind::Weft) {
+            res.notes.push(
+                "weft did not start: the other paths ran without eBPF programs attached".into(),
+            );
+        }
+        // 3. Throughput and latency.
+        self.run_cases(&live, res);
+        // 4. connect() latency with the programs attached.
+        if weft.is_some() {
+            let _stats = BpfStats::enable();
+            for _ in 0..reps {
+                self.latency(LatCase::PlainBpf, res);
+                self.latency(LatCase::EnrolledWeft, res);
+            }
+        }
+        if let Some(w) = &weft {
+            self.note_warnings(w, res);
+        }
+    }
+
+    /// The cross-node run: weft on both nodes, the pool warmed and checked to be HBONE, then
+    /// direct and weft interleaved like the single-node paths.
+    fn measure_cross(&mut self, res: &mut Results) {
+        let mut wefts = Vec::new();
+        for n in &self.nodes {
+            match Weft::start(&self.cluster, n) {
+                Ok(w) => wefts.push(w),
+                Err(e) => res.notes.push(format!(
+                    "cross-node weft left out: weft on {}: {e:#}",
+                    n.name()
+                )),
+            }
+        }
+        let mut live = Vec::new();
+        match self.check(PathKind::Direct) {
+            Ok(()) => live.push(PathKind::Direct),
+            Err(e) => res.notes.push(format!("cross-node direct left out: {e:#}")),
+        }
+        if let [client, server] = &wefts[..] {
+            match self
+                .check(PathKind::Weft)
+                .and_then(|_| self.check_hbone(client))
+            {
+                Ok(()) => live.push(PathKind::Weft),
+                Err(e) => res.notes.push(format!("cross-node weft left out: {e:#}")),
+            }
+            let warm = TunnelCounts::read(client, server);
+            self.run_cases(&live, res);
+            res.tunnel = Some((warm, TunnelCounts::read(client, server)));
+        } else {
+            self.run_cases(&live, res);
+        }
+        for w in &wefts {
+            self.note_warnings(w, res);
+        }
+    }
+
+    fn note_warnings(&self, w: &Weft, res: &mut Results) {
+        let warnings = w
+            .log()
+            .lines()
+            .filter(|l| l.contains("WARN") || l.contains("ERROR"))
+            .count();
+        if warnings > 0 {
+            res.notes.push(format!(
+                "weft on {} logged {warnings} warning/error lines (see {})",
+                w.node().name(),
+                self.cluster.logs_dir().display()
+            ));
+        }
+    }
+
+    /// Throughput and latency, interleaved: each repetition runs every case on every path, in a
+    /// rotated path order, so slow drift (other load, thermal) spreads over all paths.
+    fn run_cases(&self, live: &[PathKind], res: &mut Results) {
+        let reps = self.args.reps;
+        let topo = self.topo;
+        if live.is_empty() {
+            return;
+        }
+        for rep in 0..reps as usize {
+            for case in Case::ALL {
+                let mut order = live.to_vec();
+                let n = order.len();
+                order.rotate_left(rep % n);
+                for p in order {
+                    eprintln!(
+                        "bench: {} rep {}/{reps} {} {}",
+                        topo.name(),
+                        rep + 1,
+                        case.name(),
+                        p.name()
+                    );
+                    let what = format!(
+                        "{} {} {} rep {}",
+                        topo.name(),
+                        case.name(),
+                        p.name(),
+                        rep + 1
+                    );
+                    if let Some(r) = res.checked(&what, self.case(case, p)) {
+                        res.runs.entry((topo, case, p)).or_default().push(r);
+                    }
+                }
+            }
+        }
+    }
+}

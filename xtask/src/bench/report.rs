@@ -1,0 +1,475 @@
+//! The Markdown report: the run's header, one metric table per topology ([`METRICS`]: which
+//! number of which case each row shows), the CPU and connect() latency tables, every
+//! repetition and the notes; medians over repetitions and how numbers are written.
+
+use std::fmt::Write as _;
+use std::time::Duration;
+
+use super::cases::{Case, LatCase, Results, Run, CONNECT_ONE_RATE, LATENCY_RATE};
+use super::machine::{load_average, Machine};
+use super::topology::Topology;
+use super::{Args, PathKind};
+
+/// The whole report of a benchmark run.
+pub(super) fn markdown(
+    command: &str,
+    m: &Machine,
+    a: &Args,
+    paths: &[PathKind],
+    res: &Results,
+    took: Duration,
+) -> String {
+    let mut s = String::new();
+    let _ = writeln!(s, "## weft data path benchmark\n");
+    let _ = writeln!(s, "- command: `{command}`");
+    let _ = writeln!(s, "- date: {}", m.date);
+    let _ = writeln!(
+        s,
+        "- machine: {} cores ({}), {} RAM, kernel {}",
+        m.cores, m.cpu, m.mem, m.kernel
+    );
+    let _ = writeln!(
+        s,
+        "- load average before / after: {} / {}",
+        m.load_before,
+        load_average()
+    );
+    let _ = writeln!(s, "- weft {}; {}; {}", m.commit, m.haproxy, m.nginx);
+    let _ = writeln!(
+        s,
+        "- weft log level `WEFT_LOG={}` (info logs one line per flow; haproxy and nginx have no \
+         access log here)",
+        std::env::var("WEFT_LOG").unwrap_or_default()
+    );
+    let _ = writeln!(
+        s,
+        "- each case: {} ms warm-up + {} ms measured, median of {} repetitions; whole run {:.0} s",
+        a.warmup_ms,
+        a.duration_ms,
+        a.reps,
+        took.as_secs_f64()
+    );
+    for (topo, dir) in &res.logs {
+        let _ = writeln!(s, "- {} logs: `{}`", topo.name(), dir.display());
+    }
+    let ran = |t: Topology| res.runs.keys().any(|k| k.0 == t);
+
+    if ran(Topology::SingleNode) {
+        let _ = writeln!(s, "\n### single node\n");
+        metric_table(&mut s, res, Topology::SingleNode, paths, a.parallel, true);
+        let _ = writeln!(
+            s,
+            "\n↑ higher is better, ↓ lower is better. The ratio is path/direct for the number in \
+             that row. \"proxy CPU\" is the CPU time of the node's proxy processes (the node's \
+             system cgroup) over the whole client run, warm-up included, divided by all \
+             operations."
+        );
+        single_node_latency(&mut s, res);
+    }
+
+    if ran(Topology::CrossNode) {
+        let _ = writeln!(s, "\n### cross-node (HBONE)\n");
+        let _ = writeln!(
+            s,
+            "Clients on node-1, the server on node-2. direct: a non-enrolled pod → the server's pod \
+             IP (plain TCP routed through both node namespaces). weft: an enrolled pod → the \
+             Service clusterIP: eBPF redirect → weft node-1 → HBONE (TLS 1.3 mTLS, HTTP/2 CONNECT, \
+             pooled) → weft node-2 :15008 → the server pod.\n"
+        );
+        metric_table(
+            &mut s,
+            res,
+            Topology::CrossNode,
+            &[PathKind::Direct, PathKind::Weft],
+            a.parallel,
+            false,
+        );
+        let _ = writeln!(s);
+        cross_cpu_table(&mut s, res, a.parallel);
+        let _ = writeln!(
+            s,
+            "\n\"weft CPU\": CPU time of each node's system cgroup (only weft runs there) over the \
+             whole client run, warm-up included, divided by all operations."
+        );
+        if let Some((warm, end)) = res.tunnel {
+            let n = |v: Option<u64>| v.map_or("?".into(), |v| v.to_string());
+            let diff = |a: Option<u64>, b: Option<u64>| {
+                a.zip(b)
+                    .map_or("?".into(), |(a, b)| b.saturating_sub(a).to_string())
+            };
+            let _ = writeln!(
+                s,
+                "\nHBONE pool: node-1 had opened {} TLS connection(s) after the checks and warm-up, \
+                 and opened {} more during the measured runs, which carried {} tunnels (streams); \
+                 node-2 accepted {} TLS handshakes in all and received {} streams.",
+                n(warm.opened),
+                diff(warm.opened, end.opened),
+                diff(warm.streams, end.streams),
+                n(end.accepted),
+                n(end.streams_in)
+            );
+        }
+    }
+
+    every_repetition(&mut s, res, paths);
+    if !res.notes.is_empty() {
+        let _ = writeln!(s, "\n### notes\n");
+        for n in &res.notes {
+            let _ = writeln!(s, "- {n}");
+        }
+    }
+    s
+}
+
+/// A table row: how to read one number out of a run.
+struct Metric {
+    label: &'static str,
+    case: Case,
+    get: fn(&Run, Case) -> Option<f64>,
+    /// Proxy CPU rows have no meaningful direct value and no ratio.
+    cpu: bool,
+}
+
+const METRICS: &[Metric] = &[
+    Metric {
+        label: "new connections/s (connect + 64 B echo + close, 4 clients) ↑",
+        case: Case::Connect,
+        get: |r, _| r.f("/rate"),
+        cpu: false,
+    },
+    Metric {
+        label: "connect + echo + close with 4 clients, p50 µs ↓",
+        case: Case::Connect,
+        get: |r, _| r.f("/latency_us/p50"),
+        cpu: false,
+    },
+    Metric {
+        label:
+            "one new connection alone (connect + 64 B echo + close, 1 client at 1000/s), p50 µs ↓",
+        case: Case::ConnectOne,
+        get: |r, _| r.f("/latency_us/p50"),
+        cpu: false,
+    },
+    Metric {
+        label: "one new connection alone, p99 µs ↓",
+        case: Case::ConnectOne,
+        get: |r, _| r.f("/latency_us/p99"),
+        cpu: false,
+    },
+    Metric {
+        label: "one new connection alone, one CPU for all, p50 µs ↓",
+        case: Case::ConnectOneCpu,
+        get: |r, _| r.f("/latency_us/p50"),
+        cpu: false,
+    },
+    Metric {
+        label: "1 KiB echo round trip, p50 µs ↓",
+        case: Case::Rr,
+        get: |r, _| r.f("/latency_us/p50"),
+        cpu: false,
+    },
+    Metric {
+        label: "1 KiB echo round trip, p99 µs ↓",
+        case: Case::Rr,
+        get: |r, _| r.f("/latency_us/p99"),
+        cpu: false,
+    },
+    Metric {
+        label: "1 KiB echo, requests/s (1 connection) ↑",
+        case: Case::Rr,
+        get: |r, _| r.f("/rate"),
+        cpu: false,
+    },
+    Metric {
+        label: "1 KiB echo round trip, one CPU for all, p50 µs ↓",
+        case: Case::RrOneCpu,
+        get: |r, _| r.f("/latency_us/p50"),
+        cpu: false,
+    },
+    Metric {
+        label: "1 KiB echo, one CPU for all, requests/s ↑",
+        case: Case::RrOneCpu,
+        get: |r, _| r.f("/rate"),
+        cpu: false,
+    },
+    Metric {
+        label: "single-stream throughput, Gbit/s ↑",
+        case: Case::Stream,
+        get: |r, _| r.f("/gbit_s"),
+        cpu: false,
+    },
+    Metric {
+        label: "proxy CPU per new connection, µs",
+        case: Case::Connect,
+        get: |r, c| r.cpu_per_op(c, None),
+        cpu: true,
+    },
+    Metric {
+        label: "proxy CPU per 1 KiB round trip, µs",
+        case: Case::Rr,
+        get: |r, c| r.cpu_per_op(c, None),
+        cpu: true,
+    },
+    Metric {
+        label: "proxy CPU per GB streamed, ms",
+        case: Case::Stream,
+        get: |r, c| r.cpu_per_op(c, None),
+        cpu: true,
+    },
+];
+
+/// The metric table of one topology: one column per path, then path/direct ratios.
+fn metric_table(
+    s: &mut String,
+    res: &Results,
+    topo: Topology,
+    paths: &[PathKind],
+    parallel: u64,
+    cpu: bool,
+) {
+    let paths: Vec<PathKind> = paths
+        .iter()
+        .copied()
+        .filter(|&p| {
+            Case::ALL
+                .iter()
+                .any(|&c| res.runs.contains_key(&(topo, c, p)))
+        })
+        .collect();
+    let mut head = String::from("| metric |");
+    let mut rule = String::from("|---|");
+    for p in &paths {
+        let _ = write!(head, " {} |", p.name());
+        rule.push_str("---:|");
+    }
+    for p in paths.iter().filter(|p| **p != PathKind::Direct) {
+        let _ = write!(head, " {}/direct |", p.name());
+        rule.push_str("---:|");
+    }
+    let _ = writeln!(s, "{head}\n{rule}");
+    for metric in METRICS.iter().filter(|m| cpu || !m.cpu) {
+        let label = metric
+            .label
+            .replace("4 clients", &format!("{parallel} clients"))
+            .replace("1000/s", &format!("{CONNECT_ONE_RATE}/s"));
+        let _ = write!(s, "| {label} |");
+        let val = |p: PathKind| med(res, topo, metric.case, p, |r| (metric.get)(r, metric.case));
+        let direct = val(PathKind::Direct);
+        for &p in &paths {
+            let cell = if metric.cpu && p == PathKind::Direct {
+                "—".to_string()
+            } else {
+                num_or_na(val(p))
+            };
+            let _ = write!(s, " {cell} |");
+        }
+        for &p in paths.iter().filter(|p| **p != PathKind::Direct) {
+            let cell = if metric.cpu {
+                "—".to_string()
+            } else {
+                ratio(val(p), direct)
+            };
+            let _ = write!(s, " {cell} |");
+        }
+        let _ = writeln!(s);
+    }
+}
+
+/// The cross-node CPU table: each weft process, and both.
+fn cross_cpu_table(s: &mut String, res: &Results, parallel: u64) {
+    let rows = [
+        (
+            format!("per new connection ({parallel} clients), µs"),
+            Case::Connect,
+        ),
+        ("per 1 KiB round trip, µs".to_string(), Case::Rr),
+        ("per GB streamed, ms".to_string(), Case::Stream),
+    ];
+    let _ = writeln!(
+        s,
+        "| weft CPU | node-1 (client side) | node-2 (server side) | both |\n|---|---:|---:|---:|"
+    );
+    for (label, case) in rows {
+        let cell = |node: Option<usize>| {
+            num_or_na(med(res, Topology::CrossNode, case, PathKind::Weft, |r| {
+                r.cpu_per_op(case, node)
+            }))
+        };
+        let _ = writeln!(
+            s,
+            "| {label} | {} | {} | {} |",
+            cell(Some(0)),
+            cell(Some(1)),
+            cell(None)
+        );
+    }
+}
+
+/// The single-node connect() latency table and the eBPF program costs.
+fn single_node_latency(s: &mut String, res: &Results) {
+    if res.lat.is_empty() {
+        return;
+    }
+    let _ = writeln!(s, "\n#### connect() latency (single node)\n");
+    let _ = writeln!(
+        s,
+        "| case | p50 µs | p99 µs | mean µs | p50 vs. no eBPF |\n|---|---:|---:|---:|---:|"
+    );
+    let lat = |c: LatCase, ptr: &str| median_of(res.lat.get(&c)?, |r| r.f(ptr));
+    let base = lat(LatCase::PlainNoBpf, "/latency_us/p50");
+    for c in LatCase::ALL {
+        let _ = writeln!(
+            s,
+            "| {} | {} | {} | {} | {} |",
+            c.label(),
+            num_or_na(lat(c, "/latency_us/p50")),
+            num_or_na(lat(c, "/latency_us/p99")),
+            num_or_na(lat(c, "/latency_us/mean")),
+            ratio(lat(c, "/latency_us/p50"), base)
+        );
+    }
+    let _ = writeln!(
+        s,
+        "\nThe time of the blocking `connect()` call alone (socket made before, closed after), one \
+         client paced to {LATENCY_RATE} connects/s, alone on CPU 0 (server and proxies on the other \
+         CPUs). It includes the TCP handshake with whoever accepts: the server pod, or weft on \
+         the node for the enrolled client (weft's upstream connect is not in it)."
+    );
+
+    let bpf: Vec<String> = [LatCase::PlainBpf, LatCase::EnrolledWeft]
+        .iter()
+        .filter_map(|c| {
+            let progs = res.bpf.get(c)?;
+            let lat_ops: f64 = res
+                .lat
+                .get(c)?
+                .iter()
+                .filter_map(|r| Some(r.f("/ops")? + r.f("/warmup_ops")?))
+                .sum();
+            let parts: Vec<String> = progs
+                .iter()
+                .filter(|(_, (n, _))| *n > 0)
+                .map(|(name, (n, ns))| {
+                    format!(
+                        "`{name}` {:.1} runs/connect × {:.0} ns",
+                        *n as f64 / lat_ops.max(1.0),
+                        *ns as f64 / *n as f64
+                    )
+                })
+                .collect();
+            (!parts.is_empty()).then(|| format!("- {}: {}", c.label(), parts.join(", ")))
+        })
+        .collect();
+    if !bpf.is_empty() {
+        let _ = writeln!(
+            s,
+            "\neBPF programs during these runs (kernel run-time statistics, `BPF_ENABLE_STATS`; \
+             runs include every socket event below the node's cgroup root, e.g. the server's):\n"
+        );
+        for l in bpf {
+            let _ = writeln!(s, "{l}");
+        }
+    }
+}
+
+/// Every repetition's numbers, one line per topology, case and path, then per connect()
+/// latency case.
+fn every_repetition(s: &mut String, res: &Results, paths: &[PathKind]) {
+    // "?" where the client's result has no such number.
+    let num = |r: &Run, ptr: &str| r.f(ptr).map_or("?".into(), fmt_num);
+    let latency = |r: &Run| {
+        format!(
+            "p50 {} p99 {} µs",
+            num(r, "/latency_us/p50"),
+            num(r, "/latency_us/p99")
+        )
+    };
+    let each = |runs: &[Run], one: &dyn Fn(&Run) -> String| {
+        runs.iter().map(one).collect::<Vec<_>>().join(" · ")
+    };
+    let _ = writeln!(s, "\n### every repetition\n");
+    for topo in [Topology::SingleNode, Topology::CrossNode] {
+        for case in Case::ALL {
+            for &p in paths {
+                let Some(runs) = res.runs.get(&(topo, case, p)) else {
+                    continue;
+                };
+                let vals = each(runs, &|r| match case {
+                    Case::Stream => format!("{} Gbit/s", num(r, "/gbit_s")),
+                    _ => format!("{}/s {}", num(r, "/rate"), latency(r)),
+                });
+                let _ = writeln!(s, "- {} {} {}: {vals}", topo.name(), case.name(), p.name());
+            }
+        }
+    }
+    for c in LatCase::ALL {
+        if let Some(runs) = res.lat.get(&c) {
+            let vals = each(runs, &latency);
+            let _ = writeln!(s, "- single-node connect() {}: {vals}", c.label());
+        }
+    }
+}
+
+/// The median of one number over a path's repetitions.
+fn med(
+    res: &Results,
+    topo: Topology,
+    case: Case,
+    p: PathKind,
+    get: impl Fn(&Run) -> Option<f64>,
+) -> Option<f64> {
+    median_of(res.runs.get(&(topo, case, p))?, get)
+}
+
+/// The median of one number over runs (those that have it).
+fn median_of(runs: &[Run], get: impl Fn(&Run) -> Option<f64>) -> Option<f64> {
+    median(runs.iter().filter_map(get).collect())
+}
+
+fn median(mut v: Vec<f64>) -> Option<f64> {
+    v.retain(|x| x.is_finite());
+    if v.is_empty() {
+        return None;
+    }
+    v.sort_by(|a, b| a.total_cmp(b));
+    let n = v.len();
+    Some(if n % 2 == 1 {
+        v[n / 2]
+    } else {
+        (v[n / 2 - 1] + v[n / 2]) / 2.0
+    })
+}
+
+/// A table cell: the number, or "n/a".
+fn num_or_na(v: Option<f64>) -> String {
+    v.map_or("n/a".into(), fmt_num)
+}
+
+/// `v / base` as "1.23×", or "n/a" without both numbers (or with a zero base).
+fn ratio(v: Option<f64>, base: Option<f64>) -> String {
+    match (v, base) {
+        (Some(v), Some(b)) if b > 0.0 => format!("{:.2}×", v / b),
+        _ => "n/a".into(),
+    }
+}
+
+fn fmt_num(x: f64) -> String {
+    if x >= 1000.0 {
+        // Thousands separated by a thin space for readability.
+        let s = format!("{:.0}", x);
+        let mut out = String::new();
+        for (i, c) in s.chars().enumerate() {
+            if i > 0 && (s.len() - i) % 3 == 0 {
+                out.push('\u{2009}');
+            }
+            out.push(c);
+        }
+        out
+    } else if x >= 100.0 {
+        format!("{x:.0}")
+    } else if x >= 10.0 {
+        format!("{x:.1}")
+    } else {
+        format!("{x:.2}")
+    }
+}
