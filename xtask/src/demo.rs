@@ -2,12 +2,17 @@
 //! nodes in mutual TLS, a call denied by an AuthorizationPolicy, and what `weft flows`,
 //! `weft workloads`, `weft certs` and `weft status` show about it.
 
-use std::path::PathBuf;
 use std::process::Command;
 use std::time::Duration;
 
 use anyhow::Context;
-use weft_tests::{labels, testpod_bin, wait_for_tcp, Cluster, PodSpec, ServiceSpec, Weft};
+use weft_tests::{
+    labels, testpod_bin, wait_for_tcp, weft_bin, Cluster, InNetns, Pod, PodSpec, ServiceSpec, Weft,
+};
+
+/// Where each node's weft serves Prometheus metrics: its default `--metrics-address`
+/// (0.0.0.0:15020), which the harness leaves as it is, so the node IP on this port.
+const METRICS_PORT: u16 = 15020;
 
 pub fn run(keep: bool) -> anyhow::Result<()> {
     crate::setup::run()?;
@@ -78,56 +83,46 @@ pub fn run(keep: bool) -> anyhow::Result<()> {
         ]))?);
         wait_for_tcp(pod, pod.addr(8080), Duration::from_secs(10))?;
     }
-    println!(
-        "  node-1 {}: frontend {}, catalog-0 {}, legacy/batch {}",
-        node.ip(),
-        frontend.ip(),
-        catalog[0].ip(),
-        batch.ip()
-    );
-    println!(
-        "  node-2 {}: catalog-1 {}, payments-0 {}",
-        node2.ip(),
-        catalog[1].ip(),
-        payments.ip()
-    );
+    print_layout(&cluster);
     println!("  Services: shop/catalog {} (catalog-0, catalog-1), shop/payments {}, shop/orders {} (no pods)", svc.addr(80), pay.addr(80), orders.addr(80));
     println!("  AuthorizationPolicy shop/payments: only cluster.local/ns/shop/sa/checkout may call payments");
 
     step("weft node on node-1 and node-2 (mesh CA from `weft ca init`)");
     let weft = Weft::start(&cluster, &node)?;
     let weft2 = Weft::start(&cluster, &node2)?;
-    println!(
-        "  ready; admin sockets {} and {}",
-        weft.admin_socket().display(),
-        weft2.admin_socket().display()
-    );
+    for w in [&weft, &weft2] {
+        println!(
+            "  {} ready: admin socket {}, metrics http://{}:{METRICS_PORT}/metrics (in the node netns)",
+            w.node().name(),
+            w.admin_socket().display(),
+            w.node().ip()
+        );
+    }
 
     step("Traffic");
-    let call =
-        |pod: &weft_tests::Pod, addr: std::net::SocketAddr, what: &str| -> anyhow::Result<()> {
-            let out = pod.output(Command::new(testpod_bin()).args([
-                "call",
-                &addr.to_string(),
-                "--send",
-                what,
-                "--timeout-ms",
-                "3000",
-            ]))?;
-            let text = String::from_utf8_lossy(&out.stdout);
-            let answer = text
-                .lines()
-                .filter(|l| l.starts_with("name=") || l.starts_with("peer="))
-                .collect::<Vec<_>>()
-                .join(" ");
-            let result = if out.status.success() {
-                answer
-            } else {
-                format!("failed: {}", String::from_utf8_lossy(&out.stderr).trim())
-            };
-            println!("  {}/{} → {addr}: {result}", pod.namespace(), pod.name());
-            Ok(())
+    let call = |pod: &Pod, addr: std::net::SocketAddr, what: &str| -> anyhow::Result<()> {
+        let out = pod.output(Command::new(testpod_bin()).args([
+            "call",
+            &addr.to_string(),
+            "--send",
+            what,
+            "--timeout-ms",
+            "3000",
+        ]))?;
+        let text = String::from_utf8_lossy(&out.stdout);
+        let answer = text
+            .lines()
+            .filter(|l| l.starts_with("name=") || l.starts_with("peer="))
+            .collect::<Vec<_>>()
+            .join(" ");
+        let result = if out.status.success() {
+            answer
+        } else {
+            format!("failed: {}", String::from_utf8_lossy(&out.stderr).trim())
         };
+        println!("  {}/{} → {addr}: {result}", pod.namespace(), pod.name());
+        Ok(())
+    };
     for i in 0..4 {
         call(&frontend, svc.addr(80), &format!("GET /item/{i}"))?;
     }
@@ -160,33 +155,25 @@ pub fn run(keep: bool) -> anyhow::Result<()> {
     print!("{}", weft.cli(&["status"])?);
 
     if keep {
-        let weft_bin = PathBuf::from(std::env::var("WEFT_BIN")?);
         step("Left running (Ctrl-C tears it all down)");
+        print_commands(&cluster, &[&weft, &weft2]);
+        println!("  e.g. call the catalog Service from shop/frontend (enrolled: weft carries it):");
         println!(
-            "  {} flows --follow --admin-socket {}",
-            weft_bin.display(),
-            weft.admin_socket().display()
-        );
-        println!(
-            "  {} workloads --admin-socket {}",
-            weft_bin.display(),
-            weft.admin_socket().display()
+            "    {} {} call {} --send hi",
+            in_pod(&frontend),
+            testpod_bin().display(),
+            svc.addr(80)
         );
         println!(
             "  registry (edit it live, e.g. remove the shop label): {}",
             cluster.default_registry_path().display()
         );
-        println!(
-            "  call the Service again from the enrolled pod (join its cgroup, then its netns):"
-        );
-        println!(
-            "    bash -c 'echo $$ > {}/cgroup.procs && exec ip netns exec {} {} call {} --send hi'",
-            frontend.container_cgroup().display(),
-            weft_tests::InNetns::netns_name(&frontend),
-            testpod_bin().display(),
-            svc.addr(80)
-        );
         wait_for_interrupt().context("waiting for Ctrl-C")?;
+    } else {
+        println!(
+            "\n(`cargo xtask demo --keep` leaves it running and prints how to reach each node \
+             and pod)"
+        );
     }
     drop(servers);
     drop(weft2);
@@ -210,6 +197,63 @@ spec:
     - source:
         principals: [\"cluster.local/ns/shop/sa/checkout\"]
 ";
+
+/// Each node with its IP and netns, and below it its pods with theirs.
+fn print_layout(cluster: &Cluster) {
+    let pods = cluster.pods();
+    for node in cluster.nodes() {
+        println!(
+            "  {} {}  netns {}",
+            node.name(),
+            node.ip(),
+            node.netns_name()
+        );
+        for pod in pods.iter().filter(|p| p.node().name() == node.name()) {
+            let name = format!("{}/{}", pod.namespace(), pod.name());
+            println!("    {name:<18} {:<12} netns {}", pod.ip(), pod.netns_name());
+        }
+    }
+}
+
+/// Copy-paste lines: the `weft` CLI against each node, each node's metrics, and a command in
+/// each pod.
+fn print_commands(cluster: &Cluster, wefts: &[&Weft]) {
+    println!("  weft CLI against each node (also: workloads, certs, status, flows -o json):");
+    for w in wefts {
+        println!(
+            "    WEFT_ADMIN_SOCKET={} {} flows --follow",
+            w.admin_socket().display(),
+            weft_bin().display()
+        );
+    }
+    println!("  Prometheus metrics of each node (served in the node's netns):");
+    for w in wefts {
+        println!(
+            "    nsenter --net={} curl -s http://{}:{METRICS_PORT}/metrics",
+            w.node().netns_path().display(),
+            w.node().ip()
+        );
+    }
+    println!(
+        "  a command in a pod (joins its container cgroup, then its netns): append the command"
+    );
+    for pod in cluster.pods() {
+        println!("    {} <cmd>", in_pod(&pod));
+    }
+}
+
+/// A shell line that runs the command written after it in `pod` the way the harness starts
+/// processes there: join the pod's container cgroup, then enter its netns (`nsenter --net`;
+/// `ip netns exec` would remount /sys).
+fn in_pod(pod: &Pod) -> String {
+    format!(
+        "sh -c 'echo $$ > {}/cgroup.procs && exec nsenter --net={} \"$@\"' {}/{}",
+        pod.container_cgroup().display(),
+        pod.netns_path().display(),
+        pod.namespace(),
+        pod.name()
+    )
+}
 
 fn step(title: &str) {
     println!("\n== {title}");
