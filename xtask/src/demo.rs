@@ -2,10 +2,11 @@
 //! nodes in mutual TLS, a call denied by an AuthorizationPolicy, and what `weft flows`,
 //! `weft workloads`, `weft certs` and `weft status` show about it.
 
+use std::path::{Path, PathBuf};
 use std::process::Command;
-use std::time::Duration;
+use std::time::{Duration, SystemTime};
 
-use anyhow::Context;
+use anyhow::{bail, Context};
 use weft_tests::{
     labels, testpod_bin, wait_for_tcp, weft_bin, Cluster, InNetns, Pod, PodSpec, ServiceSpec, Weft,
 };
@@ -14,11 +15,49 @@ use weft_tests::{
 /// (0.0.0.0:15020), which the harness leaves as it is, so the node IP on this port.
 const METRICS_PORT: u16 = 15020;
 
-pub fn run(keep: bool) -> anyhow::Result<()> {
+/// The release binaries the demo runs, each with what it is built from (relative to the
+/// workspace root; a directory stands for every file below it). A change that does not reach a
+/// binary (say a Cargo.lock entry it does not use) leaves it older than its sources: that only
+/// costs a `cargo build` with nothing to do.
+const RELEASE_BINS: [(&str, &[&str]); 2] = [
+    (
+        "weft",
+        &[
+            "proxy/src",
+            "proxy/build.rs",
+            "proxy/Cargo.toml",
+            "common/src",
+            "common/Cargo.toml",
+            "ebpf/src",
+            "ebpf/build.rs",
+            "ebpf/Cargo.toml",
+            "Cargo.toml",
+            "Cargo.lock",
+        ],
+    ),
+    (
+        "weft-testpod",
+        &["tests/src", "tests/Cargo.toml", "Cargo.toml", "Cargo.lock"],
+    ),
+];
+
+#[derive(clap::Args, Debug, Clone)]
+pub struct Args {
+    /// Leave the cluster and weft running until Ctrl-C, and print the commands that reach them
+    /// (the `weft` CLI and the metrics of each node, a command in each pod). An up-to-date
+    /// build in target/release is reused, as on every run [default: off: torn down at the end].
+    #[arg(long)]
+    keep: bool,
+    /// Run target/release as it is, without `cargo build --release --bins` even when a source
+    /// file is newer than a binary [default: off: build unless up to date].
+    #[arg(long)]
+    no_build: bool,
+}
+
+pub fn run(args: Args) -> anyhow::Result<()> {
     crate::setup::run()?;
     crate::require_root("the demo creates network namespaces, cgroups and loads eBPF programs")?;
-    crate::cargo(&["build", "--release", "--bins"])?;
-    let bins = crate::workspace_root().join("target/release");
+    let bins = release_build(args.no_build)?;
     std::env::set_var("WEFT_BIN", bins.join("weft"));
     std::env::set_var("WEFT_TESTPOD_BIN", bins.join("weft-testpod"));
 
@@ -154,7 +193,7 @@ pub fn run(keep: bool) -> anyhow::Result<()> {
     step("weft status (node-1)");
     print!("{}", weft.cli(&["status"])?);
 
-    if keep {
+    if args.keep {
         step("Left running (Ctrl-C tears it all down)");
         print_commands(&cluster, &[&weft, &weft2]);
         println!("  e.g. call the catalog Service from shop/frontend (enrolled: weft carries it):");
@@ -255,6 +294,72 @@ fn in_pod(pod: &Pod) -> String {
     )
 }
 
+/// `target/release` (or `$CARGO_TARGET_DIR/release`) holding [`RELEASE_BINS`]: built with
+/// `cargo build --release --bins` unless `no_build` or every binary there is newer than every
+/// file it is built from (then `cargo build` would leave them as they are).
+fn release_build(no_build: bool) -> anyhow::Result<PathBuf> {
+    let dir = crate::release_dir();
+    let root = crate::workspace_root();
+    let stale = RELEASE_BINS
+        .iter()
+        .find_map(|(bin, sources)| out_of_date(&dir.join(bin), &root, sources));
+    match stale {
+        None => eprintln!(
+            "demo: {} in {} are newer than their sources: not rebuilding",
+            RELEASE_BINS.map(|(bin, _)| bin).join(" and "),
+            dir.display()
+        ),
+        Some(why) if !no_build => {
+            eprintln!("demo: building: {why}");
+            crate::cargo(&["build", "--release", "--bins"])?;
+        }
+        Some(why) => {
+            if let Some((bin, _)) = RELEASE_BINS.iter().find(|(bin, _)| !dir.join(bin).exists()) {
+                bail!(
+                    "{} is missing (build with `cargo build --release --bins`)",
+                    dir.join(bin).display()
+                );
+            }
+            eprintln!(
+                "demo: --no-build: running {} as it is, although {why}",
+                dir.display()
+            );
+        }
+    }
+    Ok(dir)
+}
+
+/// Why `bin` needs building: it is missing, or a file below `sources` (relative to `root`) is
+/// newer. `None` when it is up to date.
+fn out_of_date(bin: &Path, root: &Path, sources: &[&str]) -> Option<String> {
+    let Ok(built) = std::fs::metadata(bin).and_then(|m| m.modified()) else {
+        return Some(format!("{} is missing", bin.display()));
+    };
+    let newer = sources
+        .iter()
+        .find_map(|s| newer_file(&root.join(s), built))?;
+    Some(format!(
+        "{} is newer than {}",
+        newer.display(),
+        bin.display()
+    ))
+}
+
+/// `path`, or a file below it, modified after `than`.
+fn newer_file(path: &Path, than: SystemTime) -> Option<PathBuf> {
+    let meta = std::fs::symlink_metadata(path).ok()?;
+    if !meta.is_dir() {
+        return meta
+            .modified()
+            .is_ok_and(|m| m > than)
+            .then(|| path.to_path_buf());
+    }
+    std::fs::read_dir(path)
+        .ok()?
+        .flatten()
+        .find_map(|e| newer_file(&e.path(), than))
+}
+
 fn step(title: &str) {
     println!("\n== {title}");
 }
@@ -274,4 +379,28 @@ fn wait_for_interrupt() -> anyhow::Result<()> {
         std::thread::sleep(Duration::from_millis(200));
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::fs::File;
+
+    #[test]
+    fn a_binary_is_out_of_date_when_missing_or_older_than_a_source() {
+        let root = std::env::temp_dir().join(format!("xtask-demo-{}", std::process::id()));
+        std::fs::create_dir_all(root.join("src/deep")).unwrap();
+        let now = SystemTime::now();
+        let touch = |p: &Path, t: SystemTime| File::create(p).unwrap().set_modified(t).unwrap();
+        let (bin, source) = (root.join("bin"), root.join("src/deep/a.rs"));
+        touch(&source, now - Duration::from_secs(60));
+        let missing = out_of_date(&bin, &root, &["src"]).unwrap();
+        assert!(missing.ends_with("bin is missing"), "{missing}");
+        touch(&bin, now);
+        assert_eq!(out_of_date(&bin, &root, &["src", "Cargo.lock"]), None);
+        touch(&source, now + Duration::from_secs(60));
+        let newer = out_of_date(&bin, &root, &["src"]).unwrap();
+        assert!(newer.contains("src/deep/a.rs is newer than"), "{newer}");
+        std::fs::remove_dir_all(&root).unwrap();
+    }
 }

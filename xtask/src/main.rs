@@ -21,13 +21,13 @@ enum Cmd {
     /// Install what building and testing weft needs (idempotent): nightly rust-src,
     /// bpf-linker built against the nightly's LLVM, Debian packages used by the tests.
     Setup,
-    /// A cluster on this machine with weft on its node: traffic, then `weft flows` and
-    /// `weft workloads` (needs root).
-    Demo {
-        /// Leave the cluster and weft running until Ctrl-C, for `weft flows --follow`.
-        #[arg(long)]
-        keep: bool,
-    },
+    /// A two-node cluster on this machine with weft on each node: traffic across nodes, then
+    /// `weft flows`, `weft workloads`, `weft certs` and `weft status` (needs root).
+    ///
+    /// Builds target/release first (`cargo build --release --bins`), unless `weft` and
+    /// `weft-testpod` there are newer than every file they are built from: an up-to-date build,
+    /// e.g. that of an earlier run, is reused.
+    Demo(demo::Args),
     /// Formatting, lints, unit tests and the privileged end-to-end tests (needs root).
     Test {
         /// Extra arguments for `cargo test` (after `--`), e.g. a test name filter.
@@ -42,7 +42,7 @@ enum Cmd {
 fn main() -> anyhow::Result<()> {
     match Cli::parse().cmd {
         Cmd::Setup => setup::run(),
-        Cmd::Demo { keep } => demo::run(keep),
+        Cmd::Demo(args) => demo::run(args),
         Cmd::Test { args } => test(&args),
         Cmd::Bench(args) => bench::run(args),
     }
