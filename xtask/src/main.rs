@@ -30,7 +30,8 @@ enum Cmd {
     Demo(demo::Args),
     /// Formatting, lints, unit tests and the privileged end-to-end tests (needs root).
     Test {
-        /// Extra arguments for `cargo test` (after `--`), e.g. a test name filter.
+        /// Extra arguments for `cargo test` (after `--`), e.g. a test name filter [default: none:
+        /// every test].
         #[arg(last = true)]
         args: Vec<String>,
     },

@@ -66,14 +66,15 @@ pub struct Args {
         default_value = "direct,weft,haproxy,nginx"
     )]
     paths: Vec<PathKind>,
-    /// Run one topology only (default: both, single node first). Cross-node measures `direct`
+    /// Run one topology only [default: both, single node first]. Cross-node measures `direct`
     /// and `weft` (haproxy and nginx are single-node only).
     #[arg(long, value_enum)]
     only: Option<Topology>,
-    /// Also write the report (Markdown) to this file.
+    /// Also write the report (Markdown) to this file [default: none: standard output only].
     #[arg(long)]
     output: Option<PathBuf>,
-    /// Use target/release as it is instead of running `cargo build --release --bins` first.
+    /// Use target/release as it is instead of running `cargo build --release --bins` first
+    /// [default: off: build first].
     #[arg(long)]
     no_build: bool,
 }
