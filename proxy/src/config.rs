@@ -1,6 +1,8 @@
 //! `weft node` configuration: command-line flags, optionally layered over a YAML file
 //! (`--config`). A flag given on the command line wins over the same key in the file; keys in
-//! the file are the flag names without the leading dashes.
+//! the file are the flag names without the leading dashes. Every default of weft lives here.
+//!
+//! May import: nothing else of weft.
 
 use std::net::{IpAddr, SocketAddr};
 use std::path::{Path, PathBuf};
@@ -20,25 +22,34 @@ pub const DEFAULT_TRUST_DOMAIN: &str = "cluster.local";
 pub const DEFAULT_ROOT_NAMESPACE: &str = "istio-system";
 pub const DEFAULT_SVID_TTL: Duration = Duration::from_secs(24 * 3600);
 pub const DEFAULT_CGROUP_ROOT: &str = "/sys/fs/cgroup";
+/// Default pin directory (a bpffs is mounted on its parent if needed).
+pub const DEFAULT_BPFFS: &str = "/sys/fs/bpf/weft";
+/// Default number of flows kept in memory per node.
+pub const DEFAULT_FLOW_CAPACITY: usize = 10_000;
+/// Default upstream connect timeout.
+pub const DEFAULT_CONNECT_TIMEOUT_MS: u64 = 5000;
 
 /// Flags of `weft node`. Every one is optional on the command line so that a config file can
 /// supply it; [`NodeArgs::resolve`] applies defaults and checks what is required.
 #[derive(Args, Debug, Clone, Default)]
 pub struct NodeArgs {
-    /// YAML file with any of the settings below (keys are the flag names, e.g. `node-name:`).
+    /// YAML file with any of the settings below (keys are the flag names, e.g. `node-name:`);
+    /// flags win over the file. Default: none.
     #[arg(long, value_name = "FILE")]
     pub config: Option<PathBuf>,
-    /// This node's name (pods are hosted here when `spec.nodeName` matches).
+    /// This node's name (pods are hosted here when `spec.nodeName` matches). Required.
     #[arg(long, env = "WEFT_NODE_NAME")]
     pub node_name: Option<String>,
-    /// Kubernetes-shaped YAML registry: a file or a directory of *.yaml files, re-read on change.
+    /// Kubernetes-shaped YAML registry: a file or a directory of *.yaml files, re-read on
+    /// change. Required.
     #[arg(long, value_name = "PATH")]
     pub registry: Option<PathBuf>,
-    /// Outbound capture listener and redirect target, `IP[:PORT]` (default port 15001).
-    /// Defaults to the node's InternalIP from the registry.
+    /// Outbound capture listener and redirect target, `IP[:PORT]` or `:PORT`. Default: the
+    /// node's InternalIP from the registry, port 15001.
     #[arg(long, value_name = "IP:PORT")]
     pub proxy_address: Option<String>,
-    /// cgroup v2 directory the eBPF programs attach to; kubelet pod cgroups live below it.
+    /// cgroup v2 directory the eBPF programs attach to; kubelet pod cgroups live below it
+    /// (default /sys/fs/cgroup).
     #[arg(long, value_name = "PATH")]
     pub cgroup_root: Option<PathBuf>,
     /// bpffs directory where programs, links and maps are pinned (default /sys/fs/bpf/weft).
@@ -53,10 +64,10 @@ pub struct NodeArgs {
     /// Prometheus `/metrics` address (default 0.0.0.0:15020).
     #[arg(long, value_name = "IP:PORT")]
     pub metrics_address: Option<SocketAddr>,
-    /// Destination ports never redirected (comma separated).
+    /// Destination ports never redirected (comma separated). Default: none.
     #[arg(long, value_delimiter = ',', value_name = "PORT,...")]
     pub exclude_ports: Option<Vec<u16>>,
-    /// Destination IPv4 CIDRs never redirected (comma separated).
+    /// Destination IPv4 CIDRs never redirected (comma separated). Default: none.
     #[arg(long, value_delimiter = ',', value_name = "CIDR,...")]
     pub exclude_cidrs: Option<Vec<ipnet::Ipv4Net>>,
     /// Number of flows kept in memory (default 10000).
@@ -69,13 +80,14 @@ pub struct NodeArgs {
     #[arg(long, value_name = "DOMAIN")]
     pub trust_domain: Option<String>,
     /// PEM certificate of the mesh CA (root or intermediate) that signs workload certificates
-    /// (`weft ca init --out DIR` creates one).
+    /// (`weft ca init --out DIR` creates one). Required.
     #[arg(long, value_name = "FILE")]
     pub ca_cert: Option<PathBuf>,
-    /// PEM private key of that CA.
+    /// PEM private key of that CA. Required.
     #[arg(long, value_name = "FILE")]
     pub ca_key: Option<PathBuf>,
     /// Extra trusted root certificates (PEM), e.g. the next root during a root rotation.
+    /// Default: none.
     #[arg(long, value_name = "FILE")]
     pub trust_bundle: Option<Vec<PathBuf>>,
     /// Lifetime of workload certificates (default 24h; rotated at half-life), e.g. 10s, 1h.
@@ -170,7 +182,7 @@ impl NodeArgs {
         let flow_capacity = self
             .flow_capacity
             .or(file.flow_capacity)
-            .unwrap_or(crate::flows::DEFAULT_CAPACITY);
+            .unwrap_or(DEFAULT_FLOW_CAPACITY);
         if flow_capacity == 0 {
             bail!("--flow-capacity must be at least 1");
         }
@@ -203,7 +215,7 @@ impl NodeArgs {
             bpffs: self
                 .bpffs
                 .or(file.bpffs)
-                .unwrap_or_else(|| crate::capture::DEFAULT_BPFFS.into()),
+                .unwrap_or_else(|| DEFAULT_BPFFS.into()),
             admin_socket: self
                 .admin_socket
                 .or(file.admin_socket)
@@ -228,7 +240,7 @@ impl NodeArgs {
             connect_timeout_ms: self
                 .connect_timeout_ms
                 .or(file.connect_timeout_ms)
-                .unwrap_or(5000),
+                .unwrap_or(DEFAULT_CONNECT_TIMEOUT_MS),
             trust_domain: self
                 .trust_domain
                 .or(file.trust_domain)

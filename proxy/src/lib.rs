@@ -1,20 +1,28 @@
 //! weft node proxy.
 //!
-//! The data path, one module per step: [`capture`] (eBPF redirect and original destination) →
-//! identify the source workload by cgroup ([`registry`]) → [`outbound`] (resolve, connect) →
-//! [`forward`] (move the bytes) → [`flows`] (what happened). [`admin`] serves it, [`cli`] shows it.
+//! The modules, in the order a connection meets them (each module's opening comment says what
+//! it owns and what it may import; `docs/architecture.md` has the table):
+//!
+//! capture → identify ([`workload`]) → [`registry`] → plan ([`outbound`], [`policy`]) →
+//! tunnel ([`tunnel`], [`identity`]) | deliver ([`upstream`], [`inbound`]) → [`relay`] →
+//! record ([`telemetry`]). [`admin`] serves what the node knows, [`cli`] renders it, [`node`]
+//! wires it all together.
 
-pub mod admin;
-pub mod capture;
-pub mod cli;
 pub mod config;
-pub mod flows;
-pub mod forward;
+
+pub mod capture;
 pub mod identity;
 pub mod inbound;
-pub mod metrics;
-pub mod node;
 pub mod outbound;
 pub mod policy;
 pub mod registry;
+pub mod relay;
+pub mod telemetry;
 pub mod tunnel;
+pub mod upstream;
+pub mod workload;
+
+pub mod admin;
+pub mod cli;
+pub mod inputs;
+pub mod node;

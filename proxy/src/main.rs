@@ -1,9 +1,17 @@
+//! The `weft` binary: runs the node, the CA and uninstall commands itself, and hands the
+//! commands that ask a running node to the CLI.
+
+use std::io::Write;
+use std::time::Duration;
+
+use anyhow::Context;
 use clap::Parser;
+use weft::cli::{CaCommand, Cli, Command};
 
 fn main() {
-    let cli = weft::cli::Cli::parse();
+    let cli = Cli::parse();
     let default_level = match cli.command {
-        weft::cli::Command::Node(_) => "info",
+        Command::Node(_) => "info",
         _ => "warn",
     };
     tracing_subscriber::fmt()
@@ -20,8 +28,63 @@ fn main() {
             std::process::exit(1);
         }
     };
-    if let Err(e) = rt.block_on(weft::cli::run(cli)) {
+    if let Err(e) = rt.block_on(run(cli)) {
+        // `weft flows | head`: the reader left; that is how it ends, not an error.
+        if is_broken_pipe(&e) {
+            std::process::exit(0);
+        }
         eprintln!("weft: {e:#}");
         std::process::exit(1);
     }
+}
+
+async fn run(cli: Cli) -> anyhow::Result<()> {
+    match cli.command {
+        Command::Node(args) => weft::node::run(args.resolve()?).await,
+        Command::Ca(CaCommand::Init {
+            out,
+            trust_domain,
+            validity,
+        }) => {
+            let validity = humantime::parse_duration(&validity)
+                .with_context(|| format!("--validity {validity:?}: expected e.g. 10y or 365d"))?;
+            ca_init(&out, &trust_domain, validity)
+        }
+        Command::Uninstall(args) => {
+            let removed = weft::capture::Capture::remove_pins(&args.bpffs)?;
+            let mut stdout = std::io::stdout().lock();
+            if removed == 0 {
+                writeln!(
+                    stdout,
+                    "nothing to uninstall: no weft capture is pinned in {}",
+                    args.bpffs.display()
+                )?;
+            } else {
+                writeln!(
+                    stdout,
+                    "weft capture removed: programs detached, {removed} pins deleted from {}",
+                    args.bpffs.display()
+                )?;
+            }
+            Ok(())
+        }
+        Command::Query(query) => weft::cli::run(query).await,
+    }
+}
+
+fn ca_init(out: &std::path::Path, trust_domain: &str, validity: Duration) -> anyhow::Result<()> {
+    weft::identity::init_ca(out, trust_domain, validity)?;
+    writeln!(
+        std::io::stdout().lock(),
+        "mesh CA for trust domain {trust_domain}: {0}/ca.crt, {0}/ca.key",
+        out.display()
+    )?;
+    Ok(())
+}
+
+fn is_broken_pipe(e: &anyhow::Error) -> bool {
+    e.chain().any(|c| {
+        c.downcast_ref::<std::io::Error>()
+            .is_some_and(|io| io.kind() == std::io::ErrorKind::BrokenPipe)
+    })
 }

@@ -14,11 +14,45 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
 
 use weft::identity::{init_ca, sni_for, IdentityConfig, IdentityManager, SpiffeId};
-use weft::tunnel::inbound::{
-    Inbound, InboundConfig, InboundDecision, InboundHandler, InboundOutcome, InboundRequest,
-    InboundVerdict,
-};
-use weft::tunnel::pool::{Hbone, Pool, PoolConfig, TunnelError};
+use weft::telemetry::Telemetry;
+use weft::tunnel::client::{Hbone, Pool, PoolConfig, TunnelError};
+use weft::tunnel::server::{ConnectRequest, Handler as ServerHandler, Pending, Refusal, Server};
+use weft::upstream::{Connector, OnBehalfOf};
+
+type InboundRequest = ConnectRequest;
+type InboundConfig = weft::tunnel::server::ServerConfig;
+type Inbound = Server<Handler>;
+
+/// What the test's destination node decides for a `CONNECT` (a node's inbound path decides it
+/// from the registry and its policies).
+#[derive(Debug, Clone, PartialEq, Eq)]
+enum InboundDecision {
+    Deliver,
+    Deny { policy: String },
+    NotFound,
+}
+
+/// How a stream ended, as the test's destination node saw it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum InboundVerdict {
+    Delivered,
+    Denied,
+    NotFound,
+    ConnectFailed,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+struct InboundOutcome {
+    verdict: InboundVerdict,
+    status: u16,
+    bytes_to_target: u64,
+    bytes_from_target: u64,
+    error: Option<String>,
+}
+
+fn telemetry() -> Arc<Telemetry> {
+    Arc::new(Telemetry::new("test-node", 100))
+}
 
 const TD: &str = "cluster.local";
 
@@ -56,12 +90,52 @@ struct Handler {
     finished: Mutex<Vec<(InboundRequest, InboundOutcome)>>,
 }
 
-impl InboundHandler for Handler {
-    fn decide(&self, req: &InboundRequest) -> InboundDecision {
-        (self.decide)(req)
-    }
-    fn finished(&self, req: &InboundRequest, outcome: InboundOutcome) {
-        self.finished.lock().unwrap().push((req.clone(), outcome));
+impl ServerHandler for Handler {
+    async fn serve(self: Arc<Self>, pending: Pending) {
+        let req = pending.request().clone();
+        let mut outcome = InboundOutcome {
+            verdict: InboundVerdict::Delivered,
+            status: 200,
+            bytes_to_target: 0,
+            bytes_from_target: 0,
+            error: None,
+        };
+        match (self.decide)(&req) {
+            InboundDecision::NotFound => {
+                pending.refuse(Refusal::NotFound);
+                (outcome.verdict, outcome.status) = (InboundVerdict::NotFound, 404);
+            }
+            InboundDecision::Deny { policy } => {
+                pending.refuse(Refusal::Denied {
+                    policy,
+                    reason: "not_allowed".into(),
+                });
+                (outcome.verdict, outcome.status) = (InboundVerdict::Denied, 403);
+            }
+            InboundDecision::Deliver => {
+                let connector = Connector::new(Duration::from_secs(5));
+                match connector
+                    .connect(OnBehalfOf::Peer(&req.peer), req.target)
+                    .await
+                {
+                    Err(e) => {
+                        pending.refuse(Refusal::Unavailable);
+                        (outcome.verdict, outcome.status) = (InboundVerdict::ConnectFailed, 503);
+                        outcome.error = Some(e.to_string());
+                    }
+                    Ok(upstream) => match pending.accept() {
+                        Ok(stream) => {
+                            let r = stream.relay(upstream).await;
+                            outcome.bytes_to_target = r.received;
+                            outcome.bytes_from_target = r.sent;
+                            outcome.error = r.error;
+                        }
+                        Err(e) => outcome.error = Some(e.to_string()),
+                    },
+                }
+            }
+        }
+        self.finished.lock().unwrap().push((req, outcome));
     }
 }
 
@@ -125,7 +199,7 @@ async fn node(
 ) -> (SocketAddr, Arc<Inbound>) {
     let l = TcpListener::bind("127.0.0.1:0").await.unwrap();
     let addr = l.local_addr().unwrap();
-    let inbound = Inbound::new(identity, handler, config);
+    let inbound = Inbound::new(identity, handler, config, telemetry());
     tokio::spawn(inbound.clone().serve(l));
     (addr, inbound)
 }
@@ -186,7 +260,7 @@ async fn setup_with(tweak: impl FnOnce(&mut InboundConfig)) -> Setup {
 
 impl Setup {
     fn pool(&self) -> Pool {
-        Pool::new(self.client.clone(), PoolConfig::default())
+        Pool::new(self.client.clone(), PoolConfig::default(), telemetry())
     }
 
     fn hbone(&self) -> Hbone {
@@ -320,7 +394,7 @@ async fn reset_by_target_reaches_the_client() {
         let (mut c, _) = target.accept().await.unwrap();
         let mut buf = [0u8; 4];
         c.read_exact(&mut buf).await.unwrap();
-        weft::forward::reset(&c);
+        weft::relay::reset(&c);
         drop(c); // RST
     });
     let handler = Handler::deliver_to(vec![target_addr]);
@@ -393,7 +467,11 @@ async fn hundred_concurrent_tunnels_share_connections() {
     assert_eq!(echo_round_trip(&mut t, b"x").await, b"x");
     let stats = pool.stats();
     assert_eq!(stats.keys.len(), 2, "{stats:?}");
-    let key = stats.keys.iter().find(|k| k.source == other).unwrap();
+    let key = stats
+        .keys
+        .iter()
+        .find(|k| k.source == other.to_string())
+        .unwrap();
     assert_eq!((key.connections, key.streams_active), (1, 1));
     assert_eq!(stats.connections, 3);
 }
@@ -407,6 +485,7 @@ async fn idle_connections_are_closed() {
             idle_timeout: Duration::from_millis(300),
             ..Default::default()
         },
+        telemetry(),
     );
     let mut t = pool.connect(s.hbone()).await.unwrap();
     assert_eq!(echo_round_trip(&mut t, b"x").await, b"x");
@@ -466,8 +545,8 @@ async fn dead_connections_are_evicted() {
                 tokio::select! {
                     _ = tokio::io::copy_bidirectional(&mut a, &mut b) => {}
                     _ = cut.wait_for(|c| *c) => {
-                        weft::forward::reset(&a);
-                        weft::forward::reset(&b);
+                        weft::relay::reset(&a);
+                        weft::relay::reset(&b);
                     }
                 }
             });
@@ -598,7 +677,7 @@ async fn client_from_another_ca_is_refused() {
     let other_ca = new_ca(other_dir.path());
     // Trusts the server's CA, but its own certificate comes from a CA the server does not know.
     let rogue = manager(&other_ca, &[&s.ca], Duration::from_secs(3600), &[&s.src]);
-    let pool = Pool::new(rogue, PoolConfig::default());
+    let pool = Pool::new(rogue, PoolConfig::default(), telemetry());
     let e = pool.connect(s.hbone()).await.unwrap_err();
     assert!(matches!(e, TunnelError::Tls { .. }), "{e}");
     assert_eq!(pool.stats().connections_failed_total, 1);
@@ -784,6 +863,7 @@ async fn rotation_keeps_open_tunnels_and_renews_new_connections() {
             max_streams_per_conn: 1,
             ..Default::default()
         },
+        telemetry(),
     );
     let mut first = pool
         .connect(hbone(&src, &dst, node_addr, echo))
@@ -831,7 +911,7 @@ async fn peer_from_a_second_root_in_the_trust_bundle_is_accepted() {
     let server = manager(&root1, &[&root2], Duration::from_secs(600), &[&dst]);
     let echo = echo_server().await;
     let (node_addr, _) = node(server, Handler::deliver_to(vec![echo]), Default::default()).await;
-    let pool = Pool::new(client, PoolConfig::default());
+    let pool = Pool::new(client, PoolConfig::default(), telemetry());
     let mut t = pool
         .connect(hbone(&src, &dst, node_addr, echo))
         .await
@@ -874,7 +954,7 @@ async fn intermediate_ca_chains_verify() {
     let server = manager(&root, &[], Duration::from_secs(600), &[&dst]);
     let echo = echo_server().await;
     let (node_addr, _) = node(server, Handler::deliver_to(vec![echo]), Default::default()).await;
-    let pool = Pool::new(client, PoolConfig::default());
+    let pool = Pool::new(client, PoolConfig::default(), telemetry());
     let mut t = pool
         .connect(hbone(&src, &dst, node_addr, echo))
         .await

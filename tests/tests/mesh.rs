@@ -405,6 +405,106 @@ fn strict_peer_authentication_drops_plaintext_in_the_kernel() {
     wait_until(WAIT, || succeeds(&legacy, http)).expect("PERMISSIVE again");
 }
 
+/// A security object weft cannot apply — a misspelt kind, a version Istio does not serve — is a
+/// policy weft cannot enforce: what it could select is denied (and its plaintext dropped as
+/// STRICT) until it is fixed, while the node starts with it in the registry, everything else
+/// keeps flowing and `weft status` names it with its file and line.
+#[test]
+fn security_objects_weft_cannot_apply_fail_closed() {
+    let mut m = mesh("fail_closed", &[]);
+    let http = m.web.addr(8080);
+    // Another workload of `back`, which the broken object does not select.
+    let api = m
+        .cluster
+        .add_pod(
+            &m.b,
+            PodSpec::new("back", "api-0")
+                .label("app", "api")
+                .service_account("api")
+                .port("http", 8080),
+        )
+        .unwrap();
+    let _api_server = serve(&api, 8080, "echo");
+    let legacy = m
+        .cluster
+        .add_pod(&m.a, PodSpec::new("plain", "legacy"))
+        .unwrap();
+    wait_until(WAIT, || succeeds(&m.other, http) && succeeds(&legacy, http))
+        .expect("no policy: mesh and plaintext calls work");
+
+    // As a user wrote it: a DENY for front/other, with the kind misspelt.
+    let typo = "apiVersion: security.istio.io/v1\nkind: AuthorisationPolicy\nmetadata:\n  name: deny-other\n  namespace: back\nspec:\n  selector:\n    matchLabels:\n      app: web\n  action: DENY\n  rules:\n  - from:\n    - source:\n        principals: [\"cluster.local/ns/front/sa/other\"]\n";
+    apply(&m, typo);
+    // Not just the caller it meant to deny: nothing reaches what it selects.
+    let f = wait_denied(&m, &m.other, http, "back/deny-other");
+    assert!(
+        s(&f, "/error").contains("fail_closed"),
+        "the flow says why: {f}"
+    );
+    wait_denied(&m, &m.client, http, "back/deny-other");
+    m.weft_b
+        .wait_flows(1, WAIT, |f| {
+            s(f, "/verdict") == "denied" && s(f, "/policy") == "back/deny-other"
+        })
+        .unwrap();
+    wait_until(WAIT, || !succeeds(&legacy, http))
+        .expect("plaintext to a workload that fails closed is dropped as STRICT");
+    // What it cannot select is untouched.
+    assert!(succeeds(&m.client, api.addr(8080)));
+    assert!(succeeds(&legacy, api.addr(8080)));
+
+    // The node reports it, with where it is and what weft knows.
+    let st = m.weft_b.status().unwrap();
+    let not_applied = st["registry"]["not_applied"].to_string();
+    assert!(
+        not_applied.contains("registry.yaml:")
+            && not_applied.contains("(AuthorisationPolicy back/deny-other)")
+            && not_applied.contains("did you mean AuthorizationPolicy?")
+            && not_applied.contains("weft knows AuthorizationPolicy (v1, v1beta1)"),
+        "{st}"
+    );
+    assert!(
+        st["mesh"]["fail_closed"]
+            .to_string()
+            .contains("AuthorisationPolicy back/deny-other (selects app=web)"),
+        "{st}"
+    );
+    assert!(m
+        .weft_b
+        .cli(&["status"])
+        .unwrap()
+        .contains("FAILING CLOSED"));
+
+    // A node that starts with it in the registry starts, and fails closed from the first call.
+    m.weft_b.restart().unwrap();
+    wait_denied(&m, &m.client, http, "back/deny-other");
+    assert!(succeeds(&m.client, api.addr(8080)));
+
+    // Fixed: the policy applies as written, and only to whom it names.
+    delete(&m, "AuthorisationPolicy", "back", "deny-other");
+    apply(
+        &m,
+        &typo.replace("AuthorisationPolicy", "AuthorizationPolicy"),
+    );
+    wait_until(WAIT, || succeeds(&m.client, http)).expect("fixed: client allowed again");
+    wait_denied(&m, &m.other, http, "back/deny-other");
+    wait_until(WAIT, || succeeds(&legacy, http)).expect("fixed: PERMISSIVE again");
+    assert_eq!(
+        m.weft_b.status().unwrap()["registry"]["not_applied"],
+        Value::Array(vec![])
+    );
+
+    // A version Istio does not serve, namespace-wide: the same.
+    delete(&m, "AuthorizationPolicy", "back", "deny-other");
+    apply(
+        &m,
+        "apiVersion: security.istio.io/v2\nkind: PeerAuthentication\nmetadata:\n  name: future\n  namespace: back\nspec:\n  mtls:\n    mode: PERMISSIVE\n",
+    );
+    wait_denied(&m, &m.client, api.addr(8080), "back/future");
+    delete(&m, "PeerAuthentication", "back", "future");
+    wait_until(WAIT, || succeeds(&m.client, api.addr(8080))).expect("removed: allowed again");
+}
+
 #[test]
 fn hbone_listener_refuses_bad_peers_and_bad_input() {
     let m = mesh("hbone_refusals", &[]);
@@ -592,7 +692,8 @@ fn same_node_mesh_traffic_is_authorized_without_tls() {
 fn hbone_refuses_foreign_certificates_and_non_local_targets() {
     use std::collections::HashSet;
     use weft::identity::{init_ca, IdentityConfig, IdentityManager, SpiffeId};
-    use weft::tunnel::pool::{Hbone, Pool, PoolConfig};
+    use weft::telemetry::Telemetry;
+    use weft::tunnel::client::{Hbone, Pool, PoolConfig};
 
     let m = mesh("hbone_peers", &[]);
     let client_id: SpiffeId = CLIENT_ID.parse().unwrap();
@@ -632,10 +733,14 @@ fn hbone_refuses_foreign_certificates_and_non_local_targets() {
             .unwrap();
         rt.block_on(async {
             let connect = |mgr: Arc<IdentityManager>, req: Hbone| async move {
-                Pool::new(mgr, PoolConfig::default())
-                    .connect(req)
-                    .await
-                    .map(drop)
+                Pool::new(
+                    mgr,
+                    PoolConfig::default(),
+                    Arc::new(Telemetry::new("node-a", 10)),
+                )
+                .connect(req)
+                .await
+                .map(drop)
             };
             (
                 connect(rogue.clone(), hbone(m.web.addr(8080))).await,

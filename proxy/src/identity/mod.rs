@@ -10,6 +10,8 @@
 //! [`IdentityManager::server_config`]) live in [`tls`]: TLS 1.3 only, ALPN `h2`, mutual
 //! authentication against the trust bundle, the server certificate chosen by SNI ([`sni_for`]),
 //! the server's SPIFFE id checked by the client.
+//!
+//! May import: `admin::api` (certificate rows).
 
 mod spiffe;
 mod tls;
@@ -19,10 +21,11 @@ use std::fs;
 use std::io::Write;
 use std::os::unix::fs::OpenOptionsExt;
 use std::path::{Path, PathBuf};
-use std::sync::{Arc, Mutex, MutexGuard, Weak};
+use std::sync::{Arc, Weak};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use anyhow::{anyhow, bail, Context, Result};
+use parking_lot::{Mutex, MutexGuard};
 use rcgen::{
     BasicConstraints, CertificateParams, DistinguishedName, DnType, ExtendedKeyUsagePurpose, IsCa,
     Issuer, KeyPair, KeyUsagePurpose, SanType, SerialNumber,
@@ -32,9 +35,10 @@ use rustls::pki_types::pem::PemObject;
 use rustls::pki_types::{CertificateDer, PrivateKeyDer, PrivatePkcs8KeyDer};
 use rustls::sign::CertifiedKey;
 use rustls::RootCertStore;
-use serde::Serialize;
 use time::OffsetDateTime;
 use tracing::{debug, info, warn};
+
+use crate::admin::api::CertInfo;
 
 pub use spiffe::{identity_from_sni, sni_for, validate_trust_domain, SpiffeId, SpiffeIdError};
 pub use tls::{peer_identity, ALPN_H2};
@@ -83,8 +87,8 @@ impl Svid {
         self.certified.clone()
     }
 
-    pub fn info(&self) -> SvidInfo {
-        SvidInfo {
+    pub fn info(&self) -> CertInfo {
+        CertInfo {
             identity: self.id.to_string(),
             serial: self.serial.clone(),
             not_before: OffsetDateTime::from(self.not_before),
@@ -103,17 +107,6 @@ impl std::fmt::Debug for Svid {
             .field("chain_len", &self.chain.len())
             .finish_non_exhaustive()
     }
-}
-
-/// What `weft certs` shows about one SVID.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
-pub struct SvidInfo {
-    pub identity: String,
-    pub serial: String,
-    #[serde(with = "time::serde::rfc3339")]
-    pub not_before: OffsetDateTime,
-    #[serde(with = "time::serde::rfc3339")]
-    pub not_after: OffsetDateTime,
 }
 
 /// Mints, caches and rotates the SVIDs of the identities hosted on this node, and builds the
@@ -253,7 +246,9 @@ impl IdentityManager {
             local.svids.retain(|id, _| ids.contains(id));
             local.ids = ids;
         }
-        lock(&self.client_configs).retain(|(src, _), _| self.state.is_local(src));
+        self.client_configs
+            .lock()
+            .retain(|(src, _), _| self.state.is_local(src));
         self.state.changed.notify_one();
     }
 
@@ -282,9 +277,9 @@ impl IdentityManager {
     }
 
     /// The SVIDs currently held, sorted by identity.
-    pub fn certs(&self) -> Vec<SvidInfo> {
+    pub fn certs(&self) -> Vec<CertInfo> {
         let local = self.state.lock();
-        let mut out: Vec<SvidInfo> = local.svids.values().map(|s| s.info()).collect();
+        let mut out: Vec<CertInfo> = local.svids.values().map(|s| s.info()).collect();
         out.sort_by(|a, b| a.identity.cmp(&b.identity));
         out
     }
@@ -302,11 +297,11 @@ impl IdentityManager {
             bail!("{source} is not an identity hosted on this node");
         }
         let key = (source.clone(), expected_server.clone());
-        if let Some(c) = lock(&self.client_configs).get(&key) {
+        if let Some(c) = self.client_configs.lock().get(&key) {
             return Ok(c.clone());
         }
         let config = tls::client_config(&self.state, source, expected_server)?;
-        lock(&self.client_configs).insert(key, config.clone());
+        self.client_configs.lock().insert(key, config.clone());
         Ok(config)
     }
 
@@ -354,7 +349,7 @@ async fn rotate(state: Weak<State>) {
 
 impl State {
     fn lock(&self) -> MutexGuard<'_, Local> {
-        lock(&self.local)
+        self.local.lock()
     }
 
     fn is_local(&self, id: &SpiffeId) -> bool {
@@ -440,10 +435,6 @@ impl State {
             certified,
         })
     }
-}
-
-fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
-    m.lock().unwrap_or_else(|e| e.into_inner())
 }
 
 fn truncate_to_secs(t: SystemTime) -> SystemTime {

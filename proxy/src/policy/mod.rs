@@ -10,10 +10,18 @@
 //! - [`rbac`]: AuthorizationPolicy, enforced at L4 as ztunnel does (HTTP attributes fail closed).
 //! - [`peerauth`]: PeerAuthentication, mesh → namespace → workload → port.
 //!
-//! The registry calls [`validate`] for every document it loads, so an invalid policy fails the
-//! load with `file:line: document N (AuthorizationPolicy ns/name): spec.rules[0]…: reason` like
-//! any other bad document; [`PolicySet::build`] therefore normally sees only valid objects (it
-//! skips invalid ones and lists them in [`PolicySet::errors`]).
+//! The registry parses and checks every policy object it loads (`registry::kinds::security`), so
+//! an invalid policy fails the load with
+//! `file:line: document N (AuthorizationPolicy ns/name): spec.rules[0]…: reason` like any other
+//! bad document, and [`PolicySet::build`] only ever compiles valid ones.
+//!
+//! # Fail closed
+//!
+//! A security object weft cannot apply (an unknown kind or version in `security.istio.io`, e.g.
+//! `kind: AuthorisationPolicy`) is a policy weft cannot enforce: every workload it could select
+//! (its selector, or every pod, in its namespace; in every namespace from the root namespace)
+//! is denied every connection ([`DenyReason::FailClosed`], naming the object) and its mTLS mode
+//! is STRICT, until the object is fixed or removed.
 //!
 //! # Authorization at L4
 //!
@@ -33,7 +41,8 @@
 //!
 //! # Naming in [`Decision::Deny`]
 //!
-//! `policy` is always `<namespace>/<name>` of an AuthorizationPolicy:
+//! `policy` is always `<namespace>/<name>` of an AuthorizationPolicy (or, for
+//! [`DenyReason::FailClosed`], of the object weft could not apply):
 //! - [`DenyReason::DenyPolicy`] / [`DenyReason::CustomPolicy`]: the policy that matched (root
 //!   namespace policies are checked first, then the destination namespace's, each by name).
 //! - [`DenyReason::NotAllowed`]: ALLOW policies apply and none matched; `policy` is the most
@@ -50,347 +59,14 @@ pub mod rbac;
 use std::collections::{BTreeMap, HashMap, HashSet};
 use std::fmt;
 use std::net::IpAddr;
-use std::sync::Mutex;
 
-use serde::de::DeserializeOwned;
-use serde::{Deserialize, Deserializer, Serialize};
-use serde_json::Value;
+use parking_lot::Mutex;
+use serde::Serialize;
 
-use crate::registry::{FieldError, Pod, RawObject, Snapshot};
+use crate::registry::kinds::security::WorkloadSelector;
+use crate::registry::{FailClosed, Pod, Snapshot};
 
 pub use peerauth::MtlsMode;
-
-/// The default Istio root namespace.
-pub const DEFAULT_ROOT_NAMESPACE: &str = "istio-system";
-
-/// API group of the policy kinds.
-pub const SECURITY_GROUP: &str = "security.istio.io";
-
-/// Whether `api_version`/`kind` is an AuthorizationPolicy or PeerAuthentication this engine reads
-/// (`security.istio.io/v1` or `/v1beta1`).
-pub fn is_policy_kind(api_version: &str, kind: &str) -> bool {
-    policy_kind(api_version, kind).is_some()
-}
-
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-enum Kind {
-    Authorization,
-    PeerAuthentication,
-}
-
-fn policy_kind(api_version: &str, kind: &str) -> Option<Kind> {
-    let version = api_version
-        .strip_prefix(SECURITY_GROUP)?
-        .strip_prefix('/')?;
-    if !matches!(version, "v1" | "v1beta1") {
-        return None;
-    }
-    match kind {
-        "AuthorizationPolicy" => Some(Kind::Authorization),
-        "PeerAuthentication" => Some(Kind::PeerAuthentication),
-        _ => None,
-    }
-}
-
-// ---------------------------------------------------------------------------------------------
-// Istio API types (security.istio.io), camelCase, unknown fields rejected as Istio's schema does.
-// ---------------------------------------------------------------------------------------------
-
-/// `spec.selector`.
-#[derive(Debug, Clone, Default, PartialEq, Eq, Deserialize)]
-#[serde(rename_all = "camelCase", deny_unknown_fields)]
-pub struct WorkloadSelector {
-    #[serde(default, deserialize_with = "nullable")]
-    pub match_labels: BTreeMap<String, String>,
-}
-
-/// `AuthorizationPolicy.spec.action`.
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize, Serialize)]
-#[serde(rename_all = "SCREAMING_SNAKE_CASE")]
-pub enum Action {
-    #[default]
-    Allow,
-    Deny,
-    Audit,
-    Custom,
-}
-
-impl Action {
-    pub fn as_str(self) -> &'static str {
-        match self {
-            Action::Allow => "ALLOW",
-            Action::Deny => "DENY",
-            Action::Audit => "AUDIT",
-            Action::Custom => "CUSTOM",
-        }
-    }
-}
-
-/// `AuthorizationPolicy.spec`.
-#[derive(Debug, Clone, Default, Deserialize)]
-#[serde(rename_all = "camelCase", deny_unknown_fields)]
-pub struct AuthorizationPolicySpec {
-    #[serde(default)]
-    pub selector: Option<WorkloadSelector>,
-    #[serde(default)]
-    pub target_ref: Option<Value>,
-    #[serde(default)]
-    pub target_refs: Option<Vec<Value>>,
-    /// `None` (absent) and `Some([])` differ only for validation (DENY needs rules).
-    #[serde(default)]
-    pub rules: Option<Vec<Rule>>,
-    #[serde(default, deserialize_with = "nullable")]
-    pub action: Action,
-    #[serde(default)]
-    pub provider: Option<Provider>,
-}
-
-/// `spec.provider` of a CUSTOM policy.
-#[derive(Debug, Clone, Default, Deserialize)]
-#[serde(rename_all = "camelCase", deny_unknown_fields)]
-pub struct Provider {
-    #[serde(default, deserialize_with = "nullable")]
-    pub name: String,
-}
-
-/// One entry of `spec.rules`: `from`, `to` and `when` are ANDed.
-#[derive(Debug, Clone, Default, Deserialize)]
-#[serde(rename_all = "camelCase", deny_unknown_fields)]
-pub struct Rule {
-    #[serde(default)]
-    pub from: Option<Vec<RuleFrom>>,
-    #[serde(default)]
-    pub to: Option<Vec<RuleTo>>,
-    #[serde(default, deserialize_with = "nullable")]
-    pub when: Vec<Condition>,
-}
-
-/// An entry of `rules[].from`.
-#[derive(Debug, Clone, Default, Deserialize)]
-#[serde(rename_all = "camelCase", deny_unknown_fields)]
-pub struct RuleFrom {
-    #[serde(default)]
-    pub source: Option<Source>,
-}
-
-/// An entry of `rules[].to`.
-#[derive(Debug, Clone, Default, Deserialize)]
-#[serde(rename_all = "camelCase", deny_unknown_fields)]
-pub struct RuleTo {
-    #[serde(default)]
-    pub operation: Option<Operation>,
-}
-
-/// `rules[].from[].source`: fields are ANDed, values within a field ORed.
-#[derive(Debug, Clone, Default, Deserialize)]
-#[serde(rename_all = "camelCase", deny_unknown_fields)]
-pub struct Source {
-    #[serde(default, deserialize_with = "nullable")]
-    pub principals: Vec<String>,
-    #[serde(default, deserialize_with = "nullable")]
-    pub not_principals: Vec<String>,
-    #[serde(default, deserialize_with = "nullable")]
-    pub request_principals: Vec<String>,
-    #[serde(default, deserialize_with = "nullable")]
-    pub not_request_principals: Vec<String>,
-    #[serde(default, deserialize_with = "nullable")]
-    pub namespaces: Vec<String>,
-    #[serde(default, deserialize_with = "nullable")]
-    pub not_namespaces: Vec<String>,
-    #[serde(default, deserialize_with = "nullable")]
-    pub service_accounts: Vec<String>,
-    #[serde(default, deserialize_with = "nullable")]
-    pub not_service_accounts: Vec<String>,
-    #[serde(default, deserialize_with = "nullable")]
-    pub ip_blocks: Vec<String>,
-    #[serde(default, deserialize_with = "nullable")]
-    pub not_ip_blocks: Vec<String>,
-    #[serde(default, deserialize_with = "nullable")]
-    pub remote_ip_blocks: Vec<String>,
-    #[serde(default, deserialize_with = "nullable")]
-    pub not_remote_ip_blocks: Vec<String>,
-}
-
-/// `rules[].to[].operation`.
-#[derive(Debug, Clone, Default, Deserialize)]
-#[serde(rename_all = "camelCase", deny_unknown_fields)]
-pub struct Operation {
-    #[serde(default, deserialize_with = "nullable")]
-    pub hosts: Vec<String>,
-    #[serde(default, deserialize_with = "nullable")]
-    pub not_hosts: Vec<String>,
-    #[serde(default, deserialize_with = "port_strings")]
-    pub ports: Vec<String>,
-    #[serde(default, deserialize_with = "port_strings")]
-    pub not_ports: Vec<String>,
-    #[serde(default, deserialize_with = "nullable")]
-    pub methods: Vec<String>,
-    #[serde(default, deserialize_with = "nullable")]
-    pub not_methods: Vec<String>,
-    #[serde(default, deserialize_with = "nullable")]
-    pub paths: Vec<String>,
-    #[serde(default, deserialize_with = "nullable")]
-    pub not_paths: Vec<String>,
-}
-
-/// `rules[].when[]`.
-#[derive(Debug, Clone, Default, Deserialize)]
-#[serde(rename_all = "camelCase", deny_unknown_fields)]
-pub struct Condition {
-    #[serde(default, deserialize_with = "nullable")]
-    pub key: String,
-    #[serde(default, deserialize_with = "nullable")]
-    pub values: Vec<String>,
-    #[serde(default, deserialize_with = "nullable")]
-    pub not_values: Vec<String>,
-}
-
-/// `PeerAuthentication.spec`.
-#[derive(Debug, Clone, Default, Deserialize)]
-#[serde(rename_all = "camelCase", deny_unknown_fields)]
-pub struct PeerAuthenticationSpec {
-    #[serde(default)]
-    pub selector: Option<WorkloadSelector>,
-    #[serde(default)]
-    pub mtls: Option<MutualTls>,
-    /// Container port (as written: YAML keys arrive as strings) → mode.
-    #[serde(default)]
-    pub port_level_mtls: Option<BTreeMap<String, MutualTls>>,
-}
-
-/// `spec.mtls` / a `spec.portLevelMtls` value.
-#[derive(Debug, Clone, Default, Deserialize)]
-#[serde(rename_all = "camelCase", deny_unknown_fields)]
-pub struct MutualTls {
-    #[serde(default, deserialize_with = "nullable")]
-    pub mode: ModeSetting,
-}
-
-/// `mtls.mode` as written; `UNSET` inherits from the enclosing level.
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize)]
-#[serde(rename_all = "SCREAMING_SNAKE_CASE")]
-pub enum ModeSetting {
-    #[default]
-    Unset,
-    Disable,
-    Permissive,
-    Strict,
-}
-
-impl ModeSetting {
-    fn mode(self) -> Option<MtlsMode> {
-        match self {
-            ModeSetting::Unset => None,
-            ModeSetting::Disable => Some(MtlsMode::Disable),
-            ModeSetting::Permissive => Some(MtlsMode::Permissive),
-            ModeSetting::Strict => Some(MtlsMode::Strict),
-        }
-    }
-}
-
-/// `null` (a key with nothing after it in YAML) as the default value.
-fn nullable<'de, D, T>(d: D) -> Result<T, D::Error>
-where
-    D: Deserializer<'de>,
-    T: Deserialize<'de> + Default,
-{
-    Ok(Option::<T>::deserialize(d)?.unwrap_or_default())
-}
-
-/// A list of port strings (`ports: ["8080"]`), with a hint when a number is written unquoted, as
-/// Istio's schema rejects that.
-fn port_strings<'de, D: Deserializer<'de>>(d: D) -> Result<Vec<String>, D::Error> {
-    #[derive(Deserialize)]
-    #[serde(untagged)]
-    enum Item {
-        Str(String),
-        Num(serde_json::Number),
-    }
-    let items: Option<Vec<Item>> = Option::deserialize(d)?;
-    let mut out = Vec::new();
-    for item in items.unwrap_or_default() {
-        match item {
-            Item::Str(s) => out.push(s),
-            Item::Num(n) => {
-                return Err(serde::de::Error::custom(format!(
-                    "ports are strings: write \"{n}\" (quoted), not {n}"
-                )))
-            }
-        }
-    }
-    Ok(out)
-}
-
-// ---------------------------------------------------------------------------------------------
-// Validation (called by the registry for every document) and parsing.
-// ---------------------------------------------------------------------------------------------
-
-pub(crate) fn field_error(path: impl Into<String>, reason: impl Into<String>) -> FieldError {
-    FieldError {
-        path: path.into(),
-        reason: reason.into(),
-    }
-}
-
-/// Deserializes `spec` of `raw` (absent or `null` = `{}`), with the field path of a type error.
-fn parse_spec<T: DeserializeOwned + Default>(raw: &RawObject) -> Result<T, Vec<FieldError>> {
-    match raw.value.get("spec") {
-        None | Some(Value::Null) => Ok(T::default()),
-        // The path-tracking deserializer is slower: only for the error message.
-        Some(spec) => T::deserialize(spec)
-            .or_else(|_| serde_path_to_error::deserialize(spec))
-            .map_err(|e| {
-                let path = e.path().to_string();
-                let path = if path.is_empty() || path == "." {
-                    "spec".to_string()
-                } else {
-                    format!("spec.{path}")
-                };
-                vec![field_error(path, e.into_inner().to_string())]
-            }),
-    }
-}
-
-/// Checks a document the registry keeps as a raw object: AuthorizationPolicy and
-/// PeerAuthentication (`security.istio.io/v1`, `/v1beta1`) must be valid; anything else passes.
-/// Errors carry the field path (`spec.rules[0].from[0].source.principals[1]`).
-pub fn validate(raw: &RawObject) -> Result<(), Vec<FieldError>> {
-    let errors = match policy_kind(&raw.api_version, &raw.kind) {
-        None => return Ok(()),
-        Some(Kind::Authorization) => {
-            let spec: AuthorizationPolicySpec = parse_spec(raw)?;
-            rbac::check(&spec)
-        }
-        Some(Kind::PeerAuthentication) => {
-            let spec: PeerAuthenticationSpec = parse_spec(raw)?;
-            peerauth::check(&spec)
-        }
-    };
-    if errors.is_empty() {
-        Ok(())
-    } else {
-        Err(errors)
-    }
-}
-
-/// Selector checks shared by both kinds (Istio's `validateWorkloadSelector`).
-fn check_selector(selector: &Option<WorkloadSelector>, errors: &mut Vec<FieldError>) {
-    let Some(selector) = selector else { return };
-    for (k, v) in &selector.match_labels {
-        let path = format!("spec.selector.matchLabels.{k}");
-        if k.is_empty() {
-            errors.push(field_error(
-                "spec.selector.matchLabels",
-                "empty label key is not supported",
-            ));
-        } else if k.contains('*') || v.contains('*') {
-            errors.push(field_error(
-                path,
-                format!("wildcard is not supported in selector: \"{k}={v}\""),
-            ));
-        }
-    }
-}
 
 /// The label pairs a selector requires; empty (absent or `{}`) selects every pod.
 fn selector_pairs(selector: &Option<WorkloadSelector>) -> Vec<(String, String)> {
@@ -445,17 +121,21 @@ pub enum DenyReason {
     /// ALLOW policies apply and none matched; some of their rules need HTTP attributes and are
     /// not enforced at L4 (they never allow).
     NotAllowedHttpRules,
+    /// A security object that could select the destination cannot be applied (unknown kind or
+    /// version): nothing is allowed until it is fixed.
+    FailClosed,
 }
 
 impl DenyReason {
     /// A stable snake_case name (`deny_policy`, `custom_policy`, `not_allowed`,
-    /// `not_allowed_http_rules`).
+    /// `not_allowed_http_rules`, `fail_closed`).
     pub fn as_str(self) -> &'static str {
         match self {
             DenyReason::DenyPolicy => "deny_policy",
             DenyReason::CustomPolicy => "custom_policy",
             DenyReason::NotAllowed => "not_allowed",
             DenyReason::NotAllowedHttpRules => "not_allowed_http_rules",
+            DenyReason::FailClosed => "fail_closed",
         }
     }
 }
@@ -470,6 +150,9 @@ impl fmt::Display for DenyReason {
             DenyReason::NotAllowed => "no ALLOW policy matched",
             DenyReason::NotAllowedHttpRules => {
                 "no ALLOW policy matched (rules with HTTP attributes are not enforced at L4 and never allow)"
+            }
+            DenyReason::FailClosed => {
+                "a security object weft cannot apply selects the destination (fail closed)"
             }
         })
     }
@@ -502,6 +185,16 @@ impl fmt::Display for Decision {
     }
 }
 
+/// The one wording of a denied connection, on every node that records it: `denied by policy
+/// <namespace>/<name> (<reason>)`, with [`DenyReason::as_str`] as the reason (the source node of
+/// a tunnel learns both from the destination node's answer).
+pub fn deny_message(policy: &str, reason: Option<&str>) -> String {
+    match reason {
+        Some(reason) => format!("denied by policy {policy} ({reason})"),
+        None => format!("denied by policy {policy}"),
+    }
+}
+
 /// mTLS of one pod: the default mode and per-container-port overrides.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize)]
 pub struct PodMtls {
@@ -515,59 +208,41 @@ pub struct PolicySet {
     root_namespace: String,
     authz: rbac::Index,
     peer: peerauth::Index,
-    errors: Vec<String>,
+    fail_closed: Vec<FailClosed>,
     warnings: Vec<String>,
 }
 
 impl PolicySet {
     /// Compiles the AuthorizationPolicies and PeerAuthentications of `snapshot`. `root_namespace`
-    /// is Istio's root namespace (usually [`DEFAULT_ROOT_NAMESPACE`]). Invalid objects are skipped
-    /// and listed in [`PolicySet::errors`]; the policies that are only partly enforced at L4 are
-    /// listed in [`PolicySet::warnings`] and logged (once per process and policy).
+    /// is Istio's root namespace (`--root-namespace`). The policies that are only partly
+    /// enforced at L4 are listed in [`PolicySet::warnings`] and logged (once per process and
+    /// policy); the security objects that fail closed are logged the same way.
     pub fn build(snapshot: &Snapshot, root_namespace: &str) -> PolicySet {
         let mut set = PolicySet {
             root_namespace: root_namespace.to_string(),
+            fail_closed: snapshot.fail_closed.clone(),
             ..PolicySet::default()
         };
         let mut authz = rbac::Builder::new(root_namespace);
+        for p in &snapshot.authorization_policies {
+            authz.add(&p.namespace, &p.name, &p.spec, &mut set.warnings);
+        }
         let mut peer = peerauth::Builder::new(root_namespace);
-        for raw in &snapshot.others {
-            let Some(kind) = policy_kind(&raw.api_version, &raw.kind) else {
-                continue;
-            };
-            let namespace = raw.namespace.as_deref().unwrap_or("default");
-            let result = match kind {
-                Kind::Authorization => parse_spec::<AuthorizationPolicySpec>(raw).and_then(|s| {
-                    let errors = rbac::check(&s);
-                    if errors.is_empty() {
-                        authz.add(namespace, &raw.name, &s, &mut set.warnings);
-                        Ok(())
-                    } else {
-                        Err(errors)
-                    }
-                }),
-                Kind::PeerAuthentication => {
-                    parse_spec::<PeerAuthenticationSpec>(raw).and_then(|s| {
-                        let errors = peerauth::check(&s);
-                        if errors.is_empty() {
-                            peer.add(namespace, &raw.name, creation_timestamp(raw), &s);
-                            Ok(())
-                        } else {
-                            Err(errors)
-                        }
-                    })
-                }
-            };
-            if let Err(errors) = result {
-                for e in errors {
-                    let msg = format!("{} {namespace}/{}: {e}", raw.kind, raw.name);
-                    warn_once(&format!("skipping invalid {msg}"));
-                    set.errors.push(msg);
-                }
-            }
+        for p in &snapshot.peer_authentications {
+            peer.add(&p.namespace, &p.name, p.created, &p.spec);
         }
         for w in &set.warnings {
             warn_once(w);
+        }
+        for f in &set.fail_closed {
+            warn_once(&format!(
+                "{} {}/{} cannot be applied, so {} fail closed (every connection denied, STRICT mTLS): {}",
+                f.kind,
+                f.namespace,
+                f.name,
+                fail_closed_scope(f, root_namespace),
+                f.reason
+            ));
         }
         set.authz = authz.finish();
         set.peer = peer.finish();
@@ -594,9 +269,9 @@ impl PolicySet {
         self.peer.len()
     }
 
-    /// Objects skipped as invalid: `AuthorizationPolicy ns/name: path: reason`.
-    pub fn errors(&self) -> &[String] {
-        &self.errors
+    /// The security objects weft cannot apply, whose workloads fail closed.
+    pub fn fail_closed(&self) -> &[FailClosed] {
+        &self.fail_closed
     }
 
     /// Policies only partly enforced at L4 (HTTP attributes, `targetRef`, AUDIT), one line each.
@@ -606,7 +281,20 @@ impl PolicySet {
 
     /// Decides whether a connection may reach `req.destination`.
     pub fn authorize(&self, req: &ConnRequest<'_>) -> Decision {
+        if let Some(f) = self.failing_closed(req.destination) {
+            return Decision::Deny {
+                policy: format!("{}/{}", f.namespace, f.name),
+                reason: DenyReason::FailClosed,
+            };
+        }
         self.authz.authorize(req)
+    }
+
+    /// The first object weft cannot apply that could select `pod`.
+    fn failing_closed(&self, pod: &Pod) -> Option<&FailClosed> {
+        self.fail_closed
+            .iter()
+            .find(|f| f.could_select(pod, &self.root_namespace))
     }
 
     /// AuthorizationPolicies that apply to `pod` (`ns/name`), in evaluation order: root-namespace
@@ -617,31 +305,45 @@ impl PolicySet {
 
     /// The mTLS mode for connections to container port `port` of `pod`.
     pub fn mtls_mode(&self, pod: &Pod, port: u16) -> MtlsMode {
+        if self.failing_closed(pod).is_some() {
+            return MtlsMode::Strict;
+        }
         self.peer.mode(pod, port)
     }
 
     /// The mTLS mode of `pod` and its per-port overrides.
     pub fn mtls(&self, pod: &Pod) -> PodMtls {
+        if self.failing_closed(pod).is_some() {
+            return PodMtls {
+                default: MtlsMode::Strict,
+                ports: BTreeMap::new(),
+            };
+        }
         self.peer.pod(pod)
     }
 }
 
-/// `metadata.creationTimestamp` (RFC 3339), used to pick the oldest of competing
-/// PeerAuthentications as Istio does.
-fn creation_timestamp(raw: &RawObject) -> Option<time::OffsetDateTime> {
-    let s = raw
-        .value
-        .get("metadata")?
-        .get("creationTimestamp")?
-        .as_str()?;
-    time::OffsetDateTime::parse(s, &time::format_description::well_known::Rfc3339).ok()
+/// Which workloads a [`FailClosed`] object covers, in words.
+fn fail_closed_scope(f: &FailClosed, root_namespace: &str) -> String {
+    let namespaces = if f.namespace == root_namespace {
+        "in every namespace".to_string()
+    } else {
+        format!("in namespace {}", f.namespace)
+    };
+    match &f.selector {
+        Some(labels) if !labels.is_empty() => {
+            let sel: Vec<String> = labels.iter().map(|(k, v)| format!("{k}={v}")).collect();
+            format!("the pods labelled {} {namespaces}", sel.join(","))
+        }
+        _ => format!("all pods {namespaces}"),
+    }
 }
 
 /// Logs `msg` as a warning unless it was already logged by this process (policy sets are rebuilt
 /// on every registry change; an unchanged policy should not warn again).
 fn warn_once(msg: &str) {
     static SEEN: Mutex<Option<HashSet<String>>> = Mutex::new(None);
-    let mut seen = SEEN.lock().unwrap_or_else(|e| e.into_inner());
+    let mut seen = SEEN.lock();
     let seen = seen.get_or_insert_with(HashSet::new);
     if seen.contains(msg) {
         return;

@@ -15,11 +15,9 @@ use std::fmt;
 use serde::Serialize;
 use time::OffsetDateTime;
 
-use super::{
-    check_selector, field_error, selector_pairs, selects, ByNamespace, ModeSetting,
-    PeerAuthenticationSpec, PodMtls,
-};
-use crate::registry::{FieldError, Pod};
+use super::{selector_pairs, selects, ByNamespace, PodMtls};
+use crate::registry::kinds::security::{parse_port, ModeSetting, PeerAuthenticationSpec};
+use crate::registry::Pod;
 
 /// Effective mTLS mode.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize)]
@@ -50,45 +48,14 @@ impl fmt::Display for MtlsMode {
     }
 }
 
-/// Every problem of a PeerAuthentication spec (Istio's ValidatePeerAuthentication).
-pub(crate) fn check(spec: &PeerAuthenticationSpec) -> Vec<FieldError> {
-    let mut errors = Vec::new();
-    check_selector(&spec.selector, &mut errors);
-    let Some(ports) = &spec.port_level_mtls else {
-        return errors;
-    };
-    let no_selector = spec
-        .selector
-        .as_ref()
-        .is_none_or(|s| s.match_labels.is_empty());
-    if ports.is_empty() {
-        errors.push(field_error(
-            "spec.portLevelMtls",
-            "must have at least one port when present",
-        ));
-    } else if no_selector {
-        errors.push(field_error(
-            "spec.portLevelMtls",
-            "needs a workload selector: a mesh- or namespace-wide PeerAuthentication cannot set port-level mTLS",
-        ));
+/// The mode a setting stands for; `UNSET` inherits from the enclosing level.
+fn mode_of(setting: ModeSetting) -> Option<MtlsMode> {
+    match setting {
+        ModeSetting::Unset => None,
+        ModeSetting::Disable => Some(MtlsMode::Disable),
+        ModeSetting::Permissive => Some(MtlsMode::Permissive),
+        ModeSetting::Strict => Some(MtlsMode::Strict),
     }
-    for key in ports.keys() {
-        if parse_port(key).is_none() {
-            errors.push(field_error(
-                format!("spec.portLevelMtls.{key}"),
-                format!("invalid port {key:?}: expected a number 1-65535"),
-            ));
-        }
-    }
-    errors
-}
-
-fn parse_port(s: &str) -> Option<u16> {
-    s.bytes()
-        .all(|b| b.is_ascii_digit())
-        .then(|| s.parse::<u16>().ok())
-        .flatten()
-        .filter(|p| *p != 0)
 }
 
 /// Sort key: oldest first, undated last, then by name.
@@ -181,11 +148,11 @@ impl Builder {
             list.sort_by(|a, b| a.age.cmp(&b.age));
         }
         Index {
-            mesh: self.mesh.and_then(|(_, m)| m.mode()),
+            mesh: self.mesh.and_then(|(_, m)| mode_of(m)),
             namespaces: self
                 .namespaces
                 .into_iter()
-                .map(|(ns, slot)| (ns, slot.and_then(|(_, m)| m.mode())))
+                .map(|(ns, slot)| (ns, slot.and_then(|(_, m)| mode_of(m))))
                 .collect(),
             workloads,
             count: self.count,
@@ -213,7 +180,7 @@ impl Index {
             .get(ns)
             .and_then(|list| list.iter().find(|w| selects(&w.selector, pod)));
         match workload {
-            Some(w) => (w.mode.mode().unwrap_or(inherited), Some(w)),
+            Some(w) => (mode_of(w.mode).unwrap_or(inherited), Some(w)),
             None => (inherited, None),
         }
     }
@@ -223,7 +190,7 @@ impl Index {
         workload
             .and_then(|w| {
                 let i = w.ports.binary_search_by_key(&port, |(p, _)| *p).ok()?;
-                w.ports[i].1.mode()
+                mode_of(w.ports[i].1)
             })
             .unwrap_or(mode)
     }
@@ -234,7 +201,7 @@ impl Index {
             .map(|w| {
                 w.ports
                     .iter()
-                    .map(|(p, m)| (*p, m.mode().unwrap_or(mode)))
+                    .map(|(p, m)| (*p, mode_of(*m).unwrap_or(mode)))
                     .collect()
             })
             .unwrap_or_default();

@@ -1,6 +1,9 @@
 //! From Kubernetes API objects (k8s-openapi types) to the weft model, with semantic checks.
 //!
-//! Shared by every source: the YAML loader (`load.rs`) today, an API watcher tomorrow.
+//! Shared by every source: the YAML files ([`super::file`]) today, an API watcher tomorrow. Istio
+//! and Gateway API objects are classified by [`super::kinds`]: security kinds are parsed and
+//! checked into typed objects, unknown kinds in the groups weft reads are not applied (and, in
+//! `security.istio.io`, fail closed).
 
 use std::collections::{BTreeMap, HashMap, HashSet};
 use std::fmt;
@@ -12,9 +15,10 @@ use k8s_openapi::api::core::v1 as core;
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta;
 use k8s_openapi::apimachinery::pkg::util::intstr::IntOrString;
 
+use super::kinds::{self, security, Class, Kind};
 use super::model::{
-    ContainerPort, Labels, Node, Pod, QosClass, RawObject, Service, ServicePort, Snapshot,
-    TargetPort,
+    ContainerPort, FailClosed, Labels, Node, NotApplied, Objects, Pod, QosClass, RawObject,
+    Service, ServicePort, Snapshot, TargetPort,
 };
 
 /// A semantic problem in one object: the field path (`spec.ports[0].port`) and the reason.
@@ -25,7 +29,7 @@ pub struct FieldError {
 }
 
 impl FieldError {
-    fn new(path: impl Into<String>, reason: impl Into<String>) -> FieldError {
+    pub fn new(path: impl Into<String>, reason: impl Into<String>) -> FieldError {
         FieldError {
             path: path.into(),
             reason: reason.into(),
@@ -71,6 +75,18 @@ impl fmt::Display for ObjectKey {
     }
 }
 
+/// What [`SnapshotBuilder::insert`] did with a valid object.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Inserted {
+    Applied(ObjectKey),
+    /// An unknown kind or version in a group weft reads: left out (see [`super::kinds`]); the
+    /// source reports it with its location ([`SnapshotBuilder::not_applied`]).
+    NotApplied {
+        key: ObjectKey,
+        reason: String,
+    },
+}
+
 /// Accumulates objects, converting and checking each, then builds a [`Snapshot`].
 #[derive(Debug, Default)]
 pub struct SnapshotBuilder {
@@ -78,7 +94,7 @@ pub struct SnapshotBuilder {
     nodes: BTreeMap<String, Node>,
     pods: BTreeMap<(String, String), Pod>,
     services: BTreeMap<(String, String), Service>,
-    others: Vec<RawObject>,
+    objects: Objects,
     other_keys: HashSet<ObjectKey>,
     /// Cluster IP → service `ns/name` owning it.
     vips: HashMap<IpAddr, String>,
@@ -91,7 +107,7 @@ impl SnapshotBuilder {
 
     /// Converts and adds one object. Invalid objects and duplicates (same kind, namespace and
     /// name) are rejected with every problem found.
-    pub fn insert(&mut self, object: Object) -> Result<ObjectKey, Vec<FieldError>> {
+    pub fn insert(&mut self, object: Object) -> Result<Inserted, Vec<FieldError>> {
         let key = object_key(&object);
         let duplicate = || vec![FieldError::new("metadata.name", format!("duplicate {key}"))];
         match object {
@@ -137,33 +153,84 @@ impl SnapshotBuilder {
                 }
                 self.services.insert(k, svc);
             }
-            Object::Other(raw) => {
-                if raw.name.is_empty() {
-                    return Err(vec![FieldError::new("metadata.name", "is required")]);
-                }
-                // Istio security policies are checked here so a bad one fails the load.
-                crate::policy::validate(&raw)?;
-                if !self.other_keys.insert(key.clone()) {
-                    return Err(duplicate());
-                }
-                self.others.push(raw);
-            }
+            Object::Other(raw) => return self.insert_other(key, raw),
         }
-        Ok(key)
+        Ok(Inserted::Applied(key))
+    }
+
+    fn insert_other(
+        &mut self,
+        key: ObjectKey,
+        raw: RawObject,
+    ) -> Result<Inserted, Vec<FieldError>> {
+        if raw.name.is_empty() {
+            return Err(vec![FieldError::new("metadata.name", "is required")]);
+        }
+        let class = kinds::classify(&raw.api_version, &raw.kind);
+        // Checked before the duplicate test, so a bad object does not claim its name.
+        enum Typed {
+            Authorization(security::AuthorizationPolicy),
+            Peer(security::PeerAuthentication),
+            Raw,
+        }
+        let typed = match &class {
+            Class::Known(Kind::AuthorizationPolicy) => {
+                Typed::Authorization(security::authorization_policy(&raw)?)
+            }
+            Class::Known(Kind::PeerAuthentication) => {
+                Typed::Peer(security::peer_authentication(&raw)?)
+            }
+            Class::Known(Kind::Route) | Class::Foreign | Class::Unknown { .. } => Typed::Raw,
+        };
+        if !self.other_keys.insert(key.clone()) {
+            return Err(vec![FieldError::new(
+                "metadata.name",
+                format!("duplicate {key}"),
+            )]);
+        }
+        match (class, typed) {
+            (_, Typed::Authorization(p)) => self.objects.authorization_policies.push(Arc::new(p)),
+            (_, Typed::Peer(p)) => self.objects.peer_authentications.push(Arc::new(p)),
+            (Class::Unknown { reason, security }, Typed::Raw) => {
+                if security {
+                    self.objects.fail_closed.push(FailClosed {
+                        kind: raw.kind.clone(),
+                        namespace: raw.namespace_or_default().to_string(),
+                        name: raw.name.clone(),
+                        selector: selector_of(&raw),
+                        reason: reason.clone(),
+                    });
+                }
+                return Ok(Inserted::NotApplied { key, reason });
+            }
+            (_, Typed::Raw) => self.objects.others.push(raw),
+        }
+        Ok(Inserted::Applied(key))
+    }
+
+    /// Records an object the source left out, with where it came from.
+    pub fn not_applied(&mut self, item: NotApplied) {
+        self.objects.not_applied.push(item);
     }
 
     /// The snapshot, with `generation` and the source files it came from.
     pub fn build(self, generation: u64, sources: Vec<PathBuf>) -> Snapshot {
-        Snapshot::new(
-            generation,
-            sources,
-            self.namespaces,
-            self.nodes,
-            self.pods.into_values().map(Arc::new).collect(),
-            self.services.into_values().map(Arc::new).collect(),
-            self.others,
-        )
+        let objects = Objects {
+            namespaces: self.namespaces,
+            nodes: self.nodes,
+            pods: self.pods.into_values().map(Arc::new).collect(),
+            services: self.services.into_values().map(Arc::new).collect(),
+            ..self.objects
+        };
+        Snapshot::new(generation, sources, objects)
     }
+}
+
+/// `spec.selector.matchLabels` of an object weft cannot parse, when it reads as labels: `None`
+/// (every pod in scope) otherwise, so a garbled selector widens what fails closed.
+fn selector_of(raw: &RawObject) -> Option<Labels> {
+    let labels = raw.value.get("spec")?.get("selector")?.get("matchLabels")?;
+    serde_json::from_value::<Labels>(labels.clone()).ok()
 }
 
 /// The key of an object (namespaced kinds default to namespace `default`).

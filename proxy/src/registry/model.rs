@@ -8,6 +8,8 @@ use std::time::SystemTime;
 
 use serde::{Serialize, Serializer};
 
+use super::kinds::security::{AuthorizationPolicy, PeerAuthentication};
+
 /// Namespace label that enrolls a namespace's pods in the mesh (with [`ENROLL_VALUE`]).
 pub const ENROLL_LABEL: &str = "weft.dev/mesh";
 /// Value of [`ENROLL_LABEL`] that enrolls a namespace.
@@ -152,7 +154,8 @@ pub struct Node {
     pub labels: Labels,
 }
 
-/// A document of a kind weft does not model (yet): Istio, Gateway API, …, kept for later stages.
+/// A document of a kind weft does not model (yet): Istio routing, Gateway API, …, kept for later
+/// stages.
 #[derive(Debug, Clone, PartialEq, Serialize)]
 pub struct RawObject {
     pub api_version: String,
@@ -164,9 +167,56 @@ pub struct RawObject {
     pub value: serde_json::Value,
 }
 
-/// Classification of an original destination (see [`Snapshot::resolve`]).
+impl RawObject {
+    /// The object's namespace, `default` when none is written (as `kubectl apply` does).
+    pub fn namespace_or_default(&self) -> &str {
+        self.namespace.as_deref().unwrap_or("default")
+    }
+}
+
+/// An object of the sources that is not applied (an unknown kind or version in a group weft
+/// reads), and why: shown by `weft status` and `/config_dump`, logged when loaded.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct NotApplied {
+    /// Where it came from: `file:line: document N` (or `namespace/name` from an API).
+    pub origin: String,
+    /// `Kind namespace/name`.
+    pub object: String,
+    pub reason: String,
+}
+
+impl std::fmt::Display for NotApplied {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{} ({}): {}", self.origin, self.object, self.reason)
+    }
+}
+
+/// A security object weft cannot apply (an unknown kind or version in `security.istio.io`):
+/// the workloads it could select are denied every connection, and their plaintext is refused
+/// as if STRICT, until it is fixed or removed.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct FailClosed {
+    /// `Kind`, as written.
+    pub kind: String,
+    pub namespace: String,
+    pub name: String,
+    /// `spec.selector.matchLabels` when it could be read; `None`: every pod in scope.
+    pub selector: Option<Labels>,
+    pub reason: String,
+}
+
+impl FailClosed {
+    /// Whether this object could select `pod`: its selector (or every pod) in its namespace, in
+    /// every namespace when it lives in the root namespace.
+    pub fn could_select(&self, pod: &Pod, root_namespace: &str) -> bool {
+        (self.namespace == pod.namespace || self.namespace == root_namespace)
+            && self.selector.as_ref().is_none_or(|s| pod.matches(s))
+    }
+}
+
+/// What an original destination is (see [`Snapshot::resolve`]).
 #[derive(Debug, Clone)]
-pub enum Destination {
+pub enum Resolved {
     /// A service VIP and one of its TCP ports.
     Service {
         service: Arc<Service>,
@@ -205,10 +255,34 @@ pub struct Snapshot {
     /// Sorted by (namespace, name).
     #[serde(serialize_with = "ser_arc_vec")]
     pub services: Vec<Arc<Service>>,
+    /// Sorted by (namespace, name).
+    #[serde(serialize_with = "ser_arc_vec")]
+    pub authorization_policies: Vec<Arc<AuthorizationPolicy>>,
+    /// Sorted by (namespace, name).
+    #[serde(serialize_with = "ser_arc_vec")]
+    pub peer_authentications: Vec<Arc<PeerAuthentication>>,
     /// Documents of other kinds, in load order.
     pub others: Vec<RawObject>,
+    /// Security objects weft cannot apply: what they could select fails closed.
+    pub fail_closed: Vec<FailClosed>,
+    /// Objects of the sources that were left out, and why.
+    pub not_applied: Vec<NotApplied>,
     #[serde(skip)]
     index: Index,
+}
+
+/// The objects a snapshot is built from (see `SnapshotBuilder`).
+#[derive(Debug, Default)]
+pub(crate) struct Objects {
+    pub namespaces: BTreeMap<String, Labels>,
+    pub nodes: BTreeMap<String, Node>,
+    pub pods: Vec<Arc<Pod>>,
+    pub services: Vec<Arc<Service>>,
+    pub authorization_policies: Vec<Arc<AuthorizationPolicy>>,
+    pub peer_authentications: Vec<Arc<PeerAuthentication>>,
+    pub others: Vec<RawObject>,
+    pub fail_closed: Vec<FailClosed>,
+    pub not_applied: Vec<NotApplied>,
 }
 
 #[derive(Debug, Default)]
@@ -221,34 +295,26 @@ struct Index {
     service_by_vip: HashMap<(IpAddr, u16), (usize, usize)>,
 }
 
-/// Counts for status displays.
-#[derive(Debug, Clone, Serialize)]
-pub struct SnapshotSummary {
-    pub generation: u64,
-    /// RFC 3339.
-    pub loaded_at: String,
-    pub sources: Vec<PathBuf>,
-    pub namespaces: usize,
-    pub nodes: usize,
-    pub pods: usize,
-    pub services: usize,
-    pub others: usize,
-}
-
 impl Snapshot {
     /// Builds a snapshot and its indexes. Objects need not be sorted; duplicates are the caller's
     /// business (the first pod/service of a given IP or VIP:port wins in the indexes).
-    pub(crate) fn new(
-        generation: u64,
-        sources: Vec<PathBuf>,
-        namespaces: BTreeMap<String, Labels>,
-        nodes: BTreeMap<String, Node>,
-        mut pods: Vec<Arc<Pod>>,
-        mut services: Vec<Arc<Service>>,
-        others: Vec<RawObject>,
-    ) -> Snapshot {
+    pub(crate) fn new(generation: u64, sources: Vec<PathBuf>, objects: Objects) -> Snapshot {
+        let Objects {
+            namespaces,
+            nodes,
+            mut pods,
+            mut services,
+            mut authorization_policies,
+            mut peer_authentications,
+            others,
+            fail_closed,
+            not_applied,
+        } = objects;
         pods.sort_by(|a, b| (&a.namespace, &a.name).cmp(&(&b.namespace, &b.name)));
         services.sort_by(|a, b| (&a.namespace, &a.name).cmp(&(&b.namespace, &b.name)));
+        authorization_policies
+            .sort_by(|a, b| (&a.namespace, &a.name).cmp(&(&b.namespace, &b.name)));
+        peer_authentications.sort_by(|a, b| (&a.namespace, &a.name).cmp(&(&b.namespace, &b.name)));
         let mut index = Index::default();
         for (i, pod) in pods.iter().enumerate() {
             if let Some(node) = &pod.node_name {
@@ -281,22 +347,18 @@ impl Snapshot {
             nodes,
             pods,
             services,
+            authorization_policies,
+            peer_authentications,
             others,
+            fail_closed,
+            not_applied,
             index,
         }
     }
 
     /// An empty snapshot (generation 0).
     pub fn empty() -> Snapshot {
-        Snapshot::new(
-            0,
-            Vec::new(),
-            BTreeMap::new(),
-            BTreeMap::new(),
-            Vec::new(),
-            Vec::new(),
-            Vec::new(),
-        )
+        Snapshot::new(0, Vec::new(), Objects::default())
     }
 
     /// Whether namespace `ns` carries `weft.dev/mesh=enabled`.
@@ -305,6 +367,12 @@ impl Snapshot {
             .get(ns)
             .and_then(|labels| labels.get(ENROLL_LABEL))
             .is_some_and(|v| v == ENROLL_VALUE)
+    }
+
+    /// Whether `pod` takes part in the mesh: its namespace is enrolled and it has its own
+    /// network (host-network pods share the node's address and are never captured).
+    pub fn in_mesh(&self, pod: &Pod) -> bool {
+        !pod.host_network && self.namespace_enrolled(&pod.namespace)
     }
 
     /// The pod `ns/name`.
@@ -320,7 +388,7 @@ impl Snapshot {
     pub fn pod_by_ip(&self, ip: IpAddr) -> Option<&Arc<Pod>> {
         self.index
             .pod_by_ip
-            .get(&canonical(ip))
+            .get(&ip.to_canonical())
             .map(|&i| &self.pods[i])
     }
 
@@ -357,16 +425,16 @@ impl Snapshot {
 
     /// Classifies an original destination: a service VIP on one of its TCP ports, else a pod IP,
     /// else passthrough. IPv4-mapped IPv6 addresses are treated as IPv4.
-    pub fn resolve(&self, dst: SocketAddr) -> Destination {
-        let ip = canonical(dst.ip());
+    pub fn resolve(&self, dst: SocketAddr) -> Resolved {
+        let ip = dst.ip().to_canonical();
         if let Some(&(s, p)) = self.index.service_by_vip.get(&(ip, dst.port())) {
             let service = self.services[s].clone();
             let port = service.ports[p].clone();
-            return Destination::Service { service, port };
+            return Resolved::Service { service, port };
         }
         match self.pod_by_ip(ip) {
-            Some(pod) => Destination::Pod(pod.clone()),
-            None => Destination::Passthrough,
+            Some(pod) => Resolved::Pod(pod.clone()),
+            None => Resolved::Passthrough,
         }
     }
 
@@ -393,31 +461,6 @@ impl Snapshot {
             })
             .collect()
     }
-
-    /// Counts for status displays.
-    pub fn summary(&self) -> SnapshotSummary {
-        SnapshotSummary {
-            generation: self.generation,
-            loaded_at: rfc3339(self.loaded_at),
-            sources: self.sources.clone(),
-            namespaces: self.namespaces.len(),
-            nodes: self.nodes.len(),
-            pods: self.pods.len(),
-            services: self.services.len(),
-            others: self.others.len(),
-        }
-    }
-}
-
-/// IPv4-mapped IPv6 → IPv4 (a dual-stack socket reports IPv4 peers that way).
-fn canonical(ip: IpAddr) -> IpAddr {
-    match ip {
-        IpAddr::V6(v6) => v6
-            .to_ipv4_mapped()
-            .map(IpAddr::V4)
-            .unwrap_or(IpAddr::V6(v6)),
-        v4 => v4,
-    }
 }
 
 pub(crate) fn rfc3339(t: SystemTime) -> String {
@@ -430,7 +473,7 @@ fn ser_time<S: Serializer>(t: &SystemTime, s: S) -> Result<S::Ok, S::Error> {
     s.serialize_str(&rfc3339(*t))
 }
 
-pub(crate) fn ser_arc<T: Serialize, S: Serializer>(v: &Arc<T>, s: S) -> Result<S::Ok, S::Error> {
+pub fn ser_arc<T: Serialize, S: Serializer>(v: &Arc<T>, s: S) -> Result<S::Ok, S::Error> {
     T::serialize(v, s)
 }
 

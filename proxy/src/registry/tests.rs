@@ -1,6 +1,10 @@
 use std::net::{IpAddr, SocketAddr};
+use std::path::Path;
 use std::time::Duration;
 
+use tokio::sync::watch;
+
+use super::file::load;
 use super::*;
 
 const CLUSTER: &str = r#"# A small cluster.
@@ -316,14 +320,14 @@ fn parses_a_realistic_file() {
     let json = serde_json::to_value(&s).unwrap();
     assert_eq!(json["pods"][0]["name"], "client");
     assert_eq!(json["services"][0]["ports"][0]["target_port"], "http");
-    assert_eq!(s.summary().pods, 7);
+    assert_eq!(s.pods.len(), 7);
 }
 
 #[test]
 fn resolves_destinations() {
     let s = Snapshot::from_yaml(CLUSTER).unwrap();
     match s.resolve(sa("10.96.0.10:80")) {
-        Destination::Service { service, port } => {
+        Resolved::Service { service, port } => {
             assert_eq!(service.name, "server");
             assert_eq!(port.name.as_deref(), Some("http"));
         }
@@ -332,32 +336,32 @@ fn resolves_destinations() {
     // IPv4-mapped form, as a dual-stack listener reports it.
     assert!(matches!(
         s.resolve(sa("[::ffff:10.96.0.10]:9090")),
-        Destination::Service { .. }
+        Resolved::Service { .. }
     ));
     // Only TCP ports are reachable through the VIP.
     assert!(matches!(
         s.resolve(sa("10.96.0.10:8443")),
-        Destination::Passthrough
+        Resolved::Passthrough
     ));
     assert!(matches!(
         s.resolve(sa("10.96.0.10:81")),
-        Destination::Passthrough
+        Resolved::Passthrough
     ));
     match s.resolve(sa("10.244.1.10:8080")) {
-        Destination::Pod(p) => assert_eq!(p.name, "server-0"),
+        Resolved::Pod(p) => assert_eq!(p.name, "server-0"),
         other => panic!("{other:?}"),
     }
     match s.resolve(sa("[fd00::10]:8080")) {
-        Destination::Pod(p) => assert_eq!(p.name, "server-0"),
+        Resolved::Pod(p) => assert_eq!(p.name, "server-0"),
         other => panic!("{other:?}"),
     }
     assert!(
-        matches!(s.resolve(sa("10.244.1.30:80")), Destination::Passthrough),
+        matches!(s.resolve(sa("10.244.1.30:80")), Resolved::Passthrough),
         "terminated"
     );
     assert!(matches!(
         s.resolve(sa("1.1.1.1:443")),
-        Destination::Passthrough
+        Resolved::Passthrough
     ));
     assert!(s.pod_by_ip(ip("10.244.1.30")).is_none());
     assert_eq!(s.pod_by_ip(ip("10.244.1.20")).unwrap().name, "client");
@@ -592,7 +596,7 @@ fn loads_a_directory_in_name_order() {
     std::fs::write(d.join("README.md"), "not yaml: [").unwrap();
     std::fs::write(d.join(".hidden.yaml"), "not yaml: [").unwrap();
     std::fs::create_dir(d.join("sub.yaml")).unwrap();
-    let s = load::load(d, 7).unwrap();
+    let s = load(d, 7).unwrap();
     assert_eq!(s.generation, 7);
     assert_eq!(
         s.sources,
@@ -606,7 +610,7 @@ fn loads_a_directory_in_name_order() {
         "apiVersion: v1\nkind: Namespace\nmetadata: {name: n}\n",
     )
     .unwrap();
-    let errors = load::load(d, 8).unwrap_err();
+    let errors = load(d, 8).unwrap_err();
     assert_eq!(
         errors.to_string(),
         format!(
@@ -615,7 +619,7 @@ fn loads_a_directory_in_name_order() {
             d.join("00-namespaces.yaml").display()
         )
     );
-    let missing = load::load(&d.join("nope"), 1).unwrap_err();
+    let missing = load(&d.join("nope"), 1).unwrap_err();
     assert!(missing.to_string().contains("cannot read"), "{missing}");
 }
 
@@ -628,17 +632,18 @@ fn reload_keeps_the_last_good_snapshot() {
     let dir = tempfile::tempdir().unwrap();
     let file = dir.path().join("cluster.yaml");
     std::fs::write(&file, BAD).unwrap();
-    let first = Registry::load(&file).unwrap_err();
+    let first = FileSource::load(&file).unwrap_err();
     assert_eq!(first.len(), 1);
 
     std::fs::write(&file, GOOD_V1).unwrap();
-    let reg = Registry::load(&file).unwrap();
+    let src = FileSource::load(&file).unwrap();
+    let reg = src.registry();
     let mut rx = reg.subscribe();
     assert_eq!(reg.snapshot().generation, 1);
-    assert_eq!(reg.reload(), Ok(false), "unchanged");
+    assert_eq!(src.reload(), Ok(false), "unchanged");
 
     std::fs::write(&file, BAD).unwrap();
-    let err = reg.reload().unwrap_err();
+    let err = src.reload().unwrap_err();
     assert!(err
         .to_string()
         .contains("cluster.yaml:3: document 1 (Pod default/nouid): metadata.uid"));
@@ -647,7 +652,7 @@ fn reload_keeps_the_last_good_snapshot() {
     assert!(!rx.has_changed().unwrap());
 
     std::fs::write(&file, GOOD_V2).unwrap();
-    assert_eq!(reg.reload(), Ok(true));
+    assert_eq!(src.reload(), Ok(true));
     assert_eq!(reg.last_error(), None);
     assert_eq!(reg.snapshot().generation, 2);
     assert!(rx.has_changed().unwrap());
@@ -655,13 +660,13 @@ fn reload_keeps_the_last_good_snapshot() {
 
     // Back to bad and back to the same good content: the error clears without a new generation.
     std::fs::write(&file, BAD).unwrap();
-    assert!(reg.reload().is_err());
+    assert!(src.reload().is_err());
     std::fs::write(&file, GOOD_V2).unwrap();
-    assert_eq!(reg.reload(), Ok(false));
+    assert_eq!(src.reload(), Ok(false));
     assert_eq!(reg.last_error(), None);
 
     std::fs::remove_file(&file).unwrap();
-    assert!(reg.reload().is_err());
+    assert!(src.reload().is_err());
     assert_eq!(reg.snapshot().generation, 2);
 }
 
@@ -690,9 +695,10 @@ async fn watcher_follows_file_edits() {
     let dir = tempfile::tempdir().unwrap();
     let file = dir.path().join("cluster.yaml");
     std::fs::write(&file, GOOD_V1).unwrap();
-    let reg = Arc::new(Registry::load(&file).unwrap());
+    let src = Arc::new(FileSource::load(&file).unwrap());
+    let reg = src.registry().clone();
     let mut rx = reg.subscribe();
-    let task = reg.clone().spawn_watcher_with(WatchConfig {
+    let task = src.clone().spawn_watcher_with(WatchConfig {
         debounce: Duration::from_millis(50),
         poll_interval: Duration::from_secs(60),
     });
@@ -735,10 +741,11 @@ async fn watcher_follows_configmap_style_symlink_swaps() {
     version("v1", GOOD_V1);
     std::os::unix::fs::symlink("..data/cluster.yaml", d.join("cluster.yaml")).unwrap();
 
-    let reg = Arc::new(Registry::load(d).unwrap());
+    let src = Arc::new(FileSource::load(d).unwrap());
+    let reg = src.registry().clone();
     assert_eq!(reg.snapshot().sources, vec![d.join("cluster.yaml")]);
     let mut rx = reg.subscribe();
-    let task = reg.clone().spawn_watcher_with(WatchConfig {
+    let task = src.clone().spawn_watcher_with(WatchConfig {
         debounce: Duration::from_millis(50),
         poll_interval: Duration::from_secs(60),
     });
@@ -753,10 +760,10 @@ async fn watcher_polls_when_events_are_missed() {
     let dir = tempfile::tempdir().unwrap();
     let file = dir.path().join("cluster.yaml");
     std::fs::write(&file, GOOD_V1).unwrap();
-    let reg = Arc::new(Registry::load(&file).unwrap());
-    let mut rx = reg.subscribe();
+    let src = Arc::new(FileSource::load(&file).unwrap());
+    let mut rx = src.registry().subscribe();
     // A debounce longer than the test: only the poll can see the change.
-    let task = reg.clone().spawn_watcher_with(WatchConfig {
+    let task = src.clone().spawn_watcher_with(WatchConfig {
         debounce: Duration::from_secs(3600),
         poll_interval: Duration::from_millis(100),
     });
@@ -780,7 +787,7 @@ fn locate_never_panics_on_partial_documents() {
         for start in (0..end).step_by(7) {
             let text = lines[start..end].join("\n");
             for p in paths {
-                if let Some(line) = load::locate(&text, p) {
+                if let Some(line) = file::locate(&text, p) {
                     assert!(
                         line >= 1 && line <= end - start,
                         "{p} in lines {start}..{end}"
@@ -793,9 +800,8 @@ fn locate_never_panics_on_partial_documents() {
 
 #[test]
 fn publish_and_from_snapshot() {
-    let reg = Registry::from_snapshot(Snapshot::empty());
+    let reg = Registry::new(Snapshot::empty());
     assert_eq!(reg.snapshot().generation, 0);
-    assert_eq!(reg.reload(), Ok(false), "no source");
     let rx = reg.subscribe();
     let mut builder = SnapshotBuilder::new();
     let ns: k8s_openapi::api::core::v1::Namespace = serde_json::from_value(

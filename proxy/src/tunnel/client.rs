@@ -12,26 +12,34 @@
 //! never cut).
 
 use std::collections::HashMap;
+use std::io;
 use std::net::{IpAddr, SocketAddr};
+use std::pin::Pin;
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
-use std::sync::{Arc, Mutex, MutexGuard, Weak};
+use std::sync::{Arc, Weak};
+use std::task::{Context, Poll};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use bytes::Bytes;
 use h2::client::SendRequest;
 use http::{Method, Request, StatusCode};
+use parking_lot::Mutex;
 use rustls::pki_types::ServerName;
-use serde::Serialize;
+use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::net::TcpStream;
 use tokio::sync::{watch, Notify};
 use tokio_rustls::TlsConnector;
 use tracing::{debug, info};
 
 use super::{
-    forwarded_for, Tunnel, CONNECTION_WINDOW, MAX_FRAME, MAX_HEADER_LIST, POLICY_HEADER,
-    SEND_BUFFER, STREAM_WINDOW,
+    forwarded_for, Stream, CONNECTION_WINDOW, DENY_REASON_HEADER, MAX_FRAME, MAX_HEADER_LIST,
+    POLICY_HEADER, SEND_BUFFER, STREAM_WINDOW,
 };
+use crate::admin::api::{PoolKeyStats, PoolStats};
 use crate::identity::{sni_for, IdentityManager, SpiffeId, ALPN_H2};
+use crate::relay::Relayed;
+use crate::telemetry::counters::{inc, read};
+use crate::telemetry::Telemetry;
 
 /// How many times a stream is tried on a fresh connection when the chosen one turned out dead.
 const ATTEMPTS: usize = 3;
@@ -63,7 +71,7 @@ impl Default for PoolConfig {
 }
 
 /// Where and as whom to open one tunnel.
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Hbone {
     /// The calling workload's identity (its SVID is presented).
     pub source: SpiffeId,
@@ -96,15 +104,22 @@ pub enum TunnelError {
     #[error("no response from {node} within {timeout:?}")]
     Timeout { node: SocketAddr, timeout: Duration },
     /// The destination node answered with a status other than 200.
-    #[error("{}", rejected_message(*.status, .policy.as_deref()))]
-    Rejected { status: u16, policy: Option<String> },
+    #[error("{}", rejected_message(*.status, .policy.as_deref(), .reason.as_deref()))]
+    Rejected {
+        status: u16,
+        /// With 403: the AuthorizationPolicy that denied.
+        policy: Option<String>,
+        /// With 403: why it denied (`not_allowed`, `deny_policy`, …).
+        reason: Option<String>,
+    },
 }
 
-fn rejected_message(status: u16, policy: Option<&str>) -> String {
+fn rejected_message(status: u16, policy: Option<&str>, reason: Option<&str>) -> String {
     match status {
         403 => format!(
-            "denied by the destination (policy {})",
-            policy.unwrap_or("unknown")
+            "denied by the destination: policy {} ({})",
+            policy.unwrap_or("(unnamed)"),
+            reason.unwrap_or("no reason given")
         ),
         404 => "the destination node does not host the target (404)".into(),
         502 | 503 => format!("the destination node could not reach the target ({status})"),
@@ -130,14 +145,81 @@ impl TunnelError {
         }
     }
 
+    /// Why the destination's policy denied the tunnel (403 with `x-weft-deny-reason`).
+    pub fn deny_reason(&self) -> Option<&str> {
+        match self {
+            TunnelError::Rejected { reason, .. } => reason.as_deref(),
+            _ => None,
+        }
+    }
+
     /// Denied by the destination's authorization (403).
     pub fn is_denied(&self) -> bool {
         self.status() == Some(403)
     }
 }
 
+/// An open tunnel on a pooled connection: a [`Stream`] that holds its place on the connection
+/// until it is dropped.
+pub struct Tunnel {
+    stream: Stream,
+    info: Arc<ConnectionInfo>,
+    _slot: Slot,
+}
+
+impl Tunnel {
+    /// The TLS connection this stream runs on.
+    pub fn connection(&self) -> &ConnectionInfo {
+        &self.info
+    }
+
+    /// Relays `client` ⇄ the tunnel until both directions end or one fails.
+    /// `sent` = client → tunnel bytes, `received` = tunnel → client.
+    pub async fn relay(self, client: TcpStream) -> Relayed {
+        let Tunnel { stream, _slot, .. } = self;
+        stream.relay(client).await
+    }
+}
+
+impl std::fmt::Debug for Tunnel {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Tunnel")
+            .field("connection", &self.info.id)
+            .field("stream", &self.stream)
+            .finish()
+    }
+}
+
+impl AsyncRead for Tunnel {
+    fn poll_read(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.stream).poll_read(cx, buf)
+    }
+}
+
+impl AsyncWrite for Tunnel {
+    fn poll_write(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<io::Result<usize>> {
+        Pin::new(&mut self.stream).poll_write(cx, buf)
+    }
+
+    fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.stream).poll_flush(cx)
+    }
+
+    fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.stream).poll_shutdown(cx)
+    }
+}
+
 /// One pooled TLS connection, as seen by its streams.
-#[derive(Debug, Clone, Serialize)]
+#[derive(Debug, Clone)]
 pub struct ConnectionInfo {
     /// Unique within the pool.
     pub id: u64,
@@ -149,7 +231,6 @@ pub struct ConnectionInfo {
     /// Serial number of the certificate this side presented.
     pub local_serial: String,
     /// The earlier of both certificates' notAfter: no new streams after that.
-    #[serde(skip)]
     pub expires: SystemTime,
 }
 
@@ -159,32 +240,6 @@ pub struct PoolKey {
     pub source: SpiffeId,
     pub destination: SpiffeId,
     pub node: SocketAddr,
-}
-
-/// Counters of the pool, totals and per key (for the admin API).
-#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize)]
-pub struct PoolStats {
-    /// Connections open or being opened.
-    pub connections: usize,
-    /// Streams open, or waiting for their connection.
-    pub streams_active: usize,
-    pub connections_opened_total: u64,
-    pub connections_failed_total: u64,
-    pub connections_closed_total: u64,
-    /// Tunnels established (200).
-    pub streams_opened_total: u64,
-    /// `CONNECT` answered with another status.
-    pub streams_rejected_total: u64,
-    pub keys: Vec<PoolKeyStats>,
-}
-
-#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
-pub struct PoolKeyStats {
-    pub source: SpiffeId,
-    pub destination: SpiffeId,
-    pub node: SocketAddr,
-    pub connections: usize,
-    pub streams_active: usize,
 }
 
 /// Shared handle; clones use the same connections.
@@ -198,11 +253,7 @@ struct Inner {
     config: PoolConfig,
     conns: Mutex<HashMap<PoolKey, Vec<Arc<Conn>>>>,
     next_id: AtomicU64,
-    opened: AtomicU64,
-    failed: AtomicU64,
-    closed: AtomicU64,
-    streams_opened: AtomicU64,
-    streams_rejected: AtomicU64,
+    telemetry: Arc<Telemetry>,
 }
 
 struct Conn {
@@ -230,14 +281,14 @@ struct Ready {
 }
 
 /// A stream's claim on a connection; given back on drop.
-pub(crate) struct Slot {
+struct Slot {
     conn: Arc<Conn>,
 }
 
 impl Drop for Slot {
     fn drop(&mut self) {
         if self.conn.streams.fetch_sub(1, Ordering::AcqRel) == 1 {
-            *lock(&self.conn.idle_since) = Instant::now();
+            *self.conn.idle_since.lock() = Instant::now();
         }
     }
 }
@@ -276,18 +327,19 @@ impl Conn {
 }
 
 impl Pool {
-    /// Must be called within a Tokio runtime (starts the idle reaper).
-    pub fn new(identity: Arc<IdentityManager>, config: PoolConfig) -> Pool {
+    /// Must be called within a Tokio runtime (starts the idle reaper). Counts go to
+    /// `telemetry`'s HBONE client counters.
+    pub fn new(
+        identity: Arc<IdentityManager>,
+        config: PoolConfig,
+        telemetry: Arc<Telemetry>,
+    ) -> Pool {
         let inner = Arc::new(Inner {
             identity,
             config,
             conns: Mutex::new(HashMap::new()),
             next_id: AtomicU64::new(1),
-            opened: AtomicU64::new(0),
-            failed: AtomicU64::new(0),
-            closed: AtomicU64::new(0),
-            streams_opened: AtomicU64::new(0),
-            streams_rejected: AtomicU64::new(0),
+            telemetry,
         });
         tokio::spawn(reap(Arc::downgrade(&inner)));
         Pool { inner }
@@ -319,12 +371,9 @@ impl Pool {
             };
             match self.open_stream(&ready, &req).await {
                 Ok((send, recv)) => {
-                    self.inner.streams_opened.fetch_add(1, Ordering::Relaxed);
+                    inc(&self.inner.telemetry.hbone_client.streams_opened);
                     return Ok(Tunnel {
-                        send,
-                        recv,
-                        pending: Bytes::new(),
-                        write_closed: false,
+                        stream: Stream::new(send, recv),
                         info: ready.info.clone(),
                         _slot: slot,
                     });
@@ -336,7 +385,7 @@ impl Pool {
                 }
                 Err(Open::Fail(e)) => {
                     if e.status().is_some() {
-                        self.inner.streams_rejected.fetch_add(1, Ordering::Relaxed);
+                        inc(&self.inner.telemetry.hbone_client.streams_rejected);
                     }
                     return Err(e);
                 }
@@ -351,15 +400,16 @@ impl Pool {
     /// Totals and per-key counts.
     pub fn stats(&self) -> PoolStats {
         let i = &self.inner;
+        let c = &i.telemetry.hbone_client;
         let mut out = PoolStats {
-            connections_opened_total: i.opened.load(Ordering::Relaxed),
-            connections_failed_total: i.failed.load(Ordering::Relaxed),
-            connections_closed_total: i.closed.load(Ordering::Relaxed),
-            streams_opened_total: i.streams_opened.load(Ordering::Relaxed),
-            streams_rejected_total: i.streams_rejected.load(Ordering::Relaxed),
+            connections_opened_total: read(&c.connections_opened),
+            connections_failed_total: read(&c.connections_failed),
+            connections_closed_total: read(&c.connections_closed),
+            streams_opened_total: read(&c.streams_opened),
+            streams_rejected_total: read(&c.streams_rejected),
             ..Default::default()
         };
-        let conns = lock(&i.conns);
+        let conns = i.conns.lock();
         for (key, list) in conns.iter() {
             let live: Vec<_> = list
                 .iter()
@@ -372,8 +422,8 @@ impl Pool {
             out.connections += live.len();
             out.streams_active += streams;
             out.keys.push(PoolKeyStats {
-                source: key.source.clone(),
-                destination: key.destination.clone(),
+                source: key.source.to_string(),
+                destination: key.destination.to_string(),
                 node: key.node,
                 connections: live.len(),
                 streams_active: streams,
@@ -389,7 +439,7 @@ impl Pool {
     fn checkout(&self, key: &PoolKey) -> Slot {
         let max = self.inner.config.max_streams_per_conn.max(1);
         let now = SystemTime::now();
-        let mut conns = lock(&self.inner.conns);
+        let mut conns = self.inner.conns.lock();
         let list = conns.entry(key.clone()).or_default();
         list.retain(|c| !c.dead.load(Ordering::Acquire));
         for c in list.iter() {
@@ -463,14 +513,17 @@ impl Pool {
             .await
             .map_err(|_| Open::Fail(TunnelError::Timeout { node, timeout }))??;
         if response.status() != StatusCode::OK {
-            let policy = response
-                .headers()
-                .get(POLICY_HEADER)
-                .and_then(|v| v.to_str().ok())
-                .map(str::to_string);
+            let header = |name: &str| {
+                response
+                    .headers()
+                    .get(name)
+                    .and_then(|v| v.to_str().ok())
+                    .map(str::to_string)
+            };
             return Err(Open::Fail(TunnelError::Rejected {
                 status: response.status().as_u16(),
-                policy,
+                policy: header(POLICY_HEADER),
+                reason: header(DENY_REASON_HEADER),
             }));
         }
         Ok((stream, response.into_body()))
@@ -504,7 +557,7 @@ async fn run_connection(inner: Arc<Inner>, conn: Arc<Conn>, tx: watch::Sender<Co
         }
     };
     if let Some(inner) = weak.upgrade() {
-        inner.opened.fetch_add(1, Ordering::Relaxed);
+        inc(&inner.telemetry.hbone_client.connections_opened);
     }
     info!(conn = conn.id, %node, source = %conn.key.source, destination = %conn.key.destination,
         peer_serial = %ready.info.peer_serial, "HBONE connection open");
@@ -538,7 +591,7 @@ async fn run_connection(inner: Arc<Inner>, conn: Arc<Conn>, tx: watch::Sender<Co
         }
     }
     if let Some(inner) = weak.upgrade() {
-        inner.closed.fetch_add(1, Ordering::Relaxed);
+        inc(&inner.telemetry.hbone_client.connections_closed);
         inner.remove(&conn);
     }
     debug!(conn = conn.id, %node, "HBONE connection closed");
@@ -549,7 +602,7 @@ fn fail(weak: &Weak<Inner>, conn: &Arc<Conn>, tx: &watch::Sender<ConnState>, e: 
     conn.dead.store(true, Ordering::Release);
     let _ = tx.send(ConnState::Failed(e));
     if let Some(inner) = weak.upgrade() {
-        inner.failed.fetch_add(1, Ordering::Relaxed);
+        inc(&inner.telemetry.hbone_client.connections_failed);
         inner.remove(conn);
     }
 }
@@ -655,7 +708,7 @@ async fn dial(inner: &Inner, conn: &Conn) -> Result<(Arc<Ready>, Connection), Tu
 
 impl Inner {
     fn remove(&self, conn: &Arc<Conn>) {
-        let mut conns = lock(&self.conns);
+        let mut conns = self.conns.lock();
         if let Some(list) = conns.get_mut(&conn.key) {
             list.retain(|c| !Arc::ptr_eq(c, conn));
             if list.is_empty() {
@@ -669,12 +722,12 @@ impl Inner {
     fn reap(&self) {
         let now = Instant::now();
         let wall = SystemTime::now();
-        let conns = lock(&self.conns);
+        let conns = self.conns.lock();
         for c in conns.values().flatten() {
             if c.streams.load(Ordering::Acquire) != 0 || c.dead.load(Ordering::Acquire) {
                 continue;
             }
-            let idle = now.duration_since(*lock(&c.idle_since));
+            let idle = now.duration_since(*c.idle_since.lock());
             let ready = matches!(&*c.state.borrow(), ConnState::Ready(_));
             if ready && (idle >= self.config.idle_timeout || !c.usable(wall)) {
                 debug!(conn = c.id, ?idle, "closing idle HBONE connection");
@@ -686,7 +739,7 @@ impl Inner {
 
 impl Drop for Inner {
     fn drop(&mut self) {
-        for c in lock(&self.conns).values().flatten() {
+        for c in self.conns.lock().values().flatten() {
             c.kill();
         }
     }
@@ -706,8 +759,4 @@ async fn reap(inner: Weak<Inner>) {
             None => return,
         }
     }
-}
-
-fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
-    m.lock().unwrap_or_else(|e| e.into_inner())
 }

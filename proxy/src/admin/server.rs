@@ -1,4 +1,4 @@
-//! The admin API, served on a Unix socket and on a loopback TCP address:
+//! The admin API server, on a Unix socket and on a loopback TCP address:
 //!
 //! | path | what |
 //! |---|---|
@@ -27,27 +27,35 @@ use serde::Deserialize;
 use tokio_stream::wrappers::errors::BroadcastStreamRecvError;
 use tokio_stream::wrappers::BroadcastStream;
 
-use crate::flows::{parse_since, Flow, FlowFilter, FlowStore, Verdict};
+use tokio::sync::broadcast;
+
+use super::api::{
+    parse_since, CertInfo, ConfigDump, Flow, FlowFilter, LostFlows, Status, Verdict, WorkloadInfo,
+};
 
 /// What the admin API asks of the running node.
 pub trait NodeView: Send + Sync + 'static {
-    fn workloads(&self) -> serde_json::Value;
-    fn config_dump(&self) -> serde_json::Value;
-    fn status(&self) -> serde_json::Value;
+    fn workloads(&self) -> Vec<WorkloadInfo>;
+    fn config_dump(&self) -> ConfigDump;
+    fn status(&self) -> Status;
     /// The workload certificates this node holds.
-    fn certs(&self) -> serde_json::Value;
+    fn certs(&self) -> Vec<CertInfo>;
     /// `Err(reason)` while not ready.
     fn ready(&self) -> Result<(), String>;
+    /// The flows kept that match `filter`, oldest first.
+    fn flows(&self, filter: &FlowFilter) -> Vec<Arc<Flow>>;
+    /// The same, and a live feed of every flow recorded after them (no gap, no repeat).
+    fn follow_flows(&self, filter: &FlowFilter)
+        -> (Vec<Arc<Flow>>, broadcast::Receiver<Arc<Flow>>);
 }
 
 #[derive(Clone)]
 struct AppState {
-    flows: Arc<FlowStore>,
     view: Arc<dyn NodeView>,
 }
 
 /// The admin router, shared by the Unix socket and TCP listeners.
-pub fn router(flows: Arc<FlowStore>, view: Arc<dyn NodeView>) -> Router {
+pub fn router(view: Arc<dyn NodeView>) -> Router {
     Router::new()
         .route("/flows", get(flows_handler))
         .route(
@@ -67,7 +75,7 @@ pub fn router(flows: Arc<FlowStore>, view: Arc<dyn NodeView>) -> Router {
             get(|State(s): State<AppState>| async move { Json(s.view.certs()) }),
         )
         .route("/healthz/ready", get(ready_handler))
-        .with_state(AppState { flows, view })
+        .with_state(AppState { view })
 }
 
 /// Serves `router` on a Unix socket (replacing a stale socket file) until the task is dropped.
@@ -147,25 +155,25 @@ async fn flows_handler(State(s): State<AppState>, Query(q): Query<FlowsQuery>) -
         since,
     };
     let (mut history, live) = if truthy(&q.follow) {
-        let (kept, rx) = s.flows.follow(&filter);
+        let (kept, rx) = s.view.follow_flows(&filter);
         (kept, Some(rx))
     } else {
-        (s.flows.recent(&filter), None)
+        (s.view.flows(&filter), None)
     };
     if let Some(n) = q.last {
         let skip = history.len().saturating_sub(n);
         history.drain(..skip);
     }
-    let history = futures::stream::iter(history.into_iter().map(|f| line(&f)));
+    let history = futures::stream::iter(history.into_iter().map(|f| line(&*f)));
     let body = match live {
         None => Body::from_stream(history.map(Ok::<_, Infallible>)),
         Some(rx) => {
             let live = BroadcastStream::new(rx).filter_map(move |r| {
                 let out = match r {
-                    Ok(f) if filter.matches(&f) => Some(line(&f)),
+                    Ok(f) if filter.matches(&f) => Some(line(&*f)),
                     Ok(_) => None,
                     Err(BroadcastStreamRecvError::Lagged(n)) => {
-                        Some(Bytes::from(format!("{{\"lost_flows\":{n}}}\n")))
+                        Some(line(&LostFlows { lost_flows: n }))
                     }
                 };
                 futures::future::ready(out)
@@ -176,8 +184,8 @@ async fn flows_handler(State(s): State<AppState>, Query(q): Query<FlowsQuery>) -
     ([(header::CONTENT_TYPE, "application/x-ndjson")], body).into_response()
 }
 
-fn line(flow: &Flow) -> Bytes {
-    let mut v = serde_json::to_vec(flow).unwrap_or_default();
+fn line(value: &impl serde::Serialize) -> Bytes {
+    let mut v = serde_json::to_vec(value).unwrap_or_default();
     v.push(b'\n');
     Bytes::from(v)
 }

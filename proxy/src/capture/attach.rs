@@ -1,74 +1,37 @@
-//! Capture: the eBPF side of the data path, seen from user space.
+//! Loading, pinning and attaching the programs, and taking them away again.
 //!
-//! [`Capture::attach`] loads the programs built from `ebpf/` (embedded in this binary by
-//! `build.rs`), attaches them to the configured cgroup v2 root and pins maps and links under a
-//! bpffs directory, so redirection and STRICT enforcement keep working while the proxy restarts:
-//!
-//! ```text
-//! <bpffs>/ENROLLED CONFIG EXCL_PORTS EXCL_CIDRS BY_COOKIE BY_TUPLE EVENTS STATS STRICT    maps
-//! <bpffs>/link_weft_connect4 link_weft_connect6 link_weft_sock_ops link_weft_ingress   cgroup links
-//! ```
-//!
-//! A later `attach` with the same directory re-opens the pins instead of re-attaching. Pins
-//! that do not describe a working attachment (links detached or attached elsewhere, maps with
-//! another layout, maps that are not the ones the programs use) are removed and everything is
-//! loaded fresh. When the embedded programs differ from the attached ones (a new build), the new
-//! programs are attached first and the old links detached after, so no connect goes unseen.
-//!
-//! What the programs do, and the byte orders of the map records, is described in
-//! `weft_common` and `ebpf/src/main.rs`.
+//! Pins are re-used when they describe a working attachment of this build's programs; anything
+//! else is removed and loaded fresh. bpf(2) is called directly for the two commands aya 0.14
+//! has no API for (`BPF_OBJ_GET` on a link pin, `BPF_LINK_DETACH`).
 
-use std::{
-    collections::{BTreeMap, HashMap, HashSet},
-    ffi::CString,
-    fs::{self, File},
-    io,
-    net::{IpAddr, Ipv4Addr, SocketAddr, SocketAddrV4},
-    os::{
-        fd::{AsFd, AsRawFd, FromRawFd, OwnedFd, RawFd},
-        unix::{ffi::OsStrExt, fs::MetadataExt},
-    },
-    path::{Path, PathBuf},
-    sync::{Mutex, MutexGuard, PoisonError},
-    time::{Duration, SystemTime, UNIX_EPOCH},
-};
+use std::collections::HashSet;
+use std::ffi::CString;
+use std::fs::{self, File};
+use std::io;
+use std::os::fd::{AsFd, AsRawFd, FromRawFd, OwnedFd, RawFd};
+use std::os::unix::ffi::OsStrExt;
+use std::path::{Path, PathBuf};
 
 use anyhow::{bail, Context as _};
-use aya::{
-    maps::{
-        lpm_trie::Key as LpmKey, Array, HashMap as BpfHashMap, LpmTrie, Map, MapData, MapError,
-        MapInfo, MapType, PerCpuArray, RingBuf,
-    },
-    programs::{
-        links::FdLink, loaded_programs, CgroupAttachMode, CgroupSkb, CgroupSockAddr, Program,
-        SockOps,
-    },
-    Ebpf, EbpfLoader,
+use aya::maps::{lpm_trie::Key as LpmKey, Map, MapError, MapInfo, MapType};
+use aya::programs::{
+    links::FdLink, loaded_programs, CgroupAttachMode, CgroupSkb, CgroupSockAddr, Program, SockOps,
 };
-use ipnet::Ipv4Net;
-use serde::Serialize;
-use tokio::{
-    io::{unix::AsyncFd, Interest},
-    sync::{mpsc, watch},
-};
+use aya::{Ebpf, EbpfLoader};
+use parking_lot::Mutex;
+use tokio::sync::watch;
 use tracing::{debug, info, warn};
 use weft_common::{
-    names, strict_mode, Config, Counter, FlowKey, OrigDst, RedirectEvent as RawEvent, StrictKey,
-    ENROLLED_ENTRIES, EVENTS_BYTES, EXCL_CIDRS_ENTRIES, EXCL_PORTS_ENTRIES, ORIG_DST_ENTRIES,
-    STRICT_ENTRIES,
+    names, Config, Counter, FlowKey, OrigDst, StrictKey, ENROLLED_ENTRIES, EVENTS_BYTES,
+    EXCL_CIDRS_ENTRIES, EXCL_PORTS_ENTRIES, ORIG_DST_ENTRIES, STRICT_ENTRIES,
 };
+
+use super::{Capture, CaptureConfig};
+use crate::config::DEFAULT_BPFFS;
+use crate::workload::cgroup_id;
 
 /// The eBPF object built by `build.rs` from `ebpf/`.
 static EBPF_OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/weft"));
-
-/// Default pin directory (a bpffs is mounted on its parent if needed).
-pub const DEFAULT_BPFFS: &str = "/sys/fs/bpf/weft";
-
-/// Capacity of the channel returned by [`Capture::events`]. When the consumer falls behind, the
-/// kernel ring buffer fills up and the programs count `events_dropped`.
-const EVENT_CHANNEL: usize = 4096;
-/// How often the redirect-event ring buffer is drained.
-const EVENTS_DRAIN_EVERY: Duration = Duration::from_millis(100);
 
 const BPF_FS_MAGIC: i64 = 0xcafe_4a11;
 const CGROUP2_SUPER_MAGIC: i64 = 0x6367_7270;
@@ -80,124 +43,6 @@ const BPF_CGROUP_INET_INGRESS: u32 = 0;
 const BPF_CGROUP_SOCK_OPS: u32 = 3;
 const BPF_CGROUP_INET4_CONNECT: u32 = 10;
 const BPF_CGROUP_INET6_CONNECT: u32 = 11;
-
-/// Where and how to capture.
-#[derive(Clone, Debug)]
-pub struct CaptureConfig {
-    /// cgroup v2 directory the programs are attached to (e.g. the kubelet's `kubepods.slice`).
-    pub cgroup_root: PathBuf,
-    /// Pin directory, inside a bpffs (e.g. `/sys/fs/bpf/weft`). If its parent is not a bpffs
-    /// mount, one is mounted there.
-    pub bpffs: PathBuf,
-    /// The outbound capture listener: connections are rewritten to this address. Must be a
-    /// concrete address pods can reach (not `0.0.0.0`).
-    pub proxy_addr: SocketAddrV4,
-    /// Destination ports never redirected.
-    pub exclude_ports: Vec<u16>,
-    /// Destination networks never redirected.
-    pub exclude_cidrs: Vec<Ipv4Net>,
-}
-
-/// Where a redirected connection was going and who made it.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize)]
-pub struct Redirect {
-    /// The destination the pod connected to. Always an IPv4 address (`SocketAddr::V4`), also
-    /// when the pod used an IPv4-mapped IPv6 address (`::ffff:a.b.c.d`).
-    pub original_dst: SocketAddr,
-    /// The enrolled (pod) cgroup the connecting process lives in or under.
-    pub cgroup_id: u64,
-    /// Socket cookie of the pod's socket.
-    pub cookie: u64,
-}
-
-/// A redirected `connect()`, reported by the kernel whether or not the proxy sees the
-/// connection.
-#[derive(Clone, Debug, Serialize)]
-pub struct RedirectEvent {
-    pub redirect: Redirect,
-    /// When the `connect()` happened (wall clock).
-    pub time: SystemTime,
-}
-
-/// PeerAuthentication mode of a pod, or of one of its ports (see [`Capture::set_strict`]).
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize)]
-pub enum StrictMode {
-    /// STRICT: new plaintext TCP connections from anywhere but the node's own address (the
-    /// proxy's address: mesh deliveries and kubelet probes) or loopback are dropped.
-    Strict,
-    /// An explicit PERMISSIVE or DISABLE: everything is accepted. As a per-port entry it
-    /// overrides a STRICT pod default.
-    NotStrict,
-}
-
-impl StrictMode {
-    fn to_raw(self) -> u8 {
-        match self {
-            StrictMode::Strict => strict_mode::STRICT,
-            StrictMode::NotStrict => strict_mode::NOT_STRICT,
-        }
-    }
-}
-
-#[derive(Clone, Debug, Serialize)]
-pub struct ProgramStatus {
-    pub name: String,
-    /// The program's link is attached to the capture cgroup.
-    pub attached: bool,
-    /// Kernel program id (as shown by `bpftool prog`), 0 if unknown.
-    pub id: u32,
-}
-
-#[derive(Clone, Debug, Serialize)]
-pub struct MapStatus {
-    pub name: String,
-    /// Number of entries; for the ring buffer, 0.
-    pub entries: usize,
-    /// Capacity; for the ring buffer, its size in bytes.
-    pub max_entries: u32,
-}
-
-#[derive(Clone, Debug, Serialize)]
-pub struct CaptureStatus {
-    pub attach_point: PathBuf,
-    pub pin_path: PathBuf,
-    pub programs: Vec<ProgramStatus>,
-    pub maps: Vec<MapStatus>,
-    /// Kernel-side counters (`Counter::name()` → sum over CPUs).
-    pub counters: BTreeMap<String, u64>,
-    /// The links found pinned from a previous run were kept (redirection never stopped).
-    pub reused_pins: bool,
-}
-
-/// The attached capture programs and their maps. Dropping it keeps everything attached and
-/// pinned; [`Capture::detach_and_unpin`] removes it.
-pub struct Capture {
-    attach_point: PathBuf,
-    pin_dir: PathBuf,
-    cgroup_id: u64,
-    reused_pins: bool,
-    links: Vec<LinkHandle>,
-    enrolled: Mutex<BpfHashMap<MapData, u64, u8>>,
-    config: Mutex<Array<MapData, Config>>,
-    excl_ports: Mutex<BpfHashMap<MapData, u16, u8>>,
-    excl_cidrs: Mutex<LpmTrie<MapData, u32, u8>>,
-    by_cookie: Mutex<BpfHashMap<MapData, u64, OrigDst>>,
-    by_tuple: Mutex<BpfHashMap<MapData, FlowKey, OrigDst>>,
-    stats: Mutex<PerCpuArray<MapData, u64>>,
-    strict: Mutex<BpfHashMap<MapData, StrictKey, u8>>,
-    events: Mutex<Option<RingBuf<MapData>>>,
-    /// Dropped with the `Capture`, which stops the event pump task.
-    shutdown: watch::Sender<()>,
-    /// The cgroup this process runs in and its ancestors: never enrolled, or the proxy's own
-    /// upstream connections would be redirected back to itself.
-    own_cgroups: HashSet<u64>,
-}
-
-// Other modules share one `Capture` between tasks.
-const _: () = {
-    const fn send_sync<T: Send + Sync>() {}
-    send_sync::<Capture>()
-};
 
 /// One program of the object and how it is attached.
 struct ProgSpec {
@@ -226,15 +71,15 @@ const PROGRAMS: [ProgSpec; 4] = [
 ];
 
 /// The layout every map must have, checked before re-using a pinned map.
-struct MapSpec {
-    name: &'static str,
+pub(super) struct MapSpec {
+    pub(super) name: &'static str,
     map_type: MapType,
     key_size: u32,
     value_size: u32,
-    max_entries: u32,
+    pub(super) max_entries: u32,
 }
 
-fn map_specs() -> [MapSpec; 9] {
+pub(super) fn map_specs() -> [MapSpec; 9] {
     use std::mem::size_of;
     let spec = |name, map_type, key_size: usize, value_size: usize, max_entries| MapSpec {
         name,
@@ -319,10 +164,8 @@ impl Capture {
                 cfg.cgroup_root.display()
             );
         }
-        let cgroup_id = cgroup
-            .metadata()
-            .with_context(|| format!("stat {}", cfg.cgroup_root.display()))?
-            .ino();
+        let cgroup_id = cgroup_id(&cfg.cgroup_root)
+            .with_context(|| format!("cgroup id of {}", cfg.cgroup_root.display()))?;
 
         let pin_dir = cfg.bpffs.clone();
         let mut existing = match inspect_pins(&pin_dir, cgroup_id) {
@@ -447,213 +290,6 @@ impl Capture {
         Ok(capture)
     }
 
-    /// Make `ENROLLED` contain exactly `ids` (insert missing, delete extra).
-    ///
-    /// The cgroup this process runs in and its ancestors are never enrolled (they are left out
-    /// with a warning): the proxy's own connections must not be redirected to itself.
-    pub fn set_enrolled(&self, ids: &HashSet<u64>) -> anyhow::Result<()> {
-        let refused: HashSet<u64> = ids.intersection(&self.own_cgroups).copied().collect();
-        for id in &refused {
-            warn!(
-                cgroup_id = id,
-                "not enrolling cgroup {id}: this proxy runs in it or below it"
-            );
-        }
-        let ids: HashSet<u64> = ids.difference(&refused).copied().collect();
-        let ids = &ids;
-        let mut map = lock(&self.enrolled);
-        let current: HashSet<u64> = map
-            .keys()
-            .collect::<Result<_, _>>()
-            .context("listing ENROLLED")?;
-        for id in current.difference(ids) {
-            ignore_missing(map.remove(id))
-                .with_context(|| format!("removing cgroup {id} from ENROLLED"))?;
-        }
-        for id in ids.difference(&current) {
-            map.insert(id, 1, 0)
-                .with_context(|| format!("adding cgroup {id} to ENROLLED"))?;
-        }
-        Ok(())
-    }
-
-    /// Make `STRICT` contain exactly `entries`: `(pod cgroup id, port)` → mode, where port 0 is
-    /// the pod's default and a non-zero port overrides it for that port. A pod without entries,
-    /// or whose effective mode for a port is [`StrictMode::NotStrict`], accepts everything.
-    ///
-    /// Tightening changes (new or changed STRICT entries, stale NotStrict overrides) are
-    /// applied before loosening ones, so while the map is being updated a connection is never
-    /// let through that neither the old nor the new setting would accept. (The other way round,
-    /// a dropped SYN is retransmitted by the client; a plaintext connection accepted cannot be
-    /// taken back.)
-    pub fn set_strict(&self, entries: &HashMap<(u64, u16), StrictMode>) -> anyhow::Result<()> {
-        let mut map = lock(&self.strict);
-        let current: HashMap<(u64, u16), u8> = map
-            .iter()
-            .map(|kv| kv.map(|(k, v)| ((k.cgroup_id, k.port), v)))
-            .collect::<Result<_, _>>()
-            .context("listing STRICT")?;
-        let key = |&(cgroup_id, port): &(u64, u16)| StrictKey {
-            cgroup_id,
-            port,
-            _pad: [0; 3],
-        };
-        let upsert = |map: &mut BpfHashMap<MapData, StrictKey, u8>, mode: StrictMode| {
-            for (k, m) in entries.iter().filter(|(_, &m)| m == mode) {
-                if current.get(k) != Some(&m.to_raw()) {
-                    map.insert(key(k), m.to_raw(), 0).with_context(|| {
-                        format!("setting cgroup {} port {} to {m:?} in STRICT", k.0, k.1)
-                    })?;
-                }
-            }
-            anyhow::Ok(())
-        };
-        let remove_stale = |map: &mut BpfHashMap<MapData, StrictKey, u8>, strict: bool| {
-            for (k, &raw) in &current {
-                if (raw == strict_mode::STRICT) == strict && !entries.contains_key(k) {
-                    ignore_missing(map.remove(&key(k))).with_context(|| {
-                        format!("removing cgroup {} port {} from STRICT", k.0, k.1)
-                    })?;
-                }
-            }
-            anyhow::Ok(())
-        };
-        // Tighten first, then loosen.
-        upsert(&mut map, StrictMode::Strict)?;
-        remove_stale(&mut map, false)?;
-        upsert(&mut map, StrictMode::NotStrict)?;
-        remove_stale(&mut map, true)?;
-        Ok(())
-    }
-
-    /// On accept: `peer` = client (pod) address, `local` = our listener address. Looks the
-    /// connection up in `BY_TUPLE` and deletes the entry. `None` if unknown.
-    pub fn take_redirect(&self, peer: SocketAddr, local: SocketAddr) -> Option<Redirect> {
-        let key = FlowKey {
-            src_ip4: ip4_ne(v4(peer.ip())?),
-            dst_ip4: ip4_ne(v4(local.ip())?),
-            src_port: peer.port(),
-            dst_port: local.port(),
-        };
-        let mut map = lock(&self.by_tuple);
-        let orig = match map.get(&key, 0) {
-            Ok(orig) => orig,
-            Err(MapError::KeyNotFound) => return None,
-            Err(err) => {
-                warn!(%peer, %local, "BY_TUPLE lookup failed: {err}");
-                return None;
-            }
-        };
-        if let Err(err) = ignore_missing(map.remove(&key)) {
-            warn!(%peer, %local, "BY_TUPLE delete failed: {err}");
-        }
-        Some(redirect_of(&orig))
-    }
-
-    /// Redirect events from the ring buffer, delivered on a tokio mpsc channel by a background
-    /// task. Must be called from within a tokio runtime, once. The task ends when the receiver
-    /// or the `Capture` is dropped.
-    pub fn events(&self) -> anyhow::Result<mpsc::Receiver<RedirectEvent>> {
-        let handle = tokio::runtime::Handle::try_current()
-            .context("Capture::events must be called from within a tokio runtime")?;
-        let ring = lock(&self.events)
-            .take()
-            .context("Capture::events was already called")?;
-        let _enter = handle.enter();
-        // SAFETY: the RingBuf owns its map fd and returns that same fd for as long as it lives.
-        let ring = unsafe { AsyncFd::register_with_interest(ring, Interest::READABLE) }
-            .map_err(io::Error::from)
-            .context("registering the EVENTS ring buffer with tokio")?;
-        let (tx, rx) = mpsc::channel(EVENT_CHANNEL);
-        let shutdown = self.shutdown.subscribe();
-        handle.spawn(pump_events(ring, tx, shutdown));
-        Ok(rx)
-    }
-
-    /// Whether each program is still attached where it should be (cheap: reads link info only).
-    pub fn programs(&self) -> Vec<ProgramStatus> {
-        self.links
-            .iter()
-            .map(|link| match link.info() {
-                Ok(info) => ProgramStatus {
-                    name: link.program.to_owned(),
-                    attached: info.cgroup_id == self.cgroup_id
-                        && info.attach_type == link.attach_type,
-                    id: info.prog_id,
-                },
-                Err(err) => {
-                    warn!(program = link.program, "reading link info: {err:#}");
-                    ProgramStatus {
-                        name: link.program.to_owned(),
-                        attached: false,
-                        id: 0,
-                    }
-                }
-            })
-            .collect()
-    }
-
-    pub fn status(&self) -> CaptureStatus {
-        let programs = self.programs();
-        let entries = |name: &str, n: Result<usize, MapError>| {
-            n.unwrap_or_else(|err| {
-                warn!(map = name, "counting entries: {err}");
-                0
-            })
-        };
-        let counted = [
-            entries(names::ENROLLED, count_keys(lock(&self.enrolled).keys())),
-            1,
-            entries(names::EXCL_PORTS, count_keys(lock(&self.excl_ports).keys())),
-            entries(names::EXCL_CIDRS, count_keys(lock(&self.excl_cidrs).keys())),
-            entries(names::BY_COOKIE, count_keys(lock(&self.by_cookie).keys())),
-            entries(names::BY_TUPLE, count_keys(lock(&self.by_tuple).keys())),
-            0,
-            Counter::COUNT as usize,
-            entries(names::STRICT, count_keys(lock(&self.strict).keys())),
-        ];
-        let maps = map_specs()
-            .iter()
-            .zip(counted)
-            .map(|(spec, entries)| MapStatus {
-                name: spec.name.to_owned(),
-                entries,
-                max_entries: spec.max_entries,
-            })
-            .collect();
-        CaptureStatus {
-            attach_point: self.attach_point.clone(),
-            pin_path: self.pin_dir.clone(),
-            programs,
-            maps,
-            counters: self.counters(),
-            reused_pins: self.reused_pins,
-        }
-    }
-
-    /// Kernel-side counters: `Counter::name()` → sum over CPUs.
-    pub fn counters(&self) -> BTreeMap<String, u64> {
-        let stats = lock(&self.stats);
-        Counter::ALL
-            .iter()
-            .map(|&c| {
-                let total = match stats.get(&(c as u32), 0) {
-                    Ok(values) => values.iter().copied().fold(0u64, u64::wrapping_add),
-                    Err(err) => {
-                        warn!(counter = c.name(), "reading STATS: {err}");
-                        0
-                    }
-                };
-                (c.name().to_owned(), total)
-            })
-            .collect()
-    }
-
-    /// The cgroup id of the attach point.
-    pub fn cgroup_id(&self) -> u64 {
-        self.cgroup_id
-    }
-
     /// Detach everything and remove the pins (tests; `weft uninstall` for a node without a running proxy); normal shutdown
     /// keeps pins.
     pub fn detach_and_unpin(self) -> anyhow::Result<()> {
@@ -668,92 +304,9 @@ impl Capture {
 
     /// Detaches the links pinned in `bpffs` and removes every pin there, without loading
     /// anything (`weft uninstall`, when no `Capture` can be built). A missing directory
-    /// is not an error.
-    pub fn remove_pins(bpffs: &Path) -> anyhow::Result<()> {
+    /// is not an error. Returns how many pins there were (0: nothing was installed there).
+    pub fn remove_pins(bpffs: &Path) -> anyhow::Result<usize> {
         remove_pins(bpffs, true)
-    }
-
-    /// Writes the exclusion maps, then `CONFIG` (which turns redirection on).
-    fn write_config(&self, cfg: &CaptureConfig) -> anyhow::Result<()> {
-        let mut ports = lock(&self.excl_ports);
-        let want: HashSet<u16> = cfg.exclude_ports.iter().copied().collect();
-        let have: HashSet<u16> = ports
-            .keys()
-            .collect::<Result<_, _>>()
-            .context("listing EXCL_PORTS")?;
-        for port in have.difference(&want) {
-            ignore_missing(ports.remove(port))
-                .with_context(|| format!("removing port {port} from EXCL_PORTS"))?;
-        }
-        for port in want.difference(&have) {
-            ports
-                .insert(port, 1, 0)
-                .with_context(|| format!("adding port {port} to EXCL_PORTS"))?;
-        }
-        drop(ports);
-
-        let mut cidrs = lock(&self.excl_cidrs);
-        let want: HashSet<(u32, u32)> = cfg
-            .exclude_cidrs
-            .iter()
-            .map(|net| {
-                let net = net.trunc();
-                (u32::from(net.prefix_len()), ip4_ne(net.network()))
-            })
-            .collect();
-        let have: HashSet<(u32, u32)> = cidrs
-            .keys()
-            .map(|k| k.map(|k| (k.prefix_len(), k.data())))
-            .collect::<Result<_, _>>()
-            .context("listing EXCL_CIDRS")?;
-        for &(len, ip) in have.difference(&want) {
-            ignore_missing(cidrs.remove(&LpmKey::new(len, ip))).with_context(|| {
-                format!(
-                    "removing {}/{len} from EXCL_CIDRS",
-                    Ipv4Addr::from(ip.to_ne_bytes())
-                )
-            })?;
-        }
-        for &(len, ip) in want.difference(&have) {
-            cidrs.insert(&LpmKey::new(len, ip), 1, 0).with_context(|| {
-                format!(
-                    "adding {}/{len} to EXCL_CIDRS",
-                    Ipv4Addr::from(ip.to_ne_bytes())
-                )
-            })?;
-        }
-        drop(cidrs);
-
-        let config = Config {
-            proxy_ip4: ip4_ne(*cfg.proxy_addr.ip()),
-            proxy_port: cfg.proxy_addr.port(),
-            _pad: 0,
-        };
-        lock(&self.config)
-            .set(0, config, 0)
-            .context("writing CONFIG")?;
-
-        Ok(())
-    }
-
-    /// Looks up the original destination saved by connect4/6 for a socket that has not reached
-    /// `ESTABLISHED` yet (diagnostics).
-    pub fn pending_by_cookie(&self, cookie: u64) -> Option<Redirect> {
-        lock(&self.by_cookie)
-            .get(&cookie, 0)
-            .ok()
-            .map(|orig| redirect_of(&orig))
-    }
-}
-
-impl std::fmt::Debug for Capture {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("Capture")
-            .field("attach_point", &self.attach_point)
-            .field("pin_dir", &self.pin_dir)
-            .field("cgroup_id", &self.cgroup_id)
-            .field("reused_pins", &self.reused_pins)
-            .finish_non_exhaustive()
     }
 }
 
@@ -819,8 +372,7 @@ fn own_cgroup_ids() -> anyhow::Result<HashSet<u64>> {
         let mut ids = HashSet::new();
         let mut dir = mount_point.join(below);
         loop {
-            let meta = fs::metadata(&dir).with_context(|| format!("stat {}", dir.display()))?;
-            ids.insert(meta.ino());
+            ids.insert(cgroup_id(&dir).with_context(|| format!("cgroup id of {}", dir.display()))?);
             if dir == mount_point || !dir.pop() {
                 break;
             }
@@ -828,49 +380,6 @@ fn own_cgroup_ids() -> anyhow::Result<HashSet<u64>> {
         return Ok(ids);
     }
     bail!("no cgroup v2 mount shows this process's cgroup {own}")
-}
-
-fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
-    m.lock().unwrap_or_else(PoisonError::into_inner)
-}
-
-fn ignore_missing(r: Result<(), MapError>) -> Result<(), MapError> {
-    match r {
-        Err(MapError::KeyNotFound | MapError::ElementNotFound) => Ok(()),
-        r => r,
-    }
-}
-
-fn count_keys<K>(keys: impl Iterator<Item = Result<K, MapError>>) -> Result<usize, MapError> {
-    let mut n = 0;
-    for key in keys {
-        key?;
-        n += 1;
-    }
-    Ok(n)
-}
-
-fn v4(ip: IpAddr) -> Option<Ipv4Addr> {
-    match ip {
-        IpAddr::V4(ip) => Some(ip),
-        IpAddr::V6(ip) => ip.to_ipv4_mapped(),
-    }
-}
-
-/// An IPv4 address as the kernel programs store it (octets in memory order).
-fn ip4_ne(ip: Ipv4Addr) -> u32 {
-    u32::from_ne_bytes(ip.octets())
-}
-
-fn redirect_of(orig: &OrigDst) -> Redirect {
-    Redirect {
-        original_dst: SocketAddr::V4(SocketAddrV4::new(
-            Ipv4Addr::from(orig.ip4.to_ne_bytes()),
-            orig.port,
-        )),
-        cgroup_id: orig.cgroup_id,
-        cookie: orig.cookie,
-    }
 }
 
 fn take_map<T>(ebpf: &mut Ebpf, name: &str) -> anyhow::Result<T>
@@ -933,21 +442,21 @@ fn link_pin_path(dir: &Path, program: &str) -> PathBuf {
 }
 
 /// A cgroup link, opened from its pin.
-struct LinkHandle {
-    program: &'static str,
-    attach_type: u32,
+pub(super) struct LinkHandle {
+    pub(super) program: &'static str,
+    pub(super) attach_type: u32,
     pin: PathBuf,
     fd: OwnedFd,
 }
 
 /// What `/proc/self/fdinfo` says about a link.
 #[derive(Debug)]
-struct LinkFdInfo {
-    prog_id: u32,
+pub(super) struct LinkFdInfo {
+    pub(super) prog_id: u32,
     prog_tag: u64,
     /// 0 once the link is detached or its cgroup is gone.
-    cgroup_id: u64,
-    attach_type: u32,
+    pub(super) cgroup_id: u64,
+    pub(super) attach_type: u32,
 }
 
 impl LinkHandle {
@@ -962,7 +471,7 @@ impl LinkHandle {
         })
     }
 
-    fn info(&self) -> anyhow::Result<LinkFdInfo> {
+    pub(super) fn info(&self) -> anyhow::Result<LinkFdInfo> {
         let path = format!("/proc/self/fdinfo/{}", self.fd.as_raw_fd());
         let text = fs::read_to_string(&path)
             .with_context(|| format!("reading {path} (link {})", self.pin.display()))?;
@@ -1123,12 +632,13 @@ fn no_links() -> Vec<Option<LinkHandle>> {
 }
 
 /// Detaches pinned links and removes all pins in `dir`, then (if `remove_dir`) `dir` itself.
-fn remove_pins(dir: &Path, remove_dir: bool) -> anyhow::Result<()> {
+fn remove_pins(dir: &Path, remove_dir: bool) -> anyhow::Result<usize> {
     let entries = match fs::read_dir(dir) {
         Ok(entries) => entries,
-        Err(err) if err.kind() == io::ErrorKind::NotFound => return Ok(()),
+        Err(err) if err.kind() == io::ErrorKind::NotFound => return Ok(0),
         Err(err) => return Err(err).with_context(|| format!("listing {}", dir.display())),
     };
+    let mut removed = 0;
     for entry in entries {
         let entry = entry.with_context(|| format!("listing {}", dir.display()))?;
         let path = entry.path();
@@ -1154,13 +664,14 @@ fn remove_pins(dir: &Path, remove_dir: bool) -> anyhow::Result<()> {
             }
         }
         remove_file_if_exists(&path)?;
+        removed += 1;
     }
     if !remove_dir {
-        return Ok(());
+        return Ok(removed);
     }
     match fs::remove_dir(dir) {
-        Ok(()) => Ok(()),
-        Err(err) if err.kind() == io::ErrorKind::NotFound => Ok(()),
+        Ok(()) => Ok(removed),
+        Err(err) if err.kind() == io::ErrorKind::NotFound => Ok(removed),
         Err(err) => Err(err).with_context(|| format!("removing {}", dir.display())),
     }
 }
@@ -1277,102 +788,9 @@ impl Drop for DirLock {
     }
 }
 
-async fn pump_events(
-    mut ring: AsyncFd<RingBuf<MapData>>,
-    tx: mpsc::Sender<RedirectEvent>,
-    mut shutdown: watch::Receiver<()>,
-) {
-    let mut batch = Vec::new();
-    // The programs submit without waking us (a wake-up per connect is costly for the pod that
-    // connects), so the ring is drained on a short timer as well as on readiness.
-    let mut drain = tokio::time::interval(EVENTS_DRAIN_EVERY);
-    drain.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-    loop {
-        tokio::select! {
-            ready = ring.readable_mut() => {
-                let mut guard = match ready {
-                    Ok(guard) => guard,
-                    Err(err) => {
-                        warn!("waiting on the EVENTS ring buffer: {err}");
-                        return;
-                    }
-                };
-                drain_ring(guard.get_inner_mut(), &mut batch);
-                guard.clear_ready();
-            }
-            _ = drain.tick() => drain_ring(ring.get_mut(), &mut batch),
-            _ = shutdown.changed() => return,
-            _ = tx.closed() => return,
-        }
-        let boot = boot_time();
-        for raw in batch.drain(..) {
-            let event = RedirectEvent {
-                redirect: redirect_of(&raw.orig),
-                time: boot + Duration::from_nanos(raw.boot_ns),
-            };
-            if tx.send(event).await.is_err() {
-                return;
-            }
-        }
-    }
-}
-
-/// Reads every record waiting in the ring.
-fn drain_ring(ring: &mut RingBuf<MapData>, batch: &mut Vec<RawEvent>) {
-    while let Some(item) = ring.next() {
-        if item.len() < std::mem::size_of::<RawEvent>() {
-            warn!(len = item.len(), "short record in EVENTS");
-            continue;
-        }
-        // SAFETY: the record holds at least one RawEvent (plain old data).
-        batch.push(unsafe { std::ptr::read_unaligned(item.as_ptr().cast::<RawEvent>()) });
-    }
-}
-
-/// The wall-clock time of boot, to convert `CLOCK_BOOTTIME` stamps (`bpf_ktime_get_boot_ns`).
-fn boot_time() -> SystemTime {
-    let now = |clock| {
-        // SAFETY: clock_gettime writes into `ts`.
-        let mut ts: libc::timespec = unsafe { std::mem::zeroed() };
-        unsafe { libc::clock_gettime(clock, &mut ts) };
-        Duration::new(ts.tv_sec as u64, ts.tv_nsec as u32)
-    };
-    let since_boot = now(libc::CLOCK_BOOTTIME);
-    let since_epoch = now(libc::CLOCK_REALTIME);
-    UNIX_EPOCH + since_epoch.saturating_sub(since_boot)
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn redirect_decodes_network_order_address() {
-        let orig = OrigDst {
-            cookie: 7,
-            cgroup_id: 42,
-            ip4: u32::from_ne_bytes([10, 96, 0, 10]),
-            port: 8080,
-            family: 2,
-        };
-        assert_eq!(
-            redirect_of(&orig),
-            Redirect {
-                original_dst: "10.96.0.10:8080".parse().unwrap(),
-                cgroup_id: 42,
-                cookie: 7,
-            }
-        );
-    }
-
-    #[test]
-    fn mapped_addresses_are_ipv4() {
-        assert_eq!(
-            v4("::ffff:10.0.0.1".parse().unwrap()),
-            Some(Ipv4Addr::new(10, 0, 0, 1))
-        );
-        assert_eq!(v4("fd00::1".parse().unwrap()), None);
-    }
 
     #[test]
     fn config_is_validated() {

@@ -1,8 +1,9 @@
 //! Prometheus metrics on their own listener (default `0.0.0.0:15020`, path `/metrics`), so
 //! scrapes never share a port or a queue with traffic or the admin API.
 //!
-//! Values are read from the node's live state at scrape time (flow totals, eBPF counters,
-//! workloads, registry), so nothing on the data path pays for metrics it does not already keep.
+//! Values are read at scrape time, from [`Telemetry`] (flow totals, bytes, active connections)
+//! and from the node ([`NodeGauges`]: eBPF counters, workloads, registry), so nothing on the
+//! data path pays for metrics it does not already keep.
 
 use std::collections::BTreeMap;
 use std::net::SocketAddr;
@@ -18,17 +19,11 @@ use prometheus_client::metrics::counter::ConstCounter;
 use prometheus_client::metrics::gauge::ConstGauge;
 use prometheus_client::registry::Registry;
 
-use crate::flows::Verdict;
+use super::Telemetry;
 
-/// What the node reports, read at scrape time.
+/// What the node reports besides its traffic, read at scrape time.
 #[derive(Debug, Default, Clone)]
-pub struct MetricsSnapshot {
-    pub flows_by_verdict: BTreeMap<Verdict, u64>,
-    /// Bytes of finished flows, source → destination.
-    pub bytes_sent: u64,
-    /// Bytes of finished flows, destination → source.
-    pub bytes_received: u64,
-    pub active_connections: u64,
+pub struct NodeGauges {
     /// eBPF counters by name (`redirected`, `not_enrolled`, …).
     pub ebpf: BTreeMap<String, u64>,
     pub workloads: u64,
@@ -37,14 +32,18 @@ pub struct MetricsSnapshot {
     pub registry_reload_failed: bool,
 }
 
-pub trait MetricsSource: Send + Sync + std::fmt::Debug + 'static {
-    fn metrics(&self) -> MetricsSnapshot;
+/// Where [`NodeGauges`] come from (the node).
+pub trait GaugeSource: Send + Sync + std::fmt::Debug + 'static {
+    fn gauges(&self) -> NodeGauges;
 }
 
 const OPENMETRICS: &str = "application/openmetrics-text; version=1.0.0; charset=utf-8";
 
 #[derive(Debug)]
-struct NodeCollector(Arc<dyn MetricsSource>);
+struct NodeCollector {
+    telemetry: Arc<Telemetry>,
+    node: Arc<dyn GaugeSource>,
+}
 
 fn gauge(enc: &mut DescriptorEncoder, name: &str, help: &str, v: i64) -> std::fmt::Result {
     let g = ConstGauge::new(v);
@@ -53,13 +52,15 @@ fn gauge(enc: &mut DescriptorEncoder, name: &str, help: &str, v: i64) -> std::fm
 
 impl Collector for NodeCollector {
     fn encode(&self, mut enc: DescriptorEncoder) -> std::fmt::Result {
-        let m = self.0.metrics();
+        let t = &self.telemetry;
+        let m = self.node.gauges();
+        let (bytes_sent, bytes_received) = t.flows.bytes_totals();
         {
             let help = "Connections handled by the node proxy, by verdict";
             let proto = ConstCounter::new(0u64);
             let mut family =
                 enc.encode_descriptor("weft_flows", help, None, proto.metric_type())?;
-            for (verdict, n) in &m.flows_by_verdict {
+            for (verdict, n) in &t.flows.totals() {
                 let labels = [("verdict", verdict.as_str())];
                 ConstCounter::new(*n).encode(family.encode_family(&labels)?)?;
             }
@@ -69,7 +70,7 @@ impl Collector for NodeCollector {
             let proto = ConstCounter::new(0u64);
             let mut family =
                 enc.encode_descriptor("weft_flow_bytes", help, None, proto.metric_type())?;
-            for (direction, n) in [("sent", m.bytes_sent), ("received", m.bytes_received)] {
+            for (direction, n) in [("sent", bytes_sent), ("received", bytes_received)] {
                 ConstCounter::new(n).encode(family.encode_family(&[("direction", direction)])?)?;
             }
         }
@@ -89,7 +90,7 @@ impl Collector for NodeCollector {
             &mut enc,
             "weft_active_connections",
             "Connections being relayed now",
-            g(m.active_connections),
+            g(t.active_connections()),
         )?;
         gauge(
             &mut enc,
@@ -119,10 +120,10 @@ impl Collector for NodeCollector {
     }
 }
 
-/// The `/metrics` router over `source`.
-pub fn router(source: Arc<dyn MetricsSource>) -> Router {
+/// The `/metrics` router.
+pub fn router(telemetry: Arc<Telemetry>, node: Arc<dyn GaugeSource>) -> Router {
     let mut registry = Registry::default();
-    registry.register_collector(Box::new(NodeCollector(source)));
+    registry.register_collector(Box::new(NodeCollector { telemetry, node }));
     let registry = Arc::new(registry);
     Router::new().route(
         "/metrics",
@@ -142,11 +143,15 @@ pub fn router(source: Arc<dyn MetricsSource>) -> Router {
     )
 }
 
-pub async fn serve(addr: SocketAddr, source: Arc<dyn MetricsSource>) -> anyhow::Result<()> {
+pub async fn serve(
+    addr: SocketAddr,
+    telemetry: Arc<Telemetry>,
+    node: Arc<dyn GaugeSource>,
+) -> anyhow::Result<()> {
     let listener = tokio::net::TcpListener::bind(addr)
         .await
         .with_context(|| format!("binding the metrics address {addr}"))?;
-    axum::serve(listener, router(source))
+    axum::serve(listener, router(telemetry, node))
         .await
         .context("metrics server")
 }
@@ -154,41 +159,49 @@ pub async fn serve(addr: SocketAddr, source: Arc<dyn MetricsSource>) -> anyhow::
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::admin::api::{Flow, Verdict};
 
     #[derive(Debug)]
-    struct Fixed(MetricsSnapshot);
-    impl MetricsSource for Fixed {
-        fn metrics(&self) -> MetricsSnapshot {
+    struct Fixed(NodeGauges);
+    impl GaugeSource for Fixed {
+        fn gauges(&self) -> NodeGauges {
             self.0.clone()
         }
     }
 
     #[test]
     fn renders_openmetrics() {
-        let mut snap = MetricsSnapshot {
-            bytes_sent: 10,
-            bytes_received: 20,
-            active_connections: 2,
+        let mut gauges = NodeGauges {
             workloads: 3,
             enrolled_workloads: 1,
             registry_generation: 4,
             registry_reload_failed: true,
             ..Default::default()
         };
-        snap.flows_by_verdict.insert(Verdict::Forwarded, 7);
-        snap.flows_by_verdict.insert(Verdict::Denied, 1);
-        snap.ebpf.insert("redirected".into(), 8);
+        gauges.ebpf.insert("redirected".into(), 8);
+        let telemetry = Arc::new(Telemetry::new("n1", 100));
+        for (verdict, sent, received) in [(Verdict::Forwarded, 10, 20), (Verdict::Denied, 0, 0)] {
+            telemetry.flows.record(Flow {
+                verdict,
+                bytes_sent: sent,
+                bytes_received: received,
+                ..Flow::default()
+            });
+        }
         let mut registry = Registry::default();
-        registry.register_collector(Box::new(NodeCollector(Arc::new(Fixed(snap)))));
+        registry.register_collector(Box::new(NodeCollector {
+            telemetry,
+            node: Arc::new(Fixed(gauges)),
+        }));
         let mut out = String::new();
         prometheus_client::encoding::text::encode(&mut out, &registry).unwrap();
         for line in [
-            "weft_flows_total{verdict=\"forwarded\"} 7",
+            "weft_flows_total{verdict=\"forwarded\"} 1",
             "weft_flows_total{verdict=\"denied\"} 1",
             "weft_flow_bytes_total{direction=\"sent\"} 10",
             "weft_flow_bytes_total{direction=\"received\"} 20",
             "weft_ebpf_events_total{event=\"redirected\"} 8",
-            "weft_active_connections 2",
+            "weft_active_connections 0",
             "weft_enrolled_workloads 1",
             "weft_registry_reload_failed 1",
             "# EOF",

@@ -2,12 +2,13 @@
 //! one or more documents.
 //!
 //! The file is split into documents at `---`/`...` marker lines (YAML forbids these at column 0
-//! inside scalars, so the split is exact), and each document is parsed on its own, padded with
-//! blank lines so every line the YAML parser reports is the line in the file. Core v1 kinds are
+//! inside scalars, so the split is exact), and each document is parsed on its own, the lines it
+//! reports shifted back to the file's. Core v1 kinds are
 //! deserialized into k8s-openapi types through `serde_path_to_error` (for the field path of a
 //! type error), then converted by [`super::build`]. Semantic errors carry a field path too; their
 //! line is found by a small block-style YAML walk ([`locate`]), falling back to the document's
-//! first line.
+//! first line. [`FileSource`] re-reads the files when they change and publishes each good
+//! load to the [`super::Registry`].
 
 use std::collections::HashMap;
 use std::fmt;
@@ -20,8 +21,15 @@ use serde::de::DeserializeOwned;
 use serde::Serialize;
 use serde_json::Value;
 
-use super::build::{object_key, FieldError, Object, ObjectKey, SnapshotBuilder};
-use super::model::{RawObject, Snapshot};
+mod locate;
+mod watch;
+
+pub use locate::locate;
+pub use watch::{FileSource, WatchConfig};
+
+use super::build::{object_key, FieldError, Inserted, Object, ObjectKey, SnapshotBuilder};
+use super::kinds;
+use super::model::{NotApplied, RawObject, Snapshot};
 
 /// One problem in the source, e.g.
 /// `pods.yaml:14: document 2 (Pod demo/client): spec.containers[0].ports[0].containerPort: invalid type: string "x", expected i32`.
@@ -218,12 +226,12 @@ struct Chunk<'a> {
     text: &'a str,
 }
 
-fn is_marker(line: &str, marker: &str) -> bool {
+pub(super) fn is_marker(line: &str, marker: &str) -> bool {
     line.strip_prefix(marker)
         .is_some_and(|rest| rest.is_empty() || rest.starts_with([' ', '\t', '\r']))
 }
 
-fn is_content(line: &str) -> bool {
+pub(super) fn is_content(line: &str) -> bool {
     let t = line.trim();
     !t.is_empty() && !t.starts_with('#')
 }
@@ -430,7 +438,7 @@ impl Loader {
         let namespaced = !(core_kind && matches!(kind, "Namespace" | "Node"));
         let namespace = match namespace {
             None if core_kind && namespaced => Some("default"),
-            None if crate::policy::is_policy_kind(api_version, kind) => Some("default"),
+            None if kinds::namespaced_group(api_version) => Some("default"),
             ns => ns.filter(|_| namespaced),
         };
         let label = match (name, namespace) {
@@ -480,7 +488,7 @@ impl Loader {
         };
         let Some(object) = object else { return };
 
-        let line = here.unwrap_or(doc.first_line);
+        let line = here.unwrap_or(doc.first_line) + doc.line_offset;
         let key = object_key(&object);
         if let Some(first) = self.origins.get(&key) {
             let reason = format!("duplicate {key}, first defined at {first}");
@@ -489,9 +497,17 @@ impl Loader {
                 .push(doc.error(None, Some(label), Some(path), reason));
             return;
         }
+        let origin = format!("{}:{line}", doc.file.display());
         match self.builder.insert(object) {
-            Ok(key) => {
-                let origin = format!("{}:{line}", doc.file.display());
+            Ok(Inserted::Applied(key)) => {
+                self.origins.insert(key, origin);
+            }
+            Ok(Inserted::NotApplied { key, reason }) => {
+                self.builder.not_applied(NotApplied {
+                    origin: format!("{origin}: document {}", doc.index),
+                    object: key.to_string(),
+                    reason,
+                });
                 self.origins.insert(key, origin);
             }
             Err(errors) => {
@@ -540,136 +556,6 @@ impl Loader {
     }
 }
 
-#[derive(Debug, PartialEq, Eq)]
-enum Seg<'a> {
-    Key(&'a str),
-    Index(usize),
-}
-
-fn parse_path(path: &str) -> Option<Vec<Seg<'_>>> {
-    let mut segs = Vec::new();
-    for part in path.split('.') {
-        let (key, mut rest) = part.split_at(part.find('[').unwrap_or(part.len()));
-        if !key.is_empty() {
-            segs.push(Seg::Key(key));
-        }
-        while let Some(r) = rest.strip_prefix('[') {
-            let end = r.find(']')?;
-            segs.push(Seg::Index(r[..end].parse().ok()?));
-            rest = &r[end + 1..];
-        }
-        if !rest.is_empty() {
-            return None;
-        }
-    }
-    Some(segs)
-}
-
-/// A content line: 1-based number, indentation, text without the indentation.
-struct Line<'a> {
-    no: usize,
-    indent: usize,
-    text: &'a str,
-}
-
-/// The (1-based) line of the field at `path` (`spec.ports[0].port`) in a block-style YAML
-/// document, or of the deepest part of it that could be found. Best effort: flow style
-/// (`{…}`, `[…]`) is not followed. `None` when not even the first key was found.
-pub(crate) fn locate(text: &str, path: &str) -> Option<usize> {
-    let segs = parse_path(path)?;
-    let lines: Vec<Line<'_>> = text
-        .lines()
-        .enumerate()
-        .filter(|(_, l)| is_content(l) && !is_marker(l, "---") && !is_marker(l, "..."))
-        .map(|(i, l)| {
-            let text = l.trim_start_matches(' ');
-            Line {
-                no: i + 1,
-                indent: l.len() - text.len(),
-                text: text.trim_end(),
-            }
-        })
-        .collect();
-
-    // A block: lines[start..end], the first one starting at column `head` when it is the
-    // inline content of a sequence item (`- name: x`).
-    let (mut start, mut end, mut head) = (0, lines.len(), None::<usize>);
-    let mut found = None;
-    for seg in segs {
-        if start >= end {
-            break;
-        }
-        let base = head.unwrap_or(lines[start].indent);
-        // Entries of the block: lines at its base indentation, with their content.
-        let entries: Vec<(usize, &str)> = (start..end)
-            .filter_map(|k| {
-                let l = &lines[k];
-                match head {
-                    Some(col) if k == start => Some((k, &l.text[col - l.indent..])),
-                    _ if l.indent == base => Some((k, l.text)),
-                    _ => None,
-                }
-            })
-            .collect();
-        let is_item = |t: &str| t == "-" || t.starts_with("- ");
-        match seg {
-            Seg::Key(key) => {
-                let Some(pos) = entries.iter().position(|(_, t)| key_matches(t, key)) else {
-                    break;
-                };
-                let k = entries[pos].0;
-                found = Some(lines[k].no);
-                // A sequence may sit at the key's own indentation (`ports:\n- port: 80`).
-                let next = entries[pos + 1..]
-                    .iter()
-                    .find(|(_, t)| !is_item(t))
-                    .map_or(end, |(k, _)| *k);
-                (start, end, head) = (k + 1, next, None);
-            }
-            Seg::Index(n) => {
-                let items: Vec<usize> = entries
-                    .iter()
-                    .filter(|(_, t)| is_item(t))
-                    .map(|(k, _)| *k)
-                    .collect();
-                let Some(&k) = items.get(n) else { break };
-                found = Some(lines[k].no);
-                let next = entries
-                    .iter()
-                    .map(|(k, _)| *k)
-                    .find(|&e| e > k)
-                    .unwrap_or(end);
-                let l = &lines[k];
-                let item_text = match head {
-                    Some(col) if k == start => &l.text[col - l.indent..],
-                    _ => l.text,
-                };
-                let rest = item_text[1..].trim_start();
-                if rest.is_empty() {
-                    (start, end, head) = (k + 1, next, None);
-                } else {
-                    let col = l.indent + (l.text.len() - rest.len());
-                    (start, end, head) = (k, next, Some(col));
-                }
-            }
-        }
-    }
-    found
-}
-
-fn key_matches(text: &str, key: &str) -> bool {
-    let rest = [("", ""), ("\"", "\""), ("'", "'")]
-        .iter()
-        .find_map(|(open, close)| {
-            text.strip_prefix(open)?
-                .strip_prefix(key)?
-                .strip_prefix(close)
-        });
-    rest.map(str::trim_start)
-        .and_then(|r| r.strip_prefix(':'))
-        .is_some_and(|r| r.is_empty() || r.starts_with([' ', '\t']))
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -692,64 +578,5 @@ mod tests {
         assert_eq!(chunks.len(), 1);
         assert_eq!(chunks[0].first_content, 1);
         assert!(split_documents("# nothing\n---\n\n").is_empty());
-    }
-
-    #[test]
-    fn locate_walks_block_yaml() {
-        let text = "\
-apiVersion: v1
-kind: Pod
-metadata:
-  name: p
-  labels:
-    name: not-this-one
-spec:
-  containers:
-  - name: a
-    ports:
-    - containerPort: 80
-  - name: b
-    image: x
-    ports:
-      - name: http
-        containerPort: 8080
-      -
-        containerPort: 9090
-status:
-  podIP: 1.2.3.4
-";
-        assert_eq!(locate(text, "metadata.name"), Some(4));
-        assert_eq!(locate(text, "spec.containers[1]"), Some(12));
-        assert_eq!(
-            locate(text, "spec.containers[1].ports[0].containerPort"),
-            Some(16)
-        );
-        assert_eq!(
-            locate(text, "spec.containers[1].ports[1].containerPort"),
-            Some(18)
-        );
-        assert_eq!(
-            locate(text, "spec.containers[0].ports[0].containerPort"),
-            Some(11)
-        );
-        assert_eq!(locate(text, "status.podIP"), Some(20));
-        assert_eq!(locate(text, "status.missing"), Some(19));
-        assert_eq!(locate(text, "nope"), None);
-    }
-
-    #[test]
-    fn path_parsing() {
-        assert_eq!(
-            parse_path("items[2].spec.ports[0].port").unwrap(),
-            vec![
-                Seg::Key("items"),
-                Seg::Index(2),
-                Seg::Key("spec"),
-                Seg::Key("ports"),
-                Seg::Index(0),
-                Seg::Key("port")
-            ]
-        );
-        assert!(parse_path("a[x]").is_none());
     }
 }

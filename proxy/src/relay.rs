@@ -1,10 +1,12 @@
-//! Moving bytes between the client and the upstream connection.
+//! Moving bytes between two connections: [`relay`] for two TCP sockets, [`both_ways`] for any
+//! pair of directions (the HBONE stream ⇄ socket relay uses it too).
 //!
 //! Each direction is relayed with `splice(2)` through a pipe, so payload bytes stay in the
 //! kernel (socket → pipe → socket); the proxy never copies them through user space. End of
 //! stream in one direction is passed on as a half-close (`shutdown(SHUT_WR)`) while the other
 //! direction keeps flowing. A reset on one side is passed on as a reset on the other.
 
+use std::future::Future;
 use std::io;
 use std::os::fd::{AsFd, AsRawFd, OwnedFd};
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -13,7 +15,6 @@ use nix::fcntl::{splice, OFlag, SpliceFFlags};
 use tokio::io::Interest;
 use tokio::net::TcpStream;
 
-/// Pipe size requested per direction (the kernel caps it at `fs.pipe-max-size`).
 /// Pipe size a direction grows to once it carries bulk data (the kernel caps it at
 /// `fs.pipe-max-size`). Pipes start at the default 64 KiB, so short connections never pay for
 /// a large buffer.
@@ -38,29 +39,7 @@ pub async fn relay(client: TcpStream, upstream: TcpStream) -> Relayed {
     let (sent, received) = (AtomicU64::new(0), AtomicU64::new(0));
     let up = pump(&client, &upstream, &sent);
     let down = pump(&upstream, &client, &received);
-    tokio::pin!(up, down);
-    // Run both directions; if one fails, stop the other and reset both sockets.
-    let mut error = None;
-    let mut up_done = false;
-    let mut down_done = false;
-    while !(up_done && down_done) {
-        tokio::select! {
-            r = &mut up, if !up_done => {
-                up_done = true;
-                if let Err(e) = r {
-                    error = Some(format!("client→upstream: {e}"));
-                    break;
-                }
-            }
-            r = &mut down, if !down_done => {
-                down_done = true;
-                if let Err(e) = r {
-                    error = Some(format!("upstream→client: {e}"));
-                    break;
-                }
-            }
-        }
-    }
+    let error = both_ways(up, "client→upstream", down, "upstream→client").await;
     if error.is_some() {
         // Abort: both peers see a reset rather than a clean close.
         reset(&client);
@@ -71,6 +50,35 @@ pub async fn relay(client: TcpStream, upstream: TcpStream) -> Relayed {
         received: received.load(Ordering::Relaxed),
         error,
     }
+}
+
+/// Drives both directions of a relay until both have ended, or until one fails: then the other
+/// is dropped and the failure is returned, named after its direction.
+pub async fn both_ways(
+    up: impl Future<Output = io::Result<()>>,
+    up_name: &str,
+    down: impl Future<Output = io::Result<()>>,
+    down_name: &str,
+) -> Option<String> {
+    tokio::pin!(up, down);
+    let (mut up_done, mut down_done) = (false, false);
+    while !(up_done && down_done) {
+        tokio::select! {
+            r = &mut up, if !up_done => {
+                up_done = true;
+                if let Err(e) = r {
+                    return Some(format!("{up_name}: {e}"));
+                }
+            }
+            r = &mut down, if !down_done => {
+                down_done = true;
+                if let Err(e) = r {
+                    return Some(format!("{down_name}: {e}"));
+                }
+            }
+        }
+    }
+    None
 }
 
 /// Arranges for the socket to send RST instead of FIN when it is closed.

@@ -1,0 +1,580 @@
+//! The admin API's contract: every type the node serves and the CLI decodes, in one place.
+//!
+//! The node fills these (the data-path modules return them from their `status()`/`stats()`
+//! queries), serde carries them, and `weft …` renders them. A renamed field breaks the build,
+//! never silently the output. This module imports nothing from the rest of the crate.
+
+use std::collections::BTreeMap;
+use std::net::{IpAddr, SocketAddr};
+use std::path::PathBuf;
+use std::time::Duration;
+
+use serde::{Deserialize, Serialize};
+use time::OffsetDateTime;
+
+// ---------------------------------------------------------------------------------------------
+// /flows
+// ---------------------------------------------------------------------------------------------
+
+/// What weft did with a connection.
+#[derive(
+    Clone,
+    Copy,
+    Debug,
+    PartialEq,
+    Eq,
+    PartialOrd,
+    Ord,
+    Hash,
+    Serialize,
+    Deserialize,
+    clap::ValueEnum,
+)]
+#[serde(rename_all = "snake_case")]
+#[value(rename_all = "snake_case")]
+pub enum Verdict {
+    /// Connected to the destination and bytes were relayed.
+    Forwarded,
+    /// The destination is a Service with no ready endpoint.
+    NoEndpoint,
+    /// The destination refused, was unreachable, or did not answer in time.
+    ConnectFailed,
+    /// A connection reached the capture listener without an eBPF redirect record, so its
+    /// destination is unknown; it was closed.
+    Unidentified,
+    /// eBPF redirected a connect() but the connection never reached the proxy (for example
+    /// the proxy was down, or the client gave up).
+    Unhandled,
+    /// Refused by an AuthorizationPolicy (see the flow's `policy`).
+    Denied,
+}
+
+impl Verdict {
+    pub const ALL: [Verdict; 6] = [
+        Verdict::Forwarded,
+        Verdict::NoEndpoint,
+        Verdict::ConnectFailed,
+        Verdict::Unidentified,
+        Verdict::Unhandled,
+        Verdict::Denied,
+    ];
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Verdict::Forwarded => "forwarded",
+            Verdict::NoEndpoint => "no_endpoint",
+            Verdict::ConnectFailed => "connect_failed",
+            Verdict::Unidentified => "unidentified",
+            Verdict::Unhandled => "unhandled",
+            Verdict::Denied => "denied",
+        }
+    }
+}
+
+impl std::fmt::Display for Verdict {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+impl std::str::FromStr for Verdict {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        let lower = s.to_ascii_lowercase();
+        Verdict::ALL
+            .into_iter()
+            .find(|v| v.as_str() == lower)
+            .ok_or_else(|| {
+                let all: Vec<&str> = Verdict::ALL.iter().map(|v| v.as_str()).collect();
+                format!("unknown verdict {s:?} ({})", all.join(", "))
+            })
+    }
+}
+
+/// The calling side of a flow.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct FlowSource {
+    pub namespace: Option<String>,
+    pub pod: Option<String>,
+    pub ip: Option<IpAddr>,
+    /// SPIFFE id of the calling workload (from its cgroup, or its peer certificate inbound).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub identity: Option<String>,
+}
+
+/// Where the flow went (after Service resolution).
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct FlowDestination {
+    pub namespace: Option<String>,
+    pub pod: Option<String>,
+    /// `namespace/name` of the Service when the original destination was a Service VIP.
+    pub service: Option<String>,
+    /// The `ip:port` weft connected to.
+    pub address: Option<String>,
+    /// SPIFFE id of the destination workload, when it is in the mesh.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub identity: Option<String>,
+}
+
+/// One proxied (or attempted) connection.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct Flow {
+    /// Position in this node's flow sequence (monotonic, starts at 1).
+    #[serde(default)]
+    pub seq: u64,
+    /// When the connection was accepted (RFC 3339).
+    #[serde(with = "time::serde::rfc3339")]
+    pub time: OffsetDateTime,
+    pub node: String,
+    pub source: FlowSource,
+    /// The `ip:port` the client asked for, before redirection.
+    pub original_destination: String,
+    pub destination: FlowDestination,
+    pub protocol: String,
+    pub verdict: Verdict,
+    /// Bytes from the source to the destination.
+    pub bytes_sent: u64,
+    /// Bytes from the destination back to the source.
+    pub bytes_received: u64,
+    /// From accept to close (milliseconds, to the microsecond).
+    pub duration_ms: f64,
+    /// Detail for anything that did not end cleanly (connect error, reset, …).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub error: Option<String>,
+    /// The pod cgroup the connection was attributed to.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub cgroup_id: Option<u64>,
+    /// Carried between nodes in mutual TLS (HBONE).
+    #[serde(default)]
+    pub mtls: bool,
+    /// The AuthorizationPolicy (`namespace/name`) that denied the connection.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub policy: Option<String>,
+}
+
+impl Default for Flow {
+    /// A TCP flow at the epoch with nothing known yet; a record fills it in.
+    fn default() -> Flow {
+        Flow {
+            seq: 0,
+            time: OffsetDateTime::UNIX_EPOCH,
+            node: String::new(),
+            source: FlowSource::default(),
+            original_destination: String::new(),
+            destination: FlowDestination::default(),
+            protocol: "tcp".into(),
+            verdict: Verdict::Forwarded,
+            bytes_sent: 0,
+            bytes_received: 0,
+            duration_ms: 0.0,
+            error: None,
+            cgroup_id: None,
+            mtls: false,
+            policy: None,
+        }
+    }
+}
+
+/// A line of the `/flows?follow=1` stream that is not a flow: the reader fell behind and this
+/// many flows were skipped.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct LostFlows {
+    pub lost_flows: u64,
+}
+
+/// Which flows a reader wants (`/flows` query). Every set field must match.
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+#[serde(default)]
+pub struct FlowFilter {
+    /// Source or destination namespace.
+    pub namespace: Option<String>,
+    /// Source or destination pod name (or `namespace/name`).
+    pub pod: Option<String>,
+    pub verdict: Option<Verdict>,
+    /// Only flows at or after this time.
+    #[serde(with = "time::serde::rfc3339::option")]
+    pub since: Option<OffsetDateTime>,
+}
+
+impl FlowFilter {
+    pub fn matches(&self, flow: &Flow) -> bool {
+        if let Some(ns) = &self.namespace {
+            let hit = flow.source.namespace.as_deref() == Some(ns)
+                || flow.destination.namespace.as_deref() == Some(ns);
+            if !hit {
+                return false;
+            }
+        }
+        if let Some(pod) = &self.pod {
+            let matches_pod = |ns: &Option<String>, name: &Option<String>| match pod.split_once('/')
+            {
+                Some((want_ns, want_name)) => {
+                    ns.as_deref() == Some(want_ns) && name.as_deref() == Some(want_name)
+                }
+                None => name.as_deref() == Some(pod.as_str()),
+            };
+            if !matches_pod(&flow.source.namespace, &flow.source.pod)
+                && !matches_pod(&flow.destination.namespace, &flow.destination.pod)
+            {
+                return false;
+            }
+        }
+        if self.verdict.is_some_and(|v| flow.verdict != v) {
+            return false;
+        }
+        if self.since.is_some_and(|since| flow.time < since) {
+            return false;
+        }
+        true
+    }
+}
+
+/// Parses `--since`: a duration before now (`30s`, `5m`, `2h`, `1d`, `1500ms`) or an RFC 3339 time.
+pub fn parse_since(s: &str, now: OffsetDateTime) -> Result<OffsetDateTime, String> {
+    if let Ok(t) = OffsetDateTime::parse(s, &time::format_description::well_known::Rfc3339) {
+        return Ok(t);
+    }
+    let split = s
+        .find(|c: char| !c.is_ascii_digit())
+        .ok_or_else(|| format!("--since {s:?}: missing unit (ms, s, m, h, d)"))?;
+    let (num, unit) = s.split_at(split);
+    let n: u64 = num.parse().map_err(|_| {
+        format!("--since {s:?}: expected a duration like 30s, 5m, 2h or an RFC 3339 time")
+    })?;
+    let secs = |mult: u64| n.checked_mul(mult).map(Duration::from_secs);
+    let d = match unit {
+        "ms" => Some(Duration::from_millis(n)),
+        "s" => secs(1),
+        "m" => secs(60),
+        "h" => secs(3600),
+        "d" => secs(86_400),
+        _ => {
+            return Err(format!(
+                "--since {s:?}: unknown unit {unit:?} (ms, s, m, h, d)"
+            ))
+        }
+    };
+    d.and_then(|d| now.checked_sub(time::Duration::try_from(d).ok()?))
+        .ok_or_else(|| format!("--since {s:?}: too far back"))
+}
+
+// ---------------------------------------------------------------------------------------------
+// /workloads, /certs
+// ---------------------------------------------------------------------------------------------
+
+/// One row of `/workloads`: a pod scheduled on this node.
+#[derive(Serialize, Deserialize, Debug, Clone, PartialEq)]
+pub struct WorkloadInfo {
+    pub namespace: String,
+    pub pod: String,
+    pub ip: Option<IpAddr>,
+    pub node: Option<String>,
+    pub service_account: String,
+    /// SPIFFE id (mesh pods).
+    #[serde(default)]
+    pub identity: Option<String>,
+    pub ready: bool,
+    pub enrolled: bool,
+    pub cgroup_id: Option<u64>,
+    pub cgroup_path: Option<PathBuf>,
+}
+
+/// One row of `/certs`: a workload certificate (SVID) this node holds.
+#[derive(Serialize, Deserialize, Debug, Clone, PartialEq, Eq)]
+pub struct CertInfo {
+    pub identity: String,
+    /// Serial number, lowercase hex.
+    pub serial: String,
+    #[serde(with = "time::serde::rfc3339")]
+    pub not_before: OffsetDateTime,
+    #[serde(with = "time::serde::rfc3339")]
+    pub not_after: OffsetDateTime,
+}
+
+// ---------------------------------------------------------------------------------------------
+// /status
+// ---------------------------------------------------------------------------------------------
+
+/// `/status`: what the node runs and how it is doing.
+#[derive(Serialize, Deserialize, Debug, Clone, PartialEq)]
+pub struct Status {
+    pub node: String,
+    pub ready: bool,
+    pub proxy_address: SocketAddr,
+    pub registry: RegistryStatus,
+    pub workloads: WorkloadCounts,
+    pub capture: CaptureStatus,
+    pub mesh: MeshStatus,
+    pub tunnel: TunnelStatus,
+    pub flows: FlowCounts,
+}
+
+#[derive(Serialize, Deserialize, Debug, Clone, PartialEq, Eq)]
+pub struct RegistryStatus {
+    pub generation: u64,
+    /// RFC 3339.
+    pub loaded_at: String,
+    pub pods: usize,
+    pub services: usize,
+    /// The errors of the last reload, one per line, when it failed (the previous snapshot is
+    /// in force).
+    pub last_error: Option<String>,
+    /// Objects of the snapshot in force that were not applied, one line each
+    /// (`file:line: … (Kind ns/name): reason`).
+    #[serde(default)]
+    pub not_applied: Vec<String>,
+}
+
+#[derive(Serialize, Deserialize, Debug, Clone, Copy, PartialEq, Eq)]
+pub struct WorkloadCounts {
+    /// Pods scheduled on this node.
+    pub total: usize,
+    /// Of those, the ones whose connections are captured.
+    pub enrolled: usize,
+}
+
+#[derive(Serialize, Deserialize, Debug, Clone, PartialEq, Eq)]
+pub struct MeshStatus {
+    pub trust_domain: String,
+    /// Workload certificates held.
+    pub svids: usize,
+    pub authorization_policies: usize,
+    pub peer_authentications: usize,
+    /// Workloads denied everything because a security object that could select them is
+    /// invalid or of a kind weft does not know (fail closed).
+    #[serde(default)]
+    pub fail_closed: Vec<String>,
+}
+
+#[derive(Serialize, Deserialize, Debug, Clone, PartialEq, Eq)]
+pub struct ProgramStatus {
+    pub name: String,
+    /// The program's link is attached to the capture cgroup.
+    pub attached: bool,
+    /// Kernel program id (as shown by `bpftool prog`), 0 if unknown.
+    pub id: u32,
+}
+
+#[derive(Serialize, Deserialize, Debug, Clone, PartialEq, Eq)]
+pub struct MapStatus {
+    pub name: String,
+    /// Number of entries; for the ring buffer, 0.
+    pub entries: usize,
+    /// Capacity; for the ring buffer, its size in bytes.
+    pub max_entries: u32,
+}
+
+#[derive(Serialize, Deserialize, Debug, Clone, PartialEq, Eq)]
+pub struct CaptureStatus {
+    pub attach_point: PathBuf,
+    pub pin_path: PathBuf,
+    pub programs: Vec<ProgramStatus>,
+    pub maps: Vec<MapStatus>,
+    /// Kernel-side counters (`redirected`, `not_enrolled`, … → sum over CPUs).
+    pub counters: BTreeMap<String, u64>,
+    /// The links found pinned from a previous run were kept (redirection never stopped).
+    pub reused_pins: bool,
+}
+
+#[derive(Serialize, Deserialize, Debug, Clone, PartialEq, Eq, Default)]
+pub struct TunnelStatus {
+    pub outbound: PoolStats,
+    pub inbound: InboundStats,
+}
+
+/// The HBONE client pool: totals and per (source, destination, node) key.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct PoolStats {
+    /// Connections open or being opened.
+    pub connections: usize,
+    /// Streams open, or waiting for their connection.
+    pub streams_active: usize,
+    pub connections_opened_total: u64,
+    pub connections_failed_total: u64,
+    pub connections_closed_total: u64,
+    /// Tunnels established (200).
+    pub streams_opened_total: u64,
+    /// `CONNECT` answered with another status.
+    pub streams_rejected_total: u64,
+    pub keys: Vec<PoolKeyStats>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct PoolKeyStats {
+    /// SPIFFE id of the calling workload.
+    pub source: String,
+    /// SPIFFE id of the destination workload.
+    pub destination: String,
+    pub node: SocketAddr,
+    pub connections: usize,
+    pub streams_active: usize,
+}
+
+/// The HBONE server (`:15008`).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct InboundStats {
+    /// TCP connections accepted on the listener.
+    pub tcp_accepted: u64,
+    /// TLS handshakes that completed with an acceptable client identity.
+    pub tls_accepted: u64,
+    /// TLS handshakes refused: not TLS, bad/expired/missing/untrusted client certificate, no
+    /// `h2`, no local identity for the SNI, timeout.
+    pub tls_failed: u64,
+    /// Connections that failed the HTTP/2 preface or broke the protocol.
+    pub h2_failed: u64,
+    pub connections_active: u64,
+    pub streams_total: u64,
+    pub streams_active: u64,
+    /// Not `CONNECT`, or no `ip:port` authority (400).
+    pub bad_requests: u64,
+    /// Answered 200 and relayed.
+    pub delivered: u64,
+    /// Answered 403.
+    pub denied: u64,
+    /// Answered 404: not a pod of this node.
+    pub not_found: u64,
+    /// Answered 503: the pod could not be reached.
+    pub connect_failed: u64,
+}
+
+#[derive(Serialize, Deserialize, Debug, Clone, PartialEq, Eq)]
+pub struct FlowCounts {
+    pub kept: usize,
+    pub capacity: usize,
+    /// Flows recorded since start, by verdict.
+    pub totals: BTreeMap<Verdict, u64>,
+}
+
+// ---------------------------------------------------------------------------------------------
+// /config_dump
+// ---------------------------------------------------------------------------------------------
+
+/// `/config_dump`: the effective configuration and the registry snapshot in force, as JSON
+/// (for people and scripts; the CLI does not render it).
+#[derive(Serialize, Deserialize, Debug, Clone, PartialEq)]
+pub struct ConfigDump {
+    pub config: serde_json::Value,
+    pub proxy_address: SocketAddr,
+    pub registry: RegistryDump,
+}
+
+#[derive(Serialize, Deserialize, Debug, Clone, PartialEq)]
+pub struct RegistryDump {
+    pub generation: u64,
+    pub sources: Vec<PathBuf>,
+    pub last_error: Option<String>,
+    #[serde(default)]
+    pub not_applied: Vec<String>,
+    pub snapshot: serde_json::Value,
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn flow(ns: &str, pod: &str, verdict: Verdict) -> Flow {
+        Flow {
+            time: OffsetDateTime::now_utc(),
+            node: "n1".into(),
+            source: FlowSource {
+                namespace: Some(ns.into()),
+                pod: Some(pod.into()),
+                ip: Some("10.244.1.2".parse().unwrap()),
+                identity: Some("spiffe://cluster.local/ns/front/sa/default".into()),
+            },
+            original_destination: "10.96.0.10:80".into(),
+            destination: FlowDestination {
+                namespace: Some("backend".into()),
+                pod: Some("web-0".into()),
+                service: Some("backend/web".into()),
+                address: Some("10.244.1.3:8080".into()),
+                identity: None,
+            },
+            verdict,
+            bytes_sent: 1,
+            bytes_received: 2,
+            duration_ms: 0.5,
+            cgroup_id: Some(7),
+            ..Flow::default()
+        }
+    }
+
+    #[test]
+    fn filters_match_either_side() {
+        let f = flow("front", "client", Verdict::ConnectFailed);
+        let by_ns = |ns: &str| FlowFilter {
+            namespace: Some(ns.into()),
+            ..Default::default()
+        };
+        assert!(by_ns("front").matches(&f));
+        assert!(by_ns("backend").matches(&f));
+        assert!(!by_ns("other").matches(&f));
+        let by_pod = |p: &str| FlowFilter {
+            pod: Some(p.into()),
+            ..Default::default()
+        };
+        assert!(by_pod("client").matches(&f));
+        assert!(by_pod("web-0").matches(&f));
+        assert!(by_pod("backend/web-0").matches(&f));
+        assert!(!by_pod("front/web-0").matches(&f));
+        let by_verdict = |v| FlowFilter {
+            verdict: Some(v),
+            ..Default::default()
+        };
+        assert!(by_verdict(Verdict::ConnectFailed).matches(&f));
+        assert!(!by_verdict(Verdict::Forwarded).matches(&f));
+        let later = FlowFilter {
+            since: Some(f.time + Duration::from_secs(1)),
+            ..Default::default()
+        };
+        assert!(!later.matches(&f));
+    }
+
+    #[test]
+    fn since_parses_durations_and_times() {
+        let now = OffsetDateTime::now_utc();
+        assert_eq!(
+            parse_since("30s", now).unwrap(),
+            now - Duration::from_secs(30)
+        );
+        assert_eq!(
+            parse_since("5m", now).unwrap(),
+            now - Duration::from_secs(300)
+        );
+        assert!(parse_since("2026-11-21T12:00:00Z", now).is_ok());
+        assert!(parse_since("5x", now).is_err());
+        assert!(parse_since("abc", now).is_err());
+        assert!(parse_since("99999999999d", now).is_err());
+        assert!(parse_since("18446744073709551615d", now).is_err());
+    }
+
+    #[test]
+    fn verdict_round_trips() {
+        for v in [
+            "forwarded",
+            "no_endpoint",
+            "connect_failed",
+            "unidentified",
+            "unhandled",
+            "denied",
+        ] {
+            assert_eq!(v.parse::<Verdict>().unwrap().as_str(), v);
+        }
+        assert!("bogus".parse::<Verdict>().is_err());
+        let json = serde_json::to_string(&flow("a", "b", Verdict::Forwarded)).unwrap();
+        let back: Flow = serde_json::from_str(&json).unwrap();
+        assert_eq!(back.verdict, Verdict::Forwarded);
+    }
+
+    #[test]
+    fn every_verdict_is_listed_and_spelled_as_serde_does() {
+        use clap::ValueEnum;
+        for v in Verdict::ALL {
+            let json = serde_json::to_value(v).unwrap();
+            assert_eq!(json, v.as_str());
+            let possible = v.to_possible_value().unwrap();
+            assert_eq!(possible.get_name(), v.as_str());
+        }
+        assert_eq!(Verdict::value_variants().len(), Verdict::ALL.len());
+    }
+}

@@ -1,0 +1,233 @@
+//! The maps user space writes and reads while the programs run: who is enrolled, which pods are
+//! STRICT, the proxy address and the exclusions, and the original destination of each
+//! redirected connection.
+
+use std::collections::{HashMap, HashSet};
+use std::net::{IpAddr, Ipv4Addr, SocketAddr};
+
+use anyhow::Context as _;
+use aya::maps::{lpm_trie::Key as LpmKey, HashMap as BpfHashMap, MapData, MapError};
+use tracing::warn;
+use weft_common::{strict_mode, Config, FlowKey, StrictKey};
+
+use super::{ip4_ne, redirect_of, Capture, CaptureConfig, Redirect, StrictMode};
+
+impl Capture {
+    /// Make `ENROLLED` contain exactly `ids` (insert missing, delete extra).
+    ///
+    /// The cgroup this process runs in and its ancestors are never enrolled (they are left out
+    /// with a warning): the proxy's own connections must not be redirected to itself.
+    pub fn set_enrolled(&self, ids: &HashSet<u64>) -> anyhow::Result<()> {
+        let refused: HashSet<u64> = ids.intersection(&self.own_cgroups).copied().collect();
+        for id in &refused {
+            warn!(
+                cgroup_id = id,
+                "not enrolling cgroup {id}: this proxy runs in it or below it"
+            );
+        }
+        let ids: HashSet<u64> = ids.difference(&refused).copied().collect();
+        let ids = &ids;
+        let mut map = self.enrolled.lock();
+        let current: HashSet<u64> = map
+            .keys()
+            .collect::<Result<_, _>>()
+            .context("listing ENROLLED")?;
+        for id in current.difference(ids) {
+            ignore_missing(map.remove(id))
+                .with_context(|| format!("removing cgroup {id} from ENROLLED"))?;
+        }
+        for id in ids.difference(&current) {
+            map.insert(id, 1, 0)
+                .with_context(|| format!("adding cgroup {id} to ENROLLED"))?;
+        }
+        Ok(())
+    }
+
+    /// Make `STRICT` contain exactly `entries`: `(pod cgroup id, port)` → mode, where port 0 is
+    /// the pod's default and a non-zero port overrides it for that port. A pod without entries,
+    /// or whose effective mode for a port is [`StrictMode::NotStrict`], accepts everything.
+    ///
+    /// Tightening changes (new or changed STRICT entries, stale NotStrict overrides) are
+    /// applied before loosening ones, so while the map is being updated a connection is never
+    /// let through that neither the old nor the new setting would accept. (The other way round,
+    /// a dropped SYN is retransmitted by the client; a plaintext connection accepted cannot be
+    /// taken back.)
+    pub fn set_strict(&self, entries: &HashMap<(u64, u16), StrictMode>) -> anyhow::Result<()> {
+        let mut map = self.strict.lock();
+        let current: HashMap<(u64, u16), u8> = map
+            .iter()
+            .map(|kv| kv.map(|(k, v)| ((k.cgroup_id, k.port), v)))
+            .collect::<Result<_, _>>()
+            .context("listing STRICT")?;
+        let key = |&(cgroup_id, port): &(u64, u16)| StrictKey {
+            cgroup_id,
+            port,
+            _pad: [0; 3],
+        };
+        let upsert = |map: &mut BpfHashMap<MapData, StrictKey, u8>, mode: StrictMode| {
+            for (k, m) in entries.iter().filter(|(_, &m)| m == mode) {
+                if current.get(k) != Some(&m.to_raw()) {
+                    map.insert(key(k), m.to_raw(), 0).with_context(|| {
+                        format!("setting cgroup {} port {} to {m:?} in STRICT", k.0, k.1)
+                    })?;
+                }
+            }
+            anyhow::Ok(())
+        };
+        let remove_stale = |map: &mut BpfHashMap<MapData, StrictKey, u8>, strict: bool| {
+            for (k, &raw) in &current {
+                if (raw == strict_mode::STRICT) == strict && !entries.contains_key(k) {
+                    ignore_missing(map.remove(&key(k))).with_context(|| {
+                        format!("removing cgroup {} port {} from STRICT", k.0, k.1)
+                    })?;
+                }
+            }
+            anyhow::Ok(())
+        };
+        // Tighten first, then loosen.
+        upsert(&mut map, StrictMode::Strict)?;
+        remove_stale(&mut map, false)?;
+        upsert(&mut map, StrictMode::NotStrict)?;
+        remove_stale(&mut map, true)?;
+        Ok(())
+    }
+
+    /// On accept: `peer` = client (pod) address, `local` = our listener address. Looks the
+    /// connection up in `BY_TUPLE` and deletes the entry. `None` if unknown.
+    pub fn take_redirect(&self, peer: SocketAddr, local: SocketAddr) -> Option<Redirect> {
+        let key = FlowKey {
+            src_ip4: ip4_ne(v4(peer.ip())?),
+            dst_ip4: ip4_ne(v4(local.ip())?),
+            src_port: peer.port(),
+            dst_port: local.port(),
+        };
+        let mut map = self.by_tuple.lock();
+        let orig = match map.get(&key, 0) {
+            Ok(orig) => orig,
+            Err(MapError::KeyNotFound) => return None,
+            Err(err) => {
+                warn!(%peer, %local, "BY_TUPLE lookup failed: {err}");
+                return None;
+            }
+        };
+        if let Err(err) = ignore_missing(map.remove(&key)) {
+            warn!(%peer, %local, "BY_TUPLE delete failed: {err}");
+        }
+        Some(redirect_of(&orig))
+    }
+
+    /// Writes the exclusion maps, then `CONFIG` (which turns redirection on).
+    pub(super) fn write_config(&self, cfg: &CaptureConfig) -> anyhow::Result<()> {
+        let mut ports = self.excl_ports.lock();
+        let want: HashSet<u16> = cfg.exclude_ports.iter().copied().collect();
+        let have: HashSet<u16> = ports
+            .keys()
+            .collect::<Result<_, _>>()
+            .context("listing EXCL_PORTS")?;
+        for port in have.difference(&want) {
+            ignore_missing(ports.remove(port))
+                .with_context(|| format!("removing port {port} from EXCL_PORTS"))?;
+        }
+        for port in want.difference(&have) {
+            ports
+                .insert(port, 1, 0)
+                .with_context(|| format!("adding port {port} to EXCL_PORTS"))?;
+        }
+        drop(ports);
+
+        let mut cidrs = self.excl_cidrs.lock();
+        let want: HashSet<(u32, u32)> = cfg
+            .exclude_cidrs
+            .iter()
+            .map(|net| {
+                let net = net.trunc();
+                (u32::from(net.prefix_len()), ip4_ne(net.network()))
+            })
+            .collect();
+        let have: HashSet<(u32, u32)> = cidrs
+            .keys()
+            .map(|k| k.map(|k| (k.prefix_len(), k.data())))
+            .collect::<Result<_, _>>()
+            .context("listing EXCL_CIDRS")?;
+        for &(len, ip) in have.difference(&want) {
+            ignore_missing(cidrs.remove(&LpmKey::new(len, ip))).with_context(|| {
+                format!(
+                    "removing {}/{len} from EXCL_CIDRS",
+                    Ipv4Addr::from(ip.to_ne_bytes())
+                )
+            })?;
+        }
+        for &(len, ip) in want.difference(&have) {
+            cidrs.insert(&LpmKey::new(len, ip), 1, 0).with_context(|| {
+                format!(
+                    "adding {}/{len} to EXCL_CIDRS",
+                    Ipv4Addr::from(ip.to_ne_bytes())
+                )
+            })?;
+        }
+        drop(cidrs);
+
+        let config = Config {
+            proxy_ip4: ip4_ne(*cfg.proxy_addr.ip()),
+            proxy_port: cfg.proxy_addr.port(),
+            _pad: 0,
+        };
+        self.config
+            .lock()
+            .set(0, config, 0)
+            .context("writing CONFIG")?;
+
+        Ok(())
+    }
+
+    /// Looks up the original destination saved by connect4/6 for a socket that has not reached
+    /// `ESTABLISHED` yet (diagnostics).
+    pub fn pending_by_cookie(&self, cookie: u64) -> Option<Redirect> {
+        self.by_cookie
+            .lock()
+            .get(&cookie, 0)
+            .ok()
+            .map(|orig| redirect_of(&orig))
+    }
+}
+
+pub(super) fn ignore_missing(r: Result<(), MapError>) -> Result<(), MapError> {
+    match r {
+        Err(MapError::KeyNotFound | MapError::ElementNotFound) => Ok(()),
+        r => r,
+    }
+}
+
+pub(super) fn count_keys<K>(
+    keys: impl Iterator<Item = Result<K, MapError>>,
+) -> Result<usize, MapError> {
+    let mut n = 0;
+    for key in keys {
+        key?;
+        n += 1;
+    }
+    Ok(n)
+}
+
+/// The IPv4 address of `ip`, also when written IPv4-mapped (a dual-stack socket reports IPv4
+/// peers that way).
+fn v4(ip: IpAddr) -> Option<Ipv4Addr> {
+    match ip.to_canonical() {
+        IpAddr::V4(v4) => Some(v4),
+        IpAddr::V6(_) => None,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn mapped_addresses_are_ipv4() {
+        assert_eq!(
+            v4("::ffff:10.0.0.1".parse().unwrap()),
+            Some(Ipv4Addr::new(10, 0, 0, 1))
+        );
+        assert_eq!(v4("fd00::1".parse().unwrap()), None);
+    }
+}

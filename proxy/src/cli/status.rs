@@ -1,0 +1,93 @@
+//! `weft status`: what the node runs and how it is doing.
+
+use std::io::Write;
+
+use super::table::yes_no;
+use super::{Output, StatusArgs};
+use crate::admin::api::Status;
+
+pub async fn run(args: StatusArgs) -> anyhow::Result<()> {
+    let status: Status = args.target.client().get_json("/status").await?;
+    let mut out = std::io::stdout().lock();
+    if args.output == Output::Json {
+        serde_json::to_writer(&mut out, &status)?;
+        writeln!(out)?;
+        return Ok(());
+    }
+    render(&mut out, &status)?;
+    Ok(())
+}
+
+fn render(out: &mut impl Write, s: &Status) -> std::io::Result<()> {
+    let r = &s.registry;
+    writeln!(out, "Node:        {}", s.node)?;
+    writeln!(out, "Ready:       {}", yes_no(s.ready))?;
+    writeln!(out, "Proxy:       {}", s.proxy_address)?;
+    writeln!(
+        out,
+        "Registry:    generation {} loaded {} ({} pods, {} services)",
+        r.generation, r.loaded_at, r.pods, r.services
+    )?;
+    if let Some(e) = &r.last_error {
+        writeln!(
+            out,
+            "             last reload FAILED, previous snapshot kept: {e}"
+        )?;
+    }
+    if !r.not_applied.is_empty() {
+        writeln!(out, "             not applied ({}):", r.not_applied.len())?;
+        for line in &r.not_applied {
+            writeln!(out, "               {line}")?;
+        }
+    }
+    writeln!(
+        out,
+        "Workloads:   {} on this node, {} enrolled",
+        s.workloads.total, s.workloads.enrolled
+    )?;
+    let c = &s.capture;
+    writeln!(
+        out,
+        "Attach:      {} (pins in {})",
+        c.attach_point.display(),
+        c.pin_path.display()
+    )?;
+    writeln!(out, "Programs:")?;
+    for p in &c.programs {
+        writeln!(out, "  {:<16} attached={} id={}", p.name, p.attached, p.id)?;
+    }
+    writeln!(out, "Maps:")?;
+    for m in &c.maps {
+        writeln!(out, "  {:<16} {} / {}", m.name, m.entries, m.max_entries)?;
+    }
+    writeln!(out, "Counters:")?;
+    for (k, v) in &c.counters {
+        writeln!(out, "  {:<30} {v}", format!("ebpf.{k}"))?;
+    }
+    for (k, v) in &s.flows.totals {
+        writeln!(out, "  {:<30} {v}", format!("flows.{k}"))?;
+    }
+    writeln!(out, "Flows kept:  {} of {}", s.flows.kept, s.flows.capacity)?;
+    let m = &s.mesh;
+    writeln!(
+        out,
+        "Mesh:        trust domain {}, {} SVIDs, {} AuthorizationPolicies, {} PeerAuthentications",
+        m.trust_domain, m.svids, m.authorization_policies, m.peer_authentications
+    )?;
+    if !m.fail_closed.is_empty() {
+        writeln!(
+            out,
+            "             FAILING CLOSED (every connection denied, STRICT) because of:"
+        )?;
+        for line in &m.fail_closed {
+            writeln!(out, "               {line}")?;
+        }
+    }
+    let t = &s.tunnel;
+    writeln!(
+        out,
+        "HBONE:       outbound {} TLS connections ({} streams active); inbound {} TLS accepted, {} refused",
+        t.outbound.connections, t.outbound.streams_active, t.inbound.tls_accepted, t.inbound.tls_failed
+    )?;
+    Ok(())
+}

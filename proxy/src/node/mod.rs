@@ -1,0 +1,220 @@
+//! `weft node`: the composition root. Builds every part from the configuration, wires them
+//! together, starts the listeners and the background loops, and stops on SIGTERM/Ctrl-C.
+//!
+//! - [`reconcile`]: keeps the workload index, the identities held, the kernel's enrolled and
+//!   STRICT maps and the compiled policies in step with the registry and the cgroups.
+//! - [`view`]: what the admin API and `/metrics` read from the running node.
+//!
+//! May import: everything; nothing imports it.
+
+mod reconcile;
+mod view;
+
+use std::net::{SocketAddr, SocketAddrV4};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::{bail, Context};
+use arc_swap::ArcSwap;
+use tracing::{error, info, warn};
+
+use crate::admin;
+use crate::capture::{Capture, CaptureConfig};
+use crate::config::{NodeConfig, ProxyAddress};
+use crate::identity::{IdentityConfig, IdentityManager};
+use crate::inbound::Inbound;
+use crate::inputs::ProxyInputs;
+use crate::outbound::{self, Outbound};
+use crate::policy::PolicySet;
+use crate::registry::{FileSource, Registry};
+use crate::telemetry::{metrics, Telemetry};
+use crate::tunnel::client::{Pool, PoolConfig};
+use crate::tunnel::server::{Server, ServerConfig};
+use crate::upstream::Connector;
+use crate::workload::WorkloadIndex;
+
+/// The running node, as the admin API, `/metrics` and the reconcile loop see it.
+struct Node {
+    cfg: NodeConfig,
+    proxy_addr: SocketAddrV4,
+    inputs: Arc<ProxyInputs>,
+    capture: Arc<Capture>,
+    identity: Arc<IdentityManager>,
+    pool: Pool,
+    hbone: Arc<Server<Inbound>>,
+    ready: AtomicBool,
+}
+
+impl std::fmt::Debug for Node {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Node")
+            .field("node", &self.cfg.node_name)
+            .finish_non_exhaustive()
+    }
+}
+
+pub async fn run(cfg: NodeConfig) -> anyhow::Result<()> {
+    let source = Arc::new(
+        FileSource::load(&cfg.registry)
+            .map_err(|e| anyhow::anyhow!("{e}"))
+            .with_context(|| format!("loading the registry {}", cfg.registry.display()))?,
+    );
+    let registry = source.registry().clone();
+    source.spawn_watcher();
+    let proxy_addr = proxy_address(&cfg, &registry)?;
+
+    let capture = Arc::new(Capture::attach(&CaptureConfig {
+        cgroup_root: cfg.cgroup_root.clone(),
+        bpffs: cfg.bpffs.clone(),
+        proxy_addr,
+        exclude_ports: cfg.exclude_ports.clone(),
+        exclude_cidrs: cfg.exclude_cidrs.clone(),
+    })?);
+    let identity = Arc::new(
+        IdentityManager::new(IdentityConfig {
+            ca_cert: cfg.ca_cert.clone(),
+            ca_key: cfg.ca_key.clone(),
+            trust_bundle: cfg.trust_bundle.clone(),
+            trust_domain: cfg.trust_domain.clone(),
+            svid_ttl: cfg.svid_ttl,
+        })
+        .context("loading the mesh CA")?,
+    );
+    identity.clone().spawn_rotation();
+    let connect_timeout = Duration::from_millis(cfg.connect_timeout_ms);
+    let telemetry = Arc::new(Telemetry::new(cfg.node_name.clone(), cfg.flow_capacity));
+    let snapshot = registry.snapshot();
+    let policies = PolicySet::build(&snapshot, &cfg.root_namespace);
+    let index = WorkloadIndex::build(&snapshot, &cfg.node_name, &cfg.cgroup_root);
+    let inputs = Arc::new(ProxyInputs {
+        node: cfg.node_name.clone(),
+        trust_domain: cfg.trust_domain.clone(),
+        hbone_port: cfg.hbone_port,
+        registry: registry.clone(),
+        policies: Arc::new(ArcSwap::from_pointee(policies)),
+        workloads: Arc::new(ArcSwap::from_pointee(index)),
+        connector: Connector::new(connect_timeout),
+        telemetry: telemetry.clone(),
+    });
+    let pool = Pool::new(
+        identity.clone(),
+        PoolConfig {
+            connect_timeout,
+            ..PoolConfig::default()
+        },
+        telemetry.clone(),
+    );
+
+    // HBONE inbound: mutual TLS, then only pods hosted here, then AuthorizationPolicy.
+    let hbone_addr = SocketAddr::new((*proxy_addr.ip()).into(), cfg.hbone_port);
+    let hbone_listener = tokio::net::TcpListener::bind(hbone_addr)
+        .await
+        .with_context(|| format!("binding the HBONE listener {hbone_addr}"))?;
+    let hbone = Server::new(
+        identity.clone(),
+        Arc::new(Inbound::new(inputs.clone())),
+        ServerConfig::default(),
+        telemetry.clone(),
+    );
+    tokio::spawn(hbone.clone().serve(hbone_listener));
+
+    // Listen before enrolling anyone, so no enrolled connect is redirected to a closed port.
+    let listener = outbound::bind(SocketAddr::V4(proxy_addr)).await?;
+    let node = Arc::new(Node {
+        cfg: cfg.clone(),
+        proxy_addr,
+        inputs: inputs.clone(),
+        capture: capture.clone(),
+        identity: identity.clone(),
+        pool: pool.clone(),
+        hbone,
+        ready: AtomicBool::new(false),
+    });
+    let kernel = reconcile::apply(&node, snapshot.generation)?;
+
+    let outbound = Arc::new(Outbound::new(inputs.clone(), capture.clone(), pool));
+    tokio::spawn(outbound.clone().serve(listener));
+    match capture.events() {
+        Ok(events) => {
+            tokio::spawn(outbound.clone().watch_redirects(events));
+        }
+        Err(e) => {
+            warn!(error = %format!("{e:#}"), "redirect events unavailable; unhandled redirects will not be reported")
+        }
+    }
+    tokio::spawn(reconcile::run(node.clone(), kernel));
+
+    let router = admin::server::router(node.clone());
+    let tcp = admin::server::bind_tcp(cfg.admin_address).await?;
+    let socket_path = cfg.admin_socket.clone();
+    let unix_router = router.clone();
+    tokio::spawn(async move {
+        if let Err(e) = admin::server::serve_unix(&socket_path, unix_router).await {
+            error!(error = %format!("{e:#}"), "admin socket stopped");
+        }
+    });
+    tokio::spawn(async move {
+        if let Err(e) = admin::server::serve_tcp(tcp, router).await {
+            error!(error = %format!("{e:#}"), "admin TCP listener stopped");
+        }
+    });
+    let metrics_addr = cfg.metrics_address;
+    let gauges = node.clone();
+    tokio::spawn(async move {
+        if let Err(e) = metrics::serve(metrics_addr, telemetry, gauges).await {
+            error!(error = %format!("{e:#}"), "metrics listener stopped");
+        }
+    });
+
+    node.ready.store(true, Ordering::Release);
+    info!(node = %cfg.node_name, proxy = %proxy_addr, hbone = %hbone_addr, cgroup_root = %cfg.cgroup_root.display(),
+        admin_socket = %cfg.admin_socket.display(), admin_address = %cfg.admin_address, "weft node ready");
+
+    shutdown_signal().await;
+    info!("shutting down; eBPF programs stay attached and pinned for the next start");
+    let _ = std::fs::remove_file(&cfg.admin_socket);
+    Ok(())
+}
+
+fn proxy_address(cfg: &NodeConfig, registry: &Registry) -> anyhow::Result<SocketAddrV4> {
+    let addr = match cfg.proxy_address {
+        ProxyAddress::Given(a) => a,
+        ProxyAddress::FromNode(port) => {
+            let snap = registry.snapshot();
+            let node = snap.node(&cfg.node_name).with_context(|| {
+                format!(
+                    "--proxy-address not given and node {:?} is not in the registry to take its address from",
+                    cfg.node_name
+                )
+            })?;
+            let ip = node
+                .addresses
+                .iter()
+                .find(|a| a.is_ipv4())
+                .with_context(|| {
+                    format!(
+                        "node {:?} has no IPv4 address in the registry",
+                        cfg.node_name
+                    )
+                })?;
+            SocketAddr::new(*ip, port)
+        }
+    };
+    match addr {
+        SocketAddr::V4(v4) if !v4.ip().is_unspecified() => Ok(v4),
+        _ => bail!("--proxy-address {addr}: must be a specific IPv4 address pods can reach"),
+    }
+}
+
+async fn shutdown_signal() {
+    use tokio::signal::unix::{signal, SignalKind};
+    let mut term = match signal(SignalKind::terminate()) {
+        Ok(s) => s,
+        Err(_) => return std::future::pending().await,
+    };
+    tokio::select! {
+        _ = term.recv() => {}
+        _ = tokio::signal::ctrl_c() => {}
+    }
+}

@@ -1,0 +1,137 @@
+//! Keeps the node in step with the registry and with pod cgroups appearing or going away: the
+//! compiled policies, the workload index, the identities this node may hold, and the kernel's
+//! STRICT and enrolled maps — on every registry change and every second (the kubelet may
+//! create a pod's cgroup after the pod appears in the registry).
+
+use std::collections::{HashMap, HashSet};
+use std::sync::Arc;
+use std::time::Duration;
+
+use tracing::{error, info};
+
+use super::Node;
+use crate::capture::StrictMode;
+use crate::policy::{MtlsMode, PolicySet};
+use crate::workload::WorkloadIndex;
+
+/// How often pod cgroups are re-resolved even without a registry change.
+const RESCAN_EVERY: Duration = Duration::from_secs(1);
+
+/// What the kernel maps hold, as last written.
+#[derive(Debug, Default)]
+pub(super) struct Applied {
+    /// Registry generation the policies in force were compiled from.
+    generation: u64,
+    enrolled: HashSet<u64>,
+    strict: HashMap<(u64, u16), StrictMode>,
+}
+
+/// Applies the workload index and policies in force (compiled from registry `generation`) to
+/// the identities and the kernel (at start: a failure here stops the node).
+pub(super) fn apply(node: &Node, generation: u64) -> anyhow::Result<Applied> {
+    let mut applied = Applied {
+        generation,
+        ..Applied::default()
+    };
+    let inputs = &node.inputs;
+    let index = inputs.workloads.load();
+    node.identity
+        .set_local_identities(index.identities(&inputs.trust_domain));
+    let strict = strict_entries(&index, &inputs.policies.load());
+    node.capture.set_strict(&strict)?;
+    applied.strict = strict;
+    let enrolled = index.enrolled_ids();
+    node.capture.set_enrolled(&enrolled)?;
+    applied.enrolled = enrolled;
+    Ok(applied)
+}
+
+/// The reconcile loop, until the registry goes away.
+pub(super) async fn run(node: Arc<Node>, mut applied: Applied) {
+    let inputs = node.inputs.clone();
+    let mut changes = inputs.registry.subscribe();
+    let mut tick = tokio::time::interval(RESCAN_EVERY);
+    loop {
+        tokio::select! {
+            r = changes.changed() => if r.is_err() { return },
+            _ = tick.tick() => {}
+        }
+        let snapshot = inputs.registry.snapshot();
+        if snapshot.generation != applied.generation {
+            applied.generation = snapshot.generation;
+            let generation = applied.generation;
+            let set = PolicySet::build(&snapshot, &node.cfg.root_namespace);
+            info!(
+                generation,
+                authorization_policies = set.len(),
+                peer_authentications = set.peer_authentications(),
+                fail_closed = set.fail_closed().len(),
+                "policies updated"
+            );
+            inputs.policies.store(Arc::new(set));
+        }
+        // Resolving cgroups touches the filesystem: keep it off the runtime's workers.
+        let n = node.clone();
+        let built = tokio::task::spawn_blocking(move || {
+            WorkloadIndex::build(&snapshot, &n.cfg.node_name, &n.cfg.cgroup_root)
+        });
+        let Ok(index) = built.await else { continue };
+        node.identity
+            .set_local_identities(index.identities(&inputs.trust_domain));
+        // PeerAuthentication first: a pod that becomes STRICT is protected before anything else.
+        let want_strict = strict_entries(&index, &inputs.policies.load());
+        if want_strict != applied.strict {
+            match node.capture.set_strict(&want_strict) {
+                Ok(()) => {
+                    info!(
+                        entries = want_strict.len(),
+                        "STRICT mTLS enforcement updated"
+                    );
+                    applied.strict = want_strict;
+                }
+                Err(e) => error!(error = %format!("{e:#}"), "updating STRICT enforcement"),
+            }
+        }
+        let want = index.enrolled_ids();
+        inputs.workloads.store(Arc::new(index));
+        if want != applied.enrolled {
+            match node.capture.set_enrolled(&want) {
+                Ok(()) => {
+                    info!(
+                        enrolled = want.len(),
+                        added = want.difference(&applied.enrolled).count(),
+                        removed = applied.enrolled.difference(&want).count(),
+                        "enrolled cgroups updated"
+                    );
+                    applied.enrolled = want;
+                }
+                Err(e) => error!(error = %format!("{e:#}"), "updating enrolled cgroups"),
+            }
+        }
+    }
+}
+
+/// Kernel STRICT entries for the mesh pods of this node: `(pod cgroup, 0)` for the pod's
+/// PeerAuthentication mode and `(pod cgroup, port)` where `portLevelMtls` overrides it.
+fn strict_entries(index: &WorkloadIndex, policies: &PolicySet) -> HashMap<(u64, u16), StrictMode> {
+    let mut out = HashMap::new();
+    for e in index.entries().iter().filter(|e| e.enrolled) {
+        let Some(id) = e.cgroup_id else { continue };
+        let mtls = policies.mtls(&e.pod);
+        let strict = |m: MtlsMode| m == MtlsMode::Strict;
+        if strict(mtls.default) {
+            out.insert((id, 0), StrictMode::Strict);
+        }
+        for (port, mode) in &mtls.ports {
+            if strict(*mode) != strict(mtls.default) {
+                let m = if strict(*mode) {
+                    StrictMode::Strict
+                } else {
+                    StrictMode::NotStrict
+                };
+                out.insert((id, *port), m);
+            }
+        }
+    }
+    out
+}

@@ -1,0 +1,158 @@
+//! What the admin API and `/metrics` read from the running node, as [`crate::admin::api`]
+//! types.
+
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
+
+use tokio::sync::broadcast;
+
+use super::Node;
+use crate::admin::api::{
+    CertInfo, ConfigDump, Flow, FlowCounts, FlowFilter, MeshStatus, RegistryDump, RegistryStatus,
+    Status, TunnelStatus, WorkloadCounts, WorkloadInfo,
+};
+use crate::admin::server::NodeView;
+use crate::registry::FailClosed;
+use crate::telemetry::metrics::{GaugeSource, NodeGauges};
+use crate::workload::identity_of;
+
+impl NodeView for Node {
+    fn workloads(&self) -> Vec<WorkloadInfo> {
+        let index = self.inputs.workloads.load();
+        index
+            .entries()
+            .iter()
+            .map(|e| WorkloadInfo {
+                namespace: e.pod.namespace.clone(),
+                pod: e.pod.name.clone(),
+                ip: e.pod.ip,
+                node: e.pod.node_name.clone(),
+                service_account: e.pod.service_account.clone(),
+                identity: e
+                    .enrolled
+                    .then(|| identity_of(&self.cfg.trust_domain, &e.pod))
+                    .flatten()
+                    .map(|id| id.to_string()),
+                ready: e.pod.ready,
+                enrolled: e.enrolled,
+                cgroup_id: e.cgroup_id,
+                cgroup_path: e.cgroup_path.clone(),
+            })
+            .collect()
+    }
+
+    fn config_dump(&self) -> ConfigDump {
+        let registry = &self.inputs.registry;
+        let snap = registry.snapshot();
+        ConfigDump {
+            config: serde_json::to_value(&self.cfg).unwrap_or_default(),
+            proxy_address: self.proxy_addr.into(),
+            registry: RegistryDump {
+                generation: snap.generation,
+                sources: snap.sources.clone(),
+                last_error: registry.last_error(),
+                not_applied: snap.not_applied.iter().map(|n| n.to_string()).collect(),
+                snapshot: serde_json::to_value(&*snap).unwrap_or_default(),
+            },
+        }
+    }
+
+    fn status(&self) -> Status {
+        let inputs = &self.inputs;
+        let snap = inputs.registry.snapshot();
+        let index = inputs.workloads.load();
+        let policies = inputs.policies.load();
+        let flows = &inputs.telemetry.flows;
+        Status {
+            node: self.cfg.node_name.clone(),
+            ready: self.ready().is_ok(),
+            proxy_address: self.proxy_addr.into(),
+            registry: RegistryStatus {
+                generation: snap.generation,
+                loaded_at: time::OffsetDateTime::from(snap.loaded_at)
+                    .format(&time::format_description::well_known::Rfc3339)
+                    .unwrap_or_default(),
+                pods: snap.pods.len(),
+                services: snap.services.len(),
+                last_error: inputs.registry.last_error(),
+                not_applied: snap.not_applied.iter().map(|n| n.to_string()).collect(),
+            },
+            workloads: WorkloadCounts {
+                total: index.entries().len(),
+                enrolled: index.entries().iter().filter(|e| e.enrolled).count(),
+            },
+            capture: self.capture.status(),
+            mesh: MeshStatus {
+                trust_domain: self.cfg.trust_domain.clone(),
+                svids: self.identity.certs().len(),
+                authorization_policies: policies.len(),
+                peer_authentications: policies.peer_authentications(),
+                fail_closed: policies.fail_closed().iter().map(describe).collect(),
+            },
+            tunnel: TunnelStatus {
+                outbound: self.pool.stats(),
+                inbound: self.hbone.stats(),
+            },
+            flows: FlowCounts {
+                kept: flows.len(),
+                capacity: flows.capacity(),
+                totals: flows.totals(),
+            },
+        }
+    }
+
+    fn certs(&self) -> Vec<CertInfo> {
+        self.identity.certs()
+    }
+
+    fn ready(&self) -> Result<(), String> {
+        if !self.ready.load(Ordering::Acquire) {
+            return Err("starting".into());
+        }
+        if let Some(p) = self.capture.programs().iter().find(|p| !p.attached) {
+            return Err(format!("eBPF program {} is not attached", p.name));
+        }
+        Ok(())
+    }
+
+    fn flows(&self, filter: &FlowFilter) -> Vec<Arc<Flow>> {
+        self.inputs.telemetry.flows.recent(filter)
+    }
+
+    fn follow_flows(
+        &self,
+        filter: &FlowFilter,
+    ) -> (Vec<Arc<Flow>>, broadcast::Receiver<Arc<Flow>>) {
+        self.inputs.telemetry.flows.follow(filter)
+    }
+}
+
+/// `Kind ns/name (selects …): reason`.
+fn describe(f: &FailClosed) -> String {
+    let selects = match &f.selector {
+        Some(labels) if !labels.is_empty() => labels
+            .iter()
+            .map(|(k, v)| format!("{k}={v}"))
+            .collect::<Vec<_>>()
+            .join(","),
+        _ => "every pod".into(),
+    };
+    format!(
+        "{} {}/{} (selects {selects}): {}",
+        f.kind, f.namespace, f.name, f.reason
+    )
+}
+
+impl GaugeSource for Node {
+    fn gauges(&self) -> NodeGauges {
+        let index = self.inputs.workloads.load();
+        let registry = &self.inputs.registry;
+        NodeGauges {
+            ebpf: self.capture.counters(),
+            workloads: index.entries().len() as u64,
+            enrolled_workloads: index.entries().iter().filter(|e| e.enrolled).count() as u64,
+            registry_generation: registry.snapshot().generation,
+            registry_reload_failed: registry.last_error().is_some(),
+        }
+    }
+}

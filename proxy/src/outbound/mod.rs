@@ -1,0 +1,227 @@
+//! The outbound path, on the source node: accept a redirected connection on the capture
+//! listener, find its original destination and its calling workload, [`plan::plan`] it (pure),
+//! then do what the plan says — deliver on this node, tunnel to another node over HBONE, pass
+//! through, or refuse — and record it.
+//!
+//! - [`plan`]: the decision, unit-tested without sockets.
+//! - [`balance`]: endpoint choice.
+//! - [`redirects`]: redirects that never became connections (`unhandled` flows).
+//!
+//! May import: `inputs`, `capture`, `workload`, `registry`, `policy`, `identity`, `inbound`
+//! (the shared authorization step), `tunnel` (client), `upstream`, `relay`, `telemetry`,
+//! `admin::api`.
+
+pub mod balance;
+pub mod plan;
+pub mod redirects;
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use tokio::net::{TcpListener, TcpStream};
+use tracing::{debug, info, warn};
+
+use self::balance::RoundRobin;
+use self::plan::{Action, Context, Plan};
+use self::redirects::RedirectTracker;
+use crate::admin::api::Verdict;
+use crate::capture::{Capture, RedirectEvent};
+use crate::inputs::ProxyInputs;
+use crate::policy::deny_message;
+use crate::relay::{relay, reset};
+use crate::telemetry::ConnectionRecord;
+use crate::tunnel::client::Pool;
+use crate::upstream::OnBehalfOf;
+
+/// The capture listener's side of the data path.
+pub struct Outbound {
+    inputs: Arc<ProxyInputs>,
+    capture: Arc<Capture>,
+    pool: Pool,
+    balancer: RoundRobin,
+    tracker: Arc<RedirectTracker>,
+}
+
+impl Outbound {
+    pub fn new(inputs: Arc<ProxyInputs>, capture: Arc<Capture>, pool: Pool) -> Outbound {
+        Outbound {
+            inputs,
+            capture,
+            pool,
+            balancer: RoundRobin::default(),
+            tracker: Arc::default(),
+        }
+    }
+
+    /// Accepts redirected connections forever.
+    pub async fn serve(self: Arc<Self>, listener: TcpListener) {
+        loop {
+            match listener.accept().await {
+                Ok((conn, peer)) => {
+                    let this = self.clone();
+                    tokio::spawn(async move { this.handle(conn, peer).await });
+                }
+                Err(e) => {
+                    // EMFILE and friends: back off briefly instead of spinning.
+                    warn!(error = %e, "accept failed");
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                }
+            }
+        }
+    }
+
+    /// Reports the redirects whose connection never arrived, from the kernel's events.
+    pub async fn watch_redirects(
+        self: Arc<Self>,
+        events: tokio::sync::mpsc::Receiver<RedirectEvent>,
+    ) {
+        redirects::watch(
+            self.inputs.clone(),
+            self.capture.clone(),
+            self.tracker.clone(),
+            events,
+        )
+        .await
+    }
+
+    async fn handle(&self, client: TcpStream, peer: SocketAddr) {
+        let local = match client.local_addr() {
+            Ok(a) => a,
+            Err(e) => {
+                debug!(error = %e, "connection gone before it could be identified");
+                return;
+            }
+        };
+        let inputs = &self.inputs;
+        let mut record = ConnectionRecord::accepted(&inputs.telemetry);
+        record.source_ip(peer.ip());
+        let Some(redirect) = self.capture.take_redirect(peer, local) else {
+            debug!(%peer, "connection without a redirect record: original destination unknown, closing");
+            reset(&client);
+            record.finish(
+                Verdict::Unidentified,
+                Some("no eBPF redirect record for this connection"),
+            );
+            return;
+        };
+        self.tracker.accepted(redirect.cookie);
+        record
+            .original_destination(redirect.original_dst)
+            .cgroup(redirect.cgroup_id);
+
+        // Identify: the cgroup decides who is calling, not the source address.
+        let source = inputs
+            .workloads
+            .load()
+            .by_cgroup(redirect.cgroup_id)
+            .cloned();
+        if let Some(pod) = &source {
+            if pod.ip.is_some_and(|ip| ip != peer.ip()) {
+                warn!(pod = %format!("{}/{}", pod.namespace, pod.name), %peer,
+                    "source address differs from the pod's registered IP; identified by cgroup");
+            }
+        }
+        let snapshot = inputs.registry.snapshot();
+        let policies = inputs.policies.load();
+        let plan = plan::plan(
+            &redirect,
+            peer,
+            source,
+            &Context {
+                node: &inputs.node,
+                trust_domain: &inputs.trust_domain,
+                hbone_port: inputs.hbone_port,
+                snapshot: &snapshot,
+                policies: &policies,
+                balancer: &self.balancer,
+            },
+        );
+        drop((snapshot, policies));
+        fill(&mut record, &plan);
+        self.execute(client, plan, record).await;
+    }
+
+    /// Does what `plan` says, and finishes the record.
+    async fn execute(&self, client: TcpStream, plan: Plan, mut record: ConnectionRecord) {
+        let on_behalf = match &plan.source.pod {
+            Some(pod) => OnBehalfOf::Pod(pod),
+            None => OnBehalfOf::Unidentified,
+        };
+        let target = match plan.action {
+            Action::Refuse(refusal) => {
+                reset(&client);
+                if let plan::Refusal::Denied { policy, .. } = &refusal {
+                    record.policy(policy.clone());
+                }
+                record.finish(refusal.verdict(), Some(refusal));
+                return;
+            }
+            Action::Tunnel(hbone) => {
+                match self.pool.connect(hbone).await {
+                    Ok(tunnel) => {
+                        record.mtls().relay(tunnel.relay(client)).await;
+                        record.finish(Verdict::Forwarded, None::<&str>);
+                    }
+                    Err(e) if e.is_denied() => {
+                        reset(&client);
+                        let policy = e.policy().unwrap_or("(unnamed)").to_string();
+                        let message = deny_message(&policy, e.deny_reason());
+                        record.mtls().policy(policy);
+                        record.finish(Verdict::Denied, Some(message));
+                    }
+                    Err(e) => {
+                        reset(&client);
+                        record.finish(Verdict::ConnectFailed, Some(e));
+                    }
+                }
+                return;
+            }
+            Action::DeliverLocal { target } | Action::Passthrough { target } => target,
+        };
+        match self.inputs.connector.connect(on_behalf, target).await {
+            Ok(upstream) => {
+                let _ = client.set_nodelay(true);
+                record.relay(relay(client, upstream)).await;
+                record.finish(Verdict::Forwarded, None::<&str>);
+            }
+            Err(e) => {
+                reset(&client);
+                record.finish(Verdict::ConnectFailed, Some(e));
+            }
+        }
+    }
+}
+
+/// What the plan knows about both ends, into the record.
+fn fill(record: &mut ConnectionRecord, plan: &Plan) {
+    if let Some(pod) = &plan.source.pod {
+        record.source_pod(pod);
+    }
+    if let Some(id) = &plan.source.identity {
+        record.source_identity(id);
+    }
+    let d = &plan.destination;
+    if let Some(service) = &d.service {
+        record.service(service);
+    }
+    if let Some(pod) = &d.pod {
+        record.destination_pod(pod);
+    }
+    if let Some(addr) = d.address {
+        record.destination_address(addr);
+    }
+    if let Some(id) = &d.identity {
+        record.destination_identity(id);
+    }
+}
+
+/// Binds the capture listener and logs its address.
+pub async fn bind(addr: SocketAddr) -> anyhow::Result<TcpListener> {
+    use anyhow::Context;
+    let l = TcpListener::bind(addr)
+        .await
+        .with_context(|| format!("binding the capture listener {addr}"))?;
+    info!(%addr, "capture listener ready");
+    Ok(l)
+}

@@ -1,0 +1,206 @@
+//! Plan (pure): what to do with one redirected connection, decided from the redirect record,
+//! the calling workload and the snapshot, before any socket is touched.
+//!
+//! The original destination is resolved (Service VIP → a ready endpoint, pod IP → that pod,
+//! anything else → passthrough). A destination in the mesh is authenticated and authorized:
+//! across nodes by HBONE (the destination node decides), on this node right here, with the same
+//! step the destination side uses ([`crate::inbound::authorize`]).
+
+use std::fmt;
+use std::net::{IpAddr, SocketAddr};
+use std::sync::Arc;
+
+use super::balance::RoundRobin;
+use crate::admin::api::Verdict;
+use crate::capture::Redirect;
+use crate::identity::SpiffeId;
+use crate::inbound::authorize::{authorize, Caller};
+use crate::policy::{deny_message, Decision, DenyReason, PolicySet};
+use crate::registry::{Pod, Resolved, Service, Snapshot};
+use crate::tunnel::client::Hbone;
+use crate::workload::identity_of;
+
+/// What planning reads besides the connection itself.
+#[derive(Debug, Clone, Copy)]
+pub struct Context<'a> {
+    /// This node's name.
+    pub node: &'a str,
+    pub trust_domain: &'a str,
+    /// HBONE port on every node.
+    pub hbone_port: u16,
+    pub snapshot: &'a Snapshot,
+    pub policies: &'a PolicySet,
+    pub balancer: &'a RoundRobin,
+}
+
+/// The calling side, as identified.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Source {
+    /// The pod found from the connection's cgroup.
+    pub pod: Option<Arc<Pod>>,
+    /// Its SPIFFE identity (every identified pod has one).
+    pub identity: Option<SpiffeId>,
+    /// The address the connection came from.
+    pub ip: IpAddr,
+}
+
+/// Where the connection goes, as resolved.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Destination {
+    /// The Service whose VIP was called.
+    pub service: Option<Arc<Service>>,
+    /// The pod chosen (a Service endpoint, or the pod whose IP was called).
+    pub pod: Option<Arc<Pod>>,
+    /// The address to connect to.
+    pub address: Option<SocketAddr>,
+    /// The destination workload's identity, when it is in the mesh.
+    pub identity: Option<SpiffeId>,
+}
+
+/// What to do.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Action {
+    /// A mesh pod on this node, and policy allows it: a plain connection (no TLS on the node).
+    DeliverLocal { target: SocketAddr },
+    /// A mesh pod on another node: a `CONNECT` over mutual TLS to that node's HBONE port.
+    Tunnel(Hbone),
+    /// Not in the mesh (a pod of an unenrolled namespace, a host-network pod, anything outside
+    /// the cluster): a plain connection.
+    Passthrough { target: SocketAddr },
+    /// Reset the client.
+    Refuse(Refusal),
+}
+
+/// Why a connection is refused.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Refusal {
+    /// The Service has no ready endpoint.
+    NoEndpoint,
+    /// A mesh destination, but the caller or the destination has no workload identity.
+    NoIdentity,
+    /// The destination pod's node has no IPv4 address in the registry.
+    NoNodeAddress { node: Option<String> },
+    /// AuthorizationPolicy of a same-node destination.
+    Denied { policy: String, reason: DenyReason },
+}
+
+impl Refusal {
+    /// The flow's verdict.
+    pub fn verdict(&self) -> Verdict {
+        match self {
+            Refusal::NoEndpoint => Verdict::NoEndpoint,
+            Refusal::NoIdentity | Refusal::NoNodeAddress { .. } => Verdict::ConnectFailed,
+            Refusal::Denied { .. } => Verdict::Denied,
+        }
+    }
+}
+
+impl fmt::Display for Refusal {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Refusal::NoEndpoint => f.write_str("service has no ready endpoint"),
+            Refusal::NoIdentity => {
+                f.write_str("no workload identity for the source or the destination")
+            }
+            Refusal::NoNodeAddress { node } => {
+                write!(f, "no address for node {node:?} of the destination")
+            }
+            Refusal::Denied { policy, reason } => {
+                f.write_str(&deny_message(policy, Some(reason.as_str())))
+            }
+        }
+    }
+}
+
+/// The plan for one connection: who calls, where it goes, what to do.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Plan {
+    pub source: Source,
+    pub destination: Destination,
+    pub action: Action,
+}
+
+/// Plans a redirected connection from `peer`, attributed to `source` (the pod of its cgroup).
+pub fn plan(
+    redirect: &Redirect,
+    peer: SocketAddr,
+    source: Option<Arc<Pod>>,
+    ctx: &Context<'_>,
+) -> Plan {
+    let source = Source {
+        identity: source
+            .as_deref()
+            .and_then(|p| identity_of(ctx.trust_domain, p)),
+        pod: source,
+        ip: peer.ip(),
+    };
+    let mut destination = Destination::default();
+    let action = decide(redirect, &source, &mut destination, ctx);
+    Plan {
+        source,
+        destination,
+        action,
+    }
+}
+
+fn decide(
+    redirect: &Redirect,
+    source: &Source,
+    dest: &mut Destination,
+    ctx: &Context<'_>,
+) -> Action {
+    let original = redirect.original_dst;
+    let (target, pod) = match ctx.snapshot.resolve(original) {
+        Resolved::Service { service, port } => {
+            let endpoints = ctx.snapshot.endpoints(&service, &port);
+            let key = format!("{}/{}:{}", service.namespace, service.name, port.port);
+            dest.service = Some(service);
+            let Some(i) = ctx.balancer.pick(&key, endpoints.len()) else {
+                return Action::Refuse(Refusal::NoEndpoint);
+            };
+            let ep = &endpoints[i];
+            (ep.addr, Some(ep.pod.clone()))
+        }
+        Resolved::Pod(pod) => (original, Some(pod)),
+        Resolved::Passthrough => (original, None),
+    };
+    dest.address = Some(target);
+    dest.pod = pod.clone();
+    let Some(pod) = pod.filter(|p| ctx.snapshot.in_mesh(p)) else {
+        return Action::Passthrough { target };
+    };
+    dest.identity = identity_of(ctx.trust_domain, &pod);
+    let (Some(source_id), Some(dest_id)) = (&source.identity, &dest.identity) else {
+        return Action::Refuse(Refusal::NoIdentity);
+    };
+    if pod.node_name.as_deref() != Some(ctx.node) {
+        let node_ip = pod
+            .node_name
+            .as_deref()
+            .and_then(|n| ctx.snapshot.node(n))
+            .and_then(|n| n.addresses.iter().find(|a| a.is_ipv4()).copied());
+        let Some(node_ip) = node_ip else {
+            return Action::Refuse(Refusal::NoNodeAddress {
+                node: pod.node_name.clone(),
+            });
+        };
+        return Action::Tunnel(Hbone {
+            source: source_id.clone(),
+            destination: dest_id.clone(),
+            node: SocketAddr::new(node_ip, ctx.hbone_port),
+            target,
+            forwarded_for: source.ip,
+        });
+    }
+    let caller = Caller {
+        identity: source_id,
+        ip: Some(source.ip),
+    };
+    match authorize(ctx.policies, &pod, target, &caller) {
+        Decision::Allow => Action::DeliverLocal { target },
+        Decision::Deny { policy, reason } => Action::Refuse(Refusal::Denied { policy, reason }),
+    }
+}
+
+#[cfg(test)]
+mod tests;

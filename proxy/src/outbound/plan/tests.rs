@@ -1,0 +1,563 @@
+//! The outbound plan, without sockets or privileges: a registry as users write it, a redirect
+//! record as the kernel reports it, and the plan that comes out.
+
+use super::*;
+
+const CLUSTER: &str = "\
+apiVersion: v1
+kind: Node
+metadata: {name: node-a}
+status: {addresses: [{type: InternalIP, address: 172.30.0.11}]}
+---
+apiVersion: v1
+kind: Node
+metadata: {name: node-b}
+status: {addresses: [{type: InternalIP, address: 172.30.0.12}]}
+---
+apiVersion: v1
+kind: Node
+metadata: {name: node-c}
+---
+apiVersion: v1
+kind: Namespace
+metadata: {name: front, labels: {weft.dev/mesh: enabled}}
+---
+apiVersion: v1
+kind: Namespace
+metadata: {name: back, labels: {weft.dev/mesh: enabled}}
+---
+apiVersion: v1
+kind: Namespace
+metadata: {name: legacy}
+---
+apiVersion: v1
+kind: Pod
+metadata: {namespace: front, name: client, uid: u-client}
+spec: {nodeName: node-a, serviceAccountName: client}
+status: {podIP: 10.244.1.2, phase: Running}
+---
+apiVersion: v1
+kind: Pod
+metadata: {namespace: back, name: web-0, uid: u-web0, labels: {app: web}}
+spec:
+  nodeName: node-b
+  serviceAccountName: web
+  containers: [{name: c, ports: [{name: http, containerPort: 8080}]}]
+status: {podIP: 10.244.2.2, phase: Running}
+---
+apiVersion: v1
+kind: Pod
+metadata: {namespace: back, name: web-1, uid: u-web1, labels: {app: web}}
+spec:
+  nodeName: node-a
+  serviceAccountName: web
+  containers: [{name: c, ports: [{name: http, containerPort: 9080}]}]
+status: {podIP: 10.244.1.3, phase: Running}
+---
+apiVersion: v1
+kind: Pod
+metadata: {namespace: back, name: web-2, uid: u-web2, labels: {app: web}}
+spec: {nodeName: node-b, serviceAccountName: web}
+status:
+  podIP: 10.244.2.9
+  phase: Running
+  conditions: [{type: Ready, status: 'False'}]
+---
+apiVersion: v1
+kind: Pod
+metadata: {namespace: back, name: lonely, uid: u-lonely, labels: {app: lonely}}
+spec: {nodeName: node-c}
+status: {podIP: 10.244.3.2, phase: Running}
+---
+apiVersion: v1
+kind: Pod
+metadata: {namespace: back, name: agent, uid: u-agent}
+spec: {nodeName: node-a, hostNetwork: true}
+status: {podIP: 172.30.0.11, phase: Running}
+---
+apiVersion: v1
+kind: Pod
+metadata: {namespace: back, name: job, uid: u-job}
+spec: {nodeName: node-a}
+status: {podIP: 10.244.1.9, phase: Succeeded}
+---
+apiVersion: v1
+kind: Pod
+metadata: {namespace: legacy, name: batch, uid: u-batch, labels: {app: batch}}
+spec: {nodeName: node-a}
+status: {podIP: 10.244.1.4, phase: Running}
+---
+apiVersion: v1
+kind: Service
+metadata: {namespace: back, name: web}
+spec:
+  clusterIP: 10.96.0.10
+  selector: {app: web}
+  ports: [{name: http, port: 80, targetPort: http}]
+---
+apiVersion: v1
+kind: Service
+metadata: {namespace: back, name: nobody}
+spec:
+  clusterIP: 10.96.0.11
+  selector: {app: nothing-has-this}
+  ports: [{port: 80, targetPort: 8080}]
+---
+apiVersion: v1
+kind: Service
+metadata: {namespace: back, name: manual}
+spec:
+  clusterIP: 10.96.0.12
+  ports: [{port: 80}]
+---
+apiVersion: v1
+kind: Service
+metadata: {namespace: legacy, name: batch}
+spec:
+  clusterIP: 10.96.0.20
+  selector: {app: batch}
+  ports: [{port: 80, targetPort: 7070}]
+---
+apiVersion: v1
+kind: Service
+metadata: {namespace: back, name: lonely}
+spec:
+  clusterIP: 10.96.0.30
+  selector: {app: lonely}
+  ports: [{port: 80, targetPort: 8080}]
+";
+
+const CLIENT_ID: &str = "spiffe://cluster.local/ns/front/sa/client";
+const WEB_ID: &str = "spiffe://cluster.local/ns/back/sa/web";
+const CLIENT_IP: &str = "10.244.1.2";
+
+/// A snapshot of [`CLUSTER`] plus `extra` documents, and its policies.
+struct World {
+    snapshot: Snapshot,
+    policies: PolicySet,
+    balancer: RoundRobin,
+    trust_domain: &'static str,
+    hbone_port: u16,
+}
+
+fn world(extra: &str) -> World {
+    let snapshot = match Snapshot::from_yaml(&format!("{CLUSTER}---\n{extra}")) {
+        Ok(s) => s,
+        Err(e) => panic!("{e}"),
+    };
+    let policies = PolicySet::build(&snapshot, "istio-system");
+    World {
+        snapshot,
+        policies,
+        balancer: RoundRobin::default(),
+        trust_domain: "cluster.local",
+        hbone_port: 15008,
+    }
+}
+
+impl World {
+    fn ctx(&self) -> Context<'_> {
+        Context {
+            node: "node-a",
+            trust_domain: self.trust_domain,
+            hbone_port: self.hbone_port,
+            snapshot: &self.snapshot,
+            policies: &self.policies,
+            balancer: &self.balancer,
+        }
+    }
+
+    fn pod(&self, ns: &str, name: &str) -> Arc<Pod> {
+        self.snapshot.pod(ns, name).unwrap().clone()
+    }
+
+    /// `front/client` (node-a) connects to `dst`.
+    fn call_from_client(&self, dst: &str) -> Plan {
+        self.call(Some(self.pod("front", "client")), CLIENT_IP, dst)
+    }
+
+    fn call(&self, source: Option<Arc<Pod>>, peer_ip: &str, dst: &str) -> Plan {
+        let redirect = Redirect {
+            original_dst: dst.parse().unwrap(),
+            cgroup_id: 42,
+            cookie: 7,
+        };
+        let peer = SocketAddr::new(peer_ip.parse().unwrap(), 40000);
+        plan(&redirect, peer, source, &self.ctx())
+    }
+}
+
+fn sa(s: &str) -> SocketAddr {
+    s.parse().unwrap()
+}
+
+fn id(s: &str) -> SpiffeId {
+    s.parse().unwrap()
+}
+
+fn names(p: &Plan) -> (Option<String>, Option<String>) {
+    (
+        p.destination
+            .service
+            .as_ref()
+            .map(|s| format!("{}/{}", s.namespace, s.name)),
+        p.destination
+            .pod
+            .as_ref()
+            .map(|p| format!("{}/{}", p.namespace, p.name)),
+    )
+}
+
+#[test]
+fn a_service_endpoint_on_another_node_is_tunnelled() {
+    let w = world("");
+    let p = w.call_from_client("10.96.0.10:80");
+    assert_eq!(
+        p.action,
+        Action::Tunnel(Hbone {
+            source: id(CLIENT_ID),
+            destination: id(WEB_ID),
+            node: sa("172.30.0.12:15008"),
+            target: sa("10.244.2.2:8080"),
+            forwarded_for: CLIENT_IP.parse().unwrap(),
+        })
+    );
+    assert_eq!(
+        names(&p),
+        (Some("back/web".into()), Some("back/web-0".into()))
+    );
+    assert_eq!(p.destination.address, Some(sa("10.244.2.2:8080")));
+    assert_eq!(p.destination.identity, Some(id(WEB_ID)));
+    assert_eq!(p.source.identity, Some(id(CLIENT_ID)));
+}
+
+#[test]
+fn service_endpoints_take_turns_and_skip_unready_pods() {
+    let w = world("");
+    let picked: Vec<_> = (0..4)
+        .map(|_| {
+            w.call_from_client("10.96.0.10:80")
+                .destination
+                .pod
+                .unwrap()
+                .name
+                .clone()
+        })
+        .collect();
+    // web-2 is not ready; web-0 and web-1 alternate.
+    assert_eq!(picked, ["web-0", "web-1", "web-0", "web-1"]);
+}
+
+#[test]
+fn a_named_target_port_is_looked_up_in_each_pod() {
+    let w = world("");
+    let first = w.call_from_client("10.96.0.10:80");
+    let second = w.call_from_client("10.96.0.10:80");
+    assert_eq!(first.destination.address, Some(sa("10.244.2.2:8080")));
+    assert_eq!(second.destination.address, Some(sa("10.244.1.3:9080")));
+}
+
+#[test]
+fn a_service_without_ready_endpoints_is_refused() {
+    let w = world("");
+    let p = w.call_from_client("10.96.0.11:80");
+    assert_eq!(p.action, Action::Refuse(Refusal::NoEndpoint));
+    assert_eq!(names(&p), (Some("back/nobody".into()), None));
+    assert_eq!(p.destination.address, None);
+    let Action::Refuse(r) = &p.action else {
+        unreachable!()
+    };
+    assert_eq!(r.verdict(), Verdict::NoEndpoint);
+    assert_eq!(r.to_string(), "service has no ready endpoint");
+}
+
+#[test]
+fn a_service_without_selector_has_no_endpoints() {
+    let w = world("");
+    assert_eq!(
+        w.call_from_client("10.96.0.12:80").action,
+        Action::Refuse(Refusal::NoEndpoint)
+    );
+}
+
+#[test]
+fn a_mesh_pod_on_this_node_is_delivered_locally() {
+    let w = world("");
+    let p = w.call_from_client("10.244.1.3:9080");
+    assert_eq!(
+        p.action,
+        Action::DeliverLocal {
+            target: sa("10.244.1.3:9080")
+        }
+    );
+    assert_eq!(names(&p), (None, Some("back/web-1".into())));
+    assert_eq!(p.destination.identity, Some(id(WEB_ID)));
+}
+
+#[test]
+fn a_service_endpoint_on_this_node_is_delivered_locally() {
+    let w = world("");
+    w.call_from_client("10.96.0.10:80");
+    assert_eq!(
+        w.call_from_client("10.96.0.10:80").action,
+        Action::DeliverLocal {
+            target: sa("10.244.1.3:9080")
+        }
+    );
+}
+
+const ALLOW_ONLY_OTHER: &str = "apiVersion: security.istio.io/v1
+kind: AuthorizationPolicy
+metadata: {name: allow-other, namespace: back}
+spec:
+  selector: {matchLabels: {app: web}}
+  rules:
+  - from:
+    - source: {principals: [cluster.local/ns/front/sa/other]}
+";
+
+#[test]
+fn same_node_delivery_is_authorized_here_with_the_deciding_policy() {
+    let w = world(ALLOW_ONLY_OTHER);
+    let p = w.call_from_client("10.244.1.3:9080");
+    let refusal = Refusal::Denied {
+        policy: "back/allow-other".into(),
+        reason: DenyReason::NotAllowed,
+    };
+    assert_eq!(p.action, Action::Refuse(refusal.clone()));
+    assert_eq!(refusal.verdict(), Verdict::Denied);
+    assert_eq!(
+        refusal.to_string(),
+        "denied by policy back/allow-other (not_allowed)"
+    );
+    // The destination is still named in the plan (and so in the flow).
+    assert_eq!(names(&p), (None, Some("back/web-1".into())));
+}
+
+#[test]
+fn cross_node_calls_are_left_to_the_destination_node_to_authorize() {
+    let w = world(ALLOW_ONLY_OTHER);
+    assert!(matches!(
+        w.call_from_client("10.244.2.2:8080").action,
+        Action::Tunnel(_)
+    ));
+}
+
+#[test]
+fn same_node_authorization_sees_the_caller_address() {
+    let deny_range = "apiVersion: security.istio.io/v1
+kind: AuthorizationPolicy
+metadata: {name: deny-range, namespace: back}
+spec:
+  action: DENY
+  rules:
+  - from:
+    - source: {ipBlocks: [10.244.1.2/32]}
+";
+    let w = world(deny_range);
+    assert!(matches!(
+        w.call_from_client("10.244.1.3:9080").action,
+        Action::Refuse(Refusal::Denied { ref policy, reason: DenyReason::DenyPolicy }) if policy == "back/deny-range"
+    ));
+    // The same pod from another address (identified by its cgroup all the same).
+    let p = w.call(
+        Some(w.pod("front", "client")),
+        "10.244.1.77",
+        "10.244.1.3:9080",
+    );
+    assert!(matches!(p.action, Action::DeliverLocal { .. }));
+}
+
+#[test]
+fn a_pod_of_an_unenrolled_namespace_is_passed_through() {
+    let w = world("");
+    let p = w.call_from_client("10.244.1.4:7070");
+    assert_eq!(
+        p.action,
+        Action::Passthrough {
+            target: sa("10.244.1.4:7070")
+        }
+    );
+    assert_eq!(names(&p), (None, Some("legacy/batch".into())));
+    assert_eq!(p.destination.identity, None);
+}
+
+#[test]
+fn a_service_of_an_unenrolled_namespace_is_resolved_then_passed_through() {
+    let w = world("");
+    let p = w.call_from_client("10.96.0.20:80");
+    assert_eq!(
+        p.action,
+        Action::Passthrough {
+            target: sa("10.244.1.4:7070")
+        }
+    );
+    assert_eq!(
+        names(&p),
+        (Some("legacy/batch".into()), Some("legacy/batch".into()))
+    );
+}
+
+#[test]
+fn an_address_outside_the_cluster_is_passed_through_unchanged() {
+    let w = world("");
+    let p = w.call_from_client("192.0.2.10:443");
+    assert_eq!(
+        p.action,
+        Action::Passthrough {
+            target: sa("192.0.2.10:443")
+        }
+    );
+    assert_eq!(names(&p), (None, None));
+    assert_eq!(p.destination.address, Some(sa("192.0.2.10:443")));
+}
+
+#[test]
+fn a_host_network_pod_or_a_finished_pod_is_not_a_destination() {
+    let w = world("");
+    // The node's address belongs to the node, not to the host-network pod on it.
+    assert_eq!(
+        names(&w.call_from_client("172.30.0.11:10250")),
+        (None, None)
+    );
+    assert!(matches!(
+        w.call_from_client("172.30.0.11:10250").action,
+        Action::Passthrough { .. }
+    ));
+    // A Succeeded pod's IP may already be someone else's.
+    assert_eq!(names(&w.call_from_client("10.244.1.9:80")), (None, None));
+}
+
+#[test]
+fn a_service_vip_on_a_port_it_does_not_expose_is_passed_through() {
+    let w = world("");
+    let p = w.call_from_client("10.96.0.10:8443");
+    assert_eq!(
+        p.action,
+        Action::Passthrough {
+            target: sa("10.96.0.10:8443")
+        }
+    );
+    assert_eq!(names(&p), (None, None));
+}
+
+#[test]
+fn an_unidentified_caller_cannot_reach_the_mesh() {
+    let w = world("");
+    let p = w.call(None, "10.244.1.50", "10.96.0.10:80");
+    assert_eq!(p.action, Action::Refuse(Refusal::NoIdentity));
+    assert_eq!(p.source.identity, None);
+    let Action::Refuse(r) = &p.action else {
+        unreachable!()
+    };
+    assert_eq!(r.verdict(), Verdict::ConnectFailed);
+}
+
+#[test]
+fn an_unidentified_caller_still_reaches_non_mesh_destinations() {
+    let w = world("");
+    assert!(matches!(
+        w.call(None, "10.244.1.50", "192.0.2.10:443").action,
+        Action::Passthrough { .. }
+    ));
+}
+
+#[test]
+fn the_cgroup_decides_who_calls_not_the_address() {
+    let w = world("");
+    // A connection from web-1's cgroup that claims the client's address.
+    let p = w.call(Some(w.pod("back", "web-1")), CLIENT_IP, "10.244.2.2:8080");
+    let Action::Tunnel(h) = p.action else {
+        panic!("{:?}", p.action)
+    };
+    assert_eq!(h.source, id(WEB_ID));
+    assert_eq!(p.source.pod.unwrap().name, "web-1");
+    assert_eq!(p.source.ip, CLIENT_IP.parse::<IpAddr>().unwrap());
+}
+
+#[test]
+fn a_remote_node_without_an_address_is_refused() {
+    let w = world("");
+    let p = w.call_from_client("10.96.0.30:80");
+    assert_eq!(
+        p.action,
+        Action::Refuse(Refusal::NoNodeAddress {
+            node: Some("node-c".into())
+        })
+    );
+    let Action::Refuse(r) = &p.action else {
+        unreachable!()
+    };
+    assert_eq!(r.verdict(), Verdict::ConnectFailed);
+    assert_eq!(
+        r.to_string(),
+        "no address for node Some(\"node-c\") of the destination"
+    );
+}
+
+#[test]
+fn the_trust_domain_and_hbone_port_come_from_the_node() {
+    let mut w = world("");
+    w.trust_domain = "corp.example";
+    w.hbone_port = 16008;
+    let Action::Tunnel(h) = w.call_from_client("10.244.2.2:8080").action else {
+        panic!()
+    };
+    assert_eq!(h.source, id("spiffe://corp.example/ns/front/sa/client"));
+    assert_eq!(h.destination, id("spiffe://corp.example/ns/back/sa/web"));
+    assert_eq!(h.node, sa("172.30.0.12:16008"));
+}
+
+#[test]
+fn a_security_object_weft_cannot_apply_fails_closed_on_this_node() {
+    let typo = "apiVersion: security.istio.io/v1
+kind: AuthorisationPolicy
+metadata: {name: deny-old, namespace: back}
+spec:
+  selector: {matchLabels: {app: web}}
+  action: DENY
+  rules: [{}]
+";
+    let w = world(typo);
+    assert_eq!(
+        w.call_from_client("10.244.1.3:9080").action,
+        Action::Refuse(Refusal::Denied {
+            policy: "back/deny-old".into(),
+            reason: DenyReason::FailClosed
+        })
+    );
+    // Pods it could not select are not affected.
+    assert!(matches!(
+        w.call_from_client("10.244.1.4:7070").action,
+        Action::Passthrough { .. }
+    ));
+}
+
+#[test]
+fn a_root_namespace_object_weft_cannot_apply_covers_every_namespace() {
+    let future = "apiVersion: security.istio.io/v2
+kind: AuthorizationPolicy
+metadata: {name: mesh-wide, namespace: istio-system}
+spec: {}
+";
+    let w = world(future);
+    assert_eq!(
+        w.call_from_client("10.244.1.3:9080").action,
+        Action::Refuse(Refusal::Denied {
+            policy: "istio-system/mesh-wide".into(),
+            reason: DenyReason::FailClosed
+        })
+    );
+}
+
+#[test]
+fn an_unknown_routing_kind_changes_nothing() {
+    let w = world(
+        "apiVersion: networking.istio.io/v1\nkind: VirtualServce\nmetadata: {name: web, namespace: back}\nspec: {}\n",
+    );
+    assert_eq!(w.snapshot.not_applied.len(), 1);
+    assert!(matches!(
+        w.call_from_client("10.244.1.3:9080").action,
+        Action::DeliverLocal { .. }
+    ));
+}

@@ -1,0 +1,281 @@
+//! One record per connection: the only place a [`Flow`] is built.
+//!
+//! A [`ConnectionRecord`] is created when a connection is accepted (or, for a redirect that
+//! never reached the proxy, at the time the kernel reported it), filled as the path learns who
+//! called whom and what it decided, counted as active while it relays, and emitted exactly once:
+//! by [`ConnectionRecord::finish`], or by `Drop` when the task handling it ended without
+//! finishing (then with an error saying so). Emitting stores the flow in the flow log, which
+//! keeps the totals `/status` and `/metrics` report.
+
+use std::fmt::Display;
+use std::net::{IpAddr, SocketAddr};
+use std::sync::Arc;
+use std::time::{Instant, SystemTime};
+
+use time::OffsetDateTime;
+use tracing::debug;
+
+use super::counters::Held;
+use super::Telemetry;
+use crate::admin::api::{Flow, Verdict};
+use crate::identity::SpiffeId;
+use crate::registry::{Pod, Service};
+use crate::relay::Relayed;
+
+/// The record of one connection, from accept to close.
+pub struct ConnectionRecord {
+    telemetry: Arc<Telemetry>,
+    flow: Flow,
+    /// `None` for records of connections the proxy never held (their duration is 0).
+    started: Option<Instant>,
+    emitted: bool,
+}
+
+impl ConnectionRecord {
+    /// A connection accepted now.
+    pub fn accepted(telemetry: &Arc<Telemetry>) -> ConnectionRecord {
+        let mut r = ConnectionRecord::at(telemetry, SystemTime::now());
+        r.started = Some(Instant::now());
+        r
+    }
+
+    /// A connection the proxy never held, seen at `time` (a redirect reported by the kernel).
+    pub fn at(telemetry: &Arc<Telemetry>, time: SystemTime) -> ConnectionRecord {
+        ConnectionRecord {
+            telemetry: telemetry.clone(),
+            flow: Flow {
+                time: OffsetDateTime::from(time),
+                node: telemetry.node().to_string(),
+                ..Flow::default()
+            },
+            started: None,
+            emitted: false,
+        }
+    }
+
+    /// The address the connection came from.
+    pub fn source_ip(&mut self, ip: IpAddr) -> &mut Self {
+        self.flow.source.ip = Some(ip);
+        self
+    }
+
+    /// The calling pod (its address too, when none was seen on the wire).
+    pub fn source_pod(&mut self, pod: &Pod) -> &mut Self {
+        let s = &mut self.flow.source;
+        s.namespace = Some(pod.namespace.clone());
+        s.pod = Some(pod.name.clone());
+        if s.ip.is_none() {
+            s.ip = pod.ip;
+        }
+        self
+    }
+
+    /// The calling workload's identity (and its namespace, when no pod is known).
+    pub fn source_identity(&mut self, id: &SpiffeId) -> &mut Self {
+        let s = &mut self.flow.source;
+        s.identity = Some(id.to_string());
+        if s.namespace.is_none() {
+            s.namespace = Some(id.namespace().to_string());
+        }
+        self
+    }
+
+    /// Where the client wanted to go, before redirection.
+    pub fn original_destination(&mut self, dst: SocketAddr) -> &mut Self {
+        self.flow.original_destination = dst.to_string();
+        self
+    }
+
+    /// The pod cgroup the connection was attributed to.
+    pub fn cgroup(&mut self, id: u64) -> &mut Self {
+        self.flow.cgroup_id = Some(id);
+        self
+    }
+
+    /// The Service whose VIP was called.
+    pub fn service(&mut self, service: &Service) -> &mut Self {
+        let d = &mut self.flow.destination;
+        d.service = Some(format!("{}/{}", service.namespace, service.name));
+        d.namespace = Some(service.namespace.clone());
+        self
+    }
+
+    /// The destination pod.
+    pub fn destination_pod(&mut self, pod: &Pod) -> &mut Self {
+        let d = &mut self.flow.destination;
+        d.namespace = Some(pod.namespace.clone());
+        d.pod = Some(pod.name.clone());
+        self
+    }
+
+    /// The address the proxy connects (or connected) to.
+    pub fn destination_address(&mut self, addr: SocketAddr) -> &mut Self {
+        self.flow.destination.address = Some(addr.to_string());
+        self
+    }
+
+    /// The destination workload's identity.
+    pub fn destination_identity(&mut self, id: &SpiffeId) -> &mut Self {
+        self.flow.destination.identity = Some(id.to_string());
+        self
+    }
+
+    /// Carried between nodes in mutual TLS.
+    pub fn mtls(&mut self) -> &mut Self {
+        self.flow.mtls = true;
+        self
+    }
+
+    /// The AuthorizationPolicy (`namespace/name`) that decided.
+    pub fn policy(&mut self, policy: impl Into<String>) -> &mut Self {
+        self.flow.policy = Some(policy.into());
+        self
+    }
+
+    /// Runs `relay`, counted among the active connections meanwhile, and keeps its byte counts
+    /// and error. Cancellation-safe: the active count is given back on drop.
+    pub async fn relay(&mut self, relay: impl std::future::Future<Output = Relayed>) {
+        let relayed = {
+            let _active = Held::up(&self.telemetry.active);
+            relay.await
+        };
+        self.flow.bytes_sent = relayed.sent;
+        self.flow.bytes_received = relayed.received;
+        if let Some(e) = relayed.error {
+            self.flow.error = Some(e);
+        }
+    }
+
+    /// Emits the record with `verdict` and, for anything that did not end cleanly, `error`.
+    /// Returns the flow as stored.
+    pub fn finish(mut self, verdict: Verdict, error: Option<impl Display>) -> Arc<Flow> {
+        self.flow.verdict = verdict;
+        if let Some(e) = error {
+            self.flow.error = Some(e.to_string());
+        }
+        self.emit()
+    }
+
+    fn emit(&mut self) -> Arc<Flow> {
+        self.emitted = true;
+        let mut flow = std::mem::take(&mut self.flow);
+        if let Some(started) = self.started {
+            // Microseconds are what a flow's duration can mean; more digits are noise.
+            let us = started.elapsed().as_micros() as f64;
+            flow.duration_ms = us / 1000.0;
+        }
+        debug!(
+            source = %flow.source.pod.as_deref().unwrap_or("?"),
+            original_destination = %flow.original_destination,
+            destination = %flow.destination.address.as_deref().unwrap_or("-"),
+            verdict = %flow.verdict,
+            sent = flow.bytes_sent,
+            received = flow.bytes_received,
+            error = flow.error.as_deref().unwrap_or(""),
+            "flow"
+        );
+        self.telemetry.flows.record(flow)
+    }
+}
+
+impl Drop for ConnectionRecord {
+    fn drop(&mut self) {
+        if !self.emitted {
+            if self.flow.error.is_none() {
+                self.flow.error = Some("the proxy stopped handling the connection".into());
+            }
+            self.emit();
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::admin::api::FlowFilter;
+
+    fn telemetry() -> Arc<Telemetry> {
+        Arc::new(Telemetry::new("node-1", 100))
+    }
+
+    #[test]
+    fn finish_emits_once_with_what_was_filled_in() {
+        let t = telemetry();
+        let mut r = ConnectionRecord::accepted(&t);
+        r.source_ip("10.244.1.2".parse().unwrap())
+            .original_destination("10.96.0.10:80".parse().unwrap())
+            .cgroup(42)
+            .destination_address("10.244.1.3:8080".parse().unwrap())
+            .policy("back/deny");
+        let flow = r.finish(Verdict::Denied, Some("denied"));
+        assert_eq!(flow.node, "node-1");
+        assert_eq!(flow.verdict, Verdict::Denied);
+        assert_eq!(flow.error.as_deref(), Some("denied"));
+        assert_eq!(flow.policy.as_deref(), Some("back/deny"));
+        assert_eq!(flow.cgroup_id, Some(42));
+        assert_eq!(flow.destination.address.as_deref(), Some("10.244.1.3:8080"));
+        assert_eq!(t.flows.recent(&FlowFilter::default()).len(), 1);
+        assert_eq!(t.flows.totals()[&Verdict::Denied], 1);
+    }
+
+    #[test]
+    fn a_dropped_record_is_emitted_with_an_error() {
+        let t = telemetry();
+        let mut r = ConnectionRecord::accepted(&t);
+        r.source_ip("10.244.1.2".parse().unwrap());
+        drop(r);
+        let flows = t.flows.recent(&FlowFilter::default());
+        assert_eq!(flows.len(), 1);
+        assert!(flows[0].error.as_deref().unwrap().contains("stopped"));
+    }
+
+    #[test]
+    fn duration_is_whole_microseconds() {
+        let t = telemetry();
+        let r = ConnectionRecord::accepted(&t);
+        std::thread::sleep(std::time::Duration::from_micros(1500));
+        let flow = r.finish(Verdict::Forwarded, None::<&str>);
+        let us = flow.duration_ms * 1000.0;
+        assert!(flow.duration_ms >= 1.5, "{}", flow.duration_ms);
+        assert!((us - us.round()).abs() < 1e-6, "{}", flow.duration_ms);
+        // A record of a connection the proxy never held has no duration.
+        let r = ConnectionRecord::at(&t, SystemTime::now());
+        assert_eq!(r.finish(Verdict::Unhandled, Some("x")).duration_ms, 0.0);
+    }
+
+    #[tokio::test]
+    async fn relay_counts_as_active_and_keeps_bytes() {
+        let t = telemetry();
+        let mut r = ConnectionRecord::accepted(&t);
+        let t2 = t.clone();
+        r.relay(async move {
+            assert_eq!(t2.active_connections(), 1);
+            Relayed {
+                sent: 5,
+                received: 7,
+                error: Some("reset".into()),
+            }
+        })
+        .await;
+        assert_eq!(t.active_connections(), 0);
+        let flow = r.finish(Verdict::Forwarded, None::<&str>);
+        assert_eq!((flow.bytes_sent, flow.bytes_received), (5, 7));
+        assert_eq!(flow.error.as_deref(), Some("reset"));
+        assert_eq!(t.flows.bytes_totals(), (5, 7));
+    }
+
+    #[test]
+    fn identities_and_pods_fill_both_sides() {
+        let t = telemetry();
+        let mut r = ConnectionRecord::accepted(&t);
+        let id: SpiffeId = "spiffe://cluster.local/ns/front/sa/client".parse().unwrap();
+        r.source_identity(&id).mtls();
+        let flow = r.finish(Verdict::Forwarded, None::<&str>);
+        assert_eq!(flow.source.namespace.as_deref(), Some("front"));
+        assert_eq!(
+            flow.source.identity.as_deref(),
+            Some("spiffe://cluster.local/ns/front/sa/client")
+        );
+        assert!(flow.mtls);
+    }
+}

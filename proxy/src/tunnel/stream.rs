@@ -1,0 +1,251 @@
+//! A `CONNECT` stream as a byte stream, and its relay to a TCP socket.
+
+use std::future::poll_fn;
+use std::io;
+use std::pin::Pin;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::task::{ready, Context, Poll};
+
+use bytes::{Buf, Bytes, BytesMut};
+use h2::{Reason, RecvStream, SendStream};
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, ReadBuf};
+use tokio::net::TcpStream;
+
+use crate::relay::{both_ways, reset, Relayed};
+
+/// One read from a TCP socket.
+const CHUNK: usize = 256 << 10;
+
+/// Relays `tcp` ⇄ an HTTP/2 stream until both directions have ended or one fails. End of
+/// stream is passed on as a half-close each way; a failure resets both (TCP RST,
+/// `RST_STREAM(CANCEL)`). `sent` counts TCP → stream bytes, `received` stream → TCP.
+async fn relay(
+    mut tcp: TcpStream,
+    mut send: SendStream<Bytes>,
+    mut recv: RecvStream,
+    pending: Bytes,
+) -> Relayed {
+    let to_h2 = AtomicU64::new(0);
+    let from_h2 = AtomicU64::new(0);
+    let error = {
+        let (mut rd, mut wr) = tcp.split();
+        let up = tcp_to_h2(&mut rd, &mut send, &to_h2);
+        let down = h2_to_tcp(&mut recv, &mut wr, pending, &from_h2);
+        both_ways(up, "socket→tunnel", down, "tunnel→socket").await
+    };
+    if error.is_some() {
+        send.send_reset(Reason::CANCEL);
+        reset(&tcp);
+    }
+    Relayed {
+        sent: to_h2.load(Ordering::Relaxed),
+        received: from_h2.load(Ordering::Relaxed),
+        error,
+    }
+}
+
+async fn tcp_to_h2<R: AsyncRead + Unpin>(
+    rd: &mut R,
+    send: &mut SendStream<Bytes>,
+    count: &AtomicU64,
+) -> io::Result<()> {
+    let mut buf = BytesMut::with_capacity(CHUNK);
+    loop {
+        // Re-uses the allocation once h2 has written the previous chunks out.
+        buf.reserve(CHUNK);
+        let n = tokio::select! {
+            r = rd.read_buf(&mut buf) => r?,
+            r = poll_fn(|cx| send.poll_reset(cx)) => return Err(reset_error(r)),
+        };
+        if n == 0 {
+            send.send_data(Bytes::new(), true).map_err(h2_io)?;
+            return Ok(());
+        }
+        let mut data = buf.split().freeze();
+        while !data.is_empty() {
+            let cap = wait_capacity(send, data.len()).await?;
+            let chunk = data.split_to(cap.min(data.len()));
+            let len = chunk.len() as u64;
+            send.send_data(chunk, false).map_err(h2_io)?;
+            count.fetch_add(len, Ordering::Relaxed);
+        }
+    }
+}
+
+/// Waits for HTTP/2 send capacity (flow control window and send buffer) for up to `want`
+/// bytes; returns how much is available.
+async fn wait_capacity(send: &mut SendStream<Bytes>, want: usize) -> io::Result<usize> {
+    send.reserve_capacity(want);
+    loop {
+        let cap = send.capacity();
+        if cap > 0 {
+            return Ok(cap);
+        }
+        match poll_fn(|cx| send.poll_capacity(cx)).await {
+            Some(Ok(_)) => {}
+            Some(Err(e)) => return Err(h2_io(e)),
+            None => return Err(io::Error::new(io::ErrorKind::BrokenPipe, "stream closed")),
+        }
+    }
+}
+
+async fn h2_to_tcp<W: AsyncWrite + Unpin>(
+    recv: &mut RecvStream,
+    wr: &mut W,
+    pending: Bytes,
+    count: &AtomicU64,
+) -> io::Result<()> {
+    if !pending.is_empty() {
+        wr.write_all(&pending).await?;
+        count.fetch_add(pending.len() as u64, Ordering::Relaxed);
+    }
+    loop {
+        match poll_fn(|cx| recv.poll_data(cx)).await {
+            Some(Ok(data)) => {
+                let len = data.len();
+                wr.write_all(&data).await?;
+                count.fetch_add(len as u64, Ordering::Relaxed);
+                // Open the window only for what has left: the TCP peer's pace is the tunnel's.
+                recv.flow_control().release_capacity(len).map_err(h2_io)?;
+            }
+            Some(Err(e)) => return Err(h2_io(e)),
+            None => {
+                return match wr.shutdown().await {
+                    Err(e) if e.kind() != io::ErrorKind::NotConnected => Err(e),
+                    _ => Ok(()),
+                };
+            }
+        }
+    }
+}
+
+pub(super) fn h2_io(e: h2::Error) -> io::Error {
+    if e.is_io() {
+        return e.into_io().unwrap_or_else(|| io::ErrorKind::Other.into());
+    }
+    let kind = if e.is_reset() || e.is_go_away() {
+        io::ErrorKind::ConnectionReset
+    } else {
+        io::ErrorKind::Other
+    };
+    io::Error::new(kind, e)
+}
+
+fn reset_error(r: Result<Reason, h2::Error>) -> io::Error {
+    match r {
+        Ok(reason) => io::Error::new(
+            io::ErrorKind::ConnectionReset,
+            format!("stream reset by peer: {reason}"),
+        ),
+        Err(e) => h2_io(e),
+    }
+}
+
+/// One tunnelled connection (an open `CONNECT` stream, either end), usable as a byte stream
+/// ([`AsyncRead`] + [`AsyncWrite`]: `shutdown` sends `END_STREAM`) or relayed to a socket with
+/// [`Stream::relay`] (faster: no copy on the way in, half-close and resets passed on).
+/// Dropping it before both sides ended resets the stream.
+pub struct Stream {
+    send: SendStream<Bytes>,
+    recv: RecvStream,
+    /// Received, not yet read.
+    pending: Bytes,
+    write_closed: bool,
+}
+
+impl Stream {
+    pub(crate) fn new(send: SendStream<Bytes>, recv: RecvStream) -> Stream {
+        Stream {
+            send,
+            recv,
+            pending: Bytes::new(),
+            write_closed: false,
+        }
+    }
+
+    /// Relays `socket` ⇄ the stream until both directions end or one fails.
+    /// `sent` = socket → stream bytes, `received` = stream → socket.
+    pub async fn relay(self, socket: TcpStream) -> Relayed {
+        let _ = socket.set_nodelay(true);
+        relay(socket, self.send, self.recv, self.pending).await
+    }
+}
+
+impl std::fmt::Debug for Stream {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Stream")
+            .field("id", &self.send.stream_id().as_u32())
+            .finish()
+    }
+}
+
+impl AsyncRead for Stream {
+    fn poll_read(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<io::Result<()>> {
+        let this = &mut *self;
+        while this.pending.is_empty() {
+            match ready!(this.recv.poll_data(cx)) {
+                Some(Ok(data)) => {
+                    let _ = this.recv.flow_control().release_capacity(data.len());
+                    this.pending = data;
+                }
+                Some(Err(e)) => return Poll::Ready(Err(h2_io(e))),
+                None => return Poll::Ready(Ok(())),
+            }
+        }
+        let n = this.pending.len().min(buf.remaining());
+        buf.put_slice(&this.pending[..n]);
+        this.pending.advance(n);
+        Poll::Ready(Ok(()))
+    }
+}
+
+impl AsyncWrite for Stream {
+    fn poll_write(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<io::Result<usize>> {
+        if buf.is_empty() {
+            return Poll::Ready(Ok(0));
+        }
+        let this = &mut *self;
+        if this.write_closed {
+            return Poll::Ready(Err(io::ErrorKind::BrokenPipe.into()));
+        }
+        this.send.reserve_capacity(buf.len());
+        let cap = loop {
+            let cap = this.send.capacity();
+            if cap > 0 {
+                break cap;
+            }
+            match ready!(this.send.poll_capacity(cx)) {
+                Some(Ok(_)) => {}
+                Some(Err(e)) => return Poll::Ready(Err(h2_io(e))),
+                None => return Poll::Ready(Err(io::ErrorKind::BrokenPipe.into())),
+            }
+        };
+        let n = cap.min(buf.len());
+        this.send
+            .send_data(Bytes::copy_from_slice(&buf[..n]), false)
+            .map_err(h2_io)?;
+        Poll::Ready(Ok(n))
+    }
+
+    fn poll_flush(self: Pin<&mut Self>, _cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        // The connection task writes queued frames out on its own.
+        Poll::Ready(Ok(()))
+    }
+
+    fn poll_shutdown(mut self: Pin<&mut Self>, _cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        let this = &mut *self;
+        if !this.write_closed {
+            this.write_closed = true;
+            this.send.send_data(Bytes::new(), true).map_err(h2_io)?;
+        }
+        Poll::Ready(Ok(()))
+    }
+}

@@ -1,0 +1,103 @@
+//! Deliver: the one place weft opens a connection towards a workload or an external address.
+//!
+//! Every path goes through [`Connector::connect`] and says on whose behalf it connects: a
+//! captured pod's outbound connection (same-node delivery, passthrough) or a remote workload's
+//! tunnel being delivered to a pod of this node. Today every socket leaves from the node's own
+//! address; giving it the calling pod's address is a change to this file alone.
+//!
+//! May import: `registry`, `identity`.
+
+use std::fmt;
+use std::io;
+use std::net::SocketAddr;
+use std::time::Duration;
+
+use tokio::net::TcpStream;
+use tracing::trace;
+
+use crate::identity::SpiffeId;
+use crate::registry::Pod;
+
+/// Who a connection is opened for.
+#[derive(Debug, Clone, Copy)]
+pub enum OnBehalfOf<'a> {
+    /// A pod of this node whose connection was captured (identified by its cgroup).
+    Pod(&'a Pod),
+    /// A connection from a pod weft could not identify.
+    Unidentified,
+    /// A workload of another node, through an HBONE tunnel (its verified identity).
+    Peer(&'a SpiffeId),
+}
+
+impl fmt::Display for OnBehalfOf<'_> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            OnBehalfOf::Pod(p) => write!(f, "{}/{}", p.namespace, p.name),
+            OnBehalfOf::Unidentified => f.write_str("an unidentified pod"),
+            OnBehalfOf::Peer(id) => write!(f, "{id}"),
+        }
+    }
+}
+
+/// Why a connection could not be opened.
+#[derive(Debug, thiserror::Error)]
+pub enum ConnectError {
+    /// Refused, unreachable, …
+    #[error("{0}")]
+    Io(#[from] io::Error),
+    #[error("connect timed out after {0:?}")]
+    TimedOut(Duration),
+}
+
+/// Opens upstream connections.
+#[derive(Debug, Clone)]
+pub struct Connector {
+    timeout: Duration,
+}
+
+impl Connector {
+    /// Connections that take longer than `timeout` to establish fail.
+    pub fn new(timeout: Duration) -> Connector {
+        Connector { timeout }
+    }
+
+    /// Connects to `target` for `on_behalf`, with `TCP_NODELAY` set (the proxy relays what it
+    /// reads at once; batching is the endpoints' business).
+    pub async fn connect(
+        &self,
+        on_behalf: OnBehalfOf<'_>,
+        target: SocketAddr,
+    ) -> Result<TcpStream, ConnectError> {
+        trace!(%target, on_behalf = %on_behalf, "connecting");
+        let stream = tokio::time::timeout(self.timeout, TcpStream::connect(target))
+            .await
+            .map_err(|_| ConnectError::TimedOut(self.timeout))??;
+        let _ = stream.set_nodelay(true);
+        Ok(stream)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test]
+    async fn connects_and_reports_refusals() {
+        let l = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = l.local_addr().unwrap();
+        let c = Connector::new(Duration::from_secs(2));
+        let s = c.connect(OnBehalfOf::Unidentified, addr).await.unwrap();
+        assert!(s.nodelay().unwrap());
+        drop(l);
+        let e = c.connect(OnBehalfOf::Unidentified, addr).await.unwrap_err();
+        assert!(matches!(e, ConnectError::Io(_)), "{e}");
+    }
+
+    #[test]
+    fn timeouts_say_how_long() {
+        assert_eq!(
+            ConnectError::TimedOut(Duration::from_millis(1500)).to_string(),
+            "connect timed out after 1.5s"
+        );
+    }
+}
