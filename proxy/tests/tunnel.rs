@@ -16,7 +16,7 @@ use tokio::net::{TcpListener, TcpStream};
 use weft::identity::{init_ca, sni_for, IdentityConfig, IdentityManager, SpiffeId};
 use weft::telemetry::Telemetry;
 use weft::tunnel::client::{Hbone, Pool, PoolConfig, TunnelError};
-use weft::tunnel::server::{ConnectRequest, Handler as ServerHandler, Pending, Refusal, Server};
+use weft::tunnel::server::{ConnectRequest, Handler as ServerHandler, Pending, Rejection, Server};
 use weft::upstream::{Connector, OnBehalfOf};
 
 type InboundRequest = ConnectRequest;
@@ -102,11 +102,11 @@ impl ServerHandler for Handler {
         };
         match (self.decide)(&req) {
             InboundDecision::NotFound => {
-                pending.refuse(Refusal::NotFound);
+                pending.refuse(Rejection::NotFound);
                 (outcome.verdict, outcome.status) = (InboundVerdict::NotFound, 404);
             }
             InboundDecision::Deny { policy } => {
-                pending.refuse(Refusal::Denied {
+                pending.refuse(Rejection::Denied {
                     policy,
                     reason: "not_allowed".into(),
                 });
@@ -119,7 +119,7 @@ impl ServerHandler for Handler {
                     .await
                 {
                     Err(e) => {
-                        pending.refuse(Refusal::Unavailable);
+                        pending.refuse(Rejection::Unavailable);
                         (outcome.verdict, outcome.status) = (InboundVerdict::ConnectFailed, 503);
                         outcome.error = Some(e.to_string());
                     }

@@ -165,6 +165,18 @@ fn enrolled_pod_reaches_service_through_weft() {
         "{st}"
     );
 
+    // A reader that stops early (`weft status | head -1`) ends the CLI quietly.
+    for args in [
+        &["status"][..],
+        &["flows"],
+        &["workloads"],
+        &["status", "-o", "json"],
+    ] {
+        let (code, stderr) = into_closed_pipe(&weft, args);
+        assert_eq!(code, Some(0), "weft {args:?}: {stderr}");
+        assert!(stderr.is_empty(), "weft {args:?}: {stderr}");
+    }
+
     // Prometheus metrics on :15020.
     let m = weft.metrics().unwrap();
     for line in [
@@ -177,6 +189,25 @@ fn enrolled_pod_reaches_service_through_weft() {
     ] {
         assert!(m.lines().any(|l| l == line), "no {line:?} in\n{m}");
     }
+}
+
+/// Runs `weft <args>` against `weft` with its stdout a pipe nobody reads (closed before it
+/// writes): its exit code and stderr.
+fn into_closed_pipe(weft: &Weft, args: &[&str]) -> (Option<i32>, String) {
+    let (read, write) = nix::unistd::pipe().unwrap();
+    drop(read);
+    let out = Command::new(weft_bin())
+        .args(args)
+        .arg("--admin-socket")
+        .arg(weft.admin_socket())
+        .stdout(std::process::Stdio::from(write))
+        .stderr(std::process::Stdio::piped())
+        .output()
+        .unwrap();
+    (
+        out.status.code(),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
 }
 
 #[test]
@@ -612,7 +643,18 @@ fn uninstall_detaches_capture() {
         "{}",
         String::from_utf8_lossy(&out.stderr)
     );
+    let said = String::from_utf8_lossy(&out.stdout);
+    assert!(said.contains("weft capture removed"), "{said}");
     assert!(!t.node.bpffs_dir().join("ENROLLED").exists());
+    // Again: nothing is left, and it says so instead of claiming a removal.
+    let again = Command::new(weft_bin())
+        .args(["uninstall", "--bpffs"])
+        .arg(t.node.bpffs_dir())
+        .output()
+        .unwrap();
+    assert!(again.status.success());
+    let said = String::from_utf8_lossy(&again.stdout);
+    assert!(said.starts_with("nothing to uninstall"), "{said}");
     // The enrolled pod now connects directly, as if weft had never been there.
     assert_eq!(
         peer_ip(&call_ok(&t.client, target, "direct")),

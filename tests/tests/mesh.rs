@@ -442,11 +442,18 @@ fn security_objects_weft_cannot_apply_fail_closed() {
         "the flow says why: {f}"
     );
     wait_denied(&m, &m.client, http, "back/deny-other");
-    m.weft_b
+    let at_b = m
+        .weft_b
         .wait_flows(1, WAIT, |f| {
             s(f, "/verdict") == "denied" && s(f, "/policy") == "back/deny-other"
         })
         .unwrap();
+    // One wording on both nodes.
+    assert_eq!(s(&at_b[0], "/error"), s(&f, "/error"), "{f} {}", at_b[0]);
+    assert_eq!(
+        s(&f, "/error"),
+        "denied by policy back/deny-other (fail_closed)"
+    );
     wait_until(WAIT, || !succeeds(&legacy, http))
         .expect("plaintext to a workload that fails closed is dropped as STRICT");
     // What it cannot select is untouched.

@@ -1,8 +1,6 @@
 //! `weft certs`: the workload certificates the node holds and when they expire.
 
-use std::io::Write;
-
-use super::table::print_table;
+use super::table::{json_lines, print_table};
 use super::{CertsArgs, Output};
 use crate::admin::api::CertInfo;
 
@@ -10,11 +8,7 @@ pub async fn run(args: CertsArgs) -> anyhow::Result<()> {
     let rows: Vec<CertInfo> = args.target.client().get_json("/certs").await?;
     let mut out = std::io::stdout().lock();
     if args.output == Output::Json {
-        for r in &rows {
-            serde_json::to_writer(&mut out, r)?;
-            writeln!(out)?;
-        }
-        return Ok(());
+        return json_lines(&mut out, &rows);
     }
     let now = time::OffsetDateTime::now_utc();
     let fmt = time::format_description::well_known::Rfc3339;

@@ -3,6 +3,15 @@
 
 use std::io::Write;
 
+/// One JSON object per line (`-o json`).
+pub fn json_lines<T: serde::Serialize>(out: &mut impl Write, rows: &[T]) -> anyhow::Result<()> {
+    for r in rows {
+        serde_json::to_writer(&mut *out, r)?;
+        writeln!(out)?;
+    }
+    Ok(())
+}
+
 pub fn yes_no(b: bool) -> &'static str {
     if b {
         "yes"

@@ -1,8 +1,6 @@
 //! `weft workloads`: the pods of the node, enrolled or not, with identities and cgroups.
 
-use std::io::Write;
-
-use super::table::{print_table, yes_no};
+use super::table::{json_lines, print_table, yes_no};
 use super::{Output, WorkloadsArgs};
 use crate::admin::api::WorkloadInfo;
 
@@ -10,11 +8,7 @@ pub async fn run(args: WorkloadsArgs) -> anyhow::Result<()> {
     let rows: Vec<WorkloadInfo> = args.target.client().get_json("/workloads").await?;
     let mut out = std::io::stdout().lock();
     if args.output == Output::Json {
-        for r in &rows {
-            serde_json::to_writer(&mut out, r)?;
-            writeln!(out)?;
-        }
-        return Ok(());
+        return json_lines(&mut out, &rows);
     }
     let mut t = vec![[
         "NAMESPACE",

@@ -90,30 +90,7 @@ pub fn calling_pod(snapshot: &Snapshot, caller: &Caller<'_>) -> Option<Arc<Pod>>
 mod tests {
     use super::*;
     use crate::policy::DenyReason;
-
-    const CLUSTER: &str = "\
-apiVersion: v1
-kind: Namespace
-metadata: {name: back, labels: {weft.dev/mesh: enabled}}
----
-apiVersion: v1
-kind: Pod
-metadata: {namespace: back, name: web-0, uid: u-web0, labels: {app: web}}
-spec: {nodeName: node-b, serviceAccountName: web}
-status: {podIP: 10.244.2.2, phase: Running}
----
-apiVersion: v1
-kind: Pod
-metadata: {namespace: back, name: web-1, uid: u-web1, labels: {app: web}}
-spec: {nodeName: node-a, serviceAccountName: web}
-status: {podIP: 10.244.1.3, phase: Running}
----
-apiVersion: v1
-kind: Pod
-metadata: {namespace: front, name: client, uid: u-client}
-spec: {nodeName: node-a, serviceAccountName: client}
-status: {podIP: 10.244.1.2, phase: Running}
-";
+    use crate::registry::fixtures::TWO_NODES as CLUSTER;
 
     fn setup(extra: &str) -> (Snapshot, PolicySet) {
         let s = Snapshot::from_yaml(&format!("{CLUSTER}---\n{extra}")).unwrap();

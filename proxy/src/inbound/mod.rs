@@ -17,7 +17,7 @@ use crate::inputs::ProxyInputs;
 use crate::policy::{deny_message, Decision};
 use crate::relay::Relayed;
 use crate::telemetry::ConnectionRecord;
-use crate::tunnel::server::{Handler, Pending, Refusal};
+use crate::tunnel::server::{Handler, Pending, Rejection};
 use crate::upstream::OnBehalfOf;
 use crate::workload::identity_of;
 
@@ -65,7 +65,7 @@ impl Handler for Inbound {
             Admission::NotHere => {
                 debug!(target = %req.target, peer = %req.peer,
                     "CONNECT to an address that is not a pod on this node");
-                pending.refuse(Refusal::NotFound);
+                pending.refuse(Rejection::NotFound);
                 record.finish(
                     Verdict::ConnectFailed,
                     Some("not a pod hosted on this node"),
@@ -75,7 +75,7 @@ impl Handler for Inbound {
             Admission::Denied { pod, decision } => {
                 record_destination(&mut record, inputs, &pod);
                 if let Decision::Deny { policy, reason } = decision {
-                    pending.refuse(Refusal::Denied {
+                    pending.refuse(Rejection::Denied {
                         policy: policy.clone(),
                         reason: reason.as_str().to_string(),
                     });
@@ -95,7 +95,7 @@ impl Handler for Inbound {
         {
             Ok(s) => s,
             Err(e) => {
-                pending.refuse(Refusal::Unavailable);
+                pending.refuse(Rejection::Unavailable);
                 record.finish(Verdict::ConnectFailed, Some(e));
                 return;
             }

@@ -22,6 +22,8 @@
 
 pub mod build;
 pub mod file;
+#[cfg(test)]
+pub mod fixtures;
 pub mod kinds;
 pub mod model;
 

@@ -45,7 +45,7 @@ pub struct ConnectRequest {
 
 /// Why a `CONNECT` is refused.
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub enum Refusal {
+pub enum Rejection {
     /// 404: the target is not a pod on this node; nothing is connected.
     NotFound,
     /// 403 with `x-weft-policy: <policy>` and `x-weft-deny-reason: <reason>`.
@@ -68,15 +68,15 @@ impl Pending {
     }
 
     /// Answers with the refusal's status.
-    pub fn refuse(mut self, refusal: Refusal) {
+    pub fn refuse(mut self, rejection: Rejection) {
         let counters = &self.telemetry.hbone_server;
         let mut response = Response::new(());
-        match &refusal {
-            Refusal::NotFound => {
+        match &rejection {
+            Rejection::NotFound => {
                 inc(&counters.not_found);
                 *response.status_mut() = StatusCode::NOT_FOUND;
             }
-            Refusal::Denied { policy, reason } => {
+            Rejection::Denied { policy, reason } => {
                 inc(&counters.denied);
                 *response.status_mut() = StatusCode::FORBIDDEN;
                 let value = |v: &str| {
@@ -86,7 +86,7 @@ impl Pending {
                 headers.insert(POLICY_HEADER, value(policy));
                 headers.insert(DENY_REASON_HEADER, value(reason));
             }
-            Refusal::Unavailable => {
+            Rejection::Unavailable => {
                 inc(&counters.connect_failed);
                 *response.status_mut() = StatusCode::SERVICE_UNAVAILABLE;
             }
