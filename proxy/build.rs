@@ -1,5 +1,5 @@
 //! Builds the eBPF object (`ebpf/`, crate `weft-ebpf`, binary `weft`) with aya-build and leaves
-//! it at `$OUT_DIR/weft`, where `capture.rs` embeds it with
+//! it at `$OUT_DIR/weft`, where `capture/attach.rs` embeds it with
 //! `aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/weft"))`.
 //!
 //! aya-build runs `rustup run nightly cargo build -p weft-ebpf --target bpfel-unknown-none

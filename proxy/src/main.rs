@@ -52,19 +52,25 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
         }
         Command::Uninstall(args) => {
             let removed = weft::capture::Capture::remove_pins(&args.bpffs)?;
+            let dir = args.bpffs.display();
             let mut stdout = std::io::stdout().lock();
-            if removed == 0 {
+            if removed.pins == 0 {
                 writeln!(
                     stdout,
-                    "nothing to uninstall: no weft capture is pinned in {}",
-                    args.bpffs.display()
+                    "nothing to uninstall: no weft capture is pinned in {dir}"
                 )?;
-            } else {
-                writeln!(
-                    stdout,
-                    "weft capture removed: programs detached, {removed} pins deleted from {}",
-                    args.bpffs.display()
-                )?;
+                return Ok(());
+            }
+            writeln!(
+                stdout,
+                "weft capture removed: {} of {} programs detached, {} pins deleted from {dir}",
+                removed.detached, removed.links, removed.pins
+            )?;
+            if removed.detached < removed.links {
+                anyhow::bail!(
+                    "{} programs could not be detached and may still redirect connections (see the warnings above)",
+                    removed.links - removed.detached
+                );
             }
             Ok(())
         }

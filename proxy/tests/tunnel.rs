@@ -16,17 +16,15 @@ use tokio::net::{TcpListener, TcpStream};
 use weft::identity::{init_ca, sni_for, IdentityConfig, IdentityManager, SpiffeId};
 use weft::telemetry::Telemetry;
 use weft::tunnel::client::{Hbone, Pool, PoolConfig, TunnelError};
-use weft::tunnel::server::{ConnectRequest, Handler as ServerHandler, Pending, Rejection, Server};
+use weft::tunnel::server::{
+    ConnectRequest, Handler as ServerHandler, Pending, Rejection, Server, ServerConfig,
+};
 use weft::upstream::{Connector, OnBehalfOf};
-
-type InboundRequest = ConnectRequest;
-type InboundConfig = weft::tunnel::server::ServerConfig;
-type Inbound = Server<Handler>;
 
 /// What the test's destination node decides for a `CONNECT` (a node's inbound path decides it
 /// from the registry and its policies).
 #[derive(Debug, Clone, PartialEq, Eq)]
-enum InboundDecision {
+enum Decision {
     Deliver,
     Deny { policy: String },
     NotFound,
@@ -34,7 +32,7 @@ enum InboundDecision {
 
 /// How a stream ended, as the test's destination node saw it.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-enum InboundVerdict {
+enum Ended {
     Delivered,
     Denied,
     NotFound,
@@ -42,8 +40,8 @@ enum InboundVerdict {
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
-struct InboundOutcome {
-    verdict: InboundVerdict,
+struct Outcome {
+    verdict: Ended,
     status: u16,
     bytes_to_target: u64,
     bytes_from_target: u64,
@@ -83,36 +81,36 @@ fn manager(
     Arc::new(m)
 }
 
-type Decide = Box<dyn Fn(&InboundRequest) -> InboundDecision + Send + Sync>;
+type Decide = Box<dyn Fn(&ConnectRequest) -> Decision + Send + Sync>;
 
 struct Handler {
     decide: Decide,
-    finished: Mutex<Vec<(InboundRequest, InboundOutcome)>>,
+    finished: Mutex<Vec<(ConnectRequest, Outcome)>>,
 }
 
 impl ServerHandler for Handler {
     async fn serve(self: Arc<Self>, pending: Pending) {
         let req = pending.request().clone();
-        let mut outcome = InboundOutcome {
-            verdict: InboundVerdict::Delivered,
+        let mut outcome = Outcome {
+            verdict: Ended::Delivered,
             status: 200,
             bytes_to_target: 0,
             bytes_from_target: 0,
             error: None,
         };
         match (self.decide)(&req) {
-            InboundDecision::NotFound => {
+            Decision::NotFound => {
                 pending.refuse(Rejection::NotFound);
-                (outcome.verdict, outcome.status) = (InboundVerdict::NotFound, 404);
+                (outcome.verdict, outcome.status) = (Ended::NotFound, 404);
             }
-            InboundDecision::Deny { policy } => {
+            Decision::Deny { policy } => {
                 pending.refuse(Rejection::Denied {
                     policy,
                     reason: "not_allowed".into(),
                 });
-                (outcome.verdict, outcome.status) = (InboundVerdict::Denied, 403);
+                (outcome.verdict, outcome.status) = (Ended::Denied, 403);
             }
-            InboundDecision::Deliver => {
+            Decision::Deliver => {
                 let connector = Connector::new(Duration::from_secs(5));
                 match connector
                     .connect(OnBehalfOf::Peer(&req.peer), req.target)
@@ -120,7 +118,7 @@ impl ServerHandler for Handler {
                 {
                     Err(e) => {
                         pending.refuse(Rejection::Unavailable);
-                        (outcome.verdict, outcome.status) = (InboundVerdict::ConnectFailed, 503);
+                        (outcome.verdict, outcome.status) = (Ended::ConnectFailed, 503);
                         outcome.error = Some(e.to_string());
                     }
                     Ok(upstream) => match pending.accept() {
@@ -144,21 +142,21 @@ impl Handler {
     fn deliver_to(addrs: Vec<SocketAddr>) -> Arc<Handler> {
         Handler::with(move |r| {
             if addrs.contains(&r.target) {
-                InboundDecision::Deliver
+                Decision::Deliver
             } else {
-                InboundDecision::NotFound
+                Decision::NotFound
             }
         })
     }
 
-    fn with(f: impl Fn(&InboundRequest) -> InboundDecision + Send + Sync + 'static) -> Arc<Self> {
+    fn with(f: impl Fn(&ConnectRequest) -> Decision + Send + Sync + 'static) -> Arc<Self> {
         Arc::new(Handler {
             decide: Box::new(f),
             finished: Mutex::new(Vec::new()),
         })
     }
 
-    async fn wait_finished(&self, n: usize) -> Vec<(InboundRequest, InboundOutcome)> {
+    async fn wait_finished(&self, n: usize) -> Vec<(ConnectRequest, Outcome)> {
         for _ in 0..500 {
             {
                 let f = self.finished.lock().unwrap();
@@ -195,11 +193,11 @@ async fn echo_server() -> SocketAddr {
 async fn node(
     identity: Arc<IdentityManager>,
     handler: Arc<Handler>,
-    config: InboundConfig,
-) -> (SocketAddr, Arc<Inbound>) {
+    config: ServerConfig,
+) -> (SocketAddr, Arc<Server<Handler>>) {
     let l = TcpListener::bind("127.0.0.1:0").await.unwrap();
     let addr = l.local_addr().unwrap();
-    let inbound = Inbound::new(identity, handler, config, telemetry());
+    let inbound = Server::new(identity, handler, config, telemetry());
     tokio::spawn(inbound.clone().serve(l));
     (addr, inbound)
 }
@@ -223,7 +221,7 @@ struct Setup {
     client: Arc<IdentityManager>,
     server: Arc<IdentityManager>,
     handler: Arc<Handler>,
-    inbound: Arc<Inbound>,
+    inbound: Arc<Server<Handler>>,
     node: SocketAddr,
     echo: SocketAddr,
 }
@@ -232,7 +230,7 @@ async fn setup() -> Setup {
     setup_with(|_| {}).await
 }
 
-async fn setup_with(tweak: impl FnOnce(&mut InboundConfig)) -> Setup {
+async fn setup_with(tweak: impl FnOnce(&mut ServerConfig)) -> Setup {
     let dir = tempfile::tempdir().unwrap();
     let ca = new_ca(dir.path());
     let src = id("client-ns", "sleep");
@@ -241,7 +239,7 @@ async fn setup_with(tweak: impl FnOnce(&mut InboundConfig)) -> Setup {
     let server = manager(&ca, &[], Duration::from_secs(3600), &[&dst]);
     let echo = echo_server().await;
     let handler = Handler::deliver_to(vec![echo]);
-    let mut config = InboundConfig::default();
+    let mut config = ServerConfig::default();
     tweak(&mut config);
     let (node, inbound) = node(server.clone(), handler.clone(), config).await;
     Setup {
@@ -332,7 +330,7 @@ async fn tunnel_bytes_both_ways_with_half_close() {
     assert_eq!(req.peer, s.src);
     assert_eq!(req.target, s.echo);
     assert_eq!(req.forwarded_for, Some("10.244.1.7".parse().unwrap()));
-    assert_eq!(out.verdict, InboundVerdict::Delivered);
+    assert_eq!(out.verdict, Ended::Delivered);
     assert_eq!(out.status, 200);
     assert_eq!(out.bytes_to_target, 3_000_000);
     assert_eq!(out.bytes_from_target, 3_000_000);
@@ -605,13 +603,13 @@ async fn deny_not_found_and_connect_failure() {
     let echo = s.echo;
     let handler = Handler::with(move |r| {
         if r.target == denied_target {
-            InboundDecision::Deny {
+            Decision::Deny {
                 policy: "server-ns/deny-sleep".into(),
             }
         } else if r.target == echo || r.target == closed {
-            InboundDecision::Deliver
+            Decision::Deliver
         } else {
-            InboundDecision::NotFound
+            Decision::NotFound
         }
     });
     let (node_addr, inbound) = node(s.server.clone(), handler.clone(), Default::default()).await;
@@ -660,9 +658,9 @@ async fn deny_not_found_and_connect_failure() {
     assert_eq!(
         verdicts,
         vec![
-            (InboundVerdict::Denied, 403),
-            (InboundVerdict::NotFound, 404),
-            (InboundVerdict::ConnectFailed, 503),
+            (Ended::Denied, 403),
+            (Ended::NotFound, 404),
+            (Ended::ConnectFailed, 503),
         ]
     );
     assert!(finished[2].1.error.is_some());

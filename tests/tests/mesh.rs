@@ -471,9 +471,9 @@ fn security_objects_weft_cannot_apply_fail_closed() {
         "{st}"
     );
     assert!(
-        st["mesh"]["fail_closed"]
-            .to_string()
-            .contains("AuthorisationPolicy back/deny-other (selects app=web)"),
+        st["mesh"]["fail_closed"].to_string().contains(
+            "AuthorisationPolicy back/deny-other (the pods labelled app=web in namespace back)"
+        ),
         "{st}"
     );
     assert!(m

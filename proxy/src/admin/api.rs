@@ -45,7 +45,8 @@ pub enum Verdict {
     /// eBPF redirected a connect() but the connection never reached the proxy (for example
     /// the proxy was down, or the client gave up).
     Unhandled,
-    /// Refused by an AuthorizationPolicy (see the flow's `policy`).
+    /// Refused by policy: an AuthorizationPolicy, or a security object weft cannot apply that
+    /// fails closed (the flow's `policy` names it, its `error` says why).
     Denied,
 }
 
@@ -147,7 +148,8 @@ pub struct Flow {
     /// Carried between nodes in mutual TLS (HBONE).
     #[serde(default)]
     pub mtls: bool,
-    /// The AuthorizationPolicy (`namespace/name`) that denied the connection.
+    /// The policy (`namespace/name`) that denied the connection: an AuthorizationPolicy, or a
+    /// security object weft cannot apply that fails closed.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub policy: Option<String>,
 }
@@ -340,8 +342,9 @@ pub struct MeshStatus {
     pub svids: usize,
     pub authorization_policies: usize,
     pub peer_authentications: usize,
-    /// Workloads denied everything because a security object that could select them is
-    /// invalid or of a kind weft does not know (fail closed).
+    /// Security objects of a kind or version weft does not know, which make the workloads they
+    /// could select fail closed (every connection denied, STRICT mTLS): what each covers and
+    /// why, one line each.
     #[serde(default)]
     pub fail_closed: Vec<String>,
 }

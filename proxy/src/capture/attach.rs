@@ -149,7 +149,7 @@ impl Capture {
     /// object, pins its maps, attaches the four programs to `cfg.cgroup_root` and pins the
     /// links. Finally writes `CONFIG` and the exclusion maps from `cfg`.
     pub fn attach(cfg: &CaptureConfig) -> anyhow::Result<Capture> {
-        validate(cfg)?;
+        check_config(cfg)?;
         ensure_bpffs(&cfg.bpffs)?;
         fs::create_dir_all(&cfg.bpffs)
             .with_context(|| format!("creating pin directory {}", cfg.bpffs.display()))?;
@@ -304,13 +304,13 @@ impl Capture {
 
     /// Detaches the links pinned in `bpffs` and removes every pin there, without loading
     /// anything (`weft uninstall`, when no `Capture` can be built). A missing directory
-    /// is not an error. Returns how many pins there were (0: nothing was installed there).
-    pub fn remove_pins(bpffs: &Path) -> anyhow::Result<usize> {
+    /// is not an error. Says what it found and did.
+    pub fn remove_pins(bpffs: &Path) -> anyhow::Result<Removed> {
         remove_pins(bpffs, true)
     }
 }
 
-fn validate(cfg: &CaptureConfig) -> anyhow::Result<()> {
+fn check_config(cfg: &CaptureConfig) -> anyhow::Result<()> {
     let ip = cfg.proxy_addr.ip();
     if ip.is_unspecified() || ip.is_loopback() || ip.is_broadcast() || ip.is_multicast() {
         bail!(
@@ -632,13 +632,25 @@ fn no_links() -> Vec<Option<LinkHandle>> {
 }
 
 /// Detaches pinned links and removes all pins in `dir`, then (if `remove_dir`) `dir` itself.
-fn remove_pins(dir: &Path, remove_dir: bool) -> anyhow::Result<usize> {
+/// What [`Capture::remove_pins`] found and did.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Removed {
+    /// Pinned program links found.
+    pub links: usize,
+    /// Of those, detached from their cgroup (or already detached).
+    pub detached: usize,
+    /// Pins deleted (links and maps).
+    pub pins: usize,
+}
+
+/// Detaches pinned links and removes all pins in `dir`, then (if `remove_dir`) `dir` itself.
+fn remove_pins(dir: &Path, remove_dir: bool) -> anyhow::Result<Removed> {
+    let mut removed = Removed::default();
     let entries = match fs::read_dir(dir) {
         Ok(entries) => entries,
-        Err(err) if err.kind() == io::ErrorKind::NotFound => return Ok(0),
+        Err(err) if err.kind() == io::ErrorKind::NotFound => return Ok(removed),
         Err(err) => return Err(err).with_context(|| format!("listing {}", dir.display())),
     };
-    let mut removed = 0;
     for entry in entries {
         let entry = entry.with_context(|| format!("listing {}", dir.display()))?;
         let path = entry.path();
@@ -647,6 +659,7 @@ fn remove_pins(dir: &Path, remove_dir: bool) -> anyhow::Result<usize> {
             .to_str()
             .is_some_and(|n| n.starts_with(names::LINK_PIN_PREFIX));
         if is_link {
+            removed.links += 1;
             // Unpinning alone would leave the link attached while anyone holds an fd on it.
             match bpf_obj_get(&path) {
                 Ok(fd) => {
@@ -656,15 +669,16 @@ fn remove_pins(dir: &Path, remove_dir: bool) -> anyhow::Result<usize> {
                         pin: path.clone(),
                         fd,
                     };
-                    if let Err(err) = handle.detach() {
-                        warn!(pin = %path.display(), "{err:#}");
+                    match handle.detach() {
+                        Ok(()) => removed.detached += 1,
+                        Err(err) => warn!(pin = %path.display(), "{err:#}"),
                     }
                 }
                 Err(err) => warn!(pin = %path.display(), "opening pinned link: {err}"),
             }
         }
         remove_file_if_exists(&path)?;
-        removed += 1;
+        removed.pins += 1;
     }
     if !remove_dir {
         return Ok(removed);
@@ -801,17 +815,17 @@ mod tests {
             exclude_ports: vec![],
             exclude_cidrs: vec![],
         };
-        assert!(validate(&cfg).is_err());
+        assert!(check_config(&cfg).is_err());
         let cfg = CaptureConfig {
             proxy_addr: "10.0.0.1:15001".parse().unwrap(),
             ..cfg
         };
-        validate(&cfg).unwrap();
+        check_config(&cfg).unwrap();
         let cfg = CaptureConfig {
             bpffs: "/".into(),
             ..cfg
         };
-        assert!(validate(&cfg).is_err());
+        assert!(check_config(&cfg).is_err());
     }
 
     #[test]

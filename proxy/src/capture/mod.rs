@@ -27,11 +27,11 @@
 //! May import: `admin::api` (status types), `config` (defaults), `workload` (cgroup ids).
 
 mod attach;
+
+pub use attach::Removed;
 mod events;
 mod maps;
 mod status;
-
-pub use crate::config::DEFAULT_BPFFS;
 
 use std::collections::HashSet;
 use std::net::{Ipv4Addr, SocketAddr, SocketAddrV4};

@@ -91,9 +91,4 @@ impl Capture {
             })
             .collect()
     }
-
-    /// The cgroup id of the attach point.
-    pub fn cgroup_id(&self) -> u64 {
-        self.cgroup_id
-    }
 }

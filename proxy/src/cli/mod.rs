@@ -133,7 +133,7 @@ pub struct FlowsArgs {
     #[arg(long)]
     pub pod: Option<String>,
     /// Only flows with this verdict (default: all).
-    #[arg(long, value_enum)]
+    #[arg(long, value_enum, ignore_case = true)]
     pub verdict: Option<crate::admin::api::Verdict>,
     /// Only flows since this long ago (30s, 5m, 2h, 1d, 1500ms) or this RFC 3339 time
     /// (default: all that are kept).

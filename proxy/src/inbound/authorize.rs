@@ -6,7 +6,7 @@ use std::net::{IpAddr, SocketAddr};
 use std::sync::Arc;
 
 use crate::identity::SpiffeId;
-use crate::policy::{ConnRequest, Decision, PolicySet};
+use crate::policy::{ConnRequest, Decision, DenyReason, PolicySet};
 use crate::registry::{Pod, Snapshot};
 
 /// Who is calling, as the destination side knows it.
@@ -44,8 +44,12 @@ pub enum Admission {
     Deliver { pod: Arc<Pod> },
     /// The target is not a pod hosted on this node: this is no open relay.
     NotHere,
-    /// A policy refuses it.
-    Denied { pod: Arc<Pod>, decision: Decision },
+    /// A policy refuses it: the deciding policy and why.
+    Denied {
+        pod: Arc<Pod>,
+        policy: String,
+        reason: DenyReason,
+    },
 }
 
 /// Decides an inbound tunnel to `target` from `caller`, on node `node`.
@@ -61,7 +65,11 @@ pub fn admit(
     };
     match authorize(policies, &pod, target, caller) {
         Decision::Allow => Admission::Deliver { pod },
-        decision => Admission::Denied { pod, decision },
+        Decision::Deny { policy, reason } => Admission::Denied {
+            pod,
+            policy,
+            reason,
+        },
     }
 }
 
@@ -89,8 +97,7 @@ pub fn calling_pod(snapshot: &Snapshot, caller: &Caller<'_>) -> Option<Arc<Pod>>
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::policy::DenyReason;
-    use crate::registry::fixtures::TWO_NODES as CLUSTER;
+    use crate::registry::fixtures::CLUSTER;
 
     fn setup(extra: &str) -> (Snapshot, PolicySet) {
         let s = Snapshot::from_yaml(&format!("{CLUSTER}---\n{extra}")).unwrap();
@@ -136,15 +143,14 @@ mod tests {
         };
         let target = "10.244.2.2:8080".parse().unwrap();
         match admit(&s, &p, "node-b", target, &caller) {
-            Admission::Denied { pod, decision } => {
+            Admission::Denied {
+                pod,
+                policy,
+                reason,
+            } => {
                 assert_eq!(pod.name, "web-0");
-                assert_eq!(
-                    decision,
-                    Decision::Deny {
-                        policy: "back/allow-client".into(),
-                        reason: DenyReason::NotAllowed
-                    }
-                );
+                assert_eq!(policy, "back/allow-client");
+                assert_eq!(reason, DenyReason::NotAllowed);
             }
             other => panic!("{other:?}"),
         }
@@ -248,13 +254,10 @@ mod tests {
             "10.244.2.2:8080".parse().unwrap(),
             &caller,
         ) {
-            Admission::Denied { decision, .. } => assert_eq!(
-                decision,
-                Decision::Deny {
-                    policy: "back/deny-legacy".into(),
-                    reason: DenyReason::FailClosed
-                }
-            ),
+            Admission::Denied { policy, reason, .. } => {
+                assert_eq!(policy, "back/deny-legacy");
+                assert_eq!(reason, DenyReason::FailClosed);
+            }
             other => panic!("{other:?}"),
         }
     }

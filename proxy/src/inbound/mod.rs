@@ -14,7 +14,7 @@ use tracing::debug;
 use self::authorize::{admit, calling_pod, Admission, Caller};
 use crate::admin::api::Verdict;
 use crate::inputs::ProxyInputs;
-use crate::policy::{deny_message, Decision};
+use crate::policy::deny_message;
 use crate::relay::Relayed;
 use crate::telemetry::ConnectionRecord;
 use crate::tunnel::server::{Handler, Pending, Rejection};
@@ -50,17 +50,20 @@ impl Handler for Inbound {
         if let Some(ip) = req.forwarded_for {
             record.source_ip(ip);
         }
-        let snapshot = inputs.registry.snapshot();
-        if let Some(pod) = calling_pod(&snapshot, &caller) {
-            record.source_pod(&pod);
-        }
-        let admission = admit(
-            &snapshot,
-            &inputs.policies.load(),
-            &inputs.node,
-            req.target,
-            &caller,
-        );
+        // Decided on the snapshot and policies in force now; neither is held while relaying.
+        let admission = {
+            let snapshot = inputs.registry.snapshot();
+            if let Some(pod) = calling_pod(&snapshot, &caller) {
+                record.source_pod(&pod);
+            }
+            admit(
+                &snapshot,
+                &inputs.policies.load(),
+                &inputs.node,
+                req.target,
+                &caller,
+            )
+        };
         let pod = match admission {
             Admission::NotHere => {
                 debug!(target = %req.target, peer = %req.peer,
@@ -72,17 +75,19 @@ impl Handler for Inbound {
                 );
                 return;
             }
-            Admission::Denied { pod, decision } => {
+            Admission::Denied {
+                pod,
+                policy,
+                reason,
+            } => {
                 record_destination(&mut record, inputs, &pod);
-                if let Decision::Deny { policy, reason } = decision {
-                    pending.refuse(Rejection::Denied {
-                        policy: policy.clone(),
-                        reason: reason.as_str().to_string(),
-                    });
-                    let message = deny_message(&policy, Some(reason.as_str()));
-                    record.policy(policy);
-                    record.finish(Verdict::Denied, Some(message));
-                }
+                pending.refuse(Rejection::Denied {
+                    policy: policy.clone(),
+                    reason: reason.as_str().to_string(),
+                });
+                let message = deny_message(&policy, Some(reason.as_str()));
+                record.policy(policy);
+                record.finish(Verdict::Denied, Some(message));
                 return;
             }
             Admission::Deliver { pod } => pod,

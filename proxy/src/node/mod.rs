@@ -35,7 +35,7 @@ use crate::upstream::Connector;
 use crate::workload::WorkloadIndex;
 
 /// The running node, as the admin API, `/metrics` and the reconcile loop see it.
-struct Node {
+struct NodeProxy {
     cfg: NodeConfig,
     proxy_addr: SocketAddrV4,
     inputs: Arc<ProxyInputs>,
@@ -46,9 +46,9 @@ struct Node {
     ready: AtomicBool,
 }
 
-impl std::fmt::Debug for Node {
+impl std::fmt::Debug for NodeProxy {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("Node")
+        f.debug_struct("NodeProxy")
             .field("node", &self.cfg.node_name)
             .finish_non_exhaustive()
     }
@@ -84,9 +84,14 @@ pub async fn run(cfg: NodeConfig) -> anyhow::Result<()> {
     identity.clone().spawn_rotation();
     let connect_timeout = Duration::from_millis(cfg.connect_timeout_ms);
     let telemetry = Arc::new(Telemetry::new(cfg.node_name.clone(), cfg.flow_capacity));
-    let snapshot = registry.snapshot();
-    let policies = PolicySet::build(&snapshot, &cfg.root_namespace);
-    let index = WorkloadIndex::build(&snapshot, &cfg.node_name, &cfg.cgroup_root);
+    let (generation, policies, index) = {
+        let snapshot = registry.snapshot();
+        (
+            snapshot.generation,
+            PolicySet::build(&snapshot, &cfg.root_namespace),
+            WorkloadIndex::build(&snapshot, &cfg.node_name, &cfg.cgroup_root),
+        )
+    };
     let inputs = Arc::new(ProxyInputs {
         node: cfg.node_name.clone(),
         trust_domain: cfg.trust_domain.clone(),
@@ -121,7 +126,7 @@ pub async fn run(cfg: NodeConfig) -> anyhow::Result<()> {
 
     // Listen before enrolling anyone, so no enrolled connect is redirected to a closed port.
     let listener = outbound::bind(SocketAddr::V4(proxy_addr)).await?;
-    let node = Arc::new(Node {
+    let node = Arc::new(NodeProxy {
         cfg: cfg.clone(),
         proxy_addr,
         inputs: inputs.clone(),
@@ -131,7 +136,7 @@ pub async fn run(cfg: NodeConfig) -> anyhow::Result<()> {
         hbone,
         ready: AtomicBool::new(false),
     });
-    let kernel = reconcile::apply(&node, snapshot.generation)?;
+    let kernel = reconcile::apply(&node, generation)?;
 
     let outbound = Arc::new(Outbound::new(inputs.clone(), capture.clone(), pool));
     tokio::spawn(outbound.clone().serve(listener));

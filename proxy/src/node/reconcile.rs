@@ -9,7 +9,7 @@ use std::time::Duration;
 
 use tracing::{error, info};
 
-use super::Node;
+use super::NodeProxy;
 use crate::capture::StrictMode;
 use crate::policy::{MtlsMode, PolicySet};
 use crate::workload::WorkloadIndex;
@@ -28,7 +28,7 @@ pub(super) struct Applied {
 
 /// Applies the workload index and policies in force (compiled from registry `generation`) to
 /// the identities and the kernel (at start: a failure here stops the node).
-pub(super) fn apply(node: &Node, generation: u64) -> anyhow::Result<Applied> {
+pub(super) fn apply(node: &NodeProxy, generation: u64) -> anyhow::Result<Applied> {
     let mut applied = Applied {
         generation,
         ..Applied::default()
@@ -47,7 +47,7 @@ pub(super) fn apply(node: &Node, generation: u64) -> anyhow::Result<Applied> {
 }
 
 /// The reconcile loop, until the registry goes away.
-pub(super) async fn run(node: Arc<Node>, mut applied: Applied) {
+pub(super) async fn run(node: Arc<NodeProxy>, mut applied: Applied) {
     let inputs = node.inputs.clone();
     let mut changes = inputs.registry.subscribe();
     let mut tick = tokio::time::interval(RESCAN_EVERY);

@@ -6,17 +6,16 @@ use std::sync::Arc;
 
 use tokio::sync::broadcast;
 
-use super::Node;
+use super::NodeProxy;
 use crate::admin::api::{
     CertInfo, ConfigDump, Flow, FlowCounts, FlowFilter, MeshStatus, RegistryDump, RegistryStatus,
     Status, TunnelStatus, WorkloadCounts, WorkloadInfo,
 };
 use crate::admin::server::NodeView;
-use crate::registry::FailClosed;
 use crate::telemetry::metrics::{GaugeSource, NodeGauges};
 use crate::workload::identity_of;
 
-impl NodeView for Node {
+impl NodeView for NodeProxy {
     fn workloads(&self) -> Vec<WorkloadInfo> {
         let index = self.inputs.workloads.load();
         index
@@ -87,7 +86,7 @@ impl NodeView for Node {
                 svids: self.identity.certs().len(),
                 authorization_policies: policies.len(),
                 peer_authentications: policies.peer_authentications(),
-                fail_closed: policies.fail_closed().iter().map(describe).collect(),
+                fail_closed: policies.fail_closed_report(),
             },
             tunnel: TunnelStatus {
                 outbound: self.pool.stats(),
@@ -127,23 +126,7 @@ impl NodeView for Node {
     }
 }
 
-/// `Kind ns/name (selects …): reason`.
-fn describe(f: &FailClosed) -> String {
-    let selects = match &f.selector {
-        Some(labels) if !labels.is_empty() => labels
-            .iter()
-            .map(|(k, v)| format!("{k}={v}"))
-            .collect::<Vec<_>>()
-            .join(","),
-        _ => "every pod".into(),
-    };
-    format!(
-        "{} {}/{} (selects {selects}): {}",
-        f.kind, f.namespace, f.name, f.reason
-    )
-}
-
-impl GaugeSource for Node {
+impl GaugeSource for NodeProxy {
     fn gauges(&self) -> NodeGauges {
         let index = self.inputs.workloads.load();
         let registry = &self.inputs.registry;

@@ -165,9 +165,12 @@ impl Outbound {
                     }
                     Err(e) if e.is_denied() => {
                         reset(&client);
-                        let policy = e.policy().unwrap_or("(unnamed)").to_string();
-                        let message = deny_message(&policy, e.deny_reason());
-                        record.mtls().policy(policy);
+                        let message =
+                            deny_message(e.policy().unwrap_or("(unnamed)"), e.deny_reason());
+                        record.mtls();
+                        if let Some(policy) = e.policy() {
+                            record.policy(policy);
+                        }
                         record.finish(Verdict::Denied, Some(message));
                     }
                     Err(e) => {

@@ -236,22 +236,14 @@ impl PolicySet {
         }
         for f in &set.fail_closed {
             warn_once(&format!(
-                "{} {}/{} cannot be applied, so {} fail closed (every connection denied, STRICT mTLS): {}",
-                f.kind,
-                f.namespace,
-                f.name,
-                fail_closed_scope(f, root_namespace),
+                "{} cannot be applied, so what it covers fails closed (every connection denied, STRICT mTLS): {}",
+                f.describe(root_namespace),
                 f.reason
             ));
         }
         set.authz = authz.finish();
         set.peer = peer.finish();
         set
-    }
-
-    /// The root namespace the set was built with.
-    pub fn root_namespace(&self) -> &str {
-        &self.root_namespace
     }
 
     /// Number of AuthorizationPolicies enforced at L4 (ALLOW, DENY, CUSTOM; not AUDIT, not
@@ -272,6 +264,14 @@ impl PolicySet {
     /// The security objects weft cannot apply, whose workloads fail closed.
     pub fn fail_closed(&self) -> &[FailClosed] {
         &self.fail_closed
+    }
+
+    /// Each object that fails closed, what it covers and why, one line each.
+    pub fn fail_closed_report(&self) -> Vec<String> {
+        self.fail_closed
+            .iter()
+            .map(|f| format!("{}: {}", f.describe(&self.root_namespace), f.reason))
+            .collect()
     }
 
     /// Policies only partly enforced at L4 (HTTP attributes, `targetRef`, AUDIT), one line each.
@@ -320,22 +320,6 @@ impl PolicySet {
             };
         }
         self.peer.pod(pod)
-    }
-}
-
-/// Which workloads a [`FailClosed`] object covers, in words.
-fn fail_closed_scope(f: &FailClosed, root_namespace: &str) -> String {
-    let namespaces = if f.namespace == root_namespace {
-        "in every namespace".to_string()
-    } else {
-        format!("in namespace {}", f.namespace)
-    };
-    match &f.selector {
-        Some(labels) if !labels.is_empty() => {
-            let sel: Vec<String> = labels.iter().map(|(k, v)| format!("{k}={v}")).collect();
-            format!("the pods labelled {} {namespaces}", sel.join(","))
-        }
-        _ => format!("all pods {namespaces}"),
     }
 }
 

@@ -101,7 +101,7 @@ impl Builder {
         }
     }
 
-    /// Adds a valid policy (see [`check`]).
+    /// Adds a policy the registry checked.
     pub(crate) fn add(
         &mut self,
         namespace: &str,

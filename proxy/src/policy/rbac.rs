@@ -12,7 +12,7 @@ use std::net::IpAddr;
 use ipnet::IpNet;
 
 use super::{selector_pairs, selects, ByNamespace, ConnRequest, Decision, DenyReason};
-use crate::registry::kinds::security::{parse_net, Action, AuthorizationPolicySpec, Rule};
+use crate::registry::kinds::security::{parse_net, AuthorizationPolicySpec, PolicyAction, Rule};
 use crate::registry::Pod;
 
 /// `when` keys weft evaluates at L4.
@@ -197,7 +197,7 @@ struct Policy {
     key: String,
     /// Required labels (empty: every pod in scope).
     selector: Vec<(String, String)>,
-    action: Action,
+    action: PolicyAction,
     rules: Vec<CompiledRule>,
     /// ALLOW: some rules were dropped because they need HTTP attributes.
     http_rules_skipped: bool,
@@ -401,7 +401,8 @@ struct Bucket {
 impl Bucket {
     fn sort(&mut self) {
         self.deny.sort_by(|a, b| {
-            (a.action != Action::Custom, &a.key).cmp(&(b.action != Action::Custom, &b.key))
+            (a.action != PolicyAction::Custom, &a.key)
+                .cmp(&(b.action != PolicyAction::Custom, &b.key))
         });
         self.allow.sort_by(|a, b| a.key.cmp(&b.key));
     }
@@ -434,7 +435,7 @@ impl Builder {
         }
     }
 
-    /// Adds a valid policy (see [`check`]); notes what is not enforced at L4 in `warnings`.
+    /// Adds a policy the registry checked; notes what is not enforced at L4 in `warnings`.
     pub(crate) fn add(
         &mut self,
         namespace: &str,
@@ -449,7 +450,7 @@ impl Builder {
             ));
             return;
         }
-        if spec.action == Action::Audit {
+        if spec.action == PolicyAction::Audit {
             warnings.push(format!(
                 "AuthorizationPolicy {key}: action AUDIT is not supported: ignored"
             ));
@@ -465,14 +466,14 @@ impl Builder {
                     http.push(f);
                 }
             }
-            if spec.action == Action::Allow && !found.is_empty() {
+            if spec.action == PolicyAction::Allow && !found.is_empty() {
                 http_rules_skipped = true;
                 continue;
             }
             rules.push(compile_rule(rule, namespace));
         }
         if !http.is_empty() {
-            let effect = if spec.action == Action::Allow {
+            let effect = if spec.action == PolicyAction::Allow {
                 "the rules using them never match (fail closed: they allow nothing)"
             } else {
                 "the rules are enforced without them (fail closed: they deny more than written)"
@@ -498,7 +499,7 @@ impl Builder {
                 .or_default()
         };
         match policy.action {
-            Action::Allow => bucket.allow.push(policy),
+            PolicyAction::Allow => bucket.allow.push(policy),
             _ => bucket.deny.push(policy),
         }
         self.index.count += 1;
@@ -548,7 +549,7 @@ impl Index {
         for (bucket, _) in buckets.iter().flatten() {
             for p in &bucket.deny {
                 if selects(&p.selector, pod) && p.matches(&ctx) {
-                    let reason = if p.action == Action::Custom {
+                    let reason = if p.action == PolicyAction::Custom {
                         DenyReason::CustomPolicy
                     } else {
                         DenyReason::DenyPolicy

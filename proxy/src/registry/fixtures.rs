@@ -13,7 +13,7 @@
 //!   back/manual 10.96.0.12 (no selector), legacy/batch 10.96.0.20:80 → 7070,
 //!   back/lonely 10.96.0.30:80 → 8080
 
-pub const TWO_NODES: &str = "\
+pub const CLUSTER: &str = "\
 apiVersion: v1
 kind: Node
 metadata: {name: node-a}

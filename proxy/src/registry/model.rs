@@ -212,6 +212,27 @@ impl FailClosed {
         (self.namespace == pod.namespace || self.namespace == root_namespace)
             && self.selector.as_ref().is_none_or(|s| pod.matches(s))
     }
+
+    /// `Kind ns/name` and the workloads it covers, in words: `AuthorisationPolicy
+    /// back/deny (the pods labelled app=web in namespace back)`.
+    pub fn describe(&self, root_namespace: &str) -> String {
+        let namespaces = if self.namespace == root_namespace {
+            "in every namespace".to_string()
+        } else {
+            format!("in namespace {}", self.namespace)
+        };
+        let pods = match &self.selector {
+            Some(labels) if !labels.is_empty() => {
+                let sel: Vec<String> = labels.iter().map(|(k, v)| format!("{k}={v}")).collect();
+                format!("the pods labelled {}", sel.join(","))
+            }
+            _ => "all pods".to_string(),
+        };
+        format!(
+            "{} {}/{} ({pods} {namespaces})",
+            self.kind, self.namespace, self.name
+        )
+    }
 }
 
 /// What an original destination is (see [`Snapshot::resolve`]).

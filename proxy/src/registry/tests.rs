@@ -799,7 +799,7 @@ fn locate_never_panics_on_partial_documents() {
 }
 
 #[test]
-fn publish_and_from_snapshot() {
+fn a_source_publishes_to_the_registry() {
     let reg = Registry::new(Snapshot::empty());
     assert_eq!(reg.snapshot().generation, 0);
     let rx = reg.subscribe();

@@ -3,20 +3,20 @@
 //! - [`record`]: one [`ConnectionRecord`] per connection, built when the connection is
 //!   accepted, filled as the plan and the relay progress, emitted once (on `finish`, or on drop
 //!   if nobody finished it): the flow and the counters come from it, never from anywhere else.
-//! - [`flows`]: the flow log (bounded ring + live feed) behind `/flows` and `weft flows`.
+//! - [`flow_log`]: the flow log (bounded ring + live feed) behind `/flows` and `weft flows`.
 //! - [`counters`]: the HBONE client and server counters, and the connections being relayed.
 //! - [`metrics`]: Prometheus `/metrics`, read from the above at scrape time.
 //!
 //! May import: `admin::api` (the record types), `registry` (pod and service names), `identity`
-//! (SPIFFE ids), `config` (defaults).
+//! (SPIFFE ids), `relay` (byte counts), `config` (defaults).
 
 pub mod counters;
-pub mod flows;
+pub mod flow_log;
 pub mod metrics;
 pub mod record;
 
 pub use counters::{ClientCounters, ServerCounters};
-pub use flows::FlowStore;
+pub use flow_log::FlowLog;
 pub use record::ConnectionRecord;
 
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -24,7 +24,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 /// The node's telemetry sinks, shared by every path.
 pub struct Telemetry {
     node: String,
-    pub flows: FlowStore,
+    pub flows: FlowLog,
     /// HBONE client pool (outbound tunnels).
     pub hbone_client: ClientCounters,
     /// HBONE server (`:15008`).
@@ -38,7 +38,7 @@ impl Telemetry {
     pub fn new(node: impl Into<String>, flow_capacity: usize) -> Telemetry {
         Telemetry {
             node: node.into(),
-            flows: FlowStore::new(flow_capacity),
+            flows: FlowLog::new(flow_capacity),
             hbone_client: ClientCounters::default(),
             hbone_server: ServerCounters::default(),
             active: AtomicU64::new(0),

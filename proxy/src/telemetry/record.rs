@@ -28,6 +28,8 @@ pub struct ConnectionRecord {
     flow: Flow,
     /// `None` for records of connections the proxy never held (their duration is 0).
     started: Option<Instant>,
+    /// A relay started: what a record dropped unfinished was doing.
+    relaying: bool,
     emitted: bool,
 }
 
@@ -49,6 +51,7 @@ impl ConnectionRecord {
                 ..Flow::default()
             },
             started: None,
+            relaying: false,
             emitted: false,
         }
     }
@@ -135,6 +138,7 @@ impl ConnectionRecord {
     /// Runs `relay`, counted among the active connections meanwhile, and keeps its byte counts
     /// and error. Cancellation-safe: the active count is given back on drop.
     pub async fn relay(&mut self, relay: impl std::future::Future<Output = Relayed>) {
+        self.relaying = true;
         let relayed = {
             let _active = Held::up(&self.telemetry.active);
             relay.await
@@ -179,11 +183,16 @@ impl ConnectionRecord {
 }
 
 impl Drop for ConnectionRecord {
+    /// A record nobody finished: the task handling the connection ended early (it panicked, or
+    /// was cancelled). What it relayed is lost with the relay; what it was doing is kept.
     fn drop(&mut self) {
         if !self.emitted {
-            if self.flow.error.is_none() {
-                self.flow.error = Some("the proxy stopped handling the connection".into());
-            }
+            self.flow.verdict = if self.relaying {
+                Verdict::Forwarded
+            } else {
+                Verdict::ConnectFailed
+            };
+            self.flow.error = Some("the proxy stopped handling the connection".into());
             self.emit();
         }
     }
@@ -227,6 +236,7 @@ mod tests {
         let flows = t.flows.recent(&FlowFilter::default());
         assert_eq!(flows.len(), 1);
         assert!(flows[0].error.as_deref().unwrap().contains("stopped"));
+        assert_eq!(flows[0].verdict, Verdict::ConnectFailed, "never connected");
     }
 
     #[test]

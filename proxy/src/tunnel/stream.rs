@@ -31,7 +31,7 @@ async fn relay(
         let (mut rd, mut wr) = tcp.split();
         let up = tcp_to_h2(&mut rd, &mut send, &to_h2);
         let down = h2_to_tcp(&mut recv, &mut wr, pending, &from_h2);
-        both_ways(up, "socket→tunnel", down, "tunnel→socket").await
+        both_ways(up, "client→tunnel", down, "tunnel→client").await
     };
     if error.is_some() {
         send.send_reset(Reason::CANCEL);

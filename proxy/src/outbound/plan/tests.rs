@@ -2,7 +2,7 @@
 //! record as the kernel reports it, and the plan that comes out.
 
 use super::*;
-use crate::registry::fixtures::TWO_NODES as CLUSTER;
+use crate::registry::fixtures::CLUSTER;
 
 const CLIENT_ID: &str = "spiffe://cluster.local/ns/front/sa/client";
 const WEB_ID: &str = "spiffe://cluster.local/ns/back/sa/web";

@@ -438,7 +438,7 @@ impl Loader {
         let namespaced = !(core_kind && matches!(kind, "Namespace" | "Node"));
         let namespace = match namespace {
             None if core_kind && namespaced => Some("default"),
-            None if kinds::namespaced_group(api_version) => Some("default"),
+            None if kinds::namespaced(api_version, kind) => Some("default"),
             ns => ns.filter(|_| namespaced),
         };
         let label = match (name, namespace) {

@@ -70,11 +70,6 @@ impl FileSource {
         })
     }
 
-    /// The file or directory read.
-    pub fn path(&self) -> &Path {
-        &self.path
-    }
-
     /// The registry this source feeds.
     pub fn registry(&self) -> &Arc<Registry> {
         &self.registry

@@ -85,20 +85,61 @@ const KNOWN: &[Known] = &[
 pub enum Class {
     /// A kind and version weft honours.
     Known(Kind),
-    /// A group weft reads, but a kind or version it does not know: not applied. `security`:
-    /// in `security.istio.io`, so the workloads it could select fail closed.
+    /// Meant for a group weft reads, but a kind, version or group spelling weft does not know:
+    /// not applied. `security`: meant for `security.istio.io`, so the workloads it could select
+    /// fail closed.
     Unknown { reason: String, security: bool },
     /// A group weft does not read (core kinds are handled before this).
     Foreign,
 }
 
+/// The groups weft reads.
+const GROUPS: [&str; 3] = [SECURITY_GROUP, NETWORKING_GROUP, GATEWAY_GROUP];
+
 /// Classifies `api_version`/`kind` (`security.istio.io/v1`, `AuthorizationPolicy`).
+///
+/// Mistakes count as meant for a group weft reads, so they are reported (and a security object
+/// fails closed) rather than passed over as some other group's object: a misspelt group
+/// (`secruity.istio.io/v1`), a group without version (`security.istio.io`), or a kind of
+/// weft's under the core group or none (`apiVersion: v1, kind: AuthorizationPolicy`).
 pub fn classify(api_version: &str, kind: &str) -> Class {
-    let (group, version) = api_version.split_once('/').unwrap_or(("", api_version));
-    let in_group: Vec<&Known> = KNOWN.iter().filter(|k| k.group == group).collect();
-    if in_group.is_empty() {
-        return Class::Foreign;
+    let (group, version) = match api_version.split_once('/') {
+        Some((g, v)) => (g, v),
+        // `v1` is the core group; `security.istio.io` is a group without its version.
+        None if api_version.contains('.') => (api_version, ""),
+        None => ("", api_version),
+    };
+    if GROUPS.contains(&group) {
+        return in_group(group, version, kind);
     }
+    if let Some(meant) = GROUPS.iter().find(|g| strsim::levenshtein(g, group) <= 3) {
+        let reason = format!(
+            "unknown API group {group:?} (did you mean {meant}?): weft reads {}",
+            GROUPS.join(", ")
+        );
+        return Class::Unknown {
+            reason,
+            security: *meant == SECURITY_GROUP,
+        };
+    }
+    if group.is_empty() {
+        if let Some(known) = KNOWN.iter().find(|k| near(k.kind, kind)) {
+            let reason = format!(
+                "{kind} is not a core kind: weft reads {} in {}/{}",
+                known.kind, known.group, known.versions[0]
+            );
+            return Class::Unknown {
+                reason,
+                security: known.group == SECURITY_GROUP,
+            };
+        }
+    }
+    Class::Foreign
+}
+
+/// `kind`/`version` in `group`, one of the groups weft reads.
+fn in_group(group: &str, version: &str, kind: &str) -> Class {
+    let in_group: Vec<&Known> = KNOWN.iter().filter(|k| k.group == group).collect();
     let security = group == SECURITY_GROUP;
     let known_list = || {
         in_group
@@ -110,9 +151,8 @@ pub fn classify(api_version: &str, kind: &str) -> Class {
     let Some(known) = in_group.iter().find(|k| k.kind == kind) else {
         let hint = in_group
             .iter()
-            .filter(|k| k.kind.eq_ignore_ascii_case(kind) || strsim::levenshtein(k.kind, kind) <= 3)
+            .find(|k| near(k.kind, kind))
             .map(|k| format!(" (did you mean {}?)", k.kind))
-            .next()
             .unwrap_or_default();
         let reason = format!(
             "unknown kind {kind:?} in {group}{hint}: weft knows {}",
@@ -121,27 +161,36 @@ pub fn classify(api_version: &str, kind: &str) -> Class {
         return Class::Unknown { reason, security };
     };
     if !known.versions.contains(&version) {
-        let reason = format!(
-            "{} is not served in version {version:?} of {group}: weft reads {kind} in {}",
-            known.kind,
-            known
-                .versions
-                .iter()
-                .map(|v| format!("{group}/{v}"))
-                .collect::<Vec<_>>()
-                .join(", ")
-        );
+        let served = known
+            .versions
+            .iter()
+            .map(|v| format!("{group}/{v}"))
+            .collect::<Vec<_>>()
+            .join(", ");
+        let reason = if version.is_empty() {
+            format!("apiVersion {group:?} has no version: weft reads {kind} in {served}")
+        } else {
+            format!(
+                "{} is not served in version {version:?} of {group}: weft reads {kind} in {served}",
+                known.kind
+            )
+        };
         return Class::Unknown { reason, security };
     }
     Class::Known(known.what)
 }
 
-/// Whether objects of `api_version`/`kind` live in a namespace: every kind of the groups weft
-/// reads does (an object without `metadata.namespace` is in `default`, as `kubectl apply`
-/// puts it).
-pub fn namespaced_group(api_version: &str) -> bool {
-    let group = api_version.split_once('/').map_or("", |(g, _)| g);
-    KNOWN.iter().any(|k| k.group == group)
+/// A kind name close enough to be a misspelling of `known`.
+fn near(known: &str, kind: &str) -> bool {
+    known.eq_ignore_ascii_case(kind) || strsim::levenshtein(known, kind) <= 3
+}
+
+/// Whether an object of `api_version`/`kind` lives in a namespace: every kind weft reads does
+/// (an object without `metadata.namespace` is in `default`, as `kubectl apply` puts it), and so
+/// does anything else in those groups but the cluster-scoped `GatewayClass`.
+pub fn namespaced(api_version: &str, kind: &str) -> bool {
+    let group = api_version.split_once('/').map_or(api_version, |(g, _)| g);
+    GROUPS.contains(&group) && kind != "GatewayClass"
 }
 
 #[cfg(test)]
@@ -241,9 +290,54 @@ mod tests {
     #[test]
     fn other_groups_are_foreign() {
         assert_eq!(classify("apps/v1", "Deployment"), Class::Foreign);
-        assert_eq!(classify("istio.io/v1", "Anything"), Class::Foreign);
+        assert_eq!(
+            classify("policy.linkerd.io/v1alpha1", "AuthorizationPolicy"),
+            Class::Foreign
+        );
         assert_eq!(classify("v1", "ConfigMap"), Class::Foreign);
-        assert!(namespaced_group("security.istio.io/v2"));
-        assert!(!namespaced_group("apps/v1"));
+        assert!(namespaced("security.istio.io/v2", "AuthorizationPolicy"));
+        assert!(namespaced("gateway.networking.k8s.io/v1", "HTTPRoute"));
+        assert!(!namespaced("gateway.networking.k8s.io/v1", "GatewayClass"));
+        assert!(!namespaced("apps/v1", "Deployment"));
+    }
+
+    #[test]
+    fn mistakes_in_the_group_are_meant_for_weft() {
+        for (api_version, kind) in [
+            ("secruity.istio.io/v1", "AuthorizationPolicy"),
+            ("security.istio.io", "AuthorizationPolicy"),
+            ("v1", "AuthorizationPolicy"),
+            ("", "PeerAuthentication"),
+            ("security.istio.io.", "PeerAuthentication"),
+        ] {
+            match classify(api_version, kind) {
+                Class::Unknown { security, reason } => {
+                    assert!(security, "{api_version} {kind}: {reason}")
+                }
+                other => panic!("{api_version} {kind}: {other:?}"),
+            }
+        }
+        let Class::Unknown { reason, .. } = classify("secruity.istio.io/v1", "AuthorizationPolicy")
+        else {
+            unreachable!()
+        };
+        assert!(
+            reason.contains("did you mean security.istio.io?"),
+            "{reason}"
+        );
+        let Class::Unknown { reason, .. } = classify("security.istio.io", "AuthorizationPolicy")
+        else {
+            unreachable!()
+        };
+        assert!(reason.contains("has no version"), "{reason}");
+        assert!(matches!(
+            classify("networking.istoi.io/v1", "VirtualService"),
+            Class::Unknown {
+                security: false,
+                ..
+            }
+        ));
+        // A core kind weft does not model stays foreign.
+        assert_eq!(classify("v1", "ConfigMap"), Class::Foreign);
     }
 }

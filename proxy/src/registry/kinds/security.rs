@@ -89,7 +89,7 @@ pub struct WorkloadSelector {
 /// `AuthorizationPolicy.spec.action`.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize, Serialize)]
 #[serde(rename_all = "SCREAMING_SNAKE_CASE")]
-pub enum Action {
+pub enum PolicyAction {
     #[default]
     Allow,
     Deny,
@@ -97,13 +97,13 @@ pub enum Action {
     Custom,
 }
 
-impl Action {
+impl PolicyAction {
     pub fn as_str(self) -> &'static str {
         match self {
-            Action::Allow => "ALLOW",
-            Action::Deny => "DENY",
-            Action::Audit => "AUDIT",
-            Action::Custom => "CUSTOM",
+            PolicyAction::Allow => "ALLOW",
+            PolicyAction::Deny => "DENY",
+            PolicyAction::Audit => "AUDIT",
+            PolicyAction::Custom => "CUSTOM",
         }
     }
 }
@@ -122,7 +122,7 @@ pub struct AuthorizationPolicySpec {
     #[serde(default)]
     pub rules: Option<Vec<Rule>>,
     #[serde(default, deserialize_with = "nullable")]
-    pub action: Action,
+    pub action: PolicyAction,
     #[serde(default)]
     pub provider: Option<Provider>,
 }
@@ -152,7 +152,7 @@ pub struct Rule {
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
 pub struct RuleFrom {
     #[serde(default)]
-    pub source: Option<Source>,
+    pub source: Option<RuleSource>,
 }
 
 /// An entry of `rules[].to`.
@@ -166,7 +166,7 @@ pub struct RuleTo {
 /// `rules[].from[].source`: fields are ANDed, values within a field ORed.
 #[derive(Debug, Clone, Default, Deserialize, Serialize)]
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
-pub struct Source {
+pub struct RuleSource {
     #[serde(default, deserialize_with = "nullable")]
     pub principals: Vec<String>,
     #[serde(default, deserialize_with = "nullable")]
@@ -364,7 +364,7 @@ fn check_authorization_policy(spec: &AuthorizationPolicySpec) -> Vec<FieldError>
     }
     let no_rules = spec.rules.as_ref().is_none_or(|r| r.is_empty());
     match spec.action {
-        Action::Custom => {
+        PolicyAction::Custom => {
             if no_rules {
                 errors.push(field_error(
                     "spec.rules",
@@ -378,13 +378,13 @@ fn check_authorization_policy(spec: &AuthorizationPolicySpec) -> Vec<FieldError>
                 ));
             }
         }
-        Action::Deny if no_rules => errors.push(field_error(
+        PolicyAction::Deny if no_rules => errors.push(field_error(
             "spec.rules",
             "a DENY policy without rules never triggers: add an empty rule `{}` to deny every connection",
         )),
         _ => {}
     }
-    if spec.provider.is_some() && spec.action != Action::Custom {
+    if spec.provider.is_some() && spec.action != PolicyAction::Custom {
         errors.push(field_error(
             "spec.provider",
             format!(
@@ -399,7 +399,7 @@ fn check_authorization_policy(spec: &AuthorizationPolicySpec) -> Vec<FieldError>
     errors
 }
 
-fn check_rule(rule: &Rule, path: &str, action: Action, errors: &mut Vec<FieldError>) {
+fn check_rule(rule: &Rule, path: &str, action: PolicyAction, errors: &mut Vec<FieldError>) {
     if rule.from.as_ref().is_some_and(|f| f.is_empty()) {
         errors.push(field_error(
             format!("{path}.from"),
@@ -431,7 +431,7 @@ fn check_rule(rule: &Rule, path: &str, action: Action, errors: &mut Vec<FieldErr
     }
 }
 
-fn check_source(src: &Source, path: &str, action: Action, errors: &mut Vec<FieldError>) {
+fn check_source(src: &RuleSource, path: &str, action: PolicyAction, errors: &mut Vec<FieldError>) {
     let lists: [(&str, &[String]); 12] = [
         ("principals", &src.principals),
         ("notPrincipals", &src.not_principals),
@@ -466,7 +466,7 @@ fn check_source(src: &Source, path: &str, action: Action, errors: &mut Vec<Field
             "serviceAccounts cannot be combined with principals or namespaces",
         ));
     }
-    if action == Action::Custom {
+    if action == PolicyAction::Custom {
         for (name, list) in &lists[..8] {
             if !list.is_empty() {
                 errors.push(field_error(
@@ -515,7 +515,12 @@ fn check_operation(op: &Operation, path: &str, errors: &mut Vec<FieldError>) {
     }
 }
 
-fn check_condition(cond: &Condition, path: &str, action: Action, errors: &mut Vec<FieldError>) {
+fn check_condition(
+    cond: &Condition,
+    path: &str,
+    action: PolicyAction,
+    errors: &mut Vec<FieldError>,
+) {
     let key = cond.key.as_str();
     if key.is_empty() {
         errors.push(field_error(format!("{path}.key"), "is required"));
@@ -578,7 +583,7 @@ fn check_condition(cond: &Condition, path: &str, action: Action, errors: &mut Ve
             return;
         }
     };
-    if action == Action::Custom
+    if action == PolicyAction::Custom
         && (matches!(
             key,
             "source.namespace" | "source.principal" | "source.serviceAccount"

@@ -12,7 +12,7 @@ use tokio::sync::broadcast;
 use crate::admin::api::{Flow, FlowFilter, Verdict};
 
 /// The node's flow log: a bounded ring of recent flows plus a live feed.
-pub struct FlowStore {
+pub struct FlowLog {
     ring: Mutex<VecDeque<Arc<Flow>>>,
     capacity: usize,
     next_seq: AtomicU64,
@@ -22,7 +22,7 @@ pub struct FlowStore {
     bytes_received: AtomicU64,
 }
 
-impl FlowStore {
+impl FlowLog {
     pub fn new(capacity: usize) -> Self {
         let capacity = capacity.max(1);
         let (live, _) = broadcast::channel(4096);
@@ -131,7 +131,7 @@ mod tests {
 
     #[test]
     fn ring_is_bounded_and_ordered() {
-        let store = FlowStore::new(3);
+        let store = FlowLog::new(3);
         for i in 0..5 {
             store.record(flow(&format!("p{i}"), Verdict::Forwarded));
         }
@@ -144,7 +144,7 @@ mod tests {
 
     #[test]
     fn follow_has_no_gap_and_no_repeat_under_concurrent_records() {
-        let store = Arc::new(FlowStore::new(10_000));
+        let store = Arc::new(FlowLog::new(10_000));
         let writers: Vec<_> = (0..4)
             .map(|_| {
                 let store = store.clone();
@@ -171,7 +171,7 @@ mod tests {
 
     #[tokio::test]
     async fn live_subscribers_see_new_flows() {
-        let store = FlowStore::new(10);
+        let store = FlowLog::new(10);
         let mut rx = store.subscribe();
         store.record(flow("b", Verdict::NoEndpoint));
         let got = rx.recv().await.unwrap();
