@@ -6,7 +6,9 @@
 //! prefix), by namespace (with a wildcard) and port, by principal suffix with a `when` on the
 //! port; DENY by CIDR and port, and by namespace with `notPorts` — two of them behind a selector
 //! that the benchmarked pods do not match; the root namespace holds 10 mesh-wide ones. Each
-//! namespace has one pod. Measured: `PolicySet::build` over the snapshot, and `authorize` for an
+//! namespace has one pod. Measured: `PolicySet::build` over the snapshot (the policies already
+//! parsed and checked by the registry), loading the YAML and building (what a registry change
+//! costs end to end), and `authorize` for an
 //! allowed connection (hit), one no ALLOW policy matches (miss, so every applicable policy is
 //! evaluated) and one a DENY policy matches.
 
@@ -92,6 +94,16 @@ fn bench(c: &mut Criterion) {
 
     c.bench_function("build 10k policies", |b| {
         b.iter(|| PolicySet::build(black_box(&snapshot), ROOT))
+    });
+
+    // What a registry change costs end to end: the YAML read into a snapshot (every policy
+    // parsed and checked by the registry), then the policies compiled.
+    let yaml = cluster();
+    c.bench_function("load and build 10k policies", |b| {
+        b.iter(|| {
+            let snapshot = Snapshot::from_yaml(black_box(&yaml)).unwrap();
+            PolicySet::build(&snapshot, ROOT)
+        })
     });
 
     let pod = snapshot.pod("ns-500", "app").unwrap();
