@@ -13,6 +13,7 @@ pub mod config;
 pub mod capture;
 pub mod identity;
 pub mod inbound;
+pub mod l7;
 pub mod outbound;
 pub mod policy;
 pub mod registry;

@@ -48,16 +48,24 @@ pub enum Verdict {
     /// Refused by policy: an AuthorizationPolicy, or a security object weft cannot apply that
     /// fails closed (the flow's `policy` names it, its `error` says why).
     Denied,
+    /// An HTTP request weft answered itself, as its routes say: a redirect, a direct response,
+    /// or 404 when no route matched (`http.response_flags` says which).
+    Responded,
+    /// The client sent something that is not valid HTTP (a malformed request, a request
+    /// smuggling attempt, an oversized header block): answered 400/431, nothing forwarded.
+    Malformed,
 }
 
 impl Verdict {
-    pub const ALL: [Verdict; 6] = [
+    pub const ALL: [Verdict; 8] = [
         Verdict::Forwarded,
         Verdict::NoEndpoint,
         Verdict::ConnectFailed,
         Verdict::Unidentified,
         Verdict::Unhandled,
         Verdict::Denied,
+        Verdict::Responded,
+        Verdict::Malformed,
     ];
 
     pub fn as_str(self) -> &'static str {
@@ -68,6 +76,8 @@ impl Verdict {
             Verdict::Unidentified => "unidentified",
             Verdict::Unhandled => "unhandled",
             Verdict::Denied => "denied",
+            Verdict::Responded => "responded",
+            Verdict::Malformed => "malformed",
         }
     }
 }
@@ -152,6 +162,84 @@ pub struct Flow {
     /// security object weft cannot apply that fails closed.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub policy: Option<String>,
+    /// The HTTP request, when this flow is one request of an HTTP connection.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub http: Option<HttpFlow>,
+}
+
+/// One HTTP request as weft handled it (a flow's `http`).
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+pub struct HttpFlow {
+    /// `HTTP/1.1` or `HTTP/2`, as the client spoke.
+    pub protocol: String,
+    pub method: String,
+    /// `Host` / `:authority` as the client sent it.
+    pub authority: String,
+    /// Path and query as the client sent them.
+    pub path: String,
+    /// The status returned to the client (0 when the connection ended before a response).
+    pub status: u16,
+    /// Envoy response flags (`NR`, `UH`, `UF`, `URX`, `DPE`, …), `-` when none.
+    pub response_flags: String,
+    /// The routing rule that matched: `VirtualService ns/name http[1]`, `HTTPRoute ns/name
+    /// rules[0]`; absent for the default route.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub route: Option<String>,
+    /// The endpoint the request was sent to (`ip:port`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub upstream: Option<String>,
+    /// Upstream attempts (0 when weft answered itself).
+    pub attempts: u32,
+    /// From the request's head to the end of its response (milliseconds, to the microsecond).
+    pub duration_ms: f64,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub request_id: Option<String>,
+}
+
+/// Response flags of a request weft did not have to flag: Envoy's `-`.
+pub const NO_FLAGS: &str = "-";
+
+/// A status filter: one code (`404`) or a class (`5xx`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub enum StatusFilter {
+    Code(u16),
+    Class(u8),
+}
+
+impl StatusFilter {
+    pub fn matches(self, status: u16) -> bool {
+        match self {
+            StatusFilter::Code(c) => status == c,
+            StatusFilter::Class(c) => status / 100 == u16::from(c),
+        }
+    }
+}
+
+impl std::str::FromStr for StatusFilter {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        let bad = || format!("status {s:?}: expected a code (404) or a class (2xx, 5xx)");
+        let lower = s.to_ascii_lowercase();
+        if let Some(class) = lower.strip_suffix("xx") {
+            return match class.parse::<u8>() {
+                Ok(c @ 1..=5) => Ok(StatusFilter::Class(c)),
+                _ => Err(bad()),
+            };
+        }
+        match lower.parse::<u16>() {
+            Ok(c @ 100..=599) => Ok(StatusFilter::Code(c)),
+            _ => Err(bad()),
+        }
+    }
+}
+
+impl std::fmt::Display for StatusFilter {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            StatusFilter::Code(c) => write!(f, "{c}"),
+            StatusFilter::Class(c) => write!(f, "{c}xx"),
+        }
+    }
 }
 
 impl Default for Flow {
@@ -173,6 +261,7 @@ impl Default for Flow {
             cgroup_id: None,
             mtls: false,
             policy: None,
+            http: None,
         }
     }
 }
@@ -196,6 +285,14 @@ pub struct FlowFilter {
     /// Only flows at or after this time.
     #[serde(with = "time::serde::rfc3339::option")]
     pub since: Option<OffsetDateTime>,
+    /// Only HTTP requests.
+    pub http: bool,
+    /// Only HTTP requests answered with this status or class.
+    pub status: Option<StatusFilter>,
+    /// Only HTTP requests whose path starts with this.
+    pub path: Option<String>,
+    /// Only HTTP requests with this method (case-insensitive).
+    pub method: Option<String>,
 }
 
 impl FlowFilter {
@@ -226,6 +323,30 @@ impl FlowFilter {
         }
         if self.since.is_some_and(|since| flow.time < since) {
             return false;
+        }
+        let wants_http =
+            self.http || self.status.is_some() || self.path.is_some() || self.method.is_some();
+        if wants_http {
+            let Some(http) = &flow.http else {
+                return false;
+            };
+            if self.status.is_some_and(|s| !s.matches(http.status)) {
+                return false;
+            }
+            if self
+                .path
+                .as_ref()
+                .is_some_and(|p| !http.path.starts_with(p.as_str()))
+            {
+                return false;
+            }
+            if self
+                .method
+                .as_ref()
+                .is_some_and(|m| !http.method.eq_ignore_ascii_case(m))
+            {
+                return false;
+            }
         }
         true
     }

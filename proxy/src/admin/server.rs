@@ -2,7 +2,7 @@
 //!
 //! | path | what |
 //! |---|---|
-//! | `/flows` | recent flows as NDJSON; `?follow=1` keeps streaming; filters `namespace`, `pod`, `verdict`, `since`, `last` |
+//! | `/flows` | recent flows as NDJSON; `?follow=1` keeps streaming; filters `namespace`, `pod`, `verdict`, `since`, `last`, `http`, `status` (`404`, `5xx`), `path` (prefix), `method` |
 //! | `/workloads` | pods known to this node, enrolled or not, with cgroup ids |
 //! | `/config_dump` | effective configuration and registry snapshot summary |
 //! | `/status` | programs, maps, counters, HBONE connections |
@@ -30,7 +30,8 @@ use tokio_stream::wrappers::BroadcastStream;
 use tokio::sync::broadcast;
 
 use super::api::{
-    parse_since, CertInfo, ConfigDump, Flow, FlowFilter, LostFlows, Status, Verdict, WorkloadInfo,
+    parse_since, CertInfo, ConfigDump, Flow, FlowFilter, LostFlows, Status, StatusFilter, Verdict,
+    WorkloadInfo,
 };
 
 /// What the admin API asks of the running node.
@@ -125,6 +126,10 @@ struct FlowsQuery {
     pod: Option<String>,
     verdict: Option<String>,
     since: Option<String>,
+    http: Option<String>,
+    status: Option<String>,
+    path: Option<String>,
+    method: Option<String>,
     /// Only the last N matching flows from history.
     last: Option<usize>,
     follow: Option<String>,
@@ -148,11 +153,24 @@ async fn flows_handler(State(s): State<AppState>, Query(q): Query<FlowsQuery>) -
         Ok(v) => v,
         Err(e) => return (StatusCode::BAD_REQUEST, format!("{e}\n")).into_response(),
     };
+    let status = match q
+        .status
+        .as_deref()
+        .map(str::parse::<StatusFilter>)
+        .transpose()
+    {
+        Ok(v) => v,
+        Err(e) => return (StatusCode::BAD_REQUEST, format!("{e}\n")).into_response(),
+    };
     let filter = FlowFilter {
         namespace: q.namespace,
         pod: q.pod,
         verdict,
         since,
+        http: truthy(&q.http),
+        status,
+        path: q.path,
+        method: q.method,
     };
     let (mut history, live) = if truthy(&q.follow) {
         let (kept, rx) = s.view.follow_flows(&filter);

@@ -20,6 +20,10 @@ pub async fn run(args: FlowsArgs) -> anyhow::Result<()> {
         ("verdict", args.verdict.map(|v| v.to_string())),
         ("since", args.since),
         ("last", args.last.map(|n| n.to_string())),
+        ("http", args.http.then(|| "1".to_string())),
+        ("status", args.status.map(|s| s.to_string())),
+        ("path", args.path),
+        ("method", args.method),
     ] {
         if let Some(v) = v {
             query.push((k, v));
@@ -29,7 +33,11 @@ pub async fn run(args: FlowsArgs) -> anyhow::Result<()> {
     let mut resp = args.target.client().get(&path).await?;
     let mut stdout = std::io::stdout().lock();
     let mut buf = Vec::new();
-    let mut table = FlowTable;
+    // A request filter shows requests, in the request table.
+    let http = args.http
+        || args.status.is_some()
+        || query.iter().any(|(k, _)| *k == "path" || *k == "method");
+    let mut table = FlowTable { http };
     if args.output == Output::Table && !args.follow {
         // Widths are fitted to the whole answer.
         let body = resp
@@ -102,8 +110,10 @@ fn percent_encode(s: &str) -> String {
         .collect()
 }
 
-/// Flow rows, hubble-style.
-struct FlowTable;
+/// Flow rows, hubble-style; with `http`, one row per HTTP request.
+struct FlowTable {
+    http: bool,
+}
 
 const FLOW_HEADER: [&str; 8] = [
     "TIME",
@@ -118,11 +128,80 @@ const FLOW_HEADER: [&str; 8] = [
 /// Column widths for streamed output, where rows are printed as they come.
 const FOLLOW_WIDTHS: [usize; 8] = [19, 34, 38, 22, 4, 30, 17, 9];
 
+const HTTP_HEADER: [&str; 10] = [
+    "TIME",
+    "SOURCE",
+    "METHOD",
+    "AUTHORITY",
+    "PATH",
+    "STATUS",
+    "FLAGS",
+    "ROUTE",
+    "UPSTREAM",
+    "DURATION",
+];
+const HTTP_FOLLOW_WIDTHS: [usize; 10] = [19, 24, 7, 28, 24, 6, 5, 34, 21, 9];
+
+const TIME_FORMAT: &[time::format_description::BorrowedFormatItem<'static>] = time::macros::format_description!(
+    "[month repr:short] [day] [hour]:[minute]:[second].[subsecond digits:3]"
+);
+
+fn source_cell(f: &Flow) -> String {
+    let source = match (&f.source.namespace, &f.source.pod) {
+        (Some(ns), Some(p)) => format!("{ns}/{p}"),
+        _ => "?".into(),
+    };
+    match f.source.ip {
+        Some(ip) if f.source.pod.is_none() => format!("{source} ({ip})"),
+        _ => source,
+    }
+}
+
 impl FlowTable {
-    fn cells(f: &Flow) -> Vec<String> {
-        let fmt = time::macros::format_description!(
-            "[month repr:short] [day] [hour]:[minute]:[second].[subsecond digits:3]"
-        );
+    fn header(&self) -> Vec<String> {
+        let h: &[&str] = if self.http {
+            &HTTP_HEADER
+        } else {
+            &FLOW_HEADER
+        };
+        h.iter().map(|s| s.to_string()).collect()
+    }
+
+    fn widths(&self) -> &'static [usize] {
+        if self.http {
+            &HTTP_FOLLOW_WIDTHS
+        } else {
+            &FOLLOW_WIDTHS
+        }
+    }
+
+    fn cells(&self, f: &Flow) -> Vec<String> {
+        match (&f.http, self.http) {
+            (Some(h), true) => {
+                let status = match (h.status, &f.policy) {
+                    (0, _) => "-".to_string(),
+                    (s, Some(p)) => format!("{s} ({p})"),
+                    (s, None) => s.to_string(),
+                };
+                vec![
+                    f.time.format(TIME_FORMAT).unwrap_or_default(),
+                    source_cell(f),
+                    h.method.clone(),
+                    h.authority.clone(),
+                    h.path.clone(),
+                    status,
+                    h.response_flags.clone(),
+                    h.route.clone().unwrap_or_else(|| "-".into()),
+                    h.upstream.clone().unwrap_or_else(|| "-".into()),
+                    format_duration(h.duration_ms),
+                ]
+            }
+            _ => Self::connection_cells(f),
+        }
+    }
+
+    fn connection_cells(f: &Flow) -> Vec<String> {
+        let fmt = TIME_FORMAT;
         let source = match (&f.source.namespace, &f.source.pod) {
             (Some(ns), Some(p)) => format!("{ns}/{p}"),
             _ => "?".into(),
@@ -141,7 +220,7 @@ impl FlowTable {
             _ => f.original_destination.clone(),
         };
         vec![
-            f.time.format(&fmt).unwrap_or_default(),
+            f.time.format(fmt).unwrap_or_default(),
             source,
             dest,
             f.destination.service.clone().unwrap_or_else(|| "-".into()),
@@ -156,23 +235,16 @@ impl FlowTable {
     }
 
     fn print_header(&mut self, out: &mut impl Write) -> std::io::Result<()> {
-        let header = FLOW_HEADER
-            .iter()
-            .map(|s| s.to_string())
-            .collect::<Vec<_>>();
-        write_row(out, &header, &FOLLOW_WIDTHS)
+        write_row(out, &self.header(), self.widths())
     }
 
     fn print_row(&mut self, out: &mut impl Write, f: &Flow) -> std::io::Result<()> {
-        write_row(out, &Self::cells(f), &FOLLOW_WIDTHS)
+        write_row(out, &self.cells(f), self.widths())
     }
 
     fn print_all(&mut self, out: &mut impl Write, flows: &[Flow]) -> std::io::Result<()> {
-        let mut rows = vec![FLOW_HEADER
-            .iter()
-            .map(|s| s.to_string())
-            .collect::<Vec<_>>()];
-        rows.extend(flows.iter().map(Self::cells));
+        let mut rows = vec![self.header()];
+        rows.extend(flows.iter().map(|f| self.cells(f)));
         print_table(out, &rows)
     }
 }

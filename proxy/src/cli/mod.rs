@@ -142,6 +142,20 @@ pub struct FlowsArgs {
     /// Only the last N flows from history (default: all that are kept).
     #[arg(long, value_name = "N")]
     pub last: Option<usize>,
+    /// HTTP requests only, shown as a request table (method, authority, path, status, response
+    /// flags, route, upstream) (default: every flow).
+    #[arg(long)]
+    pub http: bool,
+    /// Only HTTP requests answered with this status: a code (404) or a class (5xx)
+    /// (default: all).
+    #[arg(long, value_parser = clap::value_parser!(crate::admin::api::StatusFilter))]
+    pub status: Option<crate::admin::api::StatusFilter>,
+    /// Only HTTP requests whose path starts with PREFIX (default: all).
+    #[arg(long, value_name = "PREFIX")]
+    pub path: Option<String>,
+    /// Only HTTP requests with this method (default: all).
+    #[arg(long)]
+    pub method: Option<String>,
     /// Output format.
     #[arg(short, long, value_enum, default_value_t = Output::Table)]
     pub output: Output,

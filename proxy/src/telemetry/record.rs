@@ -17,7 +17,7 @@ use tracing::debug;
 
 use super::counters::Held;
 use super::Telemetry;
-use crate::admin::api::{Flow, Verdict};
+use crate::admin::api::{Flow, HttpFlow, Verdict};
 use crate::identity::SpiffeId;
 use crate::registry::{Pod, Service};
 use crate::relay::Relayed;
@@ -160,6 +160,40 @@ impl ConnectionRecord {
         self.emit()
     }
 
+    /// What every request of this (HTTP) connection starts from: who calls, and what was
+    /// called. See [`RequestRecord`].
+    pub fn requests(&self) -> RequestTemplate {
+        let mut flow = self.flow.clone();
+        flow.protocol = "http".into();
+        RequestTemplate {
+            telemetry: self.telemetry.clone(),
+            flow: Arc::new(flow),
+        }
+    }
+
+    /// Ends an HTTP connection whose requests were each recorded on their own: nothing more is
+    /// emitted, unless no request was (then the connection itself is the flow, with `error`).
+    pub fn finish_http(mut self, requests: u64, error: Option<impl Display>) {
+        if requests > 0 {
+            self.emitted = true;
+            return;
+        }
+        self.flow.protocol = "http".into();
+        let verdict = if self.relaying {
+            Verdict::Forwarded
+        } else {
+            Verdict::ConnectFailed
+        };
+        self.finish(verdict, error);
+    }
+
+    /// Marks the connection as being served (for the active gauge and the verdict on drop).
+    pub async fn serve<T>(&mut self, serving: impl std::future::Future<Output = T>) -> T {
+        self.relaying = true;
+        let _active = Held::up(&self.telemetry.active);
+        serving.await
+    }
+
     fn emit(&mut self) -> Arc<Flow> {
         self.emitted = true;
         let mut flow = std::mem::take(&mut self.flow);
@@ -179,6 +213,147 @@ impl ConnectionRecord {
             "flow"
         );
         self.telemetry.flows.record(flow)
+    }
+}
+
+/// The part of a connection's flow every request of it shares.
+#[derive(Clone)]
+pub struct RequestTemplate {
+    telemetry: Arc<Telemetry>,
+    flow: Arc<Flow>,
+}
+
+impl RequestTemplate {
+    /// A record for a request whose head just arrived.
+    pub fn start(&self, http: HttpFlow) -> RequestRecord {
+        let mut flow = (*self.flow).clone();
+        flow.time = OffsetDateTime::now_utc();
+        flow.http = Some(http);
+        RequestRecord {
+            telemetry: self.telemetry.clone(),
+            flow,
+            started: Instant::now(),
+            emitted: false,
+        }
+    }
+}
+
+/// One record per HTTP request: a flow whose `http` says what was asked and answered, emitted
+/// once, by [`RequestRecord::finish`] or on drop (the client went away before the answer).
+pub struct RequestRecord {
+    telemetry: Arc<Telemetry>,
+    flow: Flow,
+    started: Instant,
+    emitted: bool,
+}
+
+impl RequestRecord {
+    fn http(&mut self) -> &mut HttpFlow {
+        self.flow.http.get_or_insert_with(HttpFlow::default)
+    }
+
+    /// The routing rule that matched.
+    pub fn route(&mut self, route: impl Display) -> &mut Self {
+        self.http().route = Some(route.to_string());
+        self
+    }
+
+    pub fn request_id(&mut self, id: &str) -> &mut Self {
+        self.http().request_id = Some(id.to_string());
+        self
+    }
+
+    /// The Service the request was sent to (after routing, it may differ from the one called).
+    pub fn service(&mut self, service: &Service) -> &mut Self {
+        self.flow.destination.service = Some(format!("{}/{}", service.namespace, service.name));
+        self.flow.destination.namespace = Some(service.namespace.clone());
+        self
+    }
+
+    /// An upstream attempt to `addr` (on `pod`, with `identity`, over HBONE when `mtls`).
+    pub fn upstream(
+        &mut self,
+        addr: SocketAddr,
+        pod: Option<&Pod>,
+        identity: Option<&SpiffeId>,
+        mtls: bool,
+    ) -> &mut Self {
+        let d = &mut self.flow.destination;
+        d.address = Some(addr.to_string());
+        if let Some(pod) = pod {
+            d.namespace = Some(pod.namespace.clone());
+            d.pod = Some(pod.name.clone());
+        }
+        d.identity = identity.map(|i| i.to_string());
+        self.flow.mtls = mtls;
+        let h = self.http();
+        h.upstream = Some(addr.to_string());
+        h.attempts += 1;
+        self
+    }
+
+    pub fn policy(&mut self, policy: impl Into<String>) -> &mut Self {
+        self.flow.policy = Some(policy.into());
+        self
+    }
+
+    /// Bytes of the request and response bodies.
+    pub fn bytes(&mut self, sent: u64, received: u64) -> &mut Self {
+        self.flow.bytes_sent = sent;
+        self.flow.bytes_received = received;
+        self
+    }
+
+    /// Emits the request: its verdict, the status the client got, Envoy's response flags
+    /// (`-` for none) and what went wrong.
+    pub fn finish(
+        mut self,
+        verdict: Verdict,
+        status: u16,
+        flags: &str,
+        error: Option<impl Display>,
+    ) -> Arc<Flow> {
+        self.flow.verdict = verdict;
+        if let Some(e) = error {
+            self.flow.error = Some(e.to_string());
+        }
+        let h = self.http();
+        h.status = status;
+        h.response_flags = flags.to_string();
+        self.emit()
+    }
+
+    fn emit(&mut self) -> Arc<Flow> {
+        self.emitted = true;
+        let us = self.started.elapsed().as_micros() as f64;
+        let mut flow = std::mem::take(&mut self.flow);
+        flow.duration_ms = us / 1000.0;
+        if let Some(h) = &mut flow.http {
+            h.duration_ms = us / 1000.0;
+        }
+        debug!(
+            source = %flow.source.pod.as_deref().unwrap_or("?"),
+            method = %flow.http.as_ref().map(|h| h.method.as_str()).unwrap_or(""),
+            path = %flow.http.as_ref().map(|h| h.path.as_str()).unwrap_or(""),
+            status = flow.http.as_ref().map(|h| h.status).unwrap_or(0),
+            verdict = %flow.verdict,
+            "request"
+        );
+        self.telemetry.flows.record(flow)
+    }
+}
+
+impl Drop for RequestRecord {
+    fn drop(&mut self) {
+        if !self.emitted {
+            let h = self.http();
+            if h.response_flags.is_empty() {
+                // Envoy's DC: the downstream connection ended before the response did.
+                h.response_flags = "DC".into();
+            }
+            self.flow.error = Some("the client went away before the response ended".into());
+            self.emit();
+        }
     }
 }
 

@@ -5,7 +5,14 @@
 //! tunnel being delivered to a pod of this node. Today every socket leaves from the node's own
 //! address; giving it the calling pod's address is a change to this file alone.
 //!
+//! - [`http`]: HTTP/1.1 and HTTP/2 client connections over any stream (TCP, an HBONE tunnel,
+//!   TLS), kept for reuse per endpoint.
+//! - [`tls`]: TLS origination towards external services (DestinationRule `tls.mode: SIMPLE`).
+//!
 //! May import: `registry`, `identity`.
+
+pub mod http;
+pub mod tls;
 
 use std::fmt;
 use std::io;

@@ -1,0 +1,445 @@
+//! Request hygiene (pure): what weft checks and adds before a request goes anywhere.
+//!
+//! - [`H1Guard`] reads an HTTP/1 client's bytes before the HTTP parser does and holds each
+//!   request head until it is whole, so a head that frames its body two ways (`Content-Length`
+//!   with `Transfer-Encoding`, the request smuggling vector) is refused before anything is
+//!   forwarded, as Envoy refuses it. The parser itself refuses the rest (obs-fold, invalid header
+//!   names, bad lengths, oversized heads).
+//! - [`prepare`]: `x-request-id` when missing, `x-forwarded-for` appended, hop-by-hop headers
+//!   dropped (the upstream connection frames the message again, possibly in another HTTP
+//!   version); `traceparent`/`tracestate` are left exactly as they came.
+
+use http::header::{HeaderMap, HeaderName, HeaderValue};
+use std::net::IpAddr;
+
+/// Why a client's bytes were refused.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum Violation {
+    #[error("both Content-Length and Transfer-Encoding are set")]
+    BothLengths,
+    #[error("invalid chunk size line")]
+    BadChunk,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum State {
+    /// Collecting a request head.
+    Head,
+    /// This many body bytes left.
+    Body(u64),
+    /// Reading a chunk-size line.
+    ChunkSize,
+    /// Chunk data left, then its CRLF.
+    ChunkData(u64),
+    /// Trailer lines after the last chunk.
+    Trailers,
+    /// After `CONNECT`, an upgrade, or a refusal: bytes are not HTTP/1 requests any more.
+    Opaque,
+}
+
+/// An HTTP/1 request-stream checker, fed what the client sends.
+#[derive(Debug)]
+pub struct H1Guard {
+    state: State,
+    /// Bytes of the current head (or chunk-size or trailer line) not yet released.
+    held: Vec<u8>,
+    /// Heads longer than this are released unchecked: the parser answers 431 for them.
+    max_head: usize,
+}
+
+/// What to hand the HTTP parser after feeding bytes to the guard.
+#[derive(Debug, PartialEq, Eq)]
+pub enum Feed {
+    /// Pass these bytes on (possibly none yet: a head is still incomplete).
+    Release(Vec<u8>),
+    /// Refused: hand the parser a request line it rejects with 400, and stop.
+    Refuse(Violation),
+}
+
+/// A request line HTTP parsers reject (an invalid method token): handing it over makes the
+/// parser answer `400 Bad Request` and close, as for any malformed request.
+pub const POISON: &[u8] = b"BAD\x00REQUEST / HTTP/1.1\r\n\r\n";
+
+impl H1Guard {
+    pub fn new(max_head: usize) -> H1Guard {
+        H1Guard {
+            state: State::Head,
+            held: Vec::new(),
+            max_head,
+        }
+    }
+
+    /// Feeds bytes read from the client.
+    pub fn feed(&mut self, mut input: &[u8]) -> Feed {
+        let mut out = Vec::with_capacity(input.len());
+        while !input.is_empty() {
+            match self.state {
+                State::Opaque => {
+                    out.extend_from_slice(input);
+                    break;
+                }
+                State::Body(n) => {
+                    let take = (n.min(input.len() as u64)) as usize;
+                    out.extend_from_slice(&input[..take]);
+                    input = &input[take..];
+                    self.state = if n == take as u64 {
+                        State::Head
+                    } else {
+                        State::Body(n - take as u64)
+                    };
+                }
+                State::ChunkData(n) => {
+                    // `n` counts the chunk's trailing CRLF too.
+                    let take = (n.min(input.len() as u64)) as usize;
+                    out.extend_from_slice(&input[..take]);
+                    input = &input[take..];
+                    self.state = if n == take as u64 {
+                        State::ChunkSize
+                    } else {
+                        State::ChunkData(n - take as u64)
+                    };
+                }
+                State::Head | State::ChunkSize | State::Trailers => {
+                    let (end, done) = self.scan(input);
+                    self.held.extend_from_slice(&input[..end]);
+                    input = &input[end..];
+                    if !done {
+                        if self.held.len() > self.max_head {
+                            // Let the parser refuse it (431) with its own limit.
+                            out.append(&mut self.held);
+                            self.state = State::Opaque;
+                        }
+                        continue;
+                    }
+                    match self.complete() {
+                        Ok(()) => out.append(&mut self.held),
+                        Err(v) => {
+                            self.held.clear();
+                            self.state = State::Opaque;
+                            return Feed::Refuse(v);
+                        }
+                    }
+                }
+            }
+        }
+        Feed::Release(out)
+    }
+
+    /// How much of `input` belongs to the current head/line, and whether it ends there.
+    fn scan(&self, input: &[u8]) -> (usize, bool) {
+        let terminator: &[u8] = match self.state {
+            State::ChunkSize => b"\r\n",
+            _ => b"\r\n\r\n",
+        };
+        // A trailer section that is just CRLF ends at once.
+        if self.state == State::Trailers && self.held.is_empty() && input.starts_with(b"\r\n") {
+            return (2, true);
+        }
+        let tail = self.held.len().min(terminator.len() - 1);
+        let mut joined = self.held[self.held.len() - tail..].to_vec();
+        joined.extend_from_slice(input);
+        match joined
+            .windows(terminator.len())
+            .position(|w| w == terminator)
+        {
+            Some(p) => (p + terminator.len() - tail, true),
+            None => (input.len(), false),
+        }
+    }
+
+    /// A whole head, chunk-size line or trailer section is held: check it, pick the next state.
+    fn complete(&mut self) -> Result<(), Violation> {
+        match self.state {
+            State::ChunkSize => {
+                let line = &self.held[..self.held.len() - 2];
+                let hex = line.split(|&b| b == b';').next().unwrap_or_default();
+                let hex = std::str::from_utf8(hex).map_err(|_| Violation::BadChunk)?;
+                let size = u64::from_str_radix(hex.trim(), 16).map_err(|_| Violation::BadChunk)?;
+                self.state = if size == 0 {
+                    State::Trailers
+                } else {
+                    State::ChunkData(size.checked_add(2).ok_or(Violation::BadChunk)?)
+                };
+                Ok(())
+            }
+            State::Trailers => {
+                self.state = State::Head;
+                Ok(())
+            }
+            _ => self.head(),
+        }
+    }
+
+    fn head(&mut self) -> Result<(), Violation> {
+        // Leading empty lines before a request line are allowed (RFC 9112 §2.2).
+        let mut headers = [httparse::EMPTY_HEADER; 128];
+        let mut req = httparse::Request::new(&mut headers);
+        match req.parse(&self.held) {
+            Ok(httparse::Status::Complete(_)) => {}
+            // Malformed or too many headers: the parser will say so.
+            _ => {
+                self.state = State::Opaque;
+                return Ok(());
+            }
+        }
+        let mut length = None;
+        let mut chunked = false;
+        let mut te = false;
+        let mut upgrade = false;
+        for h in req.headers.iter() {
+            if h.name.eq_ignore_ascii_case("content-length") {
+                length = std::str::from_utf8(h.value)
+                    .ok()
+                    .and_then(|v| v.trim().parse::<u64>().ok())
+                    .or(Some(0));
+            } else if h.name.eq_ignore_ascii_case("transfer-encoding") {
+                te = true;
+                chunked = h
+                    .value
+                    .rsplit(|&b| b == b',')
+                    .next()
+                    .is_some_and(|last| last.trim_ascii().eq_ignore_ascii_case(b"chunked"));
+            } else if h.name.eq_ignore_ascii_case("upgrade") {
+                upgrade = true;
+            }
+        }
+        if te && length.is_some() {
+            return Err(Violation::BothLengths);
+        }
+        self.state = if req.method == Some("CONNECT") || upgrade {
+            State::Opaque
+        } else if te && chunked {
+            State::ChunkSize
+        } else if te {
+            // Not chunked last: the parser refuses it.
+            State::Opaque
+        } else {
+            match length {
+                Some(n) if n > 0 => State::Body(n),
+                _ => State::Head,
+            }
+        };
+        Ok(())
+    }
+}
+
+/// Headers that describe one connection, not the message (RFC 9110 §7.6.1), plus what hyper
+/// frames itself.
+const HOP_BY_HOP: [&str; 7] = [
+    "connection",
+    "keep-alive",
+    "proxy-connection",
+    "transfer-encoding",
+    "upgrade",
+    "te",
+    "trailer",
+];
+
+/// Prepares a request's headers for the upstream: removes hop-by-hop headers (and those the
+/// `Connection` header names), keeps `Upgrade` when the request is an upgrade, generates
+/// `x-request-id` when missing, appends the client to `x-forwarded-for`. Returns the request id.
+pub fn prepare(headers: &mut HeaderMap, client: IpAddr, upgrade: bool) -> String {
+    let named: Vec<HeaderName> = headers
+        .get_all(http::header::CONNECTION)
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .flat_map(|v| v.split(','))
+        .filter_map(|t| HeaderName::from_bytes(t.trim().as_bytes()).ok())
+        .collect();
+    let keep_te_trailers = headers
+        .get(http::header::TE)
+        .and_then(|v| v.to_str().ok())
+        .is_some_and(|v| {
+            v.split(',')
+                .any(|t| t.trim().eq_ignore_ascii_case("trailers"))
+        });
+    for name in named {
+        if !(upgrade && name == http::header::UPGRADE) {
+            headers.remove(name);
+        }
+    }
+    for name in HOP_BY_HOP {
+        if upgrade && (name == "upgrade" || name == "connection") {
+            continue;
+        }
+        headers.remove(name);
+    }
+    if keep_te_trailers {
+        // gRPC needs it end to end; it is the one TE value HTTP/2 allows.
+        headers.insert(http::header::TE, HeaderValue::from_static("trailers"));
+    }
+    if upgrade {
+        headers.insert(
+            http::header::CONNECTION,
+            HeaderValue::from_static("upgrade"),
+        );
+    }
+    let xff = match headers.get("x-forwarded-for").and_then(|v| v.to_str().ok()) {
+        Some(prev) if !prev.trim().is_empty() => format!("{prev}, {client}"),
+        _ => client.to_string(),
+    };
+    if let Ok(v) = HeaderValue::from_str(&xff) {
+        headers.insert("x-forwarded-for", v);
+    }
+    match headers.get("x-request-id").and_then(|v| v.to_str().ok()) {
+        Some(id) if !id.is_empty() => id.to_string(),
+        _ => {
+            let id = request_id();
+            headers.insert(
+                "x-request-id",
+                HeaderValue::from_str(&id).expect("a UUID is a valid header value"),
+            );
+            id
+        }
+    }
+}
+
+/// A random (version 4) UUID, as Envoy generates for `x-request-id`.
+pub fn request_id() -> String {
+    let mut b = fastrand::u128(..).to_be_bytes();
+    b[6] = (b[6] & 0x0f) | 0x40;
+    b[8] = (b[8] & 0x3f) | 0x80;
+    let h: String = b.iter().map(|x| format!("{x:02x}")).collect();
+    format!(
+        "{}-{}-{}-{}-{}",
+        &h[0..8],
+        &h[8..12],
+        &h[12..16],
+        &h[16..20],
+        &h[20..32]
+    )
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn released(g: &mut H1Guard, input: &[u8]) -> Vec<u8> {
+        match g.feed(input) {
+            Feed::Release(b) => b,
+            Feed::Refuse(v) => panic!("refused: {v}"),
+        }
+    }
+
+    #[test]
+    fn heads_are_held_until_whole() {
+        let mut g = H1Guard::new(60 * 1024);
+        assert_eq!(released(&mut g, b"GET / HTTP/1.1\r\nHost: a\r\n"), b"");
+        assert_eq!(released(&mut g, b"\r"), b"");
+        assert_eq!(
+            released(&mut g, b"\nGET /2 HTTP/1.1\r\n\r\n"),
+            b"GET / HTTP/1.1\r\nHost: a\r\n\r\nGET /2 HTTP/1.1\r\n\r\n"
+        );
+    }
+
+    #[test]
+    fn bodies_pass_and_the_next_head_is_checked() {
+        let mut g = H1Guard::new(60 * 1024);
+        let first = b"POST / HTTP/1.1\r\nContent-Length: 5\r\n\r\nhello";
+        assert_eq!(released(&mut g, first), first);
+        let smuggled =
+            b"POST / HTTP/1.1\r\nContent-Length: 4\r\nTransfer-Encoding: chunked\r\n\r\n0\r\n\r\n";
+        assert_eq!(g.feed(smuggled), Feed::Refuse(Violation::BothLengths));
+        assert_eq!(
+            released(&mut g, b"anything"),
+            b"anything",
+            "opaque after a refusal"
+        );
+    }
+
+    #[test]
+    fn both_orders_of_the_two_lengths_are_refused() {
+        for head in [
+            &b"POST / HTTP/1.1\r\nTransfer-Encoding: chunked\r\nContent-Length: 3\r\n\r\n"[..],
+            b"POST / HTTP/1.1\r\ncontent-length: 3\r\ntransfer-encoding: gzip, chunked\r\n\r\n",
+        ] {
+            let mut g = H1Guard::new(60 * 1024);
+            assert_eq!(g.feed(head), Feed::Refuse(Violation::BothLengths));
+        }
+    }
+
+    #[test]
+    fn chunked_bodies_are_followed_to_the_next_request() {
+        let mut g = H1Guard::new(60 * 1024);
+        let req = b"POST / HTTP/1.1\r\nTransfer-Encoding: chunked\r\n\r\n5;ext=1\r\nhello\r\n0\r\nX-T: 1\r\n\r\n";
+        // Byte by byte, to cross every boundary.
+        let mut out = Vec::new();
+        for b in req.iter() {
+            out.extend(released(&mut g, std::slice::from_ref(b)));
+        }
+        assert_eq!(out, req);
+        let smuggled = b"GET / HTTP/1.1\r\nContent-Length: 1\r\nTransfer-Encoding: chunked\r\n\r\n";
+        assert_eq!(g.feed(smuggled), Feed::Refuse(Violation::BothLengths));
+        let mut g = H1Guard::new(60 * 1024);
+        let no_trailers =
+            b"POST / HTTP/1.1\r\nTransfer-Encoding: chunked\r\n\r\n0\r\n\r\nGET / HTTP/1.1\r\n\r\n";
+        assert_eq!(released(&mut g, no_trailers), no_trailers);
+        assert_eq!(g.state, State::Head);
+    }
+
+    #[test]
+    fn bad_chunk_sizes_are_refused() {
+        let mut g = H1Guard::new(60 * 1024);
+        let req = b"POST / HTTP/1.1\r\nTransfer-Encoding: chunked\r\n\r\nzz\r\n";
+        assert_eq!(g.feed(req), Feed::Refuse(Violation::BadChunk));
+    }
+
+    #[test]
+    fn connect_and_upgrades_become_opaque() {
+        let mut g = H1Guard::new(60 * 1024);
+        let req = b"GET /ws HTTP/1.1\r\nUpgrade: websocket\r\nConnection: upgrade\r\n\r\n";
+        assert_eq!(released(&mut g, req), req);
+        assert_eq!(released(&mut g, b"\x81\x05hello"), b"\x81\x05hello");
+        let mut g = H1Guard::new(60 * 1024);
+        assert_eq!(
+            released(&mut g, b"CONNECT a:443 HTTP/1.1\r\n\r\nxx"),
+            b"CONNECT a:443 HTTP/1.1\r\n\r\nxx"
+        );
+    }
+
+    #[test]
+    fn oversized_heads_are_left_to_the_parser() {
+        let mut g = H1Guard::new(16);
+        assert_eq!(
+            released(&mut g, b"GET / HTTP/1.1\r\nX-Long: aaaaaaaa"),
+            b"GET / HTTP/1.1\r\nX-Long: aaaaaaaa"
+        );
+    }
+
+    #[test]
+    fn preparing_adds_ids_and_forwarded_for_and_drops_hop_by_hop() {
+        let mut h = HeaderMap::new();
+        h.insert(
+            "connection",
+            HeaderValue::from_static("keep-alive, x-secret"),
+        );
+        h.insert("x-secret", HeaderValue::from_static("1"));
+        h.insert("keep-alive", HeaderValue::from_static("timeout=5"));
+        h.insert("te", HeaderValue::from_static("trailers, deflate"));
+        h.insert("x-forwarded-for", HeaderValue::from_static("1.2.3.4"));
+        h.insert("traceparent", HeaderValue::from_static("00-abc-def-01"));
+        let id = prepare(&mut h, "10.0.0.1".parse().unwrap(), false);
+        assert_eq!(h["x-request-id"], id.as_str());
+        assert_eq!(id.len(), 36);
+        assert_eq!(&id[14..15], "4", "version 4");
+        assert_eq!(h["x-forwarded-for"], "1.2.3.4, 10.0.0.1");
+        assert_eq!(h["te"], "trailers");
+        assert_eq!(h["traceparent"], "00-abc-def-01");
+        for gone in ["connection", "x-secret", "keep-alive"] {
+            assert!(!h.contains_key(gone), "{gone}");
+        }
+        let mut h = HeaderMap::new();
+        h.insert("x-request-id", HeaderValue::from_static("given"));
+        h.insert("upgrade", HeaderValue::from_static("websocket"));
+        h.insert("connection", HeaderValue::from_static("Upgrade"));
+        assert_eq!(prepare(&mut h, "10.0.0.1".parse().unwrap(), true), "given");
+        assert_eq!(h["upgrade"], "websocket");
+        assert_eq!(h["connection"], "upgrade");
+        assert_eq!(h["x-forwarded-for"], "10.0.0.1");
+    }
+
+    #[test]
+    fn request_ids_differ() {
+        assert_ne!(request_id(), request_id());
+    }
+}

@@ -1,0 +1,290 @@
+//! HTTP client connections to upstream endpoints, reused.
+//!
+//! A connection is opened by the caller (over TCP, an HBONE tunnel or TLS: the pool does not
+//! care) and handed to [`Sender::handshake`]; after a request, [`HttpPool::checkin`] keeps it
+//! for the next request to the same [`PoolKey`]. HTTP/1.1 connections carry one request at a
+//! time, so a checked-in sender is reused only once its previous response has been read;
+//! HTTP/2 connections are shared by every request to the key.
+
+use std::collections::HashMap;
+use std::net::SocketAddr;
+
+use bytes::Bytes;
+use http_body_util::combinators::BoxBody;
+use hyper::body::Incoming;
+use hyper::client::conn::{http1, http2};
+use hyper::{Request, Response};
+use hyper_util::rt::{TokioExecutor, TokioIo};
+use parking_lot::Mutex;
+use tokio::io::{AsyncRead, AsyncWrite};
+use tracing::debug;
+
+/// The request body weft sends upstream.
+pub type Body = BoxBody<Bytes, hyper::Error>;
+
+/// The HTTP version of an upstream connection.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum Version {
+    Http1,
+    Http2,
+}
+
+impl Version {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Version::Http1 => "HTTP/1.1",
+            Version::Http2 => "HTTP/2",
+        }
+    }
+}
+
+/// What makes two connections interchangeable: the endpoint, how it is reached (for whom,
+/// through what), and the HTTP version.
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+pub struct PoolKey {
+    pub endpoint: SocketAddr,
+    /// `direct`, `hbone <source identity>`, `tls <sni>`: connections of different routes are
+    /// never shared.
+    pub via: String,
+    pub version: Version,
+}
+
+/// One upstream connection's request side.
+pub enum Sender {
+    Http1(http1::SendRequest<Body>),
+    Http2(http2::SendRequest<Body>),
+}
+
+/// Idle HTTP/1.1 connections kept per key.
+const MAX_IDLE_PER_KEY: usize = 64;
+
+impl Sender {
+    /// Speaks `version` over `io`; the connection is driven by a task of its own until either
+    /// side closes it.
+    pub async fn handshake<T>(io: T, version: Version) -> Result<Sender, hyper::Error>
+    where
+        T: AsyncRead + AsyncWrite + Send + Unpin + 'static,
+    {
+        let io = TokioIo::new(io);
+        match version {
+            Version::Http1 => {
+                let (send, conn) = http1::Builder::new().handshake(io).await?;
+                tokio::spawn(async move {
+                    if let Err(e) = conn.with_upgrades().await {
+                        debug!(error = %e, "upstream HTTP/1.1 connection ended");
+                    }
+                });
+                Ok(Sender::Http1(send))
+            }
+            Version::Http2 => {
+                let (send, conn) = http2::Builder::new(TokioExecutor::new())
+                    .timer(hyper_util::rt::TokioTimer::new())
+                    .handshake(io)
+                    .await?;
+                tokio::spawn(async move {
+                    if let Err(e) = conn.await {
+                        debug!(error = %e, "upstream HTTP/2 connection ended");
+                    }
+                });
+                Ok(Sender::Http2(send))
+            }
+        }
+    }
+
+    /// Sends a request and waits for the response head.
+    pub async fn send(&mut self, req: Request<Body>) -> Result<Response<Incoming>, hyper::Error> {
+        match self {
+            Sender::Http1(s) => {
+                s.ready().await?;
+                s.send_request(req).await
+            }
+            Sender::Http2(s) => {
+                s.ready().await?;
+                s.send_request(req).await
+            }
+        }
+    }
+
+    fn is_closed(&self) -> bool {
+        match self {
+            Sender::Http1(s) => s.is_closed(),
+            Sender::Http2(s) => s.is_closed(),
+        }
+    }
+}
+
+/// Upstream connections kept for reuse.
+#[derive(Default)]
+pub struct HttpPool {
+    http1: Mutex<HashMap<PoolKey, Vec<http1::SendRequest<Body>>>>,
+    http2: Mutex<HashMap<PoolKey, http2::SendRequest<Body>>>,
+}
+
+impl HttpPool {
+    /// A connection for `key` that can take a request now, if one is kept.
+    pub fn checkout(&self, key: &PoolKey) -> Option<Sender> {
+        match key.version {
+            Version::Http2 => {
+                let mut map = self.http2.lock();
+                match map.get(key) {
+                    Some(s) if !s.is_closed() => Some(Sender::Http2(s.clone())),
+                    Some(_) => {
+                        map.remove(key);
+                        None
+                    }
+                    None => None,
+                }
+            }
+            Version::Http1 => {
+                let mut map = self.http1.lock();
+                let idle = map.get_mut(key)?;
+                idle.retain(|s| !s.is_closed());
+                // A sender whose response is still being read is not ready: leave it.
+                let ready = idle.iter().position(|s| s.is_ready())?;
+                Some(Sender::Http1(idle.swap_remove(ready)))
+            }
+        }
+    }
+
+    /// Keeps `sender` for the next request to `key` (an HTTP/1.1 one is reused once the
+    /// response it is carrying has been read).
+    pub fn checkin(&self, key: PoolKey, sender: Sender) {
+        if sender.is_closed() {
+            return;
+        }
+        match sender {
+            Sender::Http2(s) => {
+                self.http2.lock().entry(key).or_insert(s);
+            }
+            Sender::Http1(s) => {
+                let mut map = self.http1.lock();
+                let idle = map.entry(key).or_default();
+                idle.retain(|s| !s.is_closed());
+                if idle.len() < MAX_IDLE_PER_KEY {
+                    idle.push(s);
+                }
+            }
+        }
+    }
+
+    /// Connections kept, for `/status`: (HTTP/1.1 idle, HTTP/2 shared).
+    pub fn kept(&self) -> (usize, usize) {
+        let h1 = self.http1.lock().values().map(Vec::len).sum();
+        (h1, self.http2.lock().len())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use http_body_util::{BodyExt, Empty, Full};
+    use hyper::service::service_fn;
+    use std::convert::Infallible;
+
+    async fn server(version: Version) -> SocketAddr {
+        let l = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = l.local_addr().unwrap();
+        tokio::spawn(async move {
+            loop {
+                let (s, peer) = l.accept().await.unwrap();
+                tokio::spawn(async move {
+                    let svc = service_fn(move |_req: Request<Incoming>| async move {
+                        Ok::<_, Infallible>(Response::new(Full::new(Bytes::from(peer.to_string()))))
+                    });
+                    let io = TokioIo::new(s);
+                    match version {
+                        Version::Http1 => {
+                            let _ = hyper::server::conn::http1::Builder::new()
+                                .serve_connection(io, svc)
+                                .await;
+                        }
+                        Version::Http2 => {
+                            let _ = hyper::server::conn::http2::Builder::new(TokioExecutor::new())
+                                .serve_connection(io, svc)
+                                .await;
+                        }
+                    }
+                });
+            }
+        });
+        addr
+    }
+
+    async fn get(pool: &HttpPool, key: &PoolKey) -> String {
+        let mut sender = match pool.checkout(key) {
+            Some(s) => s,
+            None => {
+                let io = tokio::net::TcpStream::connect(key.endpoint).await.unwrap();
+                Sender::handshake(io, key.version).await.unwrap()
+            }
+        };
+        let req = Request::builder()
+            .uri(format!("http://{}/", key.endpoint))
+            .body(Empty::new().map_err(|e| match e {}).boxed())
+            .unwrap();
+        let resp = sender.send(req).await.unwrap();
+        pool.checkin(key.clone(), sender);
+        let body = resp.into_body().collect().await.unwrap().to_bytes();
+        String::from_utf8(body.to_vec()).unwrap()
+    }
+
+    #[tokio::test]
+    async fn connections_are_reused_per_key() {
+        for version in [Version::Http1, Version::Http2] {
+            let addr = server(version).await;
+            let pool = HttpPool::default();
+            let key = PoolKey {
+                endpoint: addr,
+                via: "direct".into(),
+                version,
+            };
+            let first = get(&pool, &key).await;
+            tokio::task::yield_now().await;
+            let second = get(&pool, &key).await;
+            assert_eq!(first, second, "{version:?}: same client connection");
+            let other = PoolKey {
+                via: "tls x".into(),
+                ..key.clone()
+            };
+            assert_ne!(get(&pool, &other).await, first, "{version:?}: other key");
+        }
+    }
+
+    #[tokio::test]
+    async fn a_busy_http1_connection_is_not_handed_out() {
+        // A response whose body ends only after a while keeps its connection busy.
+        let l = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = l.local_addr().unwrap();
+        tokio::spawn(async move {
+            let (s, _) = l.accept().await.unwrap();
+            let svc = service_fn(|_req: Request<Incoming>| async {
+                let slow = futures::stream::once(async {
+                    tokio::time::sleep(std::time::Duration::from_millis(300)).await;
+                    Ok::<_, Infallible>(hyper::body::Frame::data(Bytes::from_static(b"done")))
+                });
+                Ok::<_, Infallible>(Response::new(http_body_util::StreamBody::new(slow)))
+            });
+            let _ = hyper::server::conn::http1::Builder::new()
+                .serve_connection(TokioIo::new(s), svc)
+                .await;
+        });
+        let pool = HttpPool::default();
+        let key = PoolKey {
+            endpoint: addr,
+            via: "direct".into(),
+            version: Version::Http1,
+        };
+        let io = tokio::net::TcpStream::connect(addr).await.unwrap();
+        let mut sender = Sender::handshake(io, Version::Http1).await.unwrap();
+        let req = Request::builder()
+            .uri("/")
+            .body(Empty::new().map_err(|e| match e {}).boxed())
+            .unwrap();
+        let resp = sender.send(req).await.unwrap();
+        pool.checkin(key.clone(), sender);
+        assert!(pool.checkout(&key).is_none(), "the body is still coming");
+        resp.into_body().collect().await.unwrap();
+        tokio::task::yield_now().await;
+        assert!(pool.checkout(&key).is_some());
+    }
+}
