@@ -134,7 +134,7 @@ mod tests {
         assert_eq!(sniff(b"GET / SSH-2.0\r\n"), Sniffed::Other);
         assert_eq!(sniff(b"HELLO world\r\n"), Sniffed::Other);
         assert_eq!(sniff(b"GET\r\n"), Sniffed::Other);
-        assert_eq!(sniff(&vec![b'a'; 100]), Sniffed::Other);
+        assert_eq!(sniff(&[b'a'; 100]), Sniffed::Other);
         let mut long = b"GET /".to_vec();
         long.extend(std::iter::repeat_n(b'a', MAX_LINE));
         assert_eq!(sniff(&long), Sniffed::Other, "no end of line in sight");
