@@ -12,9 +12,11 @@
 //! Everything is owned by a per-cluster id and removed on drop, even when the test panics.
 //! Requires root, cgroup v2 (at /sys/fs/cgroup, or /sys/fs/cgroup/unified on hybrid hosts) and iproute2.
 
+pub mod certs;
 pub mod cgroup;
 mod cleanup;
 mod cluster;
+pub mod dns;
 pub mod ids;
 pub mod netns;
 mod node;
@@ -26,9 +28,11 @@ pub mod traffic;
 mod wait;
 mod weft;
 
+pub use certs::{server_certs, TlsFiles};
 pub use cgroup::{CgroupDriver, Qos};
 pub use cleanup::{cleanup_stale, StaleReport};
 pub use cluster::{logs_root, node_ip, pod_cidr, Cluster, FABRIC_BRIDGE, POD_GATEWAY};
+pub use dns::Dns;
 pub use netns::InNetns;
 pub use node::Node;
 pub use pod::Pod;

@@ -102,6 +102,12 @@ impl Node {
         process::spawn(&self.inner.shared.logs, &place, cmd)
     }
 
+    /// Like `spawn`, in a process group of its own, killed as a whole on drop (for servers
+    /// that fork).
+    pub fn spawn_group(&self, cmd: &Command) -> Result<Proc> {
+        process::spawn_group(&self.inner.shared.logs, &self.place(), cmd)
+    }
+
     /// Run a process to completion on the node (time limit 60 s).
     pub fn output(&self, cmd: &Command) -> Result<Output> {
         self.output_timeout(cmd, process::DEFAULT_OUTPUT_TIMEOUT)

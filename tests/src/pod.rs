@@ -130,6 +130,12 @@ impl Pod {
         process::spawn(&self.inner.node.inner.shared.logs, &self.place(), cmd)
     }
 
+    /// Like `spawn`, in a process group of its own, killed as a whole on drop (for servers
+    /// that fork).
+    pub fn spawn_group(&self, cmd: &Command) -> Result<Proc> {
+        process::spawn_group(&self.inner.node.inner.shared.logs, &self.place(), cmd)
+    }
+
     /// Run a process to completion in the pod (time limit 60 s).
     pub fn output(&self, cmd: &Command) -> Result<Output> {
         self.output_timeout(cmd, process::DEFAULT_OUTPUT_TIMEOUT)

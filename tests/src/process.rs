@@ -156,7 +156,20 @@ fn program_name(cmd: &Command) -> String {
 }
 
 pub(crate) fn spawn(logs: &Logs, place: &Place<'_>, cmd: &Command) -> Result<Proc> {
+    spawn_as(logs, place, cmd, false)
+}
+
+/// Like [`spawn`], in a process group of its own that is killed as a whole: for servers that
+/// fork (dnsmasq answers DNS over TCP in children).
+pub(crate) fn spawn_group(logs: &Logs, place: &Place<'_>, cmd: &Command) -> Result<Proc> {
+    spawn_as(logs, place, cmd, true)
+}
+
+fn spawn_as(logs: &Logs, place: &Place<'_>, cmd: &Command, group: bool) -> Result<Proc> {
     let mut cmd = copy_command(cmd);
+    if group {
+        cmd.process_group(0);
+    }
     let n = logs.next();
     let base = format!("{n:03}-{}-{}", place.label, program_name(&cmd));
     let stdout_path = logs.dir.join(format!("{base}.stdout"));
@@ -184,6 +197,7 @@ pub(crate) fn spawn(logs: &Logs, place: &Place<'_>, cmd: &Command) -> Result<Pro
         label: base,
         stdout_path,
         stderr_path,
+        group,
     })
 }
 
@@ -285,6 +299,8 @@ pub struct Proc {
     label: String,
     stdout_path: PathBuf,
     stderr_path: PathBuf,
+    /// Leads a process group of its own, killed with it.
+    group: bool,
 }
 
 impl Proc {
@@ -362,9 +378,14 @@ impl Proc {
         Ok(())
     }
 
-    /// SIGKILL and reap. Idempotent.
+    /// SIGKILL (the whole process group, for one started in its own) and reap. Idempotent.
     pub fn kill(&mut self) {
         if matches!(self.child.try_wait(), Ok(None)) {
+            if self.group {
+                // SAFETY: kill(2) on the group our unreaped child leads (its id cannot have
+                // been reused while the child is not reaped).
+                unsafe { libc::kill(-(self.child.id() as i32), libc::SIGKILL) };
+            }
             let _ = self.child.kill();
         }
         let _ = self.child.wait();

@@ -5,9 +5,13 @@ use std::os::unix::fs::MetadataExt;
 use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::time::Duration;
+use std::time::Instant;
+use weft_tests::traffic::{
+    self, grpc_call, http, http_load, json_str as s, serve_grpc, serve_https, websocket,
+};
 use weft_tests::{
-    cgroup, labels, netns, wait_for_tcp, CgroupDriver, Cluster, InNetns, Pod, PodSpec, Qos,
-    ServiceSpec,
+    cgroup, labels, netns, server_certs, wait_for_tcp, CgroupDriver, Cluster, Dns, InNetns, Pod,
+    PodSpec, Qos, ServiceSpec,
 };
 
 const T: Duration = Duration::from_secs(10);
@@ -625,4 +629,181 @@ fn readme_example() {
     assert!(std::fs::read_to_string(c.default_registry_path())
         .unwrap()
         .contains("weft.dev/mesh: enabled"));
+}
+
+// ---- The L7 tools: testpod HTTP/h2c/TLS/WebSocket, the gRPC echo, dnsmasq ----------------------
+
+/// Two pods on one node: (cluster, client, server).
+fn kit_cluster(name: &str) -> (Cluster, Pod, Pod) {
+    let c = Cluster::new(name).unwrap();
+    let n = c.add_node("node-1").unwrap();
+    let client = c.add_pod(&n, PodSpec::new("kit", "client")).unwrap();
+    let server = c.add_pod(&n, PodSpec::new("kit", "server")).unwrap();
+    (c, client, server)
+}
+
+/// testpod's HTTP server speaks HTTP/1.1 and h2c on one port, TLS with the SNI echoed, and
+/// WebSocket; `http-load` keeps one connection; `ws` checks the accept key.
+#[test]
+fn testpod_http_server_speaks_h1_h2c_tls_and_websocket() {
+    let (c, client, server) = kit_cluster("kit_http");
+    let _http = traffic::serve(&server, 9080, "http");
+    let tls = server_certs(&c.logs_dir().join("tls"), &["external.example.test"]).unwrap();
+    let _https = serve_https(&server, 8443, &tls);
+    let addr = server.addr(9080);
+
+    let r = http(
+        &client,
+        addr,
+        &["--path", "/p?q=1", "-H", "x-test: 1", "--host", "h.test"],
+    );
+    assert_eq!(r.status, 200, "{r:?}");
+    assert_eq!(r.header("x-backend"), Some("server"));
+    assert_eq!(r.seen("name"), Some("server"));
+    assert_eq!(r.seen("path"), Some("/p?q=1"));
+    assert_eq!(r.seen("host"), Some("h.test"));
+    assert_eq!(r.seen("proto"), Some("HTTP/1.1"));
+    assert_eq!(r.seen("method"), Some("GET"));
+    assert!(r
+        .seen("peer")
+        .unwrap()
+        .starts_with(&client.ip().to_string()));
+    assert_eq!(r.seen_header("x-test"), vec!["1"]);
+    assert_eq!(r.seen("sni"), None);
+    assert_eq!(http(&client, addr, &["--path", "/status/418"]).status, 418);
+    let started = Instant::now();
+    assert_eq!(http(&client, addr, &["--path", "/delay/300"]).status, 200);
+    assert!(started.elapsed() >= Duration::from_millis(300));
+
+    for args in [vec![], vec!["--http2"]] {
+        let s = http_load(&client, addr, 50, &args);
+        assert_eq!(
+            (s.ok, s.failed, s.connections, s.status(200)),
+            (50, 0, 1, 50),
+            "{args:?}: {s:?}"
+        );
+        assert_eq!(s.backends.get("server"), Some(&50), "{s:?}");
+    }
+    let s = http_load(&client, addr, 5, &["--path", "/status/503", "--http2"]);
+    assert_eq!(s.status(503), 5, "{s:?}");
+
+    let curl = |args: &[&str]| {
+        let out = client
+            .output(
+                Command::new("curl")
+                    .args(["-sS", "-i", "--max-time", "5"])
+                    .args(args),
+            )
+            .unwrap();
+        (
+            out.status.code().unwrap_or(-1),
+            String::from_utf8_lossy(&out.stdout).into_owned()
+                + &String::from_utf8_lossy(&out.stderr),
+        )
+    };
+    let (code, out) = curl(&["--http2-prior-knowledge", &format!("http://{addr}/h2")]);
+    assert_eq!(code, 0, "{out}");
+    assert!(out.starts_with("HTTP/2 200"), "{out}");
+    assert!(
+        out.contains("proto=HTTP/2\n") && out.contains("path=/h2\n"),
+        "{out}"
+    );
+    assert!(
+        out.contains(&format!("host={addr}\n")),
+        ":authority as host: {out}"
+    );
+
+    let resolve = format!("external.example.test:8443:{}", server.ip());
+    let url = "https://external.example.test:8443/tls";
+    let ca = tls.ca.display().to_string();
+    let (code, out) = curl(&["--cacert", &ca, "--resolve", &resolve, url]);
+    assert_eq!(code, 0, "{out}");
+    assert!(out.contains("sni=external.example.test\n"), "{out}");
+    assert!(out.contains("host=external.example.test:8443\n"), "{out}");
+    assert!(out.contains("path=/tls\n"), "{out}");
+    let (code, out) = curl(&["--resolve", &resolve, url]);
+    assert_ne!(
+        code, 0,
+        "a client that does not trust the CA refuses: {out}"
+    );
+
+    let (code, out) = websocket(&client, addr, &["--path", "/ws"], "raw bytes back");
+    assert_eq!(code, 0, "{out}");
+    assert!(out.starts_with("status=101\n"), "{out}");
+    assert!(out.contains("< x-backend: server\n"), "{out}");
+    assert!(out.contains("echo=raw bytes back\n"), "{out}");
+}
+
+/// The gRPC echo answers unary and streaming calls and ends with the status asked for, with
+/// trailing metadata; a call to nothing ends UNAVAILABLE.
+#[test]
+fn grpc_echo_answers_unary_streaming_and_errors() {
+    let (_c, client, server) = kit_cluster("kit_grpc");
+    let _g = serve_grpc(&server, 50051);
+    let addr = server.addr(50051);
+    let r = grpc_call(&client, addr, "Say", "hello", Some("echo.test"));
+    assert_eq!(s(&r, "/code"), "OK", "{r}");
+    assert_eq!(r["messages"], serde_json::json!(["server|hello"]), "{r}");
+    assert_eq!(s(&r, "/trailing_metadata/x-backend"), "server", "{r}");
+    let r = grpc_call(&client, addr, "Count", "3", None);
+    assert_eq!(
+        r["messages"],
+        serde_json::json!(["server|1", "server|2", "server|3"]),
+        "{r}"
+    );
+    let r = grpc_call(&client, addr, "Fail", "PERMISSION_DENIED:go away", None);
+    assert_eq!(
+        (s(&r, "/code"), s(&r, "/details")),
+        ("PERMISSION_DENIED", "go away"),
+        "{r}"
+    );
+    assert_eq!(
+        s(&r, "/trailing_metadata/x-detail"),
+        "failed-on-purpose",
+        "{r}"
+    );
+    let r = grpc_call(&client, server.addr(50052), "Say", "x", None);
+    assert_eq!(s(&r, "/code"), "UNAVAILABLE", "{r}");
+}
+
+/// dnsmasq in a pod answers what `Dns::set` last said, with the TTL asked for, to a client in
+/// another netns.
+#[test]
+fn dns_server_answers_from_its_hosts_file() {
+    let (_c, client, server) = kit_cluster("kit_dns");
+    let dns = Dns::in_pod(&server, Duration::from_secs(2)).unwrap();
+    let ask = |host: &str| {
+        weft_tests::dns::query_from(
+            client.netns_name(),
+            dns.addr(),
+            host,
+            Duration::from_secs(2),
+        )
+        .unwrap()
+    };
+    let (one, two) = (
+        std::net::Ipv4Addr::new(10, 244, 1, 50),
+        std::net::Ipv4Addr::new(10, 244, 1, 51),
+    );
+    dns.set("external.example.test", one).unwrap();
+    let got = ask("external.example.test");
+    assert_eq!(
+        (got.rcode, got.addrs.clone(), got.ttl),
+        (0, vec![one], Some(2))
+    );
+    dns.set("external.example.test", two).unwrap();
+    assert_eq!(ask("external.example.test").addrs, vec![two]);
+    dns.set_all("other.example.test", &[one, two]).unwrap();
+    let mut both = ask("other.example.test").addrs;
+    both.sort();
+    assert_eq!(both, vec![one, two]);
+    assert!(ask("unknown.example.test").addrs.is_empty());
+    assert!(
+        dns.log().contains(&format!(
+            "query[A] external.example.test from {}",
+            client.ip()
+        )),
+        "{}",
+        dns.log()
+    );
 }

@@ -24,6 +24,12 @@ const APT_PACKAGES: &[&str] = &[
     "libnginx-mod-stream",
     // eBPF program run-time statistics in the benchmark.
     "bpftool",
+    // The L7 tests: a DNS server for ServiceEntry `resolution: DNS` (run in a netns, not as a
+    // service), and gRPC through the system Python (`tests/grpc/echo.py`, generic handlers, so
+    // no protoc).
+    "dnsmasq-base",
+    "python3",
+    "python3-grpcio",
 ];
 
 pub fn run() -> anyhow::Result<()> {

@@ -3,9 +3,13 @@
 //! - `serve --listen ADDR [--listen ADDR…] [--mode echo|whoami] [--name NAME]`: TCP server.
 //!   Each connection gets `name=<NAME>\n` (with `--name`), then `peer=<ip:port>\n` (whoami), then
 //!   an echo of everything the client sends until it half-closes.
-//!   `--mode http`: a small HTTP/1.1 server (see `Mode::Http`).
+//!   `--mode http`: HTTP/1.1 and h2c on one port describing each request (see `Mode::Http` and
+//!   `http_server`); `--mode https --cert PEM --key PEM`: the same over TLS.
 //! - `http ADDR [--method M] [--path P] [-H 'k: v'] [--data D]`: one HTTP request; prints
 //!   `status=<code>` and the body.
+//! - `http-load ADDR --count N [--http2]`: N requests over one keep-alive connection; prints one
+//!   JSON line with counts per status and per backend (see `http_load`).
+//! - `ws ADDR --send TEXT`: a WebSocket upgrade, then TEXT echoed back (see `websocket`).
 //! - `call ADDR --send TEXT [--timeout-ms N]`: connect, send, half-close, print the response.
 //!   Exit 2 on connect failure, 3 on reset/timeout after connecting (error on stderr).
 //! - `load ADDR --conns N --parallel P --tag TAG`: N connections (P at a time), each sends
@@ -16,10 +20,15 @@
 //!   a bounded measurement against an echo (`stream`: a discard) server, after a warm-up; prints
 //!   one JSON object (counts, rates, latency percentiles in µs, throughput). See `bench`.
 
+mod http_load;
+mod http_server;
+mod websocket;
+
 use clap::{Parser, Subcommand, ValueEnum};
 use std::collections::BTreeMap;
 use std::io::{BufRead, BufReader, ErrorKind, Read, Write};
 use std::net::{Shutdown, SocketAddr, TcpListener, TcpStream};
+use std::path::PathBuf;
 use std::process::ExitCode;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
@@ -41,10 +50,14 @@ enum Mode {
     Echo,
     /// Write `peer=<ip:port>` first, then echo.
     Whoami,
-    /// HTTP/1.1 (keep-alive): 200 with a text body `name=…/peer=…/method=…/path=…/host=…` and one
-    /// `header <name>: <value>` line per request header; `/status/<code>` answers with that
-    /// status, `/delay/<ms>` waits first (at most 60 s).
+    /// HTTP/1.1 (keep-alive) and HTTP/2 with prior knowledge on the same port: 200 with a text
+    /// body `name=…/peer=…/method=…/path=…/host=…/proto=…/body-bytes=…` and one
+    /// `header <name>: <value>` line per request header, response header `x-backend: <name>`;
+    /// `/status/<code>` answers with that status, `/delay/<ms>` waits first (at most 60 s); a
+    /// WebSocket upgrade gets 101, then an echo of the raw bytes.
     Http,
+    /// `http` over TLS (`--cert`, `--key`; ALPN h2 and http/1.1), with a `sni=` body line.
+    Https,
     /// Read and drop everything; when the client half-closes, answer `bytes=<count>\n` and close
     /// (the sink for `bench stream`).
     Discard,
@@ -79,6 +92,54 @@ enum Cmd {
         /// thread per connection.
         #[arg(long, default_value_t = 0, value_parser = clap::value_parser!(u64).range(0..=1024))]
         workers: u64,
+        /// `--mode https`: the certificate chain (PEM).
+        #[arg(long, required_if_eq("mode", "https"))]
+        cert: Option<PathBuf>,
+        /// `--mode https`: the private key (PEM).
+        #[arg(long, required_if_eq("mode", "https"))]
+        key: Option<PathBuf>,
+    },
+    /// N HTTP requests over one keep-alive connection; prints one JSON line
+    /// `{"ok","failed","connections","statuses":{code:n},"backends":{name:n},"errors":[…]}`.
+    /// Exit 0 iff every request was answered (whatever the status).
+    HttpLoad {
+        addr: SocketAddr,
+        #[arg(long, default_value_t = 100, value_parser = clap::value_parser!(u64).range(1..=100_000))]
+        count: u64,
+        #[arg(long, default_value = "GET")]
+        method: String,
+        #[arg(long, default_value = "/")]
+        path: String,
+        /// Extra request header `Name: value` (repeatable).
+        #[arg(long = "header", short = 'H')]
+        headers: Vec<String>,
+        /// Host header (`:authority` with --http2) [default: ADDR].
+        #[arg(long)]
+        host: Option<String>,
+        /// HTTP/2 with prior knowledge (h2c) instead of HTTP/1.1.
+        #[arg(long)]
+        http2: bool,
+        /// Per-request time limit.
+        #[arg(long, default_value_t = 5000)]
+        timeout_ms: u64,
+        /// Overall time limit.
+        #[arg(long, default_value_t = 120)]
+        max_secs: u64,
+    },
+    /// A WebSocket upgrade (HTTP/1.1), then TEXT sent and read back; prints `status=`, the
+    /// response headers and `echo=`. Exit 0 iff the 101 is proper and the echo matches; 2 on
+    /// connect failure, 3 otherwise.
+    Ws {
+        addr: SocketAddr,
+        #[arg(long, default_value = "/")]
+        path: String,
+        /// Host header [default: ADDR].
+        #[arg(long)]
+        host: Option<String>,
+        #[arg(long, default_value = "ping")]
+        send: String,
+        #[arg(long, default_value_t = 5000)]
+        timeout_ms: u64,
     },
     /// One connection: send, half-close, print the response.
     Call {
@@ -163,7 +224,43 @@ fn main() -> ExitCode {
             mode,
             name,
             workers,
-        } => serve(listen, mode, name, workers),
+            cert,
+            key,
+        } => serve(listen, mode, name, workers, cert.zip(key)),
+        Cmd::HttpLoad {
+            addr,
+            count,
+            method,
+            path,
+            headers,
+            host,
+            http2,
+            timeout_ms,
+            max_secs,
+        } => http_load::run(http_load::Opts {
+            addr,
+            count,
+            method,
+            path,
+            headers,
+            host,
+            http2,
+            timeout: Duration::from_millis(timeout_ms),
+            max: Duration::from_secs(max_secs),
+        }),
+        Cmd::Ws {
+            addr,
+            path,
+            host,
+            send,
+            timeout_ms,
+        } => websocket::client(
+            addr,
+            &path,
+            host.as_deref(),
+            &send,
+            Duration::from_millis(timeout_ms),
+        ),
         Cmd::Call {
             addr,
             send,
@@ -229,7 +326,13 @@ fn main() -> ExitCode {
     }
 }
 
-fn serve(listen: Vec<SocketAddr>, mode: Mode, name: Option<String>, workers: u64) -> ExitCode {
+fn serve(
+    listen: Vec<SocketAddr>,
+    mode: Mode,
+    name: Option<String>,
+    workers: u64,
+    tls: Option<(PathBuf, PathBuf)>,
+) -> ExitCode {
     let mut listeners = Vec::new();
     for addr in &listen {
         match TcpListener::bind(addr) {
@@ -247,6 +350,17 @@ fn serve(listen: Vec<SocketAddr>, mode: Mode, name: Option<String>, workers: u64
         );
     }
     let _ = std::io::stdout().flush();
+    match mode {
+        Mode::Http => return http_server::run(listeners, name, None),
+        Mode::Https => {
+            let Some((cert, key)) = &tls else {
+                eprintln!("--mode https needs --cert and --key");
+                return ExitCode::from(1);
+            };
+            return http_server::run(listeners, name, Some((cert, key)));
+        }
+        Mode::Echo | Mode::Whoami | Mode::Discard => {}
+    }
     let name = Arc::new(name);
     let mut threads = Vec::new();
     for l in listeners {
@@ -291,10 +405,6 @@ fn serve(listen: Vec<SocketAddr>, mode: Mode, name: Option<String>, workers: u64
 
 fn handle(mut s: TcpStream, peer: SocketAddr, mode: Mode, name: Option<&str>) {
     let _ = s.set_nodelay(true);
-    if mode == Mode::Http {
-        serve_http(s, peer, name);
-        return;
-    }
     if mode == Mode::Discard {
         discard(s);
         return;
@@ -399,98 +509,6 @@ fn read_body(r: &mut impl BufRead, headers: &[(String, String)]) -> Option<Vec<u
         r.read_exact(&mut body).ok()?;
     }
     Some(body)
-}
-
-fn serve_http(s: TcpStream, peer: SocketAddr, name: Option<&str>) {
-    let Ok(read_half) = s.try_clone() else {
-        return;
-    };
-    let mut r = BufReader::new(read_half);
-    let mut w = s;
-    loop {
-        let Some(line) = read_line(&mut r) else {
-            return;
-        };
-        if line.is_empty() {
-            continue;
-        }
-        let mut parts = line.split(' ');
-        let (method, target, version) = (
-            parts.next().unwrap_or(""),
-            parts.next().unwrap_or("/"),
-            parts.next().unwrap_or("HTTP/1.0"),
-        );
-        let Some(headers) = read_headers(&mut r) else {
-            return;
-        };
-        let Some(body) = read_body(&mut r, &headers) else {
-            return;
-        };
-        let conn = header(&headers, "connection")
-            .unwrap_or("")
-            .to_ascii_lowercase();
-        let keep_alive = if version == "HTTP/1.1" {
-            !conn.contains("close")
-        } else {
-            conn.contains("keep-alive")
-        };
-        let path = target.split('?').next().unwrap_or("/");
-        let mut status = 200u16;
-        if let Some(code) = path.strip_prefix("/status/") {
-            status = code.parse().unwrap_or(400);
-        } else if let Some(ms) = path.strip_prefix("/delay/") {
-            let ms: u64 = ms.parse().unwrap_or(0);
-            std::thread::sleep(Duration::from_millis(ms.min(60_000)));
-        }
-        let mut text = String::new();
-        if let Some(n) = name {
-            text.push_str(&format!("name={n}\n"));
-        }
-        text.push_str(&format!(
-            "peer={peer}\nmethod={method}\npath={target}\nhost={}\nbody-bytes={}\n",
-            header(&headers, "host").unwrap_or(""),
-            body.len()
-        ));
-        for (k, v) in &headers {
-            text.push_str(&format!("header {}: {v}\n", k.to_ascii_lowercase()));
-        }
-        let mut resp = format!(
-            "HTTP/1.1 {status} {}\r\ncontent-type: text/plain\r\ncontent-length: {}\r\n",
-            reason(status),
-            text.len()
-        );
-        if let Some(n) = name {
-            resp.push_str(&format!("x-testpod-name: {n}\r\n"));
-        }
-        if !keep_alive {
-            resp.push_str("connection: close\r\n");
-        }
-        resp.push_str("\r\n");
-        if method != "HEAD" {
-            resp.push_str(&text);
-        }
-        if w.write_all(resp.as_bytes()).is_err() {
-            return;
-        }
-        if !keep_alive {
-            let _ = w.shutdown(Shutdown::Write);
-            return;
-        }
-    }
-}
-
-fn reason(status: u16) -> &'static str {
-    match status {
-        200 => "OK",
-        400 => "Bad Request",
-        403 => "Forbidden",
-        404 => "Not Found",
-        500 => "Internal Server Error",
-        502 => "Bad Gateway",
-        503 => "Service Unavailable",
-        504 => "Gateway Timeout",
-        _ => "Status",
-    }
 }
 
 #[allow(clippy::too_many_arguments)]

@@ -1,0 +1,1433 @@
+//! End-to-end: weft's L7 engine on two simulated nodes — Istio VirtualService, DestinationRule
+//! and ServiceEntry routing, Gateway API HTTPRoute and GRPCRoute, rewrites, redirects and header
+//! changes, TLS origination to a DNS-resolved external host, gRPC, HTTP/1.1 and HTTP/2 clients and
+//! WebSocket on one Service, L7 AuthorizationPolicy, refusal of malformed requests, invalid route
+//! objects, and one flow record per request with Envoy response flags.
+//!
+//! Most tests share one cluster (built by the first test that needs it, torn down when the
+//! binary exits); each uses Services and routing objects of its own, so they run in parallel.
+//! The tests that change what every test depends on (an invalid object in the registry, weft's
+//! DNS server) build their own. The tools they use (testpod's HTTP/h2c/TLS/WebSocket server and
+//! clients, the gRPC echo, dnsmasq) are checked without weft in `harness.rs`.
+//!
+//! Topology of the shared cluster:
+//! - node-a: `front/client` (sa client), `back/reviews-v3` (app=reviews, version=v3);
+//! - node-b: `back/reviews-v1`, `back/reviews-v2` (version v1, v2), `back/ratings-0`
+//!   (app=ratings), `back/sink-0` (app=sink, a raw TCP echo: whatever reaches it comes back);
+//! - each reviews pod serves HTTP on 9080 (`weft-testpod serve --mode http`) and gRPC on 50051
+//!   (`tests/grpc/echo.py`), answering with its name;
+//! - `front` and `back` are enrolled (`weft.dev/mesh=enabled`); weft runs on both nodes.
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::process::Command;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use serde_json::Value;
+use weft_tests::traffic::{
+    grpc_call, http, http_load, json_str as s, serve, serve_grpc, serve_https, testpod, websocket,
+    HttpReply, LoadSummary,
+};
+use weft_tests::*;
+
+const ENROLL: (&str, &str) = ("weft.dev/mesh", "enabled");
+/// How long a routing change may take to apply (weft reloads the registry within a second).
+const WAIT: Duration = Duration::from_secs(20);
+const HTTP_PORT: u16 = 9080;
+const GRPC_PORT: u16 = 50051;
+/// What Envoy (and so Istio) answers a request an AuthorizationPolicy denies.
+const RBAC_DENIED: &str = "RBAC: access denied";
+
+/// YAML written indented in the source: the common leading whitespace removed.
+fn dedent(text: &str) -> String {
+    let lines: Vec<&str> = text.lines().skip_while(|l| l.trim().is_empty()).collect();
+    let indent = lines
+        .iter()
+        .filter(|l| !l.trim().is_empty())
+        .map(|l| l.len() - l.trim_start().len())
+        .min()
+        .unwrap_or(0);
+    let mut out = String::new();
+    for l in lines {
+        out.push_str(l.get(indent..).unwrap_or("").trim_end());
+        out.push('\n');
+    }
+    out
+}
+
+#[test]
+fn dedent_keeps_relative_indentation() {
+    assert_eq!(
+        dedent("\n    a:\n      b: 1\n\n    c: 2\n  "),
+        "a:\n  b: 1\n\nc: 2\n\n"
+    );
+}
+
+/// `<svc>.back.svc.cluster.local`: the Host clients send.
+fn fqdn(svc: &str) -> String {
+    format!("{svc}.back.svc.cluster.local")
+}
+
+/// The shared cluster (see the module comment).
+struct L7 {
+    client: Pod,
+    reviews: Vec<Pod>,
+    services: BTreeMap<String, Service>,
+    weft_a: Weft,
+    weft_b: Weft,
+    _servers: Vec<Proc>,
+    /// Last: dropped after the processes above.
+    cluster: Cluster,
+}
+
+impl L7 {
+    fn svc(&self, name: &str) -> &Service {
+        self.services
+            .get(name)
+            .unwrap_or_else(|| panic!("no Service {name} in the shared cluster"))
+    }
+
+    fn apply(&self, yaml: &str) {
+        self.cluster.apply_yaml(&dedent(yaml)).unwrap();
+    }
+
+    /// `count` requests over one connection from the client to Service `svc` (Host: its FQDN),
+    /// with more `http-load` flags.
+    fn load(&self, svc: &str, count: u64, args: &[&str]) -> LoadSummary {
+        let host = fqdn(svc);
+        let mut all = vec!["--host", host.as_str()];
+        all.extend_from_slice(args);
+        http_load(&self.client, self.svc(svc).addr(HTTP_PORT), count, &all)
+    }
+
+    /// One HTTP/1.1 request from the client to Service `svc` (Host: its FQDN).
+    fn get(&self, svc: &str, args: &[&str]) -> HttpReply {
+        let host = fqdn(svc);
+        let mut all = vec!["--host", host.as_str()];
+        all.extend_from_slice(args);
+        http(&self.client, self.svc(svc).addr(HTTP_PORT), &all)
+    }
+}
+
+/// The reviews Services of the shared cluster, each for one test, all selecting app=reviews.
+const REVIEWS_SERVICES: &[&str] = &[
+    "reviews",
+    "reviews-match",
+    "reviews-gw",
+    "reviews-edit",
+    "reviews-proto",
+    "reviews-flows",
+];
+
+fn build_shared() -> L7 {
+    let cluster = Cluster::new("l7_shared").unwrap();
+    let a = cluster.add_node("node-a").unwrap();
+    let b = cluster.add_node("node-b").unwrap();
+    let client = cluster
+        .add_pod(
+            &a,
+            PodSpec::new("front", "client").service_account("client"),
+        )
+        .unwrap();
+    let mut reviews = Vec::new();
+    for (name, node, version) in [
+        ("reviews-v1", &b, "v1"),
+        ("reviews-v2", &b, "v2"),
+        ("reviews-v3", &a, "v3"),
+    ] {
+        reviews.push(
+            cluster
+                .add_pod(
+                    node,
+                    PodSpec::new("back", name)
+                        .label("app", "reviews")
+                        .label("version", version)
+                        .service_account("reviews")
+                        .port("http", HTTP_PORT)
+                        .port("grpc", GRPC_PORT),
+                )
+                .unwrap(),
+        );
+    }
+    let ratings = cluster
+        .add_pod(
+            &b,
+            PodSpec::new("back", "ratings-0")
+                .label("app", "ratings")
+                .service_account("ratings")
+                .port("http", HTTP_PORT),
+        )
+        .unwrap();
+    let sink = cluster
+        .add_pod(
+            &b,
+            PodSpec::new("back", "sink-0")
+                .label("app", "sink")
+                .service_account("sink")
+                .port("http", HTTP_PORT),
+        )
+        .unwrap();
+    let mut services = BTreeMap::new();
+    let mut add = |spec: ServiceSpec| {
+        let svc = cluster.add_service(spec).unwrap();
+        services.insert(svc.name.clone(), svc);
+    };
+    for name in REVIEWS_SERVICES {
+        add(ServiceSpec::new("back", name)
+            .selector("app", "reviews")
+            .port("http", HTTP_PORT, HTTP_PORT, None));
+    }
+    add(ServiceSpec::new("back", "reviews-grpc")
+        .selector("app", "reviews")
+        .port("grpc", GRPC_PORT, GRPC_PORT, None));
+    for v in ["v1", "v2", "v3"] {
+        add(ServiceSpec::new("back", &format!("reviews-{v}"))
+            .selector("app", "reviews")
+            .selector("version", v)
+            .port("http", HTTP_PORT, HTTP_PORT, None)
+            .port("grpc", GRPC_PORT, GRPC_PORT, None));
+    }
+    add(ServiceSpec::new("back", "ratings")
+        .selector("app", "ratings")
+        .port("http", HTTP_PORT, HTTP_PORT, None));
+    add(ServiceSpec::new("back", "sink")
+        .selector("app", "sink")
+        .port("http", HTTP_PORT, HTTP_PORT, None));
+    // Endpoints that refuse connections: nothing listens on 9099.
+    add(ServiceSpec::new("back", "closed")
+        .selector("app", "reviews")
+        .port("http", HTTP_PORT, 9099u16, None));
+    cluster
+        .set_namespace_labels("front", labels(&[ENROLL]))
+        .unwrap();
+    cluster
+        .set_namespace_labels("back", labels(&[ENROLL]))
+        .unwrap();
+    let mut servers = Vec::new();
+    for p in &reviews {
+        servers.push(serve(p, HTTP_PORT, "http"));
+        servers.push(serve_grpc(p, GRPC_PORT));
+    }
+    servers.push(serve(&ratings, HTTP_PORT, "http"));
+    servers.push(serve(&sink, HTTP_PORT, "whoami"));
+    // Every request is a flow: room for all the tests' requests (a few thousand each).
+    let flags = ["--flow-capacity", "50000"];
+    let weft_a = Weft::start_with(&cluster, &a, &flags).unwrap();
+    let weft_b = Weft::start_with(&cluster, &b, &flags).unwrap();
+    L7 {
+        client,
+        reviews,
+        services,
+        weft_a,
+        weft_b,
+        _servers: servers,
+        cluster,
+    }
+}
+
+/// The shared cluster, or why it could not be built.
+static SHARED: Mutex<Option<Result<Arc<L7>, String>>> = Mutex::new(None);
+
+/// The shared cluster: built by the first caller, torn down when the test binary exits (a
+/// static is never dropped, so an `atexit` hook drops it).
+fn shared() -> Arc<L7> {
+    let mut slot = SHARED.lock().unwrap_or_else(|e| e.into_inner());
+    if slot.is_none() {
+        let built = std::panic::catch_unwind(build_shared).map_err(|e| {
+            e.downcast_ref::<String>()
+                .cloned()
+                .or_else(|| e.downcast_ref::<&str>().map(|s| s.to_string()))
+                .unwrap_or_else(|| "panicked".into())
+        });
+        *slot = Some(built.map(Arc::new));
+        extern "C" fn teardown() {
+            let taken = SHARED.lock().unwrap_or_else(|e| e.into_inner()).take();
+            drop(taken);
+        }
+        // SAFETY: registers a plain function without captures; it runs once at exit.
+        unsafe { libc::atexit(teardown) };
+    }
+    let built = slot.as_ref().expect("set above").clone();
+    drop(slot);
+    built.unwrap_or_else(|e| panic!("the shared L7 cluster could not be built: {e}"))
+}
+
+/// Polls the cases until each one's requests all land where it says; panics with the last
+/// results otherwise. A case: (what, http-load flags, expected backend or `status=<code>`).
+fn wait_for_routes(m: &L7, svc: &str, cases: &[(&str, Vec<&str>, &str)]) {
+    let deadline = Instant::now() + WAIT;
+    loop {
+        let results: Vec<(bool, String)> = cases
+            .iter()
+            .map(|(what, args, want)| {
+                let got = m.load(svc, 6, args);
+                let ok = match want.strip_prefix("status=") {
+                    Some(code) => got.status(code.parse().unwrap()) == 6,
+                    None => got.status(200) == 6 && got.backends.get(*want) == Some(&6),
+                };
+                (ok, format!("{what}: want {want}, got {got:?}"))
+            })
+            .collect();
+        if results.iter().all(|(ok, _)| *ok) {
+            return;
+        }
+        if Instant::now() > deadline {
+            let failed: Vec<&str> = results
+                .iter()
+                .filter(|(ok, _)| !ok)
+                .map(|(_, t)| t.as_str())
+                .collect();
+            panic!(
+                "{svc}: not routed as configured after {WAIT:?}:\n{}",
+                failed.join("\n")
+            );
+        }
+        std::thread::sleep(Duration::from_millis(200));
+    }
+}
+
+/// Subsets v1, v2, v3 of a reviews Service by the `version` label.
+fn subsets(svc: &str) -> String {
+    format!(
+        r#"
+        apiVersion: networking.istio.io/v1alpha3
+        kind: DestinationRule
+        metadata:
+          name: {svc}
+          namespace: back
+        spec:
+          host: {svc}
+          subsets:
+          - name: v1
+            labels:
+              version: v1
+          - name: v2
+            labels:
+              version: v2
+          - name: v3
+            labels:
+              version: v3
+        "#
+    )
+}
+
+/// The canonical VirtualService: `reviews` split between subsets v1 and v2 by weight.
+fn weighted(v1: u32, v2: u32) -> String {
+    format!(
+        r#"
+        apiVersion: networking.istio.io/v1alpha3
+        kind: VirtualService
+        metadata:
+          name: reviews
+          namespace: back
+        spec:
+          hosts:
+          - reviews
+          http:
+          - route:
+            - destination:
+                host: reviews
+                subset: v1
+              weight: {v1}
+            - destination:
+                host: reviews
+                subset: v2
+              weight: {v2}
+        "#
+    )
+}
+
+/// The share of v1 in a 10/90 split over 2 000 requests is 10 ± 3 %.
+fn assert_ten_ninety(s: &LoadSummary, n: u64) {
+    assert_eq!(s.status(200), n, "{s:?}");
+    let (v1, v2) = (s.from_backends("reviews-v1"), s.from_backends("reviews-v2"));
+    assert_eq!(v1 + v2, n, "only subsets v1 and v2: {s:?}");
+    let share = v1 as f64 / n as f64;
+    assert!(
+        (0.07..=0.13).contains(&share),
+        "v1 got {:.1} % of {n}, not 10 ± 3 %: {s:?}",
+        share * 100.0
+    );
+}
+
+/// 1. The canonical canary as users write it (v1alpha3): requests — not connections — are split
+///    10/90; 100/0 sends none to v2, and no weight reaches the unnamed v3.
+#[test]
+fn weighted_virtual_service_splits_requests_between_subsets() {
+    let m = shared();
+    m.apply(&subsets("reviews"));
+    m.apply(&weighted(10, 90));
+    // Over one keep-alive connection: a per-connection balancer answers from one backend only.
+    wait_until(WAIT, || {
+        let s = m.load("reviews", 50, &[]);
+        s.status(200) == 50 && s.from_backends("reviews-v3") == 0 && s.backends.len() == 2
+    })
+    .unwrap_or_else(|_| panic!("10/90 not applied: {:?}", m.load("reviews", 50, &[])));
+    assert_ten_ninety(&m.load("reviews", 2000, &[]), 2000);
+    // The same over HTTP/2.
+    assert_ten_ninety(&m.load("reviews", 2000, &["--http2"]), 2000);
+
+    m.apply(&weighted(100, 0));
+    wait_until(WAIT, || {
+        m.load("reviews", 50, &[]).backends.get("reviews-v1") == Some(&50)
+    })
+    .unwrap_or_else(|_| panic!("100/0 not applied: {:?}", m.load("reviews", 50, &[])));
+    let s = m.load("reviews", 500, &[]);
+    assert_eq!(s.backends.get("reviews-v1"), Some(&500), "{s:?}");
+}
+
+/// The match cases of scenario 2, as (what, flags, backend). A route table that gets them all
+/// right honours header, path (exact, prefix, regex), method and query matches, in order.
+fn match_cases() -> Vec<(&'static str, Vec<&'static str>, &'static str)> {
+    vec![
+        (
+            "no match: the last route",
+            vec!["--path", "/"],
+            "reviews-v1",
+        ),
+        (
+            "header exact",
+            vec!["--path", "/", "-H", "x-user: jason"],
+            "reviews-v2",
+        ),
+        (
+            "header differs",
+            vec!["--path", "/", "-H", "x-user: jasonx"],
+            "reviews-v1",
+        ),
+        ("path exact", vec!["--path", "/reviews/exact"], "reviews-v3"),
+        (
+            "exact is not a prefix",
+            vec!["--path", "/reviews/exact/more"],
+            "reviews-v1",
+        ),
+        ("path prefix", vec!["--path", "/reviews/v2/x"], "reviews-v2"),
+        ("path regex", vec!["--path", "/ratings/42"], "reviews-v3"),
+        (
+            "regex matches the whole path",
+            vec!["--path", "/ratings/42x"],
+            "reviews-v1",
+        ),
+        (
+            "method",
+            vec!["--path", "/", "--method", "POST"],
+            "reviews-v2",
+        ),
+        ("query exact", vec!["--path", "/?version=3"], "reviews-v3"),
+        (
+            "query differs",
+            vec!["--path", "/?version=33"],
+            "reviews-v1",
+        ),
+        (
+            "first match wins: header before exact path",
+            vec!["--path", "/reviews/exact", "-H", "x-user: jason"],
+            "reviews-v2",
+        ),
+    ]
+}
+
+/// 2. Header, path (exact/prefix/regex), method and query matches pick the subset; the first
+///    matching route wins.
+#[test]
+fn virtual_service_matches_pick_subsets_first_match_wins() {
+    let m = shared();
+    m.apply(&subsets("reviews-match"));
+    m.apply(
+        r#"
+        apiVersion: networking.istio.io/v1
+        kind: VirtualService
+        metadata:
+          name: reviews-match
+          namespace: back
+        spec:
+          hosts:
+          - reviews-match
+          http:
+          - match:
+            - headers:
+                x-user:
+                  exact: jason
+            route:
+            - destination: {host: reviews-match, subset: v2}
+          - match:
+            - uri:
+                exact: /reviews/exact
+            route:
+            - destination: {host: reviews-match, subset: v3}
+          - match:
+            - uri:
+                prefix: /reviews/v2/
+            route:
+            - destination: {host: reviews-match, subset: v2}
+          - match:
+            - uri:
+                regex: "/ratings/[0-9]+"
+            route:
+            - destination: {host: reviews-match, subset: v3}
+          - match:
+            - method:
+                exact: POST
+            route:
+            - destination: {host: reviews-match, subset: v2}
+          - match:
+            - queryParams:
+                version:
+                  exact: "3"
+            route:
+            - destination: {host: reviews-match, subset: v3}
+          - route:
+            - destination: {host: reviews-match, subset: v1}
+        "#,
+    );
+    wait_for_routes(&m, "reviews-match", &match_cases());
+}
+
+/// 3. The same with Gateway API: an HTTPRoute attached to the Service (GAMMA) splits by
+///    backendRef weight and matches by header, path, method and query — by Gateway API's
+///    precedence, not order — and a request no rule matches gets 404, recorded as `NR`.
+#[test]
+fn httproute_on_a_service_splits_matches_and_answers_no_route() {
+    let m = shared();
+    m.apply(
+        r#"
+        apiVersion: gateway.networking.k8s.io/v1
+        kind: HTTPRoute
+        metadata:
+          name: reviews-gw
+          namespace: back
+        spec:
+          parentRefs:
+          - group: ""
+            kind: Service
+            name: reviews-gw
+            port: 9080
+          rules:
+          - matches:
+            - path: {type: PathPrefix, value: /split}
+            backendRefs:
+            - {name: reviews-v1, port: 9080, weight: 10}
+            - {name: reviews-v2, port: 9080, weight: 90}
+          - matches:
+            - headers:
+              - {name: x-user, value: jason}
+            backendRefs:
+            - {name: reviews-v2, port: 9080}
+          - matches:
+            - path: {type: Exact, value: /reviews/exact}
+            backendRefs:
+            - {name: reviews-v3, port: 9080}
+          - matches:
+            - path: {type: PathPrefix, value: /reviews/v2}
+            backendRefs:
+            - {name: reviews-v2, port: 9080}
+          - matches:
+            - path: {type: RegularExpression, value: "/ratings/[0-9]+"}
+            backendRefs:
+            - {name: reviews-v3, port: 9080}
+          - matches:
+            - method: POST
+            backendRefs:
+            - {name: reviews-v2, port: 9080}
+          - matches:
+            - queryParams:
+              - {name: version, value: "3"}
+            backendRefs:
+            - {name: reviews-v3, port: 9080}
+          - matches:
+            - path: {type: PathPrefix, value: /default}
+            backendRefs:
+            - {name: reviews-v1, port: 9080}
+        "#,
+    );
+    wait_for_routes(
+        &m,
+        "reviews-gw",
+        &[
+            ("path prefix", vec!["--path", "/default/x"], "reviews-v1"),
+            (
+                "header",
+                vec!["--path", "/", "-H", "x-user: jason"],
+                "reviews-v2",
+            ),
+            (
+                "an exact path outranks a header match",
+                vec!["--path", "/reviews/exact", "-H", "x-user: jason"],
+                "reviews-v3",
+            ),
+            (
+                "a longer prefix outranks a method match",
+                vec!["--path", "/default", "--method", "POST"],
+                "reviews-v1",
+            ),
+            ("path exact", vec!["--path", "/reviews/exact"], "reviews-v3"),
+            (
+                "PathPrefix matches whole segments",
+                vec!["--path", "/reviews/v2/x"],
+                "reviews-v2",
+            ),
+            (
+                "… and not a longer segment",
+                vec!["--path", "/reviews/v2x"],
+                "status=404",
+            ),
+            ("path regex", vec!["--path", "/ratings/42"], "reviews-v3"),
+            (
+                "method",
+                vec!["--path", "/x", "--method", "POST"],
+                "reviews-v2",
+            ),
+            ("query", vec!["--path", "/?version=3"], "reviews-v3"),
+            (
+                "no rule matches",
+                vec!["--path", "/nothing-here"],
+                "status=404",
+            ),
+        ],
+    );
+    assert_ten_ninety(&m.load("reviews-gw", 2000, &["--path", "/split"]), 2000);
+
+    // The refused request is a flow of the client's node, with Envoy's flag for "no route".
+    let r = m.get("reviews-gw", &["--path", "/nothing-here/flagged"]);
+    assert_eq!(r.status, 404, "{r:?}");
+    let f = &m
+        .weft_a
+        .wait_flows(1, WAIT, |f| s(f, "/http/path") == "/nothing-here/flagged")
+        .unwrap()[0];
+    assert_eq!(f["http"]["status"], 404, "{f}");
+    assert_eq!(s(f, "/http/response_flags"), "NR", "{f}");
+}
+
+/// 4. Rewrites (path prefix and authority), redirects (301, 302), request and response header
+///    set/add/remove and a direct response: the backend sees what the VirtualService says, the
+///    client sees the response side.
+#[test]
+fn rewrites_redirects_header_changes_and_direct_responses() {
+    let m = shared();
+    m.apply(&subsets("reviews-edit"));
+    m.apply(
+        r#"
+        apiVersion: networking.istio.io/v1
+        kind: VirtualService
+        metadata:
+          name: reviews-edit
+          namespace: back
+        spec:
+          hosts:
+          - reviews-edit
+          http:
+          - name: api
+            match:
+            - uri:
+                prefix: /api/
+            - uri:
+                prefix: /api
+            rewrite:
+              uri: /
+              authority: reviews-internal.back
+            headers:
+              request:
+                set:
+                  x-set: one
+                add:
+                  x-added: two
+                remove:
+                - x-remove-me
+              response:
+                set:
+                  x-resp-set: three
+                add:
+                  x-resp-add: four
+                remove:
+                - x-testpod-name
+            route:
+            - destination: {host: reviews-edit, subset: v1}
+          - match:
+            - uri:
+                exact: /old
+            redirect:
+              uri: /new
+          - match:
+            - uri:
+                exact: /temp
+            redirect:
+              uri: /temp-new
+              authority: other.example
+              redirectCode: 302
+          - match:
+            - uri:
+                exact: /teapot
+            directResponse:
+              status: 418
+              body:
+                string: short and stout
+            headers:
+              response:
+                set:
+                  x-direct: "yes"
+          - route:
+            - destination: {host: reviews-edit, subset: v2}
+        "#,
+    );
+    let api = |path: &str| {
+        m.get(
+            "reviews-edit",
+            &[
+                "--path",
+                path,
+                "-H",
+                "x-set: client",
+                "-H",
+                "x-added: mine",
+                "-H",
+                "x-remove-me: gone",
+                "-H",
+                "x-keep: kept",
+            ],
+        )
+    };
+    let r = wait_for(WAIT, || {
+        let r = api("/api/items?q=1");
+        (r.seen("name") == Some("reviews-v1")).then_some(r)
+    })
+    .unwrap_or_else(|_| panic!("not routed: {:?}", api("/api/items?q=1")));
+    assert_eq!(r.status, 200, "{r:?}");
+    assert_eq!(
+        r.seen("path"),
+        Some("/items?q=1"),
+        "prefix rewritten: {r:?}"
+    );
+    assert_eq!(r.seen("host"), Some("reviews-internal.back"), "{r:?}");
+    assert_eq!(r.seen_header("x-set"), vec!["one"], "set replaces: {r:?}");
+    assert_eq!(
+        r.seen_header("x-added"),
+        vec!["mine", "two"],
+        "add appends: {r:?}"
+    );
+    assert!(r.seen_header("x-remove-me").is_empty(), "removed: {r:?}");
+    assert_eq!(r.seen_header("x-keep"), vec!["kept"], "{r:?}");
+    assert_eq!(r.header("x-resp-set"), Some("three"), "{r:?}");
+    assert_eq!(r.header("x-resp-add"), Some("four"), "{r:?}");
+    assert_eq!(
+        r.header("x-testpod-name"),
+        None,
+        "response header removed: {r:?}"
+    );
+    assert_eq!(r.header("x-backend"), Some("reviews-v1"), "{r:?}");
+    assert_eq!(api("/api").seen("path"), Some("/"));
+
+    let r = m.get("reviews-edit", &["--path", "/old"]);
+    assert_eq!(r.status, 301, "{r:?}");
+    assert_eq!(
+        r.header("location"),
+        Some(format!("http://{}/new", fqdn("reviews-edit")).as_str()),
+        "{r:?}"
+    );
+    let r = m.get("reviews-edit", &["--path", "/temp"]);
+    assert_eq!(r.status, 302, "{r:?}");
+    assert_eq!(
+        r.header("location"),
+        Some("http://other.example/temp-new"),
+        "{r:?}"
+    );
+    let r = m.get("reviews-edit", &["--path", "/teapot"]);
+    assert_eq!(r.status, 418, "{r:?}");
+    assert_eq!(r.body, "short and stout", "{r:?}");
+    assert_eq!(r.header("x-direct"), Some("yes"), "{r:?}");
+    let r = m.get("reviews-edit", &["--path", "/other"]);
+    assert_eq!(r.seen("name"), Some("reviews-v2"), "{r:?}");
+    assert_eq!(r.seen("path"), Some("/other"), "{r:?}");
+}
+
+/// 6. gRPC through weft: a GRPCRoute sends one method to v2 and the rest to v1; unary and
+///    server-streaming calls, a non-OK status and trailing metadata arrive intact.
+#[test]
+fn grpc_calls_route_by_method_with_status_and_trailers_intact() {
+    let m = shared();
+    m.apply(
+        r#"
+        apiVersion: gateway.networking.k8s.io/v1
+        kind: GRPCRoute
+        metadata:
+          name: reviews-grpc
+          namespace: back
+        spec:
+          parentRefs:
+          - group: ""
+            kind: Service
+            name: reviews-grpc
+            port: 50051
+          rules:
+          - matches:
+            - method:
+                service: weft.test.Echo
+                method: Count
+            backendRefs:
+            - {name: reviews-v2, port: 50051}
+          - backendRefs:
+            - {name: reviews-v1, port: 50051}
+        "#,
+    );
+    let addr = m.svc("reviews-grpc").addr(GRPC_PORT);
+    let authority = format!("{}:{GRPC_PORT}", fqdn("reviews-grpc"));
+    let call =
+        |method: &str, data: &str| grpc_call(&m.client, addr, method, data, Some(&authority));
+    // Each call is a new connection: only per-request routing sends them all to v1.
+    wait_until(WAIT, || {
+        (0..4).all(|_| s(&call("Say", "hi"), "/trailing_metadata/x-backend") == "reviews-v1")
+    })
+    .unwrap_or_else(|_| panic!("GRPCRoute not applied: {}", call("Say", "hi")));
+
+    let r = call("Say", "hello");
+    assert_eq!(s(&r, "/code"), "OK", "{r}");
+    assert_eq!(
+        r["messages"],
+        serde_json::json!(["reviews-v1|hello"]),
+        "{r}"
+    );
+    assert_eq!(s(&r, "/trailing_metadata/x-backend"), "reviews-v1", "{r}");
+
+    let r = call("Count", "5");
+    assert_eq!(s(&r, "/code"), "OK", "{r}");
+    let want: Vec<String> = (1..=5).map(|i| format!("reviews-v2|{i}")).collect();
+    assert_eq!(
+        r["messages"],
+        serde_json::json!(want),
+        "streamed in order: {r}"
+    );
+    assert_eq!(s(&r, "/trailing_metadata/x-backend"), "reviews-v2", "{r}");
+
+    let r = call("Fail", "NOT_FOUND:no such review");
+    assert_eq!(s(&r, "/code"), "NOT_FOUND", "{r}");
+    assert_eq!(s(&r, "/details"), "no such review", "{r}");
+    assert_eq!(
+        s(&r, "/trailing_metadata/x-detail"),
+        "failed-on-purpose",
+        "{r}"
+    );
+    assert_eq!(s(&r, "/trailing_metadata/x-backend"), "reviews-v1", "{r}");
+
+    // Each call is an HTTP/2 request in the flows.
+    let f = &m
+        .weft_a
+        .wait_flows(1, WAIT, |f| s(f, "/http/path") == "/weft.test.Echo/Count")
+        .unwrap()[0];
+    assert_eq!(s(f, "/http/method"), "POST", "{f}");
+    assert_eq!(f["http"]["status"], 200, "{f}");
+}
+
+/// 7. An HTTP/1.1 client, an HTTP/2 (prior knowledge) client and a WebSocket upgrade on the same
+///    Service, all routed by its VirtualService.
+#[test]
+fn http1_http2_and_websocket_clients_share_a_service() {
+    let m = shared();
+    m.apply(&subsets("reviews-proto"));
+    m.apply(
+        r#"
+        apiVersion: networking.istio.io/v1
+        kind: VirtualService
+        metadata:
+          name: reviews-proto
+          namespace: back
+        spec:
+          hosts:
+          - reviews-proto
+          http:
+          - route:
+            - destination: {host: reviews-proto, subset: v2}
+        "#,
+    );
+    wait_for_routes(&m, "reviews-proto", &[("all to v2", vec![], "reviews-v2")]);
+    let url = format!(
+        "http://{}:{HTTP_PORT}/proto",
+        m.svc("reviews-proto").cluster_ip
+    );
+    let host = format!("Host: {}", fqdn("reviews-proto"));
+    let curl = |extra: &[&str]| {
+        let out = m
+            .client
+            .output(
+                Command::new("curl")
+                    .args(["-sS", "-i", "--max-time", "5", "-H", &host])
+                    .args(extra)
+                    .arg(&url),
+            )
+            .unwrap();
+        format!(
+            "{}{}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        )
+    };
+    // Both through weft's HTTP engine: routed, and given a request id on the way.
+    let h1 = curl(&["--http1.1"]);
+    assert!(h1.starts_with("HTTP/1.1 200"), "{h1}");
+    assert!(h1.contains("name=reviews-v2\n"), "{h1}");
+    assert!(h1.contains("header x-request-id: "), "{h1}");
+    let h2 = curl(&["--http2-prior-knowledge"]);
+    assert!(h2.starts_with("HTTP/2 200"), "{h2}");
+    assert!(h2.contains("name=reviews-v2\n"), "{h2}");
+    assert!(h2.contains("header x-request-id: "), "{h2}");
+
+    for args in [vec![], vec!["--http2"]] {
+        let s = m.load("reviews-proto", 200, &args);
+        assert_eq!(s.status(200), 200, "{args:?}: {s:?}");
+        assert_eq!(s.backends.get("reviews-v2"), Some(&200), "{args:?}: {s:?}");
+        assert_eq!(s.connections, 1, "kept alive: {args:?}: {s:?}");
+    }
+
+    let (code, out) = websocket(
+        &m.client,
+        m.svc("reviews-proto").addr(HTTP_PORT),
+        &["--path", "/ws", "--host", &fqdn("reviews-proto")],
+        "hello over an upgraded connection",
+    );
+    assert_eq!(code, 0, "{out}");
+    assert!(out.starts_with("status=101\n"), "{out}");
+    assert!(out.contains("< x-backend: reviews-v2\n"), "{out}");
+    assert!(
+        out.contains("echo=hello over an upgraded connection\n"),
+        "{out}"
+    );
+}
+
+/// 8. AuthorizationPolicy with L7 rules at the destination: ALLOW by path and method, DENY by
+///    header; a denied request gets Envoy's 403, and the destination node's flow names the
+///    policy.
+#[test]
+fn l7_authorization_allows_by_path_and_method_and_denies_by_header() {
+    let m = shared();
+    let get = |args: &[&str]| m.get("ratings", args);
+    let r = get(&["--path", "/private"]);
+    assert_eq!(
+        (r.status, r.seen("name")),
+        (200, Some("ratings-0")),
+        "no policy yet: {r:?}"
+    );
+    m.apply(
+        r#"
+        apiVersion: security.istio.io/v1
+        kind: AuthorizationPolicy
+        metadata:
+          name: ratings-allow
+          namespace: back
+        spec:
+          selector:
+            matchLabels:
+              app: ratings
+          action: ALLOW
+          rules:
+          - to:
+            - operation:
+                methods: ["GET"]
+                paths: ["/public/*"]
+        ---
+        apiVersion: security.istio.io/v1
+        kind: AuthorizationPolicy
+        metadata:
+          name: ratings-deny
+          namespace: back
+        spec:
+          selector:
+            matchLabels:
+              app: ratings
+          action: DENY
+          rules:
+          - when:
+            - key: request.headers[x-evil]
+              values: ["true"]
+        "#,
+    );
+    wait_until(WAIT, || get(&["--path", "/private"]).status == 403)
+        .unwrap_or_else(|_| panic!("not denied: {:?}", get(&["--path", "/private"])));
+
+    let r = get(&["--path", "/public/info"]);
+    assert_eq!(
+        (r.status, r.seen("name")),
+        (200, Some("ratings-0")),
+        "{r:?}"
+    );
+    for (what, args, policy) in [
+        (
+            "path not allowed",
+            vec!["--path", "/private"],
+            "back/ratings-allow",
+        ),
+        (
+            "method not allowed",
+            vec!["--path", "/public/info", "--method", "POST"],
+            "back/ratings-allow",
+        ),
+        (
+            "denied header",
+            vec!["--path", "/public/evil", "-H", "x-evil: true"],
+            "back/ratings-deny",
+        ),
+    ] {
+        let r = get(&args);
+        assert_eq!(r.status, 403, "{what}: {r:?}");
+        assert_eq!(r.body, RBAC_DENIED, "{what}: {r:?}");
+        let path = args[1];
+        let flows = m
+            .weft_b
+            .wait_flows(1, WAIT, |f| {
+                s(f, "/http/path") == path && f.to_string().contains(policy)
+            })
+            .unwrap_or_else(|e| panic!("{what}: no flow naming {policy}: {e}"));
+        assert_eq!(flows[0]["http"]["status"], 403, "{what}: {}", flows[0]);
+    }
+    // A header that is not the denied value passes.
+    let r = get(&["--path", "/public/info", "-H", "x-evil: false"]);
+    assert_eq!(r.status, 200, "{r:?}");
+}
+
+/// The raw answer to `text` sent on one connection to the sink Service (a TCP echo: anything
+/// that reaches it comes back after its `name=sink-0` line).
+fn raw(m: &L7, text: &str) -> String {
+    let out = m
+        .client
+        .output(testpod().args([
+            "call",
+            &m.svc("sink").addr(HTTP_PORT).to_string(),
+            "--send",
+            text,
+            "--timeout-ms",
+            "5000",
+        ]))
+        .unwrap();
+    format!(
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    )
+}
+
+/// 9. Bad input on an HTTP port is answered by weft and never forwarded: a malformed request
+///    line and Content-Length with chunked Transfer-Encoding get 400 (`DPE`), a header block
+///    over the 60 KiB default gets 431.
+#[test]
+fn malformed_requests_are_refused_and_not_forwarded() {
+    let m = shared();
+    for (what, text) in [
+        (
+            "malformed request line",
+            "G@T / HTTP/1.1\r\nHost: sink.back\r\n\r\n",
+        ),
+        (
+            "Content-Length with chunked",
+            "POST / HTTP/1.1\r\nHost: sink.back\r\nContent-Length: 5\r\n\
+             Transfer-Encoding: chunked\r\n\r\n0\r\n\r\n",
+        ),
+    ] {
+        let resp = raw(&m, text);
+        assert!(resp.starts_with("HTTP/1.1 400"), "{what}: {resp:?}");
+        assert!(
+            !resp.contains("name=sink-0"),
+            "{what} was forwarded: {resp:?}"
+        );
+    }
+    let big = format!("x-big: {}", "a".repeat(61 * 1024));
+    let r = m.get("sink", &["--path", "/big", "-H", &big]);
+    assert_eq!(r.status, 431, "{:?}", (r.status, &r.stderr, r.body.len()));
+    assert!(!r.body.contains("name=sink-0"), "forwarded");
+    m.weft_a
+        .wait_flows(1, WAIT, |f| s(f, "/http/response_flags") == "DPE")
+        .unwrap();
+}
+
+/// 10. Every request is a flow with its HTTP facts; a request id is generated when missing (the
+///     backend sees it, the flow carries it) and `x-forwarded-for` names the client; no healthy
+///     upstream is `UH`, a refused connection `UF`; `weft flows --http` filters by status class,
+///     path prefix and method.
+#[test]
+fn every_request_is_a_flow_with_http_details_and_filters() {
+    let m = shared();
+    m.apply(
+        r#"
+        apiVersion: networking.istio.io/v1
+        kind: DestinationRule
+        metadata:
+          name: reviews-flows
+          namespace: back
+        spec:
+          host: reviews-flows
+          subsets:
+          - name: v1
+            labels:
+              version: v1
+          - name: nobody
+            labels:
+              version: none
+        ---
+        apiVersion: networking.istio.io/v1
+        kind: VirtualService
+        metadata:
+          name: reviews-flows
+          namespace: back
+        spec:
+          hosts:
+          - reviews-flows
+          http:
+          - name: to-nobody
+            match:
+            - uri:
+                prefix: /none
+            route:
+            - destination: {host: reviews-flows, subset: nobody}
+          - name: to-v1
+            route:
+            - destination: {host: reviews-flows, subset: v1}
+        "#,
+    );
+    wait_for_routes(&m, "reviews-flows", &[("all to v1", vec![], "reviews-v1")]);
+    let s20 = m.load("reviews-flows", 20, &["--path", "/flows/hello"]);
+    assert_eq!(s20.status(200), 20, "{s20:?}");
+
+    // The backend sees one generated request id and the client in x-forwarded-for.
+    let r = m.get("reviews-flows", &["--path", "/flows/one"]);
+    let ids = r.seen_header("x-request-id");
+    assert_eq!(ids.len(), 1, "one x-request-id: {r:?}");
+    let id = ids[0].to_string();
+    assert!(!id.is_empty(), "{r:?}");
+    let xff = r.seen_header("x-forwarded-for");
+    assert!(
+        xff.iter().any(|v| v.contains(&m.client.ip().to_string())),
+        "x-forwarded-for names the client: {r:?}"
+    );
+
+    let flows = m
+        .weft_a
+        .wait_flows(20, WAIT, |f| s(f, "/http/path") == "/flows/hello")
+        .unwrap();
+    let v1 = m.reviews[0].ip().to_string();
+    let mut ids_seen = BTreeSet::new();
+    for f in &flows {
+        assert_eq!(s(f, "/http/method"), "GET", "{f}");
+        assert_eq!(s(f, "/http/authority"), fqdn("reviews-flows"), "{f}");
+        assert_eq!(f["http"]["status"], 200, "{f}");
+        assert!(f["http"]["response_flags"].is_string(), "{f}");
+        assert!(s(f, "/http/route").contains("to-v1"), "{f}");
+        assert!(
+            s(f, "/http/upstream").contains(&format!("{v1}:{HTTP_PORT}")),
+            "{f}"
+        );
+        assert!(f["http"]["duration_ms"].is_number(), "{f}");
+        assert!(!s(f, "/http/request_id").is_empty(), "{f}");
+        ids_seen.insert(s(f, "/http/request_id").to_string());
+    }
+    assert_eq!(ids_seen.len(), flows.len(), "a request id per request");
+    m.weft_a
+        .wait_flows(1, WAIT, |f| s(f, "/http/request_id") == id)
+        .unwrap();
+
+    // Failures with their flags: a subset without endpoints, a port nothing listens on.
+    let r = m.get("reviews-flows", &["--path", "/none"]);
+    assert_eq!(r.status, 503, "{r:?}");
+    let r = m.get("closed", &["--path", "/flows/closed"]);
+    assert_eq!(r.status, 503, "{r:?}");
+    for (path, flag) in [("/none", "UH"), ("/flows/closed", "UF")] {
+        let f = &m
+            .weft_a
+            .wait_flows(1, WAIT, |f| s(f, "/http/path") == path)
+            .unwrap()[0];
+        assert_eq!(s(f, "/http/response_flags"), flag, "{f}");
+        assert_eq!(f["http"]["status"], 503, "{f}");
+    }
+
+    // The backend's own 503s and two POSTs, then the CLI's filters.
+    assert_eq!(
+        m.load("reviews-flows", 3, &["--path", "/status/503"])
+            .status(503),
+        3
+    );
+    assert_eq!(
+        m.load(
+            "reviews-flows",
+            2,
+            &["--path", "/flows/post", "--method", "POST"]
+        )
+        .status(200),
+        2
+    );
+    m.weft_a
+        .wait_flows(2, WAIT, |f| s(f, "/http/path") == "/flows/post")
+        .unwrap();
+    let status = |f: &Value| f["http"]["status"].as_u64().unwrap_or(0);
+    let errors = m.weft_a.flows(&["--http", "--status", "5xx"]).unwrap();
+    assert!(
+        errors.iter().all(|f| (500..600).contains(&status(f))),
+        "{errors:?}"
+    );
+    let paths: Vec<&str> = errors.iter().map(|f| s(f, "/http/path")).collect();
+    assert!(
+        paths.iter().filter(|p| **p == "/status/503").count() >= 3
+            && paths.contains(&"/none")
+            && paths.contains(&"/flows/closed"),
+        "{paths:?}"
+    );
+    let under = m.weft_a.flows(&["--http", "--path", "/flows/"]).unwrap();
+    assert!(under.len() >= 24, "{}", under.len());
+    assert!(
+        under
+            .iter()
+            .all(|f| s(f, "/http/path").starts_with("/flows/")),
+        "{under:?}"
+    );
+    let posts = m.weft_a.flows(&["--http", "--method", "POST"]).unwrap();
+    assert!(
+        posts.iter().all(|f| s(f, "/http/method") == "POST"),
+        "{posts:?}"
+    );
+    assert!(
+        posts
+            .iter()
+            .filter(|f| s(f, "/http/path") == "/flows/post")
+            .count()
+            >= 2,
+        "{posts:?}"
+    );
+    let all = m.weft_a.flows(&["--http"]).unwrap();
+    assert!(all.iter().all(|f| f["http"].is_object()), "{all:?}");
+}
+
+/// 9b. A route object weft cannot apply — a regex that does not compile, an unknown subset — is
+///     reported by `weft status` with its file, line and field path, and the routing in force
+///     before stays. Own cluster: the broken object is registry-wide.
+#[test]
+fn invalid_route_objects_are_reported_and_previous_routing_stays() {
+    let cluster = Cluster::new("l7_invalid_routes").unwrap();
+    let a = cluster.add_node("node-a").unwrap();
+    let b = cluster.add_node("node-b").unwrap();
+    let client = cluster
+        .add_pod(&a, PodSpec::new("front", "client"))
+        .unwrap();
+    let mut servers = Vec::new();
+    for v in ["v1", "v2"] {
+        let p = cluster
+            .add_pod(
+                &b,
+                PodSpec::new("back", &format!("reviews-{v}"))
+                    .label("app", "reviews")
+                    .label("version", v)
+                    .port("http", HTTP_PORT),
+            )
+            .unwrap();
+        servers.push(serve(&p, HTTP_PORT, "http"));
+    }
+    let svc = cluster
+        .add_service(
+            ServiceSpec::new("back", "reviews")
+                .selector("app", "reviews")
+                .port("http", HTTP_PORT, HTTP_PORT, None),
+        )
+        .unwrap();
+    for ns in ["front", "back"] {
+        cluster.set_namespace_labels(ns, labels(&[ENROLL])).unwrap();
+    }
+    let weft_a = Weft::start(&cluster, &a).unwrap();
+    let _weft_b = Weft::start(&cluster, &b).unwrap();
+    let load = || {
+        http_load(
+            &client,
+            svc.addr(HTTP_PORT),
+            20,
+            &["--host", &fqdn("reviews")],
+        )
+    };
+    let all_v1 = || load().backends.get("reviews-v1") == Some(&20);
+    // JSON is YAML: the objects are built as values, then written into the registry.
+    let vs = |route: Value| {
+        serde_json::json!({
+            "apiVersion": "networking.istio.io/v1",
+            "kind": "VirtualService",
+            "metadata": {"name": "reviews", "namespace": "back"},
+            "spec": {"hosts": ["reviews"], "http": [route]},
+        })
+        .to_string()
+    };
+    let to =
+        |subset: &str| serde_json::json!([{"destination": {"host": "reviews", "subset": subset}}]);
+    cluster.apply_yaml(&dedent(&subsets("reviews"))).unwrap();
+    cluster
+        .apply_yaml(&vs(serde_json::json!({"route": to("v1")})))
+        .unwrap();
+    wait_until(WAIT, all_v1).unwrap_or_else(|_| panic!("not routed to v1: {:?}", load()));
+
+    let reported = |needle: &str| {
+        let st = weft_a.status().unwrap();
+        let text = format!(
+            "{} {}",
+            st["registry"]["last_error"], st["registry"]["not_applied"]
+        );
+        (text.contains("registry.yaml:") && text.contains(needle)).then_some(text)
+    };
+    for (what, route, field) in [
+        (
+            "a regex that does not compile",
+            serde_json::json!({"match": [{"uri": {"regex": "/reviews/(["}}], "route": to("v2")}),
+            "http[0].match[0].uri.regex",
+        ),
+        (
+            "an unknown subset",
+            serde_json::json!({"route": to("v9")}),
+            "http[0].route[0].destination.subset",
+        ),
+    ] {
+        cluster.apply_yaml(&vs(route)).unwrap();
+        let text = wait_for(WAIT, || reported(field)).unwrap_or_else(|_| {
+            panic!(
+                "{what}: weft status does not report {field} with its file and line: {}",
+                weft_a.status().unwrap()
+            )
+        });
+        assert!(text.contains("VirtualService"), "{what}: {text}");
+        let s = load();
+        assert_eq!(
+            s.backends.get("reviews-v1"),
+            Some(&20),
+            "{what}: the previous routing stays: {s:?}"
+        );
+    }
+}
+
+/// 5. A ServiceEntry with `resolution: DNS` for an external TLS host, answered by the test's DNS
+///    server: a VirtualService on a mesh-facing Service rewrites `/api` and the authority and
+///    routes there; weft originates TLS (DestinationRule SIMPLE, SNI, CA) and the backend sees
+///    the rewritten path, the SNI and the Host. A new DNS answer moves traffic after its TTL.
+#[test]
+fn service_entry_resolves_by_dns_and_originates_tls() {
+    const EXTERNAL: &str = "external.example.test";
+    let cluster = Cluster::new("l7_service_entry").unwrap();
+    let a = cluster.add_node("node-a").unwrap();
+    let b = cluster.add_node("node-b").unwrap();
+    let client = cluster
+        .add_pod(&a, PodSpec::new("front", "client"))
+        .unwrap();
+    // Outside the mesh: two TLS backends for the external name, and its DNS server.
+    let tls = server_certs(&cluster.logs_dir().join("external-tls"), &[EXTERNAL]).unwrap();
+    let ext1 = cluster
+        .add_pod(&b, PodSpec::new("external", "ext-1"))
+        .unwrap();
+    let ext2 = cluster
+        .add_pod(&b, PodSpec::new("external", "ext-2"))
+        .unwrap();
+    let dns_pod = cluster
+        .add_pod(&b, PodSpec::new("external", "dns"))
+        .unwrap();
+    let _servers = [serve_https(&ext1, 443, &tls), serve_https(&ext2, 443, &tls)];
+    let ttl = Duration::from_secs(2);
+    let dns = Dns::in_pod(&dns_pod, ttl).unwrap();
+    dns.set(EXTERNAL, ext1.ip()).unwrap();
+    // The mesh-facing name clients call: a Service without endpoints of its own.
+    let partner = cluster
+        .add_service(
+            ServiceSpec::new("front", "partner")
+                .selector("app", "partner")
+                .port("http", 80, 8080u16, None),
+        )
+        .unwrap();
+    cluster
+        .set_namespace_labels("front", labels(&[ENROLL]))
+        .unwrap();
+    let dns_flag = dns.addr().to_string();
+    let _weft_a = Weft::start_with(&cluster, &a, &["--dns-server", &dns_flag]).unwrap();
+    let _weft_b = Weft::start_with(&cluster, &b, &["--dns-server", &dns_flag]).unwrap();
+    cluster
+        .apply_yaml(&dedent(&format!(
+            r#"
+            apiVersion: networking.istio.io/v1
+            kind: ServiceEntry
+            metadata:
+              name: external
+              namespace: front
+            spec:
+              hosts:
+              - {EXTERNAL}
+              location: MESH_EXTERNAL
+              ports:
+              - number: 443
+                name: https
+                protocol: HTTPS
+              resolution: DNS
+            ---
+            apiVersion: networking.istio.io/v1
+            kind: DestinationRule
+            metadata:
+              name: external
+              namespace: front
+            spec:
+              host: {EXTERNAL}
+              trafficPolicy:
+                tls:
+                  mode: SIMPLE
+                  sni: {EXTERNAL}
+                  caCertificates: {ca}
+            ---
+            apiVersion: networking.istio.io/v1
+            kind: VirtualService
+            metadata:
+              name: partner
+              namespace: front
+            spec:
+              hosts:
+              - partner.front.svc.cluster.local
+              http:
+              - match:
+                - uri:
+                    prefix: /api/
+                - uri:
+                    prefix: /api
+                rewrite:
+                  uri: /
+                  authority: {EXTERNAL}
+                route:
+                - destination:
+                    host: {EXTERNAL}
+                    port:
+                      number: 443
+            "#,
+            ca = tls.ca.display()
+        )))
+        .unwrap();
+    let get = || {
+        http(
+            &client,
+            partner.addr(80),
+            &[
+                "--path",
+                "/api/v1/items",
+                "--host",
+                "partner.front.svc.cluster.local",
+            ],
+        )
+    };
+    let r = wait_for(WAIT, || {
+        let r = get();
+        (r.status == 200).then_some(r)
+    })
+    .unwrap_or_else(|_| panic!("not routed to {EXTERNAL}: {:?}", get()));
+    assert_eq!(r.seen("name"), Some("ext-1"), "{r:?}");
+    assert_eq!(r.seen("path"), Some("/v1/items"), "{r:?}");
+    assert_eq!(r.seen("sni"), Some(EXTERNAL), "{r:?}");
+    assert_eq!(r.seen("host"), Some(EXTERNAL), "{r:?}");
+    assert!(
+        dns.log()
+            .contains(&format!("query[A] {EXTERNAL} from {}", a.ip())),
+        "weft resolved through --dns-server: {}",
+        dns.log()
+    );
+
+    // A new answer: traffic follows once the old one's TTL has passed.
+    dns.set(EXTERNAL, ext2.ip()).unwrap();
+    let changed = Instant::now();
+    wait_until(ttl + WAIT, || get().seen("name") == Some("ext-2")).unwrap_or_else(|_| {
+        panic!(
+            "still not on ext-2 {:?} after the change",
+            changed.elapsed()
+        )
+    });
+    for _ in 0..5 {
+        let r = get();
+        assert_eq!(r.seen("name"), Some("ext-2"), "{r:?}");
+    }
+}
