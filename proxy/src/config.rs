@@ -28,6 +28,13 @@ pub const DEFAULT_BPFFS: &str = "/sys/fs/bpf/weft";
 pub const DEFAULT_FLOW_CAPACITY: usize = 10_000;
 /// Default upstream connect timeout.
 pub const DEFAULT_CONNECT_TIMEOUT_MS: u64 = 5000;
+/// Default limit of a request's head (request line and headers), as Envoy's.
+pub const DEFAULT_MAX_REQUEST_HEADERS_KB: usize = 60;
+/// Default wait for a client's first bytes on a port that declares no protocol, before the
+/// connection is taken as TCP (server-first protocols send nothing first).
+pub const DEFAULT_PROTOCOL_DETECTION_TIMEOUT_MS: u64 = 100;
+/// The cluster's DNS domain: Services are `name.namespace.svc.<domain>`.
+pub const CLUSTER_DOMAIN: &str = "cluster.local";
 
 /// Flags of `weft node`. Every one is optional on the command line so that a config file can
 /// supply it; [`NodeArgs::resolve`] applies defaults and checks what is required.
@@ -76,6 +83,16 @@ pub struct NodeArgs {
     /// Upstream connect timeout in milliseconds (default 5000).
     #[arg(long, value_name = "MS")]
     pub connect_timeout_ms: Option<u64>,
+    /// Largest HTTP request head accepted, in KiB; larger gets 431 (default 60).
+    #[arg(long, value_name = "KB")]
+    pub max_request_headers_kb: Option<usize>,
+    /// How long to wait for a client's first bytes on a port that declares no protocol
+    /// before treating it as TCP, in milliseconds; 0 turns detection off (default 100).
+    #[arg(long, value_name = "MS")]
+    pub protocol_detection_timeout_ms: Option<u64>,
+    /// DNS server for ServiceEntry hosts, `IP[:PORT]` (default: the node's resolv.conf).
+    #[arg(long, value_name = "IP[:PORT]")]
+    pub dns_server: Option<String>,
     /// SPIFFE trust domain of the mesh (default cluster.local).
     #[arg(long, value_name = "DOMAIN")]
     pub trust_domain: Option<String>,
@@ -117,6 +134,9 @@ struct FileConfig {
     exclude_cidrs: Option<Vec<ipnet::Ipv4Net>>,
     flow_capacity: Option<usize>,
     connect_timeout_ms: Option<u64>,
+    max_request_headers_kb: Option<usize>,
+    protocol_detection_timeout_ms: Option<u64>,
+    dns_server: Option<String>,
     trust_domain: Option<String>,
     ca_cert: Option<PathBuf>,
     ca_key: Option<PathBuf>,
@@ -124,6 +144,17 @@ struct FileConfig {
     svid_ttl: Option<String>,
     hbone_port: Option<u16>,
     root_namespace: Option<String>,
+}
+
+/// `--dns-server`: `IP` (port 53) or `IP:PORT`.
+fn parse_dns_server(s: &str) -> anyhow::Result<SocketAddr> {
+    if let Ok(addr) = s.parse::<SocketAddr>() {
+        return Ok(addr);
+    }
+    match s.parse::<IpAddr>() {
+        Ok(ip) => Ok(SocketAddr::new(ip, 53)),
+        Err(_) => bail!("--dns-server {s:?}: expected IP or IP:PORT"),
+    }
 }
 
 /// Where the proxy listens for redirected connections: given explicitly, or the node's
@@ -151,6 +182,9 @@ pub struct NodeConfig {
     pub exclude_cidrs: Vec<ipnet::Ipv4Net>,
     pub flow_capacity: usize,
     pub connect_timeout_ms: u64,
+    pub max_request_headers_kb: usize,
+    pub protocol_detection_timeout_ms: u64,
+    pub dns_server: Option<SocketAddr>,
     pub trust_domain: String,
     pub ca_cert: PathBuf,
     pub ca_key: PathBuf,
@@ -204,6 +238,17 @@ impl NodeArgs {
         if svid_ttl < Duration::from_secs(2) {
             bail!("--svid-ttl must be at least 2s");
         }
+        let max_request_headers_kb = self
+            .max_request_headers_kb
+            .or(file.max_request_headers_kb)
+            .unwrap_or(DEFAULT_MAX_REQUEST_HEADERS_KB);
+        if !(1..=8192).contains(&max_request_headers_kb) {
+            bail!("--max-request-headers-kb must be between 1 and 8192");
+        }
+        let dns_server = match self.dns_server.or(file.dns_server) {
+            Some(s) => Some(parse_dns_server(&s)?),
+            None => None,
+        };
         Ok(NodeConfig {
             node_name,
             registry,
@@ -241,6 +286,12 @@ impl NodeArgs {
                 .connect_timeout_ms
                 .or(file.connect_timeout_ms)
                 .unwrap_or(DEFAULT_CONNECT_TIMEOUT_MS),
+            max_request_headers_kb,
+            protocol_detection_timeout_ms: self
+                .protocol_detection_timeout_ms
+                .or(file.protocol_detection_timeout_ms)
+                .unwrap_or(DEFAULT_PROTOCOL_DETECTION_TIMEOUT_MS),
+            dns_server,
             trust_domain: self
                 .trust_domain
                 .or(file.trust_domain)

@@ -19,6 +19,8 @@ pub enum Violation {
     BothLengths,
     #[error("invalid chunk size line")]
     BadChunk,
+    #[error("request headers larger than {0} bytes")]
+    HeadTooLarge(usize),
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -43,8 +45,11 @@ pub struct H1Guard {
     state: State,
     /// Bytes of the current head (or chunk-size or trailer line) not yet released.
     held: Vec<u8>,
-    /// Heads longer than this are released unchecked: the parser answers 431 for them.
+    /// Heads longer than this are refused (431).
     max_head: usize,
+    /// A head was refused or released unchecked: the server will answer and close while the
+    /// client may still be sending.
+    gave_up: bool,
 }
 
 /// What to hand the HTTP parser after feeding bytes to the guard.
@@ -60,12 +65,27 @@ pub enum Feed {
 /// parser answer `400 Bad Request` and close, as for any malformed request.
 pub const POISON: &[u8] = b"BAD\x00REQUEST / HTTP/1.1\r\n\r\n";
 
+/// What to hand a parser whose head limit is `parser_limit` for `violation`: a head it
+/// rejects with the status the violation deserves (400, or 431 for a head too large).
+pub fn poison(violation: &Violation, parser_limit: usize) -> Vec<u8> {
+    match violation {
+        Violation::HeadTooLarge(_) => {
+            // An unterminated head beyond the parser's own limit.
+            let mut head = b"GET / HTTP/1.1\r\nx-oversized: ".to_vec();
+            head.resize(head.len() + parser_limit + 1, b'a');
+            head
+        }
+        _ => POISON.to_vec(),
+    }
+}
+
 impl H1Guard {
     pub fn new(max_head: usize) -> H1Guard {
         H1Guard {
             state: State::Head,
             held: Vec::new(),
             max_head,
+            gave_up: false,
         }
     }
 
@@ -103,12 +123,13 @@ impl H1Guard {
                     let (end, done) = self.scan(input);
                     self.held.extend_from_slice(&input[..end]);
                     input = &input[end..];
+                    if self.held.len() > self.max_head {
+                        self.held.clear();
+                        self.state = State::Opaque;
+                        self.gave_up = true;
+                        return Feed::Refuse(Violation::HeadTooLarge(self.max_head));
+                    }
                     if !done {
-                        if self.held.len() > self.max_head {
-                            // Let the parser refuse it (431) with its own limit.
-                            out.append(&mut self.held);
-                            self.state = State::Opaque;
-                        }
                         continue;
                     }
                     match self.complete() {
@@ -116,6 +137,7 @@ impl H1Guard {
                         Err(v) => {
                             self.held.clear();
                             self.state = State::Opaque;
+                            self.gave_up = true;
                             return Feed::Refuse(v);
                         }
                     }
@@ -123,6 +145,12 @@ impl H1Guard {
             }
         }
         Feed::Release(out)
+    }
+
+    /// Whether a head was refused or was too long to check: the connection is going to end with
+    /// an error answer, and the client's remaining bytes should be drained, not reset.
+    pub fn gave_up(&self) -> bool {
+        self.gave_up
     }
 
     /// How much of `input` belongs to the current head/line, and whether it ends there.
@@ -398,12 +426,22 @@ mod tests {
     }
 
     #[test]
-    fn oversized_heads_are_left_to_the_parser() {
+    fn oversized_heads_are_refused_whole_or_not() {
+        let mut g = H1Guard::new(16);
+        assert!(!g.gave_up());
+        assert_eq!(
+            g.feed(b"GET / HTTP/1.1\r\nX-Long: aaaaaaaa"),
+            Feed::Refuse(Violation::HeadTooLarge(16))
+        );
+        assert!(g.gave_up());
         let mut g = H1Guard::new(16);
         assert_eq!(
-            released(&mut g, b"GET / HTTP/1.1\r\nX-Long: aaaaaaaa"),
-            b"GET / HTTP/1.1\r\nX-Long: aaaaaaaa"
+            g.feed(b"GET / HTTP/1.1\r\nX: 1\r\n\r\n"),
+            Feed::Refuse(Violation::HeadTooLarge(16)),
+            "complete, but too large"
         );
+        assert!(poison(&Violation::HeadTooLarge(16), 8192).len() > 8192);
+        assert_eq!(poison(&Violation::BothLengths, 8192), POISON);
     }
 
     #[test]

@@ -25,6 +25,7 @@ use crate::config::{NodeConfig, ProxyAddress};
 use crate::identity::{IdentityConfig, IdentityManager};
 use crate::inbound::Inbound;
 use crate::inputs::ProxyInputs;
+use crate::outbound::http::HttpConfig;
 use crate::outbound::{self, Outbound};
 use crate::policy::PolicySet;
 use crate::registry::{FileSource, Registry};
@@ -138,7 +139,15 @@ pub async fn run(cfg: NodeConfig) -> anyhow::Result<()> {
     });
     let kernel = reconcile::apply(&node, generation)?;
 
-    let outbound = Arc::new(Outbound::new(inputs.clone(), capture.clone(), pool));
+    let outbound = Arc::new(Outbound::new(
+        inputs.clone(),
+        capture.clone(),
+        pool,
+        HttpConfig {
+            max_request_headers: cfg.max_request_headers_kb * 1024,
+        },
+        Duration::from_millis(cfg.protocol_detection_timeout_ms),
+    ));
     tokio::spawn(outbound.clone().serve(listener));
     match capture.events() {
         Ok(events) => {

@@ -12,6 +12,7 @@
 //! `admin::api`.
 
 pub mod balance;
+pub mod http;
 pub mod plan;
 pub mod redirects;
 
@@ -23,12 +24,15 @@ use tokio::net::{TcpListener, TcpStream};
 use tracing::{debug, info, warn};
 
 use self::balance::RoundRobin;
-use self::plan::{Action, Context, Plan};
+use self::http::{Called, ClientVersion, Declared, HttpConfig, HttpPath};
+use self::plan::{Action, Context, Plan, Refusal};
 use self::redirects::RedirectTracker;
 use crate::admin::api::Verdict;
 use crate::capture::{Capture, RedirectEvent};
 use crate::inputs::ProxyInputs;
+use crate::l7::sniff::{sniff, Sniffed};
 use crate::policy::deny_message;
+use crate::registry::{Resolved, ServicePort};
 use crate::relay::{relay, reset};
 use crate::telemetry::ConnectionRecord;
 use crate::tunnel::client::Pool;
@@ -41,16 +45,31 @@ pub struct Outbound {
     pool: Pool,
     balancer: RoundRobin,
     tracker: Arc<RedirectTracker>,
+    http: Arc<HttpPath>,
+    /// Wait for the first bytes of a connection to a port that declares no protocol.
+    detection_timeout: Duration,
 }
 
+/// How long a client of a port declared HTTP may take to send its first bytes (hyper's own
+/// header timeout takes over from there).
+const DECLARED_HTTP_FIRST_BYTES: Duration = Duration::from_secs(30);
+
 impl Outbound {
-    pub fn new(inputs: Arc<ProxyInputs>, capture: Arc<Capture>, pool: Pool) -> Outbound {
+    pub fn new(
+        inputs: Arc<ProxyInputs>,
+        capture: Arc<Capture>,
+        pool: Pool,
+        http: HttpConfig,
+        detection_timeout: Duration,
+    ) -> Outbound {
         Outbound {
+            http: Arc::new(HttpPath::new(inputs.clone(), pool.clone(), http)),
             inputs,
             capture,
             pool,
             balancer: RoundRobin::default(),
             tracker: Arc::default(),
+            detection_timeout,
         }
     }
 
@@ -137,9 +156,54 @@ impl Outbound {
                 balancer: &self.balancer,
             },
         );
+        let called = match snapshot.resolve(redirect.original_dst) {
+            Resolved::Service { service, port } => Called::Service { service, port },
+            Resolved::Pod(pod) => Called::Pod {
+                pod,
+                addr: redirect.original_dst,
+            },
+            Resolved::Passthrough => Called::Other {
+                addr: redirect.original_dst,
+            },
+        };
         drop((snapshot, policies));
         fill(&mut record, &plan);
+        if !matches!(plan.action, Action::Refuse(Refusal::NoIdentity)) {
+            if let Some((version, declared)) = self.http_version(&client, &called).await {
+                record.protocol("http");
+                self.http
+                    .serve(client, version, plan.source, called, declared, record)
+                    .await;
+                return;
+            }
+        }
         self.execute(client, plan, record).await;
+    }
+
+    /// Whether the connection is HTTP, and which: the port's declared protocol, else the
+    /// client's first bytes.
+    async fn http_version(
+        &self,
+        client: &TcpStream,
+        called: &Called,
+    ) -> Option<(ClientVersion, Option<Declared>)> {
+        let declared = match called {
+            Called::Service { port, .. } => declared_protocol(port),
+            _ => Protocol::Undeclared,
+        };
+        let (wait, declared) = match declared {
+            Protocol::Tcp => return None,
+            Protocol::Http(d) => (DECLARED_HTTP_FIRST_BYTES, Some(d)),
+            Protocol::Undeclared if self.detection_timeout.is_zero() => return None,
+            Protocol::Undeclared => (self.detection_timeout, None),
+        };
+        match detect(client, wait).await {
+            Sniffed::Http2 => Some((ClientVersion::Http2, declared)),
+            Sniffed::Http1 => Some((ClientVersion::Http1, declared)),
+            // A port declared HTTP is served as HTTP even so: garbage gets 400.
+            _ if declared.is_some() => Some((ClientVersion::Http1, declared)),
+            _ => None,
+        }
     }
 
     /// Does what `plan` says, and finishes the record.
@@ -216,6 +280,58 @@ fn fill(record: &mut ConnectionRecord, plan: &Plan) {
     }
     if let Some(id) = &d.identity {
         record.destination_identity(id);
+    }
+}
+
+/// What a Service port says it speaks.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Protocol {
+    Http(Declared),
+    Tcp,
+    Undeclared,
+}
+
+/// Istio's protocol selection: `appProtocol` first, then the port name's prefix (`http`,
+/// `http2`, `grpc`, … followed by `-` or nothing).
+fn declared_protocol(port: &ServicePort) -> Protocol {
+    let parse = |p: &str| match p.to_ascii_lowercase().as_str() {
+        "http" | "http/1.1" => Some(Protocol::Http(Declared::Http1)),
+        "http2" | "grpc" | "grpc-web" | "h2c" | "kubernetes.io/h2c" => {
+            Some(Protocol::Http(Declared::Http2))
+        }
+        "tcp" | "tls" | "https" | "mongo" | "mysql" | "redis" | "kubernetes.io/ws"
+        | "kubernetes.io/wss" => Some(Protocol::Tcp),
+        _ => None,
+    };
+    if let Some(p) = port.app_protocol.as_deref().and_then(parse) {
+        return p;
+    }
+    let name = port.name.as_deref().unwrap_or("");
+    let prefix = name.split('-').next().unwrap_or("");
+    parse(prefix).unwrap_or(Protocol::Undeclared)
+}
+
+/// Reads (without consuming) the client's first bytes until they tell HTTP from anything else,
+/// for at most `wait`.
+async fn detect(client: &TcpStream, wait: Duration) -> Sniffed {
+    let deadline = tokio::time::Instant::now() + wait;
+    let mut buf = vec![0u8; 8192];
+    loop {
+        let n = match tokio::time::timeout_at(deadline, client.peek(&mut buf)).await {
+            Ok(Ok(n)) if n > 0 => n,
+            _ => return Sniffed::Other,
+        };
+        match sniff(&buf[..n]) {
+            Sniffed::NeedMore if n < buf.len() => {
+                // Part of a request line: wait a little for the rest.
+                if tokio::time::Instant::now() >= deadline {
+                    return Sniffed::Other;
+                }
+                tokio::time::sleep(Duration::from_millis(2)).await;
+            }
+            Sniffed::NeedMore => return Sniffed::Other,
+            decided => return decided,
+        }
     }
 }
 

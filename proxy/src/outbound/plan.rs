@@ -164,6 +164,19 @@ fn decide(
         Resolved::Pod(pod) => (original, Some(pod)),
         Resolved::Passthrough => (original, None),
     };
+    to_endpoint(source, target, pod, dest, ctx)
+}
+
+/// What to do to reach `target` (on `pod`, if it is one) for `source`: the step after an
+/// endpoint is chosen, shared by a connection's plan and each HTTP request's. Fills in
+/// `dest`'s address, pod and identity.
+pub fn to_endpoint(
+    source: &Source,
+    target: SocketAddr,
+    pod: Option<Arc<Pod>>,
+    dest: &mut Destination,
+    ctx: &Context<'_>,
+) -> Action {
     dest.address = Some(target);
     dest.pod = pod.clone();
     let Some(pod) = pod.filter(|p| ctx.snapshot.in_mesh(p)) else {

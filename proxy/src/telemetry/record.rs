@@ -129,6 +129,12 @@ impl ConnectionRecord {
         self
     }
 
+    /// The connection's protocol (`tcp` unless said otherwise).
+    pub fn protocol(&mut self, protocol: &str) -> &mut Self {
+        self.flow.protocol = protocol.to_string();
+        self
+    }
+
     /// The AuthorizationPolicy (`namespace/name`) that decided.
     pub fn policy(&mut self, policy: impl Into<String>) -> &mut Self {
         self.flow.policy = Some(policy.into());
@@ -248,6 +254,15 @@ pub struct RequestRecord {
 }
 
 impl RequestRecord {
+    /// The request's method.
+    pub fn method(&self) -> &str {
+        self.flow
+            .http
+            .as_ref()
+            .map(|h| h.method.as_str())
+            .unwrap_or("")
+    }
+
     fn http(&mut self) -> &mut HttpFlow {
         self.flow.http.get_or_insert_with(HttpFlow::default)
     }

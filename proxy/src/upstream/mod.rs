@@ -11,6 +11,7 @@
 //!
 //! May import: `registry`, `identity`.
 
+pub mod dns;
 pub mod http;
 pub mod tls;
 
