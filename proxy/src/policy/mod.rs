@@ -55,6 +55,7 @@
 
 pub mod peerauth;
 pub mod rbac;
+pub mod request;
 
 use std::collections::{BTreeMap, HashMap, HashSet};
 use std::fmt;
@@ -67,6 +68,9 @@ use crate::registry::kinds::security::WorkloadSelector;
 use crate::registry::{FailClosed, Pod, Snapshot};
 
 pub use peerauth::MtlsMode;
+pub use request::HttpRequest;
+
+use rbac::{Mode, Verdict};
 
 /// The label pairs a selector requires; empty (absent or `{}`) selects every pod.
 fn selector_pairs(selector: &Option<WorkloadSelector>) -> Vec<(String, String)> {
@@ -118,9 +122,13 @@ pub enum DenyReason {
     CustomPolicy,
     /// ALLOW policies apply to the destination and none matched.
     NotAllowed,
-    /// ALLOW policies apply and none matched; some of their rules need HTTP attributes and are
-    /// not enforced at L4 (they never allow).
+    /// TCP traffic: ALLOW policies apply and none matched; some of their rules need HTTP
+    /// attributes, which TCP traffic does not have (they never allow it).
     NotAllowedHttpRules,
+    /// HTTP traffic: ALLOW policies apply and none matched; some of their rules need attributes
+    /// weft cannot evaluate (JWT `requestPrincipals` and `request.auth.*`, `connection.sni`,
+    /// `experimental.*`), and never allow.
+    NotAllowedUnsupportedRules,
     /// A security object that could select the destination cannot be applied (unknown kind or
     /// version): nothing is allowed until it is fixed.
     FailClosed,
@@ -128,13 +136,14 @@ pub enum DenyReason {
 
 impl DenyReason {
     /// A stable snake_case name (`deny_policy`, `custom_policy`, `not_allowed`,
-    /// `not_allowed_http_rules`, `fail_closed`).
+    /// `not_allowed_http_rules`, `not_allowed_unsupported_rules`, `fail_closed`).
     pub fn as_str(self) -> &'static str {
         match self {
             DenyReason::DenyPolicy => "deny_policy",
             DenyReason::CustomPolicy => "custom_policy",
             DenyReason::NotAllowed => "not_allowed",
             DenyReason::NotAllowedHttpRules => "not_allowed_http_rules",
+            DenyReason::NotAllowedUnsupportedRules => "not_allowed_unsupported_rules",
             DenyReason::FailClosed => "fail_closed",
         }
     }
@@ -149,7 +158,10 @@ impl fmt::Display for DenyReason {
             }
             DenyReason::NotAllowed => "no ALLOW policy matched",
             DenyReason::NotAllowedHttpRules => {
-                "no ALLOW policy matched (rules with HTTP attributes are not enforced at L4 and never allow)"
+                "no ALLOW policy matched (this is TCP traffic: rules with HTTP attributes never allow it)"
+            }
+            DenyReason::NotAllowedUnsupportedRules => {
+                "no ALLOW policy matched (rules with attributes weft cannot evaluate, such as JWT claims, never allow)"
             }
             DenyReason::FailClosed => {
                 "a security object weft cannot apply selects the destination (fail closed)"
@@ -158,7 +170,7 @@ impl fmt::Display for DenyReason {
     }
 }
 
-/// The outcome of [`PolicySet::authorize`].
+/// The outcome of [`PolicySet::authorize`] and [`PolicySet::authorize_request`].
 #[derive(Debug, Clone, PartialEq, Eq, Serialize)]
 #[serde(tag = "decision", rename_all = "snake_case")]
 pub enum Decision {
@@ -181,6 +193,51 @@ impl fmt::Display for Decision {
         match self {
             Decision::Allow => f.write_str("allow"),
             Decision::Deny { policy, reason } => write!(f, "deny: {reason} ({policy})"),
+        }
+    }
+}
+
+/// What the traffic of a connection is, as the data path classified it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Protocol {
+    /// Opaque bytes: HTTP attributes never known.
+    Tcp,
+    /// HTTP: each request is authorized with [`PolicySet::authorize_request`].
+    Http,
+}
+
+/// The outcome of [`PolicySet::authorize_connection`].
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+#[serde(tag = "decision", rename_all = "snake_case")]
+pub enum ConnectionDecision {
+    /// Every request (or, for TCP, the connection) is allowed: no per-request check needed.
+    Allow,
+    /// Denied whatever the requests are: refuse the connection. See [`Decision::Deny`].
+    Deny { policy: String, reason: DenyReason },
+    /// HTTP only: the answer depends on the requests; call
+    /// [`PolicySet::authorize_request`] for each.
+    PerRequest,
+}
+
+impl ConnectionDecision {
+    fn from_verdict(v: Verdict) -> ConnectionDecision {
+        match v {
+            Verdict::Allow => ConnectionDecision::Allow,
+            Verdict::Deny { policy, reason } => ConnectionDecision::Deny { policy, reason },
+            Verdict::PerRequest => ConnectionDecision::PerRequest,
+        }
+    }
+}
+
+impl Decision {
+    /// For the modes in which every attribute is known ([`Mode::Tcp`], [`Mode::Request`]):
+    /// there nothing is unknown, so no rule evaluates to "depends" and `PerRequest` cannot
+    /// arise.
+    fn from_verdict(v: Verdict) -> Decision {
+        match v {
+            Verdict::Allow => Decision::Allow,
+            Verdict::Deny { policy, reason } => Decision::Deny { policy, reason },
+            Verdict::PerRequest => unreachable!("only Mode::Connect leaves attributes unknown"),
         }
     }
 }
@@ -279,15 +336,50 @@ impl PolicySet {
         &self.warnings
     }
 
-    /// Decides whether a connection may reach `req.destination`.
+    /// Decides whether a TCP connection may reach `req.destination` (ztunnel's L4 semantics:
+    /// see the module docs). The same as `authorize_connection(req, Protocol::Tcp)`.
     pub fn authorize(&self, req: &ConnRequest<'_>) -> Decision {
-        if let Some(f) = self.failing_closed(req.destination) {
-            return Decision::Deny {
-                policy: format!("{}/{}", f.namespace, f.name),
-                reason: DenyReason::FailClosed,
-            };
+        match self.fail_closed_decision(req.destination) {
+            Some(deny) => deny,
+            None => Decision::from_verdict(self.authz.evaluate(req, Mode::Tcp)),
         }
-        self.authz.authorize(req)
+    }
+
+    /// Decides a connection when it is opened (the HBONE `CONNECT` or a same-node accept). For
+    /// [`Protocol::Http`] only what the connection alone decides is decided: a DENY rule that
+    /// matches whatever the requests denies it, no ALLOW rule that could match any request
+    /// denies it, and what depends on the requests is [`ConnectionDecision::PerRequest`].
+    pub fn authorize_connection(
+        &self,
+        req: &ConnRequest<'_>,
+        protocol: Protocol,
+    ) -> ConnectionDecision {
+        if let Some(Decision::Deny { policy, reason }) = self.fail_closed_decision(req.destination)
+        {
+            return ConnectionDecision::Deny { policy, reason };
+        }
+        let mode = match protocol {
+            Protocol::Tcp => Mode::Tcp,
+            Protocol::Http => Mode::Connect,
+        };
+        ConnectionDecision::from_verdict(self.authz.evaluate(req, mode))
+    }
+
+    /// Decides one HTTP request on a connection `req` (a denied request gets
+    /// `403 RBAC: access denied`). Every HTTP attribute is enforced; unsupported ones fail
+    /// closed (see the module docs).
+    pub fn authorize_request(&self, req: &ConnRequest<'_>, http: &HttpRequest<'_>) -> Decision {
+        match self.fail_closed_decision(req.destination) {
+            Some(deny) => deny,
+            None => Decision::from_verdict(self.authz.evaluate(req, Mode::Request(http))),
+        }
+    }
+
+    fn fail_closed_decision(&self, pod: &Pod) -> Option<Decision> {
+        self.failing_closed(pod).map(|f| Decision::Deny {
+            policy: format!("{}/{}", f.namespace, f.name),
+            reason: DenyReason::FailClosed,
+        })
     }
 
     /// The first object weft cannot apply that could select `pod`.
