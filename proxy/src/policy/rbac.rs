@@ -196,24 +196,42 @@ struct Match {
     /// `remoteIpBlocks`: also the source IP, but ANDed with `ipBlocks`.
     remote_ips: Field<Cidr>,
     destination_ips: Field<Cidr>,
+    /// HTTP fields, when any is set (boxed: the L4 matches stay small and quick to scan).
+    http: Option<Box<HttpMatch>>,
+}
+
+/// The HTTP fields of one `to` entry or `request.headers[…]` condition.
+#[derive(Debug, Clone, Default)]
+struct HttpMatch {
     hosts: Field<HostMatch>,
     methods: Field<ValueMatch>,
     paths: Field<PathMatch>,
     /// One `request.headers[…]` condition (every value names the same header).
     headers: Field<(HeaderKey, ValueMatch)>,
-    /// Some HTTP field is set.
-    http: bool,
+}
+
+impl HttpMatch {
+    /// `None` when no field is set.
+    fn boxed(self) -> Option<Box<HttpMatch>> {
+        let empty = self.hosts.is_empty()
+            && self.methods.is_empty()
+            && self.paths.is_empty()
+            && self.headers.is_empty();
+        (!empty).then(|| Box::new(self))
+    }
+
+    fn holds(&self, r: &HttpRequest<'_>) -> bool {
+        let path = r.url_path();
+        self.hosts.holds(|m| m.matches(r.authority))
+            && self.methods.holds(|m| m.matches(Some(r.method.as_bytes())))
+            && self.paths.holds(|m| m.matches(path))
+            && self
+                .headers
+                .holds(|(key, m)| m.matches(key.value(r).as_deref()))
+    }
 }
 
 impl Match {
-    fn with_http(mut self) -> Match {
-        self.http = !(self.hosts.is_empty()
-            && self.methods.is_empty()
-            && self.paths.is_empty()
-            && self.headers.is_empty());
-        self
-    }
-
     #[inline]
     fn l4_holds(&self, c: &Ctx<'_>) -> bool {
         let in_net = |ip: Option<IpAddr>| move |n: &Cidr| ip.is_some_and(|ip| n.contains(ip));
@@ -233,16 +251,6 @@ impl Match {
             })
     }
 
-    fn http_holds(&self, r: &HttpRequest<'_>) -> bool {
-        let path = r.url_path();
-        self.hosts.holds(|m| m.matches(r.authority))
-            && self.methods.holds(|m| m.matches(Some(r.method.as_bytes())))
-            && self.paths.holds(|m| m.matches(path))
-            && self
-                .headers
-                .holds(|(key, m)| m.matches(key.value(r).as_deref()))
-    }
-
     /// In [`Mode::Tcp`] HTTP fields hold (only DENY and CUSTOM rules get here with any: they
     /// deny more, never less); in [`Mode::Connect`] they are unknown.
     #[inline]
@@ -250,13 +258,13 @@ impl Match {
         if !self.l4_holds(c) {
             return Tri::No;
         }
-        if !self.http {
+        let Some(http) = &self.http else {
             return Tri::Yes;
-        }
+        };
         match mode {
             Mode::Tcp => Tri::Yes,
             Mode::Connect => Tri::Maybe,
-            Mode::Request(r) if self.http_holds(r) => Tri::Yes,
+            Mode::Request(r) if http.holds(r) => Tri::Yes,
             Mode::Request(_) => Tri::No,
         }
     }
@@ -530,15 +538,16 @@ fn compile_rule(rule: &Rule, policy_ns: &str) -> CompiledRule {
         let clause = to
             .iter()
             .filter_map(|t| t.operation.as_ref())
-            .map(|o| {
-                Match {
-                    ports: port_field(&o.ports, &o.not_ports),
+            .map(|o| Match {
+                ports: port_field(&o.ports, &o.not_ports),
+                http: HttpMatch {
                     hosts: host_field(&o.hosts, &o.not_hosts),
                     methods: value_field(&o.methods, &o.not_methods),
                     paths: path_field(&o.paths, &o.not_paths),
-                    ..Match::default()
+                    ..HttpMatch::default()
                 }
-                .with_http()
+                .boxed(),
+                ..Match::default()
             })
             .collect();
         clauses.push(clause);
@@ -572,17 +581,20 @@ fn compile_rule(rule: &Rule, policy_ns: &str) -> CompiledRule {
             },
             key => match header_condition(key).and_then(HeaderKey::new) {
                 Some(header) => Match {
-                    headers: header_field(&header, v, n),
+                    http: HttpMatch {
+                        headers: header_field(&header, v, n),
+                        ..HttpMatch::default()
+                    }
+                    .boxed(),
                     ..Match::default()
-                }
-                .with_http(),
+                },
                 // Unsupported: left out (holds).
                 None => continue,
             },
         };
         clauses.push(vec![m]);
     }
-    let http = clauses.iter().flatten().any(|m| m.http);
+    let http = clauses.iter().flatten().any(|m| m.http.is_some());
     CompiledRule { clauses, http }
 }
 
