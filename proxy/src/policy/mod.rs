@@ -2,12 +2,13 @@
 //! v1 and v1beta1) as pure functions over a registry [`Snapshot`].
 //!
 //! [`PolicySet::build`] compiles the policy objects of a snapshot once (selectors split, CIDRs
-//! parsed, wildcards split into prefix/suffix matchers, policies indexed by namespace); the
-//! queries ([`PolicySet::authorize`], [`PolicySet::mtls_mode`], [`PolicySet::mtls`]) then only
-//! touch the policies that can apply to the destination pod and allocate nothing, except the
-//! policy name of a [`Decision::Deny`].
+//! parsed, wildcards split into prefix/suffix matchers, path templates split, policies indexed
+//! by namespace); the queries then only touch the policies that can apply to the destination
+//! pod and allocate nothing, except the policy name of a denial (and a header sent more than
+//! once, joined to be matched).
 //!
-//! - [`rbac`]: AuthorizationPolicy, enforced at L4 as ztunnel does (HTTP attributes fail closed).
+//! - [`rbac`]: AuthorizationPolicy: TCP connections as ztunnel, HTTP connections and requests.
+//! - [`request`]: the HTTP request a policy sees and the matchers of its HTTP attributes.
 //! - [`peerauth`]: PeerAuthentication, mesh → namespace → workload → port.
 //!
 //! The registry parses and checks every policy object it loads (`registry::kinds::security`), so
@@ -15,15 +16,17 @@
 //! `file:line: document N (AuthorizationPolicy ns/name): spec.rules[0]…: reason` like any other
 //! bad document, and [`PolicySet::build`] only ever compiles valid ones.
 //!
+//! Imports: `registry` (and the `http` crate).
+//!
 //! # Fail closed
 //!
 //! A security object weft cannot apply (an unknown kind or version in `security.istio.io`, e.g.
 //! `kind: AuthorisationPolicy`) is a policy weft cannot enforce: every workload it could select
 //! (its selector, or every pod, in its namespace; in every namespace from the root namespace)
-//! is denied every connection ([`DenyReason::FailClosed`], naming the object) and its mTLS mode
-//! is STRICT, until the object is fixed or removed.
+//! is denied every connection and every request ([`DenyReason::FailClosed`], naming the
+//! object) and its mTLS mode is STRICT, until the object is fixed or removed.
 //!
-//! # Authorization at L4
+//! # Authorization
 //!
 //! Scope: a policy in the root namespace (`istio-system` unless configured) without selector
 //! applies to every workload; without selector in namespace N to every workload of N; with
@@ -31,15 +34,38 @@
 //! root-namespace policy. `targetRef`/`targetRefs` policies are for waypoints and do not apply
 //! here. Evaluation: a matching CUSTOM policy denies (there is no external authorizer: fail
 //! closed); a matching DENY policy denies; otherwise, with no ALLOW policy for the workload the
-//! connection is allowed, else it is allowed iff an ALLOW policy matches. AUDIT is ignored.
+//! traffic is allowed, else it is allowed iff an ALLOW policy matches. AUDIT is ignored.
+//! `remoteIpBlocks` are taken as `ipBlocks` (the peer is the remote client).
 //!
-//! HTTP attributes (`hosts`, `methods`, `paths`, `requestPrincipals`, `request.*` and
-//! `connection.sni` conditions, …) cannot be seen at L4: in an ALLOW policy a rule that uses any
-//! never matches (it cannot allow), in DENY and CUSTOM policies they are ignored and the rest of
-//! the rule decides (it denies more, never less). A warning is logged once per policy.
-//! `remoteIpBlocks` are taken as `ipBlocks` (at L4 the peer is the remote client).
+//! Attributes are of three kinds:
+//! - **L4**: principals, namespaces, service accounts, ipBlocks, ports, and `when` on
+//!   `source.*`, `remote.ip`, `destination.ip`, `destination.port`. Always known.
+//! - **HTTP**: `hosts`, `methods`, `paths` (and their `not…`), `when` on `request.headers[…]`
+//!   (see [`request`] for the exact matching). Known per request on HTTP traffic only.
+//! - **Unsupported**: `requestPrincipals`, `request.auth.*` (weft has no JWT authentication),
+//!   `connection.sni`, `experimental.*`, pseudo-headers other than `:authority`, `:method`,
+//!   `:path`. Never known: an ALLOW rule using any never matches; in a DENY rule they are
+//!   ignored and the rest of the rule decides (it denies more, never less).
 //!
-//! # Naming in [`Decision::Deny`]
+//! Three entry points, by what the data path knows:
+//! - [`PolicySet::authorize`] (= [`PolicySet::authorize_connection`] with [`Protocol::Tcp`]): a
+//!   TCP connection, ztunnel's semantics — an ALLOW rule with an HTTP attribute never matches,
+//!   a DENY rule ignores its HTTP attributes.
+//! - [`PolicySet::authorize_connection`] with [`Protocol::Http`]: an HTTP connection when it
+//!   opens, before any request. Every rule is evaluated with its HTTP attributes unknown, to
+//!   "matches whatever the requests", "matches no request" or "depends". A DENY rule that
+//!   matches whatever the requests denies the connection; if no ALLOW rule of the policies
+//!   that apply could match any request, it is denied too ([`DenyReason::NotAllowed`]);
+//!   otherwise it is [`ConnectionDecision::Allow`] (no rule depends on the request: nothing to
+//!   check per request) or [`ConnectionDecision::PerRequest`]. So a policy never denies an HTTP
+//!   connection only because it needs HTTP attributes. What it decides holds for every request
+//!   on the connection (the deny may name another DENY policy than a request would: the first
+//!   that denies everything, not the first that matches).
+//! - [`PolicySet::authorize_request`]: one HTTP request; every HTTP attribute is evaluated.
+//!   A CUSTOM policy is judged as at L4 on every request (HTTP attributes ignored): without an
+//!   authorizer to ask, it fails closed on all it could select.
+//!
+//! # Naming in a denial
 //!
 //! `policy` is always `<namespace>/<name>` of an AuthorizationPolicy (or, for
 //! [`DenyReason::FailClosed`], of the object weft could not apply):
@@ -49,12 +75,16 @@
 //!   specific applicable ALLOW policy (selector in the destination's namespace, then
 //!   namespace-wide, then root namespace with selector, then mesh-wide; by name within a level),
 //!   the one a user most likely has to extend — or replace, when it is an allow-nothing `{}`.
-//! - [`DenyReason::NotAllowedHttpRules`]: as `NotAllowed`, but some applicable ALLOW policy has
-//!   rules that need HTTP attributes and were skipped at L4; `policy` is the most specific of
-//!   those, as they may be the rules that were meant to allow the connection.
+//! - [`DenyReason::NotAllowedHttpRules`] (TCP): as `NotAllowed`, but some applicable ALLOW
+//!   policy has rules that need HTTP (or unsupported) attributes, which never match TCP
+//!   traffic; `policy` is the most specific of those, as they may be the rules that were meant
+//!   to allow the connection.
+//! - [`DenyReason::NotAllowedUnsupportedRules`] (HTTP): the same for rules with unsupported
+//!   attributes.
 
 pub mod peerauth;
 pub mod rbac;
+pub mod request;
 
 use std::collections::{BTreeMap, HashMap, HashSet};
 use std::fmt;
@@ -67,6 +97,9 @@ use crate::registry::kinds::security::WorkloadSelector;
 use crate::registry::{FailClosed, Pod, Snapshot};
 
 pub use peerauth::MtlsMode;
+pub use request::HttpRequest;
+
+use rbac::{Mode, Verdict};
 
 /// The label pairs a selector requires; empty (absent or `{}`) selects every pod.
 fn selector_pairs(selector: &Option<WorkloadSelector>) -> Vec<(String, String)> {
@@ -112,15 +145,19 @@ pub struct ConnRequest<'a> {
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize)]
 #[serde(rename_all = "snake_case")]
 pub enum DenyReason {
-    /// A DENY policy matched (HTTP-only conditions in it are ignored at L4).
+    /// A DENY policy matched (on TCP traffic, its HTTP attributes ignored).
     DenyPolicy,
     /// A CUSTOM policy matched: weft has no external authorizer, so it fails closed.
     CustomPolicy,
     /// ALLOW policies apply to the destination and none matched.
     NotAllowed,
-    /// ALLOW policies apply and none matched; some of their rules need HTTP attributes and are
-    /// not enforced at L4 (they never allow).
+    /// TCP traffic: ALLOW policies apply and none matched; some of their rules need HTTP
+    /// attributes, which TCP traffic does not have (they never allow it).
     NotAllowedHttpRules,
+    /// HTTP traffic: ALLOW policies apply and none matched; some of their rules need attributes
+    /// weft cannot evaluate (JWT `requestPrincipals` and `request.auth.*`, `connection.sni`,
+    /// `experimental.*`), and never allow.
+    NotAllowedUnsupportedRules,
     /// A security object that could select the destination cannot be applied (unknown kind or
     /// version): nothing is allowed until it is fixed.
     FailClosed,
@@ -128,13 +165,14 @@ pub enum DenyReason {
 
 impl DenyReason {
     /// A stable snake_case name (`deny_policy`, `custom_policy`, `not_allowed`,
-    /// `not_allowed_http_rules`, `fail_closed`).
+    /// `not_allowed_http_rules`, `not_allowed_unsupported_rules`, `fail_closed`).
     pub fn as_str(self) -> &'static str {
         match self {
             DenyReason::DenyPolicy => "deny_policy",
             DenyReason::CustomPolicy => "custom_policy",
             DenyReason::NotAllowed => "not_allowed",
             DenyReason::NotAllowedHttpRules => "not_allowed_http_rules",
+            DenyReason::NotAllowedUnsupportedRules => "not_allowed_unsupported_rules",
             DenyReason::FailClosed => "fail_closed",
         }
     }
@@ -149,7 +187,10 @@ impl fmt::Display for DenyReason {
             }
             DenyReason::NotAllowed => "no ALLOW policy matched",
             DenyReason::NotAllowedHttpRules => {
-                "no ALLOW policy matched (rules with HTTP attributes are not enforced at L4 and never allow)"
+                "no ALLOW policy matched (this is TCP traffic: rules with HTTP attributes never allow it)"
+            }
+            DenyReason::NotAllowedUnsupportedRules => {
+                "no ALLOW policy matched (rules with attributes weft cannot evaluate, such as JWT claims, never allow)"
             }
             DenyReason::FailClosed => {
                 "a security object weft cannot apply selects the destination (fail closed)"
@@ -158,7 +199,7 @@ impl fmt::Display for DenyReason {
     }
 }
 
-/// The outcome of [`PolicySet::authorize`].
+/// The outcome of [`PolicySet::authorize`] and [`PolicySet::authorize_request`].
 #[derive(Debug, Clone, PartialEq, Eq, Serialize)]
 #[serde(tag = "decision", rename_all = "snake_case")]
 pub enum Decision {
@@ -181,6 +222,51 @@ impl fmt::Display for Decision {
         match self {
             Decision::Allow => f.write_str("allow"),
             Decision::Deny { policy, reason } => write!(f, "deny: {reason} ({policy})"),
+        }
+    }
+}
+
+/// What the traffic of a connection is, as the data path classified it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Protocol {
+    /// Opaque bytes: HTTP attributes never known.
+    Tcp,
+    /// HTTP: each request is authorized with [`PolicySet::authorize_request`].
+    Http,
+}
+
+/// The outcome of [`PolicySet::authorize_connection`].
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+#[serde(tag = "decision", rename_all = "snake_case")]
+pub enum ConnectionDecision {
+    /// Every request (or, for TCP, the connection) is allowed: no per-request check needed.
+    Allow,
+    /// Denied whatever the requests are: refuse the connection. See [`Decision::Deny`].
+    Deny { policy: String, reason: DenyReason },
+    /// HTTP only: the answer depends on the requests; call
+    /// [`PolicySet::authorize_request`] for each.
+    PerRequest,
+}
+
+impl ConnectionDecision {
+    fn from_verdict(v: Verdict) -> ConnectionDecision {
+        match v {
+            Verdict::Allow => ConnectionDecision::Allow,
+            Verdict::Deny { policy, reason } => ConnectionDecision::Deny { policy, reason },
+            Verdict::PerRequest => ConnectionDecision::PerRequest,
+        }
+    }
+}
+
+impl Decision {
+    /// For the modes in which every attribute is known ([`Mode::Tcp`], [`Mode::Request`]):
+    /// there nothing is unknown, so no rule evaluates to "depends" and `PerRequest` cannot
+    /// arise.
+    fn from_verdict(v: Verdict) -> Decision {
+        match v {
+            Verdict::Allow => Decision::Allow,
+            Verdict::Deny { policy, reason } => Decision::Deny { policy, reason },
+            Verdict::PerRequest => unreachable!("only Mode::Connect leaves attributes unknown"),
         }
     }
 }
@@ -214,9 +300,9 @@ pub struct PolicySet {
 
 impl PolicySet {
     /// Compiles the AuthorizationPolicies and PeerAuthentications of `snapshot`. `root_namespace`
-    /// is Istio's root namespace (`--root-namespace`). The policies that are only partly
-    /// enforced at L4 are listed in [`PolicySet::warnings`] and logged (once per process and
-    /// policy); the security objects that fail closed are logged the same way.
+    /// is Istio's root namespace (`--root-namespace`). What is not enforced as written is listed
+    /// in [`PolicySet::warnings`] and logged (once per process and policy); the security
+    /// objects that fail closed are logged the same way.
     pub fn build(snapshot: &Snapshot, root_namespace: &str) -> PolicySet {
         let mut set = PolicySet {
             root_namespace: root_namespace.to_string(),
@@ -246,7 +332,7 @@ impl PolicySet {
         set
     }
 
-    /// Number of AuthorizationPolicies enforced at L4 (ALLOW, DENY, CUSTOM; not AUDIT, not
+    /// Number of AuthorizationPolicies enforced (ALLOW, DENY, CUSTOM; not AUDIT, not
     /// `targetRef` policies).
     pub fn len(&self) -> usize {
         self.authz.len()
@@ -274,20 +360,56 @@ impl PolicySet {
             .collect()
     }
 
-    /// Policies only partly enforced at L4 (HTTP attributes, `targetRef`, AUDIT), one line each.
+    /// What is not enforced as written, one line each: HTTP attributes (on TCP traffic),
+    /// unsupported attributes, `targetRef`, AUDIT.
     pub fn warnings(&self) -> &[String] {
         &self.warnings
     }
 
-    /// Decides whether a connection may reach `req.destination`.
+    /// Decides whether a TCP connection may reach `req.destination` (ztunnel's L4 semantics:
+    /// see the module docs). The same as `authorize_connection(req, Protocol::Tcp)`.
     pub fn authorize(&self, req: &ConnRequest<'_>) -> Decision {
-        if let Some(f) = self.failing_closed(req.destination) {
-            return Decision::Deny {
-                policy: format!("{}/{}", f.namespace, f.name),
-                reason: DenyReason::FailClosed,
-            };
+        match self.fail_closed_decision(req.destination) {
+            Some(deny) => deny,
+            None => Decision::from_verdict(self.authz.evaluate(req, Mode::Tcp)),
         }
-        self.authz.authorize(req)
+    }
+
+    /// Decides a connection when it is opened (the HBONE `CONNECT` or a same-node accept). For
+    /// [`Protocol::Http`] only what the connection alone decides is decided: a DENY rule that
+    /// matches whatever the requests denies it, no ALLOW rule that could match any request
+    /// denies it, and what depends on the requests is [`ConnectionDecision::PerRequest`].
+    pub fn authorize_connection(
+        &self,
+        req: &ConnRequest<'_>,
+        protocol: Protocol,
+    ) -> ConnectionDecision {
+        if let Some(Decision::Deny { policy, reason }) = self.fail_closed_decision(req.destination)
+        {
+            return ConnectionDecision::Deny { policy, reason };
+        }
+        let mode = match protocol {
+            Protocol::Tcp => Mode::Tcp,
+            Protocol::Http => Mode::Connect,
+        };
+        ConnectionDecision::from_verdict(self.authz.evaluate(req, mode))
+    }
+
+    /// Decides one HTTP request on a connection `req` (a denied request gets
+    /// `403 RBAC: access denied`). Every HTTP attribute is enforced; unsupported ones fail
+    /// closed (see the module docs).
+    pub fn authorize_request(&self, req: &ConnRequest<'_>, http: &HttpRequest<'_>) -> Decision {
+        match self.fail_closed_decision(req.destination) {
+            Some(deny) => deny,
+            None => Decision::from_verdict(self.authz.evaluate(req, Mode::Request(http))),
+        }
+    }
+
+    fn fail_closed_decision(&self, pod: &Pod) -> Option<Decision> {
+        self.failing_closed(pod).map(|f| Decision::Deny {
+            policy: format!("{}/{}", f.namespace, f.name),
+            reason: DenyReason::FailClosed,
+        })
     }
 
     /// The first object weft cannot apply that could select `pod`.

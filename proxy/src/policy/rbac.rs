@@ -1,21 +1,30 @@
-//! AuthorizationPolicy at L4: compilation into matchers, evaluation.
+//! AuthorizationPolicy: compilation into matchers, evaluation for TCP connections, HTTP
+//! connections and HTTP requests.
 //!
 //! A compiled policy is a list of rules (ORed); a rule is a list of clauses (ANDed): one for
 //! `from`, one for `to`, one per `when` condition; a clause is a list of [`Match`]es (ORed): one
 //! per `from`/`to` entry; within a match every field must hold (a field holds when one of its
 //! values matches and none of its `not` values does). An empty rule has no clause and matches
 //! everything; a policy without rules matches nothing.
+//!
+//! Attributes come in three kinds: L4 (identities, addresses, ports), HTTP (`hosts`,
+//! `methods`, `paths`, `request.headers[…]`: known per request only) and unsupported (JWT
+//! `requestPrincipals` and `request.auth.*`, `connection.sni`, `experimental.*`: weft never
+//! knows them). A rule is evaluated in a [`Mode`] with three-valued logic: an HTTP field is
+//! unknown while an HTTP connection waits for its requests ([`Mode::Connect`]), so a rule can
+//! be "yes whatever the requests", "no whatever the requests" or "depends on the request".
 
 use std::collections::HashMap;
 use std::net::IpAddr;
 
 use ipnet::IpNet;
 
-use super::{selector_pairs, selects, ByNamespace, ConnRequest, Decision, DenyReason};
+use super::request::{HeaderKey, HostMatch, HttpRequest, PathMatch, ValueMatch};
+use super::{selector_pairs, selects, ByNamespace, ConnRequest, DenyReason};
 use crate::registry::kinds::security::{parse_net, AuthorizationPolicySpec, PolicyAction, Rule};
 use crate::registry::Pod;
 
-/// `when` keys weft evaluates at L4.
+/// `when` keys of L4 attributes.
 const L4_KEYS: &[&str] = &[
     "source.ip",
     "remote.ip",
@@ -25,6 +34,37 @@ const L4_KEYS: &[&str] = &[
     "destination.ip",
     "destination.port",
 ];
+
+/// How the traffic being judged can be seen.
+#[derive(Debug, Clone, Copy)]
+pub(crate) enum Mode<'r> {
+    /// TCP: no HTTP attribute will ever be known (ztunnel's L4 semantics).
+    Tcp,
+    /// An HTTP connection before its requests: HTTP attributes are not known yet.
+    Connect,
+    /// One HTTP request.
+    Request(&'r HttpRequest<'r>),
+}
+
+/// Three-valued truth: `Maybe` only in [`Mode::Connect`], for what depends on the request.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Tri {
+    No,
+    Maybe,
+    Yes,
+}
+
+/// The outcome of an evaluation.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(crate) enum Verdict {
+    Allow,
+    Deny {
+        policy: String,
+        reason: DenyReason,
+    },
+    /// Only in [`Mode::Connect`]: some request may be allowed and some denied.
+    PerRequest,
+}
 
 // ---------------------------------------------------------------------------------------------
 // Compiled form.
@@ -128,6 +168,10 @@ impl<T> Default for Field<T> {
 }
 
 impl<T> Field<T> {
+    fn is_empty(&self) -> bool {
+        self.pos.is_empty() && self.neg.is_empty()
+    }
+
     fn new(pos: impl IntoIterator<Item = T>, neg: impl IntoIterator<Item = T>) -> Field<T> {
         Field {
             pos: pos.into_iter().collect(),
@@ -149,14 +193,47 @@ struct Match {
     namespaces: Field<StrMatch>,
     service_accounts: Field<SaMatch>,
     source_ips: Field<Cidr>,
-    /// `remoteIpBlocks`: also the source IP at L4, but ANDed with `ipBlocks`.
+    /// `remoteIpBlocks`: also the source IP, but ANDed with `ipBlocks`.
     remote_ips: Field<Cidr>,
     destination_ips: Field<Cidr>,
+    /// HTTP fields, when any is set (boxed: the L4 matches stay small and quick to scan).
+    http: Option<Box<HttpMatch>>,
+}
+
+/// The HTTP fields of one `to` entry or `request.headers[…]` condition.
+#[derive(Debug, Clone, Default)]
+struct HttpMatch {
+    hosts: Field<HostMatch>,
+    methods: Field<ValueMatch>,
+    paths: Field<PathMatch>,
+    /// One `request.headers[…]` condition (every value names the same header).
+    headers: Field<(HeaderKey, ValueMatch)>,
+}
+
+impl HttpMatch {
+    /// `None` when no field is set.
+    fn boxed(self) -> Option<Box<HttpMatch>> {
+        let empty = self.hosts.is_empty()
+            && self.methods.is_empty()
+            && self.paths.is_empty()
+            && self.headers.is_empty();
+        (!empty).then(|| Box::new(self))
+    }
+
+    fn holds(&self, r: &HttpRequest<'_>) -> bool {
+        let path = r.url_path();
+        self.hosts.holds(|m| m.matches(r.authority))
+            && self.methods.holds(|m| m.matches(Some(r.method.as_bytes())))
+            && self.paths.holds(|m| m.matches(path))
+            && self
+                .headers
+                .holds(|(key, m)| m.matches(key.value(r).as_deref()))
+    }
 }
 
 impl Match {
     #[inline]
-    fn matches(&self, c: &Ctx<'_>) -> bool {
+    fn l4_holds(&self, c: &Ctx<'_>) -> bool {
         let in_net = |ip: Option<IpAddr>| move |n: &Cidr| ip.is_some_and(|ip| n.contains(ip));
         self.ports.holds(|p| *p == c.port)
             && self.source_ips.holds(in_net(c.source_ip))
@@ -173,20 +250,57 @@ impl Match {
                     .is_some_and(|(ns, sa)| *m.namespace == *ns && *m.account == *sa)
             })
     }
+
+    /// In [`Mode::Tcp`] HTTP fields hold (only DENY and CUSTOM rules get here with any: they
+    /// deny more, never less); in [`Mode::Connect`] they are unknown.
+    #[inline]
+    fn eval(&self, c: &Ctx<'_>, mode: Mode<'_>) -> Tri {
+        if !self.l4_holds(c) {
+            return Tri::No;
+        }
+        let Some(http) = &self.http else {
+            return Tri::Yes;
+        };
+        match mode {
+            Mode::Tcp => Tri::Yes,
+            Mode::Connect => Tri::Maybe,
+            Mode::Request(r) if http.holds(r) => Tri::Yes,
+            Mode::Request(_) => Tri::No,
+        }
+    }
 }
 
 /// Rule: clauses ANDed, matches within a clause ORed.
 #[derive(Debug, Clone, Default)]
 struct CompiledRule {
     clauses: Vec<Vec<Match>>,
+    /// Some match has HTTP fields.
+    http: bool,
 }
 
 impl CompiledRule {
     #[inline]
-    fn matches(&self, c: &Ctx<'_>) -> bool {
-        self.clauses
-            .iter()
-            .all(|clause| clause.iter().any(|m| m.matches(c)))
+    fn eval(&self, c: &Ctx<'_>, mode: Mode<'_>) -> Tri {
+        let mut rule = Tri::Yes;
+        for clause in &self.clauses {
+            let mut any = Tri::No;
+            for m in clause {
+                match m.eval(c, mode) {
+                    Tri::Yes => {
+                        any = Tri::Yes;
+                        break;
+                    }
+                    Tri::Maybe => any = Tri::Maybe,
+                    Tri::No => {}
+                }
+            }
+            match any {
+                Tri::No => return Tri::No,
+                Tri::Maybe => rule = Tri::Maybe,
+                Tri::Yes => {}
+            }
+        }
+        rule
     }
 }
 
@@ -198,15 +312,38 @@ struct Policy {
     /// Required labels (empty: every pod in scope).
     selector: Vec<(String, String)>,
     action: PolicyAction,
+    /// ALLOW: without the rules that use unsupported attributes (they never match).
     rules: Vec<CompiledRule>,
-    /// ALLOW: some rules were dropped because they need HTTP attributes.
-    http_rules_skipped: bool,
+    /// ALLOW: some rules never match TCP traffic (HTTP or unsupported attributes).
+    tcp_skipped: bool,
+    /// ALLOW: some rules were dropped for unsupported attributes.
+    unsupported_skipped: bool,
 }
 
 impl Policy {
+    /// Whether the policy matches: ALLOW rules with HTTP fields never match TCP traffic; a
+    /// CUSTOM policy is always judged as at L4 (no external authorizer to ask: it fails closed
+    /// on everything its L4 attributes select).
     #[inline]
-    fn matches(&self, c: &Ctx<'_>) -> bool {
-        self.rules.iter().any(|r| r.matches(c))
+    fn eval(&self, c: &Ctx<'_>, mode: Mode<'_>) -> Tri {
+        let mode = if self.action == PolicyAction::Custom {
+            Mode::Tcp
+        } else {
+            mode
+        };
+        let skip_http = matches!(mode, Mode::Tcp) && self.action == PolicyAction::Allow;
+        let mut out = Tri::No;
+        for r in &self.rules {
+            if skip_http && r.http {
+                continue;
+            }
+            match r.eval(c, mode) {
+                Tri::Yes => return Tri::Yes,
+                Tri::Maybe => out = Tri::Maybe,
+                Tri::No => {}
+            }
+        }
+        out
     }
 }
 
@@ -254,17 +391,40 @@ fn parse_identity(p: &str) -> Option<(&str, &str)> {
     (!ns.is_empty() && !sa.is_empty()).then_some((ns, sa))
 }
 
-/// HTTP attributes found in a rule, by field name (for warnings).
-fn http_fields(rule: &Rule) -> Vec<&str> {
-    let mut out = Vec::new();
-    let mut add = |name: &'static str, present: bool| {
-        if present && !out.contains(&name) {
-            out.push(name);
+/// What a rule's attributes need, by field name (for warnings).
+#[derive(Debug, Default)]
+struct Needs<'a> {
+    /// HTTP attributes, known per request.
+    http: Vec<&'a str>,
+    /// Attributes weft never knows.
+    unsupported: Vec<&'a str>,
+}
+
+/// Whether weft can evaluate `when` key `key` on an HTTP request (L4 keys aside).
+fn http_key(key: &str) -> bool {
+    header_condition(key).is_some_and(|name| HeaderKey::new(name).is_some())
+}
+
+/// `Name` of a `request.headers[Name]` key.
+fn header_condition(key: &str) -> Option<&str> {
+    key.strip_prefix("request.headers[")?.strip_suffix(']')
+}
+
+fn needs(rule: &Rule) -> Needs<'_> {
+    let mut out = Needs::default();
+    let add = |list: &mut Vec<&str>, name: &'static str, present: bool| {
+        if present && !list.contains(&name) {
+            list.push(name);
         }
     };
     for src in rule.from.iter().flatten().filter_map(|f| f.source.as_ref()) {
-        add("requestPrincipals", !src.request_principals.is_empty());
         add(
+            &mut out.unsupported,
+            "requestPrincipals",
+            !src.request_principals.is_empty(),
+        );
+        add(
+            &mut out.unsupported,
             "notRequestPrincipals",
             !src.not_request_principals.is_empty(),
         );
@@ -275,17 +435,25 @@ fn http_fields(rule: &Rule) -> Vec<&str> {
         .flatten()
         .filter_map(|t| t.operation.as_ref())
     {
-        add("hosts", !op.hosts.is_empty());
-        add("notHosts", !op.not_hosts.is_empty());
-        add("methods", !op.methods.is_empty());
-        add("notMethods", !op.not_methods.is_empty());
-        add("paths", !op.paths.is_empty());
-        add("notPaths", !op.not_paths.is_empty());
+        add(&mut out.http, "hosts", !op.hosts.is_empty());
+        add(&mut out.http, "notHosts", !op.not_hosts.is_empty());
+        add(&mut out.http, "methods", !op.methods.is_empty());
+        add(&mut out.http, "notMethods", !op.not_methods.is_empty());
+        add(&mut out.http, "paths", !op.paths.is_empty());
+        add(&mut out.http, "notPaths", !op.not_paths.is_empty());
     }
-    let mut out: Vec<&str> = out;
     for cond in &rule.when {
-        if !L4_KEYS.contains(&cond.key.as_str()) && !out.contains(&cond.key.as_str()) {
-            out.push(&cond.key);
+        let key = cond.key.as_str();
+        if L4_KEYS.contains(&key) {
+            continue;
+        }
+        let list = if http_key(key) {
+            &mut out.http
+        } else {
+            &mut out.unsupported
+        };
+        if !list.contains(&key) {
+            list.push(key);
         }
     }
     out
@@ -321,7 +489,34 @@ fn sa_field(pos: &[String], neg: &[String], policy_ns: &str) -> Field<SaMatch> {
     Field::new(pos.iter().map(one), neg.iter().map(one))
 }
 
-/// Compiles a rule; HTTP attributes are left out (the caller drops ALLOW rules that have any).
+fn host_field(pos: &[String], neg: &[String]) -> Field<HostMatch> {
+    Field::new(
+        pos.iter().map(|v| HostMatch::new(v)),
+        neg.iter().map(|v| HostMatch::new(v)),
+    )
+}
+
+fn value_field(pos: &[String], neg: &[String]) -> Field<ValueMatch> {
+    Field::new(
+        pos.iter().map(|v| ValueMatch::new(v)),
+        neg.iter().map(|v| ValueMatch::new(v)),
+    )
+}
+
+fn path_field(pos: &[String], neg: &[String]) -> Field<PathMatch> {
+    Field::new(
+        pos.iter().map(|v| PathMatch::new(v)),
+        neg.iter().map(|v| PathMatch::new(v)),
+    )
+}
+
+fn header_field(key: &HeaderKey, pos: &[String], neg: &[String]) -> Field<(HeaderKey, ValueMatch)> {
+    let one = |v: &String| (key.clone(), ValueMatch::new(v));
+    Field::new(pos.iter().map(one), neg.iter().map(one))
+}
+
+/// Compiles a rule. Unsupported attributes are left out (the rule holds without them: the
+/// caller drops ALLOW rules that have any).
 fn compile_rule(rule: &Rule, policy_ns: &str) -> CompiledRule {
     let mut clauses = Vec::new();
     if let Some(from) = &rule.from {
@@ -345,6 +540,13 @@ fn compile_rule(rule: &Rule, policy_ns: &str) -> CompiledRule {
             .filter_map(|t| t.operation.as_ref())
             .map(|o| Match {
                 ports: port_field(&o.ports, &o.not_ports),
+                http: HttpMatch {
+                    hosts: host_field(&o.hosts, &o.not_hosts),
+                    methods: value_field(&o.methods, &o.not_methods),
+                    paths: path_field(&o.paths, &o.not_paths),
+                    ..HttpMatch::default()
+                }
+                .boxed(),
                 ..Match::default()
             })
             .collect();
@@ -377,12 +579,23 @@ fn compile_rule(rule: &Rule, policy_ns: &str) -> CompiledRule {
                 service_accounts: sa_field(v, n, policy_ns),
                 ..Match::default()
             },
-            // HTTP attribute: ignored (matches everything).
-            _ => continue,
+            key => match header_condition(key).and_then(HeaderKey::new) {
+                Some(header) => Match {
+                    http: HttpMatch {
+                        headers: header_field(&header, v, n),
+                        ..HttpMatch::default()
+                    }
+                    .boxed(),
+                    ..Match::default()
+                },
+                // Unsupported: left out (holds).
+                None => continue,
+            },
         };
         clauses.push(vec![m]);
     }
-    CompiledRule { clauses }
+    let http = clauses.iter().flatten().any(|m| m.http.is_some());
+    CompiledRule { clauses, http }
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -456,39 +669,64 @@ impl Builder {
             ));
             return;
         }
+        let allow = spec.action == PolicyAction::Allow;
         let mut rules = Vec::new();
-        let mut http: Vec<&str> = Vec::new();
-        let mut http_rules_skipped = false;
+        let (mut http, mut unsupported): (Vec<&str>, Vec<&str>) = (Vec::new(), Vec::new());
+        let (mut tcp_skipped, mut unsupported_skipped) = (false, false);
         for rule in spec.rules.iter().flatten() {
-            let found = http_fields(rule);
-            for f in &found {
-                if !http.contains(f) {
-                    http.push(f);
+            let found = needs(rule);
+            for (all, new) in [
+                (&mut http, &found.http),
+                (&mut unsupported, &found.unsupported),
+            ] {
+                for f in new {
+                    if !all.contains(f) {
+                        all.push(f);
+                    }
                 }
             }
-            if spec.action == PolicyAction::Allow && !found.is_empty() {
-                http_rules_skipped = true;
-                continue;
+            if allow {
+                tcp_skipped |= !found.http.is_empty() || !found.unsupported.is_empty();
+                if !found.unsupported.is_empty() {
+                    unsupported_skipped = true;
+                    continue;
+                }
             }
             rules.push(compile_rule(rule, namespace));
         }
-        if !http.is_empty() {
-            let effect = if spec.action == PolicyAction::Allow {
-                "the rules using them never match (fail closed: they allow nothing)"
-            } else {
-                "the rules are enforced without them (fail closed: they deny more than written)"
-            };
-            warnings.push(format!(
-                "AuthorizationPolicy {key}: HTTP attributes ({}) are not enforced until the L7 engine lands; {effect}",
-                http.join(", ")
-            ));
+        const NO_ALLOW: &str = "the rules using them never match (fail closed: they allow nothing)";
+        const WIDER_DENY: &str =
+            "the rules are enforced without them (fail closed: they deny more than written)";
+        if spec.action == PolicyAction::Custom {
+            http.append(&mut unsupported);
+            if !http.is_empty() {
+                warnings.push(format!(
+                    "AuthorizationPolicy {key}: {} not evaluated in a CUSTOM policy (there is no external authorizer): {WIDER_DENY}",
+                    http.join(", ")
+                ));
+            }
+        } else {
+            let effect = if allow { NO_ALLOW } else { WIDER_DENY };
+            if !unsupported.is_empty() {
+                warnings.push(format!(
+                    "AuthorizationPolicy {key}: {} cannot be evaluated (weft has no JWT authentication, TLS SNI or Envoy metadata); {effect}",
+                    unsupported.join(", ")
+                ));
+            }
+            if !http.is_empty() {
+                warnings.push(format!(
+                    "AuthorizationPolicy {key}: HTTP attributes ({}) are enforced per request on HTTP traffic; on TCP traffic {effect}",
+                    http.join(", ")
+                ));
+            }
         }
         let policy = Policy {
             key,
             selector: selector_pairs(&spec.selector),
             action: spec.action,
             rules,
-            http_rules_skipped,
+            tcp_skipped,
+            unsupported_skipped,
         };
         let bucket = if namespace == self.index.root_namespace {
             &mut self.index.global
@@ -542,54 +780,87 @@ impl Index {
         }
     }
 
-    pub(crate) fn authorize(&self, req: &ConnRequest<'_>) -> Decision {
+    /// CUSTOM, then DENY, then ALLOW, as Istio. In [`Mode::Connect`] a DENY rule that depends
+    /// on the request defers the decision to each request unless the connection is denied
+    /// anyway, and an ALLOW rule that depends on it is enough to let the connection in.
+    pub(crate) fn evaluate(&self, req: &ConnRequest<'_>, mode: Mode<'_>) -> Verdict {
         let pod = req.destination;
         let buckets = self.buckets(pod);
         let ctx = Ctx::new(req);
+        let mut deny_pending = false;
         for (bucket, _) in buckets.iter().flatten() {
             for p in &bucket.deny {
-                if selects(&p.selector, pod) && p.matches(&ctx) {
-                    let reason = if p.action == PolicyAction::Custom {
-                        DenyReason::CustomPolicy
-                    } else {
-                        DenyReason::DenyPolicy
-                    };
-                    return Decision::Deny {
-                        policy: p.key.clone(),
-                        reason,
-                    };
+                if !selects(&p.selector, pod) {
+                    continue;
+                }
+                match p.eval(&ctx, mode) {
+                    Tri::Yes => {
+                        let reason = if p.action == PolicyAction::Custom {
+                            DenyReason::CustomPolicy
+                        } else {
+                            DenyReason::DenyPolicy
+                        };
+                        return Verdict::Deny {
+                            policy: p.key.clone(),
+                            reason,
+                        };
+                    }
+                    Tri::Maybe => deny_pending = true,
+                    Tri::No => {}
                 }
             }
         }
+        let allowed = if deny_pending {
+            Verdict::PerRequest
+        } else {
+            Verdict::Allow
+        };
+        let tcp = matches!(mode, Mode::Tcp);
+        let mut allow_pending = false;
         let mut best: Option<(u8, &Policy)> = None;
-        let mut best_http: Option<(u8, &Policy)> = None;
+        let mut best_skipped: Option<(u8, &Policy)> = None;
         for &(bucket, root) in buckets.iter().flatten() {
             for p in &bucket.allow {
                 if !selects(&p.selector, pod) {
                     continue;
                 }
-                if p.matches(&ctx) {
-                    return Decision::Allow;
+                match p.eval(&ctx, mode) {
+                    Tri::Yes => return allowed,
+                    Tri::Maybe => allow_pending = true,
+                    Tri::No => {}
                 }
                 let rank = self.rank(p, root, pod);
                 if best.is_none_or(|(r, _)| rank > r) {
                     best = Some((rank, p));
                 }
-                if p.http_rules_skipped && best_http.is_none_or(|(r, _)| rank > r) {
-                    best_http = Some((rank, p));
+                let skipped = if tcp {
+                    p.tcp_skipped
+                } else {
+                    p.unsupported_skipped
+                };
+                if skipped && best_skipped.is_none_or(|(r, _)| rank > r) {
+                    best_skipped = Some((rank, p));
                 }
             }
         }
-        match (best_http, best) {
-            (Some((_, p)), _) => Decision::Deny {
+        if allow_pending {
+            return Verdict::PerRequest;
+        }
+        let skipped_reason = if tcp {
+            DenyReason::NotAllowedHttpRules
+        } else {
+            DenyReason::NotAllowedUnsupportedRules
+        };
+        match (best_skipped, best) {
+            (Some((_, p)), _) => Verdict::Deny {
                 policy: p.key.clone(),
-                reason: DenyReason::NotAllowedHttpRules,
+                reason: skipped_reason,
             },
-            (None, Some((_, p))) => Decision::Deny {
+            (None, Some((_, p))) => Verdict::Deny {
                 policy: p.key.clone(),
                 reason: DenyReason::NotAllowed,
             },
-            (None, None) => Decision::Allow,
+            (None, None) => allowed,
         }
     }
 

@@ -718,9 +718,15 @@ spec:
     // ... the L4 rule still does.
     assert!(f.allowed(conn("demo/server", 80, Some(PROD_APP))));
     let w = f.set.warnings();
-    assert_eq!(w.len(), 1, "{w:?}");
+    assert_eq!(w.len(), 2, "{w:?}");
     assert!(
-        w[0].starts_with("AuthorizationPolicy demo/http-allow: HTTP attributes (methods, paths, requestPrincipals, request.headers[x-user]) are not enforced"),
+        w[0].starts_with(
+            "AuthorizationPolicy demo/http-allow: requestPrincipals cannot be evaluated"
+        ),
+        "{w:?}"
+    );
+    assert!(
+        w[1].starts_with("AuthorizationPolicy demo/http-allow: HTTP attributes (methods, paths, request.headers[x-user]) are enforced per request on HTTP traffic; on TCP traffic the rules using them never match"),
         "{w:?}"
     );
 }
@@ -1325,3 +1331,5 @@ fn invalid_objects_never_reach_the_snapshot() {
     let set = PolicySet::build(&b.build(1, Vec::new()), ROOT);
     assert_eq!(set.len(), 1);
 }
+
+mod l7;

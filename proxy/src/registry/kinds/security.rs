@@ -510,7 +510,8 @@ fn check_operation(op: &Operation, path: &str, errors: &mut Vec<FieldError>) {
         let path = format!("{path}.{name}");
         match name {
             "ports" | "notPorts" => check_values(list, &path, errors, check_port),
-            _ => check_values(list, &path, errors, |_| Ok(())),
+            "paths" | "notPaths" => check_values(list, &path, errors, check_path),
+            _ => check_values(list, &path, errors, check_wildcard),
         }
     }
 }
@@ -662,6 +663,51 @@ fn check_wildcard(v: &str) -> Result<(), String> {
     }
 }
 
+/// A `paths` value: Istio's wildcards, or a URI template whose segments are `{*}`, `{**}` (no
+/// operator after it) or literal path characters (Istio's `CheckValidPathTemplate`), starting
+/// with `/` (Envoy's template matcher rejects anything else).
+fn check_path(v: &str) -> Result<(), String> {
+    let template = v.contains("{*}") || v.contains("{**}");
+    if !template && !v.contains(['{', '}']) {
+        return check_wildcard(v).map_err(|e| {
+            format!("{e}; use {{*}} for one path segment or {{**}} for any number of segments")
+        });
+    }
+    if template && !v.starts_with('/') {
+        return Err(format!("invalid path template {v:?}: must start with `/`"));
+    }
+    let mut after_any = false;
+    for segment in v.trim_matches('/').split('/') {
+        match segment {
+            "{*}" | "{**}" if after_any => {
+                return Err(format!(
+                    "invalid path template {v:?}: {{**}} must be the last operator"
+                ))
+            }
+            "{*}" => {}
+            "{**}" => after_any = true,
+            s if s.contains(['{', '}']) => {
+                return Err(format!(
+                    "invalid path {v:?}: `{{` and `}}` are only allowed in the whole-segment operators {{*}} and {{**}}"
+                ))
+            }
+            s if !s.bytes().all(is_literal_path_char) || s.is_empty() => {
+                return Err(format!(
+                    "invalid path template {v:?}: segment {s:?} is not a valid literal (RFC 3986 path characters)"
+                ))
+            }
+            _ => {}
+        }
+    }
+    Ok(())
+}
+
+/// RFC 3986 `pchar` (unreserved, `%`, sub-delims but `*`, `:`, `@`), as Istio checks template
+/// literals.
+fn is_literal_path_char(b: u8) -> bool {
+    b.is_ascii_alphanumeric() || b"-._~%!$&'()+,;:@=".contains(&b)
+}
+
 fn check_service_accounts(list: &[String], path: &str, errors: &mut Vec<FieldError>) {
     if list.len() > 16 {
         errors.push(field_error(path, "may not have more than 16 values"));
@@ -766,5 +812,24 @@ mod tests {
         assert!(check_service_account("a/").is_err());
         assert!(check_service_account("a/b/c").is_err());
         assert!(check_service_account("a/*").is_err());
+        assert!(check_path("/api/*").is_ok());
+        assert!(check_path("*.png").is_ok());
+        assert!(check_path("*").is_ok());
+        assert!(check_path("/api/*/users")
+            .unwrap_err()
+            .contains("use {*} for one path segment"));
+        assert!(check_path("/users/{*}/posts/{**}").is_ok());
+        assert!(check_path("/{**}/edit/").is_ok());
+        assert!(check_path("/{**}/{*}")
+            .unwrap_err()
+            .contains("last operator"));
+        assert!(check_path("/{**}/{**}").is_err());
+        assert!(check_path("users/{*}")
+            .unwrap_err()
+            .contains("start with `/`"));
+        assert!(check_path("/a/{id}").unwrap_err().contains("whole-segment"));
+        assert!(check_path("/a/x{*}").is_err());
+        assert!(check_path("/a//{*}").unwrap_err().contains("segment \"\""));
+        assert!(check_path("/a b/{*}").is_err());
     }
 }
