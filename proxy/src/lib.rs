@@ -9,6 +9,7 @@
 //! wires it all together.
 
 pub mod config;
+pub mod exchange;
 
 pub mod capture;
 pub mod identity;

@@ -14,6 +14,7 @@ const ALLOWED: &[(&str, &[&str])] = &[
     ("registry", &[]),
     ("relay", &[]),
     ("l7", &["registry", "config"]),
+    ("exchange", &["admin", "l7", "telemetry", "upstream"]),
     ("identity", &["admin"]),
     ("policy", &["registry"]),
     ("workload", &["registry", "identity"]),
@@ -32,8 +33,10 @@ const ALLOWED: &[(&str, &[&str])] = &[
         "inbound",
         &[
             "admin",
+            "exchange",
             "identity",
             "inputs",
+            "l7",
             "policy",
             "registry",
             "relay",
@@ -48,6 +51,7 @@ const ALLOWED: &[(&str, &[&str])] = &[
         &[
             "admin",
             "capture",
+            "exchange",
             "identity",
             "inbound",
             "inputs",

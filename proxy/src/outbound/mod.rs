@@ -24,11 +24,12 @@ use tokio::net::{TcpListener, TcpStream};
 use tracing::{debug, info, warn};
 
 use self::balance::RoundRobin;
-use self::http::{Called, ClientVersion, Declared, HttpConfig, HttpPath};
+use self::http::{Called, Declared, HttpConfig, HttpPath};
 use self::plan::{Action, Context, Plan, Refusal};
 use self::redirects::RedirectTracker;
 use crate::admin::api::Verdict;
 use crate::capture::{Capture, RedirectEvent};
+use crate::exchange::ClientVersion;
 use crate::inputs::ProxyInputs;
 use crate::l7::sniff::{sniff, Sniffed};
 use crate::policy::deny_message;

@@ -1,0 +1,249 @@
+//! One HTTP exchange, as both directions of the data path serve it: a client connection served
+//! with hyper (HTTP/1.1 through the [`guard::Guarded`] smuggling guard, or HTTP/2), each request
+//! shaped for its upstream, each response recorded when its body ends ([`body::Recorded`]), and
+//! the responses weft makes itself.
+//!
+//! May import: `admin::api`, `l7`, `telemetry`, `upstream`.
+
+pub mod body;
+pub mod guard;
+
+use std::convert::Infallible;
+use std::future::Future;
+use std::sync::Arc;
+use std::time::Duration;
+
+use bytes::Bytes;
+use http::{header, HeaderMap, HeaderValue, Method, Request, Response, Version as HttpVersion};
+use http_body_util::{BodyExt, Full};
+use hyper::body::Incoming;
+use hyper::service::service_fn;
+use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
+use parking_lot::Mutex;
+use tokio::io::{AsyncRead, AsyncWrite};
+use tracing::debug;
+
+use self::body::{Counted, Counter};
+use self::guard::{parser_limit, Guarded};
+use crate::admin::api::{HttpFlow, Verdict, NO_FLAGS};
+use crate::l7::respond::{self, Flag};
+use crate::telemetry::{ConnectionRecord, RequestRecord, RequestTemplate};
+use crate::upstream::http::{Body, Version};
+
+/// The body of a response weft returns to the client.
+pub type ResponseBody = Body;
+
+/// HTTP the client speaks on a connection.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ClientVersion {
+    Http1,
+    Http2,
+}
+
+impl ClientVersion {
+    pub fn as_version(self) -> Version {
+        match self {
+            ClientVersion::Http1 => Version::Http1,
+            ClientVersion::Http2 => Version::Http2,
+        }
+    }
+}
+
+/// Serves one client connection: `handle` answers each request. HTTP/1.1 is read through the
+/// guard (refusals are answered 400/431); a connection that ends in a protocol error is
+/// recorded as a `DPE` request. Returns how many requests were served.
+pub async fn serve<S, F, Fut>(
+    io: S,
+    version: ClientVersion,
+    max_head: usize,
+    template: &RequestTemplate,
+    record: &mut ConnectionRecord,
+    handle: F,
+) -> (u64, Option<String>)
+where
+    S: AsyncRead + AsyncWrite + Send + Unpin + 'static,
+    F: Fn(Request<Incoming>) -> Fut + Send + Sync + 'static,
+    Fut: Future<Output = Response<ResponseBody>> + Send + 'static,
+{
+    let requests = Arc::new(std::sync::atomic::AtomicU64::new(0));
+    let counted = requests.clone();
+    let handle = Arc::new(handle);
+    let svc = service_fn(move |req| {
+        counted.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        let fut = handle(req);
+        async move { Ok::<_, Infallible>(fut.await) }
+    });
+    let refusal = Arc::new(Mutex::new(None));
+    let served = match version {
+        ClientVersion::Http1 => {
+            let io = Guarded::new(io, max_head, refusal.clone());
+            let conn = hyper::server::conn::http1::Builder::new()
+                .max_buf_size(parser_limit(max_head))
+                .timer(TokioTimer::new())
+                .header_read_timeout(Duration::from_secs(30))
+                .serve_connection(TokioIo::new(io), svc)
+                .with_upgrades();
+            record.serve(conn).await
+        }
+        ClientVersion::Http2 => {
+            let conn = hyper::server::conn::http2::Builder::new(TokioExecutor::new())
+                .timer(TokioTimer::new())
+                .max_header_list_size(max_head as u32)
+                .serve_connection(TokioIo::new(io), svc);
+            record.serve(conn).await
+        }
+    };
+    let requests = requests.load(std::sync::atomic::Ordering::Relaxed);
+    match served {
+        Ok(()) => (requests, None),
+        Err(e) if e.is_parse() || e.is_parse_too_large() || refusal.lock().is_some() => {
+            // Not HTTP: answered 400/431 by the server, recorded as a request that went nowhere.
+            let refused = refusal.lock().take();
+            let status = match &refused {
+                Some(crate::l7::hygiene::Violation::HeadTooLarge(_)) => 431,
+                _ if e.is_parse_too_large() => 431,
+                _ => 400,
+            };
+            let why = match refused {
+                Some(v) => v.to_string(),
+                None => e.to_string(),
+            };
+            let r = template.start(HttpFlow {
+                protocol: version.as_version().as_str().into(),
+                ..HttpFlow::default()
+            });
+            r.finish(
+                Verdict::Malformed,
+                status,
+                Flag::DownstreamProtocolError.as_str(),
+                Some(why),
+            );
+            (requests + 1, None)
+        }
+        Err(e) => {
+            debug!(error = %e, "HTTP connection ended with an error");
+            (requests, Some(e.to_string()))
+        }
+    }
+}
+
+/// The response the client gets from an upstream's: hop-by-hop headers dropped, in the
+/// client's HTTP version, recorded when its body ends.
+pub fn client_response(
+    resp: Response<Incoming>,
+    client: ClientVersion,
+    record: RequestRecord,
+    sent: Counter,
+) -> Response<ResponseBody> {
+    let (mut parts, body) = resp.into_parts();
+    strip_hop_by_hop(&mut parts.headers);
+    parts.version = match client {
+        ClientVersion::Http1 => HttpVersion::HTTP_11,
+        ClientVersion::Http2 => HttpVersion::HTTP_2,
+    };
+    let status = parts.status.as_u16();
+    let body = body::Recorded::new(body, record, sent, status);
+    Response::from_parts(parts, body.boxed())
+}
+
+pub fn authority_of<B>(req: &Request<B>) -> String {
+    req.uri()
+        .authority()
+        .map(|a| a.as_str().to_string())
+        .or_else(|| {
+            req.headers()
+                .get(header::HOST)
+                .and_then(|h| h.to_str().ok())
+                .map(str::to_string)
+        })
+        .unwrap_or_default()
+}
+
+pub fn is_upgrade<B>(req: &Request<B>) -> bool {
+    req.method() == Method::CONNECT || req.headers().contains_key(header::UPGRADE)
+}
+
+/// The request as the upstream gets it: origin-form with `Host` for HTTP/1.1, absolute with
+/// the authority for HTTP/2.
+pub fn upstream_request(
+    req: Request<Incoming>,
+    version: Version,
+    authority: &str,
+    sent: &Counter,
+) -> Request<Body> {
+    let (mut parts, body) = req.into_parts();
+    if parts.method != Method::CONNECT {
+        let pq = parts
+            .uri
+            .path_and_query()
+            .map(|p| p.as_str())
+            .unwrap_or("/")
+            .to_string();
+        match version {
+            Version::Http1 => {
+                parts.version = HttpVersion::HTTP_11;
+                if let Ok(uri) = pq.parse() {
+                    parts.uri = uri;
+                }
+                if let Ok(h) = HeaderValue::from_str(authority) {
+                    parts.headers.insert(header::HOST, h);
+                }
+            }
+            Version::Http2 => {
+                parts.version = HttpVersion::HTTP_2;
+                if let Ok(uri) = format!("http://{authority}{pq}").parse() {
+                    parts.uri = uri;
+                }
+                parts.headers.remove(header::HOST);
+            }
+        }
+    }
+    let body = Counted {
+        inner: body,
+        count: sent.clone(),
+    };
+    Request::from_parts(parts, body.boxed())
+}
+
+/// Response headers that belong to the upstream connection, not the message.
+pub fn strip_hop_by_hop(headers: &mut HeaderMap) {
+    for name in [
+        "connection",
+        "keep-alive",
+        "proxy-connection",
+        "transfer-encoding",
+        "upgrade",
+    ] {
+        headers.remove(name);
+    }
+}
+
+pub fn empty() -> ResponseBody {
+    Full::new(Bytes::new()).map_err(|e| match e {}).boxed()
+}
+
+pub fn body_of(resp: Response<Bytes>) -> Response<ResponseBody> {
+    resp.map(|b| Full::new(b).map_err(|e| match e {}).boxed())
+}
+
+/// A response weft makes itself, recorded with its flag.
+pub fn own(
+    record: RequestRecord,
+    verdict: Verdict,
+    flag: Flag,
+    error: Option<String>,
+) -> Response<ResponseBody> {
+    let resp = flag.response();
+    record.finish(verdict, resp.status().as_u16(), flag.as_str(), error);
+    body_of(resp)
+}
+
+/// `403 RBAC: access denied` (no flag, as Envoy's RBAC filter; the policy is on the record).
+pub fn denied(record: RequestRecord) -> Response<ResponseBody> {
+    let resp = respond::denied();
+    record.finish(Verdict::Denied, 403, NO_FLAGS, Some(respond::RBAC_DENIED));
+    body_of(resp)
+}
+
+#[cfg(test)]
+mod tests;

@@ -1,0 +1,78 @@
+//! The guard in front of hyper, against a real socket.
+
+use super::guard::{parser_limit, Guarded};
+use super::*;
+use std::net::SocketAddr;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::TcpStream;
+
+/// A guarded HTTP/1 server answering 200 to whatever it accepts; returns its address.
+async fn guarded_server(max_head: usize) -> SocketAddr {
+    let l = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = l.local_addr().unwrap();
+    tokio::spawn(async move {
+        loop {
+            let (s, _) = l.accept().await.unwrap();
+            tokio::spawn(async move {
+                let io = Guarded::new(s, max_head, Arc::default());
+                let svc = service_fn(|_req: Request<Incoming>| async {
+                    Ok::<_, Infallible>(Response::new(Full::new(Bytes::from_static(b"ok"))))
+                });
+                let _ = hyper::server::conn::http1::Builder::new()
+                    .max_buf_size(parser_limit(max_head))
+                    .serve_connection(TokioIo::new(io), svc)
+                    .await;
+            });
+        }
+    });
+    addr
+}
+
+async fn exchange(addr: SocketAddr, request: &[u8]) -> String {
+    let mut c = TcpStream::connect(addr).await.unwrap();
+    // Written concurrently: the server may answer before it has read everything.
+    let (mut r, mut w) = c.split();
+    let write = async {
+        let _ = w.write_all(request).await;
+    };
+    let mut out = Vec::new();
+    let read = async {
+        let _ = r.read_to_end(&mut out).await;
+    };
+    let both = async {
+        tokio::join!(write, read);
+    };
+    if tokio::time::timeout(Duration::from_secs(10), both)
+        .await
+        .is_err()
+    {
+        return format!("timed out; read so far: {}", String::from_utf8_lossy(&out));
+    }
+    String::from_utf8_lossy(&out).into_owned()
+}
+
+#[tokio::test]
+async fn smuggling_and_oversized_heads_get_answers_not_resets() {
+    let addr = guarded_server(60 * 1024).await;
+    let resp = exchange(
+        addr,
+        b"GET / HTTP/1.1\r\nHost: a\r\n\r\nGET / HTTP/1.1\r\nHost: a\r\nConnection: close\r\n\r\n",
+    )
+    .await;
+    assert!(resp.starts_with("HTTP/1.1 200"), "{resp}");
+    let ok = exchange(
+        addr,
+        b"GET / HTTP/1.1\r\nHost: a\r\nConnection: close\r\n\r\n",
+    )
+    .await;
+    assert!(ok.starts_with("HTTP/1.1 200"), "{ok}");
+    let smuggle = b"POST / HTTP/1.1\r\nHost: a\r\nContent-Length: 5\r\nTransfer-Encoding: chunked\r\n\r\n0\r\n\r\n";
+    let resp = exchange(addr, smuggle).await;
+    assert!(resp.starts_with("HTTP/1.1 400"), "{resp}");
+    let big = format!(
+        "GET / HTTP/1.1\r\nHost: a\r\nX-Big: {}\r\n\r\n",
+        "a".repeat(61 * 1024)
+    );
+    let resp = exchange(addr, big.as_bytes()).await;
+    assert!(resp.starts_with("HTTP/1.1 431"), "{resp}");
+}
