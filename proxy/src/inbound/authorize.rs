@@ -6,7 +6,9 @@ use std::net::{IpAddr, SocketAddr};
 use std::sync::Arc;
 
 use crate::identity::SpiffeId;
-use crate::policy::{ConnRequest, Decision, DenyReason, PolicySet};
+use crate::policy::{
+    ConnRequest, ConnectionDecision, Decision, DenyReason, HttpRequest, PolicySet, Protocol,
+};
 use crate::registry::{Pod, Snapshot};
 
 /// Who is calling, as the destination side knows it.
@@ -27,21 +29,43 @@ pub fn authorize(
     caller: &Caller<'_>,
 ) -> Decision {
     let principal = caller.identity.principal();
-    policies.authorize(&ConnRequest {
+    policies.authorize(&conn_request(destination, target, caller, &principal))
+}
+
+/// Whether `caller` may send the HTTP request `http` to `target` (a port of `destination`).
+pub fn authorize_request(
+    policies: &PolicySet,
+    destination: &Pod,
+    target: SocketAddr,
+    caller: &Caller<'_>,
+    http: &HttpRequest<'_>,
+) -> Decision {
+    let principal = caller.identity.principal();
+    policies.authorize_request(&conn_request(destination, target, caller, &principal), http)
+}
+
+fn conn_request<'a>(
+    destination: &'a Pod,
+    target: SocketAddr,
+    caller: &Caller<'_>,
+    principal: &'a str,
+) -> ConnRequest<'a> {
+    ConnRequest {
         destination,
         destination_port: target.port(),
         destination_ip: Some(target.ip()),
-        source_principal: Some(&principal),
+        source_principal: Some(principal),
         source_namespace: None,
         source_ip: caller.ip,
-    })
+    }
 }
 
 /// What becomes of an inbound tunnel.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Admission {
-    /// Connect to the pod and relay.
-    Deliver { pod: Arc<Pod> },
+    /// Connect to the pod and relay; with `per_request`, what the connection carries decides:
+    /// each HTTP request is authorized on its own, anything else as TCP.
+    Deliver { pod: Arc<Pod>, per_request: bool },
     /// The target is not a pod hosted on this node: this is no open relay.
     NotHere,
     /// A policy refuses it: the deciding policy and why.
@@ -63,9 +87,19 @@ pub fn admit(
     let Some(pod) = local_pod(snapshot, node, target) else {
         return Admission::NotHere;
     };
-    match authorize(policies, &pod, target, caller) {
-        Decision::Allow => Admission::Deliver { pod },
-        Decision::Deny { policy, reason } => Admission::Denied {
+    // The tunnel may carry HTTP: decide now only what holds whatever its requests are.
+    let principal = caller.identity.principal();
+    let req = conn_request(&pod, target, caller, &principal);
+    match policies.authorize_connection(&req, Protocol::Http) {
+        ConnectionDecision::Allow => Admission::Deliver {
+            pod,
+            per_request: false,
+        },
+        ConnectionDecision::PerRequest => Admission::Deliver {
+            pod,
+            per_request: true,
+        },
+        ConnectionDecision::Deny { policy, reason } => Admission::Denied {
             pod,
             policy,
             reason,
@@ -124,7 +158,7 @@ mod tests {
         let nobody = "10.244.9.9:8080".parse().unwrap();
         assert!(matches!(
             admit(&s, &p, "node-b", here, &caller),
-            Admission::Deliver { pod } if pod.name == "web-0"
+            Admission::Deliver { pod, .. } if pod.name == "web-0"
         ));
         assert_eq!(
             admit(&s, &p, "node-b", elsewhere, &caller),

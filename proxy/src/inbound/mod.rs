@@ -6,30 +6,66 @@
 //! `upstream`, `relay`, `telemetry`, `admin::api`.
 
 pub mod authorize;
+pub mod http;
 
 use std::sync::Arc;
 
 use tracing::debug;
 
-use self::authorize::{admit, calling_pod, Admission, Caller};
+use std::time::Duration;
+
+use bytes::Bytes;
+
+use self::authorize::{admit, authorize, calling_pod, Admission, Caller};
 use crate::admin::api::Verdict;
+use crate::exchange::guard::Rewind;
+use crate::exchange::ClientVersion;
 use crate::inputs::ProxyInputs;
+use crate::l7::sniff::{sniff, Sniffed};
 use crate::policy::deny_message;
+use crate::policy::Decision;
+use crate::registry::Pod;
 use crate::relay::Relayed;
 use crate::telemetry::ConnectionRecord;
 use crate::tunnel::server::{Handler, Pending, Rejection};
+use crate::tunnel::Stream;
+use crate::upstream::http::HttpPool;
 use crate::upstream::OnBehalfOf;
 use crate::workload::identity_of;
 
 /// Answers the `CONNECT`s of the HBONE server.
-#[derive(Debug)]
 pub struct Inbound {
     inputs: Arc<ProxyInputs>,
+    config: InboundConfig,
+    /// Connections to this node's pods for HTTP the tunnels carry.
+    clients: Arc<HttpPool>,
+}
+
+impl std::fmt::Debug for Inbound {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Inbound")
+            .field("config", &self.config)
+            .finish()
+    }
+}
+
+/// Limits of the inbound side.
+#[derive(Debug, Clone)]
+pub struct InboundConfig {
+    /// Largest HTTP request head accepted in a tunnel.
+    pub max_request_headers: usize,
+    /// How long a tunnel's first bytes may take to tell HTTP from TCP, when policies need to
+    /// know.
+    pub detection_timeout: Duration,
 }
 
 impl Inbound {
-    pub fn new(inputs: Arc<ProxyInputs>) -> Inbound {
-        Inbound { inputs }
+    pub fn new(inputs: Arc<ProxyInputs>, config: InboundConfig) -> Inbound {
+        Inbound {
+            inputs,
+            config,
+            clients: Arc::default(),
+        }
     }
 }
 
@@ -90,9 +126,14 @@ impl Handler for Inbound {
                 record.finish(Verdict::Denied, Some(message));
                 return;
             }
-            Admission::Deliver { pod } => pod,
+            Admission::Deliver { pod, per_request } => (pod, per_request),
         };
+        let (pod, per_request) = pod;
         record_destination(&mut record, inputs, &pod);
+        if per_request {
+            self.per_request(pending, pod, req, record).await;
+            return;
+        }
         let upstream = match inputs
             .connector
             .connect(OnBehalfOf::Peer(&req.peer), req.target)
@@ -125,6 +166,112 @@ impl Handler for Inbound {
             })
             .await;
         record.finish(Verdict::Forwarded, None::<&str>);
+    }
+}
+
+impl Inbound {
+    /// A tunnel whose requests decide: HTTP is served and authorized request by request;
+    /// anything else is authorized as TCP and relayed.
+    async fn per_request(
+        &self,
+        pending: Pending,
+        pod: Arc<Pod>,
+        req: crate::tunnel::server::ConnectRequest,
+        mut record: ConnectionRecord,
+    ) {
+        let inputs = &self.inputs;
+        let mut stream = match pending.accept() {
+            Ok(s) => s,
+            Err(e) => {
+                record.finish(Verdict::Forwarded, Some(e));
+                return;
+            }
+        };
+        let (first, sniffed) = first_bytes(&mut stream, self.config.detection_timeout).await;
+        let version = match sniffed {
+            Sniffed::Http1 => Some(ClientVersion::Http1),
+            Sniffed::Http2 => Some(ClientVersion::Http2),
+            _ => None,
+        };
+        if let Some(version) = version {
+            record.protocol("http");
+            let t = http::Tunnelled {
+                peer: req.peer.clone(),
+                forwarded_for: req.forwarded_for,
+                pod,
+                target: req.target,
+                version,
+            };
+            http::serve(
+                inputs.clone(),
+                self.clients.clone(),
+                Rewind::new(first, stream),
+                t,
+                self.config.max_request_headers,
+                record,
+            )
+            .await;
+            return;
+        }
+        let caller = Caller {
+            identity: &req.peer,
+            ip: req.forwarded_for,
+        };
+        let decision = authorize(&inputs.policies.load(), &pod, req.target, &caller);
+        if let Decision::Deny { policy, reason } = decision {
+            let message = deny_message(&policy, Some(reason.as_str()));
+            record.policy(policy);
+            record.finish(Verdict::Denied, Some(message));
+            return;
+        }
+        let mut upstream = match inputs
+            .connector
+            .connect(OnBehalfOf::Peer(&req.peer), req.target)
+            .await
+        {
+            Ok(s) => s,
+            Err(e) => {
+                record.finish(Verdict::ConnectFailed, Some(e));
+                return;
+            }
+        };
+        use tokio::io::AsyncWriteExt;
+        if let Err(e) = upstream.write_all(&first).await {
+            record.finish(Verdict::ConnectFailed, Some(e));
+            return;
+        }
+        let sent_first = first.len() as u64;
+        record
+            .relay(async move {
+                let r = stream.relay(upstream).await;
+                Relayed {
+                    sent: r.received + sent_first,
+                    received: r.sent,
+                    error: r.error,
+                }
+            })
+            .await;
+        record.finish(Verdict::Forwarded, None::<&str>);
+    }
+}
+
+/// Reads a tunnel's first bytes until they tell HTTP from anything else (or `wait` passes).
+async fn first_bytes(stream: &mut Stream, wait: Duration) -> (Bytes, Sniffed) {
+    use tokio::io::AsyncReadExt;
+    let deadline = tokio::time::Instant::now() + wait;
+    let mut buf = Vec::with_capacity(1024);
+    loop {
+        let mut chunk = [0u8; 4096];
+        let n = match tokio::time::timeout_at(deadline, stream.read(&mut chunk)).await {
+            Ok(Ok(n)) if n > 0 => n,
+            _ => return (Bytes::from(buf), Sniffed::Other),
+        };
+        buf.extend_from_slice(&chunk[..n]);
+        match sniff(&buf) {
+            Sniffed::NeedMore if buf.len() < 8192 => continue,
+            Sniffed::NeedMore => return (Bytes::from(buf), Sniffed::Other),
+            decided => return (Bytes::from(buf), decided),
+        }
     }
 }
 

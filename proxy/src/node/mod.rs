@@ -23,7 +23,7 @@ use crate::admin;
 use crate::capture::{Capture, CaptureConfig};
 use crate::config::{NodeConfig, ProxyAddress};
 use crate::identity::{IdentityConfig, IdentityManager};
-use crate::inbound::Inbound;
+use crate::inbound::{Inbound, InboundConfig};
 use crate::inputs::ProxyInputs;
 use crate::outbound::http::HttpConfig;
 use crate::outbound::{self, Outbound};
@@ -119,7 +119,15 @@ pub async fn run(cfg: NodeConfig) -> anyhow::Result<()> {
         .with_context(|| format!("binding the HBONE listener {hbone_addr}"))?;
     let hbone = Server::new(
         identity.clone(),
-        Arc::new(Inbound::new(inputs.clone())),
+        Arc::new(Inbound::new(
+            inputs.clone(),
+            InboundConfig {
+                max_request_headers: cfg.max_request_headers_kb * 1024,
+                detection_timeout: Duration::from_millis(
+                    cfg.protocol_detection_timeout_ms.max(100),
+                ),
+            },
+        )),
         ServerConfig::default(),
         telemetry.clone(),
     );

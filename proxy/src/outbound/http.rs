@@ -29,6 +29,7 @@ use crate::exchange::{
 use crate::inputs::ProxyInputs;
 use crate::l7::hygiene;
 use crate::l7::respond::Flag;
+use crate::policy::HttpRequest;
 use crate::registry::{Pod, Service, ServicePort};
 use crate::telemetry::{ConnectionRecord, RequestRecord, RequestTemplate};
 use crate::tunnel::client::Pool;
@@ -170,6 +171,7 @@ impl HttpPath {
             endpoints,
             balance_key,
             version,
+            client_authority: authority.clone(),
             authority,
             tls: None,
         };
@@ -195,6 +197,18 @@ impl HttpPath {
         let snapshot = self.inputs.registry.snapshot();
         let policies = self.inputs.policies.load();
         let mut dest = Destination::default();
+        let path = req
+            .uri()
+            .path_and_query()
+            .map(|p| p.as_str())
+            .unwrap_or("/")
+            .to_string();
+        let request = HttpRequest {
+            method: req.method().as_str(),
+            authority: &target.client_authority,
+            path: &path,
+            headers: req.headers(),
+        };
         let action = plan::to_endpoint(
             &conn.source,
             addr,
@@ -208,6 +222,7 @@ impl HttpPath {
                 policies: &policies,
                 balancer: &self.balancer,
             },
+            Some(&request),
         );
         drop((snapshot, policies));
         let mtls = matches!(action, Action::Tunnel(_));
@@ -362,6 +377,8 @@ struct Target {
     version: Version,
     /// The authority the upstream sees.
     authority: String,
+    /// The authority the client sent (what same-node authorization sees).
+    client_authority: String,
     tls: Option<Origination>,
 }
 

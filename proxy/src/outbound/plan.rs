@@ -14,8 +14,8 @@ use super::balance::RoundRobin;
 use crate::admin::api::Verdict;
 use crate::capture::Redirect;
 use crate::identity::SpiffeId;
-use crate::inbound::authorize::{authorize, Caller};
-use crate::policy::{deny_message, Decision, DenyReason, PolicySet};
+use crate::inbound::authorize::{authorize, authorize_request, Caller};
+use crate::policy::{deny_message, Decision, DenyReason, HttpRequest, PolicySet};
 use crate::registry::{Pod, Resolved, Service, Snapshot};
 use crate::tunnel::client::Hbone;
 use crate::workload::identity_of;
@@ -164,18 +164,20 @@ fn decide(
         Resolved::Pod(pod) => (original, Some(pod)),
         Resolved::Passthrough => (original, None),
     };
-    to_endpoint(source, target, pod, dest, ctx)
+    to_endpoint(source, target, pod, dest, ctx, None)
 }
 
 /// What to do to reach `target` (on `pod`, if it is one) for `source`: the step after an
-/// endpoint is chosen, shared by a connection's plan and each HTTP request's. Fills in
-/// `dest`'s address, pod and identity.
+/// endpoint is chosen, shared by a connection's plan and each HTTP request's (`http`: a
+/// same-node destination authorizes the request itself). Fills in `dest`'s address, pod and
+/// identity.
 pub fn to_endpoint(
     source: &Source,
     target: SocketAddr,
     pod: Option<Arc<Pod>>,
     dest: &mut Destination,
     ctx: &Context<'_>,
+    http: Option<&HttpRequest<'_>>,
 ) -> Action {
     dest.address = Some(target);
     dest.pod = pod.clone();
@@ -209,7 +211,11 @@ pub fn to_endpoint(
         identity: source_id,
         ip: Some(source.ip),
     };
-    match authorize(ctx.policies, &pod, target, &caller) {
+    let decision = match http {
+        Some(http) => authorize_request(ctx.policies, &pod, target, &caller, http),
+        None => authorize(ctx.policies, &pod, target, &caller),
+    };
+    match decision {
         Decision::Allow => Action::DeliverLocal { target },
         Decision::Deny { policy, reason } => Action::Refuse(Refusal::Denied { policy, reason }),
     }

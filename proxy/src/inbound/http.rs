@@ -1,0 +1,156 @@
+//! HTTP inside an inbound tunnel, when the destination's policies need to see each request
+//! (L7 AuthorizationPolicy): the tunnel is served with hyper, every request is authorized with
+//! the same step as same-node delivery ([`super::authorize::authorize_request`]), denied ones
+//! get `403 RBAC: access denied`, allowed ones go to the pod over a reused connection.
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+
+use http::{Request, Response};
+use hyper::body::Incoming;
+use tokio::io::{AsyncRead, AsyncWrite};
+
+use super::authorize::{authorize_request, Caller};
+use crate::admin::api::{HttpFlow, Verdict};
+use crate::exchange::body::Counter;
+use crate::exchange::{
+    self, authority_of, denied, own, upstream_request, ClientVersion, ResponseBody,
+};
+use crate::identity::SpiffeId;
+use crate::inputs::ProxyInputs;
+use crate::l7::respond::Flag;
+use crate::policy::{Decision, HttpRequest};
+use crate::registry::Pod;
+use crate::telemetry::{ConnectionRecord, RequestTemplate};
+use crate::upstream::http::{HttpPool, PoolKey, Sender};
+use crate::upstream::OnBehalfOf;
+
+/// One tunnel's HTTP: who calls, and the pod it reaches.
+pub struct Tunnelled {
+    pub peer: SpiffeId,
+    pub forwarded_for: Option<std::net::IpAddr>,
+    pub pod: Arc<Pod>,
+    pub target: SocketAddr,
+    pub version: ClientVersion,
+}
+
+/// Serves the HTTP carried by one tunnel until it closes.
+pub async fn serve<S>(
+    inputs: Arc<ProxyInputs>,
+    clients: Arc<HttpPool>,
+    io: S,
+    t: Tunnelled,
+    max_head: usize,
+    mut record: ConnectionRecord,
+) where
+    S: AsyncRead + AsyncWrite + Send + Unpin + 'static,
+{
+    let template = record.requests();
+    let t = Arc::new(t);
+    let tmpl = template.clone();
+    let (requests, error) = exchange::serve(io, t.version, max_head, &template, &mut record, {
+        move |req| {
+            let inputs = inputs.clone();
+            let clients = clients.clone();
+            let t = t.clone();
+            let template = tmpl.clone();
+            async move { request(&inputs, &clients, &t, &template, req).await }
+        }
+    })
+    .await;
+    record.finish_http(requests, error);
+}
+
+async fn request(
+    inputs: &ProxyInputs,
+    clients: &HttpPool,
+    t: &Tunnelled,
+    template: &RequestTemplate,
+    req: Request<Incoming>,
+) -> Response<ResponseBody> {
+    let authority = authority_of(&req);
+    let (parts, body) = req.into_parts();
+    let path = parts
+        .uri
+        .path_and_query()
+        .map(|p| p.as_str().to_string())
+        .unwrap_or_else(|| "/".into());
+    let mut record = template.start(HttpFlow {
+        protocol: t.version.as_version().as_str().into(),
+        method: parts.method.to_string(),
+        authority: authority.clone(),
+        path: path.clone(),
+        ..HttpFlow::default()
+    });
+    if let Some(id) = parts
+        .headers
+        .get("x-request-id")
+        .and_then(|v| v.to_str().ok())
+    {
+        record.request_id(id);
+    }
+    let decision = {
+        let http = HttpRequest {
+            method: parts.method.as_str(),
+            authority: &authority,
+            path: &path,
+            headers: &parts.headers,
+        };
+        let caller = Caller {
+            identity: &t.peer,
+            ip: t.forwarded_for,
+        };
+        authorize_request(&inputs.policies.load(), &t.pod, t.target, &caller, &http)
+    };
+    record.upstream(t.target, Some(&t.pod), None, true);
+    if let Decision::Deny { policy, .. } = decision {
+        record.policy(policy);
+        return denied(record);
+    }
+    let version = t.version.as_version();
+    let key = PoolKey {
+        endpoint: t.target,
+        via: format!("inbound {}", t.peer),
+        version,
+    };
+    let sent = Counter::default();
+    let req = upstream_request(Request::from_parts(parts, body), version, &authority, &sent);
+    let mut sender = match clients.checkout(&key) {
+        Some(s) => s,
+        None => {
+            let opened = match inputs
+                .connector
+                .connect(OnBehalfOf::Peer(&t.peer), t.target)
+                .await
+            {
+                Ok(tcp) => Sender::handshake(tcp, version)
+                    .await
+                    .map_err(|e| e.to_string()),
+                Err(e) => Err(e.to_string()),
+            };
+            match opened {
+                Ok(s) => s,
+                Err(e) => {
+                    return own(
+                        record,
+                        Verdict::ConnectFailed,
+                        Flag::UpstreamConnectionFailure,
+                        Some(e),
+                    )
+                }
+            }
+        }
+    };
+    match sender.send(req).await {
+        Ok(resp) => {
+            clients.checkin(key, sender);
+            exchange::client_response(resp, t.version, record, sent)
+        }
+        Err(e) => own(
+            record,
+            Verdict::ConnectFailed,
+            Flag::UpstreamRemoteReset,
+            Some(e.to_string()),
+        ),
+    }
+}
