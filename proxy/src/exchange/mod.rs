@@ -78,6 +78,8 @@ where
         ClientVersion::Http1 => {
             let io = Guarded::new(io, max_head, refusal.clone());
             let conn = hyper::server::conn::http1::Builder::new()
+                // A client may half-close after its request and still wait for the answer.
+                .half_close(true)
                 .max_buf_size(parser_limit(max_head))
                 .timer(TokioTimer::new())
                 .header_read_timeout(Duration::from_secs(30))

@@ -112,6 +112,7 @@ async fn request(
         endpoint: t.target,
         via: format!("inbound {}", t.peer),
         version,
+        generation: inputs.registry.snapshot().generation,
     };
     let sent = Counter::default();
     let req = upstream_request(Request::from_parts(parts, body), version, &authority, &sent);

@@ -224,6 +224,7 @@ impl HttpPath {
             },
             Some(&request),
         );
+        let generation = snapshot.generation;
         drop((snapshot, policies));
         let mtls = matches!(action, Action::Tunnel(_));
         record.upstream(addr, pod.as_deref(), dest.identity.as_ref(), mtls);
@@ -255,6 +256,7 @@ impl HttpPath {
             endpoint: addr,
             via,
             version: target.version,
+            generation,
         };
         let client_upgrade = upgrade.then(|| hyper::upgrade::on(&mut req));
         let sent = Counter::default();

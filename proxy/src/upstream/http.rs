@@ -8,6 +8,7 @@
 
 use std::collections::HashMap;
 use std::net::SocketAddr;
+use std::sync::atomic::{AtomicU64, Ordering};
 
 use bytes::Bytes;
 use http_body_util::combinators::BoxBody;
@@ -47,6 +48,9 @@ pub struct PoolKey {
     /// never shared.
     pub via: String,
     pub version: Version,
+    /// The registry generation the connection was opened under: the destination admitted it
+    /// with the policies of then, so after a change no request is sent on it again.
+    pub generation: u64,
 }
 
 /// One upstream connection's request side.
@@ -118,11 +122,27 @@ impl Sender {
 pub struct HttpPool {
     http1: Mutex<HashMap<PoolKey, Vec<http1::SendRequest<Body>>>>,
     http2: Mutex<HashMap<PoolKey, http2::SendRequest<Body>>>,
+    /// The newest generation seen: connections of older ones are let go.
+    generation: AtomicU64,
 }
 
 impl HttpPool {
+    /// Lets go of the connections of generations before `key`'s, once a newer one shows up.
+    fn retire(&self, key: &PoolKey) {
+        let seen = self.generation.fetch_max(key.generation, Ordering::AcqRel);
+        if key.generation > seen {
+            self.http1
+                .lock()
+                .retain(|k, _| k.generation >= key.generation);
+            self.http2
+                .lock()
+                .retain(|k, _| k.generation >= key.generation);
+        }
+    }
+
     /// A connection for `key` that can take a request now, if one is kept.
     pub fn checkout(&self, key: &PoolKey) -> Option<Sender> {
+        self.retire(key);
         match key.version {
             Version::Http2 => {
                 let mut map = self.http2.lock();
@@ -149,7 +169,7 @@ impl HttpPool {
     /// Keeps `sender` for the next request to `key` (an HTTP/1.1 one is reused once the
     /// response it is carrying has been read).
     pub fn checkin(&self, key: PoolKey, sender: Sender) {
-        if sender.is_closed() {
+        if sender.is_closed() || key.generation < self.generation.load(Ordering::Acquire) {
             return;
         }
         match sender {
@@ -237,6 +257,7 @@ mod tests {
                 endpoint: addr,
                 via: "direct".into(),
                 version,
+                generation: 1,
             };
             let first = get(&pool, &key).await;
             tokio::task::yield_now().await;
@@ -247,6 +268,19 @@ mod tests {
                 ..key.clone()
             };
             assert_ne!(get(&pool, &other).await, first, "{version:?}: other key");
+            let newer = PoolKey {
+                generation: 2,
+                ..key.clone()
+            };
+            assert_ne!(
+                get(&pool, &newer).await,
+                first,
+                "{version:?}: after a change"
+            );
+            assert!(
+                pool.checkout(&key).is_none(),
+                "{version:?}: older ones let go"
+            );
         }
     }
 
@@ -273,6 +307,7 @@ mod tests {
             endpoint: addr,
             via: "direct".into(),
             version: Version::Http1,
+            generation: 1,
         };
         let io = tokio::net::TcpStream::connect(addr).await.unwrap();
         let mut sender = Sender::handshake(io, Version::Http1).await.unwrap();
