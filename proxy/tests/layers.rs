@@ -15,6 +15,7 @@ const ALLOWED: &[(&str, &[&str])] = &[
     ("relay", &[]),
     ("identity", &["admin"]),
     ("policy", &["registry"]),
+    ("l7", &["registry", "config"]),
     ("workload", &["registry", "identity"]),
     ("upstream", &["registry", "identity"]),
     (

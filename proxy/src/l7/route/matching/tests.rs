@@ -1,0 +1,238 @@
+use http::{HeaderMap, HeaderValue, Method};
+
+use super::index::PathIndex;
+use super::query::parse;
+use super::*;
+use crate::registry::Labels;
+
+fn headers(pairs: &[(&str, &str)]) -> HeaderMap {
+    let mut h = HeaderMap::new();
+    for (k, v) in pairs {
+        h.append(
+            http::header::HeaderName::from_bytes(k.as_bytes()).unwrap(),
+            HeaderValue::from_str(v).unwrap(),
+        );
+    }
+    h
+}
+
+#[test]
+fn envoy_paths() {
+    let exact = PathMatch::exact("/a/b", false);
+    assert_eq!(exact.matches("/a/b"), Some(MatchedPath::Full));
+    assert_eq!(exact.matches("/a/b/"), None);
+    assert_eq!(exact.matches("/A/b"), None);
+    assert_eq!(
+        PathMatch::exact("/A/b", true).matches("/a/B"),
+        Some(MatchedPath::Full)
+    );
+
+    let prefix = PathMatch::prefix("/api", false);
+    assert_eq!(prefix.matches("/api"), Some(MatchedPath::Prefix(4)));
+    assert_eq!(
+        prefix.matches("/apis/x"),
+        Some(MatchedPath::Prefix(4)),
+        "a string prefix"
+    );
+    assert_eq!(prefix.matches("/ap"), None);
+    assert_eq!(
+        PathMatch::prefix("/API", true).matches("/api/v1"),
+        Some(MatchedPath::Prefix(4))
+    );
+    assert_eq!(
+        PathMatch::prefix("", false).matches("/x"),
+        Some(MatchedPath::Prefix(0))
+    );
+
+    let re = PathMatch::regex("/users/[0-9]+").unwrap();
+    assert_eq!(re.matches("/users/42"), Some(MatchedPath::Full));
+    assert_eq!(
+        re.matches("/users/42/x"),
+        None,
+        "a regex matches the whole path"
+    );
+    assert_eq!(re.matches("x/users/42"), None);
+}
+
+#[test]
+fn gateway_api_prefixes_match_whole_elements() {
+    let p = PathMatch::segments("/abc");
+    for ok in ["/abc", "/abc/", "/abc/def"] {
+        assert_eq!(p.matches(ok), Some(MatchedPath::Prefix(4)), "{ok}");
+    }
+    assert_eq!(p.matches("/abcd"), None);
+    // A trailing slash in the prefix is ignored.
+    let p = PathMatch::segments("/abc/");
+    assert_eq!(p.matches("/abc"), Some(MatchedPath::Prefix(4)));
+    let root = PathMatch::segments("/");
+    assert_eq!(root.matches("/anything"), Some(MatchedPath::Prefix(0)));
+    assert_eq!(root.matches("/"), Some(MatchedPath::Prefix(0)));
+}
+
+#[test]
+fn paths_are_matched_without_the_query() {
+    assert_eq!(path::path_of("/a?b=c"), "/a");
+    assert_eq!(path::path_of("/a#frag"), "/a");
+    assert_eq!(path::path_of("/a"), "/a");
+}
+
+#[test]
+fn header_conditions() {
+    let m = |name: &str, matcher: StringMatcher, invert: bool| HeaderMatch {
+        name: http::header::HeaderName::from_bytes(name.as_bytes()).unwrap(),
+        matcher,
+        invert,
+    };
+    let h = headers(&[("x-user", "jason"), ("x-multi", "a"), ("x-multi", "b")]);
+    assert!(m("x-user", StringMatcher::Exact("jason".into()), false).matches(&h));
+    assert!(!m("x-user", StringMatcher::Exact("Jason".into()), false).matches(&h));
+    assert!(m("x-user", StringMatcher::Prefix("ja".into()), false).matches(&h));
+    assert!(m("x-user", StringMatcher::regex("j.*n").unwrap(), false).matches(&h));
+    assert!(
+        !m("x-user", StringMatcher::regex("j").unwrap(), false).matches(&h),
+        "whole value"
+    );
+    assert!(m("x-user", StringMatcher::Present, false).matches(&h));
+    assert!(!m("x-none", StringMatcher::Present, false).matches(&h));
+    // Repeated headers: values joined with a comma.
+    assert!(m("x-multi", StringMatcher::Exact("a,b".into()), false).matches(&h));
+    // withoutHeaders.
+    assert!(m("x-none", StringMatcher::Present, true).matches(&h));
+    assert!(!m("x-user", StringMatcher::Exact("jason".into()), true).matches(&h));
+    assert!(m("x-user", StringMatcher::Exact("other".into()), true).matches(&h));
+}
+
+#[test]
+fn query_parameters_are_decoded_and_the_first_counts() {
+    let p = parse("/x?a=1&b=hello%20world&a=2&flag&c=%zz");
+    let q = |name: &str, m: StringMatcher| {
+        QueryMatch {
+            name: name.into(),
+            matcher: m,
+        }
+        .matches(&p)
+    };
+    assert!(q("a", StringMatcher::Exact("1".into())));
+    assert!(!q("a", StringMatcher::Exact("2".into())));
+    assert!(q("b", StringMatcher::Exact("hello world".into())));
+    assert!(q("flag", StringMatcher::Present));
+    assert!(q("flag", StringMatcher::Exact("".into())));
+    assert!(
+        q("c", StringMatcher::Exact("%zz".into())),
+        "an invalid escape is kept"
+    );
+    assert!(!q("A", StringMatcher::Present), "names are case-sensitive");
+    assert!(parse("/x").is_empty());
+}
+
+#[test]
+fn the_index_yields_every_candidate_in_order() {
+    let paths = [
+        Some(PathMatch::exact("/a", false)),
+        Some(PathMatch::prefix("/a", false)),
+        None,
+        Some(PathMatch::prefix("/b", false)),
+        Some(PathMatch::regex("/a.*").unwrap()),
+        Some(PathMatch::segments("/a")),
+        Some(PathMatch::prefix("/A/B", true)),
+        Some(PathMatch::exact("/A", true)),
+    ];
+    let ix = PathIndex::new(paths.iter().map(Option::as_ref));
+    let mut out = Vec::new();
+    ix.candidates("/a", &mut out);
+    assert_eq!(out, [0, 1, 2, 4, 5, 7]);
+    ix.candidates("/a/b/c", &mut out);
+    assert_eq!(out, [1, 2, 4, 5, 6]);
+    ix.candidates("/c", &mut out);
+    assert_eq!(out, [2, 4]);
+    // The index only narrows: every true match is among the candidates.
+    for path in ["/a", "/ab", "/a/b", "/b", "/B", "/a/B/x", "/"] {
+        ix.candidates(path, &mut out);
+        for (i, p) in paths.iter().enumerate() {
+            if p.as_ref().is_none_or(|p| p.matches(path).is_some()) {
+                assert!(
+                    out.contains(&(i as u32)),
+                    "{path}: {i} missing from {out:?}"
+                );
+            }
+        }
+    }
+}
+
+#[test]
+fn conditions_cover_port_source_and_grpc() {
+    let method = Method::POST;
+    let mut labels = Labels::new();
+    labels.insert("app".into(), "client".into());
+    let plain = headers(&[]);
+    let grpc = headers(&[("content-type", "application/grpc+proto")]);
+    let req = |h: &'static HeaderMap| RouteRequest {
+        host: "web.back.svc.cluster.local",
+        port: 80,
+        source_namespace: Some("front"),
+        source_labels: None,
+        method: &method,
+        authority: "web.back:80",
+        path_and_query: "/x?y=1",
+        headers: h,
+    };
+    let plain: &'static HeaderMap = Box::leak(Box::new(plain));
+    let grpc: &'static HeaderMap = Box::leak(Box::new(grpc));
+    let mut q = QueryParams::default();
+    let any = Conditions::default();
+    assert_eq!(
+        any.matches(&req(plain), &mut q),
+        Some(MatchedPath::Prefix(0))
+    );
+    let port = Conditions {
+        port: Some(8080),
+        ..Conditions::default()
+    };
+    assert_eq!(port.matches(&req(plain), &mut q), None);
+    let ns = Conditions {
+        source_namespace: Some("back".into()),
+        ..Conditions::default()
+    };
+    assert_eq!(ns.matches(&req(plain), &mut q), None);
+    let by_labels = Conditions {
+        source_labels: Some(labels.clone()),
+        ..Conditions::default()
+    };
+    assert_eq!(
+        by_labels.matches(&req(plain), &mut q),
+        None,
+        "unknown source labels"
+    );
+    let mut with_labels = req(plain);
+    with_labels.source_labels = Some(&labels);
+    assert!(by_labels.matches(&with_labels, &mut q).is_some());
+    let g = Conditions {
+        grpc: true,
+        ..Conditions::default()
+    };
+    assert_eq!(g.matches(&req(plain), &mut q), None);
+    assert!(g.matches(&req(grpc), &mut q).is_some());
+    let m = Conditions {
+        method: Some(StringMatcher::Exact("GET".into())),
+        ..Conditions::default()
+    };
+    assert_eq!(m.matches(&req(plain), &mut q), None);
+    let scheme = Conditions {
+        scheme: Some(StringMatcher::Exact("http".into())),
+        ..Conditions::default()
+    };
+    assert!(scheme.matches(&req(plain), &mut q).is_some());
+    let authority = Conditions {
+        authority: Some(StringMatcher::Prefix("web.back".into())),
+        ..Conditions::default()
+    };
+    assert!(authority.matches(&req(plain), &mut q).is_some());
+    let query = Conditions {
+        query: vec![QueryMatch {
+            name: "y".into(),
+            matcher: StringMatcher::Exact("1".into()),
+        }],
+        ..Conditions::default()
+    };
+    assert!(query.matches(&req(plain), &mut q).is_some());
+}
