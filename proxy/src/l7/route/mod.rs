@@ -10,10 +10,10 @@
 //!   [`backend`]: destination → Service port or ServiceEntry, with the DestinationRule in force.
 //!
 //! Which routes apply to a request, in order:
-//! 1. HTTPRoutes/GRPCRoutes attached to the destination Service (and port): the client's
+//! 1. HTTPRoutes/GRPCRoutes attached to the destination Service port: the client's
 //!    namespace's consumer routes if it has any, else the Service namespace's producer routes.
-//!    When they exist, VirtualServices for that host are ignored (a build warning says so):
-//!    the Gateway API is the newer mesh API, as GAMMA has it.
+//!    On those ports VirtualServices for the host are ignored (a build warning says so): the
+//!    Gateway API is the newer mesh API, as GAMMA has it.
 //! 2. Else the first VirtualService for the host the client's namespace sees, in Istio's order
 //!    (exported only to its namespace, exported to it by name, public; oldest first).
 //! 3. Else [`RouteDecision::Default`]: to the host and port as called.
@@ -39,7 +39,7 @@ pub use action::{
     PathRewrite, Redirect, RedirectPort, RetryPolicy, Rewrite, WeightedDestination,
 };
 pub use backend::{Backend, External, ExternalEndpoint, ExternalPort, Target, TrafficPolicy};
-use matching::index::PathIndex;
+use matching::index::RuleIndex;
 use matching::{Conditions, MatchedPath, QueryParams};
 
 /// One request, as the route table sees it.
@@ -123,7 +123,7 @@ impl fmt::Display for RouteId {
 #[derive(Debug, Default)]
 pub(crate) struct RuleSet {
     entries: Vec<Entry>,
-    index: PathIndex,
+    index: RuleIndex,
 }
 
 #[derive(Debug)]
@@ -134,7 +134,7 @@ pub(crate) struct Entry {
 
 impl RuleSet {
     pub(crate) fn new(entries: Vec<Entry>) -> RuleSet {
-        let index = PathIndex::new(entries.iter().map(|e| e.conditions.path.as_ref()));
+        let index = RuleIndex::new(entries.iter().map(|e| &e.conditions));
         RuleSet { entries, index }
     }
 
@@ -153,8 +153,11 @@ impl RuleSet {
         query: &mut QueryParams<'a>,
     ) -> Option<Matched> {
         let mut candidates = Vec::with_capacity(8);
-        self.index
-            .candidates(matching::path::path_of(req.path_and_query), &mut candidates);
+        self.index.candidates(
+            matching::path::path_of(req.path_and_query),
+            req.headers,
+            &mut candidates,
+        );
         candidates.into_iter().find_map(|i| {
             let e = &self.entries[i as usize];
             e.conditions.matches(req, query).map(|matched| Matched {
@@ -247,7 +250,7 @@ impl RouteTable {
             let routes = &table.hosts[host];
             if let (Some(g), Some(first)) = (&routes.gateway, routes.virtual_services.first()) {
                 warnings.push(format!(
-                    "VirtualService {}/{} and {} both route {host}: the Gateway API routes apply and the VirtualService is ignored for this host",
+                    "VirtualService {}/{} and {} both route {host}: the Gateway API routes apply and the VirtualService is ignored on the ports they attach to",
                     first.namespace,
                     first.name,
                     g.describe()

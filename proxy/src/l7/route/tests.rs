@@ -861,7 +861,7 @@ fn gateway_api_routes_win_over_a_virtual_service_with_a_warning() {
     assert_eq!(who(&t, &get("/")), "HTTPRoute back/web rules[0]");
     assert_eq!(
         t.warnings(),
-        [format!("VirtualService back/web and HTTPRoute back/web both route {WEB}: the Gateway API routes apply and the VirtualService is ignored for this host")]
+        [format!("VirtualService back/web and HTTPRoute back/web both route {WEB}: the Gateway API routes apply and the VirtualService is ignored on the ports they attach to")]
     );
 }
 
@@ -983,4 +983,57 @@ fn the_table_is_shared_across_threads() {
     fn send_sync<T: Send + Sync>() {}
     send_sync::<RouteTable>();
     send_sync::<Rule>();
+}
+
+#[test]
+fn export_to_hides_destination_rules_and_service_entries() {
+    let t = table(
+        "\
+apiVersion: networking.istio.io/v1
+kind: DestinationRule
+metadata: {namespace: back, name: private}
+spec:
+  host: web
+  exportTo: ['.']
+  trafficPolicy: {tls: {mode: ISTIO_MUTUAL}}
+---
+apiVersion: networking.istio.io/v1
+kind: DestinationRule
+metadata: {namespace: istio-system, name: mesh-wide}
+spec:
+  host: '*.back.svc.cluster.local'
+  trafficPolicy: {tls: {mode: DISABLE}}
+---
+apiVersion: networking.istio.io/v1
+kind: ServiceEntry
+metadata: {namespace: back, name: ext}
+spec:
+  hosts: [only-back.example.com]
+  ports: [{number: 80, name: http, protocol: HTTP}]
+  resolution: DNS
+  exportTo: ['.']
+",
+    );
+    let tls = |ns| {
+        let b = t.backend(WEB, Some(80), None, Some(ns)).unwrap();
+        (
+            b.policy.tls.unwrap().mode,
+            b.policy.destination_rule.unwrap(),
+        )
+    };
+    assert_eq!(
+        tls("back"),
+        (TlsMode::IstioMutual, "back/private".to_string())
+    );
+    // Not exported to front: the root namespace's rule applies.
+    assert_eq!(
+        tls("front"),
+        (TlsMode::Disable, "istio-system/mesh-wide".to_string())
+    );
+    assert!(t
+        .backend("only-back.example.com", None, None, Some("back"))
+        .is_some());
+    assert!(t
+        .backend("only-back.example.com", None, None, Some("front"))
+        .is_none());
 }

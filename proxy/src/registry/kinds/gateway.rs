@@ -979,11 +979,20 @@ fn check_backend_refs(refs: &[BackendRef], path: &str, grpc: bool, errors: &mut 
             }
         }
         check_filters(&b.filters, &format!("{p}.filters"), grpc, errors);
-        if b.filters.iter().any(|f| f.request_redirect.is_some()) {
-            errors.push(field_error(
-                format!("{p}.filters"),
-                "RequestRedirect filter on a backend is not supported by weft: put it on the rule",
-            ));
+        // weft edits headers per backend; the other filters act on the whole rule.
+        for (k, f) in b.filters.iter().enumerate() {
+            if matches!(
+                f.kind.as_str(),
+                "RequestRedirect" | "URLRewrite" | "RequestMirror"
+            ) {
+                errors.push(field_error(
+                    format!("{p}.filters[{k}].type"),
+                    format!(
+                        "{} filter on a backend is not supported by weft: put it on the rule",
+                        f.kind
+                    ),
+                ));
+            }
         }
     }
 }

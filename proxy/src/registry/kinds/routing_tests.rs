@@ -449,6 +449,10 @@ fn http_route_refusals_name_the_field() {
             "spec.rules[0].matches[0].headers[0].name: header name \"bad header\" is not a valid header name",
         ),
         (
+            "  rules:\n  - backendRefs:\n    - name: web\n      port: 80\n      filters: [{type: URLRewrite, urlRewrite: {hostname: x}}]\n",
+            "spec.rules[0].backendRefs[0].filters[0].type: URLRewrite filter on a backend is not supported by weft: put it on the rule",
+        ),
+        (
             "  rules:\n  - filters:\n    - type: ExtensionRef\n      extensionRef: {group: x, kind: y, name: z}\n    backendRefs: [{name: web, port: 80}]\n",
             "spec.rules[0].filters[0].type: ExtensionRef filters are not supported by weft",
         ),

@@ -105,9 +105,9 @@ fn envoy_prefix_rewrites() {
     );
     // Exact and regex matches cover the whole path.
     assert_eq!(rw.apply("/v1/users", MatchedPath::Full), "/v2");
-    // No uri match: Envoy's `/` prefix is the empty prefix here, so the new prefix is prepended
-    // (`rewrite.uri` without a uri match is rarely what is meant).
-    assert_eq!(rw.apply("/x", MatchedPath::Prefix(0)), "/v2/x");
+    // No uri match: the rule matched Envoy's `/` prefix, and that is what is replaced (a known
+    // surprise of `rewrite.uri` without a uri match, kept as Envoy has it).
+    assert_eq!(rw.apply("/x", MatchedPath::Prefix(1)), "/v2x");
     let rw = Rewrite {
         path: None,
         authority: Some("other".into()),

@@ -1,15 +1,22 @@
-//! Finding the few entries of a long, ordered rule list whose path condition can match a
-//! request, without trying them all: exact paths and prefixes in hash maps (prefixes probed at
-//! each prefix length present), the rest (regexes, no path) always candidates. Candidates come
-//! out in list order, so "first match wins" is kept; the full conditions are checked after.
+//! Finding the few entries of a long, ordered rule list that can match a request, without
+//! trying them all. Each entry is filed under one key: its exact path, its path prefix (probed
+//! at each prefix length present), or, when its path tells nothing (none, or `/`), one of its
+//! exact header conditions; entries with none of these (regexes, presence checks) are always
+//! candidates. Candidates come out in list order, so "first match wins" is kept; the full
+//! conditions are checked after, so the index only has to never miss one.
 
 use std::collections::HashMap;
 
-use super::path::PathMatch;
+use http::header::HeaderName;
+use http::HeaderMap;
 
-/// Candidate entries by path.
+use super::header::StringMatcher;
+use super::path::PathMatch;
+use super::Conditions;
+
+/// Candidate entries by path or header.
 #[derive(Debug, Default)]
-pub struct PathIndex {
+pub struct RuleIndex {
     exact: HashMap<String, Vec<u32>>,
     exact_lower: HashMap<String, Vec<u32>>,
     prefix: HashMap<String, Vec<u32>>,
@@ -17,17 +24,19 @@ pub struct PathIndex {
     /// Distinct prefix lengths present in `prefix`/`prefix_lower`, ascending.
     lengths: Vec<usize>,
     lower_lengths: Vec<usize>,
-    /// Entries every path may match (regex, no path condition, `/` prefixes).
+    /// Header name → exact value → entries.
+    headers: Vec<(HeaderName, HashMap<String, Vec<u32>>)>,
+    /// Entries every request may match.
     always: Vec<u32>,
 }
 
-impl PathIndex {
-    /// Indexes `paths[i]`, the path condition of entry `i`.
-    pub fn new<'a>(paths: impl Iterator<Item = Option<&'a PathMatch>>) -> PathIndex {
-        let mut ix = PathIndex::default();
-        for (i, p) in paths.enumerate() {
+impl RuleIndex {
+    /// Indexes `entries[i]`, the conditions of entry `i`.
+    pub fn new<'a>(entries: impl Iterator<Item = &'a Conditions>) -> RuleIndex {
+        let mut ix = RuleIndex::default();
+        for (i, c) in entries.enumerate() {
             let i = i as u32;
-            match p {
+            match &c.path {
                 Some(PathMatch::Exact {
                     value,
                     ignore_case: false,
@@ -36,7 +45,8 @@ impl PathIndex {
                     value,
                     ignore_case: true,
                 }) => ix.exact_lower.entry(value.clone()).or_default().push(i),
-                Some(PathMatch::Prefix { value, ignore_case }) if !value.is_empty() => {
+                // A `/` prefix says nothing: a header may say more.
+                Some(PathMatch::Prefix { value, ignore_case }) if value.len() > 1 => {
                     let (map, lens) = if *ignore_case {
                         (&mut ix.prefix_lower, &mut ix.lower_lengths)
                     } else {
@@ -49,7 +59,8 @@ impl PathIndex {
                     ix.prefix.entry(value.clone()).or_default().push(i);
                     ix.lengths.push(value.len());
                 }
-                _ => ix.always.push(i),
+                Some(PathMatch::Regex(_)) => ix.always.push(i),
+                _ => ix.file_by_header(c, i),
             }
         }
         for lens in [&mut ix.lengths, &mut ix.lower_lengths] {
@@ -59,8 +70,27 @@ impl PathIndex {
         ix
     }
 
-    /// Entries whose path condition may match `path`, in ascending order, into `out`.
-    pub fn candidates(&self, path: &str, out: &mut Vec<u32>) {
+    fn file_by_header(&mut self, c: &Conditions, i: u32) {
+        let exact = c.headers.iter().find_map(|h| match (&h.matcher, h.invert) {
+            (StringMatcher::Exact(v), false) => Some((&h.name, v)),
+            _ => None,
+        });
+        let Some((name, value)) = exact else {
+            self.always.push(i);
+            return;
+        };
+        let at = match self.headers.iter().position(|(n, _)| n == name) {
+            Some(at) => at,
+            None => {
+                self.headers.push((name.clone(), HashMap::new()));
+                self.headers.len() - 1
+            }
+        };
+        self.headers[at].1.entry(value.clone()).or_default().push(i);
+    }
+
+    /// Entries that may match a request for `path` with `headers`, ascending, into `out`.
+    pub fn candidates(&self, path: &str, headers: &HeaderMap, out: &mut Vec<u32>) {
         out.clear();
         out.extend_from_slice(&self.always);
         if let Some(v) = self.exact.get(path) {
@@ -82,6 +112,23 @@ impl PathIndex {
                 if let Some(v) = self.prefix_lower.get(head) {
                     out.extend_from_slice(v);
                 }
+            }
+        }
+        for (name, values) in &self.headers {
+            let mut all = headers.get_all(name).iter();
+            let value = match (all.next(), all.next()) {
+                (None, _) => continue,
+                (Some(one), None) => one.to_str().ok().map(std::borrow::Cow::Borrowed),
+                // A repeated header is matched joined with `,` (see `HeaderMatch`).
+                (Some(first), Some(second)) => [first, second]
+                    .into_iter()
+                    .chain(all)
+                    .map(|v| v.to_str().ok())
+                    .collect::<Option<Vec<_>>>()
+                    .map(|v| std::borrow::Cow::Owned(v.join(","))),
+            };
+            if let Some(v) = value.and_then(|v| values.get(v.as_ref())) {
+                out.extend_from_slice(v);
             }
         }
         out.sort_unstable();

@@ -1,7 +1,7 @@
 //! Request matchers, compiled once per snapshot: [`path`] (Envoy's exact/prefix/regex, the
 //! Gateway API's element-wise `PathPrefix`), [`header`] (string matchers on headers, the method,
 //! the authority), [`query`] (query parameters), and [`Conditions`], one match of a rule with
-//! everything it requires (AND). [`index`] finds the few rules a path can match among many.
+//! everything it requires (AND). [`index`] finds the few rules a request can match among many.
 
 pub mod header;
 pub mod index;
@@ -62,8 +62,8 @@ impl Conditions {
         let path = path::path_of(req.path_and_query);
         let matched = match &self.path {
             Some(p) => p.matches(path)?,
-            // Envoy's match-all is a `/` prefix.
-            None => MatchedPath::Prefix(0),
+            // Istio's match-all is Envoy's `/` prefix, which a prefix rewrite then replaces.
+            None => MatchedPath::Prefix(usize::from(path.starts_with('/'))),
         };
         if let Some(m) = &self.method {
             if !m.matches(req.method.as_str()) {

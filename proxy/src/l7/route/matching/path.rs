@@ -25,8 +25,8 @@ pub enum PathMatch {
 /// What a path match covered, for prefix rewrites.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum MatchedPath {
-    /// The first `n` bytes of the path (a prefix match, or `0` when the rule had no path
-    /// condition: Envoy's default `/` prefix is then replaced as an empty prefix would not be).
+    /// The first `n` bytes of the path: a prefix match, or `1` when the rule had no path
+    /// condition (Istio gives such a rule Envoy's `/` prefix, and a prefix rewrite replaces it).
     Prefix(usize),
     /// The whole path (exact and regex matches).
     Full,

@@ -1,6 +1,6 @@
 use http::{HeaderMap, HeaderValue, Method};
 
-use super::index::PathIndex;
+use super::index::RuleIndex;
 use super::query::parse;
 use super::*;
 use crate::registry::Labels;
@@ -125,35 +125,87 @@ fn query_parameters_are_decoded_and_the_first_counts() {
     assert!(parse("/x").is_empty());
 }
 
+fn hm(name: &str, value: &str, invert: bool) -> HeaderMatch {
+    HeaderMatch {
+        name: http::header::HeaderName::from_bytes(name.as_bytes()).unwrap(),
+        matcher: StringMatcher::Exact(value.into()),
+        invert,
+    }
+}
+
 #[test]
 fn the_index_yields_every_candidate_in_order() {
-    let paths = [
-        Some(PathMatch::exact("/a", false)),
-        Some(PathMatch::prefix("/a", false)),
-        None,
-        Some(PathMatch::prefix("/b", false)),
-        Some(PathMatch::regex("/a.*").unwrap()),
-        Some(PathMatch::segments("/a")),
-        Some(PathMatch::prefix("/A/B", true)),
-        Some(PathMatch::exact("/A", true)),
+    let with_path = |p: Option<PathMatch>| Conditions {
+        path: p,
+        ..Conditions::default()
+    };
+    let entries = [
+        with_path(Some(PathMatch::exact("/a", false))),
+        with_path(Some(PathMatch::prefix("/a", false))),
+        with_path(None),
+        with_path(Some(PathMatch::prefix("/b", false))),
+        with_path(Some(PathMatch::regex("/a.*").unwrap())),
+        with_path(Some(PathMatch::segments("/a"))),
+        with_path(Some(PathMatch::prefix("/A/B", true))),
+        with_path(Some(PathMatch::exact("/A", true))),
+        // Filed under their header: a `/` prefix or no path says nothing.
+        Conditions {
+            path: Some(PathMatch::prefix("/", false)),
+            headers: vec![hm("x-v", "1", false)],
+            ..Conditions::default()
+        },
+        Conditions {
+            headers: vec![hm("x-v", "2", false)],
+            ..Conditions::default()
+        },
+        Conditions {
+            headers: vec![hm("x-v", "3", true)],
+            ..Conditions::default()
+        },
+        Conditions {
+            headers: vec![hm("x-v", "1,2", false)],
+            ..Conditions::default()
+        },
     ];
-    let ix = PathIndex::new(paths.iter().map(Option::as_ref));
+    let ix = RuleIndex::new(entries.iter());
+    let none = headers(&[]);
     let mut out = Vec::new();
-    ix.candidates("/a", &mut out);
-    assert_eq!(out, [0, 1, 2, 4, 5, 7]);
-    ix.candidates("/a/b/c", &mut out);
-    assert_eq!(out, [1, 2, 4, 5, 6]);
-    ix.candidates("/c", &mut out);
-    assert_eq!(out, [2, 4]);
+    ix.candidates("/a", &none, &mut out);
+    assert_eq!(out, [0, 1, 2, 4, 5, 7, 10]);
+    ix.candidates("/a/b/c", &none, &mut out);
+    assert_eq!(out, [1, 2, 4, 5, 6, 10]);
+    ix.candidates("/c", &headers(&[("x-v", "2")]), &mut out);
+    assert_eq!(out, [2, 4, 9, 10]);
+    ix.candidates("/c", &headers(&[("x-v", "1"), ("x-v", "2")]), &mut out);
+    assert_eq!(out, [2, 4, 10, 11], "a repeated header is looked up joined");
     // The index only narrows: every true match is among the candidates.
-    for path in ["/a", "/ab", "/a/b", "/b", "/B", "/a/B/x", "/"] {
-        ix.candidates(path, &mut out);
-        for (i, p) in paths.iter().enumerate() {
-            if p.as_ref().is_none_or(|p| p.matches(path).is_some()) {
-                assert!(
-                    out.contains(&(i as u32)),
-                    "{path}: {i} missing from {out:?}"
-                );
+    let method = Method::GET;
+    for h in [
+        headers(&[]),
+        headers(&[("x-v", "1")]),
+        headers(&[("x-v", "2")]),
+        headers(&[("x-v", "1"), ("x-v", "2")]),
+    ] {
+        for path in ["/a", "/ab", "/a/b", "/b", "/B", "/a/B/x", "/"] {
+            ix.candidates(path, &h, &mut out);
+            let req = RouteRequest {
+                host: "h",
+                port: 80,
+                source_namespace: None,
+                source_labels: None,
+                method: &method,
+                authority: "h",
+                path_and_query: path,
+                headers: &h,
+            };
+            let mut q = QueryParams::default();
+            for (i, c) in entries.iter().enumerate() {
+                if c.matches(&req, &mut q).is_some() {
+                    assert!(
+                        out.contains(&(i as u32)),
+                        "{path} {h:?}: {i} missing from {out:?}"
+                    );
+                }
             }
         }
     }
@@ -166,23 +218,26 @@ fn conditions_cover_port_source_and_grpc() {
     labels.insert("app".into(), "client".into());
     let plain = headers(&[]);
     let grpc = headers(&[("content-type", "application/grpc+proto")]);
-    let req = |h: &'static HeaderMap| RouteRequest {
-        host: "web.back.svc.cluster.local",
-        port: 80,
-        source_namespace: Some("front"),
-        source_labels: None,
-        method: &method,
-        authority: "web.back:80",
-        path_and_query: "/x?y=1",
-        headers: h,
-    };
-    let plain: &'static HeaderMap = Box::leak(Box::new(plain));
-    let grpc: &'static HeaderMap = Box::leak(Box::new(grpc));
+    fn request<'a>(method: &'a Method, h: &'a HeaderMap) -> RouteRequest<'a> {
+        RouteRequest {
+            host: "web.back.svc.cluster.local",
+            port: 80,
+            source_namespace: Some("front"),
+            source_labels: None,
+            method,
+            authority: "web.back:80",
+            path_and_query: "/x?y=1",
+            headers: h,
+        }
+    }
+    let req = |h| request(&method, h);
+    let (plain, grpc) = (&plain, &grpc);
     let mut q = QueryParams::default();
     let any = Conditions::default();
+    // Istio's match-all is Envoy's `/` prefix: one byte covered.
     assert_eq!(
         any.matches(&req(plain), &mut q),
-        Some(MatchedPath::Prefix(0))
+        Some(MatchedPath::Prefix(1))
     );
     let port = Conditions {
         port: Some(8080),
