@@ -9,7 +9,9 @@
 //! - `one host, same path N`: N rules that all share the prefix `/` and differ by an exact
 //!   header; the request matches the last (the index files such rules by that header).
 //! - `one host, regex N`: N rules with regex paths (`/route-i/.*`) on one host; the request
-//!   matches the last. Nothing can be indexed: the worst case, every rule is tried in order.
+//!   matches the last (the index files a regex by its literal start, `/route-i/`).
+//! - `one host, regex without literal N`: the same with `[/]route-i/.*`: nothing can be
+//!   indexed, every rule is tried in order — the worst case.
 //! - `httproute one host N`: N HTTPRoute rules (16 per route) attached to one Service, sorted by
 //!   the Gateway API's precedence; the request matches the last route's last rule.
 //! - `build 10k`: `RouteTable::build` over a snapshot of 10 000 VirtualService rules (the
@@ -68,6 +70,7 @@ enum Shape {
     Prefix,
     SamePath,
     Regex,
+    RegexWithoutLiteral,
 }
 
 /// One host, N rules.
@@ -86,6 +89,7 @@ fn one_host(n: usize, shape: Shape) -> String {
                 format!("{{uri: {{prefix: /}}, headers: {{x-rule: {{exact: '{i}'}}}}}}")
             }
             Shape::Regex => format!("{{uri: {{regex: '/route-{i}/.*'}}}}"),
+            Shape::RegexWithoutLiteral => format!("{{uri: {{regex: '[/]route-{i}/.*'}}}}"),
         };
         write!(
             y,
@@ -167,6 +171,12 @@ fn bench(c: &mut Criterion) {
         let t = table(&one_host(n, Shape::Regex));
         assert!(matched(&t, &host, &path, &user, &get));
         c.bench_function(&format!("one host, regex {n}"), |b| {
+            b.iter(|| matched(&t, &host, &path, &user, &get))
+        });
+
+        let t = table(&one_host(n, Shape::RegexWithoutLiteral));
+        assert!(matched(&t, &host, &path, &user, &get));
+        c.bench_function(&format!("one host, regex without literal {n}"), |b| {
             b.iter(|| matched(&t, &host, &path, &user, &get))
         });
 

@@ -1,8 +1,9 @@
 //! Finding the few entries of a long, ordered rule list that can match a request, without
 //! trying them all. Each entry is filed under one key: its exact path, its path prefix (probed
 //! at each prefix length present), or, when its path tells nothing (none, or `/`), one of its
-//! exact header conditions; entries with none of these (regexes, presence checks) are always
-//! candidates. Candidates come out in list order, so "first match wins" is kept; the full
+//! exact header conditions; a regex path counts by its literal start (`/api/v[0-9]+` by
+//! `/api/v`). Entries with none of these (a regex starting with a class, presence checks) are
+//! always candidates. Candidates come out in list order, so "first match wins" is kept; the full
 //! conditions are checked after, so the index only has to never miss one.
 
 use std::collections::HashMap;
@@ -59,7 +60,11 @@ impl RuleIndex {
                     ix.prefix.entry(value.clone()).or_default().push(i);
                     ix.lengths.push(value.len());
                 }
-                Some(PathMatch::Regex(_)) => ix.always.push(i),
+                // A regex's literal start is a prefix every match has.
+                Some(PathMatch::Regex { literal, .. }) if literal.len() > 1 => {
+                    ix.prefix.entry(literal.clone()).or_default().push(i);
+                    ix.lengths.push(literal.len());
+                }
                 _ => ix.file_by_header(c, i),
             }
         }

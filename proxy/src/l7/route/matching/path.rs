@@ -18,8 +18,12 @@ pub enum PathMatch {
     },
     /// The Gateway API's `PathPrefix`, kept without its trailing `/`.
     Segments(String),
-    /// Anchored: matches the whole path.
-    Regex(Regex),
+    /// Anchored: matches the whole path. `literal`: what every match starts with (for the
+    /// index; may be empty).
+    Regex {
+        regex: Regex,
+        literal: String,
+    },
 }
 
 /// What a path match covered, for prefix rewrites.
@@ -63,7 +67,10 @@ impl PathMatch {
     /// A regex matching the whole path (Envoy's `safe_regex`); the pattern is checked when the
     /// registry loads it.
     pub fn regex(pattern: &str) -> Result<PathMatch, regex::Error> {
-        Ok(PathMatch::Regex(full_regex(pattern)?))
+        Ok(PathMatch::Regex {
+            regex: full_regex(pattern)?,
+            literal: literal_prefix(pattern),
+        })
     }
 
     pub fn matches(&self, path: &str) -> Option<MatchedPath> {
@@ -90,7 +97,7 @@ impl PathMatch {
                 (rest.is_empty() || rest.starts_with('/'))
                     .then_some(MatchedPath::Prefix(prefix.len()))
             }
-            PathMatch::Regex(re) => re.is_match(path).then_some(MatchedPath::Full),
+            PathMatch::Regex { regex, .. } => regex.is_match(path).then_some(MatchedPath::Full),
         }
     }
 }
@@ -98,6 +105,25 @@ impl PathMatch {
 /// `pattern` anchored at both ends, as Envoy's `safe_regex` matches whole values.
 pub fn full_regex(pattern: &str) -> Result<Regex, regex::Error> {
     Regex::new(&format!("^(?:{pattern})$"))
+}
+
+/// The plain characters every match of `pattern` starts with: up to the first metacharacter,
+/// less a last character a quantifier applies to; empty when the pattern has an alternation
+/// (`a|b` may start either way) or starts with anything but a plain character.
+pub fn literal_prefix(pattern: &str) -> String {
+    const META: &[char] = &[
+        '\\', '.', '+', '*', '?', '(', ')', '|', '[', ']', '{', '}', '^', '$',
+    ];
+    if pattern.contains('|') {
+        return String::new();
+    }
+    let body = pattern.strip_prefix('^').unwrap_or(pattern);
+    let end = body.find(META).unwrap_or(body.len());
+    let mut literal = body[..end].to_string();
+    if matches!(body[end..].chars().next(), Some('?' | '*' | '{')) {
+        literal.pop();
+    }
+    literal
 }
 
 /// The path of a request target, without its query string (and fragment).

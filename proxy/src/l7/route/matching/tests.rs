@@ -70,6 +70,23 @@ fn gateway_api_prefixes_match_whole_elements() {
 }
 
 #[test]
+fn regex_literal_prefixes() {
+    use super::path::literal_prefix;
+    assert_eq!(literal_prefix("/api/v[0-9]+/.*"), "/api/v");
+    assert_eq!(literal_prefix("^/users/.*"), "/users/");
+    assert_eq!(
+        literal_prefix("/users?"),
+        "/user",
+        "an optional last character is not required"
+    );
+    assert_eq!(literal_prefix("/ab{2}"), "/a");
+    assert_eq!(literal_prefix("/a|/b"), "");
+    assert_eq!(literal_prefix("[/]x"), "");
+    assert_eq!(literal_prefix("/pkg\\.Svc/.*"), "/pkg");
+    assert_eq!(literal_prefix("/plain"), "/plain");
+}
+
+#[test]
 fn paths_are_matched_without_the_query() {
     assert_eq!(path::path_of("/a?b=c"), "/a");
     assert_eq!(path::path_of("/a#frag"), "/a");
@@ -166,18 +183,28 @@ fn the_index_yields_every_candidate_in_order() {
             headers: vec![hm("x-v", "1,2", false)],
             ..Conditions::default()
         },
+        // A regex without a literal start: always a candidate.
+        with_path(Some(PathMatch::regex("[/]c").unwrap())),
     ];
     let ix = RuleIndex::new(entries.iter());
     let none = headers(&[]);
     let mut out = Vec::new();
     ix.candidates("/a", &none, &mut out);
-    assert_eq!(out, [0, 1, 2, 4, 5, 7, 10]);
+    assert_eq!(out, [0, 1, 2, 4, 5, 7, 10, 12]);
     ix.candidates("/a/b/c", &none, &mut out);
-    assert_eq!(out, [1, 2, 4, 5, 6, 10]);
+    assert_eq!(out, [1, 2, 4, 5, 6, 10, 12]);
     ix.candidates("/c", &headers(&[("x-v", "2")]), &mut out);
-    assert_eq!(out, [2, 4, 9, 10]);
+    assert_eq!(
+        out,
+        [2, 9, 10, 12],
+        "the regex /a.* counts by its literal /a"
+    );
     ix.candidates("/c", &headers(&[("x-v", "1"), ("x-v", "2")]), &mut out);
-    assert_eq!(out, [2, 4, 10, 11], "a repeated header is looked up joined");
+    assert_eq!(
+        out,
+        [2, 10, 11, 12],
+        "a repeated header is looked up joined"
+    );
     // The index only narrows: every true match is among the candidates.
     let method = Method::GET;
     for h in [
