@@ -3,12 +3,13 @@
 //! the upstream connector and the telemetry sinks. Functions take the bundle, not seven
 //! arguments.
 //!
-//! May import: `registry`, `policy`, `workload`, `upstream`, `telemetry`.
+//! May import: `registry`, `policy`, `l7`, `workload`, `upstream`, `telemetry`.
 
 use std::sync::Arc;
 
 use arc_swap::ArcSwap;
 
+use crate::l7::route::RouteTable;
 use crate::policy::PolicySet;
 use crate::registry::Registry;
 use crate::telemetry::Telemetry;
@@ -25,6 +26,8 @@ pub struct ProxyInputs {
     pub registry: Arc<Registry>,
     /// Compiled from the registry's snapshot on every change.
     pub policies: Arc<ArcSwap<PolicySet>>,
+    /// Compiled from the registry's snapshot on every change.
+    pub routes: Arc<ArcSwap<RouteTable>>,
     /// The pods of this node by cgroup, rescanned as cgroups appear.
     pub workloads: Arc<ArcSwap<WorkloadIndex>>,
     pub connector: Connector,

@@ -3,7 +3,8 @@
 //! The modules, in the order a connection meets them (each module's opening comment says what
 //! it owns and what it may import; `docs/architecture.md` has the table):
 //!
-//! capture → identify ([`workload`]) → [`registry`] → plan ([`outbound`], [`policy`]) →
+//! capture → identify ([`workload`]) → [`registry`] → plan ([`outbound`], [`policy`]), route
+//! ([`l7`]) →
 //! tunnel ([`tunnel`], [`identity`]) | deliver ([`upstream`], [`inbound`]) → [`relay`] →
 //! record ([`telemetry`]). [`admin`] serves what the node knows, [`cli`] renders it, [`node`]
 //! wires it all together.

@@ -17,6 +17,7 @@ const ALLOWED: &[(&str, &[&str])] = &[
     ("exchange", &["admin", "l7", "telemetry", "upstream"]),
     ("identity", &["admin"]),
     ("policy", &["registry"]),
+    ("l7", &["registry", "config"]),
     ("workload", &["registry", "identity"]),
     ("upstream", &["registry", "identity"]),
     (
@@ -27,7 +28,14 @@ const ALLOWED: &[(&str, &[&str])] = &[
     ("tunnel", &["admin", "identity", "relay", "telemetry"]),
     (
         "inputs",
-        &["registry", "policy", "workload", "upstream", "telemetry"],
+        &[
+            "registry",
+            "policy",
+            "l7",
+            "workload",
+            "upstream",
+            "telemetry",
+        ],
     ),
     (
         "inbound",

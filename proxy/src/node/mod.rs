@@ -25,6 +25,7 @@ use crate::config::{NodeConfig, ProxyAddress};
 use crate::identity::{IdentityConfig, IdentityManager};
 use crate::inbound::{Inbound, InboundConfig};
 use crate::inputs::ProxyInputs;
+use crate::l7::route::RouteTable;
 use crate::outbound::http::HttpConfig;
 use crate::outbound::{self, Outbound};
 use crate::policy::PolicySet;
@@ -32,6 +33,7 @@ use crate::registry::{FileSource, Registry};
 use crate::telemetry::{metrics, Telemetry};
 use crate::tunnel::client::{Pool, PoolConfig};
 use crate::tunnel::server::{Server, ServerConfig};
+use crate::upstream::dns::Dns;
 use crate::upstream::Connector;
 use crate::workload::WorkloadIndex;
 
@@ -85,11 +87,12 @@ pub async fn run(cfg: NodeConfig) -> anyhow::Result<()> {
     identity.clone().spawn_rotation();
     let connect_timeout = Duration::from_millis(cfg.connect_timeout_ms);
     let telemetry = Arc::new(Telemetry::new(cfg.node_name.clone(), cfg.flow_capacity));
-    let (generation, policies, index) = {
+    let (generation, policies, routes, index) = {
         let snapshot = registry.snapshot();
         (
             snapshot.generation,
             PolicySet::build(&snapshot, &cfg.root_namespace),
+            RouteTable::build(&snapshot),
             WorkloadIndex::build(&snapshot, &cfg.node_name, &cfg.cgroup_root),
         )
     };
@@ -99,6 +102,7 @@ pub async fn run(cfg: NodeConfig) -> anyhow::Result<()> {
         hbone_port: cfg.hbone_port,
         registry: registry.clone(),
         policies: Arc::new(ArcSwap::from_pointee(policies)),
+        routes: Arc::new(ArcSwap::from_pointee(routes)),
         workloads: Arc::new(ArcSwap::from_pointee(index)),
         connector: Connector::new(connect_timeout),
         telemetry: telemetry.clone(),
@@ -153,6 +157,9 @@ pub async fn run(cfg: NodeConfig) -> anyhow::Result<()> {
         pool,
         HttpConfig {
             max_request_headers: cfg.max_request_headers_kb * 1024,
+            dns: Arc::new(
+                Dns::new(cfg.dns_server).context("setting up DNS for ServiceEntry hosts")?,
+            ),
         },
         Duration::from_millis(cfg.protocol_detection_timeout_ms),
     ));

@@ -7,10 +7,11 @@ use std::collections::{HashMap, HashSet};
 use std::sync::Arc;
 use std::time::Duration;
 
-use tracing::{error, info};
+use tracing::{error, info, warn};
 
 use super::NodeProxy;
 use crate::capture::StrictMode;
+use crate::l7::route::RouteTable;
 use crate::policy::{MtlsMode, PolicySet};
 use crate::workload::WorkloadIndex;
 
@@ -24,6 +25,8 @@ pub(super) struct Applied {
     generation: u64,
     enrolled: HashSet<u64>,
     strict: HashMap<(u64, u16), StrictMode>,
+    /// Route conflicts already logged.
+    route_warnings: HashSet<String>,
 }
 
 /// Applies the workload index and policies in force (compiled from registry `generation`) to
@@ -69,6 +72,15 @@ pub(super) async fn run(node: Arc<NodeProxy>, mut applied: Applied) {
                 "policies updated"
             );
             inputs.policies.store(Arc::new(set));
+            let routes = RouteTable::build(&snapshot);
+            for w in routes.warnings() {
+                // Said once per distinct conflict, not on every change.
+                if applied.route_warnings.insert(w.clone()) {
+                    warn!("routes: {w}");
+                }
+            }
+            info!(generation, rules = routes.len(), "routes updated");
+            inputs.routes.store(Arc::new(routes));
         }
         // Resolving cgroups touches the filesystem: keep it off the runtime's workers.
         let n = node.clone();

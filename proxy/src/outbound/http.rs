@@ -12,7 +12,8 @@
 use std::net::SocketAddr;
 use std::sync::Arc;
 
-use http::{Request, Response, StatusCode};
+use bytes::Bytes;
+use http::{header, HeaderValue, Request, Response, StatusCode};
 use hyper::body::Incoming;
 use hyper_util::rt::TokioIo;
 use tokio::net::TcpStream;
@@ -28,11 +29,17 @@ use crate::exchange::{
 };
 use crate::inputs::ProxyInputs;
 use crate::l7::hygiene;
+use crate::l7::protocol::AppProtocol;
 use crate::l7::respond::Flag;
+use crate::l7::route::{
+    Action as RouteAction, Backend, HeaderOps, RouteDecision, RouteRequest, Target as BackendTarget,
+};
 use crate::policy::HttpRequest;
+use crate::registry::kinds::networking::{H2UpgradePolicy, Resolution, TlsMode};
 use crate::registry::{Pod, Service, ServicePort};
 use crate::telemetry::{ConnectionRecord, RequestRecord, RequestTemplate};
 use crate::tunnel::client::Pool;
+use crate::upstream::dns::Dns;
 use crate::upstream::http::{HttpPool, PoolKey, Sender, Version};
 use crate::upstream::tls::{Origination, Originator};
 use crate::upstream::OnBehalfOf;
@@ -42,6 +49,8 @@ use crate::upstream::OnBehalfOf;
 pub struct HttpConfig {
     /// Largest request head (request line and headers) accepted; larger gets 431.
     pub max_request_headers: usize,
+    /// Resolves ServiceEntry hosts.
+    pub dns: Arc<Dns>,
 }
 
 /// What the client called, as its connection's plan resolved it.
@@ -133,7 +142,7 @@ impl HttpPath {
     }
 
     async fn request(&self, mut req: Request<Incoming>, conn: &Conn) -> Response<ResponseBody> {
-        let authority = authority_of(&req);
+        let mut authority = authority_of(&req);
         let path = req
             .uri()
             .path_and_query()
@@ -150,32 +159,297 @@ impl HttpPath {
         let id = hygiene::prepare(req.headers_mut(), conn.source.ip, upgrade);
         record.request_id(&id);
 
-        let (service, endpoints, balance_key) = match &conn.called {
+        let routes = self.inputs.routes.load();
+        // The routing host of what was called: a Service, or a ServiceEntry host found by
+        // address, else (plain HTTP to somewhere outside) by the Host header.
+        let (host, port) = match &conn.called {
             Called::Service { service, port } => {
                 record.service(service);
+                (Some(routes.host_of_service(service)), port.port)
+            }
+            Called::Pod { addr, .. } => (None, addr.port()),
+            Called::Other { addr } => {
+                let external = routes
+                    .external_by_address(addr.ip(), addr.port())
+                    .or_else(|| routes.external_by_authority(&authority, addr.port()));
+                (external.map(|e| e.host.clone()), addr.port())
+            }
+        };
+        let decision = match &host {
+            Some(host) => {
+                let path = record_path(&req);
+                routes.route(&RouteRequest {
+                    host,
+                    port,
+                    source_namespace: conn.source.pod.as_ref().map(|p| p.namespace.as_str()),
+                    source_labels: conn.source.pod.as_ref().map(|p| &p.labels),
+                    method: req.method(),
+                    authority: &authority,
+                    path_and_query: &path,
+                    headers: req.headers(),
+                })
+            }
+            None => RouteDecision::Default,
+        };
+        let source_ns = conn.source.pod.as_ref().map(|p| p.namespace.clone());
+        let (backend, response_ops) = match decision {
+            RouteDecision::NotFound => {
+                return own(record, Verdict::Responded, Flag::NoRoute, None);
+            }
+            RouteDecision::Default => {
+                let backend = host
+                    .as_deref()
+                    .and_then(|h| routes.backend(h, Some(port), None, source_ns.as_deref()));
+                (backend, Vec::new())
+            }
+            RouteDecision::Matched(m) => {
+                record.route(&m.rule.id);
+                match &m.rule.action {
+                    RouteAction::DirectResponse(d) => {
+                        let mut resp = Response::new(Bytes::clone(&d.body));
+                        *resp.status_mut() = d.status;
+                        record.finish(
+                            Verdict::Responded,
+                            d.status.as_u16(),
+                            NO_FLAGS,
+                            None::<&str>,
+                        );
+                        return exchange::body_of(resp);
+                    }
+                    RouteAction::Redirect(r) => {
+                        let path = record_path(&req);
+                        let view = RouteRequest {
+                            host: host.as_deref().unwrap_or(""),
+                            port,
+                            source_namespace: source_ns.as_deref(),
+                            source_labels: None,
+                            method: req.method(),
+                            authority: &authority,
+                            path_and_query: &path,
+                            headers: req.headers(),
+                        };
+                        let (status, location) = r.location(&view, m.matched);
+                        let mut resp = Response::new(Bytes::new());
+                        *resp.status_mut() = status;
+                        if let Ok(v) = HeaderValue::from_str(&location) {
+                            resp.headers_mut().insert(header::LOCATION, v);
+                        }
+                        record.finish(Verdict::Responded, status.as_u16(), NO_FLAGS, None::<&str>);
+                        return exchange::body_of(resp);
+                    }
+                    RouteAction::Forward(f) => {
+                        let dest = f.pick(fastrand::u32(..));
+                        f.request_headers.apply(req.headers_mut());
+                        dest.request_headers.apply(req.headers_mut());
+                        if let Some(rw) = &f.rewrite {
+                            if rw.path.is_some() {
+                                let new = rw.apply(&record_path(&req), m.matched);
+                                if let Ok(uri) = new.parse::<http::Uri>() {
+                                    *req.uri_mut() = uri;
+                                }
+                            }
+                            if let Some(a) = &rw.authority {
+                                authority = a.clone();
+                            }
+                        }
+                        let backend = routes.backend(
+                            &dest.host,
+                            dest.port.or(Some(port)),
+                            dest.subset.as_deref(),
+                            source_ns.as_deref(),
+                        );
+                        // Envoy applies the destination's response headers, then the route's.
+                        let ops = vec![dest.response_headers.clone(), f.response_headers.clone()];
+                        if backend.is_none() {
+                            let mut resp =
+                                own(record, Verdict::NoEndpoint, Flag::NoHealthyUpstream, None);
+                            apply_all(&ops, resp.headers_mut());
+                            return resp;
+                        }
+                        (backend, ops)
+                    }
+                }
+            }
+        };
+        drop(routes);
+        let target = match self.target(backend, conn, &authority, &mut record).await {
+            Ok(t) => t,
+            Err(resp) => return resp,
+        };
+        let mut resp = self.forward(req, conn, record, target, upgrade).await;
+        apply_all(&response_ops, resp.headers_mut());
+        resp
+    }
+
+    /// The endpoints a request may go to and how to reach them: those of the routed backend,
+    /// or, without one, of what the client called.
+    async fn target(
+        &self,
+        backend: Option<Backend>,
+        conn: &Conn,
+        authority: &str,
+        record: &mut RequestRecord,
+    ) -> Result<Target, Response<ResponseBody>> {
+        let client = conn.client;
+        let Some(backend) = backend else {
+            let (endpoints, balance_key) = match &conn.called {
+                Called::Service { service, port } => {
+                    let snapshot = self.inputs.registry.snapshot();
+                    let eps = snapshot
+                        .endpoints(service, port)
+                        .into_iter()
+                        .map(|e| (e.addr, Some(e.pod)))
+                        .collect();
+                    (
+                        eps,
+                        format!("{}/{}:{}", service.namespace, service.name, port.port),
+                    )
+                }
+                Called::Pod { pod, addr } => (vec![(*addr, Some(pod.clone()))], addr.to_string()),
+                Called::Other { addr } => (vec![(*addr, None)], addr.to_string()),
+            };
+            return Ok(Target {
+                endpoints,
+                balance_key,
+                version: upstream_version(conn.declared, client),
+                client_authority: authority.to_string(),
+                authority: authority.to_string(),
+                tls: None,
+            });
+        };
+        let http = backend
+            .policy
+            .connection_pool
+            .as_ref()
+            .and_then(|p| p.http.as_ref());
+        let declared = backend.protocol.and_then(declared_http);
+        let mut version = upstream_version(declared, client);
+        if http.and_then(|h| h.use_client_protocol) == Some(true) {
+            version = client.as_version();
+        } else if version == Version::Http1
+            && http.and_then(|h| h.h2_upgrade_policy) == Some(H2UpgradePolicy::Upgrade)
+        {
+            version = Version::Http2;
+        }
+        let tls = backend
+            .policy
+            .tls
+            .as_ref()
+            .filter(|t| t.mode == TlsMode::Simple);
+        let (endpoints, balance_key, host) = match &backend.target {
+            BackendTarget::Service { service, port } => {
+                record.service(service);
                 let snapshot = self.inputs.registry.snapshot();
-                let eps: Vec<(SocketAddr, Option<Arc<Pod>>)> = snapshot
+                let eps = snapshot
                     .endpoints(service, port)
                     .into_iter()
+                    .filter(|e| {
+                        backend
+                            .subset_labels
+                            .as_ref()
+                            .is_none_or(|l| e.pod.matches(l))
+                    })
                     .map(|e| (e.addr, Some(e.pod)))
                     .collect();
-                let key = format!("{}/{}:{}", service.namespace, service.name, port.port);
-                (Some(service.clone()), eps, key)
+                let key = format!(
+                    "{}/{}:{} {:?}",
+                    service.namespace, service.name, port.port, backend.subset_labels
+                );
+                (eps, key, routes_host(service))
             }
-            Called::Pod { pod, addr } => (None, vec![(*addr, Some(pod.clone()))], addr.to_string()),
-            Called::Other { addr } => (None, vec![(*addr, None)], addr.to_string()),
+            BackendTarget::External { external, port } => {
+                let target_port = port.target_port.unwrap_or(port.number);
+                let mut eps = Vec::new();
+                match external.resolution {
+                    Resolution::None => {
+                        if let Called::Other { addr } = &conn.called {
+                            eps.push((*addr, None));
+                        }
+                    }
+                    Resolution::Static => {
+                        for e in &external.endpoints {
+                            let p = e.ports.get(&port.name).copied().unwrap_or(target_port);
+                            if let Ok(ip) = e.address.parse::<std::net::IpAddr>() {
+                                eps.push((SocketAddr::new(ip, p), None));
+                            }
+                        }
+                    }
+                    Resolution::Dns | Resolution::DnsRoundRobin => {
+                        let names: Vec<(String, u16)> = if external.endpoints.is_empty() {
+                            vec![(external.host.clone(), target_port)]
+                        } else {
+                            external
+                                .endpoints
+                                .iter()
+                                .map(|e| {
+                                    (
+                                        e.address.clone(),
+                                        e.ports.get(&port.name).copied().unwrap_or(target_port),
+                                    )
+                                })
+                                .collect()
+                        };
+                        for (name, p) in names {
+                            match self.config.dns.lookup(&name).await {
+                                Ok(ips) => {
+                                    // LOGICAL_DNS (DNS_ROUND_ROBIN) uses the first answer.
+                                    let take = match external.resolution {
+                                        Resolution::DnsRoundRobin => 1,
+                                        _ => ips.len(),
+                                    };
+                                    eps.extend(
+                                        ips.into_iter()
+                                            .take(take)
+                                            .map(|ip| (SocketAddr::new(ip, p), None)),
+                                    );
+                                }
+                                Err(e) => debug!(error = %e, "ServiceEntry endpoint not resolved"),
+                            }
+                        }
+                    }
+                }
+                (
+                    eps,
+                    format!("{}:{}", external.host, port.number),
+                    external.host.clone(),
+                )
+            }
         };
-        let _ = service;
-        let version = upstream_version(conn.declared, conn.client);
-        let target = Target {
+        let tls = tls.map(|t| Origination {
+            sni: if t.sni.is_empty() {
+                host.clone()
+            } else {
+                t.sni.clone()
+            },
+            ca_certificates: (!t.ca_certificates.is_empty())
+                .then(|| std::path::PathBuf::from(&t.ca_certificates)),
+            insecure_skip_verify: t.insecure_skip_verify == Some(true),
+            alpn: match version {
+                Version::Http1 => vec![b"http/1.1".to_vec()],
+                Version::Http2 => vec![b"h2".to_vec()],
+            },
+        });
+        // TLS origination speaks what ALPN can promise: HTTP/1.1 unless HTTP/2 was declared.
+        let version = if tls.is_some() && declared.is_none() {
+            Version::Http1
+        } else {
+            version
+        };
+        let tls = tls.map(|mut o| {
+            o.alpn = match version {
+                Version::Http1 => vec![b"http/1.1".to_vec()],
+                Version::Http2 => vec![b"h2".to_vec()],
+            };
+            o
+        });
+        Ok(Target {
             endpoints,
             balance_key,
             version,
-            client_authority: authority.clone(),
-            authority,
-            tls: None,
-        };
-        self.forward(req, conn, record, target, upgrade).await
+            client_authority: authority.to_string(),
+            authority: authority.to_string(),
+            tls,
+        })
     }
 
     /// Sends `req` to an endpoint of `target` and returns its response (or weft's own).
@@ -394,6 +668,33 @@ enum Opened {
     /// The destination node's policy refused the tunnel (the deciding policy, if named).
     Denied(Option<String>),
     Failed(String),
+}
+
+/// The path and query of a request as sent.
+fn record_path<B>(req: &Request<B>) -> String {
+    req.uri()
+        .path_and_query()
+        .map(|p| p.as_str().to_string())
+        .unwrap_or_else(|| "/".to_string())
+}
+
+fn apply_all(ops: &[HeaderOps], headers: &mut http::HeaderMap) {
+    for op in ops {
+        op.apply(headers);
+    }
+}
+
+fn routes_host(service: &Service) -> String {
+    crate::l7::route::service_fqdn(&service.namespace, &service.name)
+}
+
+/// The HTTP version a declared protocol asks for (`None`: not HTTP or not declared).
+pub fn declared_http(p: AppProtocol) -> Option<Declared> {
+    match p {
+        AppProtocol::Http1 => Some(Declared::Http1),
+        AppProtocol::Http2 | AppProtocol::Grpc => Some(Declared::Http2),
+        AppProtocol::Opaque => None,
+    }
 }
 
 /// Istio's choice of upstream HTTP version: HTTP/2 to ports that declare it (`http2`, `grpc`,

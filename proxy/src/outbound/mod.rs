@@ -24,16 +24,17 @@ use tokio::net::{TcpListener, TcpStream};
 use tracing::{debug, info, warn};
 
 use self::balance::RoundRobin;
-use self::http::{Called, Declared, HttpConfig, HttpPath};
+use self::http::{declared_http, Called, Declared, HttpConfig, HttpPath};
 use self::plan::{Action, Context, Plan, Refusal};
 use self::redirects::RedirectTracker;
 use crate::admin::api::Verdict;
 use crate::capture::{Capture, RedirectEvent};
 use crate::exchange::ClientVersion;
 use crate::inputs::ProxyInputs;
+use crate::l7::protocol::{self, AppProtocol};
 use crate::l7::sniff::{sniff, Sniffed};
 use crate::policy::deny_message;
-use crate::registry::{Resolved, ServicePort};
+use crate::registry::Resolved;
 use crate::relay::{relay, reset};
 use crate::telemetry::ConnectionRecord;
 use crate::tunnel::client::Pool;
@@ -189,14 +190,21 @@ impl Outbound {
         called: &Called,
     ) -> Option<(ClientVersion, Option<Declared>)> {
         let declared = match called {
-            Called::Service { port, .. } => declared_protocol(port),
-            _ => Protocol::Undeclared,
+            Called::Service { port, .. } => protocol::declared(port),
+            Called::Other { addr } => {
+                let routes = self.inputs.routes.load();
+                routes
+                    .external_by_address(addr.ip(), addr.port())
+                    .and_then(|e| e.ports.iter().find(|p| p.number == addr.port()))
+                    .and_then(|p| protocol::declared_by_name(&p.protocol))
+            }
+            Called::Pod { .. } => None,
         };
         let (wait, declared) = match declared {
-            Protocol::Tcp => return None,
-            Protocol::Http(d) => (DECLARED_HTTP_FIRST_BYTES, Some(d)),
-            Protocol::Undeclared if self.detection_timeout.is_zero() => return None,
-            Protocol::Undeclared => (self.detection_timeout, None),
+            Some(AppProtocol::Opaque) => return None,
+            Some(p) => (DECLARED_HTTP_FIRST_BYTES, declared_http(p)),
+            None if self.detection_timeout.is_zero() => return None,
+            None => (self.detection_timeout, None),
         };
         match detect(client, wait).await {
             Sniffed::Http2 => Some((ClientVersion::Http2, declared)),
@@ -282,34 +290,6 @@ fn fill(record: &mut ConnectionRecord, plan: &Plan) {
     if let Some(id) = &d.identity {
         record.destination_identity(id);
     }
-}
-
-/// What a Service port says it speaks.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-enum Protocol {
-    Http(Declared),
-    Tcp,
-    Undeclared,
-}
-
-/// Istio's protocol selection: `appProtocol` first, then the port name's prefix (`http`,
-/// `http2`, `grpc`, … followed by `-` or nothing).
-fn declared_protocol(port: &ServicePort) -> Protocol {
-    let parse = |p: &str| match p.to_ascii_lowercase().as_str() {
-        "http" | "http/1.1" => Some(Protocol::Http(Declared::Http1)),
-        "http2" | "grpc" | "grpc-web" | "h2c" | "kubernetes.io/h2c" => {
-            Some(Protocol::Http(Declared::Http2))
-        }
-        "tcp" | "tls" | "https" | "mongo" | "mysql" | "redis" | "kubernetes.io/ws"
-        | "kubernetes.io/wss" => Some(Protocol::Tcp),
-        _ => None,
-    };
-    if let Some(p) = port.app_protocol.as_deref().and_then(parse) {
-        return p;
-    }
-    let name = port.name.as_deref().unwrap_or("");
-    let prefix = name.split('-').next().unwrap_or("");
-    parse(prefix).unwrap_or(Protocol::Undeclared)
 }
 
 /// Reads (without consuming) the client's first bytes until they tell HTTP from anything else,

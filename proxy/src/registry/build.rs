@@ -1,9 +1,11 @@
 //! From Kubernetes API objects (k8s-openapi types) to the weft model, with semantic checks.
 //!
 //! Shared by every source: the YAML files ([`super::file`]) today, an API watcher tomorrow. Istio
-//! and Gateway API objects are classified by [`super::kinds`]: security kinds are parsed and
-//! checked into typed objects, unknown kinds in the groups weft reads are not applied (and, in
-//! `security.istio.io`, fail closed).
+//! and Gateway API objects are classified by [`super::kinds`]: security and routing kinds are
+//! parsed and checked into typed objects, unknown kinds in the groups weft reads are not applied
+//! (and, in `security.istio.io`, fail closed). Checks that need more than one object (a route
+//! naming a subset no DestinationRule defines) run once every object is in:
+//! [`SnapshotBuilder::validate`].
 
 use std::collections::{BTreeMap, HashMap, HashSet};
 use std::fmt;
@@ -15,7 +17,8 @@ use k8s_openapi::api::core::v1 as core;
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta;
 use k8s_openapi::apimachinery::pkg::util::intstr::IntOrString;
 
-use super::kinds::{self, security, Class, Kind};
+use super::kinds::networking::{host_matches, qualify_host, Destination};
+use super::kinds::{self, gateway, networking, security, Class, Kind};
 use super::model::{
     ContainerPort, FailClosed, Labels, Node, NotApplied, Objects, Pod, QosClass, RawObject,
     Service, ServicePort, Snapshot, TargetPort,
@@ -108,6 +111,16 @@ impl SnapshotBuilder {
     /// Converts and adds one object. Invalid objects and duplicates (same kind, namespace and
     /// name) are rejected with every problem found.
     pub fn insert(&mut self, object: Object) -> Result<Inserted, Vec<FieldError>> {
+        self.insert_from(object, None)
+    }
+
+    /// [`SnapshotBuilder::insert`], remembering where the object was read (`file:line`) in the
+    /// typed routing objects.
+    pub fn insert_from(
+        &mut self,
+        object: Object,
+        origin: Option<String>,
+    ) -> Result<Inserted, Vec<FieldError>> {
         let key = object_key(&object);
         let duplicate = || vec![FieldError::new("metadata.name", format!("duplicate {key}"))];
         match object {
@@ -153,7 +166,7 @@ impl SnapshotBuilder {
                 }
                 self.services.insert(k, svc);
             }
-            Object::Other(raw) => return self.insert_other(key, raw),
+            Object::Other(raw) => return self.insert_other(key, raw, origin),
         }
         Ok(Inserted::Applied(key))
     }
@@ -162,6 +175,7 @@ impl SnapshotBuilder {
         &mut self,
         key: ObjectKey,
         raw: RawObject,
+        origin: Option<String>,
     ) -> Result<Inserted, Vec<FieldError>> {
         if raw.name.is_empty() {
             return Err(vec![FieldError::new("metadata.name", "is required")]);
@@ -171,6 +185,11 @@ impl SnapshotBuilder {
         enum Typed {
             Authorization(security::AuthorizationPolicy),
             Peer(security::PeerAuthentication),
+            VirtualService(Box<networking::VirtualService>),
+            DestinationRule(Box<networking::DestinationRule>),
+            ServiceEntry(Box<networking::ServiceEntry>),
+            HttpRoute(Box<gateway::HttpRoute>),
+            GrpcRoute(Box<gateway::GrpcRoute>),
             Raw,
         }
         let typed = match &class {
@@ -180,9 +199,37 @@ impl SnapshotBuilder {
             Class::Known(Kind::PeerAuthentication) => {
                 Typed::Peer(security::peer_authentication(&raw)?)
             }
-            Class::Known(Kind::Route) | Class::Foreign | Class::Unknown { .. } => Typed::Raw,
+            Class::Known(Kind::VirtualService) => {
+                Typed::VirtualService(Box::new(networking::virtual_service(&raw, origin)?))
+            }
+            Class::Known(Kind::DestinationRule) => {
+                Typed::DestinationRule(Box::new(networking::destination_rule(&raw, origin)?))
+            }
+            Class::Known(Kind::ServiceEntry) => {
+                Typed::ServiceEntry(Box::new(networking::service_entry(&raw, origin)?))
+            }
+            Class::Known(Kind::HttpRoute) => {
+                Typed::HttpRoute(Box::new(gateway::http_route(&raw, origin)?))
+            }
+            Class::Known(Kind::GrpcRoute) => {
+                Typed::GrpcRoute(Box::new(gateway::grpc_route(&raw, origin)?))
+            }
+            Class::Foreign | Class::Unknown { .. } => Typed::Raw,
         };
-        if !self.other_keys.insert(key.clone()) {
+        // One object whatever the version it is written in (Kubernetes serves every version of
+        // the same object).
+        let same_object = match &class {
+            Class::Known(_) => ObjectKey {
+                api_version: raw
+                    .api_version
+                    .split_once('/')
+                    .map_or(raw.api_version.as_str(), |(g, _)| g)
+                    .to_string(),
+                ..key.clone()
+            },
+            _ => key.clone(),
+        };
+        if !self.other_keys.insert(same_object) {
             return Err(vec![FieldError::new(
                 "metadata.name",
                 format!("duplicate {key}"),
@@ -191,6 +238,11 @@ impl SnapshotBuilder {
         match (class, typed) {
             (_, Typed::Authorization(p)) => self.objects.authorization_policies.push(Arc::new(p)),
             (_, Typed::Peer(p)) => self.objects.peer_authentications.push(Arc::new(p)),
+            (_, Typed::VirtualService(o)) => self.objects.virtual_services.push(Arc::new(*o)),
+            (_, Typed::DestinationRule(o)) => self.objects.destination_rules.push(Arc::new(*o)),
+            (_, Typed::ServiceEntry(o)) => self.objects.service_entries.push(Arc::new(*o)),
+            (_, Typed::HttpRoute(o)) => self.objects.http_routes.push(Arc::new(*o)),
+            (_, Typed::GrpcRoute(o)) => self.objects.grpc_routes.push(Arc::new(*o)),
             (Class::Unknown { reason, security }, Typed::Raw) => {
                 if security {
                     self.objects.fail_closed.push(FailClosed {
@@ -211,6 +263,102 @@ impl SnapshotBuilder {
     /// Records an object the source left out, with where it came from.
     pub fn not_applied(&mut self, item: NotApplied) {
         self.objects.not_applied.push(item);
+    }
+
+    /// Checks that need more than one object, once every object is in: each VirtualService
+    /// destination naming a subset needs a DestinationRule for its host defining that subset
+    /// (Istio's analyzer reports this; weft refuses the load, as traffic to a missing subset
+    /// would only fail at request time). Each problem names the object it belongs to.
+    pub fn validate(&self) -> Vec<(ObjectKey, FieldError)> {
+        let service_exists = |ns: &str, name: &str| {
+            self.services
+                .contains_key(&(ns.to_string(), name.to_string()))
+        };
+        let service_of_ip = |ip: IpAddr| {
+            self.vips.get(&ip).and_then(|owner| {
+                owner
+                    .split_once('/')
+                    .map(|(ns, n)| (ns.to_string(), n.to_string()))
+            })
+        };
+        // (resolved DR host, subset names)
+        let subsets: Vec<(String, Vec<&str>)> = self
+            .objects
+            .destination_rules
+            .iter()
+            .map(|dr| {
+                let host = qualify_host(
+                    &dr.spec.host,
+                    &dr.meta.namespace,
+                    service_exists,
+                    service_of_ip,
+                );
+                let names = dr.spec.subsets.iter().map(|s| s.name.as_str()).collect();
+                (host, names)
+            })
+            .collect();
+        let mut out = Vec::new();
+        for vs in &self.objects.virtual_services {
+            let key = ObjectKey {
+                api_version: kinds::NETWORKING_GROUP.into(),
+                kind: "VirtualService".into(),
+                namespace: Some(vs.meta.namespace.clone()),
+                name: vs.meta.name.clone(),
+            };
+            let mut check = |d: &Destination, path: String| {
+                if d.subset.is_empty() {
+                    return;
+                }
+                let host = qualify_host(&d.host, &vs.meta.namespace, service_exists, service_of_ip);
+                let defined = subsets.iter().any(|(dr_host, names)| {
+                    (dr_host == &host || host_matches(dr_host, &host))
+                        && names.contains(&d.subset.as_str())
+                });
+                if !defined {
+                    out.push((
+                        key.clone(),
+                        FieldError::new(
+                            format!("{path}.subset"),
+                            format!(
+                                "unknown subset {:?} of {host} (no DestinationRule defines it)",
+                                d.subset
+                            ),
+                        ),
+                    ));
+                }
+            };
+            for (i, http) in vs.spec.http.iter().enumerate() {
+                for (j, r) in http.route.iter().enumerate() {
+                    if let Some(d) = &r.destination {
+                        check(d, format!("spec.http[{i}].route[{j}].destination"));
+                    }
+                }
+                if let Some(d) = &http.mirror {
+                    check(d, format!("spec.http[{i}].mirror"));
+                }
+                for (j, m) in http.mirrors.iter().enumerate() {
+                    if let Some(d) = &m.destination {
+                        check(d, format!("spec.http[{i}].mirrors[{j}].destination"));
+                    }
+                }
+            }
+            for (field, routes) in [
+                (
+                    "tcp",
+                    vs.spec.tcp.iter().map(|t| &t.route).collect::<Vec<_>>(),
+                ),
+                ("tls", vs.spec.tls.iter().map(|t| &t.route).collect()),
+            ] {
+                for (i, route) in routes.into_iter().enumerate() {
+                    for (j, r) in route.iter().enumerate() {
+                        if let Some(d) = &r.destination {
+                            check(d, format!("spec.{field}[{i}].route[{j}].destination"));
+                        }
+                    }
+                }
+            }
+        }
+        out
     }
 
     /// The snapshot, with `generation` and the source files it came from.

@@ -1,8 +1,8 @@
 //! The registry: what weft knows about the cluster.
 //!
 //! One immutable [`Snapshot`] of Namespaces (labels), Nodes (addresses), Pods, Services, the
-//! security policies (typed and checked) and, kept raw for later stages, the routing kinds and
-//! every other object. A change builds a whole new snapshot and swaps it in atomically; readers
+//! security policies and the routing kinds (VirtualService, DestinationRule, ServiceEntry,
+//! HTTPRoute, GRPCRoute), typed and checked, and, kept raw, every other object. A change builds a whole new snapshot and swaps it in atomically; readers
 //! take an `Arc` and never see a half-applied change.
 //!
 //! - [`model`]: the compact types and the queries the data path asks ([`Snapshot::resolve`],
@@ -36,10 +36,14 @@ use tokio::sync::watch;
 
 pub use build::{FieldError, Inserted, Object, ObjectKey, SnapshotBuilder};
 pub use file::{FileSource, LoadError, LoadErrors, WatchConfig};
+pub use kinds::gateway::{GrpcRoute, HttpRoute};
+pub use kinds::networking::{DestinationRule, ServiceEntry, VirtualService};
 pub use kinds::security::{AuthorizationPolicy, PeerAuthentication};
+pub use kinds::Meta;
 pub use model::{
     ser_arc, ContainerPort, Endpoint, FailClosed, Labels, Node, NotApplied, Pod, QosClass,
-    RawObject, Resolved, Service, ServicePort, Snapshot, TargetPort, ENROLL_LABEL, ENROLL_VALUE,
+    RawObject, Resolved, Service, ServicePort, Snapshot, TargetPort, CLUSTER_DOMAIN, ENROLL_LABEL,
+    ENROLL_VALUE,
 };
 
 /// The current snapshot, its generation, the last failed load and the subscribers.

@@ -8,12 +8,18 @@ use std::time::SystemTime;
 
 use serde::{Serialize, Serializer};
 
+use super::kinds::gateway::{GrpcRoute, HttpRoute};
+use super::kinds::networking::{DestinationRule, ServiceEntry, VirtualService};
 use super::kinds::security::{AuthorizationPolicy, PeerAuthentication};
 
 /// Namespace label that enrolls a namespace's pods in the mesh (with [`ENROLL_VALUE`]).
 pub const ENROLL_LABEL: &str = "weft.dev/mesh";
 /// Value of [`ENROLL_LABEL`] that enrolls a namespace.
 pub const ENROLL_VALUE: &str = "enabled";
+
+/// The cluster's DNS domain: a Service is `name.namespace.svc.cluster.local` (Kubernetes'
+/// default, which Istio assumes too).
+pub const CLUSTER_DOMAIN: &str = "cluster.local";
 
 /// Labels of an object (also used for selectors).
 pub type Labels = BTreeMap<String, String>;
@@ -282,6 +288,17 @@ pub struct Snapshot {
     /// Sorted by (namespace, name).
     #[serde(serialize_with = "ser_arc_vec")]
     pub peer_authentications: Vec<Arc<PeerAuthentication>>,
+    /// Sorted by (namespace, name), as every routing kind below.
+    #[serde(serialize_with = "ser_arc_vec")]
+    pub virtual_services: Vec<Arc<VirtualService>>,
+    #[serde(serialize_with = "ser_arc_vec")]
+    pub destination_rules: Vec<Arc<DestinationRule>>,
+    #[serde(serialize_with = "ser_arc_vec")]
+    pub service_entries: Vec<Arc<ServiceEntry>>,
+    #[serde(serialize_with = "ser_arc_vec")]
+    pub http_routes: Vec<Arc<HttpRoute>>,
+    #[serde(serialize_with = "ser_arc_vec")]
+    pub grpc_routes: Vec<Arc<GrpcRoute>>,
     /// Documents of other kinds, in load order.
     pub others: Vec<RawObject>,
     /// Security objects weft cannot apply: what they could select fails closed.
@@ -301,6 +318,11 @@ pub(crate) struct Objects {
     pub services: Vec<Arc<Service>>,
     pub authorization_policies: Vec<Arc<AuthorizationPolicy>>,
     pub peer_authentications: Vec<Arc<PeerAuthentication>>,
+    pub virtual_services: Vec<Arc<VirtualService>>,
+    pub destination_rules: Vec<Arc<DestinationRule>>,
+    pub service_entries: Vec<Arc<ServiceEntry>>,
+    pub http_routes: Vec<Arc<HttpRoute>>,
+    pub grpc_routes: Vec<Arc<GrpcRoute>>,
     pub others: Vec<RawObject>,
     pub fail_closed: Vec<FailClosed>,
     pub not_applied: Vec<NotApplied>,
@@ -327,6 +349,11 @@ impl Snapshot {
             mut services,
             mut authorization_policies,
             mut peer_authentications,
+            mut virtual_services,
+            mut destination_rules,
+            mut service_entries,
+            mut http_routes,
+            mut grpc_routes,
             others,
             fail_closed,
             not_applied,
@@ -336,6 +363,14 @@ impl Snapshot {
         authorization_policies
             .sort_by(|a, b| (&a.namespace, &a.name).cmp(&(&b.namespace, &b.name)));
         peer_authentications.sort_by(|a, b| (&a.namespace, &a.name).cmp(&(&b.namespace, &b.name)));
+        let by_meta = |a: &super::kinds::Meta, b: &super::kinds::Meta| {
+            (&a.namespace, &a.name).cmp(&(&b.namespace, &b.name))
+        };
+        virtual_services.sort_by(|a, b| by_meta(&a.meta, &b.meta));
+        destination_rules.sort_by(|a, b| by_meta(&a.meta, &b.meta));
+        service_entries.sort_by(|a, b| by_meta(&a.meta, &b.meta));
+        http_routes.sort_by(|a, b| by_meta(&a.meta, &b.meta));
+        grpc_routes.sort_by(|a, b| by_meta(&a.meta, &b.meta));
         let mut index = Index::default();
         for (i, pod) in pods.iter().enumerate() {
             if let Some(node) = &pod.node_name {
@@ -370,6 +405,11 @@ impl Snapshot {
             services,
             authorization_policies,
             peer_authentications,
+            virtual_services,
+            destination_rules,
+            service_entries,
+            http_routes,
+            grpc_routes,
             others,
             fail_closed,
             not_applied,
@@ -434,6 +474,12 @@ impl Snapshot {
     /// The node `name`.
     pub fn node(&self, name: &str) -> Option<&Node> {
         self.nodes.get(name)
+    }
+
+    /// The service owning cluster IP `ip` (any port).
+    pub fn service_by_ip(&self, ip: IpAddr) -> Option<&Arc<Service>> {
+        let ip = ip.to_canonical();
+        self.services.iter().find(|s| s.cluster_ips.contains(&ip))
     }
 
     /// The service `ns/name`.

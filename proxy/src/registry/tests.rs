@@ -297,17 +297,20 @@ fn parses_a_realistic_file() {
     let headless = s.service("demo", "server-headless").unwrap();
     assert_eq!(headless.cluster_ip, None);
 
-    assert_eq!(s.others.len(), 1);
-    let vs = &s.others[0];
+    assert!(s.others.is_empty());
+    assert_eq!(s.virtual_services.len(), 1);
+    let vs = &s.virtual_services[0];
     assert_eq!(
-        (vs.api_version.as_str(), vs.kind.as_str()),
-        ("networking.istio.io/v1", "VirtualService")
+        (vs.meta.namespace.as_str(), vs.meta.name.as_str()),
+        ("demo", "server-routes")
     );
-    assert_eq!(
-        (vs.namespace.as_deref(), vs.name.as_str()),
-        (Some("demo"), "server-routes")
-    );
-    assert_eq!(vs.value["spec"]["hosts"][0], "server");
+    let line = CLUSTER
+        .lines()
+        .position(|l| l == "apiVersion: networking.istio.io/v1")
+        .unwrap()
+        + 1;
+    assert_eq!(vs.meta.origin, Some(format!("<inline>:{line}")));
+    assert_eq!(vs.spec.hosts, ["server"]);
 
     let on_node: Vec<&str> = s.pods_on_node("node-1").map(|p| p.name.as_str()).collect();
     assert_eq!(

@@ -186,10 +186,47 @@ pub fn parse_sources(files: &[SourceFile]) -> Result<SnapshotBuilder, LoadErrors
     let mut loader = Loader {
         builder: SnapshotBuilder::new(),
         origins: HashMap::new(),
+        places: HashMap::new(),
         errors: Vec::new(),
     };
     for f in files {
         loader.file(&f.path, &f.text);
+    }
+    if loader.errors.is_empty() {
+        // Checks across objects, reported at the object they belong to.
+        for (key, FieldError { path, reason }) in loader.builder.validate() {
+            let place = key.namespace.as_ref().and_then(|ns| {
+                loader
+                    .places
+                    .get(&(key.kind.clone(), ns.clone(), key.name.clone()))
+            });
+            let error = match place {
+                Some(place) => {
+                    let doc = Doc {
+                        file: &place.file,
+                        index: place.index,
+                        text: &place.text,
+                        line_offset: place.line_offset,
+                        first_line: place.first_line,
+                    };
+                    doc.error(
+                        None,
+                        Some(&place.label),
+                        Some(join(&place.prefix, &path)),
+                        reason,
+                    )
+                }
+                None => LoadError {
+                    file: PathBuf::from("<registry>"),
+                    line: None,
+                    document: None,
+                    object: Some(key.to_string()),
+                    path: Some(path),
+                    reason,
+                },
+            };
+            loader.errors.push(error);
+        }
     }
     if loader.errors.is_empty() {
         Ok(loader.builder)
@@ -309,7 +346,23 @@ struct Loader {
     builder: SnapshotBuilder,
     /// Where each object was first defined (`file:line`), for duplicate messages.
     origins: HashMap<ObjectKey, String>,
+    /// Where each routing object was read, by (kind, namespace, name): errors found after
+    /// every object is in ([`SnapshotBuilder::validate`]) point there.
+    places: HashMap<(String, String, String), Place>,
     errors: Vec<LoadError>,
+}
+
+/// A document kept for the errors of [`SnapshotBuilder::validate`].
+struct Place {
+    file: PathBuf,
+    index: usize,
+    text: String,
+    line_offset: usize,
+    first_line: usize,
+    /// `items[i]` inside a `List`, else empty.
+    prefix: String,
+    /// `Kind ns/name`.
+    label: String,
 }
 
 /// The document being parsed, for error messages.
@@ -498,8 +551,23 @@ impl Loader {
             return;
         }
         let origin = format!("{}:{line}", doc.file.display());
-        match self.builder.insert(object) {
+        match self.builder.insert_from(object, Some(origin.clone())) {
             Ok(Inserted::Applied(key)) => {
+                if let (Some(ns), kinds::Class::Known(_)) =
+                    (&key.namespace, kinds::classify(&key.api_version, &key.kind))
+                {
+                    self.places
+                        .entry((key.kind.clone(), ns.clone(), key.name.clone()))
+                        .or_insert_with(|| Place {
+                            file: doc.file.to_path_buf(),
+                            index: doc.index,
+                            text: doc.text.to_string(),
+                            line_offset: doc.line_offset,
+                            first_line: doc.first_line,
+                            prefix: prefix.to_string(),
+                            label: label.to_string(),
+                        });
+                }
                 self.origins.insert(key, origin);
             }
             Ok(Inserted::NotApplied { key, reason }) => {

@@ -314,6 +314,9 @@ async fn reload_and_log(source: &Arc<FileSource>, logged: &mut Option<String>) {
                 generation = s.generation,
                 pods = s.pods.len(),
                 services = s.services.len(),
+                routes = s.virtual_services.len() + s.http_routes.len() + s.grpc_routes.len(),
+                destination_rules = s.destination_rules.len(),
+                service_entries = s.service_entries.len(),
                 others = s.others.len(),
                 "registry: reloaded"
             );

@@ -3,12 +3,24 @@
 //!
 //! In the groups weft reads (`security.istio.io`, `networking.istio.io`,
 //! `gateway.networking.k8s.io`) every object is classified: a kind and version weft honours is
-//! kept (security kinds parsed and checked here, in [`security`]); anything else is not applied
-//! and reported with the kinds weft knows. A security object weft cannot apply is a policy
+//! parsed and checked into typed objects (security kinds in [`security`], Istio routing kinds in
+//! [`networking`], Gateway API routes in [`gateway`]); anything else is not applied and reported
+//! with the kinds weft knows. A security object weft cannot apply is a policy
 //! weft cannot enforce: the workloads it could select fail closed (see
 //! [`super::FailClosed`]). Objects of other groups (apps/v1, …) are kept as they are.
 
+pub mod gateway;
+pub mod networking;
+#[cfg(test)]
+mod routing_tests;
 pub mod security;
+
+use serde::de::DeserializeOwned;
+use serde::{Deserialize, Deserializer};
+use serde_json::Value;
+use time::OffsetDateTime;
+
+use crate::registry::{FieldError, RawObject};
 
 /// API group of AuthorizationPolicy and PeerAuthentication.
 pub const SECURITY_GROUP: &str = "security.istio.io";
@@ -30,9 +42,11 @@ struct Known {
 pub enum Kind {
     AuthorizationPolicy,
     PeerAuthentication,
-    /// Kept as it is for the L7 engine (VirtualService, DestinationRule, ServiceEntry,
-    /// HTTPRoute, GRPCRoute).
-    Route,
+    VirtualService,
+    DestinationRule,
+    ServiceEntry,
+    HttpRoute,
+    GrpcRoute,
 }
 
 const KNOWN: &[Known] = &[
@@ -52,31 +66,31 @@ const KNOWN: &[Known] = &[
         group: NETWORKING_GROUP,
         kind: "VirtualService",
         versions: &["v1", "v1beta1", "v1alpha3"],
-        what: Kind::Route,
+        what: Kind::VirtualService,
     },
     Known {
         group: NETWORKING_GROUP,
         kind: "DestinationRule",
         versions: &["v1", "v1beta1", "v1alpha3"],
-        what: Kind::Route,
+        what: Kind::DestinationRule,
     },
     Known {
         group: NETWORKING_GROUP,
         kind: "ServiceEntry",
         versions: &["v1", "v1beta1", "v1alpha3"],
-        what: Kind::Route,
+        what: Kind::ServiceEntry,
     },
     Known {
         group: GATEWAY_GROUP,
         kind: "HTTPRoute",
         versions: &["v1", "v1beta1"],
-        what: Kind::Route,
+        what: Kind::HttpRoute,
     },
     Known {
         group: GATEWAY_GROUP,
         kind: "GRPCRoute",
         versions: &["v1", "v1alpha2"],
-        what: Kind::Route,
+        what: Kind::GrpcRoute,
     },
 ];
 
@@ -193,6 +207,95 @@ pub fn namespaced(api_version: &str, kind: &str) -> bool {
     GROUPS.contains(&group) && kind != "GatewayClass"
 }
 
+/// A typed object's namespace, name, creation time and where it came from.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
+pub struct Meta {
+    pub namespace: String,
+    pub name: String,
+    /// `metadata.creationTimestamp`, when given: competing routes are ordered oldest first.
+    #[serde(with = "time::serde::rfc3339::option")]
+    pub creation_timestamp: Option<OffsetDateTime>,
+    /// Where the object was read (`file:line`), when the source knows.
+    pub origin: Option<String>,
+}
+
+impl Meta {
+    pub(crate) fn of(raw: &RawObject, origin: Option<String>) -> Meta {
+        Meta {
+            namespace: raw.namespace_or_default().to_string(),
+            name: raw.name.clone(),
+            creation_timestamp: creation_timestamp(raw),
+            origin,
+        }
+    }
+
+    /// Orders competing objects: oldest first (those without a timestamp last), then by
+    /// `namespace/name`, as Istio and the Gateway API do.
+    pub fn precedence(&self) -> (bool, Option<OffsetDateTime>, &str, &str) {
+        (
+            self.creation_timestamp.is_none(),
+            self.creation_timestamp,
+            &self.namespace,
+            &self.name,
+        )
+    }
+}
+
+pub(crate) fn field_error(path: impl Into<String>, reason: impl Into<String>) -> FieldError {
+    FieldError {
+        path: path.into(),
+        reason: reason.into(),
+    }
+}
+
+pub(crate) fn done(errors: Vec<FieldError>) -> Result<(), Vec<FieldError>> {
+    if errors.is_empty() {
+        Ok(())
+    } else {
+        Err(errors)
+    }
+}
+
+/// `metadata.creationTimestamp` (RFC 3339).
+pub(crate) fn creation_timestamp(raw: &RawObject) -> Option<OffsetDateTime> {
+    let s = raw
+        .value
+        .get("metadata")?
+        .get("creationTimestamp")?
+        .as_str()?;
+    OffsetDateTime::parse(s, &time::format_description::well_known::Rfc3339).ok()
+}
+
+/// Deserializes `spec` of `raw` (absent or `null` = `{}`), with the field path of a type error.
+pub(crate) fn parse_spec<T: DeserializeOwned + Default>(
+    raw: &RawObject,
+) -> Result<T, Vec<FieldError>> {
+    match raw.value.get("spec") {
+        None | Some(Value::Null) => Ok(T::default()),
+        // The path-tracking deserializer is slower: only for the error message.
+        Some(spec) => T::deserialize(spec)
+            .or_else(|_| serde_path_to_error::deserialize(spec))
+            .map_err(|e| {
+                let path = e.path().to_string();
+                let path = if path.is_empty() || path == "." {
+                    "spec".to_string()
+                } else {
+                    format!("spec.{path}")
+                };
+                vec![field_error(path, e.into_inner().to_string())]
+            }),
+    }
+}
+
+/// `null` (a key with nothing after it in YAML) as the default value.
+pub(crate) fn nullable<'de, D, T>(d: D) -> Result<T, D::Error>
+where
+    D: Deserializer<'de>,
+    T: Deserialize<'de> + Default,
+{
+    Ok(Option::<T>::deserialize(d)?.unwrap_or_default())
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -211,20 +314,28 @@ mod tests {
         }
         for v in ["v1", "v1beta1", "v1alpha3"] {
             for k in ["VirtualService", "DestinationRule", "ServiceEntry"] {
-                assert_eq!(
+                assert!(matches!(
                     classify(&format!("networking.istio.io/{v}"), k),
-                    Class::Known(Kind::Route)
-                );
+                    Class::Known(Kind::VirtualService | Kind::DestinationRule | Kind::ServiceEntry)
+                ));
             }
         }
         assert_eq!(
-            classify("gateway.networking.k8s.io/v1", "HTTPRoute"),
-            Class::Known(Kind::Route)
+            classify("networking.istio.io/v1alpha3", "DestinationRule"),
+            Class::Known(Kind::DestinationRule)
         );
-        assert_eq!(
-            classify("gateway.networking.k8s.io/v1alpha2", "GRPCRoute"),
-            Class::Known(Kind::Route)
-        );
+        for v in ["v1", "v1beta1"] {
+            assert_eq!(
+                classify(&format!("gateway.networking.k8s.io/{v}"), "HTTPRoute"),
+                Class::Known(Kind::HttpRoute)
+            );
+        }
+        for v in ["v1", "v1alpha2"] {
+            assert_eq!(
+                classify(&format!("gateway.networking.k8s.io/{v}"), "GRPCRoute"),
+                Class::Known(Kind::GrpcRoute)
+            );
+        }
     }
 
     #[test]

@@ -7,11 +7,11 @@ use std::collections::BTreeMap;
 use std::net::IpAddr;
 
 use ipnet::IpNet;
-use serde::de::DeserializeOwned;
 use serde::{Deserialize, Deserializer, Serialize};
 use serde_json::Value;
 use time::OffsetDateTime;
 
+use super::{creation_timestamp, done, field_error, nullable, parse_spec};
 use crate::registry::{FieldError, RawObject};
 
 /// An AuthorizationPolicy of the snapshot (valid).
@@ -54,24 +54,6 @@ pub fn peer_authentication(raw: &RawObject) -> Result<PeerAuthentication, Vec<Fi
         created: creation_timestamp(raw),
         spec,
     })
-}
-
-fn done(errors: Vec<FieldError>) -> Result<(), Vec<FieldError>> {
-    if errors.is_empty() {
-        Ok(())
-    } else {
-        Err(errors)
-    }
-}
-
-/// `metadata.creationTimestamp` (RFC 3339).
-fn creation_timestamp(raw: &RawObject) -> Option<OffsetDateTime> {
-    let s = raw
-        .value
-        .get("metadata")?
-        .get("creationTimestamp")?
-        .as_str()?;
-    OffsetDateTime::parse(s, &time::format_description::well_known::Rfc3339).ok()
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -259,15 +241,6 @@ pub enum ModeSetting {
     Strict,
 }
 
-/// `null` (a key with nothing after it in YAML) as the default value.
-fn nullable<'de, D, T>(d: D) -> Result<T, D::Error>
-where
-    D: Deserializer<'de>,
-    T: Deserialize<'de> + Default,
-{
-    Ok(Option::<T>::deserialize(d)?.unwrap_or_default())
-}
-
 /// A list of port strings (`ports: ["8080"]`), with a hint when a number is written unquoted, as
 /// Istio's schema rejects that.
 fn port_strings<'de, D: Deserializer<'de>>(d: D) -> Result<Vec<String>, D::Error> {
@@ -295,32 +268,6 @@ fn port_strings<'de, D: Deserializer<'de>>(d: D) -> Result<Vec<String>, D::Error
 // ---------------------------------------------------------------------------------------------
 // Validation.
 // ---------------------------------------------------------------------------------------------
-
-fn field_error(path: impl Into<String>, reason: impl Into<String>) -> FieldError {
-    FieldError {
-        path: path.into(),
-        reason: reason.into(),
-    }
-}
-
-/// Deserializes `spec` of `raw` (absent or `null` = `{}`), with the field path of a type error.
-fn parse_spec<T: DeserializeOwned + Default>(raw: &RawObject) -> Result<T, Vec<FieldError>> {
-    match raw.value.get("spec") {
-        None | Some(Value::Null) => Ok(T::default()),
-        // The path-tracking deserializer is slower: only for the error message.
-        Some(spec) => T::deserialize(spec)
-            .or_else(|_| serde_path_to_error::deserialize(spec))
-            .map_err(|e| {
-                let path = e.path().to_string();
-                let path = if path.is_empty() || path == "." {
-                    "spec".to_string()
-                } else {
-                    format!("spec.{path}")
-                };
-                vec![field_error(path, e.into_inner().to_string())]
-            }),
-    }
-}
 
 /// Selector checks shared by both kinds (Istio's `validateWorkloadSelector`).
 fn check_selector(selector: &Option<WorkloadSelector>, errors: &mut Vec<FieldError>) {

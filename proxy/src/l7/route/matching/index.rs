@@ -1,0 +1,142 @@
+//! Finding the few entries of a long, ordered rule list that can match a request, without
+//! trying them all. Each entry is filed under one key: its exact path, its path prefix (probed
+//! at each prefix length present), or, when its path tells nothing (none, or `/`), one of its
+//! exact header conditions; a regex path counts by its literal start (`/api/v[0-9]+` by
+//! `/api/v`). Entries with none of these (a regex starting with a class, presence checks) are
+//! always candidates. Candidates come out in list order, so "first match wins" is kept; the full
+//! conditions are checked after, so the index only has to never miss one.
+
+use std::collections::HashMap;
+
+use http::header::HeaderName;
+use http::HeaderMap;
+
+use super::header::StringMatcher;
+use super::path::PathMatch;
+use super::Conditions;
+
+/// Candidate entries by path or header.
+#[derive(Debug, Default)]
+pub struct RuleIndex {
+    exact: HashMap<String, Vec<u32>>,
+    exact_lower: HashMap<String, Vec<u32>>,
+    prefix: HashMap<String, Vec<u32>>,
+    prefix_lower: HashMap<String, Vec<u32>>,
+    /// Distinct prefix lengths present in `prefix`/`prefix_lower`, ascending.
+    lengths: Vec<usize>,
+    lower_lengths: Vec<usize>,
+    /// Header name → exact value → entries.
+    headers: Vec<(HeaderName, HashMap<String, Vec<u32>>)>,
+    /// Entries every request may match.
+    always: Vec<u32>,
+}
+
+impl RuleIndex {
+    /// Indexes `entries[i]`, the conditions of entry `i`.
+    pub fn new<'a>(entries: impl Iterator<Item = &'a Conditions>) -> RuleIndex {
+        let mut ix = RuleIndex::default();
+        for (i, c) in entries.enumerate() {
+            let i = i as u32;
+            match &c.path {
+                Some(PathMatch::Exact {
+                    value,
+                    ignore_case: false,
+                }) => ix.exact.entry(value.clone()).or_default().push(i),
+                Some(PathMatch::Exact {
+                    value,
+                    ignore_case: true,
+                }) => ix.exact_lower.entry(value.clone()).or_default().push(i),
+                // A `/` prefix says nothing: a header may say more.
+                Some(PathMatch::Prefix { value, ignore_case }) if value.len() > 1 => {
+                    let (map, lens) = if *ignore_case {
+                        (&mut ix.prefix_lower, &mut ix.lower_lengths)
+                    } else {
+                        (&mut ix.prefix, &mut ix.lengths)
+                    };
+                    map.entry(value.clone()).or_default().push(i);
+                    lens.push(value.len());
+                }
+                Some(PathMatch::Segments(value)) if !value.is_empty() => {
+                    ix.prefix.entry(value.clone()).or_default().push(i);
+                    ix.lengths.push(value.len());
+                }
+                // A regex's literal start is a prefix every match has.
+                Some(PathMatch::Regex { literal, .. }) if literal.len() > 1 => {
+                    ix.prefix.entry(literal.clone()).or_default().push(i);
+                    ix.lengths.push(literal.len());
+                }
+                _ => ix.file_by_header(c, i),
+            }
+        }
+        for lens in [&mut ix.lengths, &mut ix.lower_lengths] {
+            lens.sort_unstable();
+            lens.dedup();
+        }
+        ix
+    }
+
+    fn file_by_header(&mut self, c: &Conditions, i: u32) {
+        let exact = c.headers.iter().find_map(|h| match (&h.matcher, h.invert) {
+            (StringMatcher::Exact(v), false) => Some((&h.name, v)),
+            _ => None,
+        });
+        let Some((name, value)) = exact else {
+            self.always.push(i);
+            return;
+        };
+        let at = match self.headers.iter().position(|(n, _)| n == name) {
+            Some(at) => at,
+            None => {
+                self.headers.push((name.clone(), HashMap::new()));
+                self.headers.len() - 1
+            }
+        };
+        self.headers[at].1.entry(value.clone()).or_default().push(i);
+    }
+
+    /// Entries that may match a request for `path` with `headers`, ascending, into `out`.
+    pub fn candidates(&self, path: &str, headers: &HeaderMap, out: &mut Vec<u32>) {
+        out.clear();
+        out.extend_from_slice(&self.always);
+        if let Some(v) = self.exact.get(path) {
+            out.extend_from_slice(v);
+        }
+        for &len in &self.lengths {
+            let Some(head) = path.get(..len) else { break };
+            if let Some(v) = self.prefix.get(head) {
+                out.extend_from_slice(v);
+            }
+        }
+        if !self.exact_lower.is_empty() || !self.prefix_lower.is_empty() {
+            let lower = path.to_ascii_lowercase();
+            if let Some(v) = self.exact_lower.get(&lower) {
+                out.extend_from_slice(v);
+            }
+            for &len in &self.lower_lengths {
+                let Some(head) = lower.get(..len) else { break };
+                if let Some(v) = self.prefix_lower.get(head) {
+                    out.extend_from_slice(v);
+                }
+            }
+        }
+        for (name, values) in &self.headers {
+            let mut all = headers.get_all(name).iter();
+            let value = match (all.next(), all.next()) {
+                (None, _) => continue,
+                (Some(one), None) => one.to_str().ok().map(std::borrow::Cow::Borrowed),
+                // A repeated header is matched joined with `,` (see `HeaderMatch`).
+                (Some(first), Some(second)) => [first, second]
+                    .into_iter()
+                    .chain(all)
+                    .map(|v| v.to_str().ok())
+                    .collect::<Option<Vec<_>>>()
+                    .map(|v| std::borrow::Cow::Owned(v.join(","))),
+            };
+            if let Some(v) = value.and_then(|v| values.get(v.as_ref())) {
+                out.extend_from_slice(v);
+            }
+        }
+        out.sort_unstable();
+        out.dedup();
+    }
+}
