@@ -208,6 +208,7 @@ impl HttpPath {
                     RouteAction::DirectResponse(d) => {
                         let mut resp = Response::new(Bytes::clone(&d.body));
                         *resp.status_mut() = d.status;
+                        d.response_headers.apply(resp.headers_mut());
                         record.finish(
                             Verdict::Responded,
                             d.status.as_u16(),

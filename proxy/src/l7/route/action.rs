@@ -307,6 +307,8 @@ impl Redirect {
 pub struct DirectResponse {
     pub status: StatusCode,
     pub body: bytes::Bytes,
+    /// The rule's response header edits (Envoy applies them to direct responses too).
+    pub response_headers: HeaderOps,
 }
 
 /// A retry policy as Istio hands it to Envoy (`pilot/pkg/networking/core/route/retry`).

@@ -523,6 +523,7 @@ fn http_action(
         return Action::DirectResponse(DirectResponse {
             status: StatusCode::INTERNAL_SERVER_ERROR,
             body: bytes::Bytes::new(),
+            response_headers: HeaderOps::default(),
         });
     }
     let rewrite = filter_of(filters, |f| f.url_rewrite.as_ref()).map(|r| Rewrite {

@@ -335,9 +335,11 @@ fn action(http: &HttpRoute, ns: &str, hosts: &Hosts<'_>) -> Action {
                 (None, None) => bytes::Bytes::new(),
             })
             .unwrap_or_default();
+        let (_, response_headers, _) = headers_of(&http.headers);
         return Action::DirectResponse(DirectResponse {
             status: StatusCode::from_u16(d.status as u16).unwrap_or(StatusCode::OK),
             body,
+            response_headers,
         });
     }
     let single = http.route.len() == 1;

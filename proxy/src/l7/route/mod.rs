@@ -115,7 +115,11 @@ impl fmt::Display for RouteId {
             f,
             "{kind} {}/{} {list}[{}]",
             self.namespace, self.name, self.rule
-        )
+        )?;
+        match &self.rule_name {
+            Some(name) => write!(f, " ({name})"),
+            None => Ok(()),
+        }
     }
 }
 

@@ -152,12 +152,12 @@ fn virtual_service_rules_in_order_first_match_wins() {
     assert!(t.warnings().is_empty(), "{:?}", t.warnings());
     assert_eq!(
         who(&t, &get("/x").header("end-user", "jason")),
-        "VirtualService back/web http[0]"
+        "VirtualService back/web http[0] (jason)"
     );
     // The first rule wins even though the second also matches.
     assert_eq!(
         who(&t, &get("/login").header("end-user", "jason")),
-        "VirtualService back/web http[0]"
+        "VirtualService back/web http[0] (jason)"
     );
     assert_eq!(who(&t, &get("/login")), "VirtualService back/web http[1]");
     assert_eq!(
