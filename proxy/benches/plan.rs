@@ -64,6 +64,7 @@ fn bench(c: &mut Criterion) {
     let snapshot = Snapshot::from_yaml(&cluster()).expect("bench cluster loads");
     let policies = PolicySet::build(&snapshot, "istio-system");
     let balancer = RoundRobin::default();
+    let routes = weft::l7::route::RouteTable::build(&snapshot);
     let ctx = Context {
         node: "node-a",
         trust_domain: "cluster.local",
@@ -71,6 +72,8 @@ fn bench(c: &mut Criterion) {
         snapshot: &snapshot,
         policies: &policies,
         balancer: &balancer,
+        routes: &routes,
+        roll: 0,
     };
     let client = snapshot.pod("client", "client").cloned();
     assert!(client.is_some());

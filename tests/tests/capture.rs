@@ -70,7 +70,7 @@ fn setup(name: &str) -> Setup {
         .add_service(
             ServiceSpec::new("back", "web")
                 .selector("app", "web")
-                .port("http", 80, "http", None),
+                .port("tcp-echo", 80, "http", None),
         )
         .unwrap();
     cluster

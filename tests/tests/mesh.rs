@@ -72,7 +72,7 @@ fn mesh(name: &str, weft_args: &[&str]) -> Mesh {
         .add_service(
             ServiceSpec::new("back", "web")
                 .selector("app", "web")
-                .port("http", 80, "http", None),
+                .port("tcp-echo", 80, "http", None),
         )
         .unwrap();
     cluster

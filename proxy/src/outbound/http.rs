@@ -471,6 +471,7 @@ impl HttpPath {
         let (addr, pod) = target.endpoints[i].clone();
         let snapshot = self.inputs.registry.snapshot();
         let policies = self.inputs.policies.load();
+        let routes = self.inputs.routes.load();
         let mut dest = Destination::default();
         let path = req
             .uri()
@@ -496,11 +497,13 @@ impl HttpPath {
                 snapshot: &snapshot,
                 policies: &policies,
                 balancer: &self.balancer,
+                routes: &routes,
+                roll: 0,
             },
             Some(&request),
         );
         let generation = snapshot.generation;
-        drop((snapshot, policies));
+        drop((snapshot, policies, routes));
         let mtls = matches!(action, Action::Tunnel(_));
         record.upstream(addr, pod.as_deref(), dest.identity.as_ref(), mtls);
         let (via, connect): (String, Connect) = match action {

@@ -145,6 +145,7 @@ impl Outbound {
         }
         let snapshot = inputs.registry.snapshot();
         let policies = inputs.policies.load();
+        let routes = inputs.routes.load();
         let plan = plan::plan(
             &redirect,
             peer,
@@ -156,6 +157,8 @@ impl Outbound {
                 snapshot: &snapshot,
                 policies: &policies,
                 balancer: &self.balancer,
+                routes: &routes,
+                roll: fastrand::u32(..),
             },
         );
         let called = match snapshot.resolve(redirect.original_dst) {
@@ -168,7 +171,7 @@ impl Outbound {
                 addr: redirect.original_dst,
             },
         };
-        drop((snapshot, policies));
+        drop((snapshot, policies, routes));
         fill(&mut record, &plan);
         if !matches!(plan.action, Action::Refuse(Refusal::NoIdentity)) {
             if let Some((version, declared)) = self.http_version(&client, &called).await {

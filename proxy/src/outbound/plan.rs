@@ -15,8 +15,9 @@ use crate::admin::api::Verdict;
 use crate::capture::Redirect;
 use crate::identity::SpiffeId;
 use crate::inbound::authorize::{authorize, authorize_request, Caller};
+use crate::l7::route::{service_fqdn, Backend, RouteTable, Target};
 use crate::policy::{deny_message, Decision, DenyReason, HttpRequest, PolicySet};
-use crate::registry::{Pod, Resolved, Service, Snapshot};
+use crate::registry::{Labels, Pod, Resolved, Service, ServicePort, Snapshot};
 use crate::tunnel::client::Hbone;
 use crate::workload::identity_of;
 
@@ -31,6 +32,10 @@ pub struct Context<'a> {
     pub snapshot: &'a Snapshot,
     pub policies: &'a PolicySet,
     pub balancer: &'a RoundRobin,
+    /// VirtualService `tcp[]` rules send a Service's connections elsewhere.
+    pub routes: &'a RouteTable,
+    /// A uniformly random number for this connection (its weighted TCP route).
+    pub roll: u32,
 }
 
 /// The calling side, as identified.
@@ -152,8 +157,22 @@ fn decide(
     let original = redirect.original_dst;
     let (target, pod) = match ctx.snapshot.resolve(original) {
         Resolved::Service { service, port } => {
-            let endpoints = ctx.snapshot.endpoints(&service, &port);
-            let key = format!("{}/{}:{}", service.namespace, service.name, port.port);
+            let (service, port, subset) = match tcp_route(&service, original, source, ctx) {
+                Some(Ok(routed)) => routed,
+                Some(Err(())) => {
+                    dest.service = Some(service);
+                    return Action::Refuse(Refusal::NoEndpoint);
+                }
+                None => (service, port, None),
+            };
+            let mut endpoints = ctx.snapshot.endpoints(&service, &port);
+            if let Some(labels) = &subset {
+                endpoints.retain(|e| e.pod.matches(labels));
+            }
+            let key = format!(
+                "{}/{}:{} {:?}",
+                service.namespace, service.name, port.port, subset
+            );
             dest.service = Some(service);
             let Some(i) = ctx.balancer.pick(&key, endpoints.len()) else {
                 return Action::Refuse(Refusal::NoEndpoint);
@@ -165,6 +184,37 @@ fn decide(
         Resolved::Passthrough => (original, None),
     };
     to_endpoint(source, target, pod, dest, ctx, None)
+}
+
+/// Where a VirtualService `tcp[]` rule sends a connection to `service`: the Service, port and
+/// subset labels of its weighted destination; `Some(Err)` when that destination has no Service
+/// port (nothing to connect to); `None` when no rule applies.
+#[allow(clippy::type_complexity)]
+fn tcp_route(
+    service: &Service,
+    original: SocketAddr,
+    source: &Source,
+    ctx: &Context<'_>,
+) -> Option<Result<(Arc<Service>, ServicePort, Option<Labels>), ()>> {
+    let host = service_fqdn(&service.namespace, &service.name);
+    let ns = source.pod.as_ref().map(|p| p.namespace.as_str());
+    let labels = source.pod.as_ref().map(|p| &p.labels);
+    let rule = ctx.routes.route_tcp(&host, original, ns, labels)?;
+    let d = rule.pick(ctx.roll);
+    let backend = ctx.routes.backend(
+        &d.host,
+        d.port.or(Some(original.port())),
+        d.subset.as_deref(),
+        ns,
+    );
+    Some(match backend {
+        Some(Backend {
+            target: Target::Service { service, port },
+            subset_labels,
+            ..
+        }) => Ok((service, port, subset_labels)),
+        _ => Err(()),
+    })
 }
 
 /// What to do to reach `target` (on `pod`, if it is one) for `source`: the step after an

@@ -10,7 +10,7 @@ use http::{HeaderMap, StatusCode};
 use regex::Regex;
 
 use super::matching::MatchedPath;
-use super::RouteRequest;
+use super::{RouteId, RouteRequest};
 use crate::registry::kinds::networking::CorsPolicy;
 
 /// What to do with a matched request.
@@ -50,19 +50,74 @@ impl Forward {
     /// The destination for a uniformly random `roll`: each is chosen with probability
     /// `weight / total` (a deterministic function of `roll`, for tests and replays).
     pub fn pick(&self, roll: u32) -> &WeightedDestination {
-        let total: u64 = self.destinations.iter().map(|d| u64::from(d.weight)).sum();
-        if total == 0 {
-            return &self.destinations[0];
+        pick_weighted(&self.destinations, roll)
+    }
+}
+
+/// One of `destinations` (not empty) for a uniformly random `roll`, each with probability
+/// `weight / total`.
+pub fn pick_weighted(destinations: &[WeightedDestination], roll: u32) -> &WeightedDestination {
+    let total: u64 = destinations.iter().map(|d| u64::from(d.weight)).sum();
+    if total == 0 {
+        return &destinations[0];
+    }
+    let mut x = u64::from(roll) % total;
+    for d in destinations {
+        let w = u64::from(d.weight);
+        if x < w {
+            return d;
         }
-        let mut x = u64::from(roll) % total;
-        for d in &self.destinations {
-            let w = u64::from(d.weight);
-            if x < w {
-                return d;
-            }
-            x -= w;
-        }
-        &self.destinations[self.destinations.len() - 1]
+        x -= w;
+    }
+    &destinations[destinations.len() - 1]
+}
+
+/// A VirtualService `tcp[]` rule: connections matching it go to one of its weighted
+/// destinations, chosen per connection.
+#[derive(Debug, Clone)]
+pub struct TcpRule {
+    pub id: RouteId,
+    /// `match[].port`, `sourceLabels`, `sourceNamespace`: any of the matches (none: every
+    /// connection).
+    pub matches: Vec<TcpMatch>,
+    pub destinations: Vec<WeightedDestination>,
+}
+
+/// One `tcp[].match[]` entry.
+#[derive(Debug, Clone, Default)]
+pub struct TcpMatch {
+    pub port: Option<u16>,
+    /// The original destination must be in one of these (none: any).
+    pub destination_subnets: Vec<ipnet::IpNet>,
+    pub source_labels: crate::registry::Labels,
+    pub source_namespace: Option<String>,
+}
+
+impl TcpRule {
+    /// Whether a connection to `dst` from a pod of `namespace` with `labels` matches.
+    pub fn matches(
+        &self,
+        dst: std::net::SocketAddr,
+        namespace: Option<&str>,
+        labels: Option<&crate::registry::Labels>,
+    ) -> bool {
+        self.matches.is_empty()
+            || self.matches.iter().any(|m| {
+                m.port.is_none_or(|p| p == dst.port())
+                    && (m.destination_subnets.is_empty()
+                        || m.destination_subnets.iter().any(|n| n.contains(&dst.ip())))
+                    && m.source_namespace
+                        .as_deref()
+                        .is_none_or(|ns| namespace == Some(ns))
+                    && m.source_labels
+                        .iter()
+                        .all(|(k, v)| labels.and_then(|l| l.get(k)) == Some(v))
+            })
+    }
+
+    /// The destination for `roll` (see [`pick_weighted`]).
+    pub fn pick(&self, roll: u32) -> &WeightedDestination {
+        pick_weighted(&self.destinations, roll)
     }
 }
 

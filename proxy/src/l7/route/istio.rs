@@ -15,13 +15,14 @@ use http::StatusCode;
 
 use super::action::{
     AbortError, Action, DirectResponse, Fault, FaultAbort, FaultDelay, Forward, HeaderOps, Mirror,
-    PathRewrite, Redirect, RedirectPort, RetryPolicy, Rewrite, WeightedDestination,
+    PathRewrite, Redirect, RedirectPort, RetryPolicy, Rewrite, TcpMatch, TcpRule,
+    WeightedDestination,
 };
 use super::matching::{Conditions, HeaderMatch, PathMatch, QueryMatch, QueryParams, StringMatcher};
 use super::{Entry, Hosts, RouteDecision, RouteId, RouteKind, RouteRequest, Rule, RuleSet};
 use crate::registry::kinds::networking::{
     base64_decode, Destination, HeaderOperations, Headers, HttpMatchRequest, HttpRoute,
-    RedirectPortSelection, StringMatch, VirtualService, GRPC_STATUSES, MESH_GATEWAY,
+    RedirectPortSelection, StringMatch, TcpRoute, VirtualService, GRPC_STATUSES, MESH_GATEWAY,
 };
 use crate::registry::Snapshot;
 
@@ -36,6 +37,8 @@ pub(crate) struct CompiledVs {
     pub rules: RuleSet,
     /// The object has HTTP rules (one with only TCP/TLS rules leaves HTTP to the default route).
     pub has_http: bool,
+    /// `tcp[]`, in order.
+    pub tcp: Vec<TcpRule>,
 }
 
 impl CompiledVs {
@@ -151,6 +154,63 @@ fn compile_one(vs: &VirtualService, hosts: &Hosts<'_>) -> CompiledVs {
         },
         rules: RuleSet::new(entries),
         has_http: !vs.spec.http.is_empty(),
+        tcp: vs
+            .spec
+            .tcp
+            .iter()
+            .enumerate()
+            .map(|(i, t)| tcp_rule(vs, i, t, hosts))
+            .collect(),
+    }
+}
+
+fn tcp_rule(vs: &VirtualService, i: usize, t: &TcpRoute, hosts: &Hosts<'_>) -> TcpRule {
+    let ns = &vs.meta.namespace;
+    let single = t.route.len() == 1;
+    TcpRule {
+        id: RouteId {
+            kind: RouteKind::VirtualServiceTcp,
+            namespace: ns.clone(),
+            name: vs.meta.name.clone(),
+            rule: i,
+            rule_name: None,
+        },
+        matches: t
+            .matches
+            .iter()
+            .filter(|m| m.gateways.is_empty() || m.gateways.iter().any(|g| g == MESH_GATEWAY))
+            .map(|m| TcpMatch {
+                port: u16::try_from(m.port).ok().filter(|p| *p != 0),
+                destination_subnets: m
+                    .destination_subnets
+                    .iter()
+                    .filter_map(|n| {
+                        n.parse::<ipnet::IpNet>()
+                            .ok()
+                            .or_else(|| n.parse::<std::net::IpAddr>().ok().map(ipnet::IpNet::from))
+                    })
+                    .collect(),
+                source_labels: m.source_labels.clone(),
+                source_namespace: (!m.source_namespace.is_empty())
+                    .then(|| m.source_namespace.clone()),
+            })
+            .collect(),
+        destinations: t
+            .route
+            .iter()
+            .filter_map(|r| {
+                let d = r.destination.as_ref()?;
+                let (host, port, subset) = destination(d, ns, hosts);
+                Some(WeightedDestination {
+                    host,
+                    port,
+                    subset,
+                    weight: if single { 100 } else { r.weight.max(0) as u32 },
+                    request_headers: HeaderOps::default(),
+                    response_headers: HeaderOps::default(),
+                })
+            })
+            .collect(),
     }
 }
 

@@ -36,7 +36,8 @@ use crate::registry::{Labels, Service, Snapshot, CLUSTER_DOMAIN};
 
 pub use action::{
     AbortError, Action, DirectResponse, Fault, FaultAbort, FaultDelay, Forward, HeaderOps, Mirror,
-    PathRewrite, Redirect, RedirectPort, RetryPolicy, Rewrite, WeightedDestination,
+    PathRewrite, Redirect, RedirectPort, RetryPolicy, Rewrite, TcpMatch, TcpRule,
+    WeightedDestination,
 };
 pub use backend::{Backend, External, ExternalEndpoint, ExternalPort, Target, TrafficPolicy};
 use matching::index::RuleIndex;
@@ -88,6 +89,8 @@ pub struct Rule {
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 pub enum RouteKind {
     VirtualService,
+    /// A VirtualService's `tcp[]` rule.
+    VirtualServiceTcp,
     HttpRoute,
     GrpcRoute,
 }
@@ -108,6 +111,7 @@ impl fmt::Display for RouteId {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         let (kind, list) = match self.kind {
             RouteKind::VirtualService => ("VirtualService", "http"),
+            RouteKind::VirtualServiceTcp => ("VirtualService", "tcp"),
             RouteKind::HttpRoute => ("HTTPRoute", "rules"),
             RouteKind::GrpcRoute => ("GRPCRoute", "rules"),
         };
@@ -327,6 +331,23 @@ impl RouteTable {
             }
         }
         RouteDecision::Default
+    }
+
+    /// The VirtualService `tcp[]` rule a TCP connection to `host` (at `dst`) matches, for a
+    /// client in `source_namespace` with `source_labels`: the first match of the VirtualService
+    /// the client sees. `None`: the default route (the called Service itself).
+    pub fn route_tcp(
+        &self,
+        host: &str,
+        dst: std::net::SocketAddr,
+        source_namespace: Option<&str>,
+        source_labels: Option<&Labels>,
+    ) -> Option<&TcpRule> {
+        let routes = self.hosts.get(host)?;
+        let vs = istio::select(&routes.virtual_services, source_namespace)?;
+        vs.tcp
+            .iter()
+            .find(|r| !r.destinations.is_empty() && r.matches(dst, source_namespace, source_labels))
     }
 
     /// Where a destination (`host`, `port`, `subset`) sends: a Service port with the subset's

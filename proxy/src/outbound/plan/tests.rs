@@ -12,7 +12,9 @@ const CLIENT_IP: &str = "10.244.1.2";
 struct World {
     snapshot: Snapshot,
     policies: PolicySet,
+    routes: RouteTable,
     balancer: RoundRobin,
+    roll: u32,
     trust_domain: &'static str,
     hbone_port: u16,
 }
@@ -24,9 +26,11 @@ fn world(extra: &str) -> World {
     };
     let policies = PolicySet::build(&snapshot, "istio-system");
     World {
+        routes: RouteTable::build(&snapshot),
         snapshot,
         policies,
         balancer: RoundRobin::default(),
+        roll: 0,
         trust_domain: "cluster.local",
         hbone_port: 15008,
     }
@@ -41,6 +45,8 @@ impl World {
             snapshot: &self.snapshot,
             policies: &self.policies,
             balancer: &self.balancer,
+            routes: &self.routes,
+            roll: self.roll,
         }
     }
 
@@ -436,5 +442,43 @@ fn an_unknown_routing_kind_changes_nothing() {
     assert!(matches!(
         w.call_from_client("10.244.1.3:9080").action,
         Action::DeliverLocal { .. }
+    ));
+}
+
+const TCP_SPLIT: &str = "apiVersion: networking.istio.io/v1alpha3
+kind: VirtualService
+metadata: {namespace: back, name: web-tcp}
+spec:
+  hosts: [web]
+  tcp:
+  - match: [{port: 80}]
+    route:
+    - destination: {host: web}
+      weight: 50
+    - destination: {host: nobody}
+      weight: 50
+";
+
+#[test]
+fn a_virtual_service_tcp_route_picks_a_weighted_destination_per_connection() {
+    let mut w = world(TCP_SPLIT);
+    w.roll = 10;
+    let p = w.call_from_client("10.96.0.10:80");
+    assert!(matches!(p.action, Action::Tunnel(_)), "{:?}", p.action);
+    assert_eq!(names(&p).0.as_deref(), Some("back/web"));
+    w.roll = 60;
+    let p = w.call_from_client("10.96.0.10:80");
+    assert_eq!(p.action, Action::Refuse(Refusal::NoEndpoint));
+    assert_eq!(
+        names(&p).0.as_deref(),
+        Some("back/nobody"),
+        "routed elsewhere"
+    );
+    // Without the VirtualService, the Service itself.
+    let mut plain = world("");
+    plain.roll = 60;
+    assert!(matches!(
+        plain.call_from_client("10.96.0.10:80").action,
+        Action::Tunnel(_)
     ));
 }
