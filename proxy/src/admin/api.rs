@@ -596,6 +596,37 @@ pub struct RegistryDump {
 mod tests {
     use super::*;
 
+    #[test]
+    fn http_filters_match_requests_only() {
+        let mut f = Flow::default();
+        let filter = FlowFilter {
+            status: Some("5xx".parse().unwrap()),
+            ..FlowFilter::default()
+        };
+        assert!(!filter.matches(&f), "a TCP flow is no request");
+        f.http = Some(HttpFlow {
+            method: "POST".into(),
+            path: "/api/x".into(),
+            status: 503,
+            ..HttpFlow::default()
+        });
+        assert!(filter.matches(&f));
+        let f404 = FlowFilter {
+            status: Some("404".parse().unwrap()),
+            path: Some("/api".into()),
+            method: Some("post".into()),
+            ..FlowFilter::default()
+        };
+        assert!(!f404.matches(&f));
+        f.http.as_mut().unwrap().status = 404;
+        assert!(f404.matches(&f));
+        let other_path = FlowFilter {
+            path: Some("/web".into()),
+            ..FlowFilter::default()
+        };
+        assert!(!other_path.matches(&f));
+    }
+
     fn flow(ns: &str, pod: &str, verdict: Verdict) -> Flow {
         Flow {
             time: OffsetDateTime::now_utc(),

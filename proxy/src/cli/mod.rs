@@ -286,6 +286,28 @@ mod tests {
     }
 
     #[test]
+    fn http_filters_parse_and_bad_statuses_are_refused() {
+        use crate::admin::api::StatusFilter;
+        let cli = Cli::try_parse_from([
+            "weft", "flows", "--http", "--status", "5xx", "--path", "/api", "--method", "POST",
+        ])
+        .unwrap();
+        let Command::Query(Query::Flows(args)) = cli.command else {
+            panic!("not flows");
+        };
+        assert!(args.http);
+        assert_eq!(args.status, Some(StatusFilter::Class(5)));
+        assert_eq!(args.path.as_deref(), Some("/api"));
+        assert_eq!(args.method.as_deref(), Some("POST"));
+        for bad in ["6xx", "99", "abc", "5x"] {
+            assert!(
+                Cli::try_parse_from(["weft", "flows", "--status", bad]).is_err(),
+                "{bad}"
+            );
+        }
+    }
+
+    #[test]
     fn the_cli_definition_is_consistent() {
         Cli::command().debug_assert();
     }
