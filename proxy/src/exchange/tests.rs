@@ -69,6 +69,18 @@ async fn smuggling_and_oversized_heads_get_answers_not_resets() {
     let smuggle = b"POST / HTTP/1.1\r\nHost: a\r\nContent-Length: 5\r\nTransfer-Encoding: chunked\r\n\r\n0\r\n\r\n";
     let resp = exchange(addr, smuggle).await;
     assert!(resp.starts_with("HTTP/1.1 400"), "{resp}");
+    for bad in [
+        &b"GET / HTTP/1.1\r\nHost: a\r\nX-Folded: one\r\n two\r\n\r\n"[..],
+        b"GET / HTTP/1.1\r\nHost: a\r\nBad Name: x\r\n\r\n",
+        b"GET / HTTP/1.1\r\nHost: a\r\nContent-Length: 1\r\nContent-Length: 2\r\n\r\nab",
+    ] {
+        let resp = exchange(addr, bad).await;
+        assert!(
+            resp.starts_with("HTTP/1.1 400"),
+            "{}: {resp}",
+            String::from_utf8_lossy(bad)
+        );
+    }
     let big = format!(
         "GET / HTTP/1.1\r\nHost: a\r\nX-Big: {}\r\n\r\n",
         "a".repeat(61 * 1024)
