@@ -80,7 +80,7 @@ pub fn run(args: Args) -> anyhow::Result<()> {
                 PodSpec::new("shop", &format!("catalog-{i}"))
                     .label("app", "catalog")
                     .service_account("catalog")
-                    .port("http", 8080),
+                    .port("tcp", 8080),
             )
         })
         .collect::<anyhow::Result<_>>()?;
@@ -89,23 +89,23 @@ pub fn run(args: Args) -> anyhow::Result<()> {
         PodSpec::new("shop", "payments-0")
             .label("app", "payments")
             .service_account("payments")
-            .port("http", 8080),
+            .port("tcp", 8080),
     )?;
     let batch = cluster.add_pod(&node, PodSpec::new("legacy", "batch"))?;
     let svc = cluster.add_service(
         ServiceSpec::new("shop", "catalog")
             .selector("app", "catalog")
-            .port("http", 80, "http", Some("http")),
+            .port("tcp", 80, "tcp", Some("tcp")),
     )?;
     let pay = cluster.add_service(
         ServiceSpec::new("shop", "payments")
             .selector("app", "payments")
-            .port("http", 80, "http", None),
+            .port("tcp", 80, "tcp", Some("tcp")),
     )?;
     let orders = cluster.add_service(
         ServiceSpec::new("shop", "orders")
             .selector("app", "orders")
-            .port("http", 80, 8080, None),
+            .port("tcp", 80, 8080, Some("tcp")),
     )?;
     cluster.set_namespace_labels("shop", labels(&[("weft.dev/mesh", "enabled")]))?;
     cluster.apply_yaml(PAYMENTS_POLICY)?;
@@ -123,7 +123,7 @@ pub fn run(args: Args) -> anyhow::Result<()> {
         wait_for_tcp(pod, pod.addr(8080), Duration::from_secs(10))?;
     }
     print_layout(&cluster);
-    println!("  Services: shop/catalog {} (catalog-0, catalog-1), shop/payments {}, shop/orders {} (no pods)", svc.addr(80), pay.addr(80), orders.addr(80));
+    println!("  TCP Services (appProtocol: tcp): shop/catalog {} (catalog-0, catalog-1), shop/payments {}, shop/orders {} (no pods)", svc.addr(80), pay.addr(80), orders.addr(80));
     println!("  AuthorizationPolicy shop/payments: only cluster.local/ns/shop/sa/checkout may call payments");
 
     step("weft node on node-1 and node-2 (mesh CA from `weft ca init`)");
