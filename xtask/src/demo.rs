@@ -1,19 +1,33 @@
 //! `cargo xtask demo`: a two-node cluster on this machine, weft on each node, traffic across
-//! nodes in mutual TLS, a call denied by an AuthorizationPolicy, and what `weft flows`,
-//! `weft workloads`, `weft certs` and `weft status` show about it.
+//! nodes in mutual TLS, a call denied by an AuthorizationPolicy, then HTTP routed per request
+//! (an Istio canary split, shifted live by editing the registry) and authorized per request (an
+//! L7 AuthorizationPolicy), and what `weft flows`, `weft flows --http`, `weft workloads`,
+//! `weft certs` and `weft status` show about it.
 
 use std::path::{Path, PathBuf};
 use std::process::Command;
-use std::time::{Duration, SystemTime};
+use std::time::{Duration, Instant, SystemTime};
 
 use anyhow::{bail, Context};
+use weft_tests::traffic::{HttpReply, LoadSummary};
 use weft_tests::{
-    labels, testpod_bin, wait_for_tcp, weft_bin, Cluster, InNetns, Pod, PodSpec, ServiceSpec, Weft,
+    labels, testpod_bin, wait_for, wait_for_tcp, weft_bin, Cluster, InNetns, Pod, PodSpec, Service,
+    ServiceSpec, Weft,
 };
 
 /// Where each node's weft serves Prometheus metrics: its default `--metrics-address`
 /// (0.0.0.0:15020), which the harness leaves as it is, so the node IP on this port.
 const METRICS_PORT: u16 = 15020;
+
+/// The reviews Service's port, and its pods' (Istio's bookinfo uses 9080).
+const REVIEWS_PORT: u16 = 9080;
+
+/// The Host header the demo's HTTP clients send to the reviews Service.
+const REVIEWS_HOST: &str = "reviews.shop.svc.cluster.local";
+
+/// Requests per canary measurement: enough for the split to show (90/10 gives 180 ± 8 to v1
+/// about 19 times in 20), few enough to take about a second.
+const CANARY_REQUESTS: u64 = 200;
 
 /// The release binaries the demo runs, each with what it is built from (relative to the
 /// workspace root; a directory stands for every file below it). A change that does not reach a
@@ -80,7 +94,7 @@ pub fn run(args: Args) -> anyhow::Result<()> {
                 PodSpec::new("shop", &format!("catalog-{i}"))
                     .label("app", "catalog")
                     .service_account("catalog")
-                    .port("http", 8080),
+                    .port("tcp", 8080),
             )
         })
         .collect::<anyhow::Result<_>>()?;
@@ -89,23 +103,41 @@ pub fn run(args: Args) -> anyhow::Result<()> {
         PodSpec::new("shop", "payments-0")
             .label("app", "payments")
             .service_account("payments")
-            .port("http", 8080),
+            .port("tcp", 8080),
     )?;
+    let reviews: Vec<_> = ["v1", "v2"]
+        .iter()
+        .map(|v| {
+            cluster.add_pod(
+                &node2,
+                PodSpec::new("shop", &format!("reviews-{v}"))
+                    .label("app", "reviews")
+                    .label("version", v)
+                    .service_account("reviews")
+                    .port("http", REVIEWS_PORT),
+            )
+        })
+        .collect::<anyhow::Result<_>>()?;
     let batch = cluster.add_pod(&node, PodSpec::new("legacy", "batch"))?;
     let svc = cluster.add_service(
         ServiceSpec::new("shop", "catalog")
             .selector("app", "catalog")
-            .port("http", 80, "http", Some("http")),
+            .port("tcp", 80, "tcp", Some("tcp")),
     )?;
     let pay = cluster.add_service(
         ServiceSpec::new("shop", "payments")
             .selector("app", "payments")
-            .port("http", 80, "http", None),
+            .port("tcp", 80, "tcp", Some("tcp")),
     )?;
     let orders = cluster.add_service(
         ServiceSpec::new("shop", "orders")
             .selector("app", "orders")
-            .port("http", 80, 8080, None),
+            .port("tcp", 80, 8080, Some("tcp")),
+    )?;
+    let reviews_svc = cluster.add_service(
+        ServiceSpec::new("shop", "reviews")
+            .selector("app", "reviews")
+            .port("http", REVIEWS_PORT, REVIEWS_PORT, None),
     )?;
     cluster.set_namespace_labels("shop", labels(&[("weft.dev/mesh", "enabled")]))?;
     cluster.apply_yaml(PAYMENTS_POLICY)?;
@@ -122,8 +154,24 @@ pub fn run(args: Args) -> anyhow::Result<()> {
         ]))?);
         wait_for_tcp(pod, pod.addr(8080), Duration::from_secs(10))?;
     }
+    for pod in &reviews {
+        servers.push(pod.spawn(Command::new(testpod_bin()).args([
+            "serve",
+            "--listen",
+            &format!("0.0.0.0:{REVIEWS_PORT}"),
+            "--mode",
+            "http",
+            "--name",
+            pod.name(),
+        ]))?);
+        wait_for_tcp(pod, pod.addr(REVIEWS_PORT), Duration::from_secs(10))?;
+    }
     print_layout(&cluster);
-    println!("  Services: shop/catalog {} (catalog-0, catalog-1), shop/payments {}, shop/orders {} (no pods)", svc.addr(80), pay.addr(80), orders.addr(80));
+    println!("  TCP Services (appProtocol: tcp): shop/catalog {} (catalog-0, catalog-1), shop/payments {}, shop/orders {} (no pods)", svc.addr(80), pay.addr(80), orders.addr(80));
+    println!(
+        "  HTTP Service (port named http): shop/reviews {} (reviews-v1, reviews-v2: labels version=v1, version=v2; they answer with x-backend: <pod>)",
+        reviews_svc.addr(REVIEWS_PORT)
+    );
     println!("  AuthorizationPolicy shop/payments: only cluster.local/ns/shop/sa/checkout may call payments");
 
     step("weft node on node-1 and node-2 (mesh CA from `weft ca init`)");
@@ -184,6 +232,47 @@ pub fn run(args: Args) -> anyhow::Result<()> {
         weft.cli(&["flows", "-o", "json", "--verdict", "denied"])?
     );
 
+    let wefts = [&weft, &weft2];
+    step("L7 canary: 90 % of the requests to reviews v1, 10 % to v2");
+    println!(
+        "  Istio's canonical canary, added to the registry ({}):",
+        cluster.default_registry_path().display()
+    );
+    let canary = format!("{REVIEWS_SUBSETS}---\n{}", reviews_split(90, 10));
+    print_yaml(&canary);
+    apply_and_wait(&cluster, &wefts, &canary)?;
+    canary_load(&frontend, &reviews_svc)?;
+
+    step("Shift to 50/50: edit the two weights in the registry file");
+    println!(
+        "  VirtualService shop/reviews: `weight: 90` → `weight: 50`, `weight: 10` → `weight: 50`"
+    );
+    apply_and_wait(&cluster, &wefts, &reviews_split(50, 50))?;
+    canary_load(&frontend, &reviews_svc)?;
+
+    step("weft flows --http --last 5 (node-1: each request routed where it was made)");
+    print!("{}", weft.cli(&["flows", "--http", "--last", "5"])?);
+    println!(
+        "  (upstream {} is reviews-v1, {} is reviews-v2, on node-2: reached over mutual TLS)",
+        reviews[0].addr(REVIEWS_PORT),
+        reviews[1].addr(REVIEWS_PORT)
+    );
+
+    step("L7 authorization: reviews is read-only, GET on /reviews/* only, checked by node-2 per request");
+    println!("  added to the registry:");
+    print_yaml(REVIEWS_READ_ONLY);
+    apply_and_wait(&cluster, &wefts, REVIEWS_READ_ONLY)?;
+    for (method, path) in [
+        ("GET", "/reviews/1"),
+        ("POST", "/reviews/1"),
+        ("GET", "/admin"),
+    ] {
+        http_request(&frontend, &reviews_svc, method, path)?;
+    }
+
+    step("weft flows --http --status 4xx (node-2: the requests its policy denied)");
+    print!("{}", weft2.cli(&["flows", "--http", "--status", "4xx"])?);
+
     step("weft workloads (node-1)");
     print!("{}", weft.cli(&["workloads"])?);
 
@@ -202,6 +291,16 @@ pub fn run(args: Args) -> anyhow::Result<()> {
             in_pod(&frontend),
             testpod_bin().display(),
             svc.addr(80)
+        );
+        println!(
+            "  e.g. measure the reviews canary from shop/frontend (edit its weights in the \
+             registry, run it again; the read-only policy lets GET under /reviews/ through):"
+        );
+        println!(
+            "    {} {} http-load {} --host {REVIEWS_HOST} --path /reviews/1 --count {CANARY_REQUESTS}",
+            in_pod(&frontend),
+            testpod_bin().display(),
+            reviews_svc.addr(REVIEWS_PORT)
         );
         println!(
             "  registry (edit it live, e.g. remove the shop label): {}",
@@ -236,6 +335,197 @@ spec:
     - source:
         principals: [\"cluster.local/ns/shop/sa/checkout\"]
 ";
+
+/// Subsets v1 and v2 of the reviews Service, by the pods' `version` label.
+const REVIEWS_SUBSETS: &str = "apiVersion: networking.istio.io/v1alpha3
+kind: DestinationRule
+metadata:
+  name: reviews
+  namespace: shop
+spec:
+  host: reviews
+  subsets:
+  - name: v1
+    labels:
+      version: v1
+  - name: v2
+    labels:
+      version: v2
+";
+
+/// The canary VirtualService: requests to reviews split between subsets v1 and v2 by weight.
+fn reviews_split(v1: u32, v2: u32) -> String {
+    format!(
+        "apiVersion: networking.istio.io/v1alpha3
+kind: VirtualService
+metadata:
+  name: reviews
+  namespace: shop
+spec:
+  hosts:
+  - reviews
+  http:
+  - route:
+    - destination:
+        host: reviews
+        subset: v1
+      weight: {v1}
+    - destination:
+        host: reviews
+        subset: v2
+      weight: {v2}
+"
+    )
+}
+
+/// An L7 rule: only GET requests on paths under /reviews/ reach the reviews pods.
+const REVIEWS_READ_ONLY: &str = "apiVersion: security.istio.io/v1
+kind: AuthorizationPolicy
+metadata:
+  name: reviews-read-only
+  namespace: shop
+spec:
+  selector:
+    matchLabels:
+      app: reviews
+  action: ALLOW
+  rules:
+  - to:
+    - operation:
+        methods: [\"GET\"]
+        paths: [\"/reviews/*\"]
+";
+
+fn print_yaml(yaml: &str) {
+    for line in yaml.lines() {
+        println!("    {line}");
+    }
+}
+
+/// Writes `yaml` into the registry file and waits until every node runs the snapshot holding
+/// it; says how long that took. A node that refused an object fails the demo with its reason.
+fn apply_and_wait(cluster: &Cluster, wefts: &[&Weft], yaml: &str) -> anyhow::Result<()> {
+    let generation = |w: &Weft| -> anyhow::Result<u64> {
+        w.status()?["registry"]["generation"]
+            .as_u64()
+            .context("weft status -o json: no registry.generation")
+    };
+    let before = wefts
+        .iter()
+        .map(|w| generation(w))
+        .collect::<anyhow::Result<Vec<_>>>()?;
+    let written = Instant::now();
+    cluster.apply_yaml(yaml)?;
+    for (w, before) in wefts.iter().zip(before) {
+        let status = wait_for(Duration::from_secs(10), || {
+            let s = w.status().ok()?;
+            (s["registry"]["generation"].as_u64()? > before).then_some(s)
+        })
+        .with_context(|| format!("{} did not reload the registry", w.node().name()))?;
+        let registry = &status["registry"];
+        let refused = [&registry["last_error"], &registry["not_applied"]]
+            .into_iter()
+            .filter(|v| !v.is_null() && v.as_array().is_none_or(|a| !a.is_empty()))
+            .map(|v| v.to_string())
+            .collect::<Vec<_>>();
+        if !refused.is_empty() {
+            bail!(
+                "{} refused the change: {}",
+                w.node().name(),
+                refused.join("; ")
+            );
+        }
+    }
+    println!(
+        "  {} running it {:.2} s after the write (the registry file is watched)",
+        wefts
+            .iter()
+            .map(|w| w.node().name().to_string())
+            .collect::<Vec<_>>()
+            .join(" and "),
+        written.elapsed().as_secs_f64()
+    );
+    Ok(())
+}
+
+/// `weft-testpod http-load` from `client` to the reviews Service: its real output, then the
+/// share each version got.
+fn canary_load(client: &Pod, svc: &Service) -> anyhow::Result<()> {
+    let addr = svc.addr(REVIEWS_PORT).to_string();
+    let count = CANARY_REQUESTS.to_string();
+    let args = [
+        "http-load",
+        &addr,
+        "--host",
+        REVIEWS_HOST,
+        "--count",
+        &count,
+    ];
+    println!(
+        "  $ weft-testpod {}    # in {}/{}",
+        args.join(" "),
+        client.namespace(),
+        client.name()
+    );
+    let out = client.output(Command::new(testpod_bin()).args(args))?;
+    let text = String::from_utf8_lossy(&out.stdout);
+    print!("  {text}");
+    let summary: LoadSummary = serde_json::from_str(&text).with_context(|| {
+        format!(
+            "http-load printed no summary: {}",
+            String::from_utf8_lossy(&out.stderr)
+        )
+    })?;
+    if summary.status(200) != CANARY_REQUESTS {
+        bail!("not every request was answered with 200: {summary:?}");
+    }
+    let shares = summary
+        .backends
+        .iter()
+        .map(|(name, n)| {
+            format!(
+                "{name} {n} ({:.1} %)",
+                100.0 * *n as f64 / CANARY_REQUESTS as f64
+            )
+        })
+        .collect::<Vec<_>>()
+        .join(", ");
+    let over = match summary.connections {
+        1 => "one keep-alive connection".to_string(),
+        n => format!("{n} connections"),
+    };
+    println!("  → {shares}: requests over {over}, each routed on its own");
+    Ok(())
+}
+
+/// One `weft-testpod http` request from `client` to the reviews Service: who answered, or the
+/// body of a refusal.
+fn http_request(client: &Pod, svc: &Service, method: &str, path: &str) -> anyhow::Result<()> {
+    let addr = svc.addr(REVIEWS_PORT).to_string();
+    let mut args = vec!["http", &addr, "--host", REVIEWS_HOST];
+    if method != "GET" {
+        args.extend(["--method", method]);
+    }
+    args.extend(["--path", path, "--include"]);
+    println!(
+        "  $ weft-testpod {}    # in {}/{}",
+        args.join(" "),
+        client.namespace(),
+        client.name()
+    );
+    let out = client.output(Command::new(testpod_bin()).args(args))?;
+    let reply = HttpReply::parse(
+        &String::from_utf8_lossy(&out.stdout),
+        out.status.code().unwrap_or(-1),
+        &String::from_utf8_lossy(&out.stderr),
+    );
+    match (reply.status, reply.header("x-backend")) {
+        (0, _) => bail!("no answer (exit {}): {}", reply.exit, reply.stderr.trim()),
+        (status, Some(backend)) => println!("    status={status}  x-backend: {backend}"),
+        (status, None) => println!("    status={status}  {}", reply.body.trim()),
+    }
+    Ok(())
+}
 
 /// Each node with its IP and netns, and below it its pods with theirs.
 fn print_layout(cluster: &Cluster) {

@@ -21,8 +21,9 @@ enum Cmd {
     /// Install what building and testing weft needs (idempotent): nightly rust-src,
     /// bpf-linker built against the nightly's LLVM, Debian packages used by the tests.
     Setup,
-    /// A two-node cluster on this machine with weft on each node: traffic across nodes, then
-    /// `weft flows`, `weft workloads`, `weft certs` and `weft status` (needs root).
+    /// A two-node cluster on this machine with weft on each node: traffic across nodes, an
+    /// Istio canary split and an L7 AuthorizationPolicy, then `weft flows` (`--http`),
+    /// `weft workloads`, `weft certs` and `weft status` (needs root).
     ///
     /// Builds target/release first (`cargo build --release --bins`), unless `weft` and
     /// `weft-testpod` there are newer than every file they are built from: an up-to-date build,
