@@ -20,7 +20,9 @@ use serde_json::Value;
 use weft_tests::{wait_for_tcp, Pod, Weft};
 
 use super::cases::{Results, TunnelCounts};
-use super::machine::{cgroup_cpu_us, online_cpus, proc_status_kib, reset_peak_rss, with_children};
+use super::machine::{
+    cgroup_cpu_us, online_cpus, proc_cpu_us, proc_status_kib, reset_peak_rss, with_children,
+};
 use super::topology::{Bench, Topology};
 use super::{Args, PathKind};
 
@@ -123,6 +125,9 @@ pub(super) struct HttpRun {
     pub(super) node_cpu_us: Vec<Option<u64>>,
     /// The server pod (the nginx backend; the idle TCP servers there too).
     pub(super) backend_cpu_us: Option<u64>,
+    /// The busiest nginx worker of the backend: one worker serves a connection, so this one
+    /// near a whole core would make the backend the limit.
+    pub(super) backend_worker_cpu_us: Option<u64>,
     /// The client pod (wrk or h2load).
     pub(super) client_cpu_us: Option<u64>,
 }
@@ -290,9 +295,10 @@ fn backend_conf(dir: &Path, workers: usize) -> String {
              default_type application/octet-stream;\n    \
              keepalive_requests {KEEPALIVE_REQUESTS};\n    \
              keepalive_timeout 300s;\n    \
-             server {{ listen {h1}; location / {{ return 200 \"{body}\"; }} }}\n    \
+             # reuseport: a listening socket per worker, connections spread by the kernel\n    \
+             server {{ listen {h1} reuseport; location / {{ return 200 \"{body}\"; }} }}\n    \
              # cleartext HTTP/2 with prior knowledge only on this port (nginx < 1.25)\n    \
-             server {{ listen {h2} http2; location / {{ return 200 \"{body}\"; }} }}\n\
+             server {{ listen {h2} http2 reuseport; location / {{ return 200 \"{body}\"; }} }}\n\
          }}\n"
     )
 }
@@ -353,6 +359,8 @@ fn haproxy_conf(node: Ipv4Addr, server: Ipv4Addr) -> String {
 struct CpuSample {
     nodes: Vec<Option<u64>>,
     backend: Option<u64>,
+    /// Each backend process's (pid, µs).
+    workers: Vec<(u32, Option<u64>)>,
     client: Option<u64>,
 }
 
@@ -535,6 +543,12 @@ impl Bench {
                 .map(|(a, b)| elapsed(*a, *b))
                 .collect(),
             backend_cpu_us: elapsed(cpu0.backend, cpu1.backend),
+            backend_worker_cpu_us: cpu0
+                .workers
+                .iter()
+                .zip(&cpu1.workers)
+                .filter_map(|((p0, a), (p1, b))| (p0 == p1).then(|| elapsed(*a, *b)).flatten())
+                .max(),
             client_cpu_us: elapsed(cpu0.client, cpu1.client),
         })
     }
@@ -578,6 +592,14 @@ impl Bench {
                 .map(|n| cgroup_cpu_us(n.system_cgroup()))
                 .collect(),
             backend: cgroup_cpu_us(self.server.container_cgroup()),
+            workers: match self.backend_pid {
+                // The master and its workers; the master does nothing while serving.
+                Some(master) => with_children(master)
+                    .into_iter()
+                    .map(|p| (p, proc_cpu_us(p)))
+                    .collect(),
+                None => Vec::new(),
+            },
             client: cgroup_cpu_us(client.container_cgroup()),
         }
     }
@@ -661,6 +683,7 @@ impl Bench {
             bail!("nginx -t: {}", String::from_utf8_lossy(&ok.stderr));
         }
         let p = self.server.spawn_group(nginx.args(["-g", "daemon off;"]))?;
+        self.backend_pid = Some(p.pid());
         self.procs.push(p);
         for port in [BACKEND_PORTS.0, BACKEND_PORTS.1] {
             wait_for_tcp(&self.plain, self.server.addr(port), Duration::from_secs(10))?;
@@ -824,12 +847,14 @@ traffic: 77.99MB (81782632) total, 5.49MB (5759838) headers (space savings 49.50
             },
             node_cpu_us: vec![Some(600_000), Some(200_000)],
             backend_cpu_us: Some(500_000),
+            backend_worker_cpu_us: Some(400_000),
             client_cpu_us: None,
         };
         assert_eq!(r.rps(), Some(20_000.0));
         assert_eq!(r.cpu_per_1k(None), Some(20.0));
         assert_eq!(r.cpu_per_1k(Some(1)), Some(5.0));
         assert_eq!(r.busy(r.backend_cpu_us), Some(0.25));
+        assert_eq!(r.busy(r.backend_worker_cpu_us), Some(0.2));
         assert_eq!(r.busy(r.client_cpu_us), None);
     }
 
@@ -839,7 +864,7 @@ traffic: 77.99MB (81782632) total, 5.49MB (5759838) headers (space savings 49.50
         let backend = backend_conf(Path::new("/tmp/b"), 2);
         assert_eq!(backend.matches(&"x".repeat(BODY_BYTES)).count(), 2);
         assert!(!backend.contains(&"x".repeat(BODY_BYTES + 1)));
-        assert!(backend.contains("listen 8091 http2;"));
+        assert!(backend.contains("listen 8091 http2 reuseport;"));
         let nginx = nginx_conf(Path::new("/tmp/n"), 2, node, srv);
         assert!(nginx.contains("server 10.1.0.2:8090;\n        keepalive 64;"));
         assert!(nginx.contains("proxy_set_header Connection \"\";"));

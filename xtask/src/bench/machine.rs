@@ -168,6 +168,25 @@ pub(super) fn with_children(pid: u32) -> Vec<u32> {
     out
 }
 
+/// User and system CPU time of a process, all its threads (µs; `/proc/<pid>/stat` counts clock
+/// ticks).
+pub(super) fn proc_cpu_us(pid: u32) -> Option<u64> {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    // SAFETY: sysconf has no preconditions.
+    let hz = unsafe { libc::sysconf(libc::_SC_CLK_TCK) };
+    let hz = u64::try_from(hz).ok().filter(|&hz| hz > 0)?;
+    Some(cpu_ticks(&stat)? * 1_000_000 / hz)
+}
+
+/// utime + stime of a `/proc/<pid>/stat` line (fields 14 and 15, counted from the pid).
+fn cpu_ticks(stat: &str) -> Option<u64> {
+    let (_, rest) = stat.rsplit_once(')')?;
+    let fields: Vec<&str> = rest.split_whitespace().collect();
+    // `rest` starts at field 3 (the state).
+    let (utime, stime) = (fields.get(11)?, fields.get(12)?);
+    Some(utime.parse::<u64>().ok()? + stime.parse::<u64>().ok()?)
+}
+
 /// The parent pid in a `/proc/<pid>/stat` line (the field after the state, which follows the
 /// command name in parentheses; the name may contain spaces and parentheses).
 fn parent_of(stat: &str) -> Option<u32> {
@@ -251,6 +270,13 @@ mod tests {
         assert_eq!(status_kib(status, "VmRSS"), Some(40960));
         assert_eq!(status_kib(status, "VmSwap"), None);
         assert_eq!(status_kib("VmRSSx:\t1 kB\n", "VmRSS"), None);
+    }
+
+    #[test]
+    fn cpu_time_is_user_plus_system_ticks() {
+        let stat = "2518 (nginx: worker) S 2517 2517 2517 0 -1 4194624 900 0 0 0 173 27 0 0 20 0";
+        assert_eq!(cpu_ticks(stat), Some(200));
+        assert_eq!(cpu_ticks("2518 (nginx) S 2517"), None);
     }
 
     #[test]

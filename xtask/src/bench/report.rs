@@ -495,6 +495,11 @@ const HTTP_METRICS: &[HttpMetric] = &[
         kind: Row::Context,
     },
     HttpMetric {
+        label: "backend's busiest worker, cores busy",
+        get: |r| r.busy(r.backend_worker_cpu_us),
+        kind: Row::Context,
+    },
+    HttpMetric {
         label: "client CPU, cores busy",
         get: |r| r.busy(r.client_cpu_us),
         kind: Row::Context,

@@ -65,6 +65,8 @@ pub(super) struct Bench {
     pub(super) svc_ip: std::net::Ipv4Addr,
     /// Servers and proxies started for the run, killed with the bench.
     pub(super) procs: Vec<Proc>,
+    /// The HTTP backend's nginx master, once started.
+    pub(super) backend_pid: Option<u32>,
     pub(super) args: Args,
 }
 
@@ -151,6 +153,7 @@ impl Bench {
             plain,
             mesh,
             procs,
+            backend_pid: None,
             args,
         })
     }
