@@ -138,6 +138,11 @@ impl Weft {
         &self.node
     }
 
+    /// The weft process's id while it runs (for reading its `/proc` entries).
+    pub fn pid(&self) -> Option<u32> {
+        self.proc.as_ref().map(|p| p.pid())
+    }
+
     /// weft's stderr so far (its log).
     pub fn log(&self) -> String {
         self.proc.as_ref().map(|p| p.stderr()).unwrap_or_default()

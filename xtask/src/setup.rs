@@ -16,6 +16,7 @@ const APT_PACKAGES: &[&str] = &[
     "iproute2",
     "curl",
     "tshark",
+    // The benchmark's HTTP load: wrk (HTTP/1.1), nghttp2-client's h2load (HTTP/2).
     "wrk",
     "nghttp2-client",
     "haproxy",

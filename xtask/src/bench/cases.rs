@@ -1,7 +1,7 @@
 //! What the benchmark measures: the throughput and latency cases ([`Case`]), the connect()
 //! latency cases ([`LatCase`]), one client run and the numbers read out of it ([`Run`]),
-//! everything collected over a whole benchmark ([`Results`]), and how one case is run in its
-//! client pod (the `weft-testpod bench` command, CPU sampling and pinning).
+//! everything collected over a whole benchmark ([`Results`], the HTTP cases' too), and how one
+//! case is run in its client pod (the `weft-testpod bench` command, CPU sampling and pinning).
 
 use std::collections::BTreeMap;
 use std::net::SocketAddr;
@@ -13,6 +13,7 @@ use anyhow::{Context, Result};
 use serde_json::Value;
 use weft_tests::{testpod_bin, Pod, Weft};
 
+use super::http::{HttpCase, HttpRun, HttpTunnel, PeakRss};
 use super::machine::{bpf_prog_stats, cgroup_cpu_us, online_cpus, pin_cgroup_threads};
 use super::topology::{Bench, Topology};
 use super::PathKind;
@@ -163,6 +164,11 @@ pub(super) struct Results {
     pub(super) bpf: BTreeMap<LatCase, BTreeMap<String, (u64, u64)>>,
     /// HBONE counters of the cross-node run: after the warm-up, and at the end.
     pub(super) tunnel: Option<(TunnelCounts, TunnelCounts)>,
+    pub(super) http: BTreeMap<(Topology, HttpCase, PathKind), Vec<HttpRun>>,
+    /// The proxies' memory over the HTTP cases, per topology.
+    pub(super) http_rss: Vec<PeakRss>,
+    /// HBONE counters around the cross-node HTTP cases.
+    pub(super) http_tunnel: Option<HttpTunnel>,
     /// Where each topology's cluster kept its logs.
     pub(super) logs: Vec<(Topology, PathBuf)>,
     pub(super) notes: Vec<String>,

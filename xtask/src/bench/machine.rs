@@ -1,6 +1,6 @@
 //! The host under the benchmark: the facts recorded with the results ([`Machine`]), its CPUs
-//! and pinning threads to them, the CPU time of a cgroup, and the kernel's eBPF program
-//! run-time statistics.
+//! and pinning threads to them, the CPU time of a cgroup, a process's memory (and resetting its
+//! peak), and the kernel's eBPF program run-time statistics.
 
 use std::collections::BTreeMap;
 use std::path::Path;
@@ -126,6 +126,74 @@ pub(super) fn cgroup_cpu_us(dir: &Path) -> Option<u64> {
         .and_then(|v| v.trim().parse().ok())
 }
 
+/// A `kB` field of `/proc/<pid>/status` (`VmRSS`, `VmHWM`), in KiB.
+pub(super) fn proc_status_kib(pid: u32, key: &str) -> Option<u64> {
+    status_kib(
+        &std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?,
+        key,
+    )
+}
+
+fn status_kib(status: &str, key: &str) -> Option<u64> {
+    status
+        .lines()
+        .find_map(|l| l.strip_prefix(key)?.strip_prefix(':'))?
+        .split_whitespace()
+        .next()?
+        .parse()
+        .ok()
+}
+
+/// Sets a process's peak RSS (`VmHWM`) back to its current RSS (`clear_refs` 5, Linux ≥ 4.0).
+pub(super) fn reset_peak_rss(pid: u32) -> Result<()> {
+    let p = format!("/proc/{pid}/clear_refs");
+    std::fs::write(&p, "5").with_context(|| format!("writing {p}"))
+}
+
+/// `pid` and its direct children (an nginx master and its workers).
+pub(super) fn with_children(pid: u32) -> Vec<u32> {
+    let mut out = vec![pid];
+    let Ok(entries) = std::fs::read_dir("/proc") else {
+        return out;
+    };
+    for e in entries.flatten() {
+        let Some(child) = e.file_name().to_str().and_then(|n| n.parse::<u32>().ok()) else {
+            continue;
+        };
+        let stat = std::fs::read_to_string(e.path().join("stat")).unwrap_or_default();
+        if parent_of(&stat) == Some(pid) {
+            out.push(child);
+        }
+    }
+    out
+}
+
+/// User and system CPU time of a process, all its threads (µs; `/proc/<pid>/stat` counts clock
+/// ticks).
+pub(super) fn proc_cpu_us(pid: u32) -> Option<u64> {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    // SAFETY: sysconf has no preconditions.
+    let hz = unsafe { libc::sysconf(libc::_SC_CLK_TCK) };
+    let hz = u64::try_from(hz).ok().filter(|&hz| hz > 0)?;
+    Some(cpu_ticks(&stat)? * 1_000_000 / hz)
+}
+
+/// utime + stime of a `/proc/<pid>/stat` line (fields 14 and 15, counted from the pid).
+fn cpu_ticks(stat: &str) -> Option<u64> {
+    let (_, rest) = stat.rsplit_once(')')?;
+    let fields: Vec<&str> = rest.split_whitespace().collect();
+    // `rest` starts at field 3 (the state).
+    let (utime, stime) = (fields.get(11)?, fields.get(12)?);
+    Some(utime.parse::<u64>().ok()? + stime.parse::<u64>().ok()?)
+}
+
+/// The parent pid in a `/proc/<pid>/stat` line (the field after the state, which follows the
+/// command name in parentheses; the name may contain spaces and parentheses).
+fn parent_of(stat: &str) -> Option<u32> {
+    let (_, rest) = stat.rsplit_once(')')?;
+    rest.split_whitespace().nth(1)?.parse().ok()
+}
+
 /// Keeps the kernel's eBPF run-time statistics on while held (`BPF_ENABLE_STATS`; off again
 /// when the descriptor is closed, so nothing outlives the benchmark).
 pub(super) struct BpfStats {
@@ -189,4 +257,32 @@ pub(super) fn bpf_prog_stats(dir: &Path) -> BTreeMap<String, (u64, u64)> {
         out.insert(name, (cnt, ns));
     }
     out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn status_fields_are_read_in_kib() {
+        let status = "Name:\tweft\nVmHWM:\t   51200 kB\nVmRSS:\t   40960 kB\n";
+        assert_eq!(status_kib(status, "VmHWM"), Some(51200));
+        assert_eq!(status_kib(status, "VmRSS"), Some(40960));
+        assert_eq!(status_kib(status, "VmSwap"), None);
+        assert_eq!(status_kib("VmRSSx:\t1 kB\n", "VmRSS"), None);
+    }
+
+    #[test]
+    fn cpu_time_is_user_plus_system_ticks() {
+        let stat = "2518 (nginx: worker) S 2517 2517 2517 0 -1 4194624 900 0 0 0 173 27 0 0 20 0";
+        assert_eq!(cpu_ticks(stat), Some(200));
+        assert_eq!(cpu_ticks("2518 (nginx) S 2517"), None);
+    }
+
+    #[test]
+    fn the_parent_follows_the_state_even_with_parentheses_in_the_name() {
+        assert_eq!(parent_of("4242 (nginx) S 4200 4242 4242 0 -1"), Some(4200));
+        assert_eq!(parent_of("77 (a b) c)) R 1 77"), Some(1));
+        assert_eq!(parent_of("garbage"), None);
+    }
 }

@@ -23,11 +23,18 @@
 //! server (echo on 8080, discard on 8081) for the same time, after a warm-up; each case is
 //! repeated and the median is reported, with the ratio to the direct path.
 //!
+//! Then, in the same clusters, the HTTP cases (`http`; off with `--no-http`): keep-alive
+//! HTTP/1.1 (`wrk`) and HTTP/2 h2c (`h2load`) against an nginx backend in the server pod
+//! returning 1 KiB, direct, through weft's L7 engine (Service ports named `http` / `http2`),
+//! and single-node through nginx and haproxy as HTTP reverse proxies.
+//!
 //! This file holds the command line ([`Args`]), [`run`] and the order of the measurements in
-//! each topology; `cases` says what each case measures and runs one, `topology` builds the
-//! clusters and the proxies, `machine` probes the host and `report` writes the Markdown.
+//! each topology; `cases` says what each case measures and runs one, `http` does the same for
+//! the HTTP cases, `topology` builds the clusters and the proxies, `machine` probes the host and
+//! `report` writes the Markdown.
 
 mod cases;
+mod http;
 mod machine;
 mod report;
 mod topology;
@@ -58,6 +65,18 @@ pub struct Args {
     /// Parallel clients in the new-connections case.
     #[arg(long, default_value_t = 4, value_parser = clap::value_parser!(u64).range(1..=64))]
     parallel: u64,
+    /// Leave out the HTTP cases (wrk, h2load) [default: off: run them after the TCP cases].
+    #[arg(long)]
+    no_http: bool,
+    /// Keep-alive connections of the HTTP/1.1 case (`wrk -c`; one request in flight on each).
+    #[arg(long, default_value_t = 16, value_parser = clap::value_parser!(u64).range(1..=256))]
+    http_connections: u64,
+    /// Connections of the HTTP/2 case (`h2load -c`).
+    #[arg(long, default_value_t = 4, value_parser = clap::value_parser!(u64).range(1..=64))]
+    h2_connections: u64,
+    /// Concurrent streams on each HTTP/2 connection (`h2load -m`).
+    #[arg(long, default_value_t = 8, value_parser = clap::value_parser!(u64).range(1..=128))]
+    h2_streams: u64,
     /// Paths to measure (comma separated). `direct` is always measured: it is the reference.
     #[arg(
         long,
@@ -217,7 +236,12 @@ impl Bench {
         }
         // 3. Throughput and latency.
         self.run_cases(&live, res);
-        // 4. connect() latency with the programs attached.
+        // 4. The HTTP cases, with their own backend and proxies.
+        if !self.args.no_http {
+            let wefts: Vec<&Weft> = weft.iter().collect();
+            self.measure_http(paths, &wefts, res);
+        }
+        // 5. connect() latency with the programs attached.
         if weft.is_some() {
             let _stats = BpfStats::enable();
             for _ in 0..reps {
@@ -261,6 +285,15 @@ impl Bench {
             res.tunnel = Some((warm, TunnelCounts::read(client, server)));
         } else {
             self.run_cases(&live, res);
+        }
+        if !self.args.no_http {
+            // The weft path only with weft on both nodes and the TCP checks through HBONE passed.
+            let wefts: Vec<&Weft> = if live.contains(&PathKind::Weft) {
+                wefts.iter().collect()
+            } else {
+                Vec::new()
+            };
+            self.measure_http(&[PathKind::Direct, PathKind::Weft], &wefts, res);
         }
         for w in &wefts {
             self.note_warnings(w, res);

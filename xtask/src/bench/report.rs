@@ -1,11 +1,13 @@
 //! The Markdown report: the run's header, one metric table per topology ([`METRICS`]: which
-//! number of which case each row shows), the CPU and connect() latency tables, every
-//! repetition and the notes; medians over repetitions and how numbers are written.
+//! number of which case each row shows), the CPU and connect() latency tables, the HTTP tables
+//! with their aims and the proxies' memory, every repetition and the notes; medians over
+//! repetitions and how numbers are written.
 
 use std::fmt::Write as _;
 use std::time::Duration;
 
 use super::cases::{Case, LatCase, Results, Run, CONNECT_ONE_RATE, LATENCY_RATE};
+use super::http::{HttpCase, HttpRun, BODY_BYTES};
 use super::machine::{load_average, Machine};
 use super::topology::Topology;
 use super::{Args, PathKind};
@@ -49,10 +51,19 @@ pub(super) fn markdown(
         a.reps,
         took.as_secs_f64()
     );
+    if !a.no_http {
+        let _ = writeln!(
+            s,
+            "- HTTP cases: {} B responses, keep-alive; wrk (HTTP/1.1) {} connections, h2load \
+             (HTTP/2, h2c prior knowledge) {} connections × {} streams; wrk's warm-up and \
+             measured times rounded up to whole seconds",
+            BODY_BYTES, a.http_connections, a.h2_connections, a.h2_streams
+        );
+    }
     for (topo, dir) in &res.logs {
         let _ = writeln!(s, "- {} logs: `{}`", topo.name(), dir.display());
     }
-    let ran = |t: Topology| res.runs.keys().any(|k| k.0 == t);
+    let ran = |t: Topology| res.runs.keys().any(|k| k.0 == t) || res.http.keys().any(|k| k.0 == t);
 
     if ran(Topology::SingleNode) {
         let _ = writeln!(s, "\n### single node\n");
@@ -65,6 +76,7 @@ pub(super) fn markdown(
              operations."
         );
         single_node_latency(&mut s, res);
+        http_section(&mut s, res, a, Topology::SingleNode, paths);
     }
 
     if ran(Topology::CrossNode) {
@@ -109,6 +121,13 @@ pub(super) fn markdown(
                 n(end.streams_in)
             );
         }
+        http_section(
+            &mut s,
+            res,
+            a,
+            Topology::CrossNode,
+            &[PathKind::Direct, PathKind::Weft],
+        );
     }
 
     every_repetition(&mut s, res, paths);
@@ -402,11 +421,300 @@ fn every_repetition(s: &mut String, res: &Results, paths: &[PathKind]) {
             }
         }
     }
+    for topo in [Topology::SingleNode, Topology::CrossNode] {
+        for case in HttpCase::ALL {
+            for &p in paths {
+                let Some(runs) = res.http.get(&(topo, case, p)) else {
+                    continue;
+                };
+                let vals = runs
+                    .iter()
+                    .map(|r| {
+                        format!(
+                            "{}/s p50 {} p99 {} µs",
+                            num_or_na(r.rps()),
+                            fmt_num(r.load.p50_us),
+                            fmt_num(r.load.p99_us)
+                        )
+                    })
+                    .collect::<Vec<_>>()
+                    .join(" · ");
+                let _ = writeln!(s, "- {} {} {}: {vals}", topo.name(), case.name(), p.name());
+            }
+        }
+    }
     for c in LatCase::ALL {
         if let Some(runs) = res.lat.get(&c) {
             let vals = each(runs, &latency);
             let _ = writeln!(s, "- single-node connect() {}: {vals}", c.label());
         }
+    }
+}
+
+/// A row of an HTTP table: how to read one number out of a run, and how to show it.
+struct HttpMetric {
+    label: &'static str,
+    get: fn(&HttpRun) -> Option<f64>,
+    kind: Row,
+}
+
+#[derive(Clone, Copy, PartialEq)]
+enum Row {
+    /// A number for every path, with path/direct ratios.
+    Compared,
+    /// The proxies' CPU: nothing on the direct path, no ratios.
+    ProxyCpu,
+    /// A number for every path, no ratios (what the others spent meanwhile).
+    Context,
+}
+
+const HTTP_METRICS: &[HttpMetric] = &[
+    HttpMetric {
+        label: "requests/s ↑",
+        get: HttpRun::rps,
+        kind: Row::Compared,
+    },
+    HttpMetric {
+        label: "latency p50 µs ↓",
+        get: |r| Some(r.load.p50_us),
+        kind: Row::Compared,
+    },
+    HttpMetric {
+        label: "latency p99 µs ↓",
+        get: |r| Some(r.load.p99_us),
+        kind: Row::Compared,
+    },
+    HttpMetric {
+        label: "proxy CPU per 1 000 requests, ms ↓",
+        get: |r| r.cpu_per_1k(None),
+        kind: Row::ProxyCpu,
+    },
+    HttpMetric {
+        label: "backend (nginx) CPU, cores busy",
+        get: |r| r.busy(r.backend_cpu_us),
+        kind: Row::Context,
+    },
+    HttpMetric {
+        label: "backend's busiest worker, cores busy",
+        get: |r| r.busy(r.backend_worker_cpu_us),
+        kind: Row::Context,
+    },
+    HttpMetric {
+        label: "client CPU, cores busy",
+        get: |r| r.busy(r.client_cpu_us),
+        kind: Row::Context,
+    },
+];
+
+/// The median of one number over a path's HTTP runs.
+fn http_med(
+    res: &Results,
+    topo: Topology,
+    case: HttpCase,
+    p: PathKind,
+    get: impl Fn(&HttpRun) -> Option<f64>,
+) -> Option<f64> {
+    median(
+        res.http
+            .get(&(topo, case, p))?
+            .iter()
+            .filter_map(get)
+            .collect(),
+    )
+}
+
+/// A topology's HTTP part: the table, the aims, weft's CPU per node (cross-node), memory.
+fn http_section(s: &mut String, res: &Results, a: &Args, topo: Topology, paths: &[PathKind]) {
+    let paths: Vec<PathKind> = paths
+        .iter()
+        .copied()
+        .filter(|&p| {
+            HttpCase::ALL
+                .iter()
+                .any(|&c| res.http.contains_key(&(topo, c, p)))
+        })
+        .collect();
+    if paths.is_empty() {
+        return;
+    }
+    let cross = topo == Topology::CrossNode;
+    let _ = writeln!(s, "\n#### HTTP ({})\n", topo.name());
+    let _ = writeln!(
+        s,
+        "Keep-alive requests for a {BODY_BYTES} B response from nginx in the server pod. direct: \
+         the non-enrolled pod → the server pod. weft: the enrolled pod → the Service clusterIP, \
+         port `http` (HTTP/1.1 upstream) or `http2` (HTTP/2 upstream), served per request by \
+         weft's L7 engine over reused upstream connections{}.{}\n",
+        if cross {
+            " carried in HBONE tunnels (mTLS) to node-2's weft"
+        } else {
+            " (plain, same node)"
+        },
+        if cross {
+            ""
+        } else {
+            " haproxy: `mode http`, `http-reuse always`, HTTP/2 on the frontend with `proto h2` \
+             and HTTP/2 to the backend's h2c port. nginx: `proxy_pass` to an upstream with \
+             `keepalive 64`; nginx proxies HTTP/2 clients to an HTTP/1.1 upstream (it has no \
+             HTTP/2 upstream), so its HTTP/2 column is h2 in front, HTTP/1.1 behind."
+        }
+    );
+    let mut head = String::from("| case | metric |");
+    let mut rule = String::from("|---|---|");
+    for p in &paths {
+        let _ = write!(head, " {} |", p.name());
+        rule.push_str("---:|");
+    }
+    for p in paths.iter().filter(|p| **p != PathKind::Direct) {
+        let _ = write!(head, " {}/direct |", p.name());
+        rule.push_str("---:|");
+    }
+    let _ = writeln!(s, "{head}\n{rule}");
+    for case in HttpCase::ALL {
+        for m in HTTP_METRICS {
+            let label = match (m.kind, cross) {
+                (Row::ProxyCpu, true) => "weft CPU (both nodes) per 1 000 requests, ms ↓",
+                _ => m.label,
+            };
+            let _ = write!(s, "| {} | {label} |", case.label(a));
+            let val = |p: PathKind| http_med(res, topo, case, p, m.get);
+            for &p in &paths {
+                let cell = if m.kind == Row::ProxyCpu && p == PathKind::Direct {
+                    "—".to_string()
+                } else {
+                    num_or_na(val(p))
+                };
+                let _ = write!(s, " {cell} |");
+            }
+            for &p in paths.iter().filter(|p| **p != PathKind::Direct) {
+                let cell = match m.kind {
+                    Row::Compared => ratio(val(p), val(PathKind::Direct)),
+                    _ => "—".to_string(),
+                };
+                let _ = write!(s, " {cell} |");
+            }
+            let _ = writeln!(s);
+        }
+    }
+    let _ = writeln!(
+        s,
+        "\nrequests/s counts 2xx responses over the measured time; latencies are the load \
+         tool's per request (wrk's histogram; h2load's per-request log). CPU is each cgroup's \
+         `cpu.stat` over the measured run alone (the warm-up is a separate run before it): \
+         \"proxy CPU\" the node's system cgroup{}, \"cores busy\" CPU seconds per second.",
+        if cross {
+            " (only weft runs there)"
+        } else {
+            " (weft, haproxy, nginx; only the measured one is busy)"
+        }
+    );
+    if cross {
+        let _ = writeln!(
+            s,
+            "\n| weft CPU per 1 000 requests, ms | node-1 (client side) | node-2 (server side) |\n\
+             |---|---:|---:|"
+        );
+        for case in HttpCase::ALL {
+            let cell = |node| {
+                num_or_na(http_med(res, topo, case, PathKind::Weft, |r| {
+                    r.cpu_per_1k(Some(node))
+                }))
+            };
+            let _ = writeln!(s, "| {} | {} | {} |", case.label(a), cell(0), cell(1));
+        }
+    }
+    http_aims(s, res, a, topo);
+    let rss: Vec<String> = res
+        .http_rss
+        .iter()
+        .filter(|r| r.topo == topo)
+        .map(|r| {
+            let mib = |k: Option<u64>| k.map_or("n/a".into(), |k| fmt_num(k as f64 / 1024.0));
+            format!(
+                "- {}: peak {} MiB (RSS {} MiB when the HTTP cases began)",
+                r.what,
+                mib(r.peak_kib),
+                mib(r.before_kib)
+            )
+        })
+        .collect();
+    if !rss.is_empty() {
+        let _ = writeln!(
+            s,
+            "\nResident memory over the HTTP cases (`VmHWM` of `/proc/<pid>/status`, reset with \
+             `clear_refs` when they began, read when they ended; for several processes the sum of \
+             each one's peak):\n"
+        );
+        for l in rss {
+            let _ = writeln!(s, "{l}");
+        }
+    }
+    if let (true, Some(t)) = (cross, res.http_tunnel) {
+        let diff = |a: Option<u64>, b: Option<u64>| {
+            a.zip(b)
+                .map_or("?".into(), |(a, b)| b.saturating_sub(a).to_string())
+        };
+        let _ = writeln!(
+            s,
+            "\nHBONE during the HTTP cases (warm-ups included): node-1 opened {} TLS connection(s) \
+             and {} tunnels (streams) for {} measured weft requests; node-2 received {} streams.",
+            diff(t.before.opened, t.after.opened),
+            diff(t.before.streams, t.after.streams),
+            t.requests,
+            diff(t.before.streams_in, t.after.streams_in)
+        );
+    }
+}
+
+/// The HTTP aims, each with its numbers and whether this run met it: on one node weft's
+/// requests/s at least nginx's and haproxy's; across nodes at least half of direct.
+fn http_aims(s: &mut String, res: &Results, a: &Args, topo: Topology) {
+    let rps = |case, p| http_med(res, topo, case, p, HttpRun::rps);
+    let met = |ok: bool| if ok { "yes" } else { "**no**" };
+    let mut rows = Vec::new();
+    for case in HttpCase::ALL {
+        let Some(weft) = rps(case, PathKind::Weft) else {
+            continue;
+        };
+        match topo {
+            Topology::SingleNode => {
+                for other in [PathKind::Nginx, PathKind::Haproxy] {
+                    if let Some(o) = rps(case, other) {
+                        rows.push(format!(
+                            "| weft ≥ {} | {} | {} against {} requests/s: {} | {} |",
+                            other.name(),
+                            case.label(a),
+                            fmt_num(weft),
+                            fmt_num(o),
+                            ratio(Some(weft), Some(o)),
+                            met(weft >= o)
+                        ));
+                    }
+                }
+            }
+            Topology::CrossNode => {
+                if let Some(d) = rps(case, PathKind::Direct) {
+                    rows.push(format!(
+                        "| weft ≥ 0.5× direct | {} | {} against {} requests/s: {} | {} |",
+                        case.label(a),
+                        fmt_num(weft),
+                        fmt_num(d),
+                        ratio(Some(weft), Some(d)),
+                        met(weft >= 0.5 * d)
+                    ));
+                }
+            }
+        }
+    }
+    if rows.is_empty() {
+        return;
+    }
+    let _ = writeln!(
+        s,
+        "\nAims (requests/s, medians of this run):\n\n| aim | case | measured | met? |\n|---|---|---|---|"
+    );
+    for r in rows {
+        let _ = writeln!(s, "{r}");
     }
 }
 

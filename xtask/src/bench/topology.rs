@@ -16,7 +16,7 @@ use weft_tests::{
 };
 
 use super::machine::online_cpus;
-use super::{Args, PathKind};
+use super::{http, Args, PathKind};
 
 const ECHO_PORT: u16 = 8080;
 const DISCARD_PORT: u16 = 8081;
@@ -25,6 +25,11 @@ const SVC_DISCARD_PORT: u16 = 81;
 const HAPROXY_PORTS: (u16, u16) = (18080, 18081);
 const NGINX_PORTS: (u16, u16) = (18180, 18181);
 const NGINX_STREAM_MODULE: &str = "/usr/lib/nginx/modules/ngx_stream_module.so";
+/// Every port a server or proxy of the bench listens on: the TCP servers and the HTTP backend
+/// (8080–8091), haproxy and nginx, TCP and HTTP (18080–18191). Kept out of the wide ephemeral
+/// port range below: a proxy started after tens of thousands of connections would find its
+/// port taken by one of them.
+const LISTEN_PORTS: &str = "8080-8091,18080-18191";
 /// Server threads per listener (no thread creation per connection on the server side).
 const SERVER_WORKERS: &str = "64";
 
@@ -53,10 +58,15 @@ pub(super) struct Bench {
     /// The client node first; the server's node last (the same node in single-node).
     pub(super) nodes: Vec<Node>,
     pub(super) server: Pod,
-    plain: Pod,
-    mesh: Pod,
-    svc_ip: std::net::Ipv4Addr,
-    procs: Vec<Proc>,
+    /// The client pod of the direct and proxy paths (not enrolled).
+    pub(super) plain: Pod,
+    /// The client pod of the weft path (enrolled).
+    pub(super) mesh: Pod,
+    pub(super) svc_ip: std::net::Ipv4Addr,
+    /// Servers and proxies started for the run, killed with the bench.
+    pub(super) procs: Vec<Proc>,
+    /// The HTTP backend's nginx master, once started.
+    pub(super) backend_pid: Option<u32>,
     pub(super) args: Args,
 }
 
@@ -80,13 +90,19 @@ impl Bench {
             PodSpec::new("bench-srv", "server")
                 .label("app", "bench-srv")
                 .port("tcp-echo", ECHO_PORT)
-                .port("tcp-discard", DISCARD_PORT),
+                .port("tcp-discard", DISCARD_PORT)
+                .port("http", http::BACKEND_PORTS.0)
+                .port("http2", http::BACKEND_PORTS.1),
         )?;
         let svc = cluster.add_service(
             ServiceSpec::new("bench-srv", "bench")
                 .selector("app", "bench-srv")
                 .port("tcp-echo", SVC_ECHO_PORT, ECHO_PORT, None)
-                .port("tcp-discard", SVC_DISCARD_PORT, DISCARD_PORT, None),
+                .port("tcp-discard", SVC_DISCARD_PORT, DISCARD_PORT, None)
+                // weft serves these per request (declared by name: `http` is HTTP/1.1 upstream,
+                // `http2` HTTP/2); the backend starts with the HTTP cases.
+                .port("http", http::BACKEND_PORTS.0, http::BACKEND_PORTS.0, None)
+                .port("http2", http::BACKEND_PORTS.1, http::BACKEND_PORTS.1, None),
         )?;
         let mesh = cluster.add_pod(client_node, PodSpec::new("bench-mesh", "client"))?;
         let plain = cluster.add_pod(client_node, PodSpec::new("bench-plain", "client"))?;
@@ -110,6 +126,7 @@ impl Bench {
                 &[
                     ("net.ipv4.ip_local_port_range", "1024 65535"),
                     ("net.ipv4.tcp_tw_reuse", "1"),
+                    ("net.ipv4.ip_local_reserved_ports", LISTEN_PORTS),
                 ],
             )?;
         }
@@ -136,6 +153,7 @@ impl Bench {
             plain,
             mesh,
             procs,
+            backend_pid: None,
             args,
         })
     }
@@ -216,7 +234,8 @@ impl Bench {
         Ok(())
     }
 
-    fn proxy_dir(&self) -> Result<PathBuf> {
+    /// Where the generated proxy configs and the proxies' own logs go.
+    pub(super) fn proxy_dir(&self) -> Result<PathBuf> {
         let dir = self.cluster.logs_dir().join("proxies");
         std::fs::create_dir_all(&dir)?;
         Ok(dir)
