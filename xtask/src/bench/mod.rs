@@ -23,7 +23,7 @@
 //! server (echo on 8080, discard on 8081) for the same time, after a warm-up; each case is
 //! repeated and the median is reported, with the ratio to the direct path.
 //!
-//! Then, in the same clusters, the HTTP cases (`http`; off with `--no-http`): keep-alive
+//! Then, in the same clusters, the HTTP cases (module `http`; off with `--no-http`): keep-alive
 //! HTTP/1.1 (`wrk`) and HTTP/2 h2c (`h2load`) against an nginx backend in the server pod
 //! returning 1 KiB, direct, through weft's L7 engine (Service ports named `http` / `http2`),
 //! and single-node through nginx and haproxy as HTTP reverse proxies.
