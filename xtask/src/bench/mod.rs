@@ -68,6 +68,10 @@ pub struct Args {
     /// Leave out the HTTP cases (wrk, h2load) [default: off: run them after the TCP cases].
     #[arg(long)]
     no_http: bool,
+    /// Leave out the TCP cases (throughput, request/response, new connections, connect()
+    /// latency) and run the HTTP cases only [default: off].
+    #[arg(long, conflicts_with = "no_http")]
+    no_tcp: bool,
     /// Keep-alive connections of the HTTP/1.1 case (`wrk -c`; one request in flight on each).
     #[arg(long, default_value_t = 16, value_parser = clap::value_parser!(u64).range(1..=256))]
     http_connections: u64,
@@ -205,8 +209,9 @@ impl Bench {
     /// checked, every case on every path that came up, connect() latency with the programs.
     fn measure(&mut self, paths: &[PathKind], res: &mut Results) {
         let reps = self.args.reps;
+        let tcp = !self.args.no_tcp;
         // 1. connect() latency on a fresh node: no weft has run, so no programs are attached.
-        for _ in 0..reps {
+        for _ in 0..reps * u64::from(tcp) {
             self.latency(LatCase::PlainNoBpf, res);
         }
         // 2. The proxies. A path that does not come up is reported and left out.
@@ -235,14 +240,16 @@ impl Bench {
             );
         }
         // 3. Throughput and latency.
-        self.run_cases(&live, res);
+        if tcp {
+            self.run_cases(&live, res);
+        }
         // 4. The HTTP cases, with their own backend and proxies.
         if !self.args.no_http {
             let wefts: Vec<&Weft> = weft.iter().collect();
             self.measure_http(paths, &wefts, res);
         }
         // 5. connect() latency with the programs attached.
-        if weft.is_some() {
+        if weft.is_some() && tcp {
             let _stats = BpfStats::enable();
             for _ in 0..reps {
                 self.latency(LatCase::PlainBpf, res);
@@ -281,9 +288,11 @@ impl Bench {
                 Err(e) => res.notes.push(format!("cross-node weft left out: {e:#}")),
             }
             let warm = TunnelCounts::read(client, server);
-            self.run_cases(&live, res);
-            res.tunnel = Some((warm, TunnelCounts::read(client, server)));
-        } else {
+            if !self.args.no_tcp {
+                self.run_cases(&live, res);
+                res.tunnel = Some((warm, TunnelCounts::read(client, server)));
+            }
+        } else if !self.args.no_tcp {
             self.run_cases(&live, res);
         }
         if !self.args.no_http {

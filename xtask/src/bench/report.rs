@@ -67,15 +67,17 @@ pub(super) fn markdown(
 
     if ran(Topology::SingleNode) {
         let _ = writeln!(s, "\n### single node\n");
-        metric_table(&mut s, res, Topology::SingleNode, paths, a.parallel, true);
-        let _ = writeln!(
-            s,
-            "\n↑ higher is better, ↓ lower is better. The ratio is path/direct for the number in \
-             that row. \"proxy CPU\" is the CPU time of the node's proxy processes (the node's \
-             system cgroup) over the whole client run, warm-up included, divided by all \
-             operations."
-        );
-        single_node_latency(&mut s, res);
+        if !a.no_tcp {
+            metric_table(&mut s, res, Topology::SingleNode, paths, a.parallel, true);
+            let _ = writeln!(
+                s,
+                "\n↑ higher is better, ↓ lower is better. The ratio is path/direct for the number \
+                 in that row. \"proxy CPU\" is the CPU time of the node's proxy processes (the \
+                 node's system cgroup) over the whole client run, warm-up included, divided by \
+                 all operations."
+            );
+            single_node_latency(&mut s, res);
+        }
         http_section(&mut s, res, a, Topology::SingleNode, paths);
     }
 
@@ -88,21 +90,23 @@ pub(super) fn markdown(
              Service clusterIP: eBPF redirect → weft node-1 → HBONE (TLS 1.3 mTLS, HTTP/2 CONNECT, \
              pooled) → weft node-2 :15008 → the server pod.\n"
         );
-        metric_table(
-            &mut s,
-            res,
-            Topology::CrossNode,
-            &[PathKind::Direct, PathKind::Weft],
-            a.parallel,
-            false,
-        );
-        let _ = writeln!(s);
-        cross_cpu_table(&mut s, res, a.parallel);
-        let _ = writeln!(
-            s,
-            "\n\"weft CPU\": CPU time of each node's system cgroup (only weft runs there) over the \
-             whole client run, warm-up included, divided by all operations."
-        );
+        if !a.no_tcp {
+            metric_table(
+                &mut s,
+                res,
+                Topology::CrossNode,
+                &[PathKind::Direct, PathKind::Weft],
+                a.parallel,
+                false,
+            );
+            let _ = writeln!(s);
+            cross_cpu_table(&mut s, res, a.parallel);
+            let _ = writeln!(
+                s,
+                "\n\"weft CPU\": CPU time of each node's system cgroup (only weft runs there) \
+                 over the whole client run, warm-up included, divided by all operations."
+            );
+        }
         if let Some((warm, end)) = res.tunnel {
             let n = |v: Option<u64>| v.map_or("?".into(), |v| v.to_string());
             let diff = |a: Option<u64>, b: Option<u64>| {
