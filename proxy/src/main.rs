@@ -8,6 +8,11 @@ use anyhow::Context;
 use clap::Parser;
 use weft::cli::{CaCommand, Cli, Command};
 
+/// The data path allocates and frees small buffers and headers per request; mimalloc's
+/// thread-local free lists serve that far cheaper than glibc's arenas.
+#[global_allocator]
+static ALLOC: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 fn main() {
     let cli = Cli::parse();
     let default_level = match cli.command {
