@@ -93,6 +93,10 @@ pub struct NodeArgs {
     /// DNS server for ServiceEntry hosts, `IP[:PORT]` (default: the node's resolv.conf).
     #[arg(long, value_name = "IP[:PORT]")]
     pub dns_server: Option<String>,
+    /// Data-path worker threads (default: the CPUs this process may run on). Each serves the
+    /// connections it accepts from start to end, with upstream connections of its own.
+    #[arg(long, value_name = "N")]
+    pub workers: Option<usize>,
     /// SPIFFE trust domain of the mesh (default cluster.local).
     #[arg(long, value_name = "DOMAIN")]
     pub trust_domain: Option<String>,
@@ -137,6 +141,7 @@ struct FileConfig {
     max_request_headers_kb: Option<usize>,
     protocol_detection_timeout_ms: Option<u64>,
     dns_server: Option<String>,
+    workers: Option<usize>,
     trust_domain: Option<String>,
     ca_cert: Option<PathBuf>,
     ca_key: Option<PathBuf>,
@@ -185,6 +190,7 @@ pub struct NodeConfig {
     pub max_request_headers_kb: usize,
     pub protocol_detection_timeout_ms: u64,
     pub dns_server: Option<SocketAddr>,
+    pub workers: usize,
     pub trust_domain: String,
     pub ca_cert: PathBuf,
     pub ca_key: PathBuf,
@@ -245,6 +251,12 @@ impl NodeArgs {
         if !(1..=8192).contains(&max_request_headers_kb) {
             bail!("--max-request-headers-kb must be between 1 and 8192");
         }
+        let workers = self.workers.or(file.workers).unwrap_or_else(|| {
+            std::thread::available_parallelism().map_or(1, std::num::NonZeroUsize::get)
+        });
+        if !(1..=256).contains(&workers) {
+            bail!("--workers must be between 1 and 256");
+        }
         let dns_server = match self.dns_server.or(file.dns_server) {
             Some(s) => Some(parse_dns_server(&s)?),
             None => None,
@@ -292,6 +304,7 @@ impl NodeArgs {
                 .or(file.protocol_detection_timeout_ms)
                 .unwrap_or(DEFAULT_PROTOCOL_DETECTION_TIMEOUT_MS),
             dns_server,
+            workers,
             trust_domain: self
                 .trust_domain
                 .or(file.trust_domain)

@@ -7,7 +7,7 @@
 //! ([`l7`]) →
 //! tunnel ([`tunnel`], [`identity`]) | deliver ([`upstream`], [`inbound`]) → [`relay`] →
 //! record ([`telemetry`]). [`admin`] serves what the node knows, [`cli`] renders it, [`node`]
-//! wires it all together.
+//! wires it all together and runs the data path on [`worker`] threads.
 
 pub mod config;
 pub mod exchange;
@@ -23,6 +23,7 @@ pub mod relay;
 pub mod telemetry;
 pub mod tunnel;
 pub mod upstream;
+pub mod worker;
 pub mod workload;
 
 pub mod admin;

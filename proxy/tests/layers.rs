@@ -19,13 +19,17 @@ const ALLOWED: &[(&str, &[&str])] = &[
     ("policy", &["registry"]),
     ("l7", &["registry", "config"]),
     ("workload", &["registry", "identity"]),
-    ("upstream", &["registry", "identity"]),
+    ("worker", &[]),
+    ("upstream", &["registry", "identity", "worker"]),
     (
         "telemetry",
         &["admin", "config", "registry", "identity", "relay"],
     ),
     ("capture", &["admin", "config", "workload"]),
-    ("tunnel", &["admin", "identity", "relay", "telemetry"]),
+    (
+        "tunnel",
+        &["admin", "identity", "relay", "telemetry", "worker"],
+    ),
     (
         "inputs",
         &[

@@ -4,11 +4,13 @@
 //! - [`reconcile`]: keeps the workload index, the identities held, the kernel's enrolled and
 //!   STRICT maps and the compiled policies in step with the registry and the cgroups.
 //! - [`view`]: what the admin API and `/metrics` read from the running node.
+//! - [`workers`]: the data-path threads that accept and serve connections.
 //!
 //! May import: everything; nothing imports it.
 
 mod reconcile;
 mod view;
+mod workers;
 
 use std::net::{SocketAddr, SocketAddrV4};
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -135,7 +137,6 @@ pub async fn run(cfg: NodeConfig) -> anyhow::Result<()> {
         ServerConfig::default(),
         telemetry.clone(),
     );
-    tokio::spawn(hbone.clone().serve(hbone_listener));
 
     // Listen before enrolling anyone, so no enrolled connect is redirected to a closed port.
     let listener = outbound::bind(SocketAddr::V4(proxy_addr)).await?;
@@ -146,7 +147,7 @@ pub async fn run(cfg: NodeConfig) -> anyhow::Result<()> {
         capture: capture.clone(),
         identity: identity.clone(),
         pool: pool.clone(),
-        hbone,
+        hbone: hbone.clone(),
         ready: AtomicBool::new(false),
     });
     let kernel = reconcile::apply(&node, generation)?;
@@ -163,7 +164,13 @@ pub async fn run(cfg: NodeConfig) -> anyhow::Result<()> {
         },
         Duration::from_millis(cfg.protocol_detection_timeout_ms),
     ));
-    tokio::spawn(outbound.clone().serve(listener));
+    workers::start(
+        cfg.workers,
+        outbound.clone(),
+        hbone.clone(),
+        listener,
+        hbone_listener,
+    )?;
     match capture.events() {
         Ok(events) => {
             tokio::spawn(outbound.clone().watch_redirects(events));

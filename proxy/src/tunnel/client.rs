@@ -10,6 +10,9 @@
 //! on a fresh connection. A connection takes no new streams once its own or its peer's
 //! certificate has expired (rotation gives new connections new certificates; open streams are
 //! never cut).
+//!
+//! Each data-path worker ([`crate::worker`]) streams over the connections it dialled itself,
+//! as Envoy's workers do: a stream's bytes never hop between threads.
 
 use std::collections::HashMap;
 use std::io;
@@ -259,6 +262,8 @@ struct Inner {
 struct Conn {
     id: u64,
     key: PoolKey,
+    /// The worker that dialled it (and drives it).
+    worker: usize,
     state: watch::Receiver<ConnState>,
     /// Streams on it, open or about to be.
     streams: AtomicUsize,
@@ -439,11 +444,12 @@ impl Pool {
     fn checkout(&self, key: &PoolKey) -> Slot {
         let max = self.inner.config.max_streams_per_conn.max(1);
         let now = SystemTime::now();
+        let worker = crate::worker::current();
         let mut conns = self.inner.conns.lock();
         let list = conns.entry(key.clone()).or_default();
         list.retain(|c| !c.dead.load(Ordering::Acquire));
         for c in list.iter() {
-            if !c.usable(now) {
+            if c.worker != worker || !c.usable(now) {
                 continue;
             }
             let mut n = c.streams.load(Ordering::Acquire);
@@ -461,6 +467,7 @@ impl Pool {
         let conn = Arc::new(Conn {
             id: self.inner.next_id.fetch_add(1, Ordering::Relaxed),
             key: key.clone(),
+            worker,
             state: rx,
             streams: AtomicUsize::new(1),
             idle_since: Mutex::new(Instant::now()),

@@ -5,6 +5,9 @@
 //! for the next request to the same [`PoolKey`]. HTTP/1.1 connections carry one request at a
 //! time, so a checked-in sender is reused only once its previous response has been read;
 //! HTTP/2 connections are shared by every request to the key.
+//!
+//! Each data-path worker ([`crate::worker`]) keeps connections of its own, as Envoy's workers
+//! do: a request and its upstream connection are served by the same thread.
 
 use std::collections::HashMap;
 use std::net::SocketAddr;
@@ -117,11 +120,27 @@ impl Sender {
     }
 }
 
+/// A pool key on the current worker.
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+struct Local {
+    worker: usize,
+    key: PoolKey,
+}
+
+impl Local {
+    fn here(key: &PoolKey) -> Local {
+        Local {
+            worker: crate::worker::current(),
+            key: key.clone(),
+        }
+    }
+}
+
 /// Upstream connections kept for reuse.
 #[derive(Default)]
 pub struct HttpPool {
-    http1: Mutex<HashMap<PoolKey, Vec<http1::SendRequest<Body>>>>,
-    http2: Mutex<HashMap<PoolKey, http2::SendRequest<Body>>>,
+    http1: Mutex<HashMap<Local, Vec<http1::SendRequest<Body>>>>,
+    http2: Mutex<HashMap<Local, http2::SendRequest<Body>>>,
     /// The newest generation seen: connections of older ones are let go.
     generation: AtomicU64,
 }
@@ -133,23 +152,24 @@ impl HttpPool {
         if key.generation > seen {
             self.http1
                 .lock()
-                .retain(|k, _| k.generation >= key.generation);
+                .retain(|k, _| k.key.generation >= key.generation);
             self.http2
                 .lock()
-                .retain(|k, _| k.generation >= key.generation);
+                .retain(|k, _| k.key.generation >= key.generation);
         }
     }
 
     /// A connection for `key` that can take a request now, if one is kept.
     pub fn checkout(&self, key: &PoolKey) -> Option<Sender> {
         self.retire(key);
+        let local = Local::here(key);
         match key.version {
             Version::Http2 => {
                 let mut map = self.http2.lock();
-                match map.get(key) {
+                match map.get(&local) {
                     Some(s) if !s.is_closed() => Some(Sender::Http2(s.clone())),
                     Some(_) => {
-                        map.remove(key);
+                        map.remove(&local);
                         None
                     }
                     None => None,
@@ -157,7 +177,7 @@ impl HttpPool {
             }
             Version::Http1 => {
                 let mut map = self.http1.lock();
-                let idle = map.get_mut(key)?;
+                let idle = map.get_mut(&local)?;
                 idle.retain(|s| !s.is_closed());
                 // A sender whose response is still being read is not ready: leave it.
                 let ready = idle.iter().position(|s| s.is_ready())?;
@@ -172,13 +192,17 @@ impl HttpPool {
         if sender.is_closed() || key.generation < self.generation.load(Ordering::Acquire) {
             return;
         }
+        let local = Local {
+            worker: crate::worker::current(),
+            key,
+        };
         match sender {
             Sender::Http2(s) => {
-                self.http2.lock().entry(key).or_insert(s);
+                self.http2.lock().entry(local).or_insert(s);
             }
             Sender::Http1(s) => {
                 let mut map = self.http1.lock();
-                let idle = map.entry(key).or_default();
+                let idle = map.entry(local).or_default();
                 idle.retain(|s| !s.is_closed());
                 if idle.len() < MAX_IDLE_PER_KEY {
                     idle.push(s);

@@ -1,0 +1,60 @@
+//! The data-path threads: each worker runs a single-threaded runtime that accepts from the
+//! capture and HBONE listeners and serves what it accepted from start to end, with upstream
+//! HTTP connections of its own (Envoy's worker model). A request's tasks never hop between
+//! threads; the control plane (registry, reconcile, admin, metrics) stays on the main runtime.
+//!
+//! Every worker waits on the same listening sockets: whichever is free first accepts, so a
+//! busy worker leaves new connections to the others.
+
+use std::sync::Arc;
+
+use anyhow::Context;
+use tokio::net::TcpListener;
+use tracing::{error, info};
+
+use crate::inbound::Inbound;
+use crate::outbound::Outbound;
+use crate::tunnel::server::Server;
+
+/// Starts `n` workers serving `capture` (outbound) and `hbone` (inbound) connections. The
+/// listeners stay open for as long as any worker runs.
+pub fn start(
+    n: usize,
+    outbound: Arc<Outbound>,
+    hbone: Arc<Server<Inbound>>,
+    capture: TcpListener,
+    tunnels: TcpListener,
+) -> anyhow::Result<()> {
+    let capture = capture.into_std().context("capture listener")?;
+    let tunnels = tunnels.into_std().context("HBONE listener")?;
+    for i in 0..n {
+        let capture = capture
+            .try_clone()
+            .context("sharing the capture listener")?;
+        let tunnels = tunnels.try_clone().context("sharing the HBONE listener")?;
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .thread_name(format!("weft-worker-{i}"))
+            .build()
+            .context("starting a worker runtime")?;
+        let (outbound, hbone) = (outbound.clone(), hbone.clone());
+        std::thread::Builder::new()
+            .name(format!("weft-worker-{i}"))
+            .spawn(move || {
+                crate::worker::enter(i);
+                rt.block_on(async move {
+                    let listeners = TcpListener::from_std(capture)
+                        .and_then(|c| Ok((c, TcpListener::from_std(tunnels)?)));
+                    match listeners {
+                        Ok((capture, tunnels)) => {
+                            tokio::join!(outbound.serve(capture), hbone.serve(tunnels));
+                        }
+                        Err(e) => error!(worker = i, error = %e, "worker cannot listen"),
+                    }
+                })
+            })
+            .context("starting a worker thread")?;
+    }
+    info!(workers = n, "data-path workers started");
+    Ok(())
+}
