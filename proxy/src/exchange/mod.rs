@@ -14,7 +14,10 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use bytes::Bytes;
-use http::{header, HeaderMap, HeaderValue, Method, Request, Response, Version as HttpVersion};
+use http::uri::{PathAndQuery, Scheme};
+use http::{
+    header, HeaderMap, HeaderValue, Method, Request, Response, Uri, Version as HttpVersion,
+};
 use http_body_util::{BodyExt, Full};
 use hyper::body::Incoming;
 use hyper::service::service_fn;
@@ -178,14 +181,13 @@ pub fn upstream_request(
         let pq = parts
             .uri
             .path_and_query()
-            .map(|p| p.as_str())
-            .unwrap_or("/")
-            .to_string();
+            .cloned()
+            .unwrap_or_else(|| PathAndQuery::from_static("/"));
         match version {
             Version::Http1 => {
                 parts.version = HttpVersion::HTTP_11;
-                if let Ok(uri) = pq.parse() {
-                    parts.uri = uri;
+                if parts.uri.scheme().is_some() || parts.uri.authority().is_some() {
+                    parts.uri = Uri::from(pq);
                 }
                 if let Ok(h) = HeaderValue::from_str(authority) {
                     parts.headers.insert(header::HOST, h);
@@ -193,7 +195,12 @@ pub fn upstream_request(
             }
             Version::Http2 => {
                 parts.version = HttpVersion::HTTP_2;
-                if let Ok(uri) = format!("http://{authority}{pq}").parse() {
+                if let Ok(uri) = Uri::builder()
+                    .scheme(Scheme::HTTP)
+                    .authority(authority)
+                    .path_and_query(pq)
+                    .build()
+                {
                     parts.uri = uri;
                 }
                 parts.headers.remove(header::HOST);

@@ -177,7 +177,7 @@ impl HttpPath {
         };
         let decision = match &host {
             Some(host) => {
-                let path = record_path(&req);
+                let path = req.uri().path_and_query().map_or("/", |p| p.as_str());
                 routes.route(&RouteRequest {
                     host,
                     port,
@@ -185,7 +185,7 @@ impl HttpPath {
                     source_labels: conn.source.pod.as_ref().map(|p| &p.labels),
                     method: req.method(),
                     authority: &authority,
-                    path_and_query: &path,
+                    path_and_query: path,
                     headers: req.headers(),
                 })
             }
@@ -473,16 +473,11 @@ impl HttpPath {
         let policies = self.inputs.policies.load();
         let routes = self.inputs.routes.load();
         let mut dest = Destination::default();
-        let path = req
-            .uri()
-            .path_and_query()
-            .map(|p| p.as_str())
-            .unwrap_or("/")
-            .to_string();
+        let path = req.uri().path_and_query().map_or("/", |p| p.as_str());
         let request = HttpRequest {
             method: req.method().as_str(),
             authority: &target.client_authority,
-            path: &path,
+            path,
             headers: req.headers(),
         };
         let action = plan::to_endpoint(

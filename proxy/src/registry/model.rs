@@ -336,6 +336,9 @@ struct Index {
     pods_by_node: HashMap<String, Vec<usize>>,
     /// (cluster IP, TCP port) → (index in `services`, index in its `ports`).
     service_by_vip: HashMap<(IpAddr, u16), (usize, usize)>,
+    /// (index in `services`, index in its `ports`) → the port's ready endpoints, found once
+    /// per snapshot instead of per connection or request.
+    endpoints: HashMap<(usize, usize), Vec<Endpoint>>,
 }
 
 impl Snapshot {
@@ -395,7 +398,7 @@ impl Snapshot {
                 }
             }
         }
-        Snapshot {
+        let mut snapshot = Snapshot {
             generation,
             loaded_at: SystemTime::now(),
             sources,
@@ -414,7 +417,15 @@ impl Snapshot {
             fail_closed,
             not_applied,
             index,
+        };
+        let mut endpoints = HashMap::new();
+        for (i, svc) in snapshot.services.iter().enumerate() {
+            for (j, port) in svc.ports.iter().enumerate() {
+                endpoints.insert((i, j), snapshot.select_endpoints(svc, port));
+            }
         }
+        snapshot.index.endpoints = endpoints;
+        snapshot
     }
 
     /// An empty snapshot (generation 0).
@@ -510,6 +521,25 @@ impl Snapshot {
     /// looked up in each pod's container ports (same protocol) and pods without it are skipped.
     /// Ordered by pod name. A service without selector has no endpoints.
     pub fn endpoints(&self, svc: &Service, port: &ServicePort) -> Vec<Endpoint> {
+        // This snapshot's own Service port: found when the snapshot was built.
+        let i = self
+            .services
+            .binary_search_by(|s| (&s.namespace, &s.name).cmp(&(&svc.namespace, &svc.name)));
+        if let Ok(i) = i {
+            let own = &self.services[i];
+            if let Some(j) = own.ports.iter().position(|p| p == port) {
+                if own.selector == svc.selector {
+                    if let Some(found) = self.index.endpoints.get(&(i, j)) {
+                        return found.clone();
+                    }
+                }
+            }
+        }
+        self.select_endpoints(svc, port)
+    }
+
+    /// The pods `svc` selects, ready, with the target of `port`.
+    fn select_endpoints(&self, svc: &Service, port: &ServicePort) -> Vec<Endpoint> {
         let Some(selector) = &svc.selector else {
             return Vec::new();
         };

@@ -395,6 +395,11 @@ fn endpoints_follow_selector_readiness_and_named_ports() {
     assert!(s.endpoints(svc, &svc.ports[2]).is_empty());
     let headless = s.service("demo", "server-headless").unwrap();
     assert_eq!(s.endpoints(headless, &headless.ports[0]).len(), 3);
+    // A Service as another snapshot had it (here: a selector matching nothing) is selected
+    // afresh, not answered from this snapshot's index.
+    let mut elsewhere = (**svc).clone();
+    elsewhere.selector = Some([("app".to_string(), "nobody".to_string())].into());
+    assert!(s.endpoints(&elsewhere, &elsewhere.ports[1]).is_empty());
 }
 
 #[test]
