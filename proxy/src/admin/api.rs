@@ -102,29 +102,33 @@ impl std::str::FromStr for Verdict {
     }
 }
 
+/// Text a flow shares with many others (names, identities, addresses): cloned by reference
+/// count, since every request of a connection repeats its connection's.
+pub type Text = std::sync::Arc<str>;
+
 /// The calling side of a flow.
 #[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct FlowSource {
-    pub namespace: Option<String>,
-    pub pod: Option<String>,
+    pub namespace: Option<Text>,
+    pub pod: Option<Text>,
     pub ip: Option<IpAddr>,
     /// SPIFFE id of the calling workload (from its cgroup, or its peer certificate inbound).
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub identity: Option<String>,
+    pub identity: Option<Text>,
 }
 
 /// Where the flow went (after Service resolution).
 #[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct FlowDestination {
-    pub namespace: Option<String>,
-    pub pod: Option<String>,
+    pub namespace: Option<Text>,
+    pub pod: Option<Text>,
     /// `namespace/name` of the Service when the original destination was a Service VIP.
-    pub service: Option<String>,
+    pub service: Option<Text>,
     /// The `ip:port` weft connected to.
-    pub address: Option<String>,
+    pub address: Option<Text>,
     /// SPIFFE id of the destination workload, when it is in the mesh.
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub identity: Option<String>,
+    pub identity: Option<Text>,
 }
 
 /// One proxied (or attempted) connection.
@@ -136,12 +140,12 @@ pub struct Flow {
     /// When the connection was accepted (RFC 3339).
     #[serde(with = "time::serde::rfc3339")]
     pub time: OffsetDateTime,
-    pub node: String,
+    pub node: Text,
     pub source: FlowSource,
     /// The `ip:port` the client asked for, before redirection.
-    pub original_destination: String,
+    pub original_destination: Text,
     pub destination: FlowDestination,
-    pub protocol: String,
+    pub protocol: Text,
     pub verdict: Verdict,
     /// Bytes from the source to the destination.
     pub bytes_sent: u64,
@@ -248,9 +252,9 @@ impl Default for Flow {
         Flow {
             seq: 0,
             time: OffsetDateTime::UNIX_EPOCH,
-            node: String::new(),
+            node: "".into(),
             source: FlowSource::default(),
-            original_destination: String::new(),
+            original_destination: "".into(),
             destination: FlowDestination::default(),
             protocol: "tcp".into(),
             verdict: Verdict::Forwarded,
@@ -305,8 +309,7 @@ impl FlowFilter {
             }
         }
         if let Some(pod) = &self.pod {
-            let matches_pod = |ns: &Option<String>, name: &Option<String>| match pod.split_once('/')
-            {
+            let matches_pod = |ns: &Option<Text>, name: &Option<Text>| match pod.split_once('/') {
                 Some((want_ns, want_name)) => {
                     ns.as_deref() == Some(want_ns) && name.as_deref() == Some(want_name)
                 }

@@ -216,14 +216,14 @@ impl FlowTable {
             &f.destination.address,
         ) {
             (Some(ns), Some(p), Some(a)) => format!("{ns}/{p} ({a})"),
-            (_, _, Some(a)) => a.clone(),
-            _ => f.original_destination.clone(),
+            (_, _, Some(a)) => a.to_string(),
+            _ => f.original_destination.to_string(),
         };
         vec![
             f.time.format(fmt).unwrap_or_default(),
             source,
             dest,
-            f.destination.service.clone().unwrap_or_else(|| "-".into()),
+            f.destination.service.as_deref().unwrap_or("-").to_string(),
             yes_no(f.mtls).into(),
             match &f.policy {
                 Some(p) => format!("{} ({p})", f.verdict.as_str().to_ascii_uppercase()),

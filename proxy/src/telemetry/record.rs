@@ -47,7 +47,7 @@ impl ConnectionRecord {
             telemetry: telemetry.clone(),
             flow: Flow {
                 time: OffsetDateTime::from(time),
-                node: telemetry.node().to_string(),
+                node: telemetry.node().into(),
                 ..Flow::default()
             },
             started: None,
@@ -65,8 +65,8 @@ impl ConnectionRecord {
     /// The calling pod (its address too, when none was seen on the wire).
     pub fn source_pod(&mut self, pod: &Pod) -> &mut Self {
         let s = &mut self.flow.source;
-        s.namespace = Some(pod.namespace.clone());
-        s.pod = Some(pod.name.clone());
+        s.namespace = Some(pod.namespace.as_str().into());
+        s.pod = Some(pod.name.as_str().into());
         if s.ip.is_none() {
             s.ip = pod.ip;
         }
@@ -76,16 +76,16 @@ impl ConnectionRecord {
     /// The calling workload's identity (and its namespace, when no pod is known).
     pub fn source_identity(&mut self, id: &SpiffeId) -> &mut Self {
         let s = &mut self.flow.source;
-        s.identity = Some(id.to_string());
+        s.identity = Some(id.to_string().into());
         if s.namespace.is_none() {
-            s.namespace = Some(id.namespace().to_string());
+            s.namespace = Some(id.namespace().into());
         }
         self
     }
 
     /// Where the client wanted to go, before redirection.
     pub fn original_destination(&mut self, dst: SocketAddr) -> &mut Self {
-        self.flow.original_destination = dst.to_string();
+        self.flow.original_destination = dst.to_string().into();
         self
     }
 
@@ -98,28 +98,28 @@ impl ConnectionRecord {
     /// The Service whose VIP was called.
     pub fn service(&mut self, service: &Service) -> &mut Self {
         let d = &mut self.flow.destination;
-        d.service = Some(format!("{}/{}", service.namespace, service.name));
-        d.namespace = Some(service.namespace.clone());
+        d.service = Some(format!("{}/{}", service.namespace, service.name).into());
+        d.namespace = Some(service.namespace.as_str().into());
         self
     }
 
     /// The destination pod.
     pub fn destination_pod(&mut self, pod: &Pod) -> &mut Self {
         let d = &mut self.flow.destination;
-        d.namespace = Some(pod.namespace.clone());
-        d.pod = Some(pod.name.clone());
+        d.namespace = Some(pod.namespace.as_str().into());
+        d.pod = Some(pod.name.as_str().into());
         self
     }
 
     /// The address the proxy connects (or connected) to.
     pub fn destination_address(&mut self, addr: SocketAddr) -> &mut Self {
-        self.flow.destination.address = Some(addr.to_string());
+        self.flow.destination.address = Some(addr.to_string().into());
         self
     }
 
     /// The destination workload's identity.
     pub fn destination_identity(&mut self, id: &SpiffeId) -> &mut Self {
-        self.flow.destination.identity = Some(id.to_string());
+        self.flow.destination.identity = Some(id.to_string().into());
         self
     }
 
@@ -131,7 +131,7 @@ impl ConnectionRecord {
 
     /// The connection's protocol (`tcp` unless said otherwise).
     pub fn protocol(&mut self, protocol: &str) -> &mut Self {
-        self.flow.protocol = protocol.to_string();
+        self.flow.protocol = protocol.into();
         self
     }
 
@@ -280,8 +280,9 @@ impl RequestRecord {
 
     /// The Service the request was sent to (after routing, it may differ from the one called).
     pub fn service(&mut self, service: &Service) -> &mut Self {
-        self.flow.destination.service = Some(format!("{}/{}", service.namespace, service.name));
-        self.flow.destination.namespace = Some(service.namespace.clone());
+        self.flow.destination.service =
+            Some(format!("{}/{}", service.namespace, service.name).into());
+        self.flow.destination.namespace = Some(service.namespace.as_str().into());
         self
     }
 
@@ -294,12 +295,12 @@ impl RequestRecord {
         mtls: bool,
     ) -> &mut Self {
         let d = &mut self.flow.destination;
-        d.address = Some(addr.to_string());
+        d.address = Some(addr.to_string().into());
         if let Some(pod) = pod {
-            d.namespace = Some(pod.namespace.clone());
-            d.pod = Some(pod.name.clone());
+            d.namespace = Some(pod.namespace.as_str().into());
+            d.pod = Some(pod.name.as_str().into());
         }
-        d.identity = identity.map(|i| i.to_string());
+        d.identity = identity.map(|i| i.to_string().into());
         self.flow.mtls = mtls;
         let h = self.http();
         h.upstream = Some(addr.to_string());
@@ -407,7 +408,7 @@ mod tests {
             .destination_address("10.244.1.3:8080".parse().unwrap())
             .policy("back/deny");
         let flow = r.finish(Verdict::Denied, Some("denied"));
-        assert_eq!(flow.node, "node-1");
+        assert_eq!(&*flow.node, "node-1");
         assert_eq!(flow.verdict, Verdict::Denied);
         assert_eq!(flow.error.as_deref(), Some("denied"));
         assert_eq!(flow.policy.as_deref(), Some("back/deny"));

@@ -128,8 +128,8 @@ pub(crate) struct Backends {
     external_wildcards: Vec<(String, usize)>,
     external_ips: HashMap<(IpAddr, u16), usize>,
     external_cidrs: Vec<(IpNet, u16, usize)>,
-    /// (namespace, qualified host) → merged rules.
-    rules: HashMap<(String, String), MergedRule>,
+    /// namespace → qualified host → merged rules (looked up per request without allocating).
+    rules: HashMap<String, HashMap<String, MergedRule>>,
     /// namespace → wildcard hosts with rules there, longest first.
     wildcard_rules: HashMap<String, Vec<String>>,
 }
@@ -170,8 +170,8 @@ impl Backends {
         rules.sort_by(|a, c| a.meta.precedence().cmp(&c.meta.precedence()));
         for dr in rules {
             let host = hosts.qualify(&dr.spec.host, &dr.meta.namespace);
-            let key = (dr.meta.namespace.clone(), host.clone());
-            match b.rules.get_mut(&key) {
+            let in_ns = b.rules.entry(dr.meta.namespace.clone()).or_default();
+            match in_ns.get_mut(&host) {
                 Some(m) => merge(m, dr),
                 None => {
                     if host.starts_with('*') {
@@ -180,8 +180,8 @@ impl Backends {
                             .or_default()
                             .push(host.clone());
                     }
-                    b.rules.insert(
-                        key,
+                    in_ns.insert(
+                        host.clone(),
                         MergedRule {
                             name: dr.meta.name.clone(),
                             policy: dr.spec.traffic_policy.clone(),
@@ -338,14 +338,15 @@ impl Backends {
 
     /// The DestinationRule of `namespace` for `host` (exact, then the longest wildcard).
     fn rule_in(&self, namespace: &str, host: &str) -> Option<&MergedRule> {
-        if let Some(r) = self.rules.get(&(namespace.to_string(), host.to_string())) {
+        let in_ns = self.rules.get(namespace)?;
+        if let Some(r) = in_ns.get(host) {
             return Some(r);
         }
         self.wildcard_rules
             .get(namespace)?
             .iter()
             .find(|p| host_matches(p, host))
-            .and_then(|p| self.rules.get(&(namespace.to_string(), p.clone())))
+            .and_then(|p| in_ns.get(p))
     }
 
     /// Istio's lookup order: the client's namespace, the destination's, the root namespace.
