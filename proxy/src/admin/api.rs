@@ -734,5 +734,9 @@ mod tests {
             assert_eq!(possible.get_name(), v.as_str());
         }
         assert_eq!(Verdict::value_variants().len(), Verdict::ALL.len());
+        // The flow log counts verdicts in an array indexed by discriminant.
+        for (i, v) in Verdict::ALL.iter().enumerate() {
+            assert_eq!(*v as usize, i, "{v:?}");
+        }
     }
 }

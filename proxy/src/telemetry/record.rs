@@ -294,8 +294,9 @@ impl RequestRecord {
         identity: Option<&SpiffeId>,
         mtls: bool,
     ) -> &mut Self {
+        let address = addr.to_string();
         let d = &mut self.flow.destination;
-        d.address = Some(addr.to_string().into());
+        d.address = Some(address.as_str().into());
         if let Some(pod) = pod {
             d.namespace = Some(pod.namespace.as_str().into());
             d.pod = Some(pod.name.as_str().into());
@@ -303,7 +304,7 @@ impl RequestRecord {
         d.identity = identity.map(|i| i.to_string().into());
         self.flow.mtls = mtls;
         let h = self.http();
-        h.upstream = Some(addr.to_string());
+        h.upstream = Some(address);
         h.attempts += 1;
         self
     }

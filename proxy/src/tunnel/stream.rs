@@ -13,8 +13,10 @@ use tokio::net::TcpStream;
 
 use crate::relay::{both_ways, reset, Relayed};
 
-/// One read from a TCP socket.
+/// The read buffer allocated at a time: many small reads share one allocation.
 const CHUNK: usize = 256 << 10;
+/// The least room a read is given: below it, a new [`CHUNK`] is allocated.
+const MIN_READ: usize = 16 << 10;
 
 /// Relays `tcp` ⇄ an HTTP/2 stream until both directions have ended or one fails. End of
 /// stream is passed on as a half-close each way; a failure resets both (TCP RST,
@@ -51,8 +53,12 @@ async fn tcp_to_h2<R: AsyncRead + Unpin>(
 ) -> io::Result<()> {
     let mut buf = BytesMut::with_capacity(CHUNK);
     loop {
-        // Re-uses the allocation once h2 has written the previous chunks out.
-        buf.reserve(CHUNK);
+        // Each read goes after the previous one in the same allocation (the chunks sent are
+        // views of it); a new one is made only when little room is left, and the old one is
+        // freed once h2 has written out every chunk of it.
+        if buf.capacity() < MIN_READ {
+            buf.reserve(CHUNK);
+        }
         let n = tokio::select! {
             r = rd.read_buf(&mut buf) => r?,
             r = poll_fn(|cx| send.poll_reset(cx)) => return Err(reset_error(r)),
