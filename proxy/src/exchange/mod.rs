@@ -216,13 +216,14 @@ pub fn upstream_request(
 
 /// Response headers that belong to the upstream connection, not the message.
 pub fn strip_hop_by_hop(headers: &mut HeaderMap) {
-    for name in [
-        "connection",
-        "keep-alive",
-        "proxy-connection",
-        "transfer-encoding",
-        "upgrade",
-    ] {
+    const HOP_BY_HOP: [header::HeaderName; 5] = [
+        header::CONNECTION,
+        header::HeaderName::from_static("keep-alive"),
+        header::HeaderName::from_static("proxy-connection"),
+        header::TRANSFER_ENCODING,
+        header::UPGRADE,
+    ];
+    for name in &HOP_BY_HOP {
         headers.remove(name);
     }
 }

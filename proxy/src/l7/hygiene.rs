@@ -253,15 +253,17 @@ impl H1Guard {
 
 /// Headers that describe one connection, not the message (RFC 9110 §7.6.1), plus what hyper
 /// frames itself.
-const HOP_BY_HOP: [&str; 7] = [
-    "connection",
-    "keep-alive",
-    "proxy-connection",
-    "transfer-encoding",
-    "upgrade",
-    "te",
-    "trailer",
+const HOP_BY_HOP: [HeaderName; 7] = [
+    http::header::CONNECTION,
+    HeaderName::from_static("keep-alive"),
+    HeaderName::from_static("proxy-connection"),
+    http::header::TRANSFER_ENCODING,
+    http::header::UPGRADE,
+    http::header::TE,
+    http::header::TRAILER,
 ];
+const X_FORWARDED_FOR: HeaderName = HeaderName::from_static("x-forwarded-for");
+const X_REQUEST_ID: HeaderName = HeaderName::from_static("x-request-id");
 
 /// Prepares a request's headers for the upstream: removes hop-by-hop headers (and those the
 /// `Connection` header names), keeps `Upgrade` when the request is an upgrade, generates
@@ -286,8 +288,8 @@ pub fn prepare(headers: &mut HeaderMap, client: IpAddr, upgrade: bool) -> String
             headers.remove(name);
         }
     }
-    for name in HOP_BY_HOP {
-        if upgrade && (name == "upgrade" || name == "connection") {
+    for name in &HOP_BY_HOP {
+        if upgrade && (name == http::header::UPGRADE || name == http::header::CONNECTION) {
             continue;
         }
         headers.remove(name);
@@ -302,19 +304,19 @@ pub fn prepare(headers: &mut HeaderMap, client: IpAddr, upgrade: bool) -> String
             HeaderValue::from_static("upgrade"),
         );
     }
-    let xff = match headers.get("x-forwarded-for").and_then(|v| v.to_str().ok()) {
+    let xff = match headers.get(&X_FORWARDED_FOR).and_then(|v| v.to_str().ok()) {
         Some(prev) if !prev.trim().is_empty() => format!("{prev}, {client}"),
         _ => client.to_string(),
     };
     if let Ok(v) = HeaderValue::from_str(&xff) {
-        headers.insert("x-forwarded-for", v);
+        headers.insert(X_FORWARDED_FOR, v);
     }
-    match headers.get("x-request-id").and_then(|v| v.to_str().ok()) {
+    match headers.get(&X_REQUEST_ID).and_then(|v| v.to_str().ok()) {
         Some(id) if !id.is_empty() => id.to_string(),
         _ => {
             let id = request_id();
             headers.insert(
-                "x-request-id",
+                X_REQUEST_ID,
                 HeaderValue::from_str(&id).expect("a UUID is a valid header value"),
             );
             id
