@@ -26,6 +26,9 @@ pub struct ProxyInputs {
     pub registry: Arc<Registry>,
     /// Compiled from the registry's snapshot on every change.
     pub policies: Arc<ArcSwap<PolicySet>>,
+    /// The registry generation `policies` were compiled from, told to whoever holds a
+    /// connection admitted under older ones.
+    pub policy_generation: tokio::sync::watch::Sender<u64>,
     /// Compiled from the registry's snapshot on every change.
     pub routes: Arc<ArcSwap<RouteTable>>,
     /// The pods of this node by cgroup, rescanned as cgroups appear.

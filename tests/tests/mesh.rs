@@ -653,6 +653,58 @@ fn certificates_rotate_without_breaking_connections() {
     assert!(calls > 20);
 }
 
+/// A tunnel admitted under the policies of then is closed by the destination node once a
+/// policy denies it: a policy change applies to open connections, not only to new ones.
+#[test]
+fn a_policy_change_closes_tunnels_it_no_longer_allows() {
+    let m = mesh("revoke", &[]);
+    let _echo = m
+        .web
+        .spawn(testpod().args(["serve", "--listen", "0.0.0.0:7070", "--mode", "echo"]))
+        .unwrap();
+    wait_for_tcp(&m.web, m.web.addr(7070), WAIT).unwrap();
+    // One connection, request/response at 20/s for up to 60 s, across nodes.
+    let mut stream = m
+        .client
+        .spawn(testpod().args([
+            "bench",
+            "rr",
+            &m.web.addr(7070).to_string(),
+            "--duration-ms",
+            "60000",
+            "--warmup-ms",
+            "0",
+            "--size",
+            "64",
+            "--rate",
+            "20",
+        ]))
+        .unwrap();
+    std::thread::sleep(Duration::from_secs(2));
+    assert!(stream.is_running(), "{}", stream.stderr());
+    apply(
+        &m,
+        "apiVersion: security.istio.io/v1\nkind: AuthorizationPolicy\nmetadata:\n  name: deny-client\n  namespace: back\nspec:\n  action: DENY\n  rules:\n  - from:\n    - source:\n        principals: [\"cluster.local/ns/front/sa/client\"]\n",
+    );
+    let status = stream
+        .wait_timeout(WAIT)
+        .unwrap()
+        .expect("the open connection was not closed after the policy denied it");
+    assert!(!status.success(), "{}", stream.stdout());
+    let flows = m
+        .weft_b
+        .wait_flows(1, WAIT, |f| {
+            s(f, "/destination/pod") == "web-0"
+                && f["error"]
+                    .as_str()
+                    .is_some_and(|e| e.contains("closed: now denied by back/deny-client"))
+        })
+        .unwrap();
+    assert_eq!(s(&flows[0], "/verdict"), "forwarded", "{}", flows[0]);
+    // New connections are refused.
+    wait_denied(&m, &m.client, m.web.addr(7070), "back/deny-client");
+}
+
 #[test]
 fn same_node_mesh_traffic_is_authorized_without_tls() {
     let m = mesh("same_node", &[]);

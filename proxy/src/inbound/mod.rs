@@ -86,7 +86,9 @@ impl Handler for Inbound {
         if let Some(ip) = req.forwarded_for {
             record.source_ip(ip);
         }
-        // Decided on the snapshot and policies in force now; neither is held while relaying.
+        // Decided on the snapshot and policies in force now; neither is held while relaying,
+        // but a change of policies from now on is heard.
+        let policy_changes = inputs.policy_generation.subscribe();
         let admission = {
             let snapshot = inputs.registry.snapshot();
             if let Some(pod) = calling_pod(&snapshot, &caller) {
@@ -154,18 +156,68 @@ impl Handler for Inbound {
                 return;
             }
         };
-        // Seen from the source: what it sent went stream → pod.
+        // Seen from the source: what it sent went stream → pod. Admitted under the policies
+        // of now: when they change so that this tunnel would no longer be relayed as it is
+        // (denied, or its requests to be authorized one by one), it is closed, and the
+        // client's next connection is decided anew.
+        let revoked = self.revoked(&req, policy_changes);
         record
             .relay(async move {
-                let r = stream.relay(upstream).await;
-                Relayed {
-                    sent: r.received,
-                    received: r.sent,
-                    error: r.error,
+                tokio::select! {
+                    r = stream.relay(upstream) => Relayed {
+                        sent: r.received,
+                        received: r.sent,
+                        error: r.error,
+                    },
+                    why = revoked => Relayed {
+                        sent: 0,
+                        received: 0,
+                        error: Some(why),
+                    },
                 }
             })
             .await;
         record.finish(Verdict::Forwarded, None::<&str>);
+    }
+}
+
+impl Inbound {
+    /// Waits until the policies in force would no longer relay `req`'s tunnel as bytes;
+    /// returns why.
+    async fn revoked(
+        &self,
+        req: &crate::tunnel::server::ConnectRequest,
+        mut changes: tokio::sync::watch::Receiver<u64>,
+    ) -> String {
+        let inputs = &self.inputs;
+        let caller = Caller {
+            identity: &req.peer,
+            ip: req.forwarded_for,
+        };
+        loop {
+            if changes.changed().await.is_err() {
+                return std::future::pending().await;
+            }
+            let now = admit(
+                &inputs.registry.snapshot(),
+                &inputs.policies.load(),
+                &inputs.node,
+                req.target,
+                &caller,
+            );
+            match now {
+                Admission::Deliver {
+                    per_request: false, ..
+                } => continue,
+                Admission::Deliver { .. } => {
+                    return "closed: the policies now in force authorize each HTTP request".into()
+                }
+                Admission::Denied { policy, .. } => {
+                    return format!("closed: now denied by {policy}");
+                }
+                Admission::NotHere => return "closed: the pod is no longer on this node".into(),
+            }
+        }
     }
 }
 

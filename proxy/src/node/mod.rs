@@ -104,6 +104,7 @@ pub async fn run(cfg: NodeConfig) -> anyhow::Result<()> {
         hbone_port: cfg.hbone_port,
         registry: registry.clone(),
         policies: Arc::new(ArcSwap::from_pointee(policies)),
+        policy_generation: tokio::sync::watch::Sender::new(generation),
         routes: Arc::new(ArcSwap::from_pointee(routes)),
         workloads: Arc::new(ArcSwap::from_pointee(index)),
         connector: Connector::new(connect_timeout),

@@ -72,6 +72,7 @@ pub(super) async fn run(node: Arc<NodeProxy>, mut applied: Applied) {
                 "policies updated"
             );
             inputs.policies.store(Arc::new(set));
+            inputs.policy_generation.send_replace(generation);
             let routes = RouteTable::build(&snapshot);
             for w in routes.warnings() {
                 // Said once per distinct conflict, not on every change.

@@ -2,14 +2,16 @@
 //! trying them all. Each entry is filed under one key: its exact path, its path prefix (probed
 //! at each prefix length present), or, when its path tells nothing (none, or `/`), one of its
 //! exact header conditions; a regex path counts by its literal start (`/api/v[0-9]+` by
-//! `/api/v`). Entries with none of these (a regex starting with a class, presence checks) are
-//! always candidates. Candidates come out in list order, so "first match wins" is kept; the full
-//! conditions are checked after, so the index only has to never miss one.
+//! `/api/v`). Regex paths without a literal start are run together, as one `RegexSet` over the
+//! path, and only those that match are candidates. Entries with none of these (presence checks)
+//! are always candidates. Candidates come out in list order, so "first match wins" is kept; the
+//! full conditions are checked after, so the index only has to never miss one.
 
 use std::collections::HashMap;
 
 use http::header::HeaderName;
 use http::HeaderMap;
+use regex::{RegexSet, RegexSetBuilder};
 
 use super::header::StringMatcher;
 use super::path::PathMatch;
@@ -27,14 +29,23 @@ pub struct RuleIndex {
     lower_lengths: Vec<usize>,
     /// Header name → exact value → entries.
     headers: Vec<(HeaderName, HashMap<String, Vec<u32>>)>,
+    /// Entries whose path regex has no literal start, and their regexes run at once
+    /// (`regex_set` pattern `i` is entry `regex_entries[i]`).
+    regex_entries: Vec<u32>,
+    regex_set: Option<RegexSet>,
     /// Entries every request may match.
     always: Vec<u32>,
 }
+
+/// The compiled size allowed for the regexes run together; past it (tens of thousands of
+/// complex patterns) they are tried one by one instead.
+const REGEX_SET_SIZE_LIMIT: usize = 256 << 20;
 
 impl RuleIndex {
     /// Indexes `entries[i]`, the conditions of entry `i`.
     pub fn new<'a>(entries: impl Iterator<Item = &'a Conditions>) -> RuleIndex {
         let mut ix = RuleIndex::default();
+        let mut patterns = Vec::new();
         for (i, c) in entries.enumerate() {
             let i = i as u32;
             match &c.path {
@@ -65,23 +76,48 @@ impl RuleIndex {
                     ix.prefix.entry(literal.clone()).or_default().push(i);
                     ix.lengths.push(literal.len());
                 }
-                _ => ix.file_by_header(c, i),
+                _ => ix.file_by_header(c, i, &mut patterns),
             }
         }
         for lens in [&mut ix.lengths, &mut ix.lower_lengths] {
             lens.sort_unstable();
             lens.dedup();
         }
+        if !patterns.is_empty() {
+            match RegexSetBuilder::new(&patterns)
+                .size_limit(REGEX_SET_SIZE_LIMIT)
+                .build()
+            {
+                Ok(set) => ix.regex_set = Some(set),
+                // Each pattern compiled alone (they did, to be here): try each one.
+                Err(_) => ix.always.append(&mut ix.regex_entries),
+            }
+        }
+        ix.always.sort_unstable();
         ix
     }
 
-    fn file_by_header(&mut self, c: &Conditions, i: u32) {
+    /// Runs `entry`'s regex with the others that have no literal start, if it is one of them.
+    fn file_by_regex(&mut self, c: &Conditions, i: u32, patterns: &mut Vec<String>) -> bool {
+        match &c.path {
+            Some(PathMatch::Regex { regex, .. }) => {
+                self.regex_entries.push(i);
+                patterns.push(regex.as_str().to_string());
+                true
+            }
+            _ => false,
+        }
+    }
+
+    fn file_by_header(&mut self, c: &Conditions, i: u32, patterns: &mut Vec<String>) {
         let exact = c.headers.iter().find_map(|h| match (&h.matcher, h.invert) {
             (StringMatcher::Exact(v), false) => Some((&h.name, v)),
             _ => None,
         });
         let Some((name, value)) = exact else {
-            self.always.push(i);
+            if !self.file_by_regex(c, i, patterns) {
+                self.always.push(i);
+            }
             return;
         };
         let at = match self.headers.iter().position(|(n, _)| n == name) {
@@ -98,6 +134,9 @@ impl RuleIndex {
     pub fn candidates(&self, path: &str, headers: &HeaderMap, out: &mut Vec<u32>) {
         out.clear();
         out.extend_from_slice(&self.always);
+        if let Some(set) = &self.regex_set {
+            out.extend(set.matches(path).iter().map(|m| self.regex_entries[m]));
+        }
         if let Some(v) = self.exact.get(path) {
             out.extend_from_slice(v);
         }
