@@ -606,29 +606,8 @@ fn certificates_rotate_without_breaking_connections() {
             .map(|c| s(&c, "/serial").to_string())
             .collect()
     };
-    // A 30 s stream of request/response on one connection (to a plain echo server on web-0,
-    // across nodes), while new connections keep coming.
-    let _echo = m
-        .web
-        .spawn(testpod().args(["serve", "--listen", "0.0.0.0:7070", "--mode", "echo"]))
-        .unwrap();
-    wait_for_tcp(&m.web, m.web.addr(7070), WAIT).unwrap();
-    let mut stream = m
-        .client
-        .spawn(testpod().args([
-            "bench",
-            "rr",
-            &m.web.addr(7070).to_string(),
-            "--duration-ms",
-            "30000",
-            "--warmup-ms",
-            "0",
-            "--size",
-            "64",
-            "--rate",
-            "20",
-        ]))
-        .unwrap();
+    // A 30 s stream of request/response on one connection, while new connections keep coming.
+    let (_echo, mut stream) = echo_stream(&m, 30_000);
     let mut seen = serials(&m.weft_a);
     let started = Instant::now();
     let mut calls = 0;
@@ -653,25 +632,22 @@ fn certificates_rotate_without_breaking_connections() {
     assert!(calls > 20);
 }
 
-/// A tunnel admitted under the policies of then is closed by the destination node once a
-/// policy denies it: a policy change applies to open connections, not only to new ones.
-#[test]
-fn a_policy_change_closes_tunnels_it_no_longer_allows() {
-    let m = mesh("revoke", &[]);
-    let _echo = m
+/// An echo server on web-0:7070 and, from the client across nodes, one connection carrying
+/// 64-byte request/response exchanges at 20/s for `ms` (`weft-testpod bench rr`).
+fn echo_stream(m: &Mesh, ms: u64) -> (Proc, Proc) {
+    let echo = m
         .web
         .spawn(testpod().args(["serve", "--listen", "0.0.0.0:7070", "--mode", "echo"]))
         .unwrap();
     wait_for_tcp(&m.web, m.web.addr(7070), WAIT).unwrap();
-    // One connection, request/response at 20/s for up to 60 s, across nodes.
-    let mut stream = m
+    let stream = m
         .client
         .spawn(testpod().args([
             "bench",
             "rr",
             &m.web.addr(7070).to_string(),
             "--duration-ms",
-            "60000",
+            &ms.to_string(),
             "--warmup-ms",
             "0",
             "--size",
@@ -680,6 +656,15 @@ fn a_policy_change_closes_tunnels_it_no_longer_allows() {
             "20",
         ]))
         .unwrap();
+    (echo, stream)
+}
+
+/// A tunnel admitted under the policies of then is closed by the destination node once a
+/// policy denies it: a policy change applies to open connections, not only to new ones.
+#[test]
+fn a_policy_change_closes_tunnels_it_no_longer_allows() {
+    let m = mesh("revoke", &[]);
+    let (_echo, mut stream) = echo_stream(&m, 60_000);
     std::thread::sleep(Duration::from_secs(2));
     assert!(stream.is_running(), "{}", stream.stderr());
     apply(
