@@ -40,6 +40,10 @@ pub struct RuleIndex {
 /// The compiled size allowed for the regexes run together; past it (tens of thousands of
 /// complex patterns) they are tried one by one instead.
 const REGEX_SET_SIZE_LIMIT: usize = 256 << 20;
+/// The lazy DFA's cache for those regexes, per thread that matches (grown as paths are seen):
+/// with thousands of patterns a smaller one is cleared over and over, and matching falls back
+/// to a far slower engine.
+const REGEX_SET_CACHE_LIMIT: usize = 32 << 20;
 
 impl RuleIndex {
     /// Indexes `entries[i]`, the conditions of entry `i`.
@@ -86,6 +90,7 @@ impl RuleIndex {
         if !patterns.is_empty() {
             match RegexSetBuilder::new(&patterns)
                 .size_limit(REGEX_SET_SIZE_LIMIT)
+                .dfa_size_limit(REGEX_SET_CACHE_LIMIT)
                 .build()
             {
                 Ok(set) => ix.regex_set = Some(set),
