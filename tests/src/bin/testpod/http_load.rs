@@ -32,6 +32,8 @@ pub struct Opts {
     pub http2: bool,
     pub timeout: Duration,
     pub max: Duration,
+    /// Pause between one answer and the next request.
+    pub interval: Duration,
 }
 
 /// The one JSON line printed.
@@ -171,6 +173,9 @@ async fn load(o: &Opts) -> Summary {
     let deadline = Instant::now() + o.max;
     let mut sender: Option<Sender> = None;
     for i in 0..o.count {
+        if i > 0 && !o.interval.is_zero() {
+            tokio::time::sleep(o.interval).await;
+        }
         if Instant::now() >= deadline {
             s.error(format!("#{i}: overall deadline passed"));
             s.failed = o.count - s.ok;
@@ -270,6 +275,7 @@ mod tests {
             http2: true,
             timeout: Duration::from_secs(1),
             max: Duration::from_secs(1),
+            interval: Duration::ZERO,
         };
         let r = request(&o, &[]).unwrap();
         assert_eq!(r.uri().to_string(), "http://reviews/p?q=1");

@@ -7,8 +7,8 @@
 //!   `http_server`); `--mode https --cert PEM --key PEM`: the same over TLS.
 //! - `http ADDR [--method M] [--path P] [-H 'k: v'] [--data D]`: one HTTP request; prints
 //!   `status=<code>` and the body.
-//! - `http-load ADDR --count N [--http2]`: N requests over one keep-alive connection; prints one
-//!   JSON line with counts per status and per backend (see `http_load`).
+//! - `http-load ADDR --count N [--http2] [--interval-ms MS]`: N requests over one keep-alive
+//!   connection (MS apart); prints one JSON line with counts per status and per backend (see `http_load`).
 //! - `ws ADDR --send TEXT`: a WebSocket upgrade, then TEXT echoed back (see `websocket`).
 //! - `call ADDR --send TEXT [--timeout-ms N]`: connect, send, half-close, print the response.
 //!   Exit 2 on connect failure, 3 on reset/timeout after connecting (error on stderr).
@@ -125,6 +125,9 @@ enum Cmd {
         /// Overall time limit.
         #[arg(long, default_value_t = 120)]
         max_secs: u64,
+        /// Pause between one answer and the next request [default: none].
+        #[arg(long, default_value_t = 0, value_parser = clap::value_parser!(u64).range(0..=10_000))]
+        interval_ms: u64,
     },
     /// A WebSocket upgrade (HTTP/1.1), then TEXT sent and read back; prints `status=`, the
     /// response headers and `echo=`. Exit 0 iff the 101 is proper and the echo matches; 2 on
@@ -237,6 +240,7 @@ fn main() -> ExitCode {
             http2,
             timeout_ms,
             max_secs,
+            interval_ms,
         } => http_load::run(http_load::Opts {
             addr,
             count,
@@ -247,6 +251,7 @@ fn main() -> ExitCode {
             http2,
             timeout: Duration::from_millis(timeout_ms),
             max: Duration::from_secs(max_secs),
+            interval: Duration::from_millis(interval_ms),
         }),
         Cmd::Ws {
             addr,
