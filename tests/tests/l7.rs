@@ -117,6 +117,7 @@ const REVIEWS_SERVICES: &[&str] = &[
     "reviews-edit",
     "reviews-proto",
     "reviews-flows",
+    "reviews-live",
 ];
 
 fn build_shared() -> L7 {
@@ -374,6 +375,77 @@ fn weighted_virtual_service_splits_requests_between_subsets() {
     .unwrap_or_else(|_| panic!("100/0 not applied: {:?}", m.load("reviews", 50, &[])));
     let s = m.load("reviews", 500, &[]);
     assert_eq!(s.backends.get("reviews-v1"), Some(&500), "{s:?}");
+}
+
+/// `reviews-live` routed whole to subset `pick`, which selects `version: {version}`.
+fn pick_subset(version: &str) -> String {
+    format!(
+        r#"
+        apiVersion: networking.istio.io/v1
+        kind: DestinationRule
+        metadata:
+          name: reviews-live
+          namespace: back
+        spec:
+          host: reviews-live
+          subsets:
+          - name: pick
+            labels:
+              version: {version}
+        ---
+        apiVersion: networking.istio.io/v1
+        kind: VirtualService
+        metadata:
+          name: reviews-live
+          namespace: back
+        spec:
+          hosts:
+          - reviews-live
+          http:
+          - route:
+            - destination:
+                host: reviews-live
+                subset: pick
+        "#
+    )
+}
+
+#[test]
+fn a_changed_subset_reaches_requests_on_connections_already_open() {
+    // The route stays the same (subset `pick`); what the subset selects changes while a
+    // client keeps sending on one connection. Each connection keeps what its requests
+    // resolved: it must not outlive the configuration it was resolved under.
+    let m = shared();
+    m.apply(&pick_subset("v1"));
+    for http2 in [false, true] {
+        wait_until(WAIT, || {
+            m.load("reviews-live", 10, &[]).backends.get("reviews-v1") == Some(&10)
+        })
+        .unwrap_or_else(|_| panic!("pick=v1 not applied: {:?}", m.load("reviews-live", 10, &[])));
+        let host = fqdn("reviews-live");
+        let mut cmd = testpod();
+        cmd.args([
+            "http-load",
+            &m.svc("reviews-live").addr(HTTP_PORT).to_string(),
+        ])
+        .args(["--count", "120", "--interval-ms", "50", "--host", &host]);
+        if http2 {
+            cmd.arg("--http2");
+        }
+        let mut load = m.client.spawn(&cmd).unwrap();
+        std::thread::sleep(Duration::from_millis(1500));
+        m.apply(&pick_subset("v2"));
+        load.wait_timeout(Duration::from_secs(60)).unwrap();
+        let s: LoadSummary = serde_json::from_str(load.stdout().trim())
+            .unwrap_or_else(|e| panic!("no summary ({e}): {}", load.stderr()));
+        let what = if http2 { "HTTP/2" } else { "HTTP/1.1" };
+        assert_eq!((s.ok, s.connections), (120, 1), "{what}: {s:?}");
+        assert_eq!(s.from_backends("reviews-v3"), 0, "{what}: {s:?}");
+        assert!(s.from_backends("reviews-v1") > 0, "{what}: {s:?}");
+        // The change lands within a second or two of the 6 s of requests.
+        assert!(s.from_backends("reviews-v2") >= 40, "{what}: {s:?}");
+        m.apply(&pick_subset("v1"));
+    }
 }
 
 /// The match cases of scenario 2, as (what, flags, backend). A route table that gets them all

@@ -175,8 +175,8 @@ pub struct Flow {
 #[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
 pub struct HttpFlow {
     /// `HTTP/1.1` or `HTTP/2`, as the client spoke.
-    pub protocol: String,
-    pub method: String,
+    pub protocol: Text,
+    pub method: Text,
     /// `Host` / `:authority` as the client sent it.
     pub authority: String,
     /// Path and query as the client sent them.
@@ -184,14 +184,14 @@ pub struct HttpFlow {
     /// The status returned to the client (0 when the connection ended before a response).
     pub status: u16,
     /// Envoy response flags (`NR`, `UH`, `UF`, `URX`, `DPE`, …), `-` when none.
-    pub response_flags: String,
+    pub response_flags: Text,
     /// The routing rule that matched: `VirtualService ns/name http[1]`, `HTTPRoute ns/name
     /// rules[0]`; absent for the default route.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub route: Option<String>,
     /// The endpoint the request was sent to (`ip:port`).
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub upstream: Option<String>,
+    pub upstream: Option<Text>,
     /// Upstream attempts (0 when weft answered itself).
     pub attempts: u32,
     /// From the request's head to the end of its response (milliseconds, to the microsecond).

@@ -186,13 +186,13 @@ impl FlowTable {
                 vec![
                     f.time.format(TIME_FORMAT).unwrap_or_default(),
                     source_cell(f),
-                    h.method.clone(),
+                    h.method.to_string(),
                     h.authority.clone(),
                     h.path.clone(),
                     status,
-                    h.response_flags.clone(),
+                    h.response_flags.to_string(),
                     h.route.clone().unwrap_or_else(|| "-".into()),
-                    h.upstream.clone().unwrap_or_else(|| "-".into()),
+                    h.upstream.as_deref().unwrap_or("-").to_string(),
                     format_duration(h.duration_ms),
                 ]
             }

@@ -114,7 +114,7 @@ where
                 None => e.to_string(),
             };
             let r = template.start(HttpFlow {
-                protocol: version.as_version().as_str().into(),
+                protocol: crate::telemetry::shared(version.as_version().as_str()),
                 ..HttpFlow::default()
             });
             r.finish(

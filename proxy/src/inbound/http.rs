@@ -21,7 +21,7 @@ use crate::inputs::ProxyInputs;
 use crate::l7::respond::Flag;
 use crate::policy::{Decision, HttpRequest};
 use crate::registry::Pod;
-use crate::telemetry::{ConnectionRecord, RequestTemplate};
+use crate::telemetry::{shared, ConnectionRecord, Names, RequestTemplate};
 use crate::upstream::http::{HttpPool, PoolKey, Sender};
 use crate::upstream::OnBehalfOf;
 
@@ -32,6 +32,13 @@ pub struct Tunnelled {
     pub pod: Arc<Pod>,
     pub target: SocketAddr,
     pub version: ClientVersion,
+}
+
+/// A tunnel and what its requests' records and upstream connections are named by, made once.
+struct Tunnel {
+    t: Tunnelled,
+    names: Names,
+    via: Arc<str>,
 }
 
 /// Serves the HTTP carried by one tunnel until it closes.
@@ -46,9 +53,13 @@ pub async fn serve<S>(
     S: AsyncRead + AsyncWrite + Send + Unpin + 'static,
 {
     let template = record.requests();
-    let t = Arc::new(t);
+    let t = Arc::new(Tunnel {
+        names: Names::endpoint(t.target, Some(&t.pod)),
+        via: format!("inbound {}", t.peer).into(),
+        t,
+    });
     let tmpl = template.clone();
-    let (requests, error) = exchange::serve(io, t.version, max_head, &template, &mut record, {
+    let (requests, error) = exchange::serve(io, t.t.version, max_head, &template, &mut record, {
         move |req| {
             let inputs = inputs.clone();
             let clients = clients.clone();
@@ -64,10 +75,11 @@ pub async fn serve<S>(
 async fn request(
     inputs: &ProxyInputs,
     clients: &HttpPool,
-    t: &Tunnelled,
+    tunnel: &Tunnel,
     template: &RequestTemplate,
     req: Request<Incoming>,
 ) -> Response<ResponseBody> {
+    let t = &tunnel.t;
     let authority = authority_of(&req);
     let (parts, body) = req.into_parts();
     let path = parts
@@ -76,8 +88,8 @@ async fn request(
         .map(|p| p.as_str().to_string())
         .unwrap_or_else(|| "/".into());
     let mut record = template.start(HttpFlow {
-        protocol: t.version.as_version().as_str().into(),
-        method: parts.method.to_string(),
+        protocol: shared(t.version.as_version().as_str()),
+        method: shared(parts.method.as_str()),
         authority: authority.clone(),
         path: path.clone(),
         ..HttpFlow::default()
@@ -102,7 +114,7 @@ async fn request(
         };
         authorize_request(&inputs.policies.load(), &t.pod, t.target, &caller, &http)
     };
-    record.upstream(t.target, Some(&t.pod), None, true);
+    record.upstream(&tunnel.names, None, true);
     if let Decision::Deny { policy, .. } = decision {
         record.policy(policy);
         return denied(record);
@@ -110,7 +122,7 @@ async fn request(
     let version = t.version.as_version();
     let key = PoolKey {
         endpoint: t.target,
-        via: format!("inbound {}", t.peer),
+        via: tunnel.via.clone(),
         version,
         generation: inputs.registry.snapshot().generation,
     };
@@ -144,7 +156,7 @@ async fn request(
     };
     match sender.send(req).await {
         Ok(resp) => {
-            clients.checkin(key, sender);
+            clients.checkin(&key, sender);
             exchange::client_response(resp, t.version, record, sent)
         }
         Err(e) => own(

@@ -1,13 +1,29 @@
 //! Endpoint choice: round robin per Service port.
 
 use std::collections::HashMap;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::Arc;
 
 use parking_lot::Mutex;
 
 /// A round-robin position per key (`namespace/service:port`).
 #[derive(Debug, Default)]
 pub struct RoundRobin {
-    next: Mutex<HashMap<String, usize>>,
+    next: Mutex<HashMap<String, Arc<Turn>>>,
+}
+
+/// One key's position: held by whoever picks for that key often, so a pick needs no lookup.
+#[derive(Debug, Default)]
+pub struct Turn(AtomicUsize);
+
+impl Turn {
+    /// The index of the endpoint to use among `n`, `None` when there is none.
+    pub fn pick(&self, n: usize) -> Option<usize> {
+        if n == 0 {
+            return None;
+        }
+        Some(self.0.fetch_add(1, Ordering::Relaxed) % n)
+    }
 }
 
 impl RoundRobin {
@@ -16,14 +32,16 @@ impl RoundRobin {
         if n == 0 {
             return None;
         }
+        self.turn(key).pick(n)
+    }
+
+    /// The position of `key`, shared by every picker of that key.
+    pub fn turn(&self, key: &str) -> Arc<Turn> {
         let mut next = self.next.lock();
-        let slot = match next.get_mut(key) {
-            Some(slot) => slot,
-            None => next.entry(key.to_string()).or_insert(0),
-        };
-        let i = *slot % n;
-        *slot = slot.wrapping_add(1);
-        Some(i)
+        match next.get(key) {
+            Some(turn) => turn.clone(),
+            None => next.entry(key.to_string()).or_default().clone(),
+        }
     }
 }
 
@@ -39,5 +57,15 @@ mod tests {
         assert_eq!(rr.pick("b", 2), Some(0));
         assert_eq!(rr.pick("a", 3), Some(2));
         assert_eq!(rr.pick("c", 0), None);
+    }
+
+    #[test]
+    fn a_held_turn_is_the_keys_own() {
+        let rr = RoundRobin::default();
+        let held = rr.turn("a");
+        assert_eq!(held.pick(3), Some(0));
+        assert_eq!(rr.pick("a", 3), Some(1));
+        assert_eq!(held.pick(3), Some(2));
+        assert_eq!(rr.turn("b").pick(0), None);
     }
 }

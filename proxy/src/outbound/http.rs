@@ -10,18 +10,19 @@
 //! - What weft answers itself carries Envoy's response flags (see [`crate::l7::respond`]).
 
 use std::net::SocketAddr;
-use std::sync::Arc;
+use std::sync::{Arc, OnceLock, Weak};
 
 use bytes::Bytes;
 use http::{header, HeaderValue, Request, Response, StatusCode};
 use hyper::body::Incoming;
 use hyper_util::rt::TokioIo;
+use parking_lot::Mutex;
 use tokio::net::TcpStream;
 use tracing::debug;
 
-use super::balance::RoundRobin;
+use super::balance::{RoundRobin, Turn};
 use super::plan::{self, Action, Context, Destination, Refusal, Source};
-use crate::admin::api::{HttpFlow, Verdict, NO_FLAGS};
+use crate::admin::api::{HttpFlow, Text, Verdict, NO_FLAGS};
 use crate::exchange::body::Counter;
 use crate::exchange::{
     self, authority_of, denied, empty, is_upgrade, own, upstream_request, ClientVersion,
@@ -32,12 +33,13 @@ use crate::l7::hygiene;
 use crate::l7::protocol::AppProtocol;
 use crate::l7::respond::Flag;
 use crate::l7::route::{
-    Action as RouteAction, Backend, HeaderOps, RouteDecision, RouteRequest, Target as BackendTarget,
+    Action as RouteAction, Backend, HeaderOps, RouteDecision, RouteRequest, RouteTable,
+    Target as BackendTarget,
 };
 use crate::policy::HttpRequest;
 use crate::registry::kinds::networking::{H2UpgradePolicy, Resolution, TlsMode};
-use crate::registry::{Pod, Service, ServicePort};
-use crate::telemetry::{ConnectionRecord, RequestRecord, RequestTemplate};
+use crate::registry::{Pod, Service, ServicePort, Snapshot};
+use crate::telemetry::{shared, ConnectionRecord, Names, RequestRecord, RequestTemplate};
 use crate::tunnel::client::Pool;
 use crate::upstream::dns::Dns;
 use crate::upstream::http::{HttpPool, PoolKey, Sender, Version};
@@ -81,6 +83,80 @@ struct Conn {
     declared: Option<Declared>,
     client: ClientVersion,
     template: RequestTemplate,
+    /// The routing host of the Service called (its FQDN).
+    host: Option<String>,
+    memo: Mutex<Memo>,
+}
+
+/// The targets a connection's requests resolved, kept while the route table and the registry
+/// snapshot they were resolved under are in force: most requests of a connection go where the
+/// one before went, and resolving a target (backend, traffic policy, endpoints, how each is
+/// reached) is the same work every time.
+#[derive(Default)]
+struct Memo {
+    /// The route table they were resolved under (not kept alive for them: only compared).
+    routes: Weak<RouteTable>,
+    generation: u64,
+    targets: Vec<(Wanted, Arc<Target>)>,
+}
+
+/// Targets one connection keeps (its requests' distinct routes, in practice a few).
+const MEMO_TARGETS: usize = 8;
+
+/// What a request asks to be sent to: a routed host, port and subset, or (`host: None`) what
+/// the client called.
+#[derive(Debug, Clone, PartialEq, Eq)]
+struct Wanted {
+    host: Option<String>,
+    port: Option<u16>,
+    subset: Option<String>,
+    /// A route named it (so a host that is not known is no healthy upstream).
+    routed: bool,
+}
+
+impl Wanted {
+    fn is(&self, host: Option<&str>, port: Option<u16>, subset: Option<&str>) -> bool {
+        self.host.as_deref() == host && self.port == port && self.subset.as_deref() == subset
+    }
+}
+
+impl Memo {
+    /// The target kept for `want` under these tables.
+    fn get(
+        &self,
+        routes: &RouteTable,
+        generation: u64,
+        host: Option<&str>,
+        port: Option<u16>,
+        subset: Option<&str>,
+    ) -> Option<Arc<Target>> {
+        if !std::ptr::eq(self.routes.as_ptr(), routes) || self.generation != generation {
+            return None;
+        }
+        self.targets
+            .iter()
+            .find(|(w, _)| w.is(host, port, subset))
+            .map(|(_, t)| t.clone())
+    }
+
+    fn keep(
+        &mut self,
+        routes: &Arc<RouteTable>,
+        generation: u64,
+        want: Wanted,
+        target: Arc<Target>,
+    ) {
+        if !std::ptr::eq(self.routes.as_ptr(), Arc::as_ptr(routes)) || self.generation != generation
+        {
+            self.routes = Arc::downgrade(routes);
+            self.generation = generation;
+            self.targets.clear();
+        }
+        if self.targets.len() == MEMO_TARGETS {
+            self.targets.remove(0);
+        }
+        self.targets.push((want, target));
+    }
 }
 
 /// Serves HTTP connections of the capture listener.
@@ -116,12 +192,18 @@ impl HttpPath {
         mut record: ConnectionRecord,
     ) {
         let _ = client.set_nodelay(true);
+        let host = match &called {
+            Called::Service { service, .. } => Some(routes_host(service)),
+            _ => None,
+        };
         let conn = Arc::new(Conn {
             template: record.requests(),
             source,
             called,
             declared,
             client: version,
+            host,
+            memo: Mutex::default(),
         });
         let this = self.clone();
         let c = conn.clone();
@@ -142,16 +224,16 @@ impl HttpPath {
     }
 
     async fn request(&self, mut req: Request<Incoming>, conn: &Conn) -> Response<ResponseBody> {
-        let mut authority = authority_of(&req);
+        let client_authority = authority_of(&req);
         let path = req
             .uri()
             .path_and_query()
             .map(|p| p.as_str().to_string())
             .unwrap_or_else(|| req.uri().to_string());
         let mut record = conn.template.start(HttpFlow {
-            protocol: conn.client.as_version().as_str().into(),
-            method: req.method().to_string(),
-            authority: authority.clone(),
+            protocol: shared(conn.client.as_version().as_str()),
+            method: shared(req.method().as_str()),
+            authority: client_authority.clone(),
             path,
             ..HttpFlow::default()
         });
@@ -159,23 +241,21 @@ impl HttpPath {
         let id = hygiene::prepare(req.headers_mut(), conn.source.ip, upgrade);
         record.request_id(&id);
 
+        let snapshot = self.inputs.registry.snapshot();
         let routes = self.inputs.routes.load();
         // The routing host of what was called: a Service, or a ServiceEntry host found by
         // address, else (plain HTTP to somewhere outside) by the Host header.
         let (host, port) = match &conn.called {
-            Called::Service { service, port } => {
-                record.service(service);
-                (Some(routes.host_of_service(service)), port.port)
-            }
+            Called::Service { port, .. } => (conn.host.as_deref(), port.port),
             Called::Pod { addr, .. } => (None, addr.port()),
             Called::Other { addr } => {
                 let external = routes
                     .external_by_address(addr.ip(), addr.port())
-                    .or_else(|| routes.external_by_authority(&authority, addr.port()));
-                (external.map(|e| e.host.clone()), addr.port())
+                    .or_else(|| routes.external_by_authority(&client_authority, addr.port()));
+                (external.map(|e| e.host.as_str()), addr.port())
             }
         };
-        let decision = match &host {
+        let decision = match host {
             Some(host) => {
                 let path = req.uri().path_and_query().map_or("/", |p| p.as_str());
                 routes.route(&RouteRequest {
@@ -184,24 +264,29 @@ impl HttpPath {
                     source_namespace: conn.source.pod.as_ref().map(|p| p.namespace.as_str()),
                     source_labels: conn.source.pod.as_ref().map(|p| &p.labels),
                     method: req.method(),
-                    authority: &authority,
+                    authority: &client_authority,
                     path_and_query: path,
                     headers: req.headers(),
                 })
             }
             None => RouteDecision::Default,
         };
-        let source_ns = conn.source.pod.as_ref().map(|p| p.namespace.clone());
-        let (backend, response_ops) = match decision {
+        let source_ns = conn.source.pod.as_ref().map(|p| p.namespace.as_str());
+        // The authority the upstream sees, when a route rewrote it.
+        let mut rewritten = None;
+        let (want, response_ops) = match decision {
             RouteDecision::NotFound => {
                 return own(record, Verdict::Responded, Flag::NoRoute, None);
             }
-            RouteDecision::Default => {
-                let backend = host
-                    .as_deref()
-                    .and_then(|h| routes.backend(h, Some(port), None, source_ns.as_deref()));
-                (backend, Vec::new())
-            }
+            RouteDecision::Default => (
+                Wanted {
+                    host: host.map(str::to_string),
+                    port: Some(port),
+                    subset: None,
+                    routed: false,
+                },
+                Vec::new(),
+            ),
             RouteDecision::Matched(m) => {
                 record.route(&m.rule.id);
                 match &m.rule.action {
@@ -220,12 +305,12 @@ impl HttpPath {
                     RouteAction::Redirect(r) => {
                         let path = record_path(&req);
                         let view = RouteRequest {
-                            host: host.as_deref().unwrap_or(""),
+                            host: host.unwrap_or(""),
                             port,
-                            source_namespace: source_ns.as_deref(),
+                            source_namespace: source_ns,
                             source_labels: None,
                             method: req.method(),
-                            authority: &authority,
+                            authority: &client_authority,
                             path_and_query: &path,
                             headers: req.headers(),
                         };
@@ -250,73 +335,112 @@ impl HttpPath {
                                 }
                             }
                             if let Some(a) = &rw.authority {
-                                authority = a.clone();
+                                rewritten = Some(a.clone());
                             }
                         }
-                        let backend = routes.backend(
-                            &dest.host,
-                            dest.port.or(Some(port)),
-                            dest.subset.as_deref(),
-                            source_ns.as_deref(),
-                        );
                         // Envoy applies the destination's response headers, then the route's.
                         let ops = vec![dest.response_headers.clone(), f.response_headers.clone()];
-                        if backend.is_none() {
-                            let mut resp =
-                                own(record, Verdict::NoEndpoint, Flag::NoHealthyUpstream, None);
-                            apply_all(&ops, resp.headers_mut());
-                            return resp;
-                        }
-                        (backend, ops)
+                        let want = Wanted {
+                            host: Some(dest.host.clone()),
+                            port: dest.port.or(Some(port)),
+                            subset: dest.subset.clone(),
+                            routed: true,
+                        };
+                        (want, ops)
                     }
                 }
             }
         };
-        drop(routes);
-        let target = match self.target(backend, conn, &authority, &mut record).await {
-            Ok(t) => t,
-            Err(resp) => return resp,
+        let kept = conn.memo.lock().get(
+            &routes,
+            snapshot.generation,
+            want.host.as_deref(),
+            want.port,
+            want.subset.as_deref(),
+        );
+        let target = match kept {
+            Some(target) => {
+                drop(routes);
+                target
+            }
+            None => {
+                let backend = want
+                    .host
+                    .as_deref()
+                    .and_then(|h| routes.backend(h, want.port, want.subset.as_deref(), source_ns));
+                if backend.is_none() && want.routed {
+                    let mut resp = own(record, Verdict::NoEndpoint, Flag::NoHealthyUpstream, None);
+                    apply_all(&response_ops, resp.headers_mut());
+                    return resp;
+                }
+                let table = arc_swap::Guard::into_inner(routes);
+                let (target, lasting) = self.target(backend, conn, &snapshot).await;
+                let target = Arc::new(target);
+                if lasting {
+                    conn.memo
+                        .lock()
+                        .keep(&table, snapshot.generation, want, target.clone());
+                }
+                target
+            }
         };
-        let mut resp = self.forward(req, conn, record, target, upgrade).await;
+        if let Some(service) = &target.service {
+            record.service(service);
+        }
+        let authority = rewritten.as_deref().unwrap_or(&client_authority);
+        let mut resp = self
+            .forward(
+                req,
+                conn,
+                record,
+                &target,
+                snapshot,
+                &client_authority,
+                authority,
+                upgrade,
+            )
+            .await;
         apply_all(&response_ops, resp.headers_mut());
         resp
     }
 
     /// The endpoints a request may go to and how to reach them: those of the routed backend,
-    /// or, without one, of what the client called.
+    /// or, without one, of what the client called. `true` with it when it holds for as long as
+    /// the route table and the snapshot (not when DNS answered).
     async fn target(
         &self,
         backend: Option<Backend>,
         conn: &Conn,
-        authority: &str,
-        record: &mut RequestRecord,
-    ) -> Result<Target, Response<ResponseBody>> {
+        snapshot: &Snapshot,
+    ) -> (Target, bool) {
         let client = conn.client;
         let Some(backend) = backend else {
             let (endpoints, balance_key) = match &conn.called {
                 Called::Service { service, port } => {
-                    let snapshot = self.inputs.registry.snapshot();
                     let eps = snapshot
                         .endpoints(service, port)
                         .into_iter()
-                        .map(|e| (e.addr, Some(e.pod)))
+                        .map(|e| Upstream::new(e.addr, Some(e.pod)))
                         .collect();
                     (
                         eps,
                         format!("{}/{}:{}", service.namespace, service.name, port.port),
                     )
                 }
-                Called::Pod { pod, addr } => (vec![(*addr, Some(pod.clone()))], addr.to_string()),
-                Called::Other { addr } => (vec![(*addr, None)], addr.to_string()),
+                Called::Pod { pod, addr } => (
+                    vec![Upstream::new(*addr, Some(pod.clone()))],
+                    addr.to_string(),
+                ),
+                Called::Other { addr } => (vec![Upstream::new(*addr, None)], addr.to_string()),
             };
-            return Ok(Target {
+            let target = Target {
                 endpoints,
-                balance_key,
+                turn: self.balancer.turn(&balance_key),
                 version: upstream_version(conn.declared, client),
-                client_authority: authority.to_string(),
-                authority: authority.to_string(),
                 tls: None,
-            });
+                service: None,
+            };
+            return (target, true);
         };
         let http = backend
             .policy
@@ -337,10 +461,11 @@ impl HttpPath {
             .tls
             .as_ref()
             .filter(|t| t.mode == TlsMode::Simple);
+        let mut lasting = true;
+        let mut service_names = None;
         let (endpoints, balance_key, host) = match &backend.target {
             BackendTarget::Service { service, port } => {
-                record.service(service);
-                let snapshot = self.inputs.registry.snapshot();
+                service_names = Some(Names::service(service));
                 let eps = snapshot
                     .endpoints(service, port)
                     .into_iter()
@@ -350,7 +475,7 @@ impl HttpPath {
                             .as_ref()
                             .is_none_or(|l| e.pod.matches(l))
                     })
-                    .map(|e| (e.addr, Some(e.pod)))
+                    .map(|e| Upstream::new(e.addr, Some(e.pod)))
                     .collect();
                 let key = format!(
                     "{}/{}:{} {:?}",
@@ -364,18 +489,20 @@ impl HttpPath {
                 match external.resolution {
                     Resolution::None => {
                         if let Called::Other { addr } = &conn.called {
-                            eps.push((*addr, None));
+                            eps.push(Upstream::new(*addr, None));
                         }
                     }
                     Resolution::Static => {
                         for e in &external.endpoints {
                             let p = e.ports.get(&port.name).copied().unwrap_or(target_port);
                             if let Ok(ip) = e.address.parse::<std::net::IpAddr>() {
-                                eps.push((SocketAddr::new(ip, p), None));
+                                eps.push(Upstream::new(SocketAddr::new(ip, p), None));
                             }
                         }
                     }
                     Resolution::Dns | Resolution::DnsRoundRobin => {
+                        // Answers change with their TTL: resolved for each request.
+                        lasting = false;
                         let names: Vec<(String, u16)> = if external.endpoints.is_empty() {
                             vec![(external.host.clone(), target_port)]
                         } else {
@@ -401,7 +528,7 @@ impl HttpPath {
                                     eps.extend(
                                         ips.into_iter()
                                             .take(take)
-                                            .map(|ip| (SocketAddr::new(ip, p), None)),
+                                            .map(|ip| Upstream::new(SocketAddr::new(ip, p), None)),
                                     );
                                 }
                                 Err(e) => debug!(error = %e, "ServiceEntry endpoint not resolved"),
@@ -425,10 +552,7 @@ impl HttpPath {
             ca_certificates: (!t.ca_certificates.is_empty())
                 .then(|| std::path::PathBuf::from(&t.ca_certificates)),
             insecure_skip_verify: t.insecure_skip_verify == Some(true),
-            alpn: match version {
-                Version::Http1 => vec![b"http/1.1".to_vec()],
-                Version::Http2 => vec![b"h2".to_vec()],
-            },
+            alpn: Vec::new(),
         });
         // TLS origination speaks what ALPN can promise: HTTP/1.1 unless HTTP/2 was declared.
         let version = if tls.is_some() && declared.is_none() {
@@ -443,101 +567,131 @@ impl HttpPath {
             };
             o
         });
-        Ok(Target {
+        let target = Target {
             endpoints,
-            balance_key,
+            turn: self.balancer.turn(&balance_key),
             version,
-            client_authority: authority.to_string(),
-            authority: authority.to_string(),
             tls,
-        })
+            service: service_names,
+        };
+        (target, lasting)
     }
 
     /// Sends `req` to an endpoint of `target` and returns its response (or weft's own).
+    #[allow(clippy::too_many_arguments)]
     async fn forward(
         &self,
         mut req: Request<Incoming>,
         conn: &Conn,
         mut record: RequestRecord,
-        target: Target,
+        target: &Target,
+        snapshot: Arc<Snapshot>,
+        client_authority: &str,
+        authority: &str,
         upgrade: bool,
     ) -> Response<ResponseBody> {
-        let Some(i) = self
-            .balancer
-            .pick(&target.balance_key, target.endpoints.len())
-        else {
+        let Some(i) = target.turn.pick(target.endpoints.len()) else {
             return own(record, Verdict::NoEndpoint, Flag::NoHealthyUpstream, None);
         };
-        let (addr, pod) = target.endpoints[i].clone();
-        let snapshot = self.inputs.registry.snapshot();
-        let policies = self.inputs.policies.load();
-        let routes = self.inputs.routes.load();
-        let mut dest = Destination::default();
-        let path = req.uri().path_and_query().map_or("/", |p| p.as_str());
-        let request = HttpRequest {
-            method: req.method().as_str(),
-            authority: &target.client_authority,
-            path,
-            headers: req.headers(),
-        };
-        let action = plan::to_endpoint(
-            &conn.source,
-            addr,
-            pod.clone(),
-            &mut dest,
-            &Context {
-                node: &self.inputs.node,
-                trust_domain: &self.inputs.trust_domain,
-                hbone_port: self.inputs.hbone_port,
-                snapshot: &snapshot,
-                policies: &policies,
-                balancer: &self.balancer,
-                routes: &routes,
-                roll: 0,
-            },
-            Some(&request),
-        );
-        let generation = snapshot.generation;
-        drop((snapshot, policies, routes));
-        let mtls = matches!(action, Action::Tunnel(_));
-        record.upstream(addr, pod.as_deref(), dest.identity.as_ref(), mtls);
-        let (via, connect): (String, Connect) = match action {
-            Action::Refuse(Refusal::Denied { policy, .. }) => {
-                record.policy(policy);
-                return denied(record);
-            }
-            Action::Refuse(Refusal::NoEndpoint) => {
-                return own(record, Verdict::NoEndpoint, Flag::NoHealthyUpstream, None);
-            }
-            Action::Refuse(r) => {
-                return own(
-                    record,
-                    Verdict::ConnectFailed,
-                    Flag::UpstreamConnectionFailure,
-                    Some(r.to_string()),
+        let up = &target.endpoints[i];
+        let decided;
+        let reach = match up.reach.get() {
+            Some(reach) => reach,
+            None => {
+                let policies = self.inputs.policies.load();
+                let routes = self.inputs.routes.load();
+                let mut dest = Destination::default();
+                let path = req.uri().path_and_query().map_or("/", |p| p.as_str());
+                let request = HttpRequest {
+                    method: req.method().as_str(),
+                    authority: client_authority,
+                    path,
+                    headers: req.headers(),
+                };
+                let action = plan::to_endpoint(
+                    &conn.source,
+                    up.addr,
+                    up.pod.clone(),
+                    &mut dest,
+                    &Context {
+                        node: &self.inputs.node,
+                        trust_domain: &self.inputs.trust_domain,
+                        hbone_port: self.inputs.hbone_port,
+                        snapshot: &snapshot,
+                        policies: &policies,
+                        balancer: &self.balancer,
+                        routes: &routes,
+                        roll: 0,
+                    },
+                    Some(&request),
                 );
-            }
-            Action::Tunnel(hbone) => (format!("hbone {}", hbone.source), Connect::Tunnel(hbone)),
-            Action::DeliverLocal { target: t } | Action::Passthrough { target: t } => {
-                match &target.tls {
-                    Some(o) => (format!("tls {}", o.sni), Connect::Tls(t, o.clone())),
-                    None => ("direct".to_string(), Connect::Direct(t)),
+                drop((policies, routes));
+                let identity = dest.identity.as_ref().map(|i| Text::from(i.to_string()));
+                // Only a destination on this node in the mesh is decided per request (this node
+                // authorizes it); how any other endpoint is reached holds for the snapshot.
+                let per_request = matches!(
+                    action,
+                    Action::DeliverLocal { .. } | Action::Refuse(Refusal::Denied { .. })
+                );
+                let mtls = matches!(action, Action::Tunnel(_));
+                let (via, connect): (String, Connect) = match action {
+                    Action::Refuse(refusal) => {
+                        record.upstream(&up.names, identity, mtls);
+                        return match refusal {
+                            Refusal::Denied { policy, .. } => {
+                                record.policy(policy);
+                                denied(record)
+                            }
+                            Refusal::NoEndpoint => {
+                                own(record, Verdict::NoEndpoint, Flag::NoHealthyUpstream, None)
+                            }
+                            r => own(
+                                record,
+                                Verdict::ConnectFailed,
+                                Flag::UpstreamConnectionFailure,
+                                Some(r.to_string()),
+                            ),
+                        };
+                    }
+                    Action::Tunnel(hbone) => {
+                        (format!("hbone {}", hbone.source), Connect::Tunnel(hbone))
+                    }
+                    Action::DeliverLocal { target: t } | Action::Passthrough { target: t } => {
+                        match &target.tls {
+                            Some(o) => (format!("tls {}", o.sni), Connect::Tls(t, o.clone())),
+                            None => ("direct".to_string(), Connect::Direct(t)),
+                        }
+                    }
+                };
+                let reach = Reach {
+                    key: PoolKey {
+                        endpoint: up.addr,
+                        via: via.into(),
+                        version: target.version,
+                        generation: snapshot.generation,
+                    },
+                    connect,
+                    mtls,
+                    identity,
+                };
+                if per_request {
+                    decided = reach;
+                    &decided
+                } else {
+                    up.reach.get_or_init(|| reach)
                 }
             }
         };
-        let key = PoolKey {
-            endpoint: addr,
-            via,
-            version: target.version,
-            generation,
-        };
+        // Not held while the request is out: a long one would keep old snapshots alive.
+        drop(snapshot);
+        record.upstream(&up.names, reach.identity.clone(), reach.mtls);
         let client_upgrade = upgrade.then(|| hyper::upgrade::on(&mut req));
         let sent = Counter::default();
-        let req = upstream_request(req, target.version, &target.authority, &sent);
-        let mut sender = match self.clients.checkout(&key) {
+        let req = upstream_request(req, target.version, authority, &sent);
+        let mut sender = match self.clients.checkout(&reach.key) {
             Some(s) => s,
             None => match self
-                .open(&connect, conn.source.pod.as_deref(), target.version)
+                .open(&reach.connect, conn.source.pod.as_deref(), target.version)
                 .await
             {
                 Ok(s) => s,
@@ -589,7 +743,7 @@ impl HttpPath {
             record.finish(Verdict::Forwarded, status, NO_FLAGS, None::<&str>);
             return Response::from_parts(parts, empty());
         }
-        self.clients.checkin(key, sender);
+        self.clients.checkin(&reach.key, sender);
         exchange::client_response(resp, conn.client, record, sent)
     }
 
@@ -647,14 +801,42 @@ impl HttpPath {
 
 /// Where a request may go: endpoints to choose from and how to speak to them.
 struct Target {
-    endpoints: Vec<(SocketAddr, Option<Arc<Pod>>)>,
-    balance_key: String,
+    endpoints: Vec<Upstream>,
+    /// The round-robin position among them, shared by every connection sending there.
+    turn: Arc<Turn>,
     version: Version,
-    /// The authority the upstream sees.
-    authority: String,
-    /// The authority the client sent (what same-node authorization sees).
-    client_authority: String,
     tls: Option<Origination>,
+    /// The Service routed to, as records name it.
+    service: Option<Names>,
+}
+
+/// One endpoint of a target.
+struct Upstream {
+    addr: SocketAddr,
+    pod: Option<Arc<Pod>>,
+    names: Names,
+    /// How it is reached, decided at its first request when that holds for the snapshot.
+    reach: OnceLock<Reach>,
+}
+
+impl Upstream {
+    fn new(addr: SocketAddr, pod: Option<Arc<Pod>>) -> Upstream {
+        Upstream {
+            names: Names::endpoint(addr, pod.as_deref()),
+            addr,
+            pod,
+            reach: OnceLock::new(),
+        }
+    }
+}
+
+/// How an endpoint is reached: the connections to use, and what its records say of it.
+struct Reach {
+    key: PoolKey,
+    connect: Connect,
+    mtls: bool,
+    /// The destination's SPIFFE identity, when it is in the mesh.
+    identity: Option<Text>,
 }
 
 enum Connect {
@@ -709,6 +891,81 @@ pub fn upstream_version(declared: Option<Declared>, client: ClientVersion) -> Ve
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    fn target() -> Arc<Target> {
+        Arc::new(Target {
+            endpoints: Vec::new(),
+            turn: Arc::default(),
+            version: Version::Http1,
+            tls: None,
+            service: None,
+        })
+    }
+
+    fn wanted(host: &str, subset: Option<&str>) -> Wanted {
+        Wanted {
+            host: Some(host.into()),
+            port: Some(80),
+            subset: subset.map(str::to_string),
+            routed: true,
+        }
+    }
+
+    #[test]
+    fn a_kept_target_holds_for_its_route_table_and_snapshot_only() {
+        let table = Arc::new(RouteTable::default());
+        let mut memo = Memo::default();
+        assert!(memo.get(&table, 1, Some("a"), Some(80), None).is_none());
+        let (a, a_v1) = (target(), target());
+        memo.keep(&table, 1, wanted("a", None), a.clone());
+        memo.keep(&table, 1, wanted("a", Some("v1")), a_v1.clone());
+        let got = memo.get(&table, 1, Some("a"), Some(80), None).unwrap();
+        assert!(Arc::ptr_eq(&got, &a));
+        let got = memo
+            .get(&table, 1, Some("a"), Some(80), Some("v1"))
+            .unwrap();
+        assert!(Arc::ptr_eq(&got, &a_v1));
+        // Another host, port or subset is another target.
+        assert!(memo.get(&table, 1, Some("b"), Some(80), None).is_none());
+        assert!(memo.get(&table, 1, Some("a"), Some(81), None).is_none());
+        assert!(memo
+            .get(&table, 1, Some("a"), Some(80), Some("v2"))
+            .is_none());
+        // A new snapshot, or a new route table (even one equal to the old), resolves again.
+        assert!(memo.get(&table, 2, Some("a"), Some(80), None).is_none());
+        let newer = Arc::new(RouteTable::default());
+        assert!(memo.get(&newer, 1, Some("a"), Some(80), None).is_none());
+        // Keeping under new tables forgets what the old ones resolved.
+        memo.keep(&newer, 1, wanted("b", None), target());
+        assert!(memo.get(&newer, 1, Some("a"), Some(80), None).is_none());
+        assert!(memo.get(&newer, 1, Some("b"), Some(80), None).is_some());
+        assert!(memo.get(&table, 1, Some("a"), Some(80), None).is_none());
+    }
+
+    #[test]
+    fn a_route_table_gone_is_never_mistaken_for_a_new_one() {
+        let mut memo = Memo::default();
+        let table = Arc::new(RouteTable::default());
+        memo.keep(&table, 1, wanted("a", None), target());
+        drop(table);
+        // The memo does not keep the table alive, and its address is not reused while the
+        // memo remembers it.
+        let next = Arc::new(RouteTable::default());
+        assert!(memo.get(&next, 1, Some("a"), Some(80), None).is_none());
+    }
+
+    #[test]
+    fn a_connection_keeps_a_bounded_number_of_targets() {
+        let table = Arc::new(RouteTable::default());
+        let mut memo = Memo::default();
+        for i in 0..MEMO_TARGETS + 3 {
+            memo.keep(&table, 1, wanted(&format!("h{i}"), None), target());
+        }
+        assert_eq!(memo.targets.len(), MEMO_TARGETS);
+        assert!(memo.get(&table, 1, Some("h0"), Some(80), None).is_none());
+        let last = format!("h{}", MEMO_TARGETS + 2);
+        assert!(memo.get(&table, 1, Some(&last), Some(80), None).is_some());
+    }
 
     #[test]
     fn the_upstream_version_follows_what_the_port_declares() {

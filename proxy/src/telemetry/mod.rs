@@ -17,7 +17,7 @@ pub mod record;
 
 pub use counters::{ClientCounters, ServerCounters};
 pub use flow_log::FlowLog;
-pub use record::{ConnectionRecord, RequestRecord, RequestTemplate};
+pub use record::{shared, ConnectionRecord, Names, RequestRecord, RequestTemplate};
 
 use std::sync::atomic::{AtomicU64, Ordering};
 

@@ -17,7 +17,7 @@ use tracing::debug;
 
 use super::counters::Held;
 use super::Telemetry;
-use crate::admin::api::{Flow, HttpFlow, Verdict};
+use crate::admin::api::{Flow, HttpFlow, Text, Verdict};
 use crate::identity::SpiffeId;
 use crate::registry::{Pod, Service};
 use crate::relay::Relayed;
@@ -222,6 +222,51 @@ impl ConnectionRecord {
     }
 }
 
+/// What a flow calls a Service or an endpoint, made once and shared by the records of every
+/// request sent there (a record then copies no text).
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct Names {
+    /// `ip:port` (endpoints).
+    pub address: Option<Text>,
+    pub namespace: Option<Text>,
+    /// The Service's `namespace/name`, or the endpoint's pod.
+    pub name: Option<Text>,
+}
+
+impl Names {
+    pub fn service(service: &Service) -> Names {
+        Names {
+            address: None,
+            namespace: Some(service.namespace.as_str().into()),
+            name: Some(format!("{}/{}", service.namespace, service.name).into()),
+        }
+    }
+
+    pub fn endpoint(addr: SocketAddr, pod: Option<&Pod>) -> Names {
+        Names {
+            address: Some(addr.to_string().into()),
+            namespace: pod.map(|p| p.namespace.as_str().into()),
+            name: pod.map(|p| p.name.as_str().into()),
+        }
+    }
+}
+
+/// The text of the values most requests share (HTTP versions, methods, response flags): one
+/// allocation each per thread, made once; anything else is copied.
+pub fn shared(s: &str) -> Text {
+    const COMMON: [&str; 16] = [
+        "HTTP/1.1", "HTTP/2", "GET", "POST", "PUT", "DELETE", "HEAD", "PATCH", "OPTIONS",
+        "CONNECT", "-", "NR", "UH", "UF", "DC", "UT",
+    ];
+    thread_local! {
+        static TEXT: [Text; 16] = COMMON.map(Text::from);
+    }
+    match COMMON.iter().position(|c| *c == s) {
+        Some(i) => TEXT.with(|t| t[i].clone()),
+        None => s.into(),
+    }
+}
+
 /// The part of a connection's flow every request of it shares.
 #[derive(Clone)]
 pub struct RequestTemplate {
@@ -256,11 +301,7 @@ pub struct RequestRecord {
 impl RequestRecord {
     /// The request's method.
     pub fn method(&self) -> &str {
-        self.flow
-            .http
-            .as_ref()
-            .map(|h| h.method.as_str())
-            .unwrap_or("")
+        self.flow.http.as_ref().map(|h| &*h.method).unwrap_or("")
     }
 
     fn http(&mut self) -> &mut HttpFlow {
@@ -279,32 +320,24 @@ impl RequestRecord {
     }
 
     /// The Service the request was sent to (after routing, it may differ from the one called).
-    pub fn service(&mut self, service: &Service) -> &mut Self {
-        self.flow.destination.service =
-            Some(format!("{}/{}", service.namespace, service.name).into());
-        self.flow.destination.namespace = Some(service.namespace.as_str().into());
+    pub fn service(&mut self, service: &Names) -> &mut Self {
+        self.flow.destination.service = service.name.clone();
+        self.flow.destination.namespace = service.namespace.clone();
         self
     }
 
-    /// An upstream attempt to `addr` (on `pod`, with `identity`, over HBONE when `mtls`).
-    pub fn upstream(
-        &mut self,
-        addr: SocketAddr,
-        pod: Option<&Pod>,
-        identity: Option<&SpiffeId>,
-        mtls: bool,
-    ) -> &mut Self {
-        let address = addr.to_string();
+    /// An upstream attempt to `endpoint` (with `identity`, over HBONE when `mtls`).
+    pub fn upstream(&mut self, endpoint: &Names, identity: Option<Text>, mtls: bool) -> &mut Self {
         let d = &mut self.flow.destination;
-        d.address = Some(address.as_str().into());
-        if let Some(pod) = pod {
-            d.namespace = Some(pod.namespace.as_str().into());
-            d.pod = Some(pod.name.as_str().into());
+        d.address = endpoint.address.clone();
+        if endpoint.name.is_some() {
+            d.namespace = endpoint.namespace.clone();
+            d.pod = endpoint.name.clone();
         }
-        d.identity = identity.map(|i| i.to_string().into());
+        d.identity = identity;
         self.flow.mtls = mtls;
         let h = self.http();
-        h.upstream = Some(address);
+        h.upstream = endpoint.address.clone();
         h.attempts += 1;
         self
     }
@@ -336,7 +369,7 @@ impl RequestRecord {
         }
         let h = self.http();
         h.status = status;
-        h.response_flags = flags.to_string();
+        h.response_flags = shared(flags);
         self.emit()
     }
 
@@ -350,7 +383,7 @@ impl RequestRecord {
         }
         debug!(
             source = %flow.source.pod.as_deref().unwrap_or("?"),
-            method = %flow.http.as_ref().map(|h| h.method.as_str()).unwrap_or(""),
+            method = %flow.http.as_ref().map(|h| &*h.method).unwrap_or(""),
             path = %flow.http.as_ref().map(|h| h.path.as_str()).unwrap_or(""),
             status = flow.http.as_ref().map(|h| h.status).unwrap_or(0),
             verdict = %flow.verdict,
@@ -366,7 +399,7 @@ impl Drop for RequestRecord {
             let h = self.http();
             if h.response_flags.is_empty() {
                 // Envoy's DC: the downstream connection ended before the response did.
-                h.response_flags = "DC".into();
+                h.response_flags = shared("DC");
             }
             self.flow.error = Some("the client went away before the response ended".into());
             self.emit();

@@ -12,6 +12,7 @@
 use std::collections::HashMap;
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
 
 use bytes::Bytes;
 use http_body_util::combinators::BoxBody;
@@ -48,8 +49,8 @@ impl Version {
 pub struct PoolKey {
     pub endpoint: SocketAddr,
     /// `direct`, `hbone <source identity>`, `tls <sni>`: connections of different routes are
-    /// never shared.
-    pub via: String,
+    /// never shared. Shared text: a key is cloned for every lookup.
+    pub via: Arc<str>,
     pub version: Version,
     /// The registry generation the connection was opened under: the destination admitted it
     /// with the policies of then, so after a change no request is sent on it again.
@@ -188,14 +189,11 @@ impl HttpPool {
 
     /// Keeps `sender` for the next request to `key` (an HTTP/1.1 one is reused once the
     /// response it is carrying has been read).
-    pub fn checkin(&self, key: PoolKey, sender: Sender) {
+    pub fn checkin(&self, key: &PoolKey, sender: Sender) {
         if sender.is_closed() || key.generation < self.generation.load(Ordering::Acquire) {
             return;
         }
-        let local = Local {
-            worker: crate::worker::current(),
-            key,
-        };
+        let local = Local::here(key);
         match sender {
             Sender::Http2(s) => {
                 self.http2.lock().entry(local).or_insert(s);
@@ -267,7 +265,7 @@ mod tests {
             .body(Empty::new().map_err(|e| match e {}).boxed())
             .unwrap();
         let resp = sender.send(req).await.unwrap();
-        pool.checkin(key.clone(), sender);
+        pool.checkin(key, sender);
         let body = resp.into_body().collect().await.unwrap().to_bytes();
         String::from_utf8(body.to_vec()).unwrap()
     }
@@ -340,7 +338,7 @@ mod tests {
             .body(Empty::new().map_err(|e| match e {}).boxed())
             .unwrap();
         let resp = sender.send(req).await.unwrap();
-        pool.checkin(key.clone(), sender);
+        pool.checkin(&key, sender);
         assert!(pool.checkout(&key).is_none(), "the body is still coming");
         resp.into_body().collect().await.unwrap();
         tokio::task::yield_now().await;
