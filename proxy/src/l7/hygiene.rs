@@ -267,8 +267,9 @@ const X_REQUEST_ID: HeaderName = HeaderName::from_static("x-request-id");
 
 /// Prepares a request's headers for the upstream: removes hop-by-hop headers (and those the
 /// `Connection` header names), keeps `Upgrade` when the request is an upgrade, generates
-/// `x-request-id` when missing, appends the client to `x-forwarded-for`. Returns the request id.
-pub fn prepare(headers: &mut HeaderMap, client: IpAddr, upgrade: bool) -> String {
+/// `x-request-id` when missing, appends the client (its address, see [`client_address`]) to
+/// `x-forwarded-for`. Returns the request id.
+pub fn prepare(headers: &mut HeaderMap, client: &HeaderValue, upgrade: bool) -> String {
     let named: Vec<HeaderName> = headers
         .get_all(http::header::CONNECTION)
         .iter()
@@ -304,12 +305,16 @@ pub fn prepare(headers: &mut HeaderMap, client: IpAddr, upgrade: bool) -> String
             HeaderValue::from_static("upgrade"),
         );
     }
-    let xff = match headers.get(&X_FORWARDED_FOR).and_then(|v| v.to_str().ok()) {
-        Some(prev) if !prev.trim().is_empty() => format!("{prev}, {client}"),
-        _ => client.to_string(),
-    };
-    if let Ok(v) = HeaderValue::from_str(&xff) {
-        headers.insert(X_FORWARDED_FOR, v);
+    match headers.get(&X_FORWARDED_FOR).and_then(|v| v.to_str().ok()) {
+        Some(prev) if !prev.trim().is_empty() => {
+            let xff = [prev.as_bytes(), b", ", client.as_bytes()].concat();
+            if let Ok(v) = HeaderValue::from_bytes(&xff) {
+                headers.insert(X_FORWARDED_FOR, v);
+            }
+        }
+        _ => {
+            headers.insert(X_FORWARDED_FOR, client.clone());
+        }
     }
     match headers.get(&X_REQUEST_ID).and_then(|v| v.to_str().ok()) {
         Some(id) if !id.is_empty() => id.to_string(),
@@ -322,6 +327,11 @@ pub fn prepare(headers: &mut HeaderMap, client: IpAddr, upgrade: bool) -> String
             id
         }
     }
+}
+
+/// A client's address as [`prepare`] appends it to `x-forwarded-for`: made once per connection.
+pub fn client_address(ip: IpAddr) -> HeaderValue {
+    HeaderValue::from_str(&ip.to_string()).expect("an IP address is a valid header value")
 }
 
 /// A random (version 4) UUID, as Envoy generates for `x-request-id`: one allocation, no
@@ -460,7 +470,7 @@ mod tests {
         h.insert("te", HeaderValue::from_static("trailers, deflate"));
         h.insert("x-forwarded-for", HeaderValue::from_static("1.2.3.4"));
         h.insert("traceparent", HeaderValue::from_static("00-abc-def-01"));
-        let id = prepare(&mut h, "10.0.0.1".parse().unwrap(), false);
+        let id = prepare(&mut h, &client_address("10.0.0.1".parse().unwrap()), false);
         assert_eq!(h["x-request-id"], id.as_str());
         assert_eq!(id.len(), 36);
         assert_eq!(&id[14..15], "4", "version 4");
@@ -474,7 +484,10 @@ mod tests {
         h.insert("x-request-id", HeaderValue::from_static("given"));
         h.insert("upgrade", HeaderValue::from_static("websocket"));
         h.insert("connection", HeaderValue::from_static("Upgrade"));
-        assert_eq!(prepare(&mut h, "10.0.0.1".parse().unwrap(), true), "given");
+        assert_eq!(
+            prepare(&mut h, &client_address("10.0.0.1".parse().unwrap()), true),
+            "given"
+        );
         assert_eq!(h["upgrade"], "websocket");
         assert_eq!(h["connection"], "upgrade");
         assert_eq!(h["x-forwarded-for"], "10.0.0.1");

@@ -85,6 +85,8 @@ struct Conn {
     template: RequestTemplate,
     /// The routing host of the Service called (its FQDN).
     host: Option<String>,
+    /// The client's address as `x-forwarded-for` gets it.
+    forwarded_for: HeaderValue,
     memo: Mutex<Memo>,
 }
 
@@ -198,6 +200,7 @@ impl HttpPath {
         };
         let conn = Arc::new(Conn {
             template: record.requests(),
+            forwarded_for: hygiene::client_address(source.ip),
             source,
             called,
             declared,
@@ -238,8 +241,8 @@ impl HttpPath {
             ..HttpFlow::default()
         });
         let upgrade = conn.client == ClientVersion::Http1 && is_upgrade(&req);
-        let id = hygiene::prepare(req.headers_mut(), conn.source.ip, upgrade);
-        record.request_id(&id);
+        let id = hygiene::prepare(req.headers_mut(), &conn.forwarded_for, upgrade);
+        record.request_id(id);
 
         let snapshot = self.inputs.registry.snapshot();
         let routes = self.inputs.routes.load();

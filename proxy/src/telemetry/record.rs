@@ -314,8 +314,8 @@ impl RequestRecord {
         self
     }
 
-    pub fn request_id(&mut self, id: &str) -> &mut Self {
-        self.http().request_id = Some(id.to_string());
+    pub fn request_id(&mut self, id: impl Into<String>) -> &mut Self {
+        self.http().request_id = Some(id.into());
         self
     }
 

@@ -137,26 +137,53 @@ impl Local {
     }
 }
 
-/// Upstream connections kept for reuse.
-#[derive(Default)]
+/// Upstream connections kept for reuse: in shards by worker, so that a worker's lookups touch
+/// no lock another worker takes (unless there are more workers than shards).
 pub struct HttpPool {
-    http1: Mutex<HashMap<Local, Vec<http1::SendRequest<Body>>>>,
-    http2: Mutex<HashMap<Local, http2::SendRequest<Body>>>,
+    shards: Box<[Shard]>,
     /// The newest generation seen: connections of older ones are let go.
     generation: AtomicU64,
 }
 
+/// Shards of a pool: one per worker, up to this many.
+const SHARDS: usize = 64;
+
+type Map<V> = HashMap<Local, V, foldhash::fast::RandomState>;
+
+#[derive(Default)]
+struct Shard {
+    http1: Mutex<Map<Vec<http1::SendRequest<Body>>>>,
+    http2: Mutex<Map<http2::SendRequest<Body>>>,
+}
+
+impl Default for HttpPool {
+    fn default() -> Self {
+        HttpPool {
+            shards: (0..SHARDS).map(|_| Shard::default()).collect(),
+            generation: AtomicU64::new(0),
+        }
+    }
+}
+
 impl HttpPool {
+    fn shard(&self, local: &Local) -> &Shard {
+        &self.shards[local.worker % SHARDS]
+    }
+
     /// Lets go of the connections of generations before `key`'s, once a newer one shows up.
     fn retire(&self, key: &PoolKey) {
         let seen = self.generation.fetch_max(key.generation, Ordering::AcqRel);
         if key.generation > seen {
-            self.http1
-                .lock()
-                .retain(|k, _| k.key.generation >= key.generation);
-            self.http2
-                .lock()
-                .retain(|k, _| k.key.generation >= key.generation);
+            for shard in self.shards.iter() {
+                shard
+                    .http1
+                    .lock()
+                    .retain(|k, _| k.key.generation >= key.generation);
+                shard
+                    .http2
+                    .lock()
+                    .retain(|k, _| k.key.generation >= key.generation);
+            }
         }
     }
 
@@ -164,9 +191,10 @@ impl HttpPool {
     pub fn checkout(&self, key: &PoolKey) -> Option<Sender> {
         self.retire(key);
         let local = Local::here(key);
+        let shard = self.shard(&local);
         match key.version {
             Version::Http2 => {
-                let mut map = self.http2.lock();
+                let mut map = shard.http2.lock();
                 match map.get(&local) {
                     Some(s) if !s.is_closed() => Some(Sender::Http2(s.clone())),
                     Some(_) => {
@@ -177,7 +205,7 @@ impl HttpPool {
                 }
             }
             Version::Http1 => {
-                let mut map = self.http1.lock();
+                let mut map = shard.http1.lock();
                 let idle = map.get_mut(&local)?;
                 idle.retain(|s| !s.is_closed());
                 // A sender whose response is still being read is not ready: leave it.
@@ -194,12 +222,13 @@ impl HttpPool {
             return;
         }
         let local = Local::here(key);
+        let shard = self.shard(&local);
         match sender {
             Sender::Http2(s) => {
-                self.http2.lock().entry(local).or_insert(s);
+                shard.http2.lock().entry(local).or_insert(s);
             }
             Sender::Http1(s) => {
-                let mut map = self.http1.lock();
+                let mut map = shard.http1.lock();
                 let idle = map.entry(local).or_default();
                 idle.retain(|s| !s.is_closed());
                 if idle.len() < MAX_IDLE_PER_KEY {
@@ -211,8 +240,13 @@ impl HttpPool {
 
     /// Connections kept, for `/status`: (HTTP/1.1 idle, HTTP/2 shared).
     pub fn kept(&self) -> (usize, usize) {
-        let h1 = self.http1.lock().values().map(Vec::len).sum();
-        (h1, self.http2.lock().len())
+        let h1 = self
+            .shards
+            .iter()
+            .map(|s| s.http1.lock().values().map(Vec::len).sum::<usize>())
+            .sum();
+        let h2 = self.shards.iter().map(|s| s.http2.lock().len()).sum();
+        (h1, h2)
     }
 }
 
