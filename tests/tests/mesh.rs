@@ -635,17 +635,21 @@ fn certificates_rotate_without_breaking_connections() {
 /// An echo server on web-0:7070 and, from the client across nodes, one connection carrying
 /// 64-byte request/response exchanges at 20/s for `ms` (`weft-testpod bench rr`).
 fn echo_stream(m: &Mesh, ms: u64) -> (Proc, Proc) {
-    let echo = m
-        .web
+    echo_stream_to(m, &m.web, ms)
+}
+
+/// [`echo_stream`] to `pod`.
+fn echo_stream_to(m: &Mesh, pod: &Pod, ms: u64) -> (Proc, Proc) {
+    let echo = pod
         .spawn(testpod().args(["serve", "--listen", "0.0.0.0:7070", "--mode", "echo"]))
         .unwrap();
-    wait_for_tcp(&m.web, m.web.addr(7070), WAIT).unwrap();
+    wait_for_tcp(pod, pod.addr(7070), WAIT).unwrap();
     let stream = m
         .client
         .spawn(testpod().args([
             "bench",
             "rr",
-            &m.web.addr(7070).to_string(),
+            &pod.addr(7070).to_string(),
             "--duration-ms",
             &ms.to_string(),
             "--warmup-ms",
@@ -722,10 +726,29 @@ fn same_node_mesh_traffic_is_authorized_without_tls() {
         .unwrap()[0];
     assert_eq!(f["mtls"], Value::Bool(false), "{f}");
     assert_eq!(s(f, "/source/identity"), CLIENT_ID);
+    // A connection open when the policy arrives is decided again, here, and closed.
+    let (_echo, mut stream) = echo_stream_to(&m, &local, 60_000);
+    std::thread::sleep(Duration::from_secs(2));
+    assert!(stream.is_running(), "{}", stream.stderr());
     apply(
         &m,
         "apiVersion: security.istio.io/v1\nkind: AuthorizationPolicy\nmetadata:\n  name: deny-client\n  namespace: back\nspec:\n  action: DENY\n  rules:\n  - from:\n    - source:\n        principals: [\"cluster.local/ns/front/sa/client\"]\n",
     );
+    let status = stream
+        .wait_timeout(WAIT)
+        .unwrap()
+        .expect("the open same-node connection was not closed after the policy denied it");
+    assert!(!status.success(), "{}", stream.stdout());
+    let flows = m
+        .weft_a
+        .wait_flows(1, WAIT, |f| {
+            s(f, "/destination/pod") == "web-local"
+                && f["error"]
+                    .as_str()
+                    .is_some_and(|e| e.contains("closed: now denied by back/deny-client"))
+        })
+        .unwrap();
+    assert_eq!(s(&flows[0], "/verdict"), "forwarded", "{}", flows[0]);
     wait_denied(&m, &m.client, local.addr(8080), "back/deny-client");
 }
 

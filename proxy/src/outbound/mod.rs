@@ -21,6 +21,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use tokio::net::{TcpListener, TcpStream};
+use tokio::sync::watch;
 use tracing::{debug, info, warn};
 
 use self::balance::RoundRobin;
@@ -35,7 +36,7 @@ use crate::l7::protocol::{self, AppProtocol};
 use crate::l7::sniff::{sniff, Sniffed};
 use crate::policy::deny_message;
 use crate::registry::Resolved;
-use crate::relay::{relay, reset};
+use crate::relay::{relay, reset, Relayed};
 use crate::telemetry::ConnectionRecord;
 use crate::tunnel::client::Pool;
 use crate::upstream::OnBehalfOf;
@@ -143,6 +144,8 @@ impl Outbound {
                     "source address differs from the pod's registered IP; identified by cgroup");
             }
         }
+        // Heard from before the decision: a same-node connection is decided again on each change.
+        let policy_changes = inputs.policy_generation.subscribe();
         let snapshot = inputs.registry.snapshot();
         let policies = inputs.policies.load();
         let routes = inputs.routes.load();
@@ -182,7 +185,39 @@ impl Outbound {
                 return;
             }
         }
-        self.execute(client, plan, record).await;
+        self.execute(client, plan, record, policy_changes).await;
+    }
+
+    /// Waits until the snapshot and policies in force would no longer deliver a same-node
+    /// connection from `source` to `target`; returns why.
+    async fn revoked(
+        &self,
+        source: &plan::Source,
+        target: SocketAddr,
+        mut changes: watch::Receiver<u64>,
+    ) -> String {
+        let inputs = &self.inputs;
+        loop {
+            if changes.changed().await.is_err() {
+                return std::future::pending().await;
+            }
+            let snapshot = inputs.registry.snapshot();
+            let policies = inputs.policies.load();
+            let routes = inputs.routes.load();
+            let ctx = Context {
+                node: &inputs.node,
+                trust_domain: &inputs.trust_domain,
+                hbone_port: inputs.hbone_port,
+                snapshot: &snapshot,
+                policies: &policies,
+                balancer: &self.balancer,
+                routes: &routes,
+                roll: 0,
+            };
+            if let Some(why) = plan::still_delivered(source, target, &ctx) {
+                return why;
+            }
+        }
     }
 
     /// Whether the connection is HTTP, and which: the port's declared protocol, else the
@@ -219,12 +254,18 @@ impl Outbound {
     }
 
     /// Does what `plan` says, and finishes the record.
-    async fn execute(&self, client: TcpStream, plan: Plan, mut record: ConnectionRecord) {
+    async fn execute(
+        &self,
+        client: TcpStream,
+        plan: Plan,
+        mut record: ConnectionRecord,
+        policy_changes: watch::Receiver<u64>,
+    ) {
         let on_behalf = match &plan.source.pod {
             Some(pod) => OnBehalfOf::Pod(pod),
             None => OnBehalfOf::Unidentified,
         };
-        let target = match plan.action {
+        let (target, local) = match plan.action {
             Action::Refuse(refusal) => {
                 reset(&client);
                 if let plan::Refusal::Denied { policy, .. } = &refusal {
@@ -256,9 +297,29 @@ impl Outbound {
                 }
                 return;
             }
-            Action::DeliverLocal { target } | Action::Passthrough { target } => target,
+            Action::DeliverLocal { target } => (target, true),
+            Action::Passthrough { target } => (target, false),
         };
         match self.inputs.connector.connect(on_behalf, target).await {
+            Ok(upstream) if local => {
+                let _ = client.set_nodelay(true);
+                // This node authorized it: when the policies change so that it would not be
+                // authorized now, it is closed (the client's next connection is decided anew).
+                let revoked = self.revoked(&plan.source, target, policy_changes);
+                record
+                    .relay(async move {
+                        tokio::select! {
+                            r = relay(client, upstream) => r,
+                            why = revoked => Relayed {
+                                sent: 0,
+                                received: 0,
+                                error: Some(why),
+                            },
+                        }
+                    })
+                    .await;
+                record.finish(Verdict::Forwarded, None::<&str>);
+            }
             Ok(upstream) => {
                 let _ = client.set_nodelay(true);
                 record.relay(relay(client, upstream)).await;

@@ -271,5 +271,23 @@ pub fn to_endpoint(
     }
 }
 
+/// Whether a same-node connection to `target`, delivered when it opened, may stay open under
+/// the snapshot and policies of `ctx` (this node authorized it, so this node re-decides it when
+/// they change): `None` if so, else why it is closed. A destination that is gone, or no longer
+/// in the mesh, is left alone: there is nothing left to enforce on it.
+pub fn still_delivered(source: &Source, target: SocketAddr, ctx: &Context<'_>) -> Option<String> {
+    let Resolved::Pod(pod) = ctx.snapshot.resolve(target) else {
+        return None;
+    };
+    let mut dest = Destination::default();
+    match to_endpoint(source, target, Some(pod), &mut dest, ctx, None) {
+        Action::Refuse(Refusal::Denied { policy, .. }) => {
+            Some(format!("closed: now denied by {policy}"))
+        }
+        Action::Refuse(refusal) => Some(format!("closed: {refusal}")),
+        _ => None,
+    }
+}
+
 #[cfg(test)]
 mod tests;

@@ -218,6 +218,25 @@ fn same_node_delivery_is_authorized_here_with_the_deciding_policy() {
 }
 
 #[test]
+fn an_open_same_node_connection_is_closed_once_a_policy_denies_it() {
+    let before = world("");
+    let p = before.call_from_client("10.244.1.3:9080");
+    let target = sa("10.244.1.3:9080");
+    assert_eq!(p.action, Action::DeliverLocal { target });
+    assert_eq!(still_delivered(&p.source, target, &before.ctx()), None);
+    let after = world(ALLOW_ONLY_OTHER);
+    assert_eq!(
+        still_delivered(&p.source, target, &after.ctx()).as_deref(),
+        Some("closed: now denied by back/allow-other")
+    );
+    // An address that is no longer a pod of the cluster is not this node's to enforce.
+    assert_eq!(
+        still_delivered(&p.source, sa("10.244.9.9:9080"), &after.ctx()),
+        None
+    );
+}
+
+#[test]
 fn cross_node_calls_are_left_to_the_destination_node_to_authorize() {
     let w = world(ALLOW_ONLY_OTHER);
     assert!(matches!(
