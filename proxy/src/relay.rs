@@ -35,11 +35,21 @@ pub struct Relayed {
 
 /// Relays `client` ⇄ `upstream` until both directions reach end of stream or one fails.
 pub async fn relay(client: TcpStream, upstream: TcpStream) -> Relayed {
+    relay_until(client, upstream, std::future::pending()).await
+}
+
+/// [`relay`], cut short when `stop` ends first (with why): both peers are then reset, and the
+/// bytes moved until then are reported with that reason as the error.
+pub async fn relay_until(
+    client: TcpStream,
+    upstream: TcpStream,
+    stop: impl Future<Output = String>,
+) -> Relayed {
     // Counted as bytes move, so a direction that is cut short still reports what it moved.
     let (sent, received) = (AtomicU64::new(0), AtomicU64::new(0));
     let up = pump(&client, &upstream, &sent);
     let down = pump(&upstream, &client, &received);
-    let error = both_ways(up, "client→upstream", down, "upstream→client").await;
+    let error = both_ways(up, "client→upstream", down, "upstream→client", stop).await;
     if error.is_some() {
         // Abort: both peers see a reset rather than a clean close.
         reset(&client);
@@ -52,15 +62,17 @@ pub async fn relay(client: TcpStream, upstream: TcpStream) -> Relayed {
     }
 }
 
-/// Drives both directions of a relay until both have ended, or until one fails: then the other
-/// is dropped and the failure is returned, named after its direction.
+/// Drives both directions of a relay until both have ended, or until one fails, or until `stop`
+/// ends: then the rest is dropped and the failure (named after its direction) or `stop`'s
+/// reason is returned.
 pub async fn both_ways(
     up: impl Future<Output = io::Result<()>>,
     up_name: &str,
     down: impl Future<Output = io::Result<()>>,
     down_name: &str,
+    stop: impl Future<Output = String>,
 ) -> Option<String> {
-    tokio::pin!(up, down);
+    tokio::pin!(up, down, stop);
     let (mut up_done, mut down_done) = (false, false);
     while !(up_done && down_done) {
         tokio::select! {
@@ -76,6 +88,7 @@ pub async fn both_ways(
                     return Some(format!("{down_name}: {e}"));
                 }
             }
+            why = &mut stop => return Some(why),
         }
     }
     None

@@ -690,6 +690,13 @@ fn a_policy_change_closes_tunnels_it_no_longer_allows() {
         })
         .unwrap();
     assert_eq!(s(&flows[0], "/verdict"), "forwarded", "{}", flows[0]);
+    // What it relayed before it was closed is in its flow.
+    let moved = |k: &str| flows[0][k].as_u64().unwrap_or(0);
+    assert!(
+        moved("bytes_sent") > 0 && moved("bytes_received") > 0,
+        "{}",
+        flows[0]
+    );
     // New connections are refused.
     wait_denied(&m, &m.client, m.web.addr(7070), "back/deny-client");
 }
@@ -749,6 +756,13 @@ fn same_node_mesh_traffic_is_authorized_without_tls() {
         })
         .unwrap();
     assert_eq!(s(&flows[0], "/verdict"), "forwarded", "{}", flows[0]);
+    // What it relayed before it was closed is in its flow.
+    let moved = |k: &str| flows[0][k].as_u64().unwrap_or(0);
+    assert!(
+        moved("bytes_sent") > 0 && moved("bytes_received") > 0,
+        "{}",
+        flows[0]
+    );
     wait_denied(&m, &m.client, local.addr(8080), "back/deny-client");
 }
 

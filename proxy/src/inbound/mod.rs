@@ -163,17 +163,11 @@ impl Handler for Inbound {
         let revoked = self.revoked(&req, policy_changes);
         record
             .relay(async move {
-                tokio::select! {
-                    r = stream.relay(upstream) => Relayed {
-                        sent: r.received,
-                        received: r.sent,
-                        error: r.error,
-                    },
-                    why = revoked => Relayed {
-                        sent: 0,
-                        received: 0,
-                        error: Some(why),
-                    },
+                let r = stream.relay_until(upstream, revoked).await;
+                Relayed {
+                    sent: r.received,
+                    received: r.sent,
+                    error: r.error,
                 }
             })
             .await;

@@ -36,7 +36,7 @@ use crate::l7::protocol::{self, AppProtocol};
 use crate::l7::sniff::{sniff, Sniffed};
 use crate::policy::deny_message;
 use crate::registry::Resolved;
-use crate::relay::{relay, reset, Relayed};
+use crate::relay::{relay, relay_until, reset};
 use crate::telemetry::ConnectionRecord;
 use crate::tunnel::client::Pool;
 use crate::upstream::OnBehalfOf;
@@ -306,18 +306,7 @@ impl Outbound {
                 // This node authorized it: when the policies change so that it would not be
                 // authorized now, it is closed (the client's next connection is decided anew).
                 let revoked = self.revoked(&plan.source, target, policy_changes);
-                record
-                    .relay(async move {
-                        tokio::select! {
-                            r = relay(client, upstream) => r,
-                            why = revoked => Relayed {
-                                sent: 0,
-                                received: 0,
-                                error: Some(why),
-                            },
-                        }
-                    })
-                    .await;
+                record.relay(relay_until(client, upstream, revoked)).await;
                 record.finish(Verdict::Forwarded, None::<&str>);
             }
             Ok(upstream) => {

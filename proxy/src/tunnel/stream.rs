@@ -1,6 +1,7 @@
 //! A `CONNECT` stream as a byte stream, and its relay to a TCP socket.
 
 use std::future::poll_fn;
+use std::future::Future;
 use std::io;
 use std::pin::Pin;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -26,6 +27,7 @@ async fn relay(
     mut send: SendStream<Bytes>,
     mut recv: RecvStream,
     pending: Bytes,
+    stop: impl Future<Output = String>,
 ) -> Relayed {
     let to_h2 = AtomicU64::new(0);
     let from_h2 = AtomicU64::new(0);
@@ -33,7 +35,7 @@ async fn relay(
         let (mut rd, mut wr) = tcp.split();
         let up = tcp_to_h2(&mut rd, &mut send, &to_h2);
         let down = h2_to_tcp(&mut recv, &mut wr, pending, &from_h2);
-        both_ways(up, "client→tunnel", down, "tunnel→client").await
+        both_ways(up, "client→tunnel", down, "tunnel→client", stop).await
     };
     if error.is_some() {
         send.send_reset(Reason::CANCEL);
@@ -172,8 +174,19 @@ impl Stream {
     /// Relays `socket` ⇄ the stream until both directions end or one fails.
     /// `sent` = socket → stream bytes, `received` = stream → socket.
     pub async fn relay(self, socket: TcpStream) -> Relayed {
+        self.relay_until(socket, std::future::pending()).await
+    }
+
+    /// [`Stream::relay`], cut short when `stop` ends first (with why): the stream is then
+    /// cancelled and the socket reset, and the bytes moved until then are reported with that
+    /// reason as the error.
+    pub async fn relay_until(
+        self,
+        socket: TcpStream,
+        stop: impl Future<Output = String>,
+    ) -> Relayed {
         let _ = socket.set_nodelay(true);
-        relay(socket, self.send, self.recv, self.pending).await
+        relay(socket, self.send, self.recv, self.pending, stop).await
     }
 }
 
