@@ -2,8 +2,9 @@
 //! trying them all. Each entry is filed under one key: its exact path, its path prefix (probed
 //! at each prefix length present), or, when its path tells nothing (none, or `/`), one of its
 //! exact header conditions; a regex path counts by its literal start (`/api/v[0-9]+` by
-//! `/api/v`). Regex paths without a literal start are run together, as one `RegexSet` over the
-//! path, and only those that match are candidates. Entries with none of these (presence checks)
+//! `/api/v`). Regex paths without a literal start are run together, as one lazy DFA over the
+//! path that reports each pattern matching (so the cost follows the path and the matches, not
+//! the number of patterns), and only those that match are candidates. Entries with none of these (presence checks)
 //! are always candidates. Candidates come out in list order, so "first match wins" is kept; the
 //! full conditions are checked after, so the index only has to never miss one.
 
@@ -11,7 +12,10 @@ use std::collections::HashMap;
 
 use http::header::HeaderName;
 use http::HeaderMap;
-use regex::{RegexSet, RegexSetBuilder};
+use regex_automata::hybrid::dfa::{Cache, OverlappingState, DFA};
+use regex_automata::nfa::thompson;
+use regex_automata::util::pool::Pool;
+use regex_automata::{Anchored, Input, MatchKind};
 
 use super::header::StringMatcher;
 use super::path::PathMatch;
@@ -41,9 +45,69 @@ pub struct RuleIndex {
 /// complex patterns) they are tried one by one instead.
 const REGEX_SET_SIZE_LIMIT: usize = 256 << 20;
 /// The lazy DFA's cache for those regexes, per thread that matches (grown as paths are seen):
-/// with thousands of patterns a smaller one is cleared over and over, and matching falls back
-/// to a far slower engine.
+/// with thousands of patterns a smaller one is cleared over and over.
 const REGEX_SET_CACHE_LIMIT: usize = 32 << 20;
+
+type NewCache =
+    Box<dyn Fn() -> Cache + Send + Sync + std::panic::UnwindSafe + std::panic::RefUnwindSafe>;
+
+/// Path regexes run together: a lazy DFA matching all of them at once, with a cache per thread
+/// that searches.
+struct RegexSet {
+    dfa: DFA,
+    caches: Pool<Cache, NewCache>,
+}
+
+impl std::fmt::Debug for RegexSet {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("RegexSet")
+            .field("patterns", &self.dfa.pattern_len())
+            .finish()
+    }
+}
+
+impl RegexSet {
+    fn new(patterns: &[String]) -> Option<RegexSet> {
+        let dfa = DFA::builder()
+            .configure(
+                DFA::config()
+                    // Every pattern that matches, not the first: an overlapping search.
+                    .match_kind(MatchKind::All)
+                    // `\b` is matched on ASCII paths; a search meeting any other byte gives
+                    // up (and every one of these entries is checked instead).
+                    .unicode_word_boundary(true)
+                    .cache_capacity(REGEX_SET_CACHE_LIMIT),
+            )
+            .thompson(thompson::Config::new().nfa_size_limit(Some(REGEX_SET_SIZE_LIMIT)))
+            .build_many(patterns)
+            .ok()?;
+        let for_caches = dfa.clone();
+        let caches = Pool::new(Box::new(move || for_caches.create_cache()) as NewCache);
+        Some(RegexSet { dfa, caches })
+    }
+
+    /// Calls `each` with every pattern matching the whole of `path` (a pattern may come more
+    /// than once). `false` when the search could not be made (then nothing is known).
+    fn each_match(&self, path: &str, mut each: impl FnMut(usize)) -> bool {
+        let mut cache = self.caches.get();
+        // The patterns are anchored at both ends: a search from the start finds them all.
+        let input = Input::new(path).anchored(Anchored::Yes);
+        let mut state = OverlappingState::start();
+        loop {
+            if self
+                .dfa
+                .try_search_overlapping_fwd(&mut cache, &input, &mut state)
+                .is_err()
+            {
+                return false;
+            }
+            match state.get_match() {
+                Some(m) => each(m.pattern().as_usize()),
+                None => return true,
+            }
+        }
+    }
+}
 
 impl RuleIndex {
     /// Indexes `entries[i]`, the conditions of entry `i`.
@@ -88,14 +152,10 @@ impl RuleIndex {
             lens.dedup();
         }
         if !patterns.is_empty() {
-            match RegexSetBuilder::new(&patterns)
-                .size_limit(REGEX_SET_SIZE_LIMIT)
-                .dfa_size_limit(REGEX_SET_CACHE_LIMIT)
-                .build()
-            {
-                Ok(set) => ix.regex_set = Some(set),
+            match RegexSet::new(&patterns) {
+                Some(set) => ix.regex_set = Some(set),
                 // Each pattern compiled alone (they did, to be here): try each one.
-                Err(_) => ix.always.append(&mut ix.regex_entries),
+                None => ix.always.append(&mut ix.regex_entries),
             }
         }
         ix.always.sort_unstable();
@@ -140,7 +200,11 @@ impl RuleIndex {
         out.clear();
         out.extend_from_slice(&self.always);
         if let Some(set) = &self.regex_set {
-            out.extend(set.matches(path).iter().map(|m| self.regex_entries[m]));
+            let searched = set.each_match(path, |m| out.push(self.regex_entries[m]));
+            if !searched {
+                // A search the lazy DFA gave up on: each of these entries is checked instead.
+                out.extend_from_slice(&self.regex_entries);
+            }
         }
         if let Some(v) = self.exact.get(path) {
             out.extend_from_slice(v);

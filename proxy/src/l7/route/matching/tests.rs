@@ -319,3 +319,36 @@ fn conditions_cover_port_source_and_grpc() {
     };
     assert!(query.matches(&req(plain), &mut q).is_some());
 }
+
+#[test]
+fn regexes_without_a_literal_start_are_candidates_when_they_match() {
+    let with_path = |p: &str| Conditions {
+        path: Some(PathMatch::regex(p).unwrap()),
+        ..Conditions::default()
+    };
+    let entries = [
+        with_path("[/]a.*"),
+        with_path(".*b"),
+        with_path("[/]a/b"),
+        with_path(".*\\bq\\b.*"),
+        // Filed by its literal start, not in the set.
+        with_path("/lit.*"),
+    ];
+    let ix = RuleIndex::new(entries.iter());
+    let none = headers(&[]);
+    let mut out = Vec::new();
+    ix.candidates("/a/b", &none, &mut out);
+    assert_eq!(out, [0, 1, 2], "every pattern that matches, each once");
+    ix.candidates("/xb", &none, &mut out);
+    assert_eq!(out, [1]);
+    ix.candidates("/x q y", &none, &mut out);
+    assert_eq!(out, [3], "an ASCII word boundary");
+    ix.candidates("/z", &none, &mut out);
+    assert!(out.is_empty(), "{out:?}");
+    ix.candidates("/lit/x", &none, &mut out);
+    assert_eq!(out, [4]);
+    // A Unicode word boundary on a non-ASCII path: the search gives up, and every one of them
+    // is a candidate (the full conditions decide).
+    ix.candidates("/é q", &none, &mut out);
+    assert_eq!(out, [0, 1, 2, 3]);
+}
