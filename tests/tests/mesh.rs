@@ -663,6 +663,34 @@ fn echo_stream_to(m: &Mesh, pod: &Pod, ms: u64) -> (Proc, Proc) {
     (echo, stream)
 }
 
+/// An AuthorizationPolicy denying the client everything in `back`.
+const DENY_CLIENT: &str = "apiVersion: security.istio.io/v1\nkind: AuthorizationPolicy\nmetadata:\n  name: deny-client\n  namespace: back\nspec:\n  action: DENY\n  rules:\n  - from:\n    - source:\n        principals: [\"cluster.local/ns/front/sa/client\"]\n";
+
+/// `stream` (an [`echo_stream`]) ends, closed by `weft` because `DENY_CLIENT` now denies it:
+/// its flow to `pod` says so and keeps what it relayed until then.
+fn assert_closed_by_policy(stream: &mut Proc, weft: &Weft, pod: &str) {
+    let status = stream
+        .wait_timeout(WAIT)
+        .unwrap()
+        .expect("the open connection was not closed after the policy denied it");
+    assert!(!status.success(), "{}", stream.stdout());
+    let flows = weft
+        .wait_flows(1, WAIT, |f| {
+            s(f, "/destination/pod") == pod
+                && f["error"]
+                    .as_str()
+                    .is_some_and(|e| e.contains("closed: now denied by back/deny-client"))
+        })
+        .unwrap();
+    assert_eq!(s(&flows[0], "/verdict"), "forwarded", "{}", flows[0]);
+    let moved = |k: &str| flows[0][k].as_u64().unwrap_or(0);
+    assert!(
+        moved("bytes_sent") > 0 && moved("bytes_received") > 0,
+        "what it relayed before it was closed is in its flow: {}",
+        flows[0]
+    );
+}
+
 /// A tunnel admitted under the policies of then is closed by the destination node once a
 /// policy denies it: a policy change applies to open connections, not only to new ones.
 #[test]
@@ -671,32 +699,8 @@ fn a_policy_change_closes_tunnels_it_no_longer_allows() {
     let (_echo, mut stream) = echo_stream(&m, 60_000);
     std::thread::sleep(Duration::from_secs(2));
     assert!(stream.is_running(), "{}", stream.stderr());
-    apply(
-        &m,
-        "apiVersion: security.istio.io/v1\nkind: AuthorizationPolicy\nmetadata:\n  name: deny-client\n  namespace: back\nspec:\n  action: DENY\n  rules:\n  - from:\n    - source:\n        principals: [\"cluster.local/ns/front/sa/client\"]\n",
-    );
-    let status = stream
-        .wait_timeout(WAIT)
-        .unwrap()
-        .expect("the open connection was not closed after the policy denied it");
-    assert!(!status.success(), "{}", stream.stdout());
-    let flows = m
-        .weft_b
-        .wait_flows(1, WAIT, |f| {
-            s(f, "/destination/pod") == "web-0"
-                && f["error"]
-                    .as_str()
-                    .is_some_and(|e| e.contains("closed: now denied by back/deny-client"))
-        })
-        .unwrap();
-    assert_eq!(s(&flows[0], "/verdict"), "forwarded", "{}", flows[0]);
-    // What it relayed before it was closed is in its flow.
-    let moved = |k: &str| flows[0][k].as_u64().unwrap_or(0);
-    assert!(
-        moved("bytes_sent") > 0 && moved("bytes_received") > 0,
-        "{}",
-        flows[0]
-    );
+    apply(&m, DENY_CLIENT);
+    assert_closed_by_policy(&mut stream, &m.weft_b, "web-0");
     // New connections are refused.
     wait_denied(&m, &m.client, m.web.addr(7070), "back/deny-client");
 }
@@ -737,32 +741,8 @@ fn same_node_mesh_traffic_is_authorized_without_tls() {
     let (_echo, mut stream) = echo_stream_to(&m, &local, 60_000);
     std::thread::sleep(Duration::from_secs(2));
     assert!(stream.is_running(), "{}", stream.stderr());
-    apply(
-        &m,
-        "apiVersion: security.istio.io/v1\nkind: AuthorizationPolicy\nmetadata:\n  name: deny-client\n  namespace: back\nspec:\n  action: DENY\n  rules:\n  - from:\n    - source:\n        principals: [\"cluster.local/ns/front/sa/client\"]\n",
-    );
-    let status = stream
-        .wait_timeout(WAIT)
-        .unwrap()
-        .expect("the open same-node connection was not closed after the policy denied it");
-    assert!(!status.success(), "{}", stream.stdout());
-    let flows = m
-        .weft_a
-        .wait_flows(1, WAIT, |f| {
-            s(f, "/destination/pod") == "web-local"
-                && f["error"]
-                    .as_str()
-                    .is_some_and(|e| e.contains("closed: now denied by back/deny-client"))
-        })
-        .unwrap();
-    assert_eq!(s(&flows[0], "/verdict"), "forwarded", "{}", flows[0]);
-    // What it relayed before it was closed is in its flow.
-    let moved = |k: &str| flows[0][k].as_u64().unwrap_or(0);
-    assert!(
-        moved("bytes_sent") > 0 && moved("bytes_received") > 0,
-        "{}",
-        flows[0]
-    );
+    apply(&m, DENY_CLIENT);
+    assert_closed_by_policy(&mut stream, &m.weft_a, "web-local");
     wait_denied(&m, &m.client, local.addr(8080), "back/deny-client");
 }
 

@@ -21,7 +21,7 @@ use tokio::net::TcpStream;
 use tracing::debug;
 
 use super::balance::{RoundRobin, Turn};
-use super::plan::{self, Action, Context, Destination, Refusal, Source};
+use super::plan::{self, Action, Destination, Refusal, Source};
 use crate::admin::api::{HttpFlow, Text, Verdict, NO_FLAGS};
 use crate::exchange::body::Counter;
 use crate::exchange::{
@@ -616,16 +616,14 @@ impl HttpPath {
                     up.addr,
                     up.pod.clone(),
                     &mut dest,
-                    &Context {
-                        node: &self.inputs.node,
-                        trust_domain: &self.inputs.trust_domain,
-                        hbone_port: self.inputs.hbone_port,
-                        snapshot: &snapshot,
-                        policies: &policies,
-                        balancer: &self.balancer,
-                        routes: &routes,
-                        roll: 0,
-                    },
+                    &super::context(
+                        &self.inputs,
+                        &self.balancer,
+                        &snapshot,
+                        &policies,
+                        &routes,
+                        0,
+                    ),
                     Some(&request),
                 );
                 drop((policies, routes));

@@ -33,9 +33,10 @@ use crate::capture::{Capture, RedirectEvent};
 use crate::exchange::ClientVersion;
 use crate::inputs::ProxyInputs;
 use crate::l7::protocol::{self, AppProtocol};
+use crate::l7::route::RouteTable;
 use crate::l7::sniff::{sniff, Sniffed};
-use crate::policy::deny_message;
-use crate::registry::Resolved;
+use crate::policy::{deny_message, PolicySet};
+use crate::registry::{Resolved, Snapshot};
 use crate::relay::{relay, relay_until, reset};
 use crate::telemetry::ConnectionRecord;
 use crate::tunnel::client::Pool;
@@ -153,16 +154,14 @@ impl Outbound {
             &redirect,
             peer,
             source,
-            &Context {
-                node: &inputs.node,
-                trust_domain: &inputs.trust_domain,
-                hbone_port: inputs.hbone_port,
-                snapshot: &snapshot,
-                policies: &policies,
-                balancer: &self.balancer,
-                routes: &routes,
-                roll: fastrand::u32(..),
-            },
+            &context(
+                inputs,
+                &self.balancer,
+                &snapshot,
+                &policies,
+                &routes,
+                fastrand::u32(..),
+            ),
         );
         let called = match snapshot.resolve(redirect.original_dst) {
             Resolved::Service { service, port } => Called::Service { service, port },
@@ -204,16 +203,7 @@ impl Outbound {
             let snapshot = inputs.registry.snapshot();
             let policies = inputs.policies.load();
             let routes = inputs.routes.load();
-            let ctx = Context {
-                node: &inputs.node,
-                trust_domain: &inputs.trust_domain,
-                hbone_port: inputs.hbone_port,
-                snapshot: &snapshot,
-                policies: &policies,
-                balancer: &self.balancer,
-                routes: &routes,
-                roll: 0,
-            };
+            let ctx = context(inputs, &self.balancer, &snapshot, &policies, &routes, 0);
             if let Some(why) = plan::still_delivered(source, target, &ctx) {
                 return why;
             }
@@ -319,6 +309,27 @@ impl Outbound {
                 record.finish(Verdict::ConnectFailed, Some(e));
             }
         }
+    }
+}
+
+/// What a plan is decided with: this node's inputs and the tables in force.
+fn context<'a>(
+    inputs: &'a ProxyInputs,
+    balancer: &'a RoundRobin,
+    snapshot: &'a Snapshot,
+    policies: &'a PolicySet,
+    routes: &'a RouteTable,
+    roll: u32,
+) -> Context<'a> {
+    Context {
+        node: &inputs.node,
+        trust_domain: &inputs.trust_domain,
+        hbone_port: inputs.hbone_port,
+        snapshot,
+        policies,
+        balancer,
+        routes,
+        roll,
     }
 }
 
