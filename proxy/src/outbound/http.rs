@@ -116,28 +116,44 @@ struct Wanted {
     routed: bool,
 }
 
+/// [`Wanted`] as a request asks, borrowing from its route.
+#[derive(Debug, Clone, Copy)]
+struct Want<'a> {
+    host: Option<&'a str>,
+    port: Option<u16>,
+    subset: Option<&'a str>,
+    routed: bool,
+}
+
+impl Want<'_> {
+    fn to_owned(self) -> Wanted {
+        Wanted {
+            host: self.host.map(str::to_string),
+            port: self.port,
+            subset: self.subset.map(str::to_string),
+            routed: self.routed,
+        }
+    }
+}
+
 impl Wanted {
-    fn is(&self, host: Option<&str>, port: Option<u16>, subset: Option<&str>) -> bool {
-        self.host.as_deref() == host && self.port == port && self.subset.as_deref() == subset
+    fn is(&self, want: &Want<'_>) -> bool {
+        self.host.as_deref() == want.host
+            && self.port == want.port
+            && self.subset.as_deref() == want.subset
+            && self.routed == want.routed
     }
 }
 
 impl Memo {
     /// The target kept for `want` under these tables.
-    fn get(
-        &self,
-        routes: &RouteTable,
-        generation: u64,
-        host: Option<&str>,
-        port: Option<u16>,
-        subset: Option<&str>,
-    ) -> Option<Arc<Target>> {
+    fn get(&self, routes: &RouteTable, generation: u64, want: &Want<'_>) -> Option<Arc<Target>> {
         if !std::ptr::eq(self.routes.as_ptr(), routes) || self.generation != generation {
             return None;
         }
         self.targets
             .iter()
-            .find(|(w, _)| w.is(host, port, subset))
+            .find(|(w, _)| w.is(want))
             .map(|(_, t)| t.clone())
     }
 
@@ -277,13 +293,13 @@ impl HttpPath {
         let source_ns = conn.source.pod.as_ref().map(|p| p.namespace.as_str());
         // The authority the upstream sees, when a route rewrote it.
         let mut rewritten = None;
-        let (want, response_ops) = match decision {
+        let (want, response_ops) = match &decision {
             RouteDecision::NotFound => {
                 return own(record, Verdict::Responded, Flag::NoRoute, None);
             }
             RouteDecision::Default => (
-                Wanted {
-                    host: host.map(str::to_string),
+                Want {
+                    host,
                     port: Some(port),
                     subset: None,
                     routed: false,
@@ -343,10 +359,10 @@ impl HttpPath {
                         }
                         // Envoy applies the destination's response headers, then the route's.
                         let ops = vec![dest.response_headers.clone(), f.response_headers.clone()];
-                        let want = Wanted {
-                            host: Some(dest.host.clone()),
+                        let want = Want {
+                            host: Some(dest.host.as_str()),
                             port: dest.port.or(Some(port)),
-                            subset: dest.subset.clone(),
+                            subset: dest.subset.as_deref(),
                             routed: true,
                         };
                         (want, ops)
@@ -354,13 +370,7 @@ impl HttpPath {
                 }
             }
         };
-        let kept = conn.memo.lock().get(
-            &routes,
-            snapshot.generation,
-            want.host.as_deref(),
-            want.port,
-            want.subset.as_deref(),
-        );
+        let kept = conn.memo.lock().get(&routes, snapshot.generation, &want);
         let target = match kept {
             Some(target) => {
                 drop(routes);
@@ -369,13 +379,13 @@ impl HttpPath {
             None => {
                 let backend = want
                     .host
-                    .as_deref()
-                    .and_then(|h| routes.backend(h, want.port, want.subset.as_deref(), source_ns));
+                    .and_then(|h| routes.backend(h, want.port, want.subset, source_ns));
                 if backend.is_none() && want.routed {
                     let mut resp = own(record, Verdict::NoEndpoint, Flag::NoHealthyUpstream, None);
                     apply_all(&response_ops, resp.headers_mut());
                     return resp;
                 }
+                let want = want.to_owned();
                 let table = arc_swap::Guard::into_inner(routes);
                 let (target, lasting) = self.target(backend, conn, &snapshot).await;
                 let target = Arc::new(target);
@@ -903,6 +913,15 @@ mod tests {
         })
     }
 
+    fn want<'a>(host: &'a str, port: u16, subset: Option<&'a str>) -> Want<'a> {
+        Want {
+            host: Some(host),
+            port: Some(port),
+            subset,
+            routed: true,
+        }
+    }
+
     fn wanted(host: &str, subset: Option<&str>) -> Wanted {
         Wanted {
             host: Some(host.into()),
@@ -916,31 +935,34 @@ mod tests {
     fn a_kept_target_holds_for_its_route_table_and_snapshot_only() {
         let table = Arc::new(RouteTable::default());
         let mut memo = Memo::default();
-        assert!(memo.get(&table, 1, Some("a"), Some(80), None).is_none());
+        assert!(memo.get(&table, 1, &want("a", 80, None)).is_none());
         let (a, a_v1) = (target(), target());
         memo.keep(&table, 1, wanted("a", None), a.clone());
         memo.keep(&table, 1, wanted("a", Some("v1")), a_v1.clone());
-        let got = memo.get(&table, 1, Some("a"), Some(80), None).unwrap();
+        let got = memo.get(&table, 1, &want("a", 80, None)).unwrap();
         assert!(Arc::ptr_eq(&got, &a));
-        let got = memo
-            .get(&table, 1, Some("a"), Some(80), Some("v1"))
-            .unwrap();
+        let got = memo.get(&table, 1, &want("a", 80, Some("v1"))).unwrap();
         assert!(Arc::ptr_eq(&got, &a_v1));
         // Another host, port or subset is another target.
-        assert!(memo.get(&table, 1, Some("b"), Some(80), None).is_none());
-        assert!(memo.get(&table, 1, Some("a"), Some(81), None).is_none());
-        assert!(memo
-            .get(&table, 1, Some("a"), Some(80), Some("v2"))
-            .is_none());
+        assert!(memo.get(&table, 1, &want("b", 80, None)).is_none());
+        assert!(memo.get(&table, 1, &want("a", 81, None)).is_none());
+        assert!(memo.get(&table, 1, &want("a", 80, Some("v2"))).is_none());
+        // The default route to the same host is another target (a route naming a host that is
+        // not known answers 503; the default route goes where the client called).
+        let default = Want {
+            routed: false,
+            ..want("a", 80, None)
+        };
+        assert!(memo.get(&table, 1, &default).is_none());
         // A new snapshot, or a new route table (even one equal to the old), resolves again.
-        assert!(memo.get(&table, 2, Some("a"), Some(80), None).is_none());
+        assert!(memo.get(&table, 2, &want("a", 80, None)).is_none());
         let newer = Arc::new(RouteTable::default());
-        assert!(memo.get(&newer, 1, Some("a"), Some(80), None).is_none());
+        assert!(memo.get(&newer, 1, &want("a", 80, None)).is_none());
         // Keeping under new tables forgets what the old ones resolved.
         memo.keep(&newer, 1, wanted("b", None), target());
-        assert!(memo.get(&newer, 1, Some("a"), Some(80), None).is_none());
-        assert!(memo.get(&newer, 1, Some("b"), Some(80), None).is_some());
-        assert!(memo.get(&table, 1, Some("a"), Some(80), None).is_none());
+        assert!(memo.get(&newer, 1, &want("a", 80, None)).is_none());
+        assert!(memo.get(&newer, 1, &want("b", 80, None)).is_some());
+        assert!(memo.get(&table, 1, &want("a", 80, None)).is_none());
     }
 
     #[test]
@@ -952,7 +974,7 @@ mod tests {
         // The memo does not keep the table alive, and its address is not reused while the
         // memo remembers it.
         let next = Arc::new(RouteTable::default());
-        assert!(memo.get(&next, 1, Some("a"), Some(80), None).is_none());
+        assert!(memo.get(&next, 1, &want("a", 80, None)).is_none());
     }
 
     #[test]
@@ -963,9 +985,9 @@ mod tests {
             memo.keep(&table, 1, wanted(&format!("h{i}"), None), target());
         }
         assert_eq!(memo.targets.len(), MEMO_TARGETS);
-        assert!(memo.get(&table, 1, Some("h0"), Some(80), None).is_none());
+        assert!(memo.get(&table, 1, &want("h0", 80, None)).is_none());
         let last = format!("h{}", MEMO_TARGETS + 2);
-        assert!(memo.get(&table, 1, Some(&last), Some(80), None).is_some());
+        assert!(memo.get(&table, 1, &want(&last, 80, None)).is_some());
     }
 
     #[test]
