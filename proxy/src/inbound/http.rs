@@ -65,7 +65,8 @@ pub async fn serve<S>(
             let clients = clients.clone();
             let t = t.clone();
             let template = tmpl.clone();
-            async move { request(&inputs, &clients, &t, &template, req).await }
+            // Boxed once: hyper and the exchange move the future they are handed.
+            Box::pin(async move { request(&inputs, &clients, &t, &template, req).await })
         }
     })
     .await;
@@ -131,16 +132,20 @@ async fn request(
     let mut sender = match clients.checkout(&key) {
         Some(s) => s,
         None => {
-            let opened = match inputs
-                .connector
-                .connect(OnBehalfOf::Peer(&t.peer), t.target)
-                .await
-            {
-                Ok(tcp) => Sender::handshake(tcp, version)
+            // Boxed: opening is rare and its future large; the request's stays small.
+            let opened = Box::pin(async {
+                match inputs
+                    .connector
+                    .connect(OnBehalfOf::Peer(&t.peer), t.target)
                     .await
-                    .map_err(|e| e.to_string()),
-                Err(e) => Err(e.to_string()),
-            };
+                {
+                    Ok(tcp) => Sender::handshake(tcp, version)
+                        .await
+                        .map_err(|e| e.to_string()),
+                    Err(e) => Err(e.to_string()),
+                }
+            })
+            .await;
             match opened {
                 Ok(s) => s,
                 Err(e) => {

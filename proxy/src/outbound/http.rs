@@ -235,7 +235,9 @@ impl HttpPath {
             move |req| {
                 let this = this.clone();
                 let conn = c.clone();
-                async move { this.request(req, &conn).await }
+                // Boxed once: hyper and the exchange move the future they are handed, and a
+                // request's is kilobytes.
+                Box::pin(async move { this.request(req, &conn).await })
             },
         )
         .await;
@@ -387,7 +389,9 @@ impl HttpPath {
                 }
                 let want = want.to_owned();
                 let table = arc_swap::Guard::into_inner(routes);
-                let (target, lasting) = self.target(backend, conn, &snapshot).await;
+                // Boxed: resolving is rare (a connection keeps what it resolved) and its future is large;
+                // the request's own future stays small, and cheap to move.
+                let (target, lasting) = Box::pin(self.target(backend, conn, &snapshot)).await;
                 let target = Arc::new(target);
                 if lasting {
                     conn.memo
@@ -701,9 +705,13 @@ impl HttpPath {
         let req = upstream_request(req, target.version, authority, &sent);
         let mut sender = match self.clients.checkout(&reach.key) {
             Some(s) => s,
-            None => match self
-                .open(&reach.connect, conn.source.pod.as_deref(), target.version)
-                .await
+            // Boxed, for the same reason: opening is rare, its future (TLS, HBONE) large.
+            None => match Box::pin(self.open(
+                &reach.connect,
+                conn.source.pod.as_deref(),
+                target.version,
+            ))
+            .await
             {
                 Ok(s) => s,
                 Err(Opened::Denied(policy)) => {
