@@ -2,7 +2,8 @@
 //! and ServiceEntry routing, Gateway API HTTPRoute and GRPCRoute, rewrites, redirects and header
 //! changes, TLS origination to a DNS-resolved external host, gRPC, HTTP/1.1 and HTTP/2 clients and
 //! WebSocket on one Service, L7 AuthorizationPolicy, refusal of malformed requests, invalid route
-//! objects, and one flow record per request with Envoy response flags.
+//! objects, route timeouts, fault injection, and one flow record per request with Envoy response
+//! flags.
 //!
 //! Most tests share one cluster (built by the first test that needs it, torn down when the
 //! binary exits); each uses Services and routing objects of its own, so they run in parallel.
@@ -118,6 +119,9 @@ const REVIEWS_SERVICES: &[&str] = &[
     "reviews-proto",
     "reviews-flows",
     "reviews-live",
+    "reviews-timeout",
+    "reviews-timeout-gw",
+    "reviews-fault",
 ];
 
 fn build_shared() -> L7 {
@@ -668,6 +672,178 @@ fn httproute_on_a_service_splits_matches_and_answers_no_route() {
         .unwrap()[0];
     assert_eq!(f["http"]["status"], 404, "{f}");
     assert_eq!(s(f, "/http/response_flags"), "NR", "{f}");
+}
+
+/// Route timeouts, as a v1alpha3 VirtualService (`timeout`) and as an HTTPRoute
+/// (`timeouts.request`): a backend answering within the timeout passes; one answering after it
+/// gets Envoy's `504 upstream request timeout` at the timeout, flag `UT` in the flow.
+#[test]
+fn route_timeouts_answer_504_at_the_timeout_and_let_faster_backends_through() {
+    let m = shared();
+    m.apply(
+        r#"
+        apiVersion: networking.istio.io/v1alpha3
+        kind: VirtualService
+        metadata:
+          name: reviews-timeout
+          namespace: back
+        spec:
+          hosts:
+          - reviews-timeout
+          http:
+          - timeout: 1s
+            route:
+            - destination: {host: reviews-timeout}
+        "#,
+    );
+    m.apply(
+        r#"
+        apiVersion: gateway.networking.k8s.io/v1
+        kind: HTTPRoute
+        metadata:
+          name: reviews-timeout-gw
+          namespace: back
+        spec:
+          parentRefs:
+          - {group: "", kind: Service, name: reviews-timeout-gw, port: 9080}
+          rules:
+          - timeouts: {request: 1s}
+            backendRefs:
+            - {name: reviews-timeout-gw, port: 9080}
+        "#,
+    );
+    for svc in ["reviews-timeout", "reviews-timeout-gw"] {
+        // Until the route is in force, a slow request is answered by the backend.
+        let deadline = Instant::now() + WAIT;
+        while m.get(svc, &["--path", "/delay/1800"]).status != 504 {
+            assert!(
+                Instant::now() < deadline,
+                "{svc}: no timeout after {WAIT:?}"
+            );
+            std::thread::sleep(Duration::from_millis(100));
+        }
+        let r = m.get(svc, &["--path", "/delay/300"]);
+        assert_eq!(r.status, 200, "{svc}: within the timeout: {r:?}");
+        let started = Instant::now();
+        let path = format!("/delay/4000?route={svc}");
+        let r = m.get(svc, &["--path", &path]);
+        let took = started.elapsed();
+        assert_eq!(r.status, 504, "{svc}: {r:?}");
+        assert_eq!(r.body, "upstream request timeout", "{svc}");
+        assert!(
+            took >= Duration::from_millis(900) && took < Duration::from_millis(3000),
+            "{svc}: answered after {took:?}, not at the 1 s timeout"
+        );
+        let f = &m
+            .weft_a
+            .wait_flows(1, WAIT, |f| s(f, "/http/path") == path)
+            .unwrap()[0];
+        assert_eq!(f["http"]["status"], 504, "{f}");
+        assert_eq!(s(f, "/http/response_flags"), "UT", "{f}");
+    }
+}
+
+/// Fault injection (VirtualService `fault`): an abort at 100 % never reaches a backend, at 50 %
+/// about half the requests; a delay holds a request for its time; the deprecated `percent` form
+/// works; flows carry `FI` and `DI`.
+#[test]
+fn faults_abort_and_delay_the_share_of_requests_they_name() {
+    let m = shared();
+    m.apply(
+        r#"
+        apiVersion: networking.istio.io/v1alpha3
+        kind: VirtualService
+        metadata:
+          name: reviews-fault
+          namespace: back
+        spec:
+          hosts:
+          - reviews-fault
+          http:
+          - match:
+            - uri: {prefix: /abort-all}
+            fault:
+              abort:
+                httpStatus: 500
+                percentage: {value: 100}
+            route:
+            - destination: {host: reviews-fault}
+          - match:
+            - uri: {prefix: /abort-half}
+            fault:
+              abort:
+                httpStatus: 503
+                percentage: {value: 50}
+            route:
+            - destination: {host: reviews-fault}
+          - match:
+            - uri: {prefix: /legacy}
+            fault:
+              abort:
+                httpStatus: 418
+                percent: 100
+            route:
+            - destination: {host: reviews-fault}
+          - match:
+            - uri: {prefix: /delay}
+            timeout: 100ms
+            fault:
+              delay:
+                fixedDelay: 600ms
+                percentage: {value: 100}
+            route:
+            - destination: {host: reviews-fault}
+          - route:
+            - destination: {host: reviews-fault}
+        "#,
+    );
+    let deadline = Instant::now() + WAIT;
+    while m.get("reviews-fault", &["--path", "/abort-all"]).status != 500 {
+        assert!(Instant::now() < deadline, "no fault after {WAIT:?}");
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    let all = m.load("reviews-fault", 200, &["--path", "/abort-all"]);
+    assert_eq!(all.status(500), 200, "{all:?}");
+    assert!(all.backends.is_empty(), "no backend answered: {all:?}");
+    let r = m.get("reviews-fault", &["--path", "/abort-all/one"]);
+    assert_eq!(r.body, "fault filter abort");
+    let f = &m
+        .weft_a
+        .wait_flows(1, WAIT, |f| s(f, "/http/path") == "/abort-all/one")
+        .unwrap()[0];
+    assert_eq!(s(f, "/http/response_flags"), "FI", "{f}");
+    assert_eq!(f["verdict"], "responded", "{f}");
+
+    let half = m.load("reviews-fault", 1000, &["--path", "/abort-half"]);
+    let (aborted, passed) = (half.status(503), half.status(200));
+    assert_eq!(aborted + passed, 1000, "{half:?}");
+    assert!(
+        (400..=600).contains(&aborted),
+        "about half aborted: {half:?}"
+    );
+    assert_eq!(half.backends.values().sum::<u64>(), passed, "{half:?}");
+
+    assert_eq!(
+        m.load("reviews-fault", 20, &["--path", "/legacy"])
+            .status(418),
+        20
+    );
+
+    // A delay holds the request, and the rule's 100 ms timeout is off while it has a fault.
+    let started = Instant::now();
+    let r = m.get("reviews-fault", &["--path", "/delay/held"]);
+    let took = started.elapsed();
+    assert_eq!(r.status, 200, "{r:?}");
+    assert!(
+        took >= Duration::from_millis(600),
+        "answered after {took:?}"
+    );
+    let f = &m
+        .weft_a
+        .wait_flows(1, WAIT, |f| s(f, "/http/path") == "/delay/held")
+        .unwrap()[0];
+    assert_eq!(s(f, "/http/response_flags"), "DI", "{f}");
+    assert!(f["http"]["duration_ms"].as_f64().unwrap() >= 600.0, "{f}");
 }
 
 /// 4. Rewrites (path prefix and authority), redirects (301, 302), request and response header

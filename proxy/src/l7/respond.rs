@@ -3,6 +3,8 @@
 use bytes::Bytes;
 use http::{header, HeaderValue, Response, StatusCode};
 
+use super::route::AbortError;
+
 /// Envoy's response flags weft sets (`%RESPONSE_FLAGS%`, short form).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Flag {
@@ -20,6 +22,10 @@ pub enum Flag {
     DownstreamProtocolError,
     /// The client went away before the response ended.
     DownstreamConnectionTermination,
+    /// The upstream did not answer within the route's timeout.
+    UpstreamRequestTimeout,
+    /// A rule's fault aborted the request (its answer is [`aborted`]).
+    FaultInjected,
 }
 
 impl Flag {
@@ -33,6 +39,8 @@ impl Flag {
             Flag::UpstreamConnectionTermination => "UC",
             Flag::DownstreamProtocolError => "DPE",
             Flag::DownstreamConnectionTermination => "DC",
+            Flag::UpstreamRequestTimeout => "UT",
+            Flag::FaultInjected => "FI",
         }
     }
 
@@ -53,11 +61,38 @@ impl Flag {
                 StatusCode::SERVICE_UNAVAILABLE,
                 "upstream connect error or disconnect/reset before headers. reset reason: connection termination",
             ),
+            Flag::UpstreamRequestTimeout => {
+                (StatusCode::GATEWAY_TIMEOUT, "upstream request timeout")
+            }
             Flag::DownstreamProtocolError | Flag::DownstreamConnectionTermination => {
                 (StatusCode::BAD_REQUEST, "")
             }
+            Flag::FaultInjected => return aborted(AbortError::Http(StatusCode::SERVICE_UNAVAILABLE)),
         };
         text(status, body)
+    }
+}
+
+/// What Envoy's fault filter answers when it aborts a request.
+pub const FAULT_ABORT: &str = "fault filter abort";
+
+/// The answer to a request a fault aborted, as Envoy's fault filter gives it: the status with
+/// `fault filter abort`, or for a gRPC status, HTTP 200 with only `grpc-status` and
+/// `grpc-message` (a trailers-only gRPC response).
+pub fn aborted(error: AbortError) -> Response<Bytes> {
+    match error {
+        AbortError::Http(status) => text(status, FAULT_ABORT),
+        AbortError::Grpc(code) => {
+            let mut r = Response::new(Bytes::new());
+            let h = r.headers_mut();
+            h.insert(
+                header::CONTENT_TYPE,
+                HeaderValue::from_static("application/grpc"),
+            );
+            h.insert("grpc-status", HeaderValue::from(code));
+            h.insert("grpc-message", HeaderValue::from_static(FAULT_ABORT));
+            r
+        }
     }
 }
 
@@ -92,6 +127,22 @@ mod tests {
         assert_eq!(Flag::NoRoute.response().status(), 404);
         assert!(Flag::NoRoute.response().body().is_empty());
         assert_eq!(Flag::UpstreamConnectionFailure.as_str(), "UF");
+        let t = Flag::UpstreamRequestTimeout.response();
+        assert_eq!(
+            (t.status().as_u16(), t.body().as_ref()),
+            (504, &b"upstream request timeout"[..])
+        );
+        assert_eq!(Flag::UpstreamRequestTimeout.as_str(), "UT");
+        let a = aborted(AbortError::Http(StatusCode::INTERNAL_SERVER_ERROR));
+        assert_eq!(
+            (a.status().as_u16(), a.body().as_ref()),
+            (500, &b"fault filter abort"[..])
+        );
+        let g = aborted(AbortError::Grpc(14));
+        assert_eq!(g.status(), 200, "gRPC carries its status in grpc-status");
+        assert_eq!(g.headers()["grpc-status"], "14");
+        assert_eq!(g.headers()["content-type"], "application/grpc");
+        assert!(g.body().is_empty());
         assert!(
             std::str::from_utf8(Flag::UpstreamConnectionFailure.response().body())
                 .unwrap()

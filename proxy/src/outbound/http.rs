@@ -31,10 +31,10 @@ use crate::exchange::{
 use crate::inputs::ProxyInputs;
 use crate::l7::hygiene;
 use crate::l7::protocol::AppProtocol;
-use crate::l7::respond::Flag;
+use crate::l7::respond::{self, Flag};
 use crate::l7::route::{
-    Action as RouteAction, Backend, HeaderOps, RouteDecision, RouteRequest, RouteTable,
-    Target as BackendTarget,
+    AbortError, Action as RouteAction, Backend, HeaderOps, Injected, RouteDecision, RouteRequest,
+    RouteTable, Target as BackendTarget,
 };
 use crate::policy::HttpRequest;
 use crate::registry::kinds::networking::{H2UpgradePolicy, Resolution, TlsMode};
@@ -245,6 +245,7 @@ impl HttpPath {
     }
 
     async fn request(&self, mut req: Request<Incoming>, conn: &Conn) -> Response<ResponseBody> {
+        let arrived = tokio::time::Instant::now();
         let client_authority = authority_of(&req);
         let path = req
             .uri()
@@ -295,6 +296,10 @@ impl HttpPath {
         let source_ns = conn.source.pod.as_ref().map(|p| p.namespace.as_str());
         // The authority the upstream sees, when a route rewrote it.
         let mut rewritten = None;
+        // Until when the upstream may take to answer (the route's timeouts).
+        let mut deadline = None;
+        // What the rule's fault does to this request.
+        let mut injected = Injected::default();
         let (want, response_ops) = match &decision {
             RouteDecision::NotFound => {
                 return own(record, Verdict::Responded, Flag::NoRoute, None);
@@ -345,6 +350,14 @@ impl HttpPath {
                         return exchange::body_of(resp);
                     }
                     RouteAction::Forward(f) => {
+                        if let Some(fault) = &f.fault {
+                            injected =
+                                fault.inject(fastrand::f64() * 100.0, fastrand::f64() * 100.0);
+                            if let (None, Some(error)) = (injected.delay, injected.abort) {
+                                return fault_aborted(record, error);
+                            }
+                        }
+                        deadline = f.attempt_timeout().map(|t| arrived + t);
                         let dest = f.pick(fastrand::u32(..));
                         f.request_headers.apply(req.headers_mut());
                         dest.request_headers.apply(req.headers_mut());
@@ -401,6 +414,13 @@ impl HttpPath {
                 target
             }
         };
+        if let Some(delay) = injected.delay {
+            record.delay_injected();
+            tokio::time::sleep(delay).await;
+            if let Some(error) = injected.abort {
+                return fault_aborted(record, error);
+            }
+        }
         if let Some(service) = &target.service {
             record.service(service);
         }
@@ -415,6 +435,7 @@ impl HttpPath {
                 &client_authority,
                 authority,
                 upgrade,
+                deadline,
             )
             .await;
         apply_all(&response_ops, resp.headers_mut());
@@ -606,6 +627,7 @@ impl HttpPath {
         client_authority: &str,
         authority: &str,
         upgrade: bool,
+        deadline: Option<tokio::time::Instant>,
     ) -> Response<ResponseBody> {
         let Some(i) = target.turn.pick(target.endpoints.len()) else {
             return own(record, Verdict::NoEndpoint, Flag::NoHealthyUpstream, None);
@@ -706,21 +728,21 @@ impl HttpPath {
         let mut sender = match self.clients.checkout(&reach.key) {
             Some(s) => s,
             // Boxed, for the same reason: opening is rare, its future (TLS, HBONE) large.
-            None => match Box::pin(self.open(
-                &reach.connect,
-                conn.source.pod.as_deref(),
-                target.version,
-            ))
+            None => match within(
+                deadline,
+                Box::pin(self.open(&reach.connect, conn.source.pod.as_deref(), target.version)),
+            )
             .await
             {
-                Ok(s) => s,
-                Err(Opened::Denied(policy)) => {
+                None => return timed_out(record),
+                Some(Ok(s)) => s,
+                Some(Err(Opened::Denied(policy))) => {
                     if let Some(p) = policy {
                         record.policy(p);
                     }
                     return denied(record);
                 }
-                Err(Opened::Failed(e)) => {
+                Some(Err(Opened::Failed(e))) => {
                     return own(
                         record,
                         Verdict::ConnectFailed,
@@ -730,9 +752,12 @@ impl HttpPath {
                 }
             },
         };
-        let resp = match sender.send(req).await {
-            Ok(r) => r,
-            Err(e) => {
+        // Past the deadline the request is dropped: hyper cancels it upstream (an HTTP/1.1
+        // connection is closed, an HTTP/2 stream reset).
+        let resp = match within(deadline, sender.send(req)).await {
+            None => return timed_out(record),
+            Some(Ok(r)) => r,
+            Some(Err(e)) => {
                 let flag = if e.is_closed() || e.is_incomplete_message() || e.is_canceled() {
                     Flag::UpstreamConnectionTermination
                 } else {
@@ -868,6 +893,40 @@ enum Opened {
     /// The destination node's policy refused the tunnel (the deciding policy, if named).
     Denied(Option<String>),
     Failed(String),
+}
+
+/// `fut`'s output, or `None` once `deadline` has passed first.
+async fn within<F: std::future::Future>(
+    deadline: Option<tokio::time::Instant>,
+    fut: F,
+) -> Option<F::Output> {
+    match deadline {
+        Some(d) => tokio::time::timeout_at(d, fut).await.ok(),
+        None => Some(fut.await),
+    }
+}
+
+/// `504 upstream request timeout`, flag `UT` (Envoy's answer when a route's timeout expires
+/// before the upstream's response head).
+fn timed_out(record: RequestRecord) -> Response<ResponseBody> {
+    own(
+        record,
+        Verdict::ConnectFailed,
+        Flag::UpstreamRequestTimeout,
+        Some("upstream request timeout".to_string()),
+    )
+}
+
+/// The answer to a request the rule's fault aborted (flag `FI`): the upstream never sees it.
+fn fault_aborted(record: RequestRecord, error: AbortError) -> Response<ResponseBody> {
+    let resp = respond::aborted(error);
+    record.finish(
+        Verdict::Responded,
+        resp.status().as_u16(),
+        Flag::FaultInjected.as_str(),
+        Some(respond::FAULT_ABORT),
+    );
+    exchange::body_of(resp)
 }
 
 /// The path and query of a request as sent.

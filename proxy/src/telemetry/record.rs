@@ -251,6 +251,21 @@ impl Names {
     }
 }
 
+/// `flags` with `DI` (a fault delay) where Envoy lists it: after the upstream's flags, before
+/// `FI` and the downstream's.
+fn with_delay(flags: &str) -> Text {
+    if flags.is_empty() || flags == "-" {
+        return shared("DI");
+    }
+    let mut all: Vec<&str> = flags.split(',').collect();
+    let at = all
+        .iter()
+        .position(|f| matches!(*f, "FI" | "DC" | "DPE"))
+        .unwrap_or(all.len());
+    all.insert(at, "DI");
+    all.join(",").into()
+}
+
 /// The text of the values most requests share (HTTP versions, methods, response flags): one
 /// allocation each per thread, made once; anything else is copied.
 pub fn shared(s: &str) -> Text {
@@ -285,6 +300,7 @@ impl RequestTemplate {
             flow,
             started: Instant::now(),
             emitted: false,
+            delay_injected: false,
         }
     }
 }
@@ -296,9 +312,17 @@ pub struct RequestRecord {
     flow: Flow,
     started: Instant,
     emitted: bool,
+    /// A fault delay held the request: Envoy's `DI`, joined to whatever flags it ends with.
+    delay_injected: bool,
 }
 
 impl RequestRecord {
+    /// A rule's fault delay held the request before it went on.
+    pub fn delay_injected(&mut self) -> &mut Self {
+        self.delay_injected = true;
+        self
+    }
+
     /// The request's method.
     pub fn method(&self) -> &str {
         self.flow.http.as_ref().map(|h| &*h.method).unwrap_or("")
@@ -380,6 +404,9 @@ impl RequestRecord {
         flow.duration_ms = us / 1000.0;
         if let Some(h) = &mut flow.http {
             h.duration_ms = us / 1000.0;
+            if self.delay_injected {
+                h.response_flags = with_delay(&h.response_flags);
+            }
         }
         debug!(
             source = %flow.source.pod.as_deref().unwrap_or("?"),
@@ -450,6 +477,29 @@ mod tests {
         assert_eq!(flow.destination.address.as_deref(), Some("10.244.1.3:8080"));
         assert_eq!(t.flows.recent(&FlowFilter::default()).len(), 1);
         assert_eq!(t.flows.totals()[&Verdict::Denied], 1);
+    }
+
+    #[test]
+    fn an_injected_delay_joins_the_flags_where_envoy_lists_it() {
+        let t = telemetry();
+        let requests = ConnectionRecord::accepted(&t).requests();
+        let flags = |end: &str| {
+            let mut r = requests.start(HttpFlow::default());
+            r.delay_injected();
+            let flow = r.finish(Verdict::Forwarded, 200, end, None::<&str>);
+            flow.http.as_ref().unwrap().response_flags.to_string()
+        };
+        assert_eq!(flags("-"), "DI");
+        assert_eq!(flags("FI"), "DI,FI");
+        assert_eq!(flags("UF"), "UF,DI");
+        assert_eq!(flags("UH,DC"), "UH,DI,DC");
+        let r = requests.start(HttpFlow::default());
+        let flow = r.finish(Verdict::Forwarded, 200, "-", None::<&str>);
+        assert_eq!(
+            &*flow.http.as_ref().unwrap().response_flags,
+            "-",
+            "no delay"
+        );
     }
 
     #[test]

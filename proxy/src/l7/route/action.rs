@@ -52,6 +52,21 @@ impl Forward {
     pub fn pick(&self, roll: u32) -> &WeightedDestination {
         pick_weighted(&self.destinations, roll)
     }
+
+    /// How long the first attempt may take, from the request's arrival until the upstream's
+    /// response head: the route's timeout, or the retry policy's per-try timeout when that is
+    /// shorter (Envoy's `timeout` and `per_try_timeout`). `None`: no limit, and none on a rule
+    /// with a fault (Istio: faults disable the route's timeouts and retries).
+    pub fn attempt_timeout(&self) -> Option<Duration> {
+        if self.fault.is_some() {
+            return None;
+        }
+        let per_try = self.retries.as_ref().and_then(|r| r.per_try_timeout);
+        match (self.timeout, per_try) {
+            (Some(t), Some(p)) => Some(t.min(p)),
+            (t, p) => t.or(p),
+        }
+    }
 }
 
 /// One of `destinations` (not empty) for a uniformly random `roll`, each with probability
@@ -451,6 +466,36 @@ impl RetryPolicy {
 pub struct Fault {
     pub delay: Option<FaultDelay>,
     pub abort: Option<FaultAbort>,
+}
+
+/// What a rule's fault does to one request.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct Injected {
+    /// Wait this long before going on (flag `DI`).
+    pub delay: Option<Duration>,
+    /// Answer with this instead of forwarding (flag `FI`): the upstream is never contacted.
+    pub abort: Option<AbortError>,
+}
+
+impl Fault {
+    /// What the fault does to a request, for two rolls drawn uniformly from `[0, 100)`: the
+    /// delay applies when `delay_roll` falls under its share, the abort when `abort_roll`
+    /// falls under its own (Envoy's fault filter draws each apart; a delayed request may also
+    /// be aborted, after the delay).
+    pub fn inject(&self, delay_roll: f64, abort_roll: f64) -> Injected {
+        Injected {
+            delay: self
+                .delay
+                .as_ref()
+                .filter(|d| delay_roll < d.percent)
+                .map(|d| d.delay),
+            abort: self
+                .abort
+                .as_ref()
+                .filter(|a| abort_roll < a.percent)
+                .map(|a| a.error),
+        }
+    }
 }
 
 #[derive(Debug, Clone, PartialEq)]

@@ -49,6 +49,86 @@ fn picks_by_weight_from_the_roll() {
     assert_eq!(f.pick(1).host, "b");
 }
 
+#[test]
+fn the_first_attempt_is_bounded_by_the_shorter_of_the_route_and_per_try_timeouts() {
+    let secs = Duration::from_secs;
+    let mut f = forward(vec![dest("a", 1)]);
+    assert_eq!(
+        f.attempt_timeout(),
+        None,
+        "Istio: no route timeout by default"
+    );
+    f.retries = Some(RetryPolicy::istio_default());
+    assert_eq!(f.attempt_timeout(), None, "nor a per-try one");
+    f.timeout = Some(secs(1));
+    assert_eq!(f.attempt_timeout(), Some(secs(1)));
+    f.retries.as_mut().unwrap().per_try_timeout = Some(secs(3));
+    assert_eq!(f.attempt_timeout(), Some(secs(1)));
+    f.retries.as_mut().unwrap().per_try_timeout = Some(Duration::from_millis(200));
+    assert_eq!(f.attempt_timeout(), Some(Duration::from_millis(200)));
+    f.timeout = None;
+    assert_eq!(f.attempt_timeout(), Some(Duration::from_millis(200)));
+    f.timeout = Some(secs(1));
+    f.fault = Some(Fault {
+        delay: None,
+        abort: None,
+    });
+    assert_eq!(f.attempt_timeout(), None, "a fault disables the timeouts");
+}
+
+#[test]
+fn a_fault_delays_and_aborts_the_share_of_requests_it_names() {
+    let fault = Fault {
+        delay: Some(FaultDelay {
+            delay: Duration::from_millis(300),
+            percent: 50.0,
+        }),
+        abort: Some(FaultAbort {
+            error: AbortError::Http(StatusCode::INTERNAL_SERVER_ERROR),
+            percent: 10.0,
+        }),
+    };
+    let i = fault.inject(0.0, 99.9);
+    assert_eq!(i.delay, Some(Duration::from_millis(300)));
+    assert_eq!(i.abort, None);
+    let i = fault.inject(50.0, 9.99);
+    assert_eq!(i.delay, None, "50 % is the rolls under 50");
+    assert_eq!(
+        i.abort,
+        Some(AbortError::Http(StatusCode::INTERNAL_SERVER_ERROR))
+    );
+    // Each part draws on its own roll: over an even spread, each hits its own share.
+    let (mut delayed, mut aborted) = (0, 0);
+    for k in 0..1000 {
+        let roll = f64::from(k) / 10.0;
+        let i = fault.inject(roll, (roll * 7.0) % 100.0);
+        delayed += i.delay.is_some() as u32;
+        aborted += i.abort.is_some() as u32;
+    }
+    assert_eq!(delayed, 500);
+    assert!((95..=105).contains(&aborted), "{aborted}");
+    // 0 % (an unset percentage) never fires; 100 % always does.
+    let never = Fault {
+        delay: None,
+        abort: Some(FaultAbort {
+            error: AbortError::Grpc(14),
+            percent: 0.0,
+        }),
+    };
+    assert_eq!(never.inject(0.0, 0.0), Injected::default());
+    let always = Fault {
+        delay: None,
+        abort: Some(FaultAbort {
+            error: AbortError::Grpc(14),
+            percent: 100.0,
+        }),
+    };
+    assert_eq!(
+        always.inject(99.999, 99.999).abort,
+        Some(AbortError::Grpc(14))
+    );
+}
+
 fn name(s: &str) -> HeaderName {
     HeaderName::from_str(s).unwrap()
 }
