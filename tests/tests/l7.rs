@@ -122,6 +122,8 @@ const REVIEWS_SERVICES: &[&str] = &[
     "reviews-timeout",
     "reviews-timeout-gw",
     "reviews-fault",
+    "reviews-mirror",
+    "reviews-mirror-gw",
 ];
 
 fn build_shared() -> L7 {
@@ -844,6 +846,140 @@ fn faults_abort_and_delay_the_share_of_requests_they_name() {
         .unwrap()[0];
     assert_eq!(s(f, "/http/response_flags"), "DI", "{f}");
     assert!(f["http"]["duration_ms"].as_f64().unwrap() >= 600.0, "{f}");
+}
+
+/// Mirroring (VirtualService `mirror`, `mirrorPercentage`): every request is copied to the
+/// mirror with `-shadow` on its Host, the client only ever sees the primary's answers, and a
+/// mirror that cannot be reached changes nothing for the client.
+#[test]
+fn mirrors_get_copies_with_a_shadow_host_and_never_change_the_answer() {
+    let m = shared();
+    m.apply(
+        r#"
+        apiVersion: networking.istio.io/v1beta1
+        kind: VirtualService
+        metadata:
+          name: reviews-mirror
+          namespace: back
+        spec:
+          hosts:
+          - reviews-mirror
+          http:
+          - match:
+            - uri: {prefix: /failing}
+            route:
+            - destination: {host: reviews-v1}
+            mirror: {host: closed}
+          - route:
+            - destination: {host: reviews-v1}
+            mirror: {host: reviews-v3}
+            mirrorPercentage: {value: 100}
+        "#,
+    );
+    let deadline = Instant::now() + WAIT;
+    while m
+        .load("reviews-mirror", 6, &["--path", "/wait"])
+        .from_backends("reviews-v1")
+        != 6
+    {
+        assert!(Instant::now() < deadline, "not routed after {WAIT:?}");
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    let shadow = format!("{}-shadow", fqdn("reviews-mirror"));
+    let n = 20;
+    for (path, status, pod) in [("/copied", 200, "reviews-v3"), ("/failing/copied", 503, "")] {
+        let got = m.load("reviews-mirror", n, &["--path", path]);
+        assert_eq!(got.from_backends("reviews-v1"), n, "{path}: {got:?}");
+        assert_eq!(
+            got.backends.len(),
+            1,
+            "{path}: only the primary answers: {got:?}"
+        );
+        let copies = m
+            .weft_a
+            .wait_flows(n as usize, WAIT, |f| {
+                s(f, "/http/authority") == shadow && s(f, "/http/path") == path
+            })
+            .unwrap();
+        for f in &copies {
+            assert_eq!(f["http"]["status"], status, "{path}: {f}");
+            if status == 200 {
+                assert_eq!(s(f, "/destination/pod"), pod, "{f}");
+            } else {
+                assert_eq!(s(f, "/http/response_flags"), "UF", "{f}");
+            }
+        }
+    }
+    // A body is copied as it passes.
+    let r = m.get(
+        "reviews-mirror",
+        &[
+            "--method",
+            "POST",
+            "--path",
+            "/with-body",
+            "--data",
+            "payload",
+        ],
+    );
+    assert_eq!(r.status, 200, "{r:?}");
+    assert!(r.body.contains("reviews-v1"), "{r:?}");
+    let f = &m
+        .weft_a
+        .wait_flows(1, WAIT, |f| {
+            s(f, "/http/authority") == shadow && s(f, "/http/path") == "/with-body"
+        })
+        .unwrap()[0];
+    assert_eq!(f["bytes_sent"], 7, "{f}");
+    assert_eq!(f["http"]["status"], 200, "{f}");
+
+    // The same as an HTTPRoute `RequestMirror` filter.
+    m.apply(
+        r#"
+        apiVersion: gateway.networking.k8s.io/v1
+        kind: HTTPRoute
+        metadata:
+          name: reviews-mirror-gw
+          namespace: back
+        spec:
+          parentRefs:
+          - {group: "", kind: Service, name: reviews-mirror-gw, port: 9080}
+          rules:
+          - filters:
+            - type: RequestMirror
+              requestMirror:
+                backendRef: {name: reviews-v3, port: 9080}
+            backendRefs:
+            - {name: reviews-v1, port: 9080}
+        "#,
+    );
+    let deadline = Instant::now() + WAIT;
+    while m
+        .load("reviews-mirror-gw", 6, &["--path", "/wait"])
+        .from_backends("reviews-v1")
+        != 6
+    {
+        assert!(
+            Instant::now() < deadline,
+            "HTTPRoute not in force after {WAIT:?}"
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    let got = m.load("reviews-mirror-gw", n, &["--path", "/copied-gw"]);
+    assert_eq!(got.from_backends("reviews-v1"), n, "{got:?}");
+    let shadow = format!("{}-shadow", fqdn("reviews-mirror-gw"));
+    let copies = m
+        .weft_a
+        .wait_flows(n as usize, WAIT, |f| {
+            s(f, "/http/authority") == shadow && s(f, "/http/path") == "/copied-gw"
+        })
+        .unwrap();
+    assert!(
+        copies
+            .iter()
+            .all(|f| s(f, "/destination/pod") == "reviews-v3"),
+        "{copies:?}"
+    );
 }
 
 /// 4. Rewrites (path prefix and authority), redirects (301, 302), request and response header

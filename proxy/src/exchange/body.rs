@@ -59,6 +59,126 @@ where
     }
 }
 
+/// Frames a mirror may fall behind the request it copies before its copy is given up.
+pub const MIRROR_BACKLOG: usize = 64;
+
+/// A request body passed on as it arrives, each frame copied to mirrors ([`Mirrored`]). A
+/// mirror that falls [`MIRROR_BACKLOG`] frames behind, or whose request is gone, is let go
+/// (its `cut` is notified): the request it copies never waits for it.
+pub struct Teed<B> {
+    inner: B,
+    copies: Vec<(
+        tokio::sync::mpsc::Sender<Frame<Bytes>>,
+        Arc<tokio::sync::Notify>,
+    )>,
+}
+
+/// A copy of a request body for a mirror. It ends when the original ends; `cut` is notified
+/// when the copy was given up.
+pub struct Mirrored {
+    frames: tokio::sync::mpsc::Receiver<Frame<Bytes>>,
+    size: SizeHint,
+}
+
+/// `body` as sent on, and `n` copies of it, each with the signal that it was given up.
+pub fn tee<B: http_body::Body>(
+    body: B,
+    n: usize,
+) -> (Teed<B>, Vec<(Mirrored, Arc<tokio::sync::Notify>)>) {
+    let size = body.size_hint();
+    let mut copies = Vec::with_capacity(n);
+    let mut mirrors = Vec::with_capacity(n);
+    for _ in 0..n {
+        let (tx, rx) = tokio::sync::mpsc::channel(MIRROR_BACKLOG);
+        let cut = Arc::new(tokio::sync::Notify::new());
+        copies.push((tx, cut.clone()));
+        mirrors.push((Mirrored { frames: rx, size }, cut));
+    }
+    (
+        Teed {
+            inner: body,
+            copies,
+        },
+        mirrors,
+    )
+}
+
+fn copy_of(frame: &Frame<Bytes>) -> Option<Frame<Bytes>> {
+    if let Some(d) = frame.data_ref() {
+        Some(Frame::data(d.clone()))
+    } else {
+        frame.trailers_ref().map(|t| Frame::trailers(t.clone()))
+    }
+}
+
+impl<B> http_body::Body for Teed<B>
+where
+    B: http_body::Body<Data = Bytes> + Unpin,
+{
+    type Data = Bytes;
+    type Error = B::Error;
+
+    fn poll_frame(
+        mut self: Pin<&mut Self>,
+        cx: &mut TaskContext<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, B::Error>>> {
+        let frame = ready!(Pin::new(&mut self.inner).poll_frame(cx));
+        match &frame {
+            Some(Ok(f)) => self.copies.retain(|(tx, cut)| {
+                let Some(copy) = copy_of(f) else {
+                    return true;
+                };
+                match tx.try_send(copy) {
+                    Ok(()) => true,
+                    Err(_) => {
+                        cut.notify_one();
+                        false
+                    }
+                }
+            }),
+            Some(Err(_)) => {
+                // The original failed: so do its copies.
+                for (_, cut) in self.copies.drain(..) {
+                    cut.notify_one();
+                }
+            }
+            // The end: dropping the senders ends the copies.
+            None => self.copies.clear(),
+        }
+        Poll::Ready(frame)
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.inner.is_end_stream()
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        self.inner.size_hint()
+    }
+}
+
+impl Drop for Mirrored {
+    fn drop(&mut self) {
+        self.frames.close();
+    }
+}
+
+impl http_body::Body for Mirrored {
+    type Data = Bytes;
+    type Error = hyper::Error;
+
+    fn poll_frame(
+        mut self: Pin<&mut Self>,
+        cx: &mut TaskContext<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, hyper::Error>>> {
+        self.frames.poll_recv(cx).map(|f| f.map(Ok))
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        self.size
+    }
+}
+
 /// An upstream response body that finishes the request's record when it ends (or, dropped
 /// early, leaves it to the record's drop: the client went away).
 pub struct Recorded {
@@ -130,5 +250,38 @@ impl http_body::Body for Recorded {
 
     fn size_hint(&self) -> SizeHint {
         self.inner.size_hint()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use http_body_util::{BodyExt, StreamBody};
+    use std::convert::Infallible;
+
+    fn frames(n: usize) -> impl http_body::Body<Data = Bytes, Error = Infallible> + Unpin {
+        let chunks = (0..n).map(|i| Ok(Frame::data(Bytes::from(format!("{i};")))));
+        StreamBody::new(futures::stream::iter(chunks))
+    }
+
+    #[tokio::test]
+    async fn mirrors_get_each_frame_and_a_lagging_one_is_given_up() {
+        let (teed, copies) = tee(frames(3), 2);
+        let original = teed.collect().await.unwrap().to_bytes();
+        assert_eq!(original, "0;1;2;");
+        for (copy, _) in copies {
+            assert_eq!(copy.collect().await.unwrap().to_bytes(), original);
+        }
+
+        // A copy nobody reads falls behind: it is given up, the original goes on.
+        let n = MIRROR_BACKLOG + 10;
+        let (teed, mut copies) = tee(frames(n), 1);
+        let (copy, cut) = copies.pop().unwrap();
+        let original = teed.collect().await.unwrap().to_bytes();
+        assert_eq!(original.iter().filter(|b| **b == b';').count(), n);
+        tokio::time::timeout(std::time::Duration::from_secs(1), cut.notified())
+            .await
+            .expect("the lagging copy is cut");
+        drop(copy);
     }
 }

@@ -170,12 +170,15 @@ pub fn is_upgrade<B>(req: &Request<B>) -> bool {
 
 /// The request as the upstream gets it: origin-form with `Host` for HTTP/1.1, absolute with
 /// the authority for HTTP/2.
-pub fn upstream_request(
-    req: Request<Incoming>,
+pub fn upstream_request<B>(
+    req: Request<B>,
     version: Version,
     authority: &str,
     sent: &Counter,
-) -> Request<Body> {
+) -> Request<Body>
+where
+    B: http_body::Body<Data = Bytes, Error = hyper::Error> + Send + Sync + Unpin + 'static,
+{
     let (mut parts, body) = req.into_parts();
     if parts.method != Method::CONNECT {
         let pq = parts

@@ -23,7 +23,7 @@ use tracing::debug;
 use super::balance::{RoundRobin, Turn};
 use super::plan::{self, Action, Destination, Refusal, Source};
 use crate::admin::api::{HttpFlow, Text, Verdict, NO_FLAGS};
-use crate::exchange::body::Counter;
+use crate::exchange::body::{self, Counter, Mirrored, Teed};
 use crate::exchange::{
     self, authority_of, denied, empty, is_upgrade, own, upstream_request, ClientVersion,
     ResponseBody,
@@ -33,8 +33,8 @@ use crate::l7::hygiene;
 use crate::l7::protocol::AppProtocol;
 use crate::l7::respond::{self, Flag};
 use crate::l7::route::{
-    AbortError, Action as RouteAction, Backend, HeaderOps, Injected, RouteDecision, RouteRequest,
-    RouteTable, Target as BackendTarget,
+    shadow_host, AbortError, Action as RouteAction, Backend, HeaderOps, Injected, Mirror,
+    RouteDecision, RouteRequest, RouteTable, Target as BackendTarget,
 };
 use crate::policy::HttpRequest;
 use crate::registry::kinds::networking::{H2UpgradePolicy, Resolution, TlsMode};
@@ -244,7 +244,11 @@ impl HttpPath {
         record.finish_http(requests, error);
     }
 
-    async fn request(&self, mut req: Request<Incoming>, conn: &Conn) -> Response<ResponseBody> {
+    async fn request(
+        self: &Arc<Self>,
+        mut req: Request<Incoming>,
+        conn: &Arc<Conn>,
+    ) -> Response<ResponseBody> {
         let arrived = tokio::time::Instant::now();
         let client_authority = authority_of(&req);
         let path = req
@@ -300,6 +304,8 @@ impl HttpPath {
         let mut deadline = None;
         // What the rule's fault does to this request.
         let mut injected = Injected::default();
+        // Where copies of it go (VirtualService `mirrors`, HTTPRoute `RequestMirror`).
+        let mut mirrors = Vec::new();
         let (want, response_ops) = match &decision {
             RouteDecision::NotFound => {
                 return own(record, Verdict::Responded, Flag::NoRoute, None);
@@ -358,6 +364,12 @@ impl HttpPath {
                             }
                         }
                         deadline = f.attempt_timeout().map(|t| arrived + t);
+                        mirrors.extend(
+                            f.mirrors
+                                .iter()
+                                .filter(|m| m.takes(fastrand::f64() * 100.0))
+                                .cloned(),
+                        );
                         let dest = f.pick(fastrand::u32(..));
                         f.request_headers.apply(req.headers_mut());
                         dest.request_headers.apply(req.headers_mut());
@@ -425,8 +437,8 @@ impl HttpPath {
             record.service(service);
         }
         let authority = rewritten.as_deref().unwrap_or(&client_authority);
-        let mut resp = self
-            .forward(
+        let mut resp = if mirrors.is_empty() {
+            self.forward(
                 req,
                 conn,
                 record,
@@ -437,9 +449,86 @@ impl HttpPath {
                 upgrade,
                 deadline,
             )
-            .await;
+            .await
+        } else {
+            let req = self.mirror(req, conn, mirrors, authority, port);
+            self.forward(
+                req,
+                conn,
+                record,
+                &target,
+                snapshot,
+                &client_authority,
+                authority,
+                upgrade,
+                deadline,
+            )
+            .await
+        };
         apply_all(&response_ops, resp.headers_mut());
         resp
+    }
+
+    /// Sends a copy of `req` to each of `mirrors`, as Envoy's shadowing does: `-shadow` on the
+    /// host, the response ignored, fire and forget. The request goes on as it was; a copy that
+    /// falls behind it is given up (the original never waits for a mirror).
+    fn mirror(
+        self: &Arc<Self>,
+        req: Request<Incoming>,
+        conn: &Arc<Conn>,
+        mirrors: Vec<Mirror>,
+        authority: &str,
+        port: u16,
+    ) -> Request<Teed<Incoming>> {
+        let (parts, body) = req.into_parts();
+        let (teed, copies) = body::tee(body, mirrors.len());
+        let host: Arc<str> = shadow_host(authority).into();
+        for (m, (copy, cut)) in mirrors.into_iter().zip(copies) {
+            let mut shadow = Request::new(copy);
+            *shadow.method_mut() = parts.method.clone();
+            *shadow.uri_mut() = parts.uri.clone();
+            *shadow.version_mut() = parts.version;
+            *shadow.headers_mut() = parts.headers.clone();
+            let (this, conn, host) = (self.clone(), conn.clone(), host.clone());
+            tokio::spawn(async move {
+                tokio::select! {
+                    () = this.shadow(shadow, &conn, &m, &host, port) => {}
+                    () = cut.notified() => debug!(mirror = %m.host, "a mirror fell behind: its copy is given up"),
+                }
+            });
+        }
+        Request::from_parts(parts, teed)
+    }
+
+    /// One mirrored request, a flow of its own (its `authority` ends in `-shadow`).
+    async fn shadow(&self, req: Request<Mirrored>, conn: &Conn, m: &Mirror, host: &str, port: u16) {
+        let record = conn.template.start(HttpFlow {
+            protocol: shared(conn.client.as_version().as_str()),
+            method: shared(req.method().as_str()),
+            authority: host.to_string(),
+            path: record_path(&req),
+            ..HttpFlow::default()
+        });
+        let snapshot = self.inputs.registry.snapshot();
+        let source_ns = conn.source.pod.as_ref().map(|p| p.namespace.as_str());
+        let backend = self.inputs.routes.load().backend(
+            &m.host,
+            m.port.or(Some(port)),
+            m.subset.as_deref(),
+            source_ns,
+        );
+        if backend.is_none() {
+            own(record, Verdict::NoEndpoint, Flag::NoHealthyUpstream, None);
+            return;
+        }
+        let (target, _) = Box::pin(self.target(backend, conn, &snapshot)).await;
+        let resp = self
+            .forward(
+                req, conn, record, &target, snapshot, host, host, false, None,
+            )
+            .await;
+        // Read through, so that the flow ends and the connection can be reused.
+        let _ = http_body_util::BodyExt::collect(resp.into_body()).await;
     }
 
     /// The endpoints a request may go to and how to reach them: those of the routed backend,
@@ -617,9 +706,9 @@ impl HttpPath {
 
     /// Sends `req` to an endpoint of `target` and returns its response (or weft's own).
     #[allow(clippy::too_many_arguments)]
-    async fn forward(
+    async fn forward<B>(
         &self,
-        mut req: Request<Incoming>,
+        mut req: Request<B>,
         conn: &Conn,
         mut record: RequestRecord,
         target: &Target,
@@ -628,7 +717,10 @@ impl HttpPath {
         authority: &str,
         upgrade: bool,
         deadline: Option<tokio::time::Instant>,
-    ) -> Response<ResponseBody> {
+    ) -> Response<ResponseBody>
+    where
+        B: http_body::Body<Data = Bytes, Error = hyper::Error> + Send + Sync + Unpin + 'static,
+    {
         let Some(i) = target.turn.pick(target.endpoints.len()) else {
             return own(record, Verdict::NoEndpoint, Flag::NoHealthyUpstream, None);
         };

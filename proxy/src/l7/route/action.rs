@@ -530,5 +530,23 @@ pub struct Mirror {
     pub percent: f64,
 }
 
+impl Mirror {
+    /// Whether a request is mirrored, for a roll drawn uniformly from `[0, 100)`.
+    pub fn takes(&self, roll: f64) -> bool {
+        roll < self.percent
+    }
+}
+
+/// The `Host` a mirrored request carries: the request's with `-shadow` appended to the host
+/// part, as Envoy's shadowing does (`reviews:9080` → `reviews-shadow:9080`).
+pub fn shadow_host(authority: &str) -> String {
+    let port_at = match authority.rfind(':') {
+        // An IPv6 literal's colons are inside its brackets.
+        Some(i) if !authority[i..].contains(']') => i,
+        _ => authority.len(),
+    };
+    format!("{}-shadow{}", &authority[..port_at], &authority[port_at..])
+}
+
 #[cfg(test)]
 mod tests;

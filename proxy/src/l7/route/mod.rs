@@ -35,9 +35,9 @@ use std::sync::Arc;
 use crate::registry::{Labels, Service, Snapshot, CLUSTER_DOMAIN};
 
 pub use action::{
-    AbortError, Action, DirectResponse, Fault, FaultAbort, FaultDelay, Forward, HeaderOps,
-    Injected, Mirror, PathRewrite, Redirect, RedirectPort, RetryPolicy, Rewrite, TcpMatch, TcpRule,
-    WeightedDestination,
+    shadow_host, AbortError, Action, DirectResponse, Fault, FaultAbort, FaultDelay, Forward,
+    HeaderOps, Injected, Mirror, PathRewrite, Redirect, RedirectPort, RetryPolicy, Rewrite,
+    TcpMatch, TcpRule, WeightedDestination,
 };
 pub use backend::{Backend, External, ExternalEndpoint, ExternalPort, Target, TrafficPolicy};
 use matching::index::RuleIndex;

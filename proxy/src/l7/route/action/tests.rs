@@ -406,3 +406,26 @@ fn istio_retry_policies() {
     let p = RetryPolicy::from_istio(5, "", None, None, None, None).unwrap();
     assert_eq!(p.retry_on, RetryPolicy::istio_default().retry_on);
 }
+
+#[test]
+fn a_mirrored_request_carries_the_host_with_shadow_appended() {
+    assert_eq!(shadow_host("reviews"), "reviews-shadow");
+    assert_eq!(shadow_host("reviews.back:9080"), "reviews.back-shadow:9080");
+    assert_eq!(shadow_host("[fd00::1]:80"), "[fd00::1]-shadow:80");
+    assert_eq!(shadow_host("[fd00::1]"), "[fd00::1]-shadow");
+    let m = Mirror {
+        host: "a".into(),
+        port: None,
+        subset: None,
+        percent: 25.0,
+    };
+    assert!(m.takes(0.0) && m.takes(24.99) && !m.takes(25.0));
+    assert!(
+        !Mirror {
+            percent: 0.0,
+            ..m.clone()
+        }
+        .takes(0.0),
+        "explicit 0: off"
+    );
+}
