@@ -678,7 +678,8 @@ fn httproute_on_a_service_splits_matches_and_answers_no_route() {
 
 /// Route timeouts, as a v1alpha3 VirtualService (`timeout`) and as an HTTPRoute
 /// (`timeouts.request`): a backend answering within the timeout passes; one answering after it
-/// gets Envoy's `504 upstream request timeout` at the timeout, flag `UT` in the flow.
+/// gets Envoy's `504 upstream request timeout` at the timeout, flag `UT` in the flow; a body
+/// still coming at the timeout is cut.
 #[test]
 fn route_timeouts_answer_504_at_the_timeout_and_let_faster_backends_through() {
     let m = shared();
@@ -741,6 +742,24 @@ fn route_timeouts_answer_504_at_the_timeout_and_let_faster_backends_through() {
             .wait_flows(1, WAIT, |f| s(f, "/http/path") == path)
             .unwrap()[0];
         assert_eq!(f["http"]["status"], 504, "{f}");
+        assert_eq!(s(f, "/http/response_flags"), "UT", "{f}");
+
+        // A response whose head came in time but whose body is still coming at the timeout
+        // is cut there, as Envoy resets it: the client never gets a complete answer.
+        let started = Instant::now();
+        let path = format!("/drip/4000?route={svc}");
+        let r = m.get(svc, &["--path", &path]);
+        let took = started.elapsed();
+        assert_ne!(r.exit, 0, "{svc}: the body was cut: {r:?}");
+        assert!(
+            took < Duration::from_millis(3000),
+            "{svc}: cut after {took:?}"
+        );
+        let f = &m
+            .weft_a
+            .wait_flows(1, WAIT, |f| s(f, "/http/path") == path)
+            .unwrap()[0];
+        assert_eq!(f["http"]["status"], 200, "the head was sent: {f}");
         assert_eq!(s(f, "/http/response_flags"), "UT", "{f}");
     }
 }

@@ -1,6 +1,7 @@
 //! Bodies that count what they carry, and a response body that finishes its request's record
 //! when it ends.
 
+use std::future::Future;
 use std::pin::Pin;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
@@ -187,61 +188,83 @@ pub struct Recorded {
     sent: Counter,
     received: u64,
     status: u16,
+    /// The route's timeout, when it has one: a body still coming at it is cut.
+    deadline: Option<Pin<Box<tokio::time::Sleep>>>,
 }
 
 impl Recorded {
     /// `inner`, the body of a response with `status`, finishing `record` when it ends;
-    /// `sent` counts the request body.
-    pub fn new(inner: Incoming, record: RequestRecord, sent: Counter, status: u16) -> Recorded {
+    /// `sent` counts the request body. At `deadline` (the route's timeout) a body still
+    /// coming is cut, as Envoy resets it: flag `UT`.
+    pub fn new(
+        inner: Incoming,
+        record: RequestRecord,
+        sent: Counter,
+        status: u16,
+        deadline: Option<tokio::time::Instant>,
+    ) -> Recorded {
         Recorded {
             inner,
             record: Some(record),
             sent,
             received: 0,
             status,
+            deadline: deadline.map(|d| Box::pin(tokio::time::sleep_until(d))),
         }
     }
 }
 
 impl Recorded {
-    fn finish(&mut self, error: Option<String>) {
+    fn finish(&mut self, flag: Option<Flag>, error: Option<String>) {
         if let Some(mut r) = self.record.take() {
             r.bytes(self.sent.get(), self.received);
-            let flags = if error.is_some() {
-                Flag::UpstreamRemoteReset.as_str()
-            } else {
-                NO_FLAGS
-            };
+            let flags = flag.map_or(NO_FLAGS, Flag::as_str);
             r.finish(Verdict::Forwarded, self.status, flags, error);
         }
     }
 }
 
+/// What cuts a response body at the route's timeout.
+const TIMED_OUT: &str = "upstream request timeout";
+
 impl http_body::Body for Recorded {
     type Data = Bytes;
-    type Error = hyper::Error;
+    type Error = super::BoxError;
 
     fn poll_frame(
         mut self: Pin<&mut Self>,
         cx: &mut TaskContext<'_>,
-    ) -> Poll<Option<Result<Frame<Bytes>, hyper::Error>>> {
-        let frame = ready!(Pin::new(&mut self.inner).poll_frame(cx));
+    ) -> Poll<Option<Result<Frame<Bytes>, super::BoxError>>> {
+        let frame = match Pin::new(&mut self.inner).poll_frame(cx) {
+            Poll::Ready(frame) => frame,
+            Poll::Pending => {
+                let expired = self
+                    .deadline
+                    .as_mut()
+                    .is_some_and(|d| d.as_mut().poll(cx).is_ready());
+                if expired && self.record.is_some() {
+                    self.finish(Some(Flag::UpstreamRequestTimeout), Some(TIMED_OUT.into()));
+                    return Poll::Ready(Some(Err(TIMED_OUT.into())));
+                }
+                return Poll::Pending;
+            }
+        };
         match &frame {
             Some(Ok(f)) => {
                 if let Some(d) = f.data_ref() {
                     self.received += d.len() as u64;
                 }
                 if self.inner.is_end_stream() {
-                    self.finish(None);
+                    self.finish(None, None);
                 }
             }
             Some(Err(e)) => {
                 let e = e.to_string();
-                self.finish(Some(e));
+                self.finish(Some(Flag::UpstreamRemoteReset), Some(e));
             }
-            None => self.finish(None),
+            None => self.finish(None, None),
         }
-        Poll::Ready(frame)
+        Poll::Ready(frame.map(|f| f.map_err(Into::into)))
     }
 
     fn is_end_stream(&self) -> bool {

@@ -18,6 +18,7 @@ use http::uri::{PathAndQuery, Scheme};
 use http::{
     header, HeaderMap, HeaderValue, Method, Request, Response, Uri, Version as HttpVersion,
 };
+use http_body_util::combinators::BoxBody;
 use http_body_util::{BodyExt, Full};
 use hyper::body::Incoming;
 use hyper::service::service_fn;
@@ -33,8 +34,12 @@ use crate::l7::respond::{self, Flag};
 use crate::telemetry::{ConnectionRecord, RequestRecord, RequestTemplate};
 use crate::upstream::http::{Body, Version};
 
-/// The body of a response weft returns to the client.
-pub type ResponseBody = Body;
+/// The body of a response weft returns to the client: an error ends it abruptly (hyper closes
+/// an HTTP/1.1 connection, resets an HTTP/2 stream).
+pub type ResponseBody = BoxBody<Bytes, BoxError>;
+
+/// Why a response body ended abruptly.
+pub type BoxError = Box<dyn std::error::Error + Send + Sync>;
 
 /// HTTP the client speaks on a connection.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -139,6 +144,7 @@ pub fn client_response(
     client: ClientVersion,
     record: RequestRecord,
     sent: Counter,
+    deadline: Option<tokio::time::Instant>,
 ) -> Response<ResponseBody> {
     let (mut parts, body) = resp.into_parts();
     strip_hop_by_hop(&mut parts.headers);
@@ -147,7 +153,7 @@ pub fn client_response(
         ClientVersion::Http2 => HttpVersion::HTTP_2,
     };
     let status = parts.status.as_u16();
-    let body = body::Recorded::new(body, record, sent, status);
+    let body = body::Recorded::new(body, record, sent, status, deadline);
     Response::from_parts(parts, body.boxed())
 }
 

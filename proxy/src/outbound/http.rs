@@ -880,7 +880,7 @@ impl HttpPath {
             return Response::from_parts(parts, empty());
         }
         self.clients.checkin(&reach.key, sender);
-        exchange::client_response(resp, conn.client, record, sent)
+        exchange::client_response(resp, conn.client, record, sent, deadline)
     }
 
     /// Opens a new upstream connection for the calling `pod` and speaks `version` on it.

@@ -17,7 +17,9 @@ use std::time::Duration;
 
 use bytes::Bytes;
 use http::{header, HeaderMap, HeaderValue, Request, Response, StatusCode, Version};
-use http_body_util::{BodyExt, Full, Limited};
+use http_body_util::combinators::BoxBody;
+use http_body_util::{BodyExt, Full, Limited, StreamBody};
+use hyper::body::Frame;
 use hyper::body::Incoming;
 use hyper::service::service_fn;
 use hyper_util::rt::{TokioExecutor, TokioIo};
@@ -51,6 +53,8 @@ pub enum PathAction {
     Status(u16),
     /// `/delay/<ms>`: wait (at most [`MAX_DELAY`]), then answer 200.
     Delay(Duration),
+    /// `/drip/<ms>`: answer 200 at once, send the body after the wait (at most [`MAX_DELAY`]).
+    Drip(Duration),
 }
 
 /// The action for a request path (without the query).
@@ -66,6 +70,10 @@ pub fn path_action(path: &str) -> PathAction {
     if let Some(ms) = path.strip_prefix("/delay/") {
         let ms = ms.parse::<u64>().unwrap_or(0);
         return PathAction::Delay(Duration::from_millis(ms).min(MAX_DELAY));
+    }
+    if let Some(ms) = path.strip_prefix("/drip/") {
+        let ms = ms.parse::<u64>().unwrap_or(0);
+        return PathAction::Drip(Duration::from_millis(ms).min(MAX_DELAY));
     }
     PathAction::Answer
 }
@@ -254,8 +262,11 @@ where
     }
 }
 
-fn text_response(status: StatusCode, text: String, name: Option<&str>) -> Response<Full<Bytes>> {
-    let mut resp = Response::new(Full::new(Bytes::from(text)));
+/// The body of every answer.
+type Body = BoxBody<Bytes, Infallible>;
+
+fn text_response(status: StatusCode, text: String, name: Option<&str>) -> Response<Body> {
+    let mut resp = Response::new(Full::new(Bytes::from(text)).boxed());
     *resp.status_mut() = status;
     let h = resp.headers_mut();
     h.insert(header::CONTENT_TYPE, HeaderValue::from_static("text/plain"));
@@ -266,10 +277,7 @@ fn text_response(status: StatusCode, text: String, name: Option<&str>) -> Respon
     resp
 }
 
-async fn answer(
-    mut req: Request<Incoming>,
-    conn: Arc<Conn>,
-) -> Result<Response<Full<Bytes>>, Infallible> {
+async fn answer(mut req: Request<Incoming>, conn: Arc<Conn>) -> Result<Response<Body>, Infallible> {
     let name = conn.name.as_deref();
     if let Some(upgrade) = websocket::upgrade_request(req.headers()) {
         let Ok(key) = upgrade else {
@@ -307,11 +315,16 @@ async fn answer(
             ))
         }
     };
+    let mut drip = None;
     let status = match path_action(parts.uri.path()) {
         PathAction::Answer => StatusCode::OK,
         PathAction::Status(code) => StatusCode::from_u16(code).unwrap_or(StatusCode::BAD_REQUEST),
         PathAction::Delay(d) => {
             tokio::time::sleep(d).await;
+            StatusCode::OK
+        }
+        PathAction::Drip(d) => {
+            drip = Some(d);
             StatusCode::OK
         }
     };
@@ -337,7 +350,17 @@ async fn answer(
         body_bytes,
         headers: &parts.headers,
     });
-    Ok(text_response(status, text, name))
+    let mut resp = text_response(status, String::new(), name);
+    *resp.body_mut() = match drip {
+        // The head now, the body later.
+        Some(d) => StreamBody::new(futures::stream::once(async move {
+            tokio::time::sleep(d).await;
+            Ok(Frame::data(Bytes::from(text)))
+        }))
+        .boxed(),
+        None => Full::new(Bytes::from(text)).boxed(),
+    };
+    Ok(resp)
 }
 
 /// After a WebSocket upgrade: send back every byte received until the client closes.
@@ -374,6 +397,10 @@ mod tests {
         assert_eq!(
             path_action("/delay/999999999"),
             PathAction::Delay(MAX_DELAY)
+        );
+        assert_eq!(
+            path_action("/drip/1500"),
+            PathAction::Drip(Duration::from_millis(1500))
         );
     }
 
