@@ -461,6 +461,70 @@ impl RetryPolicy {
     }
 }
 
+/// How an attempt ended, as retry conditions see it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Outcome {
+    /// No connection to the upstream (refused, unreachable, a failed tunnel or TLS handshake).
+    ConnectFailure,
+    /// The upstream closed or reset before its response head.
+    Reset,
+    /// The upstream refused the HTTP/2 stream (`REFUSED_STREAM`): it never saw the request.
+    RefusedStream,
+    /// The per-try timeout expired before the response head.
+    PerTryTimeout,
+    /// A response head: its status, and for gRPC the `grpc-status` it carries.
+    Response { status: u16, grpc: Option<u32> },
+}
+
+/// gRPC status codes Envoy's `retry_on` names.
+const GRPC_RETRY_ON: [(&str, u32); 5] = [
+    ("cancelled", 1),
+    ("deadline-exceeded", 4),
+    ("resource-exhausted", 8),
+    ("internal", 13),
+    ("unavailable", 14),
+];
+
+impl RetryPolicy {
+    /// Whether an attempt that ended so is retried (Envoy's `RetryStateImpl`): `5xx`,
+    /// `gateway-error` and `reset` also cover an upstream that never answered (connect
+    /// failure, reset, refused stream, per-try timeout); `retriable-4xx` is 409.
+    pub fn retries_on(&self, outcome: Outcome) -> bool {
+        use Outcome::*;
+        self.retry_on.iter().any(|on| match (on.as_str(), outcome) {
+            (
+                "5xx" | "gateway-error" | "reset",
+                ConnectFailure | Reset | RefusedStream | PerTryTimeout,
+            ) => true,
+            ("connect-failure", ConnectFailure) | ("refused-stream", RefusedStream) => true,
+            ("5xx", Response { status, .. }) => status >= 500,
+            ("gateway-error", Response { status, .. }) => (502..=504).contains(&status),
+            ("retriable-4xx", Response { status, .. }) => status == 409,
+            ("retriable-status-codes", Response { status, .. }) => {
+                self.retriable_status_codes.contains(&status)
+            }
+            (
+                name,
+                Response {
+                    grpc: Some(code), ..
+                },
+            ) => GRPC_RETRY_ON.iter().any(|(n, c)| *n == name && *c == code),
+            _ => false,
+        })
+    }
+
+    /// The wait before retry `n` (1 for the first) for a roll drawn uniformly from `[0, 1)`:
+    /// Envoy's fully jittered exponential back-off, up to `(2^n - 1) × base`, at most ten
+    /// times the base (25 ms unless the policy says otherwise).
+    pub fn backoff(&self, n: u32, roll: f64) -> Duration {
+        let base = self.backoff.unwrap_or(Duration::from_millis(25));
+        let steps = (1u32 << n.clamp(1, 16)) - 1;
+        base.saturating_mul(steps)
+            .min(base * 10)
+            .mul_f64(roll.clamp(0.0, 1.0))
+    }
+}
+
 /// Fault injection.
 #[derive(Debug, Clone, PartialEq)]
 pub struct Fault {

@@ -36,8 +36,8 @@ use crate::registry::{Labels, Service, Snapshot, CLUSTER_DOMAIN};
 
 pub use action::{
     shadow_host, AbortError, Action, DirectResponse, Fault, FaultAbort, FaultDelay, Forward,
-    HeaderOps, Injected, Mirror, PathRewrite, Redirect, RedirectPort, RetryPolicy, Rewrite,
-    TcpMatch, TcpRule, WeightedDestination,
+    HeaderOps, Injected, Mirror, Outcome, PathRewrite, Redirect, RedirectPort, RetryPolicy,
+    Rewrite, TcpMatch, TcpRule, WeightedDestination,
 };
 pub use backend::{Backend, External, ExternalEndpoint, ExternalPort, Target, TrafficPolicy};
 use matching::index::RuleIndex;

@@ -429,3 +429,78 @@ fn a_mirrored_request_carries_the_host_with_shadow_appended() {
         "explicit 0: off"
     );
 }
+
+#[test]
+fn retry_conditions_are_envoys() {
+    use Outcome::*;
+    let policy = |on: &str| RetryPolicy::from_istio(2, on, None, None, None, None).unwrap();
+    let status = |s: u16| Response {
+        status: s,
+        grpc: None,
+    };
+    let grpc = |c: u32| Response {
+        status: 200,
+        grpc: Some(c),
+    };
+    let default = RetryPolicy::istio_default();
+    for (o, want) in [
+        (ConnectFailure, true),
+        (RefusedStream, true),
+        (status(503), true),
+        (grpc(14), true),
+        (grpc(1), true),
+        (Reset, false),
+        (PerTryTimeout, false),
+        (status(500), false),
+        (status(502), false),
+        (grpc(13), false),
+    ] {
+        assert_eq!(default.retries_on(o), want, "Istio's default on {o:?}");
+    }
+    let five = policy("5xx");
+    assert!([
+        ConnectFailure,
+        Reset,
+        RefusedStream,
+        PerTryTimeout,
+        status(500),
+        status(599)
+    ]
+    .into_iter()
+    .all(|o| five.retries_on(o)));
+    assert!(!five.retries_on(status(404)) && !five.retries_on(status(200)));
+    let gw = policy("gateway-error");
+    assert!(gw.retries_on(status(502)) && gw.retries_on(status(504)) && gw.retries_on(Reset));
+    assert!(!gw.retries_on(status(500)));
+    assert!(policy("retriable-4xx").retries_on(status(409)));
+    assert!(!policy("retriable-4xx").retries_on(status(404)));
+    let codes = policy("418,connect-failure");
+    assert!(codes.retries_on(status(418)) && codes.retries_on(ConnectFailure));
+    assert!(!codes.retries_on(status(503)) && !codes.retries_on(Reset));
+    assert!(policy("internal").retries_on(grpc(13)));
+    assert!(
+        !policy("internal").retries_on(status(500)),
+        "gRPC conditions read grpc-status"
+    );
+}
+
+#[test]
+fn backoff_is_jittered_exponential_and_capped() {
+    let p = RetryPolicy::istio_default();
+    let ms = Duration::from_millis;
+    assert_eq!(p.backoff(1, 0.0), Duration::ZERO);
+    assert_eq!(p.backoff(1, 0.5), Duration::from_micros(12_500));
+    assert_eq!(p.backoff(2, 0.999_999).as_millis(), 74, "(2^2 - 1) x 25 ms");
+    assert_eq!(p.backoff(3, 0.5), ms(87) + Duration::from_micros(500));
+    assert_eq!(
+        p.backoff(9, 0.999_999).as_millis(),
+        249,
+        "at most 10 x 25 ms"
+    );
+    let slow = RetryPolicy {
+        backoff: Some(ms(100)),
+        ..p
+    };
+    assert_eq!(slow.backoff(1, 0.5), ms(50));
+    assert_eq!(slow.backoff(30, 0.5), ms(500));
+}
