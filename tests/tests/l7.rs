@@ -124,6 +124,8 @@ const REVIEWS_SERVICES: &[&str] = &[
     "reviews-fault",
     "reviews-mirror",
     "reviews-mirror-gw",
+    "reviews-retry",
+    "reviews-retry-default",
 ];
 
 fn build_shared() -> L7 {
@@ -1001,6 +1003,110 @@ fn mirrors_get_copies_with_a_shadow_host_and_never_change_the_answer() {
     );
 }
 
+/// Retries (VirtualService `retries`): a backend failing twice then answering is retried to its
+/// answer; an always-failing one is tried 1 + attempts times and its last answer returned with
+/// `URX`; a per-try timeout cuts each attempt and is retried; `attempts: 0` sends once; with no
+/// `retries` at all, Istio's default policy retries a 503 twice.
+#[test]
+fn retries_follow_the_policy_and_the_flow_counts_the_attempts() {
+    let m = shared();
+    m.apply(
+        r#"
+        apiVersion: networking.istio.io/v1alpha3
+        kind: VirtualService
+        metadata:
+          name: reviews-retry
+          namespace: back
+        spec:
+          hosts:
+          - reviews-retry
+          http:
+          - match:
+            - headers: {x-try: {exact: none}}
+            retries: {attempts: 0}
+            route:
+            - destination: {host: reviews-v1}
+          - match:
+            - headers: {x-try: {exact: per-try}}
+            retries: {attempts: 2, perTryTimeout: 300ms, retryOn: 5xx}
+            route:
+            - destination: {host: reviews-v1}
+          - retries: {attempts: 3, retryOn: 5xx}
+            route:
+            - destination: {host: reviews-v1}
+        "#,
+    );
+    let flow = |path: &str| {
+        m.weft_a
+            .wait_flows(1, WAIT, |f| s(f, "/http/path") == path)
+            .unwrap()
+            .pop()
+            .unwrap()
+    };
+    // Until the VirtualService is in force, a 500 is not retried (Istio's default policy
+    // retries 503 only).
+    let deadline = Instant::now() + WAIT;
+    for key in 0.. {
+        let path = format!("/status/500?wait={key}");
+        m.get("reviews-retry", &["--path", &path]);
+        if flow(&path)["http"]["attempts"] == 4 {
+            break;
+        }
+        assert!(Instant::now() < deadline, "no retries after {WAIT:?}");
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    let path = "/fail-first/2/recovers";
+    let r = m.get("reviews-retry", &["--path", path]);
+    assert_eq!(r.status, 200, "the third attempt answers: {r:?}");
+    let f = flow(path);
+    assert_eq!(f["http"]["attempts"], 3, "{f}");
+    assert_eq!(s(&f, "/http/response_flags"), "-", "{f}");
+
+    // Always failing: 1 + 3 attempts each, the last answer returned, URX.
+    let mut hits = 0;
+    for i in 0..3 {
+        let path = format!("/status/500?always={i}");
+        let r = m.get("reviews-retry", &["--path", &path]);
+        assert_eq!(r.status, 500, "{r:?}");
+        assert!(
+            r.body.contains("reviews-v1"),
+            "the backend's own answer: {r:?}"
+        );
+        let f = flow(&path);
+        assert_eq!(s(&f, "/http/response_flags"), "URX", "{f}");
+        hits += f["http"]["attempts"].as_u64().unwrap();
+    }
+    assert_eq!(hits, 12, "3 requests, 9 retries");
+
+    // Each attempt gets 300 ms, then the next one; after 1 + 2 of them, 504.
+    let started = Instant::now();
+    let path = "/delay/1500?per-try";
+    let r = m.get("reviews-retry", &["--path", path, "-H", "x-try: per-try"]);
+    let took = started.elapsed();
+    assert_eq!(r.status, 504, "{r:?}");
+    assert!(
+        took >= Duration::from_millis(900) && took < Duration::from_millis(1500),
+        "three attempts of 300 ms, answered after {took:?}"
+    );
+    let f = flow(path);
+    assert_eq!(f["http"]["attempts"], 3, "{f}");
+    assert_eq!(s(&f, "/http/response_flags"), "UT,URX", "{f}");
+
+    // attempts: 0 sends once.
+    let path = "/status/503?once";
+    let r = m.get("reviews-retry", &["--path", path, "-H", "x-try: none"]);
+    assert_eq!(r.status, 503, "{r:?}");
+    assert_eq!(flow(path)["http"]["attempts"], 1);
+
+    // No VirtualService: Istio's default policy retries a 503 twice.
+    let path = "/status/503?default";
+    let r = m.get("reviews-retry-default", &["--path", path]);
+    assert_eq!(r.status, 503, "{r:?}");
+    let f = flow(path);
+    assert_eq!(f["http"]["attempts"], 3, "{f}");
+    assert_eq!(s(&f, "/http/response_flags"), "URX", "{f}");
+}
+
 /// 4. Rewrites (path prefix and authority), redirects (301, 302), request and response header
 ///    set/add/remove and a direct response: the backend sees what the VirtualService says, the
 ///    client sees the response side.
@@ -1530,13 +1636,15 @@ fn every_request_is_a_flow_with_http_details_and_filters() {
     assert_eq!(r.status, 503, "{r:?}");
     let r = m.get("closed", &["--path", "/flows/closed"]);
     assert_eq!(r.status, 503, "{r:?}");
-    for (path, flag) in [("/none", "UH"), ("/flows/closed", "UF")] {
+    // Istio's default retry policy tries a refused connection twice more: `URX` joins `UF`.
+    for (path, flag, attempts) in [("/none", "UH", 0), ("/flows/closed", "UF,URX", 3)] {
         let f = &m
             .weft_a
             .wait_flows(1, WAIT, |f| s(f, "/http/path") == path)
             .unwrap()[0];
         assert_eq!(s(f, "/http/response_flags"), flag, "{f}");
         assert_eq!(f["http"]["status"], 503, "{f}");
+        assert_eq!(f["http"]["attempts"], attempts, "{f}");
     }
 
     // The backend's own 503s and two POSTs, then the CLI's filters.

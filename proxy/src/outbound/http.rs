@@ -33,8 +33,8 @@ use crate::l7::hygiene;
 use crate::l7::protocol::AppProtocol;
 use crate::l7::respond::{self, Flag};
 use crate::l7::route::{
-    shadow_host, AbortError, Action as RouteAction, Backend, HeaderOps, Injected, Mirror,
-    RouteDecision, RouteRequest, RouteTable, Target as BackendTarget,
+    shadow_host, AbortError, Action as RouteAction, Backend, HeaderOps, Injected, Mirror, Outcome,
+    RetryPolicy, RouteDecision, RouteRequest, RouteTable, Target as BackendTarget,
 };
 use crate::policy::HttpRequest;
 use crate::registry::kinds::networking::{H2UpgradePolicy, Resolution, TlsMode};
@@ -42,7 +42,7 @@ use crate::registry::{Pod, Service, ServicePort, Snapshot};
 use crate::telemetry::{shared, ConnectionRecord, Names, RequestRecord, RequestTemplate};
 use crate::tunnel::client::Pool;
 use crate::upstream::dns::Dns;
-use crate::upstream::http::{HttpPool, PoolKey, Sender, Version};
+use crate::upstream::http::{self as upstream, HttpPool, PoolKey, Sender, Version};
 use crate::upstream::tls::{Origination, Originator};
 use crate::upstream::OnBehalfOf;
 
@@ -302,6 +302,8 @@ impl HttpPath {
         let mut rewritten = None;
         // Until when the upstream may take to answer (the route's timeouts).
         let mut deadline = None;
+        // How failed attempts are retried: Istio's default policy on a Service's default route.
+        let mut retry = host.is_some().then(|| ISTIO_DEFAULT_RETRIES.clone());
         // What the rule's fault does to this request.
         let mut injected = Injected::default();
         // Where copies of it go (VirtualService `mirrors`, HTTPRoute `RequestMirror`).
@@ -363,7 +365,8 @@ impl HttpPath {
                                 return fault_aborted(record, error);
                             }
                         }
-                        deadline = f.attempt_timeout().map(|t| arrived + t);
+                        deadline = f.timeout().map(|t| arrived + t);
+                        retry = f.retry_policy().cloned();
                         mirrors.extend(
                             f.mirrors
                                 .iter()
@@ -448,6 +451,7 @@ impl HttpPath {
                 authority,
                 upgrade,
                 deadline,
+                retry.as_deref(),
             )
             .await
         } else {
@@ -462,6 +466,7 @@ impl HttpPath {
                 authority,
                 upgrade,
                 deadline,
+                retry.as_deref(),
             )
             .await
         };
@@ -524,7 +529,7 @@ impl HttpPath {
         let (target, _) = Box::pin(self.target(backend, conn, &snapshot)).await;
         let resp = self
             .forward(
-                req, conn, record, &target, snapshot, host, host, false, None,
+                req, conn, record, &target, snapshot, host, host, false, None, None,
             )
             .await;
         // Read through, so that the flow ends and the connection can be reused.
@@ -717,170 +722,283 @@ impl HttpPath {
         authority: &str,
         upgrade: bool,
         deadline: Option<tokio::time::Instant>,
+        retry: Option<&RetryPolicy>,
     ) -> Response<ResponseBody>
     where
         B: http_body::Body<Data = Bytes, Error = hyper::Error> + Send + Sync + Unpin + 'static,
     {
-        let Some(i) = target.turn.pick(target.endpoints.len()) else {
-            return own(record, Verdict::NoEndpoint, Flag::NoHealthyUpstream, None);
-        };
-        let up = &target.endpoints[i];
-        let decided;
-        let reach = match up.reach.get() {
-            Some(reach) => reach,
-            None => {
-                let policies = self.inputs.policies.load();
-                let routes = self.inputs.routes.load();
-                let mut dest = Destination::default();
-                let path = req.uri().path_and_query().map_or("/", |p| p.as_str());
-                let request = HttpRequest {
-                    method: req.method().as_str(),
-                    authority: client_authority,
-                    path,
-                    headers: req.headers(),
-                };
-                let action = plan::to_endpoint(
-                    &conn.source,
-                    up.addr,
-                    up.pod.clone(),
-                    &mut dest,
-                    &super::context(
-                        &self.inputs,
-                        &self.balancer,
-                        &snapshot,
-                        &policies,
-                        &routes,
-                        0,
-                    ),
-                    Some(&request),
-                );
-                drop((policies, routes));
-                let identity = dest.identity.as_ref().map(|i| Text::from(i.to_string()));
-                // Only a destination on this node in the mesh is decided per request (this node
-                // authorizes it); how any other endpoint is reached holds for the snapshot.
-                let per_request = matches!(
-                    action,
-                    Action::DeliverLocal { .. } | Action::Refuse(Refusal::Denied { .. })
-                );
-                let mtls = matches!(action, Action::Tunnel(_));
-                let (via, connect): (String, Connect) = match action {
-                    Action::Refuse(refusal) => {
-                        record.upstream(&up.names, identity, mtls);
-                        return match refusal {
-                            Refusal::Denied { policy, .. } => {
-                                record.policy(policy);
-                                denied(record)
-                            }
-                            Refusal::NoEndpoint => {
-                                own(record, Verdict::NoEndpoint, Flag::NoHealthyUpstream, None)
-                            }
-                            r => own(
-                                record,
-                                Verdict::ConnectFailed,
-                                Flag::UpstreamConnectionFailure,
-                                Some(r.to_string()),
-                            ),
-                        };
-                    }
-                    Action::Tunnel(hbone) => {
-                        (format!("hbone {}", hbone.source), Connect::Tunnel(hbone))
-                    }
-                    Action::DeliverLocal { target: t } | Action::Passthrough { target: t } => {
-                        match &target.tls {
-                            Some(o) => (format!("tls {}", o.sni), Connect::Tls(t, o.clone())),
-                            None => ("direct".to_string(), Connect::Direct(t)),
-                        }
-                    }
-                };
-                let reach = Reach {
-                    key: PoolKey {
-                        endpoint: up.addr,
-                        via: via.into(),
-                        version: target.version,
-                        generation: snapshot.generation,
-                    },
-                    connect,
-                    mtls,
-                    identity,
-                };
-                if per_request {
-                    decided = reach;
-                    &decided
-                } else {
-                    up.reach.get_or_init(|| reach)
-                }
-            }
-        };
-        // Not held while the request is out: a long one would keep old snapshots alive.
-        drop(snapshot);
-        record.upstream(&up.names, reach.identity.clone(), reach.mtls);
+        // A request is sent again only as it was: with no body (bodies are not kept) and no
+        // upgrade. Its copy is made before the first attempt.
+        let policy = retry.filter(|p| p.attempts > 0);
+        let replayable = policy.is_some() && !upgrade && req.body().is_end_stream();
         let client_upgrade = upgrade.then(|| hyper::upgrade::on(&mut req));
         let sent = Counter::default();
-        let req = upstream_request(req, target.version, authority, &sent);
-        let mut sender = match self.clients.checkout(&reach.key) {
-            Some(s) => s,
-            // Boxed, for the same reason: opening is rare, its future (TLS, HBONE) large.
-            None => match within(
-                deadline,
-                Box::pin(self.open(&reach.connect, conn.source.pod.as_deref(), target.version)),
-            )
-            .await
-            {
-                None => return timed_out(record),
-                Some(Ok(s)) => s,
-                Some(Err(Opened::Denied(policy))) => {
+        let first = upstream_request(req, target.version, authority, &sent);
+        let replay = replayable.then(|| Replay::of(&first));
+        let per_try = retry.and_then(|p| p.per_try_timeout);
+        let ignore_tried = retry.is_none_or(|p| p.retry_ignore_previous_hosts);
+        let mut next = Some(first);
+        let mut snapshot = Some(snapshot);
+        let mut tried: Vec<usize> = Vec::new();
+        let mut retries = 0;
+        loop {
+            let Some(req) = next.take().or_else(|| replay.as_ref().map(Replay::request)) else {
+                unreachable!("a request is sent again only when it has a replay");
+            };
+            let Some(i) = pick(target, &tried, ignore_tried) else {
+                return own(record, Verdict::NoEndpoint, Flag::NoHealthyUpstream, None);
+            };
+            tried.push(i);
+            let up = &target.endpoints[i];
+            let decided;
+            let reach = match up.reach.get() {
+                Some(reach) => reach,
+                None => {
+                    let Some(snap) = snapshot.as_deref() else {
+                        unreachable!("the snapshot is kept while attempts may follow");
+                    };
+                    match self.reach(up, &req, conn, target, snap, client_authority) {
+                        Ok((reach, true)) => {
+                            decided = reach;
+                            &decided
+                        }
+                        Ok((reach, false)) => up.reach.get_or_init(|| reach),
+                        Err(refused) => {
+                            record.upstream(&up.names, refused.identity, refused.mtls);
+                            return match refused.refusal {
+                                Refusal::Denied { policy, .. } => {
+                                    record.policy(policy);
+                                    denied(record)
+                                }
+                                Refusal::NoEndpoint => {
+                                    own(record, Verdict::NoEndpoint, Flag::NoHealthyUpstream, None)
+                                }
+                                r => own(
+                                    record,
+                                    Verdict::ConnectFailed,
+                                    Flag::UpstreamConnectionFailure,
+                                    Some(r.to_string()),
+                                ),
+                            };
+                        }
+                    }
+                }
+            };
+            if replay.is_none() {
+                // Not held while the request is out: a long one would keep old snapshots alive.
+                snapshot = None;
+            }
+            record.upstream(&up.names, reach.identity.clone(), reach.mtls);
+            let try_deadline = match (deadline, per_try.map(|t| tokio::time::Instant::now() + t)) {
+                (Some(d), Some(t)) => Some(d.min(t)),
+                (d, t) => d.or(t),
+            };
+            let attempt = self
+                .attempt(req, reach, conn, target.version, try_deadline)
+                .await;
+            let outcome = match &attempt {
+                Ok((resp, _)) => Some(Outcome::Response {
+                    status: resp.status().as_u16(),
+                    grpc: resp
+                        .headers()
+                        .get("grpc-status")
+                        .and_then(|v| v.to_str().ok())
+                        .and_then(|v| v.parse().ok()),
+                }),
+                Err(Failure::Connect(_)) => Some(Outcome::ConnectFailure),
+                Err(Failure::Closed(_)) => Some(Outcome::Reset),
+                Err(Failure::Reset { refused: true, .. }) => Some(Outcome::RefusedStream),
+                Err(Failure::Reset { .. }) => Some(Outcome::Reset),
+                // The route's own timeout ends the request; a per-try one may be retried.
+                Err(Failure::TimedOut) if try_deadline != deadline => Some(Outcome::PerTryTimeout),
+                Err(Failure::TimedOut | Failure::Denied(_)) => None,
+            };
+            let retriable = match (policy, outcome) {
+                (Some(p), Some(o)) => replay.is_some() && p.retries_on(o),
+                _ => false,
+            };
+            if let (true, Some(p)) = (retriable, policy) {
+                if retries < p.attempts {
+                    retries += 1;
+                    let pause = p.backoff(retries, fastrand::f64());
+                    if within(deadline, tokio::time::sleep(pause)).await.is_none() {
+                        return timed_out(record);
+                    }
+                    continue;
+                }
+                record.retries_exhausted();
+            }
+            let (mut resp, sender) = match attempt {
+                Ok(r) => r,
+                Err(Failure::TimedOut) => return timed_out(record),
+                Err(Failure::Denied(policy)) => {
                     if let Some(p) = policy {
                         record.policy(p);
                     }
                     return denied(record);
                 }
-                Some(Err(Opened::Failed(e))) => {
+                Err(Failure::Connect(e)) => {
                     return own(
                         record,
                         Verdict::ConnectFailed,
                         Flag::UpstreamConnectionFailure,
                         Some(e),
-                    );
+                    )
                 }
-            },
+                Err(Failure::Closed(e)) => {
+                    return own(
+                        record,
+                        Verdict::ConnectFailed,
+                        Flag::UpstreamConnectionTermination,
+                        Some(e),
+                    )
+                }
+                Err(Failure::Reset { error, .. }) => {
+                    return own(
+                        record,
+                        Verdict::ConnectFailed,
+                        Flag::UpstreamRemoteReset,
+                        Some(error),
+                    )
+                }
+            };
+            let switching = resp.status() == StatusCode::SWITCHING_PROTOCOLS
+                || (upgrade && resp.status().is_success() && record.method() == "CONNECT");
+            if let (true, Some(client_upgrade)) = (switching, client_upgrade) {
+                // Both sides agreed to leave HTTP: from now on, bytes.
+                let upstream_upgrade = hyper::upgrade::on(&mut resp);
+                tokio::spawn(async move {
+                    match tokio::try_join!(client_upgrade, upstream_upgrade) {
+                        Ok((c, u)) => {
+                            let mut c = TokioIo::new(c);
+                            let mut u = TokioIo::new(u);
+                            let _ = tokio::io::copy_bidirectional(&mut c, &mut u).await;
+                        }
+                        Err(e) => debug!(error = %e, "upgrade did not complete"),
+                    }
+                });
+                let status = resp.status().as_u16();
+                let (parts, _) = resp.into_parts();
+                record.finish(Verdict::Forwarded, status, NO_FLAGS, None::<&str>);
+                return Response::from_parts(parts, empty());
+            }
+            self.clients.checkin(&reach.key, sender);
+            return exchange::client_response(resp, conn.client, record, sent, try_deadline);
+        }
+    }
+
+    /// How `up` is reached, decided by the plan for this request (`true` with it when it
+    /// holds for this request only), or why it may not be.
+    fn reach(
+        &self,
+        up: &Upstream,
+        req: &Request<upstream::Body>,
+        conn: &Conn,
+        target: &Target,
+        snapshot: &Snapshot,
+        client_authority: &str,
+    ) -> Result<(Reach, bool), Refused> {
+        let policies = self.inputs.policies.load();
+        let routes = self.inputs.routes.load();
+        let mut dest = Destination::default();
+        let path = req.uri().path_and_query().map_or("/", |p| p.as_str());
+        let request = HttpRequest {
+            method: req.method().as_str(),
+            authority: client_authority,
+            path,
+            headers: req.headers(),
         };
-        // Past the deadline the request is dropped: hyper cancels it upstream (an HTTP/1.1
-        // connection is closed, an HTTP/2 stream reset).
-        let resp = match within(deadline, sender.send(req)).await {
-            None => return timed_out(record),
-            Some(Ok(r)) => r,
-            Some(Err(e)) => {
-                let flag = if e.is_closed() || e.is_incomplete_message() || e.is_canceled() {
-                    Flag::UpstreamConnectionTermination
-                } else {
-                    Flag::UpstreamRemoteReset
-                };
-                return own(record, Verdict::ConnectFailed, flag, Some(e.to_string()));
+        let action = plan::to_endpoint(
+            &conn.source,
+            up.addr,
+            up.pod.clone(),
+            &mut dest,
+            &super::context(
+                &self.inputs,
+                &self.balancer,
+                snapshot,
+                &policies,
+                &routes,
+                0,
+            ),
+            Some(&request),
+        );
+        drop((policies, routes));
+        let identity = dest.identity.as_ref().map(|i| Text::from(i.to_string()));
+        // Only a destination on this node in the mesh is decided per request (this node
+        // authorizes it); how any other endpoint is reached holds for the snapshot.
+        let per_request = matches!(
+            action,
+            Action::DeliverLocal { .. } | Action::Refuse(Refusal::Denied { .. })
+        );
+        let mtls = matches!(action, Action::Tunnel(_));
+        let (via, connect): (String, Connect) = match action {
+            Action::Refuse(refusal) => {
+                return Err(Refused {
+                    refusal,
+                    identity,
+                    mtls,
+                })
+            }
+            Action::Tunnel(hbone) => (format!("hbone {}", hbone.source), Connect::Tunnel(hbone)),
+            Action::DeliverLocal { target: t } | Action::Passthrough { target: t } => {
+                match &target.tls {
+                    Some(o) => (format!("tls {}", o.sni), Connect::Tls(t, o.clone())),
+                    None => ("direct".to_string(), Connect::Direct(t)),
+                }
             }
         };
-        let mut resp = resp;
-        let switching = resp.status() == StatusCode::SWITCHING_PROTOCOLS
-            || (upgrade && resp.status().is_success() && record.method() == "CONNECT");
-        if let (true, Some(client_upgrade)) = (switching, client_upgrade) {
-            // Both sides agreed to leave HTTP: from now on, bytes.
-            let upstream_upgrade = hyper::upgrade::on(&mut resp);
-            tokio::spawn(async move {
-                match tokio::try_join!(client_upgrade, upstream_upgrade) {
-                    Ok((c, u)) => {
-                        let mut c = TokioIo::new(c);
-                        let mut u = TokioIo::new(u);
-                        let _ = tokio::io::copy_bidirectional(&mut c, &mut u).await;
-                    }
-                    Err(e) => debug!(error = %e, "upgrade did not complete"),
-                }
-            });
-            let status = resp.status().as_u16();
-            let (parts, _) = resp.into_parts();
-            record.finish(Verdict::Forwarded, status, NO_FLAGS, None::<&str>);
-            return Response::from_parts(parts, empty());
+        let reach = Reach {
+            key: PoolKey {
+                endpoint: up.addr,
+                via: via.into(),
+                version: target.version,
+                generation: snapshot.generation,
+            },
+            connect,
+            mtls,
+            identity,
+        };
+        Ok((reach, per_request))
+    }
+
+    /// One attempt: a kept or new connection to `reach`, the request sent on it, its response
+    /// head read, all by `deadline`. Past it the request is dropped: hyper cancels it upstream
+    /// (an HTTP/1.1 connection is closed, an HTTP/2 stream reset).
+    async fn attempt(
+        &self,
+        req: Request<upstream::Body>,
+        reach: &Reach,
+        conn: &Conn,
+        version: Version,
+        deadline: Option<tokio::time::Instant>,
+    ) -> Result<(Response<Incoming>, Sender), Failure> {
+        let mut sender = match self.clients.checkout(&reach.key) {
+            Some(s) => s,
+            // Boxed, for the same reason: opening is rare, its future (TLS, HBONE) large.
+            None => match within(
+                deadline,
+                Box::pin(self.open(&reach.connect, conn.source.pod.as_deref(), version)),
+            )
+            .await
+            {
+                None => return Err(Failure::TimedOut),
+                Some(Ok(s)) => s,
+                Some(Err(Opened::Denied(policy))) => return Err(Failure::Denied(policy)),
+                Some(Err(Opened::Failed(e))) => return Err(Failure::Connect(e)),
+            },
+        };
+        match within(deadline, sender.send(req)).await {
+            None => Err(Failure::TimedOut),
+            Some(Ok(resp)) => Ok((resp, sender)),
+            Some(Err(e)) if e.is_closed() || e.is_incomplete_message() || e.is_canceled() => {
+                Err(Failure::Closed(e.to_string()))
+            }
+            Some(Err(e)) => Err(Failure::Reset {
+                refused: refused_stream(&e),
+                error: e.to_string(),
+            }),
         }
-        self.clients.checkin(&reach.key, sender);
-        exchange::client_response(resp, conn.client, record, sent, deadline)
     }
 
     /// Opens a new upstream connection for the calling `pod` and speaks `version` on it.
@@ -985,6 +1103,90 @@ enum Opened {
     /// The destination node's policy refused the tunnel (the deciding policy, if named).
     Denied(Option<String>),
     Failed(String),
+}
+
+/// What Istio applies to a route that says nothing about retries.
+static ISTIO_DEFAULT_RETRIES: std::sync::LazyLock<Arc<RetryPolicy>> =
+    std::sync::LazyLock::new(|| Arc::new(RetryPolicy::istio_default()));
+
+/// Why an attempt got no response.
+enum Failure {
+    /// The destination node's policy refused the tunnel (the deciding policy, if named).
+    Denied(Option<String>),
+    /// No connection to the endpoint.
+    Connect(String),
+    /// The connection ended before a response head.
+    Closed(String),
+    /// The upstream reset the request (`refused`: an HTTP/2 stream it never took).
+    Reset {
+        refused: bool,
+        error: String,
+    },
+    TimedOut,
+}
+
+/// Why an endpoint may not be reached, with what its record says of it.
+struct Refused {
+    refusal: Refusal,
+    identity: Option<Text>,
+    mtls: bool,
+}
+
+/// A request as first sent upstream, kept to send again: bodies are not kept, so only a
+/// request without one has a replay.
+struct Replay {
+    method: http::Method,
+    uri: http::Uri,
+    version: http::Version,
+    headers: http::HeaderMap,
+}
+
+impl Replay {
+    fn of<B>(req: &Request<B>) -> Replay {
+        Replay {
+            method: req.method().clone(),
+            uri: req.uri().clone(),
+            version: req.version(),
+            headers: req.headers().clone(),
+        }
+    }
+
+    fn request(&self) -> Request<upstream::Body> {
+        let mut req = Request::new(http_body_util::BodyExt::boxed(
+            http_body_util::BodyExt::map_err(http_body_util::Empty::new(), |e| match e {}),
+        ));
+        *req.method_mut() = self.method.clone();
+        *req.uri_mut() = self.uri.clone();
+        *req.version_mut() = self.version;
+        *req.headers_mut() = self.headers.clone();
+        req
+    }
+}
+
+/// An endpoint of `target` for the next attempt: the balancer's turn, or with
+/// `ignore_tried` (Istio's default) the first after it not tried yet, while there is one.
+fn pick(target: &Target, tried: &[usize], ignore_tried: bool) -> Option<usize> {
+    let n = target.endpoints.len();
+    let i = target.turn.pick(n)?;
+    if !ignore_tried || tried.is_empty() {
+        return Some(i);
+    }
+    (0..n)
+        .map(|k| (i + k) % n)
+        .find(|j| !tried.contains(j))
+        .or(Some(i))
+}
+
+/// Whether an upstream error is an HTTP/2 `REFUSED_STREAM`: the request was never processed.
+fn refused_stream(e: &hyper::Error) -> bool {
+    let mut source = std::error::Error::source(e);
+    while let Some(s) = source {
+        if let Some(h2) = s.downcast_ref::<h2::Error>() {
+            return h2.reason() == Some(h2::Reason::REFUSED_STREAM);
+        }
+        source = s.source();
+    }
+    false
 }
 
 /// `fut`'s output, or `None` once `deadline` has passed first.

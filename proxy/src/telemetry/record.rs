@@ -251,18 +251,18 @@ impl Names {
     }
 }
 
-/// `flags` with `DI` (a fault delay) where Envoy lists it: after the upstream's flags, before
-/// `FI` and the downstream's.
-fn with_delay(flags: &str) -> Text {
+/// `flags` with `flag` where Envoy lists it: before the first of `before` (the flags Envoy
+/// lists after it), else last.
+fn with_flag(flags: &str, flag: &str, before: &[&str]) -> Text {
     if flags.is_empty() || flags == "-" {
-        return shared("DI");
+        return shared(flag);
     }
     let mut all: Vec<&str> = flags.split(',').collect();
     let at = all
         .iter()
-        .position(|f| matches!(*f, "FI" | "DC" | "DPE"))
+        .position(|f| before.contains(f))
         .unwrap_or(all.len());
-    all.insert(at, "DI");
+    all.insert(at, flag);
     all.join(",").into()
 }
 
@@ -301,6 +301,7 @@ impl RequestTemplate {
             started: Instant::now(),
             emitted: false,
             delay_injected: false,
+            retries_exhausted: false,
         }
     }
 }
@@ -314,9 +315,17 @@ pub struct RequestRecord {
     emitted: bool,
     /// A fault delay held the request: Envoy's `DI`, joined to whatever flags it ends with.
     delay_injected: bool,
+    /// It was retried as often as its policy allows and still failed: `URX`.
+    retries_exhausted: bool,
 }
 
 impl RequestRecord {
+    /// The request was retried as often as its policy allows and its last attempt failed too.
+    pub fn retries_exhausted(&mut self) -> &mut Self {
+        self.retries_exhausted = true;
+        self
+    }
+
     /// A rule's fault delay held the request before it went on.
     pub fn delay_injected(&mut self) -> &mut Self {
         self.delay_injected = true;
@@ -404,8 +413,12 @@ impl RequestRecord {
         flow.duration_ms = us / 1000.0;
         if let Some(h) = &mut flow.http {
             h.duration_ms = us / 1000.0;
+            if self.retries_exhausted {
+                h.response_flags =
+                    with_flag(&h.response_flags, "URX", &["NR", "DI", "FI", "DC", "DPE"]);
+            }
             if self.delay_injected {
-                h.response_flags = with_delay(&h.response_flags);
+                h.response_flags = with_flag(&h.response_flags, "DI", &["FI", "DC", "DPE"]);
             }
         }
         debug!(
@@ -480,7 +493,7 @@ mod tests {
     }
 
     #[test]
-    fn an_injected_delay_joins_the_flags_where_envoy_lists_it() {
+    fn injected_delays_and_exhausted_retries_join_the_flags_where_envoy_lists_them() {
         let t = telemetry();
         let requests = ConnectionRecord::accepted(&t).requests();
         let flags = |end: &str| {
@@ -493,6 +506,15 @@ mod tests {
         assert_eq!(flags("FI"), "DI,FI");
         assert_eq!(flags("UF"), "UF,DI");
         assert_eq!(flags("UH,DC"), "UH,DI,DC");
+        let exhausted = |end: &str| {
+            let mut r = requests.start(HttpFlow::default());
+            r.retries_exhausted();
+            let flow = r.finish(Verdict::Forwarded, 503, end, None::<&str>);
+            flow.http.as_ref().unwrap().response_flags.to_string()
+        };
+        assert_eq!(exhausted("-"), "URX");
+        assert_eq!(exhausted("UF"), "UF,URX");
+        assert_eq!(exhausted("UT"), "UT,URX");
         let r = requests.start(HttpFlow::default());
         let flow = r.finish(Verdict::Forwarded, 200, "-", None::<&str>);
         assert_eq!(

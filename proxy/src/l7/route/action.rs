@@ -3,6 +3,7 @@
 //! add, as Envoy's `header_parser` does), build a redirect's `Location`. Resilience settings
 //! (timeouts, retries, faults, mirrors) are carried typed for the stage that applies them.
 
+use std::sync::Arc;
 use std::time::Duration;
 
 use http::header::{HeaderName, HeaderValue};
@@ -39,7 +40,7 @@ pub struct Forward {
     pub timeout: Option<Duration>,
     /// `None`: retries disabled (`attempts: 0`); otherwise Istio's policy, its default when
     /// the route says nothing ([`RetryPolicy::istio_default`]).
-    pub retries: Option<RetryPolicy>,
+    pub retries: Option<Arc<RetryPolicy>>,
     pub fault: Option<Fault>,
     pub mirrors: Vec<Mirror>,
     /// VirtualService `corsPolicy`, as written.
@@ -53,19 +54,17 @@ impl Forward {
         pick_weighted(&self.destinations, roll)
     }
 
-    /// How long the first attempt may take, from the request's arrival until the upstream's
-    /// response head: the route's timeout, or the retry policy's per-try timeout when that is
-    /// shorter (Envoy's `timeout` and `per_try_timeout`). `None`: no limit, and none on a rule
-    /// with a fault (Istio: faults disable the route's timeouts and retries).
-    pub fn attempt_timeout(&self) -> Option<Duration> {
-        if self.fault.is_some() {
-            return None;
-        }
-        let per_try = self.retries.as_ref().and_then(|r| r.per_try_timeout);
-        match (self.timeout, per_try) {
-            (Some(t), Some(p)) => Some(t.min(p)),
-            (t, p) => t.or(p),
-        }
+    /// How long the whole exchange may take, from the request's arrival (Envoy's route
+    /// `timeout`). `None`: no limit, and none on a rule with a fault (Istio: faults disable
+    /// the route's timeouts and retries).
+    pub fn timeout(&self) -> Option<Duration> {
+        self.timeout.filter(|_| self.fault.is_none())
+    }
+
+    /// How a failed attempt is retried, and how long each attempt may take (its per-try
+    /// timeout). `None`: not retried, and none on a rule with a fault.
+    pub fn retry_policy(&self) -> Option<&Arc<RetryPolicy>> {
+        self.retries.as_ref().filter(|_| self.fault.is_none())
     }
 }
 

@@ -570,7 +570,7 @@ fn http_action(
             f.response_header_modifier.as_ref()
         })),
         timeout: request_timeout.filter(|t| !t.is_zero()),
-        retries,
+        retries: retries.map(Arc::new),
         fault: None,
         mirrors,
         cors: None,

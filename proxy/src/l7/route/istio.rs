@@ -502,7 +502,7 @@ fn action(http: &HttpRoute, ns: &str, hosts: &Hosts<'_>) -> Action {
         request_headers,
         response_headers,
         timeout: http.timeout.map(|d| d.0).filter(|d| *d > Duration::ZERO),
-        retries,
+        retries: retries.map(Arc::new),
         fault,
         mirrors,
         cors: http.cors_policy.clone(),

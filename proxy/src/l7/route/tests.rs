@@ -195,7 +195,7 @@ fn virtual_service_rules_in_order_first_match_wins() {
     assert_eq!(f.destinations[0].host, WEB);
     assert_eq!(f.destinations[0].subset.as_deref(), Some("v1"));
     assert_eq!(f.pick(95).subset.as_deref(), Some("v2"));
-    assert_eq!(f.retries, Some(RetryPolicy::istio_default()));
+    assert_eq!(f.retries.as_deref(), Some(&RetryPolicy::istio_default()));
 
     let RouteDecision::Matched(m) = route(&t, &get("/users/7?debug=1")) else {
         panic!()

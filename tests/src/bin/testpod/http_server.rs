@@ -55,6 +55,9 @@ pub enum PathAction {
     Delay(Duration),
     /// `/drip/<ms>`: answer 200 at once, send the body after the wait (at most [`MAX_DELAY`]).
     Drip(Duration),
+    /// `/fail-first/<n>/<key>`: answer 503 to the first `n` requests for `key` this server
+    /// sees, 200 after (a backend that recovers, for retries).
+    FailFirst(u32, String),
 }
 
 /// The action for a request path (without the query).
@@ -70,6 +73,10 @@ pub fn path_action(path: &str) -> PathAction {
     if let Some(ms) = path.strip_prefix("/delay/") {
         let ms = ms.parse::<u64>().unwrap_or(0);
         return PathAction::Delay(Duration::from_millis(ms).min(MAX_DELAY));
+    }
+    if let Some(rest) = path.strip_prefix("/fail-first/") {
+        let (n, key) = rest.split_once('/').unwrap_or((rest, ""));
+        return PathAction::FailFirst(n.parse().unwrap_or(0), key.to_string());
     }
     if let Some(ms) = path.strip_prefix("/drip/") {
         let ms = ms.parse::<u64>().unwrap_or(0);
@@ -327,6 +334,21 @@ async fn answer(mut req: Request<Incoming>, conn: Arc<Conn>) -> Result<Response<
             drip = Some(d);
             StatusCode::OK
         }
+        PathAction::FailFirst(n, key) => {
+            static SEEN: std::sync::Mutex<Option<std::collections::HashMap<String, u32>>> =
+                std::sync::Mutex::new(None);
+            let mut seen = SEEN.lock().unwrap_or_else(|e| e.into_inner());
+            let count = seen
+                .get_or_insert_with(Default::default)
+                .entry(key)
+                .or_default();
+            *count += 1;
+            if *count <= n {
+                StatusCode::SERVICE_UNAVAILABLE
+            } else {
+                StatusCode::OK
+            }
+        }
     };
     let host = parts
         .headers
@@ -401,6 +423,10 @@ mod tests {
         assert_eq!(
             path_action("/drip/1500"),
             PathAction::Drip(Duration::from_millis(1500))
+        );
+        assert_eq!(
+            path_action("/fail-first/2/abc"),
+            PathAction::FailFirst(2, "abc".into())
         );
     }
 

@@ -50,30 +50,20 @@ fn picks_by_weight_from_the_roll() {
 }
 
 #[test]
-fn the_first_attempt_is_bounded_by_the_shorter_of_the_route_and_per_try_timeouts() {
+fn a_fault_disables_the_timeouts_and_retries_of_its_rule() {
     let secs = Duration::from_secs;
     let mut f = forward(vec![dest("a", 1)]);
-    assert_eq!(
-        f.attempt_timeout(),
-        None,
-        "Istio: no route timeout by default"
-    );
-    f.retries = Some(RetryPolicy::istio_default());
-    assert_eq!(f.attempt_timeout(), None, "nor a per-try one");
+    assert_eq!(f.timeout(), None, "Istio: no route timeout by default");
     f.timeout = Some(secs(1));
-    assert_eq!(f.attempt_timeout(), Some(secs(1)));
-    f.retries.as_mut().unwrap().per_try_timeout = Some(secs(3));
-    assert_eq!(f.attempt_timeout(), Some(secs(1)));
-    f.retries.as_mut().unwrap().per_try_timeout = Some(Duration::from_millis(200));
-    assert_eq!(f.attempt_timeout(), Some(Duration::from_millis(200)));
-    f.timeout = None;
-    assert_eq!(f.attempt_timeout(), Some(Duration::from_millis(200)));
-    f.timeout = Some(secs(1));
+    f.retries = Some(Arc::new(RetryPolicy::istio_default()));
+    assert_eq!(f.timeout(), Some(secs(1)));
+    assert!(f.retry_policy().is_some());
     f.fault = Some(Fault {
         delay: None,
         abort: None,
     });
-    assert_eq!(f.attempt_timeout(), None, "a fault disables the timeouts");
+    assert_eq!(f.timeout(), None, "a fault disables the timeout");
+    assert!(f.retry_policy().is_none(), "and the retries");
 }
 
 #[test]
