@@ -30,6 +30,7 @@ pub const DEFAULT_FLOW_CAPACITY: usize = 10_000;
 pub const DEFAULT_CONNECT_TIMEOUT_MS: u64 = 5000;
 /// Default limit of a request's head (request line and headers), as Envoy's.
 pub const DEFAULT_MAX_REQUEST_HEADERS_KB: usize = 60;
+pub const DEFAULT_RETRY_BODY_KB: usize = 64;
 /// Default wait for a client's first bytes on a port that declares no protocol, before the
 /// connection is taken as TCP (server-first protocols send nothing first).
 pub const DEFAULT_PROTOCOL_DETECTION_TIMEOUT_MS: u64 = 100;
@@ -86,6 +87,10 @@ pub struct NodeArgs {
     /// Largest HTTP request head accepted, in KiB; larger gets 431 (default 60).
     #[arg(long, value_name = "KB")]
     pub max_request_headers_kb: Option<usize>,
+    /// Largest request body kept to send again when a retry policy may retry it, in KiB; a
+    /// larger one, or one of unknown length, is not retried (default 64; 0: none).
+    #[arg(long, value_name = "KB")]
+    pub retry_body_kb: Option<usize>,
     /// How long to wait for a client's first bytes on a port that declares no protocol
     /// before treating it as TCP, in milliseconds; 0 turns detection off (default 100).
     #[arg(long, value_name = "MS")]
@@ -139,6 +144,7 @@ struct FileConfig {
     flow_capacity: Option<usize>,
     connect_timeout_ms: Option<u64>,
     max_request_headers_kb: Option<usize>,
+    retry_body_kb: Option<usize>,
     protocol_detection_timeout_ms: Option<u64>,
     dns_server: Option<String>,
     workers: Option<usize>,
@@ -188,6 +194,7 @@ pub struct NodeConfig {
     pub flow_capacity: usize,
     pub connect_timeout_ms: u64,
     pub max_request_headers_kb: usize,
+    pub retry_body_kb: usize,
     pub protocol_detection_timeout_ms: u64,
     pub dns_server: Option<SocketAddr>,
     pub workers: usize,
@@ -251,6 +258,13 @@ impl NodeArgs {
         if !(1..=8192).contains(&max_request_headers_kb) {
             bail!("--max-request-headers-kb must be between 1 and 8192");
         }
+        let retry_body_kb = self
+            .retry_body_kb
+            .or(file.retry_body_kb)
+            .unwrap_or(DEFAULT_RETRY_BODY_KB);
+        if retry_body_kb > 16384 {
+            bail!("--retry-body-kb must be at most 16384");
+        }
         let workers = self.workers.or(file.workers).unwrap_or_else(|| {
             std::thread::available_parallelism().map_or(1, std::num::NonZeroUsize::get)
         });
@@ -299,6 +313,7 @@ impl NodeArgs {
                 .or(file.connect_timeout_ms)
                 .unwrap_or(DEFAULT_CONNECT_TIMEOUT_MS),
             max_request_headers_kb,
+            retry_body_kb,
             protocol_detection_timeout_ms: self
                 .protocol_detection_timeout_ms
                 .or(file.protocol_detection_timeout_ms)

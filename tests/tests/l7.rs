@@ -1061,6 +1061,20 @@ fn retries_follow_the_policy_and_the_flow_counts_the_attempts() {
     let f = flow(path);
     assert_eq!(f["http"]["attempts"], 3, "{f}");
     assert_eq!(s(&f, "/http/response_flags"), "-", "{f}");
+    // A small body is kept and sent again whole.
+    let path = "/fail-first/2/with-body";
+    let r = m.get(
+        "reviews-retry",
+        &["--method", "POST", "--path", path, "--data", "payload"],
+    );
+    assert_eq!(r.status, 200, "{r:?}");
+    assert!(
+        r.body.contains("body-bytes=7\n"),
+        "the third attempt got the body: {r:?}"
+    );
+    let f = flow(path);
+    assert_eq!(f["http"]["attempts"], 3, "{f}");
+    assert_eq!(f["bytes_sent"], 7, "the body counted once: {f}");
 
     // Always failing: 1 + 3 attempts each, the last answer returned, URX.
     let mut hits = 0;

@@ -159,6 +159,7 @@ pub async fn run(cfg: NodeConfig) -> anyhow::Result<()> {
         pool,
         HttpConfig {
             max_request_headers: cfg.max_request_headers_kb * 1024,
+            retry_body: cfg.retry_body_kb * 1024,
             dns: Arc::new(
                 Dns::new(cfg.dns_server).context("setting up DNS for ServiceEntry hosts")?,
             ),

@@ -51,6 +51,8 @@ use crate::upstream::OnBehalfOf;
 pub struct HttpConfig {
     /// Largest request head (request line and headers) accepted; larger gets 431.
     pub max_request_headers: usize,
+    /// Largest request body kept to send again on a retry.
+    pub retry_body: usize,
     /// Resolves ServiceEntry hosts.
     pub dns: Arc<Dns>,
 }
@@ -727,14 +729,41 @@ impl HttpPath {
     where
         B: http_body::Body<Data = Bytes, Error = hyper::Error> + Send + Sync + Unpin + 'static,
     {
-        // A request is sent again only as it was: with no body (bodies are not kept) and no
-        // upgrade. Its copy is made before the first attempt.
+        // A request that may be retried is kept to send again, with its body when that is
+        // known to be small (read whole first, as Envoy buffers it); an upgrade never is.
         let policy = retry.filter(|p| p.attempts > 0);
-        let replayable = policy.is_some() && !upgrade && req.body().is_end_stream();
         let client_upgrade = upgrade.then(|| hyper::upgrade::on(&mut req));
         let sent = Counter::default();
-        let first = upstream_request(req, target.version, authority, &sent);
-        let replay = replayable.then(|| Replay::of(&first));
+        let small = |b: &B| {
+            b.is_end_stream()
+                || b.size_hint()
+                    .exact()
+                    .is_some_and(|n| n <= self.config.retry_body as u64)
+        };
+        let (first, replay) = if policy.is_some() && !upgrade && small(req.body()) {
+            let (parts, body) = req.into_parts();
+            let body = match within(deadline, http_body_util::BodyExt::collect(body)).await {
+                None => return timed_out(record),
+                Some(Err(e)) => {
+                    return own(
+                        record,
+                        Verdict::Malformed,
+                        Flag::DownstreamProtocolError,
+                        Some(format!("reading the request body: {e}")),
+                    )
+                }
+                Some(Ok(collected)) => collected.to_bytes(),
+            };
+            let req = Request::from_parts(parts, full(body.clone()));
+            let first = upstream_request(req, target.version, authority, &sent);
+            let replay = Replay::of(&first, body);
+            (first, Some(replay))
+        } else {
+            (
+                upstream_request(req, target.version, authority, &sent),
+                None,
+            )
+        };
         let per_try = retry.and_then(|p| p.per_try_timeout);
         let ignore_tried = retry.is_none_or(|p| p.retry_ignore_previous_hosts);
         let mut next = Some(first);
@@ -1132,35 +1161,43 @@ struct Refused {
     mtls: bool,
 }
 
-/// A request as first sent upstream, kept to send again: bodies are not kept, so only a
-/// request without one has a replay.
+/// A request as first sent upstream, with its body, kept to send again.
 struct Replay {
     method: http::Method,
     uri: http::Uri,
     version: http::Version,
     headers: http::HeaderMap,
+    body: Bytes,
 }
 
 impl Replay {
-    fn of<B>(req: &Request<B>) -> Replay {
+    fn of<B>(req: &Request<B>, body: Bytes) -> Replay {
         Replay {
             method: req.method().clone(),
             uri: req.uri().clone(),
             version: req.version(),
             headers: req.headers().clone(),
+            body,
         }
     }
 
+    /// The request again (its body is counted once, by the first attempt).
     fn request(&self) -> Request<upstream::Body> {
-        let mut req = Request::new(http_body_util::BodyExt::boxed(
-            http_body_util::BodyExt::map_err(http_body_util::Empty::new(), |e| match e {}),
-        ));
+        let mut req = Request::new(full(self.body.clone()));
         *req.method_mut() = self.method.clone();
         *req.uri_mut() = self.uri.clone();
         *req.version_mut() = self.version;
         *req.headers_mut() = self.headers.clone();
         req
     }
+}
+
+/// A whole body, as upstream requests carry one.
+fn full(body: Bytes) -> upstream::Body {
+    use http_body_util::BodyExt;
+    http_body_util::Full::new(body)
+        .map_err(|e| match e {})
+        .boxed()
 }
 
 /// An endpoint of `target` for the next attempt: the balancer's turn, or with
