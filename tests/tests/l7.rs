@@ -126,6 +126,7 @@ const REVIEWS_SERVICES: &[&str] = &[
     "reviews-mirror-gw",
     "reviews-retry",
     "reviews-retry-default",
+    "reviews-budget",
 ];
 
 fn build_shared() -> L7 {
@@ -1119,6 +1120,67 @@ fn retries_follow_the_policy_and_the_flow_counts_the_attempts() {
     let f = flow(path);
     assert_eq!(f["http"]["attempts"], 3, "{f}");
     assert_eq!(s(&f, "/http/response_flags"), "URX", "{f}");
+}
+
+/// The retry budget: with every endpoint failing, retries to a destination stay within 20 % of
+/// its requests plus 10 a second over ten seconds, however many attempts the policy allows.
+#[test]
+fn retries_stay_within_the_destinations_budget() {
+    let m = shared();
+    m.apply(
+        r#"
+        apiVersion: networking.istio.io/v1
+        kind: VirtualService
+        metadata:
+          name: reviews-budget
+          namespace: back
+        spec:
+          hosts:
+          - reviews-budget
+          http:
+          - retries: {attempts: 5, retryOn: 5xx, backoff: 1ms}
+            route:
+            - destination: {host: reviews-budget}
+        "#,
+    );
+    let flow = |path: &str| {
+        m.weft_a
+            .wait_flows(1, WAIT, |f| s(f, "/http/path") == path)
+            .unwrap()
+            .pop()
+            .unwrap()
+    };
+    let deadline = Instant::now() + WAIT;
+    for key in 0.. {
+        // Through the default route, a 500 is not retried: wait for the VirtualService.
+        let path = format!("/status/500?budget-wait={key}");
+        m.get("reviews-budget", &["--path", &path]);
+        if flow(&path)["http"]["attempts"] == 6 {
+            break;
+        }
+        assert!(Instant::now() < deadline, "no retries after {WAIT:?}");
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    let n = 150;
+    let path = "/status/500?budget";
+    let got = m.load("reviews-budget", n, &["--path", path]);
+    assert_eq!(got.status(500), n, "{got:?}");
+    let flows = m
+        .weft_a
+        .wait_flows(n as usize, WAIT, |f| s(f, "/http/path") == path)
+        .unwrap();
+    let retries: u64 = flows
+        .iter()
+        .map(|f| f["http"]["attempts"].as_u64().unwrap() - 1)
+        .sum();
+    // Unbounded, 5 x 150 = 750. The budget: 100 (the floor) + 20 % of the requests seen,
+    // these and the waiting ones, less what the waiting ones retried.
+    assert!((100..=150).contains(&retries), "{retries} retries");
+    let refused = flows
+        .iter()
+        .filter(|f| s(f, "/error") == "retry budget exhausted")
+        .count();
+    assert!(refused > 100, "{refused} requests found the budget spent");
 }
 
 /// 4. Rewrites (path prefix and authority), redirects (301, 302), request and response header

@@ -1,4 +1,4 @@
-//! Endpoint choice: round robin per Service port.
+//! Endpoint choice: round robin per Service port, with each destination's retry budget.
 
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicUsize, Ordering};
@@ -6,15 +6,22 @@ use std::sync::Arc;
 
 use parking_lot::Mutex;
 
+use super::budget::RetryBudget;
+
 /// A round-robin position per key (`namespace/service:port`).
 #[derive(Debug, Default)]
 pub struct RoundRobin {
     next: Mutex<HashMap<String, Arc<Turn>>>,
 }
 
-/// One key's position: held by whoever picks for that key often, so a pick needs no lookup.
+/// One key's position, and its retry budget: held by whoever picks for that key often, so a
+/// pick needs no lookup.
 #[derive(Debug, Default)]
-pub struct Turn(AtomicUsize);
+pub struct Turn {
+    next: AtomicUsize,
+    /// How many retries the destination may take now.
+    pub budget: RetryBudget,
+}
 
 impl Turn {
     /// The index of the endpoint to use among `n`, `None` when there is none.
@@ -22,7 +29,7 @@ impl Turn {
         if n == 0 {
             return None;
         }
-        Some(self.0.fetch_add(1, Ordering::Relaxed) % n)
+        Some(self.next.fetch_add(1, Ordering::Relaxed) % n)
     }
 }
 

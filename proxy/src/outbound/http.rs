@@ -766,6 +766,7 @@ impl HttpPath {
         };
         let per_try = retry.and_then(|p| p.per_try_timeout);
         let ignore_tried = retry.is_none_or(|p| p.retry_ignore_previous_hosts);
+        target.turn.budget.request();
         let mut next = Some(first);
         let mut snapshot = Some(snapshot);
         let mut tried: Vec<usize> = Vec::new();
@@ -847,15 +848,19 @@ impl HttpPath {
                 _ => false,
             };
             if let (true, Some(p)) = (retriable, policy) {
-                if retries < p.attempts {
+                if retries == p.attempts {
+                    record.retries_exhausted();
+                } else if target.turn.budget.retry() {
                     retries += 1;
                     let pause = p.backoff(retries, fastrand::f64());
                     if within(deadline, tokio::time::sleep(pause)).await.is_none() {
                         return timed_out(record);
                     }
                     continue;
+                } else {
+                    // The destination's retry budget is spent: this answer stands.
+                    record.note("retry budget exhausted");
                 }
-                record.retries_exhausted();
             }
             let (mut resp, sender) = match attempt {
                 Ok(r) => r,

@@ -4,7 +4,7 @@
 //! through, or refuse — and record it.
 //!
 //! - [`plan`]: the decision, unit-tested without sockets.
-//! - [`balance`]: endpoint choice.
+//! - [`balance`]: endpoint choice; [`budget`]: each destination's retry budget.
 //! - [`redirects`]: redirects that never became connections (`unhandled` flows).
 //!
 //! May import: `inputs`, `capture`, `workload`, `registry`, `policy`, `identity`, `inbound`
@@ -12,6 +12,7 @@
 //! `admin::api`.
 
 pub mod balance;
+pub mod budget;
 pub mod http;
 pub mod plan;
 pub mod redirects;

@@ -326,6 +326,13 @@ impl RequestRecord {
         self
     }
 
+    /// Why the request ended as it did, when no error says so (an error given at the finish
+    /// replaces it).
+    pub fn note(&mut self, why: &str) -> &mut Self {
+        self.flow.error = Some(why.to_string());
+        self
+    }
+
     /// A rule's fault delay held the request before it went on.
     pub fn delay_injected(&mut self) -> &mut Self {
         self.delay_injected = true;
