@@ -671,10 +671,7 @@ fn httproute_on_a_service_splits_matches_and_answers_no_route() {
     // The refused request is a flow of the client's node, with Envoy's flag for "no route".
     let r = m.get("reviews-gw", &["--path", "/nothing-here/flagged"]);
     assert_eq!(r.status, 404, "{r:?}");
-    let f = &m
-        .weft_a
-        .wait_flows(1, WAIT, |f| s(f, "/http/path") == "/nothing-here/flagged")
-        .unwrap()[0];
+    let f = &last_flow(&m, "/nothing-here/flagged");
     assert_eq!(f["http"]["status"], 404, "{f}");
     assert_eq!(s(f, "/http/response_flags"), "NR", "{f}");
 }
@@ -740,10 +737,7 @@ fn route_timeouts_answer_504_at_the_timeout_and_let_faster_backends_through() {
             took >= Duration::from_millis(900) && took < Duration::from_millis(3000),
             "{svc}: answered after {took:?}, not at the 1 s timeout"
         );
-        let f = &m
-            .weft_a
-            .wait_flows(1, WAIT, |f| s(f, "/http/path") == path)
-            .unwrap()[0];
+        let f = &last_flow(&m, &path);
         assert_eq!(f["http"]["status"], 504, "{f}");
         assert_eq!(s(f, "/http/response_flags"), "UT", "{f}");
 
@@ -758,10 +752,7 @@ fn route_timeouts_answer_504_at_the_timeout_and_let_faster_backends_through() {
             took < Duration::from_millis(3000),
             "{svc}: cut after {took:?}"
         );
-        let f = &m
-            .weft_a
-            .wait_flows(1, WAIT, |f| s(f, "/http/path") == path)
-            .unwrap()[0];
+        let f = &last_flow(&m, &path);
         assert_eq!(f["http"]["status"], 200, "the head was sent: {f}");
         assert_eq!(s(f, "/http/response_flags"), "UT", "{f}");
     }
@@ -831,10 +822,7 @@ fn faults_abort_and_delay_the_share_of_requests_they_name() {
     assert!(all.backends.is_empty(), "no backend answered: {all:?}");
     let r = m.get("reviews-fault", &["--path", "/abort-all/one"]);
     assert_eq!(r.body, "fault filter abort");
-    let f = &m
-        .weft_a
-        .wait_flows(1, WAIT, |f| s(f, "/http/path") == "/abort-all/one")
-        .unwrap()[0];
+    let f = &last_flow(&m, "/abort-all/one");
     assert_eq!(s(f, "/http/response_flags"), "FI", "{f}");
     assert_eq!(f["verdict"], "responded", "{f}");
 
@@ -862,10 +850,7 @@ fn faults_abort_and_delay_the_share_of_requests_they_name() {
         took >= Duration::from_millis(600),
         "answered after {took:?}"
     );
-    let f = &m
-        .weft_a
-        .wait_flows(1, WAIT, |f| s(f, "/http/path") == "/delay/held")
-        .unwrap()[0];
+    let f = &last_flow(&m, "/delay/held");
     assert_eq!(s(f, "/http/response_flags"), "DI", "{f}");
     assert!(f["http"]["duration_ms"].as_f64().unwrap() >= 600.0, "{f}");
 }
@@ -1004,6 +989,33 @@ fn mirrors_get_copies_with_a_shadow_host_and_never_change_the_answer() {
     );
 }
 
+/// The newest flow of a request to `path`.
+fn last_flow(m: &L7, path: &str) -> Value {
+    m.weft_a
+        .wait_flows(1, WAIT, |f| s(f, "/http/path") == path)
+        .unwrap()
+        .pop()
+        .unwrap()
+}
+
+/// Waits until a 500 from `svc` is tried `attempts` times: its VirtualService's retries are in
+/// force (Istio's default policy, on the default route, retries 503 only).
+fn wait_for_retries(m: &L7, svc: &str, attempts: u64) {
+    let deadline = Instant::now() + WAIT;
+    for key in 0.. {
+        let path = format!("/status/500?wait={key}");
+        m.get(svc, &["--path", &path]);
+        if last_flow(m, &path)["http"]["attempts"] == attempts {
+            return;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "{svc}: no retries after {WAIT:?}"
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+}
+
 /// Retries (VirtualService `retries`): a backend failing twice then answering is retried to its
 /// answer; an always-failing one is tried 1 + attempts times and its last answer returned with
 /// `URX`; a per-try timeout cuts each attempt and is retried; `attempts: 0` sends once; with no
@@ -1037,25 +1049,8 @@ fn retries_follow_the_policy_and_the_flow_counts_the_attempts() {
             - destination: {host: reviews-v1}
         "#,
     );
-    let flow = |path: &str| {
-        m.weft_a
-            .wait_flows(1, WAIT, |f| s(f, "/http/path") == path)
-            .unwrap()
-            .pop()
-            .unwrap()
-    };
-    // Until the VirtualService is in force, a 500 is not retried (Istio's default policy
-    // retries 503 only).
-    let deadline = Instant::now() + WAIT;
-    for key in 0.. {
-        let path = format!("/status/500?wait={key}");
-        m.get("reviews-retry", &["--path", &path]);
-        if flow(&path)["http"]["attempts"] == 4 {
-            break;
-        }
-        assert!(Instant::now() < deadline, "no retries after {WAIT:?}");
-        std::thread::sleep(Duration::from_millis(100));
-    }
+    let flow = |path: &str| last_flow(&m, path);
+    wait_for_retries(&m, "reviews-retry", 4);
     let path = "/fail-first/2/recovers";
     let r = m.get("reviews-retry", &["--path", path]);
     assert_eq!(r.status, 200, "the third attempt answers: {r:?}");
@@ -1143,24 +1138,7 @@ fn retries_stay_within_the_destinations_budget() {
             - destination: {host: reviews-budget}
         "#,
     );
-    let flow = |path: &str| {
-        m.weft_a
-            .wait_flows(1, WAIT, |f| s(f, "/http/path") == path)
-            .unwrap()
-            .pop()
-            .unwrap()
-    };
-    let deadline = Instant::now() + WAIT;
-    for key in 0.. {
-        // Through the default route, a 500 is not retried: wait for the VirtualService.
-        let path = format!("/status/500?budget-wait={key}");
-        m.get("reviews-budget", &["--path", &path]);
-        if flow(&path)["http"]["attempts"] == 6 {
-            break;
-        }
-        assert!(Instant::now() < deadline, "no retries after {WAIT:?}");
-        std::thread::sleep(Duration::from_millis(100));
-    }
+    wait_for_retries(&m, "reviews-budget", 6);
     let n = 150;
     let path = "/status/500?budget";
     let got = m.load("reviews-budget", n, &["--path", path]);
@@ -1395,10 +1373,7 @@ fn grpc_calls_route_by_method_with_status_and_trailers_intact() {
     assert_eq!(s(&r, "/trailing_metadata/x-backend"), "reviews-v1", "{r}");
 
     // Each call is an HTTP/2 request in the flows.
-    let f = &m
-        .weft_a
-        .wait_flows(1, WAIT, |f| s(f, "/http/path") == "/weft.test.Echo/Count")
-        .unwrap()[0];
+    let f = &last_flow(&m, "/weft.test.Echo/Count");
     assert_eq!(s(f, "/http/method"), "POST", "{f}");
     assert_eq!(f["http"]["status"], 200, "{f}");
 }
@@ -1714,10 +1689,7 @@ fn every_request_is_a_flow_with_http_details_and_filters() {
     assert_eq!(r.status, 503, "{r:?}");
     // Istio's default retry policy tries a refused connection twice more: `URX` joins `UF`.
     for (path, flag, attempts) in [("/none", "UH", 0), ("/flows/closed", "UF,URX", 3)] {
-        let f = &m
-            .weft_a
-            .wait_flows(1, WAIT, |f| s(f, "/http/path") == path)
-            .unwrap()[0];
+        let f = &last_flow(&m, path);
         assert_eq!(s(f, "/http/response_flags"), flag, "{f}");
         assert_eq!(f["http"]["status"], 503, "{f}");
         assert_eq!(f["http"]["attempts"], attempts, "{f}");

@@ -442,8 +442,9 @@ impl HttpPath {
             record.service(service);
         }
         let authority = rewritten.as_deref().unwrap_or(&client_authority);
-        let mut resp = if mirrors.is_empty() {
-            self.forward(
+        let req = self.mirror(req, conn, mirrors, authority, port);
+        let mut resp = self
+            .forward(
                 req,
                 conn,
                 record,
@@ -455,28 +456,12 @@ impl HttpPath {
                 deadline,
                 retry.as_deref(),
             )
-            .await
-        } else {
-            let req = self.mirror(req, conn, mirrors, authority, port);
-            self.forward(
-                req,
-                conn,
-                record,
-                &target,
-                snapshot,
-                &client_authority,
-                authority,
-                upgrade,
-                deadline,
-                retry.as_deref(),
-            )
-            .await
-        };
+            .await;
         apply_all(&response_ops, resp.headers_mut());
         resp
     }
 
-    /// Sends a copy of `req` to each of `mirrors`, as Envoy's shadowing does: `-shadow` on the
+    /// Sends a copy of `req` to each of `mirrors` (often none), as Envoy's shadowing does: `-shadow` on the
     /// host, the response ignored, fire and forget. The request goes on as it was; a copy that
     /// falls behind it is given up (the original never waits for a mirror).
     fn mirror(
@@ -489,6 +474,9 @@ impl HttpPath {
     ) -> Request<Teed<Incoming>> {
         let (parts, body) = req.into_parts();
         let (teed, copies) = body::tee(body, mirrors.len());
+        if mirrors.is_empty() {
+            return Request::from_parts(parts, teed);
+        }
         let host: Arc<str> = shadow_host(authority).into();
         for (m, (copy, cut)) in mirrors.into_iter().zip(copies) {
             let mut shadow = Request::new(copy);
