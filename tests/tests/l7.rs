@@ -127,6 +127,7 @@ const REVIEWS_SERVICES: &[&str] = &[
     "reviews-retry",
     "reviews-retry-default",
     "reviews-budget",
+    "reviews-retry-gw",
 ];
 
 fn build_shared() -> L7 {
@@ -187,9 +188,11 @@ fn build_shared() -> L7 {
             .selector("app", "reviews")
             .port("http", HTTP_PORT, HTTP_PORT, None));
     }
-    add(ServiceSpec::new("back", "reviews-grpc")
-        .selector("app", "reviews")
-        .port("grpc", GRPC_PORT, GRPC_PORT, None));
+    for name in ["reviews-grpc", "reviews-grpc-fault"] {
+        add(ServiceSpec::new("back", name)
+            .selector("app", "reviews")
+            .port("grpc", GRPC_PORT, GRPC_PORT, None));
+    }
     for v in ["v1", "v2", "v3"] {
         add(ServiceSpec::new("back", &format!("reviews-{v}"))
             .selector("app", "reviews")
@@ -1115,6 +1118,29 @@ fn retries_follow_the_policy_and_the_flow_counts_the_attempts() {
     let f = flow(path);
     assert_eq!(f["http"]["attempts"], 3, "{f}");
     assert_eq!(s(&f, "/http/response_flags"), "URX", "{f}");
+
+    // The same policy as an HTTPRoute `retry`.
+    m.apply(
+        r#"
+        apiVersion: gateway.networking.k8s.io/v1
+        kind: HTTPRoute
+        metadata:
+          name: reviews-retry-gw
+          namespace: back
+        spec:
+          parentRefs:
+          - {group: "", kind: Service, name: reviews-retry-gw, port: 9080}
+          rules:
+          - retry: {attempts: 3, codes: [500, 503], backoff: 1ms}
+            backendRefs:
+            - {name: reviews-v1, port: 9080}
+        "#,
+    );
+    wait_for_retries(&m, "reviews-retry-gw", 4);
+    let path = "/fail-first/2/recovers-gw";
+    let r = m.get("reviews-retry-gw", &["--path", path]);
+    assert_eq!(r.status, 200, "{r:?}");
+    assert_eq!(flow(path)["http"]["attempts"], 3);
 }
 
 /// The retry budget: with every endpoint failing, retries to a destination stay within 20 % of
@@ -1159,6 +1185,50 @@ fn retries_stay_within_the_destinations_budget() {
         .filter(|f| s(f, "/error") == "retry budget exhausted")
         .count();
     assert!(refused > 100, "{refused} requests found the budget spent");
+}
+
+/// A gRPC fault: `abort.grpcStatus` answers the call itself with that status (HTTP 200,
+/// `grpc-status`), the backend never called; other methods go through.
+#[test]
+fn grpc_fault_aborts_with_the_grpc_status() {
+    let m = shared();
+    m.apply(
+        r#"
+        apiVersion: networking.istio.io/v1
+        kind: VirtualService
+        metadata:
+          name: reviews-grpc-fault
+          namespace: back
+        spec:
+          hosts:
+          - reviews-grpc-fault
+          http:
+          - match:
+            - uri: {prefix: /weft.test.Echo/Say}
+            fault:
+              abort:
+                grpcStatus: UNAVAILABLE
+                percentage: {value: 100}
+            route:
+            - destination: {host: reviews-grpc-fault}
+          - route:
+            - destination: {host: reviews-grpc-fault}
+        "#,
+    );
+    let addr = m.svc("reviews-grpc-fault").addr(GRPC_PORT);
+    let authority = format!("{}:{GRPC_PORT}", fqdn("reviews-grpc-fault"));
+    let call =
+        |method: &str, data: &str| grpc_call(&m.client, addr, method, data, Some(&authority));
+    wait_until(WAIT, || s(&call("Say", "hi"), "/code") == "UNAVAILABLE")
+        .unwrap_or_else(|_| panic!("no fault: {}", call("Say", "hi")));
+    let r = call("Say", "hello");
+    assert_eq!(s(&r, "/details"), "fault filter abort", "{r}");
+    assert_eq!(r["messages"], serde_json::json!([]), "{r}");
+    let r = call("Count", "2");
+    assert_eq!(s(&r, "/code"), "OK", "other methods pass: {r}");
+    let f = &last_flow(&m, "/weft.test.Echo/Say");
+    assert_eq!(s(f, "/http/response_flags"), "FI", "{f}");
+    assert_eq!(f["http"]["status"], 200, "{f}");
 }
 
 /// 4. Rewrites (path prefix and authority), redirects (301, 302), request and response header
