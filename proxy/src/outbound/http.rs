@@ -757,16 +757,17 @@ impl HttpPath {
         target.turn.budget.request();
         let mut next = Some(first);
         let mut snapshot = Some(snapshot);
-        let mut tried: Vec<usize> = Vec::new();
+        // Endpoints tried, as bits (index mod 64): no allocation per request.
+        let mut tried = 0u64;
         let mut retries = 0;
         loop {
             let Some(req) = next.take().or_else(|| replay.as_ref().map(Replay::request)) else {
                 unreachable!("a request is sent again only when it has a replay");
             };
-            let Some(i) = pick(target, &tried, ignore_tried) else {
+            let Some(i) = pick(target, tried, ignore_tried) else {
                 return own(record, Verdict::NoEndpoint, Flag::NoHealthyUpstream, None);
             };
-            tried.push(i);
+            tried |= 1 << (i % 64);
             let up = &target.endpoints[i];
             let decided;
             let reach = match up.reach.get() {
@@ -1195,15 +1196,15 @@ fn full(body: Bytes) -> upstream::Body {
 
 /// An endpoint of `target` for the next attempt: the balancer's turn, or with
 /// `ignore_tried` (Istio's default) the first after it not tried yet, while there is one.
-fn pick(target: &Target, tried: &[usize], ignore_tried: bool) -> Option<usize> {
+fn pick(target: &Target, tried: u64, ignore_tried: bool) -> Option<usize> {
     let n = target.endpoints.len();
     let i = target.turn.pick(n)?;
-    if !ignore_tried || tried.is_empty() {
+    if !ignore_tried || tried == 0 {
         return Some(i);
     }
     (0..n)
         .map(|k| (i + k) % n)
-        .find(|j| !tried.contains(j))
+        .find(|j| tried & (1 << (j % 64)) == 0)
         .or(Some(i))
 }
 
@@ -1302,6 +1303,43 @@ mod tests {
             tls: None,
             service: None,
         })
+    }
+
+    #[test]
+    fn a_retry_goes_to_an_endpoint_not_tried_while_there_is_one() {
+        let endpoints = (1..=3)
+            .map(|i| Upstream::new(format!("10.0.0.{i}:80").parse().unwrap(), None))
+            .collect();
+        let t = Target {
+            endpoints,
+            ..Arc::into_inner(target()).unwrap()
+        };
+        let first = pick(&t, 0, true).unwrap();
+        assert_eq!(first, 0, "the balancer's turn");
+        let mut tried = 1 << first;
+        let second = pick(&t, tried, true).unwrap();
+        assert_ne!(second, first);
+        tried |= 1 << second;
+        let third = pick(&t, tried, true).unwrap();
+        assert!(
+            third != first && third != second,
+            "{first} {second} {third}"
+        );
+        tried |= 1 << third;
+        assert!(
+            pick(&t, tried, true).is_some(),
+            "all tried: the turn's again"
+        );
+        // Without retryIgnorePreviousHosts, the turn decides alone.
+        let t2 = Target {
+            endpoints: (1..=2)
+                .map(|i| Upstream::new(format!("10.0.0.{i}:80").parse().unwrap(), None))
+                .collect(),
+            ..Arc::into_inner(target()).unwrap()
+        };
+        assert_eq!(pick(&t2, 0, false), Some(0));
+        assert_eq!(pick(&t2, 1, false), Some(1));
+        assert_eq!(pick(&t2, 1, false), Some(0), "tried or not");
     }
 
     fn want<'a>(host: &'a str, port: u16, subset: Option<&'a str>) -> Want<'a> {
