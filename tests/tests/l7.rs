@@ -128,6 +128,9 @@ const REVIEWS_SERVICES: &[&str] = &[
     "reviews-retry-default",
     "reviews-budget",
     "reviews-retry-gw",
+    "reviews-lb",
+    "reviews-lb-rr",
+    "reviews-lb-random",
 ];
 
 fn build_shared() -> L7 {
@@ -1229,6 +1232,76 @@ fn grpc_fault_aborts_with_the_grpc_status() {
     let f = &last_flow(&m, "/weft.test.Echo/Say");
     assert_eq!(s(f, "/http/response_flags"), "FI", "{f}");
     assert_eq!(f["http"]["status"], 200, "{f}");
+}
+
+/// Load balancing: by default (Istio's LEAST_REQUEST) an endpoint held busy gets almost no new
+/// requests; DestinationRule `ROUND_ROBIN` takes turns exactly, `RANDOM` spreads evenly.
+#[test]
+fn endpoints_are_chosen_as_the_destination_rule_says_least_request_by_default() {
+    let m = shared();
+    m.apply(
+        r#"
+        apiVersion: networking.istio.io/v1
+        kind: DestinationRule
+        metadata:
+          name: reviews-lb-rr
+          namespace: back
+        spec:
+          host: reviews-lb-rr
+          trafficPolicy:
+            loadBalancer: {simple: ROUND_ROBIN}
+        ---
+        apiVersion: networking.istio.io/v1
+        kind: DestinationRule
+        metadata:
+          name: reviews-lb-random
+          namespace: back
+        spec:
+          host: reviews-lb-random
+          trafficPolicy:
+            loadBalancer: {simple: RANDOM}
+        "#,
+    );
+    // reviews-v1 held busy: slow requests in flight on it through this node's weft.
+    let busy: Vec<_> = (0..4)
+        .map(|_| {
+            let m = m.clone();
+            std::thread::spawn(move || m.get("reviews-v1", &["--path", "/delay/4000"]))
+        })
+        .collect();
+    std::thread::sleep(Duration::from_millis(1000));
+    let got = m.load("reviews-lb", 60, &[]);
+    assert_eq!(got.status(200), 60, "{got:?}");
+    assert!(
+        got.from_backends("reviews-v1") <= 3,
+        "the busy endpoint is left alone: {got:?}"
+    );
+    assert!(
+        got.from_backends("reviews-v2") >= 15 && got.from_backends("reviews-v3") >= 15,
+        "{got:?}"
+    );
+    for b in busy {
+        assert_eq!(b.join().unwrap().status, 200);
+    }
+
+    // Until the DestinationRules are in force, turns are not exact.
+    let deadline = Instant::now() + WAIT;
+    loop {
+        let got = m.load("reviews-lb-rr", 300, &[]);
+        let counts: Vec<u64> = ["reviews-v1", "reviews-v2", "reviews-v3"]
+            .iter()
+            .map(|b| got.from_backends(b))
+            .collect();
+        if counts == [100, 100, 100] {
+            break;
+        }
+        assert!(Instant::now() < deadline, "no round robin: {counts:?}");
+    }
+    let got = m.load("reviews-lb-random", 300, &[]);
+    for b in ["reviews-v1", "reviews-v2", "reviews-v3"] {
+        let n = got.from_backends(b);
+        assert!((55..=145).contains(&n), "{b}: {n} of 300: {got:?}");
+    }
 }
 
 /// 4. Rewrites (path prefix and authority), redirects (301, 302), request and response header

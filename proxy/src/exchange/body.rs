@@ -60,6 +60,22 @@ where
     }
 }
 
+/// A request in flight on an endpoint, counted while held (least-request balancing).
+pub struct InFlight(Arc<std::sync::atomic::AtomicUsize>);
+
+impl InFlight {
+    pub fn start(count: &Arc<std::sync::atomic::AtomicUsize>) -> InFlight {
+        count.fetch_add(1, Ordering::Relaxed);
+        InFlight(count.clone())
+    }
+}
+
+impl Drop for InFlight {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, Ordering::Relaxed);
+    }
+}
+
 /// Frames a mirror may fall behind the request it copies before its copy is given up.
 pub const MIRROR_BACKLOG: usize = 64;
 
@@ -190,6 +206,8 @@ pub struct Recorded {
     status: u16,
     /// The route's timeout, when it has one: a body still coming at it is cut.
     deadline: Option<Pin<Box<tokio::time::Sleep>>>,
+    /// The request counted in flight on its endpoint until the body ends.
+    in_flight: Option<InFlight>,
 }
 
 impl Recorded {
@@ -202,6 +220,7 @@ impl Recorded {
         sent: Counter,
         status: u16,
         deadline: Option<tokio::time::Instant>,
+        in_flight: Option<InFlight>,
     ) -> Recorded {
         Recorded {
             inner,
@@ -210,12 +229,14 @@ impl Recorded {
             received: 0,
             status,
             deadline: deadline.map(|d| Box::pin(tokio::time::sleep_until(d))),
+            in_flight,
         }
     }
 }
 
 impl Recorded {
     fn finish(&mut self, flag: Option<Flag>, error: Option<String>) {
+        self.in_flight = None;
         if let Some(mut r) = self.record.take() {
             r.bytes(self.sent.get(), self.received);
             let flags = flag.map_or(NO_FLAGS, Flag::as_str);

@@ -145,6 +145,7 @@ pub fn client_response(
     record: RequestRecord,
     sent: Counter,
     deadline: Option<tokio::time::Instant>,
+    in_flight: Option<body::InFlight>,
 ) -> Response<ResponseBody> {
     let (mut parts, body) = resp.into_parts();
     strip_hop_by_hop(&mut parts.headers);
@@ -153,7 +154,7 @@ pub fn client_response(
         ClientVersion::Http2 => HttpVersion::HTTP_2,
     };
     let status = parts.status.as_u16();
-    let body = body::Recorded::new(body, record, sent, status, deadline);
+    let body = body::Recorded::new(body, record, sent, status, deadline, in_flight);
     Response::from_parts(parts, body.boxed())
 }
 

@@ -10,6 +10,7 @@
 //! - What weft answers itself carries Envoy's response flags (see [`crate::l7::respond`]).
 
 use std::net::SocketAddr;
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, OnceLock, Weak};
 
 use bytes::Bytes;
@@ -20,10 +21,10 @@ use parking_lot::Mutex;
 use tokio::net::TcpStream;
 use tracing::debug;
 
-use super::balance::{RoundRobin, Turn};
+use super::balance::{Lb, RoundRobin, Turn};
 use super::plan::{self, Action, Destination, Refusal, Source};
 use crate::admin::api::{HttpFlow, Text, Verdict, NO_FLAGS};
-use crate::exchange::body::{self, Counter, Mirrored, Teed};
+use crate::exchange::body::{self, Counter, InFlight, Mirrored, Teed};
 use crate::exchange::{
     self, authority_of, denied, empty, is_upgrade, own, upstream_request, ClientVersion,
     ResponseBody,
@@ -526,6 +527,11 @@ impl HttpPath {
         let _ = http_body_util::BodyExt::collect(resp.into_body()).await;
     }
 
+    /// An endpoint as targets hold it, with its count of requests in flight.
+    fn upstream(&self, addr: SocketAddr, pod: Option<Arc<Pod>>) -> Upstream {
+        Upstream::new(addr, pod, self.balancer.in_flight(addr))
+    }
+
     /// The endpoints a request may go to and how to reach them: those of the routed backend,
     /// or, without one, of what the client called. `true` with it when it holds for as long as
     /// the route table and the snapshot (not when DNS answered).
@@ -542,7 +548,7 @@ impl HttpPath {
                     let eps = snapshot
                         .endpoints(service, port)
                         .into_iter()
-                        .map(|e| Upstream::new(e.addr, Some(e.pod)))
+                        .map(|e| self.upstream(e.addr, Some(e.pod)))
                         .collect();
                     (
                         eps,
@@ -550,14 +556,15 @@ impl HttpPath {
                     )
                 }
                 Called::Pod { pod, addr } => (
-                    vec![Upstream::new(*addr, Some(pod.clone()))],
+                    vec![self.upstream(*addr, Some(pod.clone()))],
                     addr.to_string(),
                 ),
-                Called::Other { addr } => (vec![Upstream::new(*addr, None)], addr.to_string()),
+                Called::Other { addr } => (vec![self.upstream(*addr, None)], addr.to_string()),
             };
             let target = Target {
                 endpoints,
                 turn: self.balancer.turn(&balance_key),
+                lb: Lb::default(),
                 version: upstream_version(conn.declared, client),
                 tls: None,
                 service: None,
@@ -597,7 +604,7 @@ impl HttpPath {
                             .as_ref()
                             .is_none_or(|l| e.pod.matches(l))
                     })
-                    .map(|e| Upstream::new(e.addr, Some(e.pod)))
+                    .map(|e| self.upstream(e.addr, Some(e.pod)))
                     .collect();
                 let key = format!(
                     "{}/{}:{} {:?}",
@@ -611,14 +618,14 @@ impl HttpPath {
                 match external.resolution {
                     Resolution::None => {
                         if let Called::Other { addr } = &conn.called {
-                            eps.push(Upstream::new(*addr, None));
+                            eps.push(self.upstream(*addr, None));
                         }
                     }
                     Resolution::Static => {
                         for e in &external.endpoints {
                             let p = e.ports.get(&port.name).copied().unwrap_or(target_port);
                             if let Ok(ip) = e.address.parse::<std::net::IpAddr>() {
-                                eps.push(Upstream::new(SocketAddr::new(ip, p), None));
+                                eps.push(self.upstream(SocketAddr::new(ip, p), None));
                             }
                         }
                     }
@@ -650,7 +657,7 @@ impl HttpPath {
                                     eps.extend(
                                         ips.into_iter()
                                             .take(take)
-                                            .map(|ip| Upstream::new(SocketAddr::new(ip, p), None)),
+                                            .map(|ip| self.upstream(SocketAddr::new(ip, p), None)),
                                     );
                                 }
                                 Err(e) => debug!(error = %e, "ServiceEntry endpoint not resolved"),
@@ -692,6 +699,7 @@ impl HttpPath {
         let target = Target {
             endpoints,
             turn: self.balancer.turn(&balance_key),
+            lb: Lb::of(backend.policy.load_balancer.as_ref()),
             version,
             tls,
             service: service_names,
@@ -812,6 +820,7 @@ impl HttpPath {
                 (Some(d), Some(t)) => Some(d.min(t)),
                 (d, t) => d.or(t),
             };
+            let in_flight = InFlight::start(&up.active);
             let attempt = self
                 .attempt(req, reach, conn, target.version, try_deadline)
                 .await;
@@ -906,7 +915,14 @@ impl HttpPath {
                 return Response::from_parts(parts, empty());
             }
             self.clients.checkin(&reach.key, sender);
-            return exchange::client_response(resp, conn.client, record, sent, try_deadline);
+            return exchange::client_response(
+                resp,
+                conn.client,
+                record,
+                sent,
+                try_deadline,
+                Some(in_flight),
+            );
         }
     }
 
@@ -1079,8 +1095,11 @@ impl HttpPath {
 /// Where a request may go: endpoints to choose from and how to speak to them.
 struct Target {
     endpoints: Vec<Upstream>,
-    /// The round-robin position among them, shared by every connection sending there.
+    /// The round-robin position among them and their retry budget, shared by every
+    /// connection sending there.
     turn: Arc<Turn>,
+    /// How one of them is chosen.
+    lb: Lb,
     version: Version,
     tls: Option<Origination>,
     /// The Service routed to, as records name it.
@@ -1091,17 +1110,20 @@ struct Target {
 struct Upstream {
     addr: SocketAddr,
     pod: Option<Arc<Pod>>,
+    /// Requests in flight on it, from every connection and destination (for LEAST_REQUEST).
+    active: Arc<AtomicUsize>,
     names: Names,
     /// How it is reached, decided at its first request when that holds for the snapshot.
     reach: OnceLock<Reach>,
 }
 
 impl Upstream {
-    fn new(addr: SocketAddr, pod: Option<Arc<Pod>>) -> Upstream {
+    fn new(addr: SocketAddr, pod: Option<Arc<Pod>>, active: Arc<AtomicUsize>) -> Upstream {
         Upstream {
             names: Names::endpoint(addr, pod.as_deref()),
             addr,
             pod,
+            active,
             reach: OnceLock::new(),
         }
     }
@@ -1194,11 +1216,17 @@ fn full(body: Bytes) -> upstream::Body {
         .boxed()
 }
 
-/// An endpoint of `target` for the next attempt: the balancer's turn, or with
+/// An endpoint of `target` for the next attempt: the balancer's choice, or with
 /// `ignore_tried` (Istio's default) the first after it not tried yet, while there is one.
 fn pick(target: &Target, tried: u64, ignore_tried: bool) -> Option<usize> {
     let n = target.endpoints.len();
-    let i = target.turn.pick(n)?;
+    let active = |i: usize| target.endpoints[i].active.load(Ordering::Relaxed);
+    let i = target.lb.choose(
+        n,
+        &target.turn,
+        active,
+        (fastrand::u32(..), fastrand::u32(..)),
+    )?;
     if !ignore_tried || tried == 0 {
         return Some(i);
     }
@@ -1299,6 +1327,7 @@ mod tests {
         Arc::new(Target {
             endpoints: Vec::new(),
             turn: Arc::default(),
+            lb: Lb::RoundRobin,
             version: Version::Http1,
             tls: None,
             service: None,
@@ -1308,7 +1337,13 @@ mod tests {
     #[test]
     fn a_retry_goes_to_an_endpoint_not_tried_while_there_is_one() {
         let endpoints = (1..=3)
-            .map(|i| Upstream::new(format!("10.0.0.{i}:80").parse().unwrap(), None))
+            .map(|i| {
+                Upstream::new(
+                    format!("10.0.0.{i}:80").parse().unwrap(),
+                    None,
+                    Arc::default(),
+                )
+            })
             .collect();
         let t = Target {
             endpoints,
@@ -1333,7 +1368,13 @@ mod tests {
         // Without retryIgnorePreviousHosts, the turn decides alone.
         let t2 = Target {
             endpoints: (1..=2)
-                .map(|i| Upstream::new(format!("10.0.0.{i}:80").parse().unwrap(), None))
+                .map(|i| {
+                    Upstream::new(
+                        format!("10.0.0.{i}:80").parse().unwrap(),
+                        None,
+                        Arc::default(),
+                    )
+                })
                 .collect(),
             ..Arc::into_inner(target()).unwrap()
         };
