@@ -480,11 +480,7 @@ impl HttpPath {
         }
         let host: Arc<str> = shadow_host(authority).into();
         for (m, (copy, cut)) in mirrors.into_iter().zip(copies) {
-            let mut shadow = Request::new(copy);
-            *shadow.method_mut() = parts.method.clone();
-            *shadow.uri_mut() = parts.uri.clone();
-            *shadow.version_mut() = parts.version;
-            *shadow.headers_mut() = parts.headers.clone();
+            let shadow = copy_head(&parts, copy);
             let (this, conn, host) = (self.clone(), conn.clone(), host.clone());
             tokio::spawn(async move {
                 tokio::select! {
@@ -752,7 +748,7 @@ impl HttpPath {
             };
             let req = Request::from_parts(parts, full(body.clone()));
             let first = upstream_request(req, target.version, authority, &sent);
-            let replay = Replay::of(&first, body);
+            let (first, replay) = Replay::of(first, body);
             (first, Some(replay))
         } else {
             (
@@ -833,13 +829,7 @@ impl HttpPath {
                         .and_then(|v| v.to_str().ok())
                         .and_then(|v| v.parse().ok()),
                 }),
-                Err(Failure::Connect(_)) => Some(Outcome::ConnectFailure),
-                Err(Failure::Closed(_)) => Some(Outcome::Reset),
-                Err(Failure::Reset { refused: true, .. }) => Some(Outcome::RefusedStream),
-                Err(Failure::Reset { .. }) => Some(Outcome::Reset),
-                // The route's own timeout ends the request; a per-try one may be retried.
-                Err(Failure::TimedOut) if try_deadline != deadline => Some(Outcome::PerTryTimeout),
-                Err(Failure::TimedOut | Failure::Denied(_)) => None,
+                Err(f) => f.outcome(try_deadline != deadline),
             };
             let retriable = match (policy, outcome) {
                 (Some(p), Some(o)) => replay.is_some() && p.retries_on(o),
@@ -862,37 +852,7 @@ impl HttpPath {
             }
             let (mut resp, sender) = match attempt {
                 Ok(r) => r,
-                Err(Failure::TimedOut) => return timed_out(record),
-                Err(Failure::Denied(policy)) => {
-                    if let Some(p) = policy {
-                        record.policy(p);
-                    }
-                    return denied(record);
-                }
-                Err(Failure::Connect(e)) => {
-                    return own(
-                        record,
-                        Verdict::ConnectFailed,
-                        Flag::UpstreamConnectionFailure,
-                        Some(e),
-                    )
-                }
-                Err(Failure::Closed(e)) => {
-                    return own(
-                        record,
-                        Verdict::ConnectFailed,
-                        Flag::UpstreamConnectionTermination,
-                        Some(e),
-                    )
-                }
-                Err(Failure::Reset { error, .. }) => {
-                    return own(
-                        record,
-                        Verdict::ConnectFailed,
-                        Flag::UpstreamRemoteReset,
-                        Some(error),
-                    )
-                }
+                Err(f) => return f.answer(record),
             };
             let switching = resp.status() == StatusCode::SWITCHING_PROTOCOLS
                 || (upgrade && resp.status().is_success() && record.method() == "CONNECT");
@@ -1170,6 +1130,37 @@ enum Failure {
     TimedOut,
 }
 
+impl Failure {
+    /// How retry conditions see it; `per_try`: a timeout was the attempt's own, not the
+    /// route's (which ends the request).
+    fn outcome(&self, per_try: bool) -> Option<Outcome> {
+        match self {
+            Failure::Connect(_) => Some(Outcome::ConnectFailure),
+            Failure::Closed(_) | Failure::Reset { refused: false, .. } => Some(Outcome::Reset),
+            Failure::Reset { refused: true, .. } => Some(Outcome::RefusedStream),
+            Failure::TimedOut if per_try => Some(Outcome::PerTryTimeout),
+            Failure::TimedOut | Failure::Denied(_) => None,
+        }
+    }
+
+    /// What the client gets for it, with Envoy's flag.
+    fn answer(self, mut record: RequestRecord) -> Response<ResponseBody> {
+        let (flag, error) = match self {
+            Failure::TimedOut => return timed_out(record),
+            Failure::Denied(policy) => {
+                if let Some(p) = policy {
+                    record.policy(p);
+                }
+                return denied(record);
+            }
+            Failure::Connect(e) => (Flag::UpstreamConnectionFailure, e),
+            Failure::Closed(e) => (Flag::UpstreamConnectionTermination, e),
+            Failure::Reset { error, .. } => (Flag::UpstreamRemoteReset, error),
+        };
+        own(record, Verdict::ConnectFailed, flag, Some(error))
+    }
+}
+
 /// Why an endpoint may not be reached, with what its record says of it.
 struct Refused {
     refusal: Refusal,
@@ -1179,33 +1170,33 @@ struct Refused {
 
 /// A request as first sent upstream, with its body, kept to send again.
 struct Replay {
-    method: http::Method,
-    uri: http::Uri,
-    version: http::Version,
-    headers: http::HeaderMap,
+    head: http::request::Parts,
     body: Bytes,
 }
 
 impl Replay {
-    fn of<B>(req: &Request<B>, body: Bytes) -> Replay {
-        Replay {
-            method: req.method().clone(),
-            uri: req.uri().clone(),
-            version: req.version(),
-            headers: req.headers().clone(),
-            body,
-        }
+    /// `first` as it goes out, and what sends it again.
+    fn of(first: Request<upstream::Body>, body: Bytes) -> (Request<upstream::Body>, Replay) {
+        let (parts, sent) = first.into_parts();
+        let head = copy_head(&parts, ()).into_parts().0;
+        (Request::from_parts(parts, sent), Replay { head, body })
     }
 
     /// The request again (its body is counted once, by the first attempt).
     fn request(&self) -> Request<upstream::Body> {
-        let mut req = Request::new(full(self.body.clone()));
-        *req.method_mut() = self.method.clone();
-        *req.uri_mut() = self.uri.clone();
-        *req.version_mut() = self.version;
-        *req.headers_mut() = self.headers.clone();
-        req
+        copy_head(&self.head, full(self.body.clone()))
     }
+}
+
+/// A request with the method, URI, version and headers of `head` (extensions are not
+/// copied), carrying `body`.
+fn copy_head<B>(head: &http::request::Parts, body: B) -> Request<B> {
+    let mut req = Request::new(body);
+    *req.method_mut() = head.method.clone();
+    *req.uri_mut() = head.uri.clone();
+    *req.version_mut() = head.version;
+    *req.headers_mut() = head.headers.clone();
+    req
 }
 
 /// A whole body, as upstream requests carry one.

@@ -503,25 +503,22 @@ mod tests {
     fn injected_delays_and_exhausted_retries_join_the_flags_where_envoy_lists_them() {
         let t = telemetry();
         let requests = ConnectionRecord::accepted(&t).requests();
-        let flags = |end: &str| {
+        // The flags a request ends with, after `mark` on its record.
+        let ended = |mark: fn(&mut RequestRecord) -> &mut RequestRecord, end: &str| {
             let mut r = requests.start(HttpFlow::default());
-            r.delay_injected();
+            mark(&mut r);
             let flow = r.finish(Verdict::Forwarded, 200, end, None::<&str>);
             flow.http.as_ref().unwrap().response_flags.to_string()
         };
-        assert_eq!(flags("-"), "DI");
-        assert_eq!(flags("FI"), "DI,FI");
-        assert_eq!(flags("UF"), "UF,DI");
-        assert_eq!(flags("UH,DC"), "UH,DI,DC");
-        let exhausted = |end: &str| {
-            let mut r = requests.start(HttpFlow::default());
-            r.retries_exhausted();
-            let flow = r.finish(Verdict::Forwarded, 503, end, None::<&str>);
-            flow.http.as_ref().unwrap().response_flags.to_string()
-        };
-        assert_eq!(exhausted("-"), "URX");
-        assert_eq!(exhausted("UF"), "UF,URX");
-        assert_eq!(exhausted("UT"), "UT,URX");
+        let delayed = RequestRecord::delay_injected;
+        assert_eq!(ended(delayed, "-"), "DI");
+        assert_eq!(ended(delayed, "FI"), "DI,FI");
+        assert_eq!(ended(delayed, "UF"), "UF,DI");
+        assert_eq!(ended(delayed, "UH,DC"), "UH,DI,DC");
+        let exhausted = RequestRecord::retries_exhausted;
+        assert_eq!(ended(exhausted, "-"), "URX");
+        assert_eq!(ended(exhausted, "UF"), "UF,URX");
+        assert_eq!(ended(exhausted, "UT"), "UT,URX");
         let r = requests.start(HttpFlow::default());
         let flow = r.finish(Verdict::Forwarded, 200, "-", None::<&str>);
         assert_eq!(
