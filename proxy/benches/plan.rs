@@ -13,7 +13,7 @@ use std::net::SocketAddr;
 
 use criterion::{criterion_group, criterion_main, Criterion};
 use weft::capture::Redirect;
-use weft::outbound::balance::RoundRobin;
+use weft::outbound::cluster::Clusters;
 use weft::outbound::plan::{plan, Action, Context};
 use weft::policy::PolicySet;
 use weft::registry::Snapshot;
@@ -63,7 +63,7 @@ fn cluster() -> String {
 fn bench(c: &mut Criterion) {
     let snapshot = Snapshot::from_yaml(&cluster()).expect("bench cluster loads");
     let policies = PolicySet::build(&snapshot, "istio-system");
-    let balancer = RoundRobin::default();
+    let clusters = Clusters::default();
     let routes = weft::l7::route::RouteTable::build(&snapshot);
     let ctx = Context {
         node: "node-a",
@@ -71,7 +71,7 @@ fn bench(c: &mut Criterion) {
         hbone_port: 15008,
         snapshot: &snapshot,
         policies: &policies,
-        balancer: &balancer,
+        clusters: &clusters,
         routes: &routes,
         roll: 0,
     };

@@ -373,12 +373,13 @@ fn weighted_virtual_service_splits_requests_between_subsets() {
     let m = shared();
     m.apply(&subsets("reviews"));
     m.apply(&weighted(10, 90));
+    wait_for_route(&m, "reviews", "VirtualService back/reviews http[0]");
     // Over one keep-alive connection: a per-connection balancer answers from one backend only.
-    wait_until(WAIT, || {
-        let s = m.load("reviews", 50, &[]);
-        s.status(200) == 50 && s.from_backends("reviews-v3") == 0 && s.backends.len() == 2
-    })
-    .unwrap_or_else(|_| panic!("10/90 not applied: {:?}", m.load("reviews", 50, &[])));
+    let s = m.load("reviews", 50, &[]);
+    assert!(
+        s.status(200) == 50 && s.from_backends("reviews-v3") == 0,
+        "10/90 not applied: {s:?}"
+    );
     assert_ten_ninety(&m.load("reviews", 2000, &[]), 2000);
     // The same over HTTP/2.
     assert_ten_ninety(&m.load("reviews", 2000, &["--http2"]), 2000);
@@ -1004,6 +1005,24 @@ fn last_flow(m: &L7, path: &str) -> Value {
         .unwrap()
 }
 
+/// Waits until requests to `svc` take the route `id` (as flows name it): the configuration
+/// applied, not merely a distribution that happens to look like it.
+fn wait_for_route(m: &L7, svc: &str, id: &str) {
+    let deadline = Instant::now() + WAIT;
+    for key in 0.. {
+        let path = format!("/?route-applied={key}");
+        m.get(svc, &["--path", &path]);
+        if last_flow(m, &path)["http"]["route"] == id {
+            return;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "{svc}: not routed by {id} after {WAIT:?}"
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+}
+
 /// Waits until a 500 from `svc` is tried `attempts` times: its VirtualService's retries are in
 /// force (Istio's default policy, on the default route, retries 503 only).
 fn wait_for_retries(m: &L7, svc: &str, attempts: u64) {
@@ -1050,6 +1069,11 @@ fn retries_follow_the_policy_and_the_flow_counts_the_attempts() {
             retries: {attempts: 2, perTryTimeout: 300ms, retryOn: 5xx}
             route:
             - destination: {host: reviews-v1}
+          - match:
+            - headers: {x-try: {exact: counted}}
+            retries: {attempts: 3, retryOn: 5xx}
+            route:
+            - destination: {host: reviews-retry}
           - retries: {attempts: 3, retryOn: 5xx}
             route:
             - destination: {host: reviews-v1}
@@ -1078,14 +1102,31 @@ fn retries_follow_the_policy_and_the_flow_counts_the_attempts() {
     assert_eq!(f["http"]["attempts"], 3, "{f}");
     assert_eq!(f["bytes_sent"], 7, "the body counted once: {f}");
 
-    // Always failing: 1 + 3 attempts each, the last answer returned, URX.
+    // Always failing: 1 + 3 attempts each, the last answer returned, URX; the destination's
+    // counters say so in Envoy's names (a destination of this test's only: what reached it
+    // before the VirtualService was in force is counted out).
+    let cluster = "cluster.outbound|9080||reviews-retry.back.svc.cluster.local";
+    let stats = || {
+        let (code, text) = m
+            .weft_a
+            .admin_get("/stats?filter=reviews-retry%5C.back")
+            .unwrap();
+        assert_eq!(code, 200, "{text}");
+        let values: BTreeMap<String, i64> = text
+            .lines()
+            .filter_map(|l| l.rsplit_once(": "))
+            .map(|(k, v)| (k.to_string(), v.parse().unwrap()))
+            .collect();
+        (values, text)
+    };
+    let (before, _) = stats();
     let mut hits = 0;
     for i in 0..3 {
         let path = format!("/status/500?always={i}");
-        let r = m.get("reviews-retry", &["--path", &path]);
+        let r = m.get("reviews-retry", &["--path", &path, "-H", "x-try: counted"]);
         assert_eq!(r.status, 500, "{r:?}");
         assert!(
-            r.body.contains("reviews-v1"),
+            r.body.contains("name=reviews-v"),
             "the backend's own answer: {r:?}"
         );
         let f = flow(&path);
@@ -1093,6 +1134,49 @@ fn retries_follow_the_policy_and_the_flow_counts_the_attempts() {
         hits += f["http"]["attempts"].as_u64().unwrap();
     }
     assert_eq!(hits, 12, "3 requests, 9 retries");
+    let (after, text) = stats();
+    for (stat, value) in [
+        ("upstream_rq_retry", 9),
+        ("upstream_rq_retry_limit_exceeded", 3),
+        ("upstream_rq_retry_success", 0),
+        ("upstream_rq_total", 12),
+        ("upstream_rq_5xx", 12),
+        ("upstream_rq_active", 0),
+    ] {
+        let name = format!("{cluster}.{stat}");
+        let delta =
+            after.get(&name).copied().unwrap_or(-1) - before.get(&name).copied().unwrap_or(0);
+        assert_eq!(delta, value, "{name}: before {before:?}, now\n{text}");
+    }
+    assert!(
+        !text.contains("reviews-v1"),
+        "the filter keeps only matching names:\n{text}"
+    );
+    // The same from the command line, and as Prometheus series.
+    let cli = m
+        .weft_a
+        .cli(&["stats", "--filter", "reviews-retry\\..*retry"])
+        .unwrap();
+    let retries = after[&format!("{cluster}.upstream_rq_retry")];
+    assert!(
+        cli.lines()
+            .any(|l| l == format!("{cluster}.upstream_rq_retry: {retries}")),
+        "{cli}"
+    );
+    assert_eq!(
+        cli.lines()
+            .filter(|l| l.contains(".upstream_rq_retry"))
+            .count(),
+        4,
+        "retry, success, limit exceeded and overflow only: {cli}"
+    );
+    assert_eq!(cli.lines().count(), 4, "{cli}");
+    let metrics = m.weft_a.metrics().unwrap();
+    let series = format!("envoy_cluster_upstream_rq_retry_total{{cluster_name=\"outbound|9080||reviews-retry.back.svc.cluster.local\"}} {retries}");
+    assert!(
+        metrics.lines().any(|l| l == series),
+        "no {series} in\n{metrics}"
+    );
 
     // Each attempt gets 300 ms, then the next one; after 1 + 2 of them, 504.
     let started = Instant::now();
@@ -1262,14 +1346,21 @@ fn endpoints_are_chosen_as_the_destination_rule_says_least_request_by_default() 
             loadBalancer: {simple: RANDOM}
         "#,
     );
-    // reviews-v1 held busy: slow requests in flight on it through this node's weft.
-    let busy: Vec<_> = (0..4)
-        .map(|_| {
-            let m = m.clone();
-            std::thread::spawn(move || m.get("reviews-v1", &["--path", "/delay/4000"]))
-        })
-        .collect();
-    std::thread::sleep(Duration::from_millis(1000));
+    // reviews-v1 held busy: slow requests in flight on it through this node's weft, in the
+    // same destination (requests in flight are counted per destination, as Envoy counts them
+    // per cluster). Only reviews-v1 is slow to answer them; once one is held there, least
+    // request sends the next ones elsewhere.
+    let mut busy = Vec::new();
+    for _ in 0..20 {
+        let m = m.clone();
+        busy.push(std::thread::spawn(move || {
+            m.get("reviews-lb", &["--path", "/delay-on/reviews-v1/4000"])
+        }));
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    std::thread::sleep(Duration::from_millis(300));
+    let held = busy.iter().filter(|b| !b.is_finished()).count();
+    assert!(held >= 1, "none of 20 requests held on reviews-v1");
     let got = m.load("reviews-lb", 60, &[]);
     assert_eq!(got.status(200), 60, "{got:?}");
     assert!(

@@ -740,3 +740,42 @@ mod tests {
         }
     }
 }
+
+/// `GET /stats?format=json`: the per-destination counters, in Envoy's JSON form
+/// (`{"stats":[{"name":"cluster.<cluster>.upstream_rq_retry","value":9},…]}`), sorted by name.
+#[derive(Serialize, Deserialize, Debug, Clone, PartialEq, Eq, Default)]
+pub struct Stats {
+    pub stats: Vec<StatValue>,
+}
+
+/// One counter or gauge.
+#[derive(Serialize, Deserialize, Debug, Clone, PartialEq, Eq)]
+pub struct StatValue {
+    pub name: String,
+    pub value: u64,
+}
+
+impl Stats {
+    /// Envoy's text form, `GET /stats`: one `name: value` line each.
+    pub fn text(&self) -> String {
+        let mut out = String::new();
+        for s in &self.stats {
+            out.push_str(&s.name);
+            out.push_str(": ");
+            out.push_str(&s.value.to_string());
+            out.push('\n');
+        }
+        out
+    }
+
+    /// Those whose name `keep` accepts; with `used_only`, only those that are not zero.
+    pub fn filtered(self, keep: impl Fn(&str) -> bool, used_only: bool) -> Stats {
+        Stats {
+            stats: self
+                .stats
+                .into_iter()
+                .filter(|s| keep(&s.name) && (!used_only || s.value != 0))
+                .collect(),
+        }
+    }
+}

@@ -7,6 +7,7 @@
 //! | `/config_dump` | effective configuration and registry snapshot summary |
 //! | `/status` | programs, maps, counters, HBONE connections |
 //! | `/certs` | workload certificates (SVIDs) held by this node |
+//! | `/stats` | per-destination counters in Envoy's text form (`?format=json`, `?filter=<regex>`, `?usedonly`) |
 //! | `/healthz/ready` | 200 once programs are attached and the registry is loaded, else 503 |
 
 use std::convert::Infallible;
@@ -30,8 +31,8 @@ use tokio_stream::wrappers::BroadcastStream;
 use tokio::sync::broadcast;
 
 use super::api::{
-    parse_since, CertInfo, ConfigDump, Flow, FlowFilter, LostFlows, Status, StatusFilter, Verdict,
-    WorkloadInfo,
+    parse_since, CertInfo, ConfigDump, Flow, FlowFilter, LostFlows, Stats, Status, StatusFilter,
+    Verdict, WorkloadInfo,
 };
 
 /// What the admin API asks of the running node.
@@ -39,6 +40,8 @@ pub trait NodeView: Send + Sync + 'static {
     fn workloads(&self) -> Vec<WorkloadInfo>;
     fn config_dump(&self) -> ConfigDump;
     fn status(&self) -> Status;
+    /// Every destination's counters, sorted by name.
+    fn stats(&self) -> Stats;
     /// The workload certificates this node holds.
     fn certs(&self) -> Vec<CertInfo>;
     /// `Err(reason)` while not ready.
@@ -75,6 +78,7 @@ pub fn router(view: Arc<dyn NodeView>) -> Router {
             "/certs",
             get(|State(s): State<AppState>| async move { Json(s.view.certs()) }),
         )
+        .route("/stats", get(stats_handler))
         .route("/healthz/ready", get(ready_handler))
         .with_state(AppState { view })
 }
@@ -133,6 +137,33 @@ struct FlowsQuery {
     /// Only the last N matching flows from history.
     last: Option<usize>,
     follow: Option<String>,
+}
+
+#[derive(Deserialize)]
+struct StatsQuery {
+    filter: Option<String>,
+    format: Option<String>,
+    usedonly: Option<String>,
+}
+
+async fn stats_handler(State(s): State<AppState>, Query(q): Query<StatsQuery>) -> Response {
+    let filter = match q.filter.as_deref().map(regex::Regex::new).transpose() {
+        Ok(f) => f,
+        Err(e) => return (StatusCode::BAD_REQUEST, format!("filter: {e}\n")).into_response(),
+    };
+    let stats = s.view.stats().filtered(
+        |name| filter.as_ref().is_none_or(|f| f.is_match(name)),
+        truthy(&q.usedonly),
+    );
+    match q.format.as_deref() {
+        Some("json") => Json(stats).into_response(),
+        None | Some("text") => stats.text().into_response(),
+        Some(other) => (
+            StatusCode::BAD_REQUEST,
+            format!("format: {other:?} is not json or text\n"),
+        )
+            .into_response(),
+    }
 }
 
 fn truthy(v: &Option<String>) -> bool {

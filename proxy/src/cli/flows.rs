@@ -91,7 +91,7 @@ pub async fn run(args: FlowsArgs) -> anyhow::Result<()> {
     Ok(())
 }
 
-fn encode_query(pairs: &[(&str, String)]) -> String {
+pub(super) fn encode_query(pairs: &[(&str, String)]) -> String {
     pairs
         .iter()
         .map(|(k, v)| format!("{k}={}", percent_encode(v)))

@@ -1,5 +1,5 @@
 //! The `weft` command line. Its definition (every subcommand and flag) lives here; the
-//! subcommands that ask a running node — `flows`, `workloads`, `status`, `certs` — are run here
+//! subcommands that ask a running node — `flows`, `workloads`, `status`, `certs`, `stats` — are run here
 //! too, and only render [`crate::admin::api`] types they get from the admin API. `weft node`,
 //! `weft ca` and `weft uninstall` are run by the binary's entry (`main.rs`).
 //!
@@ -7,6 +7,7 @@
 
 mod certs;
 mod flows;
+mod stats;
 mod status;
 mod table;
 mod workloads;
@@ -55,6 +56,9 @@ pub enum Query {
     Status(StatusArgs),
     /// List the workload certificates (SVIDs) this node holds, with their expiry.
     Certs(CertsArgs),
+    /// Show every destination's counters (retries, timeouts, overflows, responses by class)
+    /// in Envoy's names: `cluster.<cluster>.<stat>: <value>`.
+    Stats(StatsArgs),
 }
 
 #[derive(Subcommand, Debug)]
@@ -200,6 +204,21 @@ pub struct CertsArgs {
     pub target: AdminTarget,
 }
 
+#[derive(clap::Args, Debug)]
+pub struct StatsArgs {
+    /// Only the stats whose name matches this regular expression, e.g. `retry` (default: all).
+    #[arg(long, value_name = "RE")]
+    pub filter: Option<String>,
+    /// Only the stats that are not zero.
+    #[arg(long)]
+    pub used_only: bool,
+    /// Output format (`table`: Envoy's `name: value` lines).
+    #[arg(short, long, value_enum, default_value_t = Output::Table)]
+    pub output: Output,
+    #[command(flatten)]
+    pub target: AdminTarget,
+}
+
 /// Runs a subcommand that asks a running node.
 pub async fn run(query: Query) -> anyhow::Result<()> {
     match query {
@@ -207,6 +226,7 @@ pub async fn run(query: Query) -> anyhow::Result<()> {
         Query::Workloads(args) => workloads::run(args).await,
         Query::Status(args) => status::run(args).await,
         Query::Certs(args) => certs::run(args).await,
+        Query::Stats(args) => stats::run(args).await,
     }
 }
 

@@ -60,20 +60,14 @@ where
     }
 }
 
-/// A request in flight on an endpoint, counted while held (least-request balancing).
-pub struct InFlight(Arc<std::sync::atomic::AtomicUsize>);
-
-impl InFlight {
-    pub fn start(count: &Arc<std::sync::atomic::AtomicUsize>) -> InFlight {
-        count.fetch_add(1, Ordering::Relaxed);
-        InFlight(count.clone())
-    }
+/// What a response body holds until it ends (its request counted in flight), told when the
+/// route's timeout cut the body.
+pub trait Held: Send + Sync + Unpin + 'static {
+    fn timed_out(&self);
 }
 
-impl Drop for InFlight {
-    fn drop(&mut self) {
-        self.0.fetch_sub(1, Ordering::Relaxed);
-    }
+impl Held for () {
+    fn timed_out(&self) {}
 }
 
 /// Frames a mirror may fall behind the request it copies before its copy is given up.
@@ -198,7 +192,7 @@ impl http_body::Body for Mirrored {
 
 /// An upstream response body that finishes the request's record when it ends (or, dropped
 /// early, leaves it to the record's drop: the client went away).
-pub struct Recorded {
+pub struct Recorded<H: Held = ()> {
     inner: Incoming,
     record: Option<RequestRecord>,
     sent: Counter,
@@ -207,10 +201,10 @@ pub struct Recorded {
     /// The route's timeout, when it has one: a body still coming at it is cut.
     deadline: Option<Pin<Box<tokio::time::Sleep>>>,
     /// The request counted in flight on its endpoint until the body ends.
-    in_flight: Option<InFlight>,
+    in_flight: Option<H>,
 }
 
-impl Recorded {
+impl<H: Held> Recorded<H> {
     /// `inner`, the body of a response with `status`, finishing `record` when it ends;
     /// `sent` counts the request body. At `deadline` (the route's timeout) a body still
     /// coming is cut, as Envoy resets it: flag `UT`.
@@ -220,8 +214,8 @@ impl Recorded {
         sent: Counter,
         status: u16,
         deadline: Option<tokio::time::Instant>,
-        in_flight: Option<InFlight>,
-    ) -> Recorded {
+        in_flight: Option<H>,
+    ) -> Recorded<H> {
         Recorded {
             inner,
             record: Some(record),
@@ -234,9 +228,13 @@ impl Recorded {
     }
 }
 
-impl Recorded {
+impl<H: Held> Recorded<H> {
     fn finish(&mut self, flag: Option<Flag>, error: Option<String>) {
-        self.in_flight = None;
+        if let Some(held) = self.in_flight.take() {
+            if flag == Some(Flag::UpstreamRequestTimeout) {
+                held.timed_out();
+            }
+        }
         if let Some(mut r) = self.record.take() {
             r.bytes(self.sent.get(), self.received);
             let flags = flag.map_or(NO_FLAGS, Flag::as_str);
@@ -248,7 +246,7 @@ impl Recorded {
 /// What cuts a response body at the route's timeout.
 const TIMED_OUT: &str = "upstream request timeout";
 
-impl http_body::Body for Recorded {
+impl<H: Held> http_body::Body for Recorded<H> {
     type Data = Bytes;
     type Error = super::BoxError;
 

@@ -139,13 +139,13 @@ where
 
 /// The response the client gets from an upstream's: hop-by-hop headers dropped, in the
 /// client's HTTP version, recorded when its body ends.
-pub fn client_response(
+pub fn client_response<H: body::Held>(
     resp: Response<Incoming>,
     client: ClientVersion,
     record: RequestRecord,
     sent: Counter,
     deadline: Option<tokio::time::Instant>,
-    in_flight: Option<body::InFlight>,
+    in_flight: Option<H>,
 ) -> Response<ResponseBody> {
     let (mut parts, body) = resp.into_parts();
     strip_hop_by_hop(&mut parts.headers);

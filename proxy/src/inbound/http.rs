@@ -162,7 +162,7 @@ async fn request(
     match sender.send(req).await {
         Ok(resp) => {
             clients.checkin(&key, sender);
-            exchange::client_response(resp, t.version, record, sent, None, None)
+            exchange::client_response(resp, t.version, record, sent, None, None::<()>)
         }
         Err(e) => own(
             record,

@@ -28,6 +28,7 @@ use crate::identity::{IdentityConfig, IdentityManager};
 use crate::inbound::{Inbound, InboundConfig};
 use crate::inputs::ProxyInputs;
 use crate::l7::route::RouteTable;
+use crate::outbound::cluster::Clusters;
 use crate::outbound::http::HttpConfig;
 use crate::outbound::{self, Outbound};
 use crate::policy::PolicySet;
@@ -48,6 +49,8 @@ struct NodeProxy {
     identity: Arc<IdentityManager>,
     pool: Pool,
     hbone: Arc<Server<Inbound>>,
+    /// Every destination's shared state and counters (`/stats`).
+    clusters: Arc<Clusters>,
     ready: AtomicBool,
 }
 
@@ -149,6 +152,7 @@ pub async fn run(cfg: NodeConfig) -> anyhow::Result<()> {
         identity: identity.clone(),
         pool: pool.clone(),
         hbone: hbone.clone(),
+        clusters: Arc::default(),
         ready: AtomicBool::new(false),
     });
     let kernel = reconcile::apply(&node, generation)?;
@@ -157,6 +161,7 @@ pub async fn run(cfg: NodeConfig) -> anyhow::Result<()> {
         inputs.clone(),
         capture.clone(),
         pool,
+        node.clusters.clone(),
         HttpConfig {
             max_request_headers: cfg.max_request_headers_kb * 1024,
             retry_body: cfg.retry_body_kb * 1024,

@@ -9,10 +9,11 @@ use tokio::sync::broadcast;
 use super::NodeProxy;
 use crate::admin::api::{
     CertInfo, ConfigDump, Flow, FlowCounts, FlowFilter, MeshStatus, RegistryDump, RegistryStatus,
-    Status, TunnelStatus, WorkloadCounts, WorkloadInfo,
+    StatValue, Stats, Status, TunnelStatus, WorkloadCounts, WorkloadInfo,
 };
 use crate::admin::server::NodeView;
-use crate::telemetry::metrics::{GaugeSource, NodeGauges};
+use crate::outbound::cluster::StatKind;
+use crate::telemetry::metrics::{ClusterSample, GaugeSource, NodeGauges};
 use crate::workload::identity_of;
 
 impl NodeView for NodeProxy {
@@ -118,6 +119,17 @@ impl NodeView for NodeProxy {
         self.inputs.telemetry.flows.recent(filter)
     }
 
+    fn stats(&self) -> Stats {
+        let mut stats = Vec::new();
+        for (cluster, values) in self.clusters.stats() {
+            stats.extend(values.into_iter().map(|s| StatValue {
+                name: format!("cluster.{cluster}.{}", s.name),
+                value: s.value,
+            }));
+        }
+        Stats { stats }
+    }
+
     fn follow_flows(
         &self,
         filter: &FlowFilter,
@@ -136,6 +148,19 @@ impl GaugeSource for NodeProxy {
             enrolled_workloads: index.entries().iter().filter(|e| e.enrolled).count() as u64,
             registry_generation: registry.snapshot().generation,
             registry_reload_failed: registry.last_error().is_some(),
+            clusters: self
+                .clusters
+                .stats()
+                .into_iter()
+                .flat_map(|(cluster, values)| {
+                    values.into_iter().map(move |s| ClusterSample {
+                        cluster: cluster.clone(),
+                        stat: s.name,
+                        gauge: s.kind == StatKind::Gauge,
+                        value: s.value,
+                    })
+                })
+                .collect(),
         }
     }
 }

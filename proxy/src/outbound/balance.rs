@@ -1,13 +1,7 @@
-//! Endpoint choice: round robin per Service port, with each destination's retry budget.
+//! Endpoint choice: how an HTTP request's endpoint is picked among its cluster's (pure).
 
-use std::collections::HashMap;
-use std::net::SocketAddr;
 use std::sync::atomic::{AtomicUsize, Ordering};
-use std::sync::Arc;
 
-use parking_lot::Mutex;
-
-use super::budget::RetryBudget;
 use crate::registry::kinds::networking::{LoadBalancerSettings, SimpleLb};
 
 /// How an HTTP request's endpoint is chosen (DestinationRule `loadBalancer.simple`).
@@ -33,18 +27,19 @@ impl Lb {
         }
     }
 
-    /// The endpoint among `n` for a request (`None` when there is none): `turn` for round
-    /// robin, `active(i)` the requests in flight on endpoint `i`, `rolls` two uniform draws.
+    /// The endpoint among `n` for a request (`None` when there is none): `round` the
+    /// round-robin position, `active(i)` the requests in flight on endpoint `i`, `rolls` two
+    /// uniform draws.
     pub fn choose(
         self,
         n: usize,
-        turn: &Turn,
+        round: &AtomicUsize,
         active: impl Fn(usize) -> usize,
         rolls: (u32, u32),
     ) -> Option<usize> {
         match (self, n) {
             (_, 0) => None,
-            (Lb::RoundRobin, _) => turn.pick(n),
+            (Lb::RoundRobin, _) => Some(round.fetch_add(1, Ordering::Relaxed) % n),
             (_, 1) => Some(0),
             (Lb::Random, _) => Some(rolls.0 as usize % n),
             (Lb::LeastRequest, _) => {
@@ -59,79 +54,13 @@ impl Lb {
     }
 }
 
-/// A round-robin position per key (`namespace/service:port`), and the requests in flight on
-/// each endpoint (shared by every destination it serves).
-#[derive(Debug, Default)]
-pub struct RoundRobin {
-    next: Mutex<HashMap<String, Arc<Turn>>>,
-    in_flight: Mutex<HashMap<SocketAddr, Arc<AtomicUsize>>>,
-}
-
-/// One key's position, and its retry budget: held by whoever picks for that key often, so a
-/// pick needs no lookup.
-#[derive(Debug, Default)]
-pub struct Turn {
-    next: AtomicUsize,
-    /// How many retries the destination may take now.
-    pub budget: RetryBudget,
-}
-
-impl Turn {
-    /// The index of the endpoint to use among `n`, `None` when there is none.
-    pub fn pick(&self, n: usize) -> Option<usize> {
-        if n == 0 {
-            return None;
-        }
-        Some(self.next.fetch_add(1, Ordering::Relaxed) % n)
-    }
-}
-
-impl RoundRobin {
-    /// The index of the endpoint to use among `n` for `key`, `None` when there is none.
-    pub fn pick(&self, key: &str, n: usize) -> Option<usize> {
-        if n == 0 {
-            return None;
-        }
-        self.turn(key).pick(n)
-    }
-
-    /// The count of requests in flight on `endpoint`, shared by everyone sending there.
-    pub fn in_flight(&self, endpoint: SocketAddr) -> Arc<AtomicUsize> {
-        let mut all = self.in_flight.lock();
-        if all.len() >= 4096 {
-            // Endpoints nobody holds any more.
-            all.retain(|_, n| Arc::strong_count(n) > 1);
-        }
-        all.entry(endpoint).or_default().clone()
-    }
-
-    /// The position of `key`, shared by every picker of that key.
-    pub fn turn(&self, key: &str) -> Arc<Turn> {
-        let mut next = self.next.lock();
-        match next.get(key) {
-            Some(turn) => turn.clone(),
-            None => next.entry(key.to_string()).or_default().clone(),
-        }
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
 
     #[test]
-    fn turns_per_key() {
-        let rr = RoundRobin::default();
-        let picks: Vec<_> = (0..5).map(|_| rr.pick("a", 3).unwrap()).collect();
-        assert_eq!(picks, [0, 1, 2, 0, 1]);
-        assert_eq!(rr.pick("b", 2), Some(0));
-        assert_eq!(rr.pick("a", 3), Some(2));
-        assert_eq!(rr.pick("c", 0), None);
-    }
-
-    #[test]
     fn least_request_takes_the_less_busy_of_two_and_the_others_spread() {
-        let turn = Turn::default();
+        let turn = AtomicUsize::new(0);
         let busy = [5usize, 0, 0];
         let lr = Lb::LeastRequest;
         // Two distinct draws; the less busy wins, the first on a tie.
@@ -177,15 +106,5 @@ mod tests {
         assert_eq!(Lb::of(Some(&with(SimpleLb::Random))), Lb::Random);
         assert_eq!(Lb::of(Some(&with(SimpleLb::LeastConn))), Lb::LeastRequest);
         assert_eq!(Lb::of(Some(&with(SimpleLb::Unspecified))), Lb::LeastRequest);
-    }
-
-    #[test]
-    fn a_held_turn_is_the_keys_own() {
-        let rr = RoundRobin::default();
-        let held = rr.turn("a");
-        assert_eq!(held.pick(3), Some(0));
-        assert_eq!(rr.pick("a", 3), Some(1));
-        assert_eq!(held.pick(3), Some(2));
-        assert_eq!(rr.turn("b").pick(0), None);
     }
 }

@@ -10,7 +10,7 @@
 //! - What weft answers itself carries Envoy's response flags (see [`crate::l7::respond`]).
 
 use std::net::SocketAddr;
-use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::atomic::Ordering;
 use std::sync::{Arc, OnceLock, Weak};
 
 use bytes::Bytes;
@@ -21,10 +21,11 @@ use parking_lot::Mutex;
 use tokio::net::TcpStream;
 use tracing::debug;
 
-use super::balance::{Lb, RoundRobin, Turn};
+use super::balance::Lb;
+use super::cluster::{self, Cluster, Clusters, EndpointState, InFlight};
 use super::plan::{self, Action, Destination, Refusal, Source};
 use crate::admin::api::{HttpFlow, Text, Verdict, NO_FLAGS};
-use crate::exchange::body::{self, Counter, InFlight, Mirrored, Teed};
+use crate::exchange::body::{self, Counter, Mirrored, Teed};
 use crate::exchange::{
     self, authority_of, denied, empty, is_upgrade, own, upstream_request, ClientVersion,
     ResponseBody,
@@ -186,18 +187,23 @@ pub struct HttpPath {
     tunnels: Pool,
     clients: HttpPool,
     tls: Originator,
-    balancer: RoundRobin,
+    clusters: Arc<Clusters>,
     config: HttpConfig,
 }
 
 impl HttpPath {
-    pub fn new(inputs: Arc<ProxyInputs>, tunnels: Pool, config: HttpConfig) -> HttpPath {
+    pub fn new(
+        inputs: Arc<ProxyInputs>,
+        tunnels: Pool,
+        clusters: Arc<Clusters>,
+        config: HttpConfig,
+    ) -> HttpPath {
         HttpPath {
             inputs,
             tunnels,
             clients: HttpPool::default(),
             tls: Originator::default(),
-            balancer: RoundRobin::default(),
+            clusters,
             config,
         }
     }
@@ -422,7 +428,8 @@ impl HttpPath {
                 let table = arc_swap::Guard::into_inner(routes);
                 // Boxed: resolving is rare (a connection keeps what it resolved) and its future is large;
                 // the request's own future stays small, and cheap to move.
-                let (target, lasting) = Box::pin(self.target(backend, conn, &snapshot)).await;
+                let (target, lasting) =
+                    Box::pin(self.target(backend, want.subset.as_deref(), conn, &snapshot)).await;
                 let target = Arc::new(target);
                 if lasting {
                     conn.memo
@@ -513,7 +520,8 @@ impl HttpPath {
             own(record, Verdict::NoEndpoint, Flag::NoHealthyUpstream, None);
             return;
         }
-        let (target, _) = Box::pin(self.target(backend, conn, &snapshot)).await;
+        let (target, _) =
+            Box::pin(self.target(backend, m.subset.as_deref(), conn, &snapshot)).await;
         let resp = self
             .forward(
                 req, conn, record, &target, snapshot, host, host, false, None, None,
@@ -523,9 +531,9 @@ impl HttpPath {
         let _ = http_body_util::BodyExt::collect(resp.into_body()).await;
     }
 
-    /// An endpoint as targets hold it, with its count of requests in flight.
-    fn upstream(&self, addr: SocketAddr, pod: Option<Arc<Pod>>) -> Upstream {
-        Upstream::new(addr, pod, self.balancer.in_flight(addr))
+    /// An endpoint of `cluster` as targets hold it.
+    fn upstream(&self, cluster: &Cluster, addr: SocketAddr, pod: Option<Arc<Pod>>) -> Upstream {
+        Upstream::new(addr, pod, cluster.endpoint(addr))
     }
 
     /// The endpoints a request may go to and how to reach them: those of the routed backend,
@@ -534,32 +542,39 @@ impl HttpPath {
     async fn target(
         &self,
         backend: Option<Backend>,
+        subset: Option<&str>,
         conn: &Conn,
         snapshot: &Snapshot,
     ) -> (Target, bool) {
         let client = conn.client;
         let Some(backend) = backend else {
-            let (endpoints, balance_key) = match &conn.called {
+            let (endpoints, cluster) = match &conn.called {
                 Called::Service { service, port } => {
+                    let cluster =
+                        self.clusters
+                            .get(&cluster::name(port.port, None, &routes_host(service)));
                     let eps = snapshot
                         .endpoints(service, port)
                         .into_iter()
-                        .map(|e| self.upstream(e.addr, Some(e.pod)))
+                        .map(|e| self.upstream(&cluster, e.addr, Some(e.pod)))
                         .collect();
+                    (eps, cluster)
+                }
+                Called::Pod { pod, addr } => {
+                    let cluster = self.clusters.get(cluster::PASSTHROUGH);
                     (
-                        eps,
-                        format!("{}/{}:{}", service.namespace, service.name, port.port),
+                        vec![self.upstream(&cluster, *addr, Some(pod.clone()))],
+                        cluster,
                     )
                 }
-                Called::Pod { pod, addr } => (
-                    vec![self.upstream(*addr, Some(pod.clone()))],
-                    addr.to_string(),
-                ),
-                Called::Other { addr } => (vec![self.upstream(*addr, None)], addr.to_string()),
+                Called::Other { addr } => {
+                    let cluster = self.clusters.get(cluster::PASSTHROUGH);
+                    (vec![self.upstream(&cluster, *addr, None)], cluster)
+                }
             };
             let target = Target {
                 endpoints,
-                turn: self.balancer.turn(&balance_key),
+                cluster,
                 lb: Lb::default(),
                 version: upstream_version(conn.declared, client),
                 tls: None,
@@ -588,9 +603,11 @@ impl HttpPath {
             .filter(|t| t.mode == TlsMode::Simple);
         let mut lasting = true;
         let mut service_names = None;
-        let (endpoints, balance_key, host) = match &backend.target {
+        let (endpoints, cluster, host) = match &backend.target {
             BackendTarget::Service { service, port } => {
                 service_names = Some(Names::service(service));
+                let host = routes_host(service);
+                let cluster = self.clusters.get(&cluster::name(port.port, subset, &host));
                 let eps = snapshot
                     .endpoints(service, port)
                     .into_iter()
@@ -600,28 +617,27 @@ impl HttpPath {
                             .as_ref()
                             .is_none_or(|l| e.pod.matches(l))
                     })
-                    .map(|e| self.upstream(e.addr, Some(e.pod)))
+                    .map(|e| self.upstream(&cluster, e.addr, Some(e.pod)))
                     .collect();
-                let key = format!(
-                    "{}/{}:{} {:?}",
-                    service.namespace, service.name, port.port, backend.subset_labels
-                );
-                (eps, key, routes_host(service))
+                (eps, cluster, host)
             }
             BackendTarget::External { external, port } => {
+                let cluster =
+                    self.clusters
+                        .get(&cluster::name(port.number, subset, &external.host));
                 let target_port = port.target_port.unwrap_or(port.number);
                 let mut eps = Vec::new();
                 match external.resolution {
                     Resolution::None => {
                         if let Called::Other { addr } = &conn.called {
-                            eps.push(self.upstream(*addr, None));
+                            eps.push(self.upstream(&cluster, *addr, None));
                         }
                     }
                     Resolution::Static => {
                         for e in &external.endpoints {
                             let p = e.ports.get(&port.name).copied().unwrap_or(target_port);
                             if let Ok(ip) = e.address.parse::<std::net::IpAddr>() {
-                                eps.push(self.upstream(SocketAddr::new(ip, p), None));
+                                eps.push(self.upstream(&cluster, SocketAddr::new(ip, p), None));
                             }
                         }
                     }
@@ -650,22 +666,16 @@ impl HttpPath {
                                         Resolution::DnsRoundRobin => 1,
                                         _ => ips.len(),
                                     };
-                                    eps.extend(
-                                        ips.into_iter()
-                                            .take(take)
-                                            .map(|ip| self.upstream(SocketAddr::new(ip, p), None)),
-                                    );
+                                    eps.extend(ips.into_iter().take(take).map(|ip| {
+                                        self.upstream(&cluster, SocketAddr::new(ip, p), None)
+                                    }));
                                 }
                                 Err(e) => debug!(error = %e, "ServiceEntry endpoint not resolved"),
                             }
                         }
                     }
                 }
-                (
-                    eps,
-                    format!("{}:{}", external.host, port.number),
-                    external.host.clone(),
-                )
+                (eps, cluster, external.host.clone())
             }
         };
         let tls = tls.map(|t| Origination {
@@ -694,7 +704,7 @@ impl HttpPath {
         });
         let target = Target {
             endpoints,
-            turn: self.balancer.turn(&balance_key),
+            cluster,
             lb: Lb::of(backend.policy.load_balancer.as_ref()),
             version,
             tls,
@@ -758,7 +768,7 @@ impl HttpPath {
         };
         let per_try = retry.and_then(|p| p.per_try_timeout);
         let ignore_tried = retry.is_none_or(|p| p.retry_ignore_previous_hosts);
-        target.turn.budget.request();
+        target.cluster.budget.request();
         let mut next = Some(first);
         let mut snapshot = Some(snapshot);
         // Endpoints tried, as bits (index mod 64): no allocation per request.
@@ -816,10 +826,19 @@ impl HttpPath {
                 (Some(d), Some(t)) => Some(d.min(t)),
                 (d, t) => d.or(t),
             };
-            let in_flight = InFlight::start(&up.active);
+            let in_flight = InFlight::start(&target.cluster, &up.state);
+            let stats = &target.cluster.stats;
+            cluster::inc(&stats.rq_total);
             let attempt = self
-                .attempt(req, reach, conn, target.version, try_deadline)
+                .attempt(req, reach, conn, &target.cluster, try_deadline)
                 .await;
+            let per_try = try_deadline != deadline;
+            match &attempt {
+                Ok((resp, _)) => stats.response(resp.status().as_u16()),
+                Err(Failure::TimedOut) if per_try => cluster::inc(&stats.rq_per_try_timeout),
+                Err(Failure::TimedOut) => cluster::inc(&stats.rq_timeout),
+                Err(_) => {}
+            }
             let outcome = match &attempt {
                 Ok((resp, _)) => Some(Outcome::Response {
                     status: resp.status().as_u16(),
@@ -829,7 +848,7 @@ impl HttpPath {
                         .and_then(|v| v.to_str().ok())
                         .and_then(|v| v.parse().ok()),
                 }),
-                Err(f) => f.outcome(try_deadline != deadline),
+                Err(f) => f.outcome(per_try),
             };
             let retriable = match (policy, outcome) {
                 (Some(p), Some(o)) => replay.is_some() && p.retries_on(o),
@@ -837,18 +856,24 @@ impl HttpPath {
             };
             if let (true, Some(p)) = (retriable, policy) {
                 if retries == p.attempts {
+                    cluster::inc(&stats.rq_retry_limit_exceeded);
                     record.retries_exhausted();
-                } else if target.turn.budget.retry() {
+                } else if target.cluster.budget.retry() {
                     retries += 1;
+                    cluster::inc(&stats.rq_retry);
                     let pause = p.backoff(retries, fastrand::f64());
                     if within(deadline, tokio::time::sleep(pause)).await.is_none() {
+                        cluster::inc(&stats.rq_timeout);
                         return timed_out(record);
                     }
                     continue;
                 } else {
                     // The destination's retry budget is spent: this answer stands.
+                    cluster::inc(&stats.rq_retry_overflow);
                     record.note("retry budget exhausted");
                 }
+            } else if retries > 0 && attempt.is_ok() {
+                cluster::inc(&stats.rq_retry_success);
             }
             let (mut resp, sender) = match attempt {
                 Ok(r) => r,
@@ -914,7 +939,7 @@ impl HttpPath {
             &mut dest,
             &super::context(
                 &self.inputs,
-                &self.balancer,
+                &self.clusters,
                 snapshot,
                 &policies,
                 &routes,
@@ -969,7 +994,7 @@ impl HttpPath {
         req: Request<upstream::Body>,
         reach: &Reach,
         conn: &Conn,
-        version: Version,
+        cluster: &Cluster,
         deadline: Option<tokio::time::Instant>,
     ) -> Result<(Response<Incoming>, Sender), Failure> {
         let mut sender = match self.clients.checkout(&reach.key) {
@@ -977,14 +1002,24 @@ impl HttpPath {
             // Boxed, for the same reason: opening is rare, its future (TLS, HBONE) large.
             None => match within(
                 deadline,
-                Box::pin(self.open(&reach.connect, conn.source.pod.as_deref(), version)),
+                Box::pin(self.open(
+                    &reach.connect,
+                    conn.source.pod.as_deref(),
+                    reach.key.version,
+                )),
             )
             .await
             {
                 None => return Err(Failure::TimedOut),
-                Some(Ok(s)) => s,
+                Some(Ok(s)) => {
+                    cluster::inc(&cluster.stats.cx_total);
+                    s
+                }
                 Some(Err(Opened::Denied(policy))) => return Err(Failure::Denied(policy)),
-                Some(Err(Opened::Failed(e))) => return Err(Failure::Connect(e)),
+                Some(Err(Opened::Failed(e))) => {
+                    cluster::inc(&cluster.stats.cx_connect_fail);
+                    return Err(Failure::Connect(e));
+                }
             },
         };
         match within(deadline, sender.send(req)).await {
@@ -1055,9 +1090,9 @@ impl HttpPath {
 /// Where a request may go: endpoints to choose from and how to speak to them.
 struct Target {
     endpoints: Vec<Upstream>,
-    /// The round-robin position among them and their retry budget, shared by every
+    /// Their cluster: the round-robin position, retry budget and counters, shared by every
     /// connection sending there.
-    turn: Arc<Turn>,
+    cluster: Arc<Cluster>,
     /// How one of them is chosen.
     lb: Lb,
     version: Version,
@@ -1070,20 +1105,20 @@ struct Target {
 struct Upstream {
     addr: SocketAddr,
     pod: Option<Arc<Pod>>,
-    /// Requests in flight on it, from every connection and destination (for LEAST_REQUEST).
-    active: Arc<AtomicUsize>,
+    /// Its state in the cluster: requests in flight on it from every connection.
+    state: Arc<EndpointState>,
     names: Names,
     /// How it is reached, decided at its first request when that holds for the snapshot.
     reach: OnceLock<Reach>,
 }
 
 impl Upstream {
-    fn new(addr: SocketAddr, pod: Option<Arc<Pod>>, active: Arc<AtomicUsize>) -> Upstream {
+    fn new(addr: SocketAddr, pod: Option<Arc<Pod>>, state: Arc<EndpointState>) -> Upstream {
         Upstream {
             names: Names::endpoint(addr, pod.as_deref()),
             addr,
             pod,
-            active,
+            state,
             reach: OnceLock::new(),
         }
     }
@@ -1211,10 +1246,10 @@ fn full(body: Bytes) -> upstream::Body {
 /// `ignore_tried` (Istio's default) the first after it not tried yet, while there is one.
 fn pick(target: &Target, tried: u64, ignore_tried: bool) -> Option<usize> {
     let n = target.endpoints.len();
-    let active = |i: usize| target.endpoints[i].active.load(Ordering::Relaxed);
+    let active = |i: usize| target.endpoints[i].state.active.load(Ordering::Relaxed);
     let i = target.lb.choose(
         n,
-        &target.turn,
+        target.cluster.round(),
         active,
         (fastrand::u32(..), fastrand::u32(..)),
     )?;
@@ -1317,7 +1352,7 @@ mod tests {
     fn target() -> Arc<Target> {
         Arc::new(Target {
             endpoints: Vec::new(),
-            turn: Arc::default(),
+            cluster: Clusters::default().get("test"),
             lb: Lb::RoundRobin,
             version: Version::Http1,
             tls: None,

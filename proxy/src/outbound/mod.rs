@@ -4,7 +4,8 @@
 //! through, or refuse — and record it.
 //!
 //! - [`plan`]: the decision, unit-tested without sockets.
-//! - [`balance`]: endpoint choice; [`budget`]: each destination's retry budget.
+//! - [`cluster`]: what every sender to a destination shares (balancing, budget, counters);
+//!   [`balance`]: endpoint choice; [`budget`]: each destination's retry budget.
 //! - [`redirects`]: redirects that never became connections (`unhandled` flows).
 //!
 //! May import: `inputs`, `capture`, `workload`, `registry`, `policy`, `identity`, `inbound`
@@ -13,6 +14,7 @@
 
 pub mod balance;
 pub mod budget;
+pub mod cluster;
 pub mod http;
 pub mod plan;
 pub mod redirects;
@@ -25,7 +27,7 @@ use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::watch;
 use tracing::{debug, info, warn};
 
-use self::balance::RoundRobin;
+use self::cluster::Clusters;
 use self::http::{declared_http, Called, Declared, HttpConfig, HttpPath};
 use self::plan::{Action, Context, Plan, Refusal};
 use self::redirects::RedirectTracker;
@@ -48,7 +50,7 @@ pub struct Outbound {
     inputs: Arc<ProxyInputs>,
     capture: Arc<Capture>,
     pool: Pool,
-    balancer: RoundRobin,
+    clusters: Arc<Clusters>,
     tracker: Arc<RedirectTracker>,
     http: Arc<HttpPath>,
     /// Wait for the first bytes of a connection to a port that declares no protocol.
@@ -64,15 +66,21 @@ impl Outbound {
         inputs: Arc<ProxyInputs>,
         capture: Arc<Capture>,
         pool: Pool,
+        clusters: Arc<Clusters>,
         http: HttpConfig,
         detection_timeout: Duration,
     ) -> Outbound {
         Outbound {
-            http: Arc::new(HttpPath::new(inputs.clone(), pool.clone(), http)),
+            http: Arc::new(HttpPath::new(
+                inputs.clone(),
+                pool.clone(),
+                clusters.clone(),
+                http,
+            )),
             inputs,
             capture,
             pool,
-            balancer: RoundRobin::default(),
+            clusters,
             tracker: Arc::default(),
             detection_timeout,
         }
@@ -157,7 +165,7 @@ impl Outbound {
             source,
             &context(
                 inputs,
-                &self.balancer,
+                &self.clusters,
                 &snapshot,
                 &policies,
                 &routes,
@@ -204,7 +212,7 @@ impl Outbound {
             let snapshot = inputs.registry.snapshot();
             let policies = inputs.policies.load();
             let routes = inputs.routes.load();
-            let ctx = context(inputs, &self.balancer, &snapshot, &policies, &routes, 0);
+            let ctx = context(inputs, &self.clusters, &snapshot, &policies, &routes, 0);
             if let Some(why) = plan::still_delivered(source, target, &ctx) {
                 return why;
             }
@@ -316,7 +324,7 @@ impl Outbound {
 /// What a plan is decided with: this node's inputs and the tables in force.
 fn context<'a>(
     inputs: &'a ProxyInputs,
-    balancer: &'a RoundRobin,
+    clusters: &'a Clusters,
     snapshot: &'a Snapshot,
     policies: &'a PolicySet,
     routes: &'a RouteTable,
@@ -328,7 +336,7 @@ fn context<'a>(
         hbone_port: inputs.hbone_port,
         snapshot,
         policies,
-        balancer,
+        clusters,
         routes,
         roll,
     }

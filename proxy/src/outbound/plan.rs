@@ -10,7 +10,7 @@ use std::fmt;
 use std::net::{IpAddr, SocketAddr};
 use std::sync::Arc;
 
-use super::balance::RoundRobin;
+use super::cluster::{self, Clusters};
 use crate::admin::api::Verdict;
 use crate::capture::Redirect;
 use crate::identity::SpiffeId;
@@ -31,7 +31,7 @@ pub struct Context<'a> {
     pub hbone_port: u16,
     pub snapshot: &'a Snapshot,
     pub policies: &'a PolicySet,
-    pub balancer: &'a RoundRobin,
+    pub clusters: &'a Clusters,
     /// VirtualService `tcp[]` rules send a Service's connections elsewhere.
     pub routes: &'a RouteTable,
     /// A uniformly random number for this connection (its weighted TCP route).
@@ -157,24 +157,26 @@ fn decide(
     let original = redirect.original_dst;
     let (target, pod) = match ctx.snapshot.resolve(original) {
         Resolved::Service { service, port } => {
-            let (service, port, subset) = match tcp_route(&service, original, source, ctx) {
-                Some(Ok(routed)) => routed,
-                Some(Err(())) => {
-                    dest.service = Some(service);
-                    return Action::Refuse(Refusal::NoEndpoint);
-                }
-                None => (service, port, None),
-            };
+            let (service, port, subset, subset_name) =
+                match tcp_route(&service, original, source, ctx) {
+                    Some(Ok(routed)) => routed,
+                    Some(Err(())) => {
+                        dest.service = Some(service);
+                        return Action::Refuse(Refusal::NoEndpoint);
+                    }
+                    None => (service, port, None, None),
+                };
             let mut endpoints = ctx.snapshot.endpoints(&service, &port);
             if let Some(labels) = &subset {
                 endpoints.retain(|e| e.pod.matches(labels));
             }
-            let key = format!(
-                "{}/{}:{} {:?}",
-                service.namespace, service.name, port.port, subset
+            let cluster = cluster::name(
+                port.port,
+                subset_name.as_deref(),
+                &service_fqdn(&service.namespace, &service.name),
             );
             dest.service = Some(service);
-            let Some(i) = ctx.balancer.pick(&key, endpoints.len()) else {
+            let Some(i) = ctx.clusters.get(&cluster).pick(endpoints.len()) else {
                 return Action::Refuse(Refusal::NoEndpoint);
             };
             let ep = &endpoints[i];
@@ -187,7 +189,7 @@ fn decide(
 }
 
 /// Where a VirtualService `tcp[]` rule sends a connection to `service`: the Service, port and
-/// subset labels of its weighted destination; `Some(Err)` when that destination has no Service
+/// subset (labels and name) of its weighted destination; `Some(Err)` when that destination has no Service
 /// port (nothing to connect to); `None` when no rule applies.
 #[allow(clippy::type_complexity)]
 fn tcp_route(
@@ -195,7 +197,7 @@ fn tcp_route(
     original: SocketAddr,
     source: &Source,
     ctx: &Context<'_>,
-) -> Option<Result<(Arc<Service>, ServicePort, Option<Labels>), ()>> {
+) -> Option<Result<(Arc<Service>, ServicePort, Option<Labels>, Option<String>), ()>> {
     let host = service_fqdn(&service.namespace, &service.name);
     let ns = source.pod.as_ref().map(|p| p.namespace.as_str());
     let labels = source.pod.as_ref().map(|p| &p.labels);
@@ -212,7 +214,7 @@ fn tcp_route(
             target: Target::Service { service, port },
             subset_labels,
             ..
-        }) => Ok((service, port, subset_labels)),
+        }) => Ok((service, port, subset_labels, d.subset.clone())),
         _ => Err(()),
     })
 }

@@ -30,6 +30,18 @@ pub struct NodeGauges {
     pub enrolled_workloads: u64,
     pub registry_generation: u64,
     pub registry_reload_failed: bool,
+    /// Every destination's counters and gauges.
+    pub clusters: Vec<ClusterSample>,
+}
+
+/// One stat of one destination (cluster), named as Envoy names it.
+#[derive(Debug, Clone)]
+pub struct ClusterSample {
+    pub cluster: String,
+    /// `upstream_rq_retry`, …
+    pub stat: &'static str,
+    pub gauge: bool,
+    pub value: u64,
 }
 
 /// Where [`NodeGauges`] come from (the node).
@@ -86,6 +98,35 @@ impl Collector for NodeCollector {
             }
         }
         let g = |v: u64| i64::try_from(v).unwrap_or(i64::MAX);
+        // Per destination, named as Istio's proxies export Envoy's cluster stats, so
+        // dashboards built for them read these unchanged.
+        let mut by_stat: BTreeMap<(&str, bool), Vec<&ClusterSample>> = BTreeMap::new();
+        for c in &m.clusters {
+            by_stat.entry((c.stat, c.gauge)).or_default().push(c);
+        }
+        for ((stat, is_gauge), samples) in by_stat {
+            // OpenMetrics ends every counter in `_total`: `upstream_rq_total` gets one only.
+            let name = format!(
+                "envoy_cluster_{}",
+                stat.strip_suffix("_total").unwrap_or(stat)
+            );
+            let help = format!("Envoy's cluster.<cluster_name>.{stat}, per destination");
+            if is_gauge {
+                let proto = ConstGauge::new(0i64);
+                let mut family = enc.encode_descriptor(&name, &help, None, proto.metric_type())?;
+                for c in samples {
+                    ConstGauge::new(g(c.value))
+                        .encode(family.encode_family(&[("cluster_name", c.cluster.as_str())])?)?;
+                }
+            } else {
+                let proto = ConstCounter::new(0u64);
+                let mut family = enc.encode_descriptor(&name, &help, None, proto.metric_type())?;
+                for c in samples {
+                    ConstCounter::new(c.value)
+                        .encode(family.encode_family(&[("cluster_name", c.cluster.as_str())])?)?;
+                }
+            }
+        }
         gauge(
             &mut enc,
             "weft_active_connections",
@@ -179,6 +220,19 @@ mod tests {
             ..Default::default()
         };
         gauges.ebpf.insert("redirected".into(), 8);
+        let cluster = "outbound|9080|v2|reviews.back.svc.cluster.local";
+        for (stat, gauge, value) in [
+            ("upstream_rq_retry", false, 9),
+            ("upstream_rq_total", false, 12),
+            ("upstream_rq_active", true, 2),
+        ] {
+            gauges.clusters.push(ClusterSample {
+                cluster: cluster.into(),
+                stat,
+                gauge,
+                value,
+            });
+        }
         let telemetry = Arc::new(Telemetry::new("n1", 100));
         for (verdict, sent, received) in [(Verdict::Forwarded, 10, 20), (Verdict::Denied, 0, 0)] {
             telemetry.flows.record(Flow {
@@ -204,6 +258,9 @@ mod tests {
             "weft_active_connections 0",
             "weft_enrolled_workloads 1",
             "weft_registry_reload_failed 1",
+            "envoy_cluster_upstream_rq_retry_total{cluster_name=\"outbound|9080|v2|reviews.back.svc.cluster.local\"} 9",
+            "envoy_cluster_upstream_rq_total{cluster_name=\"outbound|9080|v2|reviews.back.svc.cluster.local\"} 12",
+            "envoy_cluster_upstream_rq_active{cluster_name=\"outbound|9080|v2|reviews.back.svc.cluster.local\"} 2",
             "# EOF",
         ] {
             assert!(out.lines().any(|l| l == line), "missing {line:?} in\n{out}");

@@ -53,6 +53,9 @@ pub enum PathAction {
     Status(u16),
     /// `/delay/<ms>`: wait (at most [`MAX_DELAY`]), then answer 200.
     Delay(Duration),
+    /// `/delay-on/<name>/<ms>`: the same on the server named `<name>`; any other answers at
+    /// once (one endpoint of several held busy).
+    DelayOn(String, Duration),
     /// `/drip/<ms>`: answer 200 at once, send the body after the wait (at most [`MAX_DELAY`]).
     Drip(Duration),
     /// `/fail-first/<n>/<key>`: answer 503 to the first `n` requests for `key` this server
@@ -73,6 +76,11 @@ pub fn path_action(path: &str) -> PathAction {
     if let Some(ms) = path.strip_prefix("/delay/") {
         let ms = ms.parse::<u64>().unwrap_or(0);
         return PathAction::Delay(Duration::from_millis(ms).min(MAX_DELAY));
+    }
+    if let Some(rest) = path.strip_prefix("/delay-on/") {
+        let (name, ms) = rest.split_once('/').unwrap_or((rest, ""));
+        let ms = ms.parse::<u64>().unwrap_or(0);
+        return PathAction::DelayOn(name.to_string(), Duration::from_millis(ms).min(MAX_DELAY));
     }
     if let Some(rest) = path.strip_prefix("/fail-first/") {
         let (n, key) = rest.split_once('/').unwrap_or((rest, ""));
@@ -330,6 +338,12 @@ async fn answer(mut req: Request<Incoming>, conn: Arc<Conn>) -> Result<Response<
             tokio::time::sleep(d).await;
             StatusCode::OK
         }
+        PathAction::DelayOn(on, d) => {
+            if name == Some(on.as_str()) {
+                tokio::time::sleep(d).await;
+            }
+            StatusCode::OK
+        }
         PathAction::Drip(d) => {
             drip = Some(d);
             StatusCode::OK
@@ -419,6 +433,10 @@ mod tests {
         assert_eq!(
             path_action("/delay/999999999"),
             PathAction::Delay(MAX_DELAY)
+        );
+        assert_eq!(
+            path_action("/delay-on/reviews-v1/250"),
+            PathAction::DelayOn("reviews-v1".into(), Duration::from_millis(250))
         );
         assert_eq!(
             path_action("/drip/1500"),

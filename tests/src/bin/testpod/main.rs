@@ -53,7 +53,8 @@ enum Mode {
     /// HTTP/1.1 (keep-alive) and HTTP/2 with prior knowledge on the same port: 200 with a text
     /// body `name=…/peer=…/method=…/path=…/host=…/proto=…/body-bytes=…` and one
     /// `header <name>: <value>` line per request header, response header `x-backend: <name>`;
-    /// `/status/<code>` answers with that status, `/delay/<ms>` waits first (at most 60 s); a
+    /// `/status/<code>` answers with that status, `/delay/<ms>` waits first (at most 60 s),
+    /// `/delay-on/<name>/<ms>` only on the server of that name; a
     /// WebSocket upgrade gets 101, then an echo of the raw bytes.
     Http,
     /// `http` over TLS (`--cert`, `--key`; ALPN h2 and http/1.1), with a `sni=` body line.
