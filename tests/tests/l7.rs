@@ -131,6 +131,7 @@ const REVIEWS_SERVICES: &[&str] = &[
     "reviews-lb",
     "reviews-lb-rr",
     "reviews-lb-random",
+    "reviews-cb",
 ];
 
 fn build_shared() -> L7 {
@@ -1167,10 +1168,10 @@ fn retries_follow_the_policy_and_the_flow_counts_the_attempts() {
         cli.lines()
             .filter(|l| l.contains(".upstream_rq_retry"))
             .count(),
-        4,
-        "retry, success, limit exceeded and overflow only: {cli}"
+        5,
+        "retry, success, limit exceeded, overflow and active only: {cli}"
     );
-    assert_eq!(cli.lines().count(), 4, "{cli}");
+    assert_eq!(cli.lines().count(), 5, "{cli}");
     let metrics = m.weft_a.metrics().unwrap();
     let series = format!("envoy_cluster_upstream_rq_retry_total{{cluster_name=\"outbound|9080||reviews-retry.back.svc.cluster.local\"}} {retries}");
     assert!(
@@ -1313,9 +1314,152 @@ fn grpc_fault_aborts_with_the_grpc_status() {
     assert_eq!(r["messages"], serde_json::json!([]), "{r}");
     let r = call("Count", "2");
     assert_eq!(s(&r, "/code"), "OK", "other methods pass: {r}");
-    let f = &last_flow(&m, "/weft.test.Echo/Say");
+    // The path alone is not this test's: another one calls the same method.
+    let f = &m
+        .weft_a
+        .wait_flows(1, WAIT, |f| {
+            s(f, "/http/path") == "/weft.test.Echo/Say" && s(f, "/http/authority") == authority
+        })
+        .unwrap()
+        .pop()
+        .unwrap();
     assert_eq!(s(f, "/http/response_flags"), "FI", "{f}");
     assert_eq!(f["http"]["status"], 200, "{f}");
+}
+
+/// Circuit breaking (DestinationRule `connectionPool`): past `maxConnections` and
+/// `http1MaxPendingRequests`, or `http2MaxRequests`, a request is answered 503 `UO` at once;
+/// `maxRequestsPerConnection: 1` opens a connection for every request. The counters say so.
+#[test]
+fn circuit_breakers_turn_requests_away_at_their_limits() {
+    let m = shared();
+    m.apply(
+        r#"
+        apiVersion: networking.istio.io/v1
+        kind: DestinationRule
+        metadata:
+          name: reviews-cb
+          namespace: back
+        spec:
+          host: reviews-cb
+          subsets:
+          - name: v1
+            labels: {version: v1}
+            trafficPolicy:
+              connectionPool:
+                tcp: {maxConnections: 1}
+                http: {http1MaxPendingRequests: 1}
+          - name: v2
+            labels: {version: v2}
+            trafficPolicy:
+              connectionPool:
+                http: {http2MaxRequests: 1}
+          - name: v3
+            labels: {version: v3}
+            trafficPolicy:
+              connectionPool:
+                http: {maxRequestsPerConnection: 1}
+        ---
+        apiVersion: networking.istio.io/v1
+        kind: VirtualService
+        metadata:
+          name: reviews-cb
+          namespace: back
+        spec:
+          hosts:
+          - reviews-cb
+          http:
+          - match:
+            - headers: {x-cb: {exact: requests}}
+            route:
+            - destination: {host: reviews-cb, subset: v2}
+          - match:
+            - headers: {x-cb: {exact: per-connection}}
+            route:
+            - destination: {host: reviews-cb, subset: v3}
+          - route:
+            - destination: {host: reviews-cb, subset: v1}
+        "#,
+    );
+    wait_for_route(&m, "reviews-cb", "VirtualService back/reviews-cb http[2]");
+    // Five slow requests, 100 ms apart, each on a connection of its own: one is sent, one
+    // waits for the only connection, three are turned away.
+    let burst = |kind: &'static str, n: usize| {
+        let calls: Vec<_> = (0..n)
+            .map(|i| {
+                let m = m.clone();
+                let t = std::thread::spawn(move || {
+                    let started = Instant::now();
+                    let path = format!("/delay/1500?cb={kind}-{i}");
+                    let header = format!("x-cb: {kind}");
+                    let r = m.get("reviews-cb", &["--path", &path, "-H", &header]);
+                    (r, started.elapsed(), path)
+                });
+                std::thread::sleep(Duration::from_millis(100));
+                t
+            })
+            .collect();
+        calls
+            .into_iter()
+            .map(|c| c.join().unwrap())
+            .collect::<Vec<_>>()
+    };
+    let check = |what: &str, got: &[(HttpReply, Duration, String)], passed: usize| {
+        let (ok, turned): (Vec<_>, Vec<_>) = got.iter().partition(|(r, _, _)| r.status == 200);
+        let stats = || {
+            m.weft_a
+                .admin_get("/stats?filter=reviews-cb&usedonly")
+                .unwrap()
+                .1
+        };
+        let statuses: Vec<_> = got.iter().map(|(r, t, _)| (r.status, *t)).collect();
+        let flows: Vec<_> = got
+            .iter()
+            .map(|(_, _, p)| last_flow(&m, p).to_string())
+            .collect();
+        assert_eq!(
+            ok.len(),
+            passed,
+            "{what}: {statuses:?}\n{}\n{flows:#?}",
+            stats()
+        );
+        for (r, took, path) in turned {
+            assert_eq!(r.status, 503, "{what}: {r:?}");
+            assert!(r.body.contains("reset reason: overflow"), "{what}: {r:?}");
+            assert!(
+                *took < Duration::from_millis(1000),
+                "{what}: turned away at once, not after {took:?}"
+            );
+            let f = last_flow(&m, path);
+            assert_eq!(s(&f, "/http/response_flags"), "UO", "{what}: {f}");
+        }
+    };
+    check(
+        "maxConnections 1, http1MaxPendingRequests 1",
+        &burst("pending", 5),
+        2,
+    );
+    check("http2MaxRequests 1", &burst("requests", 3), 1);
+
+    let stat = |cluster: &str, name: &str| -> u64 {
+        let (_, text) = m.weft_a.admin_get("/stats?filter=reviews-cb").unwrap();
+        let line =
+            format!("cluster.outbound|9080|{cluster}|reviews-cb.back.svc.cluster.local.{name}: ");
+        // A destination not sent to yet has no counters.
+        text.lines()
+            .find_map(|l| l.strip_prefix(&line))
+            .map_or(0, |v| v.parse().unwrap())
+    };
+    assert!(stat("v1", "upstream_rq_pending_overflow") >= 3);
+    assert!(stat("v1", "upstream_cx_overflow") >= 4);
+    assert!(stat("v2", "upstream_rq_pending_overflow") >= 2);
+
+    // One connection per request: ten requests on one client connection open ten.
+    let before = stat("v3", "upstream_cx_total");
+    let got = m.load("reviews-cb", 10, &["-H", "x-cb: per-connection"]);
+    assert_eq!(got.status(200), 10, "{got:?}");
+    assert_eq!(stat("v3", "upstream_cx_total") - before, 10);
+    assert!(stat("v3", "upstream_cx_max_requests") >= 10);
 }
 
 /// Load balancing: by default (Istio's LEAST_REQUEST) an endpoint held busy gets almost no new

@@ -22,7 +22,7 @@ use crate::l7::respond::Flag;
 use crate::policy::{Decision, HttpRequest};
 use crate::registry::Pod;
 use crate::telemetry::{shared, ConnectionRecord, Names, RequestTemplate};
-use crate::upstream::http::{HttpPool, PoolKey, Sender};
+use crate::upstream::http::{HttpPool, PoolKey, Reuse, Sender};
 use crate::upstream::OnBehalfOf;
 
 /// One tunnel's HTTP: who calls, and the pod it reaches.
@@ -125,6 +125,7 @@ async fn request(
         endpoint: t.target,
         via: tunnel.via.clone(),
         version,
+        cluster: 0,
         generation: inputs.registry.snapshot().generation,
     };
     let sent = Counter::default();
@@ -139,7 +140,7 @@ async fn request(
                     .connect(OnBehalfOf::Peer(&t.peer), t.target)
                     .await
                 {
-                    Ok(tcp) => Sender::handshake(tcp, version)
+                    Ok(tcp) => Sender::handshake(tcp, version, Reuse::default(), ())
                         .await
                         .map_err(|e| e.to_string()),
                     Err(e) => Err(e.to_string()),

@@ -26,6 +26,8 @@ pub enum Flag {
     UpstreamRequestTimeout,
     /// A rule's fault aborted the request (its answer is [`aborted`]).
     FaultInjected,
+    /// A circuit breaker of the destination was at its limit.
+    UpstreamOverflow,
 }
 
 impl Flag {
@@ -41,6 +43,7 @@ impl Flag {
             Flag::DownstreamConnectionTermination => "DC",
             Flag::UpstreamRequestTimeout => "UT",
             Flag::FaultInjected => "FI",
+            Flag::UpstreamOverflow => "UO",
         }
     }
 
@@ -64,6 +67,10 @@ impl Flag {
             Flag::UpstreamRequestTimeout => {
                 (StatusCode::GATEWAY_TIMEOUT, "upstream request timeout")
             }
+            Flag::UpstreamOverflow => (
+                StatusCode::SERVICE_UNAVAILABLE,
+                "upstream connect error or disconnect/reset before headers. reset reason: overflow",
+            ),
             Flag::DownstreamProtocolError | Flag::DownstreamConnectionTermination => {
                 (StatusCode::BAD_REQUEST, "")
             }

@@ -5,15 +5,23 @@
 //! habits carry over).
 //!
 //! Names follow Istio's: `outbound|<port>|<subset>|<host>`, and `PassthroughCluster`.
+//!
+//! Circuit breaking (DestinationRule `connectionPool`) is decided here too, from the cluster's
+//! gauges and its [`Limits`], as Envoy's circuit breakers decide it per cluster.
 
 use std::collections::HashMap;
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::Arc;
+use std::time::Duration;
 
 use parking_lot::Mutex;
+use tokio::sync::Notify;
 
 use super::budget::RetryBudget;
+use crate::registry::kinds::networking::ConnectionPoolSettings;
+use crate::upstream::http::Reuse;
+use crate::upstream::Keepalive;
 
 /// Where connections and requests no route names go (Istio's name for it).
 pub const PASSTHROUGH: &str = "PassthroughCluster";
@@ -28,6 +36,9 @@ pub fn name(port: u16, subset: Option<&str>, host: &str) -> String {
 pub struct Clusters {
     all: Mutex<HashMap<String, Arc<Cluster>>>,
 }
+
+/// The next cluster's id (0 is no cluster's).
+static NEXT_ID: AtomicU64 = AtomicU64::new(1);
 
 impl Clusters {
     /// The cluster named `name`, shared by every sender.
@@ -58,11 +69,16 @@ impl Clusters {
 #[derive(Debug)]
 pub struct Cluster {
     pub name: String,
+    /// Unique in this process: what upstream connections are kept by.
+    pub id: u64,
     next: AtomicUsize,
     /// How many retries it may take now.
     pub budget: RetryBudget,
     pub stats: ClusterStats,
     endpoints: Mutex<HashMap<SocketAddr, Arc<EndpointState>>>,
+    /// Woken when a connection may have become free: requests wait on it while the cluster
+    /// may open no more connections.
+    freed: Notify,
 }
 
 /// One endpoint of a cluster, as every sender there sees it.
@@ -70,16 +86,57 @@ pub struct Cluster {
 pub struct EndpointState {
     /// Requests in flight on it (LEAST_REQUEST compares them).
     pub active: AtomicUsize,
+    /// Connections open to it.
+    pub connections: AtomicU64,
 }
 
 impl Cluster {
     fn new(name: &str) -> Cluster {
         Cluster {
             name: name.to_string(),
+            id: NEXT_ID.fetch_add(1, Ordering::Relaxed),
             next: AtomicUsize::new(0),
             budget: RetryBudget::default(),
             stats: ClusterStats::default(),
             endpoints: Mutex::default(),
+            freed: Notify::new(),
+        }
+    }
+
+    /// Whether another request may be sent now (`http2MaxRequests`, which Istio applies to
+    /// every HTTP version): Envoy's `max_requests` circuit breaker.
+    pub fn admits_request(&self, limits: &Limits) -> bool {
+        self.stats.rq_active.load(Ordering::Relaxed) < limits.max_requests
+    }
+
+    /// Whether a connection may be opened to `endpoint` now (`tcp.maxConnections`). As in
+    /// Envoy, an endpoint with no connection at all may always get one: no endpoint is left
+    /// unreachable by the others' connections.
+    pub fn admits_connection(&self, limits: &Limits, endpoint: &EndpointState) -> bool {
+        self.stats.cx_active.load(Ordering::Relaxed) < limits.max_connections
+            || endpoint.connections.load(Ordering::Relaxed) == 0
+    }
+
+    /// Whether another request may wait for a connection (`http1MaxPendingRequests`).
+    pub fn admits_pending(&self, limits: &Limits) -> bool {
+        self.stats.rq_pending_active.load(Ordering::Relaxed) < limits.max_pending
+    }
+
+    /// Whether another retry may be out now (`maxRetries`).
+    pub fn admits_retry(&self, limits: &Limits) -> bool {
+        self.stats.rq_retry_active.load(Ordering::Relaxed) < limits.max_retries
+    }
+
+    /// Resolves when a connection may have become free (a response ended, a connection was
+    /// kept or closed).
+    pub async fn freed(&self) {
+        self.freed.notified().await
+    }
+
+    /// Wakes the requests waiting for a connection, if any.
+    pub fn free(&self) {
+        if self.stats.rq_pending_active.load(Ordering::Relaxed) > 0 {
+            self.freed.notify_waiters();
         }
     }
 
@@ -164,10 +221,25 @@ cluster_stats! {
     rq_retry_limit_exceeded: Counter = "upstream_rq_retry_limit_exceeded",
     /// Retries not sent: the retry budget or circuit breaker was spent.
     rq_retry_overflow: Counter = "upstream_rq_retry_overflow",
+    /// Requests that found the cluster at a circuit breaker's limit (`http2MaxRequests`,
+    /// `http1MaxPendingRequests`) and were answered 503 `UO`.
+    rq_pending_overflow: Counter = "upstream_rq_pending_overflow",
+    /// Requests waiting for a connection now.
+    rq_pending_active: Gauge = "upstream_rq_pending_active",
+    /// Retries out now (`maxRetries` limits them).
+    rq_retry_active: Gauge = "upstream_rq_retry_active",
     /// Connections opened.
     cx_total: Counter = "upstream_cx_total",
+    /// Connections open now.
+    cx_active: Gauge = "upstream_cx_active",
     /// Connections that could not be opened.
     cx_connect_fail: Counter = "upstream_cx_connect_fail",
+    /// Connections not opened within the connect timeout.
+    cx_connect_timeout: Counter = "upstream_cx_connect_timeout",
+    /// Times a request found the cluster at `maxConnections`.
+    cx_overflow: Counter = "upstream_cx_overflow",
+    /// Connections let go after `maxRequestsPerConnection` requests.
+    cx_max_requests: Counter = "upstream_cx_max_requests",
 }
 
 /// Adds one.
@@ -211,6 +283,104 @@ impl Drop for InFlight {
     fn drop(&mut self) {
         self.endpoint.active.fetch_sub(1, Ordering::Relaxed);
         self.cluster.stats.rq_active.fetch_sub(1, Ordering::Relaxed);
+        self.cluster.free();
+    }
+}
+
+/// An open connection of a cluster to an endpoint, counted while it lives.
+pub struct Open {
+    cluster: Arc<Cluster>,
+    endpoint: Arc<EndpointState>,
+}
+
+impl Open {
+    pub fn start(cluster: &Arc<Cluster>, endpoint: &Arc<EndpointState>) -> Open {
+        inc(&cluster.stats.cx_total);
+        inc(&cluster.stats.cx_active);
+        endpoint.connections.fetch_add(1, Ordering::Relaxed);
+        Open {
+            cluster: cluster.clone(),
+            endpoint: endpoint.clone(),
+        }
+    }
+}
+
+impl Drop for Open {
+    fn drop(&mut self) {
+        self.endpoint.connections.fetch_sub(1, Ordering::Relaxed);
+        self.cluster.stats.cx_active.fetch_sub(1, Ordering::Relaxed);
+        self.cluster.free();
+    }
+}
+
+/// A cluster's circuit breakers and connection settings: DestinationRule
+/// `trafficPolicy.connectionPool`, with Istio's defaults for what it leaves out.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Limits {
+    /// `tcp.maxConnections`.
+    pub max_connections: u64,
+    /// `http.http1MaxPendingRequests`.
+    pub max_pending: u64,
+    /// `http.http2MaxRequests`.
+    pub max_requests: u64,
+    /// `http.maxRetries`.
+    pub max_retries: u64,
+    /// `http.maxRequestsPerConnection` and `http.idleTimeout`.
+    pub reuse: Reuse,
+    /// `tcp.connectTimeout` (`None`: the node's `--connect-timeout-ms`).
+    pub connect_timeout: Option<Duration>,
+    /// `tcp.tcpKeepalive`.
+    pub keepalive: Option<Keepalive>,
+}
+
+/// Istio's default for every circuit breaker: 2^32 - 1, in effect none.
+pub const UNLIMITED: u64 = u32::MAX as u64;
+/// Istio's default `http.idleTimeout`.
+pub const DEFAULT_IDLE_TIMEOUT: Duration = Duration::from_secs(3600);
+
+impl Default for Limits {
+    fn default() -> Self {
+        Limits::of(None)
+    }
+}
+
+impl Limits {
+    /// The limits a DestinationRule's `connectionPool` sets (`0` or unset: Istio's default).
+    pub fn of(pool: Option<&ConnectionPoolSettings>) -> Limits {
+        let tcp = pool.and_then(|p| p.tcp.as_ref());
+        let http = pool.and_then(|p| p.http.as_ref());
+        let limit = |v: Option<i32>| match v {
+            Some(n) if n > 0 => n as u64,
+            _ => UNLIMITED,
+        };
+        Limits {
+            max_connections: limit(tcp.and_then(|t| t.max_connections)),
+            max_pending: limit(http.and_then(|h| h.http1_max_pending_requests)),
+            max_requests: limit(http.and_then(|h| h.http2_max_requests)),
+            max_retries: limit(http.and_then(|h| h.max_retries)),
+            reuse: Reuse {
+                max_requests: http
+                    .and_then(|h| h.max_requests_per_connection)
+                    .filter(|n| *n > 0)
+                    .map_or(0, |n| n as u32),
+                idle_timeout: Some(
+                    http.and_then(|h| h.idle_timeout.as_ref())
+                        .map_or(DEFAULT_IDLE_TIMEOUT, |d| d.0),
+                )
+                .filter(|d| !d.is_zero()),
+            },
+            connect_timeout: tcp
+                .and_then(|t| t.connect_timeout.as_ref())
+                .map(|d| d.0)
+                .filter(|d| !d.is_zero()),
+            keepalive: tcp
+                .and_then(|t| t.tcp_keepalive.as_ref())
+                .map(|k| Keepalive {
+                    probes: k.probes.filter(|n| *n > 0),
+                    time: k.time.as_ref().map(|d| d.0).filter(|d| !d.is_zero()),
+                    interval: k.interval.as_ref().map(|d| d.0).filter(|d| !d.is_zero()),
+                }),
+        }
     }
 }
 
@@ -279,6 +449,87 @@ mod tests {
             all.get("b").endpoint(addr).active.load(Ordering::Relaxed),
             0
         );
+    }
+
+    #[test]
+    fn limits_are_istios_defaults_unless_the_destination_rule_sets_them() {
+        let d = Limits::default();
+        assert_eq!(
+            (
+                d.max_connections,
+                d.max_pending,
+                d.max_requests,
+                d.max_retries
+            ),
+            (UNLIMITED, UNLIMITED, UNLIMITED, UNLIMITED)
+        );
+        assert_eq!(d.reuse.max_requests, 0);
+        assert_eq!(d.reuse.idle_timeout, Some(DEFAULT_IDLE_TIMEOUT));
+        assert_eq!((d.connect_timeout, d.keepalive), (None, None));
+        let pool: ConnectionPoolSettings = serde_yaml_ng::from_str(
+            "tcp: {maxConnections: 1, connectTimeout: 250ms, tcpKeepalive: {time: 30s, probes: 0}}\n\
+             http: {http1MaxPendingRequests: 2, http2MaxRequests: 3, maxRetries: 4,\n\
+             maxRequestsPerConnection: 5, idleTimeout: 0s}",
+        )
+        .unwrap();
+        let l = Limits::of(Some(&pool));
+        assert_eq!(
+            (
+                l.max_connections,
+                l.max_pending,
+                l.max_requests,
+                l.max_retries
+            ),
+            (1, 2, 3, 4)
+        );
+        assert_eq!(l.reuse.max_requests, 5);
+        assert_eq!(l.reuse.idle_timeout, None, "0s: never closed for idleness");
+        assert_eq!(l.connect_timeout, Some(Duration::from_millis(250)));
+        assert_eq!(
+            l.keepalive,
+            Some(Keepalive {
+                probes: None,
+                time: Some(Duration::from_secs(30)),
+                interval: None
+            })
+        );
+    }
+
+    #[test]
+    fn circuit_breakers_admit_up_to_their_limits() {
+        let all = Clusters::default();
+        let c = all.get("outbound|80||x");
+        let limits = Limits {
+            max_connections: 1,
+            max_pending: 1,
+            max_requests: 2,
+            max_retries: 1,
+            ..Limits::default()
+        };
+        let a = c.endpoint("10.0.0.1:80".parse().unwrap());
+        let b = c.endpoint("10.0.0.2:80".parse().unwrap());
+        assert!(c.admits_connection(&limits, &a));
+        let open = Open::start(&c, &a);
+        assert!(!c.admits_connection(&limits, &a), "at maxConnections");
+        assert!(
+            c.admits_connection(&limits, &b),
+            "an endpoint without a connection may always get one"
+        );
+        drop(open);
+        assert!(c.admits_connection(&limits, &a));
+        let r1 = InFlight::start(&c, &a);
+        let r2 = InFlight::start(&c, &a);
+        assert!(!c.admits_request(&limits), "at http2MaxRequests");
+        drop((r1, r2));
+        assert!(c.admits_request(&limits));
+        let waiting = Up::new(&c, |s| &s.rq_pending_active);
+        assert!(!c.admits_pending(&limits));
+        drop(waiting);
+        assert!(c.admits_pending(&limits));
+        let retry = Up::new(&c, |s| &s.rq_retry_active);
+        assert!(!c.admits_retry(&limits));
+        drop(retry);
+        assert!(c.admits_retry(&limits));
     }
 
     #[test]

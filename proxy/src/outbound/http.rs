@@ -22,7 +22,7 @@ use tokio::net::TcpStream;
 use tracing::debug;
 
 use super::balance::Lb;
-use super::cluster::{self, Cluster, Clusters, EndpointState, InFlight};
+use super::cluster::{self, Cluster, Clusters, EndpointState, InFlight, Limits, Open, Up};
 use super::plan::{self, Action, Destination, Refusal, Source};
 use crate::admin::api::{HttpFlow, Text, Verdict, NO_FLAGS};
 use crate::exchange::body::{self, Counter, Mirrored, Teed};
@@ -46,7 +46,7 @@ use crate::tunnel::client::Pool;
 use crate::upstream::dns::Dns;
 use crate::upstream::http::{self as upstream, HttpPool, PoolKey, Sender, Version};
 use crate::upstream::tls::{Origination, Originator};
-use crate::upstream::OnBehalfOf;
+use crate::upstream::{ConnectError, OnBehalfOf};
 
 /// Limits and timings of the HTTP path.
 #[derive(Debug, Clone)]
@@ -576,6 +576,7 @@ impl HttpPath {
                 endpoints,
                 cluster,
                 lb: Lb::default(),
+                limits: Limits::default(),
                 version: upstream_version(conn.declared, client),
                 tls: None,
                 service: None,
@@ -706,6 +707,7 @@ impl HttpPath {
             endpoints,
             cluster,
             lb: Lb::of(backend.policy.load_balancer.as_ref()),
+            limits: Limits::of(backend.policy.connection_pool.as_ref()),
             version,
             tls,
             service: service_names,
@@ -774,6 +776,8 @@ impl HttpPath {
         // Endpoints tried, as bits (index mod 64): no allocation per request.
         let mut tried = 0u64;
         let mut retries = 0;
+        // Held while a retry is out (`upstream_rq_retry_active`, which `maxRetries` limits).
+        let mut retrying = None;
         loop {
             let Some(req) = next.take().or_else(|| replay.as_ref().map(Replay::request)) else {
                 unreachable!("a request is sent again only when it has a replay");
@@ -826,11 +830,15 @@ impl HttpPath {
                 (Some(d), Some(t)) => Some(d.min(t)),
                 (d, t) => d.or(t),
             };
-            let in_flight = InFlight::start(&target.cluster, &up.state);
             let stats = &target.cluster.stats;
+            if !target.cluster.admits_request(&target.limits) {
+                cluster::inc(&stats.rq_pending_overflow);
+                return overflow(record);
+            }
+            let in_flight = InFlight::start(&target.cluster, &up.state);
             cluster::inc(&stats.rq_total);
             let attempt = self
-                .attempt(req, reach, conn, &target.cluster, try_deadline)
+                .attempt(req, reach, conn, target, &up.state, try_deadline)
                 .await;
             let per_try = try_deadline != deadline;
             match &attempt {
@@ -858,8 +866,13 @@ impl HttpPath {
                 if retries == p.attempts {
                     cluster::inc(&stats.rq_retry_limit_exceeded);
                     record.retries_exhausted();
+                } else if !target.cluster.admits_retry(&target.limits) {
+                    // As many retries are out as the destination allows (`maxRetries`).
+                    cluster::inc(&stats.rq_retry_overflow);
+                    record.note("retry overflow");
                 } else if target.cluster.budget.retry() {
                     retries += 1;
+                    retrying = Some(Up::new(&target.cluster, |s| &s.rq_retry_active));
                     cluster::inc(&stats.rq_retry);
                     let pause = p.backoff(retries, fastrand::f64());
                     if within(deadline, tokio::time::sleep(pause)).await.is_none() {
@@ -899,7 +912,11 @@ impl HttpPath {
                 record.finish(Verdict::Forwarded, status, NO_FLAGS, None::<&str>);
                 return Response::from_parts(parts, empty());
             }
-            self.clients.checkin(&reach.key, sender);
+            if !self.clients.checkin(&reach.key, sender) {
+                cluster::inc(&stats.cx_max_requests);
+            }
+            target.cluster.free();
+            drop(retrying);
             return exchange::client_response(
                 resp,
                 conn.client,
@@ -977,6 +994,7 @@ impl HttpPath {
                 endpoint: up.addr,
                 via: via.into(),
                 version: target.version,
+                cluster: target.cluster.id,
                 generation: snapshot.generation,
             },
             connect,
@@ -994,34 +1012,61 @@ impl HttpPath {
         req: Request<upstream::Body>,
         reach: &Reach,
         conn: &Conn,
-        cluster: &Cluster,
+        target: &Target,
+        endpoint: &Arc<EndpointState>,
         deadline: Option<tokio::time::Instant>,
     ) -> Result<(Response<Incoming>, Sender), Failure> {
-        let mut sender = match self.clients.checkout(&reach.key) {
-            Some(s) => s,
-            // Boxed, for the same reason: opening is rare, its future (TLS, HBONE) large.
-            None => match within(
-                deadline,
-                Box::pin(self.open(
+        let (cluster, limits) = (&target.cluster, &target.limits);
+        // Counted waiting for a connection while the cluster may open no more.
+        let mut pending = None;
+        let mut sender = loop {
+            if let Some(s) = self.clients.checkout(&reach.key) {
+                break s;
+            }
+            if pending.is_some() {
+                if let Some(s) = self.clients.checkout_any(&reach.key) {
+                    break s;
+                }
+            }
+            if cluster.admits_connection(limits, endpoint) {
+                let open = Open::start(cluster, endpoint);
+                // Boxed, for the same reason: opening is rare, its future (TLS, HBONE) large.
+                let opening = Box::pin(self.open(
                     &reach.connect,
                     conn.source.pod.as_deref(),
                     reach.key.version,
-                )),
-            )
-            .await
-            {
-                None => return Err(Failure::TimedOut),
-                Some(Ok(s)) => {
-                    cluster::inc(&cluster.stats.cx_total);
-                    s
+                    limits,
+                    open,
+                ));
+                match within(deadline, opening).await {
+                    None => return Err(Failure::TimedOut),
+                    Some(Ok(s)) => break s,
+                    Some(Err(Opened::Denied(policy))) => return Err(Failure::Denied(policy)),
+                    Some(Err(Opened::Failed { error, timed_out })) => {
+                        cluster::inc(&cluster.stats.cx_connect_fail);
+                        if timed_out {
+                            cluster::inc(&cluster.stats.cx_connect_timeout);
+                        }
+                        return Err(Failure::Connect(error));
+                    }
                 }
-                Some(Err(Opened::Denied(policy))) => return Err(Failure::Denied(policy)),
-                Some(Err(Opened::Failed(e))) => {
-                    cluster::inc(&cluster.stats.cx_connect_fail);
-                    return Err(Failure::Connect(e));
+            }
+            if pending.is_none() {
+                cluster::inc(&cluster.stats.cx_overflow);
+                if !cluster.admits_pending(limits) {
+                    cluster::inc(&cluster.stats.rq_pending_overflow);
+                    return Err(Failure::Overflow);
                 }
-            },
+                pending = Some(Up::new(cluster, |s| &s.rq_pending_active));
+            }
+            // Woken when a response ends or a connection is kept or closed; looked at again
+            // every few milliseconds all the same (a wake-up may come between look and wait).
+            let freed = tokio::time::timeout(PENDING_RECHECK, cluster.freed());
+            if within(deadline, freed).await.is_none() {
+                return Err(Failure::TimedOut);
+            }
         };
+        drop(pending);
         match within(deadline, sender.send(req)).await {
             None => Err(Failure::TimedOut),
             Some(Ok(resp)) => Ok((resp, sender)),
@@ -1035,17 +1080,36 @@ impl HttpPath {
         }
     }
 
-    /// Opens a new upstream connection for the calling `pod` and speaks `version` on it.
+    /// Opens a new upstream connection for the calling `pod` as `limits` say, speaks
+    /// `version` on it, and keeps it counted (`open`) until it closes.
     async fn open(
         &self,
         connect: &Connect,
         pod: Option<&Pod>,
         version: Version,
+        limits: &Limits,
+        open: Open,
     ) -> Result<Sender, Opened> {
-        let failed = |e: &dyn std::fmt::Display| Opened::Failed(e.to_string());
+        let failed = |e: &dyn std::fmt::Display| Opened::Failed {
+            error: e.to_string(),
+            timed_out: false,
+        };
+        let connect_failed = |e: ConnectError| Opened::Failed {
+            timed_out: matches!(e, ConnectError::TimedOut(_)),
+            error: e.to_string(),
+        };
         let on_behalf = match pod {
             Some(p) => OnBehalfOf::Pod(p),
             None => OnBehalfOf::Unidentified,
+        };
+        let reuse = limits.reuse;
+        let tcp = |addr: SocketAddr| {
+            self.inputs.connector.connect_with(
+                on_behalf,
+                addr,
+                limits.connect_timeout,
+                limits.keepalive,
+            )
         };
         match connect {
             Connect::Tunnel(hbone) => {
@@ -1056,36 +1120,29 @@ impl HttpPath {
                         failed(&e)
                     }
                 })?;
-                Sender::handshake(tunnel, version)
+                Sender::handshake(tunnel, version, reuse, open)
                     .await
                     .map_err(|e| failed(&e))
             }
             Connect::Direct(addr) => {
-                let tcp = self
-                    .inputs
-                    .connector
-                    .connect(on_behalf, *addr)
-                    .await
-                    .map_err(|e| failed(&e))?;
-                Sender::handshake(tcp, version)
+                let tcp = tcp(*addr).await.map_err(connect_failed)?;
+                Sender::handshake(tcp, version, reuse, open)
                     .await
                     .map_err(|e| failed(&e))
             }
             Connect::Tls(addr, o) => {
-                let tcp = self
-                    .inputs
-                    .connector
-                    .connect(on_behalf, *addr)
-                    .await
-                    .map_err(|e| failed(&e))?;
+                let tcp = tcp(*addr).await.map_err(connect_failed)?;
                 let tls = self.tls.connect(tcp, o).await.map_err(|e| failed(&e))?;
-                Sender::handshake(tls, version)
+                Sender::handshake(tls, version, reuse, open)
                     .await
                     .map_err(|e| failed(&e))
             }
         }
     }
 }
+
+/// How often a request waiting for a connection looks for one, besides being woken.
+const PENDING_RECHECK: std::time::Duration = std::time::Duration::from_millis(10);
 
 /// Where a request may go: endpoints to choose from and how to speak to them.
 struct Target {
@@ -1095,6 +1152,8 @@ struct Target {
     cluster: Arc<Cluster>,
     /// How one of them is chosen.
     lb: Lb,
+    /// The cluster's circuit breakers and connection settings.
+    limits: Limits,
     version: Version,
     tls: Option<Origination>,
     /// The Service routed to, as records name it.
@@ -1142,7 +1201,11 @@ enum Connect {
 enum Opened {
     /// The destination node's policy refused the tunnel (the deciding policy, if named).
     Denied(Option<String>),
-    Failed(String),
+    Failed {
+        error: String,
+        /// Not connected within the connect timeout.
+        timed_out: bool,
+    },
 }
 
 /// What Istio applies to a route that says nothing about retries.
@@ -1163,6 +1226,8 @@ enum Failure {
         error: String,
     },
     TimedOut,
+    /// A circuit breaker of the destination was at its limit.
+    Overflow,
 }
 
 impl Failure {
@@ -1174,7 +1239,7 @@ impl Failure {
             Failure::Closed(_) | Failure::Reset { refused: false, .. } => Some(Outcome::Reset),
             Failure::Reset { refused: true, .. } => Some(Outcome::RefusedStream),
             Failure::TimedOut if per_try => Some(Outcome::PerTryTimeout),
-            Failure::TimedOut | Failure::Denied(_) => None,
+            Failure::TimedOut | Failure::Denied(_) | Failure::Overflow => None,
         }
     }
 
@@ -1188,6 +1253,7 @@ impl Failure {
                 }
                 return denied(record);
             }
+            Failure::Overflow => return overflow(record),
             Failure::Connect(e) => (Flag::UpstreamConnectionFailure, e),
             Failure::Closed(e) => (Flag::UpstreamConnectionTermination, e),
             Failure::Reset { error, .. } => (Flag::UpstreamRemoteReset, error),
@@ -1296,6 +1362,16 @@ fn timed_out(record: RequestRecord) -> Response<ResponseBody> {
     )
 }
 
+/// The answer to a request a circuit breaker of its destination turned away (flag `UO`).
+fn overflow(record: RequestRecord) -> Response<ResponseBody> {
+    own(
+        record,
+        Verdict::ConnectFailed,
+        Flag::UpstreamOverflow,
+        Some("upstream overflow".to_string()),
+    )
+}
+
 /// The answer to a request the rule's fault aborted (flag `FI`): the upstream never sees it.
 fn fault_aborted(record: RequestRecord, error: AbortError) -> Response<ResponseBody> {
     let resp = respond::aborted(error);
@@ -1354,6 +1430,7 @@ mod tests {
             endpoints: Vec::new(),
             cluster: Clusters::default().get("test"),
             lb: Lb::RoundRobin,
+            limits: Limits::default(),
             version: Version::Http1,
             tls: None,
             service: None,

@@ -11,8 +11,9 @@
 
 use std::collections::HashMap;
 use std::net::SocketAddr;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
 use std::sync::Arc;
+use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 use http_body_util::combinators::BoxBody;
@@ -52,15 +53,43 @@ pub struct PoolKey {
     /// never shared. Shared text: a key is cloned for every lookup.
     pub via: Arc<str>,
     pub version: Version,
+    /// The destination (cluster) it serves: as Envoy keeps a pool per cluster, connections
+    /// are counted against one cluster's limits and carry its settings (0: none in
+    /// particular).
+    pub cluster: u64,
     /// The registry generation the connection was opened under: the destination admitted it
     /// with the policies of then, so after a change no request is sent on it again.
     pub generation: u64,
 }
 
-/// One upstream connection's request side.
-pub enum Sender {
+/// One upstream connection's request side, with what it has carried and how long it may be
+/// kept.
+pub struct Sender {
+    conn: Conn,
+    shared: Arc<Shared>,
+    /// Since when it has been kept without a request.
+    idle_since: Instant,
+}
+
+enum Conn {
     Http1(http1::SendRequest<Body>),
     Http2(http2::SendRequest<Body>),
+}
+
+/// What every handle of one connection shares.
+struct Shared {
+    /// Requests sent on it.
+    used: AtomicU32,
+    reuse: Reuse,
+}
+
+/// How long a connection may be reused (DestinationRule `connectionPool.http`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct Reuse {
+    /// `maxRequestsPerConnection`: after this many requests it is let go (0: no limit).
+    pub max_requests: u32,
+    /// `idleTimeout`: kept unused longer than this, it is let go.
+    pub idle_timeout: Option<Duration>,
 }
 
 /// Idle HTTP/1.1 connections kept per key.
@@ -68,21 +97,27 @@ const MAX_IDLE_PER_KEY: usize = 64;
 
 impl Sender {
     /// Speaks `version` over `io`; the connection is driven by a task of its own until either
-    /// side closes it.
-    pub async fn handshake<T>(io: T, version: Version) -> Result<Sender, hyper::Error>
+    /// side closes it, holding `hold` (what counts it open) until then.
+    pub async fn handshake<T>(
+        io: T,
+        version: Version,
+        reuse: Reuse,
+        hold: impl Send + 'static,
+    ) -> Result<Sender, hyper::Error>
     where
         T: AsyncRead + AsyncWrite + Send + Unpin + 'static,
     {
         let io = TokioIo::new(io);
-        match version {
+        let conn = match version {
             Version::Http1 => {
                 let (send, conn) = http1::Builder::new().handshake(io).await?;
                 tokio::spawn(async move {
                     if let Err(e) = conn.with_upgrades().await {
                         debug!(error = %e, "upstream HTTP/1.1 connection ended");
                     }
+                    drop(hold);
                 });
-                Ok(Sender::Http1(send))
+                Conn::Http1(send)
             }
             Version::Http2 => {
                 let (send, conn) = http2::Builder::new(TokioExecutor::new())
@@ -93,20 +128,49 @@ impl Sender {
                     if let Err(e) = conn.await {
                         debug!(error = %e, "upstream HTTP/2 connection ended");
                     }
+                    drop(hold);
                 });
-                Ok(Sender::Http2(send))
+                Conn::Http2(send)
             }
-        }
+        };
+        Ok(Sender {
+            conn,
+            shared: Arc::new(Shared {
+                used: AtomicU32::new(0),
+                reuse,
+            }),
+            idle_since: Instant::now(),
+        })
+    }
+
+    /// Whether it has carried as many requests as it may.
+    fn spent(&self) -> bool {
+        let max = self.shared.reuse.max_requests;
+        max > 0 && self.shared.used.load(Ordering::Relaxed) >= max
+    }
+
+    /// Whether it has been kept unused for longer than it may.
+    fn stale(&self, now: Instant) -> bool {
+        self.shared
+            .reuse
+            .idle_timeout
+            .is_some_and(|t| now.saturating_duration_since(self.idle_since) > t)
+    }
+
+    /// Whether it can be handed out again at `now` (a busy HTTP/1.1 one later).
+    fn reusable(&self, now: Instant) -> bool {
+        !self.is_closed() && !self.spent() && !self.stale(now)
     }
 
     /// Sends a request and waits for the response head.
     pub async fn send(&mut self, req: Request<Body>) -> Result<Response<Incoming>, hyper::Error> {
-        match self {
-            Sender::Http1(s) => {
+        self.shared.used.fetch_add(1, Ordering::Relaxed);
+        match &mut self.conn {
+            Conn::Http1(s) => {
                 s.ready().await?;
                 s.send_request(req).await
             }
-            Sender::Http2(s) => {
+            Conn::Http2(s) => {
                 s.ready().await?;
                 s.send_request(req).await
             }
@@ -114,9 +178,28 @@ impl Sender {
     }
 
     fn is_closed(&self) -> bool {
-        match self {
-            Sender::Http1(s) => s.is_closed(),
-            Sender::Http2(s) => s.is_closed(),
+        match &self.conn {
+            Conn::Http1(s) => s.is_closed(),
+            Conn::Http2(s) => s.is_closed(),
+        }
+    }
+
+    fn is_ready(&self) -> bool {
+        match &self.conn {
+            Conn::Http1(s) => s.is_ready(),
+            Conn::Http2(s) => s.is_ready(),
+        }
+    }
+
+    /// Another handle of a shared (HTTP/2) connection.
+    fn share(&self) -> Option<Sender> {
+        match &self.conn {
+            Conn::Http1(_) => None,
+            Conn::Http2(s) => Some(Sender {
+                conn: Conn::Http2(s.clone()),
+                shared: self.shared.clone(),
+                idle_since: self.idle_since,
+            }),
         }
     }
 }
@@ -152,8 +235,8 @@ type Map<V> = HashMap<Local, V, foldhash::fast::RandomState>;
 
 #[derive(Default)]
 struct Shard {
-    http1: Mutex<Map<Vec<http1::SendRequest<Body>>>>,
-    http2: Mutex<Map<http2::SendRequest<Body>>>,
+    http1: Mutex<Map<Vec<Sender>>>,
+    http2: Mutex<Map<Sender>>,
 }
 
 impl Default for HttpPool {
@@ -187,55 +270,88 @@ impl HttpPool {
         }
     }
 
-    /// A connection for `key` that can take a request now, if one is kept.
+    /// A connection for `key` that can take a request now, if one is kept by this worker.
     pub fn checkout(&self, key: &PoolKey) -> Option<Sender> {
         self.retire(key);
         let local = Local::here(key);
-        let shard = self.shard(&local);
-        match key.version {
+        Self::take(self.shard(&local), &local)
+    }
+
+    /// The same from any worker's connections (a request waiting for a connection, when the
+    /// destination may open no more, takes the first one free anywhere).
+    pub fn checkout_any(&self, key: &PoolKey) -> Option<Sender> {
+        self.shards.iter().find_map(|shard| {
+            let workers: Vec<Local> = match key.version {
+                Version::Http1 => shard
+                    .http1
+                    .lock()
+                    .keys()
+                    .filter(|l| l.key == *key)
+                    .cloned()
+                    .collect(),
+                Version::Http2 => shard
+                    .http2
+                    .lock()
+                    .keys()
+                    .filter(|l| l.key == *key)
+                    .cloned()
+                    .collect(),
+            };
+            workers.iter().find_map(|local| Self::take(shard, local))
+        })
+    }
+
+    fn take(shard: &Shard, local: &Local) -> Option<Sender> {
+        let now = Instant::now();
+        match local.key.version {
             Version::Http2 => {
                 let mut map = shard.http2.lock();
-                match map.get(&local) {
-                    Some(s) if !s.is_closed() => Some(Sender::Http2(s.clone())),
-                    Some(_) => {
-                        map.remove(&local);
-                        None
-                    }
-                    None => None,
+                let kept = map.get_mut(local)?;
+                if !kept.reusable(now) {
+                    map.remove(local);
+                    return None;
                 }
+                kept.idle_since = now;
+                kept.share()
             }
             Version::Http1 => {
                 let mut map = shard.http1.lock();
-                let idle = map.get_mut(&local)?;
-                idle.retain(|s| !s.is_closed());
+                let idle = map.get_mut(local)?;
+                idle.retain(|s| s.reusable(now));
                 // A sender whose response is still being read is not ready: leave it.
-                let ready = idle.iter().position(|s| s.is_ready())?;
-                Some(Sender::Http1(idle.swap_remove(ready)))
+                let ready = idle.iter().position(Sender::is_ready)?;
+                Some(idle.swap_remove(ready))
             }
         }
     }
 
     /// Keeps `sender` for the next request to `key` (an HTTP/1.1 one is reused once the
-    /// response it is carrying has been read).
-    pub fn checkin(&self, key: &PoolKey, sender: Sender) {
-        if sender.is_closed() || key.generation < self.generation.load(Ordering::Acquire) {
-            return;
+    /// response it is carrying has been read). `false`: it has carried as many requests as
+    /// it may, and is let go (closed once its response is read).
+    pub fn checkin(&self, key: &PoolKey, mut sender: Sender) -> bool {
+        if sender.spent() {
+            return false;
         }
+        if sender.is_closed() || key.generation < self.generation.load(Ordering::Acquire) {
+            return true;
+        }
+        sender.idle_since = Instant::now();
         let local = Local::here(key);
         let shard = self.shard(&local);
-        match sender {
-            Sender::Http2(s) => {
-                shard.http2.lock().entry(local).or_insert(s);
+        match sender.conn {
+            Conn::Http2(_) => {
+                shard.http2.lock().entry(local).or_insert(sender);
             }
-            Sender::Http1(s) => {
+            Conn::Http1(_) => {
                 let mut map = shard.http1.lock();
                 let idle = map.entry(local).or_default();
                 idle.retain(|s| !s.is_closed());
                 if idle.len() < MAX_IDLE_PER_KEY {
-                    idle.push(s);
+                    idle.push(sender);
                 }
             }
         }
+        true
     }
 
     /// Connections kept, for `/status`: (HTTP/1.1 idle, HTTP/2 shared).
@@ -291,7 +407,9 @@ mod tests {
             Some(s) => s,
             None => {
                 let io = tokio::net::TcpStream::connect(key.endpoint).await.unwrap();
-                Sender::handshake(io, key.version).await.unwrap()
+                Sender::handshake(io, key.version, Reuse::default(), ())
+                    .await
+                    .unwrap()
             }
         };
         let req = Request::builder()
@@ -313,6 +431,7 @@ mod tests {
                 endpoint: addr,
                 via: "direct".into(),
                 version,
+                cluster: 0,
                 generation: 1,
             };
             let first = get(&pool, &key).await;
@@ -341,6 +460,53 @@ mod tests {
     }
 
     #[tokio::test]
+    async fn connections_are_let_go_after_their_requests_or_when_idle_too_long() {
+        for version in [Version::Http1, Version::Http2] {
+            let addr = server(version).await;
+            let pool = HttpPool::default();
+            let key = PoolKey {
+                endpoint: addr,
+                via: "direct".into(),
+                version,
+                cluster: 0,
+                generation: 1,
+            };
+            let send = |reuse: Reuse| async move {
+                let io = tokio::net::TcpStream::connect(addr).await.unwrap();
+                let mut s = Sender::handshake(io, version, reuse, ()).await.unwrap();
+                let req = Request::builder()
+                    .uri(format!("http://{addr}/"))
+                    .body(Empty::new().map_err(|e| match e {}).boxed())
+                    .unwrap();
+                let resp = s.send(req).await.unwrap();
+                resp.into_body().collect().await.unwrap();
+                s
+            };
+            let once = send(Reuse {
+                max_requests: 1,
+                idle_timeout: None,
+            })
+            .await;
+            assert!(!pool.checkin(&key, once), "{version:?}: spent after one");
+            assert!(pool.checkout(&key).is_none());
+            let idle = send(Reuse {
+                max_requests: 0,
+                idle_timeout: Some(std::time::Duration::from_millis(50)),
+            })
+            .await;
+            assert!(pool.checkin(&key, idle));
+            tokio::task::yield_now().await;
+            let again = pool.checkout(&key).expect("reused while fresh");
+            pool.checkin(&key, again);
+            tokio::time::sleep(std::time::Duration::from_millis(120)).await;
+            assert!(
+                pool.checkout(&key).is_none(),
+                "{version:?}: idle too long, let go"
+            );
+        }
+    }
+
+    #[tokio::test]
     async fn a_busy_http1_connection_is_not_handed_out() {
         // A response whose body ends only after a while keeps its connection busy.
         let l = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
@@ -363,10 +529,13 @@ mod tests {
             endpoint: addr,
             via: "direct".into(),
             version: Version::Http1,
+            cluster: 0,
             generation: 1,
         };
         let io = tokio::net::TcpStream::connect(addr).await.unwrap();
-        let mut sender = Sender::handshake(io, Version::Http1).await.unwrap();
+        let mut sender = Sender::handshake(io, Version::Http1, Reuse::default(), ())
+            .await
+            .unwrap();
         let req = Request::builder()
             .uri("/")
             .body(Empty::new().map_err(|e| match e {}).boxed())

@@ -57,6 +57,15 @@ pub enum ConnectError {
     TimedOut(Duration),
 }
 
+/// TCP keepalive for an upstream socket (DestinationRule `tcp.tcpKeepalive`; a field left
+/// out: the kernel's setting).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Keepalive {
+    pub probes: Option<u32>,
+    pub time: Option<Duration>,
+    pub interval: Option<Duration>,
+}
+
 /// Opens upstream connections.
 #[derive(Debug, Clone)]
 pub struct Connector {
@@ -76,11 +85,36 @@ impl Connector {
         on_behalf: OnBehalfOf<'_>,
         target: SocketAddr,
     ) -> Result<TcpStream, ConnectError> {
+        self.connect_with(on_behalf, target, None, None).await
+    }
+
+    /// The same within `timeout` (`None`: the node's), with `keepalive` on the socket.
+    pub async fn connect_with(
+        &self,
+        on_behalf: OnBehalfOf<'_>,
+        target: SocketAddr,
+        timeout: Option<Duration>,
+        keepalive: Option<Keepalive>,
+    ) -> Result<TcpStream, ConnectError> {
         trace!(%target, on_behalf = %on_behalf, "connecting");
-        let stream = tokio::time::timeout(self.timeout, TcpStream::connect(target))
+        let timeout = timeout.unwrap_or(self.timeout);
+        let stream = tokio::time::timeout(timeout, TcpStream::connect(target))
             .await
-            .map_err(|_| ConnectError::TimedOut(self.timeout))??;
+            .map_err(|_| ConnectError::TimedOut(timeout))??;
         let _ = stream.set_nodelay(true);
+        if let Some(k) = keepalive {
+            let mut ka = socket2::TcpKeepalive::new();
+            if let Some(t) = k.time {
+                ka = ka.with_time(t);
+            }
+            if let Some(i) = k.interval {
+                ka = ka.with_interval(i);
+            }
+            if let Some(p) = k.probes {
+                ka = ka.with_retries(p);
+            }
+            socket2::SockRef::from(&stream).set_tcp_keepalive(&ka)?;
+        }
         Ok(stream)
     }
 }
