@@ -132,6 +132,7 @@ const REVIEWS_SERVICES: &[&str] = &[
     "reviews-lb-rr",
     "reviews-lb-random",
     "reviews-cb",
+    "reviews-od",
 ];
 
 fn build_shared() -> L7 {
@@ -1460,6 +1461,83 @@ fn circuit_breakers_turn_requests_away_at_their_limits() {
     assert_eq!(got.status(200), 10, "{got:?}");
     assert_eq!(stat("v3", "upstream_cx_total") - before, 10);
     assert!(stat("v3", "upstream_cx_max_requests") >= 10);
+}
+
+/// Outlier detection: an endpoint answering 5xx `consecutive5xxErrors` times in a row is
+/// ejected, gets no requests, and comes back after `baseEjectionTime` (at an `interval` tick);
+/// with every endpoint ejected, 503 `UH`.
+#[test]
+fn outlier_detection_ejects_failing_endpoints_and_brings_them_back() {
+    let m = shared();
+    m.apply(
+        r#"
+        apiVersion: networking.istio.io/v1
+        kind: DestinationRule
+        metadata:
+          name: reviews-od
+          namespace: back
+        spec:
+          host: reviews-od
+          trafficPolicy:
+            outlierDetection:
+              consecutive5xxErrors: 3
+              interval: 500ms
+              baseEjectionTime: 3s
+              maxEjectionPercent: 100
+        "#,
+    );
+    let cluster = "cluster.outbound|9080||reviews-od.back.svc.cluster.local";
+    let stat = |name: &str| -> u64 {
+        let (_, text) = m.weft_a.admin_get("/stats?filter=reviews-od").unwrap();
+        let line = format!("{cluster}.{name}: ");
+        text.lines()
+            .find_map(|l| l.strip_prefix(&line))
+            .map_or(0, |v| v.parse().unwrap())
+    };
+    // reviews-v1 answers 500 (not retried by Istio's default policy), the others 200.
+    wait_until(WAIT, || {
+        m.load("reviews-od", 10, &["--path", "/status-on/reviews-v1/500"]);
+        stat("outlier_detection.ejections_active") == 1
+    })
+    .unwrap_or_else(|_| panic!("reviews-v1 never ejected: {}", stat("upstream_rq_5xx")));
+    let ejected = Instant::now();
+    let got = m.load("reviews-od", 30, &["--path", "/status-on/reviews-v1/500"]);
+    assert_eq!(
+        got.status(200),
+        30,
+        "the ejected endpoint gets nothing: {got:?}"
+    );
+    assert_eq!(got.from_backends("reviews-v1"), 0, "{got:?}");
+    assert_eq!(
+        stat("outlier_detection.ejections_enforced_consecutive_5xx"),
+        1
+    );
+    // Back after 3 s, at the next 500 ms tick.
+    wait_until(Duration::from_secs(15), || {
+        m.load("reviews-od", 6, &[]).from_backends("reviews-v1") > 0
+    })
+    .expect("reviews-v1 back after its ejection");
+    let back = ejected.elapsed();
+    assert!(
+        back >= Duration::from_millis(2500),
+        "back after {back:?}, not baseEjectionTime"
+    );
+    assert_eq!(stat("outlier_detection.ejections_active"), 0);
+    // Every endpoint failing: each is ejected in turn, then nothing is left.
+    let deadline = Instant::now() + WAIT;
+    let mut k = 0;
+    let path = loop {
+        k += 1;
+        let path = format!("/status/500?all-failing={k}");
+        let r = m.get("reviews-od", &["--path", &path]);
+        if r.status == 503 {
+            assert!(r.body.contains("no healthy upstream"), "{r:?}");
+            break path;
+        }
+        assert!(Instant::now() < deadline, "never all ejected: {r:?}");
+    };
+    assert_eq!(s(&last_flow(&m, &path), "/http/response_flags"), "UH");
+    assert_eq!(stat("outlier_detection.ejections_active"), 3);
 }
 
 /// Load balancing: by default (Istio's LEAST_REQUEST) an endpoint held busy gets almost no new

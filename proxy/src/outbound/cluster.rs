@@ -11,14 +11,15 @@
 
 use std::collections::HashMap;
 use std::net::SocketAddr;
-use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::Arc;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use parking_lot::Mutex;
 use tokio::sync::Notify;
 
 use super::budget::RetryBudget;
+use super::outlier::{self, Detection, Health, Observed, Reason};
 use crate::registry::kinds::networking::ConnectionPoolSettings;
 use crate::upstream::http::Reuse;
 use crate::upstream::Keepalive;
@@ -79,6 +80,8 @@ pub struct Cluster {
     /// Woken when a connection may have become free: requests wait on it while the cluster
     /// may open no more connections.
     freed: Notify,
+    /// When it was first sent to: outlier detection's intervals count from here.
+    start: Instant,
 }
 
 /// One endpoint of a cluster, as every sender there sees it.
@@ -88,6 +91,11 @@ pub struct EndpointState {
     pub active: AtomicUsize,
     /// Connections open to it.
     pub connections: AtomicU64,
+    /// Ejected by outlier detection (what balancing reads; `health` says until when).
+    ejected: AtomicBool,
+    /// Some count of failures in a row is not zero (a success must clear it).
+    failing: AtomicBool,
+    health: Mutex<Health>,
 }
 
 impl Cluster {
@@ -100,7 +108,70 @@ impl Cluster {
             stats: ClusterStats::default(),
             endpoints: Mutex::default(),
             freed: Notify::new(),
+            start: Instant::now(),
         }
+    }
+
+    /// Counts what an attempt to `endpoint` (one of `total`) came to, and ejects it when
+    /// `detection` says it has failed too many times in a row.
+    pub fn observe(
+        &self,
+        detection: &Detection,
+        endpoint: &EndpointState,
+        seen: Observed,
+        total: usize,
+    ) {
+        let success = matches!(seen, Observed::Answer(s) if s < 500);
+        if success && !endpoint.failing.load(Ordering::Relaxed) {
+            return;
+        }
+        let mut health = endpoint.health.lock();
+        let reason = health.record(detection, seen);
+        endpoint.failing.store(!success, Ordering::Relaxed);
+        let Some(reason) = reason else { return };
+        if health.ejected_at.is_some() {
+            return;
+        }
+        let active = self.stats.ejections_active.load(Ordering::Relaxed) as usize;
+        if !outlier::may_eject(active, total, detection.max_ejection_percent) {
+            inc(&self.stats.ejections_overflow);
+            return;
+        }
+        health.eject(Instant::now());
+        endpoint.ejected.store(true, Ordering::Relaxed);
+        endpoint.failing.store(false, Ordering::Relaxed);
+        inc(&self.stats.ejections_active);
+        inc(&self.stats.ejections_total);
+        inc(&self.stats.ejections_enforced_total);
+        inc(match reason {
+            Reason::Consecutive5xx => &self.stats.ejections_enforced_consecutive_5xx,
+            Reason::ConsecutiveGateway => &self.stats.ejections_enforced_consecutive_gateway,
+            Reason::ConsecutiveLocalOrigin => &self.stats.ejections_enforced_consecutive_local,
+        });
+    }
+
+    /// Whether `endpoint` is ejected at `now`; one whose time is over comes back.
+    pub fn is_ejected(
+        &self,
+        detection: &Detection,
+        endpoint: &EndpointState,
+        now: Instant,
+    ) -> bool {
+        if !endpoint.ejected.load(Ordering::Relaxed) {
+            return false;
+        }
+        let mut health = endpoint.health.lock();
+        if health.ejected_at.is_some() && health.unejects(detection, self.start, now) {
+            endpoint.ejected.store(false, Ordering::Relaxed);
+            self.stats.ejections_active.fetch_sub(1, Ordering::Relaxed);
+            return false;
+        }
+        health.ejected_at.is_some()
+    }
+
+    /// Whether any of its endpoints is ejected now.
+    pub fn any_ejected(&self) -> bool {
+        self.stats.ejections_active.load(Ordering::Relaxed) > 0
     }
 
     /// Whether another request may be sent now (`http2MaxRequests`, which Istio applies to
@@ -240,6 +311,16 @@ cluster_stats! {
     cx_overflow: Counter = "upstream_cx_overflow",
     /// Connections let go after `maxRequestsPerConnection` requests.
     cx_max_requests: Counter = "upstream_cx_max_requests",
+    /// Endpoints ejected now.
+    ejections_active: Gauge = "outlier_detection.ejections_active",
+    /// Ejections, ever.
+    ejections_total: Counter = "outlier_detection.ejections_total",
+    ejections_enforced_total: Counter = "outlier_detection.ejections_enforced_total",
+    ejections_enforced_consecutive_5xx: Counter = "outlier_detection.ejections_enforced_consecutive_5xx",
+    ejections_enforced_consecutive_gateway: Counter = "outlier_detection.ejections_enforced_consecutive_gateway_failure",
+    ejections_enforced_consecutive_local: Counter = "outlier_detection.ejections_enforced_consecutive_local_origin_failure",
+    /// Ejections not made: as many endpoints were out as `maxEjectionPercent` allows.
+    ejections_overflow: Counter = "outlier_detection.ejections_overflow",
 }
 
 /// Adds one.

@@ -23,6 +23,7 @@ use tracing::debug;
 
 use super::balance::Lb;
 use super::cluster::{self, Cluster, Clusters, EndpointState, InFlight, Limits, Open, Up};
+use super::outlier::{self, Detection, Observed};
 use super::plan::{self, Action, Destination, Refusal, Source};
 use crate::admin::api::{HttpFlow, Text, Verdict, NO_FLAGS};
 use crate::exchange::body::{self, Counter, Mirrored, Teed};
@@ -577,6 +578,7 @@ impl HttpPath {
                 cluster,
                 lb: Lb::default(),
                 limits: Limits::default(),
+                detection: None,
                 version: upstream_version(conn.declared, client),
                 tls: None,
                 service: None,
@@ -708,6 +710,7 @@ impl HttpPath {
             cluster,
             lb: Lb::of(backend.policy.load_balancer.as_ref()),
             limits: Limits::of(backend.policy.connection_pool.as_ref()),
+            detection: Detection::of(backend.policy.outlier_detection.as_ref()),
             version,
             tls,
             service: service_names,
@@ -841,6 +844,18 @@ impl HttpPath {
                 .attempt(req, reach, conn, target, &up.state, try_deadline)
                 .await;
             let per_try = try_deadline != deadline;
+            if let Some(d) = &target.detection {
+                let seen = match &attempt {
+                    Ok((resp, _)) => Some(Observed::Answer(resp.status().as_u16())),
+                    Err(Failure::Denied(_) | Failure::Overflow) => None,
+                    Err(_) => Some(Observed::LocalFailure),
+                };
+                if let Some(seen) = seen {
+                    target
+                        .cluster
+                        .observe(d, &up.state, seen, target.endpoints.len());
+                }
+            }
             match &attempt {
                 Ok((resp, _)) => stats.response(resp.status().as_u16()),
                 Err(Failure::TimedOut) if per_try => cluster::inc(&stats.rq_per_try_timeout),
@@ -1154,6 +1169,8 @@ struct Target {
     lb: Lb,
     /// The cluster's circuit breakers and connection settings.
     limits: Limits,
+    /// Its outlier detection, when its DestinationRule has one.
+    detection: Option<Detection>,
     version: Version,
     tls: Option<Origination>,
     /// The Service routed to, as records name it.
@@ -1310,22 +1327,47 @@ fn full(body: Bytes) -> upstream::Body {
 
 /// An endpoint of `target` for the next attempt: the balancer's choice, or with
 /// `ignore_tried` (Istio's default) the first after it not tried yet, while there is one.
+/// Endpoints outlier detection ejected are left out, unless so few are left that balancing
+/// ignores ejections (`minHealthPercent`); `None` when none may be chosen.
 fn pick(target: &Target, tried: u64, ignore_tried: bool) -> Option<usize> {
     let n = target.endpoints.len();
-    let active = |i: usize| target.endpoints[i].state.active.load(Ordering::Relaxed);
-    let i = target.lb.choose(
-        n,
+    // The endpoints in, by index, when some are ejected.
+    let healthy: Option<Vec<usize>> = target.detection.as_ref().and_then(|d| {
+        if !target.cluster.any_ejected() {
+            return None;
+        }
+        let now = std::time::Instant::now();
+        let healthy: Vec<usize> = (0..n)
+            .filter(|&i| {
+                !target
+                    .cluster
+                    .is_ejected(d, &target.endpoints[i].state, now)
+            })
+            .collect();
+        (healthy.len() < n && !outlier::panics(healthy.len(), n, d.min_health_percent))
+            .then_some(healthy)
+    });
+    let index = |j: usize| healthy.as_ref().map_or(j, |h| h[j]);
+    let m = healthy.as_ref().map_or(n, Vec::len);
+    let active = |j: usize| {
+        target.endpoints[index(j)]
+            .state
+            .active
+            .load(Ordering::Relaxed)
+    };
+    let j = target.lb.choose(
+        m,
         target.cluster.round(),
         active,
         (fastrand::u32(..), fastrand::u32(..)),
     )?;
     if !ignore_tried || tried == 0 {
-        return Some(i);
+        return Some(index(j));
     }
-    (0..n)
-        .map(|k| (i + k) % n)
-        .find(|j| tried & (1 << (j % 64)) == 0)
-        .or(Some(i))
+    (0..m)
+        .map(|k| index((j + k) % m))
+        .find(|i| tried & (1 << (i % 64)) == 0)
+        .or(Some(index(j)))
 }
 
 /// Whether an upstream error is an HTTP/2 `REFUSED_STREAM`: the request was never processed.
@@ -1431,6 +1473,7 @@ mod tests {
             cluster: Clusters::default().get("test"),
             lb: Lb::RoundRobin,
             limits: Limits::default(),
+            detection: None,
             version: Version::Http1,
             tls: None,
             service: None,

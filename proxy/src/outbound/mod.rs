@@ -5,7 +5,8 @@
 //!
 //! - [`plan`]: the decision, unit-tested without sockets.
 //! - [`cluster`]: what every sender to a destination shares (balancing, budget, counters);
-//!   [`balance`]: endpoint choice; [`budget`]: each destination's retry budget.
+//!   [`balance`]: endpoint choice; [`budget`]: each destination's retry budget;
+//!   [`outlier`]: outlier detection's decisions.
 //! - [`redirects`]: redirects that never became connections (`unhandled` flows).
 //!
 //! May import: `inputs`, `capture`, `workload`, `registry`, `policy`, `identity`, `inbound`
@@ -16,6 +17,7 @@ pub mod balance;
 pub mod budget;
 pub mod cluster;
 pub mod http;
+pub mod outlier;
 pub mod plan;
 pub mod redirects;
 

@@ -108,7 +108,9 @@ impl Collector for NodeCollector {
             // OpenMetrics ends every counter in `_total`: `upstream_rq_total` gets one only.
             let name = format!(
                 "envoy_cluster_{}",
-                stat.strip_suffix("_total").unwrap_or(stat)
+                stat.strip_suffix("_total")
+                    .unwrap_or(stat)
+                    .replace('.', "_")
             );
             let help = format!("Envoy's cluster.<cluster_name>.{stat}, per destination");
             if is_gauge {
@@ -225,6 +227,7 @@ mod tests {
             ("upstream_rq_retry", false, 9),
             ("upstream_rq_total", false, 12),
             ("upstream_rq_active", true, 2),
+            ("outlier_detection.ejections_active", true, 1),
         ] {
             gauges.clusters.push(ClusterSample {
                 cluster: cluster.into(),
@@ -261,6 +264,7 @@ mod tests {
             "envoy_cluster_upstream_rq_retry_total{cluster_name=\"outbound|9080|v2|reviews.back.svc.cluster.local\"} 9",
             "envoy_cluster_upstream_rq_total{cluster_name=\"outbound|9080|v2|reviews.back.svc.cluster.local\"} 12",
             "envoy_cluster_upstream_rq_active{cluster_name=\"outbound|9080|v2|reviews.back.svc.cluster.local\"} 2",
+            "envoy_cluster_outlier_detection_ejections_active{cluster_name=\"outbound|9080|v2|reviews.back.svc.cluster.local\"} 1",
             "# EOF",
         ] {
             assert!(out.lines().any(|l| l == line), "missing {line:?} in\n{out}");

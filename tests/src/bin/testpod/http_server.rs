@@ -51,6 +51,9 @@ pub enum PathAction {
     Answer,
     /// `/status/<code>`: answer with that status (a code that is not one: 400).
     Status(u16),
+    /// `/status-on/<name>/<code>`: the same on the server named `<name>`; any other answers
+    /// 200 (one endpoint of several failing).
+    StatusOn(String, u16),
     /// `/delay/<ms>`: wait (at most [`MAX_DELAY`]), then answer 200.
     Delay(Duration),
     /// `/delay-on/<name>/<ms>`: the same on the server named `<name>`; any other answers at
@@ -76,6 +79,15 @@ pub fn path_action(path: &str) -> PathAction {
     if let Some(ms) = path.strip_prefix("/delay/") {
         let ms = ms.parse::<u64>().unwrap_or(0);
         return PathAction::Delay(Duration::from_millis(ms).min(MAX_DELAY));
+    }
+    if let Some(rest) = path.strip_prefix("/status-on/") {
+        let (name, code) = rest.split_once('/').unwrap_or((rest, ""));
+        let code = code
+            .parse::<u16>()
+            .ok()
+            .filter(|c| StatusCode::from_u16(*c).is_ok())
+            .unwrap_or(400);
+        return PathAction::StatusOn(name.to_string(), code);
     }
     if let Some(rest) = path.strip_prefix("/delay-on/") {
         let (name, ms) = rest.split_once('/').unwrap_or((rest, ""));
@@ -338,6 +350,10 @@ async fn answer(mut req: Request<Incoming>, conn: Arc<Conn>) -> Result<Response<
             tokio::time::sleep(d).await;
             StatusCode::OK
         }
+        PathAction::StatusOn(on, code) if name == Some(on.as_str()) => {
+            StatusCode::from_u16(code).unwrap_or(StatusCode::BAD_REQUEST)
+        }
+        PathAction::StatusOn(..) => StatusCode::OK,
         PathAction::DelayOn(on, d) => {
             if name == Some(on.as_str()) {
                 tokio::time::sleep(d).await;
@@ -433,6 +449,10 @@ mod tests {
         assert_eq!(
             path_action("/delay/999999999"),
             PathAction::Delay(MAX_DELAY)
+        );
+        assert_eq!(
+            path_action("/status-on/reviews-v1/500"),
+            PathAction::StatusOn("reviews-v1".into(), 500)
         );
         assert_eq!(
             path_action("/delay-on/reviews-v1/250"),

@@ -54,7 +54,8 @@ enum Mode {
     /// body `name=…/peer=…/method=…/path=…/host=…/proto=…/body-bytes=…` and one
     /// `header <name>: <value>` line per request header, response header `x-backend: <name>`;
     /// `/status/<code>` answers with that status, `/delay/<ms>` waits first (at most 60 s),
-    /// `/delay-on/<name>/<ms>` only on the server of that name; a
+    /// `/delay-on/<name>/<ms>` and `/status-on/<name>/<code>` only on the server of that
+    /// name; a
     /// WebSocket upgrade gets 101, then an echo of the raw bytes.
     Http,
     /// `http` over TLS (`--cert`, `--key`; ALPN h2 and http/1.1), with a `sni=` body line.
