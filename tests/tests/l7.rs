@@ -133,6 +133,8 @@ const REVIEWS_SERVICES: &[&str] = &[
     "reviews-lb-random",
     "reviews-cb",
     "reviews-od",
+    "reviews-hash",
+    "reviews-cookie",
 ];
 
 fn build_shared() -> L7 {
@@ -1461,6 +1463,77 @@ fn circuit_breakers_turn_requests_away_at_their_limits() {
     assert_eq!(got.status(200), 10, "{got:?}");
     assert_eq!(stat("v3", "upstream_cx_total") - before, 10);
     assert!(stat("v3", "upstream_cx_max_requests") >= 10);
+}
+
+/// Consistent hashing (DestinationRule `consistentHash`): requests with one header value keep
+/// one endpoint, different values spread; a cookie missing from a request is made, set on the
+/// response, and keeps the endpoint when sent back.
+#[test]
+fn consistent_hash_keeps_a_key_on_one_endpoint() {
+    let m = shared();
+    m.apply(
+        r#"
+        apiVersion: networking.istio.io/v1
+        kind: DestinationRule
+        metadata:
+          name: reviews-hash
+          namespace: back
+        spec:
+          host: reviews-hash
+          trafficPolicy:
+            loadBalancer:
+              consistentHash: {httpHeaderName: x-user}
+        ---
+        apiVersion: networking.istio.io/v1
+        kind: DestinationRule
+        metadata:
+          name: reviews-cookie
+          namespace: back
+        spec:
+          host: reviews-cookie
+          trafficPolicy:
+            loadBalancer:
+              consistentHash:
+                httpCookie: {name: session, path: /, ttl: 60s}
+                maglev: {tableSize: 65537}
+        "#,
+    );
+    let cookie_made = || {
+        let r = m.get("reviews-cookie", &[]);
+        r.headers
+            .iter()
+            .find(|(k, _)| k == "set-cookie")
+            .map(|(_, v)| v.clone())
+    };
+    let set = wait_for(WAIT, cookie_made).unwrap_or_else(|_| {
+        panic!(
+            "no cookie made: {:?} {}",
+            m.get("reviews-cookie", &[]),
+            m.weft_a.status().unwrap()["registry"]
+        )
+    });
+    assert!(
+        set.starts_with("session=\"") && set.contains("Max-Age=60; Path=/; HttpOnly"),
+        "{set}"
+    );
+    let mut backends = BTreeSet::new();
+    for user in ["ann", "bob", "cid", "dan", "eve", "fay", "gus", "hal"] {
+        let header = format!("x-user: {user}");
+        let got = m.load("reviews-hash", 200, &["-H", &header]);
+        assert_eq!(got.status(200), 200, "{got:?}");
+        assert_eq!(got.backends.len(), 1, "{user} keeps one endpoint: {got:?}");
+        backends.extend(got.backends.keys().cloned());
+    }
+    assert!(backends.len() >= 2, "keys spread: {backends:?}");
+    let value = set.split(';').next().unwrap().to_string();
+    let header = format!("cookie: {value}");
+    let got = m.load("reviews-cookie", 50, &["-H", &header]);
+    assert_eq!(got.status(200), 50, "{got:?}");
+    assert_eq!(
+        got.backends.len(),
+        1,
+        "the cookie keeps one endpoint: {got:?}"
+    );
 }
 
 /// Outlier detection: an endpoint answering 5xx `consecutive5xxErrors` times in a row is

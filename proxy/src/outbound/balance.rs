@@ -18,8 +18,12 @@ pub enum Lb {
 impl Lb {
     /// The policy a DestinationRule's settings ask for: `ROUND_ROBIN`, `RANDOM`,
     /// `LEAST_REQUEST` (and its old name `LEAST_CONN`); anything else, or nothing, Istio's
-    /// default `LEAST_REQUEST` (`PASSTHROUGH` and `consistentHash` are not applied yet).
+    /// default `LEAST_REQUEST` (`PASSTHROUGH` is not applied yet). With `consistentHash`,
+    /// what a request without a key gets: a random endpoint, as Envoy.
     pub fn of(settings: Option<&LoadBalancerSettings>) -> Lb {
+        if settings.is_some_and(|s| s.consistent_hash.is_some()) {
+            return Lb::Random;
+        }
         match settings.and_then(|s| s.simple.as_ref()) {
             Some(SimpleLb::RoundRobin) => Lb::RoundRobin,
             Some(SimpleLb::Random) => Lb::Random,

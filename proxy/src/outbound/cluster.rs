@@ -19,6 +19,7 @@ use parking_lot::Mutex;
 use tokio::sync::Notify;
 
 use super::budget::RetryBudget;
+use super::hash;
 use super::outlier::{self, Detection, Health, Observed, Reason};
 use crate::registry::kinds::networking::ConnectionPoolSettings;
 use crate::upstream::http::Reuse;
@@ -82,7 +83,12 @@ pub struct Cluster {
     freed: Notify,
     /// When it was first sent to: outlier detection's intervals count from here.
     start: Instant,
+    /// The consistent-hash table last built, with what it was built for.
+    table: Mutex<Option<KeptTable>>,
 }
+
+/// A consistent-hash table with the kind and endpoints it was built for.
+type KeptTable = (hash::Kind, Vec<SocketAddr>, Arc<hash::Table>);
 
 /// One endpoint of a cluster, as every sender there sees it.
 #[derive(Debug, Default)]
@@ -109,7 +115,22 @@ impl Cluster {
             endpoints: Mutex::default(),
             freed: Notify::new(),
             start: Instant::now(),
+            table: Mutex::default(),
         }
+    }
+
+    /// The consistent-hash table of `kind` for `endpoints`: the one kept while they stay the
+    /// same (every connection's targets share it), else a new one.
+    pub fn table(&self, kind: hash::Kind, endpoints: &[SocketAddr]) -> Arc<hash::Table> {
+        let mut kept = self.table.lock();
+        if let Some((k, eps, t)) = kept.as_ref() {
+            if *k == kind && eps == endpoints {
+                return t.clone();
+            }
+        }
+        let t = Arc::new(hash::Table::build(kind, endpoints));
+        *kept = Some((kind, endpoints.to_vec(), t.clone()));
+        t
     }
 
     /// Counts what an attempt to `endpoint` (one of `total`) came to, and ejects it when

@@ -23,6 +23,7 @@ use tracing::debug;
 
 use super::balance::Lb;
 use super::cluster::{self, Cluster, Clusters, EndpointState, InFlight, Limits, Open, Up};
+use super::hash;
 use super::outlier::{self, Detection, Observed};
 use super::plan::{self, Action, Destination, Refusal, Source};
 use crate::admin::api::{HttpFlow, Text, Verdict, NO_FLAGS};
@@ -579,6 +580,7 @@ impl HttpPath {
                 lb: Lb::default(),
                 limits: Limits::default(),
                 detection: None,
+                hashing: None,
                 version: upstream_version(conn.declared, client),
                 tls: None,
                 service: None,
@@ -705,12 +707,24 @@ impl HttpPath {
             };
             o
         });
+        let hashing = backend
+            .policy
+            .load_balancer
+            .as_ref()
+            .and_then(|l| l.consistent_hash.as_ref())
+            .and_then(hash::Policy::of)
+            .map(|p| {
+                let addrs: Vec<SocketAddr> = endpoints.iter().map(|e: &Upstream| e.addr).collect();
+                let table = cluster.table(p.kind, &addrs);
+                (p, table)
+            });
         let target = Target {
             endpoints,
             cluster,
             lb: Lb::of(backend.policy.load_balancer.as_ref()),
             limits: Limits::of(backend.policy.connection_pool.as_ref()),
             detection: Detection::of(backend.policy.outlier_detection.as_ref()),
+            hashing,
             version,
             tls,
             service: service_names,
@@ -740,6 +754,11 @@ impl HttpPath {
         // known to be small (read whole first, as Envoy buffers it); an upgrade never is.
         let policy = retry.filter(|p| p.attempts > 0);
         let client_upgrade = upgrade.then(|| hyper::upgrade::on(&mut req));
+        // The request's key, when the destination hashes (and the cookie made for it).
+        let (key_hash, made_cookie) = match &target.hashing {
+            Some((policy, _)) => request_hash(policy, &req, conn),
+            None => (None, None),
+        };
         let sent = Counter::default();
         let small = |b: &B| {
             b.is_end_stream()
@@ -785,7 +804,7 @@ impl HttpPath {
             let Some(req) = next.take().or_else(|| replay.as_ref().map(Replay::request)) else {
                 unreachable!("a request is sent again only when it has a replay");
             };
-            let Some(i) = pick(target, tried, ignore_tried) else {
+            let Some(i) = pick(target, tried, ignore_tried, key_hash) else {
                 return own(record, Verdict::NoEndpoint, Flag::NoHealthyUpstream, None);
             };
             tried |= 1 << (i % 64);
@@ -932,6 +951,9 @@ impl HttpPath {
             }
             target.cluster.free();
             drop(retrying);
+            if let Some(cookie) = made_cookie.and_then(|c| HeaderValue::from_str(&c).ok()) {
+                resp.headers_mut().append(header::SET_COOKIE, cookie);
+            }
             return exchange::client_response(
                 resp,
                 conn.client,
@@ -1171,6 +1193,9 @@ struct Target {
     limits: Limits,
     /// Its outlier detection, when its DestinationRule has one.
     detection: Option<Detection>,
+    /// Its consistent hashing, when its DestinationRule asks for it: what a request is
+    /// hashed by, and the table of its endpoints.
+    hashing: Option<(hash::Policy, Arc<hash::Table>)>,
     version: Version,
     tls: Option<Origination>,
     /// The Service routed to, as records name it.
@@ -1329,7 +1354,7 @@ fn full(body: Bytes) -> upstream::Body {
 /// `ignore_tried` (Istio's default) the first after it not tried yet, while there is one.
 /// Endpoints outlier detection ejected are left out, unless so few are left that balancing
 /// ignores ejections (`minHealthPercent`); `None` when none may be chosen.
-fn pick(target: &Target, tried: u64, ignore_tried: bool) -> Option<usize> {
+fn pick(target: &Target, tried: u64, ignore_tried: bool, key: Option<u64>) -> Option<usize> {
     let n = target.endpoints.len();
     // The endpoints in, by index, when some are ejected.
     let healthy: Option<Vec<usize>> = target.detection.as_ref().and_then(|d| {
@@ -1355,12 +1380,28 @@ fn pick(target: &Target, tried: u64, ignore_tried: bool) -> Option<usize> {
             .active
             .load(Ordering::Relaxed)
     };
-    let j = target.lb.choose(
-        m,
-        target.cluster.round(),
-        active,
-        (fastrand::u32(..), fastrand::u32(..)),
-    )?;
+    // A hashed request goes to its key's endpoint, or while that one is out, the next one in.
+    let hashed = key
+        .zip(target.hashing.as_ref())
+        .and_then(|(h, (_, table))| {
+            let i = table.lookup(h)?;
+            match &healthy {
+                None => Some(i),
+                Some(h) => h
+                    .iter()
+                    .position(|x| *x >= i)
+                    .or((!h.is_empty()).then_some(0)),
+            }
+        });
+    let j = match hashed {
+        Some(j) => j,
+        None => target.lb.choose(
+            m,
+            target.cluster.round(),
+            active,
+            (fastrand::u32(..), fastrand::u32(..)),
+        )?,
+    };
     if !ignore_tried || tried == 0 {
         return Some(index(j));
     }
@@ -1368,6 +1409,49 @@ fn pick(target: &Target, tried: u64, ignore_tried: bool) -> Option<usize> {
         .map(|k| index((j + k) % m))
         .find(|i| tried & (1 << (i % 64)) == 0)
         .or(Some(index(j)))
+}
+
+/// The hash of a request's key under `policy`, and the `Set-Cookie` value of a cookie made
+/// for it when the key is a cookie it did not have (`None` without a key: no hashing).
+fn request_hash<B>(
+    policy: &hash::Policy,
+    req: &Request<B>,
+    conn: &Conn,
+) -> (Option<u64>, Option<String>) {
+    let header = |name: &str| req.headers().get(name).and_then(|v| v.to_str().ok());
+    match &policy.key {
+        hash::Key::Header(name) => (header(name).map(|v| hash::hash(v.as_bytes())), None),
+        hash::Key::Query(name) => {
+            let pq = req.uri().path_and_query().map_or("", |p| p.as_str());
+            (
+                hash::query(pq, name).map(|v| hash::hash(v.as_bytes())),
+                None,
+            )
+        }
+        hash::Key::SourceIp => (
+            Some(hash::hash(conn.source.ip.to_string().as_bytes())),
+            None,
+        ),
+        hash::Key::Cookie { name, path, ttl } => {
+            let found = req
+                .headers()
+                .get_all(header::COOKIE)
+                .iter()
+                .filter_map(|v| v.to_str().ok())
+                .find_map(|v| hash::cookie(v, name));
+            match (found, ttl) {
+                (Some(v), _) => (Some(hash::hash(v.trim_matches('"').as_bytes())), None),
+                (None, Some(ttl)) => {
+                    let value = format!("{:016x}", fastrand::u64(..));
+                    (
+                        Some(hash::hash(value.as_bytes())),
+                        Some(hash::set_cookie(name, &value, path, *ttl)),
+                    )
+                }
+                (None, None) => (None, None),
+            }
+        }
+    }
 }
 
 /// Whether an upstream error is an HTTP/2 `REFUSED_STREAM`: the request was never processed.
@@ -1474,6 +1558,7 @@ mod tests {
             lb: Lb::RoundRobin,
             limits: Limits::default(),
             detection: None,
+            hashing: None,
             version: Version::Http1,
             tls: None,
             service: None,
@@ -1495,20 +1580,20 @@ mod tests {
             endpoints,
             ..Arc::into_inner(target()).unwrap()
         };
-        let first = pick(&t, 0, true).unwrap();
+        let first = pick(&t, 0, true, None).unwrap();
         assert_eq!(first, 0, "the balancer's turn");
         let mut tried = 1 << first;
-        let second = pick(&t, tried, true).unwrap();
+        let second = pick(&t, tried, true, None).unwrap();
         assert_ne!(second, first);
         tried |= 1 << second;
-        let third = pick(&t, tried, true).unwrap();
+        let third = pick(&t, tried, true, None).unwrap();
         assert!(
             third != first && third != second,
             "{first} {second} {third}"
         );
         tried |= 1 << third;
         assert!(
-            pick(&t, tried, true).is_some(),
+            pick(&t, tried, true, None).is_some(),
             "all tried: the turn's again"
         );
         // Without retryIgnorePreviousHosts, the turn decides alone.
@@ -1524,9 +1609,9 @@ mod tests {
                 .collect(),
             ..Arc::into_inner(target()).unwrap()
         };
-        assert_eq!(pick(&t2, 0, false), Some(0));
-        assert_eq!(pick(&t2, 1, false), Some(1));
-        assert_eq!(pick(&t2, 1, false), Some(0), "tried or not");
+        assert_eq!(pick(&t2, 0, false, None), Some(0));
+        assert_eq!(pick(&t2, 1, false, None), Some(1));
+        assert_eq!(pick(&t2, 1, false, None), Some(0), "tried or not");
     }
 
     fn want<'a>(host: &'a str, port: u16, subset: Option<&'a str>) -> Want<'a> {

@@ -6,7 +6,7 @@
 //! - [`plan`]: the decision, unit-tested without sockets.
 //! - [`cluster`]: what every sender to a destination shares (balancing, budget, counters);
 //!   [`balance`]: endpoint choice; [`budget`]: each destination's retry budget;
-//!   [`outlier`]: outlier detection's decisions.
+//!   [`outlier`]: outlier detection's decisions; [`hash`]: consistent-hash tables.
 //! - [`redirects`]: redirects that never became connections (`unhandled` flows).
 //!
 //! May import: `inputs`, `capture`, `workload`, `registry`, `policy`, `identity`, `inbound`
@@ -16,6 +16,7 @@
 pub mod balance;
 pub mod budget;
 pub mod cluster;
+pub mod hash;
 pub mod http;
 pub mod outlier;
 pub mod plan;
