@@ -1009,40 +1009,71 @@ fn last_flow(m: &L7, path: &str) -> Value {
         .unwrap()
 }
 
+/// Sends requests to `svc` (path `path(k)` for the k-th) until the flow of one is `done`;
+/// panics saying `what` was waited for after [`WAIT`].
+fn wait_for_flow(
+    m: &L7,
+    svc: &str,
+    what: &str,
+    path: impl Fn(u64) -> String,
+    done: impl Fn(&Value) -> bool,
+) {
+    let deadline = Instant::now() + WAIT;
+    for key in 0.. {
+        let path = path(key);
+        m.get(svc, &["--path", &path]);
+        if done(&last_flow(m, &path)) {
+            return;
+        }
+        assert!(Instant::now() < deadline, "{svc}: {what} after {WAIT:?}");
+        std::thread::sleep(Duration::from_millis(100));
+    }
+}
+
 /// Waits until requests to `svc` take the route `id` (as flows name it): the configuration
 /// applied, not merely a distribution that happens to look like it.
 fn wait_for_route(m: &L7, svc: &str, id: &str) {
-    let deadline = Instant::now() + WAIT;
-    for key in 0.. {
-        let path = format!("/?route-applied={key}");
-        m.get(svc, &["--path", &path]);
-        if last_flow(m, &path)["http"]["route"] == id {
-            return;
-        }
-        assert!(
-            Instant::now() < deadline,
-            "{svc}: not routed by {id} after {WAIT:?}"
-        );
-        std::thread::sleep(Duration::from_millis(100));
-    }
+    let what = format!("not routed by {id}");
+    let path = |k| format!("/?route-applied={k}");
+    wait_for_flow(m, svc, &what, path, |f| f["http"]["route"] == id);
 }
 
 /// Waits until a 500 from `svc` is tried `attempts` times: its VirtualService's retries are in
 /// force (Istio's default policy, on the default route, retries 503 only).
 fn wait_for_retries(m: &L7, svc: &str, attempts: u64) {
-    let deadline = Instant::now() + WAIT;
-    for key in 0.. {
-        let path = format!("/status/500?wait={key}");
-        m.get(svc, &["--path", &path]);
-        if last_flow(m, &path)["http"]["attempts"] == attempts {
-            return;
-        }
-        assert!(
-            Instant::now() < deadline,
-            "{svc}: no retries after {WAIT:?}"
-        );
-        std::thread::sleep(Duration::from_millis(100));
-    }
+    let path = |k| format!("/status/500?wait={k}");
+    wait_for_flow(m, svc, "no retries", path, |f| {
+        f["http"]["attempts"] == attempts
+    });
+}
+
+/// The counters of weft_a's destination `cluster` (its Istio name), by stat name; a
+/// destination not sent to yet has none.
+fn cluster_stats(m: &L7, cluster: &str) -> BTreeMap<String, u64> {
+    // The name as a regular expression (`|` and `.` are its own), percent-encoded.
+    let filter: String = cluster
+        .chars()
+        .flat_map(|c| {
+            let escape = "\\.+*?()|[]{}^$".contains(c);
+            escape.then_some('\\').into_iter().chain([c])
+        })
+        .map(|c| format!("%{:02X}", c as u32))
+        .collect();
+    let (code, text) = m
+        .weft_a
+        .admin_get(&format!("/stats?filter={filter}"))
+        .unwrap();
+    assert_eq!(code, 200, "{text}");
+    let prefix = format!("cluster.{cluster}.");
+    text.lines()
+        .filter_map(|l| l.strip_prefix(&prefix)?.rsplit_once(": "))
+        .map(|(k, v)| (k.to_string(), v.parse().unwrap()))
+        .collect()
+}
+
+/// One counter of `cluster_stats` (0 when not there yet).
+fn stat(m: &L7, cluster: &str, name: &str) -> u64 {
+    cluster_stats(m, cluster).get(name).copied().unwrap_or(0)
 }
 
 /// Retries (VirtualService `retries`): a backend failing twice then answering is retried to its
@@ -1109,21 +1140,8 @@ fn retries_follow_the_policy_and_the_flow_counts_the_attempts() {
     // Always failing: 1 + 3 attempts each, the last answer returned, URX; the destination's
     // counters say so in Envoy's names (a destination of this test's only: what reached it
     // before the VirtualService was in force is counted out).
-    let cluster = "cluster.outbound|9080||reviews-retry.back.svc.cluster.local";
-    let stats = || {
-        let (code, text) = m
-            .weft_a
-            .admin_get("/stats?filter=reviews-retry%5C.back")
-            .unwrap();
-        assert_eq!(code, 200, "{text}");
-        let values: BTreeMap<String, i64> = text
-            .lines()
-            .filter_map(|l| l.rsplit_once(": "))
-            .map(|(k, v)| (k.to_string(), v.parse().unwrap()))
-            .collect();
-        (values, text)
-    };
-    let (before, _) = stats();
+    let cluster = "outbound|9080||reviews-retry.back.svc.cluster.local";
+    let before = cluster_stats(&m, cluster);
     let mut hits = 0;
     for i in 0..3 {
         let path = format!("/status/500?always={i}");
@@ -1138,7 +1156,7 @@ fn retries_follow_the_policy_and_the_flow_counts_the_attempts() {
         hits += f["http"]["attempts"].as_u64().unwrap();
     }
     assert_eq!(hits, 12, "3 requests, 9 retries");
-    let (after, text) = stats();
+    let after = cluster_stats(&m, cluster);
     for (stat, value) in [
         ("upstream_rq_retry", 9),
         ("upstream_rq_retry_limit_exceeded", 3),
@@ -1147,13 +1165,16 @@ fn retries_follow_the_policy_and_the_flow_counts_the_attempts() {
         ("upstream_rq_5xx", 12),
         ("upstream_rq_active", 0),
     ] {
-        let name = format!("{cluster}.{stat}");
-        let delta =
-            after.get(&name).copied().unwrap_or(-1) - before.get(&name).copied().unwrap_or(0);
-        assert_eq!(delta, value, "{name}: before {before:?}, now\n{text}");
+        let delta = after[stat] - before.get(stat).copied().unwrap_or(0);
+        assert_eq!(delta, value, "{stat}: before {before:?}, now {after:?}");
     }
+    let (_, text) = m
+        .weft_a
+        .admin_get("/stats?filter=reviews-retry%5C.back")
+        .unwrap();
     assert!(
-        !text.contains("reviews-v1"),
+        text.lines()
+            .all(|l| l.starts_with(&format!("cluster.{cluster}."))),
         "the filter keeps only matching names:\n{text}"
     );
     // The same from the command line, and as Prometheus series.
@@ -1161,10 +1182,10 @@ fn retries_follow_the_policy_and_the_flow_counts_the_attempts() {
         .weft_a
         .cli(&["stats", "--filter", "reviews-retry\\..*retry"])
         .unwrap();
-    let retries = after[&format!("{cluster}.upstream_rq_retry")];
+    let retries = after["upstream_rq_retry"];
     assert!(
         cli.lines()
-            .any(|l| l == format!("{cluster}.upstream_rq_retry: {retries}")),
+            .any(|l| l == format!("cluster.{cluster}.upstream_rq_retry: {retries}")),
         "{cli}"
     );
     assert_eq!(
@@ -1176,7 +1197,8 @@ fn retries_follow_the_policy_and_the_flow_counts_the_attempts() {
     );
     assert_eq!(cli.lines().count(), 5, "{cli}");
     let metrics = m.weft_a.metrics().unwrap();
-    let series = format!("envoy_cluster_upstream_rq_retry_total{{cluster_name=\"outbound|9080||reviews-retry.back.svc.cluster.local\"}} {retries}");
+    let series =
+        format!("envoy_cluster_upstream_rq_retry_total{{cluster_name=\"{cluster}\"}} {retries}");
     assert!(
         metrics.lines().any(|l| l == series),
         "no {series} in\n{metrics}"
@@ -1409,12 +1431,7 @@ fn circuit_breakers_turn_requests_away_at_their_limits() {
     };
     let check = |what: &str, got: &[(HttpReply, Duration, String)], passed: usize| {
         let (ok, turned): (Vec<_>, Vec<_>) = got.iter().partition(|(r, _, _)| r.status == 200);
-        let stats = || {
-            m.weft_a
-                .admin_get("/stats?filter=reviews-cb&usedonly")
-                .unwrap()
-                .1
-        };
+        let stats = || cluster_stats(&m, "outbound|9080|v1|reviews-cb.back.svc.cluster.local");
         let statuses: Vec<_> = got.iter().map(|(r, t, _)| (r.status, *t)).collect();
         let flows: Vec<_> = got
             .iter()
@@ -1423,7 +1440,7 @@ fn circuit_breakers_turn_requests_away_at_their_limits() {
         assert_eq!(
             ok.len(),
             passed,
-            "{what}: {statuses:?}\n{}\n{flows:#?}",
+            "{what}: {statuses:?}\n{:?}\n{flows:#?}",
             stats()
         );
         for (r, took, path) in turned {
@@ -1444,14 +1461,9 @@ fn circuit_breakers_turn_requests_away_at_their_limits() {
     );
     check("http2MaxRequests 1", &burst("requests", 3), 1);
 
-    let stat = |cluster: &str, name: &str| -> u64 {
-        let (_, text) = m.weft_a.admin_get("/stats?filter=reviews-cb").unwrap();
-        let line =
-            format!("cluster.outbound|9080|{cluster}|reviews-cb.back.svc.cluster.local.{name}: ");
-        // A destination not sent to yet has no counters.
-        text.lines()
-            .find_map(|l| l.strip_prefix(&line))
-            .map_or(0, |v| v.parse().unwrap())
+    let stat = |subset: &str, name: &str| {
+        let cluster = format!("outbound|9080|{subset}|reviews-cb.back.svc.cluster.local");
+        stat(&m, &cluster, name)
     };
     assert!(stat("v1", "upstream_rq_pending_overflow") >= 3);
     assert!(stat("v1", "upstream_cx_overflow") >= 4);
@@ -1559,14 +1571,7 @@ fn outlier_detection_ejects_failing_endpoints_and_brings_them_back() {
               maxEjectionPercent: 100
         "#,
     );
-    let cluster = "cluster.outbound|9080||reviews-od.back.svc.cluster.local";
-    let stat = |name: &str| -> u64 {
-        let (_, text) = m.weft_a.admin_get("/stats?filter=reviews-od").unwrap();
-        let line = format!("{cluster}.{name}: ");
-        text.lines()
-            .find_map(|l| l.strip_prefix(&line))
-            .map_or(0, |v| v.parse().unwrap())
-    };
+    let stat = |name: &str| stat(&m, "outbound|9080||reviews-od.back.svc.cluster.local", name);
     // reviews-v1 answers 500 (not retried by Istio's default policy), the others 200.
     wait_until(WAIT, || {
         m.load("reviews-od", 10, &["--path", "/status-on/reviews-v1/500"]);

@@ -402,6 +402,17 @@ mod tests {
         addr
     }
 
+    /// The key of a direct connection to `addr`.
+    fn direct(addr: SocketAddr, version: Version) -> PoolKey {
+        PoolKey {
+            endpoint: addr,
+            via: "direct".into(),
+            version,
+            cluster: 0,
+            generation: 1,
+        }
+    }
+
     async fn get(pool: &HttpPool, key: &PoolKey) -> String {
         let mut sender = match pool.checkout(key) {
             Some(s) => s,
@@ -427,13 +438,7 @@ mod tests {
         for version in [Version::Http1, Version::Http2] {
             let addr = server(version).await;
             let pool = HttpPool::default();
-            let key = PoolKey {
-                endpoint: addr,
-                via: "direct".into(),
-                version,
-                cluster: 0,
-                generation: 1,
-            };
+            let key = direct(addr, version);
             let first = get(&pool, &key).await;
             tokio::task::yield_now().await;
             let second = get(&pool, &key).await;
@@ -464,13 +469,7 @@ mod tests {
         for version in [Version::Http1, Version::Http2] {
             let addr = server(version).await;
             let pool = HttpPool::default();
-            let key = PoolKey {
-                endpoint: addr,
-                via: "direct".into(),
-                version,
-                cluster: 0,
-                generation: 1,
-            };
+            let key = direct(addr, version);
             let send = |reuse: Reuse| async move {
                 let io = tokio::net::TcpStream::connect(addr).await.unwrap();
                 let mut s = Sender::handshake(io, version, reuse, ()).await.unwrap();
@@ -525,13 +524,7 @@ mod tests {
                 .await;
         });
         let pool = HttpPool::default();
-        let key = PoolKey {
-            endpoint: addr,
-            via: "direct".into(),
-            version: Version::Http1,
-            cluster: 0,
-            generation: 1,
-        };
+        let key = direct(addr, Version::Http1);
         let io = tokio::net::TcpStream::connect(addr).await.unwrap();
         let mut sender = Sender::handshake(io, Version::Http1, Reuse::default(), ())
             .await
