@@ -400,6 +400,11 @@ impl Bench {
                         }
                     }),
                 },
+                PathKind::WeftResilient => match wefts.first() {
+                    // One node only, like haproxy and nginx.
+                    Some(_) if topo == Topology::SingleNode => self.check_http(p),
+                    _ => continue,
+                },
                 PathKind::Haproxy => self.start_http_haproxy().and_then(|pid| {
                     watched.push(("haproxy (HTTP)".into(), pid));
                     self.check_http(p)
@@ -610,6 +615,7 @@ impl Bench {
         let (pod, ip, port) = match path {
             PathKind::Direct => (&self.plain, self.server.ip(), BACKEND_PORTS),
             PathKind::Weft => (&self.mesh, self.svc_ip, BACKEND_PORTS),
+            PathKind::WeftResilient => (&self.mesh, self.resilient_ip, BACKEND_PORTS),
             PathKind::Haproxy => (&self.plain, node, HAPROXY_PORTS),
             PathKind::Nginx => (&self.plain, node, NGINX_PORTS),
         };

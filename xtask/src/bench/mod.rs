@@ -86,7 +86,7 @@ pub struct Args {
         long,
         value_enum,
         value_delimiter = ',',
-        default_value = "direct,weft,haproxy,nginx"
+        default_value = "direct,weft,weft-resilient,haproxy,nginx"
     )]
     paths: Vec<PathKind>,
     /// Run one topology only [default: both, single node first]. Cross-node measures `direct`
@@ -107,6 +107,10 @@ pub struct Args {
 pub enum PathKind {
     Direct,
     Weft,
+    /// weft to a Service whose VirtualService sets a timeout and retries and whose
+    /// DestinationRule sets outlier detection and circuit breakers, none of them triggered:
+    /// what the resilience machinery costs on the hot path (HTTP cases, one node).
+    WeftResilient,
     Haproxy,
     Nginx,
 }
@@ -116,6 +120,7 @@ impl PathKind {
         match self {
             PathKind::Direct => "direct",
             PathKind::Weft => "weft",
+            PathKind::WeftResilient => "weft-resilient",
             PathKind::Haproxy => "haproxy",
             PathKind::Nginx => "nginx",
         }
@@ -131,6 +136,9 @@ pub fn run(args: Args) -> Result<()> {
     let release = release_dir();
     let (weft, testpod) = (release.join("weft"), release.join("weft-testpod"));
     let need_weft = args.paths.contains(&PathKind::Weft);
+    if args.paths.contains(&PathKind::WeftResilient) && !need_weft {
+        bail!("--paths: weft-resilient is measured through the weft path's weft: add weft");
+    }
     for b in [&weft, &testpod] {
         if !b.exists() && (need_weft || *b == testpod) {
             bail!(
@@ -219,7 +227,8 @@ impl Bench {
         let mut weft = None;
         for &p in paths {
             let up = match p {
-                PathKind::Direct => continue,
+                // HTTP only: its TCP ports are routed as the weft path's.
+                PathKind::Direct | PathKind::WeftResilient => continue,
                 PathKind::Haproxy => self.start_haproxy(),
                 PathKind::Nginx => self.start_nginx(),
                 PathKind::Weft => Weft::start(&self.cluster, &self.nodes[0]).map(|w| {

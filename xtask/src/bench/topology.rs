@@ -63,12 +63,52 @@ pub(super) struct Bench {
     /// The client pod of the weft path (enrolled).
     pub(super) mesh: Pod,
     pub(super) svc_ip: std::net::Ipv4Addr,
+    /// The clusterIP of the weft-resilient path's Service.
+    pub(super) resilient_ip: std::net::Ipv4Addr,
     /// Servers and proxies started for the run, killed with the bench.
     pub(super) procs: Vec<Proc>,
     /// The HTTP backend's nginx master, once started.
     pub(super) backend_pid: Option<u32>,
     pub(super) args: Args,
 }
+
+/// The weft-resilient path's routing: a route timeout, retries with a per-try timeout,
+/// outlier detection and circuit breakers far above what the cases reach.
+const RESILIENCE: &str = r#"
+apiVersion: networking.istio.io/v1
+kind: VirtualService
+metadata:
+  name: bench-resilient
+  namespace: bench-srv
+spec:
+  hosts:
+  - bench-resilient
+  http:
+  - timeout: 30s
+    retries:
+      attempts: 3
+      perTryTimeout: 10s
+      retryOn: 5xx,connect-failure,reset,refused-stream
+    route:
+    - destination:
+        host: bench-resilient
+---
+apiVersion: networking.istio.io/v1
+kind: DestinationRule
+metadata:
+  name: bench-resilient
+  namespace: bench-srv
+spec:
+  host: bench-resilient
+  trafficPolicy:
+    connectionPool:
+      tcp: {maxConnections: 100000}
+      http: {http1MaxPendingRequests: 100000, http2MaxRequests: 100000, maxRetries: 1000}
+    outlierDetection:
+      consecutive5xxErrors: 5
+      interval: 10s
+      baseEjectionTime: 30s
+"#;
 
 impl Bench {
     pub(super) fn new(topo: Topology, args: Args) -> Result<Bench> {
@@ -104,6 +144,15 @@ impl Bench {
                 .port("http", http::BACKEND_PORTS.0, http::BACKEND_PORTS.0, None)
                 .port("http2", http::BACKEND_PORTS.1, http::BACKEND_PORTS.1, None),
         )?;
+        // The same pods behind a Service with every resilience feature configured, none of
+        // them triggered by the cases: what it costs per request.
+        let resilient = cluster.add_service(
+            ServiceSpec::new("bench-srv", "bench-resilient")
+                .selector("app", "bench-srv")
+                .port("http", http::BACKEND_PORTS.0, http::BACKEND_PORTS.0, None)
+                .port("http2", http::BACKEND_PORTS.1, http::BACKEND_PORTS.1, None),
+        )?;
+        cluster.apply_yaml(RESILIENCE)?;
         let mesh = cluster.add_pod(client_node, PodSpec::new("bench-mesh", "client"))?;
         let plain = cluster.add_pod(client_node, PodSpec::new("bench-plain", "client"))?;
         let enrolled = labels(&[("weft.dev/mesh", "enabled")]);
@@ -147,6 +196,7 @@ impl Bench {
         Ok(Bench {
             topo,
             svc_ip: svc.cluster_ip,
+            resilient_ip: resilient.cluster_ip,
             cluster,
             nodes,
             server,
@@ -167,7 +217,7 @@ impl Bench {
                 &self.plain,
                 (self.server.addr(ECHO_PORT), self.server.addr(DISCARD_PORT)),
             ),
-            PathKind::Weft => (
+            PathKind::Weft | PathKind::WeftResilient => (
                 &self.mesh,
                 (
                     SocketAddr::from((self.svc_ip, SVC_ECHO_PORT)),
