@@ -674,8 +674,8 @@ fn http_section(s: &mut String, res: &Results, a: &Args, topo: Topology, paths: 
 }
 
 /// The HTTP aims, each with its numbers and whether this run met it: on one node weft's
-/// requests/s at least nginx's and haproxy's, and weft-resilient's within 5 % of weft's; across nodes at
-/// least half of direct.
+/// requests/s at least nginx's and haproxy's, and weft-resilient's within 5 % of weft's;
+/// across nodes at least half of direct.
 fn http_aims(s: &mut String, res: &Results, a: &Args, topo: Topology) {
     let rps = |case, p| http_med(res, topo, case, p, HttpRun::rps);
     let met = |ok: bool| if ok { "yes" } else { "**no**" };
