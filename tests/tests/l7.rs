@@ -148,10 +148,10 @@ fn build_shared() -> L7 {
         )
         .unwrap();
     let mut reviews = Vec::new();
-    for (name, node, version) in [
-        ("reviews-v1", &b, "v1"),
-        ("reviews-v2", &b, "v2"),
-        ("reviews-v3", &a, "v3"),
+    for (name, node, version, warm) in [
+        ("reviews-v1", &b, "v1", "yes"),
+        ("reviews-v2", &b, "v2", "yes"),
+        ("reviews-v3", &a, "v3", "later"),
     ] {
         reviews.push(
             cluster
@@ -160,6 +160,7 @@ fn build_shared() -> L7 {
                     PodSpec::new("back", name)
                         .label("app", "reviews")
                         .label("version", version)
+                        .label("warm", warm)
                         .service_account("reviews")
                         .port("http", HTTP_PORT)
                         .port("grpc", GRPC_PORT),
@@ -207,6 +208,11 @@ fn build_shared() -> L7 {
             .port("http", HTTP_PORT, HTTP_PORT, None)
             .port("grpc", GRPC_PORT, GRPC_PORT, None));
     }
+    // Its endpoints: reviews-v1 and v2, then v3 too (the slow start test relabels it).
+    add(ServiceSpec::new("back", "reviews-warm")
+        .selector("app", "reviews")
+        .selector("warm", "yes")
+        .port("http", HTTP_PORT, HTTP_PORT, None));
     add(ServiceSpec::new("back", "ratings")
         .selector("app", "ratings")
         .port("http", HTTP_PORT, HTTP_PORT, None));
@@ -1545,6 +1551,50 @@ fn consistent_hash_keeps_a_key_on_one_endpoint() {
         got.backends.len(),
         1,
         "the cookie keeps one endpoint: {got:?}"
+    );
+}
+
+/// Slow start (DestinationRule `warmup`): an endpoint that joins a destination gets a small
+/// share of its requests at first (`minimumPercent` of its weight, growing over `duration`),
+/// not a third of them at once.
+#[test]
+fn a_joining_endpoint_warms_up() {
+    let m = shared();
+    m.apply(
+        r#"
+        apiVersion: networking.istio.io/v1
+        kind: DestinationRule
+        metadata:
+          name: reviews-warm
+          namespace: back
+        spec:
+          host: reviews-warm
+          trafficPolicy:
+            loadBalancer:
+              simple: ROUND_ROBIN
+              warmup: {duration: 60s, minimumPercent: 10}
+        "#,
+    );
+    wait_until(WAIT, || {
+        let got = m.load("reviews-warm", 20, &[]);
+        got.from_backends("reviews-v1") == 10 && got.from_backends("reviews-v2") == 10
+    })
+    .expect("round robin over reviews-v1 and v2");
+    let v3 = m.reviews[2].clone();
+    let mut labels = m.cluster.pod_labels(&v3).unwrap();
+    labels.insert("warm".into(), "yes".into());
+    m.cluster.set_pod_labels(&v3, labels).unwrap();
+    // v3 joins: once it has answered, its share of the next requests is still small.
+    wait_until(WAIT, || {
+        m.load("reviews-warm", 30, &[]).from_backends("reviews-v3") > 0
+    })
+    .expect("reviews-v3 never joined");
+    let got = m.load("reviews-warm", 600, &[]);
+    assert_eq!(got.status(200), 600, "{got:?}");
+    let v3 = got.from_backends("reviews-v3");
+    assert!(
+        (1..=120).contains(&v3),
+        "a joining endpoint gets a small share (a third without slow start): {got:?}"
     );
 }
 

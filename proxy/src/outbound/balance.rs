@@ -1,6 +1,7 @@
 //! Endpoint choice: how an HTTP request's endpoint is picked among its cluster's (pure).
 
 use std::sync::atomic::{AtomicUsize, Ordering};
+use std::time::Duration;
 
 use crate::registry::kinds::networking::{LoadBalancerSettings, SimpleLb};
 
@@ -58,6 +59,53 @@ impl Lb {
     }
 }
 
+/// Slow start (DestinationRule `warmupDurationSecs`, or `warmup`): an endpoint that joins a
+/// destination gets a share of requests that grows over the window, as Envoy's slow start
+/// weighs it. Istio applies it to `ROUND_ROBIN` and `LEAST_REQUEST` only.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct Warmup {
+    pub window: Duration,
+    /// The least share of its weight a new endpoint gets (`minimumPercent`, default 10).
+    pub min_percent: f64,
+    /// How the share grows: `(age / window)^(1 / aggression)` (default 1: linearly).
+    pub aggression: f64,
+}
+
+impl Warmup {
+    /// The slow start `settings` ask for, if any applies to their policy.
+    pub fn of(settings: Option<&LoadBalancerSettings>) -> Option<Warmup> {
+        let s = settings?;
+        if !matches!(Lb::of(Some(s)), Lb::RoundRobin | Lb::LeastRequest)
+            || s.consistent_hash.is_some()
+        {
+            return None;
+        }
+        let w = match (&s.warmup, &s.warmup_duration_secs) {
+            (Some(w), _) => Warmup {
+                window: w.duration.as_ref()?.0,
+                min_percent: w.minimum_percent.unwrap_or(10.0).clamp(0.0, 100.0),
+                aggression: w.aggression.filter(|a| *a > 0.0).unwrap_or(1.0),
+            },
+            (None, Some(d)) => Warmup {
+                window: d.0,
+                min_percent: 10.0,
+                aggression: 1.0,
+            },
+            (None, None) => return None,
+        };
+        (!w.window.is_zero()).then_some(w)
+    }
+
+    /// The share of its weight an endpoint that joined `age` ago gets (1 past the window).
+    pub fn factor(&self, age: Duration) -> f64 {
+        if age >= self.window {
+            return 1.0;
+        }
+        let t = age.as_secs_f64().max(0.001) / self.window.as_secs_f64();
+        t.powf(1.0 / self.aggression).max(self.min_percent / 100.0)
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -97,6 +145,23 @@ mod tests {
             .map(|_| Lb::RoundRobin.choose(3, &turn, |_| 0, (0, 0)).unwrap())
             .collect();
         assert_eq!(rr, [0, 1, 2, 0]);
+    }
+
+    #[test]
+    fn a_new_endpoints_share_grows_over_the_warmup_window() {
+        let of = |y: &str| Warmup::of(Some(&serde_yaml_ng::from_str(y).unwrap()));
+        let w = of("{warmupDurationSecs: 10s}").unwrap();
+        assert_eq!((w.min_percent, w.aggression), (10.0, 1.0));
+        assert_eq!(w.factor(Duration::ZERO), 0.1, "at least minimumPercent");
+        assert!((w.factor(Duration::from_secs(5)) - 0.5).abs() < 1e-9);
+        assert_eq!(w.factor(Duration::from_secs(10)), 1.0);
+        let w = of("{warmup: {duration: 10s, minimumPercent: 0, aggression: 2}}").unwrap();
+        assert!(
+            (w.factor(Duration::from_millis(2500)) - 0.5).abs() < 1e-9,
+            "sqrt(1/4)"
+        );
+        assert_eq!(of("{simple: RANDOM, warmupDurationSecs: 10s}"), None);
+        assert_eq!(of("{simple: ROUND_ROBIN}"), None);
     }
 
     #[test]

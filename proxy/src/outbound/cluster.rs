@@ -85,6 +85,8 @@ pub struct Cluster {
     start: Instant,
     /// The consistent-hash table last built, with what it was built for.
     table: Mutex<Option<KeptTable>>,
+    /// Its first endpoints are known: any endpoint from now on joins it (slow start).
+    settled: AtomicBool,
 }
 
 /// A consistent-hash table with the kind and endpoints it was built for.
@@ -102,6 +104,8 @@ pub struct EndpointState {
     /// Some count of failures in a row is not zero (a success must clear it).
     failing: AtomicBool,
     health: Mutex<Health>,
+    /// When it joined the cluster, if after the cluster's first endpoints.
+    pub joined: Option<Instant>,
 }
 
 impl Cluster {
@@ -116,7 +120,13 @@ impl Cluster {
             freed: Notify::new(),
             start: Instant::now(),
             table: Mutex::default(),
+            settled: AtomicBool::new(false),
         }
+    }
+
+    /// Its first endpoints are known (called once a target of it is resolved).
+    pub fn settle(&self) {
+        self.settled.store(true, Ordering::Relaxed);
     }
 
     /// The consistent-hash table of `kind` for `endpoints`: the one kept while they stay the
@@ -249,7 +259,15 @@ impl Cluster {
             // Endpoints no target holds any more.
             all.retain(|_, e| Arc::strong_count(e) > 1);
         }
-        all.entry(addr).or_default().clone()
+        let joined = self.settled.load(Ordering::Relaxed).then(Instant::now);
+        all.entry(addr)
+            .or_insert_with(|| {
+                Arc::new(EndpointState {
+                    joined,
+                    ..EndpointState::default()
+                })
+            })
+            .clone()
     }
 }
 

@@ -21,7 +21,7 @@ use parking_lot::Mutex;
 use tokio::net::TcpStream;
 use tracing::debug;
 
-use super::balance::Lb;
+use super::balance::{Lb, Warmup};
 use super::cluster::{self, Cluster, Clusters, EndpointState, InFlight, Limits, Open, Up};
 use super::hash;
 use super::outlier::{self, Detection, Observed};
@@ -581,10 +581,12 @@ impl HttpPath {
                 limits: Limits::default(),
                 detection: None,
                 hashing: None,
+                warmup: None,
                 version: upstream_version(conn.declared, client),
                 tls: None,
                 service: None,
             };
+            target.cluster.settle();
             return (target, true);
         };
         let http = backend
@@ -725,10 +727,12 @@ impl HttpPath {
             limits: Limits::of(backend.policy.connection_pool.as_ref()),
             detection: Detection::of(backend.policy.outlier_detection.as_ref()),
             hashing,
+            warmup: Warmup::of(backend.policy.load_balancer.as_ref()),
             version,
             tls,
             service: service_names,
         };
+        target.cluster.settle();
         (target, lasting)
     }
 
@@ -1196,6 +1200,8 @@ struct Target {
     /// Its consistent hashing, when its DestinationRule asks for it: what a request is
     /// hashed by, and the table of its endpoints.
     hashing: Option<(hash::Policy, Arc<hash::Table>)>,
+    /// Its slow start, when its DestinationRule asks for one.
+    warmup: Option<Warmup>,
     version: Version,
     tls: Option<Origination>,
     /// The Service routed to, as records name it.
@@ -1393,14 +1399,32 @@ fn pick(target: &Target, tried: u64, ignore_tried: bool, key: Option<u64>) -> Op
                     .or((!h.is_empty()).then_some(0)),
             }
         });
-    let j = match hashed {
-        Some(j) => j,
-        None => target.lb.choose(
+    let choose = || {
+        target.lb.choose(
             m,
             target.cluster.round(),
             active,
             (fastrand::u32(..), fastrand::u32(..)),
-        )?,
+        )
+    };
+    let j = match (hashed, &target.warmup) {
+        (Some(j), _) => j,
+        (None, None) => choose()?,
+        // An endpoint still warming is taken with the chance of its share, else another
+        // choice is made (a few at most): each gets requests in proportion to its weight.
+        (None, Some(w)) => {
+            let now = std::time::Instant::now();
+            let mut j = choose()?;
+            for _ in 0..WARMUP_REDRAWS {
+                let joined = target.endpoints[index(j)].state.joined;
+                let share = joined.map_or(1.0, |t| w.factor(now.saturating_duration_since(t)));
+                if share >= 1.0 || fastrand::f64() < share {
+                    break;
+                }
+                j = choose()?;
+            }
+            j
+        }
     };
     if !ignore_tried || tried == 0 {
         return Some(index(j));
@@ -1410,6 +1434,9 @@ fn pick(target: &Target, tried: u64, ignore_tried: bool, key: Option<u64>) -> Op
         .find(|i| tried & (1 << (i % 64)) == 0)
         .or(Some(index(j)))
 }
+
+/// Choices made again at most, for one request, while the endpoint chosen is warming.
+const WARMUP_REDRAWS: usize = 4;
 
 /// The hash of a request's key under `policy`, and the `Set-Cookie` value of a cookie made
 /// for it when the key is a cookie it did not have (`None` without a key: no hashing).
@@ -1559,6 +1586,7 @@ mod tests {
             limits: Limits::default(),
             detection: None,
             hashing: None,
+            warmup: None,
             version: Version::Http1,
             tls: None,
             service: None,
