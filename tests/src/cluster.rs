@@ -59,6 +59,8 @@ struct State {
     services: Vec<Service>,
     next_service_ip: u32,
     namespaces: BTreeMap<String, Labels>,
+    /// Labels of nodes besides `kubernetes.io/hostname` and `kubernetes.io/os`.
+    node_labels: BTreeMap<String, Labels>,
     extra: Vec<Value>,
     sync_path: Option<PathBuf>,
 }
@@ -477,6 +479,14 @@ impl Cluster {
         self.sync(&st)
     }
 
+    /// Set labels of a node besides its hostname and OS ones (e.g. its
+    /// `topology.kubernetes.io/region` and `zone`).
+    pub fn set_node_labels(&self, node: &Node, labels: Labels) -> Result<()> {
+        let mut st = self.state();
+        st.node_labels.insert(node.name().to_string(), labels);
+        self.sync(&st)
+    }
+
     /// Replace a pod's labels.
     pub fn set_pod_labels(&self, pod: &Pod, labels: Labels) -> Result<()> {
         self.update_pod(pod, |e| e.labels = labels)
@@ -572,7 +582,8 @@ impl Cluster {
             docs.push(registry::namespace(name, labels));
         }
         for n in &st.nodes {
-            docs.push(registry::node(n.name(), n.ip(), &n.pod_cidr()));
+            let extra = st.node_labels.get(n.name());
+            docs.push(registry::node(n.name(), n.ip(), &n.pod_cidr(), extra));
         }
         for e in &st.pods {
             let p = &e.pod;

@@ -64,13 +64,17 @@ pub(crate) fn namespace(name: &str, labels: &Labels) -> Value {
     })
 }
 
-pub(crate) fn node(name: &str, ip: Ipv4Addr, pod_cidr: &str) -> Value {
+pub(crate) fn node(name: &str, ip: Ipv4Addr, pod_cidr: &str, extra: Option<&Labels>) -> Value {
+    let mut labels = json!({ "kubernetes.io/hostname": name, "kubernetes.io/os": "linux" });
+    for (k, v) in extra.into_iter().flatten() {
+        labels[k] = json!(v);
+    }
     json!({
         "apiVersion": "v1",
         "kind": "Node",
         "metadata": {
             "name": name,
-            "labels": { "kubernetes.io/hostname": name, "kubernetes.io/os": "linux" },
+            "labels": labels,
         },
         "spec": { "podCIDR": pod_cidr, "podCIDRs": [pod_cidr] },
         "status": {

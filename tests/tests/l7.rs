@@ -135,12 +135,23 @@ const REVIEWS_SERVICES: &[&str] = &[
     "reviews-od",
     "reviews-hash",
     "reviews-cookie",
+    "reviews-zone",
+    "reviews-spread",
 ];
 
 fn build_shared() -> L7 {
     let cluster = Cluster::new("l7_shared").unwrap();
     let a = cluster.add_node("node-a").unwrap();
     let b = cluster.add_node("node-b").unwrap();
+    // Two zones of one region (locality-aware balancing): the client and reviews-v3 in z1,
+    // reviews-v1 and v2 in z2.
+    for (node, zone) in [(&a, "z1"), (&b, "z2")] {
+        let topology = labels(&[
+            ("topology.kubernetes.io/region", "r1"),
+            ("topology.kubernetes.io/zone", zone),
+        ]);
+        cluster.set_node_labels(node, topology).unwrap();
+    }
     let client = cluster
         .add_pod(
             &a,
@@ -1598,6 +1609,80 @@ fn a_joining_endpoint_warms_up() {
     );
 }
 
+/// Locality-aware balancing: with outlier detection on, requests stay in the client's zone
+/// (reviews-v3) and fail over to the other zone once it is ejected; `distribute` gives each
+/// zone its share.
+#[test]
+fn requests_stay_in_the_clients_zone_and_fail_over() {
+    let m = shared();
+    m.apply(
+        r#"
+        apiVersion: networking.istio.io/v1
+        kind: DestinationRule
+        metadata:
+          name: reviews-zone
+          namespace: back
+        spec:
+          host: reviews-zone
+          trafficPolicy:
+            outlierDetection:
+              consecutive5xxErrors: 2
+              interval: 1s
+              baseEjectionTime: 60s
+              maxEjectionPercent: 100
+        ---
+        apiVersion: networking.istio.io/v1
+        kind: DestinationRule
+        metadata:
+          name: reviews-spread
+          namespace: back
+        spec:
+          host: reviews-spread
+          trafficPolicy:
+            loadBalancer:
+              localityLbSetting:
+                distribute:
+                - from: r1/z1/*
+                  to: {"r1/z1/*": 15, "r1/z2/*": 85}
+        "#,
+    );
+    wait_until(WAIT, || {
+        m.load("reviews-zone", 30, &[]).backends.get("reviews-v3") == Some(&30)
+    })
+    .unwrap_or_else(|_| panic!("not kept in z1: {:?}", m.load("reviews-zone", 30, &[])));
+    // reviews-v3 fails and is ejected: z2 takes over.
+    let failing = ["--path", "/status-on/reviews-v3/500"];
+    wait_until(WAIT, || {
+        m.load("reviews-zone", 4, &failing)
+            .from_backends("reviews-v3")
+            == 0
+    })
+    .expect("no failover to z2");
+    let got = m.load("reviews-zone", 60, &failing);
+    assert_eq!(got.status(200), 60, "{got:?}");
+    assert!(
+        got.from_backends("reviews-v1") > 0 && got.from_backends("reviews-v2") > 0,
+        "both endpoints of z2: {got:?}"
+    );
+    assert_eq!(
+        stat(
+            &m,
+            "outbound|9080||reviews-zone.back.svc.cluster.local",
+            "outlier_detection.ejections_active"
+        ),
+        1
+    );
+    // distribute: 15 % to z1, 85 % to z2 (without it, a third to each endpoint).
+    wait_until(WAIT, || {
+        let got = m.load("reviews-spread", 40, &[]);
+        (1..=10).contains(&got.from_backends("reviews-v3"))
+    })
+    .expect("distribute not applied");
+    let got = m.load("reviews-spread", 800, &[]);
+    let share = got.from_backends("reviews-v3") as f64 / 800.0;
+    assert!((0.10..=0.21).contains(&share), "z1 got {share:.2}: {got:?}");
+}
+
 /// Outlier detection: an endpoint answering 5xx `consecutive5xxErrors` times in a row is
 /// ejected, gets no requests, and comes back after `baseEjectionTime` (at an `interval` tick);
 /// with every endpoint ejected, 503 `UH`.
@@ -1614,6 +1699,9 @@ fn outlier_detection_ejects_failing_endpoints_and_brings_them_back() {
         spec:
           host: reviews-od
           trafficPolicy:
+            # Every endpoint, whatever its zone (locality failover would keep to the client's).
+            loadBalancer:
+              localityLbSetting: {enabled: false}
             outlierDetection:
               consecutive5xxErrors: 3
               interval: 500ms

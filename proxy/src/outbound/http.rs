@@ -24,6 +24,7 @@ use tracing::debug;
 use super::balance::{Lb, Warmup};
 use super::cluster::{self, Cluster, Clusters, EndpointState, InFlight, Limits, Open, Up};
 use super::hash;
+use super::locality::{self, Locality, Spread};
 use super::outlier::{self, Detection, Observed};
 use super::plan::{self, Action, Destination, Refusal, Source};
 use crate::admin::api::{HttpFlow, Text, Verdict, NO_FLAGS};
@@ -582,6 +583,7 @@ impl HttpPath {
                 detection: None,
                 hashing: None,
                 warmup: None,
+                locality: None,
                 version: upstream_version(conn.declared, client),
                 tls: None,
                 service: None,
@@ -610,6 +612,8 @@ impl HttpPath {
             .filter(|t| t.mode == TlsMode::Simple);
         let mut lasting = true;
         let mut service_names = None;
+        // Where this node's clients and each endpoint run (locality-aware balancing).
+        let mut localities = Vec::new();
         let (endpoints, cluster, host) = match &backend.target {
             BackendTarget::Service { service, port } => {
                 service_names = Some(Names::service(service));
@@ -624,7 +628,11 @@ impl HttpPath {
                             .as_ref()
                             .is_none_or(|l| e.pod.matches(l))
                     })
-                    .map(|e| self.upstream(&cluster, e.addr, Some(e.pod)))
+                    .map(|e| {
+                        let node = e.pod.node_name.as_deref().and_then(|n| snapshot.node(n));
+                        localities.push(Locality::of(&e.pod.labels, node.map(|n| &n.labels)));
+                        self.upstream(&cluster, e.addr, Some(e.pod))
+                    })
                     .collect();
                 (eps, cluster, host)
             }
@@ -720,6 +728,18 @@ impl HttpPath {
                 let table = cluster.table(p.kind, &addrs);
                 (p, table)
             });
+        let lb_settings = backend.policy.load_balancer.as_ref();
+        let locality = (!localities.is_empty())
+            .then(|| {
+                let here = snapshot.node(&self.inputs.node).map(|n| &n.labels);
+                locality::spread(
+                    lb_settings.and_then(|l| l.locality_lb_setting.as_ref()),
+                    backend.policy.outlier_detection.is_some(),
+                    &Locality::of(&crate::registry::Labels::new(), here),
+                    &localities,
+                )
+            })
+            .flatten();
         let target = Target {
             endpoints,
             cluster,
@@ -728,6 +748,7 @@ impl HttpPath {
             detection: Detection::of(backend.policy.outlier_detection.as_ref()),
             hashing,
             warmup: Warmup::of(backend.policy.load_balancer.as_ref()),
+            locality,
             version,
             tls,
             service: service_names,
@@ -1202,6 +1223,8 @@ struct Target {
     hashing: Option<(hash::Policy, Arc<hash::Table>)>,
     /// Its slow start, when its DestinationRule asks for one.
     warmup: Option<Warmup>,
+    /// How its endpoints are chosen by locality, when that applies.
+    locality: Option<Spread>,
     version: Version,
     tls: Option<Origination>,
     /// The Service routed to, as records name it.
@@ -1378,6 +1401,20 @@ fn pick(target: &Target, tried: u64, ignore_tried: bool, key: Option<u64>) -> Op
         (healthy.len() < n && !outlier::panics(healthy.len(), n, d.min_health_percent))
             .then_some(healthy)
     });
+    // By locality: the endpoints of the group (priority or locality) the request goes to.
+    let healthy = match &target.locality {
+        None => healthy,
+        Some(spread) => {
+            let healthy = healthy.unwrap_or_else(|| (0..n).collect());
+            let g = spread.choose(&healthy, fastrand::f64())?;
+            Some(
+                healthy
+                    .into_iter()
+                    .filter(|&i| spread.group[i] == g)
+                    .collect(),
+            )
+        }
+    };
     let index = |j: usize| healthy.as_ref().map_or(j, |h| h[j]);
     let m = healthy.as_ref().map_or(n, Vec::len);
     let active = |j: usize| {
@@ -1587,6 +1624,7 @@ mod tests {
             detection: None,
             hashing: None,
             warmup: None,
+            locality: None,
             version: Version::Http1,
             tls: None,
             service: None,

@@ -6,7 +6,8 @@
 //! - [`plan`]: the decision, unit-tested without sockets.
 //! - [`cluster`]: what every sender to a destination shares (balancing, budget, counters);
 //!   [`balance`]: endpoint choice; [`budget`]: each destination's retry budget;
-//!   [`outlier`]: outlier detection's decisions; [`hash`]: consistent-hash tables.
+//!   [`outlier`]: outlier detection's decisions; [`hash`]: consistent-hash tables;
+//!   [`locality`]: locality failover and distribution.
 //! - [`redirects`]: redirects that never became connections (`unhandled` flows).
 //!
 //! May import: `inputs`, `capture`, `workload`, `registry`, `policy`, `identity`, `inbound`
@@ -18,6 +19,7 @@ pub mod budget;
 pub mod cluster;
 pub mod hash;
 pub mod http;
+pub mod locality;
 pub mod outlier;
 pub mod plan;
 pub mod redirects;
