@@ -1180,6 +1180,7 @@ fn retries_follow_the_policy_and_the_flow_counts_the_attempts() {
         ("upstream_rq_retry_success", 0),
         ("upstream_rq_total", 12),
         ("upstream_rq_5xx", 12),
+        ("upstream_rq_500", 12),
         ("upstream_rq_active", 0),
     ] {
         let delta = after[stat] - before.get(stat).copied().unwrap_or(0);

@@ -9,6 +9,7 @@
 //! Circuit breaking (DestinationRule `connectionPool`) is decided here too, from the cluster's
 //! gauges and its [`Limits`], as Envoy's circuit breakers decide it per cluster.
 
+use std::borrow::Cow;
 use std::collections::HashMap;
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
@@ -281,7 +282,7 @@ pub enum StatKind {
 /// One stat's value, named as Envoy names it within its cluster.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Stat {
-    pub name: &'static str,
+    pub name: Cow<'static, str>,
     pub kind: StatKind,
     pub value: u64,
 }
@@ -292,16 +293,20 @@ macro_rules! cluster_stats {
         #[derive(Debug, Default)]
         pub struct ClusterStats {
             $($(#[$doc])* pub $field: AtomicU64,)*
+            /// Responses by status code (`upstream_rq_<code>`, those seen only).
+            codes: Codes,
         }
 
         impl ClusterStats {
             /// Every stat, in Envoy's names.
             pub fn read(&self) -> Vec<Stat> {
-                vec![$(Stat {
-                    name: $name,
+                let mut all = vec![$(Stat {
+                    name: Cow::Borrowed($name),
                     kind: StatKind::$kind,
                     value: self.$field.load(Ordering::Relaxed),
-                },)*]
+                },)*];
+                all.extend(self.codes.read());
+                all
             }
         }
     };
@@ -371,6 +376,7 @@ impl ClusterStats {
     /// A response with `status` from an attempt.
     pub fn response(&self, status: u16) {
         inc(&self.rq_completed);
+        self.codes.count(status);
         match status / 100 {
             1 => inc(&self.rq_1xx),
             2 => inc(&self.rq_2xx),
@@ -378,6 +384,39 @@ impl ClusterStats {
             4 => inc(&self.rq_4xx),
             _ => inc(&self.rq_5xx),
         }
+    }
+}
+
+/// Responses by status code, 100 to 599.
+#[derive(Debug)]
+struct Codes(Box<[AtomicU64]>);
+
+impl Default for Codes {
+    fn default() -> Self {
+        Codes((100..600).map(|_| AtomicU64::new(0)).collect())
+    }
+}
+
+impl Codes {
+    fn count(&self, status: u16) {
+        if let Some(c) = status
+            .checked_sub(100)
+            .and_then(|i| self.0.get(usize::from(i)))
+        {
+            inc(c);
+        }
+    }
+
+    /// `upstream_rq_<code>` of every code seen.
+    fn read(&self) -> impl Iterator<Item = Stat> + '_ {
+        self.0.iter().enumerate().filter_map(|(i, c)| {
+            let value = c.load(Ordering::Relaxed);
+            (value > 0).then(|| Stat {
+                name: Cow::Owned(format!("upstream_rq_{}", i + 100)),
+                kind: StatKind::Counter,
+                value,
+            })
+        })
     }
 }
 
@@ -670,6 +709,11 @@ mod tests {
         };
         assert_eq!(value("upstream_rq_completed"), 2);
         assert_eq!((value("upstream_rq_2xx"), value("upstream_rq_5xx")), (1, 1));
+        assert_eq!((value("upstream_rq_200"), value("upstream_rq_503")), (1, 1));
+        assert!(
+            all.stats()[0].1.iter().all(|s| s.name != "upstream_rq_404"),
+            "codes not seen are not listed"
+        );
         assert_eq!(value("upstream_rq_retry"), 1);
         assert_eq!(value("upstream_rq_active"), 1);
         drop(held);

@@ -39,7 +39,7 @@ pub struct NodeGauges {
 pub struct ClusterSample {
     pub cluster: String,
     /// `upstream_rq_retry`, …
-    pub stat: &'static str,
+    pub stat: std::borrow::Cow<'static, str>,
     pub gauge: bool,
     pub value: u64,
 }
@@ -101,8 +101,32 @@ impl Collector for NodeCollector {
         // Per destination, named as Istio's proxies export Envoy's cluster stats, so
         // dashboards built for them read these unchanged.
         let mut by_stat: BTreeMap<(&str, bool), Vec<&ClusterSample>> = BTreeMap::new();
+        // `upstream_rq_<code>` with the code as a label, as Istio's proxies export it; its own
+        // family (OpenMetrics gives `upstream_rq_total` the name Istio gives these).
+        let mut by_code: Vec<(&ClusterSample, &str)> = Vec::new();
         for c in &m.clusters {
-            by_stat.entry((c.stat, c.gauge)).or_default().push(c);
+            match c.stat.strip_prefix("upstream_rq_") {
+                Some(code) if code.len() == 3 && code.bytes().all(|b| b.is_ascii_digit()) => {
+                    by_code.push((c, code))
+                }
+                _ => by_stat.entry((&c.stat, c.gauge)).or_default().push(c),
+            }
+        }
+        if !by_code.is_empty() {
+            let proto = ConstCounter::new(0u64);
+            let mut family = enc.encode_descriptor(
+                "envoy_cluster_upstream_rq_code",
+                "Envoy's cluster.<cluster_name>.upstream_rq_<response_code>, per destination",
+                None,
+                proto.metric_type(),
+            )?;
+            for (c, code) in by_code {
+                let labels = [
+                    ("cluster_name", c.cluster.as_str()),
+                    ("response_code", code),
+                ];
+                ConstCounter::new(c.value).encode(family.encode_family(&labels)?)?;
+            }
         }
         for ((stat, is_gauge), samples) in by_stat {
             // OpenMetrics ends every counter in `_total`: `upstream_rq_total` gets one only.
@@ -228,10 +252,11 @@ mod tests {
             ("upstream_rq_total", false, 12),
             ("upstream_rq_active", true, 2),
             ("outlier_detection.ejections_active", true, 1),
+            ("upstream_rq_503", false, 4),
         ] {
             gauges.clusters.push(ClusterSample {
                 cluster: cluster.into(),
-                stat,
+                stat: stat.into(),
                 gauge,
                 value,
             });
@@ -265,6 +290,7 @@ mod tests {
             "envoy_cluster_upstream_rq_total{cluster_name=\"outbound|9080|v2|reviews.back.svc.cluster.local\"} 12",
             "envoy_cluster_upstream_rq_active{cluster_name=\"outbound|9080|v2|reviews.back.svc.cluster.local\"} 2",
             "envoy_cluster_outlier_detection_ejections_active{cluster_name=\"outbound|9080|v2|reviews.back.svc.cluster.local\"} 1",
+            "envoy_cluster_upstream_rq_code_total{cluster_name=\"outbound|9080|v2|reviews.back.svc.cluster.local\",response_code=\"503\"} 4",
             "# EOF",
         ] {
             assert!(out.lines().any(|l| l == line), "missing {line:?} in\n{out}");
