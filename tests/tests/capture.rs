@@ -213,6 +213,15 @@ fn into_closed_pipe(weft: &Weft, args: &[&str]) -> (Option<i32>, String) {
 #[test]
 fn service_round_robins_over_both_backends() {
     let t = setup("round_robin");
+    // Istio's default is LEAST_REQUEST; a DestinationRule asks for turns.
+    t.cluster
+        .apply_yaml(
+            "apiVersion: networking.istio.io/v1\n\
+             kind: DestinationRule\n\
+             metadata: {name: web, namespace: back}\n\
+             spec:\n  host: web\n  trafficPolicy:\n    loadBalancer: {simple: ROUND_ROBIN}\n",
+        )
+        .unwrap();
     let weft = Weft::start(&t.cluster, &t.node).unwrap();
     let mut seen = BTreeMap::<String, usize>::new();
     for i in 0..6 {
@@ -226,6 +235,66 @@ fn service_round_robins_over_both_backends() {
         .unwrap();
     let pods: HashSet<&str> = flows.iter().map(|f| s(f, "/destination/pod")).collect();
     assert_eq!(pods, HashSet::from(["web-0", "web-1"]));
+}
+
+/// DestinationRule `tcp.maxConnections` on a TCP Service: with one connection held open, the
+/// next is refused (reset, flow `connect_failed`, `upstream_cx_overflow`); once it closes,
+/// connections go through again.
+#[test]
+fn max_connections_turns_tcp_connections_away() {
+    let t = setup("max_connections");
+    t.cluster
+        .apply_yaml(
+            "apiVersion: networking.istio.io/v1\n\
+             kind: DestinationRule\n\
+             metadata: {name: web, namespace: back}\n\
+             spec:\n  host: web\n  trafficPolicy:\n    \
+             connectionPool: {tcp: {maxConnections: 1}}\n",
+        )
+        .unwrap();
+    let weft = Weft::start(&t.cluster, &t.node).unwrap();
+    call_ok(&t.client, t.web.addr(80), "before");
+    let web = t.web.addr(80);
+    let script = format!(
+        "import socket, time\n\
+         s = socket.create_connection(('{}', {}))\n\
+         s.sendall(b'held')\n\
+         time.sleep(4)\n",
+        web.ip(),
+        web.port()
+    );
+    let held = t
+        .client
+        .spawn(Command::new("python3").args(["-c", &script]))
+        .unwrap();
+    let stats = || weft.admin_get("/stats?filter=web%5C.back").unwrap().1;
+    let cx = "cluster.outbound|80||web.back.svc.cluster.local.upstream_cx_active: 1";
+    wait_until(WAIT, || stats().lines().any(|l| l == cx))
+        .unwrap_or_else(|_| panic!("the held connection is not counted:\n{}", stats()));
+    let out = call(&t.client, web, "over");
+    assert!(
+        !out.status.success(),
+        "a second connection is refused: {}",
+        String::from_utf8_lossy(&out.stdout)
+    );
+    let refused = weft
+        .wait_flows(1, WAIT, |f| {
+            s(f, "/verdict") == "connect_failed"
+                && f["error"].as_str().unwrap_or("").contains("maxConnections")
+        })
+        .unwrap();
+    assert_eq!(s(&refused[0], "/destination/service"), "back/web");
+    let overflow: u64 = stats()
+        .lines()
+        .find_map(|l| {
+            l.strip_prefix("cluster.outbound|80||web.back.svc.cluster.local.upstream_cx_overflow: ")
+        })
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(0);
+    assert!(overflow >= 1, "{}", stats());
+    drop(held);
+    wait_until(WAIT, || call(&t.client, web, "after").status.success())
+        .expect("connections go through once the held one closed");
 }
 
 #[test]

@@ -220,6 +220,12 @@ impl Cluster {
             || endpoint.connections.load(Ordering::Relaxed) == 0
     }
 
+    /// Whether a TCP connection may be opened now: fewer than `tcp.maxConnections` are open
+    /// (Envoy's TCP proxy refuses the connection past it).
+    pub fn admits_new_connection(&self, limits: &Limits) -> bool {
+        self.stats.cx_active.load(Ordering::Relaxed) < limits.max_connections
+    }
+
     /// Whether another request may wait for a connection (`http1MaxPendingRequests`).
     pub fn admits_pending(&self, limits: &Limits) -> bool {
         self.stats.rq_pending_active.load(Ordering::Relaxed) < limits.max_pending

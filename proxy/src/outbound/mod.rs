@@ -269,6 +269,15 @@ impl Outbound {
             Some(pod) => OnBehalfOf::Pod(pod),
             None => OnBehalfOf::Unidentified,
         };
+        // Counted open in its destination while it lasts (`maxConnections`, least connections).
+        let _open = match (&plan.destination.cluster, plan.destination.address) {
+            (Some(name), Some(addr)) if !matches!(plan.action, Action::Refuse(_)) => {
+                let cluster = self.clusters.get(name);
+                let endpoint = cluster.endpoint(addr);
+                Some(cluster::Open::start(&cluster, &endpoint))
+            }
+            _ => None,
+        };
         let (target, local) = match plan.action {
             Action::Refuse(refusal) => {
                 reset(&client);

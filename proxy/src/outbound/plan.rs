@@ -10,14 +10,16 @@ use std::fmt;
 use std::net::{IpAddr, SocketAddr};
 use std::sync::Arc;
 
-use super::cluster::{self, Clusters};
+use super::balance::Lb;
+use super::cluster::{self, Cluster, Clusters, Limits};
+use super::hash;
 use crate::admin::api::Verdict;
 use crate::capture::Redirect;
 use crate::identity::SpiffeId;
 use crate::inbound::authorize::{authorize, authorize_request, Caller};
-use crate::l7::route::{service_fqdn, Backend, RouteTable, Target};
+use crate::l7::route::{service_fqdn, Backend, RouteTable, Target, TrafficPolicy};
 use crate::policy::{deny_message, Decision, DenyReason, HttpRequest, PolicySet};
-use crate::registry::{Labels, Pod, Resolved, Service, ServicePort, Snapshot};
+use crate::registry::{Endpoint, Labels, Pod, Resolved, Service, ServicePort, Snapshot};
 use crate::tunnel::client::Hbone;
 use crate::workload::identity_of;
 
@@ -60,6 +62,9 @@ pub struct Destination {
     pub address: Option<SocketAddr>,
     /// The destination workload's identity, when it is in the mesh.
     pub identity: Option<SpiffeId>,
+    /// The destination (cluster) a Service's endpoint was chosen in, by Istio's name: the
+    /// connection is counted there while it lasts.
+    pub cluster: Option<String>,
 }
 
 /// What to do.
@@ -87,6 +92,8 @@ pub enum Refusal {
     NoNodeAddress { node: Option<String> },
     /// AuthorizationPolicy of a same-node destination.
     Denied { policy: String, reason: DenyReason },
+    /// The destination has as many connections open as its `maxConnections` allows.
+    Overflow,
 }
 
 impl Refusal {
@@ -94,7 +101,9 @@ impl Refusal {
     pub fn verdict(&self) -> Verdict {
         match self {
             Refusal::NoEndpoint => Verdict::NoEndpoint,
-            Refusal::NoIdentity | Refusal::NoNodeAddress { .. } => Verdict::ConnectFailed,
+            Refusal::NoIdentity | Refusal::NoNodeAddress { .. } | Refusal::Overflow => {
+                Verdict::ConnectFailed
+            }
             Refusal::Denied { .. } => Verdict::Denied,
         }
     }
@@ -112,6 +121,9 @@ impl fmt::Display for Refusal {
             }
             Refusal::Denied { policy, reason } => {
                 f.write_str(&deny_message(policy, Some(reason.as_str())))
+            }
+            Refusal::Overflow => {
+                f.write_str("upstream overflow: the destination is at its maxConnections")
             }
         }
     }
@@ -170,15 +182,26 @@ fn decide(
             if let Some(labels) = &subset {
                 endpoints.retain(|e| e.pod.matches(labels));
             }
-            let cluster = cluster::name(
-                port.port,
-                subset_name.as_deref(),
-                &service_fqdn(&service.namespace, &service.name),
-            );
+            let host = service_fqdn(&service.namespace, &service.name);
+            let name = cluster::name(port.port, subset_name.as_deref(), &host);
             dest.service = Some(service);
-            let Some(i) = ctx.clusters.get(&cluster).pick(endpoints.len()) else {
+            // The destination's DestinationRule: how an endpoint is chosen, how many
+            // connections it may have.
+            let ns = source.pod.as_ref().map(|p| p.namespace.as_str());
+            let policy = ctx
+                .routes
+                .backend(&host, Some(port.port), subset_name.as_deref(), ns)
+                .map(|b| b.policy)
+                .unwrap_or_default();
+            let cluster = ctx.clusters.get(&name);
+            if !cluster.admits_new_connection(&Limits::of(policy.connection_pool.as_ref())) {
+                cluster::inc(&cluster.stats.cx_overflow);
+                return Action::Refuse(Refusal::Overflow);
+            }
+            let Some(i) = choose_endpoint(&cluster, &endpoints, &policy, source, ctx.roll) else {
                 return Action::Refuse(Refusal::NoEndpoint);
             };
+            dest.cluster = Some(name);
             let ep = &endpoints[i];
             (ep.addr, Some(ep.pod.clone()))
         }
@@ -186,6 +209,37 @@ fn decide(
         Resolved::Passthrough => (original, None),
     };
     to_endpoint(source, target, pod, dest, ctx, None)
+}
+
+/// The endpoint a TCP connection goes to, as the destination's `loadBalancer` says: round
+/// robin, random, least connections (`LEAST_REQUEST`, Istio's default: the one with fewer
+/// connections open of two drawn), or a consistent hash of the client's address
+/// (`useSourceIp`; other keys are HTTP's: random). `roll` draws.
+fn choose_endpoint(
+    cluster: &Cluster,
+    endpoints: &[Endpoint],
+    policy: &TrafficPolicy,
+    source: &Source,
+    roll: u32,
+) -> Option<usize> {
+    let lb = policy.load_balancer.as_ref();
+    let hashing = lb
+        .and_then(|l| l.consistent_hash.as_ref())
+        .and_then(hash::Policy::of)
+        .filter(|p| p.key == hash::Key::SourceIp);
+    if let Some(p) = hashing {
+        let addrs: Vec<SocketAddr> = endpoints.iter().map(|e| e.addr).collect();
+        let table = cluster.table(p.kind, &addrs);
+        return table.lookup(hash::hash(source.ip.to_string().as_bytes()));
+    }
+    let open = |i: usize| {
+        cluster
+            .endpoint(endpoints[i].addr)
+            .connections
+            .load(std::sync::atomic::Ordering::Relaxed) as usize
+    };
+    let second = roll.rotate_left(16) ^ 0x9e37_79b9;
+    Lb::of(lb).choose(endpoints.len(), cluster.round(), open, (roll, second))
 }
 
 /// Where a VirtualService `tcp[]` rule sends a connection to `service`: the Service, port and

@@ -8,6 +8,17 @@ const CLIENT_ID: &str = "spiffe://cluster.local/ns/front/sa/client";
 const WEB_ID: &str = "spiffe://cluster.local/ns/back/sa/web";
 const CLIENT_IP: &str = "10.244.1.2";
 
+/// `back/web` balanced in turns.
+const ROUND_ROBIN: &str = "
+apiVersion: networking.istio.io/v1
+kind: DestinationRule
+metadata: {name: web, namespace: back}
+spec:
+  host: web.back.svc.cluster.local
+  trafficPolicy:
+    loadBalancer: {simple: ROUND_ROBIN}
+";
+
 /// A snapshot of [`CLUSTER`] plus `extra` documents, and its policies.
 struct World {
     snapshot: Snapshot,
@@ -116,7 +127,7 @@ fn a_service_endpoint_on_another_node_is_tunnelled() {
 
 #[test]
 fn service_endpoints_take_turns_and_skip_unready_pods() {
-    let w = world("");
+    let w = world(ROUND_ROBIN);
     let picked: Vec<_> = (0..4)
         .map(|_| {
             w.call_from_client("10.96.0.10:80")
@@ -133,7 +144,7 @@ fn service_endpoints_take_turns_and_skip_unready_pods() {
 
 #[test]
 fn a_named_target_port_is_looked_up_in_each_pod() {
-    let w = world("");
+    let w = world(ROUND_ROBIN);
     let first = w.call_from_client("10.96.0.10:80");
     let second = w.call_from_client("10.96.0.10:80");
     assert_eq!(first.destination.address, Some(sa("10.244.2.2:8080")));
@@ -178,8 +189,61 @@ fn a_mesh_pod_on_this_node_is_delivered_locally() {
 }
 
 #[test]
-fn a_service_endpoint_on_this_node_is_delivered_locally() {
+fn by_default_the_endpoint_with_fewer_connections_is_chosen_and_counted() {
     let w = world("");
+    let first = w.call_from_client("10.96.0.10:80");
+    let name = first.destination.cluster.clone().unwrap();
+    assert_eq!(name, "outbound|80||web.back.svc.cluster.local");
+    // A connection open on that endpoint: the other one is chosen, whatever the draws.
+    for roll in [0, 1, 7, u32::MAX] {
+        let w2 = World { roll, ..world("") };
+        let held = w2.clusters.get(&name);
+        let _open = cluster::Open::start(&held, &held.endpoint(first.destination.address.unwrap()));
+        let next = w2.call_from_client("10.96.0.10:80");
+        assert_ne!(
+            next.destination.address, first.destination.address,
+            "roll {roll}"
+        );
+    }
+}
+
+#[test]
+fn past_max_connections_a_connection_is_refused() {
+    let w = world(
+        "
+apiVersion: networking.istio.io/v1
+kind: DestinationRule
+metadata: {name: web, namespace: back}
+spec:
+  host: web.back.svc.cluster.local
+  trafficPolicy:
+    connectionPool: {tcp: {maxConnections: 1}}
+",
+    );
+    let first = w.call_from_client("10.96.0.10:80");
+    let name = first.destination.cluster.clone().unwrap();
+    let cluster = w.clusters.get(&name);
+    let open = cluster::Open::start(
+        &cluster,
+        &cluster.endpoint(first.destination.address.unwrap()),
+    );
+    let p = w.call_from_client("10.96.0.10:80");
+    assert_eq!(p.action, Action::Refuse(Refusal::Overflow));
+    assert_eq!(p.destination.cluster, None, "not counted");
+    let Action::Refuse(r) = &p.action else {
+        unreachable!()
+    };
+    assert_eq!(r.verdict(), Verdict::ConnectFailed);
+    drop(open);
+    assert!(!matches!(
+        w.call_from_client("10.96.0.10:80").action,
+        Action::Refuse(_)
+    ));
+}
+
+#[test]
+fn a_service_endpoint_on_this_node_is_delivered_locally() {
+    let w = world(ROUND_ROBIN);
     w.call_from_client("10.96.0.10:80");
     assert_eq!(
         w.call_from_client("10.96.0.10:80").action,
