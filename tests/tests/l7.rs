@@ -137,6 +137,7 @@ const REVIEWS_SERVICES: &[&str] = &[
     "reviews-cookie",
     "reviews-zone",
     "reviews-spread",
+    "reviews-pass",
 ];
 
 fn build_shared() -> L7 {
@@ -1682,6 +1683,33 @@ fn requests_stay_in_the_clients_zone_and_fail_over() {
     let got = m.load("reviews-spread", 800, &[]);
     let share = got.from_backends("reviews-v3") as f64 / 800.0;
     assert!((0.10..=0.21).contains(&share), "z1 got {share:.2}: {got:?}");
+}
+
+/// `PASSTHROUGH`: a request goes to the address the client called (here the ClusterIP, which
+/// no kube-proxy of this cluster resolves: the upstream the flow names is what shows it), not
+/// to an endpoint weft chose.
+#[test]
+fn passthrough_sends_to_the_address_called() {
+    let m = shared();
+    m.apply(
+        r#"
+        apiVersion: networking.istio.io/v1
+        kind: DestinationRule
+        metadata:
+          name: reviews-pass
+          namespace: back
+        spec:
+          host: reviews-pass
+          trafficPolicy:
+            loadBalancer: {simple: PASSTHROUGH}
+        "#,
+    );
+    let vip = m.svc("reviews-pass").addr(HTTP_PORT).to_string();
+    let what = format!("not sent to {vip}");
+    let path = |k| format!("/?passthrough={k}");
+    wait_for_flow(&m, "reviews-pass", &what, path, |f| {
+        s(f, "/http/upstream") == vip
+    });
 }
 
 /// Outlier detection: an endpoint answering 5xx `consecutive5xxErrors` times in a row is

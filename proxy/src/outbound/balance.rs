@@ -19,8 +19,9 @@ pub enum Lb {
 impl Lb {
     /// The policy a DestinationRule's settings ask for: `ROUND_ROBIN`, `RANDOM`,
     /// `LEAST_REQUEST` (and its old name `LEAST_CONN`); anything else, or nothing, Istio's
-    /// default `LEAST_REQUEST` (`PASSTHROUGH` is not applied yet). With `consistentHash`,
-    /// what a request without a key gets: a random endpoint, as Envoy.
+    /// default `LEAST_REQUEST` (`PASSTHROUGH` chooses no endpoint: the caller sends to the
+    /// address called). With `consistentHash`, what a request without a key gets: a random
+    /// endpoint, as Envoy.
     pub fn of(settings: Option<&LoadBalancerSettings>) -> Lb {
         if settings.is_some_and(|s| s.consistent_hash.is_some()) {
             return Lb::Random;

@@ -42,7 +42,7 @@ use crate::l7::route::{
     RetryPolicy, RouteDecision, RouteRequest, RouteTable, Target as BackendTarget,
 };
 use crate::policy::HttpRequest;
-use crate::registry::kinds::networking::{H2UpgradePolicy, Resolution, TlsMode};
+use crate::registry::kinds::networking::{H2UpgradePolicy, Resolution, SimpleLb, TlsMode};
 use crate::registry::{Pod, Service, ServicePort, Snapshot};
 use crate::telemetry::{shared, ConnectionRecord, Names, RequestRecord, RequestTemplate};
 use crate::tunnel::client::Pool;
@@ -95,6 +95,20 @@ struct Conn {
     /// The client's address as `x-forwarded-for` gets it.
     forwarded_for: HeaderValue,
     memo: Mutex<Memo>,
+}
+
+impl Conn {
+    /// The address the client called, and its pod when it is one (`None`: a headless
+    /// Service, which has no address of its own).
+    fn original(&self) -> Option<(SocketAddr, Option<Arc<Pod>>)> {
+        match &self.called {
+            Called::Service { service, port } => service
+                .cluster_ip
+                .map(|ip| (SocketAddr::new(ip, port.port), None)),
+            Called::Pod { pod, addr } => Some((*addr, Some(pod.clone()))),
+            Called::Other { addr } => Some((*addr, None)),
+        }
+    }
 }
 
 /// The targets a connection's requests resolved, kept while the route table and the registry
@@ -619,21 +633,32 @@ impl HttpPath {
                 service_names = Some(Names::service(service));
                 let host = routes_host(service);
                 let cluster = self.clusters.get(&cluster::name(port.port, subset, &host));
-                let eps = snapshot
-                    .endpoints(service, port)
-                    .into_iter()
-                    .filter(|e| {
-                        backend
-                            .subset_labels
-                            .as_ref()
-                            .is_none_or(|l| e.pod.matches(l))
-                    })
-                    .map(|e| {
-                        let node = e.pod.node_name.as_deref().and_then(|n| snapshot.node(n));
-                        localities.push(Locality::of(&e.pod.labels, node.map(|n| &n.labels)));
-                        self.upstream(&cluster, e.addr, Some(e.pod))
-                    })
-                    .collect();
+                let passthrough = backend.policy.load_balancer.as_ref().and_then(|l| l.simple)
+                    == Some(SimpleLb::Passthrough);
+                let eps = if passthrough {
+                    // `PASSTHROUGH` (Envoy's original destination): the address the client
+                    // called, no balancing.
+                    conn.original()
+                        .map(|(addr, pod)| self.upstream(&cluster, addr, pod))
+                        .into_iter()
+                        .collect()
+                } else {
+                    snapshot
+                        .endpoints(service, port)
+                        .into_iter()
+                        .filter(|e| {
+                            backend
+                                .subset_labels
+                                .as_ref()
+                                .is_none_or(|l| e.pod.matches(l))
+                        })
+                        .map(|e| {
+                            let node = e.pod.node_name.as_deref().and_then(|n| snapshot.node(n));
+                            localities.push(Locality::of(&e.pod.labels, node.map(|n| &n.labels)));
+                            self.upstream(&cluster, e.addr, Some(e.pod))
+                        })
+                        .collect()
+                };
                 (eps, cluster, host)
             }
             BackendTarget::External { external, port } => {

@@ -19,6 +19,7 @@ use crate::identity::SpiffeId;
 use crate::inbound::authorize::{authorize, authorize_request, Caller};
 use crate::l7::route::{service_fqdn, Backend, RouteTable, Target, TrafficPolicy};
 use crate::policy::{deny_message, Decision, DenyReason, HttpRequest, PolicySet};
+use crate::registry::kinds::networking::SimpleLb;
 use crate::registry::{Endpoint, Labels, Pod, Resolved, Service, ServicePort, Snapshot};
 use crate::tunnel::client::Hbone;
 use crate::workload::identity_of;
@@ -198,10 +199,16 @@ fn decide(
                 cluster::inc(&cluster.stats.cx_overflow);
                 return Action::Refuse(Refusal::Overflow);
             }
+            dest.cluster = Some(name);
+            let simple = policy.load_balancer.as_ref().and_then(|l| l.simple);
+            if simple == Some(SimpleLb::Passthrough) {
+                // Envoy's original destination: the address called, no balancing.
+                return to_endpoint(source, original, None, dest, ctx, None);
+            }
             let Some(i) = choose_endpoint(&cluster, &endpoints, &policy, source, ctx.roll) else {
+                dest.cluster = None;
                 return Action::Refuse(Refusal::NoEndpoint);
             };
-            dest.cluster = Some(name);
             let ep = &endpoints[i];
             (ep.addr, Some(ep.pod.clone()))
         }

@@ -208,6 +208,32 @@ fn by_default_the_endpoint_with_fewer_connections_is_chosen_and_counted() {
 }
 
 #[test]
+fn passthrough_goes_to_the_address_called() {
+    let w = world(
+        "
+apiVersion: networking.istio.io/v1
+kind: DestinationRule
+metadata: {name: web, namespace: back}
+spec:
+  host: web.back.svc.cluster.local
+  trafficPolicy:
+    loadBalancer: {simple: PASSTHROUGH}
+",
+    );
+    let p = w.call_from_client("10.96.0.10:80");
+    assert_eq!(
+        p.action,
+        Action::Passthrough {
+            target: sa("10.96.0.10:80")
+        }
+    );
+    assert_eq!(
+        p.destination.cluster.as_deref(),
+        Some("outbound|80||web.back.svc.cluster.local")
+    );
+}
+
+#[test]
 fn past_max_connections_a_connection_is_refused() {
     let w = world(
         "
