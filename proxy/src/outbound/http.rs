@@ -842,6 +842,7 @@ impl HttpPath {
         };
         let per_try = retry.and_then(|p| p.per_try_timeout);
         let ignore_tried = retry.is_none_or(|p| p.retry_ignore_previous_hosts);
+        let remote = retry.is_some_and(|p| p.retry_remote_localities);
         target.cluster.budget.request();
         let mut next = Some(first);
         let mut snapshot = Some(snapshot);
@@ -854,7 +855,7 @@ impl HttpPath {
             let Some(req) = next.take().or_else(|| replay.as_ref().map(Replay::request)) else {
                 unreachable!("a request is sent again only when it has a replay");
             };
-            let Some(i) = pick(target, tried, ignore_tried, key_hash) else {
+            let Some(i) = pick(target, tried, ignore_tried, key_hash, remote) else {
                 return own(record, Verdict::NoEndpoint, Flag::NoHealthyUpstream, None);
             };
             tried |= 1 << (i % 64);
@@ -1408,7 +1409,13 @@ fn full(body: Bytes) -> upstream::Body {
 /// `ignore_tried` (Istio's default) the first after it not tried yet, while there is one.
 /// Endpoints outlier detection ejected are left out, unless so few are left that balancing
 /// ignores ejections (`minHealthPercent`); `None` when none may be chosen.
-fn pick(target: &Target, tried: u64, ignore_tried: bool, key: Option<u64>) -> Option<usize> {
+fn pick(
+    target: &Target,
+    tried: u64,
+    ignore_tried: bool,
+    key: Option<u64>,
+    remote: bool,
+) -> Option<usize> {
     let n = target.endpoints.len();
     // The endpoints in, by index, when some are ejected.
     let healthy: Option<Vec<usize>> = target.detection.as_ref().and_then(|d| {
@@ -1430,7 +1437,23 @@ fn pick(target: &Target, tried: u64, ignore_tried: bool, key: Option<u64>) -> Op
     let healthy = match &target.locality {
         None => healthy,
         Some(spread) => {
-            let healthy = healthy.unwrap_or_else(|| (0..n).collect());
+            let mut healthy = healthy.unwrap_or_else(|| (0..n).collect());
+            if remote && tried != 0 {
+                // `retryRemoteLocalities`: a retry goes to a locality not tried yet while one
+                // has a healthy endpoint (Envoy's previous-priorities retry).
+                let tried_groups: Vec<usize> = (0..n)
+                    .filter(|i| tried & (1 << (i % 64)) != 0)
+                    .map(|i| spread.group[i])
+                    .collect();
+                let elsewhere: Vec<usize> = healthy
+                    .iter()
+                    .copied()
+                    .filter(|i| !tried_groups.contains(&spread.group[*i]))
+                    .collect();
+                if !elsewhere.is_empty() {
+                    healthy = elsewhere;
+                }
+            }
             let g = spread.choose(&healthy, fastrand::f64())?;
             Some(
                 healthy
@@ -1657,6 +1680,39 @@ mod tests {
     }
 
     #[test]
+    fn a_retry_to_remote_localities_leaves_the_tried_one() {
+        let t = Target {
+            endpoints: (1..=3)
+                .map(|i| {
+                    Upstream::new(
+                        format!("10.0.0.{i}:80").parse().unwrap(),
+                        None,
+                        Arc::default(),
+                    )
+                })
+                .collect(),
+            locality: Some(Spread {
+                group: vec![0, 0, 1],
+                choice: locality::Choice::Failover,
+            }),
+            ..Arc::into_inner(target()).unwrap()
+        };
+        for _ in 0..20 {
+            assert_ne!(pick(&t, 0, true, None, true), Some(2), "the closest first");
+            assert_eq!(
+                pick(&t, 1, true, None, false),
+                Some(1),
+                "a retry stays in its locality"
+            );
+            assert_eq!(
+                pick(&t, 1, true, None, true),
+                Some(2),
+                "retryRemoteLocalities: the next locality"
+            );
+        }
+    }
+
+    #[test]
     fn a_retry_goes_to_an_endpoint_not_tried_while_there_is_one() {
         let endpoints = (1..=3)
             .map(|i| {
@@ -1671,20 +1727,20 @@ mod tests {
             endpoints,
             ..Arc::into_inner(target()).unwrap()
         };
-        let first = pick(&t, 0, true, None).unwrap();
+        let first = pick(&t, 0, true, None, false).unwrap();
         assert_eq!(first, 0, "the balancer's turn");
         let mut tried = 1 << first;
-        let second = pick(&t, tried, true, None).unwrap();
+        let second = pick(&t, tried, true, None, false).unwrap();
         assert_ne!(second, first);
         tried |= 1 << second;
-        let third = pick(&t, tried, true, None).unwrap();
+        let third = pick(&t, tried, true, None, false).unwrap();
         assert!(
             third != first && third != second,
             "{first} {second} {third}"
         );
         tried |= 1 << third;
         assert!(
-            pick(&t, tried, true, None).is_some(),
+            pick(&t, tried, true, None, false).is_some(),
             "all tried: the turn's again"
         );
         // Without retryIgnorePreviousHosts, the turn decides alone.
@@ -1700,9 +1756,9 @@ mod tests {
                 .collect(),
             ..Arc::into_inner(target()).unwrap()
         };
-        assert_eq!(pick(&t2, 0, false, None), Some(0));
-        assert_eq!(pick(&t2, 1, false, None), Some(1));
-        assert_eq!(pick(&t2, 1, false, None), Some(0), "tried or not");
+        assert_eq!(pick(&t2, 0, false, None, false), Some(0));
+        assert_eq!(pick(&t2, 1, false, None, false), Some(1));
+        assert_eq!(pick(&t2, 1, false, None, false), Some(0), "tried or not");
     }
 
     fn want<'a>(host: &'a str, port: u16, subset: Option<&'a str>) -> Want<'a> {
