@@ -75,10 +75,13 @@ pub struct Cluster {
     /// Unique in this process: what upstream connections are kept by.
     pub id: u64,
     next: AtomicUsize,
+    /// The round-robin position of TCP connections (planned for every connection, HTTP ones
+    /// included: kept apart so that those take no turn from the requests).
+    next_tcp: AtomicUsize,
     /// How many retries it may take now.
     pub budget: RetryBudget,
     pub stats: ClusterStats,
-    endpoints: Mutex<HashMap<SocketAddr, Arc<EndpointState>>>,
+    endpoints: Mutex<Endpoints>,
     /// Woken when a connection may have become free: requests wait on it while the cluster
     /// may open no more connections.
     freed: Notify,
@@ -88,7 +91,28 @@ pub struct Cluster {
     table: Mutex<Option<KeptTable>>,
     /// Its first endpoints are known: any endpoint from now on joins it (slow start).
     settled: AtomicBool,
+    /// Held while an ejection is decided (`maxEjectionPercent` holds under races).
+    ejecting: Mutex<()>,
 }
+
+/// A cluster's endpoints, and the size at which those nobody holds are let go.
+#[derive(Debug)]
+struct Endpoints {
+    all: HashMap<SocketAddr, Arc<EndpointState>>,
+    prune_at: usize,
+}
+
+impl Default for Endpoints {
+    fn default() -> Self {
+        Endpoints {
+            all: HashMap::new(),
+            prune_at: PRUNE_AT,
+        }
+    }
+}
+
+/// The fewest endpoints a cluster keeps before letting go of those nobody holds.
+const PRUNE_AT: usize = 4096;
 
 /// A consistent-hash table with the kind and endpoints it was built for.
 type KeptTable = (hash::Kind, Vec<SocketAddr>, Arc<hash::Table>);
@@ -100,6 +124,9 @@ pub struct EndpointState {
     pub active: AtomicUsize,
     /// Connections open to it.
     pub connections: AtomicU64,
+    /// HTTP connections open to it, by how they are reached and their version (Envoy's
+    /// connection pools: a pool without a connection may always open one).
+    pools: Mutex<HashMap<Pool, usize>>,
     /// Ejected by outlier detection (what balancing reads; `health` says until when).
     ejected: AtomicBool,
     /// Some count of failures in a row is not zero (a success must clear it).
@@ -115,6 +142,7 @@ impl Cluster {
             name: name.to_string(),
             id: NEXT_ID.fetch_add(1, Ordering::Relaxed),
             next: AtomicUsize::new(0),
+            next_tcp: AtomicUsize::new(0),
             budget: RetryBudget::default(),
             stats: ClusterStats::default(),
             endpoints: Mutex::default(),
@@ -122,6 +150,7 @@ impl Cluster {
             start: Instant::now(),
             table: Mutex::default(),
             settled: AtomicBool::new(false),
+            ejecting: Mutex::new(()),
         }
     }
 
@@ -146,12 +175,15 @@ impl Cluster {
 
     /// Counts what an attempt to `endpoint` (one of `total`) came to, and ejects it when
     /// `detection` says it has failed too many times in a row.
+    /// `ejected_now` counts the destination's endpoints ejected now (of `total`), to keep
+    /// within `maxEjectionPercent`; ejections are decided one at a time.
     pub fn observe(
         &self,
         detection: &Detection,
         endpoint: &EndpointState,
         seen: Observed,
         total: usize,
+        ejected_now: impl Fn() -> usize,
     ) {
         let success = matches!(seen, Observed::Answer(s) if s < 500);
         if success && !endpoint.failing.load(Ordering::Relaxed) {
@@ -164,12 +196,12 @@ impl Cluster {
         if health.ejected_at.is_some() {
             return;
         }
-        let active = self.stats.ejections_active.load(Ordering::Relaxed) as usize;
-        if !outlier::may_eject(active, total, detection.max_ejection_percent) {
+        let _one_at_a_time = self.ejecting.lock();
+        if !outlier::may_eject(ejected_now(), total, detection.max_ejection_percent) {
             inc(&self.stats.ejections_overflow);
             return;
         }
-        health.eject(Instant::now());
+        health.eject(detection, Instant::now());
         endpoint.ejected.store(true, Ordering::Relaxed);
         endpoint.failing.store(false, Ordering::Relaxed);
         inc(&self.stats.ejections_active);
@@ -201,23 +233,23 @@ impl Cluster {
         health.ejected_at.is_some()
     }
 
-    /// Whether any of its endpoints is ejected now.
-    pub fn any_ejected(&self) -> bool {
-        self.stats.ejections_active.load(Ordering::Relaxed) > 0
-    }
-
     /// Whether another request may be sent now (`http2MaxRequests`, which Istio applies to
     /// every HTTP version): Envoy's `max_requests` circuit breaker.
     pub fn admits_request(&self, limits: &Limits) -> bool {
         self.stats.rq_active.load(Ordering::Relaxed) < limits.max_requests
     }
 
-    /// Whether a connection may be opened to `endpoint` now (`tcp.maxConnections`). As in
-    /// Envoy, an endpoint with no connection at all may always get one: no endpoint is left
-    /// unreachable by the others' connections.
-    pub fn admits_connection(&self, limits: &Limits, endpoint: &EndpointState) -> bool {
+    /// Whether an HTTP connection of `pool` may be opened to `endpoint` now
+    /// (`tcp.maxConnections`). As in Envoy, a pool with no connection at all may always get
+    /// one: no endpoint, and no client, is left waiting on the others' connections.
+    pub fn admits_connection(
+        &self,
+        limits: &Limits,
+        endpoint: &EndpointState,
+        pool: &Pool,
+    ) -> bool {
         self.stats.cx_active.load(Ordering::Relaxed) < limits.max_connections
-            || endpoint.connections.load(Ordering::Relaxed) == 0
+            || endpoint.pools.lock().get(pool).copied().unwrap_or(0) == 0
     }
 
     /// Whether a TCP connection may be opened now: fewer than `tcp.maxConnections` are open
@@ -249,9 +281,14 @@ impl Cluster {
         }
     }
 
-    /// The round-robin position.
+    /// The round-robin position of requests.
     pub fn round(&self) -> &AtomicUsize {
         &self.next
+    }
+
+    /// The round-robin position of TCP connections.
+    pub fn round_tcp(&self) -> &AtomicUsize {
+        &self.next_tcp
     }
 
     /// The index of the next endpoint among `n` in turn, `None` when there is none.
@@ -261,11 +298,14 @@ impl Cluster {
 
     /// The state of endpoint `addr` in this cluster.
     pub fn endpoint(&self, addr: SocketAddr) -> Arc<EndpointState> {
-        let mut all = self.endpoints.lock();
-        if all.len() >= 4096 {
-            // Endpoints no target holds any more.
-            all.retain(|_, e| Arc::strong_count(e) > 1);
+        let mut kept = self.endpoints.lock();
+        if kept.all.len() >= kept.prune_at {
+            // Endpoints no target holds any more (an ejected one stays: its record counts).
+            kept.all
+                .retain(|_, e| Arc::strong_count(e) > 1 || e.is_out());
+            kept.prune_at = (kept.all.len() * 2).max(PRUNE_AT);
         }
+        let all = &mut kept.all;
         let joined = self.settled.load(Ordering::Relaxed).then(Instant::now);
         all.entry(addr)
             .or_insert_with(|| {
@@ -275,6 +315,13 @@ impl Cluster {
                 })
             })
             .clone()
+    }
+}
+
+impl EndpointState {
+    /// Whether outlier detection has it out (until `Cluster::is_ejected` finds its time over).
+    pub fn is_out(&self) -> bool {
+        self.ejected.load(Ordering::Relaxed)
     }
 }
 
@@ -452,13 +499,19 @@ impl Drop for InFlight {
     }
 }
 
+/// An HTTP connection pool of an endpoint: how it is reached (`direct`, `hbone <source>`,
+/// `tls <sni>`) and the HTTP version.
+pub type Pool = (Arc<str>, crate::upstream::http::Version);
+
 /// An open connection of a cluster to an endpoint, counted while it lives.
 pub struct Open {
     cluster: Arc<Cluster>,
     endpoint: Arc<EndpointState>,
+    pool: Option<Pool>,
 }
 
 impl Open {
+    /// A TCP connection.
     pub fn start(cluster: &Arc<Cluster>, endpoint: &Arc<EndpointState>) -> Open {
         inc(&cluster.stats.cx_total);
         inc(&cluster.stats.cx_active);
@@ -466,12 +519,30 @@ impl Open {
         Open {
             cluster: cluster.clone(),
             endpoint: endpoint.clone(),
+            pool: None,
         }
+    }
+
+    /// An HTTP connection of `pool`.
+    pub fn start_in(cluster: &Arc<Cluster>, endpoint: &Arc<EndpointState>, pool: Pool) -> Open {
+        *endpoint.pools.lock().entry(pool.clone()).or_default() += 1;
+        let mut open = Open::start(cluster, endpoint);
+        open.pool = Some(pool);
+        open
     }
 }
 
 impl Drop for Open {
     fn drop(&mut self) {
+        if let Some(pool) = self.pool.take() {
+            let mut pools = self.endpoint.pools.lock();
+            if let Some(n) = pools.get_mut(&pool) {
+                *n -= 1;
+                if *n == 0 {
+                    pools.remove(&pool);
+                }
+            }
+        }
         self.endpoint.connections.fetch_sub(1, Ordering::Relaxed);
         self.cluster.stats.cx_active.fetch_sub(1, Ordering::Relaxed);
         self.cluster.free();
@@ -673,15 +744,24 @@ mod tests {
         };
         let a = c.endpoint("10.0.0.1:80".parse().unwrap());
         let b = c.endpoint("10.0.0.2:80".parse().unwrap());
-        assert!(c.admits_connection(&limits, &a));
-        let open = Open::start(&c, &a);
-        assert!(!c.admits_connection(&limits, &a), "at maxConnections");
+        let direct: Pool = ("direct".into(), crate::upstream::http::Version::Http1);
+        let other: Pool = ("hbone x".into(), crate::upstream::http::Version::Http1);
+        assert!(c.admits_connection(&limits, &a, &direct));
+        let open = Open::start_in(&c, &a, direct.clone());
         assert!(
-            c.admits_connection(&limits, &b),
+            !c.admits_connection(&limits, &a, &direct),
+            "at maxConnections"
+        );
+        assert!(
+            c.admits_connection(&limits, &b, &direct),
             "an endpoint without a connection may always get one"
         );
+        assert!(
+            c.admits_connection(&limits, &a, &other),
+            "and so may a pool without one"
+        );
         drop(open);
-        assert!(c.admits_connection(&limits, &a));
+        assert!(c.admits_connection(&limits, &a, &direct));
         let r1 = InFlight::start(&c, &a);
         let r2 = InFlight::start(&c, &a);
         assert!(!c.admits_request(&limits), "at http2MaxRequests");

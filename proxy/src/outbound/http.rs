@@ -917,19 +917,24 @@ impl HttpPath {
             if let Some(d) = &target.detection {
                 let seen = match &attempt {
                     Ok((resp, _)) => Some(Observed::Answer(resp.status().as_u16())),
-                    Err(Failure::Denied(_) | Failure::Overflow) => None,
+                    // Only what reached the endpoint, or failed to: not a wait for a connection.
+                    Err(Failure::Denied(_) | Failure::Overflow | Failure::WaitedOut) => None,
                     Err(_) => Some(Observed::LocalFailure),
                 };
                 if let Some(seen) = seen {
                     target
                         .cluster
-                        .observe(d, &up.state, seen, target.endpoints.len());
+                        .observe(d, &up.state, seen, target.endpoints.len(), || {
+                            target.endpoints.iter().filter(|e| e.state.is_out()).count()
+                        });
                 }
             }
             match &attempt {
                 Ok((resp, _)) => stats.response(resp.status().as_u16()),
-                Err(Failure::TimedOut) if per_try => cluster::inc(&stats.rq_per_try_timeout),
-                Err(Failure::TimedOut) => cluster::inc(&stats.rq_timeout),
+                Err(Failure::TimedOut | Failure::WaitedOut) if per_try => {
+                    cluster::inc(&stats.rq_per_try_timeout)
+                }
+                Err(Failure::TimedOut | Failure::WaitedOut) => cluster::inc(&stats.rq_timeout),
                 Err(_) => {}
             }
             let outcome = match &attempt {
@@ -948,6 +953,8 @@ impl HttpPath {
                 _ => false,
             };
             if let (true, Some(p)) = (retriable, policy) {
+                // This request's own retry, out before, is over (Envoy releases it first).
+                drop(retrying.take());
                 if retries == p.attempts {
                     cluster::inc(&stats.rq_retry_limit_exceeded);
                     record.retries_exhausted();
@@ -1116,8 +1123,9 @@ impl HttpPath {
                     break s;
                 }
             }
-            if cluster.admits_connection(limits, endpoint) {
-                let open = Open::start(cluster, endpoint);
+            let pool = (reach.key.via.clone(), reach.key.version);
+            if cluster.admits_connection(limits, endpoint, &pool) {
+                let open = Open::start_in(cluster, endpoint, pool);
                 // Boxed, for the same reason: opening is rare, its future (TLS, HBONE) large.
                 let opening = Box::pin(self.open(
                     &reach.connect,
@@ -1127,7 +1135,7 @@ impl HttpPath {
                     open,
                 ));
                 match within(deadline, opening).await {
-                    None => return Err(Failure::TimedOut),
+                    None => return Err(Failure::WaitedOut),
                     Some(Ok(s)) => break s,
                     Some(Err(Opened::Denied(policy))) => return Err(Failure::Denied(policy)),
                     Some(Err(Opened::Failed { error, timed_out })) => {
@@ -1151,7 +1159,7 @@ impl HttpPath {
             // every few milliseconds all the same (a wake-up may come between look and wait).
             let freed = tokio::time::timeout(PENDING_RECHECK, cluster.freed());
             if within(deadline, freed).await.is_none() {
-                return Err(Failure::TimedOut);
+                return Err(Failure::WaitedOut);
             }
         };
         drop(pending);
@@ -1323,6 +1331,9 @@ enum Failure {
         error: String,
     },
     TimedOut,
+    /// The deadline passed before the request was sent: waiting for a connection, or
+    /// opening one.
+    WaitedOut,
     /// A circuit breaker of the destination was at its limit.
     Overflow,
 }
@@ -1335,15 +1346,15 @@ impl Failure {
             Failure::Connect(_) => Some(Outcome::ConnectFailure),
             Failure::Closed(_) | Failure::Reset { refused: false, .. } => Some(Outcome::Reset),
             Failure::Reset { refused: true, .. } => Some(Outcome::RefusedStream),
-            Failure::TimedOut if per_try => Some(Outcome::PerTryTimeout),
-            Failure::TimedOut | Failure::Denied(_) | Failure::Overflow => None,
+            Failure::TimedOut | Failure::WaitedOut if per_try => Some(Outcome::PerTryTimeout),
+            Failure::TimedOut | Failure::WaitedOut | Failure::Denied(_) | Failure::Overflow => None,
         }
     }
 
     /// What the client gets for it, with Envoy's flag.
     fn answer(self, mut record: RequestRecord) -> Response<ResponseBody> {
         let (flag, error) = match self {
-            Failure::TimedOut => return timed_out(record),
+            Failure::TimedOut | Failure::WaitedOut => return timed_out(record),
             Failure::Denied(policy) => {
                 if let Some(p) = policy {
                     record.policy(p);
@@ -1419,7 +1430,7 @@ fn pick(
     let n = target.endpoints.len();
     // The endpoints in, by index, when some are ejected.
     let healthy: Option<Vec<usize>> = target.detection.as_ref().and_then(|d| {
-        if !target.cluster.any_ejected() {
+        if !target.endpoints.iter().any(|e| e.state.is_out()) {
             return None;
         }
         let now = std::time::Instant::now();

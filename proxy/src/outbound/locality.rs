@@ -107,15 +107,21 @@ pub fn spread(
                 .iter()
                 .map(|l| localities.binary_search(&l).unwrap_or(0))
                 .collect();
-            let weights = localities
-                .iter()
-                .map(|l| {
-                    rule.to
-                        .iter()
-                        .find(|(pattern, _)| l.within(pattern))
-                        .map_or(0.0, |(_, w)| f64::from(*w))
-                })
-                .collect();
+            // Each `to` takes the localities it matches that no `to` before took, and shares
+            // its weight among them by their endpoints, as Istio does for a wildcard.
+            let count = |g: usize| endpoints.iter().filter(|l| *l == localities[g]).count();
+            let mut weights = vec![0.0; localities.len()];
+            let mut taken = vec![false; localities.len()];
+            for (pattern, w) in &rule.to {
+                let matched: Vec<usize> = (0..localities.len())
+                    .filter(|&g| !taken[g] && localities[g].within(pattern))
+                    .collect();
+                let total: usize = matched.iter().map(|&g| count(g)).sum();
+                for &g in &matched {
+                    taken[g] = true;
+                    weights[g] = f64::from(*w) * count(g) as f64 / total.max(1) as f64;
+                }
+            }
             Spread {
                 group,
                 choice: Choice::Weighted(weights),
@@ -315,5 +321,10 @@ mod tests {
             None,
             "no rule from the client's locality"
         );
+        // A wildcard's weight is shared among the localities it matches.
+        let wide = setting("{distribute: [{from: \"*\", to: {\"r1/*\": 80, \"r2/*\": 20}}]}");
+        let eps = [at("r1", "a"), at("r1", "b"), at("r2", "c")];
+        let s = spread(Some(&wide), false, &at("r1", "a"), &eps).unwrap();
+        assert_eq!(s.choice, Choice::Weighted(vec![40.0, 40.0, 20.0]));
     }
 }

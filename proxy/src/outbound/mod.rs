@@ -281,6 +281,10 @@ impl Outbound {
         let (target, local) = match plan.action {
             Action::Refuse(refusal) => {
                 reset(&client);
+                if let (plan::Refusal::Overflow, Some(name)) = (&refusal, &plan.destination.cluster)
+                {
+                    cluster::inc(&self.clusters.get(name).stats.cx_overflow);
+                }
                 if let plan::Refusal::Denied { policy, .. } = &refusal {
                     record.policy(policy.clone());
                 }

@@ -107,6 +107,8 @@ pub struct Health {
     /// Times it has been ejected (the next ejection lasts this many base times more); one
     /// less for each interval it stays in.
     pub ejections: u32,
+    /// Since when it is back from its last ejection.
+    returned_at: Option<Instant>,
 }
 
 impl Health {
@@ -144,20 +146,33 @@ impl Health {
         }
     }
 
-    /// Ejects it at `now` (its counts start again).
-    pub fn eject(&mut self, now: Instant) {
+    /// Ejects it at `now` (its counts start again). Each interval it stayed in since its last
+    /// ejection took one off the count, as Envoy's backoff does.
+    pub fn eject(&mut self, d: &Detection, now: Instant) {
+        if let Some(back) = self.returned_at.take() {
+            let stayed =
+                now.saturating_duration_since(back).as_nanos() / d.interval.as_nanos().max(1);
+            self.ejections = self
+                .ejections
+                .saturating_sub(u32::try_from(stayed).unwrap_or(u32::MAX));
+        }
         self.ejected_at = Some(now);
-        self.ejections += 1;
+        self.ejections = self.ejections.saturating_add(1);
         self.consecutive_5xx = 0;
         self.consecutive_gateway = 0;
         self.consecutive_local = 0;
     }
 
     /// When an ejected endpoint comes back: the first interval tick (counted from `start`) at
-    /// or after `baseEjectionTime` × its ejections (at most [`MAX_EJECTION_TIME`]).
+    /// or after `baseEjectionTime` × its ejections (at most [`MAX_EJECTION_TIME`], or
+    /// `baseEjectionTime` when that is longer, as Envoy).
     pub fn returns_at(&self, d: &Detection, start: Instant) -> Option<Instant> {
         let at = self.ejected_at?;
-        let length = (d.base_ejection_time * self.ejections.max(1)).min(MAX_EJECTION_TIME);
+        let cap = MAX_EJECTION_TIME.max(d.base_ejection_time);
+        let length = d
+            .base_ejection_time
+            .checked_mul(self.ejections.max(1))
+            .map_or(cap, |l| l.min(cap));
         Some(next_tick(start, d.interval, at + length))
     }
 
@@ -166,6 +181,7 @@ impl Health {
         match self.returns_at(d, start) {
             Some(at) if now >= at => {
                 self.ejected_at = None;
+                self.returned_at = Some(now);
                 true
             }
             _ => false,
@@ -278,7 +294,7 @@ mod tests {
         let d = rule("{interval: 1s, baseEjectionTime: 3s}").unwrap();
         let start = Instant::now();
         let mut h = Health::default();
-        h.eject(start + Duration::from_millis(500));
+        h.eject(&d, start + Duration::from_millis(500));
         assert_eq!(
             h.returns_at(&d, start),
             Some(start + Duration::from_secs(4)),
@@ -287,16 +303,26 @@ mod tests {
         assert!(!h.unejects(&d, start, start + Duration::from_millis(3900)));
         assert!(h.unejects(&d, start, start + Duration::from_secs(4)));
         assert_eq!(h.ejected_at, None);
-        h.eject(start + Duration::from_secs(10));
+        h.eject(
+            &d,
+            start + Duration::from_secs(4) + Duration::from_millis(500),
+        );
         assert_eq!(
             h.returns_at(&d, start),
-            Some(start + Duration::from_secs(16)),
-            "the second ejection lasts twice as long"
+            Some(start + Duration::from_secs(11)),
+            "the second ejection, soon after, lasts twice as long"
+        );
+        assert!(h.unejects(&d, start, start + Duration::from_secs(11)));
+        h.eject(&d, start + Duration::from_secs(20));
+        assert_eq!(h.ejections, 1, "nine intervals in took the count back down");
+        assert_eq!(
+            h.returns_at(&d, start),
+            Some(start + Duration::from_secs(23))
         );
         h.ejections = 1000;
         assert_eq!(
             h.returns_at(&d, start),
-            Some(start + Duration::from_secs(310)),
+            Some(start + Duration::from_secs(320)),
             "at most 300 s"
         );
     }

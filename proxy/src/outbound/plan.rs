@@ -195,11 +195,11 @@ fn decide(
                 .map(|b| b.policy)
                 .unwrap_or_default();
             let cluster = ctx.clusters.get(&name);
+            dest.cluster = Some(name);
             if !cluster.admits_new_connection(&Limits::of(policy.connection_pool.as_ref())) {
-                cluster::inc(&cluster.stats.cx_overflow);
+                // Counted when carried out (an HTTP connection is served all the same).
                 return Action::Refuse(Refusal::Overflow);
             }
-            dest.cluster = Some(name);
             let simple = policy.load_balancer.as_ref().and_then(|l| l.simple);
             if simple == Some(SimpleLb::Passthrough) {
                 // Envoy's original destination: the address called, no balancing.
@@ -246,7 +246,7 @@ fn choose_endpoint(
             .load(std::sync::atomic::Ordering::Relaxed) as usize
     };
     let second = roll.rotate_left(16) ^ 0x9e37_79b9;
-    Lb::of(lb).choose(endpoints.len(), cluster.round(), open, (roll, second))
+    Lb::of(lb).choose(endpoints.len(), cluster.round_tcp(), open, (roll, second))
 }
 
 /// Where a VirtualService `tcp[]` rule sends a connection to `service`: the Service, port and

@@ -255,7 +255,11 @@ spec:
     );
     let p = w.call_from_client("10.96.0.10:80");
     assert_eq!(p.action, Action::Refuse(Refusal::Overflow));
-    assert_eq!(p.destination.cluster, None, "not counted");
+    assert_eq!(
+        p.destination.cluster,
+        Some(name),
+        "the destination it was refused by"
+    );
     let Action::Refuse(r) = &p.action else {
         unreachable!()
     };
