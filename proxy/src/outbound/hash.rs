@@ -128,6 +128,23 @@ impl Table {
         }
     }
 
+    /// The endpoint for a request hashed to `h` among those `usable` accepts: the first
+    /// usable one from its place on, along the ring or the table.
+    pub fn lookup_among(&self, h: u64, usable: impl Fn(usize) -> bool) -> Option<usize> {
+        match self {
+            Table::Ring(ring) => {
+                let n = ring.len();
+                let start = ring.partition_point(|(x, _)| *x < h);
+                (0..n).map(|k| ring[(start + k) % n].1).find(|i| usable(*i))
+            }
+            Table::Maglev(table) => {
+                let n = table.len();
+                let start = (h % n.max(1) as u64) as usize;
+                (0..n).map(|k| table[(start + k) % n]).find(|i| usable(*i))
+            }
+        }
+    }
+
     /// The endpoint for a request hashed to `h`.
     pub fn lookup(&self, h: u64) -> Option<usize> {
         match self {
@@ -270,6 +287,32 @@ mod tests {
             );
         }
         assert_eq!(Table::build(Kind::Ring(8), &[]).lookup(1), None);
+    }
+
+    #[test]
+    fn an_unusable_endpoints_keys_spread_over_the_others() {
+        for kind in [Kind::Ring(1024), Kind::Maglev(65537)] {
+            let t = Table::build(kind, &endpoints(4));
+            let mut moved_to = [0usize; 4];
+            for k in 0..4000 {
+                let h = hash(format!("k{k}").as_bytes());
+                let i = t.lookup_among(h, |i| i != 0).unwrap();
+                assert_ne!(i, 0);
+                if t.lookup(h) == Some(0) {
+                    moved_to[i] += 1;
+                } else {
+                    assert_eq!(Some(i), t.lookup(h), "{kind:?}: the others' keys stay");
+                }
+            }
+            assert!(
+                moved_to[1..].iter().all(|n| *n > 100),
+                "{kind:?}: spread {moved_to:?}"
+            );
+        }
+        assert_eq!(
+            Table::build(Kind::Ring(8), &endpoints(2)).lookup_among(1, |_| false),
+            None
+        );
     }
 
     #[test]

@@ -908,7 +908,6 @@ impl HttpPath {
                 cluster::inc(&stats.rq_pending_overflow);
                 return overflow(record);
             }
-            let in_flight = InFlight::start(&target.cluster, &up.state);
             cluster::inc(&stats.rq_total);
             let attempt = self
                 .attempt(req, reach, conn, target, &up.state, try_deadline)
@@ -916,7 +915,7 @@ impl HttpPath {
             let per_try = try_deadline != deadline;
             if let Some(d) = &target.detection {
                 let seen = match &attempt {
-                    Ok((resp, _)) => Some(Observed::Answer(resp.status().as_u16())),
+                    Ok((resp, ..)) => Some(Observed::Answer(resp.status().as_u16())),
                     // Only what reached the endpoint, or failed to: not a wait for a connection.
                     Err(Failure::Denied(_) | Failure::Overflow | Failure::WaitedOut) => None,
                     Err(_) => Some(Observed::LocalFailure),
@@ -930,7 +929,7 @@ impl HttpPath {
                 }
             }
             match &attempt {
-                Ok((resp, _)) => stats.response(resp.status().as_u16()),
+                Ok((resp, ..)) => stats.response(resp.status().as_u16()),
                 Err(Failure::TimedOut | Failure::WaitedOut) if per_try => {
                     cluster::inc(&stats.rq_per_try_timeout)
                 }
@@ -938,7 +937,7 @@ impl HttpPath {
                 Err(_) => {}
             }
             let outcome = match &attempt {
-                Ok((resp, _)) => Some(Outcome::Response {
+                Ok((resp, ..)) => Some(Outcome::Response {
                     status: resp.status().as_u16(),
                     grpc: resp
                         .headers()
@@ -980,7 +979,7 @@ impl HttpPath {
             } else if retries > 0 && attempt.is_ok() {
                 cluster::inc(&stats.rq_retry_success);
             }
-            let (mut resp, sender) = match attempt {
+            let (mut resp, sender, in_flight) = match attempt {
                 Ok(r) => r,
                 Err(f) => return f.answer(record),
             };
@@ -1110,7 +1109,7 @@ impl HttpPath {
         target: &Target,
         endpoint: &Arc<EndpointState>,
         deadline: Option<tokio::time::Instant>,
-    ) -> Result<(Response<Incoming>, Sender), Failure> {
+    ) -> Result<(Response<Incoming>, Sender, InFlight), Failure> {
         let (cluster, limits) = (&target.cluster, &target.limits);
         // Counted waiting for a connection while the cluster may open no more.
         let mut pending = None;
@@ -1163,9 +1162,11 @@ impl HttpPath {
             }
         };
         drop(pending);
+        // Counted in flight once on a connection (waiting for one, it was pending), as Envoy.
+        let in_flight = InFlight::start(cluster, endpoint);
         match within(deadline, sender.send(req)).await {
             None => Err(Failure::TimedOut),
-            Some(Ok(resp)) => Ok((resp, sender)),
+            Some(Ok(resp)) => Ok((resp, sender, in_flight)),
             Some(Err(e)) if e.is_closed() || e.is_incomplete_message() || e.is_canceled() => {
                 Err(Failure::Closed(e.to_string()))
             }
@@ -1482,17 +1483,15 @@ fn pick(
             .active
             .load(Ordering::Relaxed)
     };
-    // A hashed request goes to its key's endpoint, or while that one is out, the next one in.
+    // A hashed request goes to its key's endpoint, or while that one is out, to the next one
+    // in along the table (so an ejected endpoint's keys spread over the others).
     let hashed = key
         .zip(target.hashing.as_ref())
-        .and_then(|(h, (_, table))| {
-            let i = table.lookup(h)?;
-            match &healthy {
-                None => Some(i),
-                Some(h) => h
-                    .iter()
-                    .position(|x| *x >= i)
-                    .or((!h.is_empty()).then_some(0)),
+        .and_then(|(h, (_, table))| match &healthy {
+            None => table.lookup(h),
+            Some(hs) => {
+                let i = table.lookup_among(h, |i| hs.contains(&i))?;
+                hs.iter().position(|x| *x == i)
             }
         });
     let choose = || {
