@@ -61,7 +61,7 @@ impl Clusters {
         let all: Vec<Arc<Cluster>> = self.all.lock().values().cloned().collect();
         let mut out: Vec<(String, Vec<Stat>)> = all
             .iter()
-            .map(|c| (c.name.clone(), c.stats.read()))
+            .map(|c| (c.name.clone(), c.read_stats()))
             .collect();
         out.sort_by(|a, b| a.0.cmp(&b.0));
         out
@@ -202,9 +202,9 @@ impl Cluster {
             return;
         }
         health.eject(detection, Instant::now());
+        health.until = health.returns_at(detection, self.start);
         endpoint.ejected.store(true, Ordering::Relaxed);
         endpoint.failing.store(false, Ordering::Relaxed);
-        inc(&self.stats.ejections_active);
         inc(&self.stats.ejections_total);
         inc(&self.stats.ejections_enforced_total);
         inc(match reason {
@@ -227,10 +227,29 @@ impl Cluster {
         let mut health = endpoint.health.lock();
         if health.ejected_at.is_some() && health.unejects(detection, self.start, now) {
             endpoint.ejected.store(false, Ordering::Relaxed);
-            self.stats.ejections_active.fetch_sub(1, Ordering::Relaxed);
             return false;
         }
         health.ejected_at.is_some()
+    }
+
+    /// Its counters, `outlier_detection.ejections_active` counted now: the endpoints whose
+    /// ejection is not over (one that left the registry while out is not counted past it).
+    pub fn read_stats(&self) -> Vec<Stat> {
+        let now = Instant::now();
+        let out = self
+            .endpoints
+            .lock()
+            .all
+            .values()
+            .filter(|e| e.is_out() && e.health.lock().until.is_some_and(|t| t > now))
+            .count() as u64;
+        let mut stats = self.stats.read();
+        for s in &mut stats {
+            if s.name == "outlier_detection.ejections_active" {
+                s.value = out;
+            }
+        }
+        stats
     }
 
     /// Whether another request may be sent now (`http2MaxRequests`, which Istio applies to
@@ -775,6 +794,39 @@ mod tests {
         assert!(!c.admits_retry(&limits));
         drop(retry);
         assert!(c.admits_retry(&limits));
+    }
+
+    #[test]
+    fn ejections_are_counted_while_they_last_and_kept_within_their_share() {
+        let all = Clusters::default();
+        let c = all.get("outbound|80||x");
+        let d = Detection::of(Some(
+            &serde_yaml_ng::from_str("{consecutive5xxErrors: 1, maxEjectionPercent: 50}").unwrap(),
+        ))
+        .unwrap();
+        let a = c.endpoint("10.0.0.1:80".parse().unwrap());
+        let b = c.endpoint("10.0.0.2:80".parse().unwrap());
+        let out = || [&a, &b].iter().filter(|e| e.is_out()).count();
+        c.observe(&d, &a, Observed::Answer(503), 2, out);
+        assert!(a.is_out());
+        c.observe(&d, &b, Observed::Answer(503), 2, out);
+        assert!(!b.is_out(), "half of the endpoints out already");
+        let active = |name: &str| {
+            c.read_stats()
+                .into_iter()
+                .find(|s| s.name == name)
+                .unwrap()
+                .value
+        };
+        assert_eq!(active("outlier_detection.ejections_active"), 1);
+        assert_eq!(active("outlier_detection.ejections_overflow"), 1);
+        assert_eq!(
+            active("outlier_detection.ejections_enforced_consecutive_5xx"),
+            1
+        );
+        // Its time over (here, pretended), it is not counted even if nobody picked since.
+        a.health.lock().until = Some(Instant::now() - Duration::from_secs(1));
+        assert_eq!(active("outlier_detection.ejections_active"), 0);
     }
 
     #[test]

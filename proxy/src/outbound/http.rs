@@ -986,9 +986,13 @@ impl HttpPath {
             let switching = resp.status() == StatusCode::SWITCHING_PROTOCOLS
                 || (upgrade && resp.status().is_success() && record.method() == "CONNECT");
             if let (true, Some(client_upgrade)) = (switching, client_upgrade) {
-                // Both sides agreed to leave HTTP: from now on, bytes.
+                // Both sides agreed to leave HTTP: from now on, bytes. The request stays in
+                // flight, and its connection open, until they are done (hyper hands the
+                // connection over: it is counted here from now on).
                 let upstream_upgrade = hyper::upgrade::on(&mut resp);
+                let open = Up::new(&target.cluster, |s| &s.cx_active);
                 tokio::spawn(async move {
+                    let _held = (in_flight, open);
                     match tokio::try_join!(client_upgrade, upstream_upgrade) {
                         Ok((c, u)) => {
                             let mut c = TokioIo::new(c);

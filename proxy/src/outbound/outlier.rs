@@ -109,6 +109,8 @@ pub struct Health {
     pub ejections: u32,
     /// Since when it is back from its last ejection.
     returned_at: Option<Instant>,
+    /// When its ejection is over (set by whoever ejects it).
+    pub until: Option<Instant>,
 }
 
 impl Health {
@@ -181,6 +183,7 @@ impl Health {
         match self.returns_at(d, start) {
             Some(at) if now >= at => {
                 self.ejected_at = None;
+                self.until = None;
                 self.returned_at = Some(now);
                 true
             }
