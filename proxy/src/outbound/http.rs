@@ -1677,6 +1677,16 @@ pub fn upstream_version(declared: Option<Declared>, client: ClientVersion) -> Ve
 mod tests {
     use super::*;
 
+    /// Endpoints 10.0.0.1:80 … 10.0.0.`n`:80.
+    fn endpoints(n: u8) -> Vec<Upstream> {
+        (1..=n)
+            .map(|i| {
+                let addr = SocketAddr::from(([10, 0, 0, i], 80));
+                Upstream::new(addr, None, Arc::default())
+            })
+            .collect()
+    }
+
     fn target() -> Arc<Target> {
         Arc::new(Target {
             endpoints: Vec::new(),
@@ -1696,15 +1706,7 @@ mod tests {
     #[test]
     fn a_retry_to_remote_localities_leaves_the_tried_one() {
         let t = Target {
-            endpoints: (1..=3)
-                .map(|i| {
-                    Upstream::new(
-                        format!("10.0.0.{i}:80").parse().unwrap(),
-                        None,
-                        Arc::default(),
-                    )
-                })
-                .collect(),
+            endpoints: endpoints(3),
             locality: Some(Spread {
                 group: vec![0, 0, 1],
                 choice: locality::Choice::Failover,
@@ -1728,17 +1730,8 @@ mod tests {
 
     #[test]
     fn a_retry_goes_to_an_endpoint_not_tried_while_there_is_one() {
-        let endpoints = (1..=3)
-            .map(|i| {
-                Upstream::new(
-                    format!("10.0.0.{i}:80").parse().unwrap(),
-                    None,
-                    Arc::default(),
-                )
-            })
-            .collect();
         let t = Target {
-            endpoints,
+            endpoints: endpoints(3),
             ..Arc::into_inner(target()).unwrap()
         };
         let first = pick(&t, 0, true, None, false).unwrap();
@@ -1759,15 +1752,7 @@ mod tests {
         );
         // Without retryIgnorePreviousHosts, the turn decides alone.
         let t2 = Target {
-            endpoints: (1..=2)
-                .map(|i| {
-                    Upstream::new(
-                        format!("10.0.0.{i}:80").parse().unwrap(),
-                        None,
-                        Arc::default(),
-                    )
-                })
-                .collect(),
+            endpoints: endpoints(2),
             ..Arc::into_inner(target()).unwrap()
         };
         assert_eq!(pick(&t2, 0, false, None, false), Some(0));

@@ -8,16 +8,20 @@ const CLIENT_ID: &str = "spiffe://cluster.local/ns/front/sa/client";
 const WEB_ID: &str = "spiffe://cluster.local/ns/back/sa/web";
 const CLIENT_IP: &str = "10.244.1.2";
 
+/// A DestinationRule for `back/web` with `policy` (its `trafficPolicy`, in flow YAML).
+fn web_rule(policy: &str) -> String {
+    format!(
+        "apiVersion: networking.istio.io/v1\n\
+         kind: DestinationRule\n\
+         metadata: {{name: web, namespace: back}}\n\
+         spec:\n  host: web.back.svc.cluster.local\n  trafficPolicy: {policy}\n"
+    )
+}
+
 /// `back/web` balanced in turns.
-const ROUND_ROBIN: &str = "
-apiVersion: networking.istio.io/v1
-kind: DestinationRule
-metadata: {name: web, namespace: back}
-spec:
-  host: web.back.svc.cluster.local
-  trafficPolicy:
-    loadBalancer: {simple: ROUND_ROBIN}
-";
+fn round_robin() -> String {
+    web_rule("{loadBalancer: {simple: ROUND_ROBIN}}")
+}
 
 /// A snapshot of [`CLUSTER`] plus `extra` documents, and its policies.
 struct World {
@@ -127,7 +131,7 @@ fn a_service_endpoint_on_another_node_is_tunnelled() {
 
 #[test]
 fn service_endpoints_take_turns_and_skip_unready_pods() {
-    let w = world(ROUND_ROBIN);
+    let w = world(&round_robin());
     let picked: Vec<_> = (0..4)
         .map(|_| {
             w.call_from_client("10.96.0.10:80")
@@ -144,7 +148,7 @@ fn service_endpoints_take_turns_and_skip_unready_pods() {
 
 #[test]
 fn a_named_target_port_is_looked_up_in_each_pod() {
-    let w = world(ROUND_ROBIN);
+    let w = world(&round_robin());
     let first = w.call_from_client("10.96.0.10:80");
     let second = w.call_from_client("10.96.0.10:80");
     assert_eq!(first.destination.address, Some(sa("10.244.2.2:8080")));
@@ -209,17 +213,7 @@ fn by_default_the_endpoint_with_fewer_connections_is_chosen_and_counted() {
 
 #[test]
 fn passthrough_goes_to_the_address_called() {
-    let w = world(
-        "
-apiVersion: networking.istio.io/v1
-kind: DestinationRule
-metadata: {name: web, namespace: back}
-spec:
-  host: web.back.svc.cluster.local
-  trafficPolicy:
-    loadBalancer: {simple: PASSTHROUGH}
-",
-    );
+    let w = world(&web_rule("{loadBalancer: {simple: PASSTHROUGH}}"));
     let p = w.call_from_client("10.96.0.10:80");
     assert_eq!(
         p.action,
@@ -235,17 +229,7 @@ spec:
 
 #[test]
 fn past_max_connections_a_connection_is_refused() {
-    let w = world(
-        "
-apiVersion: networking.istio.io/v1
-kind: DestinationRule
-metadata: {name: web, namespace: back}
-spec:
-  host: web.back.svc.cluster.local
-  trafficPolicy:
-    connectionPool: {tcp: {maxConnections: 1}}
-",
-    );
+    let w = world(&web_rule("{connectionPool: {tcp: {maxConnections: 1}}}"));
     let first = w.call_from_client("10.96.0.10:80");
     let name = first.destination.cluster.clone().unwrap();
     let cluster = w.clusters.get(&name);
@@ -273,7 +257,7 @@ spec:
 
 #[test]
 fn a_service_endpoint_on_this_node_is_delivered_locally() {
-    let w = world(ROUND_ROBIN);
+    let w = world(&round_robin());
     w.call_from_client("10.96.0.10:80");
     assert_eq!(
         w.call_from_client("10.96.0.10:80").action,
