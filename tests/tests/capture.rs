@@ -642,7 +642,7 @@ fn restarted_weft_keeps_redirecting_with_pinned_programs() {
 }
 
 #[test]
-fn malformed_registry_is_reported_and_last_good_snapshot_kept() {
+fn malformed_object_is_reported_and_the_rest_applies() {
     let t = setup("bad_registry");
     let weft = Weft::start(&t.cluster, &t.node).unwrap();
     call_ok(&t.client, t.web.addr(80), "good");
@@ -660,34 +660,39 @@ fn malformed_registry_is_reported_and_last_good_snapshot_kept() {
     std::fs::write(&path, &bad).unwrap();
     let err = wait_for(WAIT, || {
         let st = weft.status().ok()?;
-        st.pointer("/registry/last_error")
-            .and_then(Value::as_str)
-            .map(str::to_string)
+        let not_applied = st.pointer("/registry/not_applied")?.as_array()?;
+        not_applied.first()?.as_str().map(str::to_string)
     })
     .unwrap();
     assert!(err.contains(&path.display().to_string()), "{err}");
+    assert!(err.contains("(Pod front/broken)"), "{err}");
     assert!(err.contains("containerPort"), "{err}");
     assert!(
         err.contains(&format!(":{bad_line}")),
         "expected line {bad_line}: {err}"
     );
+    let status = weft.status().unwrap();
+    assert!(
+        status
+            .pointer("/registry/last_error")
+            .is_none_or(Value::is_null),
+        "the load itself succeeded: {status}"
+    );
     let status_table = weft.cli(&["status"]).unwrap();
-    assert!(status_table.contains("FAILED"), "{status_table}");
+    assert!(status_table.contains("not applied (1):"), "{status_table}");
 
-    // Traffic keeps flowing on the last good snapshot.
+    // Every other object applies: traffic keeps flowing.
     let resp = call_ok(&t.client, t.web.addr(80), "still");
     assert_eq!(peer_ip(&resp), t.node.ip().to_string());
     assert!(weft.ready());
 
-    // Fixing the file clears the error.
+    // Fixing the file clears the report.
     std::fs::write(&path, &good).unwrap();
     wait_until(WAIT, || {
         weft.status()
-            .map(|st| {
-                st.pointer("/registry/last_error")
-                    .is_none_or(Value::is_null)
-            })
-            .unwrap_or(false)
+            .ok()
+            .and_then(|st| st.pointer("/registry/not_applied").cloned())
+            .is_some_and(|n| n == Value::Array(vec![]))
     })
     .unwrap();
 }

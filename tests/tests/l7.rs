@@ -2543,6 +2543,10 @@ fn invalid_route_objects_are_reported_and_previous_routing_stays() {
             )
         });
         assert!(text.contains("VirtualService"), "{what}: {text}");
+        assert!(
+            text.contains("its previous version stays in force"),
+            "{what}: {text}"
+        );
         let s = load();
         assert_eq!(
             s.backends.get("reviews-v1"),

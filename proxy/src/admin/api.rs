@@ -449,6 +449,9 @@ pub struct RegistryStatus {
     /// (`file:line: … (Kind ns/name): reason`).
     #[serde(default)]
     pub not_applied: Vec<String>,
+    /// Objects applied with a likely mistake, one line each.
+    #[serde(default)]
+    pub warnings: Vec<String>,
 }
 
 #[derive(Serialize, Deserialize, Debug, Clone, Copy, PartialEq, Eq)]
@@ -592,6 +595,8 @@ pub struct RegistryDump {
     pub last_error: Option<String>,
     #[serde(default)]
     pub not_applied: Vec<String>,
+    #[serde(default)]
+    pub warnings: Vec<String>,
     pub snapshot: serde_json::Value,
 }
 

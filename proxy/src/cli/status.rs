@@ -40,6 +40,12 @@ fn render(out: &mut impl Write, s: &Status) -> std::io::Result<()> {
             writeln!(out, "               {line}")?;
         }
     }
+    if !r.warnings.is_empty() {
+        writeln!(out, "             warnings ({}):", r.warnings.len())?;
+        for line in &r.warnings {
+            writeln!(out, "               {line}")?;
+        }
+    }
     writeln!(
         out,
         "Workloads:   {} on this node, {} enrolled",

@@ -52,6 +52,7 @@ impl NodeView for NodeProxy {
                 sources: snap.sources.clone(),
                 last_error: registry.last_error(),
                 not_applied: snap.not_applied.iter().map(|n| n.to_string()).collect(),
+                warnings: snap.warnings.iter().map(|n| n.to_string()).collect(),
                 snapshot: serde_json::to_value(&*snap).unwrap_or_default(),
             },
         }
@@ -76,6 +77,7 @@ impl NodeView for NodeProxy {
                 services: snap.services.len(),
                 last_error: inputs.registry.last_error(),
                 not_applied: snap.not_applied.iter().map(|n| n.to_string()).collect(),
+                warnings: snap.warnings.iter().map(|n| n.to_string()).collect(),
             },
             workloads: WorkloadCounts {
                 total: index.entries().len(),

@@ -93,8 +93,8 @@ use std::net::IpAddr;
 use parking_lot::Mutex;
 use serde::Serialize;
 
-use crate::registry::kinds::security::WorkloadSelector;
-use crate::registry::{FailClosed, Pod, Snapshot};
+use crate::registry::kinds::security::{AuthorizationPolicySpec, WorkloadSelector};
+use crate::registry::{FailClosed, FailEffect, Pod, Snapshot};
 
 pub use peerauth::MtlsMode;
 pub use request::HttpRequest;
@@ -313,6 +313,21 @@ impl PolicySet {
         for p in &snapshot.authorization_policies {
             authz.add(&p.namespace, &p.name, &p.spec, &mut set.warnings);
         }
+        // An ALLOW policy weft cannot apply stays present, matching nothing: its pods keep only
+        // what their other ALLOW policies allow.
+        for f in &snapshot.fail_closed {
+            if f.effect == FailEffect::AllowNothing {
+                let spec = AuthorizationPolicySpec {
+                    selector: f
+                        .selector
+                        .clone()
+                        .map(|match_labels| WorkloadSelector { match_labels }),
+                    rules: Some(Vec::new()),
+                    ..AuthorizationPolicySpec::default()
+                };
+                authz.add(&f.namespace, &f.name, &spec, &mut set.warnings);
+            }
+        }
         let mut peer = peerauth::Builder::new(root_namespace);
         for p in &snapshot.peer_authentications {
             peer.add(&p.namespace, &p.name, p.created, &p.spec);
@@ -321,8 +336,13 @@ impl PolicySet {
             warn_once(w);
         }
         for f in &set.fail_closed {
+            let how = match f.effect {
+                FailEffect::DenyAll => "every connection denied, STRICT mTLS",
+                FailEffect::AllowNothing => "an ALLOW policy that allows nothing",
+                FailEffect::Strict => "STRICT mTLS",
+            };
             warn_once(&format!(
-                "{} cannot be applied, so what it covers fails closed (every connection denied, STRICT mTLS): {}",
+                "{} cannot be applied, so what it covers fails closed ({how}): {}",
                 f.describe(root_namespace),
                 f.reason
             ));
@@ -412,11 +432,19 @@ impl PolicySet {
         })
     }
 
-    /// The first object weft cannot apply that could select `pod`.
+    /// The first object weft cannot apply that could select `pod` and denies it everything.
     fn failing_closed(&self, pod: &Pod) -> Option<&FailClosed> {
         self.fail_closed
             .iter()
-            .find(|f| f.could_select(pod, &self.root_namespace))
+            .find(|f| f.effect == FailEffect::DenyAll && f.could_select(pod, &self.root_namespace))
+    }
+
+    /// Whether an object weft cannot apply makes `pod` STRICT.
+    fn strict_closed(&self, pod: &Pod) -> bool {
+        self.fail_closed.iter().any(|f| {
+            matches!(f.effect, FailEffect::DenyAll | FailEffect::Strict)
+                && f.could_select(pod, &self.root_namespace)
+        })
     }
 
     /// AuthorizationPolicies that apply to `pod` (`ns/name`), in evaluation order: root-namespace
@@ -427,7 +455,7 @@ impl PolicySet {
 
     /// The mTLS mode for connections to container port `port` of `pod`.
     pub fn mtls_mode(&self, pod: &Pod, port: u16) -> MtlsMode {
-        if self.failing_closed(pod).is_some() {
+        if self.strict_closed(pod) {
             return MtlsMode::Strict;
         }
         self.peer.mode(pod, port)
@@ -435,7 +463,7 @@ impl PolicySet {
 
     /// The mTLS mode of `pod` and its per-port overrides.
     pub fn mtls(&self, pod: &Pod) -> PodMtls {
-        if self.failing_closed(pod).is_some() {
+        if self.strict_closed(pod) {
             return PodMtls {
                 default: MtlsMode::Strict,
                 ports: BTreeMap::new(),

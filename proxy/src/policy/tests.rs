@@ -1079,7 +1079,7 @@ fn load_errors(yaml: &str) -> Vec<String> {
 }
 
 #[test]
-fn invalid_authorization_policies_fail_the_load_with_file_and_line() {
+fn invalid_authorization_policies_are_reported_with_file_and_line() {
     let yaml = "\
 apiVersion: security.istio.io/v1
 kind: AuthorizationPolicy
@@ -1164,7 +1164,7 @@ spec:
 }
 
 #[test]
-fn invalid_peer_authentications_fail_the_load() {
+fn invalid_peer_authentications_are_reported_with_file_and_line() {
     let yaml = "\
 apiVersion: security.istio.io/v1
 kind: PeerAuthentication
@@ -1288,6 +1288,99 @@ spec:
 }
 
 #[test]
+fn invalid_policies_in_files_fail_closed_while_the_rest_applies() {
+    let f = |extra: &str| {
+        let parsed = Snapshot::parse_yaml(&format!("{CLUSTER}---\n{extra}"));
+        let rejected: Vec<String> = parsed.rejected.iter().map(|e| e.to_string()).collect();
+        let snapshot = parsed.builder.build(1, Vec::new());
+        let set = PolicySet::build(&snapshot, ROOT);
+        (rejected, Fixture { snapshot, set })
+    };
+    // An ALLOW with a misspelt field is present but allows nothing: the pods it selects keep
+    // what their valid ALLOW policies allow, and no more.
+    let (rejected, fx) = f("apiVersion: security.istio.io/v1
+kind: AuthorizationPolicy
+metadata: {name: allow-bad, namespace: demo}
+spec:
+  selector: {matchLabels: {app: server}}
+  rules: [{to: [{operation: {portz: [\"8080\"]}}]}]
+---
+apiVersion: security.istio.io/v1
+kind: AuthorizationPolicy
+metadata: {name: allow-9090, namespace: demo}
+spec:
+  selector: {matchLabels: {app: server}}
+  rules: [{to: [{operation: {ports: [\"9090\"]}}]}]
+");
+    assert_eq!(rejected.len(), 1, "{rejected:?}");
+    assert!(
+        rejected[0].contains("(AuthorizationPolicy demo/allow-bad)")
+            && rejected[0].contains("portz"),
+        "{rejected:?}"
+    );
+    assert!(fx.allowed(conn("demo/server", 9090, Some(CLIENT))));
+    assert!(!fx.allowed(conn("demo/server", 8080, Some(CLIENT))));
+    assert!(
+        fx.allowed(conn("demo/other", 8080, Some(CLIENT))),
+        "not selected"
+    );
+    assert_eq!(
+        fx.set.mtls_mode(fx.pod("demo/server"), 8080),
+        MtlsMode::Permissive,
+        "an ALLOW does not change mTLS"
+    );
+
+    // A DENY that fails its checks denies everything it could have selected.
+    let (rejected, fx) = f("apiVersion: security.istio.io/v1
+kind: AuthorizationPolicy
+metadata: {name: deny-bad, namespace: demo}
+spec:
+  selector: {matchLabels: {app: other}}
+  action: DENY
+  rules: [{from: [{source: {principal: [x]}}]}]
+");
+    assert_eq!(rejected.len(), 1, "{rejected:?}");
+    assert_eq!(
+        fx.decide(conn("demo/other", 8080, Some(CLIENT))),
+        deny("demo/deny-bad", DenyReason::FailClosed)
+    );
+    assert!(fx.allowed(conn("demo/server", 8080, Some(CLIENT))));
+
+    // Not even YAML, but it reads as a policy of namespace prod: prod fails closed.
+    let (rejected, fx) = f("apiVersion: security.istio.io/v1
+kind: AuthorizationPolicy
+metadata:
+  name: broken
+  namespace: prod
+spec:
+  action: DENY
+  rules: [{from: [{source: {namespaces: [demo]}}]
+");
+    assert_eq!(rejected.len(), 1, "{rejected:?}");
+    assert_eq!(
+        fx.decide(conn("prod/db", 5432, Some(CLIENT))),
+        deny("prod/broken", DenyReason::FailClosed)
+    );
+    assert!(fx.allowed(conn("demo/server", 8080, Some(CLIENT))));
+
+    // A PeerAuthentication that fails its checks: STRICT for what it selects, connections
+    // still allowed.
+    let (rejected, fx) = f("apiVersion: security.istio.io/v1
+kind: PeerAuthentication
+metadata: {name: pa, namespace: demo}
+spec:
+  selector: {matchLabels: {app: server}}
+  mtls: {mode: PERMISIVE}
+");
+    assert_eq!(rejected.len(), 1, "{rejected:?}");
+    assert_eq!(
+        fx.set.mtls_mode(fx.pod("demo/server"), 8080),
+        MtlsMode::Strict
+    );
+    assert!(fx.allowed(conn("demo/server", 8080, Some(CLIENT))));
+}
+
+#[test]
 fn kinds_of_other_groups_are_not_validated() {
     // Unknown fields in kinds of groups weft does not read stay their owners' business.
     let s = Snapshot::from_yaml(
@@ -1299,9 +1392,10 @@ fn kinds_of_other_groups_are_not_validated() {
 }
 
 #[test]
-fn invalid_objects_never_reach_the_snapshot() {
+fn invalid_policies_are_refused_and_fail_closed_by_their_action() {
     // Every source feeds the same builder: an invalid policy is refused there with the field
-    // path, so the policy engine only ever compiles valid ones.
+    // path, so the policy engine only ever compiles valid ones; what the invalid one could
+    // select fails closed: a DENY denies everything, an ALLOW allows nothing.
     let raw = |name: &str, spec: serde_json::Value| {
         crate::registry::Object::Other(crate::registry::RawObject {
             api_version: "security.istio.io/v1".into(),
@@ -1328,8 +1422,22 @@ fn invalid_objects_never_reach_the_snapshot() {
         serde_json::json!({"action": "DENY", "rules": [{}]}),
     ))
     .unwrap();
-    let set = PolicySet::build(&b.build(1, Vec::new()), ROOT);
-    assert_eq!(set.len(), 1);
+    let snapshot = b.build(1, Vec::new());
+    let effects: Vec<(&str, FailEffect)> = snapshot
+        .fail_closed
+        .iter()
+        .map(|f| (f.name.as_str(), f.effect))
+        .collect();
+    assert_eq!(
+        effects,
+        [
+            ("bad", FailEffect::DenyAll),
+            ("typo", FailEffect::AllowNothing)
+        ]
+    );
+    // The valid DENY and the ALLOW that allows nothing in place of `typo`.
+    let set = PolicySet::build(&snapshot, ROOT);
+    assert_eq!(set.len(), 2);
 }
 
 mod l7;

@@ -14,14 +14,15 @@ use std::path::PathBuf;
 use std::sync::Arc;
 
 use k8s_openapi::api::core::v1 as core;
+use k8s_openapi::api::discovery::v1 as discovery;
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta;
 use k8s_openapi::apimachinery::pkg::util::intstr::IntOrString;
 
 use super::kinds::networking::{host_matches, qualify_host, Destination};
 use super::kinds::{self, gateway, networking, security, Class, Kind};
 use super::model::{
-    ContainerPort, FailClosed, Labels, Node, NotApplied, Objects, Pod, QosClass, RawObject,
-    Service, ServicePort, Snapshot, TargetPort,
+    ContainerPort, EndpointSlice, FailClosed, FailEffect, Labels, Node, Objects, Pod, Problem,
+    QosClass, RawObject, Service, ServicePort, SliceEndpoint, SlicePort, Snapshot, TargetPort,
 };
 
 /// A semantic problem in one object: the field path (`spec.ports[0].port`) and the reason.
@@ -57,6 +58,7 @@ pub enum Object {
     Node(Box<core::Node>),
     Pod(Box<core::Pod>),
     Service(Box<core::Service>),
+    EndpointSlice(Box<discovery::EndpointSlice>),
     Other(RawObject),
 }
 
@@ -90,13 +92,176 @@ pub enum Inserted {
     },
 }
 
+/// One object converted to the model and checked on its own ([`convert`]): what a source keeps
+/// per object, so a change converts only the object that changed and a rebuild only adds.
+#[derive(Debug, Clone)]
+pub struct Conversion {
+    pub key: ObjectKey,
+    /// The model object, or every problem found (the object is left out).
+    pub result: Result<Converted, Vec<FieldError>>,
+    /// A security object that cannot be applied: what it could select fails closed.
+    pub fail_closed: Option<FailClosed>,
+}
+
+/// A converted object.
+#[derive(Debug, Clone)]
+pub enum Converted {
+    Namespace(String, Labels),
+    Node(Node),
+    Pod(Arc<Pod>),
+    Service(Arc<Service>),
+    EndpointSlice(Arc<EndpointSlice>),
+    AuthorizationPolicy(Arc<security::AuthorizationPolicy>),
+    PeerAuthentication(Arc<security::PeerAuthentication>),
+    VirtualService(Arc<networking::VirtualService>),
+    DestinationRule(Arc<networking::DestinationRule>),
+    ServiceEntry(Arc<networking::ServiceEntry>),
+    HttpRoute(Arc<gateway::HttpRoute>),
+    GrpcRoute(Arc<gateway::GrpcRoute>),
+    /// Of a group weft does not read: kept as it is.
+    Other(RawObject),
+    /// An unknown kind or version in a group weft reads: not applied.
+    NotApplied(String),
+}
+
+/// Converts and checks one object on its own (no other object is looked at). `origin`
+/// (`file:line`) is kept in the typed routing objects.
+pub fn convert(object: &Object, origin: Option<String>) -> Conversion {
+    let key = object_key(object);
+    let result = match object {
+        Object::Namespace(ns) => namespace(ns).map(|(n, l)| Converted::Namespace(n, l)),
+        Object::Node(n) => node(n).map(Converted::Node),
+        Object::Pod(p) => pod(p).map(|p| Converted::Pod(Arc::new(p))),
+        Object::Service(s) => service(s).map(|s| Converted::Service(Arc::new(s))),
+        Object::EndpointSlice(s) => {
+            endpoint_slice(s).map(|s| Converted::EndpointSlice(Arc::new(s)))
+        }
+        Object::Other(raw) => return convert_other(key, raw, origin),
+    };
+    Conversion {
+        key,
+        result,
+        fail_closed: None,
+    }
+}
+
+fn convert_other(key: ObjectKey, raw: &RawObject, origin: Option<String>) -> Conversion {
+    let done = |result, fail_closed| Conversion {
+        key: key.clone(),
+        result,
+        fail_closed,
+    };
+    if raw.name.is_empty() {
+        return done(
+            Err(vec![FieldError::new("metadata.name", "is required")]),
+            None,
+        );
+    }
+    let kind = match kinds::classify(&raw.api_version, &raw.kind) {
+        Class::Known(kind) => kind,
+        Class::Foreign => return done(Ok(Converted::Other(raw.clone())), None),
+        Class::Unknown { reason, security } => {
+            let fail_closed = security.then(|| FailClosed {
+                kind: raw.kind.clone(),
+                namespace: raw.namespace_or_default().to_string(),
+                name: raw.name.clone(),
+                selector: selector_of(raw),
+                effect: FailEffect::DenyAll,
+                reason: reason.clone(),
+            });
+            return done(Ok(Converted::NotApplied(reason)), fail_closed);
+        }
+    };
+    let parsed =
+        check_known(raw).and_then(|()| match kind {
+            Kind::AuthorizationPolicy => security::authorization_policy(raw)
+                .map(|o| Converted::AuthorizationPolicy(Arc::new(o))),
+            Kind::PeerAuthentication => security::peer_authentication(raw)
+                .map(|o| Converted::PeerAuthentication(Arc::new(o))),
+            Kind::VirtualService => networking::virtual_service(raw, origin)
+                .map(|o| Converted::VirtualService(Arc::new(o))),
+            Kind::DestinationRule => networking::destination_rule(raw, origin)
+                .map(|o| Converted::DestinationRule(Arc::new(o))),
+            Kind::ServiceEntry => {
+                networking::service_entry(raw, origin).map(|o| Converted::ServiceEntry(Arc::new(o)))
+            }
+            Kind::HttpRoute => {
+                gateway::http_route(raw, origin).map(|o| Converted::HttpRoute(Arc::new(o)))
+            }
+            Kind::GrpcRoute => {
+                gateway::grpc_route(raw, origin).map(|o| Converted::GrpcRoute(Arc::new(o)))
+            }
+        });
+    let fail_closed = match &parsed {
+        Err(errors) => fail_closed_of(kind, raw, errors),
+        Ok(_) => None,
+    };
+    done(parsed, fail_closed)
+}
+
+/// The top-level and `metadata` fields of an object of a kind weft reads: what the API
+/// server's schema would refuse (`sepc:`, `metadata.namepsace:`) is an error, not a silently
+/// empty spec.
+fn check_known(raw: &RawObject) -> Result<(), Vec<FieldError>> {
+    let mut errors = Vec::new();
+    if let Some(obj) = raw.value.as_object() {
+        for key in obj.keys() {
+            if !matches!(
+                key.as_str(),
+                "apiVersion" | "kind" | "metadata" | "spec" | "status"
+            ) {
+                errors.push(FieldError::new(
+                    key.clone(),
+                    format!(
+                        "unknown field {key:?} in a {}, expected apiVersion, kind, metadata, spec or status",
+                        raw.kind
+                    ),
+                ));
+            }
+        }
+        if let Some(meta) = obj.get("metadata") {
+            errors.extend(unknown_fields::<ObjectMeta>(meta, "metadata"));
+        }
+    }
+    done((), errors)
+}
+
+/// A security object that fails its checks must not widen access: what it could select fails
+/// closed, by its action (see [`FailEffect`]).
+fn fail_closed_of(kind: Kind, raw: &RawObject, errors: &[FieldError]) -> Option<FailClosed> {
+    let effect = match kind {
+        Kind::AuthorizationPolicy => match raw.value.get("spec").and_then(|s| s.get("action")) {
+            None | Some(serde_json::Value::Null) => FailEffect::AllowNothing,
+            Some(a) if a == "ALLOW" => FailEffect::AllowNothing,
+            // An AUDIT policy decides nothing.
+            Some(a) if a == "AUDIT" => return None,
+            Some(_) => FailEffect::DenyAll,
+        },
+        Kind::PeerAuthentication => FailEffect::Strict,
+        _ => return None,
+    };
+    let reason = errors
+        .iter()
+        .map(ToString::to_string)
+        .collect::<Vec<_>>()
+        .join("; ");
+    Some(FailClosed {
+        kind: raw.kind.clone(),
+        namespace: raw.namespace_or_default().to_string(),
+        name: raw.name.clone(),
+        selector: selector_of(raw),
+        effect,
+        reason,
+    })
+}
+
 /// Accumulates objects, converting and checking each, then builds a [`Snapshot`].
 #[derive(Debug, Default)]
 pub struct SnapshotBuilder {
     namespaces: BTreeMap<String, Labels>,
     nodes: BTreeMap<String, Node>,
-    pods: BTreeMap<(String, String), Pod>,
-    services: BTreeMap<(String, String), Service>,
+    pods: BTreeMap<(String, String), Arc<Pod>>,
+    services: BTreeMap<(String, String), Arc<Service>>,
     objects: Objects,
     other_keys: HashSet<ObjectKey>,
     /// Cluster IP → service `ns/name` owning it.
@@ -121,33 +286,43 @@ impl SnapshotBuilder {
         object: Object,
         origin: Option<String>,
     ) -> Result<Inserted, Vec<FieldError>> {
-        let key = object_key(&object);
+        self.add(convert(&object, origin))
+    }
+
+    /// Adds a converted object: a rejected one only leaves its fail-closed effect; a valid one
+    /// is checked against those already in (duplicates, a cluster IP used twice).
+    pub fn add(&mut self, conversion: Conversion) -> Result<Inserted, Vec<FieldError>> {
+        let Conversion {
+            key,
+            result,
+            fail_closed,
+        } = conversion;
+        if let Some(f) = fail_closed {
+            self.objects.fail_closed.push(f);
+        }
+        let converted = result?;
         let duplicate = || vec![FieldError::new("metadata.name", format!("duplicate {key}"))];
-        match object {
-            Object::Namespace(ns) => {
-                let (name, labels) = namespace(&ns)?;
+        match converted {
+            Converted::Namespace(name, labels) => {
                 if self.namespaces.contains_key(&name) {
                     return Err(duplicate());
                 }
                 self.namespaces.insert(name, labels);
             }
-            Object::Node(n) => {
-                let node = node(&n)?;
+            Converted::Node(node) => {
                 if self.nodes.contains_key(&node.name) {
                     return Err(duplicate());
                 }
                 self.nodes.insert(node.name.clone(), node);
             }
-            Object::Pod(p) => {
-                let pod = pod(&p)?;
+            Converted::Pod(pod) => {
                 let k = (pod.namespace.clone(), pod.name.clone());
                 if self.pods.contains_key(&k) {
                     return Err(duplicate());
                 }
                 self.pods.insert(k, pod);
             }
-            Object::Service(s) => {
-                let svc = service(&s)?;
+            Converted::Service(svc) => {
                 let k = (svc.namespace.clone(), svc.name.clone());
                 if self.services.contains_key(&k) {
                     return Err(duplicate());
@@ -166,110 +341,163 @@ impl SnapshotBuilder {
                 }
                 self.services.insert(k, svc);
             }
-            Object::Other(raw) => return self.insert_other(key, raw, origin),
-        }
-        Ok(Inserted::Applied(key))
-    }
-
-    fn insert_other(
-        &mut self,
-        key: ObjectKey,
-        raw: RawObject,
-        origin: Option<String>,
-    ) -> Result<Inserted, Vec<FieldError>> {
-        if raw.name.is_empty() {
-            return Err(vec![FieldError::new("metadata.name", "is required")]);
-        }
-        let class = kinds::classify(&raw.api_version, &raw.kind);
-        // Checked before the duplicate test, so a bad object does not claim its name.
-        enum Typed {
-            Authorization(security::AuthorizationPolicy),
-            Peer(security::PeerAuthentication),
-            VirtualService(Box<networking::VirtualService>),
-            DestinationRule(Box<networking::DestinationRule>),
-            ServiceEntry(Box<networking::ServiceEntry>),
-            HttpRoute(Box<gateway::HttpRoute>),
-            GrpcRoute(Box<gateway::GrpcRoute>),
-            Raw,
-        }
-        let typed = match &class {
-            Class::Known(Kind::AuthorizationPolicy) => {
-                Typed::Authorization(security::authorization_policy(&raw)?)
-            }
-            Class::Known(Kind::PeerAuthentication) => {
-                Typed::Peer(security::peer_authentication(&raw)?)
-            }
-            Class::Known(Kind::VirtualService) => {
-                Typed::VirtualService(Box::new(networking::virtual_service(&raw, origin)?))
-            }
-            Class::Known(Kind::DestinationRule) => {
-                Typed::DestinationRule(Box::new(networking::destination_rule(&raw, origin)?))
-            }
-            Class::Known(Kind::ServiceEntry) => {
-                Typed::ServiceEntry(Box::new(networking::service_entry(&raw, origin)?))
-            }
-            Class::Known(Kind::HttpRoute) => {
-                Typed::HttpRoute(Box::new(gateway::http_route(&raw, origin)?))
-            }
-            Class::Known(Kind::GrpcRoute) => {
-                Typed::GrpcRoute(Box::new(gateway::grpc_route(&raw, origin)?))
-            }
-            Class::Foreign | Class::Unknown { .. } => Typed::Raw,
-        };
-        // One object whatever the version it is written in (Kubernetes serves every version of
-        // the same object).
-        let same_object = match &class {
-            Class::Known(_) => ObjectKey {
-                api_version: raw
-                    .api_version
-                    .split_once('/')
-                    .map_or(raw.api_version.as_str(), |(g, _)| g)
-                    .to_string(),
-                ..key.clone()
-            },
-            _ => key.clone(),
-        };
-        if !self.other_keys.insert(same_object) {
-            return Err(vec![FieldError::new(
-                "metadata.name",
-                format!("duplicate {key}"),
-            )]);
-        }
-        match (class, typed) {
-            (_, Typed::Authorization(p)) => self.objects.authorization_policies.push(Arc::new(p)),
-            (_, Typed::Peer(p)) => self.objects.peer_authentications.push(Arc::new(p)),
-            (_, Typed::VirtualService(o)) => self.objects.virtual_services.push(Arc::new(*o)),
-            (_, Typed::DestinationRule(o)) => self.objects.destination_rules.push(Arc::new(*o)),
-            (_, Typed::ServiceEntry(o)) => self.objects.service_entries.push(Arc::new(*o)),
-            (_, Typed::HttpRoute(o)) => self.objects.http_routes.push(Arc::new(*o)),
-            (_, Typed::GrpcRoute(o)) => self.objects.grpc_routes.push(Arc::new(*o)),
-            (Class::Unknown { reason, security }, Typed::Raw) => {
-                if security {
-                    self.objects.fail_closed.push(FailClosed {
-                        kind: raw.kind.clone(),
-                        namespace: raw.namespace_or_default().to_string(),
-                        name: raw.name.clone(),
-                        selector: selector_of(&raw),
-                        reason: reason.clone(),
-                    });
+            Converted::NotApplied(reason) => return Ok(Inserted::NotApplied { key, reason }),
+            other => {
+                // One object whatever the version it is written in (Kubernetes serves every
+                // version of the same object).
+                let same_object = match &other {
+                    Converted::Other(_) => key.clone(),
+                    _ => ObjectKey {
+                        api_version: key
+                            .api_version
+                            .split_once('/')
+                            .map_or(key.api_version.as_str(), |(g, _)| g)
+                            .to_string(),
+                        ..key.clone()
+                    },
+                };
+                if !self.other_keys.insert(same_object) {
+                    return Err(duplicate());
                 }
-                return Ok(Inserted::NotApplied { key, reason });
+                let o = &mut self.objects;
+                match other {
+                    Converted::EndpointSlice(s) => o.endpoint_slices.push(s),
+                    Converted::AuthorizationPolicy(p) => o.authorization_policies.push(p),
+                    Converted::PeerAuthentication(p) => o.peer_authentications.push(p),
+                    Converted::VirtualService(v) => o.virtual_services.push(v),
+                    Converted::DestinationRule(d) => o.destination_rules.push(d),
+                    Converted::ServiceEntry(e) => o.service_entries.push(e),
+                    Converted::HttpRoute(r) => o.http_routes.push(r),
+                    Converted::GrpcRoute(r) => o.grpc_routes.push(r),
+                    Converted::Other(raw) => o.others.push(raw),
+                    Converted::Namespace(..)
+                    | Converted::Node(_)
+                    | Converted::Pod(_)
+                    | Converted::Service(_)
+                    | Converted::NotApplied(_) => unreachable!("handled above"),
+                }
             }
-            (_, Typed::Raw) => self.objects.others.push(raw),
         }
         Ok(Inserted::Applied(key))
     }
 
     /// Records an object the source left out, with where it came from.
-    pub fn not_applied(&mut self, item: NotApplied) {
+    pub fn not_applied(&mut self, item: Problem) {
         self.objects.not_applied.push(item);
+    }
+
+    /// Records a warning about an applied object, with where it came from.
+    pub fn warning(&mut self, item: Problem) {
+        self.objects.warnings.push(item);
+    }
+
+    /// What a source could not even read as an object (a YAML syntax error) but that looks
+    /// like a security object of `namespace`: every pod there fails closed, since what it
+    /// would have denied is unknown.
+    pub fn fail_closed_unreadable(
+        &mut self,
+        kind: &str,
+        namespace: &str,
+        name: &str,
+        reason: &str,
+    ) {
+        self.objects.fail_closed.push(FailClosed {
+            kind: kind.to_string(),
+            namespace: namespace.to_string(),
+            name: name.to_string(),
+            selector: None,
+            effect: FailEffect::DenyAll,
+            reason: reason.to_string(),
+        });
     }
 
     /// Checks that need more than one object, once every object is in: each VirtualService
     /// destination naming a subset needs a DestinationRule for its host defining that subset
-    /// (Istio's analyzer reports this; weft refuses the load, as traffic to a missing subset
-    /// would only fail at request time). Each problem names the object it belongs to.
-    pub fn validate(&self) -> Vec<(ObjectKey, FieldError)> {
+    /// (Istio's analyzer reports this; weft leaves such a VirtualService out, as traffic to a
+    /// missing subset would only fail at request time). Each problem names the object it
+    /// belongs to; the objects named are removed.
+    pub fn validate(&mut self) -> Vec<(ObjectKey, FieldError)> {
+        let errors = self.cross_checks();
+        if !errors.is_empty() {
+            let named = |ns: &str, name: &str| {
+                errors.iter().any(|(k, _)| {
+                    k.kind == "VirtualService"
+                        && k.namespace.as_deref() == Some(ns)
+                        && k.name == name
+                })
+            };
+            self.objects
+                .virtual_services
+                .retain(|vs| !named(&vs.meta.namespace, &vs.meta.name));
+            self.other_keys.retain(|k| {
+                k.kind != "VirtualService" || !named(k.namespace.as_deref().unwrap_or(""), &k.name)
+            });
+        }
+        errors
+    }
+
+    /// What is likely a mistake but applies: a Service port whose `targetPort` names a port
+    /// that no pod the Service selects declares (every call to it would find no endpoint).
+    pub fn warnings(&self) -> Vec<(ObjectKey, FieldError)> {
+        let mut out = Vec::new();
+        for svc in self.services.values() {
+            let Some(selector) = svc.selector.as_ref() else {
+                continue;
+            };
+            let ns = svc.namespace.clone();
+            let selected: Vec<&Arc<Pod>> = self
+                .pods
+                .range((ns.clone(), String::new())..)
+                .take_while(|((n, _), _)| *n == ns)
+                .map(|(_, p)| p)
+                .filter(|p| p.matches(selector))
+                .collect();
+            if selected.is_empty() {
+                continue;
+            }
+            for (i, port) in svc.ports.iter().enumerate() {
+                let TargetPort::Name(name) = &port.target_port else {
+                    continue;
+                };
+                if selected
+                    .iter()
+                    .any(|p| p.named_port(name, &port.protocol).is_some())
+                {
+                    continue;
+                }
+                let mut declared: Vec<&str> = selected
+                    .iter()
+                    .flat_map(|p| p.ports.iter().filter_map(|c| c.name.as_deref()))
+                    .collect();
+                declared.sort_unstable();
+                declared.dedup();
+                let declared = if declared.is_empty() {
+                    "they declare no named port".to_string()
+                } else {
+                    format!("they declare {}", declared.join(", "))
+                };
+                out.push((
+                    ObjectKey {
+                        api_version: "v1".into(),
+                        kind: "Service".into(),
+                        namespace: Some(svc.namespace.clone()),
+                        name: svc.name.clone(),
+                    },
+                    FieldError::new(
+                        format!("spec.ports[{i}].targetPort"),
+                        format!(
+                            "no pod this Service selects ({} pods) declares a port named {name:?} ({declared}): calls to port {} find no endpoint",
+                            selected.len(),
+                            port.port
+                        ),
+                    ),
+                ));
+            }
+        }
+        out
+    }
+
+    fn cross_checks(&self) -> Vec<(ObjectKey, FieldError)> {
         let service_exists = |ns: &str, name: &str| {
             self.services
                 .contains_key(&(ns.to_string(), name.to_string()))
@@ -366,12 +594,86 @@ impl SnapshotBuilder {
         let objects = Objects {
             namespaces: self.namespaces,
             nodes: self.nodes,
-            pods: self.pods.into_values().map(Arc::new).collect(),
-            services: self.services.into_values().map(Arc::new).collect(),
+            pods: self.pods.into_values().collect(),
+            services: self.services.into_values().collect(),
             ..self.objects
         };
         Snapshot::new(generation, sources, objects)
     }
+}
+
+/// The fields of `value` that `T` does not have (`spec.contianers`, `spec.nodeNmae`), as paths
+/// under `prefix`: `T` read from `value` and written back keeps every field it knows, so a key
+/// present in `value` but not in the round trip is unknown. Null values are skipped (an absent
+/// optional field).
+pub fn unknown_fields<T: serde::de::DeserializeOwned + serde::Serialize>(
+    value: &serde_json::Value,
+    prefix: &str,
+) -> Vec<FieldError> {
+    let Ok(typed) = serde_json::from_value::<T>(value.clone()) else {
+        return Vec::new();
+    };
+    let Ok(back) = serde_json::to_value(&typed) else {
+        return Vec::new();
+    };
+    let mut out = Vec::new();
+    diff_keys(value, &back, prefix, &mut out);
+    out
+}
+
+fn diff_keys(
+    given: &serde_json::Value,
+    known: &serde_json::Value,
+    path: &str,
+    out: &mut Vec<FieldError>,
+) {
+    use serde_json::Value;
+    let join = |k: &str| {
+        if path.is_empty() {
+            k.to_string()
+        } else {
+            format!("{path}.{k}")
+        }
+    };
+    match (given, known) {
+        (Value::Object(g), Value::Object(k)) => {
+            for (key, v) in g {
+                if v.is_null() {
+                    continue;
+                }
+                match k.get(key) {
+                    Some(kv) => diff_keys(v, kv, &join(key), out),
+                    None => {
+                        let mut fields: Vec<&str> = k.keys().map(String::as_str).collect();
+                        fields.sort_unstable();
+                        let hint = strsim_closest(key, &fields)
+                            .map(|f| format!(" (did you mean {f:?}?)"))
+                            .unwrap_or_default();
+                        out.push(FieldError::new(
+                            join(key),
+                            format!("unknown field {key:?}{hint}"),
+                        ));
+                    }
+                }
+            }
+        }
+        (Value::Array(g), Value::Array(k)) => {
+            for (i, (gv, kv)) in g.iter().zip(k).enumerate() {
+                diff_keys(gv, kv, &format!("{path}[{i}]"), out);
+            }
+        }
+        _ => {}
+    }
+}
+
+/// The known field closest to a misspelt one, when close enough to be the likely meaning.
+fn strsim_closest<'a>(key: &str, fields: &[&'a str]) -> Option<&'a str> {
+    fields
+        .iter()
+        .map(|f| (strsim::damerau_levenshtein(key, f), *f))
+        .filter(|(d, f)| *d <= 2.max(f.len() / 4))
+        .min_by_key(|(d, _)| *d)
+        .map(|(_, f)| f)
 }
 
 /// `spec.selector.matchLabels` of an object weft cannot parse, when it reads as labels: `None`
@@ -394,6 +696,10 @@ pub fn object_key(object: &Object) -> ObjectKey {
         Object::Node(o) => core_key("Node", &o.metadata, false),
         Object::Pod(o) => core_key("Pod", &o.metadata, true),
         Object::Service(o) => core_key("Service", &o.metadata, true),
+        Object::EndpointSlice(o) => ObjectKey {
+            api_version: "discovery.k8s.io/v1".into(),
+            ..core_key("EndpointSlice", &o.metadata, true)
+        },
         Object::Other(raw) => ObjectKey {
             api_version: raw.api_version.clone(),
             kind: raw.kind.clone(),
@@ -736,4 +1042,61 @@ pub fn service(s: &core::Service) -> Result<Service, Vec<FieldError>> {
         ports,
     };
     done(svc, errors)
+}
+
+/// The label naming the Service an EndpointSlice belongs to.
+pub const SERVICE_NAME_LABEL: &str = "kubernetes.io/service-name";
+
+/// EndpointSlice → [`EndpointSlice`]: its Service (label `kubernetes.io/service-name`), ports
+/// and endpoints (every address, with the `ready` condition; absent counts as ready, as
+/// kube-proxy reads it).
+pub fn endpoint_slice(s: &discovery::EndpointSlice) -> Result<EndpointSlice, Vec<FieldError>> {
+    let mut errors = Vec::new();
+    let name = name_of(&s.metadata, &mut errors);
+    let service = s
+        .metadata
+        .labels
+        .as_ref()
+        .and_then(|l| l.get(SERVICE_NAME_LABEL))
+        .cloned()
+        .unwrap_or_default();
+    let mut ports = Vec::new();
+    for (i, p) in s.ports.iter().flatten().enumerate() {
+        let Some(port) = p.port else { continue };
+        match port_number(port) {
+            Ok(port) => ports.push(SlicePort {
+                name: p.name.clone().filter(|n| !n.is_empty()),
+                port,
+                protocol: protocol(&p.protocol, format!("ports[{i}].protocol"), &mut errors),
+            }),
+            Err(e) => errors.push(FieldError::new(format!("ports[{i}].port"), e)),
+        }
+    }
+    let mut endpoints = Vec::new();
+    if matches!(s.address_type.as_str(), "IPv4" | "IPv6") {
+        for (i, e) in s.endpoints.iter().enumerate() {
+            let conditions = e.conditions.as_ref();
+            let ready = conditions.and_then(|c| c.ready).unwrap_or(true);
+            let terminating = conditions.and_then(|c| c.terminating).unwrap_or(false);
+            for (j, a) in e.addresses.iter().enumerate() {
+                match parse_ip(a) {
+                    Ok(ip) => endpoints.push(SliceEndpoint {
+                        ip,
+                        ready: ready && !terminating,
+                    }),
+                    Err(e) => {
+                        errors.push(FieldError::new(format!("endpoints[{i}].addresses[{j}]"), e))
+                    }
+                }
+            }
+        }
+    }
+    let slice = EndpointSlice {
+        namespace: namespace_of(&s.metadata),
+        name,
+        service,
+        ports,
+        endpoints,
+    };
+    done(slice, errors)
 }

@@ -12,8 +12,13 @@
 //! - [`kinds`]: the Istio and Gateway API kinds and versions weft reads, their validation, and
 //!   what becomes of unknown ones (not applied; in `security.istio.io`, fail closed).
 //! - [`file`]: the YAML source — a file or a directory of `*.yaml`/`*.yml` files, re-read on
-//!   change. A bad document fails the whole load with
-//!   `file:line: document N (Kind ns/name): field.path: reason`.
+//!   change.
+//!
+//! Objects are checked one by one ([`convert`]): an invalid one is left out and reported
+//! (`file:line: document N (Kind ns/name): field.path: reason`, or `Kind ns/name` and the
+//! field path from the API) while every other object applies. An invalid edit of an object
+//! keeps its previous version in force, except for security kinds: an invalid
+//! AuthorizationPolicy or PeerAuthentication fails closed ([`FailEffect`]).
 //!
 //! [`Registry`] holds the current snapshot, numbers generations, remembers the last failed load
 //! (the snapshot in force stays) and tells subscribers about new snapshots.
@@ -34,16 +39,18 @@ use arc_swap::ArcSwap;
 use parking_lot::Mutex;
 use tokio::sync::watch;
 
-pub use build::{FieldError, Inserted, Object, ObjectKey, SnapshotBuilder};
+pub use build::{
+    convert, Conversion, Converted, FieldError, Inserted, Object, ObjectKey, SnapshotBuilder,
+};
 pub use file::{FileSource, LoadError, LoadErrors, WatchConfig};
 pub use kinds::gateway::{GrpcRoute, HttpRoute};
 pub use kinds::networking::{DestinationRule, ServiceEntry, VirtualService};
 pub use kinds::security::{AuthorizationPolicy, PeerAuthentication};
 pub use kinds::Meta;
 pub use model::{
-    ser_arc, ContainerPort, Endpoint, FailClosed, Labels, Node, NotApplied, Pod, QosClass,
-    RawObject, Resolved, Service, ServicePort, Snapshot, TargetPort, CLUSTER_DOMAIN, ENROLL_LABEL,
-    ENROLL_VALUE,
+    ser_arc, ContainerPort, Endpoint, EndpointSlice, FailClosed, FailEffect, Labels, Node, Pod,
+    Problem, QosClass, RawObject, Resolved, Service, ServicePort, Snapshot, TargetPort,
+    CLUSTER_DOMAIN, ENROLL_LABEL, ENROLL_VALUE,
 };
 
 /// The current snapshot, its generation, the last failed load and the subscribers.

@@ -151,6 +151,35 @@ impl Service {
     }
 }
 
+/// An EndpointSlice (`discovery.k8s.io/v1`): where present for a Service, its endpoints are
+/// the slices' ready addresses of known pods, as kube-proxy takes them, instead of the pods the
+/// selector picks.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct EndpointSlice {
+    pub namespace: String,
+    pub name: String,
+    /// The Service it belongs to (label `kubernetes.io/service-name`).
+    pub service: String,
+    pub ports: Vec<SlicePort>,
+    pub endpoints: Vec<SliceEndpoint>,
+}
+
+/// A port of an EndpointSlice: its name is the Service port's.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct SlicePort {
+    pub name: Option<String>,
+    pub port: u16,
+    pub protocol: String,
+}
+
+/// One address of an EndpointSlice.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct SliceEndpoint {
+    pub ip: IpAddr,
+    /// `conditions.ready` (absent: ready) and not terminating.
+    pub ready: bool,
+}
+
 /// A node.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize)]
 pub struct Node {
@@ -180,26 +209,31 @@ impl RawObject {
     }
 }
 
-/// An object of the sources that is not applied (an unknown kind or version in a group weft
-/// reads), and why: shown by `weft status` and `/config_dump`, logged when loaded.
+/// A problem with one object of the sources: one left out (invalid, or an unknown kind or
+/// version in a group weft reads) or applied with a warning, and why. Shown by `weft status`
+/// and `/config_dump`, logged when loaded; the source reports it where the object lives.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize)]
-pub struct NotApplied {
-    /// Where it came from: `file:line: document N` (or `namespace/name` from an API).
+pub struct Problem {
+    /// Where it came from: `file:line: document N`, or `kubernetes` for the API.
     pub origin: String,
     /// `Kind namespace/name`.
     pub object: String,
     pub reason: String,
 }
 
-impl std::fmt::Display for NotApplied {
+impl std::fmt::Display for Problem {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        write!(f, "{} ({}): {}", self.origin, self.object, self.reason)
+        if self.object.is_empty() {
+            write!(f, "{}: {}", self.origin, self.reason)
+        } else {
+            write!(f, "{} ({}): {}", self.origin, self.object, self.reason)
+        }
     }
 }
 
-/// A security object weft cannot apply (an unknown kind or version in `security.istio.io`):
-/// the workloads it could select are denied every connection, and their plaintext is refused
-/// as if STRICT, until it is fixed or removed.
+/// A security object weft cannot apply (an unknown kind or version in `security.istio.io`, or
+/// an invalid AuthorizationPolicy or PeerAuthentication): what it could select fails closed,
+/// as [`FailClosed::effect`] says, until it is fixed or removed.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize)]
 pub struct FailClosed {
     /// `Kind`, as written.
@@ -208,7 +242,22 @@ pub struct FailClosed {
     pub name: String,
     /// `spec.selector.matchLabels` when it could be read; `None`: every pod in scope.
     pub selector: Option<Labels>,
+    pub effect: FailEffect,
     pub reason: String,
+}
+
+/// How an object weft cannot apply fails closed on the pods it could select.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum FailEffect {
+    /// Every connection denied, plaintext refused as if STRICT: a DENY or CUSTOM policy, an
+    /// unknown action or kind — whatever it could have denied, it denies.
+    DenyAll,
+    /// An ALLOW policy: present but matching nothing, so only what the pods' other ALLOW
+    /// policies allow is allowed (nothing, when it was the only one).
+    AllowNothing,
+    /// A PeerAuthentication: plaintext refused as if STRICT; mesh traffic unaffected.
+    Strict,
 }
 
 impl FailClosed {
@@ -284,6 +333,9 @@ pub struct Snapshot {
     pub services: Vec<Arc<Service>>,
     /// Sorted by (namespace, name).
     #[serde(serialize_with = "ser_arc_vec")]
+    pub endpoint_slices: Vec<Arc<EndpointSlice>>,
+    /// Sorted by (namespace, name).
+    #[serde(serialize_with = "ser_arc_vec")]
     pub authorization_policies: Vec<Arc<AuthorizationPolicy>>,
     /// Sorted by (namespace, name).
     #[serde(serialize_with = "ser_arc_vec")]
@@ -304,7 +356,10 @@ pub struct Snapshot {
     /// Security objects weft cannot apply: what they could select fails closed.
     pub fail_closed: Vec<FailClosed>,
     /// Objects of the sources that were left out, and why.
-    pub not_applied: Vec<NotApplied>,
+    pub not_applied: Vec<Problem>,
+    /// Objects applied with a field that is likely a mistake (a `targetPort` name no selected
+    /// pod declares, …).
+    pub warnings: Vec<Problem>,
     #[serde(skip)]
     index: Index,
 }
@@ -316,6 +371,7 @@ pub(crate) struct Objects {
     pub nodes: BTreeMap<String, Node>,
     pub pods: Vec<Arc<Pod>>,
     pub services: Vec<Arc<Service>>,
+    pub endpoint_slices: Vec<Arc<EndpointSlice>>,
     pub authorization_policies: Vec<Arc<AuthorizationPolicy>>,
     pub peer_authentications: Vec<Arc<PeerAuthentication>>,
     pub virtual_services: Vec<Arc<VirtualService>>,
@@ -325,7 +381,8 @@ pub(crate) struct Objects {
     pub grpc_routes: Vec<Arc<GrpcRoute>>,
     pub others: Vec<RawObject>,
     pub fail_closed: Vec<FailClosed>,
-    pub not_applied: Vec<NotApplied>,
+    pub not_applied: Vec<Problem>,
+    pub warnings: Vec<Problem>,
 }
 
 #[derive(Debug, Default)]
@@ -350,6 +407,7 @@ impl Snapshot {
             nodes,
             mut pods,
             mut services,
+            mut endpoint_slices,
             mut authorization_policies,
             mut peer_authentications,
             mut virtual_services,
@@ -360,9 +418,11 @@ impl Snapshot {
             others,
             fail_closed,
             not_applied,
+            warnings,
         } = objects;
         pods.sort_by(|a, b| (&a.namespace, &a.name).cmp(&(&b.namespace, &b.name)));
         services.sort_by(|a, b| (&a.namespace, &a.name).cmp(&(&b.namespace, &b.name)));
+        endpoint_slices.sort_by(|a, b| (&a.namespace, &a.name).cmp(&(&b.namespace, &b.name)));
         authorization_policies
             .sort_by(|a, b| (&a.namespace, &a.name).cmp(&(&b.namespace, &b.name)));
         peer_authentications.sort_by(|a, b| (&a.namespace, &a.name).cmp(&(&b.namespace, &b.name)));
@@ -406,6 +466,7 @@ impl Snapshot {
             nodes,
             pods,
             services,
+            endpoint_slices,
             authorization_policies,
             peer_authentications,
             virtual_services,
@@ -416,12 +477,28 @@ impl Snapshot {
             others,
             fail_closed,
             not_applied,
+            warnings,
             index,
         };
+        // EndpointSlices by Service (namespace, name).
+        let mut slices: HashMap<(&str, &str), Vec<&EndpointSlice>> = HashMap::new();
+        for slice in &snapshot.endpoint_slices {
+            if !slice.service.is_empty() {
+                slices
+                    .entry((slice.namespace.as_str(), slice.service.as_str()))
+                    .or_default()
+                    .push(slice);
+            }
+        }
         let mut endpoints = HashMap::new();
         for (i, svc) in snapshot.services.iter().enumerate() {
+            let of_slices = slices.get(&(svc.namespace.as_str(), svc.name.as_str()));
             for (j, port) in svc.ports.iter().enumerate() {
-                endpoints.insert((i, j), snapshot.select_endpoints(svc, port));
+                let selected = match of_slices {
+                    Some(slices) => snapshot.slice_endpoints(slices, port),
+                    None => snapshot.select_endpoints(svc, port),
+                };
+                endpoints.insert((i, j), selected);
             }
         }
         snapshot.index.endpoints = endpoints;
@@ -539,6 +616,35 @@ impl Snapshot {
     }
 
     /// The pods `svc` selects, ready, with the target of `port`.
+    /// The endpoints of a Service port from its EndpointSlices: the slice port of the same
+    /// name (and protocol), at the ready addresses that are pods weft knows (an address of no
+    /// pod has no identity to reach it by).
+    fn slice_endpoints(&self, slices: &[&EndpointSlice], port: &ServicePort) -> Vec<Endpoint> {
+        let mut out: Vec<Endpoint> = Vec::new();
+        for slice in slices {
+            let Some(sp) = slice
+                .ports
+                .iter()
+                .find(|p| p.name == port.name && p.protocol == port.protocol)
+            else {
+                continue;
+            };
+            for e in slice.endpoints.iter().filter(|e| e.ready) {
+                let Some(&i) = self.index.pod_by_ip.get(&e.ip) else {
+                    continue;
+                };
+                let addr = SocketAddr::new(e.ip, sp.port);
+                if !out.iter().any(|x| x.addr == addr) {
+                    out.push(Endpoint {
+                        pod: self.pods[i].clone(),
+                        addr,
+                    });
+                }
+            }
+        }
+        out
+    }
+
     fn select_endpoints(&self, svc: &Service, port: &ServicePort) -> Vec<Endpoint> {
         let Some(selector) = &svc.selector else {
             return Vec::new();

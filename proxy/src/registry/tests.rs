@@ -618,14 +618,18 @@ fn loads_a_directory_in_name_order() {
         "apiVersion: v1\nkind: Namespace\nmetadata: {name: n}\n",
     )
     .unwrap();
-    let errors = load(d, 8).unwrap_err();
+    let s = load(d, 8).unwrap();
+    assert!(s.namespace_enrolled("n"), "the first one applies");
     assert_eq!(
-        errors.to_string(),
-        format!(
+        s.not_applied
+            .iter()
+            .map(ToString::to_string)
+            .collect::<Vec<_>>(),
+        vec![format!(
             "{}:3: document 1 (Namespace n): metadata.name: duplicate Namespace n, first defined at {}:1",
             d.join("20-bad.yaml").display(),
             d.join("00-namespaces.yaml").display()
-        )
+        )]
     );
     let missing = load(&d.join("nope"), 1).unwrap_err();
     assert!(missing.to_string().contains("cannot read"), "{missing}");
@@ -634,12 +638,42 @@ fn loads_a_directory_in_name_order() {
 const GOOD_V1: &str = "apiVersion: v1\nkind: Namespace\nmetadata: {name: one}\n";
 const GOOD_V2: &str = "apiVersion: v1\nkind: Namespace\nmetadata: {name: two}\n";
 const BAD: &str = "apiVersion: v1\nkind: Pod\nmetadata: {name: nouid}\n";
+/// Not UTF-8: the file cannot be read at all.
+const UNREADABLE: &[u8] = b"apiVersion: v1\n\xff\xfe\n";
 
 #[test]
-fn reload_keeps_the_last_good_snapshot() {
+fn a_bad_object_is_left_out_and_the_others_apply() {
     let dir = tempfile::tempdir().unwrap();
     let file = dir.path().join("cluster.yaml");
-    std::fs::write(&file, BAD).unwrap();
+    std::fs::write(&file, format!("{GOOD_V1}---\n{BAD}")).unwrap();
+    let src = FileSource::load(&file).unwrap();
+    let reg = src.registry();
+    let snap = reg.snapshot();
+    assert!(snap.namespaces.contains_key("one"));
+    assert!(snap.pods.is_empty());
+    assert_eq!(snap.not_applied.len(), 1);
+    assert_eq!(
+        snap.not_applied[0].to_string(),
+        format!(
+            "{}:7: document 2 (Pod default/nouid): metadata.uid: is required for a Pod (it locates the pod's cgroup)",
+            file.display()
+        )
+    );
+    assert_eq!(reg.last_error(), None, "the load itself succeeded");
+
+    // The next good edit applies, and the report of the bad object goes with it.
+    std::fs::write(&file, format!("{GOOD_V1}---\n{GOOD_V2}")).unwrap();
+    assert_eq!(src.reload(), Ok(true));
+    let snap = reg.snapshot();
+    assert!(snap.namespaces.contains_key("two"));
+    assert!(snap.not_applied.is_empty());
+}
+
+#[test]
+fn reload_keeps_the_last_snapshot_when_files_cannot_be_read() {
+    let dir = tempfile::tempdir().unwrap();
+    let file = dir.path().join("cluster.yaml");
+    std::fs::write(&file, UNREADABLE).unwrap();
     let first = FileSource::load(&file).unwrap_err();
     assert_eq!(first.len(), 1);
 
@@ -650,11 +684,9 @@ fn reload_keeps_the_last_good_snapshot() {
     assert_eq!(reg.snapshot().generation, 1);
     assert_eq!(src.reload(), Ok(false), "unchanged");
 
-    std::fs::write(&file, BAD).unwrap();
+    std::fs::write(&file, UNREADABLE).unwrap();
     let err = src.reload().unwrap_err();
-    assert!(err
-        .to_string()
-        .contains("cluster.yaml:3: document 1 (Pod default/nouid): metadata.uid"));
+    assert!(err.to_string().contains("cluster.yaml: not UTF-8"), "{err}");
     assert_eq!(reg.last_error(), Some(err.to_string()));
     assert!(reg.snapshot().namespaces.contains_key("one"));
     assert!(!rx.has_changed().unwrap());
@@ -666,8 +698,9 @@ fn reload_keeps_the_last_good_snapshot() {
     assert!(rx.has_changed().unwrap());
     assert!(rx.borrow_and_update().namespaces.contains_key("two"));
 
-    // Back to bad and back to the same good content: the error clears without a new generation.
-    std::fs::write(&file, BAD).unwrap();
+    // Back to unreadable and back to the same good content: the error clears without a new
+    // generation.
+    std::fs::write(&file, UNREADABLE).unwrap();
     assert!(src.reload().is_err());
     std::fs::write(&file, GOOD_V2).unwrap();
     assert_eq!(src.reload(), Ok(false));
@@ -693,8 +726,12 @@ async fn wait_for(rx: &mut watch::Receiver<Arc<Snapshot>>, what: impl Fn(&Snapsh
 
 /// Writes like an editor: a temporary file renamed over the target.
 fn save(path: &Path, text: &str) {
+    save_bytes(path, text.as_bytes());
+}
+
+fn save_bytes(path: &Path, bytes: &[u8]) {
     let tmp = path.with_extension("tmp~");
-    std::fs::write(&tmp, text).unwrap();
+    std::fs::write(&tmp, bytes).unwrap();
     std::fs::rename(&tmp, path).unwrap();
 }
 
@@ -713,7 +750,7 @@ async fn watcher_follows_file_edits() {
     // Let the watch be set up before the first change.
     tokio::time::sleep(Duration::from_millis(100)).await;
 
-    save(&file, BAD);
+    save_bytes(&file, UNREADABLE);
     tokio::time::timeout(Duration::from_secs(10), async {
         while reg.last_error().is_none() {
             tokio::time::sleep(Duration::from_millis(20)).await;
@@ -825,4 +862,240 @@ fn a_source_publishes_to_the_registry() {
     assert_eq!(snap.generation, 1);
     assert!(rx.has_changed().unwrap());
     assert!(reg.snapshot().namespaces.contains_key("x"));
+}
+
+#[test]
+fn unknown_fields_are_reported_for_core_kinds() {
+    let yaml = "\
+apiVersion: v1
+kind: Pod
+metadata:
+  name: typo
+  uid: u1
+spec:
+  contianers: []
+  nodeNmae: node-1
+---
+apiVersion: v1
+kind: Service
+metadata: {name: s}
+spec:
+  ports:
+  - port: 80
+    targetPrt: 8080
+";
+    assert_eq!(
+        errors_of(yaml),
+        vec![
+            "<inline>:7: document 1 (Pod default/typo): spec.contianers: unknown field \"contianers\" (did you mean \"containers\"?)",
+            "<inline>:8: document 1 (Pod default/typo): spec.nodeNmae: unknown field \"nodeNmae\"",
+            "<inline>:16: document 2 (Service default/s): spec.ports[0].targetPrt: unknown field \"targetPrt\"",
+        ]
+    );
+    // Objects of the kinds weft reads: top-level and metadata fields too.
+    let yaml = "\
+apiVersion: networking.istio.io/v1
+kind: VirtualService
+metadata: {name: vs, namespce: x}
+sepc: {hosts: [a]}
+";
+    assert_eq!(
+        errors_of(yaml),
+        vec![
+            "<inline>:4: document 1 (VirtualService default/vs): sepc: unknown field \"sepc\" in a VirtualService, expected apiVersion, kind, metadata, spec or status",
+            "<inline>:3: document 1 (VirtualService default/vs): metadata.namespce: unknown field \"namespce\"",
+        ]
+    );
+}
+
+#[test]
+fn a_target_port_name_no_selected_pod_declares_is_warned_about() {
+    let yaml = "\
+apiVersion: v1
+kind: Pod
+metadata: {name: web, namespace: demo, uid: u1, labels: {app: web}}
+spec:
+  containers:
+  - name: c
+    ports: [{name: http, containerPort: 8080}]
+status: {podIP: 10.0.0.5, phase: Running}
+---
+apiVersion: v1
+kind: Service
+metadata: {name: web, namespace: demo}
+spec:
+  selector: {app: web}
+  ports:
+  - port: 80
+    targetPort: htp
+  - name: ok
+    port: 81
+    targetPort: http
+---
+apiVersion: v1
+kind: Service
+metadata: {name: nobody, namespace: demo}
+spec:
+  selector: {app: none}
+  ports: [{port: 80, targetPort: htp}]
+";
+    let s = Snapshot::from_yaml(yaml).unwrap();
+    let warnings: Vec<String> = s.warnings.iter().map(ToString::to_string).collect();
+    assert_eq!(
+        warnings,
+        vec![
+            "<inline>:17: document 2 (Service demo/web): spec.ports[0].targetPort: no pod this Service selects (1 pods) declares a port named \"htp\" (they declare http): calls to port 80 find no endpoint"
+        ]
+    );
+    assert_eq!(
+        s.service("demo", "web").unwrap().ports.len(),
+        2,
+        "still applied"
+    );
+}
+
+#[test]
+fn syntax_error_positions_are_file_lines() {
+    let yaml = "\
+apiVersion: v1
+kind: Namespace
+metadata: {name: a}
+---
+apiVersion: v1
+kind: Namespace
+metadata: {name: b
+";
+    let errors = errors_of(yaml);
+    assert_eq!(errors.len(), 1, "{errors:?}");
+    // Every position the message names is a line of the file, not of the document.
+    let lines: Vec<usize> = errors[0]
+        .match_indices(" at line ")
+        .map(|(i, m)| {
+            errors[0][i + m.len()..]
+                .split(|c: char| !c.is_ascii_digit())
+                .next()
+                .unwrap()
+                .parse()
+                .unwrap()
+        })
+        .collect();
+    assert!(
+        errors[0].starts_with("<inline>:8: document 2: "),
+        "{errors:?}"
+    );
+    assert!(
+        !lines.is_empty() && lines.iter().all(|l| (5..=8).contains(l)),
+        "{errors:?}"
+    );
+}
+
+#[test]
+fn endpoint_slices_give_the_endpoints_where_present() {
+    let yaml = "\
+apiVersion: v1
+kind: Pod
+metadata: {name: a, namespace: demo, uid: u1, labels: {app: web}}
+spec: {containers: [{name: c}]}
+status: {podIP: 10.0.0.5, phase: Running}
+---
+apiVersion: v1
+kind: Pod
+metadata: {name: b, namespace: demo, uid: u2, labels: {app: web}}
+spec: {containers: [{name: c}]}
+status: {podIP: 10.0.0.6, phase: Running}
+---
+apiVersion: v1
+kind: Service
+metadata: {name: web, namespace: demo}
+spec:
+  clusterIP: 10.96.0.9
+  selector: {app: web}
+  ports: [{name: http, port: 80, targetPort: 8080}]
+---
+apiVersion: discovery.k8s.io/v1
+kind: EndpointSlice
+metadata:
+  name: web-abc
+  namespace: demo
+  labels: {kubernetes.io/service-name: web}
+addressType: IPv4
+ports: [{name: http, port: 9090, protocol: TCP}]
+endpoints:
+- addresses: [10.0.0.5]
+  conditions: {ready: true}
+- addresses: [10.0.0.6]
+  conditions: {ready: false}
+- addresses: [10.0.0.99]
+";
+    let s = Snapshot::from_yaml(yaml).unwrap();
+    let svc = s.service("demo", "web").unwrap();
+    // The slice's ready address of a known pod, at the slice's port: not the selector's pods.
+    assert_eq!(
+        names(&s.endpoints(svc, &svc.ports[0])),
+        vec![("a".to_string(), sa("10.0.0.5:9090"))]
+    );
+}
+
+#[test]
+fn an_invalid_edit_keeps_the_previous_version_except_for_security_kinds() {
+    let dir = tempfile::tempdir().unwrap();
+    let file = dir.path().join("cluster.yaml");
+    let pod = |extra: &str| {
+        format!("apiVersion: v1\nkind: Pod\nmetadata: {{name: p, namespace: n, uid: u1, labels: {{v: one}}}}\nspec:\n  containers: [{{name: c}}]\n{extra}")
+    };
+    let policy = |action: &str| {
+        format!("apiVersion: security.istio.io/v1\nkind: AuthorizationPolicy\nmetadata: {{name: ap, namespace: n}}\nspec:\n  action: {action}\n  rules: [{{}}]\n")
+    };
+    std::fs::write(&file, format!("{}---\n{}", pod(""), policy("DENY"))).unwrap();
+    let src = FileSource::load(&file).unwrap();
+    let reg = src.registry();
+    assert_eq!(reg.snapshot().authorization_policies.len(), 1);
+
+    // The pod gains a misspelt field, the policy a bad action: the pod's previous version stays
+    // (as an edit the API server refused), the policy is gone and fails closed.
+    std::fs::write(
+        &file,
+        format!(
+            "{}---\n{}",
+            pod("  nodeNmae: x\n").replace("v: one", "v: two"),
+            policy("DENIE")
+        ),
+    )
+    .unwrap();
+    assert_eq!(src.reload(), Ok(true));
+    let snap = reg.snapshot();
+    assert_eq!(
+        snap.pod("n", "p")
+            .unwrap()
+            .labels
+            .get("v")
+            .map(String::as_str),
+        Some("one")
+    );
+    let reports: Vec<String> = snap.not_applied.iter().map(ToString::to_string).collect();
+    assert_eq!(reports.len(), 2, "{reports:?}");
+    assert!(
+        reports[0].contains("spec.nodeNmae")
+            && reports[0].ends_with("(its previous version stays in force)"),
+        "{reports:?}"
+    );
+    assert!(
+        reports[1].contains("spec.action") && !reports[1].contains("previous version"),
+        "{reports:?}"
+    );
+    assert!(snap.authorization_policies.is_empty());
+    assert_eq!(snap.fail_closed.len(), 1);
+    assert_eq!(snap.fail_closed[0].effect, FailEffect::DenyAll);
+
+    // Still invalid on the next edit: the same previous version stays.
+    std::fs::write(
+        &file,
+        format!("{}---\n{}", pod("  nodeNmae: y\n"), policy("DENY")),
+    )
+    .unwrap();
+    assert_eq!(src.reload(), Ok(true));
+    let snap = reg.snapshot();
+    assert!(snap.pod("n", "p").is_some());
+    assert_eq!(snap.authorization_policies.len(), 1);
+    assert!(snap.fail_closed.is_empty());
 }

@@ -27,9 +27,12 @@ mod watch;
 pub use locate::locate;
 pub use watch::{FileSource, WatchConfig};
 
-use super::build::{object_key, FieldError, Inserted, Object, ObjectKey, SnapshotBuilder};
+use super::build::{
+    convert, object_key, unknown_fields, Conversion, FieldError, Inserted, Object, ObjectKey,
+    SnapshotBuilder,
+};
 use super::kinds;
-use super::model::{NotApplied, RawObject, Snapshot};
+use super::model::{Problem, RawObject, Snapshot};
 
 /// One problem in the source, e.g.
 /// `pods.yaml:14: document 2 (Pod demo/client): spec.containers[0].ports[0].containerPort: invalid type: string "x", expected i32`.
@@ -181,10 +184,27 @@ pub fn fingerprint(files: &[SourceFile]) -> u64 {
     h.finish()
 }
 
-/// Parses and checks every document of `files` into a builder; any error fails the whole load.
-pub fn parse_sources(files: &[SourceFile]) -> Result<SnapshotBuilder, LoadErrors> {
+/// Every document of `files` parsed and checked into a builder: each object on its own. An
+/// invalid object is left out and reported (in [`Parsed::rejected`] and the builder's
+/// `not_applied`), every other object applies; a security object left out fails closed.
+#[derive(Debug)]
+pub struct Parsed {
+    pub builder: SnapshotBuilder,
+    /// The objects left out, each with where and why.
+    pub rejected: Vec<LoadError>,
+    /// Objects applied with a likely mistake.
+    pub warnings: Vec<LoadError>,
+    /// The objects that apply (an invalid one's previous version included): what the next
+    /// load falls back to.
+    pub good: HashMap<ObjectKey, Conversion>,
+}
+
+/// Parses and checks every document of `files` (see [`Parsed`]).
+pub fn parse_sources(files: &[SourceFile], previous: &HashMap<ObjectKey, Conversion>) -> Parsed {
     let mut loader = Loader {
         builder: SnapshotBuilder::new(),
+        previous,
+        good: HashMap::new(),
         origins: HashMap::new(),
         places: HashMap::new(),
         errors: Vec::new(),
@@ -192,64 +212,156 @@ pub fn parse_sources(files: &[SourceFile]) -> Result<SnapshotBuilder, LoadErrors
     for f in files {
         loader.file(&f.path, &f.text);
     }
-    if loader.errors.is_empty() {
-        // Checks across objects, reported at the object they belong to.
-        for (key, FieldError { path, reason }) in loader.builder.validate() {
-            let place = key.namespace.as_ref().and_then(|ns| {
-                loader
-                    .places
-                    .get(&(key.kind.clone(), ns.clone(), key.name.clone()))
-            });
-            let error = match place {
-                Some(place) => {
-                    let doc = Doc {
-                        file: &place.file,
-                        index: place.index,
-                        text: &place.text,
-                        line_offset: place.line_offset,
-                        first_line: place.first_line,
-                    };
-                    doc.error(
-                        None,
-                        Some(&place.label),
-                        Some(join(&place.prefix, &path)),
-                        reason,
-                    )
-                }
-                None => LoadError {
-                    file: PathBuf::from("<registry>"),
-                    line: None,
-                    document: None,
-                    object: Some(key.to_string()),
-                    path: Some(path),
-                    reason,
-                },
-            };
-            loader.errors.push(error);
+    // Checks across objects, reported at the object they belong to. An object that fails
+    // them keeps its previous version when that one passes.
+    let mut cross = loader.builder.validate();
+    // Cross-object problems name the object by group, kind, namespace and name: the same
+    // object in any version.
+    let same = |a: &ObjectKey, b: &ObjectKey| {
+        a.kind == b.kind
+            && a.namespace == b.namespace
+            && a.name == b.name
+            && a.api_version.split('/').next() == b.api_version.split('/').next()
+    };
+    let mut restored = Vec::new();
+    for (key, _) in &cross {
+        loader.good.retain(|k, _| !same(k, key));
+        let prev = loader
+            .previous
+            .iter()
+            .find(|(k, p)| same(k, key) && p.result.is_ok());
+        if let Some((prev_key, prev)) = prev {
+            if loader.builder.add(prev.clone()).is_ok() {
+                restored.push((key.clone(), prev_key.clone(), prev.clone()));
+            }
         }
     }
-    if loader.errors.is_empty() {
-        Ok(loader.builder)
-    } else {
-        Err(LoadErrors(loader.errors))
+    if !restored.is_empty() {
+        let again = loader.builder.validate();
+        for (key, error) in &mut cross {
+            let Some((_, prev_key, prev)) = restored.iter().find(|(k, ..)| k == key) else {
+                continue;
+            };
+            if !again.iter().any(|(k, _)| k == key) {
+                error.reason.push_str(KEPT);
+                loader.good.insert(prev_key.clone(), prev.clone());
+            }
+        }
+    }
+    let at_object = |loader: &Loader, key: &ObjectKey, path: String, reason: String| {
+        let place = key.namespace.as_ref().and_then(|ns| {
+            loader
+                .places
+                .get(&(key.kind.clone(), ns.clone(), key.name.clone()))
+        });
+        match place {
+            Some(place) => {
+                let doc = Doc {
+                    file: &place.file,
+                    index: place.index,
+                    text: &place.text,
+                    line_offset: place.line_offset,
+                    first_line: place.first_line,
+                };
+                doc.error(
+                    None,
+                    Some(&place.label),
+                    Some(join(&place.prefix, &path)),
+                    reason,
+                )
+            }
+            None => LoadError {
+                file: PathBuf::from("<registry>"),
+                line: None,
+                document: None,
+                object: Some(key.to_string()),
+                path: Some(path),
+                reason,
+            },
+        }
+    };
+    for (key, FieldError { path, reason }) in cross {
+        let error = at_object(&loader, &key, path, reason);
+        loader.errors.push(error);
+    }
+    let mut warnings = Vec::new();
+    for (key, FieldError { path, reason }) in loader.builder.warnings() {
+        warnings.push(at_object(&loader, &key, path, reason));
+    }
+    let Loader {
+        mut builder,
+        errors,
+        good,
+        ..
+    } = loader;
+    for e in &errors {
+        builder.not_applied(e.problem());
+    }
+    for w in &warnings {
+        builder.warning(w.problem());
+    }
+    Parsed {
+        builder,
+        rejected: errors,
+        warnings,
+        good,
+    }
+}
+
+/// Said of an invalid object whose previous version stays in force.
+const KEPT: &str = " (its previous version stays in force)";
+
+impl LoadError {
+    /// The same report as a [`Problem`] of the snapshot.
+    pub fn problem(&self) -> Problem {
+        let mut origin = self.file.display().to_string();
+        if let Some(line) = self.line {
+            origin.push_str(&format!(":{line}"));
+        }
+        if let Some(doc) = self.document {
+            origin.push_str(&format!(": document {doc}"));
+        }
+        let reason = match &self.path {
+            Some(path) => format!("{path}: {}", self.reason),
+            None => self.reason.clone(),
+        };
+        Problem {
+            origin,
+            object: self.object.clone().unwrap_or_default(),
+            reason,
+        }
     }
 }
 
 /// Reads and parses `path` (a file or a directory) into a snapshot.
+/// Objects left out are in the snapshot's `not_applied`.
 pub fn load(path: &Path, generation: u64) -> Result<Snapshot, LoadErrors> {
     let files = read_sources(path)?;
-    let builder = parse_sources(&files)?;
-    Ok(builder.build(generation, files.into_iter().map(|f| f.path).collect()))
+    let parsed = parse_sources(&files, &HashMap::new());
+    Ok(parsed
+        .builder
+        .build(generation, files.into_iter().map(|f| f.path).collect()))
 }
 
 impl Snapshot {
-    /// A snapshot (generation 1) from YAML text, e.g. for tests; errors name the file `<inline>`.
+    /// A snapshot (generation 1) from YAML text where every object must be valid, e.g. for
+    /// tests; errors name the file `<inline>`.
     pub fn from_yaml(text: &str) -> Result<Snapshot, LoadErrors> {
+        let parsed = Snapshot::parse_yaml(text);
+        if parsed.rejected.is_empty() {
+            Ok(parsed.builder.build(1, Vec::new()))
+        } else {
+            Err(LoadErrors(parsed.rejected))
+        }
+    }
+
+    /// YAML text parsed as a file source does, invalid objects left out and reported.
+    pub fn parse_yaml(text: &str) -> Parsed {
         let files = [SourceFile {
             path: PathBuf::from("<inline>"),
             text: text.to_string(),
         }];
-        Ok(parse_sources(&files)?.build(1, Vec::new()))
+        parse_sources(&files, &HashMap::new())
     }
 }
 
@@ -326,7 +438,7 @@ fn split_documents(text: &str) -> Vec<Chunk<'_>> {
 
 /// Strips what the line prefix already says from a serde_yaml_ng message: the ` at line L column C`
 /// of its location and a leading `path: `.
-fn yaml_reason(e: &serde_yaml_ng::Error, path: Option<&str>) -> String {
+fn yaml_reason(e: &serde_yaml_ng::Error, path: Option<&str>, line_offset: usize) -> String {
     let mut msg = e.to_string();
     if let Some(loc) = e.location() {
         let at = format!(" at line {} column {}", loc.line(), loc.column());
@@ -334,6 +446,9 @@ fn yaml_reason(e: &serde_yaml_ng::Error, path: Option<&str>) -> String {
             msg.replace_range(pos..pos + at.len(), "");
         }
     }
+    // Other positions in the message (`while parsing a block mapping at line 3 column 1`) are
+    // the document's: make them the file's.
+    msg = shift_lines(&msg, line_offset);
     if let Some(path) = path {
         if let Some(rest) = msg.strip_prefix(path).and_then(|r| r.strip_prefix(": ")) {
             msg = rest.to_string();
@@ -342,12 +457,73 @@ fn yaml_reason(e: &serde_yaml_ng::Error, path: Option<&str>) -> String {
     msg
 }
 
-struct Loader {
+/// `… at line L column C …` with every L moved down by `offset` lines.
+fn shift_lines(msg: &str, offset: usize) -> String {
+    if offset == 0 {
+        return msg.to_string();
+    }
+    const AT: &str = " at line ";
+    let mut out = String::with_capacity(msg.len());
+    let mut rest = msg;
+    while let Some(pos) = rest.find(AT) {
+        let after = &rest[pos + AT.len()..];
+        let digits = after.bytes().take_while(u8::is_ascii_digit).count();
+        out.push_str(&rest[..pos + AT.len()]);
+        match after[..digits].parse::<usize>() {
+            Ok(n) => out.push_str(&(n + offset).to_string()),
+            Err(_) => out.push_str(&after[..digits]),
+        }
+        rest = &after[digits..];
+    }
+    out.push_str(rest);
+    out
+}
+
+/// What a document that is not even YAML seems to be, from its `apiVersion:`, `kind:` and
+/// `namespace:` lines: a security object there must fail closed though it cannot be read.
+fn security_hint(text: &str) -> Option<(String, String, String)> {
+    let field = |name: &str| {
+        text.lines().find_map(|l| {
+            let t = l.trim_start();
+            let v = t.strip_prefix(name)?.strip_prefix(':')?;
+            let v = v
+                .split('#')
+                .next()
+                .unwrap_or("")
+                .trim()
+                .trim_matches(['"', '\'']);
+            (!v.is_empty()).then(|| v.to_string())
+        })
+    };
+    let api_version = field("apiVersion").unwrap_or_default();
+    let kind = field("kind").unwrap_or_default();
+    let security_kind = ["AuthorizationPolicy", "PeerAuthentication"]
+        .iter()
+        .any(|k| strsim::levenshtein(&kind.to_ascii_lowercase(), &k.to_ascii_lowercase()) <= 3);
+    if !(api_version.starts_with(kinds::SECURITY_GROUP) || security_kind) {
+        return None;
+    }
+    let namespace = field("namespace").unwrap_or_else(|| "default".to_string());
+    let name = field("name").unwrap_or_default();
+    let kind = if kind.is_empty() {
+        "security object".to_string()
+    } else {
+        kind
+    };
+    Some((kind, namespace, name))
+}
+
+struct Loader<'p> {
     builder: SnapshotBuilder,
+    /// The objects of the previous load that applied: an object whose new version is invalid
+    /// keeps its previous version in force (not for security kinds: those fail closed).
+    previous: &'p HashMap<ObjectKey, Conversion>,
+    /// The objects of this load that apply, for the next one.
+    good: HashMap<ObjectKey, Conversion>,
     /// Where each object was first defined (`file:line`), for duplicate messages.
     origins: HashMap<ObjectKey, String>,
-    /// Where each routing object was read, by (kind, namespace, name): errors found after
-    /// every object is in ([`SnapshotBuilder::validate`]) point there.
+    /// Where each routing object and Service was read, by (kind, namespace, name): errors
+    /// and warnings found after every object is in ([`SnapshotBuilder::validate`]) point there.
     places: HashMap<(String, String, String), Place>,
     errors: Vec<LoadError>,
 }
@@ -420,7 +596,7 @@ fn join(prefix: &str, path: &str) -> String {
     }
 }
 
-impl Loader {
+impl Loader<'_> {
     fn file(&mut self, file: &Path, text: &str) {
         let text = text.strip_prefix('\u{feff}').unwrap_or(text);
         for (i, chunk) in split_documents(text).into_iter().enumerate() {
@@ -440,8 +616,16 @@ impl Loader {
             Ok(v) => v,
             Err(e) => {
                 let line = e.location().map(|l| l.line());
-                self.errors
-                    .push(doc.error(line, None, None, yaml_reason(&e, None)));
+                let reason = yaml_reason(&e, None, doc.line_offset);
+                if let Some((kind, namespace, name)) = security_hint(doc.text) {
+                    self.builder.fail_closed_unreadable(
+                        &kind,
+                        &namespace,
+                        &name,
+                        &format!("not valid YAML: {reason}"),
+                    );
+                }
+                self.errors.push(doc.error(line, None, None, reason));
                 return;
             }
         };
@@ -500,6 +684,7 @@ impl Loader {
             (None, _) => kind.to_string(),
         };
         let label = label.as_str();
+        let rejected_from = self.errors.len();
 
         let object = match (api_version, kind) {
             ("v1", "Namespace") => self
@@ -514,6 +699,11 @@ impl Loader {
             ("v1", "Service") => self
                 .typed::<core::Service>(doc, value, prefix, from_text, label)
                 .map(|o| Object::Service(Box::new(o))),
+            ("discovery.k8s.io/v1", "EndpointSlice") => self
+                .typed::<k8s_openapi::api::discovery::v1::EndpointSlice>(
+                    doc, value, prefix, from_text, label,
+                )
+                .map(|o| Object::EndpointSlice(Box::new(o))),
             ("v1", k) if k.ends_with("List") => {
                 match obj.get("items") {
                     None | Some(Value::Null) => {}
@@ -539,7 +729,16 @@ impl Loader {
                 value: value.clone(),
             })),
         };
-        let Some(object) = object else { return };
+        let Some(object) = object else {
+            let key = ObjectKey {
+                api_version: api_version.to_string(),
+                kind: kind.to_string(),
+                namespace: namespace.map(str::to_string),
+                name: name.unwrap_or_default().to_string(),
+            };
+            self.keep_previous(&key, rejected_from);
+            return;
+        };
 
         let line = here.unwrap_or(doc.first_line) + doc.line_offset;
         let key = object_key(&object);
@@ -551,11 +750,19 @@ impl Loader {
             return;
         }
         let origin = format!("{}:{line}", doc.file.display());
-        match self.builder.insert_from(object, Some(origin.clone())) {
+        let conversion = convert(&object, Some(origin.clone()));
+        let kept = conversion.result.is_ok().then(|| conversion.clone());
+        match self.builder.add(conversion) {
             Ok(Inserted::Applied(key)) => {
-                if let (Some(ns), kinds::Class::Known(_)) =
-                    (&key.namespace, kinds::classify(&key.api_version, &key.kind))
-                {
+                if let Some(kept) = kept {
+                    self.good.insert(key.clone(), kept);
+                }
+                let checked_later = key.kind == "Service"
+                    || matches!(
+                        kinds::classify(&key.api_version, &key.kind),
+                        kinds::Class::Known(_)
+                    );
+                if let (Some(ns), true) = (&key.namespace, checked_later) {
                     self.places
                         .entry((key.kind.clone(), ns.clone(), key.name.clone()))
                         .or_insert_with(|| Place {
@@ -571,7 +778,7 @@ impl Loader {
                 self.origins.insert(key, origin);
             }
             Ok(Inserted::NotApplied { key, reason }) => {
-                self.builder.not_applied(NotApplied {
+                self.builder.not_applied(Problem {
                     origin: format!("{origin}: document {}", doc.index),
                     object: key.to_string(),
                     reason,
@@ -584,13 +791,42 @@ impl Loader {
                     self.errors
                         .push(doc.error(None, Some(label), Some(path), reason));
                 }
+                self.keep_previous(&key, rejected_from);
+            }
+        }
+    }
+
+    /// An invalid object of a kind that does not fail closed keeps its previous version in
+    /// force, if it had one, as an edit the API server refused would; the errors reported for
+    /// it from `errors_from` on say so.
+    fn keep_previous(&mut self, key: &ObjectKey, errors_from: usize) {
+        if self.origins.contains_key(key) {
+            return; // a duplicate: the first one applies
+        }
+        if let kinds::Class::Known(
+            kinds::Kind::AuthorizationPolicy | kinds::Kind::PeerAuthentication,
+        )
+        | kinds::Class::Unknown { security: true, .. } =
+            kinds::classify(&key.api_version, &key.kind)
+        {
+            return;
+        }
+        let Some(prev) = self.previous.get(key).filter(|p| p.result.is_ok()) else {
+            return;
+        };
+        if self.builder.add(prev.clone()).is_ok() {
+            self.good.insert(key.clone(), prev.clone());
+            self.origins
+                .insert(key.clone(), "its previous version".to_string());
+            for e in &mut self.errors[errors_from..] {
+                e.reason.push_str(KEPT);
             }
         }
     }
 
     /// Deserializes a core object, from the document text when possible (exact line of a type
     /// error), else from the parsed value (line found by [`locate`]).
-    fn typed<T: DeserializeOwned>(
+    fn typed<T: DeserializeOwned + Serialize>(
         &mut self,
         doc: &Doc<'_>,
         value: &Value,
@@ -604,7 +840,11 @@ impl Loader {
                 let path = e.path().to_string();
                 let inner = e.into_inner();
                 let line = inner.location().map(|l| l.line());
-                (line, path.clone(), yaml_reason(&inner, Some(&path)))
+                (
+                    line,
+                    path.clone(),
+                    yaml_reason(&inner, Some(&path), doc.line_offset),
+                )
             })
         } else {
             serde_path_to_error::deserialize(value.clone()).map_err(|e| {
@@ -613,7 +853,20 @@ impl Loader {
             })
         };
         match result {
-            Ok(v) => Some(v),
+            Ok(v) => {
+                // Fields the kind does not have (`contianers:`) are refused, as the API
+                // server's strict field validation does.
+                let unknown = unknown_fields::<T>(value, "");
+                if unknown.is_empty() {
+                    return Some(v);
+                }
+                for FieldError { path, reason } in unknown {
+                    let path = join(prefix, &path);
+                    self.errors
+                        .push(doc.error(None, Some(label), Some(path), reason));
+                }
+                None
+            }
             Err((line, path, reason)) => {
                 let path = join(prefix, &path);
                 self.errors

@@ -3,6 +3,7 @@
 //! symlink swaps are seen, plus a slow mtime poll), and keeps the last good snapshot in force
 //! when a reload fails.
 
+use std::collections::HashMap;
 use std::os::unix::fs::MetadataExt;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
@@ -14,7 +15,7 @@ use tokio::time::Instant;
 use tracing::{debug, info, warn};
 
 use super::{fingerprint, parse_sources, read_sources, source_files, LoadErrors};
-use crate::registry::Registry;
+use crate::registry::{Conversion, ObjectKey, Registry};
 
 /// Timing of [`FileSource::spawn_watcher_with`].
 #[derive(Debug, Clone, Copy)]
@@ -47,6 +48,8 @@ struct State {
     fingerprint: Option<u64>,
     /// Fingerprint of what the most recent failed reload read (if it could be read).
     failed: Option<Option<u64>>,
+    /// The objects in force, for the next load's invalid objects to fall back to.
+    good: Arc<HashMap<ObjectKey, Conversion>>,
 }
 
 impl FileSource {
@@ -55,17 +58,19 @@ impl FileSource {
         let path = path.into();
         let files = read_sources(&path)?;
         let fingerprint = fingerprint(&files);
-        let builder = parse_sources(&files)?;
-        let snapshot = builder.build(1, files.into_iter().map(|f| f.path).collect());
-        for item in &snapshot.not_applied {
-            warn!("registry: not applied: {item}");
-        }
+        let parsed = parse_sources(&files, &HashMap::new());
+        let good = Arc::new(parsed.good);
+        let snapshot = parsed
+            .builder
+            .build(1, files.into_iter().map(|f| f.path).collect());
+        log_problems(&snapshot);
         Ok(FileSource {
             path,
             registry: Arc::new(Registry::new(snapshot)),
             state: Mutex::new(State {
                 fingerprint: Some(fingerprint),
                 failed: None,
+                good,
             }),
         })
     }
@@ -89,7 +94,7 @@ impl FileSource {
             }
         };
         let fingerprint = fingerprint(&files);
-        {
+        let previous = {
             let state = self.state.lock();
             if state.fingerprint == Some(fingerprint) {
                 drop(state);
@@ -102,26 +107,17 @@ impl FileSource {
                     return Err(errors);
                 }
             }
-        }
-        let parsed = parse_sources(&files);
+            state.good.clone()
+        };
+        let parsed = parse_sources(&files, &previous);
         let mut state = self.state.lock();
-        match parsed {
-            Ok(builder) => {
-                let sources = files.into_iter().map(|f| f.path).collect();
-                let snapshot = self.registry.publish(builder, sources);
-                for item in &snapshot.not_applied {
-                    warn!("registry: not applied: {item}");
-                }
-                state.fingerprint = Some(fingerprint);
-                state.failed = None;
-                Ok(true)
-            }
-            Err(e) => {
-                state.failed = Some(Some(fingerprint));
-                self.registry.set_error(Some(e.clone()));
-                Err(e)
-            }
-        }
+        state.good = Arc::new(parsed.good);
+        let sources = files.into_iter().map(|f| f.path).collect();
+        let snapshot = self.registry.publish(parsed.builder, sources);
+        log_problems(&snapshot);
+        state.fingerprint = Some(fingerprint);
+        state.failed = None;
+        Ok(true)
     }
 
     /// Watches the files with the default [`WatchConfig`]; see [`FileSource::spawn_watcher_with`].
@@ -133,6 +129,16 @@ impl FileSource {
     /// distinct content) and the last good snapshot stays. Needs a Tokio runtime.
     pub fn spawn_watcher_with(self: Arc<Self>, config: WatchConfig) -> tokio::task::JoinHandle<()> {
         tokio::spawn(watch_loop(self, config))
+    }
+}
+
+/// Each object left out, and each warning, one line.
+fn log_problems(snapshot: &crate::registry::Snapshot) {
+    for item in &snapshot.not_applied {
+        warn!("registry: not applied: {item}");
+    }
+    for item in &snapshot.warnings {
+        warn!("registry: {item}");
     }
 }
 

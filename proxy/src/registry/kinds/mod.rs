@@ -203,6 +203,9 @@ fn near(known: &str, kind: &str) -> bool {
 /// (an object without `metadata.namespace` is in `default`, as `kubectl apply` puts it), and so
 /// does anything else in those groups but the cluster-scoped `GatewayClass`.
 pub fn namespaced(api_version: &str, kind: &str) -> bool {
+    if api_version == "discovery.k8s.io/v1" && kind == "EndpointSlice" {
+        return true;
+    }
     let group = api_version.split_once('/').map_or(api_version, |(g, _)| g);
     GROUPS.contains(&group) && kind != "GatewayClass"
 }
