@@ -1,6 +1,7 @@
-//! Project tasks: `cargo xtask setup | test | demo | bench`.
+//! Project tasks: `cargo xtask setup | test | demo | bench | chart`.
 
 mod bench;
+mod chart;
 mod demo;
 mod setup;
 
@@ -39,6 +40,9 @@ enum Cmd {
     /// Data-path benchmark: on one node, direct vs. weft vs. haproxy vs. nginx; across two
     /// nodes, direct vs. weft over HBONE (needs root). See docs/benchmarks.md.
     Bench(bench::Args),
+    /// Render the Helm chart deploy/helm/weft as `helm template` does (without Helm):
+    /// `cargo xtask chart --out deploy/weft.yaml` regenerates the plain manifest.
+    Chart(chart::Args),
 }
 
 fn main() -> anyhow::Result<()> {
@@ -47,6 +51,7 @@ fn main() -> anyhow::Result<()> {
         Cmd::Demo(args) => demo::run(args),
         Cmd::Test { args } => test(&args),
         Cmd::Bench(args) => bench::run(args),
+        Cmd::Chart(args) => chart::run(args),
     }
 }
 

