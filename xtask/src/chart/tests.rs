@@ -561,8 +561,9 @@ fn objects_are_well_formed() {
     }
 }
 
-/// Every object of every render, against the Kubernetes 1.34 schemas (strict: no unknown
-/// field). PodMonitor, which they do not know, is checked in `overridden_values`.
+/// Every object of every render, and deploy/uninstall.yaml, against the Kubernetes 1.34 schemas
+/// (strict: no unknown field). PodMonitor, which they do not know, is checked in
+/// `overridden_values`.
 #[test]
 fn objects_validate_against_kubernetes_1_34() {
     let validate = tool(&setup::kubernetes_validate_bin()).to_path_buf();
@@ -582,6 +583,9 @@ fn objects_validate_against_kubernetes_1_34() {
         std::fs::write(&file, template(&manifests)).unwrap();
         files.push(file);
     }
+    // The uninstall DaemonSet, kept beside the chart by hand.
+    files.push(workspace_root().join("deploy/uninstall.yaml"));
+    objects += 1;
     let out = Command::new(&validate)
         .args(["--kubernetes-version", "1.34.0", "--strict"])
         .args(&files)
