@@ -709,3 +709,54 @@ fn unknown_functions_are_refused() {
         .unwrap_err();
     assert!(err.contains("upper"), "{err}");
 }
+
+/// The values tables of the chart's README and docs/install.md name every value of values.yaml
+/// (a key stands for what is under it), and no other.
+#[test]
+fn values_tables_cover_every_value() {
+    fn leaves(prefix: &str, v: &Yaml, out: &mut Vec<String>) {
+        match v.as_mapping() {
+            Some(m) if !m.is_empty() => {
+                for (k, v) in m {
+                    let k = k.as_str().expect("string keys");
+                    let path = if prefix.is_empty() {
+                        k.to_string()
+                    } else {
+                        format!("{prefix}.{k}")
+                    };
+                    leaves(&path, v, out);
+                }
+            }
+            _ => out.push(prefix.to_string()),
+        }
+    }
+    let mut values = Vec::new();
+    leaves("", &chart().defaults, &mut values);
+    let under = |path: &str, key: &str| path == key || path.starts_with(&format!("{key}."));
+    for doc in ["deploy/helm/weft/README.md", "docs/install.md"] {
+        let text = std::fs::read_to_string(workspace_root().join(doc)).expect(doc);
+        let keys: Vec<&str> = text
+            .lines()
+            .filter(|l| l.starts_with("| `"))
+            .flat_map(|l| {
+                l.split('|')
+                    .nth(1)
+                    .unwrap_or("")
+                    .split(',')
+                    .map(|k| k.trim().trim_matches('`'))
+            })
+            .collect();
+        for value in &values {
+            assert!(
+                keys.iter().any(|k| under(value, k)),
+                "{doc}: {value} is not in the values table"
+            );
+        }
+        for key in &keys {
+            assert!(
+                values.iter().any(|v| under(v, key)),
+                "{doc}: {key} is not a value of the chart"
+            );
+        }
+    }
+}
