@@ -34,6 +34,8 @@ pub const DEFAULT_RETRY_BODY_KB: usize = 64;
 /// Default wait for a client's first bytes on a port that declares no protocol, before the
 /// connection is taken as TCP (server-first protocols send nothing first).
 pub const DEFAULT_PROTOCOL_DETECTION_TIMEOUT_MS: u64 = 100;
+/// `--registry kube`: the Kubernetes API.
+pub const REGISTRY_KUBE: &str = "kube";
 /// The cluster's DNS domain: Services are `name.namespace.svc.<domain>`.
 pub const CLUSTER_DOMAIN: &str = "cluster.local";
 
@@ -48,10 +50,18 @@ pub struct NodeArgs {
     /// This node's name (pods are hosted here when `spec.nodeName` matches). Required.
     #[arg(long, env = "WEFT_NODE_NAME")]
     pub node_name: Option<String>,
-    /// Kubernetes-shaped YAML registry: a file or a directory of *.yaml files, re-read on
-    /// change. Required.
-    #[arg(long, value_name = "PATH")]
+    /// Where the cluster is read from: `kube` (the Kubernetes API: in-cluster, or
+    /// --kubeconfig), or Kubernetes-shaped YAML: a file or a directory of *.yaml files,
+    /// re-read on change. Required.
+    #[arg(long, value_name = "kube|PATH")]
     pub registry: Option<PathBuf>,
+    /// With `--registry kube`: a kubeconfig file (default: the pod's service account, else
+    /// the default kubeconfig).
+    #[arg(long, value_name = "FILE")]
+    pub kubeconfig: Option<PathBuf>,
+    /// With `--registry kube`: the kubeconfig context (default: its current context).
+    #[arg(long, value_name = "NAME")]
+    pub kube_context: Option<String>,
     /// Outbound capture listener and redirect target, `IP[:PORT]` or `:PORT`. Default: the
     /// node's InternalIP from the registry, port 15001.
     #[arg(long, value_name = "IP:PORT")]
@@ -133,6 +143,8 @@ pub struct NodeArgs {
 struct FileConfig {
     node_name: Option<String>,
     registry: Option<PathBuf>,
+    kubeconfig: Option<PathBuf>,
+    kube_context: Option<String>,
     proxy_address: Option<String>,
     cgroup_root: Option<PathBuf>,
     bpffs: Option<PathBuf>,
@@ -182,7 +194,10 @@ pub enum ProxyAddress {
 #[derive(Debug, Clone, Serialize)]
 pub struct NodeConfig {
     pub node_name: String,
+    /// `kube`, or a YAML file or directory.
     pub registry: PathBuf,
+    pub kubeconfig: Option<PathBuf>,
+    pub kube_context: Option<String>,
     pub proxy_address: ProxyAddress,
     pub cgroup_root: PathBuf,
     pub bpffs: PathBuf,
@@ -206,6 +221,13 @@ pub struct NodeConfig {
     pub svid_ttl: Duration,
     pub hbone_port: u16,
     pub root_namespace: String,
+}
+
+impl NodeConfig {
+    /// Whether the registry is the Kubernetes API (`--registry kube`).
+    pub fn kube(&self) -> bool {
+        self.registry == Path::new(REGISTRY_KUBE)
+    }
 }
 
 impl NodeArgs {
@@ -275,9 +297,17 @@ impl NodeArgs {
             Some(s) => Some(parse_dns_server(&s)?),
             None => None,
         };
+        let kubeconfig = self.kubeconfig.or(file.kubeconfig);
+        let kube_context = self.kube_context.or(file.kube_context);
+        if registry != Path::new(REGISTRY_KUBE) && (kubeconfig.is_some() || kube_context.is_some())
+        {
+            bail!("--kubeconfig and --kube-context go with --registry kube");
+        }
         Ok(NodeConfig {
             node_name,
             registry,
+            kubeconfig,
+            kube_context,
             proxy_address,
             cgroup_root: self
                 .cgroup_root

@@ -452,6 +452,27 @@ pub struct RegistryStatus {
     /// Objects applied with a likely mistake, one line each.
     #[serde(default)]
     pub warnings: Vec<String>,
+    /// `files` or `kubernetes`.
+    #[serde(default)]
+    pub source: String,
+    /// With the Kubernetes API: the watch of each kind.
+    #[serde(default)]
+    pub watches: Vec<WatchStatus>,
+}
+
+/// The Kubernetes API watch of one kind.
+#[derive(Serialize, Deserialize, Debug, Clone, PartialEq, Eq)]
+pub struct WatchStatus {
+    pub kind: String,
+    /// `group/version` watched.
+    pub api_version: String,
+    /// `listing`, `watching`, `retrying` or `not_installed`.
+    pub state: String,
+    pub objects: usize,
+    /// RFC 3339: when the kind was last listed or a change of it arrived.
+    pub last_sync: Option<String>,
+    /// The last error, while retrying.
+    pub error: Option<String>,
 }
 
 #[derive(Serialize, Deserialize, Debug, Clone, Copy, PartialEq, Eq)]

@@ -40,6 +40,21 @@ fn render(out: &mut impl Write, s: &Status) -> std::io::Result<()> {
             writeln!(out, "               {line}")?;
         }
     }
+    if !r.watches.is_empty() {
+        writeln!(out, "             from the Kubernetes API:")?;
+        for w in &r.watches {
+            let detail = match (&w.error, &w.last_sync) {
+                (Some(e), _) => format!("error: {e}"),
+                (None, Some(at)) => format!("synced {at}"),
+                (None, None) => String::new(),
+            };
+            writeln!(
+                out,
+                "               {:<20} {:<32} {:<13} {:>6} {detail}",
+                w.kind, w.api_version, w.state, w.objects
+            )?;
+        }
+    }
     if !r.warnings.is_empty() {
         writeln!(out, "             warnings ({}):", r.warnings.len())?;
         for line in &r.warnings {

@@ -32,6 +32,7 @@ use crate::outbound::cluster::Clusters;
 use crate::outbound::http::HttpConfig;
 use crate::outbound::{self, Outbound};
 use crate::policy::PolicySet;
+use crate::registry::kube::{KubeOptions, KubeSource};
 use crate::registry::{FileSource, Registry};
 use crate::telemetry::{metrics, Telemetry};
 use crate::tunnel::client::{Pool, PoolConfig};
@@ -51,6 +52,8 @@ struct NodeProxy {
     hbone: Arc<Server<Inbound>>,
     /// Every destination's shared state and counters (`/stats`).
     clusters: Arc<Clusters>,
+    /// The Kubernetes API source, with `--registry kube`.
+    kube: Option<Arc<KubeSource>>,
     ready: AtomicBool,
 }
 
@@ -63,13 +66,24 @@ impl std::fmt::Debug for NodeProxy {
 }
 
 pub async fn run(cfg: NodeConfig) -> anyhow::Result<()> {
-    let source = Arc::new(
-        FileSource::load(&cfg.registry)
-            .map_err(|e| anyhow::anyhow!("{e}"))
-            .with_context(|| format!("loading the registry {}", cfg.registry.display()))?,
-    );
-    let registry = source.registry().clone();
-    source.spawn_watcher();
+    let (registry, kube) = if cfg.kube() {
+        let source = KubeSource::start(KubeOptions {
+            kubeconfig: cfg.kubeconfig.clone(),
+            context: cfg.kube_context.clone(),
+            node_name: cfg.node_name.clone(),
+        })
+        .await
+        .context("reading the registry from the Kubernetes API")?;
+        (source.registry().clone(), Some(Arc::new(source)))
+    } else {
+        let source = Arc::new(
+            FileSource::load(&cfg.registry)
+                .map_err(|e| anyhow::anyhow!("{e}"))
+                .with_context(|| format!("loading the registry {}", cfg.registry.display()))?,
+        );
+        source.clone().spawn_watcher();
+        (source.registry().clone(), None)
+    };
     let proxy_addr = proxy_address(&cfg, &registry)?;
 
     let capture = Arc::new(Capture::attach(&CaptureConfig {
@@ -153,6 +167,7 @@ pub async fn run(cfg: NodeConfig) -> anyhow::Result<()> {
         pool: pool.clone(),
         hbone: hbone.clone(),
         clusters: Arc::default(),
+        kube,
         ready: AtomicBool::new(false),
     });
     let kernel = reconcile::apply(&node, generation)?;

@@ -9,11 +9,11 @@ use tokio::sync::broadcast;
 use super::NodeProxy;
 use crate::admin::api::{
     CertInfo, ConfigDump, Flow, FlowCounts, FlowFilter, MeshStatus, RegistryDump, RegistryStatus,
-    StatValue, Stats, Status, TunnelStatus, WorkloadCounts, WorkloadInfo,
+    StatValue, Stats, Status, TunnelStatus, WatchStatus, WorkloadCounts, WorkloadInfo,
 };
 use crate::admin::server::NodeView;
 use crate::outbound::cluster::StatKind;
-use crate::telemetry::metrics::{ClusterSample, GaugeSource, NodeGauges};
+use crate::telemetry::metrics::{ClusterSample, GaugeSource, NodeGauges, WatchSample};
 use crate::workload::identity_of;
 
 impl NodeView for NodeProxy {
@@ -66,7 +66,7 @@ impl NodeView for NodeProxy {
         let flows = &inputs.telemetry.flows;
         Status {
             node: self.cfg.node_name.clone(),
-            ready: self.ready().is_ok(),
+            ready: NodeView::ready(self).is_ok(),
             proxy_address: self.proxy_addr.into(),
             registry: RegistryStatus {
                 generation: snap.generation,
@@ -78,6 +78,25 @@ impl NodeView for NodeProxy {
                 last_error: inputs.registry.last_error(),
                 not_applied: snap.not_applied.iter().map(|n| n.to_string()).collect(),
                 warnings: snap.warnings.iter().map(|n| n.to_string()).collect(),
+                source: if self.kube.is_some() {
+                    "kubernetes"
+                } else {
+                    "files"
+                }
+                .to_string(),
+                watches: self
+                    .kube
+                    .iter()
+                    .flat_map(|k| k.status())
+                    .map(|k| WatchStatus {
+                        kind: k.kind.to_string(),
+                        api_version: k.api_version,
+                        state: k.state.as_str().to_string(),
+                        objects: k.objects,
+                        last_sync: k.last_sync.map(crate::registry::model::rfc3339),
+                        error: k.error,
+                    })
+                    .collect(),
             },
             workloads: WorkloadCounts {
                 total: index.entries().len(),
@@ -141,6 +160,10 @@ impl NodeView for NodeProxy {
 }
 
 impl GaugeSource for NodeProxy {
+    fn ready(&self) -> Result<(), String> {
+        NodeView::ready(self)
+    }
+
     fn gauges(&self) -> NodeGauges {
         let index = self.inputs.workloads.load();
         let registry = &self.inputs.registry;
@@ -150,6 +173,21 @@ impl GaugeSource for NodeProxy {
             enrolled_workloads: index.entries().iter().filter(|e| e.enrolled).count() as u64,
             registry_generation: registry.snapshot().generation,
             registry_reload_failed: registry.last_error().is_some(),
+            registry_not_applied: registry.snapshot().not_applied.len() as u64,
+            registry_watches: self
+                .kube
+                .iter()
+                .flat_map(|k| k.status())
+                .map(|k| WatchSample {
+                    kind: k.kind,
+                    state: k.state.as_str(),
+                    objects: k.objects as u64,
+                    last_sync_age: k
+                        .last_sync
+                        .and_then(|t| t.elapsed().ok())
+                        .map(|d| d.as_secs_f64()),
+                })
+                .collect(),
             clusters: self
                 .clusters
                 .stats()

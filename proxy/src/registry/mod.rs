@@ -30,6 +30,7 @@ pub mod file;
 #[cfg(test)]
 pub mod fixtures;
 pub mod kinds;
+pub mod kube;
 pub mod model;
 
 use std::path::PathBuf;

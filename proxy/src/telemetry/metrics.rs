@@ -30,6 +30,10 @@ pub struct NodeGauges {
     pub enrolled_workloads: u64,
     pub registry_generation: u64,
     pub registry_reload_failed: bool,
+    /// Objects of the sources left out of the snapshot in force.
+    pub registry_not_applied: u64,
+    /// The Kubernetes API watch of each kind (`--registry kube`).
+    pub registry_watches: Vec<WatchSample>,
     /// Every destination's counters and gauges.
     pub clusters: Vec<ClusterSample>,
 }
@@ -44,9 +48,28 @@ pub struct ClusterSample {
     pub value: u64,
 }
 
+/// The watch of one kind of the Kubernetes API.
+#[derive(Debug, Clone)]
+pub struct WatchSample {
+    pub kind: &'static str,
+    /// `listing`, `watching`, `retrying`, `not_installed`.
+    pub state: &'static str,
+    pub objects: u64,
+    /// Seconds since the kind was last listed or a change of it arrived.
+    pub last_sync_age: Option<f64>,
+}
+
+/// Every state a [`WatchSample`] can be in.
+const WATCH_STATES: [&str; 4] = ["listing", "watching", "retrying", "not_installed"];
+
 /// Where [`NodeGauges`] come from (the node).
 pub trait GaugeSource: Send + Sync + std::fmt::Debug + 'static {
     fn gauges(&self) -> NodeGauges;
+    /// Whether the node serves traffic (`/healthz/ready` here too, for probes of a
+    /// hostNetwork pod, which cannot reach the admin address on 127.0.0.1): why not if not.
+    fn ready(&self) -> Result<(), String> {
+        Ok(())
+    }
 }
 
 const OPENMETRICS: &str = "application/openmetrics-text; version=1.0.0; charset=utf-8";
@@ -183,31 +206,91 @@ impl Collector for NodeCollector {
             "1 when the last registry reload failed and an older snapshot is in force",
             i64::from(m.registry_reload_failed),
         )?;
+        gauge(
+            &mut enc,
+            "weft_registry_objects_not_applied",
+            "Objects of the registry sources left out of the snapshot in force (invalid or of an unknown kind; see weft status)",
+            g(m.registry_not_applied),
+        )?;
+        if !m.registry_watches.is_empty() {
+            let proto = ConstGauge::new(0i64);
+            let mut family = enc.encode_descriptor(
+                "weft_registry_objects",
+                "Objects of each kind read from the Kubernetes API",
+                None,
+                proto.metric_type(),
+            )?;
+            for w in &m.registry_watches {
+                ConstGauge::new(g(w.objects)).encode(family.encode_family(&[("kind", w.kind)])?)?;
+            }
+            let mut family = enc.encode_descriptor(
+                "weft_registry_watch_state",
+                "State of the Kubernetes API watch of each kind: 1 for the state it is in",
+                None,
+                proto.metric_type(),
+            )?;
+            for w in &m.registry_watches {
+                for state in WATCH_STATES {
+                    ConstGauge::new(i64::from(w.state == state))
+                        .encode(family.encode_family(&[("kind", w.kind), ("state", state)])?)?;
+                }
+            }
+            let proto = ConstGauge::new(0f64);
+            let mut family = enc.encode_descriptor(
+                "weft_registry_last_sync_age_seconds",
+                "Seconds since each kind was last listed from the Kubernetes API or a change of it arrived",
+                None,
+                proto.metric_type(),
+            )?;
+            for w in &m.registry_watches {
+                if let Some(age) = w.last_sync_age {
+                    ConstGauge::new(age).encode(family.encode_family(&[("kind", w.kind)])?)?;
+                }
+            }
+        }
         Ok(())
     }
 }
 
 /// The `/metrics` router.
 pub fn router(telemetry: Arc<Telemetry>, node: Arc<dyn GaugeSource>) -> Router {
+    let probe = node.clone();
     let mut registry = Registry::default();
     registry.register_collector(Box::new(NodeCollector { telemetry, node }));
     let registry = Arc::new(registry);
-    Router::new().route(
-        "/metrics",
-        get(move || {
-            let registry = registry.clone();
-            async move {
-                let mut body = String::new();
-                match prometheus_client::encoding::text::encode(&mut body, &registry) {
-                    Ok(()) => ([(header::CONTENT_TYPE, OPENMETRICS)], body),
-                    Err(_) => (
-                        [(header::CONTENT_TYPE, "text/plain")],
-                        "encoding failed\n".into(),
-                    ),
+    Router::new()
+        .route(
+            "/healthz/ready",
+            get(move || {
+                let node = probe.clone();
+                async move {
+                    match node.ready() {
+                        Ok(()) => (axum::http::StatusCode::OK, "ready\n".to_string()),
+                        Err(why) => (
+                            axum::http::StatusCode::SERVICE_UNAVAILABLE,
+                            format!("not ready: {why}\n"),
+                        ),
+                    }
                 }
-            }
-        }),
-    )
+            }),
+        )
+        .route("/healthz/live", get(|| async { "live\n" }))
+        .route(
+            "/metrics",
+            get(move || {
+                let registry = registry.clone();
+                async move {
+                    let mut body = String::new();
+                    match prometheus_client::encoding::text::encode(&mut body, &registry) {
+                        Ok(()) => ([(header::CONTENT_TYPE, OPENMETRICS)], body),
+                        Err(_) => (
+                            [(header::CONTENT_TYPE, "text/plain")],
+                            "encoding failed\n".into(),
+                        ),
+                    }
+                }
+            }),
+        )
 }
 
 pub async fn serve(
@@ -243,6 +326,13 @@ mod tests {
             enrolled_workloads: 1,
             registry_generation: 4,
             registry_reload_failed: true,
+            registry_not_applied: 2,
+            registry_watches: vec![WatchSample {
+                kind: "Pod",
+                state: "retrying",
+                objects: 7,
+                last_sync_age: Some(1.5),
+            }],
             ..Default::default()
         };
         gauges.ebpf.insert("redirected".into(), 8);
@@ -286,6 +376,11 @@ mod tests {
             "weft_active_connections 0",
             "weft_enrolled_workloads 1",
             "weft_registry_reload_failed 1",
+            "weft_registry_objects_not_applied 2",
+            "weft_registry_objects{kind=\"Pod\"} 7",
+            "weft_registry_watch_state{kind=\"Pod\",state=\"retrying\"} 1",
+            "weft_registry_watch_state{kind=\"Pod\",state=\"watching\"} 0",
+            "weft_registry_last_sync_age_seconds{kind=\"Pod\"} 1.5",
             "envoy_cluster_upstream_rq_retry_total{cluster_name=\"outbound|9080|v2|reviews.back.svc.cluster.local\"} 9",
             "envoy_cluster_upstream_rq_total{cluster_name=\"outbound|9080|v2|reviews.back.svc.cluster.local\"} 12",
             "envoy_cluster_upstream_rq_active{cluster_name=\"outbound|9080|v2|reviews.back.svc.cluster.local\"} 2",
