@@ -12,6 +12,7 @@
 //! Everything is owned by a per-cluster id and removed on drop, even when the test panics.
 //! Requires root, cgroup v2 (at /sys/fs/cgroup, or /sys/fs/cgroup/unified on hybrid hosts) and iproute2.
 
+pub mod apiserver;
 pub mod certs;
 pub mod cgroup;
 mod cleanup;

@@ -33,6 +33,8 @@ const APT_PACKAGES: &[&str] = &[
     "python3-grpcio",
     // The chart tests' schema check (kubernetes-validate) runs in a virtualenv of its own.
     "python3-venv",
+    // The Kubernetes API server stand-in's tests (tests/tests/apiserver.rs) drive it with kubectl.
+    "kubectl",
 ];
 
 /// kubernetes-validate, which the chart tests validate every rendered object with (against the
