@@ -940,6 +940,43 @@ fn stop_kills_connections_and_restart_keeps_state() {
     assert_eq!(get(a, "/version").status, 200);
 }
 
+/// The cluster harness binds the listener in the fabric's network namespace: `restart` must
+/// listen there again, not in the namespace of whoever calls it.
+#[test]
+#[ignore = "needs root: creates a network namespace (run with --ignored)"]
+fn restart_listens_in_the_listeners_namespace() {
+    use weft_tests::netns;
+    struct Delete(String);
+    impl Drop for Delete {
+        fn drop(&mut self) {
+            let _ = netns::delete(&self.0);
+        }
+    }
+    let name = format!("wtapi-{}", std::process::id());
+    netns::create(&name).unwrap();
+    let _delete = Delete(name.clone());
+    netns::ip(&name, &["link", "set", "lo", "up"]).unwrap();
+    let listener = netns::in_netns(&name, || TcpListener::bind("127.0.0.1:0"))
+        .unwrap()
+        .unwrap();
+    let api = ApiServer::start(listener).unwrap();
+    let a = api.addr();
+    let status_inside = || netns::in_netns(&name, || get(a, "/version").status).unwrap();
+    assert_eq!(status_inside(), 200);
+    assert!(
+        TcpStream::connect(a).is_err(),
+        "nothing listens in the caller's namespace"
+    );
+    api.stop();
+    assert!(netns::in_netns(&name, || TcpStream::connect(a).is_err()).unwrap());
+    api.restart().unwrap();
+    assert_eq!(status_inside(), 200);
+    assert!(
+        TcpStream::connect(a).is_err(),
+        "still nothing in the caller's namespace"
+    );
+}
+
 #[test]
 fn uninstalled_groups_are_not_served() {
     let api = server();
