@@ -408,11 +408,18 @@ fn overridden_values() {
         "CustomResourceDefinition",
         "httproutes.gateway.networking.k8s.io",
     );
-    object(
+    let grpc = object(
         &gateway,
         "CustomResourceDefinition",
         "grpcroutes.gateway.networking.k8s.io",
     );
+    let served: Vec<&str> = grpc["spec"]["versions"]
+        .as_sequence()
+        .unwrap()
+        .iter()
+        .map(|v| v["name"].as_str().unwrap())
+        .collect();
+    assert_eq!(served, ["v1", "v1alpha2"], "the versions weft reads");
 
     let with_ca = docs(&render_sets(&[
         "ca.create=true",
