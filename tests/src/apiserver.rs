@@ -68,8 +68,11 @@
 //!
 //! # Simplified
 //!
-//! - Only JSON (no protobuf, no CBOR); no OpenAPI: `/openapi/v2` and `/openapi/v3` answer 404,
-//!   so `kubectl apply` needs `--validate=false` (kubectl's schema validation downloads them).
+//! - Only JSON (and YAML request bodies): no protobuf, no CBOR. Request bodies in another format
+//!   get 415, so kubectl's generator commands that send protobuf (`kubectl create namespace
+//!   NAME`, `kubectl run`) fail: use `kubectl apply -f`. No OpenAPI: `/openapi/v2` and
+//!   `/openapi/v3` answer 404, so `kubectl apply` needs `--validate=false` (kubectl's schema
+//!   validation downloads them).
 //! - No authentication or authorization: any `Authorization` header is accepted and ignored.
 //! - No admission or validation beyond the above; no defaulting of pods or services; no
 //!   `managedFields`.
@@ -116,6 +119,9 @@ use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use resources::{ResId, RESOURCES, SYNCED_KINDS, SYSTEM_NAMESPACES};
 use store::Store;
 
+/// How many requests the log keeps (the oldest half is dropped past it).
+pub(crate) const MAX_LOGGED: usize = 100_000;
+
 /// The bookmark interval watches start with.
 pub const DEFAULT_BOOKMARK_INTERVAL: Duration = Duration::from_secs(1);
 
@@ -127,7 +133,7 @@ pub(crate) fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
 /// What the HTTP side and the control API share.
 pub(crate) struct Shared {
     pub store: Mutex<Store>,
-    /// (verb, path and query) of every request, in arrival order.
+    /// (verb, path and query) of the requests, in arrival order (the last `MAX_LOGGED`).
     pub requests: Mutex<Vec<(String, String)>>,
     pub address: Mutex<SocketAddr>,
     bookmark_ms: AtomicU64,
@@ -513,9 +519,9 @@ impl ApiServer {
         out
     }
 
-    /// (verb, path and query) of every request so far: `list`, `watch`, `get`, `create`,
-    /// `update`, `patch`, `delete`, `deletecollection` for resources, the lowercase HTTP method
-    /// for other paths (as kube-apiserver's audit log names them).
+    /// (verb, path and query) of the requests so far (at most the last 100 000): `list`,
+    /// `watch`, `get`, `create`, `update`, `patch`, `delete`, `deletecollection` for resources,
+    /// the lowercase HTTP method for other paths (as kube-apiserver's audit log names them).
     pub fn requests(&self) -> Vec<(String, String)> {
         lock(&self.shared.requests).clone()
     }

@@ -265,7 +265,13 @@ pub(crate) async fn handle(shared: Arc<Shared>, req: Request<Incoming>) -> Respo
     let route = route(&path, &lock(&shared.store));
     let watch = query.bool("watch").ok().flatten().unwrap_or(false);
     let verb = verb(&parts.method, &route, watch);
-    lock(&shared.requests).push((verb.clone(), path_and_query));
+    {
+        let mut log = lock(&shared.requests);
+        if log.len() >= super::MAX_LOGGED {
+            log.drain(..super::MAX_LOGGED / 2);
+        }
+        log.push((verb.clone(), path_and_query));
+    }
     let accept = parts
         .headers
         .get(header::ACCEPT)
@@ -432,7 +438,11 @@ async fn resource(
     body: Incoming,
 ) -> Result<Response<Body>, ApiError> {
     let allowed_on_status = matches!(verb, "get" | "update" | "patch");
-    if t.status && !allowed_on_status {
+    let item_verb = matches!(verb, "update" | "patch");
+    if (t.status && !allowed_on_status)
+        || (item_verb && t.name.is_none())
+        || (verb == "create" && t.name.is_some())
+    {
         return Err(ApiError::method_not_allowed());
     }
     match verb {
