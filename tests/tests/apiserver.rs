@@ -795,7 +795,7 @@ fn watches_get_bookmarks_and_end_on_timeout() {
     );
     let took = started.elapsed();
     assert!(
-        took >= Duration::from_millis(1500) && took < Duration::from_secs(4),
+        took >= Duration::from_millis(1500) && took < Duration::from_secs(10),
         "{took:?}"
     );
 
