@@ -2,6 +2,7 @@
 //! a cgroup root), pods (netns + veth to their node + a kubelet-layout cgroup), Services, and the
 //! Kubernetes-shaped registry describing them.
 
+use crate::apiserver::ApiServer;
 use crate::cgroup;
 use crate::cleanup;
 use crate::ids;
@@ -21,6 +22,9 @@ use std::time::Duration;
 
 /// Gateway address every pod routes through (answered by proxy ARP on the node's host veth).
 pub const POD_GATEWAY: Ipv4Addr = Ipv4Addr::new(169, 254, 1, 1);
+/// Where the cluster's API server listens, on the fabric bridge (see [`Cluster::api_server`]).
+pub const API_SERVER_IP: Ipv4Addr = Ipv4Addr::new(172, 30, 0, 1);
+pub const API_SERVER_PORT: u16 = 6443;
 /// Name of the bridge in the fabric netns.
 pub const FABRIC_BRIDGE: &str = "br0";
 const MAX_NODES: usize = 200;
@@ -63,6 +67,8 @@ struct State {
     node_labels: BTreeMap<String, Labels>,
     extra: Vec<Value>,
     sync_path: Option<PathBuf>,
+    /// The cluster's API server, once started: kept equal to the cluster after every change.
+    api: Option<Arc<ApiServer>>,
 }
 
 /// A Kubernetes cluster on one machine. Everything it created is removed on drop (also when the
@@ -418,6 +424,27 @@ impl Cluster {
 
     /// Add a Service (namespace created implicitly). Cluster IPs are allocated from 10.96.0.0/16
     /// (starting at 10.96.0.10) unless given.
+    /// Changes the ports of an existing Service (the same object, modified).
+    pub fn set_service_ports(
+        &self,
+        namespace: &str,
+        name: &str,
+        ports: Vec<crate::registry::ServicePort>,
+    ) -> Result<Service> {
+        let mut st = self.state();
+        let Some(svc) = st
+            .services
+            .iter_mut()
+            .find(|s| s.namespace == namespace && s.name == name)
+        else {
+            bail!("no service {namespace}/{name}");
+        };
+        svc.ports = ports;
+        let svc = svc.clone();
+        self.sync(&st)?;
+        Ok(svc)
+    }
+
     pub fn add_service(&self, spec: ServiceSpec) -> Result<Service> {
         check_name("namespace", &spec.namespace, 63)?;
         check_name("service", &spec.name, 63)?;
@@ -532,11 +559,22 @@ impl Cluster {
     pub fn delete_object(&self, kind: &str, namespace: &str, name: &str) -> Result<bool> {
         let mut st = self.state();
         let key = (kind.to_string(), namespace.to_string(), name.to_string());
-        let before = st.extra.len();
+        let gone: Vec<Value> = st
+            .extra
+            .iter()
+            .filter(|e| registry::object_key(e) == key)
+            .cloned()
+            .collect();
         st.extra.retain(|e| registry::object_key(e) != key);
-        let removed = st.extra.len() != before;
         self.sync(&st)?;
-        Ok(removed)
+        // The last object of a kind leaves no trace in a sync: delete it by name.
+        if let Some(api) = &st.api {
+            for e in &gone {
+                let api_version = e["apiVersion"].as_str().unwrap_or_default();
+                api.delete(api_version, kind, namespace, name)?;
+            }
+        }
+        Ok(!gone.is_empty())
     }
 
     pub fn nodes(&self) -> Vec<Node> {
@@ -643,7 +681,50 @@ impl Cluster {
         if let Some(p) = &st.sync_path {
             registry::write_atomic(p, &registry::to_yaml(&Self::objects(st)))?;
         }
+        if let Some(api) = &st.api {
+            api.sync(Self::objects(st))?;
+        }
         Ok(())
+    }
+
+    /// The cluster's Kubernetes API server (the stand-in of [`crate::apiserver`]), started on
+    /// first use at [`API_SERVER_IP`]`:6443` on the fabric, reachable from every node, and from
+    /// then on kept equal to the cluster after every change. Its kubeconfig is
+    /// [`Cluster::kubeconfig_path`].
+    pub fn api_server(&self) -> Result<Arc<ApiServer>> {
+        let mut st = self.state();
+        if let Some(api) = &st.api {
+            return Ok(api.clone());
+        }
+        let fab = self.shared.fabric.clone();
+        netns::ip(
+            &fab,
+            &[
+                "addr",
+                "add",
+                &format!("{API_SERVER_IP}/16"),
+                "dev",
+                FABRIC_BRIDGE,
+            ],
+        )?;
+        let listener = netns::in_netns(&fab, || {
+            std::net::TcpListener::bind((API_SERVER_IP, API_SERVER_PORT))
+        })?
+        .context("binding the API server")?;
+        let api = Arc::new(ApiServer::start(listener)?);
+        let kubeconfig = self.kubeconfig_path();
+        if let Some(dir) = kubeconfig.parent() {
+            std::fs::create_dir_all(dir)?;
+        }
+        api.write_kubeconfig(&kubeconfig)?;
+        api.sync(Self::objects(&st))?;
+        st.api = Some(api.clone());
+        Ok(api)
+    }
+
+    /// The kubeconfig of [`Cluster::api_server`].
+    pub fn kubeconfig_path(&self) -> PathBuf {
+        self.shared.logs.dir.join("kube").join("kubeconfig")
     }
 }
 

@@ -36,6 +36,27 @@ impl Weft {
         Self::launched(cluster, node, extra, None)
     }
 
+    /// Starts weft on `node` reading the cluster from its Kubernetes API
+    /// ([`Cluster::api_server`]) instead of a file: `--registry kube --kubeconfig …`.
+    pub fn start_kube(cluster: &Cluster, node: &Node, extra: &[&str]) -> Result<Weft> {
+        cluster.api_server()?;
+        let kubeconfig = cluster.kubeconfig_path();
+        let mut w = Weft {
+            proc: None,
+            node: node.clone(),
+            registry: PathBuf::from("kube"),
+            ca_dir: mesh_ca(cluster)?,
+            admin_socket: node.state_dir().join("admin.sock"),
+            extra: ["--kubeconfig".to_string(), kubeconfig.display().to_string()]
+                .into_iter()
+                .chain(extra.iter().map(|s| s.to_string()))
+                .collect(),
+            cgroup: None,
+        };
+        w.launch()?;
+        Ok(w)
+    }
+
     /// Like [`Weft::start`], but weft runs in `cgroup` (e.g. a pod's container cgroup, as a
     /// DaemonSet pod) instead of the node's system cgroup.
     pub fn start_in_cgroup(cluster: &Cluster, node: &Node, cgroup: &Path) -> Result<Weft> {

@@ -47,6 +47,8 @@ pub const DEBOUNCE: Duration = Duration::from_millis(100);
 pub const MAX_BACKOFF: Duration = Duration::from_secs(30);
 /// How often a kind whose CRD is not installed is looked for again.
 pub const ABSENT_RETRY: Duration = Duration::from_secs(30);
+/// A retry after an error that runs this long without a new error has its watch back.
+const RECOVERED_AFTER: Duration = Duration::from_secs(2);
 /// Where reports name the source.
 const ORIGIN: &str = "kubernetes";
 
@@ -447,7 +449,27 @@ async fn run_watch(
     // A (re-)list in progress: replaces the kind's objects once complete.
     let mut listing: Option<BTreeMap<ObjectKey, Stored>> = None;
     let mut errors = 0u32;
-    while let Some(item) = stream.next().await {
+    loop {
+        // After an error, a retry that stays quiet (no new error) for a while has its watch
+        // running again: the kind is back to `watching` though no change of it arrived.
+        let item = if errors > 0 {
+            match tokio::time::timeout(RECOVERED_AFTER, stream.next()).await {
+                Ok(item) => item,
+                Err(_) => {
+                    errors = 0;
+                    set_state(shared, index, |k| {
+                        if k.state == WatchState::Retrying {
+                            k.state = WatchState::Watching;
+                            k.error = None;
+                        }
+                    });
+                    continue;
+                }
+            }
+        } else {
+            stream.next().await
+        };
+        let Some(item) = item else { break };
         let event = match item {
             Ok(event) => event,
             Err(e) => {

@@ -1,0 +1,291 @@
+//! End-to-end: weft reading the cluster from a Kubernetes API server (`--registry kube`) — the
+//! stand-in of `weft_tests::apiserver`, which speaks the real list/watch protocol — with real
+//! pods, eBPF and sockets: enrolling a namespace through the API, pods, Services and policies
+//! changing, the API server killed and back, a watch expired with `410 Gone`, and an invalid
+//! object next to a valid one.
+
+use std::net::SocketAddr;
+use std::process::Command;
+use std::time::{Duration, Instant};
+
+use serde_json::Value;
+use weft_tests::registry::{ServicePort, TargetPort};
+use weft_tests::traffic::{self, serve};
+use weft_tests::*;
+
+const ENROLL: (&str, &str) = ("weft.dev/mesh", "enabled");
+const WAIT: Duration = Duration::from_secs(20);
+const CLIENT_ID: &str = "spiffe://cluster.local/ns/front/sa/client";
+
+use traffic::json_str as s;
+
+fn succeeds(from: &Pod, to: SocketAddr) -> bool {
+    traffic::call(from, to, "ping", Duration::from_millis(3000))
+        .status
+        .success()
+}
+
+/// `kubectl` against the cluster's API server, from the fabric (where it listens).
+fn kubectl(cluster: &Cluster, args: &[&str]) -> String {
+    let out = Command::new("nsenter")
+        .arg(format!(
+            "--net={}",
+            netns::netns_path(cluster.fabric_netns()).display()
+        ))
+        .arg("kubectl")
+        .arg("--kubeconfig")
+        .arg(cluster.kubeconfig_path())
+        .args(args)
+        .output()
+        .expect("kubectl runs");
+    assert!(
+        out.status.success(),
+        "kubectl {args:?}: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
+/// The watch of `kind` as `weft status` shows it.
+fn watch_of(weft: &Weft, kind: &str) -> Value {
+    let st = weft.status().unwrap();
+    st["registry"]["watches"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|w| w["kind"] == kind)
+        .cloned()
+        .unwrap_or_else(|| panic!("no watch of {kind}: {st}"))
+}
+
+fn enrolled(weft: &Weft, pod: &str) -> Option<bool> {
+    weft.workloads()
+        .ok()?
+        .iter()
+        .find(|w| w["pod"] == pod)
+        .and_then(|w| w["enrolled"].as_bool())
+}
+
+fn deny_from_front(name: &str) -> String {
+    format!(
+        "apiVersion: security.istio.io/v1
+kind: AuthorizationPolicy
+metadata:
+  name: {name}
+  namespace: back
+spec:
+  selector:
+    matchLabels:
+      app: web
+  action: DENY
+  rules:
+  - from:
+    - source:
+        namespaces: [front]
+"
+    )
+}
+
+#[test]
+fn the_kubernetes_api_is_the_registry() {
+    let cluster = Cluster::new("kube_registry").unwrap();
+    let node = cluster.add_node("node-a").unwrap();
+    let client = cluster
+        .add_pod(
+            &node,
+            PodSpec::new("front", "client").service_account("client"),
+        )
+        .unwrap();
+    let web = cluster
+        .add_pod(
+            &node,
+            PodSpec::new("back", "web-0")
+                .label("app", "web")
+                .service_account("web")
+                .port("http", 8080)
+                .port("admin", 9090),
+        )
+        .unwrap();
+    let svc = cluster
+        .add_service(
+            ServiceSpec::new("back", "web")
+                .selector("app", "web")
+                .port("tcp-echo", 80, "http", None),
+        )
+        .unwrap();
+    cluster
+        .set_namespace_labels("back", labels(&[ENROLL]))
+        .unwrap();
+    let _servers = [serve(&web, 8080, "echo"), serve(&web, 9090, "echo")];
+    let api = cluster.api_server().unwrap();
+    // Gateway API is not installed in this cluster: weft starts without it.
+    api.set_installed("gateway.networking.k8s.io", false);
+    let weft = Weft::start_kube(&cluster, &node, &[]).unwrap();
+
+    let st = weft.status().unwrap();
+    assert_eq!(st["registry"]["source"], "kubernetes", "{st}");
+    assert_eq!(watch_of(&weft, "HTTPRoute")["state"], "not_installed");
+    assert_eq!(watch_of(&weft, "Pod")["state"], "watching");
+    assert_eq!(watch_of(&weft, "Pod")["objects"], 2);
+    let metrics = weft.metrics().unwrap();
+    for line in [
+        "weft_registry_watch_state{kind=\"Pod\",state=\"watching\"} 1",
+        "weft_registry_watch_state{kind=\"GRPCRoute\",state=\"not_installed\"} 1",
+        "weft_registry_objects{kind=\"Pod\"} 2",
+    ] {
+        assert!(metrics.lines().any(|l| l == line), "{line} in\n{metrics}");
+    }
+    assert_eq!(enrolled(&weft, "client"), Some(false));
+    assert!(succeeds(&client, web.addr(8080)), "not enrolled: plain");
+
+    // 1. Labelling the namespace through the API enrolls its running pods.
+    let labelled = Instant::now();
+    kubectl(
+        &cluster,
+        &["label", "namespace", "front", "weft.dev/mesh=enabled"],
+    );
+    wait_until(Duration::from_secs(1), || {
+        enrolled(&weft, "client") == Some(true)
+    })
+    .unwrap_or_else(|_| {
+        panic!(
+            "front/client not enrolled within a second of the label: {:?}",
+            weft.workloads()
+        )
+    });
+    eprintln!("enrolled {:?} after the label", labelled.elapsed());
+    // The harness keeps the cluster as the API has it from here on.
+    cluster
+        .set_namespace_labels("front", labels(&[ENROLL]))
+        .unwrap();
+    assert!(succeeds(&client, svc.addr(80)));
+    let f = weft
+        .wait_flows(1, WAIT, |f| {
+            s(f, "/source/pod") == "client" && s(f, "/verdict") == "forwarded"
+        })
+        .unwrap();
+    assert_eq!(s(&f[0], "/source/identity"), CLIENT_ID, "{}", f[0]);
+
+    // 2. A new pod, a deleted pod, a changed Service, a new AuthorizationPolicy.
+    let web1 = cluster
+        .add_pod(
+            &node,
+            PodSpec::new("back", "web-1")
+                .label("app", "web")
+                .service_account("web")
+                .port("http", 8080),
+        )
+        .unwrap();
+    wait_until(WAIT, || enrolled(&weft, "web-1") == Some(true)).expect("new pod seen");
+    cluster.remove_pod(&web1).unwrap();
+    wait_until(WAIT, || enrolled(&weft, "web-1").is_none()).expect("deleted pod gone");
+    cluster
+        .set_service_ports(
+            "back",
+            "web",
+            vec![ServicePort {
+                name: "tcp-admin".into(),
+                port: 81,
+                target_port: TargetPort::Name("admin".into()),
+                app_protocol: None,
+            }],
+        )
+        .unwrap();
+    wait_until(WAIT, || succeeds(&client, svc.addr(81))).expect("changed Service: port 81");
+    cluster.apply_yaml(&deny_from_front("deny-front")).unwrap();
+    wait_until(WAIT, || !succeeds(&client, svc.addr(81))).expect("new DENY applies");
+    weft.wait_flows(1, WAIT, |f| {
+        s(f, "/verdict") == "denied" && s(f, "/policy") == "back/deny-front"
+    })
+    .unwrap();
+    cluster
+        .delete_object("AuthorizationPolicy", "back", "deny-front")
+        .unwrap();
+    wait_until(WAIT, || succeeds(&client, svc.addr(81))).expect("DENY deleted");
+
+    // 3. An invalid object is left out and reported (status and an Event on it) while a valid
+    //    DENY of the same update applies.
+    cluster
+        .apply_yaml(&format!(
+            "apiVersion: networking.istio.io/v1
+kind: VirtualService
+metadata:
+  name: broken
+  namespace: back
+spec:
+  hosts: [web]
+  http:
+  - match:
+    - uri:
+        regex: \"/([\"
+    route:
+    - destination:
+        host: web
+---
+{}",
+            deny_from_front("deny-again")
+        ))
+        .unwrap();
+    wait_until(WAIT, || !succeeds(&client, svc.addr(81))).expect("the valid DENY applies");
+    let report = wait_for(WAIT, || {
+        let st = weft.status().ok()?;
+        let text = st["registry"]["not_applied"].to_string();
+        text.contains("(VirtualService back/broken)")
+            .then_some(text)
+    })
+    .unwrap();
+    assert!(
+        report.contains("kubernetes (VirtualService back/broken): spec.http[0].match[0].uri.regex"),
+        "{report}"
+    );
+    let event = wait_for(WAIT, || {
+        api.events()
+            .into_iter()
+            .find(|e| e["involvedObject"]["name"] == "broken")
+    })
+    .unwrap();
+    assert_eq!(event["type"], "Warning", "{event}");
+    assert_eq!(event["reason"], "WeftInvalidObject", "{event}");
+    assert_eq!(event["involvedObject"]["kind"], "VirtualService", "{event}");
+    assert!(s(&event, "/message").contains("uri.regex"), "{event}");
+    cluster
+        .delete_object("AuthorizationPolicy", "back", "deny-again")
+        .unwrap();
+    cluster
+        .delete_object("VirtualService", "back", "broken")
+        .unwrap();
+    wait_until(WAIT, || succeeds(&client, svc.addr(81))).expect("deleted");
+
+    // 4. The API server down for 10 s: traffic is unaffected; a change made meanwhile applies
+    //    once it is back.
+    api.stop();
+    let down = Instant::now();
+    while down.elapsed() < Duration::from_secs(10) {
+        assert!(
+            succeeds(&client, svc.addr(81)),
+            "traffic failed {:?} into the outage",
+            down.elapsed()
+        );
+        std::thread::sleep(Duration::from_millis(500));
+    }
+    assert!(weft.ready(), "still ready on the snapshot in force");
+    assert_eq!(watch_of(&weft, "Pod")["state"], "retrying");
+    cluster.apply_yaml(&deny_from_front("deny-late")).unwrap();
+    api.restart().unwrap();
+    wait_until(WAIT, || !succeeds(&client, svc.addr(81))).expect("caught up after the outage");
+    wait_until(WAIT, || watch_of(&weft, "Pod")["state"] == "watching").unwrap();
+
+    // 5. Watches expired (410 Gone): weft lists again, and the change made right after the
+    //    compaction is not lost.
+    api.clear_requests();
+    api.compact();
+    cluster
+        .delete_object("AuthorizationPolicy", "back", "deny-late")
+        .unwrap();
+    wait_until(WAIT, || succeeds(&client, svc.addr(81))).expect("update after 410 seen");
+    let relisted = api
+        .requests()
+        .iter()
+        .any(|(verb, path)| verb == "list" && path.contains("/authorizationpolicies"));
+    assert!(relisted, "no list after the 410: {:?}", api.requests());
+}
