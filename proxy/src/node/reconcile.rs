@@ -13,6 +13,7 @@ use super::NodeProxy;
 use crate::capture::StrictMode;
 use crate::l7::route::RouteTable;
 use crate::policy::{MtlsMode, PolicySet};
+use crate::registry::Snapshot;
 use crate::workload::WorkloadIndex;
 
 /// How often pod cgroups are re-resolved even without a registry change.
@@ -27,16 +28,21 @@ pub(super) struct Applied {
     strict: HashMap<(u64, u16), StrictMode>,
     /// Route conflicts already logged.
     route_warnings: HashSet<String>,
+    /// The snapshot the policies and routes in force were compiled from: a new snapshot with
+    /// the same objects (a pod changed) keeps them.
+    compiled_from: Option<Arc<Snapshot>>,
 }
 
 /// Applies the workload index and policies in force (compiled from registry `generation`) to
 /// the identities and the kernel (at start: a failure here stops the node).
 pub(super) fn apply(node: &NodeProxy, generation: u64) -> anyhow::Result<Applied> {
+    let inputs = &node.inputs;
+    let snapshot = inputs.registry.snapshot();
     let mut applied = Applied {
         generation,
+        compiled_from: (snapshot.generation == generation).then_some(snapshot),
         ..Applied::default()
     };
-    let inputs = &node.inputs;
     let index = inputs.workloads.load();
     node.identity
         .set_local_identities(index.identities(&inputs.trust_domain));
@@ -63,25 +69,30 @@ pub(super) async fn run(node: Arc<NodeProxy>, mut applied: Applied) {
         if snapshot.generation != applied.generation {
             applied.generation = snapshot.generation;
             let generation = applied.generation;
-            let set = PolicySet::build(&snapshot, &node.cfg.root_namespace);
-            info!(
-                generation,
-                authorization_policies = set.len(),
-                peer_authentications = set.peer_authentications(),
-                fail_closed = set.fail_closed().len(),
-                "policies updated"
-            );
-            inputs.policies.store(Arc::new(set));
-            inputs.policy_generation.send_replace(generation);
-            let routes = RouteTable::build(&snapshot);
-            for w in routes.warnings() {
-                // Said once per distinct conflict, not on every change.
-                if applied.route_warnings.insert(w.clone()) {
-                    warn!("routes: {w}");
-                }
+            let before = applied.compiled_from.replace(snapshot.clone());
+            if !before.as_ref().is_some_and(|b| b.same_policies(&snapshot)) {
+                let set = PolicySet::build(&snapshot, &node.cfg.root_namespace);
+                info!(
+                    generation,
+                    authorization_policies = set.len(),
+                    peer_authentications = set.peer_authentications(),
+                    fail_closed = set.fail_closed().len(),
+                    "policies updated"
+                );
+                inputs.policies.store(Arc::new(set));
+                inputs.policy_generation.send_replace(generation);
             }
-            info!(generation, rules = routes.len(), "routes updated");
-            inputs.routes.store(Arc::new(routes));
+            if !before.as_ref().is_some_and(|b| b.same_routes(&snapshot)) {
+                let routes = RouteTable::build(&snapshot);
+                for w in routes.warnings() {
+                    // Said once per distinct conflict, not on every change.
+                    if applied.route_warnings.insert(w.clone()) {
+                        warn!("routes: {w}");
+                    }
+                }
+                info!(generation, rules = routes.len(), "routes updated");
+                inputs.routes.store(Arc::new(routes));
+            }
         }
         // Resolving cgroups touches the filesystem: keep it off the runtime's workers.
         let n = node.clone();

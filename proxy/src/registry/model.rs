@@ -616,6 +616,26 @@ impl Snapshot {
     }
 
     /// The pods `svc` selects, ready, with the target of `port`.
+    /// Whether `other` has the very same security objects (the same `Arc`s: a source that
+    /// keeps unchanged objects converted keeps them): the compiled policies still hold.
+    pub fn same_policies(&self, other: &Snapshot) -> bool {
+        same_arcs(&self.authorization_policies, &other.authorization_policies)
+            && same_arcs(&self.peer_authentications, &other.peer_authentications)
+            && self.fail_closed == other.fail_closed
+    }
+
+    /// Whether `other` has the very same objects routes are compiled from: Services, the Istio
+    /// routing kinds, the Gateway API routes, namespaces.
+    pub fn same_routes(&self, other: &Snapshot) -> bool {
+        same_arcs(&self.services, &other.services)
+            && same_arcs(&self.virtual_services, &other.virtual_services)
+            && same_arcs(&self.destination_rules, &other.destination_rules)
+            && same_arcs(&self.service_entries, &other.service_entries)
+            && same_arcs(&self.http_routes, &other.http_routes)
+            && same_arcs(&self.grpc_routes, &other.grpc_routes)
+            && self.namespaces == other.namespaces
+    }
+
     /// The endpoints of a Service port from its EndpointSlices: the slice port of the same
     /// name (and protocol), at the ready addresses that are pods weft knows (an address of no
     /// pod has no identity to reach it by).
@@ -664,6 +684,10 @@ impl Snapshot {
             })
             .collect()
     }
+}
+
+fn same_arcs<T>(a: &[Arc<T>], b: &[Arc<T>]) -> bool {
+    a.len() == b.len() && a.iter().zip(b).all(|(x, y)| Arc::ptr_eq(x, y))
 }
 
 pub(crate) fn rfc3339(t: SystemTime) -> String {

@@ -1099,3 +1099,35 @@ fn an_invalid_edit_keeps_the_previous_version_except_for_security_kinds() {
     assert_eq!(snap.authorization_policies.len(), 1);
     assert!(snap.fail_closed.is_empty());
 }
+
+#[test]
+fn snapshots_from_the_same_converted_objects_share_policies_and_routes() {
+    // A source keeping objects converted (the Kubernetes one) rebuilds from the same `Arc`s:
+    // a pod change leaves policies and routes as they were compiled.
+    let objects: Vec<Conversion> = Snapshot::parse_yaml(CLUSTER).good.into_values().collect();
+    let build = |objects: &[Conversion]| {
+        let mut b = SnapshotBuilder::new();
+        for c in objects {
+            b.add(c.clone()).unwrap();
+        }
+        b.build(1, Vec::new())
+    };
+    let a = build(&objects);
+    let b = build(&objects);
+    assert!(a.same_policies(&b) && a.same_routes(&b));
+    // A Service converted again is another object: routes are compiled again.
+    let mut changed = objects.clone();
+    let i = changed
+        .iter()
+        .position(|c| c.key.kind == "Service")
+        .unwrap();
+    // The same content converted again into a fresh Arc.
+    let fresh = match &changed[i].result {
+        Ok(Converted::Service(s)) => Converted::Service(Arc::new((**s).clone())),
+        other => panic!("{other:?}"),
+    };
+    changed[i].result = Ok(fresh);
+    let c = build(&changed);
+    assert!(a.same_policies(&c));
+    assert!(!a.same_routes(&c));
+}
