@@ -225,7 +225,8 @@ struct Reference {
 
 #[derive(Debug, Default)]
 struct Shared {
-    objects: Mutex<BTreeMap<ObjectKey, Stored>>,
+    /// The objects in force, per kind (indexed as [`KINDS`]).
+    objects: Mutex<Vec<BTreeMap<ObjectKey, Stored>>>,
     kinds: Mutex<Vec<KindStatus>>,
     changed: Notify,
     synced: Notify,
@@ -250,7 +251,10 @@ impl KubeSource {
 
     /// [`KubeSource::start`] with a client.
     pub async fn start_with(client: Client, node_name: String) -> anyhow::Result<KubeSource> {
-        let shared = Arc::new(Shared::default());
+        let shared = Arc::new(Shared {
+            objects: Mutex::new(vec![BTreeMap::new(); KINDS.len()]),
+            ..Shared::default()
+        });
         *shared.kinds.lock() = KINDS
             .iter()
             .map(|k| KindStatus {
@@ -415,7 +419,7 @@ async fn watch_kind(client: Client, shared: Arc<Shared>, index: usize, spec: Kin
             );
             absent_logged = true;
         }
-        remove_kind(&shared, spec.kind, spec.group);
+        shared.objects.lock()[index].clear();
         set_state(&shared, index, |k| {
             k.state = WatchState::NotInstalled;
             k.objects = 0;
@@ -497,7 +501,7 @@ async fn run_watch(
             Event::Init => listing = Some(BTreeMap::new()),
             Event::InitApply(obj) => {
                 if let Some((key, stored)) = stored_of(obj, spec, resource) {
-                    let previous = shared.objects.lock().get(&key).cloned();
+                    let previous = shared.objects.lock()[index].get(&key).cloned();
                     let stored = keep_previous(stored, previous.as_ref(), spec);
                     listing
                         .get_or_insert_with(BTreeMap::new)
@@ -507,11 +511,7 @@ async fn run_watch(
             Event::InitDone => {
                 let fresh = listing.take().unwrap_or_default();
                 let count = fresh.len();
-                {
-                    let mut objects = shared.objects.lock();
-                    objects.retain(|k, _| !of_kind(k, spec.kind, spec.group));
-                    objects.extend(fresh);
-                }
+                shared.objects.lock()[index] = fresh;
                 debug!(kind = spec.kind, objects = count, "registry: listed");
                 touched(shared, index, count);
                 shared.synced.notify_waiters();
@@ -519,9 +519,10 @@ async fn run_watch(
             Event::Apply(obj) => {
                 if let Some((key, stored)) = stored_of(obj, spec, resource) {
                     let mut objects = shared.objects.lock();
-                    let stored = keep_previous(stored, objects.get(&key), spec);
-                    objects.insert(key, stored);
-                    let count = count_of(&objects, spec);
+                    let of_kind = &mut objects[index];
+                    let stored = keep_previous(stored, of_kind.get(&key), spec);
+                    of_kind.insert(key, stored);
+                    let count = of_kind.len();
                     drop(objects);
                     touched(shared, index, count);
                 }
@@ -529,8 +530,8 @@ async fn run_watch(
             Event::Delete(obj) => {
                 if let Some((key, _)) = stored_of(obj, spec, resource) {
                     let mut objects = shared.objects.lock();
-                    objects.remove(&key);
-                    let count = count_of(&objects, spec);
+                    objects[index].remove(&key);
+                    let count = objects[index].len();
                     drop(objects);
                     touched(shared, index, count);
                 }
@@ -538,13 +539,6 @@ async fn run_watch(
         }
     }
     Ended::Stopped
-}
-
-fn count_of(objects: &BTreeMap<ObjectKey, Stored>, spec: KindSpec) -> usize {
-    objects
-        .keys()
-        .filter(|k| of_kind(k, spec.kind, spec.group))
-        .count()
 }
 
 fn touched(shared: &Shared, index: usize, count: usize) {
@@ -561,22 +555,6 @@ fn set_state(shared: &Shared, index: usize, f: impl FnOnce(&mut KindStatus)) {
     if let Some(k) = shared.kinds.lock().get_mut(index) {
         f(k);
     }
-}
-
-/// Whether `key` is an object of `kind` in `group` (any version).
-fn of_kind(key: &ObjectKey, kind: &str, group: &str) -> bool {
-    key.kind == kind
-        && match key.api_version.split_once('/') {
-            Some((g, _)) => g == group,
-            None => group.is_empty(),
-        }
-}
-
-fn remove_kind(shared: &Shared, kind: &str, group: &str) {
-    shared
-        .objects
-        .lock()
-        .retain(|k, _| !of_kind(k, kind, group));
 }
 
 /// An invalid new version keeps the previous valid one in force, except for security kinds
@@ -695,7 +673,7 @@ fn build(shared: &Shared) -> (SnapshotBuilder, Vec<Found>) {
     let mut builder = SnapshotBuilder::new();
     let mut found = Vec::new();
     let objects = shared.objects.lock();
-    for (key, stored) in objects.iter() {
+    for (key, stored) in objects.iter().flatten() {
         let mut report = |reasons: Vec<String>, kept: bool| {
             for reason in reasons {
                 let reason = if kept {
@@ -731,35 +709,33 @@ fn build(shared: &Shared) -> (SnapshotBuilder, Vec<Found>) {
     for f in &found {
         builder.not_applied(f.problem.clone());
     }
+    // Checks across objects name an object by group, kind, namespace and name.
     let reference_of = |key: &ObjectKey| {
         objects
             .iter()
+            .flatten()
             .find(|(k, _)| k.kind == key.kind && k.namespace == key.namespace && k.name == key.name)
             .map(|(_, s)| s.reference.clone())
     };
-    for (key, error) in builder.validate() {
-        let problem = Problem {
-            origin: ORIGIN.into(),
-            object: key.to_string(),
-            reason: error.to_string(),
-        };
-        builder.not_applied(problem.clone());
-        found.push(Found {
-            problem,
-            reference: reference_of(&key),
-        });
-    }
-    for (key, error) in builder.warnings() {
-        let problem = Problem {
-            origin: ORIGIN.into(),
-            object: key.to_string(),
-            reason: error.to_string(),
-        };
-        builder.warning(problem.clone());
-        found.push(Found {
-            problem,
-            reference: reference_of(&key),
-        });
+    let cross = builder.validate();
+    let warnings = builder.warnings();
+    for (list, warning) in [(cross, false), (warnings, true)] {
+        for (key, error) in list {
+            let problem = Problem {
+                origin: ORIGIN.into(),
+                object: key.to_string(),
+                reason: error.to_string(),
+            };
+            if warning {
+                builder.warning(problem.clone());
+            } else {
+                builder.not_applied(problem.clone());
+            }
+            found.push(Found {
+                problem,
+                reference: reference_of(&key),
+            });
+        }
     }
     (builder, found)
 }
@@ -889,5 +865,143 @@ fn event_for(reference: &Reference, reason: &str, node: &str) -> core::Event {
         action: Some("Validate".into()),
         count: Some(1),
         ..core::Event::default()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use serde_json::json;
+
+    fn resource(group: &str, version: &str, kind: &str, plural: &str) -> ApiResource {
+        ApiResource::from_gvk_with_plural(&GroupVersionKind::gvk(group, version, kind), plural)
+    }
+
+    fn spec(kind: &str) -> KindSpec {
+        *KINDS.iter().find(|k| k.kind == kind).unwrap()
+    }
+
+    fn dynamic(value: Value) -> DynamicObject {
+        serde_json::from_value(value).unwrap()
+    }
+
+    #[test]
+    fn backoff_grows_to_the_cap_with_jitter() {
+        for n in 0..20 {
+            let d = backoff(n);
+            let base = Duration::from_millis(200)
+                .saturating_mul(1 << n.min(10))
+                .min(MAX_BACKOFF);
+            assert!(d >= base / 2 && d <= base * 3 / 2, "{n}: {d:?}");
+        }
+        assert!(backoff(30) <= MAX_BACKOFF * 3 / 2);
+    }
+
+    #[test]
+    fn objects_from_the_api_are_converted_as_from_files() {
+        // A Pod as a list item comes without kind and apiVersion: they come from the resource.
+        let pod = dynamic(json!({
+            "metadata": {"name": "web-0", "namespace": "back", "uid": "u-1", "resourceVersion": "7"},
+            "spec": {"nodeName": "n1", "containers": [{"name": "c", "ports": [{"name": "http", "containerPort": 8080}]}]},
+            "status": {"podIP": "10.0.0.5", "phase": "Running"}
+        }));
+        let (key, stored) =
+            stored_of(pod, spec("Pod"), &resource("", "v1", "Pod", "pods")).unwrap();
+        assert_eq!(key.to_string(), "Pod back/web-0");
+        let Ok(crate::registry::Converted::Pod(p)) = &stored.applied.result else {
+            panic!("{:?}", stored.applied.result)
+        };
+        assert_eq!(p.named_port("http", "TCP"), Some(8080));
+        assert_eq!(stored.reference.resource_version.as_deref(), Some("7"));
+        assert!(stored.problems.is_none());
+
+        // An invalid AuthorizationPolicy: reported with its field, failing closed.
+        let policy = dynamic(json!({
+            "apiVersion": "security.istio.io/v1", "kind": "AuthorizationPolicy",
+            "metadata": {"name": "deny", "namespace": "back", "uid": "u-2"},
+            "spec": {"action": "DENY", "rules": [{"from": [{"source": {"principal": ["x"]}}]}]}
+        }));
+        let r = resource(
+            "security.istio.io",
+            "v1",
+            "AuthorizationPolicy",
+            "authorizationpolicies",
+        );
+        let (_, stored) = stored_of(policy, spec("AuthorizationPolicy"), &r).unwrap();
+        let problems = stored.problems.as_ref().unwrap();
+        assert!(problems[0].path.contains("principal"), "{problems:?}");
+        assert_eq!(
+            stored.applied.fail_closed.as_ref().map(|f| f.effect),
+            Some(crate::registry::FailEffect::DenyAll)
+        );
+    }
+
+    #[test]
+    fn an_invalid_new_version_keeps_the_previous_one_but_not_for_security_kinds() {
+        let r = resource(
+            "networking.istio.io",
+            "v1",
+            "VirtualService",
+            "virtualservices",
+        );
+        let vs = |regex: &str| {
+            dynamic(json!({
+                "apiVersion": "networking.istio.io/v1", "kind": "VirtualService",
+                "metadata": {"name": "vs", "namespace": "back"},
+                "spec": {"hosts": ["web"], "http": [{"match": [{"uri": {"regex": regex}}], "route": [{"destination": {"host": "web"}}]}]}
+            }))
+        };
+        let (_, good) = stored_of(vs("/a.*"), spec("VirtualService"), &r).unwrap();
+        let (_, bad) = stored_of(vs("/(["), spec("VirtualService"), &r).unwrap();
+        let kept = keep_previous(bad.clone(), Some(&good), spec("VirtualService"));
+        assert!(kept.applied.result.is_ok());
+        assert!(kept.problems.is_some());
+        // Without a previous version: left out.
+        assert!(keep_previous(bad, None, spec("VirtualService"))
+            .applied
+            .result
+            .is_err());
+
+        let r = resource(
+            "security.istio.io",
+            "v1",
+            "AuthorizationPolicy",
+            "authorizationpolicies",
+        );
+        let ap = |action: &str| {
+            dynamic(json!({
+                "apiVersion": "security.istio.io/v1", "kind": "AuthorizationPolicy",
+                "metadata": {"name": "ap", "namespace": "back"},
+                "spec": {"action": action, "rules": [{}]}
+            }))
+        };
+        let (_, good) = stored_of(ap("DENY"), spec("AuthorizationPolicy"), &r).unwrap();
+        let (_, bad) = stored_of(ap("DENIE"), spec("AuthorizationPolicy"), &r).unwrap();
+        let kept = keep_previous(bad, Some(&good), spec("AuthorizationPolicy"));
+        assert!(
+            kept.applied.result.is_err(),
+            "security kinds fail closed instead"
+        );
+        assert!(kept.applied.fail_closed.is_some());
+    }
+
+    #[test]
+    fn the_event_names_the_object_and_the_problem() {
+        let reference = Reference {
+            api_version: "networking.istio.io/v1".into(),
+            kind: "VirtualService".into(),
+            namespace: Some("back".into()),
+            name: "broken".into(),
+            uid: Some("u-3".into()),
+            resource_version: Some("42".into()),
+        };
+        let e = event_for(&reference, "spec.http[0]: bad", "node-a");
+        assert_eq!(e.type_.as_deref(), Some("Warning"));
+        assert_eq!(e.reason.as_deref(), Some("WeftInvalidObject"));
+        assert_eq!(e.involved_object.uid.as_deref(), Some("u-3"));
+        assert_eq!(e.involved_object.kind.as_deref(), Some("VirtualService"));
+        assert_eq!(e.metadata.generate_name.as_deref(), Some("broken."));
+        assert_eq!(e.metadata.namespace.as_deref(), Some("back"));
+        assert!(e.message.unwrap().contains("spec.http[0]: bad"));
     }
 }
