@@ -28,6 +28,10 @@
 //! returning 1 KiB, direct, through weft's L7 engine (Service ports named `http` / `http2`),
 //! and single-node through nginx and haproxy as HTTP reverse proxies.
 //!
+//! `--only registry` (module `registry`, not part of the default run) measures something else:
+//! weft's Kubernetes registry source against an API server holding a synthetic cluster of
+//! 10 000 pods (sync time, memory, CPU and latency of one change).
+//!
 //! This file holds the command line ([`Args`]), [`run`] and the order of the measurements in
 //! each topology; `cases` says what each case measures and runs one, `http` does the same for
 //! the HTTP cases, `topology` builds the clusters and the proxies, `machine` probes the host and
@@ -36,6 +40,7 @@
 mod cases;
 mod http;
 mod machine;
+mod registry;
 mod report;
 mod topology;
 
@@ -90,9 +95,10 @@ pub struct Args {
     )]
     paths: Vec<PathKind>,
     /// Run one topology only [default: both, single node first]. Cross-node measures `direct`
-    /// and `weft` (haproxy and nginx are single-node only).
+    /// and `weft` (haproxy and nginx are single-node only). `registry` runs the registry case
+    /// instead (weft's Kubernetes registry at 10 000 pods; never part of the default run).
     #[arg(long, value_enum)]
-    only: Option<Topology>,
+    only: Option<Only>,
     /// Also write the report (Markdown) to this file [default: none: standard output only].
     #[arg(long)]
     output: Option<PathBuf>,
@@ -100,6 +106,15 @@ pub struct Args {
     /// [default: off: build first].
     #[arg(long)]
     no_build: bool,
+}
+
+/// What `--only` runs.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
+pub enum Only {
+    SingleNode,
+    CrossNode,
+    /// weft's Kubernetes registry source at scale (module `registry`).
+    Registry,
 }
 
 /// A path from a client pod to the server, compared with the others.
@@ -135,7 +150,8 @@ pub fn run(args: Args) -> Result<()> {
     }
     let release = release_dir();
     let (weft, testpod) = (release.join("weft"), release.join("weft-testpod"));
-    let need_weft = args.paths.contains(&PathKind::Weft);
+    let registry = args.only == Some(Only::Registry);
+    let need_weft = args.paths.contains(&PathKind::Weft) || registry;
     if args.paths.contains(&PathKind::WeftResilient) && !need_weft {
         bail!("--paths: weft-resilient is measured through the weft path's weft: add weft");
     }
@@ -150,16 +166,23 @@ pub fn run(args: Args) -> Result<()> {
     // The harness starts binaries from these (single-threaded here: nothing reads env yet).
     std::env::set_var("WEFT_BIN", &weft);
     std::env::set_var("WEFT_TESTPOD_BIN", &testpod);
+    let command = std::iter::once("cargo xtask bench".to_string())
+        .chain(std::env::args().skip(2))
+        .collect::<Vec<_>>()
+        .join(" ");
+    if registry {
+        // The registry case reads weft's sync time (info) and snapshot rebuild times (debug)
+        // from its log; no traffic flows, so no per-flow lines.
+        if std::env::var_os("WEFT_LOG").is_none() {
+            std::env::set_var("WEFT_LOG", "info,weft::registry::kube=debug");
+        }
+        return registry::run(&command, &Machine::probe(), args.output.as_deref());
+    }
     // weft logs one line per flow at info; haproxy and nginx run here without access logs.
     // Compare like with like unless asked otherwise.
     if std::env::var_os("WEFT_LOG").is_none() {
         std::env::set_var("WEFT_LOG", "warn");
     }
-
-    let command = std::iter::once("cargo xtask bench".to_string())
-        .chain(std::env::args().skip(2))
-        .collect::<Vec<_>>()
-        .join(" ");
     let machine = Machine::probe();
     let started = Instant::now();
     let mut paths = args.paths.clone();
@@ -168,8 +191,9 @@ pub fn run(args: Args) -> Result<()> {
     paths.dedup();
 
     let topos = match args.only {
-        Some(t) => vec![t],
-        None => vec![Topology::SingleNode, Topology::CrossNode],
+        Some(Only::SingleNode) => vec![Topology::SingleNode],
+        Some(Only::CrossNode) => vec![Topology::CrossNode],
+        Some(Only::Registry) | None => vec![Topology::SingleNode, Topology::CrossNode],
     };
     let mut res = Results::default();
     // One topology at a time: the first cluster is gone before the next is built.
