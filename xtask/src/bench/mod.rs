@@ -166,7 +166,13 @@ pub fn run(args: Args) -> Result<()> {
     // The harness starts binaries from these (single-threaded here: nothing reads env yet).
     std::env::set_var("WEFT_BIN", &weft);
     std::env::set_var("WEFT_TESTPOD_BIN", &testpod);
-    let command = std::iter::once("cargo xtask bench".to_string())
+    // As run: `cargo xtask` is the unoptimized build, `target/release/xtask` the optimized one.
+    let program = if cfg!(debug_assertions) {
+        "cargo xtask bench"
+    } else {
+        "target/release/xtask bench"
+    };
+    let command = std::iter::once(program.to_string())
         .chain(std::env::args().skip(2))
         .collect::<Vec<_>>()
         .join(" ");

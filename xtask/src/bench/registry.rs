@@ -177,8 +177,10 @@ pub(super) fn run(command: &str, machine: &Machine, output: Option<&Path>) -> Re
     let idle = Idle::measure(pid, &mut probe, pods.took)?;
     eprintln!("bench: registry: {CHANGES} AuthorizationPolicy changes");
     let policies = series(&w, &mut probe, |k| syn.change_policy(&api, k))?;
+    let now = proc_status_kib(pid, "VmRSS").unwrap_or(0);
     let after = Rss {
-        steady_kib: proc_status_kib(pid, "VmRSS").unwrap_or(0),
+        steady_kib: now,
+        low_kib: now,
         peak_kib: proc_status_kib(pid, "VmHWM").unwrap_or(0),
     };
 
@@ -1149,7 +1151,10 @@ struct Started {
 
 #[derive(Default, Clone, Copy)]
 struct Rss {
+    /// The largest sample.
     steady_kib: u64,
+    /// The smallest sample.
+    low_kib: u64,
     peak_kib: u64,
 }
 
@@ -1214,16 +1219,18 @@ fn stat_cpu_ticks(stat: &str) -> Option<u64> {
 /// The maximum `VmRSS` of [`RSS_SAMPLES`] samples, and `VmHWM` at the end.
 fn steady_rss(w: &Weft) -> Result<Rss> {
     let pid = w.pid().context("weft is not running")?;
-    let mut steady_kib = 0;
+    let (mut steady_kib, mut low_kib) = (0, u64::MAX);
     for i in 0..RSS_SAMPLES {
         if i > 0 {
             std::thread::sleep(RSS_EVERY);
         }
         let kib = proc_status_kib(pid, "VmRSS").context("reading weft's VmRSS")?;
         steady_kib = steady_kib.max(kib);
+        low_kib = low_kib.min(kib);
     }
     Ok(Rss {
         steady_kib,
+        low_kib,
         peak_kib: proc_status_kib(pid, "VmHWM").unwrap_or(0),
     })
 }
@@ -1729,6 +1736,12 @@ impl Report<'_> {
             mb(e.rss.steady_kib),
             mb(l.rss.steady_kib),
             met(rss_ok)
+        );
+        let _ = writeln!(
+            s,
+            "| the smallest of those samples | {} | {} | | |",
+            mb(e.rss.low_kib),
+            mb(l.rss.low_kib)
         );
         let _ = writeln!(
             s,
