@@ -20,6 +20,7 @@ use k8s_openapi::apimachinery::pkg::util::intstr::IntOrString;
 
 use super::kinds::networking::{host_matches, qualify_host, Destination};
 use super::kinds::{self, gateway, networking, security, Class, Kind};
+use super::model::target_port_warnings;
 use super::model::{
     ContainerPort, EndpointSlice, FailClosed, FailEffect, Labels, Node, Objects, Pod, Problem,
     QosClass, RawObject, Service, ServicePort, SliceEndpoint, SlicePort, Snapshot, TargetPort,
@@ -439,62 +440,28 @@ impl SnapshotBuilder {
     /// What is likely a mistake but applies: a Service port whose `targetPort` names a port
     /// that no pod the Service selects declares (every call to it would find no endpoint).
     pub fn warnings(&self) -> Vec<(ObjectKey, FieldError)> {
-        let mut out = Vec::new();
-        for svc in self.services.values() {
-            let Some(selector) = svc.selector.as_ref() else {
-                continue;
-            };
-            let ns = svc.namespace.clone();
-            let selected: Vec<&Arc<Pod>> = self
-                .pods
-                .range((ns.clone(), String::new())..)
-                .take_while(|((n, _), _)| *n == ns)
-                .map(|(_, p)| p)
-                .filter(|p| p.matches(selector))
-                .collect();
-            if selected.is_empty() {
-                continue;
-            }
-            for (i, port) in svc.ports.iter().enumerate() {
-                let TargetPort::Name(name) = &port.target_port else {
-                    continue;
-                };
-                if selected
-                    .iter()
-                    .any(|p| p.named_port(name, &port.protocol).is_some())
-                {
-                    continue;
-                }
-                let mut declared: Vec<&str> = selected
-                    .iter()
-                    .flat_map(|p| p.ports.iter().filter_map(|c| c.name.as_deref()))
-                    .collect();
-                declared.sort_unstable();
-                declared.dedup();
-                let declared = if declared.is_empty() {
-                    "they declare no named port".to_string()
-                } else {
-                    format!("they declare {}", declared.join(", "))
-                };
-                out.push((
+        let pods_of = |ns: &str| {
+            self.pods
+                .range((ns.to_string(), String::new())..)
+                .take_while(|((n, _), _)| n == ns)
+                .map(|(_, p)| p.clone())
+                .collect()
+        };
+        target_port_warnings(self.services.values(), pods_of)
+            .into_iter()
+            .map(|(svc, reason)| {
+                let (path, reason) = reason.split_once(": ").unwrap_or(("", &reason));
+                (
                     ObjectKey {
                         api_version: "v1".into(),
                         kind: "Service".into(),
                         namespace: Some(svc.namespace.clone()),
                         name: svc.name.clone(),
                     },
-                    FieldError::new(
-                        format!("spec.ports[{i}].targetPort"),
-                        format!(
-                            "no pod this Service selects ({} pods) declares a port named {name:?} ({declared}): calls to port {} find no endpoint",
-                            selected.len(),
-                            port.port
-                        ),
-                    ),
-                ));
-            }
-        }
-        out
+                    FieldError::new(path, reason),
+                )
+            })
+            .collect()
     }
 
     fn cross_checks(&self) -> Vec<(ObjectKey, FieldError)> {

@@ -18,7 +18,7 @@
 //!   object) while the rest applies; an invalid new version of an object keeps the previous
 //!   one in force, except for security kinds, which fail closed.
 
-use std::collections::{BTreeMap, HashSet};
+use std::collections::{BTreeMap, BTreeSet, HashSet};
 use std::hash::{Hash, Hasher};
 use std::path::PathBuf;
 use std::sync::Arc;
@@ -36,7 +36,9 @@ use serde_json::Value;
 use tokio::sync::Notify;
 use tracing::{debug, info, warn};
 
-use super::build::{convert, Conversion, FieldError, Inserted, Object, ObjectKey, SnapshotBuilder};
+use super::build::{
+    convert, Conversion, Converted, FieldError, Inserted, Object, ObjectKey, SnapshotBuilder,
+};
 use super::kinds;
 use super::model::{Problem, RawObject, Snapshot};
 use super::Registry;
@@ -229,9 +231,39 @@ struct Shared {
     objects: Mutex<Vec<BTreeMap<ObjectKey, Stored>>>,
     kinds: Mutex<Vec<KindStatus>>,
     changed: Notify,
+    /// What changed since the last rebuild.
+    dirty: Mutex<Dirty>,
     synced: Notify,
     /// Duration of the last rebuild.
     last_rebuild: Mutex<Option<Duration>>,
+}
+
+/// What changed since the last rebuild: pods and EndpointSlices alone (their churn) are
+/// applied to the snapshot in force ([`Snapshot::with_changes`]); anything else rebuilds it.
+#[derive(Debug, Default)]
+struct Dirty {
+    full: bool,
+    pods: BTreeSet<ObjectKey>,
+    slices: BTreeSet<ObjectKey>,
+}
+
+/// Indexes of the kinds changes to which do not need a rebuild.
+const POD: usize = 2;
+const ENDPOINT_SLICE: usize = 4;
+
+/// Records a change of `key` of kind `index`; `plain`: the object and its previous version
+/// have no problems to report (else the reports change: a rebuild).
+fn mark(shared: &Shared, index: usize, key: &ObjectKey, plain: bool) {
+    let mut dirty = shared.dirty.lock();
+    match index {
+        POD if plain => {
+            dirty.pods.insert(key.clone());
+        }
+        ENDPOINT_SLICE if plain => {
+            dirty.slices.insert(key.clone());
+        }
+        _ => dirty.full = true,
+    }
 }
 
 /// The Kubernetes API feeding a [`Registry`].
@@ -420,6 +452,7 @@ async fn watch_kind(client: Client, shared: Arc<Shared>, index: usize, spec: Kin
             absent_logged = true;
         }
         shared.objects.lock()[index].clear();
+        shared.dirty.lock().full = true;
         set_state(&shared, index, |k| {
             k.state = WatchState::NotInstalled;
             k.objects = 0;
@@ -512,6 +545,7 @@ async fn run_watch(
                 let fresh = listing.take().unwrap_or_default();
                 let count = fresh.len();
                 shared.objects.lock()[index] = fresh;
+                shared.dirty.lock().full = true;
                 debug!(kind = spec.kind, objects = count, "registry: listed");
                 touched(shared, index, count);
                 shared.synced.notify_waiters();
@@ -520,7 +554,11 @@ async fn run_watch(
                 if let Some((key, stored)) = stored_of(obj, spec, resource) {
                     let mut objects = shared.objects.lock();
                     let of_kind = &mut objects[index];
-                    let stored = keep_previous(stored, of_kind.get(&key), spec);
+                    let previous = of_kind.get(&key);
+                    let stored = keep_previous(stored, previous, spec);
+                    let plain =
+                        stored.problems.is_none() && previous.is_none_or(|p| p.problems.is_none());
+                    mark(shared, index, &key, plain);
                     of_kind.insert(key, stored);
                     let count = of_kind.len();
                     drop(objects);
@@ -530,7 +568,10 @@ async fn run_watch(
             Event::Delete(obj) => {
                 if let Some((key, _)) = stored_of(obj, spec, resource) {
                     let mut objects = shared.objects.lock();
-                    objects[index].remove(&key);
+                    let plain = objects[index]
+                        .remove(&key)
+                        .is_none_or(|p| p.problems.is_none());
+                    mark(shared, index, &key, plain);
                     let count = objects[index].len();
                     drop(objects);
                     touched(shared, index, count);
@@ -759,8 +800,13 @@ async fn rebuild_loop(shared: Arc<Shared>, registry: Arc<Registry>, reporter: Re
             tokio::time::sleep(DEBOUNCE - since).await;
         }
         let started = Instant::now();
-        let (builder, found) = build(&shared);
-        let snapshot = registry.publish(builder, Vec::new());
+        let dirty = std::mem::take(&mut *shared.dirty.lock());
+        let (snapshot, found) = if dirty.full {
+            let (builder, found) = build(&shared);
+            (registry.publish(builder, Vec::new()), found)
+        } else {
+            apply_changes(&shared, &registry, &dirty)
+        };
         *shared.last_rebuild.lock() = Some(started.elapsed());
         last = Instant::now();
         let now: HashSet<String> = snapshot
@@ -776,6 +822,57 @@ async fn rebuild_loop(shared: Arc<Shared>, registry: Arc<Registry>, reporter: Re
         reporter.report(&found, &snapshot);
         debug!(generation = snapshot.generation, took = ?started.elapsed(), "registry: snapshot rebuilt");
     }
+}
+
+/// Applies changes of pods and EndpointSlices only to the snapshot in force; the warnings about
+/// the Services of the namespaces touched are what is found.
+fn apply_changes(
+    shared: &Shared,
+    registry: &Registry,
+    dirty: &Dirty,
+) -> (Arc<Snapshot>, Vec<Found>) {
+    let objects = shared.objects.lock();
+    fn changes<T>(
+        keys: &BTreeSet<ObjectKey>,
+        of_kind: &BTreeMap<ObjectKey, Stored>,
+        pick: impl Fn(&Converted) -> Option<&Arc<T>>,
+    ) -> Vec<((String, String), Option<Arc<T>>)> {
+        keys.iter()
+            .map(|key| {
+                let now = of_kind
+                    .get(key)
+                    .and_then(|s| s.applied.result.as_ref().ok())
+                    .and_then(&pick)
+                    .cloned();
+                let ns = key.namespace.clone().unwrap_or_default();
+                ((ns, key.name.clone()), now)
+            })
+            .collect()
+    }
+    let pods = changes(&dirty.pods, &objects[POD], |c| match c {
+        Converted::Pod(p) => Some(p),
+        _ => None,
+    });
+    let slices = changes(&dirty.slices, &objects[ENDPOINT_SLICE], |c| match c {
+        Converted::EndpointSlice(s) => Some(s),
+        _ => None,
+    });
+    let services = &objects[3];
+    let snapshot = registry.publish_with(|current, generation| {
+        current.with_changes(generation, &pods, &slices, ORIGIN)
+    });
+    let found = snapshot
+        .warnings
+        .iter()
+        .map(|w| Found {
+            problem: w.clone(),
+            reference: services
+                .iter()
+                .find(|(k, _)| k.to_string() == w.object)
+                .map(|(_, s)| s.reference.clone()),
+        })
+        .collect();
+    (snapshot, found)
 }
 
 /// Posts a Kubernetes Event on each object with a problem, once per version of the object.

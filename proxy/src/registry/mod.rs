@@ -109,10 +109,17 @@ impl Registry {
 
     /// Publishes a snapshot built by a source, with the next generation; clears the error.
     pub fn publish(&self, builder: SnapshotBuilder, sources: Vec<PathBuf>) -> Arc<Snapshot> {
+        self.publish_with(|_, generation| builder.build(generation, sources))
+    }
+
+    /// Publishes the snapshot `make` derives from the one in force, with the next generation
+    /// (given to it); clears the error.
+    pub fn publish_with(&self, make: impl FnOnce(&Snapshot, u64) -> Snapshot) -> Arc<Snapshot> {
         let mut state = self.state.lock();
         state.generation += 1;
         state.error = None;
-        let snapshot = Arc::new(builder.build(state.generation, sources));
+        let current = self.current.load_full();
+        let snapshot = Arc::new(make(&current, state.generation));
         self.current.store(snapshot.clone());
         self.tx.send_replace(snapshot.clone());
         snapshot

@@ -1,6 +1,6 @@
 //! weft's compact view of the cluster: the immutable [`Snapshot`] and its queries.
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::{BTreeMap, HashMap, HashSet};
 use std::net::{IpAddr, SocketAddr};
 use std::path::PathBuf;
 use std::sync::Arc;
@@ -435,17 +435,7 @@ impl Snapshot {
         http_routes.sort_by(|a, b| by_meta(&a.meta, &b.meta));
         grpc_routes.sort_by(|a, b| by_meta(&a.meta, &b.meta));
         let mut index = Index::default();
-        for (i, pod) in pods.iter().enumerate() {
-            if let Some(node) = &pod.node_name {
-                index.pods_by_node.entry(node.clone()).or_default().push(i);
-            }
-            if pod.is_terminated() || pod.host_network {
-                continue;
-            }
-            for ip in &pod.ips {
-                index.pod_by_ip.entry(*ip).or_insert(i);
-            }
-        }
+        (index.pod_by_ip, index.pods_by_node) = index_pods(&pods);
         for (i, svc) in services.iter().enumerate() {
             for ip in &svc.cluster_ips {
                 for (j, port) in svc.ports.iter().enumerate() {
@@ -480,9 +470,20 @@ impl Snapshot {
             warnings,
             index,
         };
+        snapshot.index.endpoints = snapshot.find_endpoints(|_| true, None);
+        snapshot
+    }
+
+    /// The endpoints of every port of the Services `which` selects; the others' are taken from
+    /// `reuse`.
+    fn find_endpoints(
+        &self,
+        which: impl Fn(&Service) -> bool,
+        reuse: Option<&HashMap<(usize, usize), Vec<Endpoint>>>,
+    ) -> HashMap<(usize, usize), Vec<Endpoint>> {
         // EndpointSlices by Service (namespace, name).
         let mut slices: HashMap<(&str, &str), Vec<&EndpointSlice>> = HashMap::new();
-        for slice in &snapshot.endpoint_slices {
+        for slice in &self.endpoint_slices {
             if !slice.service.is_empty() {
                 slices
                     .entry((slice.namespace.as_str(), slice.service.as_str()))
@@ -491,17 +492,126 @@ impl Snapshot {
             }
         }
         let mut endpoints = HashMap::new();
-        for (i, svc) in snapshot.services.iter().enumerate() {
+        for (i, svc) in self.services.iter().enumerate() {
+            let again = which(svc);
             let of_slices = slices.get(&(svc.namespace.as_str(), svc.name.as_str()));
             for (j, port) in svc.ports.iter().enumerate() {
-                let selected = match of_slices {
-                    Some(slices) => snapshot.slice_endpoints(slices, port),
-                    None => snapshot.select_endpoints(svc, port),
+                let kept = reuse.filter(|_| !again).and_then(|r| r.get(&(i, j)));
+                let selected = match (kept, of_slices) {
+                    (Some(kept), _) => kept.clone(),
+                    (None, Some(slices)) => self.slice_endpoints(slices, port),
+                    (None, None) => self.select_endpoints(svc, port),
                 };
                 endpoints.insert((i, j), selected);
             }
         }
-        snapshot.index.endpoints = endpoints;
+        endpoints
+    }
+
+    /// This snapshot with some pods and EndpointSlices changed: `(namespace, name)` → the new
+    /// object, or `None` when it is gone. What a pod's churn costs in a large cluster: the pod
+    /// indexes are rebuilt and the endpoints of the Services of the namespaces the changes
+    /// touch are found again; everything else is shared with `self`. The warnings about those
+    /// Services are found again too (`origin` names the source in them).
+    pub(crate) fn with_changes(
+        &self,
+        generation: u64,
+        pods: &[((String, String), Option<Arc<Pod>>)],
+        slices: &[((String, String), Option<Arc<EndpointSlice>>)],
+        origin: &str,
+    ) -> Snapshot {
+        fn patch<T>(
+            list: &mut Vec<Arc<T>>,
+            key: impl Fn(&T) -> (&str, &str),
+            changes: &[((String, String), Option<Arc<T>>)],
+        ) {
+            for ((ns, name), new) in changes {
+                let at = list.binary_search_by(|o| key(o).cmp(&(ns.as_str(), name.as_str())));
+                match (at, new) {
+                    (Ok(i), Some(o)) => list[i] = o.clone(),
+                    (Ok(i), None) => {
+                        list.remove(i);
+                    }
+                    (Err(i), Some(o)) => list.insert(i, o.clone()),
+                    (Err(_), None) => {}
+                }
+            }
+        }
+        let mut new_pods = self.pods.clone();
+        patch(
+            &mut new_pods,
+            |p: &Pod| (p.namespace.as_str(), p.name.as_str()),
+            pods,
+        );
+        let mut new_slices = self.endpoint_slices.clone();
+        patch(
+            &mut new_slices,
+            |s: &EndpointSlice| (s.namespace.as_str(), s.name.as_str()),
+            slices,
+        );
+        let touched: HashSet<&str> = pods
+            .iter()
+            .map(|((ns, _), _)| ns.as_str())
+            .chain(slices.iter().map(|((ns, _), _)| ns.as_str()))
+            .collect();
+        let (pod_by_ip, pods_by_node) = index_pods(&new_pods);
+        let mut snapshot = Snapshot {
+            generation,
+            loaded_at: SystemTime::now(),
+            sources: self.sources.clone(),
+            namespaces: self.namespaces.clone(),
+            nodes: self.nodes.clone(),
+            pods: new_pods,
+            services: self.services.clone(),
+            endpoint_slices: new_slices,
+            authorization_policies: self.authorization_policies.clone(),
+            peer_authentications: self.peer_authentications.clone(),
+            virtual_services: self.virtual_services.clone(),
+            destination_rules: self.destination_rules.clone(),
+            service_entries: self.service_entries.clone(),
+            http_routes: self.http_routes.clone(),
+            grpc_routes: self.grpc_routes.clone(),
+            others: self.others.clone(),
+            fail_closed: self.fail_closed.clone(),
+            not_applied: self.not_applied.clone(),
+            warnings: Vec::new(),
+            index: Index {
+                pod_by_ip,
+                pods_by_node,
+                service_by_vip: self.index.service_by_vip.clone(),
+                endpoints: HashMap::new(),
+            },
+        };
+        snapshot.index.endpoints = snapshot.find_endpoints(
+            |svc| touched.contains(svc.namespace.as_str()),
+            Some(&self.index.endpoints),
+        );
+        // Warnings about the Services of the touched namespaces, found again.
+        let mut warnings: Vec<Problem> = self
+            .warnings
+            .iter()
+            .filter(|w| {
+                !w.object
+                    .strip_prefix("Service ")
+                    .and_then(|o| o.split_once('/'))
+                    .is_some_and(|(ns, _)| touched.contains(ns))
+            })
+            .cloned()
+            .collect();
+        let services = snapshot
+            .services
+            .iter()
+            .filter(|s| touched.contains(s.namespace.as_str()));
+        for (service, error) in target_port_warnings(services, |ns| {
+            snapshot.pods_in_namespace(ns).cloned().collect()
+        }) {
+            warnings.push(Problem {
+                origin: origin.to_string(),
+                object: format!("Service {}/{}", service.namespace, service.name),
+                reason: error,
+            });
+        }
+        snapshot.warnings = warnings;
         snapshot
     }
 
@@ -684,6 +794,88 @@ impl Snapshot {
             })
             .collect()
     }
+}
+
+/// Pod IP → index in `pods` (pods with an IP, not terminated, not host network; the first one
+/// wins), and node name → indexes of its pods.
+#[allow(clippy::type_complexity)]
+fn index_pods(pods: &[Arc<Pod>]) -> (HashMap<IpAddr, usize>, HashMap<String, Vec<usize>>) {
+    let mut by_ip = HashMap::with_capacity(pods.len());
+    let mut by_node: HashMap<String, Vec<usize>> = HashMap::new();
+    for (i, pod) in pods.iter().enumerate() {
+        if let Some(node) = &pod.node_name {
+            by_node.entry(node.clone()).or_default().push(i);
+        }
+        if pod.is_terminated() || pod.host_network {
+            continue;
+        }
+        for ip in &pod.ips {
+            by_ip.entry(*ip).or_insert(i);
+        }
+    }
+    (by_ip, by_node)
+}
+
+/// What is likely a mistake but applies: a Service port whose `targetPort` names a port that no
+/// pod the Service selects declares (every call to it would find no endpoint). `pods_of` gives
+/// the pods of a namespace. Each warning: the Service and `field.path: reason`.
+pub(crate) fn target_port_warnings<'a>(
+    services: impl Iterator<Item = &'a Arc<Service>>,
+    pods_of: impl Fn(&str) -> Vec<Arc<Pod>>,
+) -> Vec<(&'a Arc<Service>, String)> {
+    let mut out = Vec::new();
+    let mut in_namespace: HashMap<String, Vec<Arc<Pod>>> = HashMap::new();
+    for svc in services {
+        let Some(selector) = svc.selector.as_ref() else {
+            continue;
+        };
+        if !svc
+            .ports
+            .iter()
+            .any(|p| matches!(p.target_port, TargetPort::Name(_)))
+        {
+            continue;
+        }
+        let pods = in_namespace
+            .entry(svc.namespace.clone())
+            .or_insert_with(|| pods_of(&svc.namespace));
+        let selected: Vec<&Arc<Pod>> = pods.iter().filter(|p| p.matches(selector)).collect();
+        if selected.is_empty() {
+            continue;
+        }
+        for (i, port) in svc.ports.iter().enumerate() {
+            let TargetPort::Name(name) = &port.target_port else {
+                continue;
+            };
+            if selected
+                .iter()
+                .any(|p| p.named_port(name, &port.protocol).is_some())
+            {
+                continue;
+            }
+            let mut declared: Vec<&str> = selected
+                .iter()
+                .flat_map(|p| p.ports.iter().filter_map(|c| c.name.as_deref()))
+                .collect();
+            declared.sort_unstable();
+            declared.dedup();
+            let declared = if declared.is_empty() {
+                "they declare no named port".to_string()
+            } else {
+                format!("they declare {}", declared.join(", "))
+            };
+            out.push((
+                svc,
+                format!(
+                    "spec.ports[{i}].targetPort: no pod this Service selects ({} pods) declares a {} port named {name:?} ({declared}): calls to port {} find no endpoint",
+                    selected.len(),
+                    port.protocol,
+                    port.port
+                ),
+            ));
+        }
+    }
+    out
 }
 
 fn same_arcs<T>(a: &[Arc<T>], b: &[Arc<T>]) -> bool {

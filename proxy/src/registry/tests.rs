@@ -944,7 +944,7 @@ spec:
     assert_eq!(
         warnings,
         vec![
-            "<inline>:17: document 2 (Service demo/web): spec.ports[0].targetPort: no pod this Service selects (1 pods) declares a port named \"htp\" (they declare http): calls to port 80 find no endpoint"
+            "<inline>:17: document 2 (Service demo/web): spec.ports[0].targetPort: no pod this Service selects (1 pods) declares a TCP port named \"htp\" (they declare http): calls to port 80 find no endpoint"
         ]
     );
     assert_eq!(
@@ -1130,4 +1130,108 @@ fn snapshots_from_the_same_converted_objects_share_policies_and_routes() {
     let c = build(&changed);
     assert!(a.same_policies(&c));
     assert!(!a.same_routes(&c));
+}
+
+#[test]
+fn changing_pods_in_place_matches_a_rebuild() {
+    // The Kubernetes source applies pod churn to the snapshot in force: the result must be
+    // what a rebuild from the same objects gives.
+    let parsed = Snapshot::parse_yaml(CLUSTER);
+    let mut objects: Vec<Conversion> = parsed.good.into_values().collect();
+    objects.sort_by(|a, b| a.key.cmp(&b.key));
+    let build = |objects: &[Conversion]| {
+        let mut b = SnapshotBuilder::new();
+        for c in objects {
+            b.add(c.clone()).unwrap();
+        }
+        for (key, error) in b.warnings() {
+            b.warning(Problem {
+                origin: "test".into(),
+                object: key.to_string(),
+                reason: error.to_string(),
+            });
+        }
+        b.build(1, Vec::new())
+    };
+    let before = build(&objects);
+    let pod_at = |name: &str| {
+        objects
+            .iter()
+            .position(|c| c.key.kind == "Pod" && c.key.name == name)
+            .unwrap()
+    };
+    let pod_of = |c: &Conversion| match &c.result {
+        Ok(Converted::Pod(p)) => p.clone(),
+        other => panic!("{other:?}"),
+    };
+    // server-0 becomes not ready, server-1 leaves, a new server-9 arrives.
+    let mut not_ready = (*pod_of(&objects[pod_at("server-0")])).clone();
+    not_ready.ready = false;
+    let mut newcomer = (*pod_of(&objects[pod_at("server-1")])).clone();
+    newcomer.name = "server-9".into();
+    newcomer.ip = Some(ip("10.244.9.9"));
+    newcomer.ips = vec![ip("10.244.9.9")];
+    let changes = vec![
+        (
+            ("demo".to_string(), "server-0".to_string()),
+            Some(Arc::new(not_ready.clone())),
+        ),
+        (("demo".to_string(), "server-1".to_string()), None),
+        (
+            ("demo".to_string(), "server-9".to_string()),
+            Some(Arc::new(newcomer.clone())),
+        ),
+    ];
+    let patched = before.with_changes(2, &changes, &[], "test");
+
+    let mut after = objects.clone();
+    let i = pod_at("server-0");
+    after[i].result = Ok(Converted::Pod(Arc::new(not_ready)));
+    after.remove(pod_at("server-1"));
+    after.push(Conversion {
+        key: ObjectKey {
+            name: "server-9".into(),
+            ..objects[pod_at("server-1")].key.clone()
+        },
+        result: Ok(Converted::Pod(Arc::new(newcomer))),
+        fail_closed: None,
+    });
+    let rebuilt = build(&after);
+
+    let pods = |s: &Snapshot| {
+        s.pods
+            .iter()
+            .map(|p| (p.namespace.clone(), p.name.clone(), p.ready))
+            .collect::<Vec<_>>()
+    };
+    assert_eq!(pods(&patched), pods(&rebuilt));
+    for svc in &rebuilt.services {
+        for port in &svc.ports {
+            assert_eq!(
+                names(&patched.endpoints(svc, port)),
+                names(&rebuilt.endpoints(svc, port)),
+                "{}/{} {}",
+                svc.namespace,
+                svc.name,
+                port.port
+            );
+        }
+    }
+    for p in &rebuilt.pods {
+        for ip in &p.ips {
+            assert_eq!(
+                patched.pod_by_ip(*ip).map(|p| &p.name),
+                rebuilt.pod_by_ip(*ip).map(|p| &p.name)
+            );
+        }
+        if let Some(node) = &p.node_name {
+            assert_eq!(
+                patched.pods_on_node(node).count(),
+                rebuilt.pods_on_node(node).count()
+            );
+        }
+    }
+    assert!(patched.pod_by_ip(ip("10.244.9.9")).is_some());
+    assert_eq!(patched.warnings, rebuilt.warnings);
+    assert_eq!(patched.generation, 2);
 }
