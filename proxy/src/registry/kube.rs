@@ -40,7 +40,7 @@ use super::build::{
     convert, Conversion, Converted, FieldError, Inserted, Object, ObjectKey, SnapshotBuilder,
 };
 use super::kinds;
-use super::model::{Problem, RawObject, Snapshot};
+use super::model::{Change, Problem, RawObject, Snapshot};
 use super::Registry;
 
 /// At most one snapshot rebuild per this much time under churn.
@@ -334,6 +334,8 @@ impl KubeSource {
                 );
             }
         }
+        // Changes from here on are the next rebuild's.
+        *shared.dirty.lock() = Dirty::default();
         let (builder, problems) = build(&shared);
         let snapshot = builder.build(1, Vec::new());
         log_problems(&snapshot);
@@ -801,6 +803,9 @@ async fn rebuild_loop(shared: Arc<Shared>, registry: Arc<Registry>, reporter: Re
         }
         let started = Instant::now();
         let dirty = std::mem::take(&mut *shared.dirty.lock());
+        if !dirty.full && dirty.pods.is_empty() && dirty.slices.is_empty() {
+            continue; // a wake-up for what an earlier rebuild already took
+        }
         let (snapshot, found) = if dirty.full {
             let (builder, found) = build(&shared);
             (registry.publish(builder, Vec::new()), found)
@@ -836,7 +841,7 @@ fn apply_changes(
         keys: &BTreeSet<ObjectKey>,
         of_kind: &BTreeMap<ObjectKey, Stored>,
         pick: impl Fn(&Converted) -> Option<&Arc<T>>,
-    ) -> Vec<((String, String), Option<Arc<T>>)> {
+    ) -> Vec<Change<T>> {
         keys.iter()
             .map(|key| {
                 let now = of_kind

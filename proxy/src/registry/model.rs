@@ -516,14 +516,14 @@ impl Snapshot {
     pub(crate) fn with_changes(
         &self,
         generation: u64,
-        pods: &[((String, String), Option<Arc<Pod>>)],
-        slices: &[((String, String), Option<Arc<EndpointSlice>>)],
+        pods: &[Change<Pod>],
+        slices: &[Change<EndpointSlice>],
         origin: &str,
     ) -> Snapshot {
         fn patch<T>(
             list: &mut Vec<Arc<T>>,
             key: impl Fn(&T) -> (&str, &str),
-            changes: &[((String, String), Option<Arc<T>>)],
+            changes: &[Change<T>],
         ) {
             for ((ns, name), new) in changes {
                 let at = list.binary_search_by(|o| key(o).cmp(&(ns.as_str(), name.as_str())));
@@ -795,6 +795,9 @@ impl Snapshot {
             .collect()
     }
 }
+
+/// A change of one object: `(namespace, name)` → the object now, or `None` when it is gone.
+pub type Change<T> = ((String, String), Option<Arc<T>>);
 
 /// Pod IP → index in `pods` (pods with an IP, not terminated, not host network; the first one
 /// wins), and node name → indexes of its pods.
