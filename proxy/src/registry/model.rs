@@ -385,17 +385,22 @@ pub(crate) struct Objects {
     pub warnings: Vec<Problem>,
 }
 
+/// The snapshot's indexes: rebuilt on every change, so hashed with foldhash (the keys are the
+/// cluster's own addresses and names, and the data path looks them up per connection).
+type FastMap<K, V> = HashMap<K, V, foldhash::fast::RandomState>;
+
 #[derive(Debug, Default)]
 struct Index {
     /// Pod IP → index in `pods` (pods with an IP, not terminated, not host network).
-    pod_by_ip: HashMap<IpAddr, usize>,
+    pod_by_ip: FastMap<IpAddr, usize>,
     /// Node name → indexes in `pods`, sorted by (namespace, name).
-    pods_by_node: HashMap<String, Vec<usize>>,
+    pods_by_node: FastMap<String, Vec<usize>>,
     /// (cluster IP, TCP port) → (index in `services`, index in its `ports`).
-    service_by_vip: HashMap<(IpAddr, u16), (usize, usize)>,
+    service_by_vip: FastMap<(IpAddr, u16), (usize, usize)>,
     /// (index in `services`, index in its `ports`) → the port's ready endpoints, found once
-    /// per snapshot instead of per connection or request.
-    endpoints: HashMap<(usize, usize), Vec<Endpoint>>,
+    /// per snapshot instead of per connection or request, shared by the snapshots after it
+    /// while its Service and pods stay.
+    endpoints: FastMap<(usize, usize), Arc<[Endpoint]>>,
 }
 
 impl Snapshot {
@@ -478,29 +483,30 @@ impl Snapshot {
     /// `reuse`.
     fn find_endpoints(
         &self,
-        which: impl Fn(&Service) -> bool,
-        reuse: Option<&HashMap<(usize, usize), Vec<Endpoint>>>,
-    ) -> HashMap<(usize, usize), Vec<Endpoint>> {
-        // EndpointSlices by Service (namespace, name).
+        which: impl Fn(&str) -> bool,
+        reuse: Option<&FastMap<(usize, usize), Arc<[Endpoint]>>>,
+    ) -> FastMap<(usize, usize), Arc<[Endpoint]>> {
+        // EndpointSlices by Service (namespace, name), of the namespaces looked at again.
         let mut slices: HashMap<(&str, &str), Vec<&EndpointSlice>> = HashMap::new();
         for slice in &self.endpoint_slices {
-            if !slice.service.is_empty() {
+            if !slice.service.is_empty() && which(&slice.namespace) {
                 slices
                     .entry((slice.namespace.as_str(), slice.service.as_str()))
                     .or_default()
                     .push(slice);
             }
         }
-        let mut endpoints = HashMap::new();
+        let mut endpoints =
+            FastMap::with_capacity_and_hasher(reuse.map_or(0, HashMap::len), Default::default());
         for (i, svc) in self.services.iter().enumerate() {
-            let again = which(svc);
+            let again = which(&svc.namespace);
             let of_slices = slices.get(&(svc.namespace.as_str(), svc.name.as_str()));
             for (j, port) in svc.ports.iter().enumerate() {
                 let kept = reuse.filter(|_| !again).and_then(|r| r.get(&(i, j)));
                 let selected = match (kept, of_slices) {
                     (Some(kept), _) => kept.clone(),
-                    (None, Some(slices)) => self.slice_endpoints(slices, port),
-                    (None, None) => self.select_endpoints(svc, port),
+                    (None, Some(slices)) => self.slice_endpoints(slices, port).into(),
+                    (None, None) => self.select_endpoints(svc, port).into(),
                 };
                 endpoints.insert((i, j), selected);
             }
@@ -579,13 +585,11 @@ impl Snapshot {
                 pod_by_ip,
                 pods_by_node,
                 service_by_vip: self.index.service_by_vip.clone(),
-                endpoints: HashMap::new(),
+                endpoints: FastMap::default(),
             },
         };
-        snapshot.index.endpoints = snapshot.find_endpoints(
-            |svc| touched.contains(svc.namespace.as_str()),
-            Some(&self.index.endpoints),
-        );
+        snapshot.index.endpoints =
+            snapshot.find_endpoints(|ns| touched.contains(ns), Some(&self.index.endpoints));
         // Warnings about the Services of the touched namespaces, found again.
         let mut warnings: Vec<Problem> = self
             .warnings
@@ -717,7 +721,7 @@ impl Snapshot {
             if let Some(j) = own.ports.iter().position(|p| p == port) {
                 if own.selector == svc.selector {
                     if let Some(found) = self.index.endpoints.get(&(i, j)) {
-                        return found.clone();
+                        return found.to_vec();
                     }
                 }
             }
@@ -802,12 +806,17 @@ pub type Change<T> = ((String, String), Option<Arc<T>>);
 /// Pod IP → index in `pods` (pods with an IP, not terminated, not host network; the first one
 /// wins), and node name → indexes of its pods.
 #[allow(clippy::type_complexity)]
-fn index_pods(pods: &[Arc<Pod>]) -> (HashMap<IpAddr, usize>, HashMap<String, Vec<usize>>) {
-    let mut by_ip = HashMap::with_capacity(pods.len());
-    let mut by_node: HashMap<String, Vec<usize>> = HashMap::new();
+fn index_pods(pods: &[Arc<Pod>]) -> (FastMap<IpAddr, usize>, FastMap<String, Vec<usize>>) {
+    let mut by_ip = FastMap::with_capacity_and_hasher(pods.len(), Default::default());
+    let mut by_node: FastMap<String, Vec<usize>> = FastMap::default();
     for (i, pod) in pods.iter().enumerate() {
         if let Some(node) = &pod.node_name {
-            by_node.entry(node.clone()).or_default().push(i);
+            match by_node.get_mut(node) {
+                Some(on_node) => on_node.push(i),
+                None => {
+                    by_node.insert(node.clone(), vec![i]);
+                }
+            }
         }
         if pod.is_terminated() || pod.host_network {
             continue;
