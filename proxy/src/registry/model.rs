@@ -400,8 +400,11 @@ struct Index {
     /// (index in `services`, index in its `ports`) → the port's ready endpoints, found once
     /// per snapshot instead of per connection or request, shared by the snapshots after it
     /// while its Service and pods stay.
-    endpoints: FastMap<(usize, usize), Arc<[Endpoint]>>,
+    endpoints: EndpointIndex,
 }
+
+/// (index in `services`, index in its `ports`) → the port's ready endpoints.
+type EndpointIndex = FastMap<(usize, usize), Arc<[Endpoint]>>;
 
 impl Snapshot {
     /// Builds a snapshot and its indexes. Objects need not be sorted; duplicates are the caller's
@@ -484,8 +487,8 @@ impl Snapshot {
     fn find_endpoints(
         &self,
         which: impl Fn(&str) -> bool,
-        reuse: Option<&FastMap<(usize, usize), Arc<[Endpoint]>>>,
-    ) -> FastMap<(usize, usize), Arc<[Endpoint]>> {
+        reuse: Option<&EndpointIndex>,
+    ) -> EndpointIndex {
         // EndpointSlices by Service (namespace, name), of the namespaces looked at again.
         let mut slices: HashMap<(&str, &str), Vec<&EndpointSlice>> = HashMap::new();
         for slice in &self.endpoint_slices {
