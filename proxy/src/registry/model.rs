@@ -323,8 +323,9 @@ pub struct Snapshot {
     /// Files the snapshot was read from, in load order.
     pub sources: Vec<PathBuf>,
     /// Namespace name → labels.
-    pub namespaces: BTreeMap<String, Labels>,
-    pub nodes: BTreeMap<String, Node>,
+    /// Shared by the snapshots after this one while no namespace changes.
+    pub namespaces: Arc<BTreeMap<String, Labels>>,
+    pub nodes: Arc<BTreeMap<String, Node>>,
     /// Sorted by (namespace, name).
     #[serde(serialize_with = "ser_arc_vec")]
     pub pods: Vec<Arc<Pod>>,
@@ -460,8 +461,8 @@ impl Snapshot {
             generation,
             loaded_at: SystemTime::now(),
             sources,
-            namespaces,
-            nodes,
+            namespaces: Arc::new(namespaces),
+            nodes: Arc::new(nodes),
             pods,
             services,
             endpoint_slices,
@@ -478,17 +479,12 @@ impl Snapshot {
             warnings,
             index,
         };
-        snapshot.index.endpoints = snapshot.find_endpoints(|_| true, None);
+        snapshot.index.endpoints = snapshot.find_endpoints(|_| true);
         snapshot
     }
 
-    /// The endpoints of every port of the Services `which` selects; the others' are taken from
-    /// `reuse`.
-    fn find_endpoints(
-        &self,
-        which: impl Fn(&str) -> bool,
-        reuse: Option<&EndpointIndex>,
-    ) -> EndpointIndex {
+    /// The endpoints of every port of the Services of the namespaces `which` selects.
+    fn find_endpoints(&self, which: impl Fn(&str) -> bool) -> EndpointIndex {
         // EndpointSlices by Service (namespace, name), of the namespaces looked at again.
         let mut slices: HashMap<(&str, &str), Vec<&EndpointSlice>> = HashMap::new();
         for slice in &self.endpoint_slices {
@@ -499,19 +495,18 @@ impl Snapshot {
                     .push(slice);
             }
         }
-        let mut endpoints =
-            FastMap::with_capacity_and_hasher(reuse.map_or(0, HashMap::len), Default::default());
+        let mut endpoints = EndpointIndex::default();
         for (i, svc) in self.services.iter().enumerate() {
-            let again = which(&svc.namespace);
+            if !which(&svc.namespace) {
+                continue;
+            }
             let of_slices = slices.get(&(svc.namespace.as_str(), svc.name.as_str()));
             for (j, port) in svc.ports.iter().enumerate() {
-                let kept = reuse.filter(|_| !again).and_then(|r| r.get(&(i, j)));
-                let selected = match (kept, of_slices) {
-                    (Some(kept), _) => kept.clone(),
-                    (None, Some(slices)) => self.slice_endpoints(slices, port).into(),
-                    (None, None) => self.select_endpoints(svc, port).into(),
+                let selected = match of_slices {
+                    Some(slices) => self.slice_endpoints(slices, port),
+                    None => self.select_endpoints(svc, port),
                 };
-                endpoints.insert((i, j), selected);
+                endpoints.insert((i, j), selected.into());
             }
         }
         endpoints
@@ -591,8 +586,11 @@ impl Snapshot {
                 endpoints: FastMap::default(),
             },
         };
-        snapshot.index.endpoints =
-            snapshot.find_endpoints(|ns| touched.contains(ns), Some(&self.index.endpoints));
+        // The Services are the same (same indexes): only those of the touched namespaces are
+        // looked at again.
+        let mut endpoints = self.index.endpoints.clone();
+        endpoints.extend(snapshot.find_endpoints(|ns| touched.contains(ns)));
+        snapshot.index.endpoints = endpoints;
         // Warnings about the Services of the touched namespaces, found again.
         let mut warnings: Vec<Problem> = self
             .warnings
