@@ -396,6 +396,8 @@ struct Index {
     pod_by_ip: FastMap<IpAddr, usize>,
     /// Node name → indexes in `pods`, sorted by (namespace, name).
     pods_by_node: FastMap<String, Vec<usize>>,
+    /// Whether two indexed pods share an address (only the first is in `pod_by_ip`).
+    shared_ips: bool,
     /// (cluster IP, TCP port) → (index in `services`, index in its `ports`).
     service_by_vip: FastMap<(IpAddr, u16), (usize, usize)>,
     /// (index in `services`, index in its `ports`) → the port's ready endpoints, found once
@@ -444,7 +446,7 @@ impl Snapshot {
         http_routes.sort_by(|a, b| by_meta(&a.meta, &b.meta));
         grpc_routes.sort_by(|a, b| by_meta(&a.meta, &b.meta));
         let mut index = Index::default();
-        (index.pod_by_ip, index.pods_by_node) = index_pods(&pods);
+        (index.pod_by_ip, index.pods_by_node, index.shared_ips) = index_pods(&pods);
         for (i, svc) in services.iter().enumerate() {
             for ip in &svc.cluster_ips {
                 for (j, port) in svc.ports.iter().enumerate() {
@@ -481,6 +483,47 @@ impl Snapshot {
         };
         snapshot.index.endpoints = snapshot.find_endpoints(|_| true);
         snapshot
+    }
+
+    /// The pod indexes for `pods`, this snapshot's pods with some of them changed in place
+    /// (none added or removed, none moved to another node): this snapshot's indexes with the
+    /// changed pods' addresses updated. `None` when that does not give what [`index_pods`]
+    /// would (pods added or removed, a pod on another node, an address two pods share).
+    fn patch_pod_index(&self, pods: &[Arc<Pod>]) -> Option<PodIndex> {
+        if pods.len() != self.pods.len() || self.index.shared_ips {
+            return None;
+        }
+        let indexed = |p: &Pod| -> Vec<IpAddr> {
+            if p.is_terminated() || p.host_network {
+                Vec::new()
+            } else {
+                p.ips.clone()
+            }
+        };
+        let mut by_ip = self.index.pod_by_ip.clone();
+        for (i, (old, new)) in self.pods.iter().zip(pods).enumerate() {
+            if Arc::ptr_eq(old, new) {
+                continue;
+            }
+            if (old.namespace.as_str(), old.name.as_str())
+                != (new.namespace.as_str(), new.name.as_str())
+                || old.node_name != new.node_name
+            {
+                return None;
+            }
+            for ip in indexed(old) {
+                // Not indexed at this pod: another pod has the address too.
+                if by_ip.remove(&ip) != Some(i) {
+                    return None;
+                }
+            }
+            for ip in indexed(new) {
+                if by_ip.insert(ip, i).is_some() {
+                    return None;
+                }
+            }
+        }
+        Some((by_ip, self.index.pods_by_node.clone(), false))
     }
 
     /// The endpoints of every port of the Services of the namespaces `which` selects.
@@ -558,7 +601,9 @@ impl Snapshot {
             .map(|((ns, _), _)| ns.as_str())
             .chain(slices.iter().map(|((ns, _), _)| ns.as_str()))
             .collect();
-        let (pod_by_ip, pods_by_node) = index_pods(&new_pods);
+        let (pod_by_ip, pods_by_node, shared_ips) = self
+            .patch_pod_index(&new_pods)
+            .unwrap_or_else(|| index_pods(&new_pods));
         let mut snapshot = Snapshot {
             generation,
             loaded_at: SystemTime::now(),
@@ -582,6 +627,7 @@ impl Snapshot {
             index: Index {
                 pod_by_ip,
                 pods_by_node,
+                shared_ips,
                 service_by_vip: self.index.service_by_vip.clone(),
                 endpoints: FastMap::default(),
             },
@@ -806,10 +852,10 @@ pub type Change<T> = ((String, String), Option<Arc<T>>);
 
 /// Pod IP → index in `pods` (pods with an IP, not terminated, not host network; the first one
 /// wins), and node name → indexes of its pods.
-#[allow(clippy::type_complexity)]
-fn index_pods(pods: &[Arc<Pod>]) -> (FastMap<IpAddr, usize>, FastMap<String, Vec<usize>>) {
+fn index_pods(pods: &[Arc<Pod>]) -> PodIndex {
     let mut by_ip = FastMap::with_capacity_and_hasher(pods.len(), Default::default());
     let mut by_node: FastMap<String, Vec<usize>> = FastMap::default();
+    let mut shared = false;
     for (i, pod) in pods.iter().enumerate() {
         if let Some(node) = &pod.node_name {
             match by_node.get_mut(node) {
@@ -823,11 +869,19 @@ fn index_pods(pods: &[Arc<Pod>]) -> (FastMap<IpAddr, usize>, FastMap<String, Vec
             continue;
         }
         for ip in &pod.ips {
-            by_ip.entry(*ip).or_insert(i);
+            match by_ip.entry(*ip) {
+                std::collections::hash_map::Entry::Vacant(v) => {
+                    v.insert(i);
+                }
+                std::collections::hash_map::Entry::Occupied(_) => shared = true,
+            }
         }
     }
-    (by_ip, by_node)
+    (by_ip, by_node, shared)
 }
+
+/// Pod IP → index, node → indexes, and whether an address is shared.
+type PodIndex = (FastMap<IpAddr, usize>, FastMap<String, Vec<usize>>, bool);
 
 /// What is likely a mistake but applies: a Service port whose `targetPort` names a port that no
 /// pod the Service selects declares (every call to it would find no endpoint). `pods_of` gives

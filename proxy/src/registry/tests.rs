@@ -1235,3 +1235,60 @@ fn changing_pods_in_place_matches_a_rebuild() {
     assert_eq!(patched.warnings, rebuilt.warnings);
     assert_eq!(patched.generation, 2);
 }
+
+#[test]
+fn a_pod_changed_in_place_patches_the_indexes_as_a_rebuild_would() {
+    let parsed = Snapshot::parse_yaml(CLUSTER);
+    let mut objects: Vec<Conversion> = parsed.good.into_values().collect();
+    objects.sort_by(|a, b| a.key.cmp(&b.key));
+    let build = |objects: &[Conversion]| {
+        let mut b = SnapshotBuilder::new();
+        for c in objects {
+            b.add(c.clone()).unwrap();
+        }
+        b.build(1, Vec::new())
+    };
+    let before = build(&objects);
+    let i = objects
+        .iter()
+        .position(|c| c.key.kind == "Pod" && c.key.name == "server-0")
+        .unwrap();
+    let Ok(Converted::Pod(old)) = &objects[i].result else {
+        panic!()
+    };
+    // Not ready, and a new address (as after a sandbox restart).
+    let mut changed = (**old).clone();
+    changed.ready = false;
+    changed.ip = Some(ip("10.244.7.7"));
+    changed.ips = vec![ip("10.244.7.7")];
+    let old_ip = old.ip.unwrap();
+    let changes = [(
+        ("demo".to_string(), "server-0".to_string()),
+        Some(Arc::new(changed.clone())),
+    )];
+    let patched = before.with_changes(2, &changes, &[], "test");
+    let mut after = objects.clone();
+    after[i].result = Ok(Converted::Pod(Arc::new(changed)));
+    let rebuilt = build(&after);
+    assert!(patched.pod_by_ip(old_ip).is_none());
+    assert_eq!(
+        patched.pod_by_ip(ip("10.244.7.7")).map(|p| &p.name),
+        Some(&"server-0".to_string())
+    );
+    for p in &rebuilt.pods {
+        for a in &p.ips {
+            assert_eq!(
+                patched.pod_by_ip(*a).map(|p| &p.name),
+                rebuilt.pod_by_ip(*a).map(|p| &p.name)
+            );
+        }
+    }
+    for svc in &rebuilt.services {
+        for port in &svc.ports {
+            assert_eq!(
+                names(&patched.endpoints(svc, port)),
+                names(&rebuilt.endpoints(svc, port))
+            );
+        }
+    }
+}
