@@ -121,11 +121,6 @@ const ZONES: [&str; 3] = ["eu-west-1a", "eu-west-1b", "eu-west-1c"];
 const NAME_CHARS: &[u8] = b"bcdfghjklmnpqrstvwxz2456789";
 
 pub(super) fn run(command: &str, machine: &Machine, output: Option<&Path>) -> Result<()> {
-    // weft as the DaemonSet runs it: its allocator hands freed memory back at once
-    // (deploy/helm/weft/templates/daemonset.yaml); an explicit setting wins.
-    if std::env::var_os("MIMALLOC_PURGE_DELAY").is_none() {
-        std::env::set_var("MIMALLOC_PURGE_DELAY", "0");
-    }
     let started = Instant::now();
     let mut notes = Vec::new();
     if !STAND_IN_OPTIMIZED {
