@@ -1100,20 +1100,29 @@ fn an_invalid_edit_keeps_the_previous_version_except_for_security_kinds() {
     assert!(snap.fail_closed.is_empty());
 }
 
+/// A snapshot from converted objects, with the warnings a source adds.
+fn build_from(objects: &[Conversion]) -> Snapshot {
+    let mut b = SnapshotBuilder::new();
+    for c in objects {
+        b.add(c.clone()).unwrap();
+    }
+    for (key, error) in b.warnings() {
+        b.warning(Problem {
+            origin: "test".into(),
+            object: key.to_string(),
+            reason: error.to_string(),
+        });
+    }
+    b.build(1, Vec::new())
+}
+
 #[test]
 fn snapshots_from_the_same_converted_objects_share_policies_and_routes() {
     // A source keeping objects converted (the Kubernetes one) rebuilds from the same `Arc`s:
     // a pod change leaves policies and routes as they were compiled.
     let objects: Vec<Conversion> = Snapshot::parse_yaml(CLUSTER).good.into_values().collect();
-    let build = |objects: &[Conversion]| {
-        let mut b = SnapshotBuilder::new();
-        for c in objects {
-            b.add(c.clone()).unwrap();
-        }
-        b.build(1, Vec::new())
-    };
-    let a = build(&objects);
-    let b = build(&objects);
+    let a = build_from(&objects);
+    let b = build_from(&objects);
     assert!(a.same_policies(&b) && a.same_routes(&b));
     // A Service converted again is another object: routes are compiled again.
     let mut changed = objects.clone();
@@ -1127,7 +1136,7 @@ fn snapshots_from_the_same_converted_objects_share_policies_and_routes() {
         other => panic!("{other:?}"),
     };
     changed[i].result = Ok(fresh);
-    let c = build(&changed);
+    let c = build_from(&changed);
     assert!(a.same_policies(&c));
     assert!(!a.same_routes(&c));
 }
@@ -1139,21 +1148,7 @@ fn changing_pods_in_place_matches_a_rebuild() {
     let parsed = Snapshot::parse_yaml(CLUSTER);
     let mut objects: Vec<Conversion> = parsed.good.into_values().collect();
     objects.sort_by(|a, b| a.key.cmp(&b.key));
-    let build = |objects: &[Conversion]| {
-        let mut b = SnapshotBuilder::new();
-        for c in objects {
-            b.add(c.clone()).unwrap();
-        }
-        for (key, error) in b.warnings() {
-            b.warning(Problem {
-                origin: "test".into(),
-                object: key.to_string(),
-                reason: error.to_string(),
-            });
-        }
-        b.build(1, Vec::new())
-    };
-    let before = build(&objects);
+    let before = build_from(&objects);
     let pod_at = |name: &str| {
         objects
             .iter()
@@ -1196,7 +1191,7 @@ fn changing_pods_in_place_matches_a_rebuild() {
         result: Ok(Converted::Pod(Arc::new(newcomer))),
         fail_closed: None,
     });
-    let rebuilt = build(&after);
+    let rebuilt = build_from(&after);
 
     let pods = |s: &Snapshot| {
         s.pods
@@ -1241,14 +1236,7 @@ fn a_pod_changed_in_place_patches_the_indexes_as_a_rebuild_would() {
     let parsed = Snapshot::parse_yaml(CLUSTER);
     let mut objects: Vec<Conversion> = parsed.good.into_values().collect();
     objects.sort_by(|a, b| a.key.cmp(&b.key));
-    let build = |objects: &[Conversion]| {
-        let mut b = SnapshotBuilder::new();
-        for c in objects {
-            b.add(c.clone()).unwrap();
-        }
-        b.build(1, Vec::new())
-    };
-    let before = build(&objects);
+    let before = build_from(&objects);
     let i = objects
         .iter()
         .position(|c| c.key.kind == "Pod" && c.key.name == "server-0")
@@ -1269,7 +1257,7 @@ fn a_pod_changed_in_place_patches_the_indexes_as_a_rebuild_would() {
     let patched = before.with_changes(2, &changes, &[], "test");
     let mut after = objects.clone();
     after[i].result = Ok(Converted::Pod(Arc::new(changed)));
-    let rebuilt = build(&after);
+    let rebuilt = build_from(&after);
     assert!(patched.pod_by_ip(old_ip).is_none());
     assert_eq!(
         patched.pod_by_ip(ip("10.244.7.7")).map(|p| &p.name),
