@@ -47,6 +47,17 @@ fn kubectl(cluster: &Cluster, args: &[&str]) -> String {
 }
 
 /// The watch of `kind` as `weft status` shows it.
+/// A new connection to `addr` fails and weft recorded one refused by `policy`. A failed call
+/// alone proves nothing: a connection open when a DENY lands is closed too ("now denied").
+fn refused(weft: &Weft, client: &Pod, addr: SocketAddr, policy: &str) -> bool {
+    !succeeds(client, addr)
+        && weft.flows(&[]).is_ok_and(|flows| {
+            flows
+                .iter()
+                .any(|f| s(f, "/verdict") == "denied" && s(f, "/policy") == policy)
+        })
+}
+
 fn watch_of(weft: &Weft, kind: &str) -> Value {
     let st = weft.status().unwrap();
     st["registry"]["watches"]
@@ -193,11 +204,10 @@ fn the_kubernetes_api_is_the_registry() {
         .unwrap();
     wait_until(WAIT, || succeeds(&client, svc.addr(81))).expect("changed Service: port 81");
     cluster.apply_yaml(&deny_from_front("deny-front")).unwrap();
-    wait_until(WAIT, || !succeeds(&client, svc.addr(81))).expect("new DENY applies");
-    weft.wait_flows(1, WAIT, |f| {
-        s(f, "/verdict") == "denied" && s(f, "/policy") == "back/deny-front"
+    wait_until(WAIT, || {
+        refused(&weft, &client, svc.addr(81), "back/deny-front")
     })
-    .unwrap();
+    .expect("new DENY applies");
     cluster
         .delete_object("AuthorizationPolicy", "back", "deny-front")
         .unwrap();
@@ -226,7 +236,10 @@ spec:
             deny_from_front("deny-again")
         ))
         .unwrap();
-    wait_until(WAIT, || !succeeds(&client, svc.addr(81))).expect("the valid DENY applies");
+    wait_until(WAIT, || {
+        refused(&weft, &client, svc.addr(81), "back/deny-again")
+    })
+    .expect("the valid DENY applies");
     let report = wait_for(WAIT, || {
         let st = weft.status().ok()?;
         let text = st["registry"]["not_applied"].to_string();
@@ -272,7 +285,10 @@ spec:
     assert_eq!(watch_of(&weft, "Pod")["state"], "retrying");
     cluster.apply_yaml(&deny_from_front("deny-late")).unwrap();
     api.restart().unwrap();
-    wait_until(WAIT, || !succeeds(&client, svc.addr(81))).expect("caught up after the outage");
+    wait_until(WAIT, || {
+        refused(&weft, &client, svc.addr(81), "back/deny-late")
+    })
+    .expect("caught up after the outage");
     wait_until(WAIT, || watch_of(&weft, "Pod")["state"] == "watching").unwrap();
 
     // 5. Watches expired (410 Gone): weft lists again, and the change made right after the
