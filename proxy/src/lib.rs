@@ -29,4 +29,5 @@ pub mod workload;
 pub mod admin;
 pub mod cli;
 pub mod inputs;
+pub mod memory;
 pub mod node;

@@ -26,7 +26,13 @@ fn main() {
         )
         .with_writer(std::io::stderr)
         .init();
-    let rt = match tokio::runtime::Runtime::new() {
+    // The control plane (registry, reconcile, admin) runs here; the data path on its own
+    // worker threads. Idle control-plane threads return memory the registry freed.
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .on_thread_park(weft::memory::on_park)
+        .build();
+    let rt = match rt {
         Ok(rt) => rt,
         Err(e) => {
             eprintln!("weft: cannot start the runtime: {e}");

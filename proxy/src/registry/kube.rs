@@ -13,6 +13,10 @@
 //!   unreachable the snapshot in force stays: traffic does not depend on it.
 //! - **Readiness**: [`KubeSource::start`] returns once every kind was fully listed.
 //! - **Rebuilds**: changes are coalesced: at most one snapshot per [`DEBOUNCE`].
+//! - **Memory**: a list, a re-list or a rebuild frees far more than it keeps (the decoded
+//!   pages, the snapshot replaced). The allocator hands freed memory back to the system only
+//!   lazily, as later allocations pass by, and a node proxy at rest allocates little: once
+//!   changes have been quiet for [`RELEASE_AFTER`], it is handed back at once.
 //! - **Validation**: objects are checked one by one ([`convert`]): an invalid one is reported
 //!   (`Kind ns/name` and the field path, in `weft status`, and as a Kubernetes Event on the
 //!   object) while the rest applies; an invalid new version of an object keeps the previous
@@ -51,6 +55,9 @@ pub const MAX_BACKOFF: Duration = Duration::from_secs(30);
 pub const ABSENT_RETRY: Duration = Duration::from_secs(30);
 /// A retry after an error that runs this long without a new error has its watch back.
 const RECOVERED_AFTER: Duration = Duration::from_secs(2);
+/// Quiet time after a list or rebuild before freed memory is handed back to the system (by
+/// then the snapshot replaced has been dropped by the connections that held it).
+pub const RELEASE_AFTER: Duration = Duration::from_secs(2);
 /// Where reports name the source.
 const ORIGIN: &str = "kubernetes";
 
@@ -795,8 +802,20 @@ fn log_problems(snapshot: &Snapshot) {
 async fn rebuild_loop(shared: Arc<Shared>, registry: Arc<Registry>, reporter: Reporter) {
     let mut last = Instant::now();
     let mut logged: HashSet<String> = HashSet::new();
+    // The first list's garbage, then each rebuild's.
+    let mut release_at = Some(Instant::now() + RELEASE_AFTER);
     loop {
-        shared.changed.notified().await;
+        match release_at {
+            None => shared.changed.notified().await,
+            Some(at) => tokio::select! {
+                () = shared.changed.notified() => {}
+                () = tokio::time::sleep_until(at.into()) => {
+                    release_freed_memory();
+                    release_at = None;
+                    continue;
+                }
+            },
+        }
         let since = last.elapsed();
         if since < DEBOUNCE {
             tokio::time::sleep(DEBOUNCE - since).await;
@@ -826,7 +845,16 @@ async fn rebuild_loop(shared: Arc<Shared>, registry: Arc<Registry>, reporter: Re
         logged = now;
         reporter.report(&found, &snapshot);
         debug!(generation = snapshot.generation, took = ?started.elapsed(), "registry: snapshot rebuilt");
+        release_at = Some(Instant::now() + RELEASE_AFTER);
     }
+}
+
+/// Hands the memory freed so far back to the system ([`crate::memory`]): this thread's now,
+/// the other control-plane threads' when they next go idle.
+fn release_freed_memory() {
+    let started = Instant::now();
+    crate::memory::release();
+    debug!(took = ?started.elapsed(), "registry: freed memory handed back");
 }
 
 /// Applies changes of pods and EndpointSlices only to the snapshot in force; the warnings about
