@@ -23,7 +23,8 @@
 //! [`Registry`] holds the current snapshot, numbers generations, remembers the last failed load
 //! (the snapshot in force stays) and tells subscribers about new snapshots.
 //!
-//! May import: nothing else of weft.
+//! May import: `memory` (the Kubernetes source hands back what its lists freed); nothing else
+//! of weft.
 
 pub mod build;
 pub mod file;
