@@ -11,7 +11,8 @@ use std::path::{Path, PathBuf};
 const ALLOWED: &[(&str, &[&str])] = &[
     ("config", &[]),
     ("admin", &[]),
-    ("registry", &[]),
+    ("memory", &[]),
+    ("registry", &["memory"]),
     ("relay", &[]),
     ("l7", &["registry", "config"]),
     ("exchange", &["admin", "l7", "telemetry", "upstream"]),
