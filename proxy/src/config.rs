@@ -129,9 +129,14 @@ pub struct NodeArgs {
     /// Lifetime of workload certificates (default 24h; rotated at half-life), e.g. 10s, 1h.
     #[arg(long, value_name = "DURATION")]
     pub svid_ttl: Option<String>,
-    /// HBONE (mTLS HTTP/2 CONNECT) listener port on the proxy address (default 15008).
+    /// HBONE (mTLS HTTP/2 CONNECT) port, the same on every node: peers dial it (default
+    /// 15008).
     #[arg(long, value_name = "PORT")]
     pub hbone_port: Option<u16>,
+    /// Address the HBONE listener binds (default: the node's InternalIP from the registry,
+    /// where other nodes dial it; `0.0.0.0` for every address of the node).
+    #[arg(long, value_name = "IP")]
+    pub hbone_address: Option<IpAddr>,
     /// Namespace whose policies without a selector apply mesh-wide (default istio-system).
     #[arg(long, value_name = "NAMESPACE")]
     pub root_namespace: Option<String>,
@@ -166,6 +171,7 @@ struct FileConfig {
     trust_bundle: Option<Vec<PathBuf>>,
     svid_ttl: Option<String>,
     hbone_port: Option<u16>,
+    hbone_address: Option<IpAddr>,
     root_namespace: Option<String>,
 }
 
@@ -220,6 +226,8 @@ pub struct NodeConfig {
     #[serde(with = "humantime_serde")]
     pub svid_ttl: Duration,
     pub hbone_port: u16,
+    /// `None`: the node's address from the registry.
+    pub hbone_address: Option<IpAddr>,
     pub root_namespace: String,
 }
 
@@ -362,6 +370,7 @@ impl NodeArgs {
                 .hbone_port
                 .or(file.hbone_port)
                 .unwrap_or(DEFAULT_HBONE_PORT),
+            hbone_address: self.hbone_address.or(file.hbone_address),
             root_namespace: self
                 .root_namespace
                 .or(file.root_namespace)
@@ -444,6 +453,7 @@ mod tests {
         assert_eq!(c.svid_ttl, Duration::from_secs(3600));
         assert_eq!(c.trust_domain, "cluster.local");
         assert_eq!(c.hbone_port, 15008);
+        assert_eq!(c.hbone_address, None);
         assert_eq!(c.root_namespace, "istio-system");
     }
 

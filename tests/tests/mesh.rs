@@ -833,3 +833,148 @@ fn hbone_refuses_foreign_certificates_and_non_local_targets() {
         "{flows:?}"
     );
 }
+
+/// A node whose proxy listens on an address of its own (`--proxy-address`) still receives HBONE
+/// where other nodes dial it, its InternalIP; and `--hbone-address` moves the listener.
+#[test]
+fn hbone_listens_where_peers_dial() {
+    let mut m = mesh("hbone_address", &[]);
+    m.b.ip_cmd(&["addr", "add", "10.200.0.2/32", "dev", "lo"])
+        .unwrap();
+    m.weft_b.stop().unwrap();
+    let weft_b = Weft::start_with(&m.cluster, &m.b, &["--proxy-address", "10.200.0.2"]).unwrap();
+    let resp = call_ok(&m.client, m.svc.addr(80), "via-internal-ip");
+    assert!(resp.contains("via-internal-ip"), "{resp}");
+    let f = &weft_b
+        .wait_flows(1, WAIT, |f| s(f, "/verdict") == "forwarded")
+        .unwrap()[0];
+    assert_eq!(f["mtls"], Value::Bool(true), "{f}");
+    assert_eq!(s(f, "/source/identity"), CLIENT_ID, "{f}");
+    drop(weft_b);
+
+    // Told to listen where no peer dials: the node says so, and cross-node calls fail.
+    let weft_b = Weft::start_with(
+        &m.cluster,
+        &m.b,
+        &[
+            "--proxy-address",
+            "10.200.0.2",
+            "--hbone-address",
+            "10.200.0.2",
+        ],
+    )
+    .unwrap();
+    assert!(
+        weft_b
+            .log()
+            .contains("--hbone-address is not the node's address"),
+        "{}",
+        weft_b.log()
+    );
+    assert!(!succeeds(&m.client, m.svc.addr(80)));
+    let f = &m
+        .weft_a
+        .wait_flows(1, WAIT, |f| s(f, "/verdict") == "connect_failed")
+        .unwrap()[0];
+    assert_eq!(
+        s(f, "/destination/pod"),
+        "web-0",
+        "the tunnel to node-b's InternalIP is refused: {f}"
+    );
+}
+
+/// A node cannot lend its callers another address: the `Forwarded: for=` of a tunnel counts
+/// only for a pod of the peer's identity on the peer's node; any other claim leaves the source
+/// unknown, and a DENY on `ipBlocks` then applies.
+#[test]
+fn a_forged_source_address_does_not_dodge_a_deny_on_ip_blocks() {
+    use std::collections::HashSet;
+    use weft::identity::{IdentityConfig, IdentityManager, SpiffeId};
+    use weft::telemetry::Telemetry;
+    use weft::tunnel::client::{Hbone, Pool, PoolConfig};
+
+    let m = mesh("hbone_forged_source", &[]);
+    apply(
+        &m,
+        &format!(
+            "apiVersion: security.istio.io/v1
+kind: AuthorizationPolicy
+metadata: {{name: deny-client-ip, namespace: back}}
+spec:
+  action: DENY
+  rules:
+  - from:
+    - source:
+        ipBlocks: [\"{}/32\"]
+",
+            m.client.ip()
+        ),
+    );
+    wait_denied(&m, &m.client, m.svc.addr(80), "back/deny-client-ip");
+    // `other` (another identity, same node) is not in the block: it gets through.
+    assert!(succeeds(&m.other, m.svc.addr(80)));
+
+    // node-a's genuine credentials for front/client, claiming other addresses.
+    let client_id: SpiffeId = CLIENT_ID.parse().unwrap();
+    let ca = weft_tests::mesh_ca(&m.cluster).unwrap();
+    let mgr = IdentityManager::new(IdentityConfig {
+        ca_cert: ca.join("ca.crt"),
+        ca_key: ca.join("ca.key"),
+        trust_bundle: vec![],
+        trust_domain: "cluster.local".into(),
+        svid_ttl: Duration::from_secs(3600),
+    })
+    .unwrap();
+    mgr.set_local_identities(HashSet::from([client_id.clone()]));
+    let mgr = Arc::new(mgr);
+    let claims: Vec<std::net::IpAddr> = vec![
+        m.client.ip().into(),           // the truth
+        m.other.ip().into(),            // a pod of another identity
+        "10.244.77.7".parse().unwrap(), // no pod at all
+    ];
+    let results = weft_tests::netns::in_netns(m.a.netns_name(), || {
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .unwrap();
+        rt.block_on(async {
+            let mut out = Vec::new();
+            for claim in &claims {
+                let req = Hbone {
+                    source: client_id.clone(),
+                    destination: WEB_ID.parse().unwrap(),
+                    node: (m.b.ip(), 15008).into(),
+                    target: m.web.addr(8080),
+                    forwarded_for: *claim,
+                };
+                let pool = Pool::new(
+                    mgr.clone(),
+                    PoolConfig::default(),
+                    Arc::new(Telemetry::new("node-a", 10)),
+                );
+                out.push(pool.connect(req).await.map(drop).map_err(|e| e.status()));
+            }
+            out
+        })
+    })
+    .unwrap();
+    for (claim, result) in claims.iter().zip(&results) {
+        assert_eq!(*result, Err(Some(403)), "claiming {claim}: {result:?}");
+    }
+    // The destination recorded the verified address for the truth, none for the forgeries.
+    let denied = m
+        .weft_b
+        .wait_flows(4, WAIT, |f| {
+            s(f, "/verdict") == "denied" && s(f, "/policy") == "back/deny-client-ip"
+        })
+        .unwrap();
+    assert!(
+        denied.iter().all(|f| f["source"]["ip"].is_null()
+            || s(f, "/source/ip") == m.client.ip().to_string()),
+        "{denied:?}"
+    );
+    assert!(
+        denied.iter().any(|f| f["source"]["ip"].is_null()),
+        "{denied:?}"
+    );
+}

@@ -16,7 +16,9 @@ use crate::registry::{Pod, Snapshot};
 pub struct Caller<'a> {
     /// Verified identity (peer certificate across nodes, cgroup on the same node).
     pub identity: &'a SpiffeId,
-    /// The calling pod's address (`Forwarded: for=` across nodes).
+    /// The calling pod's address: from the cgroup on the same node; across nodes, the
+    /// `Forwarded: for=` address once [`verified_source_ip`] vouched for it, else `None`
+    /// (policies then fail closed on addresses).
     pub ip: Option<IpAddr>,
 }
 
@@ -115,6 +117,32 @@ pub fn local_pod(snapshot: &Snapshot, node: &str, target: SocketAddr) -> Option<
         .cloned()
 }
 
+/// The source address of a tunnel from another node, if it can be trusted. The `Forwarded:
+/// for=` address is the calling node's claim; it is believed only when the registry has a pod
+/// there that runs as the certificate's identity (namespace and service account) and either
+/// is hosted on the node the tunnel comes from or is the tunnel's own source address. Anything
+/// else (no claim, an address of no pod, a pod of another identity or another node) is unknown:
+/// a node cannot lend its callers another address to dodge a DENY on `ipBlocks`.
+pub fn verified_source_ip(
+    snapshot: &Snapshot,
+    peer: &SpiffeId,
+    peer_addr: SocketAddr,
+    claimed: Option<IpAddr>,
+) -> Option<IpAddr> {
+    let ip = claimed?.to_canonical();
+    let pod = snapshot.pod_by_ip(ip)?;
+    if pod.namespace != peer.namespace() || pod.service_account != peer.service_account() {
+        return None;
+    }
+    let from = peer_addr.ip().to_canonical();
+    let on_that_node = pod
+        .node_name
+        .as_deref()
+        .and_then(|n| snapshot.node(n))
+        .is_some_and(|n| n.addresses.iter().any(|a| a.to_canonical() == from));
+    (on_that_node || from == ip).then_some(ip)
+}
+
 /// The calling pod, as far as the registry agrees with the verified identity: the pod at the
 /// caller's address, if it runs as that identity's namespace and service account.
 pub fn calling_pod(snapshot: &Snapshot, caller: &Caller<'_>) -> Option<Arc<Pod>> {
@@ -145,6 +173,35 @@ mod tests {
 
     const CLIENT: &str = "spiffe://cluster.local/ns/front/sa/client";
     const ALLOW_CLIENT: &str = "apiVersion: security.istio.io/v1\nkind: AuthorizationPolicy\nmetadata: {name: allow-client, namespace: back}\nspec:\n  rules:\n  - from:\n    - source: {principals: [cluster.local/ns/front/sa/client]}\n";
+
+    #[test]
+    fn a_claimed_source_address_must_be_a_pod_of_the_peer_on_the_peer_node() {
+        let (s, _) = setup("");
+        let client = id(CLIENT);
+        let node_a: SocketAddr = "172.30.0.11:40000".parse().unwrap();
+        let node_b: SocketAddr = "172.30.0.12:40000".parse().unwrap();
+        let check = |peer: &SpiffeId, from: SocketAddr, claim: Option<&str>| {
+            verified_source_ip(&s, peer, from, claim.map(|c| c.parse().unwrap()))
+        };
+        let client_ip = Some("10.244.1.2".parse().unwrap());
+        // front/client runs on node-a as front/client.
+        assert_eq!(check(&client, node_a, Some("10.244.1.2")), client_ip);
+        assert_eq!(
+            check(&client, node_a, Some("::ffff:10.244.1.2")),
+            client_ip,
+            "IPv4-mapped"
+        );
+        // The tunnel comes from the pod's own address.
+        let own: SocketAddr = "10.244.1.2:40000".parse().unwrap();
+        assert_eq!(check(&client, own, Some("10.244.1.2")), client_ip);
+        // No claim, or a claim for an address of no pod.
+        assert_eq!(check(&client, node_a, None), None);
+        assert_eq!(check(&client, node_a, Some("10.244.9.9")), None);
+        // Another identity's pod (back/web-0, on node-b) claimed by node-b for front/client.
+        assert_eq!(check(&client, node_b, Some("10.244.2.2")), None);
+        // The right pod, claimed by another node.
+        assert_eq!(check(&client, node_b, Some("10.244.1.2")), None);
+    }
 
     #[test]
     fn only_pods_of_this_node_are_reachable() {

@@ -16,7 +16,7 @@ use std::time::Duration;
 
 use bytes::Bytes;
 
-use self::authorize::{admit, authorize, calling_pod, Admission, Caller};
+use self::authorize::{admit, authorize, calling_pod, verified_source_ip, Admission, Caller};
 use crate::admin::api::Verdict;
 use crate::exchange::guard::Rewind;
 use crate::exchange::ClientVersion;
@@ -72,7 +72,19 @@ impl Inbound {
 impl Handler for Inbound {
     async fn serve(self: Arc<Self>, pending: Pending) {
         let inputs = &self.inputs;
-        let req = pending.request().clone();
+        let mut req = pending.request().clone();
+        // From here on the source address is the verified one (or unknown), never the claim.
+        let claimed = req.forwarded_for.take();
+        req.forwarded_for = verified_source_ip(
+            &inputs.registry.snapshot(),
+            &req.peer,
+            req.peer_addr,
+            claimed,
+        );
+        if claimed.is_some() && req.forwarded_for.is_none() {
+            debug!(peer = %req.peer, node = %req.peer_addr, claimed = ?claimed,
+                "HBONE source address not vouched for: unknown to policies");
+        }
         let caller = Caller {
             identity: &req.peer,
             ip: req.forwarded_for,

@@ -12,7 +12,7 @@ mod reconcile;
 mod view;
 mod workers;
 
-use std::net::{SocketAddr, SocketAddrV4};
+use std::net::{IpAddr, SocketAddr, SocketAddrV4};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
@@ -137,7 +137,7 @@ pub async fn run(cfg: NodeConfig) -> anyhow::Result<()> {
     );
 
     // HBONE inbound: mutual TLS, then only pods hosted here, then AuthorizationPolicy.
-    let hbone_addr = SocketAddr::new((*proxy_addr.ip()).into(), cfg.hbone_port);
+    let hbone_addr = SocketAddr::new(hbone_ip(&cfg, &registry)?, cfg.hbone_port);
     let hbone_listener = tokio::net::TcpListener::bind(hbone_addr)
         .await
         .with_context(|| format!("binding the HBONE listener {hbone_addr}"))?;
@@ -246,22 +246,40 @@ fn proxy_address(cfg: &NodeConfig, registry: &Registry) -> anyhow::Result<Socket
                     cfg.node_name
                 )
             })?;
-            let ip = node
-                .addresses
-                .iter()
-                .find(|a| a.is_ipv4())
-                .with_context(|| {
-                    format!(
-                        "node {:?} has no IPv4 address in the registry",
-                        cfg.node_name
-                    )
-                })?;
-            SocketAddr::new(*ip, port)
+            let ip = node.ipv4().with_context(|| {
+                format!(
+                    "node {:?} has no IPv4 address in the registry",
+                    cfg.node_name
+                )
+            })?;
+            SocketAddr::new(ip, port)
         }
     };
     match addr {
         SocketAddr::V4(v4) if !v4.ip().is_unspecified() => Ok(v4),
         _ => bail!("--proxy-address {addr}: must be a specific IPv4 address pods can reach"),
+    }
+}
+
+/// Where the HBONE listener binds: `--hbone-address`, else the node's address in the registry,
+/// which is where other nodes dial it. A given address other nodes do not dial is warned about.
+fn hbone_ip(cfg: &NodeConfig, registry: &Registry) -> anyhow::Result<IpAddr> {
+    let dialled = registry
+        .snapshot()
+        .node(&cfg.node_name)
+        .and_then(|n| n.ipv4());
+    match (cfg.hbone_address, dialled) {
+        (Some(ip), Some(d)) if !ip.is_unspecified() && ip != d => {
+            warn!(hbone_address = %ip, peers_dial = %d,
+                "--hbone-address is not the node's address in the registry, where other nodes dial HBONE: cross-node traffic will not arrive unless it is forwarded there");
+            Ok(ip)
+        }
+        (Some(ip), _) => Ok(ip),
+        (None, Some(d)) => Ok(d),
+        (None, None) => bail!(
+            "--hbone-address not given and node {:?} has no IPv4 address in the registry to listen on",
+            cfg.node_name
+        ),
     }
 }
 

@@ -306,7 +306,7 @@ pub fn to_endpoint(
             .node_name
             .as_deref()
             .and_then(|n| ctx.snapshot.node(n))
-            .and_then(|n| n.addresses.iter().find(|a| a.is_ipv4()).copied());
+            .and_then(|n| n.ipv4());
         let Some(node_ip) = node_ip else {
             return Action::Refuse(Refusal::NoNodeAddress {
                 node: pod.node_name.clone(),

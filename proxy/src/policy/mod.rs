@@ -39,7 +39,9 @@
 //!
 //! Attributes are of three kinds:
 //! - **L4**: principals, namespaces, service accounts, ipBlocks, ports, and `when` on
-//!   `source.*`, `remote.ip`, `destination.ip`, `destination.port`. Always known.
+//!   `source.*`, `remote.ip`, `destination.ip`, `destination.port`. Known, except the source
+//!   IP of a caller from another node that weft could not verify (`source_ip: None`): then an
+//!   IP field holds in DENY and CUSTOM rules and fails in ALLOW rules (fail closed).
 //! - **HTTP**: `hosts`, `methods`, `paths` (and their `not…`), `when` on `request.headers[…]`
 //!   (see [`request`] for the exact matching). Known per request on HTTP traffic only.
 //! - **Unsupported**: `requestPrincipals`, `request.auth.*` (weft has no JWT authentication),

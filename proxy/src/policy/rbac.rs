@@ -232,12 +232,20 @@ impl HttpMatch {
 }
 
 impl Match {
+    /// `denying`: the rule denies (DENY, CUSTOM). When the source IP is unknown (a caller from
+    /// another node whose address could not be verified), a source IP field holds in a rule that
+    /// denies and fails in one that allows, whether it lists blocks or excludes them: an
+    /// unknown address never dodges a DENY nor earns an ALLOW.
     #[inline]
-    fn l4_holds(&self, c: &Ctx<'_>) -> bool {
+    fn l4_holds(&self, c: &Ctx<'_>, denying: bool) -> bool {
         let in_net = |ip: Option<IpAddr>| move |n: &Cidr| ip.is_some_and(|ip| n.contains(ip));
+        let source = |f: &Field<Cidr>| match c.source_ip {
+            Some(ip) => f.holds(|n| n.contains(ip)),
+            None => f.is_empty() || denying,
+        };
         self.ports.holds(|p| *p == c.port)
-            && self.source_ips.holds(in_net(c.source_ip))
-            && self.remote_ips.holds(in_net(c.source_ip))
+            && source(&self.source_ips)
+            && source(&self.remote_ips)
             && self.destination_ips.holds(in_net(c.destination_ip))
             && self
                 .principals
@@ -254,8 +262,8 @@ impl Match {
     /// In [`Mode::Tcp`] HTTP fields hold (only DENY and CUSTOM rules get here with any: they
     /// deny more, never less); in [`Mode::Connect`] they are unknown.
     #[inline]
-    fn eval(&self, c: &Ctx<'_>, mode: Mode<'_>) -> Tri {
-        if !self.l4_holds(c) {
+    fn eval(&self, c: &Ctx<'_>, mode: Mode<'_>, denying: bool) -> Tri {
+        if !self.l4_holds(c, denying) {
             return Tri::No;
         }
         let Some(http) = &self.http else {
@@ -280,12 +288,12 @@ struct CompiledRule {
 
 impl CompiledRule {
     #[inline]
-    fn eval(&self, c: &Ctx<'_>, mode: Mode<'_>) -> Tri {
+    fn eval(&self, c: &Ctx<'_>, mode: Mode<'_>, denying: bool) -> Tri {
         let mut rule = Tri::Yes;
         for clause in &self.clauses {
             let mut any = Tri::No;
             for m in clause {
-                match m.eval(c, mode) {
+                match m.eval(c, mode, denying) {
                     Tri::Yes => {
                         any = Tri::Yes;
                         break;
@@ -332,12 +340,13 @@ impl Policy {
             mode
         };
         let skip_http = matches!(mode, Mode::Tcp) && self.action == PolicyAction::Allow;
+        let denying = self.action != PolicyAction::Allow;
         let mut out = Tri::No;
         for r in &self.rules {
             if skip_http && r.http {
                 continue;
             }
-            match r.eval(c, mode) {
+            match r.eval(c, mode, denying) {
                 Tri::Yes => return Tri::Yes,
                 Tri::Maybe => out = Tri::Maybe,
                 Tri::No => {}

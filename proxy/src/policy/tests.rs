@@ -361,6 +361,78 @@ spec:
 }
 
 #[test]
+fn an_unknown_source_ip_dodges_no_deny_and_earns_no_allow() {
+    let f = fixture(
+        "\
+apiVersion: security.istio.io/v1
+kind: AuthorizationPolicy
+metadata: {name: deny-range, namespace: demo}
+spec:
+  selector: {matchLabels: {app: server}}
+  action: DENY
+  rules:
+  - from:
+    - source:
+        ipBlocks: [\"10.244.9.0/24\"]
+---
+apiVersion: security.istio.io/v1
+kind: AuthorizationPolicy
+metadata: {name: deny-outside, namespace: prod}
+spec:
+  action: DENY
+  rules:
+  - from:
+    - source:
+        notIpBlocks: [\"10.244.0.0/16\"]
+  - when:
+    - key: remote.ip
+      values: [\"10.244.9.0/24\"]
+---
+apiVersion: security.istio.io/v1
+kind: AuthorizationPolicy
+metadata: {name: allow-but-range, namespace: demo}
+spec:
+  selector: {matchLabels: {app: other}}
+  rules:
+  - from:
+    - source:
+        notIpBlocks: [\"10.244.9.0/24\"]
+",
+    );
+    let unknown = |dest: &str| {
+        f.set.authorize(&ConnRequest {
+            destination: f.pod(dest),
+            destination_port: 80,
+            destination_ip: None,
+            source_principal: Some(CLIENT),
+            source_namespace: None,
+            source_ip: None,
+        })
+    };
+    let at = |dest: &'static str, ip: &'static str| Conn {
+        ip,
+        ..conn(dest, 80, Some(CLIENT))
+    };
+    // Known addresses decide as written.
+    assert!(!f.allowed(at("demo/server", "10.244.9.7")));
+    assert!(f.allowed(at("demo/server", "10.244.1.7")));
+    assert!(f.allowed(at("prod/db", "10.244.1.7")));
+    assert!(!f.allowed(at("prod/db", "192.0.2.1")));
+    assert!(f.allowed(at("demo/other", "10.244.1.7")));
+    assert!(!f.allowed(at("demo/other", "10.244.9.7")));
+    // Unknown: every DENY on addresses applies, an ALLOW on addresses does not.
+    assert_eq!(
+        unknown("demo/server"),
+        deny("demo/deny-range", DenyReason::DenyPolicy)
+    );
+    assert_eq!(
+        unknown("prod/db"),
+        deny("prod/deny-outside", DenyReason::DenyPolicy)
+    );
+    assert!(!unknown("demo/other").is_allow());
+}
+
+#[test]
 fn ports_and_not_ports() {
     let f = fixture(
         "\

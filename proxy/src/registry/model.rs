@@ -189,6 +189,14 @@ pub struct Node {
     pub labels: Labels,
 }
 
+impl Node {
+    /// The node's IPv4 address: its first IPv4 `InternalIP`, else `ExternalIP`. Other nodes
+    /// dial HBONE there, and the proxy listens there unless told otherwise.
+    pub fn ipv4(&self) -> Option<IpAddr> {
+        self.addresses.iter().find(|a| a.is_ipv4()).copied()
+    }
+}
+
 /// A document of a kind weft does not model (yet): Istio routing, Gateway API, …, kept for later
 /// stages.
 #[derive(Debug, Clone, PartialEq, Serialize)]
