@@ -148,12 +148,16 @@ pub enum Counter {
     TupleRecorded = 4,
     /// A redirect event could not be written to the ring buffer (full).
     EventsDropped = 5,
-    /// A new inbound plaintext TCP connection (SYN) to a STRICT pod was dropped.
+    /// A new inbound plaintext TCP connection (SYN) to a STRICT pod was dropped (IPv4 or
+    /// IPv6).
     StrictDropped = 6,
+    /// A native IPv6 TCP connect() from an enrolled pod was refused (EPERM): the proxy has no
+    /// IPv6 address to capture it to, and it must not go around the mesh.
+    Ipv6Refused = 7,
 }
 
 impl Counter {
-    pub const COUNT: u32 = 7;
+    pub const COUNT: u32 = 8;
     pub const ALL: [Counter; Counter::COUNT as usize] = [
         Counter::ConnectSeen,
         Counter::Redirected,
@@ -162,6 +166,7 @@ impl Counter {
         Counter::TupleRecorded,
         Counter::EventsDropped,
         Counter::StrictDropped,
+        Counter::Ipv6Refused,
     ];
     pub const fn name(self) -> &'static str {
         match self {
@@ -172,6 +177,7 @@ impl Counter {
             Counter::TupleRecorded => "tuple_recorded",
             Counter::EventsDropped => "events_dropped",
             Counter::StrictDropped => "strict_dropped",
+            Counter::Ipv6Refused => "ipv6_refused",
         }
     }
 }

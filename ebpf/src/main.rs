@@ -3,12 +3,15 @@
 //!
 //! * `weft_connect4` / `weft_connect6` (cgroup `connect4` / `connect6`): for a TCP `connect()` made
 //!   by a process below an enrolled pod cgroup, remember the original destination by socket
-//!   cookie, emit a redirect event and rewrite the destination to the proxy listener.
+//!   cookie, emit a redirect event and rewrite the destination to the proxy listener. The proxy
+//!   listens on IPv4: a native IPv6 connect from an enrolled pod (other than to `::1`) is refused
+//!   with EPERM rather than let around the mesh.
 //! * `weft_sock_ops` (`sock_ops`, `ACTIVE_ESTABLISHED`): once the redirected connection is up,
 //!   re-key the record by the client 4-tuple, which is what the proxy sees on `accept()`.
 //! * `weft_ingress` (`cgroup_skb/ingress`): PeerAuthentication STRICT. Drops the SYN of a new
 //!   inbound TCP connection to a STRICT pod unless it comes from the node's own address (where the
-//!   proxy delivers mesh traffic from, and kubelet probes come from) or loopback.
+//!   proxy delivers mesh traffic from, and kubelet probes come from) or loopback. Over IPv6,
+//!   where the proxy never delivers, every SYN but loopback's is dropped.
 //!
 //! The shared ABI (map names, value layouts, byte orders) lives in `weft-common`.
 #![no_std]
@@ -42,8 +45,10 @@ const IPPROTO_TCP: u32 = 6;
 /// `00 00 ff ff` in memory order.
 const V4MAPPED_WORD2: u32 = u32::from_ne_bytes([0, 0, 0xff, 0xff]);
 
-/// Values returned by cgroup sock_addr programs: 1 lets the `connect()` proceed.
+/// Values returned by cgroup sock_addr programs: 1 lets the `connect()` proceed, 0 fails it
+/// with EPERM.
 const ALLOW: i32 = 1;
+const REFUSE: i32 = 0;
 
 /// Values returned by cgroup_skb programs.
 const SKB_PASS: i32 = 1;
@@ -51,6 +56,15 @@ const SKB_DROP: i32 = 0;
 
 /// `skb->protocol` of IPv4 packets (also those delivered to AF_INET6 sockets as IPv4-mapped).
 const ETH_P_IP: u16 = 0x0800;
+/// `skb->protocol` of native IPv6 packets.
+const ETH_P_IPV6: u16 = 0x86DD;
+/// IPv6 extension headers a TCP header may follow (hop-by-hop, routing, destination options);
+/// fragments are reassembled before socket delivery.
+const IPV6_HOP_BY_HOP: u8 = 0;
+const IPV6_ROUTING: u8 = 43;
+const IPV6_DEST_OPTS: u8 = 60;
+/// Extension headers walked at most before giving up (and dropping, for a STRICT pod).
+const IPV6_MAX_EXT: usize = 4;
 const IPPROTO_TCP_U8: u8 = 6;
 const TCP_FLAG_SYN: u8 = 0x02;
 const TCP_FLAG_ACK: u8 = 0x10;
@@ -230,8 +244,10 @@ pub fn weft_connect6(ctx: SockAddrContext) -> i32 {
         let w1 = read_volatile(addr_of!((*sa).user_ip6[1]));
         let w2 = read_volatile(addr_of!((*sa).user_ip6[2]));
         if w0 != 0 || w1 != 0 || w2 != V4MAPPED_WORD2 {
-            // Native IPv6: not captured (the proxy listens on IPv4).
-            return ALLOW;
+            // Native IPv6: the proxy listens on IPv4 only, so an enrolled pod's connection
+            // cannot be captured; refused rather than let around the mesh.
+            let w3 = read_volatile(addr_of!((*sa).user_ip6[3]));
+            return native_ipv6_connect(w0, w1, w2, w3);
         }
         let ip4 = read_volatile(addr_of!((*sa).user_ip6[3]));
         let port = u16::from_be(read_volatile(addr_of!((*sa).user_port)) as u16);
@@ -245,6 +261,26 @@ pub fn weft_connect6(ctx: SockAddrContext) -> i32 {
         }
     }
     ALLOW
+}
+
+/// A native IPv6 `connect()` to `w0:w1:w2:…` (words in memory order): refused for an enrolled
+/// pod once the proxy is configured, except to loopback (`::1`), which never leaves the pod.
+#[inline(always)]
+fn native_ipv6_connect(w0: u32, w1: u32, w2: u32, w3: u32) -> i32 {
+    // `::1` (last word's bytes 00 00 00 01) and `::` (this host) never leave the pod.
+    let local =
+        w0 == 0 && w1 == 0 && w2 == 0 && (w3 == 0 || w3 == u32::from_ne_bytes([0, 0, 0, 1]));
+    if local {
+        return ALLOW;
+    }
+    if !CONFIG.get(0).is_some_and(|cfg| cfg.proxy_ip4 != 0) {
+        return ALLOW;
+    }
+    if enrolled_cgroup().is_none() {
+        return ALLOW;
+    }
+    count(Counter::Ipv6Refused);
+    REFUSE
 }
 
 /// The IPv4 address of one end of a sock_ops socket: `ip4` for AF_INET, the embedded IPv4 of an
@@ -348,7 +384,11 @@ pub fn weft_ingress(ctx: SkBuffContext) -> i32 {
 #[inline(always)]
 fn strict_refused(ctx: &SkBuffContext) -> bool {
     // IPv4 packets, whatever the socket family: IPv4-mapped traffic on AF_INET6 sockets too.
-    if u16::from_be(ctx.skb.protocol() as u16) != ETH_P_IP {
+    let protocol = u16::from_be(ctx.skb.protocol() as u16);
+    if protocol == ETH_P_IPV6 {
+        return strict_refused_ipv6(ctx);
+    }
+    if protocol != ETH_P_IP {
         return false;
     }
     // At cgroup ingress the packet starts at the network header.
@@ -380,6 +420,48 @@ fn strict_refused(ctx: &SkBuffContext) -> bool {
     // The node's address: the proxy delivers mesh traffic from it, kubelet probes come from it.
     // (If CONFIG were unset, 0 matches no real source: STRICT pods then accept loopback only.)
     if CONFIG.get(0).is_some_and(|cfg| cfg.proxy_ip4 == src) {
+        return false;
+    }
+    let port = u16::from_be_bytes([tcp[2], tcp[3]]);
+    strict_mode_of(ctx, port) == Some(strict_mode::STRICT)
+}
+
+/// [`strict_refused`] for native IPv6: the proxy never delivers over IPv6, so any SYN from
+/// elsewhere than loopback to a STRICT port is plaintext from outside the mesh. A TCP header
+/// behind more extension headers than are walked counts as a SYN (fail closed).
+#[inline(always)]
+fn strict_refused_ipv6(ctx: &SkBuffContext) -> bool {
+    let Ok(ip) = ctx.load::<[u8; 40]>(0) else {
+        return false;
+    };
+    if ip[0] >> 4 != 6 {
+        return false;
+    }
+    // Source ::1.
+    if ip[8..23].iter().all(|b| *b == 0) && ip[23] == 1 {
+        return false;
+    }
+    let mut next = ip[6];
+    let mut offset = 40usize;
+    let mut ext = 0;
+    while next != IPPROTO_TCP_U8 {
+        if ext == IPV6_MAX_EXT
+            || !(next == IPV6_HOP_BY_HOP || next == IPV6_ROUTING || next == IPV6_DEST_OPTS)
+        {
+            // Not TCP (or not found): only TCP is refused.
+            return ext == IPV6_MAX_EXT && strict_mode_of(ctx, 0) == Some(strict_mode::STRICT);
+        }
+        let Ok(h) = ctx.load::<[u8; 2]>(offset) else {
+            return false;
+        };
+        next = h[0];
+        offset += (usize::from(h[1]) + 1) * 8;
+        ext += 1;
+    }
+    let Ok(tcp) = ctx.load::<[u8; 14]>(offset) else {
+        return false;
+    };
+    if tcp[13] & (TCP_FLAG_SYN | TCP_FLAG_ACK) != TCP_FLAG_SYN {
         return false;
     }
     let port = u16::from_be_bytes([tcp[2], tcp[3]]);

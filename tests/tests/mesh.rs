@@ -978,3 +978,93 @@ spec:
         "{denied:?}"
     );
 }
+
+/// weft captures IPv4 only: an enrolled pod's native IPv6 connect is refused (EPERM) rather than
+/// let around the mesh, and an IPv6 SYN to a STRICT pod is dropped.
+#[test]
+fn native_ipv6_never_goes_around_the_mesh() {
+    let m = mesh("ipv6", &[]);
+    let legacy = m
+        .cluster
+        .add_pod(&m.a, PodSpec::new("plain", "legacy"))
+        .unwrap();
+    // Link addresses on node-a's veths to client and legacy, and node-b's to web-0.
+    let v6 = |node: &Node, pod: &Pod, net: &str| {
+        node.ip_cmd(&[
+            "-6",
+            "addr",
+            "add",
+            &format!("{net}::1/64"),
+            "dev",
+            pod.host_veth(),
+            "nodad",
+        ])
+        .unwrap();
+        pod.ip_cmd(&[
+            "-6",
+            "addr",
+            "add",
+            &format!("{net}::2/64"),
+            "dev",
+            "eth0",
+            "nodad",
+        ])
+        .unwrap();
+    };
+    v6(&m.a, &m.client, "fd00:a");
+    v6(&m.a, &legacy, "fd00:c");
+    v6(&m.b, &m.web, "fd00:b");
+    let node_srv =
+        m.a.spawn(testpod().args(["serve", "--listen", "[::]:7070", "--mode", "echo"]))
+            .unwrap();
+    let _web6 = m
+        .web
+        .spawn(testpod().args(["serve", "--listen", "[::]:8086", "--mode", "echo"]))
+        .unwrap();
+    let node_a6: SocketAddr = "[fd00:c::1]:7070".parse().unwrap();
+    // Outside the mesh, IPv6 works (and the servers are up).
+    wait_until(WAIT, || succeeds(&legacy, node_a6)).expect("legacy pod over IPv6");
+    // An enrolled pod: refused at connect().
+    let out = call(&m.client, "[fd00:a::1]:7070".parse().unwrap(), "v6", 3000);
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("Operation not permitted"), "{err}");
+    let st = m.weft_a.status().unwrap();
+    assert!(
+        st.pointer("/capture/counters/ipv6_refused")
+            .and_then(Value::as_u64)
+            .unwrap()
+            >= 1,
+        "{st}"
+    );
+    // Loopback inside the pod is its own business.
+    let _own = m
+        .client
+        .spawn(testpod().args(["serve", "--listen", "[::1]:7071", "--mode", "echo"]))
+        .unwrap();
+    wait_until(WAIT, || succeeds(&m.client, "[::1]:7071".parse().unwrap()))
+        .expect("IPv6 loopback inside an enrolled pod");
+
+    // STRICT: node-b's own IPv6 connection to web-0 works before, is dropped after.
+    let web6: SocketAddr = "[fd00:b::2]:8086".parse().unwrap();
+    let from_node_b = || {
+        m.b.output(testpod().args([
+            "call",
+            &web6.to_string(),
+            "--send",
+            "x",
+            "--timeout-ms",
+            "2000",
+        ]))
+        .unwrap()
+        .status
+        .success()
+    };
+    wait_until(WAIT, from_node_b).expect("PERMISSIVE: IPv6 plaintext works");
+    apply(
+        &m,
+        "apiVersion: security.istio.io/v1\nkind: PeerAuthentication\nmetadata:\n  name: strict\n  namespace: back\nspec:\n  mtls:\n    mode: STRICT\n",
+    );
+    wait_until(WAIT, || !from_node_b()).expect("STRICT: an IPv6 SYN is dropped");
+    drop(node_srv);
+}
