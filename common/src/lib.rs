@@ -32,6 +32,11 @@ pub mod names {
     /// PeerAuthentication mode of pod cgroups (per port, or 0 for the pod's default):
     /// `HashMap<StrictKey, u8 mode>` with `strict_mode::STRICT` / `strict_mode::NOT_STRICT`.
     pub const STRICT: &str = "STRICT";
+    /// `FlowKey` (source address 0) → `bpf_ktime_get_boot_ns()` when weft opened it: the
+    /// connections weft itself is opening to a pod of this node, which a STRICT pod accepts.
+    pub const DELIVERIES: &str = "DELIVERIES";
+    /// The node's own IPv4 addresses (network order) → 1: where kubelet probes come from.
+    pub const NODE_ADDRS: &str = "NODE_ADDRS";
 
     pub const PROG_CONNECT4: &str = "weft_connect4";
     pub const PROG_CONNECT6: &str = "weft_connect6";
@@ -55,6 +60,14 @@ pub const EXCL_PORTS_ENTRIES: u32 = 1024;
 pub const EXCL_CIDRS_ENTRIES: u32 = 1024;
 /// Capacity of the PeerAuthentication map (pod defaults plus per-port overrides).
 pub const STRICT_ENTRIES: u32 = 32_768;
+/// Capacity of the map of connections weft is opening to local pods (one entry per connect in
+/// flight, removed once connected; LRU beyond).
+pub const DELIVERIES_ENTRIES: u32 = 16_384;
+/// How long a `DELIVERIES` entry vouches for a SYN, in nanoseconds: a connect that has not
+/// completed by then has failed, and a stale entry must not let a later SYN in.
+pub const DELIVERY_TTL_NS: u64 = 10_000_000_000;
+/// Capacity of the node-address map.
+pub const NODE_ADDRS_ENTRIES: u32 = 256;
 /// Size of the redirect-event ring buffer, in bytes (a power of two, multiple of the page size).
 pub const EVENTS_BYTES: u32 = 1 << 20;
 
@@ -114,13 +127,16 @@ pub struct StrictKey {
 
 /// Values of `STRICT`.
 pub mod strict_mode {
-    /// PeerAuthentication STRICT: new plaintext TCP connections are only accepted from the
-    /// node's own address (the proxy, which delivers mesh traffic, and kubelet probes) and
-    /// loopback; others are dropped in the kernel.
+    /// PeerAuthentication STRICT: a new plaintext TCP connection is accepted only when weft
+    /// opened it (a `DELIVERIES` entry: a mesh delivery) or from loopback; others are dropped
+    /// in the kernel.
     pub const STRICT: u8 = 1;
     /// An explicit PERMISSIVE or DISABLE: everything is accepted. Lets a per-port entry
     /// override a STRICT pod default.
     pub const NOT_STRICT: u8 = 2;
+    /// STRICT on a port one of the pod's probes targets: also accepted from the node's own
+    /// addresses (`NODE_ADDRS`), where the kubelet probes from.
+    pub const STRICT_PROBE: u8 = 3;
 }
 
 /// One event per redirected `connect()`, sent on the `EVENTS` ring buffer.

@@ -9,9 +9,11 @@
 //! * `weft_sock_ops` (`sock_ops`, `ACTIVE_ESTABLISHED`): once the redirected connection is up,
 //!   re-key the record by the client 4-tuple, which is what the proxy sees on `accept()`.
 //! * `weft_ingress` (`cgroup_skb/ingress`): PeerAuthentication STRICT. Drops the SYN of a new
-//!   inbound TCP connection to a STRICT pod unless it comes from the node's own address (where the
-//!   proxy delivers mesh traffic from, and kubelet probes come from) or loopback. Over IPv6,
-//!   where the proxy never delivers, every SYN but loopback's is dropped.
+//!   inbound TCP connection to a STRICT pod unless weft itself is opening it (user space lists
+//!   each delivery it is connecting in `DELIVERIES`), it comes from loopback, or it comes from
+//!   one of the node's addresses to a port a probe of the pod targets (kubelet probes). The
+//!   node's address as such earns nothing: hostNetwork pods and node processes are refused.
+//!   Over IPv6, where the proxy never delivers, every SYN but loopback's is dropped.
 //!
 //! The shared ABI (map names, value layouts, byte orders) lives in `weft-common`.
 #![no_std]
@@ -31,9 +33,9 @@ use aya_ebpf::{
     EbpfContext,
 };
 use weft_common::{
-    strict_mode, Config, Counter, FlowKey, OrigDst, RedirectEvent, StrictKey, ENROLLED_ENTRIES,
-    EVENTS_BYTES, EXCL_CIDRS_ENTRIES, EXCL_PORTS_ENTRIES, MAX_CGROUP_DEPTH, ORIG_DST_ENTRIES,
-    STRICT_ENTRIES,
+    strict_mode, Config, Counter, FlowKey, OrigDst, RedirectEvent, StrictKey, DELIVERIES_ENTRIES,
+    DELIVERY_TTL_NS, ENROLLED_ENTRIES, EVENTS_BYTES, EXCL_CIDRS_ENTRIES, EXCL_PORTS_ENTRIES,
+    MAX_CGROUP_DEPTH, NODE_ADDRS_ENTRIES, ORIG_DST_ENTRIES, STRICT_ENTRIES,
 };
 
 const AF_INET: u16 = 2;
@@ -97,6 +99,12 @@ static STATS: PerCpuArray<u64> = PerCpuArray::with_max_entries(Counter::COUNT, 0
 
 #[map(name = "STRICT")]
 static STRICT: HashMap<StrictKey, u8> = HashMap::with_max_entries(STRICT_ENTRIES, 0);
+
+#[map(name = "DELIVERIES")]
+static DELIVERIES: LruHashMap<FlowKey, u64> = LruHashMap::with_max_entries(DELIVERIES_ENTRIES, 0);
+
+#[map(name = "NODE_ADDRS")]
+static NODE_ADDRS: HashMap<u32, u8> = HashMap::with_max_entries(NODE_ADDRS_ENTRIES, 0);
 
 #[inline(always)]
 fn count(counter: Counter) {
@@ -378,9 +386,10 @@ pub fn weft_ingress(ctx: SkBuffContext) -> i32 {
 }
 
 /// Whether an inbound packet opens a plaintext connection that a STRICT pod must refuse: an
-/// IPv4 TCP SYN (ACK clear, so replies to the pod's own connections never qualify) from neither
-/// the node's address nor loopback, to a pod whose effective mode for the destination port is
-/// STRICT. Anything that cannot be parsed passes.
+/// IPv4 TCP SYN (ACK clear, so replies to the pod's own connections never qualify) to a pod
+/// whose effective mode for the destination port is STRICT, that weft is not opening itself
+/// (`DELIVERIES`), not from loopback, and not a probe (from a node address to a probe port).
+/// Anything that cannot be parsed passes.
 #[inline(always)]
 fn strict_refused(ctx: &SkBuffContext) -> bool {
     // IPv4 packets, whatever the socket family: IPv4-mapped traffic on AF_INET6 sockets too.
@@ -417,13 +426,31 @@ fn strict_refused(ctx: &SkBuffContext) -> bool {
     if ip[12] == 127 {
         return false;
     }
-    // The node's address: the proxy delivers mesh traffic from it, kubelet probes come from it.
-    // (If CONFIG were unset, 0 matches no real source: STRICT pods then accept loopback only.)
-    if CONFIG.get(0).is_some_and(|cfg| cfg.proxy_ip4 == src) {
+    let port = u16::from_be_bytes([tcp[2], tcp[3]]);
+    let mode = match strict_mode_of(ctx, port) {
+        Some(m) if m == strict_mode::STRICT || m == strict_mode::STRICT_PROBE => m,
+        _ => return false,
+    };
+    // weft's own delivery, announced before its connect.
+    let key = FlowKey {
+        src_ip4: 0,
+        dst_ip4: u32::from_ne_bytes([ip[16], ip[17], ip[18], ip[19]]),
+        src_port: u16::from_be_bytes([tcp[0], tcp[1]]),
+        dst_port: port,
+    };
+    // SAFETY: the map value is copied out right away.
+    if let Some(opened) = unsafe { DELIVERIES.get(&key) }.copied() {
+        // SAFETY: helper without arguments.
+        let now = unsafe { bpf_ktime_get_boot_ns() };
+        if now.wrapping_sub(opened) < DELIVERY_TTL_NS {
+            return false;
+        }
+    }
+    // A kubelet probe: from the node, to a port a probe targets.
+    if mode == strict_mode::STRICT_PROBE && NODE_ADDRS.get_ptr(&src).is_some() {
         return false;
     }
-    let port = u16::from_be_bytes([tcp[2], tcp[3]]);
-    strict_mode_of(ctx, port) == Some(strict_mode::STRICT)
+    true
 }
 
 /// [`strict_refused`] for native IPv6: the proxy never delivers over IPv6, so any SYN from
@@ -449,7 +476,11 @@ fn strict_refused_ipv6(ctx: &SkBuffContext) -> bool {
             || !(next == IPV6_HOP_BY_HOP || next == IPV6_ROUTING || next == IPV6_DEST_OPTS)
         {
             // Not TCP (or not found): only TCP is refused.
-            return ext == IPV6_MAX_EXT && strict_mode_of(ctx, 0) == Some(strict_mode::STRICT);
+            return ext == IPV6_MAX_EXT
+                && matches!(
+                    strict_mode_of(ctx, 0),
+                    Some(strict_mode::STRICT | strict_mode::STRICT_PROBE)
+                );
         }
         let Ok(h) = ctx.load::<[u8; 2]>(offset) else {
             return false;
@@ -465,7 +496,10 @@ fn strict_refused_ipv6(ctx: &SkBuffContext) -> bool {
         return false;
     }
     let port = u16::from_be_bytes([tcp[2], tcp[3]]);
-    strict_mode_of(ctx, port) == Some(strict_mode::STRICT)
+    matches!(
+        strict_mode_of(ctx, port),
+        Some(strict_mode::STRICT | strict_mode::STRICT_PROBE)
+    )
 }
 
 /// The PeerAuthentication mode for `port` of the pod the receiving socket lives under: the first

@@ -17,6 +17,8 @@ pub const DEFAULT_PROXY_PORT: u16 = 15001;
 pub const DEFAULT_ADMIN_SOCKET: &str = "/run/weft/admin.sock";
 pub const DEFAULT_ADMIN_ADDRESS: &str = "127.0.0.1:15000";
 pub const DEFAULT_METRICS_ADDRESS: &str = "0.0.0.0:15020";
+/// How long an enrolled pod may stay uncaptured (cgroup not found) before it is reported.
+pub const DEFAULT_ENROLL_TIMEOUT: Duration = Duration::from_secs(5);
 pub const DEFAULT_HBONE_PORT: u16 = 15008;
 pub const DEFAULT_TRUST_DOMAIN: &str = "cluster.local";
 pub const DEFAULT_ROOT_NAMESPACE: &str = "istio-system";
@@ -129,6 +131,10 @@ pub struct NodeArgs {
     /// Lifetime of workload certificates (default 24h; rotated at half-life), e.g. 10s, 1h.
     #[arg(long, value_name = "DURATION")]
     pub svid_ttl: Option<String>,
+    /// How long an enrolled pod of this node may go without its cgroup found (so without its
+    /// connections captured) before it is reported: warning, `weft status`, metric (default 5s).
+    #[arg(long, value_name = "DURATION")]
+    pub enroll_timeout: Option<String>,
     /// HBONE (mTLS HTTP/2 CONNECT) port, the same on every node: peers dial it (default
     /// 15008).
     #[arg(long, value_name = "PORT")]
@@ -170,6 +176,7 @@ struct FileConfig {
     ca_key: Option<PathBuf>,
     trust_bundle: Option<Vec<PathBuf>>,
     svid_ttl: Option<String>,
+    enroll_timeout: Option<String>,
     hbone_port: Option<u16>,
     hbone_address: Option<IpAddr>,
     root_namespace: Option<String>,
@@ -225,6 +232,8 @@ pub struct NodeConfig {
     pub trust_bundle: Vec<PathBuf>,
     #[serde(with = "humantime_serde")]
     pub svid_ttl: Duration,
+    #[serde(with = "humantime_serde")]
+    pub enroll_timeout: Duration,
     pub hbone_port: u16,
     /// `None`: the node's address from the registry.
     pub hbone_address: Option<IpAddr>,
@@ -281,6 +290,12 @@ impl NodeArgs {
         if svid_ttl < Duration::from_secs(2) {
             bail!("--svid-ttl must be at least 2s");
         }
+        let enroll_timeout = match self.enroll_timeout.or(file.enroll_timeout) {
+            Some(s) => humantime::parse_duration(&s).with_context(|| {
+                format!("--enroll-timeout {s:?}: expected a duration like 5s or 500ms")
+            })?,
+            None => DEFAULT_ENROLL_TIMEOUT,
+        };
         let max_request_headers_kb = self
             .max_request_headers_kb
             .or(file.max_request_headers_kb)
@@ -366,6 +381,7 @@ impl NodeArgs {
             ca_key,
             trust_bundle: self.trust_bundle.or(file.trust_bundle).unwrap_or_default(),
             svid_ttl,
+            enroll_timeout,
             hbone_port: self
                 .hbone_port
                 .or(file.hbone_port)
@@ -451,6 +467,7 @@ mod tests {
         assert_eq!(c.proxy_address, ProxyAddress::FromNode(15001));
         assert_eq!(c.ca_cert, PathBuf::from("/etc/weft/ca.crt"));
         assert_eq!(c.svid_ttl, Duration::from_secs(3600));
+        assert_eq!(c.enroll_timeout, Duration::from_secs(5));
         assert_eq!(c.trust_domain, "cluster.local");
         assert_eq!(c.hbone_port, 15008);
         assert_eq!(c.hbone_address, None);

@@ -339,12 +339,17 @@ impl World {
     /// Connects from `src` (an address in the namespace, any port) to `target` with a 1 s
     /// connect timeout; returns what the server answered.
     fn dial(&self, src: Ipv4Addr, target: &str) -> io::Result<String> {
+        self.dial_from(src, 0, target)
+    }
+
+    /// [`World::dial`] from source port `port` (0: any).
+    fn dial_from(&self, src: Ipv4Addr, port: u16, target: &str) -> io::Result<String> {
         let ns = self.name.clone();
         let target: SocketAddr = target.parse().unwrap();
         thread::spawn(move || {
             enter_netns(&ns);
             let socket = Socket::new(Domain::IPV4, Type::STREAM, Some(Protocol::TCP))?;
-            socket.bind(&SocketAddr::from((src, 0)).into())?;
+            socket.bind(&SocketAddr::from((src, port)).into())?;
             socket.connect_timeout(&target.into(), Duration::from_secs(1))?;
             let mut stream = TcpStream::from(socket);
             stream.set_read_timeout(Some(TIMEOUT))?;
@@ -679,8 +684,12 @@ fn strict_pods_refuse_plaintext_from_other_sources() {
     // Nothing STRICT yet.
     open(&capture, outsider, "10.250.0.3:7070");
 
-    // STRICT pod: only the node's address and loopback get through, on every port and both
-    // socket families. The entry is on the pod cgroup; the server lives in a container below.
+    // STRICT pod: only loopback gets through, on every port and both socket families; the
+    // node's address earns nothing by itself. The entry is on the pod cgroup; the server lives
+    // in a container below.
+    capture
+        .set_node_addresses(&[node].into_iter().collect())
+        .unwrap();
     capture
         .set_strict(&strict(&[
             (&pod, 0, StrictMode::Strict),
@@ -691,9 +700,34 @@ fn strict_pods_refuse_plaintext_from_other_sources() {
     refused(&capture, outsider, "10.250.0.3:7070");
     refused(&capture, outsider, "10.250.0.3:7071");
     refused(&capture, outsider, "10.250.0.3:7072");
-    open(&capture, node, "10.250.0.3:7070");
-    open(&capture, node, "10.250.0.3:7072");
+    refused(&capture, node, "10.250.0.3:7070");
+    refused(&capture, node, "10.250.0.3:7072");
     open(&capture, loopback, "127.0.0.1:7070");
+
+    // weft's own connection, announced before its SYN, gets in from any address; the entry
+    // is for that source port and destination only, and is gone once withdrawn.
+    let target: std::net::SocketAddrV4 = "10.250.0.3:7070".parse().unwrap();
+    capture.announce_delivery(47001, target).unwrap();
+    assert_eq!(
+        world.dial_from(outsider, 47001, "10.250.0.3:7070").unwrap(),
+        "7070"
+    );
+    assert!(world.dial_from(outsider, 47002, "10.250.0.3:7070").is_err());
+    capture.delivered(47001, target);
+    capture.announce_delivery(47003, target).unwrap();
+    capture.delivered(47003, target);
+    assert!(world.dial_from(outsider, 47003, "10.250.0.3:7070").is_err());
+
+    // A probe port: the node's addresses get in there, others still do not.
+    capture
+        .set_strict(&strict(&[
+            (&pod, 0, StrictMode::Strict),
+            (&pod, 7070, StrictMode::StrictProbe),
+        ]))
+        .unwrap();
+    open(&capture, node, "10.250.0.3:7070");
+    refused(&capture, outsider, "10.250.0.3:7070");
+    refused(&capture, node, "10.250.0.3:7071");
 
     // A per-port PERMISSIVE/DISABLE override lets its port through; the others stay STRICT.
     capture
@@ -735,7 +769,7 @@ fn strict_pods_refuse_plaintext_from_other_sources() {
     assert!(dropped(&capture) > before);
     assert_eq!(strict_map(&capture), 1);
     refused(&capture, outsider, "10.250.0.3:7071");
-    open(&capture, node, "10.250.0.3:7071");
+    refused(&capture, node, "10.250.0.3:7071");
 
     // No longer STRICT: everyone gets through again.
     capture.set_strict(&HashMap::new()).unwrap();

@@ -51,6 +51,7 @@ struct PodEntry {
     pod: Pod,
     labels: Labels,
     container_ports: Vec<(String, u16)>,
+    readiness_probe: Option<String>,
     ready: bool,
 }
 
@@ -395,6 +396,7 @@ impl Cluster {
             pod: pod.clone(),
             labels: spec.labels,
             container_ports: spec.container_ports,
+            readiness_probe: spec.readiness_probe,
             ready: true,
         });
         self.sync(&st)?;
@@ -634,6 +636,7 @@ impl Cluster {
                 host_ip: p.node().ip(),
                 service_account: p.service_account(),
                 container_ports: &e.container_ports,
+                readiness_probe: e.readiness_probe.as_deref(),
                 container_id: p.container_id(),
                 pod_ip: p.ip(),
                 qos: p.qos().as_str(),

@@ -96,6 +96,7 @@ pub(crate) struct PodObject<'a> {
     pub host_ip: Ipv4Addr,
     pub service_account: &'a str,
     pub container_ports: &'a [(String, u16)],
+    pub readiness_probe: Option<&'a str>,
     pub container_id: &'a str,
     pub pod_ip: Ipv4Addr,
     pub qos: &'a str,
@@ -117,6 +118,13 @@ pub(crate) fn pod(p: &PodObject<'_>) -> Value {
         })
         .collect();
     let ready = if p.ready { "True" } else { "False" };
+    let mut container = json!({ "name": "app", "image": "weft-testpod", "ports": ports });
+    if let Some(port) = p.readiness_probe {
+        let port = port
+            .parse::<u16>()
+            .map_or_else(|_| json!(port), |n| json!(n));
+        container["readinessProbe"] = json!({ "tcpSocket": { "port": port }, "periodSeconds": 10 });
+    }
     json!({
         "apiVersion": "v1",
         "kind": "Pod",
@@ -129,7 +137,7 @@ pub(crate) fn pod(p: &PodObject<'_>) -> Value {
         "spec": {
             "nodeName": p.node_name,
             "serviceAccountName": p.service_account,
-            "containers": [ { "name": "app", "image": "weft-testpod", "ports": ports } ],
+            "containers": [ container ],
         },
         "status": {
             "phase": "Running",

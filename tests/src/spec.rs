@@ -16,6 +16,8 @@ pub struct PodSpec {
     pub qos: Qos,
     /// (name, containerPort); the name may be empty.
     pub container_ports: Vec<(String, u16)>,
+    /// A `readinessProbe` with `tcpSocket` on this port (a number or a container port name).
+    pub readiness_probe: Option<String>,
     pub driver: CgroupDriver,
 }
 
@@ -45,6 +47,12 @@ impl PodSpec {
 
     pub fn port(mut self, name: &str, port: u16) -> Self {
         self.container_ports.push((name.into(), port));
+        self
+    }
+
+    /// A readiness probe (`tcpSocket`) on `port`: a number or a container port's name.
+    pub fn readiness_probe(mut self, port: &str) -> Self {
+        self.readiness_probe = Some(port.into());
         self
     }
 

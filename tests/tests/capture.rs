@@ -735,3 +735,57 @@ fn uninstall_detaches_capture() {
         t.client.ip().to_string()
     );
 }
+
+/// An enrolled pod whose cgroup weft cannot find runs uncaptured: after `--enroll-timeout` it
+/// is reported (status, metric, a warning), and the report goes once the pod is gone.
+#[test]
+fn an_enrolled_pod_that_cannot_be_captured_is_reported() {
+    let t = setup("uncaptured");
+    let weft = Weft::start_with(&t.cluster, &t.node, &["--enroll-timeout", "1s"]).unwrap();
+    // A pod of an enrolled namespace on this node, with no cgroup anywhere (as when the
+    // kubelet's cgroup layout is not the one weft looks for).
+    t.cluster
+        .apply_yaml(&format!(
+            "apiVersion: v1
+kind: Pod
+metadata: {{name: ghost, namespace: front, uid: 0a0b0c0d-0000-4000-8000-00000000beef}}
+spec: {{nodeName: {}, containers: [{{name: app, image: app}}]}}
+status: {{phase: Running, podIP: 10.244.1.250}}
+",
+            t.node.name()
+        ))
+        .unwrap();
+    let status = wait_for(WAIT, || {
+        let st = weft.status().ok()?;
+        (st["workloads"]["uncaptured"].as_array()?.len() == 1).then_some(st)
+    })
+    .expect("reported in status");
+    let line = s(&status, "/workloads/uncaptured/0");
+    assert!(
+        line.starts_with("front/ghost: no cgroup for pod uid"),
+        "{line}"
+    );
+    assert!(
+        weft.metrics()
+            .unwrap()
+            .contains("weft_uncaptured_workloads 1"),
+        "metric"
+    );
+    assert!(
+        weft.log().contains("enrolled pod not captured"),
+        "{}",
+        weft.log()
+    );
+    let text = weft.cli(&["status"]).unwrap();
+    assert!(text.contains("NOT CAPTURED (1)"), "{text}");
+
+    t.cluster.delete_object("Pod", "front", "ghost").unwrap();
+    wait_until(WAIT, || {
+        weft.status().is_ok_and(|st| {
+            st["workloads"]["uncaptured"]
+                .as_array()
+                .is_some_and(Vec::is_empty)
+        })
+    })
+    .expect("the report goes with the pod");
+}

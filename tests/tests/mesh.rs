@@ -30,8 +30,8 @@ fn succeeds(from: &Pod, to: SocketAddr) -> bool {
 use traffic::json_str as s;
 
 /// Two nodes. node-a: `front/client` (sa client) and `front/other` (sa other), both enrolled;
-/// node-b: `back/web-0` (sa web, echo on 8080 and 9090) behind the Service `back/web`
-/// (80 → 8080), enrolled. weft on both nodes.
+/// node-b: `back/web-0` (sa web, echo on 8080 and 9090, a readiness probe on 9090) behind the
+/// Service `back/web` (80 → 8080), enrolled. weft on both nodes.
 struct Mesh {
     cluster: Cluster,
     a: Node,
@@ -65,7 +65,8 @@ fn mesh(name: &str, weft_args: &[&str]) -> Mesh {
                 .label("app", "web")
                 .service_account("web")
                 .port("http", 8080)
-                .port("admin", 9090),
+                .port("admin", 9090)
+                .readiness_probe("admin"),
         )
         .unwrap();
     let svc = cluster
@@ -349,7 +350,7 @@ fn authorization_policies_allow_and_deny_at_l4() {
 
 #[test]
 fn strict_peer_authentication_drops_plaintext_in_the_kernel() {
-    let m = mesh("strict", &[]);
+    let mut m = mesh("strict", &[]);
     // A pod outside the mesh, on the other node.
     let legacy = m
         .cluster
@@ -372,24 +373,51 @@ fn strict_peer_authentication_drops_plaintext_in_the_kernel() {
             >= 1,
         "{st}"
     );
-    // Mesh traffic still arrives (delivered by weft from the node address).
+    // Mesh traffic still arrives: weft announces its deliveries to the kernel.
     call_ok(&m.client, m.svc.addr(80), "through the mesh");
-    // A probe-like connection from the node itself is let through.
-    let probe =
+    call_ok(&m.client, m.web.addr(9090), "through the mesh");
+    // From the node itself (a hostNetwork pod, a node process): only the probe port.
+    let from_node_b = |to: SocketAddr| {
         m.b.output(testpod().args([
             "call",
-            &http.to_string(),
+            &to.to_string(),
             "--send",
             "probe",
             "--timeout-ms",
-            "3000",
+            "2000",
         ]))
-        .unwrap();
+        .unwrap()
+        .status
+        .success()
+    };
+    assert!(from_node_b(m.web.addr(9090)), "the readiness probe port");
     assert!(
-        probe.status.success(),
-        "node probe refused: {}",
-        String::from_utf8_lossy(&probe.stderr)
+        !from_node_b(http),
+        "a node process reached a STRICT pod's service port in plaintext"
     );
+
+    // A node whose route to its pods uses another of its addresses (a pod bridge's own, as
+    // with bridge CNIs): weft's deliveries and the probe still get in, from that address.
+    m.b.ip_cmd(&["addr", "add", "10.200.0.9/32", "dev", "lo"])
+        .unwrap();
+    let route = format!("{}/32", m.web.ip());
+    m.b.ip_cmd(&[
+        "route",
+        "replace",
+        &route,
+        "dev",
+        m.web.host_veth(),
+        "src",
+        "10.200.0.9",
+    ])
+    .unwrap();
+    m.weft_b.restart().unwrap(); // reads the node's addresses at start (then every 10 s)
+    call_ok(&m.client, m.svc.addr(80), "from the bridge address");
+    assert!(
+        from_node_b(m.web.addr(9090)),
+        "probe from the bridge address"
+    );
+    assert!(!from_node_b(http));
 
     // portLevelMtls: port 9090 PERMISSIVE while the pod stays STRICT.
     apply(

@@ -475,12 +475,16 @@ pub struct WatchStatus {
     pub error: Option<String>,
 }
 
-#[derive(Serialize, Deserialize, Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Serialize, Deserialize, Debug, Clone, PartialEq, Eq)]
 pub struct WorkloadCounts {
     /// Pods scheduled on this node.
     pub total: usize,
     /// Of those, the ones whose connections are captured.
     pub enrolled: usize,
+    /// Enrolled pods whose cgroup was not found within `--enroll-timeout`: their connections
+    /// are NOT captured. `ns/name: why`, one each.
+    #[serde(default)]
+    pub uncaptured: Vec<String>,
 }
 
 #[derive(Serialize, Deserialize, Debug, Clone, PartialEq, Eq)]

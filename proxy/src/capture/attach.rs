@@ -22,8 +22,9 @@ use parking_lot::Mutex;
 use tokio::sync::watch;
 use tracing::{debug, info, warn};
 use weft_common::{
-    names, Config, Counter, FlowKey, OrigDst, StrictKey, ENROLLED_ENTRIES, EVENTS_BYTES,
-    EXCL_CIDRS_ENTRIES, EXCL_PORTS_ENTRIES, ORIG_DST_ENTRIES, STRICT_ENTRIES,
+    names, Config, Counter, FlowKey, OrigDst, StrictKey, DELIVERIES_ENTRIES, ENROLLED_ENTRIES,
+    EVENTS_BYTES, EXCL_CIDRS_ENTRIES, EXCL_PORTS_ENTRIES, NODE_ADDRS_ENTRIES, ORIG_DST_ENTRIES,
+    STRICT_ENTRIES,
 };
 
 use super::{Capture, CaptureConfig};
@@ -79,7 +80,7 @@ pub(super) struct MapSpec {
     pub(super) max_entries: u32,
 }
 
-pub(super) fn map_specs() -> [MapSpec; 9] {
+pub(super) fn map_specs() -> [MapSpec; 11] {
     use std::mem::size_of;
     let spec = |name, map_type, key_size: usize, value_size: usize, max_entries| MapSpec {
         name,
@@ -139,6 +140,20 @@ pub(super) fn map_specs() -> [MapSpec; 9] {
             size_of::<StrictKey>(),
             size_of::<u8>(),
             STRICT_ENTRIES,
+        ),
+        spec(
+            names::DELIVERIES,
+            MapType::LruHash,
+            size_of::<FlowKey>(),
+            size_of::<u64>(),
+            DELIVERIES_ENTRIES,
+        ),
+        spec(
+            names::NODE_ADDRS,
+            MapType::Hash,
+            size_of::<u32>(),
+            size_of::<u8>(),
+            NODE_ADDRS_ENTRIES,
         ),
     ]
 }
@@ -207,6 +222,8 @@ impl Capture {
             by_tuple: Mutex::new(take_map(&mut ebpf, names::BY_TUPLE)?),
             stats: Mutex::new(take_map(&mut ebpf, names::STATS)?),
             strict: Mutex::new(take_map(&mut ebpf, names::STRICT)?),
+            deliveries: Mutex::new(take_map(&mut ebpf, names::DELIVERIES)?),
+            node_addrs: Mutex::new(take_map(&mut ebpf, names::NODE_ADDRS)?),
             events: Mutex::new(Some(take_map(&mut ebpf, names::EVENTS)?)),
             shutdown: watch::channel(()).0,
             own_cgroups: own_cgroup_ids().unwrap_or_else(|err| {
@@ -856,6 +873,8 @@ mod tests {
             names::EVENTS,
             names::STATS,
             names::STRICT,
+            names::DELIVERIES,
+            names::NODE_ADDRS,
         ];
         all.into_iter()
             .filter(|name| {

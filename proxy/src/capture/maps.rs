@@ -3,7 +3,7 @@
 //! redirected connection.
 
 use std::collections::{HashMap, HashSet};
-use std::net::{IpAddr, Ipv4Addr, SocketAddr};
+use std::net::{IpAddr, Ipv4Addr, SocketAddr, SocketAddrV4};
 
 use anyhow::Context as _;
 use aya::maps::{lpm_trie::Key as LpmKey, HashMap as BpfHashMap, MapData, MapError};
@@ -76,7 +76,7 @@ impl Capture {
         };
         let remove_stale = |map: &mut BpfHashMap<MapData, StrictKey, u8>, strict: bool| {
             for (k, &raw) in &current {
-                if (raw == strict_mode::STRICT) == strict && !entries.contains_key(k) {
+                if (raw != strict_mode::NOT_STRICT) == strict && !entries.contains_key(k) {
                     ignore_missing(map.remove(&key(k))).with_context(|| {
                         format!("removing cgroup {} port {} from STRICT", k.0, k.1)
                     })?;
@@ -86,10 +86,51 @@ impl Capture {
         };
         // Tighten first, then loosen.
         upsert(&mut map, StrictMode::Strict)?;
+        upsert(&mut map, StrictMode::StrictProbe)?;
         remove_stale(&mut map, false)?;
         upsert(&mut map, StrictMode::NotStrict)?;
         remove_stale(&mut map, true)?;
         Ok(())
+    }
+
+    /// Makes `NODE_ADDRS` hold exactly `addrs`: the node's own IPv4 addresses, from which a
+    /// STRICT pod accepts plaintext on its probe ports ([`StrictMode::StrictProbe`]).
+    pub fn set_node_addresses(&self, addrs: &HashSet<Ipv4Addr>) -> anyhow::Result<()> {
+        let want: HashSet<u32> = addrs.iter().map(|a| ip4_ne(*a)).collect();
+        let mut map = self.node_addrs.lock();
+        let current: HashSet<u32> = map
+            .keys()
+            .collect::<Result<_, _>>()
+            .context("listing NODE_ADDRS")?;
+        for a in want.difference(&current) {
+            map.insert(a, 1, 0).context("adding to NODE_ADDRS")?;
+        }
+        for a in current.difference(&want) {
+            ignore_missing(map.remove(a)).context("removing from NODE_ADDRS")?;
+        }
+        Ok(())
+    }
+
+    /// Tells the ingress program that the socket bound to `local_port` is weft's own
+    /// connection to `target` (a pod of this node): a STRICT pod lets its SYN in. Called
+    /// between `bind` and `connect`; [`Capture::delivered`] once connected (or failed). The
+    /// entry vouches for [`weft_common::DELIVERY_TTL_NS`] at most.
+    pub fn announce_delivery(&self, local_port: u16, target: SocketAddrV4) -> anyhow::Result<()> {
+        let now = nix::time::clock_gettime(nix::time::ClockId::CLOCK_BOOTTIME)
+            .context("reading CLOCK_BOOTTIME")?;
+        let ns = now.tv_sec() as u64 * 1_000_000_000 + now.tv_nsec() as u64;
+        self.deliveries
+            .lock()
+            .insert(delivery_key(local_port, target), ns, 0)
+            .context("adding to DELIVERIES")
+    }
+
+    /// Removes what [`Capture::announce_delivery`] added.
+    pub fn delivered(&self, local_port: u16, target: SocketAddrV4) {
+        let _ = self
+            .deliveries
+            .lock()
+            .remove(&delivery_key(local_port, target));
     }
 
     /// On accept: `peer` = client (pod) address, `local` = our listener address. Looks the
@@ -191,7 +232,16 @@ impl Capture {
     }
 }
 
-pub(super) fn ignore_missing(r: Result<(), MapError>) -> Result<(), MapError> {
+pub(super) fn delivery_key(local_port: u16, target: SocketAddrV4) -> FlowKey {
+    FlowKey {
+        src_ip4: 0,
+        dst_ip4: ip4_ne(*target.ip()),
+        src_port: local_port,
+        dst_port: target.port(),
+    }
+}
+
+fn ignore_missing(r: Result<(), MapError>) -> Result<(), MapError> {
     match r {
         Err(MapError::KeyNotFound | MapError::ElementNotFound) => Ok(()),
         r => r,

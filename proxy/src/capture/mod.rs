@@ -88,9 +88,12 @@ pub struct RedirectEvent {
 /// PeerAuthentication mode of a pod, or of one of its ports (see [`Capture::set_strict`]).
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize)]
 pub enum StrictMode {
-    /// STRICT: new plaintext TCP connections from anywhere but the node's own address (the
-    /// proxy's address: mesh deliveries and kubelet probes) or loopback are dropped.
+    /// STRICT: new plaintext TCP connections are dropped unless weft opens them (announced
+    /// with [`Capture::announce_delivery`]) or they come from loopback.
     Strict,
+    /// STRICT on a port a probe of the pod targets: also accepted from the node's addresses
+    /// ([`Capture::set_node_addresses`]), where the kubelet probes from.
+    StrictProbe,
     /// An explicit PERMISSIVE or DISABLE: everything is accepted. As a per-port entry it
     /// overrides a STRICT pod default.
     NotStrict,
@@ -100,6 +103,7 @@ impl StrictMode {
     fn to_raw(self) -> u8 {
         match self {
             StrictMode::Strict => strict_mode::STRICT,
+            StrictMode::StrictProbe => strict_mode::STRICT_PROBE,
             StrictMode::NotStrict => strict_mode::NOT_STRICT,
         }
     }
@@ -121,6 +125,8 @@ pub struct Capture {
     by_tuple: Mutex<BpfHashMap<MapData, FlowKey, OrigDst>>,
     stats: Mutex<PerCpuArray<MapData, u64>>,
     strict: Mutex<BpfHashMap<MapData, StrictKey, u8>>,
+    deliveries: Mutex<BpfHashMap<MapData, FlowKey, u64>>,
+    node_addrs: Mutex<BpfHashMap<MapData, u32, u8>>,
     events: Mutex<Option<RingBuf<MapData>>>,
     /// Dropped with the `Capture`, which stops the event pump task.
     shutdown: watch::Sender<()>,

@@ -66,6 +66,16 @@ fn render(out: &mut impl Write, s: &Status) -> std::io::Result<()> {
         "Workloads:   {} on this node, {} enrolled",
         s.workloads.total, s.workloads.enrolled
     )?;
+    if !s.workloads.uncaptured.is_empty() {
+        writeln!(
+            out,
+            "             NOT CAPTURED ({}):",
+            s.workloads.uncaptured.len()
+        )?;
+        for line in &s.workloads.uncaptured {
+            writeln!(out, "               {line}")?;
+        }
+    }
     let c = &s.capture;
     writeln!(
         out,

@@ -55,6 +55,8 @@ struct NodeProxy {
     /// The Kubernetes API source, with `--registry kube`.
     kube: Option<Arc<KubeSource>>,
     ready: AtomicBool,
+    /// Enrolled pods not captured for longer than `--enroll-timeout` (`weft status`).
+    uncaptured: parking_lot::Mutex<Vec<String>>,
 }
 
 impl std::fmt::Debug for NodeProxy {
@@ -93,6 +95,9 @@ pub async fn run(cfg: NodeConfig) -> anyhow::Result<()> {
         exclude_ports: cfg.exclude_ports.clone(),
         exclude_cidrs: cfg.exclude_cidrs.clone(),
     })?);
+    // Before any STRICT entry is written: where kubelet probes come from.
+    refresh_node_addresses(&capture);
+    tokio::spawn(keep_node_addresses(capture.clone()));
     let identity = Arc::new(
         IdentityManager::new(IdentityConfig {
             ca_cert: cfg.ca_cert.clone(),
@@ -124,7 +129,8 @@ pub async fn run(cfg: NodeConfig) -> anyhow::Result<()> {
         policy_generation: tokio::sync::watch::Sender::new(generation),
         routes: Arc::new(ArcSwap::from_pointee(routes)),
         workloads: Arc::new(ArcSwap::from_pointee(index)),
-        connector: Connector::new(connect_timeout),
+        connector: Connector::new(connect_timeout)
+            .with_deliveries(Arc::new(AnnouncedToCapture(capture.clone()))),
         telemetry: telemetry.clone(),
     });
     let pool = Pool::new(
@@ -169,6 +175,7 @@ pub async fn run(cfg: NodeConfig) -> anyhow::Result<()> {
         clusters: Arc::default(),
         kube,
         ready: AtomicBool::new(false),
+        uncaptured: parking_lot::Mutex::default(),
     });
     let kernel = reconcile::apply(&node, generation)?;
 
@@ -258,6 +265,50 @@ fn proxy_address(cfg: &NodeConfig, registry: &Registry) -> anyhow::Result<Socket
     match addr {
         SocketAddr::V4(v4) if !v4.ip().is_unspecified() => Ok(v4),
         _ => bail!("--proxy-address {addr}: must be a specific IPv4 address pods can reach"),
+    }
+}
+
+/// weft's connections, announced to the kernel's STRICT check.
+#[derive(Debug)]
+struct AnnouncedToCapture(Arc<Capture>);
+
+impl crate::upstream::Deliveries for AnnouncedToCapture {
+    fn announce(&self, local_port: u16, target: std::net::SocketAddrV4) -> anyhow::Result<()> {
+        self.0.announce_delivery(local_port, target)
+    }
+    fn delivered(&self, local_port: u16, target: std::net::SocketAddrV4) {
+        self.0.delivered(local_port, target)
+    }
+}
+
+/// How often the node's addresses are read again (a bridge brought up later, a new address).
+const NODE_ADDRESSES_EVERY: Duration = Duration::from_secs(10);
+
+async fn keep_node_addresses(capture: Arc<Capture>) {
+    let mut every = tokio::time::interval(NODE_ADDRESSES_EVERY);
+    every.tick().await;
+    loop {
+        every.tick().await;
+        refresh_node_addresses(&capture);
+    }
+}
+
+/// Writes the IPv4 addresses of this network namespace's interfaces (the node's: its
+/// InternalIP, a pod bridge's own address, …) to the capture: kubelet probes come from one of
+/// them. Loopback is left out (the programs let it in anyway).
+fn refresh_node_addresses(capture: &Capture) {
+    let addrs = match nix::ifaddrs::getifaddrs() {
+        Ok(list) => list
+            .filter_map(|i| i.address?.as_sockaddr_in().map(|a| a.ip()))
+            .filter(|ip| !ip.is_loopback())
+            .collect::<std::collections::HashSet<_>>(),
+        Err(e) => {
+            warn!(error = %e, "cannot list the node's addresses");
+            return;
+        }
+    };
+    if let Err(e) = capture.set_node_addresses(&addrs) {
+        warn!(error = %format!("{e:#}"), "cannot update the node's addresses for probes");
     }
 }
 

@@ -5,7 +5,7 @@
 
 use std::collections::{HashMap, HashSet};
 use std::sync::Arc;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use tracing::{error, info, warn};
 
@@ -28,6 +28,8 @@ pub(super) struct Applied {
     strict: HashMap<(u64, u16), StrictMode>,
     /// Route conflicts already logged.
     route_warnings: HashSet<String>,
+    /// Enrolled pods without a cgroup found, by uid: since when, and whether reported.
+    uncaptured: HashMap<String, (Instant, bool)>,
     /// The snapshot the policies and routes in force were compiled from: a new snapshot with
     /// the same objects (a pod changed) keeps them.
     compiled_from: Option<Arc<Snapshot>>,
@@ -100,6 +102,7 @@ pub(super) async fn run(node: Arc<NodeProxy>, mut applied: Applied) {
             WorkloadIndex::build(&snapshot, &n.cfg.node_name, &n.cfg.cgroup_root)
         });
         let Ok(index) = built.await else { continue };
+        report_uncaptured(&node, &index, &mut applied.uncaptured);
         node.identity
             .set_local_identities(index.identities(&inputs.trust_domain));
         // PeerAuthentication first: a pod that becomes STRICT is protected before anything else.
@@ -135,8 +138,52 @@ pub(super) async fn run(node: Arc<NodeProxy>, mut applied: Applied) {
     }
 }
 
+/// Enrolled pods whose cgroup is still not found `--enroll-timeout` after they were first seen
+/// without one run uncaptured: their connections bypass the mesh. Each is warned about once,
+/// listed in `weft status` and counted in `weft_uncaptured_workloads` until found or gone.
+fn report_uncaptured(
+    node: &NodeProxy,
+    index: &WorkloadIndex,
+    tracked: &mut HashMap<String, (Instant, bool)>,
+) {
+    let now = Instant::now();
+    let root = node.cfg.cgroup_root.display();
+    let mut seen = HashSet::new();
+    let mut report = Vec::new();
+    for e in index.entries().iter().filter(|e| e.enrolled) {
+        let pod = &e.pod;
+        let name = format!("{}/{}", pod.namespace, pod.name);
+        if e.cgroup_id.is_some() {
+            if tracked.remove(&pod.uid).is_some_and(|(_, warned)| warned) {
+                info!(pod = %name, "pod cgroup found: its connections are captured now");
+            }
+            continue;
+        }
+        seen.insert(pod.uid.clone());
+        let (since, warned) = tracked.entry(pod.uid.clone()).or_insert((now, false));
+        let waited = now.duration_since(*since);
+        if waited < node.cfg.enroll_timeout {
+            continue;
+        }
+        if !*warned {
+            *warned = true;
+            warn!(pod = %name, uid = %pod.uid, qos = ?pod.qos, cgroup_root = %root,
+                "enrolled pod not captured: no cgroup of it under the cgroup root after {waited:?}; its connections bypass the mesh");
+        }
+        report.push(format!(
+            "{name}: no cgroup for pod uid {} under {root} for {}s: connections not captured",
+            pod.uid,
+            waited.as_secs()
+        ));
+    }
+    tracked.retain(|uid, _| seen.contains(uid));
+    report.sort();
+    *node.uncaptured.lock() = report;
+}
+
 /// Kernel STRICT entries for the mesh pods of this node: `(pod cgroup, 0)` for the pod's
-/// PeerAuthentication mode and `(pod cgroup, port)` where `portLevelMtls` overrides it.
+/// PeerAuthentication mode, `(pod cgroup, port)` where `portLevelMtls` overrides it, and
+/// [`StrictMode::StrictProbe`] for a STRICT port one of the pod's probes targets.
 fn strict_entries(index: &WorkloadIndex, policies: &PolicySet) -> HashMap<(u64, u16), StrictMode> {
     let mut out = HashMap::new();
     for e in index.entries().iter().filter(|e| e.enrolled) {
@@ -154,6 +201,13 @@ fn strict_entries(index: &WorkloadIndex, policies: &PolicySet) -> HashMap<(u64, 
                     StrictMode::NotStrict
                 };
                 out.insert((id, *port), m);
+            }
+        }
+        // A STRICT port a probe targets also takes plaintext from the node (the kubelet).
+        for port in &e.pod.probe_ports {
+            let mode = mtls.ports.get(port).copied().unwrap_or(mtls.default);
+            if strict(mode) {
+                out.insert((id, *port), StrictMode::StrictProbe);
             }
         }
     }

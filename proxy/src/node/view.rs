@@ -101,6 +101,7 @@ impl NodeView for NodeProxy {
             workloads: WorkloadCounts {
                 total: index.entries().len(),
                 enrolled: index.entries().iter().filter(|e| e.enrolled).count(),
+                uncaptured: self.uncaptured.lock().clone(),
             },
             capture: self.capture.status(),
             mesh: MeshStatus {
@@ -171,6 +172,7 @@ impl GaugeSource for NodeProxy {
             ebpf: self.capture.counters(),
             workloads: index.entries().len() as u64,
             enrolled_workloads: index.entries().iter().filter(|e| e.enrolled).count() as u64,
+            uncaptured_workloads: self.uncaptured.lock().len() as u64,
             registry_generation: registry.snapshot().generation,
             registry_reload_failed: registry.last_error().is_some(),
             registry_not_applied: registry.snapshot().not_applied.len() as u64,

@@ -734,6 +734,38 @@ fn protocol(p: &Option<String>, path: String, errors: &mut Vec<FieldError>) -> S
     }
 }
 
+/// The TCP ports a container's probes target: `httpGet`, `tcpSocket` and `grpc` of its
+/// liveness, readiness and startup probes, a named port resolved among the container's own.
+/// Probes that name no port the container declares (or `exec` probes) give none.
+fn container_probe_ports(c: &k8s_openapi::api::core::v1::Container) -> Vec<u16> {
+    use k8s_openapi::apimachinery::pkg::util::intstr::IntOrString;
+    let named = |n: &str| {
+        c.ports
+            .iter()
+            .flatten()
+            .find(|p| p.name.as_deref() == Some(n))
+            .and_then(|p| u16::try_from(p.container_port).ok())
+    };
+    let port = |p: &IntOrString| match p {
+        IntOrString::Int(n) => u16::try_from(*n).ok().filter(|n| *n != 0),
+        IntOrString::String(n) => named(n),
+    };
+    [&c.liveness_probe, &c.readiness_probe, &c.startup_probe]
+        .into_iter()
+        .flatten()
+        .flat_map(|p| {
+            [
+                p.http_get.as_ref().and_then(|h| port(&h.port)),
+                p.tcp_socket.as_ref().and_then(|t| port(&t.port)),
+                p.grpc
+                    .as_ref()
+                    .and_then(|g| u16::try_from(g.port).ok().filter(|n| *n != 0)),
+            ]
+        })
+        .flatten()
+        .collect()
+}
+
 /// Kubernetes port names (IANA_SVC_NAME): 1-15 of `a-z0-9-`, at least one letter, no leading,
 /// trailing or double hyphen.
 fn check_port_name(name: &str) -> Result<(), String> {
@@ -862,6 +894,7 @@ pub fn pod(p: &core::Pod) -> Result<Pod, Vec<FieldError>> {
     };
 
     let mut ports = Vec::new();
+    let mut probe_ports = Vec::new();
     if let Some(spec) = spec {
         // Restartable init containers ("sidecars") serve ports like regular containers.
         let sidecars = spec
@@ -896,8 +929,11 @@ pub fn pod(p: &core::Pod) -> Result<Pod, Vec<FieldError>> {
                     protocol,
                 });
             }
+            probe_ports.extend(container_probe_ports(c));
         }
     }
+    probe_ports.sort_unstable();
+    probe_ports.dedup();
 
     let service_account = spec
         .and_then(|s| {
@@ -925,6 +961,7 @@ pub fn pod(p: &core::Pod) -> Result<Pod, Vec<FieldError>> {
         qos,
         host_network: spec.and_then(|s| s.host_network).unwrap_or(false),
         ports,
+        probe_ports,
     };
     done(pod, errors)
 }

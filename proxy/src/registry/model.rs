@@ -85,6 +85,10 @@ pub struct Pod {
     /// `spec.hostNetwork`: the pod shares its node's network and cgroup identity is not its own IP.
     pub host_network: bool,
     pub ports: Vec<ContainerPort>,
+    /// TCP ports the kubelet probes (liveness, readiness, startup: `httpGet`, `tcpSocket`,
+    /// `grpc`; named ports resolved in their container), sorted, without duplicates. A STRICT
+    /// pod accepts plaintext from its node on these only.
+    pub probe_ports: Vec<u16>,
 }
 
 impl Pod {

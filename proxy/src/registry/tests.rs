@@ -909,6 +909,34 @@ sepc: {hosts: [a]}
 }
 
 #[test]
+fn probe_ports_are_those_the_kubelet_connects_to() {
+    let yaml = "\
+apiVersion: v1
+kind: Pod
+metadata: {namespace: default, name: app, uid: u-app}
+spec:
+  containers:
+  - name: web
+    ports: [{name: http, containerPort: 8080}, {name: health, containerPort: 8081}]
+    readinessProbe: {httpGet: {path: /ready, port: health}}
+    livenessProbe: {tcpSocket: {port: 8080}}
+    startupProbe: {exec: {command: [true]}}
+  - name: grpc
+    ports: [{name: health, containerPort: 9000}]
+    livenessProbe: {grpc: {port: 9001}}
+    readinessProbe: {httpGet: {port: health}}
+  - name: odd
+    readinessProbe: {httpGet: {port: nope}}
+status: {podIP: 10.244.1.9}
+";
+    let s = Snapshot::from_yaml(yaml).unwrap();
+    let pod = s.pod_by_ip("10.244.1.9".parse().unwrap()).unwrap();
+    // Named ports resolve in their own container (`health` is 8081 in one, 9000 in the
+    // other); exec probes and names no container declares give nothing.
+    assert_eq!(pod.probe_ports, vec![8080, 8081, 9000, 9001]);
+}
+
+#[test]
 fn a_target_port_name_no_selected_pod_declares_is_warned_about() {
     let yaml = "\
 apiVersion: v1

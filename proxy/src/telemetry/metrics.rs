@@ -28,6 +28,8 @@ pub struct NodeGauges {
     pub ebpf: BTreeMap<String, u64>,
     pub workloads: u64,
     pub enrolled_workloads: u64,
+    /// Enrolled pods whose cgroup has not been found for longer than `--enroll-timeout`.
+    pub uncaptured_workloads: u64,
     pub registry_generation: u64,
     pub registry_reload_failed: bool,
     /// Objects of the sources left out of the snapshot in force.
@@ -196,6 +198,12 @@ impl Collector for NodeCollector {
         )?;
         gauge(
             &mut enc,
+            "weft_uncaptured_workloads",
+            "Enrolled pods on this node whose cgroup was not found within --enroll-timeout: their connections are not captured",
+            g(m.uncaptured_workloads),
+        )?;
+        gauge(
+            &mut enc,
             "weft_registry_generation",
             "Generation of the registry snapshot in force",
             g(m.registry_generation),
@@ -324,6 +332,7 @@ mod tests {
         let mut gauges = NodeGauges {
             workloads: 3,
             enrolled_workloads: 1,
+            uncaptured_workloads: 1,
             registry_generation: 4,
             registry_reload_failed: true,
             registry_not_applied: 2,
@@ -375,6 +384,7 @@ mod tests {
             "weft_ebpf_events_total{event=\"redirected\"} 8",
             "weft_active_connections 0",
             "weft_enrolled_workloads 1",
+            "weft_uncaptured_workloads 1",
             "weft_registry_reload_failed 1",
             "weft_registry_objects_not_applied 2",
             "weft_registry_objects{kind=\"Pod\"} 7",

@@ -5,6 +5,13 @@
 //! tunnel being delivered to a pod of this node. Today every socket leaves from the node's own
 //! address; giving it the calling pod's address is a change to this file alone.
 //!
+//! Before an IPv4 socket's SYN leaves, its local port and destination are announced to
+//! [`Deliveries`] (the capture's `DELIVERIES` map): a STRICT pod accepts plaintext only from
+//! connections weft announced, not from whatever else shares the node's address. The port is
+//! therefore bound before `connect` (the kernel picks it per local address rather than per
+//! destination: ~28 000 upstream connections at once per node address, where a connect-time
+//! choice allows that many per destination).
+//!
 //! - [`http`]: HTTP/1.1 and HTTP/2 client connections over any stream (TCP, an HBONE tunnel,
 //!   TLS), kept for reuse per endpoint.
 //! - [`tls`]: TLS origination towards external services (DestinationRule `tls.mode: SIMPLE`).
@@ -17,11 +24,12 @@ pub mod tls;
 
 use std::fmt;
 use std::io;
-use std::net::SocketAddr;
+use std::net::{SocketAddr, SocketAddrV4};
+use std::sync::Arc;
 use std::time::Duration;
 
 use tokio::net::TcpStream;
-use tracing::trace;
+use tracing::{trace, warn};
 
 use crate::identity::SpiffeId;
 use crate::registry::Pod;
@@ -66,16 +74,33 @@ pub struct Keepalive {
     pub interval: Option<Duration>,
 }
 
+/// Told about each IPv4 connection weft opens, after its local port is bound and before its
+/// SYN leaves, and again once it is connected or failed.
+pub trait Deliveries: Send + Sync + fmt::Debug {
+    fn announce(&self, local_port: u16, target: SocketAddrV4) -> anyhow::Result<()>;
+    fn delivered(&self, local_port: u16, target: SocketAddrV4);
+}
+
 /// Opens upstream connections.
 #[derive(Debug, Clone)]
 pub struct Connector {
     timeout: Duration,
+    deliveries: Option<Arc<dyn Deliveries>>,
 }
 
 impl Connector {
     /// Connections that take longer than `timeout` to establish fail.
     pub fn new(timeout: Duration) -> Connector {
-        Connector { timeout }
+        Connector {
+            timeout,
+            deliveries: None,
+        }
+    }
+
+    /// Announces every IPv4 connection to `deliveries` before it is opened.
+    pub fn with_deliveries(mut self, deliveries: Arc<dyn Deliveries>) -> Connector {
+        self.deliveries = Some(deliveries);
+        self
     }
 
     /// Connects to `target` for `on_behalf`, with `TCP_NODELAY` set (the proxy relays what it
@@ -98,9 +123,23 @@ impl Connector {
     ) -> Result<TcpStream, ConnectError> {
         trace!(%target, on_behalf = %on_behalf, "connecting");
         let timeout = timeout.unwrap_or(self.timeout);
-        let stream = tokio::time::timeout(timeout, TcpStream::connect(target))
-            .await
-            .map_err(|_| ConnectError::TimedOut(timeout))??;
+        let stream = match (&self.deliveries, target) {
+            (Some(deliveries), SocketAddr::V4(v4)) => {
+                let socket = tokio::net::TcpSocket::new_v4()?;
+                socket.bind(SocketAddr::from(([0, 0, 0, 0], 0)))?;
+                let port = socket.local_addr()?.port();
+                if let Err(e) = deliveries.announce(port, v4) {
+                    // A STRICT pod will drop it; anything else is unaffected.
+                    warn!(%target, error = %format!("{e:#}"), "cannot announce a delivery");
+                }
+                let connected = tokio::time::timeout(timeout, socket.connect(target)).await;
+                deliveries.delivered(port, v4);
+                connected.map_err(|_| ConnectError::TimedOut(timeout))??
+            }
+            _ => tokio::time::timeout(timeout, TcpStream::connect(target))
+                .await
+                .map_err(|_| ConnectError::TimedOut(timeout))??,
+        };
         let _ = stream.set_nodelay(true);
         if let Some(k) = keepalive {
             let mut ka = socket2::TcpKeepalive::new();
