@@ -12,6 +12,7 @@ mod reconcile;
 mod view;
 mod workers;
 
+use std::collections::HashSet;
 use std::net::{IpAddr, SocketAddr, SocketAddrV4};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
@@ -57,6 +58,9 @@ struct NodeProxy {
     ready: AtomicBool,
     /// Enrolled pods not captured for longer than `--enroll-timeout` (`weft status`).
     uncaptured: parking_lot::Mutex<Vec<String>>,
+    /// Addresses of this node's pods with a STRICT port: weft's connections to them are
+    /// announced to the kernel.
+    strict_pods: Arc<ArcSwap<HashSet<IpAddr>>>,
 }
 
 impl std::fmt::Debug for NodeProxy {
@@ -95,6 +99,7 @@ pub async fn run(cfg: NodeConfig) -> anyhow::Result<()> {
         exclude_ports: cfg.exclude_ports.clone(),
         exclude_cidrs: cfg.exclude_cidrs.clone(),
     })?);
+    let strict_pods: Arc<ArcSwap<HashSet<IpAddr>>> = Arc::default();
     // Before any STRICT entry is written: where kubelet probes come from.
     refresh_node_addresses(&capture);
     tokio::spawn(keep_node_addresses(capture.clone()));
@@ -129,8 +134,10 @@ pub async fn run(cfg: NodeConfig) -> anyhow::Result<()> {
         policy_generation: tokio::sync::watch::Sender::new(generation),
         routes: Arc::new(ArcSwap::from_pointee(routes)),
         workloads: Arc::new(ArcSwap::from_pointee(index)),
-        connector: Connector::new(connect_timeout)
-            .with_deliveries(Arc::new(AnnouncedToCapture(capture.clone()))),
+        connector: Connector::new(connect_timeout).with_deliveries(Arc::new(AnnouncedToCapture {
+            capture: capture.clone(),
+            strict_pods: strict_pods.clone(),
+        })),
         telemetry: telemetry.clone(),
     });
     let pool = Pool::new(
@@ -176,6 +183,7 @@ pub async fn run(cfg: NodeConfig) -> anyhow::Result<()> {
         kube,
         ready: AtomicBool::new(false),
         uncaptured: parking_lot::Mutex::default(),
+        strict_pods,
     });
     let kernel = reconcile::apply(&node, generation)?;
 
@@ -268,16 +276,24 @@ fn proxy_address(cfg: &NodeConfig, registry: &Registry) -> anyhow::Result<Socket
     }
 }
 
-/// weft's connections, announced to the kernel's STRICT check.
+/// weft's connections to STRICT pods, announced to the kernel's STRICT check.
 #[derive(Debug)]
-struct AnnouncedToCapture(Arc<Capture>);
+struct AnnouncedToCapture {
+    capture: Arc<Capture>,
+    /// The addresses of this node's pods with a STRICT port (reconcile keeps it; a superset
+    /// while STRICT entries are being written).
+    strict_pods: Arc<ArcSwap<HashSet<IpAddr>>>,
+}
 
 impl crate::upstream::Deliveries for AnnouncedToCapture {
+    fn wanted(&self, target: std::net::SocketAddrV4) -> bool {
+        self.strict_pods.load().contains(&IpAddr::V4(*target.ip()))
+    }
     fn announce(&self, local_port: u16, target: std::net::SocketAddrV4) -> anyhow::Result<()> {
-        self.0.announce_delivery(local_port, target)
+        self.capture.announce_delivery(local_port, target)
     }
     fn delivered(&self, local_port: u16, target: std::net::SocketAddrV4) {
-        self.0.delivered(local_port, target)
+        self.capture.delivered(local_port, target)
     }
 }
 
@@ -301,7 +317,7 @@ fn refresh_node_addresses(capture: &Capture) {
         Ok(list) => list
             .filter_map(|i| i.address?.as_sockaddr_in().map(|a| a.ip()))
             .filter(|ip| !ip.is_loopback())
-            .collect::<std::collections::HashSet<_>>(),
+            .collect::<HashSet<_>>(),
         Err(e) => {
             warn!(error = %e, "cannot list the node's addresses");
             return;

@@ -49,6 +49,8 @@ pub(super) fn apply(node: &NodeProxy, generation: u64) -> anyhow::Result<Applied
     node.identity
         .set_local_identities(index.identities(&inputs.trust_domain));
     let strict = strict_entries(&index, &inputs.policies.load());
+    node.strict_pods
+        .store(Arc::new(strict_pods(&index, &strict)));
     node.capture.set_strict(&strict)?;
     applied.strict = strict;
     let enrolled = index.enrolled_ids();
@@ -108,7 +110,14 @@ pub(super) async fn run(node: Arc<NodeProxy>, mut applied: Applied) {
         // PeerAuthentication first: a pod that becomes STRICT is protected before anything else.
         let want_strict = strict_entries(&index, &inputs.policies.load());
         if want_strict != applied.strict {
-            match node.capture.set_strict(&want_strict) {
+            // weft announces its connections to a pod before the pod turns STRICT, and goes
+            // on until it no longer is.
+            let now = strict_pods(&index, &want_strict);
+            let during: HashSet<_> = now.union(&node.strict_pods.load()).copied().collect();
+            node.strict_pods.store(Arc::new(during));
+            let result = node.capture.set_strict(&want_strict);
+            node.strict_pods.store(Arc::new(now));
+            match result {
                 Ok(()) => {
                     info!(
                         entries = want_strict.len(),
@@ -179,6 +188,24 @@ fn report_uncaptured(
     tracked.retain(|uid, _| seen.contains(uid));
     report.sort();
     *node.uncaptured.lock() = report;
+}
+
+/// The addresses of the pods with a STRICT or probe-STRICT entry in `strict`.
+fn strict_pods(
+    index: &WorkloadIndex,
+    strict: &HashMap<(u64, u16), StrictMode>,
+) -> HashSet<std::net::IpAddr> {
+    let ids: HashSet<u64> = strict
+        .iter()
+        .filter(|(_, m)| **m != StrictMode::NotStrict)
+        .map(|((id, _), _)| *id)
+        .collect();
+    index
+        .entries()
+        .iter()
+        .filter(|e| e.cgroup_id.is_some_and(|id| ids.contains(&id)))
+        .flat_map(|e| e.pod.ips.iter().copied())
+        .collect()
 }
 
 /// Kernel STRICT entries for the mesh pods of this node: `(pod cgroup, 0)` for the pod's

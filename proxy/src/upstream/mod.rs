@@ -5,12 +5,13 @@
 //! tunnel being delivered to a pod of this node. Today every socket leaves from the node's own
 //! address; giving it the calling pod's address is a change to this file alone.
 //!
-//! Before an IPv4 socket's SYN leaves, its local port and destination are announced to
-//! [`Deliveries`] (the capture's `DELIVERIES` map): a STRICT pod accepts plaintext only from
-//! connections weft announced, not from whatever else shares the node's address. The port is
-//! therefore bound before `connect` (the kernel picks it per local address rather than per
-//! destination: ~28 000 upstream connections at once per node address, where a connect-time
-//! choice allows that many per destination).
+//! A connection to a STRICT pod ([`Deliveries::wanted`]) has its local port and destination
+//! announced to [`Deliveries`] (the capture's `DELIVERIES` map) before its SYN leaves: a STRICT
+//! pod accepts plaintext only from connections weft announced, not from whatever else shares
+//! the node's address. Its port is therefore bound before `connect`, which costs: the kernel
+//! searches for a free port per local address rather than per destination (slower with many
+//! sockets in TIME_WAIT, and ~28 000 such connections at once per node address). Other
+//! connections connect as usual.
 //!
 //! - [`http`]: HTTP/1.1 and HTTP/2 client connections over any stream (TCP, an HBONE tunnel,
 //!   TLS), kept for reuse per endpoint.
@@ -77,6 +78,8 @@ pub struct Keepalive {
 /// Told about each IPv4 connection weft opens, after its local port is bound and before its
 /// SYN leaves, and again once it is connected or failed.
 pub trait Deliveries: Send + Sync + fmt::Debug {
+    /// Whether connections to `target` must be announced (it is a STRICT pod's port).
+    fn wanted(&self, target: SocketAddrV4) -> bool;
     fn announce(&self, local_port: u16, target: SocketAddrV4) -> anyhow::Result<()>;
     fn delivered(&self, local_port: u16, target: SocketAddrV4);
 }
@@ -124,7 +127,7 @@ impl Connector {
         trace!(%target, on_behalf = %on_behalf, "connecting");
         let timeout = timeout.unwrap_or(self.timeout);
         let stream = match (&self.deliveries, target) {
-            (Some(deliveries), SocketAddr::V4(v4)) => {
+            (Some(deliveries), SocketAddr::V4(v4)) if deliveries.wanted(v4) => {
                 let socket = tokio::net::TcpSocket::new_v4()?;
                 socket.bind(SocketAddr::from(([0, 0, 0, 0], 0)))?;
                 let port = socket.local_addr()?.port();
