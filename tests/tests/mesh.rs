@@ -777,28 +777,35 @@ fn same_node_mesh_traffic_is_authorized_without_tls() {
 /// A peer that is not a proper mesh node, driven with weft's own HBONE client against a real
 /// `weft node`: a certificate from another CA is refused at the TLS layer, and a valid peer
 /// asking for an address that is not a pod of that node is refused (no open relay).
+/// A node's identity manager holding `id`'s certificates, signed by the CA in `ca` (a
+/// `weft ca init` directory): what a node presents on HBONE for that workload.
+fn client_credentials(
+    ca: &std::path::Path,
+    id: &weft::identity::SpiffeId,
+) -> Arc<weft::identity::IdentityManager> {
+    use weft::identity::{IdentityConfig, IdentityManager};
+    let mgr = IdentityManager::new(IdentityConfig {
+        ca_cert: ca.join("ca.crt"),
+        ca_key: ca.join("ca.key"),
+        trust_bundle: vec![],
+        trust_domain: "cluster.local".into(),
+        svid_ttl: Duration::from_secs(3600),
+    })
+    .unwrap();
+    mgr.set_local_identities(std::collections::HashSet::from([id.clone()]));
+    Arc::new(mgr)
+}
+
 #[test]
 fn hbone_refuses_foreign_certificates_and_non_local_targets() {
-    use std::collections::HashSet;
-    use weft::identity::{init_ca, IdentityConfig, IdentityManager, SpiffeId};
+    use weft::identity::{init_ca, IdentityManager, SpiffeId};
     use weft::telemetry::Telemetry;
     use weft::tunnel::client::{Hbone, Pool, PoolConfig};
 
     let m = mesh("hbone_peers", &[]);
     let client_id: SpiffeId = CLIENT_ID.parse().unwrap();
     let web_id: SpiffeId = WEB_ID.parse().unwrap();
-    let manager = |ca: &std::path::Path| {
-        let mgr = IdentityManager::new(IdentityConfig {
-            ca_cert: ca.join("ca.crt"),
-            ca_key: ca.join("ca.key"),
-            trust_bundle: vec![],
-            trust_domain: "cluster.local".into(),
-            svid_ttl: Duration::from_secs(3600),
-        })
-        .unwrap();
-        mgr.set_local_identities(HashSet::from([client_id.clone()]));
-        Arc::new(mgr)
-    };
+    let manager = |ca: &std::path::Path| client_credentials(ca, &client_id);
     let rogue_dir = tempfile::tempdir().unwrap();
     init_ca(rogue_dir.path(), "cluster.local", Duration::from_secs(3600)).unwrap();
     let rogue = manager(rogue_dir.path());
@@ -916,8 +923,7 @@ fn hbone_listens_where_peers_dial() {
 /// unknown, and a DENY on `ipBlocks` then applies.
 #[test]
 fn a_forged_source_address_does_not_dodge_a_deny_on_ip_blocks() {
-    use std::collections::HashSet;
-    use weft::identity::{IdentityConfig, IdentityManager, SpiffeId};
+    use weft::identity::SpiffeId;
     use weft::telemetry::Telemetry;
     use weft::tunnel::client::{Hbone, Pool, PoolConfig};
 
@@ -944,17 +950,7 @@ spec:
 
     // node-a's genuine credentials for front/client, claiming other addresses.
     let client_id: SpiffeId = CLIENT_ID.parse().unwrap();
-    let ca = weft_tests::mesh_ca(&m.cluster).unwrap();
-    let mgr = IdentityManager::new(IdentityConfig {
-        ca_cert: ca.join("ca.crt"),
-        ca_key: ca.join("ca.key"),
-        trust_bundle: vec![],
-        trust_domain: "cluster.local".into(),
-        svid_ttl: Duration::from_secs(3600),
-    })
-    .unwrap();
-    mgr.set_local_identities(HashSet::from([client_id.clone()]));
-    let mgr = Arc::new(mgr);
+    let mgr = client_credentials(&weft_tests::mesh_ca(&m.cluster).unwrap(), &client_id);
     let claims: Vec<std::net::IpAddr> = vec![
         m.client.ip().into(),           // the truth
         m.other.ip().into(),            // a pod of another identity
