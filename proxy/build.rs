@@ -7,6 +7,9 @@
 //! of the workspace (stable toolchain) is enough. Needs the nightly toolchain with `rust-src` and
 //! `bpf-linker` on `PATH` (`cargo xtask setup` installs both).
 //!
+//! It also generates the gRPC code of `proto/ca.proto` (Istio's certificate service) with
+//! tonic-prost-build and a vendored `protoc`.
+//!
 //! Set `AYA_BUILD_SKIP=1` to skip the eBPF build (an empty object is written so the proxy still
 //! compiles; loading it then fails at run time).
 use std::{env, fs, path::PathBuf};
@@ -34,6 +37,18 @@ fn main() -> anyhow::Result<()> {
     ] {
         println!("cargo:rerun-if-changed={}", path.display());
     }
+
+    // Istio's certificate service (gRPC), client and server, with a vendored protoc.
+    let proto = manifest_dir.join("proto/ca.proto");
+    println!("cargo:rerun-if-changed={}", proto.display());
+    env::set_var(
+        "PROTOC",
+        protoc_bin_vendored::protoc_bin_path().context("no vendored protoc for this host")?,
+    );
+    let include = protoc_bin_vendored::include_path().context("vendored protobuf includes")?;
+    tonic_prost_build::configure()
+        .compile_protos(std::slice::from_ref(&proto), &[manifest_dir.join("proto"), include])
+        .with_context(|| format!("compiling {}", proto.display()))?;
 
     let skip = env::var("AYA_BUILD_SKIP").is_ok_and(|v| v == "1" || v.eq_ignore_ascii_case("true"));
     if skip {

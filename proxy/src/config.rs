@@ -117,11 +117,24 @@ pub struct NodeArgs {
     /// SPIFFE trust domain of the mesh (default cluster.local).
     #[arg(long, value_name = "DOMAIN")]
     pub trust_domain: Option<String>,
-    /// PEM certificate of the mesh CA (root or intermediate) that signs workload certificates
-    /// (`weft ca init --out DIR` creates one). Required.
+    /// PEM certificate of the mesh root CA: what peers' certificates must chain to (with
+    /// --ca-key: the CA, root or intermediate, that signs). Required.
     #[arg(long, value_name = "FILE")]
     pub ca_cert: Option<PathBuf>,
-    /// PEM private key of that CA. Required.
+    /// The certificate service that signs this node's workload certificates,
+    /// `https://HOST:PORT`: `weft ca serve`, istiod (`https://istiod.istio-system.svc:15012`) or
+    /// istio-csr. It signs only identities of pods scheduled on this node. One of --ca-address
+    /// and --ca-key is required.
+    #[arg(long, value_name = "URL")]
+    pub ca_address: Option<String>,
+    /// File holding the bearer token this node authenticates to the CA service with (read at
+    /// every request): a bootstrap token, or in Kubernetes a projected ServiceAccount token with
+    /// audience `weft-ca`.
+    #[arg(long, value_name = "FILE")]
+    pub ca_token: Option<PathBuf>,
+    /// PEM private key of the CA in --ca-cert: the node signs its own workload certificates.
+    /// Single-node and development mode only: root on a node holding the key can mint any
+    /// identity of the mesh. Use --ca-address in a cluster.
     #[arg(long, value_name = "FILE")]
     pub ca_key: Option<PathBuf>,
     /// Extra trusted root certificates (PEM), e.g. the next root during a root rotation.
@@ -173,6 +186,8 @@ struct FileConfig {
     workers: Option<usize>,
     trust_domain: Option<String>,
     ca_cert: Option<PathBuf>,
+    ca_address: Option<String>,
+    ca_token: Option<PathBuf>,
     ca_key: Option<PathBuf>,
     trust_bundle: Option<Vec<PathBuf>>,
     svid_ttl: Option<String>,
@@ -228,7 +243,11 @@ pub struct NodeConfig {
     pub workers: usize,
     pub trust_domain: String,
     pub ca_cert: PathBuf,
-    pub ca_key: PathBuf,
+    /// `https://…` of the CA service, or `None` with `ca_key`.
+    pub ca_address: Option<String>,
+    pub ca_token: Option<PathBuf>,
+    /// Development mode: the node signs with the CA key itself.
+    pub ca_key: Option<PathBuf>,
     pub trust_bundle: Vec<PathBuf>,
     #[serde(with = "humantime_serde")]
     pub svid_ttl: Duration,
@@ -272,15 +291,24 @@ impl NodeArgs {
         if flow_capacity == 0 {
             bail!("--flow-capacity must be at least 1");
         }
-        let ca_help = "create a mesh CA with `weft ca init --out DIR`, then pass --ca-cert DIR/ca.crt --ca-key DIR/ca.key";
+        let ca_help = "create a mesh CA with `weft ca init --out DIR`, serve it with `weft ca serve`, then pass --ca-cert DIR/ca.crt --ca-address https://HOST:15012 (or --ca-key DIR/ca.key on a single node)";
         let ca_cert = self
             .ca_cert
             .or(file.ca_cert)
             .with_context(|| format!("--ca-cert is required: {ca_help}"))?;
-        let ca_key = self
-            .ca_key
-            .or(file.ca_key)
-            .with_context(|| format!("--ca-key is required: {ca_help}"))?;
+        let ca_address = self.ca_address.or(file.ca_address);
+        let ca_token = self.ca_token.or(file.ca_token);
+        let ca_key = self.ca_key.or(file.ca_key);
+        match (&ca_address, &ca_key) {
+            (None, None) => bail!("one of --ca-address and --ca-key is required: {ca_help}"),
+            (Some(_), Some(_)) => {
+                bail!("--ca-address and --ca-key exclude each other: a node either asks the CA service or signs itself")
+            }
+            (None, Some(_)) if ca_token.is_some() => {
+                bail!("--ca-token is for --ca-address")
+            }
+            _ => {}
+        }
         let svid_ttl = match self.svid_ttl.or(file.svid_ttl) {
             Some(s) => humantime::parse_duration(&s).with_context(|| {
                 format!("--svid-ttl {s:?}: expected a duration like 24h, 30m or 10s")
@@ -378,6 +406,8 @@ impl NodeArgs {
                 .or(file.trust_domain)
                 .unwrap_or_else(|| DEFAULT_TRUST_DOMAIN.into()),
             ca_cert,
+            ca_address,
+            ca_token,
             ca_key,
             trust_bundle: self.trust_bundle.or(file.trust_bundle).unwrap_or_default(),
             svid_ttl,
@@ -443,6 +473,39 @@ mod tests {
             ProxyAddress::FromNode(16001)
         );
         assert!(parse_proxy_address("nope").is_err());
+    }
+
+    #[test]
+    fn a_node_either_asks_the_ca_service_or_signs_with_the_key() {
+        let base = || NodeArgs {
+            node_name: Some("n".into()),
+            registry: Some("/r".into()),
+            ca_cert: Some("/ca.crt".into()),
+            ..Default::default()
+        };
+        let err = |a: NodeArgs| format!("{:#}", a.resolve().unwrap_err());
+        assert!(err(base()).contains("one of --ca-address and --ca-key is required"));
+        let both = NodeArgs {
+            ca_address: Some("https://ca:15012".into()),
+            ca_key: Some("/ca.key".into()),
+            ..base()
+        };
+        assert!(err(both).contains("exclude each other"));
+        let token_without_service = NodeArgs {
+            ca_key: Some("/ca.key".into()),
+            ca_token: Some("/token".into()),
+            ..base()
+        };
+        assert!(err(token_without_service).contains("--ca-token is for --ca-address"));
+        let service = NodeArgs {
+            ca_address: Some("https://ca:15012".into()),
+            ca_token: Some("/token".into()),
+            ..base()
+        }
+        .resolve()
+        .unwrap();
+        assert_eq!(service.ca_address.as_deref(), Some("https://ca:15012"));
+        assert_eq!(service.ca_key, None);
     }
 
     #[test]

@@ -9,6 +9,7 @@
 //! record ([`telemetry`]). [`admin`] serves what the node knows, [`cli`] renders it, [`node`]
 //! wires it all together and runs the data path on [`worker`] threads.
 
+pub mod ca;
 pub mod config;
 pub mod exchange;
 

@@ -16,7 +16,7 @@ static ALLOC: mimalloc::MiMalloc = mimalloc::MiMalloc;
 fn main() {
     let cli = Cli::parse();
     let default_level = match cli.command {
-        Command::Node(_) => "info",
+        Command::Node(_) | Command::Ca(CaCommand::Serve(_)) => "info",
         _ => "warn",
     };
     tracing_subscriber::fmt()
@@ -60,6 +60,26 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             let validity = humantime::parse_duration(&validity)
                 .with_context(|| format!("--validity {validity:?}: expected e.g. 10y or 365d"))?;
             ca_init(&out, &trust_domain, validity)
+        }
+        Command::Ca(CaCommand::Serve(args)) => {
+            let args = *args;
+            let max_ttl = humantime::parse_duration(&args.max_ttl)
+                .with_context(|| format!("--max-ttl {:?}: expected e.g. 24h", args.max_ttl))?;
+            weft::ca::serve(weft::ca::CaServeConfig {
+                listen: args.listen,
+                ca_cert: args.ca_cert,
+                ca_key: args.ca_key,
+                trust_domain: args.trust_domain,
+                registry: args.registry,
+                kubeconfig: args.kubeconfig,
+                kube_context: args.kube_context,
+                node_tokens: args.node_tokens,
+                token_audience: args.token_audience,
+                node_service_account: args.node_service_account,
+                server_names: args.server_names,
+                max_ttl,
+            })
+            .await
         }
         Command::Uninstall(args) => {
             let removed = weft::capture::Capture::remove_pins(&args.bpffs)?;

@@ -17,6 +17,7 @@ const ALLOWED: &[(&str, &[&str])] = &[
     ("l7", &["registry", "config"]),
     ("exchange", &["admin", "l7", "telemetry", "upstream"]),
     ("identity", &["admin"]),
+    ("ca", &["identity", "registry"]),
     ("policy", &["registry"]),
     ("l7", &["registry", "config"]),
     ("workload", &["registry", "identity"]),

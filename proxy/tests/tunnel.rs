@@ -13,7 +13,9 @@ use rustls::{DigitallySignedStruct, SignatureScheme};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
 
-use weft::identity::{init_ca, sni_for, IdentityConfig, IdentityManager, SpiffeId};
+use weft::identity::{
+    init_ca, sni_for, AuthorityConfig, IdentityConfig, IdentityManager, SpiffeId,
+};
 use weft::telemetry::Telemetry;
 use weft::tunnel::client::{Hbone, Pool, PoolConfig, TunnelError};
 use weft::tunnel::server::{
@@ -71,7 +73,7 @@ fn manager(
 ) -> Arc<IdentityManager> {
     let m = IdentityManager::new(IdentityConfig {
         ca_cert: ca.join("ca.crt"),
-        ca_key: ca.join("ca.key"),
+        authority: AuthorityConfig::Key(ca.join("ca.key")),
         trust_bundle: bundle.iter().map(|d| d.join("ca.crt")).collect(),
         trust_domain: TD.into(),
         svid_ttl: ttl,

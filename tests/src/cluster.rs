@@ -9,7 +9,7 @@ use crate::ids;
 use crate::netns::{self, InNetns};
 use crate::node::{Node, NodeInner};
 use crate::pod::{Pod, PodInner};
-use crate::process::Logs;
+use crate::process::{self, Logs, Place, Proc};
 use crate::registry::{self, Labels};
 use crate::spec::{PodSpec, Service, ServiceSpec};
 use anyhow::{bail, Context, Result};
@@ -25,9 +25,22 @@ pub const POD_GATEWAY: Ipv4Addr = Ipv4Addr::new(169, 254, 1, 1);
 /// Where the cluster's API server listens, on the fabric bridge (see [`Cluster::api_server`]).
 pub const API_SERVER_IP: Ipv4Addr = Ipv4Addr::new(172, 30, 0, 1);
 pub const API_SERVER_PORT: u16 = 6443;
+/// Where the cluster's CA service (`weft ca serve`) listens, next to the API server: the
+/// control plane's address on the fabric.
+pub const CA_PORT: u16 = 15012;
 /// Name of the bridge in the fabric netns.
 pub const FABRIC_BRIDGE: &str = "br0";
 const MAX_NODES: usize = 200;
+
+/// 64 random bits (for tokens).
+fn rand_u64() -> u64 {
+    use ring::rand::SecureRandom;
+    let mut b = [0u8; 8];
+    ring::rand::SystemRandom::new()
+        .fill(&mut b)
+        .expect("the kernel's random source");
+    u64::from_ne_bytes(b)
+}
 
 /// Node `k` (1-based) has IP 172.30.0.<10+k>/16.
 pub fn node_ip(k: u8) -> Ipv4Addr {
@@ -70,6 +83,13 @@ struct State {
     sync_path: Option<PathBuf>,
     /// The cluster's API server, once started: kept equal to the cluster after every change.
     api: Option<Arc<ApiServer>>,
+    /// Whether the control plane's address is on the fabric bridge yet.
+    control_plane_address: bool,
+    /// The cluster's CA service, once started.
+    ca: Option<Proc>,
+    /// Nodes sign their own certificates (`weft node --ca-key`) instead of asking the CA
+    /// service.
+    sign_on_nodes: bool,
 }
 
 /// A Kubernetes cluster on one machine. Everything it created is removed on drop (also when the
@@ -700,16 +720,7 @@ impl Cluster {
             return Ok(api.clone());
         }
         let fab = self.shared.fabric.clone();
-        netns::ip(
-            &fab,
-            &[
-                "addr",
-                "add",
-                &format!("{API_SERVER_IP}/16"),
-                "dev",
-                FABRIC_BRIDGE,
-            ],
-        )?;
+        self.control_plane_address(&mut st)?;
         let listener = netns::in_netns(&fab, || {
             std::net::TcpListener::bind((API_SERVER_IP, API_SERVER_PORT))
         })?
@@ -723,6 +734,165 @@ impl Cluster {
         api.sync(Self::objects(&st))?;
         st.api = Some(api.clone());
         Ok(api)
+    }
+
+    /// Puts [`API_SERVER_IP`], where the control plane (API server, CA service) listens, on the
+    /// fabric bridge.
+    fn control_plane_address(&self, st: &mut State) -> Result<()> {
+        if !st.control_plane_address {
+            netns::ip(
+                &self.shared.fabric,
+                &[
+                    "addr",
+                    "add",
+                    &format!("{API_SERVER_IP}/16"),
+                    "dev",
+                    FABRIC_BRIDGE,
+                ],
+            )?;
+            st.control_plane_address = true;
+        }
+        Ok(())
+    }
+
+    /// Nodes started from now on sign their own certificates with the CA key (`weft node
+    /// --ca-key`, development mode) instead of asking the cluster's CA service.
+    pub fn sign_on_nodes(&self) {
+        self.state().sign_on_nodes = true;
+    }
+
+    /// How nodes get their certificates: `--ca-cert`, then `--ca-address` and `--ca-token` (the
+    /// cluster's CA service, started on first use, and `node`'s bootstrap token), or `--ca-key`
+    /// after [`Cluster::sign_on_nodes`].
+    pub fn node_ca_args(&self, node: &str) -> Result<Vec<String>> {
+        let ca = crate::weft::mesh_ca(self)?;
+        let mut args = vec![
+            "--ca-cert".to_string(),
+            ca.join("ca.crt").display().to_string(),
+        ];
+        if self.state().sign_on_nodes {
+            args.extend([
+                "--ca-key".to_string(),
+                ca.join("ca.key").display().to_string(),
+            ]);
+            return Ok(args);
+        }
+        let address = self.ca_service()?;
+        let token = self.node_token(node)?;
+        args.extend([
+            "--ca-address".to_string(),
+            address,
+            "--ca-token".to_string(),
+            token.display().to_string(),
+        ]);
+        Ok(args)
+    }
+
+    /// The bootstrap token file of `node` (made on first use and added to the CA's tokens).
+    pub fn node_token(&self, node: &str) -> Result<PathBuf> {
+        let dir = self.shared.logs.dir.join("ca-tokens");
+        std::fs::create_dir_all(&dir)?;
+        let path = dir.join(format!("{node}.token"));
+        let _st = self.state();
+        if !path.exists() {
+            let token = format!("{}.{:016x}", node, rand_u64());
+            std::fs::write(&path, &token)?;
+            use std::io::Write;
+            let mut all = std::fs::OpenOptions::new()
+                .create(true)
+                .append(true)
+                .open(self.node_tokens_path())?;
+            writeln!(all, "{node} {token}")?;
+        }
+        Ok(path)
+    }
+
+    /// The CA service's bootstrap tokens: `NODE TOKEN` lines.
+    pub fn node_tokens_path(&self) -> PathBuf {
+        self.shared.logs.dir.join("ca-tokens").join("nodes")
+    }
+
+    /// The cluster's CA service: `weft ca serve` in the fabric netns at
+    /// [`API_SERVER_IP`]`:`[`CA_PORT`], the only holder of the CA key, reading the cluster's
+    /// registry file and the nodes' bootstrap tokens. Started on first use; returns the address
+    /// nodes dial (`https://…`).
+    pub fn ca_service(&self) -> Result<String> {
+        let address = format!("https://{API_SERVER_IP}:{CA_PORT}");
+        if self.state().ca.is_some() {
+            return Ok(address);
+        }
+        self.start_ca_service()?;
+        Ok(address)
+    }
+
+    /// Stops the CA service (SIGKILL: as a crashed or unreachable CA). Nodes keep their
+    /// certificates; [`Cluster::start_ca_service`] brings it back.
+    pub fn stop_ca_service(&self) -> Result<()> {
+        let proc = self.state().ca.take();
+        if let Some(mut p) = proc {
+            p.signal(libc::SIGKILL)?;
+            let _ = p.wait_timeout(Duration::from_secs(5));
+        }
+        Ok(())
+    }
+
+    /// Starts the CA service and waits until it serves.
+    pub fn start_ca_service(&self) -> Result<()> {
+        let ca = crate::weft::mesh_ca(self)?;
+        let registry = self.default_registry_path();
+        if self.state().sync_path.is_none() {
+            self.sync_registry_to(&registry)?;
+        }
+        let tokens = self.node_tokens_path();
+        if let Some(dir) = tokens.parent() {
+            std::fs::create_dir_all(dir)?;
+        }
+        if !tokens.exists() {
+            std::fs::write(&tokens, "")?;
+        }
+        let mut st = self.state();
+        if st.ca.is_some() {
+            return Ok(());
+        }
+        self.control_plane_address(&mut st)?;
+        let cgroup = self.shared.cgroup_dir.join("control-plane");
+        if !cgroup.exists() {
+            cgroup::create(&cgroup)?;
+        }
+        let mut cmd = std::process::Command::new(crate::weft_bin());
+        cmd.args(["ca", "serve", "--listen"])
+            .arg(format!("{API_SERVER_IP}:{CA_PORT}"))
+            .arg("--ca-cert")
+            .arg(ca.join("ca.crt"))
+            .arg("--ca-key")
+            .arg(ca.join("ca.key"))
+            .arg("--registry")
+            .arg(st.sync_path.clone().unwrap_or(registry))
+            .arg("--node-tokens")
+            .arg(&tokens)
+            .args(["--server-name", &API_SERVER_IP.to_string()])
+            .env(
+                "WEFT_LOG",
+                std::env::var("WEFT_LOG").unwrap_or_else(|_| "info".into()),
+            );
+        let place = Place {
+            cgroup: &cgroup,
+            netns: &self.shared.fabric,
+            label: "ca",
+        };
+        let mut proc = process::spawn(&self.shared.logs, &place, &cmd)?;
+        let deadline = std::time::Instant::now() + Duration::from_secs(20);
+        while !proc.stderr().contains("CA service ready") {
+            if let Some(status) = proc.try_wait()? {
+                bail!("weft ca serve exited ({status}):\n{}", proc.stderr());
+            }
+            if std::time::Instant::now() > deadline {
+                bail!("weft ca serve not ready within 20s:\n{}", proc.stderr());
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        st.ca = Some(proc);
+        Ok(())
     }
 
     /// The kubeconfig of [`Cluster::api_server`].

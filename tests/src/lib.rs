@@ -32,7 +32,9 @@ mod weft;
 pub use certs::{server_certs, TlsFiles};
 pub use cgroup::{CgroupDriver, Qos};
 pub use cleanup::{cleanup_stale, StaleReport};
-pub use cluster::{logs_root, node_ip, pod_cidr, Cluster, FABRIC_BRIDGE, POD_GATEWAY};
+pub use cluster::{
+    logs_root, node_ip, pod_cidr, Cluster, API_SERVER_IP, CA_PORT, FABRIC_BRIDGE, POD_GATEWAY,
+};
 pub use dns::Dns;
 pub use netns::InNetns;
 pub use node::Node;

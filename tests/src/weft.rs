@@ -18,7 +18,8 @@ pub struct Weft {
     proc: Option<Proc>,
     node: Node,
     registry: PathBuf,
-    ca_dir: PathBuf,
+    /// `--ca-cert` and how certificates are signed ([`Cluster::node_ca_args`]).
+    ca_args: Vec<String>,
     admin_socket: PathBuf,
     extra: Vec<String>,
     cgroup: Option<PathBuf>,
@@ -45,7 +46,7 @@ impl Weft {
             proc: None,
             node: node.clone(),
             registry: PathBuf::from("kube"),
-            ca_dir: mesh_ca(cluster)?,
+            ca_args: cluster.node_ca_args(node.name())?,
             admin_socket: node.state_dir().join("admin.sock"),
             extra: ["--kubeconfig".to_string(), kubeconfig.display().to_string()]
                 .into_iter()
@@ -75,7 +76,7 @@ impl Weft {
             proc: None,
             node: node.clone(),
             registry,
-            ca_dir: mesh_ca(cluster)?,
+            ca_args: cluster.node_ca_args(node.name())?,
             admin_socket: node.state_dir().join("admin.sock"),
             extra: extra.iter().map(|s| s.to_string()).collect(),
             cgroup,
@@ -96,10 +97,7 @@ impl Weft {
             .arg(self.node.bpffs_dir())
             .arg("--admin-socket")
             .arg(&self.admin_socket)
-            .arg("--ca-cert")
-            .arg(self.ca_dir.join("ca.crt"))
-            .arg("--ca-key")
-            .arg(self.ca_dir.join("ca.key"))
+            .args(&self.ca_args)
             .args(&self.extra)
             .env(
                 "WEFT_LOG",

@@ -783,10 +783,10 @@ fn client_credentials(
     ca: &std::path::Path,
     id: &weft::identity::SpiffeId,
 ) -> Arc<weft::identity::IdentityManager> {
-    use weft::identity::{IdentityConfig, IdentityManager};
+    use weft::identity::{AuthorityConfig, IdentityConfig, IdentityManager};
     let mgr = IdentityManager::new(IdentityConfig {
         ca_cert: ca.join("ca.crt"),
-        ca_key: ca.join("ca.key"),
+        authority: AuthorityConfig::Key(ca.join("ca.key")),
         trust_bundle: vec![],
         trust_domain: "cluster.local".into(),
         svid_ttl: Duration::from_secs(3600),
@@ -1091,4 +1091,131 @@ fn native_ipv6_never_goes_around_the_mesh() {
     );
     wait_until(WAIT, || !from_node_b()).expect("STRICT: an IPv6 SYN is dropped");
     drop(node_srv);
+}
+
+/// The CA service signs an identity only for the node that runs a pod of it, and only for a
+/// node whose token it knows; nodes hold no CA key and still carry mutual TLS between them.
+#[test]
+fn the_ca_signs_only_identities_of_pods_on_the_asking_node() {
+    use weft::identity::ca_client::CaClient;
+    use weft::identity::SpiffeId;
+
+    let m = mesh("ca_node_bound", &[]);
+    // No node has the CA key; mutual TLS across nodes works with what the CA service signed.
+    for w in [&m.weft_a, &m.weft_b] {
+        let (_, dump) = w.admin_get("/config_dump").unwrap();
+        let dump: Value = serde_json::from_str(&dump).unwrap();
+        assert_eq!(dump.pointer("/config/ca_key"), Some(&Value::Null), "{dump}");
+        assert!(
+            dump.pointer("/config/ca_address")
+                .is_some_and(|a| a.is_string()),
+            "{dump}"
+        );
+    }
+    call_ok(&m.client, m.svc.addr(80), "over mTLS");
+
+    let ca_dir = weft_tests::mesh_ca(&m.cluster).unwrap();
+    let roots = rustls_pki_types_certs(&ca_dir.join("ca.crt"));
+    let address = m.cluster.ca_service().unwrap();
+    let token_a = m.cluster.node_token("node-a").unwrap();
+    let token_b = m.cluster.node_token("node-b").unwrap();
+    let forged = m.cluster.logs_dir().join("forged.token");
+    std::fs::write(&forged, "node-a.0000000000000000").unwrap();
+    let client_id: SpiffeId = CLIENT_ID.parse().unwrap();
+    let web_id: SpiffeId = WEB_ID.parse().unwrap();
+    let ask = |token: Option<&std::path::Path>, id: &SpiffeId| -> Result<(), String> {
+        let key = rcgen::KeyPair::generate().unwrap();
+        // From node-a's network, as node-a would.
+        weft_tests::netns::in_netns(m.a.netns_name(), || {
+            tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()
+                .unwrap()
+                .block_on(async {
+                    let token = token.map(|t| t.to_path_buf());
+                    let client = CaClient::new(&address, &roots, token).unwrap();
+                    client.sign(id, &key, Duration::from_secs(3600)).await
+                })
+        })
+        .unwrap()
+        .map(|_| ())
+        .map_err(|e| format!("{e:#}"))
+    };
+    assert_eq!(ask(Some(&token_a), &client_id), Ok(()));
+    assert_eq!(ask(Some(&token_b), &web_id), Ok(()));
+    // node-a runs no pod of back/web: the identity of a pod not scheduled on it is refused.
+    let refused = ask(Some(&token_a), &web_id).unwrap_err();
+    assert!(
+        refused.contains("PermissionDenied") && refused.contains("not scheduled on node node-a")
+            || refused.contains("no pod with service account back/web is scheduled on node node-a"),
+        "{refused}"
+    );
+    let refused = ask(Some(&token_b), &client_id).unwrap_err();
+    assert!(refused.contains("node-b"), "{refused}");
+    // Without a token, or with one the CA does not know: not a node.
+    assert!(ask(None, &client_id)
+        .unwrap_err()
+        .contains("Unauthenticated"));
+    assert!(ask(Some(&forged), &client_id)
+        .unwrap_err()
+        .contains("Unauthenticated"));
+    // The refusals are logged by the CA with the node and the reason.
+    let log = std::fs::read_dir(m.cluster.logs_dir())
+        .unwrap()
+        .flatten()
+        .filter(|e| {
+            e.file_name()
+                .to_string_lossy()
+                .ends_with("-ca-weft-ca.stderr")
+        })
+        .map(|e| std::fs::read_to_string(e.path()).unwrap())
+        .collect::<String>();
+    assert!(log.contains("refused"), "{log}");
+}
+
+fn rustls_pki_types_certs(
+    path: &std::path::Path,
+) -> Vec<rustls::pki_types::CertificateDer<'static>> {
+    use rustls::pki_types::pem::PemObject;
+    rustls::pki_types::CertificateDer::pem_file_iter(path)
+        .unwrap()
+        .map(|c| c.unwrap())
+        .collect()
+}
+
+/// The CA service down for a while: nodes keep serving mutual TLS with the certificates they
+/// hold (renewals fail and are retried), and once it is back renewals resume.
+#[test]
+fn a_ca_outage_delays_renewals_and_never_cuts_traffic() {
+    let m = mesh("ca_outage", &["--svid-ttl", "16s"]);
+    let serial = |w: &Weft, id: &str| -> Option<String> {
+        w.cli(&["certs", "-o", "json"])
+            .unwrap()
+            .lines()
+            .filter_map(|l| serde_json::from_str::<Value>(l).ok())
+            .find(|c| s(c, "/identity") == id)
+            .map(|c| s(&c, "/serial").to_string())
+    };
+    call_ok(&m.client, m.svc.addr(80), "before");
+    m.cluster.stop_ca_service().unwrap();
+    let down = Instant::now();
+    let held = serial(&m.weft_a, CLIENT_ID).expect("a certificate for the client");
+    // Past the renewal point (half of 16 s) and short of expiry: every call still goes through.
+    let mut calls = 0;
+    while down.elapsed() < Duration::from_secs(10) {
+        call_ok(&m.client, m.svc.addr(80), &format!("during-{calls}"));
+        calls += 1;
+        std::thread::sleep(Duration::from_millis(300));
+    }
+    assert!(calls >= 10);
+    wait_until(Duration::from_secs(10), || {
+        m.weft_a.log().contains("getting SVID failed")
+    })
+    .expect("node-a tried to renew while the CA was down");
+    m.cluster.start_ca_service().unwrap();
+    wait_until(Duration::from_secs(15), || {
+        serial(&m.weft_a, CLIENT_ID).is_some_and(|s| s != held)
+    })
+    .expect("renewed once the CA was back");
+    call_ok(&m.client, m.svc.addr(80), "after");
 }

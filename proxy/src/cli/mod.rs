@@ -75,6 +75,58 @@ pub enum CaCommand {
         #[arg(long, default_value = "10y")]
         validity: String,
     },
+    /// Run the mesh CA as a service: the only holder of the CA key. Nodes (`weft node
+    /// --ca-address`) ask it for their workloads' certificates over Istio's certificate service
+    /// protocol; it signs an identity only for a node that runs a pod of it.
+    Serve(Box<CaServeArgs>),
+}
+
+/// `weft ca serve` flags.
+#[derive(clap::Args, Debug)]
+pub struct CaServeArgs {
+    /// Address to serve on (gRPC over TLS).
+    #[arg(long, default_value = "0.0.0.0:15012")]
+    pub listen: std::net::SocketAddr,
+    /// PEM certificate of the CA (root or intermediate, followed by the rest of its chain).
+    #[arg(long, value_name = "FILE")]
+    pub ca_cert: PathBuf,
+    /// PEM private key of that CA.
+    #[arg(long, value_name = "FILE")]
+    pub ca_key: PathBuf,
+    #[arg(long, default_value = DEFAULT_TRUST_DOMAIN)]
+    pub trust_domain: String,
+    /// Where pods run: `kube` (the Kubernetes API), or the registry file or directory the
+    /// nodes read.
+    #[arg(long, value_name = "kube|PATH")]
+    pub registry: PathBuf,
+    /// With --registry kube: a kubeconfig file (default: in-cluster).
+    #[arg(long, value_name = "FILE")]
+    pub kubeconfig: Option<PathBuf>,
+    /// With --registry kube: the kubeconfig context.
+    #[arg(long, value_name = "NAME")]
+    pub kube_context: Option<String>,
+    /// Bootstrap tokens nodes authenticate with: one `NODE TOKEN` per line, read at every
+    /// request. Without it (Kubernetes), a node's ServiceAccount token is checked with a
+    /// TokenReview and its node read from the token's pod binding.
+    #[arg(long, value_name = "FILE")]
+    pub node_tokens: Option<PathBuf>,
+    /// Audience nodes' ServiceAccount tokens must be issued for.
+    #[arg(long, default_value = "weft-ca")]
+    pub token_audience: String,
+    /// `NAMESPACE/NAME` of the ServiceAccount weft's nodes run as.
+    #[arg(long, default_value = "weft-system/weft")]
+    pub node_service_account: String,
+    /// A DNS name or IP address nodes dial the CA by, put in its TLS certificate (repeat for
+    /// several).
+    #[arg(long = "server-name", value_name = "NAME", default_values_t = [
+        "weft-ca".to_string(),
+        "weft-ca.weft-system".to_string(),
+        "weft-ca.weft-system.svc".to_string(),
+    ])]
+    pub server_names: Vec<String>,
+    /// Longest certificate lifetime a node may ask for.
+    #[arg(long, default_value = "24h")]
+    pub max_ttl: String,
 }
 
 #[derive(clap::Args, Debug)]

@@ -1,10 +1,18 @@
 //! Workload identity: SPIFFE ids, the mesh CA, and short-lived X.509 SVIDs.
 //!
-//! Every node holds the mesh CA key (root or intermediate) and mints SVIDs for the pods it hosts,
-//! and only for those ([`IdentityManager::set_local_identities`]). An SVID is an ECDSA P-256 leaf
-//! whose only URI SAN is the workload's SPIFFE id; it is re-minted at half of its lifetime, by
-//! [`IdentityManager::spawn_rotation`] even when nobody uses it. Open TLS connections keep the
-//! certificate they were made with; new handshakes use the current one.
+//! A node holds SVIDs for the pods it hosts, and only for those
+//! ([`IdentityManager::set_local_identities`]). An SVID is an ECDSA P-256 leaf whose only URI
+//! SAN is the workload's SPIFFE id; its key is made on the node and never leaves memory. The
+//! certificate comes from the [`Authority`]:
+//! - a CA service (`--ca-address`: `weft ca serve`, istiod or istio-csr), asked over TLS with a
+//!   CSR and the node's token ([`ca_client`]); the CA signs only identities of pods scheduled on
+//!   the asking node. An SVID is renewed at half of its lifetime; while the CA cannot be reached
+//!   the current one keeps serving until it expires, and renewal is retried with backoff;
+//! - the CA key itself (`--ca-key`, single-node and development mode), signing on the node
+//!   ([`issuer`]).
+//!
+//! [`IdentityManager::spawn_rotation`] renews even when nobody uses an identity. Open TLS
+//! connections keep the certificate they were made with; new handshakes use the current one.
 //!
 //! TLS configurations for the HBONE tunnel ([`IdentityManager::client_config`],
 //! [`IdentityManager::server_config`]) live in [`tls`]: TLS 1.3 only, ALPN `h2`, mutual
@@ -13,8 +21,15 @@
 //!
 //! May import: `admin::api` (certificate rows).
 
+pub mod ca_client;
+pub mod issuer;
 mod spiffe;
 mod tls;
+
+/// Istio's certificate service (`proto/ca.proto`): messages, client and server.
+pub mod certificate_service {
+    tonic::include_proto!("istio.v1.auth");
+}
 
 use std::collections::{HashMap, HashSet};
 use std::fs;
@@ -27,8 +42,8 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 use anyhow::{anyhow, bail, Context, Result};
 use parking_lot::{Mutex, MutexGuard};
 use rcgen::{
-    BasicConstraints, CertificateParams, DistinguishedName, DnType, ExtendedKeyUsagePurpose, IsCa,
-    Issuer, KeyPair, KeyUsagePurpose, SanType, SerialNumber,
+    BasicConstraints, CertificateParams, DistinguishedName, DnType, IsCa, Issuer, KeyPair,
+    KeyUsagePurpose, SerialNumber,
 };
 use rustls::crypto::CryptoProvider;
 use rustls::pki_types::pem::PemObject;
@@ -48,21 +63,39 @@ pub const NOT_BEFORE_SKEW: Duration = Duration::from_secs(60);
 /// Longest pause of the rotation task between two looks at the local identities.
 const ROTATION_MAX_SLEEP: Duration = Duration::from_secs(60);
 
-/// Where the node's CA material comes from and how long SVIDs live.
+/// Where the node's certificates come from and how long SVIDs live.
 #[derive(Debug, Clone)]
 pub struct IdentityConfig {
-    /// PEM: the issuing CA certificate (root or intermediate), optionally followed by the rest of
-    /// its chain. Self-signed certificates in this file are trusted roots; the others are sent
-    /// after the leaf in every handshake.
+    /// PEM. With a CA service: the mesh root(s). With a CA key: the issuing CA certificate (root
+    /// or intermediate), optionally followed by the rest of its chain. Self-signed certificates in
+    /// this file are trusted roots.
     pub ca_cert: PathBuf,
-    /// PEM (PKCS#8, SEC1 or PKCS#1) private key of the issuing CA.
-    pub ca_key: PathBuf,
+    pub authority: AuthorityConfig,
     /// Extra PEM files of trusted roots, e.g. the next root during a root rotation. Peers whose
     /// chain ends in any of these roots, or in the CA's own root, are accepted.
     pub trust_bundle: Vec<PathBuf>,
     pub trust_domain: String,
     /// Lifetime of minted SVIDs (whole seconds; at least 1 s).
     pub svid_ttl: Duration,
+}
+
+/// Who signs this node's SVIDs.
+#[derive(Debug, Clone)]
+pub enum AuthorityConfig {
+    /// A certificate service at `address` (`https://HOST:PORT`), the node authenticated by the
+    /// bearer token in `token`.
+    Service {
+        address: String,
+        token: Option<PathBuf>,
+    },
+    /// The CA's own key (PEM: PKCS#8, SEC1 or PKCS#1): single-node and development mode.
+    Key(PathBuf),
+}
+
+/// Who signs: see [`AuthorityConfig`].
+enum Authority {
+    Service(Box<ca_client::CaClient>),
+    Key(Box<issuer::LocalCa>),
 }
 
 /// An X.509 SVID: certificate chain and key of one workload identity.
@@ -121,15 +154,13 @@ pub struct IdentityManager {
 pub(crate) struct State {
     trust_domain: String,
     ttl: Duration,
-    issuer: Issuer<'static, KeyPair>,
-    /// notAfter of the issuing CA: SVIDs never outlive it.
-    ca_not_after: SystemTime,
-    /// Sent after the leaf: the issuing CA when it is an intermediate, and further intermediates.
-    intermediates: Vec<CertificateDer<'static>>,
+    authority: Authority,
     roots: Arc<RootCertStore>,
     provider: Arc<CryptoProvider>,
     local: Mutex<Local>,
     changed: tokio::sync::Notify,
+    /// One request to the CA service at a time.
+    fetching: tokio::sync::Mutex<()>,
 }
 
 #[derive(Default)]
@@ -143,49 +174,24 @@ impl IdentityManager {
         validate_trust_domain(&config.trust_domain)?;
         let ttl = Duration::from_secs(config.svid_ttl.as_secs().max(1));
 
-        let key_pem = fs::read_to_string(&config.ca_key)
-            .with_context(|| format!("reading the CA key {}", config.ca_key.display()))?;
-        let key = KeyPair::from_pem(&key_pem)
-            .with_context(|| format!("parsing the CA key {}", config.ca_key.display()))?;
-        let ca_certs = read_certs(&config.ca_cert)?;
-        let issuing = ca_certs
-            .first()
-            .ok_or_else(|| anyhow!("{}: no certificate", config.ca_cert.display()))?;
-        let ca_not_after = {
-            let (_, x) = x509_parser::parse_x509_certificate(issuing)
-                .map_err(|e| anyhow!("{}: {e}", config.ca_cert.display()))?;
-            if !x.is_ca() {
-                bail!("{}: not a CA certificate", config.ca_cert.display());
+        let (authority, file_roots) = match &config.authority {
+            AuthorityConfig::Key(key) => {
+                let ca = issuer::LocalCa::load(&config.ca_cert, key)?;
+                let roots = ca.roots().to_vec();
+                (Authority::Key(Box::new(ca)), roots)
             }
-            if x.public_key().subject_public_key.data.as_ref() != key.public_key_raw() {
-                bail!(
-                    "{} does not belong to the CA certificate {}",
-                    config.ca_key.display(),
-                    config.ca_cert.display()
-                );
+            AuthorityConfig::Service { address, token } => {
+                let certs = read_certs(&config.ca_cert)?;
+                let roots: Vec<_> = certs.into_iter().filter(|c| is_self_signed(c)).collect();
+                let client = ca_client::CaClient::new(address, &roots, token.clone())?;
+                (Authority::Service(Box::new(client)), roots)
             }
-            let t = x.validity().not_after.timestamp();
-            UNIX_EPOCH + Duration::from_secs(t.max(0) as u64)
         };
-        if ca_not_after <= SystemTime::now() {
-            bail!(
-                "the CA certificate {} has expired",
-                config.ca_cert.display()
-            );
-        }
-        let issuer = Issuer::from_ca_cert_der(issuing, key)
-            .map_err(|e| anyhow!("{}: {e}", config.ca_cert.display()))?;
-
         let mut roots = RootCertStore::empty();
-        let mut intermediates = Vec::new();
-        for cert in &ca_certs {
-            if is_self_signed(cert) {
-                roots
-                    .add(cert.clone())
-                    .with_context(|| format!("{}: bad root", config.ca_cert.display()))?;
-            } else {
-                intermediates.push(cert.clone());
-            }
+        for cert in file_roots {
+            roots
+                .add(cert)
+                .with_context(|| format!("{}: bad root", config.ca_cert.display()))?;
         }
         for path in &config.trust_bundle {
             let certs = read_certs(path)?;
@@ -208,13 +214,12 @@ impl IdentityManager {
         let state = Arc::new(State {
             trust_domain: config.trust_domain,
             ttl,
-            issuer,
-            ca_not_after,
-            intermediates,
+            authority,
             roots: Arc::new(roots),
             provider: Arc::new(tls::provider()),
             local: Mutex::new(Local::default()),
             changed: tokio::sync::Notify::new(),
+            fetching: tokio::sync::Mutex::new(()),
         });
         let server_config = tls::server_config(&state)?;
         Ok(IdentityManager {
@@ -262,13 +267,33 @@ impl IdentityManager {
         self.state.is_local(id)
     }
 
-    /// The current SVID of `id`, minted if there is none or the cached one is past half of its
-    /// lifetime. Fails for identities this node does not host.
+    /// The current SVID of `id`, without waiting: with a CA key, minted if there is none or the
+    /// cached one is past half of its lifetime; from a CA service, the one held if it has not
+    /// expired. Fails for identities this node does not host.
     pub fn svid(&self, id: &SpiffeId) -> Result<Arc<Svid>> {
         self.state.svid(id)
     }
 
-    /// Re-mints every local identity at half-life, in the background, until the manager is
+    /// The current SVID of `id`, asking the CA service for one when none is held (the first
+    /// connection of a new pod may come before the rotation task has fetched it).
+    pub async fn ready(&self, id: &SpiffeId) -> Result<Arc<Svid>> {
+        self.state.ready(id).await
+    }
+
+    /// The local identity a TLS client asked for by SNI ([`sni_for`]), if this node hosts it.
+    pub fn local_by_sni(&self, name: &str) -> Option<SpiffeId> {
+        self.state.local_by_sni(name)
+    }
+
+    /// Where certificates come from, for `weft status`: `service https://…` or `key`.
+    pub fn authority(&self) -> String {
+        match &self.state.authority {
+            Authority::Service(c) => format!("service {}", c.address()),
+            Authority::Key(_) => "key".to_string(),
+        }
+    }
+
+    /// Renews every local identity at half-life, in the background, until the manager is
     /// dropped. Open connections are not touched.
     pub fn spawn_rotation(self: Arc<Self>) -> tokio::task::JoinHandle<()> {
         let state = Arc::downgrade(&self.state);
@@ -318,20 +343,44 @@ impl IdentityManager {
     }
 }
 
+/// Longest wait between two attempts to renew from an unreachable CA service.
+const RETRY_MAX: Duration = Duration::from_secs(30);
+/// Shortest: near the end of an SVID's life, attempts come this often.
+const RETRY_MIN: Duration = Duration::from_millis(250);
+
 async fn rotate(state: Weak<State>) {
+    // Consecutive failures per identity: the next attempt waits 1 s, 2 s, … up to RETRY_MAX.
+    let mut failures: HashMap<SpiffeId, u32> = HashMap::new();
     loop {
         let sleep = {
             let Some(state) = state.upgrade() else { return };
             let now = SystemTime::now();
             let ids: Vec<SpiffeId> = state.lock().ids.iter().cloned().collect();
+            failures.retain(|id, _| ids.contains(id));
             let mut next = now + ROTATION_MAX_SLEEP;
             for id in ids {
-                match state.svid(&id) {
-                    Ok(svid) => next = next.min(svid.refresh_at),
-                    // Removed meanwhile, or the CA cannot sign: retry soon.
+                match state.renew(&id).await {
+                    Ok(svid) => {
+                        failures.remove(&id);
+                        next = next.min(svid.refresh_at);
+                    }
+                    // Removed meanwhile, or the CA cannot sign: retry with backoff. The SVID held
+                    // (if any) keeps serving until it expires.
                     Err(e) => {
-                        warn!(identity = %id, error = %e, "minting SVID failed");
-                        next = next.min(now + Duration::from_secs(1));
+                        let n = failures.entry(id.clone()).or_default();
+                        *n = n.saturating_add(1);
+                        // Never so long that the SVID held expires before the next attempt.
+                        let remaining = state
+                            .lock()
+                            .svids
+                            .get(&id)
+                            .and_then(|s| s.not_after.duration_since(now).ok())
+                            .map_or(RETRY_MAX, |r| (r / 4).max(RETRY_MIN));
+                        let wait = Duration::from_secs(1u64 << (*n - 1).min(5))
+                            .min(RETRY_MAX)
+                            .min(remaining);
+                        warn!(identity = %id, error = %format!("{e:#}"), retry_in = ?wait, "getting SVID failed");
+                        next = next.min(now + wait);
                     }
                 }
             }
@@ -362,13 +411,86 @@ impl State {
             bail!("{id} is not an identity hosted on this node");
         }
         let now = SystemTime::now();
-        if let Some(s) = local.svids.get(id) {
-            if now < s.refresh_at {
-                return Ok(s.clone());
+        let held = local.svids.get(id);
+        match &self.authority {
+            Authority::Key(ca) => {
+                if let Some(s) = held.filter(|s| now < s.refresh_at) {
+                    return Ok(s.clone());
+                }
+                let svid = Arc::new(self.mint(ca, id, now)?);
+                debug!(identity = %id, serial = %svid.serial, "minted SVID");
+                local.svids.insert(id.clone(), svid.clone());
+                Ok(svid)
             }
+            Authority::Service(ca) => match held.filter(|s| now < s.not_after) {
+                Some(s) => Ok(s.clone()),
+                None => bail!("no certificate for {id} yet from the CA {}", ca.address()),
+            },
         }
-        let svid = Arc::new(self.mint(id, now)?);
-        debug!(identity = %id, serial = %svid.serial, "minted SVID");
+    }
+
+    /// [`State::svid`], asking the CA service when it has none.
+    async fn ready(&self, id: &SpiffeId) -> Result<Arc<Svid>> {
+        if let Ok(svid) = self.svid(id) {
+            return Ok(svid);
+        }
+        let Authority::Service(ca) = &self.authority else {
+            return self.svid(id);
+        };
+        let _one = self.fetching.lock().await;
+        if let Ok(svid) = self.svid(id) {
+            return Ok(svid);
+        }
+        self.fetch(ca, id).await
+    }
+
+    /// The SVID of `id` renewed if it is due: what the rotation task calls.
+    async fn renew(&self, id: &SpiffeId) -> Result<Arc<Svid>> {
+        let Authority::Service(ca) = &self.authority else {
+            return self.svid(id);
+        };
+        let _one = self.fetching.lock().await;
+        let due = {
+            let local = self.lock();
+            match local.svids.get(id) {
+                Some(s) if SystemTime::now() < s.refresh_at => return Ok(s.clone()),
+                _ => true,
+            }
+        };
+        debug_assert!(due);
+        self.fetch(ca, id).await
+    }
+
+    /// A new key, a CSR for `id` to the CA service, and the answer kept if `id` is still local.
+    async fn fetch(&self, ca: &ca_client::CaClient, id: &SpiffeId) -> Result<Arc<Svid>> {
+        if !self.is_local(id) {
+            bail!("{id} is not an identity hosted on this node");
+        }
+        let key = KeyPair::generate_for(&rcgen::PKCS_ECDSA_P256_SHA256)?;
+        let chain = ca.sign(id, &key, self.ttl).await?;
+        let now = SystemTime::now();
+        let (serial, not_before, not_after) = {
+            let (_, x) = x509_parser::parse_x509_certificate(&chain[0])
+                .map_err(|e| anyhow!("the certificate from the CA: {e}"))?;
+            let v = x.validity();
+            (
+                hex(x.raw_serial()),
+                UNIX_EPOCH + Duration::from_secs(v.not_before.timestamp().max(0) as u64),
+                UNIX_EPOCH + Duration::from_secs(v.not_after.timestamp().max(0) as u64),
+            )
+        };
+        if not_after <= now {
+            bail!(
+                "the CA {} signed a certificate that has expired",
+                ca.address()
+            );
+        }
+        let svid = Arc::new(self.assemble(id, key, chain, serial, not_before, not_after, now)?);
+        info!(identity = %id, serial = %svid.serial, not_after = %OffsetDateTime::from(not_after), "SVID from the CA");
+        let mut local = self.lock();
+        if !local.ids.contains(id) {
+            bail!("{id} is no longer hosted on this node");
+        }
         local.svids.insert(id.clone(), svid.clone());
         Ok(svid)
     }
@@ -384,39 +506,41 @@ impl State {
         local.ids.iter().find(|id| sni_for(id) == name).cloned()
     }
 
-    fn mint(&self, id: &SpiffeId, now: SystemTime) -> Result<Svid> {
+    fn mint(&self, ca: &issuer::LocalCa, id: &SpiffeId, now: SystemTime) -> Result<Svid> {
         if id.trust_domain() != self.trust_domain {
             bail!(
                 "{id} is not in this node's trust domain {}",
                 self.trust_domain
             );
         }
-        let now_s = truncate_to_secs(now);
-        let not_before = now_s - NOT_BEFORE_SKEW;
-        let not_after = (now_s + self.ttl).min(self.ca_not_after);
-        if not_after <= now {
-            bail!("the CA certificate has expired");
-        }
         let key = KeyPair::generate_for(&rcgen::PKCS_ECDSA_P256_SHA256)?;
-        let serial = random_serial(&self.provider)?;
-        let mut params = CertificateParams::default();
-        params.distinguished_name = DistinguishedName::new();
-        params.subject_alt_names = vec![SanType::URI(id.to_string().try_into()?)];
-        params.is_ca = IsCa::ExplicitNoCa;
-        params.key_usages = vec![KeyUsagePurpose::DigitalSignature];
-        params.extended_key_usages = vec![
-            ExtendedKeyUsagePurpose::ServerAuth,
-            ExtendedKeyUsagePurpose::ClientAuth,
-        ];
-        params.not_before = OffsetDateTime::from(not_before);
-        params.not_after = OffsetDateTime::from(not_after);
-        params.serial_number = Some(SerialNumber::from_slice(&serial));
-        params.use_authority_key_identifier_extension = true;
-        let cert = params.signed_by(&key, &self.issuer)?;
+        let signed = ca.sign_svid(id, &key, self.ttl, now)?;
+        let mut chain = Vec::with_capacity(1 + ca.intermediates().len());
+        chain.push(signed.leaf);
+        chain.extend(ca.intermediates().iter().cloned());
+        self.assemble(
+            id,
+            key,
+            chain,
+            hex(&signed.serial),
+            signed.not_before,
+            signed.not_after,
+            now,
+        )
+    }
 
-        let mut chain = Vec::with_capacity(1 + self.intermediates.len());
-        chain.push(cert.der().clone());
-        chain.extend(self.intermediates.iter().cloned());
+    /// An SVID of a chain and its key, due for renewal at half of its remaining lifetime.
+    #[allow(clippy::too_many_arguments)]
+    fn assemble(
+        &self,
+        id: &SpiffeId,
+        key: KeyPair,
+        chain: Vec<CertificateDer<'static>>,
+        serial: String,
+        not_before: SystemTime,
+        not_after: SystemTime,
+        now: SystemTime,
+    ) -> Result<Svid> {
         let key_der = PrivateKeyDer::Pkcs8(PrivatePkcs8KeyDer::from(key.serialize_der()));
         let signer = self
             .provider
@@ -428,7 +552,7 @@ impl State {
             id: id.clone(),
             chain,
             key: key_der,
-            serial: hex(&serial),
+            serial,
             not_before,
             not_after,
             refresh_at: now + lifetime / 2,
@@ -580,7 +704,7 @@ fn write_ca(crt: &Path, crt_pem: &str, key: &Path, key_pem: &str) -> Result<()> 
 }
 
 /// PEM armour (RFC 7468) around DER bytes.
-fn pem_encode(label: &str, der: &[u8]) -> String {
+pub fn pem_encode(label: &str, der: &[u8]) -> String {
     const B64: &[u8; 64] = b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789+/";
     let mut b64 = String::with_capacity(der.len().div_ceil(3) * 4);
     for chunk in der.chunks(3) {

@@ -13,7 +13,7 @@ fn id(ns: &str, sa: &str) -> SpiffeId {
 fn manager(dir: &Path, ttl: Duration) -> IdentityManager {
     IdentityManager::new(IdentityConfig {
         ca_cert: dir.join("ca.crt"),
-        ca_key: dir.join("ca.key"),
+        authority: AuthorityConfig::Key(dir.join("ca.key")),
         trust_bundle: vec![],
         trust_domain: TD.into(),
         svid_ttl: ttl,
@@ -213,7 +213,7 @@ fn rejects_bad_ca_material() {
     init_ca(b.path(), TD, Duration::from_secs(86400)).unwrap();
     let e = IdentityManager::new(IdentityConfig {
         ca_cert: a.path().join("ca.crt"),
-        ca_key: b.path().join("ca.key"),
+        authority: AuthorityConfig::Key(b.path().join("ca.key")),
         trust_bundle: vec![],
         trust_domain: TD.into(),
         svid_ttl: Duration::from_secs(60),
@@ -223,7 +223,7 @@ fn rejects_bad_ca_material() {
     assert!(e.to_string().contains("does not belong"), "{e}");
     let e = IdentityManager::new(IdentityConfig {
         ca_cert: a.path().join("missing.crt"),
-        ca_key: a.path().join("ca.key"),
+        authority: AuthorityConfig::Key(a.path().join("ca.key")),
         trust_bundle: vec![],
         trust_domain: TD.into(),
         svid_ttl: Duration::from_secs(60),

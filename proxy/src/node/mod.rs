@@ -25,7 +25,7 @@ use tracing::{error, info, warn};
 use crate::admin;
 use crate::capture::{Capture, CaptureConfig};
 use crate::config::{NodeConfig, ProxyAddress};
-use crate::identity::{IdentityConfig, IdentityManager};
+use crate::identity::{AuthorityConfig, IdentityConfig, IdentityManager};
 use crate::inbound::{Inbound, InboundConfig};
 use crate::inputs::ProxyInputs;
 use crate::l7::route::RouteTable;
@@ -106,7 +106,20 @@ pub async fn run(cfg: NodeConfig) -> anyhow::Result<()> {
     let identity = Arc::new(
         IdentityManager::new(IdentityConfig {
             ca_cert: cfg.ca_cert.clone(),
-            ca_key: cfg.ca_key.clone(),
+            authority: match (&cfg.ca_address, &cfg.ca_key) {
+                (Some(address), _) => AuthorityConfig::Service {
+                    address: address.clone(),
+                    token: cfg.ca_token.clone(),
+                },
+                (None, Some(key)) => {
+                    warn!(
+                        "--ca-key: this node signs workload certificates itself (single-node \
+                         and development mode); root on it can mint any identity of the mesh"
+                    );
+                    AuthorityConfig::Key(key.clone())
+                }
+                (None, None) => anyhow::bail!("no CA: --ca-address or --ca-key"),
+            },
             trust_bundle: cfg.trust_bundle.clone(),
             trust_domain: cfg.trust_domain.clone(),
             svid_ttl: cfg.svid_ttl,

@@ -625,7 +625,8 @@ async fn dial(inner: &Inner, conn: &Conn) -> Result<(Arc<Ready>, Connection), Tu
         .map_err(|e| TunnelError::Identity(format!("{e:#}")))?;
     let local = inner
         .identity
-        .svid(&key.source)
+        .ready(&key.source)
+        .await
         .map_err(|e| TunnelError::Identity(format!("{e:#}")))?;
     let name = ServerName::try_from(sni_for(&key.destination)).map_err(|e| {
         TunnelError::Identity(format!("no server name for {}: {e}", key.destination))

@@ -18,7 +18,7 @@ use h2::server::SendResponse;
 use h2::RecvStream;
 use http::{HeaderValue, Method, Request, Response, StatusCode};
 use tokio::net::{TcpListener, TcpStream};
-use tokio_rustls::TlsAcceptor;
+use tokio_rustls::LazyConfigAcceptor;
 use tracing::{debug, info, warn};
 
 use super::{
@@ -145,7 +145,7 @@ pub struct Server<H> {
     identity: Arc<IdentityManager>,
     handler: Arc<H>,
     config: ServerConfig,
-    acceptor: TlsAcceptor,
+    server_config: Arc<rustls::ServerConfig>,
     telemetry: Arc<Telemetry>,
 }
 
@@ -157,12 +157,11 @@ impl<H: Handler> Server<H> {
         config: ServerConfig,
         telemetry: Arc<Telemetry>,
     ) -> Arc<Self> {
-        let acceptor = TlsAcceptor::from(identity.server_config());
         Arc::new(Server {
+            server_config: identity.server_config(),
             identity,
             handler,
             config,
-            acceptor,
             telemetry,
         })
     }
@@ -198,7 +197,22 @@ impl<H: Handler> Server<H> {
     async fn connection(self: Arc<Self>, tcp: TcpStream, peer_addr: SocketAddr) {
         let _ = tcp.set_nodelay(true);
         let timeout = self.config.handshake_timeout;
-        let tls = match tokio::time::timeout(timeout, self.acceptor.accept(tcp)).await {
+        // The ClientHello first: a certificate not yet fetched from the CA service is waited for
+        // (a new pod's first inbound connection may come before the rotation task fetched it).
+        let handshake = async {
+            let start = LazyConfigAcceptor::new(rustls::server::Acceptor::default(), tcp).await?;
+            let local = start
+                .client_hello()
+                .server_name()
+                .and_then(|name| self.identity.local_by_sni(name));
+            if let Some(id) = local {
+                if let Err(e) = self.identity.ready(&id).await {
+                    debug!(peer = %peer_addr, error = %format!("{e:#}"), "no certificate to serve");
+                }
+            }
+            start.into_stream(self.server_config.clone()).await
+        };
+        let tls = match tokio::time::timeout(timeout, handshake).await {
             Ok(Ok(tls)) => tls,
             Ok(Err(e)) => {
                 inc(&self.counters().tls_failed);
