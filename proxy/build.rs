@@ -47,7 +47,10 @@ fn main() -> anyhow::Result<()> {
     );
     let include = protoc_bin_vendored::include_path().context("vendored protobuf includes")?;
     tonic_prost_build::configure()
-        .compile_protos(std::slice::from_ref(&proto), &[manifest_dir.join("proto"), include])
+        .compile_protos(
+            std::slice::from_ref(&proto),
+            &[manifest_dir.join("proto"), include],
+        )
         .with_context(|| format!("compiling {}", proto.display()))?;
 
     let skip = env::var("AYA_BUILD_SKIP").is_ok_and(|v| v == "1" || v.eq_ignore_ascii_case("true"));
