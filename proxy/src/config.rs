@@ -129,12 +129,12 @@ pub struct NodeArgs {
     pub ca_address: Option<String>,
     /// File holding the bearer token this node authenticates to the CA service with (read at
     /// every request): a bootstrap token, or in Kubernetes a projected ServiceAccount token with
-    /// audience `weft-ca`.
+    /// audience `weft-ca`. Default: none (no credential sent).
     #[arg(long, value_name = "FILE")]
     pub ca_token: Option<PathBuf>,
     /// PEM private key of the CA in --ca-cert: the node signs its own workload certificates.
     /// Single-node and development mode only: root on a node holding the key can mint any
-    /// identity of the mesh. Use --ca-address in a cluster.
+    /// identity of the mesh. Use --ca-address in a cluster. Default: none.
     #[arg(long, value_name = "FILE")]
     pub ca_key: Option<PathBuf>,
     /// Extra trusted root certificates (PEM), e.g. the next root during a root rotation.

@@ -93,6 +93,7 @@ pub struct CaServeArgs {
     /// PEM private key of that CA.
     #[arg(long, value_name = "FILE")]
     pub ca_key: PathBuf,
+    /// SPIFFE trust domain of the mesh: the only one this CA signs identities in.
     #[arg(long, default_value = DEFAULT_TRUST_DOMAIN)]
     pub trust_domain: String,
     /// Where pods run: `kube` (the Kubernetes API), or the registry file or directory the
@@ -102,12 +103,12 @@ pub struct CaServeArgs {
     /// With --registry kube: a kubeconfig file (default: in-cluster).
     #[arg(long, value_name = "FILE")]
     pub kubeconfig: Option<PathBuf>,
-    /// With --registry kube: the kubeconfig context.
+    /// With --registry kube: the kubeconfig context (default: its current context).
     #[arg(long, value_name = "NAME")]
     pub kube_context: Option<String>,
     /// Bootstrap tokens nodes authenticate with: one `NODE TOKEN` per line, read at every
-    /// request. Without it (Kubernetes), a node's ServiceAccount token is checked with a
-    /// TokenReview and its node read from the token's pod binding.
+    /// request. Default: none, and then (Kubernetes) a node's ServiceAccount token is checked
+    /// with a TokenReview and its node read from the token's pod binding.
     #[arg(long, value_name = "FILE")]
     pub node_tokens: Option<PathBuf>,
     /// Audience nodes' ServiceAccount tokens must be issued for.

@@ -44,6 +44,15 @@ fn variants() -> Vec<(Vec<PathBuf>, Vec<String>)> {
         set(&["crds.gatewayApi=true,crds.keep=false"]),
         set(&["namespace.create=false", "ca.existingSecret=mesh-root"]),
         set(&["bpf.autoMount=false", "securityContext.seccompProfile=null"]),
+        set(&["caService.enabled=false"]),
+        set(&[
+            "caService.replicas=1",
+            r"caService.nodeSelector.node-role\.kubernetes\.io/control-plane=",
+            "caService.tolerations[0].key=node-role.kubernetes.io/control-plane,\
+             caService.tolerations[0].operator=Exists,caService.tolerations[0].effect=NoSchedule",
+            "caService.extraArgs={--max-ttl=12h,--trust-domain=example.org}",
+            "caService.affinity=null",
+        ]),
         (vec![everything_values()], Vec::new()),
     ]
 }
@@ -130,7 +139,9 @@ fn default_render_holds_the_install() {
     objects.sort();
     let want = [
         ("ClusterRole", "weft"),
+        ("ClusterRole", "weft-ca"),
         ("ClusterRoleBinding", "weft"),
+        ("ClusterRoleBinding", "weft-ca"),
         (
             "CustomResourceDefinition",
             "authorizationpolicies.security.istio.io",
@@ -152,9 +163,13 @@ fn default_render_holds_the_install() {
             "virtualservices.networking.istio.io",
         ),
         ("DaemonSet", "weft"),
+        ("Deployment", "weft-ca"),
         ("Namespace", "weft-system"),
+        ("PodDisruptionBudget", "weft-ca"),
+        ("Service", "weft-ca"),
         ("Service", "weft-metrics"),
         ("ServiceAccount", "weft"),
+        ("ServiceAccount", "weft-ca"),
     ];
     let want: Vec<(String, String)> = want
         .iter()
@@ -201,7 +216,8 @@ fn default_render_holds_the_install() {
             "--node-name=$(NODE_NAME)",
             "--registry=kube",
             "--ca-cert=/etc/weft/ca/ca.crt",
-            "--ca-key=/etc/weft/ca/ca.key",
+            "--ca-address=https://weft-ca.weft-system.svc:15012",
+            "--ca-token=/var/run/secrets/weft/ca-token",
             "--cgroup-root=/sys/fs/cgroup",
             "--bpffs=/sys/fs/bpf/weft",
             "--admin-socket=/run/weft/admin.sock",
@@ -280,6 +296,7 @@ fn default_render_holds_the_install() {
             ("bpffs", "/sys/fs/bpf"),
             ("run", "/run/weft"),
             ("ca", "/etc/weft/ca"),
+            ("ca-token", "/var/run/secrets/weft"),
             ("tmp", "/tmp"),
         ]
     );
@@ -512,6 +529,312 @@ fn overridden_values() {
         object(&elsewhere, "DaemonSet", "weft")["metadata"]["namespace"],
         "mesh"
     );
+}
+
+/// The pod spec of a workload object.
+fn pod_spec<'a>(docs: &'a [Yaml], kind: &str, name: &str) -> &'a Yaml {
+    &object(docs, kind, name)["spec"]["template"]["spec"]
+}
+
+/// A pod's volume by name.
+fn volume<'a>(pod: &'a Yaml, name: &str) -> &'a Yaml {
+    pod["volumes"]
+        .as_sequence()
+        .unwrap()
+        .iter()
+        .find(|v| v["name"] == name)
+        .unwrap_or_else(|| panic!("no volume {name}"))
+}
+
+fn has_volume(pod: &Yaml, name: &str) -> bool {
+    pod["volumes"]
+        .as_sequence()
+        .unwrap()
+        .iter()
+        .any(|v| v["name"] == name)
+}
+
+/// Whether `selector` (matchLabels) selects a pod labelled `labels`.
+fn selects(selector: &Yaml, labels: &Yaml) -> bool {
+    selector
+        .as_mapping()
+        .unwrap()
+        .iter()
+        .all(|(k, v)| labels.get(k.as_str().unwrap()) == Some(v))
+}
+
+#[test]
+fn ca_service_is_in_the_default_render() {
+    let docs = docs(&render_sets(&[]));
+    let deployment = object(&docs, "Deployment", "weft-ca");
+    assert_eq!(deployment["metadata"]["namespace"], NAMESPACE);
+    assert_eq!(deployment["spec"]["replicas"], 2);
+    let selector = &deployment["spec"]["selector"]["matchLabels"];
+    assert_eq!(
+        selector,
+        &serde_yaml_ng::from_str::<Yaml>(
+            "{app.kubernetes.io/name: weft-ca, app.kubernetes.io/instance: weft}"
+        )
+        .unwrap()
+    );
+    let pod_labels = &deployment["spec"]["template"]["metadata"]["labels"];
+    assert!(selects(selector, pod_labels));
+    // The nodes' selectors (DaemonSet, weft-metrics) never take the CA pods, nor the reverse.
+    let ds = object(&docs, "DaemonSet", "weft");
+    let node_selector = &ds["spec"]["selector"]["matchLabels"];
+    assert!(!selects(node_selector, pod_labels));
+    assert!(!selects(
+        selector,
+        &ds["spec"]["template"]["metadata"]["labels"]
+    ));
+    assert!(!selects(
+        &object(&docs, "Service", "weft-metrics")["spec"]["selector"],
+        pod_labels
+    ));
+
+    let pod = pod_spec(&docs, "Deployment", "weft-ca");
+    assert_eq!(pod["serviceAccountName"], "weft-ca");
+    assert_eq!(pod["hostNetwork"], Yaml::Null);
+    assert_eq!(pod["priorityClassName"], "system-cluster-critical");
+    assert_eq!(pod["securityContext"]["runAsNonRoot"], true);
+    assert_eq!(
+        pod["securityContext"]["seccompProfile"]["type"],
+        "RuntimeDefault"
+    );
+    assert_eq!(pod["nodeSelector"]["kubernetes.io/os"], "linux");
+    assert_eq!(pod["tolerations"], Yaml::Null);
+    let spread =
+        &pod["affinity"]["podAntiAffinity"]["preferredDuringSchedulingIgnoredDuringExecution"][0];
+    assert_eq!(
+        spread["podAffinityTerm"]["topologyKey"],
+        "kubernetes.io/hostname"
+    );
+    assert!(selects(
+        &spread["podAffinityTerm"]["labelSelector"]["matchLabels"],
+        pod_labels
+    ));
+
+    let ca = &pod["containers"][0];
+    assert_eq!(ca["image"], "weft:0.1.0");
+    assert_eq!(strings(&ca["command"]), ["weft"]);
+    assert_eq!(
+        strings(&ca["args"]),
+        [
+            "ca",
+            "serve",
+            "--ca-cert=/etc/weft/ca/ca.crt",
+            "--ca-key=/etc/weft/ca/ca.key",
+            "--registry=kube",
+            "--node-service-account=weft-system/weft",
+            "--server-name=weft-ca",
+            "--server-name=weft-ca.weft-system",
+            "--server-name=weft-ca.weft-system.svc",
+            "--server-name=weft-ca.weft-system.svc.cluster.local",
+        ]
+    );
+    assert_eq!(ca["ports"][0]["containerPort"], 15012);
+    assert_eq!(ca["ports"][0]["name"], "grpc-ca");
+    for probe in ["startupProbe", "readinessProbe", "livenessProbe"] {
+        assert_eq!(ca[probe]["tcpSocket"]["port"], "grpc-ca", "{probe}");
+    }
+    let sc = &ca["securityContext"];
+    assert_eq!(sc["allowPrivilegeEscalation"], false);
+    assert_eq!(sc["readOnlyRootFilesystem"], true);
+    assert_eq!(sc["runAsNonRoot"], true);
+    assert_eq!(strings(&sc["capabilities"]["drop"]), ["ALL"]);
+    assert_eq!(sc["capabilities"]["add"], Yaml::Null);
+    assert_eq!(ca["resources"]["requests"]["cpu"], "50m");
+    assert_eq!(ca["volumeMounts"][0]["name"], "ca");
+    assert_eq!(ca["volumeMounts"][0]["mountPath"], "/etc/weft/ca");
+    // The whole Secret, key included: only here.
+    let secret = &volume(pod, "ca")["secret"];
+    assert_eq!(secret["secretName"], "weft-ca");
+    assert_eq!(secret["items"], Yaml::Null);
+    assert_eq!(pod["volumes"].as_sequence().unwrap().len(), 1);
+
+    let service = object(&docs, "Service", "weft-ca");
+    let port = &service["spec"]["ports"][0];
+    assert_eq!(port["port"], 15012);
+    assert_eq!(port["name"], "grpc-ca");
+    assert_eq!(port["targetPort"], "grpc-ca");
+    assert_eq!(port["appProtocol"], "grpc");
+    assert_eq!(&service["spec"]["selector"], selector);
+
+    let pdb = object(&docs, "PodDisruptionBudget", "weft-ca");
+    assert_eq!(pdb["spec"]["minAvailable"], 1);
+    assert_eq!(&pdb["spec"]["selector"]["matchLabels"], selector);
+
+    object(&docs, "ServiceAccount", "weft-ca");
+}
+
+#[test]
+fn nodes_mount_only_the_ca_root_and_ask_the_ca_service() {
+    let docs = docs(&render_sets(&[]));
+    let pod = pod_spec(&docs, "DaemonSet", "weft");
+    let args = strings(&pod["containers"][0]["args"]);
+    assert!(args.contains(&"--ca-address=https://weft-ca.weft-system.svc:15012"));
+    assert!(args.contains(&"--ca-token=/var/run/secrets/weft/ca-token"));
+    assert!(!args.iter().any(|a| a.starts_with("--ca-key")), "{args:?}");
+    // The Secret projects ca.crt alone: the key never reaches a node.
+    let secret = &volume(pod, "ca")["secret"];
+    assert_eq!(secret["secretName"], "weft-ca");
+    assert_eq!(
+        secret["items"],
+        serde_yaml_ng::from_str::<Yaml>("[{key: ca.crt, path: ca.crt}]").unwrap()
+    );
+    let token = &volume(pod, "ca-token")["projected"]["sources"][0]["serviceAccountToken"];
+    assert_eq!(token["audience"], "weft-ca");
+    assert_eq!(token["expirationSeconds"], 3600);
+    assert_eq!(token["path"], "ca-token");
+    let mount = pod["containers"][0]["volumeMounts"]
+        .as_sequence()
+        .unwrap()
+        .iter()
+        .find(|m| m["name"] == "ca-token")
+        .expect("the token is mounted");
+    assert_eq!(mount["mountPath"], "/var/run/secrets/weft");
+    // No other workload than the CA service mounts the CA Secret whole.
+    for doc in &docs {
+        let pod = &doc["spec"]["template"]["spec"];
+        for v in pod["volumes"].as_sequence().into_iter().flatten() {
+            if v["secret"]["secretName"] == "weft-ca" && v["secret"]["items"].is_null() {
+                assert_eq!(doc["kind"], "Deployment");
+                assert_eq!(doc["metadata"]["name"], "weft-ca");
+            }
+        }
+    }
+}
+
+#[test]
+fn ca_service_role_reads_as_the_nodes_and_reviews_tokens() {
+    let docs = docs(&render_sets(&[]));
+    let rules = |name: &str| -> Vec<Yaml> {
+        object(&docs, "ClusterRole", name)["rules"]
+            .as_sequence()
+            .unwrap()
+            .clone()
+    };
+    let node: Vec<Yaml> = rules("weft")
+        .into_iter()
+        .filter(|r| strings(&r["resources"]) != ["events"])
+        .collect();
+    let ca = rules("weft-ca");
+    let (reviews, reads): (Vec<Yaml>, Vec<Yaml>) = ca
+        .into_iter()
+        .partition(|r| strings(&r["resources"]) == ["tokenreviews"]);
+    assert_eq!(reads, node, "the nodes' read-only rules, without Events");
+    assert_eq!(reviews.len(), 1);
+    assert_eq!(strings(&reviews[0]["apiGroups"]), ["authentication.k8s.io"]);
+    assert_eq!(strings(&reviews[0]["verbs"]), ["create"]);
+    for rule in &reads {
+        assert_eq!(
+            strings(&rule["verbs"]),
+            ["get", "list", "watch"],
+            "{rule:?}"
+        );
+    }
+    let binding = object(&docs, "ClusterRoleBinding", "weft-ca");
+    assert_eq!(binding["roleRef"]["name"], "weft-ca");
+    assert_eq!(binding["subjects"][0]["kind"], "ServiceAccount");
+    assert_eq!(binding["subjects"][0]["name"], "weft-ca");
+    assert_eq!(binding["subjects"][0]["namespace"], NAMESPACE);
+}
+
+#[test]
+fn ca_service_disabled_is_development_mode() {
+    let docs = docs(&render_sets(&["caService.enabled=false"]));
+    assert!(
+        !docs
+            .iter()
+            .any(|d| d["metadata"]["name"] == "weft-ca" && d["kind"] != "Secret"),
+        "no CA service object"
+    );
+    let pod = pod_spec(&docs, "DaemonSet", "weft");
+    let args = strings(&pod["containers"][0]["args"]);
+    assert!(args.contains(&"--ca-cert=/etc/weft/ca/ca.crt"));
+    assert!(args.contains(&"--ca-key=/etc/weft/ca/ca.key"));
+    assert!(
+        !args
+            .iter()
+            .any(|a| a.starts_with("--ca-address") || a.starts_with("--ca-token")),
+        "{args:?}"
+    );
+    let secret = &volume(pod, "ca")["secret"];
+    assert_eq!(secret["secretName"], "weft-ca");
+    assert_eq!(
+        secret["items"],
+        Yaml::Null,
+        "the whole Secret, key included"
+    );
+    assert!(!has_volume(pod, "ca-token"));
+    assert!(!pod["containers"][0]["volumeMounts"]
+        .as_sequence()
+        .unwrap()
+        .iter()
+        .any(|m| m["name"] == "ca-token"));
+}
+
+#[test]
+fn ca_service_values() {
+    let one = docs(&render_sets(&[
+        "caService.replicas=1",
+        r"caService.nodeSelector.node-role\.kubernetes\.io/control-plane=",
+        "caService.tolerations[0].key=node-role.kubernetes.io/control-plane,\
+         caService.tolerations[0].operator=Exists,caService.tolerations[0].effect=NoSchedule",
+        "caService.extraArgs={--max-ttl=12h}",
+        "caService.affinity=null",
+    ]));
+    assert_eq!(object(&one, "Deployment", "weft-ca")["spec"]["replicas"], 1);
+    // A budget of one replica would block every drain of its node.
+    assert!(!one.iter().any(|d| d["kind"] == "PodDisruptionBudget"));
+    let pod = pod_spec(&one, "Deployment", "weft-ca");
+    assert_eq!(
+        pod["nodeSelector"]["node-role.kubernetes.io/control-plane"],
+        ""
+    );
+    assert_eq!(
+        pod["tolerations"][0]["key"],
+        "node-role.kubernetes.io/control-plane"
+    );
+    assert_eq!(pod["tolerations"][0]["effect"], "NoSchedule");
+    assert_eq!(pod["affinity"], Yaml::Null);
+    let args = strings(&pod["containers"][0]["args"]);
+    assert_eq!(args.last(), Some(&"--max-ttl=12h"));
+
+    let three = docs(&render_sets(&["caService.replicas=3"]));
+    assert_eq!(
+        object(&three, "Deployment", "weft-ca")["spec"]["replicas"],
+        3
+    );
+    object(&three, "PodDisruptionBudget", "weft-ca");
+
+    // The names follow the namespace and the nodes' ServiceAccount.
+    let elsewhere = docs(&render_sets(&[
+        "namespace.name=mesh",
+        "serviceAccount.name=node",
+    ]));
+    let args = strings(&pod_spec(&elsewhere, "DaemonSet", "weft")["containers"][0]["args"]);
+    assert!(args.contains(&"--ca-address=https://weft-ca.mesh.svc:15012"));
+    let ca = pod_spec(&elsewhere, "Deployment", "weft-ca");
+    let args = strings(&ca["containers"][0]["args"]);
+    for want in [
+        "--node-service-account=mesh/node",
+        "--server-name=weft-ca",
+        "--server-name=weft-ca.mesh",
+        "--server-name=weft-ca.mesh.svc",
+        "--server-name=weft-ca.mesh.svc.cluster.local",
+    ] {
+        assert!(args.contains(&want), "{want} not in {args:?}");
+    }
+    assert_eq!(
+        object(&elsewhere, "ClusterRoleBinding", "weft-ca")["subjects"][0]["namespace"],
+        "mesh"
+    );
+
+    // The CA service mounts the Secret the values name.
+    let existing = docs(&render_sets(&["ca.existingSecret=mesh-root"]));
+    let ca = pod_spec(&existing, "Deployment", "weft-ca");
+    assert_eq!(volume(ca, "ca")["secret"]["secretName"], "mesh-root");
 }
 
 fn funcs_b64(s: &str) -> String {
