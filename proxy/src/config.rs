@@ -114,6 +114,12 @@ pub struct NodeArgs {
     /// connections it accepts from start to end, with upstream connections of its own.
     #[arg(long, value_name = "N")]
     pub workers: Option<usize>,
+    /// Where connections weft opens for a pod (passthrough, same-node delivery, HBONE to other
+    /// nodes) leave from: `pod`, the pod's own network namespace and address, as a sidecar's
+    /// would (NetworkPolicy and firewalls see the pod); `node`, the node's address
+    /// (default pod).
+    #[arg(long, value_name = "pod|node")]
+    pub source_address: Option<SourceAddress>,
     /// SPIFFE trust domain of the mesh (default cluster.local).
     #[arg(long, value_name = "DOMAIN")]
     pub trust_domain: Option<String>,
@@ -184,6 +190,7 @@ struct FileConfig {
     protocol_detection_timeout_ms: Option<u64>,
     dns_server: Option<String>,
     workers: Option<usize>,
+    source_address: Option<SourceAddress>,
     trust_domain: Option<String>,
     ca_cert: Option<PathBuf>,
     ca_address: Option<String>,
@@ -206,6 +213,16 @@ fn parse_dns_server(s: &str) -> anyhow::Result<SocketAddr> {
         Ok(ip) => Ok(SocketAddr::new(ip, 53)),
         Err(_) => bail!("--dns-server {s:?}: expected IP or IP:PORT"),
     }
+}
+
+/// Where the connections weft opens for a pod leave from (`--source-address`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, serde::Deserialize, clap::ValueEnum)]
+#[serde(rename_all = "snake_case")]
+pub enum SourceAddress {
+    /// The pod's own network namespace and address.
+    Pod,
+    /// The node's.
+    Node,
 }
 
 /// Where the proxy listens for redirected connections: given explicitly, or the node's
@@ -241,6 +258,7 @@ pub struct NodeConfig {
     pub protocol_detection_timeout_ms: u64,
     pub dns_server: Option<SocketAddr>,
     pub workers: usize,
+    pub source_address: SourceAddress,
     pub trust_domain: String,
     pub ca_cert: PathBuf,
     /// `https://…` of the CA service, or `None` with `ca_key`.
@@ -401,6 +419,10 @@ impl NodeArgs {
                 .unwrap_or(DEFAULT_PROTOCOL_DETECTION_TIMEOUT_MS),
             dns_server,
             workers,
+            source_address: self
+                .source_address
+                .or(file.source_address)
+                .unwrap_or(SourceAddress::Pod),
             trust_domain: self
                 .trust_domain
                 .or(file.trust_domain)

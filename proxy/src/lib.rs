@@ -31,4 +31,5 @@ pub mod admin;
 pub mod cli;
 pub mod inputs;
 pub mod memory;
+pub mod netns;
 pub mod node;

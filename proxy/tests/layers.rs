@@ -12,6 +12,7 @@ const ALLOWED: &[(&str, &[&str])] = &[
     ("config", &[]),
     ("admin", &[]),
     ("memory", &[]),
+    ("netns", &[]),
     ("registry", &["memory"]),
     ("relay", &[]),
     ("l7", &["registry", "config"]),
@@ -22,7 +23,7 @@ const ALLOWED: &[(&str, &[&str])] = &[
     ("l7", &["registry", "config"]),
     ("workload", &["registry", "identity"]),
     ("worker", &[]),
-    ("upstream", &["registry", "identity", "worker"]),
+    ("upstream", &["registry", "identity", "worker", "netns"]),
     (
         "telemetry",
         &["admin", "config", "registry", "identity", "relay"],
@@ -30,7 +31,7 @@ const ALLOWED: &[(&str, &[&str])] = &[
     ("capture", &["admin", "config", "workload"]),
     (
         "tunnel",
-        &["admin", "identity", "relay", "telemetry", "worker"],
+        &["admin", "identity", "netns", "relay", "telemetry", "worker"],
     ),
     (
         "inputs",

@@ -64,6 +64,16 @@ impl Weft {
         Self::launched(cluster, node, &[], Some(cgroup.to_path_buf()))
     }
 
+    /// [`Weft::start_in_cgroup`] with extra `weft node` flags.
+    pub fn start_in_cgroup_with(
+        cluster: &Cluster,
+        node: &Node,
+        cgroup: &Path,
+        extra: &[&str],
+    ) -> Result<Weft> {
+        Self::launched(cluster, node, extra, Some(cgroup.to_path_buf()))
+    }
+
     fn launched(
         cluster: &Cluster,
         node: &Node,

@@ -18,6 +18,15 @@ fn call(from: &Pod, to: SocketAddr, text: &str) -> Output {
     traffic::call(from, to, text, Duration::from_secs(5))
 }
 
+/// These tests show a connection went through weft by the address its backend saw it from:
+/// weft opens them from the node's address here. (By default they leave from the calling
+/// pod's own address: `mesh.rs` tests that.)
+const FROM_NODE: &[&str] = &["--source-address", "node"];
+
+fn weft_node(cluster: &Cluster, node: &Node) -> Weft {
+    Weft::start_with(cluster, node, FROM_NODE).unwrap()
+}
+
 /// The `peer=<ip>:<port>` a whoami backend reported: the address it saw the connection from.
 fn peer_ip(response: &str) -> String {
     let peer = response
@@ -90,7 +99,7 @@ fn setup(name: &str) -> Setup {
 #[test]
 fn enrolled_pod_reaches_service_through_weft() {
     let t = setup("service_through_weft");
-    let weft = Weft::start(&t.cluster, &t.node).unwrap();
+    let weft = weft_node(&t.cluster, &t.node);
 
     let resp = call_ok(&t.client, t.web.addr(80), "hello");
     assert!(resp.contains("hello"), "{resp}");
@@ -222,7 +231,7 @@ fn service_round_robins_over_both_backends() {
              spec:\n  host: web\n  trafficPolicy:\n    loadBalancer: {simple: ROUND_ROBIN}\n",
         )
         .unwrap();
-    let weft = Weft::start(&t.cluster, &t.node).unwrap();
+    let weft = weft_node(&t.cluster, &t.node);
     let mut seen = BTreeMap::<String, usize>::new();
     for i in 0..6 {
         let resp = call_ok(&t.client, t.web.addr(80), &format!("req-{i}"));
@@ -252,7 +261,7 @@ fn max_connections_turns_tcp_connections_away() {
              connectionPool: {tcp: {maxConnections: 1}}\n",
         )
         .unwrap();
-    let weft = Weft::start(&t.cluster, &t.node).unwrap();
+    let weft = weft_node(&t.cluster, &t.node);
     call_ok(&t.client, t.web.addr(80), "before");
     let web = t.web.addr(80);
     let script = format!(
@@ -304,7 +313,7 @@ fn unlabelled_namespace_is_not_redirected() {
         .cluster
         .add_pod(&t.node, PodSpec::new("plain", "direct"))
         .unwrap();
-    let weft = Weft::start(&t.cluster, &t.node).unwrap();
+    let weft = weft_node(&t.cluster, &t.node);
     let target = t.backends[0].addr(8080);
     let resp = call_ok(&plain, target, "hi");
     // Straight to the backend: it sees the pod's own address.
@@ -328,7 +337,7 @@ fn namespace_label_enrolls_and_unenrolls_running_pods() {
         .cluster
         .add_pod(&t.node, PodSpec::new("later", "app"))
         .unwrap();
-    let weft = Weft::start(&t.cluster, &t.node).unwrap();
+    let weft = weft_node(&t.cluster, &t.node);
     let target = t.backends[0].addr(8080);
     let via_weft = |pod: &Pod| peer_ip(&call_ok(pod, target, "x")) == t.node.ip().to_string();
 
@@ -358,7 +367,7 @@ fn namespace_label_enrolls_and_unenrolls_running_pods() {
 #[test]
 fn loopback_and_the_proxy_itself_are_not_redirected() {
     let t = setup("no_loop");
-    let weft = Weft::start(&t.cluster, &t.node).unwrap();
+    let weft = weft_node(&t.cluster, &t.node);
     // Loopback inside an enrolled pod stays inside the pod.
     let _lo = t
         .client
@@ -414,7 +423,9 @@ fn weft_in_an_enrolled_pod_never_redirects_its_own_connections() {
     t.cluster
         .set_namespace_labels("weft-system", labels(&[ENROLL]))
         .unwrap();
-    let weft = Weft::start_in_cgroup(&t.cluster, &t.node, weft_pod.container_cgroup()).unwrap();
+    let weft =
+        Weft::start_in_cgroup_with(&t.cluster, &t.node, weft_pod.container_cgroup(), FROM_NODE)
+            .unwrap();
 
     for i in 0..3 {
         let resp = call_ok(&t.client, t.web.addr(80), &format!("call-{i}"));
@@ -488,7 +499,7 @@ fn concurrent_connections_keep_their_own_destination_and_source() {
         .unwrap();
     let _s1 = serve(&echo1, 7000, "echo");
     let _s2 = serve(&echo2, 7001, "echo");
-    let weft = Weft::start(&cluster, &node).unwrap();
+    let weft = weft_node(&cluster, &node);
 
     // 100 connections from each pod, 50 at a time each, both pods at once, to different
     // Services: every echo must come back to the connection that sent it.
@@ -560,7 +571,7 @@ fn refused_destination_resets_promptly_and_is_recorded() {
                 .port("tcp", 80, 8080, None),
         )
         .unwrap();
-    let weft = Weft::start(&t.cluster, &t.node).unwrap();
+    let weft = weft_node(&t.cluster, &t.node);
 
     // Nothing listens on idle:9999: the client sees its connection closed or reset quickly.
     let started = Instant::now();
@@ -594,7 +605,7 @@ fn refused_destination_resets_promptly_and_is_recorded() {
 #[test]
 fn restarted_weft_keeps_redirecting_with_pinned_programs() {
     let t = setup("restart");
-    let mut weft = Weft::start(&t.cluster, &t.node).unwrap();
+    let mut weft = weft_node(&t.cluster, &t.node);
     let resp = call_ok(&t.client, t.web.addr(80), "before");
     assert_eq!(peer_ip(&resp), t.node.ip().to_string());
     let before = weft.status().unwrap();
@@ -644,7 +655,7 @@ fn restarted_weft_keeps_redirecting_with_pinned_programs() {
 #[test]
 fn malformed_object_is_reported_and_the_rest_applies() {
     let t = setup("bad_registry");
-    let weft = Weft::start(&t.cluster, &t.node).unwrap();
+    let weft = weft_node(&t.cluster, &t.node);
     call_ok(&t.client, t.web.addr(80), "good");
 
     let path = t.cluster.default_registry_path();
@@ -700,7 +711,7 @@ fn malformed_object_is_reported_and_the_rest_applies() {
 #[test]
 fn uninstall_detaches_capture() {
     let t = setup("uninstall");
-    let mut weft = Weft::start(&t.cluster, &t.node).unwrap();
+    let mut weft = weft_node(&t.cluster, &t.node);
     let target = t.backends[0].addr(8080);
     assert_eq!(
         peer_ip(&call_ok(&t.client, target, "meshed")),
@@ -741,7 +752,12 @@ fn uninstall_detaches_capture() {
 #[test]
 fn an_enrolled_pod_that_cannot_be_captured_is_reported() {
     let t = setup("uncaptured");
-    let weft = Weft::start_with(&t.cluster, &t.node, &["--enroll-timeout", "1s"]).unwrap();
+    let weft = Weft::start_with(
+        &t.cluster,
+        &t.node,
+        &["--enroll-timeout", "1s", "--source-address", "node"],
+    )
+    .unwrap();
     // A pod of an enrolled namespace on this node, with no cgroup anywhere (as when the
     // kubelet's cgroup layout is not the one weft looks for).
     t.cluster

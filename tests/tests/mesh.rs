@@ -1219,3 +1219,79 @@ fn a_ca_outage_delays_renewals_and_never_cuts_traffic() {
     .expect("renewed once the CA was back");
     call_ok(&m.client, m.svc.addr(80), "after");
 }
+
+/// The `peer=<ip>` a whoami backend saw.
+fn peer_ip(response: &str) -> String {
+    let peer = response
+        .lines()
+        .find_map(|l| l.strip_prefix("peer="))
+        .unwrap_or_else(|| panic!("no peer= line in {response:?}"));
+    peer.rsplit_once(':').unwrap().0.to_string()
+}
+
+/// Connections weft opens for a pod leave from the pod's own address, as the pod's own would:
+/// passthrough to a server outside the mesh, delivery to a pod of the same node, and the HBONE
+/// connection to another node. `--source-address node` opens them from the node instead.
+#[test]
+fn connections_weft_opens_for_a_pod_leave_from_the_pods_address() {
+    let m = mesh("pod_address", &[]);
+    // Outside the mesh, on node-b; and a mesh pod on node-a, next to the client.
+    let plain = m
+        .cluster
+        .add_pod(&m.b, PodSpec::new("legacy", "plain"))
+        .unwrap();
+    let local = m
+        .cluster
+        .add_pod(
+            &m.a,
+            PodSpec::new("back", "web-local")
+                .label("app", "web-local")
+                .service_account("web"),
+        )
+        .unwrap();
+    let _servers = [serve(&plain, 8080, "whoami"), serve(&local, 8080, "whoami")];
+    let client_ip = m.client.ip().to_string();
+
+    // Passthrough: weft carries it (a flow), the server sees the client pod.
+    let resp = call_ok(&m.client, local_addr(&plain, 8080), "out");
+    assert_eq!(peer_ip(&resp), client_ip, "{resp}");
+    m.weft_a
+        .wait_flows(1, WAIT, |f| {
+            s(f, "/destination/address") == local_addr(&plain, 8080).to_string()
+                && s(f, "/verdict") == "forwarded"
+        })
+        .expect("weft carried the passthrough connection");
+
+    // Same-node delivery.
+    let resp = call_ok(&m.client, local_addr(&local, 8080), "local");
+    assert_eq!(peer_ip(&resp), client_ip, "{resp}");
+    m.weft_a
+        .wait_flows(1, WAIT, |f| {
+            s(f, "/destination/address") == local_addr(&local, 8080).to_string()
+                && s(f, "/verdict") == "forwarded"
+        })
+        .expect("weft delivered it");
+
+    // HBONE to node-b: its TCP connection comes from the client pod's address.
+    call_ok(&m.client, m.svc.addr(80), "tunnel");
+    let hbone_peers = || -> String {
+        let mut ss = std::process::Command::new("ss");
+        ss.args(["-Htn", "state", "established", "( sport = :15008 )"]);
+        String::from_utf8_lossy(&m.b.output(&ss).unwrap().stdout).into_owned()
+    };
+    let peers = hbone_peers();
+    assert!(peers.contains(&format!("{client_ip}:")), "{peers}");
+    assert!(!peers.contains(&format!("{}:", m.a.ip())), "{peers}");
+
+    // From the node, when asked to.
+    let mut m = m;
+    m.weft_a.stop().unwrap();
+    let weft_a = Weft::start_with(&m.cluster, &m.a, &["--source-address", "node"]).unwrap();
+    let resp = call_ok(&m.client, local_addr(&plain, 8080), "out");
+    assert_eq!(peer_ip(&resp), m.a.ip().to_string(), "{resp}");
+    drop(weft_a);
+}
+
+fn local_addr(pod: &Pod, port: u16) -> SocketAddr {
+    SocketAddr::new(pod.ip().into(), port)
+}

@@ -8,6 +8,7 @@
 //!
 //! May import: everything; nothing imports it.
 
+mod networks;
 mod reconcile;
 mod view;
 mod workers;
@@ -24,7 +25,7 @@ use tracing::{error, info, warn};
 
 use crate::admin;
 use crate::capture::{Capture, CaptureConfig};
-use crate::config::{NodeConfig, ProxyAddress};
+use crate::config::{NodeConfig, ProxyAddress, SourceAddress};
 use crate::identity::{AuthorityConfig, IdentityConfig, IdentityManager};
 use crate::inbound::{Inbound, InboundConfig};
 use crate::inputs::ProxyInputs;
@@ -61,6 +62,8 @@ struct NodeProxy {
     /// Addresses of this node's pods with a STRICT port: weft's connections to them are
     /// announced to the kernel.
     strict_pods: Arc<ArcSwap<HashSet<IpAddr>>>,
+    /// The network namespaces of this node's pods.
+    networks: Arc<networks::Networks>,
 }
 
 impl std::fmt::Debug for NodeProxy {
@@ -138,6 +141,21 @@ pub async fn run(cfg: NodeConfig) -> anyhow::Result<()> {
             WorkloadIndex::build(&snapshot, &cfg.node_name, &cfg.cgroup_root),
         )
     };
+    let workloads = Arc::new(ArcSwap::from_pointee(index));
+    // Connections made for a pod leave from its own network namespace (its address).
+    let networks = Arc::new(networks::Networks::new(workloads.clone()));
+    let pod_networks = match cfg.source_address {
+        SourceAddress::Pod => Some(networks.clone() as Arc<dyn crate::netns::PodNetworks>),
+        SourceAddress::Node => None,
+    };
+    let mut connector =
+        Connector::new(connect_timeout).with_deliveries(Arc::new(AnnouncedToCapture {
+            capture: capture.clone(),
+            strict_pods: strict_pods.clone(),
+        }));
+    if let Some(n) = &pod_networks {
+        connector = connector.with_pod_networks(n.clone());
+    }
     let inputs = Arc::new(ProxyInputs {
         node: cfg.node_name.clone(),
         trust_domain: cfg.trust_domain.clone(),
@@ -146,17 +164,15 @@ pub async fn run(cfg: NodeConfig) -> anyhow::Result<()> {
         policies: Arc::new(ArcSwap::from_pointee(policies)),
         policy_generation: tokio::sync::watch::Sender::new(generation),
         routes: Arc::new(ArcSwap::from_pointee(routes)),
-        workloads: Arc::new(ArcSwap::from_pointee(index)),
-        connector: Connector::new(connect_timeout).with_deliveries(Arc::new(AnnouncedToCapture {
-            capture: capture.clone(),
-            strict_pods: strict_pods.clone(),
-        })),
+        workloads: workloads.clone(),
+        connector,
         telemetry: telemetry.clone(),
     });
     let pool = Pool::new(
         identity.clone(),
         PoolConfig {
             connect_timeout,
+            networks: pod_networks,
             ..PoolConfig::default()
         },
         telemetry.clone(),
@@ -197,6 +213,7 @@ pub async fn run(cfg: NodeConfig) -> anyhow::Result<()> {
         ready: AtomicBool::new(false),
         uncaptured: parking_lot::Mutex::default(),
         strict_pods,
+        networks,
     });
     let kernel = reconcile::apply(&node, generation)?;
 

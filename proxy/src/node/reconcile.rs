@@ -130,6 +130,7 @@ pub(super) async fn run(node: Arc<NodeProxy>, mut applied: Applied) {
         }
         let want = index.enrolled_ids();
         inputs.workloads.store(Arc::new(index));
+        node.networks.retain_current();
         if want != applied.enrolled {
             match node.capture.set_enrolled(&want) {
                 Ok(()) => {

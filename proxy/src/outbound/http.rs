@@ -1079,11 +1079,22 @@ impl HttpPath {
                     mtls,
                 })
             }
-            Action::Tunnel(hbone) => (format!("hbone {}", hbone.source), Connect::Tunnel(hbone)),
+            // Connections leave from the calling pod's namespace (its address): never shared
+            // between pods.
+            Action::Tunnel(hbone) => (
+                format!("hbone {} from {}", hbone.source, conn.source.ip),
+                Connect::Tunnel(hbone),
+            ),
             Action::DeliverLocal { target: t } | Action::Passthrough { target: t } => {
                 match &target.tls {
-                    Some(o) => (format!("tls {}", o.sni), Connect::Tls(t, o.clone())),
-                    None => ("direct".to_string(), Connect::Direct(t)),
+                    Some(o) => (
+                        format!("tls {} from {}", o.sni, conn.source.ip),
+                        Connect::Tls(t, o.clone()),
+                    ),
+                    None => (
+                        format!("direct from {}", conn.source.ip),
+                        Connect::Direct(t),
+                    ),
                 }
             }
         };

@@ -40,6 +40,7 @@ use super::{
 };
 use crate::admin::api::{PoolKeyStats, PoolStats};
 use crate::identity::{sni_for, IdentityManager, SpiffeId, ALPN_H2};
+use crate::netns::PodNetworks;
 use crate::relay::Relayed;
 use crate::telemetry::counters::{inc, read};
 use crate::telemetry::Telemetry;
@@ -60,6 +61,10 @@ pub struct PoolConfig {
     /// From sending `CONNECT` to the response (the destination node connects to the pod
     /// meanwhile).
     pub response_timeout: Duration,
+    /// Where the calling pods' network namespaces are: a tunnel's TCP connection is opened in
+    /// its source pod's, so it leaves with the pod's address (and connections are pooled per
+    /// source pod). `None`: from the node.
+    pub networks: Option<Arc<dyn PodNetworks>>,
 }
 
 impl Default for PoolConfig {
@@ -69,6 +74,7 @@ impl Default for PoolConfig {
             idle_timeout: Duration::from_secs(60),
             connect_timeout: Duration::from_secs(10),
             response_timeout: Duration::from_secs(15),
+            networks: None,
         }
     }
 }
@@ -237,12 +243,15 @@ pub struct ConnectionInfo {
     pub expires: SystemTime,
 }
 
-/// Pool key: connections are never shared across identity pairs or nodes.
+/// Pool key: connections are never shared across identity pairs, nodes, or (when opened in
+/// pods' namespaces) source pods.
 #[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub struct PoolKey {
     pub source: SpiffeId,
     pub destination: SpiffeId,
     pub node: SocketAddr,
+    /// The source pod whose namespace the connection is opened in.
+    pub source_ip: Option<IpAddr>,
 }
 
 /// Shared handle; clones use the same connections.
@@ -364,6 +373,12 @@ impl Pool {
             source: req.source.clone(),
             destination: req.destination.clone(),
             node: req.node,
+            source_ip: self
+                .inner
+                .config
+                .networks
+                .as_ref()
+                .map(|_| req.forwarded_for),
         };
         let mut last = None;
         for _ in 0..ATTEMPTS {
@@ -631,12 +646,21 @@ async fn dial(inner: &Inner, conn: &Conn) -> Result<(Arc<Ready>, Connection), Tu
     let name = ServerName::try_from(sni_for(&key.destination)).map_err(|e| {
         TunnelError::Identity(format!("no server name for {}: {e}", key.destination))
     })?;
-    let tcp = TcpStream::connect(node)
-        .await
-        .map_err(|e| TunnelError::Connect {
-            node,
-            message: e.to_string(),
-        })?;
+    let netns = match (&inner.config.networks, key.source_ip) {
+        (Some(networks), Some(ip)) => networks.of_pod(ip),
+        _ => None,
+    };
+    let connected = match netns {
+        Some(ns) => match ns.tcp_socket(node.is_ipv4()) {
+            Ok(socket) => socket.connect(node).await,
+            Err(e) => Err(e),
+        },
+        None => TcpStream::connect(node).await,
+    };
+    let tcp = connected.map_err(|e| TunnelError::Connect {
+        node,
+        message: e.to_string(),
+    })?;
     let _ = tcp.set_nodelay(true);
     let tls = TlsConnector::from(config)
         .connect(name, tcp)

@@ -2,8 +2,12 @@
 //!
 //! Every path goes through [`Connector::connect`] and says on whose behalf it connects: a
 //! captured pod's outbound connection (same-node delivery, passthrough) or a remote workload's
-//! tunnel being delivered to a pod of this node. Today every socket leaves from the node's own
-//! address; giving it the calling pod's address is a change to this file alone.
+//! tunnel being delivered to a pod of this node.
+//!
+//! A captured pod's connection is opened in that pod's network namespace ([`PodNetworks`]), so
+//! it leaves with the pod's own address, through the pod's interface, under the pod's
+//! NetworkPolicy — as the pod's own connection would have. Where the namespace cannot be found
+//! (the pod has no process left), it leaves from the node.
 //!
 //! A connection to a STRICT pod ([`Deliveries::wanted`]) has its local port and destination
 //! announced to [`Deliveries`] (the capture's `DELIVERIES` map) before its SYN leaves: a STRICT
@@ -33,6 +37,7 @@ use tokio::net::TcpStream;
 use tracing::{trace, warn};
 
 use crate::identity::SpiffeId;
+use crate::netns::PodNetworks;
 use crate::registry::Pod;
 
 /// Who a connection is opened for.
@@ -89,6 +94,7 @@ pub trait Deliveries: Send + Sync + fmt::Debug {
 pub struct Connector {
     timeout: Duration,
     deliveries: Option<Arc<dyn Deliveries>>,
+    networks: Option<Arc<dyn PodNetworks>>,
 }
 
 impl Connector {
@@ -97,7 +103,14 @@ impl Connector {
         Connector {
             timeout,
             deliveries: None,
+            networks: None,
         }
+    }
+
+    /// Opens a captured pod's connections in the pod's own network namespace.
+    pub fn with_pod_networks(mut self, networks: Arc<dyn PodNetworks>) -> Connector {
+        self.networks = Some(networks);
+        self
     }
 
     /// Announces every IPv4 connection to `deliveries` before it is opened.
@@ -126,9 +139,17 @@ impl Connector {
     ) -> Result<TcpStream, ConnectError> {
         trace!(%target, on_behalf = %on_behalf, "connecting");
         let timeout = timeout.unwrap_or(self.timeout);
+        let netns = match (&self.networks, on_behalf) {
+            (Some(networks), OnBehalfOf::Pod(pod)) => pod.ip.and_then(|ip| networks.of_pod(ip)),
+            _ => None,
+        };
+        let socket = match &netns {
+            Some(ns) => ns.tcp_socket(target.is_ipv4())?,
+            None if target.is_ipv4() => tokio::net::TcpSocket::new_v4()?,
+            None => tokio::net::TcpSocket::new_v6()?,
+        };
         let stream = match (&self.deliveries, target) {
             (Some(deliveries), SocketAddr::V4(v4)) if deliveries.wanted(v4) => {
-                let socket = tokio::net::TcpSocket::new_v4()?;
                 socket.bind(SocketAddr::from(([0, 0, 0, 0], 0)))?;
                 let port = socket.local_addr()?.port();
                 if let Err(e) = deliveries.announce(port, v4) {
@@ -139,7 +160,7 @@ impl Connector {
                 deliveries.delivered(port, v4);
                 connected.map_err(|_| ConnectError::TimedOut(timeout))??
             }
-            _ => tokio::time::timeout(timeout, TcpStream::connect(target))
+            _ => tokio::time::timeout(timeout, socket.connect(target))
                 .await
                 .map_err(|_| ConnectError::TimedOut(timeout))??,
         };

@@ -31,6 +31,7 @@ pub struct WorkloadEntry {
 pub struct WorkloadIndex {
     entries: Vec<WorkloadEntry>,
     by_id: HashMap<u64, usize>,
+    by_ip: HashMap<std::net::IpAddr, usize>,
 }
 
 impl WorkloadIndex {
@@ -43,6 +44,11 @@ impl WorkloadIndex {
             let enrolled = snapshot.in_mesh(pod) && !pod.is_terminated();
             if let Some(id) = cgroup_id {
                 index.by_id.entry(id).or_insert(index.entries.len());
+            }
+            if !pod.host_network && !pod.is_terminated() {
+                for ip in &pod.ips {
+                    index.by_ip.entry(*ip).or_insert(index.entries.len());
+                }
             }
             index.entries.push(WorkloadEntry {
                 pod: pod.clone(),
@@ -57,6 +63,11 @@ impl WorkloadIndex {
     /// The pod whose cgroup id is `id`.
     pub fn by_cgroup(&self, id: u64) -> Option<&Arc<Pod>> {
         self.by_id.get(&id).map(|&i| &self.entries[i].pod)
+    }
+
+    /// The running pod (not on the host network) of this node at `ip`.
+    pub fn by_ip(&self, ip: std::net::IpAddr) -> Option<&WorkloadEntry> {
+        self.by_ip.get(&ip).map(|&i| &self.entries[i])
     }
 
     /// Cgroup ids of the enrolled pods whose cgroup exists: the capture map's content.

@@ -1,0 +1,170 @@
+//! A pod's network namespace: found from the processes in the pod's cgroup, and sockets made in
+//! it, so that the connections weft opens for a pod leave with the pod's own address (and come
+//! under the pod's NetworkPolicy), as a sidecar's would.
+//!
+//! A socket belongs to the namespace it was created in for its whole life, whichever thread
+//! uses it later: [`PodNetns::run`] enters the pod's namespace on the current thread, creates
+//! the socket and comes back at once, before anything else runs on that thread.
+//!
+//! May import: nothing of weft.
+
+use std::fs::File;
+use std::io;
+use std::os::fd::{AsFd, OwnedFd};
+use std::os::unix::fs::MetadataExt;
+use std::path::Path;
+use std::sync::OnceLock;
+
+use nix::sched::{setns, CloneFlags};
+
+/// An open network namespace of a pod.
+#[derive(Debug)]
+pub struct PodNetns {
+    fd: OwnedFd,
+    /// Its inode: the namespace's identity.
+    inode: u64,
+}
+
+/// weft's own network namespace, where every thread returns after making a socket elsewhere.
+fn home() -> io::Result<&'static OwnedFd> {
+    static HOME: OnceLock<Result<OwnedFd, i32>> = OnceLock::new();
+    match HOME.get_or_init(|| {
+        File::open("/proc/self/ns/net")
+            .map(OwnedFd::from)
+            .map_err(|e| e.raw_os_error().unwrap_or(libc::EIO))
+    }) {
+        Ok(fd) => Ok(fd),
+        Err(errno) => Err(io::Error::from_raw_os_error(*errno)),
+    }
+}
+
+fn inode_of(path: &Path) -> io::Result<u64> {
+    Ok(std::fs::metadata(path)?.ino())
+}
+
+impl PodNetns {
+    /// The namespace of a process of `cgroup` (a pod's cgroup directory, searched depth first).
+    /// `None` when the cgroup has no process yet, or its processes share weft's namespace (a
+    /// host-network pod).
+    pub fn of_cgroup(cgroup: &Path) -> io::Result<Option<PodNetns>> {
+        let Some(pid) = first_pid(cgroup, 4)? else {
+            return Ok(None);
+        };
+        let path = format!("/proc/{pid}/ns/net");
+        let file = match File::open(&path) {
+            Ok(f) => f,
+            // The process left between reading cgroup.procs and opening its namespace.
+            Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(None),
+            Err(e) => return Err(e),
+        };
+        let inode = file.metadata()?.ino();
+        if inode == inode_of(Path::new("/proc/self/ns/net"))? {
+            return Ok(None);
+        }
+        Ok(Some(PodNetns {
+            fd: file.into(),
+            inode,
+        }))
+    }
+
+    pub fn inode(&self) -> u64 {
+        self.inode
+    }
+
+    /// Runs `f` in this namespace on the current thread, then returns to weft's. A thread that
+    /// could not return would make every later socket of it in the pod's namespace: the
+    /// process aborts instead.
+    pub fn run<T>(&self, f: impl FnOnce() -> T) -> io::Result<T> {
+        let home = home()?;
+        setns(self.fd.as_fd(), CloneFlags::CLONE_NEWNET).map_err(io::Error::from)?;
+        let out = f();
+        if let Err(e) = setns(home.as_fd(), CloneFlags::CLONE_NEWNET) {
+            eprintln!("weft: cannot return to the node's network namespace: {e}");
+            std::process::abort();
+        }
+        Ok(out)
+    }
+}
+
+/// The first process id in `cgroup.procs` of `dir` or of its sub-cgroups, `depth` levels down.
+fn first_pid(dir: &Path, depth: u32) -> io::Result<Option<u32>> {
+    match std::fs::read_to_string(dir.join("cgroup.procs")) {
+        Ok(procs) => {
+            if let Some(pid) = procs.lines().find_map(|l| l.trim().parse().ok()) {
+                return Ok(Some(pid));
+            }
+        }
+        Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(None),
+        Err(e) => return Err(e),
+    }
+    if depth == 0 {
+        return Ok(None);
+    }
+    let Ok(entries) = std::fs::read_dir(dir) else {
+        return Ok(None);
+    };
+    for e in entries.flatten() {
+        if e.file_type().is_ok_and(|t| t.is_dir()) {
+            if let Some(pid) = first_pid(&e.path(), depth - 1)? {
+                return Ok(Some(pid));
+            }
+        }
+    }
+    Ok(None)
+}
+
+impl PodNetns {
+    /// A TCP socket (IPv4 or IPv6, non-blocking) in this namespace.
+    pub fn tcp_socket(&self, ipv4: bool) -> io::Result<tokio::net::TcpSocket> {
+        let domain = if ipv4 {
+            socket2::Domain::IPV4
+        } else {
+            socket2::Domain::IPV6
+        };
+        let socket = self.run(|| {
+            socket2::Socket::new(
+                domain,
+                socket2::Type::STREAM.nonblocking().cloexec(),
+                Some(socket2::Protocol::TCP),
+            )
+        })??;
+        Ok(tokio::net::TcpSocket::from_std_stream(socket.into()))
+    }
+}
+
+/// The network namespaces of this node's pods, by pod address.
+pub trait PodNetworks: Send + Sync + std::fmt::Debug {
+    /// The namespace of the pod of this node at `ip`; `None` when there is no such pod or its
+    /// namespace cannot be found (no process yet).
+    fn of_pod(&self, ip: std::net::IpAddr) -> Option<std::sync::Arc<PodNetns>>;
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_cgroup_without_processes_has_no_namespace() {
+        let dir = tempfile::tempdir().unwrap();
+        std::fs::write(dir.path().join("cgroup.procs"), "").unwrap();
+        assert!(PodNetns::of_cgroup(dir.path()).unwrap().is_none());
+        let missing = dir.path().join("gone");
+        assert!(PodNetns::of_cgroup(&missing).unwrap().is_none());
+    }
+
+    #[test]
+    fn processes_are_found_in_sub_cgroups_and_weft_own_namespace_is_not_a_pods() {
+        let dir = tempfile::tempdir().unwrap();
+        std::fs::write(dir.path().join("cgroup.procs"), "").unwrap();
+        let container = dir.path().join("cri-containerd-abc.scope");
+        std::fs::create_dir(&container).unwrap();
+        std::fs::write(
+            container.join("cgroup.procs"),
+            format!("{}\n", std::process::id()),
+        )
+        .unwrap();
+        assert_eq!(first_pid(dir.path(), 4).unwrap(), Some(std::process::id()));
+        // This process shares weft's (its own) namespace: not a pod namespace.
+        assert!(PodNetns::of_cgroup(dir.path()).unwrap().is_none());
+    }
+}
