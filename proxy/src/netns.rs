@@ -23,7 +23,19 @@ pub struct PodNetns {
     fd: OwnedFd,
     /// Its inode: the namespace's identity.
     inode: u64,
+    /// Whether it is set up for transparent deliveries ([`PodNetns::prepare_transparent`]),
+    /// once tried.
+    transparent: OnceLock<Result<(), String>>,
 }
+
+/// The mark of weft's transparent delivery sockets, and of the pod's side of those connections
+/// (`tcp_fwmark_accept`): what the pod namespace's routing rule sends back to weft.
+pub const DELIVERY_MARK: u32 = 0x57ef;
+const DELIVERY_MARK_MASK: u32 = 0xffff;
+/// The routing table of that rule: `local 0.0.0.0/0 dev lo`.
+pub const DELIVERY_TABLE: u32 = 0x57ef;
+/// The rule's priority: before `main` (32766).
+const DELIVERY_RULE_PRIORITY: u32 = 32700;
 
 /// weft's own network namespace, where every thread returns after making a socket elsewhere.
 fn home() -> io::Result<&'static OwnedFd> {
@@ -64,6 +76,7 @@ impl PodNetns {
         Ok(Some(PodNetns {
             fd: file.into(),
             inode,
+            transparent: OnceLock::new(),
         }))
     }
 
@@ -130,6 +143,122 @@ impl PodNetns {
         })??;
         Ok(tokio::net::TcpSocket::from_std_stream(socket.into()))
     }
+}
+
+impl PodNetns {
+    /// Sets this namespace up, once, to take deliveries that keep their real source address
+    /// (a client on another node): replies of connections marked [`DELIVERY_MARK`] are routed
+    /// back to weft's socket instead of out of the pod. As ztunnel's in-pod mode does, without
+    /// iptables: `net.ipv4.tcp_fwmark_accept=1` (the pod's accepted socket takes the SYN's
+    /// mark), the rule `fwmark 0x57ef/0xffff lookup 22511` and the route `local 0.0.0.0/0 dev lo
+    /// table 22511`. Nothing else of the pod's traffic carries that mark.
+    pub fn prepare_transparent(&self) -> io::Result<()> {
+        self.transparent
+            .get_or_init(|| {
+                self.run(transparent_routing)
+                    .and_then(|r| r)
+                    .map_err(|e| e.to_string())
+            })
+            .clone()
+            .map_err(io::Error::other)
+    }
+
+    /// A TCP socket in this namespace bound to `source` (not an address of the namespace: the
+    /// remote client's) with `IP_TRANSPARENT` and [`DELIVERY_MARK`]. Needs
+    /// [`PodNetns::prepare_transparent`].
+    pub fn transparent_socket(
+        &self,
+        source: std::net::Ipv4Addr,
+    ) -> io::Result<tokio::net::TcpSocket> {
+        let socket = self.run(|| {
+            socket2::Socket::new(
+                socket2::Domain::IPV4,
+                socket2::Type::STREAM.nonblocking().cloexec(),
+                Some(socket2::Protocol::TCP),
+            )
+        })??;
+        socket.set_ip_transparent_v4(true)?;
+        socket.set_mark(DELIVERY_MARK)?;
+        socket.bind(&std::net::SocketAddr::from((source, 0)).into())?;
+        Ok(tokio::net::TcpSocket::from_std_stream(socket.into()))
+    }
+}
+
+/// In the pod's namespace: the sysctl, the rule and the route of
+/// [`PodNetns::prepare_transparent`]. Existing ones (weft restarted) are kept.
+fn transparent_routing() -> io::Result<()> {
+    use netlink_packet_core::{
+        NetlinkHeader, NetlinkMessage, NetlinkPayload, NLM_F_ACK, NLM_F_CREATE, NLM_F_EXCL,
+        NLM_F_REQUEST,
+    };
+    use netlink_packet_route::route::{
+        RouteAttribute, RouteHeader, RouteMessage, RouteProtocol, RouteScope, RouteType,
+    };
+    use netlink_packet_route::rule::{RuleAction, RuleAttribute, RuleHeader, RuleMessage};
+    use netlink_packet_route::{AddressFamily, RouteNetlinkMessage};
+    use netlink_sys::{protocols::NETLINK_ROUTE, Socket, SocketAddr};
+
+    std::fs::write("/proc/sys/net/ipv4/tcp_fwmark_accept", "1")?;
+
+    let mut socket = Socket::new(NETLINK_ROUTE)?;
+    socket.bind_auto()?;
+    socket.connect(&SocketAddr::new(0, 0))?;
+
+    let mut rule = RuleMessage::default();
+    rule.header = RuleHeader {
+        family: AddressFamily::Inet,
+        action: RuleAction::ToTable,
+        ..Default::default()
+    };
+    rule.attributes = vec![
+        RuleAttribute::Table(DELIVERY_TABLE),
+        RuleAttribute::Priority(DELIVERY_RULE_PRIORITY),
+        RuleAttribute::FwMark(DELIVERY_MARK),
+        RuleAttribute::FwMask(DELIVERY_MARK_MASK),
+    ];
+    let mut route = RouteMessage::default();
+    route.header = RouteHeader {
+        address_family: AddressFamily::Inet,
+        destination_prefix_length: 0,
+        table: 0,
+        protocol: RouteProtocol::Boot,
+        scope: RouteScope::Host,
+        kind: RouteType::Local,
+        ..RouteHeader::default()
+    };
+    route.attributes = vec![
+        RouteAttribute::Table(DELIVERY_TABLE),
+        // The loopback interface is 1 in every network namespace.
+        RouteAttribute::Oif(1),
+    ];
+    for (seq, message) in [
+        RouteNetlinkMessage::NewRule(rule),
+        RouteNetlinkMessage::NewRoute(route),
+    ]
+    .into_iter()
+    .enumerate()
+    {
+        let mut header = NetlinkHeader::default();
+        header.flags = NLM_F_REQUEST | NLM_F_CREATE | NLM_F_EXCL | NLM_F_ACK;
+        header.sequence_number = seq as u32 + 1;
+        let mut msg = NetlinkMessage::new(header, NetlinkPayload::from(message));
+        msg.finalize();
+        let mut buf = vec![0; msg.buffer_len()];
+        msg.serialize(&mut buf);
+        socket.send(&buf, 0)?;
+        let mut answer = vec![0; 4096];
+        let n = socket.recv(&mut &mut answer[..], 0)?;
+        let reply = NetlinkMessage::<RouteNetlinkMessage>::deserialize(&answer[..n])
+            .map_err(|e| io::Error::other(format!("netlink answer: {e}")))?;
+        if let NetlinkPayload::Error(e) = reply.payload {
+            match e.code {
+                None => {}
+                Some(code) if -code.get() == libc::EEXIST => {}
+                Some(code) => return Err(io::Error::from_raw_os_error(-code.get())),
+            }
+        }
+    }
+    Ok(())
 }
 
 /// The network namespaces of this node's pods, by pod address.

@@ -115,7 +115,13 @@ impl ServerHandler for Handler {
             Decision::Deliver => {
                 let connector = Connector::new(Duration::from_secs(5));
                 match connector
-                    .connect(OnBehalfOf::Peer(&req.peer), req.target)
+                    .connect(
+                        OnBehalfOf::Peer {
+                            identity: &req.peer,
+                            source: None,
+                        },
+                        req.target,
+                    )
                     .await
                 {
                     Err(e) => {

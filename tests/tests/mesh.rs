@@ -1231,7 +1231,9 @@ fn peer_ip(response: &str) -> String {
 
 /// Connections weft opens for a pod leave from the pod's own address, as the pod's own would:
 /// passthrough to a server outside the mesh, delivery to a pod of the same node, and the HBONE
-/// connection to another node. `--source-address node` opens them from the node instead.
+/// connection to another node; and the node on the other side delivers to the application with
+/// the client pod's address (transparently, from inside the destination pod's namespace).
+/// `--source-address node` opens them from the node instead.
 #[test]
 fn connections_weft_opens_for_a_pod_leave_from_the_pods_address() {
     let m = mesh("pod_address", &[]);
@@ -1282,6 +1284,18 @@ fn connections_weft_opens_for_a_pod_leave_from_the_pods_address() {
     let peers = hbone_peers();
     assert!(peers.contains(&format!("{client_ip}:")), "{peers}");
     assert!(!peers.contains(&format!("{}:", m.a.ip())), "{peers}");
+
+    // Delivered on node-b to the application with the client pod's address, not node-b's.
+    let _whoami = serve(&m.web, 7070, "whoami");
+    let resp = call_ok(&m.client, local_addr(&m.web, 7070), "across");
+    assert_eq!(peer_ip(&resp), client_ip, "{resp}");
+    m.weft_b
+        .wait_flows(1, WAIT, |f| {
+            s(f, "/destination/address") == local_addr(&m.web, 7070).to_string()
+                && s(f, "/verdict") == "forwarded"
+                && s(f, "/source/ip") == client_ip
+        })
+        .expect("node-b delivered it");
 
     // From the node, when asked to.
     let mut m = m;

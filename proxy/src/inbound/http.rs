@@ -55,7 +55,12 @@ pub async fn serve<S>(
     let template = record.requests();
     let t = Arc::new(Tunnel {
         names: Names::endpoint(t.target, Some(&t.pod)),
-        via: format!("inbound {}", t.peer).into(),
+        // Delivered from the caller's address where it is known: never shared between callers.
+        via: match t.forwarded_for {
+            Some(ip) => format!("inbound {} from {ip}", t.peer),
+            None => format!("inbound {}", t.peer),
+        }
+        .into(),
         t,
     });
     let tmpl = template.clone();
@@ -137,7 +142,13 @@ async fn request(
             let opened = Box::pin(async {
                 match inputs
                     .connector
-                    .connect(OnBehalfOf::Peer(&t.peer), t.target)
+                    .connect(
+                        OnBehalfOf::Peer {
+                            identity: &t.peer,
+                            source: t.forwarded_for,
+                        },
+                        t.target,
+                    )
                     .await
                 {
                     Ok(tcp) => Sender::handshake(tcp, version, Reuse::default(), ())

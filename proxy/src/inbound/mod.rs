@@ -150,7 +150,13 @@ impl Handler for Inbound {
         }
         let upstream = match inputs
             .connector
-            .connect(OnBehalfOf::Peer(&req.peer), req.target)
+            .connect(
+                OnBehalfOf::Peer {
+                    identity: &req.peer,
+                    source: req.forwarded_for,
+                },
+                req.target,
+            )
             .await
         {
             Ok(s) => s,
@@ -284,7 +290,13 @@ impl Inbound {
         }
         let mut upstream = match inputs
             .connector
-            .connect(OnBehalfOf::Peer(&req.peer), req.target)
+            .connect(
+                OnBehalfOf::Peer {
+                    identity: &req.peer,
+                    source: req.forwarded_for,
+                },
+                req.target,
+            )
             .await
         {
             Ok(s) => s,

@@ -29,12 +29,12 @@ pub mod tls;
 
 use std::fmt;
 use std::io;
-use std::net::{SocketAddr, SocketAddrV4};
+use std::net::{IpAddr, SocketAddr, SocketAddrV4};
 use std::sync::Arc;
 use std::time::Duration;
 
 use tokio::net::TcpStream;
-use tracing::{trace, warn};
+use tracing::{debug, trace, warn};
 
 use crate::identity::SpiffeId;
 use crate::netns::PodNetworks;
@@ -47,8 +47,12 @@ pub enum OnBehalfOf<'a> {
     Pod(&'a Pod),
     /// A connection from a pod weft could not identify.
     Unidentified,
-    /// A workload of another node, through an HBONE tunnel (its verified identity).
-    Peer(&'a SpiffeId),
+    /// A workload of another node, through an HBONE tunnel: its verified identity and, where
+    /// known, its verified address (shown to the pod delivered to).
+    Peer {
+        identity: &'a SpiffeId,
+        source: Option<IpAddr>,
+    },
 }
 
 impl fmt::Display for OnBehalfOf<'_> {
@@ -56,7 +60,7 @@ impl fmt::Display for OnBehalfOf<'_> {
         match self {
             OnBehalfOf::Pod(p) => write!(f, "{}/{}", p.namespace, p.name),
             OnBehalfOf::Unidentified => f.write_str("an unidentified pod"),
-            OnBehalfOf::Peer(id) => write!(f, "{id}"),
+            OnBehalfOf::Peer { identity, .. } => write!(f, "{identity}"),
         }
     }
 }
@@ -139,18 +143,12 @@ impl Connector {
     ) -> Result<TcpStream, ConnectError> {
         trace!(%target, on_behalf = %on_behalf, "connecting");
         let timeout = timeout.unwrap_or(self.timeout);
-        let netns = match (&self.networks, on_behalf) {
-            (Some(networks), OnBehalfOf::Pod(pod)) => pod.ip.and_then(|ip| networks.of_pod(ip)),
-            _ => None,
-        };
-        let socket = match &netns {
-            Some(ns) => ns.tcp_socket(target.is_ipv4())?,
-            None if target.is_ipv4() => tokio::net::TcpSocket::new_v4()?,
-            None => tokio::net::TcpSocket::new_v6()?,
-        };
+        let (socket, bound) = self.socket(on_behalf, target)?;
         let stream = match (&self.deliveries, target) {
             (Some(deliveries), SocketAddr::V4(v4)) if deliveries.wanted(v4) => {
-                socket.bind(SocketAddr::from(([0, 0, 0, 0], 0)))?;
+                if !bound {
+                    socket.bind(SocketAddr::from(([0, 0, 0, 0], 0)))?;
+                }
                 let port = socket.local_addr()?.port();
                 if let Err(e) = deliveries.announce(port, v4) {
                     // A STRICT pod will drop it; anything else is unaffected.
@@ -179,6 +177,52 @@ impl Connector {
             socket2::SockRef::from(&stream).set_tcp_keepalive(&ka)?;
         }
         Ok(stream)
+    }
+
+    /// The socket for a connection to `target` on behalf of `on_behalf`, and whether it is
+    /// bound already:
+    /// - a pod of this node: in its network namespace (its address);
+    /// - a workload of another node with a verified address, to a pod of this node: in the
+    ///   destination pod's namespace, bound to the caller's address (`IP_TRANSPARENT`), so the
+    ///   application sees who called;
+    /// - otherwise, and wherever the namespace is not found: in the node's.
+    fn socket(
+        &self,
+        on_behalf: OnBehalfOf<'_>,
+        target: SocketAddr,
+    ) -> io::Result<(tokio::net::TcpSocket, bool)> {
+        if let Some(networks) = &self.networks {
+            match (on_behalf, target) {
+                (OnBehalfOf::Pod(pod), _) => {
+                    if let Some(ns) = pod.ip.and_then(|ip| networks.of_pod(ip)) {
+                        return Ok((ns.tcp_socket(target.is_ipv4())?, false));
+                    }
+                }
+                (
+                    OnBehalfOf::Peer {
+                        source: Some(IpAddr::V4(source)),
+                        ..
+                    },
+                    SocketAddr::V4(v4),
+                ) => {
+                    if let Some(ns) = networks.of_pod(IpAddr::V4(*v4.ip())) {
+                        match ns.prepare_transparent() {
+                            Ok(()) => return Ok((ns.transparent_socket(source)?, true)),
+                            Err(e) => {
+                                debug!(%target, error = %e, "no transparent delivery: from the node");
+                            }
+                        }
+                    }
+                }
+                _ => {}
+            }
+        }
+        let socket = if target.is_ipv4() {
+            tokio::net::TcpSocket::new_v4()?
+        } else {
+            tokio::net::TcpSocket::new_v6()?
+        };
+        Ok((socket, false))
     }
 }
 
