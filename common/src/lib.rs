@@ -37,6 +37,10 @@ pub mod names {
     pub const DELIVERIES: &str = "DELIVERIES";
     /// The node's own IPv4 addresses (network order) → 1: where kubelet probes come from.
     pub const NODE_ADDRS: &str = "NODE_ADDRS";
+    /// Cgroup id → `bpf_ktime_get_boot_ns()` of the latest TCP connect made from it while it
+    /// was not enrolled: `LruHashMap<u64, u64>`. How weft tells that a new pod connected
+    /// before its cgroup was enrolled.
+    pub const UNCAPTURED: &str = "UNCAPTURED";
 
     pub const PROG_CONNECT4: &str = "weft_connect4";
     pub const PROG_CONNECT6: &str = "weft_connect6";
@@ -68,6 +72,8 @@ pub const DELIVERIES_ENTRIES: u32 = 16_384;
 pub const DELIVERY_TTL_NS: u64 = 10_000_000_000;
 /// Capacity of the node-address map.
 pub const NODE_ADDRS_ENTRIES: u32 = 256;
+/// Capacity of the map of cgroups that connected while not enrolled (LRU).
+pub const UNCAPTURED_ENTRIES: u32 = 16_384;
 /// Size of the redirect-event ring buffer, in bytes (a power of two, multiple of the page size).
 pub const EVENTS_BYTES: u32 = 1 << 20;
 

@@ -35,7 +35,7 @@ use aya_ebpf::{
 use weft_common::{
     strict_mode, Config, Counter, FlowKey, OrigDst, RedirectEvent, StrictKey, DELIVERIES_ENTRIES,
     DELIVERY_TTL_NS, ENROLLED_ENTRIES, EVENTS_BYTES, EXCL_CIDRS_ENTRIES, EXCL_PORTS_ENTRIES,
-    MAX_CGROUP_DEPTH, NODE_ADDRS_ENTRIES, ORIG_DST_ENTRIES, STRICT_ENTRIES,
+    MAX_CGROUP_DEPTH, NODE_ADDRS_ENTRIES, ORIG_DST_ENTRIES, STRICT_ENTRIES, UNCAPTURED_ENTRIES,
 };
 
 const AF_INET: u16 = 2;
@@ -106,6 +106,9 @@ static DELIVERIES: LruHashMap<FlowKey, u64> = LruHashMap::with_max_entries(DELIV
 #[map(name = "NODE_ADDRS")]
 static NODE_ADDRS: HashMap<u32, u8> = HashMap::with_max_entries(NODE_ADDRS_ENTRIES, 0);
 
+#[map(name = "UNCAPTURED")]
+static UNCAPTURED: LruHashMap<u64, u64> = LruHashMap::with_max_entries(UNCAPTURED_ENTRIES, 0);
+
 #[inline(always)]
 fn count(counter: Counter) {
     if let Some(slot) = STATS.get_ptr_mut(counter as u32) {
@@ -174,6 +177,10 @@ fn redirect<C: EbpfContext>(ctx: &C, ip4: u32, port: u16, family: u16) -> Option
     count(Counter::ConnectSeen);
     let Some(cgroup_id) = enrolled_cgroup() else {
         count(Counter::NotEnrolled);
+        // When: a new pod that connects before weft has enrolled its cgroup is reported.
+        // SAFETY: helpers without pointer arguments.
+        let (current, now) = unsafe { (bpf_get_current_cgroup_id(), bpf_ktime_get_boot_ns()) };
+        let _ = UNCAPTURED.insert(&current, &now, 0);
         return None;
     };
     if excluded(&cfg, ip4, port) {

@@ -13,7 +13,9 @@
 //! customresourcedefinitions; and as custom resources: `security.istio.io` (`v1`, `v1beta1`)
 //! authorizationpolicies, peerauthentications; `networking.istio.io` (`v1`, `v1beta1`,
 //! `v1alpha3`) virtualservices, destinationrules, serviceentries; `gateway.networking.k8s.io`
-//! httproutes (`v1`, `v1beta1`) and grpcroutes (`v1`, `v1alpha2`).
+//! httproutes (`v1`, `v1beta1`) and grpcroutes (`v1`, `v1alpha2`); and `authentication.k8s.io/v1`
+//! tokenreviews (create only) for the ServiceAccount tokens a test registers
+//! ([`ApiServer::add_service_account_token`], see `tokenreview.rs` for what is answered).
 //!
 //! # Faithful to kube-apiserver
 //!
@@ -74,6 +76,8 @@
 //!   `/openapi/v3` answer 404, so `kubectl apply` needs `--validate=false` (kubectl's schema
 //!   validation downloads them).
 //! - No authentication or authorization: any `Authorization` header is accepted and ignored.
+//!   TokenReview knows only the tokens registered with [`ApiServer::add_service_account_token`]
+//!   (no JWTs, no expiry, no ServiceAccount objects).
 //! - No admission or validation beyond the above; no defaulting of pods or services; no
 //!   `managedFields`.
 //! - Strategic merge patch is a JSON merge patch (lists are replaced, not merged by key:
@@ -99,6 +103,7 @@ mod selectors;
 mod status;
 mod store;
 mod table;
+mod tokenreview;
 
 use std::collections::{BTreeSet, HashMap};
 use std::convert::Infallible;
@@ -118,6 +123,8 @@ use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 
 use resources::{ResId, RESOURCES, SYNCED_KINDS, SYSTEM_NAMESPACES};
 use store::Store;
+use tokenreview::Tokens;
+pub use tokenreview::{TokenInfo, API_AUDIENCES};
 
 /// How many requests the log keeps (the oldest half is dropped past it).
 pub(crate) const MAX_LOGGED: usize = 100_000;
@@ -133,6 +140,8 @@ pub(crate) fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
 /// What the HTTP side and the control API share.
 pub(crate) struct Shared {
     pub store: Mutex<Store>,
+    /// The ServiceAccount tokens TokenReview knows.
+    pub tokens: Mutex<Tokens>,
     /// (verb, path and query) of the requests, in arrival order (the last `MAX_LOGGED`).
     pub requests: Mutex<Vec<(String, String)>>,
     pub address: Mutex<SocketAddr>,
@@ -320,6 +329,7 @@ impl ApiServer {
             .context("tokio runtime")?;
         let shared = Arc::new(Shared {
             store: Mutex::new(Store::new()),
+            tokens: Mutex::new(Tokens::default()),
             requests: Mutex::new(Vec::new()),
             address: Mutex::new(addr),
             bookmark_ms: AtomicU64::new(DEFAULT_BOOKMARK_INTERVAL.as_millis() as u64),
@@ -510,6 +520,19 @@ impl ApiServer {
             .objects(res)
             .map(|o| (**o).clone())
             .collect()
+    }
+
+    /// Makes `token` a ServiceAccount token that TokenReview (`POST
+    /// /apis/authentication.k8s.io/v1/tokenreviews`) authenticates as `info` says (replacing
+    /// what it stood for before), as if the server had issued it.
+    pub fn add_service_account_token(&self, token: &str, info: TokenInfo) {
+        lock(&self.shared.tokens).add(token, info);
+    }
+
+    /// Revokes a token added with [`Self::add_service_account_token`]: reviews of it fail from
+    /// now on. Returns whether it was known.
+    pub fn remove_service_account_token(&self, token: &str) -> bool {
+        lock(&self.shared.tokens).remove(token)
     }
 
     /// Events clients created (core `v1` and `events.k8s.io/v1`).

@@ -10,7 +10,7 @@ use std::process::Command;
 use std::time::{Duration, Instant};
 
 use serde_json::{json, Value};
-use weft_tests::apiserver::ApiServer;
+use weft_tests::apiserver::{ApiServer, TokenInfo};
 
 fn server() -> ApiServer {
     ApiServer::start(TcpListener::bind("127.0.0.1:0").unwrap()).unwrap()
@@ -1286,6 +1286,210 @@ fn sync_makes_the_state_equal() {
     );
 }
 
+fn weft_token(pod: Option<(&str, &str)>, node: Option<&str>, audiences: &[&str]) -> TokenInfo {
+    TokenInfo {
+        namespace: "weft-system".into(),
+        service_account: "weft".into(),
+        pod: pod.map(|(name, uid)| (name.to_string(), uid.to_string())),
+        node: node.map(str::to_string),
+        audiences: audiences.iter().map(|a| a.to_string()).collect(),
+    }
+}
+
+fn token_review(token: &str, audiences: &[&str]) -> Value {
+    json!({
+        "apiVersion": "authentication.k8s.io/v1",
+        "kind": "TokenReview",
+        "spec": {"token": token, "audiences": audiences},
+    })
+}
+
+const TOKENREVIEWS: &str = "/apis/authentication.k8s.io/v1/tokenreviews";
+
+#[test]
+fn token_reviews_authenticate_registered_tokens() {
+    let api = server();
+    let a = api.addr();
+    let mut weft_pod = pod("weft-system", "weft-x", json!({}), "node-a");
+    weft_pod["metadata"]["uid"] = json!("3c0ffee0-0000-4000-8000-000000000001");
+    api.sync(vec![namespace("weft-system"), weft_pod]).unwrap();
+    api.add_service_account_token(
+        "tok-a",
+        weft_token(
+            Some(("weft-x", "3c0ffee0-0000-4000-8000-000000000001")),
+            Some("node-a"),
+            &["weft-ca"],
+        ),
+    );
+    api.add_service_account_token(
+        "tok-stale",
+        weft_token(Some(("weft-x", "0ld")), Some("node-a"), &["weft-ca"]),
+    );
+
+    // Discovery lists the group, and the resource with its only verb.
+    let groups = get(a, "/apis").json();
+    assert!(groups["groups"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .any(|g| g["name"] == "authentication.k8s.io"));
+    let group = get(a, "/apis/authentication.k8s.io").json();
+    assert_eq!(
+        group["preferredVersion"]["groupVersion"],
+        "authentication.k8s.io/v1"
+    );
+    let list = get(a, "/apis/authentication.k8s.io/v1").json();
+    assert_eq!(
+        list["resources"],
+        json!([{"name": "tokenreviews", "singularName": "tokenreview", "namespaced": false,
+                "kind": "TokenReview", "verbs": ["create"]}])
+    );
+
+    api.clear_requests();
+    let r = send_json(
+        a,
+        "POST",
+        TOKENREVIEWS,
+        "application/json",
+        &token_review("tok-a", &["weft-ca"]),
+    );
+    assert_eq!(r.status, 201, "{}", String::from_utf8_lossy(&r.body));
+    let r = r.json();
+    assert_eq!(
+        (r["kind"].as_str(), r["apiVersion"].as_str()),
+        (Some("TokenReview"), Some("authentication.k8s.io/v1"))
+    );
+    assert_eq!(r["spec"]["token"], "tok-a");
+    let st = &r["status"];
+    assert_eq!(st["authenticated"], true, "{r}");
+    assert_eq!(st["audiences"], json!(["weft-ca"]));
+    assert_eq!(
+        st["user"]["username"],
+        "system:serviceaccount:weft-system:weft"
+    );
+    assert!(st["user"]["groups"]
+        .as_array()
+        .unwrap()
+        .contains(&json!("system:serviceaccounts:weft-system")));
+    let extra = &st["user"]["extra"];
+    assert_eq!(
+        extra["authentication.kubernetes.io/node-name"],
+        json!(["node-a"])
+    );
+    assert_eq!(
+        extra["authentication.kubernetes.io/pod-name"],
+        json!(["weft-x"])
+    );
+    assert_eq!(
+        api.requests(),
+        [("create".to_string(), TOKENREVIEWS.to_string())],
+        "a review is a create"
+    );
+
+    // Refusals are answers too: 201 with the reason, and no `authenticated`.
+    for (token, audiences, error) in [
+        ("unknown", &["weft-ca"][..], "invalid bearer token"),
+        (
+            "tok-a",
+            &["someone-else"][..],
+            r#"token audiences ["weft-ca"] is invalid for the target audiences ["someone-else"]"#,
+        ),
+        (
+            "tok-a",
+            &[][..],
+            r#"token audiences ["weft-ca"] is invalid for the target audiences ["https://kubernetes.default.svc.cluster.local"]"#,
+        ),
+        (
+            "tok-stale",
+            &["weft-ca"][..],
+            "service account token has been invalidated",
+        ),
+    ] {
+        let r = send_json(
+            a,
+            "POST",
+            TOKENREVIEWS,
+            "application/json",
+            &token_review(token, audiences),
+        );
+        assert_eq!(r.status, 201);
+        let st = r.json()["status"].clone();
+        assert_eq!(
+            st,
+            json!({"user": {}, "error": error}),
+            "{token} {audiences:?}"
+        );
+    }
+    // A revoked token is unknown.
+    assert!(api.remove_service_account_token("tok-stale"));
+    let r = send_json(
+        a,
+        "POST",
+        TOKENREVIEWS,
+        "application/json",
+        &token_review("tok-stale", &["weft-ca"]),
+    );
+    assert_eq!(r.json()["status"]["error"], "invalid bearer token");
+
+    // What kube-apiserver refuses.
+    let r = send_json(
+        a,
+        "POST",
+        TOKENREVIEWS,
+        "application/json",
+        &token_review("", &[]),
+    );
+    assert_eq!(r.status, 400);
+    assert_eq!(
+        r.json()["message"],
+        "token is required for TokenReview in authentication"
+    );
+    let mut wrong = token_review("tok-a", &[]);
+    wrong["kind"] = json!("Pod");
+    let r = send_json(a, "POST", TOKENREVIEWS, "application/json", &wrong);
+    assert_eq!(r.status, 400);
+    assert_eq!(get(a, TOKENREVIEWS).status, 405);
+    assert_eq!(get(a, &format!("{TOKENREVIEWS}/tok-a")).status, 404);
+    assert_eq!(
+        get(
+            a,
+            "/apis/authentication.k8s.io/v1/namespaces/default/tokenreviews"
+        )
+        .status,
+        404
+    );
+
+    // kubectl: discovery and a raw create.
+    let dir = tempfile::tempdir().unwrap();
+    let kc = dir.path().join("kubeconfig");
+    api.write_kubeconfig(&kc).unwrap();
+    let names = kubectl(
+        &kc,
+        &[
+            "api-resources",
+            "--api-group",
+            "authentication.k8s.io",
+            "-o",
+            "name",
+        ],
+    );
+    assert_eq!(names.trim(), "tokenreviews.authentication.k8s.io");
+    let file = dir.path().join("review.json");
+    std::fs::write(&file, token_review("tok-a", &["weft-ca"]).to_string()).unwrap();
+    let out: Value = serde_json::from_str(&kubectl(
+        &kc,
+        &[
+            "create",
+            "--raw",
+            TOKENREVIEWS,
+            "-f",
+            file.to_str().unwrap(),
+        ],
+    ))
+    .unwrap();
+    assert_eq!(out["status"]["authenticated"], true, "{out}");
+}
+
 // ---------------------------------------------------------------------------------------------
 // kube-rs
 
@@ -1418,6 +1622,64 @@ mod kube_rs {
             expect(&mut events, &mut errors, &["Delete(b)"]).await;
         });
         rt.shutdown_background();
+    }
+
+    /// What weft's CA does: a TokenReview through kube-rs's typed API.
+    #[test]
+    fn kube_token_review() {
+        use k8s_openapi::api::authentication::v1::{TokenReview, TokenReviewSpec};
+        use kube::api::PostParams;
+
+        let api = server();
+        api.add_service_account_token("tok", weft_token(None, Some("node-b"), &["weft-ca"]));
+        let dir = tempfile::tempdir().unwrap();
+        let kc = dir.path().join("kubeconfig");
+        api.write_kubeconfig(&kc).unwrap();
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .unwrap();
+        rt.block_on(async {
+            let kubeconfig = kube::config::Kubeconfig::read_from(&kc).unwrap();
+            let config = Config::from_custom_kubeconfig(kubeconfig, &Default::default())
+                .await
+                .unwrap();
+            let reviews: Api<TokenReview> = Api::all(Client::try_from(config).unwrap());
+            let ask = |token: &str| TokenReview {
+                spec: TokenReviewSpec {
+                    token: Some(token.into()),
+                    audiences: Some(vec!["weft-ca".into()]),
+                },
+                ..TokenReview::default()
+            };
+            let got = reviews
+                .create(&PostParams::default(), &ask("tok"))
+                .await
+                .unwrap()
+                .status
+                .unwrap();
+            assert_eq!(got.authenticated, Some(true));
+            assert_eq!(got.audiences, Some(vec!["weft-ca".to_string()]));
+            let user = got.user.unwrap();
+            assert_eq!(
+                user.username.as_deref(),
+                Some("system:serviceaccount:weft-system:weft")
+            );
+            let extra = user.extra.unwrap();
+            assert_eq!(
+                extra["authentication.kubernetes.io/node-name"],
+                ["node-b".to_string()]
+            );
+            assert!(!extra.contains_key("authentication.kubernetes.io/pod-name"));
+            let refused = reviews
+                .create(&PostParams::default(), &ask("nope"))
+                .await
+                .unwrap()
+                .status
+                .unwrap();
+            assert_eq!(refused.authenticated, None);
+            assert_eq!(refused.error.as_deref(), Some("invalid bearer token"));
+        });
     }
 
     #[test]

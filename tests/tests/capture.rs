@@ -805,3 +805,59 @@ status: {{phase: Running, podIP: 10.244.1.250}}
     })
     .expect("the report goes with the pod");
 }
+
+/// A new pod that connects at once, before weft may have found its cgroup, is either captured
+/// or reported as having run before capture (status, metric, a warning): never a silent
+/// bypass.
+#[test]
+fn a_pod_connecting_in_its_first_moments_is_captured_or_reported() {
+    let t = setup("first_moments");
+    let weft = weft_node(&t.cluster, &t.node);
+    let target = SocketAddr::new(t.backends[0].ip().into(), 8080);
+    let mut captured = 0;
+    let mut reported = 0;
+    for i in 0..6 {
+        let name = format!("early-{i}");
+        let pod = t
+            .cluster
+            .add_pod(&t.node, PodSpec::new("front", &name))
+            .unwrap();
+        // Straight away: within the pod's first milliseconds.
+        let resp = call_ok(&pod, target, "first");
+        let via_weft = peer_ip(&resp) == t.node.ip().to_string();
+        let gap = format!("front/{name}: connected before its cgroup was enrolled");
+        let seen = wait_for(WAIT, || {
+            if via_weft {
+                return Some(true);
+            }
+            let st = weft.status().ok()?;
+            st["workloads"]["capture_gaps"]
+                .as_array()?
+                .iter()
+                .any(|g| g.as_str().is_some_and(|g| g.starts_with(&gap)))
+                .then_some(false)
+        });
+        match seen.ok() {
+            Some(true) => captured += 1,
+            Some(false) => reported += 1,
+            None => panic!(
+                "{name} connected around weft ({resp:?}) and no capture gap was reported: {}",
+                weft.status().unwrap()
+            ),
+        }
+    }
+    eprintln!("first connections: {captured} captured, {reported} reported as before capture");
+    if reported > 0 {
+        assert!(weft
+            .metrics()
+            .unwrap()
+            .contains(&format!("weft_capture_gaps_total {reported}")));
+        assert!(weft
+            .log()
+            .contains("pod connected before its cgroup was enrolled"));
+        assert!(weft
+            .cli(&["status"])
+            .unwrap()
+            .contains("CONNECTED BEFORE CAPTURE"));
+    }
+}

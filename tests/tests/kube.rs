@@ -2,7 +2,7 @@
 //! stand-in of `weft_tests::apiserver`, which speaks the real list/watch protocol — with real
 //! pods, eBPF and sockets: enrolling a namespace through the API, pods, Services and policies
 //! changing, the API server killed and back, a watch expired with `410 Gone`, and an invalid
-//! object next to a valid one.
+//! object next to a valid one; and `weft ca serve` authenticating nodes by TokenReview.
 
 use std::net::SocketAddr;
 use std::process::Command;
@@ -304,4 +304,209 @@ spec:
         .iter()
         .any(|(verb, path)| verb == "list" && path.contains("/authorizationpolicies"));
     assert!(relisted, "no list after the 410: {:?}", api.requests());
+}
+
+/// weft's DaemonSet pod on `node`: host network, in `weft-system` (not enrolled), as the
+/// ServiceAccount `weft`.
+fn weft_node_pod(node: &Node, uid: &str) -> String {
+    format!(
+        "apiVersion: v1
+kind: Pod
+metadata:
+  name: weft-{name}
+  namespace: weft-system
+  uid: {uid}
+  labels: {{app: weft}}
+spec:
+  nodeName: {name}
+  hostNetwork: true
+  serviceAccountName: weft
+  containers: [{{name: weft, image: weft}}]
+status:
+  phase: Running
+  hostIP: {ip}
+  podIP: {ip}
+",
+        name = node.name(),
+        ip = node.ip()
+    )
+}
+
+fn pem_certs(path: &std::path::Path) -> Vec<rustls::pki_types::CertificateDer<'static>> {
+    use rustls::pki_types::pem::PemObject;
+    rustls::pki_types::CertificateDer::pem_file_iter(path)
+        .unwrap()
+        .map(|c| c.unwrap())
+        .collect()
+}
+
+/// `weft ca serve --registry kube` without `--node-tokens`: a node is who the API server's
+/// TokenReview says its ServiceAccount token belongs to (weft's own ServiceAccount, for the CA's
+/// audience), and its node is the token's `node-name`, or else that of the pod the token is
+/// bound to. The CA signs only identities of pods on that node.
+#[test]
+fn the_ca_authenticates_nodes_by_token_review() {
+    use weft::identity::ca_client::CaClient;
+    use weft::identity::SpiffeId;
+    use weft_tests::apiserver::TokenInfo;
+
+    const UID_A: &str = "0c0ffee0-0000-4000-8000-00000000000a";
+    const UID_B: &str = "0c0ffee0-0000-4000-8000-00000000000b";
+    let cluster = Cluster::new("kube_ca_token_review").unwrap();
+    let node_a = cluster.add_node("node-a").unwrap();
+    let node_b = cluster.add_node("node-b").unwrap();
+    let web = cluster
+        .add_pod(
+            &node_a,
+            PodSpec::new("back", "web-0").service_account("web"),
+        )
+        .unwrap();
+    cluster
+        .apply_yaml(&format!(
+            "apiVersion: v1\nkind: Namespace\nmetadata: {{name: weft-system}}\n---\n{}---\n{}",
+            weft_node_pod(&node_a, UID_A),
+            weft_node_pod(&node_b, UID_B)
+        ))
+        .unwrap();
+    let api = cluster.api_server().unwrap();
+
+    // A token the API server issued, in a file as a node holds it.
+    let issue = |token: &str, info: TokenInfo| {
+        api.add_service_account_token(token, info);
+        let path = cluster.logs_dir().join(format!("{token}.token"));
+        std::fs::write(&path, token).unwrap();
+        path
+    };
+    // weft's ServiceAccount token bound to a pod and a node, for an audience.
+    let weft_sa = |pod: Option<(&str, &str)>, node: Option<&str>, audience: &str| TokenInfo {
+        namespace: "weft-system".into(),
+        service_account: "weft".into(),
+        pod: pod.map(|(p, uid)| (p.to_string(), uid.to_string())),
+        node: node.map(str::to_string),
+        audiences: vec![audience.to_string()],
+    };
+    let token_a = issue(
+        "token-a",
+        weft_sa(Some(("weft-node-a", UID_A)), Some("node-a"), "weft-ca"),
+    );
+    let token_b = issue(
+        "token-b",
+        weft_sa(Some(("weft-node-b", UID_B)), Some("node-b"), "weft-ca"),
+    );
+    let token_x = issue(
+        "token-x",
+        TokenInfo {
+            namespace: "default".into(),
+            service_account: "default".into(),
+            ..weft_sa(None, Some("node-a"), "weft-ca")
+        },
+    );
+    // From an API server that does not put the node in tokens: the bound pod tells it.
+    let pod_only = issue(
+        "token-pod-only",
+        weft_sa(Some(("weft-node-a", UID_A)), None, "weft-ca"),
+    );
+    let other_audience = issue(
+        "token-api",
+        weft_sa(
+            Some(("weft-node-a", UID_A)),
+            Some("node-a"),
+            "https://kubernetes.default.svc.cluster.local",
+        ),
+    );
+    let unbound = issue("token-unbound", weft_sa(None, None, "weft-ca"));
+    let unknown = cluster.logs_dir().join("unknown.token");
+    std::fs::write(&unknown, "token-nobody-issued").unwrap();
+
+    // The CA on node-b's network (as its Deployment's pod would run), reaching the API server
+    // on the fabric.
+    let ca = mesh_ca(&cluster).unwrap();
+    let listen = std::net::SocketAddr::from((node_b.ip(), 15112));
+    let mut cmd = Command::new(weft_bin());
+    cmd.args(["ca", "serve", "--registry", "kube", "--kubeconfig"])
+        .arg(cluster.kubeconfig_path())
+        .arg("--listen")
+        .arg(listen.to_string())
+        .arg("--ca-cert")
+        .arg(ca.join("ca.crt"))
+        .arg("--ca-key")
+        .arg(ca.join("ca.key"))
+        .args(["--server-name", &node_b.ip().to_string()])
+        .env("WEFT_LOG", "info");
+    let mut service = node_b.spawn(&cmd).unwrap();
+    service
+        .wait_for_output("CA service ready", Duration::from_secs(20))
+        .unwrap();
+
+    let roots = pem_certs(&ca.join("ca.crt"));
+    let address = format!("https://{listen}");
+    let web_id: SpiffeId = web.spiffe_id("cluster.local").parse().unwrap();
+    let ask = |token: &std::path::Path| -> Result<(), String> {
+        let key = rcgen::KeyPair::generate().unwrap();
+        netns::in_netns(node_a.netns_name(), || {
+            tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()
+                .unwrap()
+                .block_on(async {
+                    let client = CaClient::new(&address, &roots, Some(token.to_path_buf()))?;
+                    client.sign(&web_id, &key, Duration::from_secs(3600)).await
+                })
+        })
+        .unwrap()
+        .map(|_| ())
+        .map_err(|e| format!("{e:#}"))
+    };
+
+    api.clear_requests();
+    assert_eq!(ask(&token_a), Ok(()), "node-a runs back/web-0");
+    assert!(
+        api.requests().iter().any(|(verb, path)| verb == "create"
+            && path.starts_with("/apis/authentication.k8s.io/v1/tokenreviews")),
+        "{:?}",
+        api.requests()
+    );
+    assert_eq!(ask(&pod_only), Ok(()), "the node of the token's pod");
+
+    let refused = ask(&token_b).unwrap_err();
+    assert!(
+        refused.contains("PermissionDenied") && refused.contains("scheduled on node node-b"),
+        "{refused}"
+    );
+    let refused = ask(&token_x).unwrap_err();
+    assert!(
+        refused.contains("Unauthenticated")
+            && refused.contains("system:serviceaccount:default:default"),
+        "{refused}"
+    );
+    let refused = ask(&unknown).unwrap_err();
+    assert!(
+        refused.contains("Unauthenticated") && refused.contains("invalid bearer token"),
+        "{refused}"
+    );
+    let refused = ask(&other_audience).unwrap_err();
+    assert!(
+        refused.contains("Unauthenticated") && refused.contains("weft-ca"),
+        "{refused}"
+    );
+    let refused = ask(&unbound).unwrap_err();
+    assert!(
+        refused.contains("Unauthenticated") && refused.contains("not bound to a pod"),
+        "{refused}"
+    );
+
+    // node-a's weft pod replaced (a new uid): its old tokens are no longer valid.
+    cluster
+        .apply_yaml(&weft_node_pod(
+            &node_a,
+            "0c0ffee0-0000-4000-8000-0000000000aa",
+        ))
+        .unwrap();
+    let refused = ask(&token_a).unwrap_err();
+    assert!(
+        refused.contains("Unauthenticated") && refused.contains("invalidated"),
+        "{refused}"
+    );
+    assert!(service.is_running());
+    assert!(service.stderr().contains("refused"), "{}", service.stderr());
 }

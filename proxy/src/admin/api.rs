@@ -485,6 +485,10 @@ pub struct WorkloadCounts {
     /// are NOT captured. `ns/name: why`, one each.
     #[serde(default)]
     pub uncaptured: Vec<String>,
+    /// New pods that connected before their cgroup was enrolled (those connections went
+    /// around the mesh): `ns/name: connected before its cgroup was enrolled (…)`, the last 20.
+    #[serde(default)]
+    pub capture_gaps: Vec<String>,
 }
 
 #[derive(Serialize, Deserialize, Debug, Clone, PartialEq, Eq)]

@@ -4,7 +4,7 @@
 
 use std::path::PathBuf;
 
-use k8s_openapi::api::authentication::v1::{TokenReview, TokenReviewSpec};
+use k8s_openapi::api::authentication::v1::{TokenReview, TokenReviewSpec, TokenReviewStatus};
 use kube::api::{Api, PostParams};
 use kube::Client;
 
@@ -14,6 +14,8 @@ use crate::registry::Snapshot;
 const NODE_NAME: &str = "authentication.kubernetes.io/node-name";
 /// Extra field of a bound ServiceAccount token's user: its pod (older API servers give only this).
 const POD_NAME: &str = "authentication.kubernetes.io/pod-name";
+/// Extra field of a bound ServiceAccount token's user: the uid of its pod.
+const POD_UID: &str = "authentication.kubernetes.io/pod-uid";
 
 /// How nodes prove who they are.
 pub enum Authenticator {
@@ -85,17 +87,35 @@ async fn review(
         .create(&PostParams::default(), &request)
         .await
         .map_err(|e| format!("TokenReview: {e}"))?;
-    let status = answer.status.unwrap_or_default();
+    node_of_review(
+        answer.status.unwrap_or_default(),
+        audience,
+        service_account,
+        snapshot,
+    )
+}
+
+/// The node a TokenReview's answer names, or why it is refused.
+fn node_of_review(
+    status: TokenReviewStatus,
+    audience: &str,
+    service_account: &str,
+    snapshot: &Snapshot,
+) -> Result<String, String> {
     if status.authenticated != Some(true) {
         return Err(format!(
             "token not authenticated: {}",
             status.error.unwrap_or_else(|| "no reason given".into())
         ));
     }
-    if let Some(audiences) = &status.audiences {
-        if !audiences.iter().any(|a| a == audience) {
-            return Err(format!("token is not for audience {audience}"));
-        }
+    // An authenticated answer without audiences means the token is valid for the API server's
+    // own audience only (the TokenReview API's contract for a reviewer that asked for some).
+    if !status
+        .audiences
+        .as_ref()
+        .is_some_and(|a| a.iter().any(|a| a == audience))
+    {
+        return Err(format!("token is not for audience {audience}"));
     }
     let user = status.user.unwrap_or_default();
     let (ns, name) = service_account
@@ -114,10 +134,21 @@ async fn review(
         return Ok(node);
     }
     let pod = first(POD_NAME).ok_or("the token is not bound to a pod")?;
-    snapshot
+    let known = snapshot
         .pods
         .iter()
-        .find(|p| p.namespace == ns && p.name == pod)
+        .find(|p| p.namespace == ns && p.name == pod);
+    // A pod of the same name may have replaced the one the registry still holds: its node
+    // would not be the token's.
+    if let (Some(p), Some(uid)) = (known, first(POD_UID)) {
+        if p.uid != uid {
+            return Err(format!(
+                "the token's pod {ns}/{pod} is {uid}, the registry has {}",
+                p.uid
+            ));
+        }
+    }
+    known
         .and_then(|p| p.node_name.clone())
         .ok_or_else(|| format!("the token's pod {ns}/{pod} is not scheduled on a node"))
 }
@@ -135,5 +166,88 @@ mod tests {
         assert_eq!(node_of_token(file, ""), None);
         assert_eq!(node_of_token(file, "broken-line"), None);
         assert_eq!(node_of_token(file, "a"), None);
+    }
+
+    const PODS: &str = "\
+apiVersion: v1
+kind: Pod
+metadata: {namespace: weft-system, name: weft-a, uid: u-weft-a}
+spec: {nodeName: node-a, hostNetwork: true, serviceAccountName: weft}
+status: {podIP: 172.30.0.11, phase: Running}
+---
+apiVersion: v1
+kind: Pod
+metadata: {namespace: weft-system, name: weft-pending, uid: u-weft-pending}
+spec: {serviceAccountName: weft}
+";
+
+    fn answer(
+        audiences: Option<&[&str]>,
+        username: &str,
+        extra: &[(&str, &str)],
+    ) -> TokenReviewStatus {
+        TokenReviewStatus {
+            authenticated: Some(true),
+            audiences: audiences.map(|a| a.iter().map(|a| a.to_string()).collect()),
+            user: Some(k8s_openapi::api::authentication::v1::UserInfo {
+                username: Some(username.into()),
+                extra: Some(
+                    extra
+                        .iter()
+                        .map(|(k, v)| (k.to_string(), vec![v.to_string()]))
+                        .collect(),
+                ),
+                ..Default::default()
+            }),
+            error: None,
+        }
+    }
+
+    #[test]
+    fn a_review_names_the_node_of_a_token_of_the_nodes_service_account_for_the_ca() {
+        let snapshot = Snapshot::from_yaml(PODS).unwrap();
+        let weft = "system:serviceaccount:weft-system:weft";
+        let node = |status| node_of_review(status, "weft-ca", "weft-system/weft", &snapshot);
+        let ca = Some(&["weft-ca"][..]);
+        assert_eq!(
+            node(answer(ca, weft, &[(NODE_NAME, "node-b")])),
+            Ok("node-b".into())
+        );
+        // Without the node: that of the bound pod, if it is the pod the registry knows.
+        assert_eq!(
+            node(answer(ca, weft, &[(POD_NAME, "weft-a")])),
+            Ok("node-a".into())
+        );
+        let bound = [(POD_NAME, "weft-a"), (POD_UID, "u-weft-a")];
+        assert_eq!(node(answer(ca, weft, &bound)), Ok("node-a".into()));
+        let replaced = [(POD_NAME, "weft-a"), (POD_UID, "u-new")];
+        assert!(node(answer(ca, weft, &replaced))
+            .unwrap_err()
+            .contains("u-new"));
+        for pod in ["weft-pending", "weft-gone"] {
+            let e = node(answer(ca, weft, &[(POD_NAME, pod)])).unwrap_err();
+            assert!(e.contains("not scheduled on a node"), "{e}");
+        }
+        assert!(node(answer(ca, weft, &[]))
+            .unwrap_err()
+            .contains("not bound to a pod"));
+        // Someone else's token; a token for other audiences, or only the API server's (no
+        // audiences in the answer); not authenticated.
+        let other = "system:serviceaccount:default:default";
+        assert!(node(answer(ca, other, &[(NODE_NAME, "node-a")]))
+            .unwrap_err()
+            .contains(other));
+        for audiences in [Some(&["api"][..]), Some(&[][..]), None] {
+            let e = node(answer(audiences, weft, &[(NODE_NAME, "node-a")])).unwrap_err();
+            assert!(e.contains("not for audience weft-ca"), "{audiences:?}: {e}");
+        }
+        let refused = TokenReviewStatus {
+            error: Some("invalid bearer token".into()),
+            ..Default::default()
+        };
+        assert_eq!(
+            node(refused),
+            Err("token not authenticated: invalid bearer token".into())
+        );
     }
 }

@@ -24,7 +24,7 @@ use tracing::{debug, info, warn};
 use weft_common::{
     names, Config, Counter, FlowKey, OrigDst, StrictKey, DELIVERIES_ENTRIES, ENROLLED_ENTRIES,
     EVENTS_BYTES, EXCL_CIDRS_ENTRIES, EXCL_PORTS_ENTRIES, NODE_ADDRS_ENTRIES, ORIG_DST_ENTRIES,
-    STRICT_ENTRIES,
+    STRICT_ENTRIES, UNCAPTURED_ENTRIES,
 };
 
 use super::{Capture, CaptureConfig};
@@ -80,7 +80,7 @@ pub(super) struct MapSpec {
     pub(super) max_entries: u32,
 }
 
-pub(super) fn map_specs() -> [MapSpec; 11] {
+pub(super) fn map_specs() -> [MapSpec; 12] {
     use std::mem::size_of;
     let spec = |name, map_type, key_size: usize, value_size: usize, max_entries| MapSpec {
         name,
@@ -155,6 +155,13 @@ pub(super) fn map_specs() -> [MapSpec; 11] {
             size_of::<u8>(),
             NODE_ADDRS_ENTRIES,
         ),
+        spec(
+            names::UNCAPTURED,
+            MapType::LruHash,
+            size_of::<u64>(),
+            size_of::<u64>(),
+            UNCAPTURED_ENTRIES,
+        ),
     ]
 }
 
@@ -224,6 +231,7 @@ impl Capture {
             strict: Mutex::new(take_map(&mut ebpf, names::STRICT)?),
             deliveries: Mutex::new(take_map(&mut ebpf, names::DELIVERIES)?),
             node_addrs: Mutex::new(take_map(&mut ebpf, names::NODE_ADDRS)?),
+            uncaptured: Mutex::new(take_map(&mut ebpf, names::UNCAPTURED)?),
             events: Mutex::new(Some(take_map(&mut ebpf, names::EVENTS)?)),
             shutdown: watch::channel(()).0,
             own_cgroups: own_cgroup_ids().unwrap_or_else(|err| {
@@ -875,6 +883,7 @@ mod tests {
             names::STRICT,
             names::DELIVERIES,
             names::NODE_ADDRS,
+            names::UNCAPTURED,
         ];
         all.into_iter()
             .filter(|name| {

@@ -133,6 +133,23 @@ impl Capture {
             .remove(&delivery_key(local_port, target));
     }
 
+    /// How long ago the latest connect not captured from any of `cgroups` was (the kernel
+    /// records one per cgroup while it is not enrolled), forgetting those records. `None`: none
+    /// of them connected uncaptured.
+    pub fn connected_uncaptured(&self, cgroups: &[u64]) -> Option<std::time::Duration> {
+        let now = nix::time::clock_gettime(nix::time::ClockId::CLOCK_BOOTTIME).ok()?;
+        let now = now.tv_sec() as u64 * 1_000_000_000 + now.tv_nsec() as u64;
+        let mut map = self.uncaptured.lock();
+        let mut latest: Option<u64> = None;
+        for id in cgroups {
+            if let Ok(at) = map.get(id, 0) {
+                latest = Some(latest.map_or(at, |l| l.max(at)));
+                let _ = map.remove(id);
+            }
+        }
+        latest.map(|at| std::time::Duration::from_nanos(now.saturating_sub(at)))
+    }
+
     /// On accept: `peer` = client (pod) address, `local` = our listener address. Looks the
     /// connection up in `BY_TUPLE` and deletes the entry. `None` if unknown.
     pub fn take_redirect(&self, peer: SocketAddr, local: SocketAddr) -> Option<Redirect> {

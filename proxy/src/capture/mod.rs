@@ -127,6 +127,7 @@ pub struct Capture {
     strict: Mutex<BpfHashMap<MapData, StrictKey, u8>>,
     deliveries: Mutex<BpfHashMap<MapData, FlowKey, u64>>,
     node_addrs: Mutex<BpfHashMap<MapData, u32, u8>>,
+    uncaptured: Mutex<BpfHashMap<MapData, u64, u64>>,
     events: Mutex<Option<RingBuf<MapData>>>,
     /// Dropped with the `Capture`, which stops the event pump task.
     shutdown: watch::Sender<()>,

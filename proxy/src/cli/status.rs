@@ -76,6 +76,16 @@ fn render(out: &mut impl Write, s: &Status) -> std::io::Result<()> {
             writeln!(out, "               {line}")?;
         }
     }
+    if !s.workloads.capture_gaps.is_empty() {
+        writeln!(
+            out,
+            "             CONNECTED BEFORE CAPTURE (last {}):",
+            s.workloads.capture_gaps.len()
+        )?;
+        for line in &s.workloads.capture_gaps {
+            writeln!(out, "               {line}")?;
+        }
+    }
     let c = &s.capture;
     writeln!(
         out,

@@ -59,6 +59,9 @@ struct NodeProxy {
     ready: AtomicBool,
     /// Enrolled pods not captured for longer than `--enroll-timeout` (`weft status`).
     uncaptured: parking_lot::Mutex<Vec<String>>,
+    /// Pods that connected before their cgroup was enrolled (the last 20), and how many ever did.
+    capture_gaps: parking_lot::Mutex<Vec<String>>,
+    capture_gaps_total: std::sync::atomic::AtomicU64,
     /// Addresses of this node's pods with a STRICT port: weft's connections to them are
     /// announced to the kernel.
     strict_pods: Arc<ArcSwap<HashSet<IpAddr>>>,
@@ -212,6 +215,8 @@ pub async fn run(cfg: NodeConfig) -> anyhow::Result<()> {
         kube,
         ready: AtomicBool::new(false),
         uncaptured: parking_lot::Mutex::default(),
+        capture_gaps: parking_lot::Mutex::default(),
+        capture_gaps_total: std::sync::atomic::AtomicU64::new(0),
         strict_pods,
         networks,
     });

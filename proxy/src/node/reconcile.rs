@@ -30,6 +30,9 @@ pub(super) struct Applied {
     route_warnings: HashSet<String>,
     /// Enrolled pods without a cgroup found, by uid: since when, and whether reported.
     uncaptured: HashMap<String, (Instant, bool)>,
+    /// The namespaces in the mesh at the previous pass: a pod newly enrolled in one of them is
+    /// a new pod, not a namespace just labelled.
+    meshed_namespaces: HashSet<String>,
     /// The snapshot the policies and routes in force were compiled from: a new snapshot with
     /// the same objects (a pod changed) keeps them.
     compiled_from: Option<Arc<Snapshot>>,
@@ -42,7 +45,7 @@ pub(super) fn apply(node: &NodeProxy, generation: u64) -> anyhow::Result<Applied
     let snapshot = inputs.registry.snapshot();
     let mut applied = Applied {
         generation,
-        compiled_from: (snapshot.generation == generation).then_some(snapshot),
+        compiled_from: (snapshot.generation == generation).then_some(snapshot.clone()),
         ..Applied::default()
     };
     let index = inputs.workloads.load();
@@ -56,6 +59,12 @@ pub(super) fn apply(node: &NodeProxy, generation: u64) -> anyhow::Result<Applied
     let enrolled = index.enrolled_ids();
     node.capture.set_enrolled(&enrolled)?;
     applied.enrolled = enrolled;
+    applied.meshed_namespaces = snapshot
+        .namespaces
+        .keys()
+        .filter(|ns| snapshot.namespace_enrolled(ns))
+        .cloned()
+        .collect();
     Ok(applied)
 }
 
@@ -98,6 +107,12 @@ pub(super) async fn run(node: Arc<NodeProxy>, mut applied: Applied) {
                 inputs.routes.store(Arc::new(routes));
             }
         }
+        let meshed: HashSet<String> = snapshot
+            .namespaces
+            .keys()
+            .filter(|ns| snapshot.namespace_enrolled(ns))
+            .cloned()
+            .collect();
         // Resolving cgroups touches the filesystem: keep it off the runtime's workers.
         let n = node.clone();
         let built = tokio::task::spawn_blocking(move || {
@@ -129,11 +144,13 @@ pub(super) async fn run(node: Arc<NodeProxy>, mut applied: Applied) {
             }
         }
         let want = index.enrolled_ids();
-        inputs.workloads.store(Arc::new(index));
+        let index = Arc::new(index);
+        inputs.workloads.store(index.clone());
         node.networks.retain_current();
         if want != applied.enrolled {
             match node.capture.set_enrolled(&want) {
                 Ok(()) => {
+                    report_capture_gaps(&node, &index, &want, &applied);
                     info!(
                         enrolled = want.len(),
                         added = want.difference(&applied.enrolled).count(),
@@ -145,6 +162,48 @@ pub(super) async fn run(node: Arc<NodeProxy>, mut applied: Applied) {
                 Err(e) => error!(error = %format!("{e:#}"), "updating enrolled cgroups"),
             }
         }
+        applied.meshed_namespaces = meshed;
+    }
+}
+
+/// A new pod of a namespace already in the mesh whose cgroup was just enrolled, and which
+/// connected before that (the kernel records the latest uncaptured connect per cgroup), had
+/// those connections go around the mesh: it started connecting before weft found its cgroup.
+/// Each such gap is warned about, kept in `weft status` (the last 20) and counted in
+/// `weft_capture_gaps_total`. A running pod enrolled by labelling its namespace is not a gap.
+fn report_capture_gaps(
+    node: &NodeProxy,
+    index: &WorkloadIndex,
+    want: &HashSet<u64>,
+    applied: &Applied,
+) {
+    for e in index.entries() {
+        let (Some(id), Some(path)) = (e.cgroup_id, e.cgroup_path.as_deref()) else {
+            continue;
+        };
+        if !want.contains(&id)
+            || applied.enrolled.contains(&id)
+            || !applied.meshed_namespaces.contains(&e.pod.namespace)
+        {
+            continue;
+        }
+        let ids = crate::workload::cgroup_ids_below(path);
+        let Some(ago) = node.capture.connected_uncaptured(&ids) else {
+            continue;
+        };
+        let name = format!("{}/{}", e.pod.namespace, e.pod.name);
+        warn!(pod = %name, last_uncaptured_connect_ago = ?ago,
+            "pod connected before its cgroup was enrolled: those connections went around the mesh");
+        node.capture_gaps_total
+            .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        let mut gaps = node.capture_gaps.lock();
+        gaps.push(format!(
+            "{name}: connected before its cgroup was enrolled (last {}ms before, at {})",
+            ago.as_millis(),
+            crate::registry::model::rfc3339(std::time::SystemTime::now() - ago)
+        ));
+        let excess = gaps.len().saturating_sub(20);
+        gaps.drain(..excess);
     }
 }
 

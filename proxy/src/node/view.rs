@@ -102,6 +102,7 @@ impl NodeView for NodeProxy {
                 total: index.entries().len(),
                 enrolled: index.entries().iter().filter(|e| e.enrolled).count(),
                 uncaptured: self.uncaptured.lock().clone(),
+                capture_gaps: self.capture_gaps.lock().clone(),
             },
             capture: self.capture.status(),
             mesh: MeshStatus {
@@ -173,6 +174,9 @@ impl GaugeSource for NodeProxy {
             workloads: index.entries().len() as u64,
             enrolled_workloads: index.entries().iter().filter(|e| e.enrolled).count() as u64,
             uncaptured_workloads: self.uncaptured.lock().len() as u64,
+            capture_gaps: self
+                .capture_gaps_total
+                .load(std::sync::atomic::Ordering::Relaxed),
             registry_generation: registry.snapshot().generation,
             registry_reload_failed: registry.last_error().is_some(),
             registry_not_applied: registry.snapshot().not_applied.len() as u64,

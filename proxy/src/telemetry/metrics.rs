@@ -30,6 +30,8 @@ pub struct NodeGauges {
     pub enrolled_workloads: u64,
     /// Enrolled pods whose cgroup has not been found for longer than `--enroll-timeout`.
     pub uncaptured_workloads: u64,
+    /// New pods that connected before their cgroup was enrolled, since start.
+    pub capture_gaps: u64,
     pub registry_generation: u64,
     pub registry_reload_failed: bool,
     /// Objects of the sources left out of the snapshot in force.
@@ -202,6 +204,15 @@ impl Collector for NodeCollector {
             "Enrolled pods on this node whose cgroup was not found within --enroll-timeout: their connections are not captured",
             g(m.uncaptured_workloads),
         )?;
+        {
+            let c = ConstCounter::new(m.capture_gaps);
+            c.encode(enc.encode_descriptor(
+                "weft_capture_gaps",
+                "New pods that connected before their cgroup was enrolled: those connections went around the mesh",
+                None,
+                c.metric_type(),
+            )?)?;
+        }
         gauge(
             &mut enc,
             "weft_registry_generation",

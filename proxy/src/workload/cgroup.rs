@@ -108,6 +108,26 @@ fn kernfs_id(path: &Path) -> io::Result<u64> {
     Ok(u64::from_ne_bytes(handle.f_handle))
 }
 
+/// The ids of `cgroup` and of the cgroups below it (a pod's containers), four levels down.
+pub fn cgroup_ids_below(cgroup: &Path) -> Vec<u64> {
+    let mut ids = Vec::new();
+    let mut dirs = vec![(cgroup.to_path_buf(), 0)];
+    while let Some((dir, depth)) = dirs.pop() {
+        let Ok(id) = cgroup_id(&dir) else { continue };
+        ids.push(id);
+        if depth < 4 {
+            if let Ok(entries) = std::fs::read_dir(&dir) {
+                for e in entries.flatten() {
+                    if e.file_type().is_ok_and(|t| t.is_dir()) {
+                        dirs.push((e.path(), depth + 1));
+                    }
+                }
+            }
+        }
+    }
+    ids
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -170,5 +190,17 @@ mod tests {
         if let Ok(id) = kernfs_id(root) {
             assert_eq!(id, std::fs::metadata(root).unwrap().ino());
         }
+    }
+
+    #[test]
+    fn a_cgroup_and_the_cgroups_below_it() {
+        let dir = tempfile::tempdir().unwrap();
+        let container = dir.path().join("cri-containerd-1.scope");
+        std::fs::create_dir(&container).unwrap();
+        let ids = cgroup_ids_below(dir.path());
+        assert_eq!(ids.len(), 2, "{ids:?}");
+        assert!(ids.contains(&cgroup_id(dir.path()).unwrap()));
+        assert!(ids.contains(&cgroup_id(&container).unwrap()));
+        assert!(cgroup_ids_below(&dir.path().join("gone")).is_empty());
     }
 }

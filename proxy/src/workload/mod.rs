@@ -10,7 +10,7 @@
 pub mod cgroup;
 mod index;
 
-pub use cgroup::{cgroup_id, find_pod_cgroup, pod_cgroup_paths};
+pub use cgroup::{cgroup_id, cgroup_ids_below, find_pod_cgroup, pod_cgroup_paths};
 pub use index::{WorkloadEntry, WorkloadIndex};
 
 use crate::identity::SpiffeId;

@@ -16,13 +16,14 @@ use serde_json::{json, Value};
 use tokio::time::Instant;
 
 use super::patch;
-use super::resources::{self, ResId, RESOURCES, SYSTEM_NAMESPACES};
+use super::resources::{self, ResId, ReviewType, RESOURCES, SYSTEM_NAMESPACES};
 use super::selectors::{FieldSelector, LabelSelector};
 use super::status::{details, ApiError};
 use super::store::{
     self, prefix, Change, ChangeType, Store, UpdateScope, WatchFrom, WatchMsg, WatchReg,
 };
 use super::table::{self, IncludeObject};
+use super::tokenreview;
 use super::{lock, Shared};
 
 /// Response bodies: whole documents, or a watch's stream of lines.
@@ -177,6 +178,8 @@ enum Route {
     Group(String),
     ResourceList(String, String),
     Resource(Target),
+    /// A review type (create only, nothing stored).
+    Review(&'static ReviewType),
     NotFound,
 }
 
@@ -190,6 +193,9 @@ fn route(path: &str, store: &Store) -> Route {
         ["api", "v1"] => Route::ResourceList(String::new(), "v1".into()),
         ["apis", g] => Route::Group(g.to_string()),
         ["apis", g, v] => Route::ResourceList(g.to_string(), v.to_string()),
+        ["apis", g, v, plural] if resources::find_review(g, v, plural).is_some() => {
+            Route::Review(resources::find_review(g, v, plural).expect("found"))
+        }
         ["api", "v1", rest @ ..] => resource_route("", "v1", rest, store),
         ["apis", g, v, rest @ ..] => resource_route(g, v, rest, store),
         _ => Route::NotFound,
@@ -235,8 +241,10 @@ fn resource_route(group: &str, version: &str, rest: &[&str], store: &Store) -> R
 
 /// The Kubernetes verb of a request (what audit logs and RBAC call it).
 fn verb(method: &Method, route: &Route, watch: bool) -> String {
-    let Route::Resource(t) = route else {
-        return method.as_str().to_lowercase();
+    let t = match route {
+        Route::Resource(t) => t,
+        Route::Review(_) if *method == Method::POST => return "create".into(),
+        _ => return method.as_str().to_lowercase(),
     };
     let item = t.name.is_some();
     match *method {
@@ -282,6 +290,11 @@ pub(crate) async fn handle(shared: Arc<Shared>, req: Request<Incoming>) -> Respo
         Route::Resource(t) => {
             resource(&shared, &verb, &t, &query, repr, &parts.headers, body).await
         }
+        Route::Review(r) if parts.method == Method::POST => match read_body(body).await {
+            Ok(body) => review(&shared, r, &content_type(&parts.headers), &body),
+            Err(e) => Err(e),
+        },
+        Route::Review(_) => Err(ApiError::method_not_allowed()),
         _ if parts.method != Method::GET && parts.method != Method::HEAD => {
             Err(ApiError::method_not_allowed())
         }
@@ -1084,6 +1097,48 @@ fn create_object(
     ))
 }
 
+/// A review: the request object answered with its `status` (201, as a create), nothing kept.
+fn review(
+    shared: &Shared,
+    r: &ReviewType,
+    ct: &str,
+    body: &[u8],
+) -> Result<Response<Body>, ApiError> {
+    let mut obj = decode(ct, body)?;
+    let expected = r.api_version();
+    let field = |k: &str| {
+        obj.get(k)
+            .and_then(Value::as_str)
+            .filter(|s| !s.is_empty())
+            .map(str::to_string)
+    };
+    if let Some(av) = field("apiVersion").filter(|av| *av != expected) {
+        return Err(ApiError::bad_request(format!(
+            "the API version in the data ({av}) does not match the expected API version ({expected})"
+        )));
+    }
+    if let Some(k) = field("kind").filter(|k| k != r.kind) {
+        return Err(ApiError::bad_request(format!(
+            "the kind in the data ({k}) does not match the expected kind ({})",
+            r.kind
+        )));
+    }
+    obj["apiVersion"] = json!(expected);
+    obj["kind"] = json!(r.kind);
+    if !obj.get("metadata").is_some_and(Value::is_object) {
+        obj["metadata"] = json!({});
+    }
+    let answer = match r.kind {
+        "TokenReview" => {
+            let tokens = lock(&shared.tokens);
+            let store = lock(&shared.store);
+            tokenreview::review(&tokens, &store, obj)?
+        }
+        _ => return Err(ApiError::method_not_allowed()),
+    };
+    Ok(respond_json(201, &answer))
+}
+
 fn create(
     shared: &Shared,
     t: &Target,
@@ -1340,6 +1395,17 @@ mod tests {
             ),
             Route::Resource(_)
         ));
+        let Route::Review(r) = route("/apis/authentication.k8s.io/v1/tokenreviews", &store) else {
+            panic!()
+        };
+        assert_eq!(r.kind, "TokenReview");
+        for path in [
+            "/apis/authentication.k8s.io/v1/tokenreviews/x",
+            "/apis/authentication.k8s.io/v1/namespaces/a/tokenreviews",
+            "/apis/authentication.k8s.io/v1beta1/tokenreviews",
+        ] {
+            assert!(matches!(route(path, &store), Route::NotFound), "{path}");
+        }
     }
 
     #[test]

@@ -405,9 +405,43 @@ pub(crate) static RESOURCES: &[ResourceType] = &[
     },
 ];
 
+/// A resource served without storage: `create` only, answered from the request body and never
+/// kept, listed or watched (kube-apiserver's reviews, such as `tokenreviews`).
+#[derive(Debug)]
+pub(crate) struct ReviewType {
+    pub group: &'static str,
+    pub version: &'static str,
+    pub plural: &'static str,
+    pub singular: &'static str,
+    pub kind: &'static str,
+}
+
+impl ReviewType {
+    pub fn api_version(&self) -> String {
+        format!("{}/{}", self.group, self.version)
+    }
+}
+
+/// Every review type served (cluster-scoped, as in kube-apiserver).
+pub(crate) static REVIEWS: &[ReviewType] = &[ReviewType {
+    group: "authentication.k8s.io",
+    version: "v1",
+    plural: "tokenreviews",
+    singular: "tokenreview",
+    kind: "TokenReview",
+}];
+
+/// The review type served at `group`/`version` as `plural`.
+pub(crate) fn find_review(group: &str, version: &str, plural: &str) -> Option<&'static ReviewType> {
+    REVIEWS
+        .iter()
+        .find(|r| r.group == group && r.version == version && r.plural == plural)
+}
+
 /// API groups (other than core) with their versions, preferred first, in discovery order.
 pub(crate) static GROUPS: &[(&str, &[&str])] = &[
     ("apiextensions.k8s.io", &["v1"]),
+    ("authentication.k8s.io", &["v1"]),
     ("discovery.k8s.io", &["v1"]),
     ("events.k8s.io", &["v1"]),
     ("gateway.networking.k8s.io", &["v1", "v1beta1", "v1alpha2"]),
@@ -536,7 +570,10 @@ fn served_versions(group: &str, installed: &dyn Fn(ResId) -> bool) -> Option<Vec
     let versions: Vec<&str> = all
         .iter()
         .copied()
-        .filter(|v| in_group(group).any(|i| installed(i) && RESOURCES[i].serves(v)))
+        .filter(|v| {
+            in_group(group).any(|i| installed(i) && RESOURCES[i].serves(v))
+                || REVIEWS.iter().any(|r| r.group == group && r.version == *v)
+        })
         .collect();
     (!versions.is_empty()).then_some(versions)
 }
@@ -556,6 +593,18 @@ pub(crate) fn api_resource_list(
     version: &str,
     installed: &dyn Fn(ResId) -> bool,
 ) -> Option<Value> {
+    let reviews = REVIEWS
+        .iter()
+        .filter(|r| r.group == group && r.version == version)
+        .map(|r| {
+            json!({
+                "name": r.plural,
+                "singularName": r.singular,
+                "namespaced": false,
+                "kind": r.kind,
+                "verbs": ["create"],
+            })
+        });
     let resources: Vec<Value> = in_group(group)
         .filter(|&i| installed(i) && RESOURCES[i].serves(version))
         .flat_map(|i| {
@@ -585,6 +634,7 @@ pub(crate) fn api_resource_list(
             }
             docs
         })
+        .chain(reviews)
         .collect();
     if resources.is_empty() {
         return None;

@@ -106,6 +106,10 @@ pub struct Args {
     /// [default: off: build first].
     #[arg(long)]
     no_build: bool,
+    /// An extra `weft node` flag for the weft paths, e.g. `--weft-arg=--source-address=node`
+    /// (repeatable) [default: none].
+    #[arg(long = "weft-arg", allow_hyphen_values = true)]
+    weft_args: Vec<String>,
 }
 
 /// What `--only` runs.
@@ -243,6 +247,11 @@ pub fn run(args: Args) -> Result<()> {
 }
 
 impl Bench {
+    /// `--weft-arg` flags, as `Weft::start_with` takes them.
+    fn weft_args(&self) -> Vec<&str> {
+        self.args.weft_args.iter().map(String::as_str).collect()
+    }
+
     /// The single-node run: connect() latency without eBPF programs, the proxies started and
     /// checked, every case on every path that came up, connect() latency with the programs.
     fn measure(&mut self, paths: &[PathKind], res: &mut Results) {
@@ -261,9 +270,11 @@ impl Bench {
                 PathKind::Direct | PathKind::WeftResilient => continue,
                 PathKind::Haproxy => self.start_haproxy(),
                 PathKind::Nginx => self.start_nginx(),
-                PathKind::Weft => Weft::start(&self.cluster, &self.nodes[0]).map(|w| {
-                    weft = Some(w);
-                }),
+                PathKind::Weft => {
+                    Weft::start_with(&self.cluster, &self.nodes[0], &self.weft_args()).map(|w| {
+                        weft = Some(w);
+                    })
+                }
             };
             let up = up.and_then(|_| self.check(p));
             match up {
@@ -305,7 +316,7 @@ impl Bench {
     fn measure_cross(&mut self, res: &mut Results) {
         let mut wefts = Vec::new();
         for n in &self.nodes {
-            match Weft::start(&self.cluster, n) {
+            match Weft::start_with(&self.cluster, n, &self.weft_args()) {
                 Ok(w) => wefts.push(w),
                 Err(e) => res.notes.push(format!(
                     "cross-node weft left out: weft on {}: {e:#}",
