@@ -882,7 +882,18 @@ impl Cluster {
         };
         let mut proc = process::spawn(&self.shared.logs, &place, &cmd)?;
         let deadline = std::time::Instant::now() + Duration::from_secs(20);
-        while !proc.stderr().contains("CA service ready") {
+        // Serving once it accepts (its log may be quieter than info).
+        let serving = || {
+            netns::in_netns(&self.shared.fabric, || {
+                std::net::TcpStream::connect_timeout(
+                    &(API_SERVER_IP, CA_PORT).into(),
+                    Duration::from_millis(200),
+                )
+                .is_ok()
+            })
+            .unwrap_or(false)
+        };
+        while !serving() {
             if let Some(status) = proc.try_wait()? {
                 bail!("weft ca serve exited ({status}):\n{}", proc.stderr());
             }
