@@ -1212,6 +1212,16 @@ fn a_ca_outage_delays_renewals_and_never_cuts_traffic() {
         m.weft_a.log().contains("getting SVID failed")
     })
     .expect("node-a tried to renew while the CA was down");
+    // Operators see it: failed requests counted, the last failure shown.
+    let metrics = m.weft_a.metrics().unwrap();
+    assert!(
+        !metrics.contains("weft_ca_requests_total{result=\"failed\"} 0"),
+        "{metrics}"
+    );
+    assert!(metrics.contains("weft_svid_earliest_expiry_seconds "), "{metrics}");
+    let status = m.weft_a.cli(&["status"]).unwrap();
+    assert!(status.contains("Certs:       CA service https://"), "{status}");
+    assert!(status.contains("last failure: "), "{status}");
     m.cluster.start_ca_service().unwrap();
     wait_until(Duration::from_secs(15), || {
         serial(&m.weft_a, CLIENT_ID).is_some_and(|s| s != held)

@@ -503,6 +503,18 @@ pub struct MeshStatus {
     /// why, one line each.
     #[serde(default)]
     pub fail_closed: Vec<String>,
+    /// Who signs this node's certificates: `service https://…` (the CA service) or `key`
+    /// (development mode: the node signs itself).
+    #[serde(default)]
+    pub ca: String,
+    /// Requests to the CA service answered with a certificate, and failed (retried).
+    #[serde(default)]
+    pub ca_issued: u64,
+    #[serde(default)]
+    pub ca_failed: u64,
+    /// The last failed request, if any.
+    #[serde(default)]
+    pub ca_last_error: Option<String>,
 }
 
 #[derive(Serialize, Deserialize, Debug, Clone, PartialEq, Eq)]

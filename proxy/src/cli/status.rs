@@ -115,6 +115,19 @@ fn render(out: &mut impl Write, s: &Status) -> std::io::Result<()> {
         "Mesh:        trust domain {}, {} SVIDs, {} AuthorizationPolicies, {} PeerAuthentications",
         m.trust_domain, m.svids, m.authorization_policies, m.peer_authentications
     )?;
+    if !m.ca.is_empty() {
+        let ca = match m.ca.strip_prefix("service ") {
+            Some(address) => format!(
+                "CA service {address}: {} certificates issued, {} requests failed",
+                m.ca_issued, m.ca_failed
+            ),
+            None => "signs with the CA key itself (development mode)".to_string(),
+        };
+        writeln!(out, "Certs:       {ca}")?;
+        if let Some(e) = &m.ca_last_error {
+            writeln!(out, "             last failure: {e}")?;
+        }
+    }
     if !m.fail_closed.is_empty() {
         writeln!(
             out,

@@ -161,6 +161,11 @@ pub(crate) struct State {
     changed: tokio::sync::Notify,
     /// One request to the CA service at a time.
     fetching: tokio::sync::Mutex<()>,
+    /// Requests to the CA service answered with a certificate, and failed.
+    issued: std::sync::atomic::AtomicU64,
+    failed: std::sync::atomic::AtomicU64,
+    /// The last failure, for `weft status`.
+    last_error: Mutex<Option<String>>,
 }
 
 #[derive(Default)]
@@ -220,6 +225,9 @@ impl IdentityManager {
             local: Mutex::new(Local::default()),
             changed: tokio::sync::Notify::new(),
             fetching: tokio::sync::Mutex::new(()),
+            issued: Default::default(),
+            failed: Default::default(),
+            last_error: Mutex::new(None),
         });
         let server_config = tls::server_config(&state)?;
         Ok(IdentityManager {
@@ -283,6 +291,27 @@ impl IdentityManager {
     /// The local identity a TLS client asked for by SNI ([`sni_for`]), if this node hosts it.
     pub fn local_by_sni(&self, name: &str) -> Option<SpiffeId> {
         self.state.local_by_sni(name)
+    }
+
+    /// Requests to the CA service: answered with a certificate, failed, and the last failure.
+    pub fn ca_requests(&self) -> (u64, u64, Option<String>) {
+        use std::sync::atomic::Ordering::Relaxed;
+        (
+            self.state.issued.load(Relaxed),
+            self.state.failed.load(Relaxed),
+            self.state.last_error.lock().clone(),
+        )
+    }
+
+    /// Seconds until the first of the SVIDs held expires (`None`: none held).
+    pub fn earliest_expiry(&self) -> Option<Duration> {
+        let now = SystemTime::now();
+        self.state
+            .lock()
+            .svids
+            .values()
+            .map(|s| s.not_after.duration_since(now).unwrap_or_default())
+            .min()
     }
 
     /// Where certificates come from, for `weft status`: `service https://…` or `key`.
@@ -467,7 +496,19 @@ impl State {
             bail!("{id} is not an identity hosted on this node");
         }
         let key = KeyPair::generate_for(&rcgen::PKCS_ECDSA_P256_SHA256)?;
-        let chain = ca.sign(id, &key, self.ttl).await?;
+        let chain = match ca.sign(id, &key, self.ttl).await {
+            Ok(chain) => {
+                self.issued
+                    .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                chain
+            }
+            Err(e) => {
+                self.failed
+                    .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                *self.last_error.lock() = Some(format!("{id}: {e:#}"));
+                return Err(e);
+            }
+        };
         let now = SystemTime::now();
         let (serial, not_before, not_after) = {
             let (_, x) = x509_parser::parse_x509_certificate(&chain[0])

@@ -64,6 +64,7 @@ impl NodeView for NodeProxy {
         let index = inputs.workloads.load();
         let policies = inputs.policies.load();
         let flows = &inputs.telemetry.flows;
+        let ca = self.identity.ca_requests();
         Status {
             node: self.cfg.node_name.clone(),
             ready: NodeView::ready(self).is_ok(),
@@ -111,6 +112,10 @@ impl NodeView for NodeProxy {
                 authorization_policies: policies.len(),
                 peer_authentications: policies.peer_authentications(),
                 fail_closed: policies.fail_closed_report(),
+                ca: self.identity.authority(),
+                ca_issued: ca.0,
+                ca_failed: ca.1,
+                ca_last_error: ca.2,
             },
             tunnel: TunnelStatus {
                 outbound: self.pool.stats(),
@@ -174,6 +179,9 @@ impl GaugeSource for NodeProxy {
             workloads: index.entries().len() as u64,
             enrolled_workloads: index.entries().iter().filter(|e| e.enrolled).count() as u64,
             uncaptured_workloads: self.uncaptured.lock().len() as u64,
+            ca_requests_issued: self.identity.ca_requests().0,
+            ca_requests_failed: self.identity.ca_requests().1,
+            svid_earliest_expiry_seconds: self.identity.earliest_expiry().map(|d| d.as_secs()),
             capture_gaps: self
                 .capture_gaps_total
                 .load(std::sync::atomic::Ordering::Relaxed),

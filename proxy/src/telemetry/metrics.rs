@@ -32,6 +32,11 @@ pub struct NodeGauges {
     pub uncaptured_workloads: u64,
     /// New pods that connected before their cgroup was enrolled, since start.
     pub capture_gaps: u64,
+    /// Requests to the CA service answered with a certificate, and failed.
+    pub ca_requests_issued: u64,
+    pub ca_requests_failed: u64,
+    /// Seconds until the first SVID held expires (`None`: none held).
+    pub svid_earliest_expiry_seconds: Option<u64>,
     pub registry_generation: u64,
     pub registry_reload_failed: bool,
     /// Objects of the sources left out of the snapshot in force.
@@ -204,6 +209,27 @@ impl Collector for NodeCollector {
             "Enrolled pods on this node whose cgroup was not found within --enroll-timeout: their connections are not captured",
             g(m.uncaptured_workloads),
         )?;
+        {
+            let help = "Requests to the CA service for workload certificates, by result";
+            let proto = ConstCounter::new(0u64);
+            let mut family =
+                enc.encode_descriptor("weft_ca_requests", help, None, proto.metric_type())?;
+            for (result, n) in [
+                ("issued", m.ca_requests_issued),
+                ("failed", m.ca_requests_failed),
+            ] {
+                let labels = [("result", result)];
+                ConstCounter::new(n).encode(family.encode_family(&labels)?)?;
+            }
+        }
+        if let Some(secs) = m.svid_earliest_expiry_seconds {
+            gauge(
+                &mut enc,
+                "weft_svid_earliest_expiry_seconds",
+                "Seconds until the first workload certificate this node holds expires (renewed at half-life: alert when it nears zero)",
+                i64::try_from(secs).unwrap_or(i64::MAX),
+            )?;
+        }
         {
             let c = ConstCounter::new(m.capture_gaps);
             c.encode(enc.encode_descriptor(
