@@ -150,7 +150,7 @@ impl PodNetns {
     /// (a client on another node): replies of connections marked [`DELIVERY_MARK`] are routed
     /// back to weft's socket instead of out of the pod. As ztunnel's in-pod mode does, without
     /// iptables: `net.ipv4.tcp_fwmark_accept=1` (the pod's accepted socket takes the SYN's
-    /// mark), the rule `fwmark 0x57ef/0xffff lookup 22511` and the route `local 0.0.0.0/0 dev lo
+    /// mark), `net.ipv4.fwmark_reflect=1` (so does the kernel's RST from a closed port), the rule `fwmark 0x57ef/0xffff lookup 22511` and the route `local 0.0.0.0/0 dev lo
     /// table 22511`. Nothing else of the pod's traffic carries that mark.
     pub fn prepare_transparent(&self) -> io::Result<()> {
         self.transparent
@@ -199,6 +199,9 @@ fn transparent_routing() -> io::Result<()> {
     use netlink_sys::{protocols::NETLINK_ROUTE, Socket, SocketAddr};
 
     std::fs::write("/proc/sys/net/ipv4/tcp_fwmark_accept", "1")?;
+    // The kernel's own replies (a RST from a closed port) carry the mark of what they answer,
+    // so a refused delivery is refused at once rather than timing out.
+    std::fs::write("/proc/sys/net/ipv4/fwmark_reflect", "1")?;
 
     let mut socket = Socket::new(NETLINK_ROUTE)?;
     socket.bind_auto()?;
