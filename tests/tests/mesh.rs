@@ -1218,9 +1218,15 @@ fn a_ca_outage_delays_renewals_and_never_cuts_traffic() {
         !metrics.contains("weft_ca_requests_total{result=\"failed\"} 0"),
         "{metrics}"
     );
-    assert!(metrics.contains("weft_svid_earliest_expiry_seconds "), "{metrics}");
+    assert!(
+        metrics.contains("weft_svid_earliest_expiry_seconds "),
+        "{metrics}"
+    );
     let status = m.weft_a.cli(&["status"]).unwrap();
-    assert!(status.contains("Certs:       CA service https://"), "{status}");
+    assert!(
+        status.contains("Certs:       CA service https://"),
+        "{status}"
+    );
     assert!(status.contains("last failure: "), "{status}");
     m.cluster.start_ca_service().unwrap();
     wait_until(Duration::from_secs(15), || {
