@@ -26,6 +26,9 @@ pub struct PodNetns {
     /// Whether it is set up for transparent deliveries ([`PodNetns::prepare_transparent`]),
     /// once tried.
     transparent: OnceLock<Result<(), String>>,
+    /// Sockets made here and not used yet (see [`SOCKETS_PER_VISIT`]).
+    spare_v4: parking_lot::Mutex<Vec<socket2::Socket>>,
+    spare_v6: parking_lot::Mutex<Vec<socket2::Socket>>,
 }
 
 /// The mark of weft's transparent delivery sockets, and of the pod's side of those connections
@@ -77,6 +80,8 @@ impl PodNetns {
             fd: file.into(),
             inode,
             transparent: OnceLock::new(),
+            spare_v4: Default::default(),
+            spare_v6: Default::default(),
         }))
     }
 
@@ -126,22 +131,50 @@ fn first_pid(dir: &Path, depth: u32) -> io::Result<Option<u32>> {
     Ok(None)
 }
 
+/// Sockets made per visit to a pod's namespace: entering and leaving it (two `setns` calls)
+/// is what a socket made there costs, so each visit makes a few and keeps the rest for the
+/// next connections.
+const SOCKETS_PER_VISIT: usize = 8;
+
 impl PodNetns {
     /// A TCP socket (IPv4 or IPv6, non-blocking) in this namespace.
     pub fn tcp_socket(&self, ipv4: bool) -> io::Result<tokio::net::TcpSocket> {
+        let socket = self.raw_socket(ipv4)?;
+        Ok(tokio::net::TcpSocket::from_std_stream(socket.into()))
+    }
+
+    /// A fresh socket of this namespace: one kept from an earlier visit, or made in a new visit
+    /// that keeps a few more.
+    fn raw_socket(&self, ipv4: bool) -> io::Result<socket2::Socket> {
+        let spare = if ipv4 { &self.spare_v4 } else { &self.spare_v6 };
+        if let Some(s) = spare.lock().pop() {
+            return Ok(s);
+        }
         let domain = if ipv4 {
             socket2::Domain::IPV4
         } else {
             socket2::Domain::IPV6
         };
-        let socket = self.run(|| {
-            socket2::Socket::new(
-                domain,
-                socket2::Type::STREAM.nonblocking().cloexec(),
-                Some(socket2::Protocol::TCP),
-            )
+        let mut made = self.run(|| {
+            let mut made = Vec::with_capacity(SOCKETS_PER_VISIT);
+            for _ in 0..SOCKETS_PER_VISIT {
+                match socket2::Socket::new(
+                    domain,
+                    socket2::Type::STREAM.nonblocking().cloexec(),
+                    Some(socket2::Protocol::TCP),
+                ) {
+                    Ok(s) => made.push(s),
+                    Err(e) if made.is_empty() => return Err(e),
+                    Err(_) => break,
+                }
+            }
+            Ok(made)
         })??;
-        Ok(tokio::net::TcpSocket::from_std_stream(socket.into()))
+        let first = made
+            .pop()
+            .ok_or_else(|| io::Error::other("no socket made"))?;
+        spare.lock().extend(made);
+        Ok(first)
     }
 }
 
@@ -170,13 +203,7 @@ impl PodNetns {
         &self,
         source: std::net::Ipv4Addr,
     ) -> io::Result<tokio::net::TcpSocket> {
-        let socket = self.run(|| {
-            socket2::Socket::new(
-                socket2::Domain::IPV4,
-                socket2::Type::STREAM.nonblocking().cloexec(),
-                Some(socket2::Protocol::TCP),
-            )
-        })??;
+        let socket = self.raw_socket(true)?;
         socket.set_ip_transparent_v4(true)?;
         socket.set_mark(DELIVERY_MARK)?;
         socket.bind(&std::net::SocketAddr::from((source, 0)).into())?;
