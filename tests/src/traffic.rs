@@ -62,6 +62,16 @@ pub fn call_ok(from: &Pod, to: SocketAddr, text: &str) -> String {
 }
 
 /// The string at a JSON pointer, or "".
+/// The address a `whoami` backend saw the connection from: the IP of its `peer=<ip>:<port>`
+/// line.
+pub fn peer_ip(response: &str) -> String {
+    let peer = response
+        .lines()
+        .find_map(|l| l.strip_prefix("peer="))
+        .unwrap_or_else(|| panic!("no peer= line in {response:?}"));
+    peer.rsplit_once(':').unwrap().0.to_string()
+}
+
 pub fn json_str<'a>(v: &'a serde_json::Value, pointer: &str) -> &'a str {
     v.pointer(pointer)
         .and_then(serde_json::Value::as_str)

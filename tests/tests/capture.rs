@@ -8,7 +8,7 @@ use std::process::{Command, Output};
 use std::time::{Duration, Instant};
 
 use serde_json::Value;
-use weft_tests::traffic::{self, call_ok, serve, testpod};
+use weft_tests::traffic::{self, call_ok, peer_ip, serve, testpod};
 use weft_tests::*;
 
 const ENROLL: (&str, &str) = ("weft.dev/mesh", "enabled");
@@ -25,15 +25,6 @@ const FROM_NODE: &[&str] = &["--source-address", "node"];
 
 fn weft_node(cluster: &Cluster, node: &Node) -> Weft {
     Weft::start_with(cluster, node, FROM_NODE).unwrap()
-}
-
-/// The `peer=<ip>:<port>` a whoami backend reported: the address it saw the connection from.
-fn peer_ip(response: &str) -> String {
-    let peer = response
-        .lines()
-        .find_map(|l| l.strip_prefix("peer="))
-        .unwrap_or_else(|| panic!("no peer= line in {response:?}"));
-    peer.rsplit_once(':').unwrap().0.to_string()
 }
 
 fn backend_name(response: &str) -> String {

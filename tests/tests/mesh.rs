@@ -11,7 +11,7 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use serde_json::Value;
-use weft_tests::traffic::{self, call_ok, serve, testpod};
+use weft_tests::traffic::{self, call_ok, peer_ip, serve, testpod};
 use weft_tests::*;
 
 const ENROLL: (&str, &str) = ("weft.dev/mesh", "enabled");
@@ -1234,15 +1234,6 @@ fn a_ca_outage_delays_renewals_and_never_cuts_traffic() {
     })
     .expect("renewed once the CA was back");
     call_ok(&m.client, m.svc.addr(80), "after");
-}
-
-/// The `peer=<ip>` a whoami backend saw.
-fn peer_ip(response: &str) -> String {
-    let peer = response
-        .lines()
-        .find_map(|l| l.strip_prefix("peer="))
-        .unwrap_or_else(|| panic!("no peer= line in {response:?}"));
-    peer.rsplit_once(':').unwrap().0.to_string()
 }
 
 /// Connections weft opens for a pod leave from the pod's own address, as the pod's own would:

@@ -90,13 +90,7 @@ pub async fn serve(cfg: CaServeConfig) -> Result<()> {
         _kube_source = Some(source);
         registry
     } else {
-        let source = Arc::new(
-            FileSource::load(&cfg.registry)
-                .map_err(|e| anyhow::anyhow!("{e}"))
-                .with_context(|| format!("loading the registry {}", cfg.registry.display()))?,
-        );
-        source.clone().spawn_watcher();
-        source.registry().clone()
+        FileSource::watched(&cfg.registry)?
     };
     let auth = match &cfg.node_tokens {
         Some(path) => {

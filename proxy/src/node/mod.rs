@@ -88,13 +88,7 @@ pub async fn run(cfg: NodeConfig) -> anyhow::Result<()> {
         .context("reading the registry from the Kubernetes API")?;
         (source.registry().clone(), Some(Arc::new(source)))
     } else {
-        let source = Arc::new(
-            FileSource::load(&cfg.registry)
-                .map_err(|e| anyhow::anyhow!("{e}"))
-                .with_context(|| format!("loading the registry {}", cfg.registry.display()))?,
-        );
-        source.clone().spawn_watcher();
-        (source.registry().clone(), None)
+        (FileSource::watched(&cfg.registry)?, None)
     };
     let proxy_addr = proxy_address(&cfg, &registry)?;
 

@@ -120,6 +120,19 @@ impl FileSource {
         Ok(true)
     }
 
+    /// The registry of `path`, loaded and then watched (default [`WatchConfig`]): what `weft
+    /// node` and `weft ca serve` read without Kubernetes. Needs a Tokio runtime.
+    pub fn watched(path: &Path) -> anyhow::Result<Arc<Registry>> {
+        let source = Arc::new(
+            FileSource::load(path)
+                .map_err(|e| anyhow::anyhow!("{e}"))
+                .map_err(|e| e.context(format!("loading the registry {}", path.display())))?,
+        );
+        let registry = source.registry().clone();
+        source.spawn_watcher();
+        Ok(registry)
+    }
+
     /// Watches the files with the default [`WatchConfig`]; see [`FileSource::spawn_watcher_with`].
     pub fn spawn_watcher(self: Arc<Self>) -> tokio::task::JoinHandle<()> {
         self.spawn_watcher_with(WatchConfig::default())
