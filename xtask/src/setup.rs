@@ -35,6 +35,8 @@ const APT_PACKAGES: &[&str] = &[
     "python3-venv",
     // The Kubernetes API server stand-in's tests (tests/tests/apiserver.rs) drive it with kubectl.
     "kubectl",
+    // promtool, which the chart tests check deploy/grafana's Prometheus scrape config with.
+    "prometheus",
 ];
 
 /// kubernetes-validate, which the chart tests validate every rendered object with (against the

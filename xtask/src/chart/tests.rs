@@ -11,6 +11,8 @@ use serde_yaml_ng::Value as Yaml;
 use super::*;
 use crate::setup;
 
+mod grafana;
+
 /// The plain manifest: the chart's default render.
 const MANIFEST: &str = "deploy/weft.yaml";
 const CERT: &str = "-----BEGIN CERTIFICATE-----\nMIIBfake\n-----END CERTIFICATE-----\n";
