@@ -22,8 +22,9 @@ use super::kinds::networking::{host_matches, qualify_host, Destination};
 use super::kinds::{self, gateway, networking, security, Class, Kind};
 use super::model::target_port_warnings;
 use super::model::{
-    ContainerPort, EndpointSlice, FailClosed, FailEffect, Labels, Node, Objects, Pod, Problem,
-    QosClass, RawObject, Service, ServicePort, SliceEndpoint, SlicePort, Snapshot, TargetPort,
+    ContainerPort, EndpointSlice, FailClosed, FailEffect, Labels, Node, Objects, Owner, Pod,
+    Problem, QosClass, RawObject, Service, ServicePort, SliceEndpoint, SlicePort, Snapshot,
+    TargetPort,
 };
 
 /// A semantic problem in one object: the field path (`spec.ports[0].port`) and the reason.
@@ -962,8 +963,24 @@ pub fn pod(p: &core::Pod) -> Result<Pod, Vec<FieldError>> {
         host_network: spec.and_then(|s| s.host_network).unwrap_or(false),
         ports,
         probe_ports,
+        owner: owner_of(&p.metadata),
+        generate_name: p.metadata.generate_name.clone().filter(|g| !g.is_empty()),
     };
     done(pod, errors)
+}
+
+/// The owner of an object: its reference marked `controller: true`, else its first one.
+fn owner_of(meta: &ObjectMeta) -> Option<Owner> {
+    let refs = meta.owner_references.as_deref().unwrap_or_default();
+    let owner = refs
+        .iter()
+        .find(|r| r.controller == Some(true))
+        .or(refs.first())?;
+    Some(Owner {
+        kind: owner.kind.clone(),
+        name: owner.name.clone(),
+        controller: owner.controller == Some(true),
+    })
 }
 
 /// Service → [`Service`].

@@ -1067,6 +1067,38 @@ mod tests {
     }
 
     #[test]
+    fn a_pods_owner_comes_from_the_api() {
+        let pod = dynamic(json!({
+            "metadata": {
+                "name": "web-0", "namespace": "back", "uid": "u-1", "generateName": "web-",
+                "labels": {"app": "web"},
+                "ownerReferences": [{
+                    "apiVersion": "apps/v1", "kind": "StatefulSet", "name": "web",
+                    "uid": "u-sts", "controller": true, "blockOwnerDeletion": true
+                }]
+            },
+            "spec": {"containers": [{"name": "c"}]},
+            "status": {"podIP": "10.0.0.5", "phase": "Running"}
+        }));
+        let (_, stored) = stored_of(pod, spec("Pod"), &resource("", "v1", "Pod", "pods")).unwrap();
+        let Ok(crate::registry::Converted::Pod(p)) = &stored.applied.result else {
+            panic!("{:?}", stored.applied.result)
+        };
+        assert_eq!(
+            p.owner,
+            Some(crate::registry::model::Owner {
+                kind: "StatefulSet".into(),
+                name: "web".into(),
+                controller: true,
+            })
+        );
+        assert_eq!(p.generate_name.as_deref(), Some("web-"));
+        let w = crate::registry::workload::workload_of(p);
+        assert_eq!((w.name.as_str(), w.kind), ("web", "StatefulSet"));
+        assert_eq!(w.canonical_service, "web");
+    }
+
+    #[test]
     fn an_invalid_new_version_keeps_the_previous_one_but_not_for_security_kinds() {
         let r = resource(
             "networking.istio.io",

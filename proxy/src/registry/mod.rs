@@ -33,6 +33,7 @@ pub mod fixtures;
 pub mod kinds;
 pub mod kube;
 pub mod model;
+pub mod workload;
 
 use std::path::PathBuf;
 use std::sync::Arc;

@@ -89,6 +89,24 @@ pub struct Pod {
     /// `grpc`; named ports resolved in their container), sorted, without duplicates. A STRICT
     /// pod accepts plaintext from its node on these only.
     pub probe_ports: Vec<u16>,
+    /// The object that owns the pod (`metadata.ownerReferences`): the one marked
+    /// `controller: true`, else the first one; `None` for a pod nothing owns. Its workload
+    /// is derived from it (see [`super::workload::workload_of`]).
+    pub owner: Option<Owner>,
+    /// `metadata.generateName`, when the pod's name was generated: a controller made it
+    /// (Istio only looks at the owner of such a pod).
+    pub generate_name: Option<String>,
+}
+
+/// A pod's owner, from its `metadata.ownerReferences`.
+#[derive(Debug, Clone, PartialEq, Eq, Hash, Serialize)]
+pub struct Owner {
+    /// `ReplicaSet`, `StatefulSet`, `DaemonSet`, `Job`, …, as written.
+    pub kind: String,
+    pub name: String,
+    /// The reference is marked `controller: true` (the object managing the pod, as opposed to
+    /// one that merely owns it for garbage collection).
+    pub controller: bool,
 }
 
 impl Pod {

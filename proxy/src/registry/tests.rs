@@ -937,6 +937,59 @@ status: {podIP: 10.244.1.9}
 }
 
 #[test]
+fn a_pods_owner_is_its_controller_else_its_first_owner() {
+    let yaml = "\
+apiVersion: v1
+kind: Pod
+metadata:
+  namespace: back
+  name: reviews-v1-7d4b9c8f6d-x2kqp
+  generateName: reviews-v1-7d4b9c8f6d-
+  uid: u-1
+  labels: {app: reviews, pod-template-hash: 7d4b9c8f6d}
+  ownerReferences:
+  - {apiVersion: v1, kind: ConfigMap, name: cm, uid: u-cm}
+  - {apiVersion: apps/v1, kind: ReplicaSet, name: reviews-v1-7d4b9c8f6d, uid: u-rs, controller: true, blockOwnerDeletion: true}
+status: {podIP: 10.244.1.9}
+---
+apiVersion: v1
+kind: Pod
+metadata:
+  namespace: back
+  name: kept
+  uid: u-2
+  ownerReferences: [{apiVersion: v1, kind: ConfigMap, name: cm, uid: u-cm}]
+---
+apiVersion: v1
+kind: Pod
+metadata: {namespace: back, name: bare, uid: u-3}
+";
+    let s = Snapshot::from_yaml(yaml).unwrap();
+    let pod = s.pod("back", "reviews-v1-7d4b9c8f6d-x2kqp").unwrap();
+    assert_eq!(
+        pod.owner,
+        Some(model::Owner {
+            kind: "ReplicaSet".into(),
+            name: "reviews-v1-7d4b9c8f6d".into(),
+            controller: true,
+        })
+    );
+    assert_eq!(pod.generate_name.as_deref(), Some("reviews-v1-7d4b9c8f6d-"));
+    let w = workload::workload_of(pod);
+    assert_eq!((w.name.as_str(), w.kind), ("reviews-v1", "Deployment"));
+
+    // No controller: the first owner, marked as not controlling.
+    let kept = s.pod("back", "kept").unwrap();
+    assert_eq!(
+        kept.owner.as_ref().map(|o| (o.kind.as_str(), o.controller)),
+        Some(("ConfigMap", false))
+    );
+    assert_eq!(kept.generate_name, None);
+    assert_eq!(workload::workload_of(kept).kind, "Pod");
+    assert_eq!(s.pod("back", "bare").unwrap().owner, None);
+}
+
+#[test]
 fn a_target_port_name_no_selected_pod_declares_is_warned_about() {
     let yaml = "\
 apiVersion: v1
