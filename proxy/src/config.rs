@@ -36,6 +36,10 @@ pub const DEFAULT_RETRY_BODY_KB: usize = 64;
 /// Default wait for a client's first bytes on a port that declares no protocol, before the
 /// connection is taken as TCP (server-first protocols send nothing first).
 pub const DEFAULT_PROTOCOL_DETECTION_TIMEOUT_MS: u64 = 100;
+/// Istio's cluster id when none is given (`source_cluster`, `destination_cluster`).
+pub const DEFAULT_CLUSTER_ID: &str = "Kubernetes";
+/// Percent of new traces sampled, as Istio's default.
+pub const DEFAULT_TRACE_SAMPLING: f64 = 1.0;
 /// `--registry kube`: the Kubernetes API.
 pub const REGISTRY_KUBE: &str = "kube";
 /// The cluster's DNS domain: Services are `name.namespace.svc.<domain>`.
@@ -165,6 +169,30 @@ pub struct NodeArgs {
     /// Namespace whose policies without a selector apply mesh-wide (default istio-system).
     #[arg(long, value_name = "NAMESPACE")]
     pub root_namespace: Option<String>,
+    /// The cluster's id, as Istio's metrics label peers of this cluster (`source_cluster`,
+    /// `destination_cluster`; default Kubernetes, Istio's).
+    #[arg(long, value_name = "ID")]
+    pub cluster_id: Option<String>,
+    /// Access log: `off`, `stdout`, or a file path (appended to). One line per HTTP request and
+    /// per TCP connection, written off the data path (default off).
+    #[arg(long, value_name = "off|stdout|PATH")]
+    pub access_log: Option<String>,
+    /// Access log format: `text` (Envoy's default format, plus the workloads and identities of
+    /// both sides) or `json` (default text).
+    #[arg(long, value_name = "text|json")]
+    pub access_log_format: Option<LogFormat>,
+    /// OpenTelemetry collector spans are exported to: `http://HOST:4317` (OTLP/gRPC) or
+    /// `http://HOST:4318/v1/traces` (OTLP/HTTP, with --otlp-protocol http-protobuf). Default:
+    /// none (tracing off; trace headers still pass through untouched).
+    #[arg(long, value_name = "URL")]
+    pub otlp_endpoint: Option<String>,
+    /// OTLP transport: `grpc` or `http-protobuf` (default grpc).
+    #[arg(long, value_name = "grpc|http-protobuf")]
+    pub otlp_protocol: Option<OtlpTransport>,
+    /// Percent of new traces (requests that come without a sampling decision) sampled, 0 to
+    /// 100 (default 1).
+    #[arg(long, value_name = "PERCENT")]
+    pub trace_sampling: Option<f64>,
 }
 
 /// The same settings as they appear in a `--config` file.
@@ -202,6 +230,12 @@ struct FileConfig {
     hbone_port: Option<u16>,
     hbone_address: Option<IpAddr>,
     root_namespace: Option<String>,
+    cluster_id: Option<String>,
+    access_log: Option<String>,
+    access_log_format: Option<LogFormat>,
+    otlp_endpoint: Option<String>,
+    otlp_protocol: Option<OtlpTransport>,
+    trace_sampling: Option<f64>,
 }
 
 /// `--dns-server`: `IP` (port 53) or `IP:PORT`.
@@ -223,6 +257,30 @@ pub enum SourceAddress {
     Pod,
     /// The node's.
     Node,
+}
+
+/// `--access-log-format`.
+#[derive(
+    Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, serde::Deserialize, clap::ValueEnum,
+)]
+#[serde(rename_all = "snake_case")]
+pub enum LogFormat {
+    /// Envoy's default access log format.
+    #[default]
+    Text,
+    /// One JSON object per line.
+    Json,
+}
+
+/// `--otlp-protocol`.
+#[derive(
+    Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, serde::Deserialize, clap::ValueEnum,
+)]
+#[serde(rename_all = "kebab-case")]
+pub enum OtlpTransport {
+    #[default]
+    Grpc,
+    HttpProtobuf,
 }
 
 /// Where the proxy listens for redirected connections: given explicitly, or the node's
@@ -275,6 +333,14 @@ pub struct NodeConfig {
     /// `None`: the node's address from the registry.
     pub hbone_address: Option<IpAddr>,
     pub root_namespace: String,
+    pub cluster_id: String,
+    /// `off`, `stdout` or a path.
+    pub access_log: String,
+    pub access_log_format: LogFormat,
+    pub otlp_endpoint: Option<String>,
+    pub otlp_protocol: OtlpTransport,
+    /// Percent of new traces sampled.
+    pub trace_sampling: f64,
 }
 
 impl NodeConfig {
@@ -366,6 +432,20 @@ impl NodeArgs {
             Some(s) => Some(parse_dns_server(&s)?),
             None => None,
         };
+        let trace_sampling = self
+            .trace_sampling
+            .or(file.trace_sampling)
+            .unwrap_or(DEFAULT_TRACE_SAMPLING);
+        if !(0.0..=100.0).contains(&trace_sampling) {
+            bail!("--trace-sampling must be a percent between 0 and 100");
+        }
+        let access_log = self
+            .access_log
+            .or(file.access_log)
+            .unwrap_or_else(|| "off".into());
+        if access_log.is_empty() {
+            bail!("--access-log must be off, stdout or a file path");
+        }
         let kubeconfig = self.kubeconfig.or(file.kubeconfig);
         let kube_context = self.kube_context.or(file.kube_context);
         if registry != Path::new(REGISTRY_KUBE) && (kubeconfig.is_some() || kube_context.is_some())
@@ -443,6 +523,21 @@ impl NodeArgs {
                 .root_namespace
                 .or(file.root_namespace)
                 .unwrap_or_else(|| DEFAULT_ROOT_NAMESPACE.into()),
+            cluster_id: self
+                .cluster_id
+                .or(file.cluster_id)
+                .unwrap_or_else(|| DEFAULT_CLUSTER_ID.into()),
+            access_log,
+            access_log_format: self
+                .access_log_format
+                .or(file.access_log_format)
+                .unwrap_or_default(),
+            otlp_endpoint: self.otlp_endpoint.or(file.otlp_endpoint),
+            otlp_protocol: self
+                .otlp_protocol
+                .or(file.otlp_protocol)
+                .unwrap_or_default(),
+            trace_sampling,
         })
     }
 }

@@ -65,6 +65,7 @@ struct PodEntry {
     labels: Labels,
     container_ports: Vec<(String, u16)>,
     readiness_probe: Option<String>,
+    owner: Option<(String, String)>,
     ready: bool,
 }
 
@@ -417,6 +418,7 @@ impl Cluster {
             labels: spec.labels,
             container_ports: spec.container_ports,
             readiness_probe: spec.readiness_probe,
+            owner: spec.owner,
             ready: true,
         });
         self.sync(&st)?;
@@ -657,6 +659,7 @@ impl Cluster {
                 service_account: p.service_account(),
                 container_ports: &e.container_ports,
                 readiness_probe: e.readiness_probe.as_deref(),
+                owner: e.owner.as_ref().map(|(k, n)| (k.as_str(), n.as_str())),
                 container_id: p.container_id(),
                 pod_ip: p.ip(),
                 qos: p.qos().as_str(),

@@ -21,6 +21,7 @@ pub mod dns;
 pub mod ids;
 pub mod netns;
 mod node;
+pub mod otlp;
 mod pod;
 mod process;
 pub mod registry;

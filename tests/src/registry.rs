@@ -97,6 +97,8 @@ pub(crate) struct PodObject<'a> {
     pub service_account: &'a str,
     pub container_ports: &'a [(String, u16)],
     pub readiness_probe: Option<&'a str>,
+    /// (kind, name) of the controller that owns the pod.
+    pub owner: Option<(&'a str, &'a str)>,
     pub container_id: &'a str,
     pub pod_ip: Ipv4Addr,
     pub qos: &'a str,
@@ -125,15 +127,27 @@ pub(crate) fn pod(p: &PodObject<'_>) -> Value {
             .map_or_else(|_| json!(port), |n| json!(n));
         container["readinessProbe"] = json!({ "tcpSocket": { "port": port }, "periodSeconds": 10 });
     }
+    let mut metadata = json!({
+        "name": p.name,
+        "namespace": p.namespace,
+        "uid": p.uid,
+        "labels": p.labels,
+    });
+    if let Some((kind, name)) = p.owner {
+        metadata["generateName"] = json!(format!("{name}-"));
+        metadata["ownerReferences"] = json!([{
+            "apiVersion": "apps/v1",
+            "kind": kind,
+            "name": name,
+            "uid": format!("{}-owner", p.uid),
+            "controller": true,
+            "blockOwnerDeletion": true,
+        }]);
+    }
     json!({
         "apiVersion": "v1",
         "kind": "Pod",
-        "metadata": {
-            "name": p.name,
-            "namespace": p.namespace,
-            "uid": p.uid,
-            "labels": p.labels,
-        },
+        "metadata": metadata,
         "spec": {
             "nodeName": p.node_name,
             "serviceAccountName": p.service_account,

@@ -19,7 +19,13 @@ pub struct PodSpec {
     /// A `readinessProbe` with `tcpSocket` on this port (a number or a container port name).
     pub readiness_probe: Option<String>,
     pub driver: CgroupDriver,
+    /// The controller that owns it, (kind, name): rendered as its `ownerReferences`
+    /// (`controller: true`) and `generateName`.
+    pub owner: Option<(String, String)>,
 }
+
+/// The `pod-template-hash` of pods made by [`PodSpec::deployment`].
+pub const POD_TEMPLATE_HASH: &str = "6d9f7c8b5";
 
 impl PodSpec {
     pub fn new(namespace: &str, name: &str) -> PodSpec {
@@ -59,6 +65,13 @@ impl PodSpec {
     pub fn driver(mut self, driver: CgroupDriver) -> Self {
         self.driver = driver;
         self
+    }
+
+    /// A pod of Deployment `name`, as Kubernetes makes it: owned by its ReplicaSet
+    /// `<name>-<hash>`, labelled `pod-template-hash: <hash>`.
+    pub fn deployment(mut self, name: &str) -> Self {
+        self.owner = Some(("ReplicaSet".into(), format!("{name}-{POD_TEMPLATE_HASH}")));
+        self.label("pod-template-hash", POD_TEMPLATE_HASH)
     }
 }
 

@@ -115,6 +115,9 @@ pub struct FlowSource {
     /// SPIFFE id of the calling workload (from its cgroup, or its peer certificate inbound).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub identity: Option<Text>,
+    /// The calling pod's workload (its Deployment, StatefulSet, … as Istio names it).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub workload: Option<Text>,
 }
 
 /// Where the flow went (after Service resolution).
@@ -129,6 +132,9 @@ pub struct FlowDestination {
     /// SPIFFE id of the destination workload, when it is in the mesh.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub identity: Option<Text>,
+    /// The destination pod's workload (its Deployment, StatefulSet, … as Istio names it).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub workload: Option<Text>,
 }
 
 /// One proxied (or attempted) connection.
@@ -198,6 +204,20 @@ pub struct HttpFlow {
     pub duration_ms: f64,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub request_id: Option<String>,
+    /// `User-Agent` as the client sent it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub user_agent: Option<String>,
+    /// `X-Forwarded-For` as the client sent it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub forwarded_for: Option<String>,
+    /// From sending the request upstream to the response's head (Envoy's
+    /// `x-envoy-upstream-service-time`); absent when no upstream answered.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub upstream_service_time_ms: Option<f64>,
+    /// The gRPC status of a gRPC call (`grpc-status` of the trailers, or of a trailers-only
+    /// response); absent for anything else.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub grpc_status: Option<u16>,
 }
 
 /// Response flags of a request weft did not have to flag: Envoy's `-`.
@@ -685,6 +705,7 @@ mod tests {
                 pod: Some(pod.into()),
                 ip: Some("10.244.1.2".parse().unwrap()),
                 identity: Some("spiffe://cluster.local/ns/front/sa/default".into()),
+                workload: None,
             },
             original_destination: "10.96.0.10:80".into(),
             destination: FlowDestination {
@@ -693,6 +714,7 @@ mod tests {
                 service: Some("backend/web".into()),
                 address: Some("10.244.1.3:8080".into()),
                 identity: None,
+                workload: None,
             },
             verdict,
             bytes_sent: 1,
@@ -823,5 +845,335 @@ impl Stats {
                 .filter(|s| keep(&s.name) && (!used_only || s.value != 0))
                 .collect(),
         }
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// /stat, /graph: golden signals
+// ---------------------------------------------------------------------------------------------
+
+/// The shortest window of `/stat` and `/graph`, and the step windows are rounded to.
+pub const STAT_WINDOW_MIN: Duration = Duration::from_secs(10);
+/// The longest window of `/stat` and `/graph`.
+pub const STAT_WINDOW_MAX: Duration = Duration::from_secs(600);
+/// The window when none is asked for.
+pub const STAT_WINDOW_DEFAULT: Duration = Duration::from_secs(60);
+
+/// What a `/stat` row aggregates: the calls INTO one workload (of a kind, or of any kind), one
+/// pod, one Service or one namespace.
+#[derive(
+    Clone,
+    Copy,
+    Debug,
+    PartialEq,
+    Eq,
+    PartialOrd,
+    Ord,
+    Hash,
+    Serialize,
+    Deserialize,
+    clap::ValueEnum,
+)]
+#[serde(rename_all = "lowercase")]
+#[value(rename_all = "lowercase")]
+pub enum StatBy {
+    /// Deployments.
+    #[value(alias = "deployment", alias = "deployments")]
+    Deploy,
+    /// StatefulSets.
+    #[value(alias = "statefulset", alias = "statefulsets")]
+    Sts,
+    /// DaemonSets.
+    #[value(alias = "daemonset", alias = "daemonsets")]
+    Ds,
+    /// Jobs (not started by a CronJob).
+    #[value(alias = "jobs")]
+    Job,
+    /// CronJobs.
+    #[value(alias = "cronjobs")]
+    Cronjob,
+    /// Workloads of every kind (Deployment, StatefulSet, …, Rollout, bare Pod).
+    #[value(alias = "workloads")]
+    Workload,
+    /// Pods.
+    #[value(alias = "pods", alias = "po")]
+    Pod,
+    /// Services (the calls made to the Service's name or address).
+    #[value(alias = "service", alias = "services")]
+    Svc,
+    /// Namespaces.
+    #[value(alias = "namespace", alias = "namespaces")]
+    Ns,
+}
+
+impl StatBy {
+    pub const ALL: [StatBy; 9] = [
+        StatBy::Deploy,
+        StatBy::Sts,
+        StatBy::Ds,
+        StatBy::Job,
+        StatBy::Cronjob,
+        StatBy::Workload,
+        StatBy::Pod,
+        StatBy::Svc,
+        StatBy::Ns,
+    ];
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            StatBy::Deploy => "deploy",
+            StatBy::Sts => "sts",
+            StatBy::Ds => "ds",
+            StatBy::Job => "job",
+            StatBy::Cronjob => "cronjob",
+            StatBy::Workload => "workload",
+            StatBy::Pod => "pod",
+            StatBy::Svc => "svc",
+            StatBy::Ns => "ns",
+        }
+    }
+
+    /// The workload kind (as Istio names it) of the kind-specific rows.
+    pub fn workload_kind(self) -> Option<&'static str> {
+        match self {
+            StatBy::Deploy => Some("Deployment"),
+            StatBy::Sts => Some("StatefulSet"),
+            StatBy::Ds => Some("DaemonSet"),
+            StatBy::Job => Some("Job"),
+            StatBy::Cronjob => Some("CronJob"),
+            _ => None,
+        }
+    }
+}
+
+impl std::fmt::Display for StatBy {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+impl std::str::FromStr for StatBy {
+    type Err = String;
+    /// The names and aliases `weft stat` takes (`deploy`, `deployment`, `svc`, `pods`, …).
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        <StatBy as clap::ValueEnum>::from_str(s, true).map_err(|_| {
+            let all: Vec<&str> = StatBy::ALL.iter().map(|b| b.as_str()).collect();
+            format!("unknown resource {s:?} ({})", all.join(", "))
+        })
+    }
+}
+
+/// Parses a `/stat` or `/graph` window (`30s`, `1m`, `2m30s`): 10s to 10m.
+pub fn parse_window(s: &str) -> Result<Duration, String> {
+    let d = humantime::parse_duration(s)
+        .map_err(|e| format!("window {s:?}: {e} (expected a duration like 30s, 1m, 10m)"))?;
+    if !(STAT_WINDOW_MIN..=STAT_WINDOW_MAX).contains(&d) {
+        return Err(format!("window {s:?}: must be between 10s and 10m"));
+    }
+    Ok(d)
+}
+
+/// A window as a query parameter: whole seconds (`90s`), never with a space.
+pub fn window_param(window: Duration) -> String {
+    format!("{}s", window.as_secs())
+}
+
+/// `GET /stat`: which rows, over how long.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct StatQuery {
+    pub by: StatBy,
+    /// Only the rows of this namespace; `None`: every namespace.
+    #[serde(default)]
+    pub namespace: Option<String>,
+    /// How far back: 10s to 10m, rounded to 10 s.
+    #[serde(with = "humantime_serde", default = "stat_window_default")]
+    pub window: Duration,
+}
+
+fn stat_window_default() -> Duration {
+    STAT_WINDOW_DEFAULT
+}
+
+impl Default for StatQuery {
+    fn default() -> StatQuery {
+        StatQuery {
+            by: StatBy::Deploy,
+            namespace: None,
+            window: STAT_WINDOW_DEFAULT,
+        }
+    }
+}
+
+impl StatQuery {
+    /// The query string of `GET /stat` (without `?`).
+    pub fn to_query(&self) -> String {
+        let mut q = format!("by={}&window={}", self.by, window_param(self.window));
+        if let Some(ns) = &self.namespace {
+            q.push_str("&namespace=");
+            for b in ns.bytes() {
+                match b {
+                    b'A'..=b'Z' | b'a'..=b'z' | b'0'..=b'9' | b'-' | b'_' | b'.' | b'~' => {
+                        q.push(b as char)
+                    }
+                    _ => q.push_str(&format!("%{b:02X}")),
+                }
+            }
+        }
+        q
+    }
+
+    /// A query from `GET /stat`'s parameters (each optional: `deploy`, every namespace, 1m).
+    pub fn from_params(
+        by: Option<&str>,
+        namespace: Option<&str>,
+        window: Option<&str>,
+    ) -> Result<StatQuery, String> {
+        Ok(StatQuery {
+            by: by.map(str::parse).transpose()?.unwrap_or(StatBy::Deploy),
+            namespace: namespace.filter(|n| !n.is_empty()).map(str::to_string),
+            window: window
+                .map(parse_window)
+                .transpose()?
+                .unwrap_or(STAT_WINDOW_DEFAULT),
+        })
+    }
+}
+
+/// One row of `/stat`: the calls INTO one target over the window, as this node saw them (a
+/// call is counted once: from the destination's report when this node hosts the destination
+/// pod, else from the caller's).
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct StatRow {
+    pub namespace: String,
+    pub name: String,
+    /// `Deployment`, `StatefulSet`, … (the workload's kind), `Pod`, `Service` or `Namespace`.
+    pub kind: String,
+    /// Some of the calls were received by weft on the destination's side: by this node's
+    /// inbound, or in mutual TLS by another node's.
+    pub meshed: bool,
+    /// Distinct destination pods the calls reached.
+    pub pods: u64,
+    /// HTTP requests finished in the window.
+    pub requests: u64,
+    /// Requests per second over the window.
+    pub rps: f64,
+    /// Share of requests that succeeded (not 5xx, and answered), 0 to 1; `None` without
+    /// requests.
+    pub success_rate: Option<f64>,
+    /// Request latency percentiles (milliseconds); `None` without requests.
+    pub p50_ms: Option<f64>,
+    pub p95_ms: Option<f64>,
+    pub p99_ms: Option<f64>,
+    /// TCP connections open now (not windowed).
+    pub tcp_connections: u64,
+    /// TCP connections opened in the window.
+    pub tcp_opened: u64,
+    /// Bytes per second over the window, from callers to the target and back, of the TCP
+    /// connections that closed in it (a connection's bytes count when it closes).
+    pub tcp_bytes_sent_per_sec: f64,
+    pub tcp_bytes_received_per_sec: f64,
+    /// The time the rates are over: the window (rounded to 10 s) and the part of the current
+    /// 10 s elapsed, or less on a node younger than that.
+    pub window_seconds: f64,
+}
+
+/// How the calls of a `/graph` edge spoke.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum EdgeProtocol {
+    /// Some HTTP requests were seen.
+    Http,
+    /// TCP connections only.
+    Tcp,
+}
+
+impl EdgeProtocol {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            EdgeProtocol::Http => "http",
+            EdgeProtocol::Tcp => "tcp",
+        }
+    }
+}
+
+/// One edge of `/graph`: the calls from one workload to another over the window, each counted
+/// once (from the caller's report when this node hosts the caller, else from the callee's).
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct GraphEdge {
+    /// `namespace/workload` of the caller (`namespace/pod` for a pod of no known workload), or
+    /// `unknown`.
+    pub source: String,
+    /// `namespace/workload` of the callee, or the Service called (`namespace/name`) when no
+    /// pod was reached, or `unknown`.
+    pub destination: String,
+    /// The Service the calls were made to (`namespace/name`), when they all named one.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub service: Option<String>,
+    pub protocol: EdgeProtocol,
+    pub requests: u64,
+    pub rps: f64,
+    /// Share of requests that failed (5xx, or no answer), 0 to 1; `None` without requests.
+    pub error_rate: Option<f64>,
+    /// Every call of the edge was carried in mutual TLS.
+    pub mtls: bool,
+    /// TCP connections open now.
+    pub tcp_connections: u64,
+    /// TCP connections opened in the window.
+    pub tcp_opened: u64,
+    /// Bytes per second of the TCP connections closed in the window (as [`StatRow`]'s).
+    pub tcp_bytes_sent_per_sec: f64,
+    pub tcp_bytes_received_per_sec: f64,
+    pub window_seconds: f64,
+}
+
+#[cfg(test)]
+mod stat_tests {
+    use super::*;
+
+    #[test]
+    fn stat_queries_round_trip_through_their_query_string() {
+        let q = StatQuery {
+            by: StatBy::Svc,
+            namespace: Some("shop a".into()),
+            window: Duration::from_secs(90),
+        };
+        assert_eq!(q.to_query(), "by=svc&window=90s&namespace=shop%20a");
+        let back = StatQuery::from_params(Some("svc"), Some("shop a"), Some("90s")).unwrap();
+        assert_eq!(back, q);
+        assert_eq!(
+            StatQuery::from_params(None, Some(""), None).unwrap(),
+            StatQuery::default()
+        );
+        assert_eq!(
+            StatQuery::from_params(Some("Deployments"), None, None)
+                .unwrap()
+                .by,
+            StatBy::Deploy
+        );
+        let e = StatQuery::from_params(Some("rs"), None, None).unwrap_err();
+        assert!(
+            e.contains("unknown resource") && e.contains("deploy, sts"),
+            "{e}"
+        );
+        assert!(StatQuery::from_params(None, None, Some("5s")).is_err());
+        assert!(StatQuery::from_params(None, None, Some("11m")).is_err());
+        assert!(StatQuery::from_params(None, None, Some("soon")).is_err());
+        assert_eq!(parse_window("10m").unwrap(), STAT_WINDOW_MAX);
+        assert_eq!(parse_window("2m 30s").unwrap(), Duration::from_secs(150));
+    }
+
+    #[test]
+    fn stat_by_is_spelled_alike_by_serde_clap_and_as_str() {
+        use clap::ValueEnum;
+        for b in StatBy::ALL {
+            assert_eq!(serde_json::to_value(b).unwrap(), b.as_str());
+            assert_eq!(b.to_possible_value().unwrap().get_name(), b.as_str());
+            assert_eq!(b.as_str().parse::<StatBy>().unwrap(), b);
+        }
+        assert_eq!(StatBy::value_variants().len(), StatBy::ALL.len());
+        let json = serde_json::to_string(&StatQuery::default()).unwrap();
+        assert_eq!(json, r#"{"by":"deploy","namespace":null,"window":"1m"}"#);
+        let back: StatQuery = serde_json::from_str(r#"{"by":"pod"}"#).unwrap();
+        assert_eq!(back.window, STAT_WINDOW_DEFAULT);
     }
 }

@@ -13,6 +13,8 @@ use hyper::{Request, Response, StatusCode};
 use hyper_util::rt::TokioIo;
 use serde::de::DeserializeOwned;
 
+use super::api::{window_param, GraphEdge, StatQuery, StatRow};
+
 /// Which node to ask.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Target {
@@ -82,6 +84,17 @@ impl AdminClient {
             .to_bytes();
         serde_json::from_slice(&body)
             .context("the node's answer is not what this weft understands (a different version?)")
+    }
+
+    /// `/stat`: the golden signals of the calls into each target `query` asks for.
+    pub async fn stat(&self, query: &StatQuery) -> anyhow::Result<Vec<StatRow>> {
+        self.get_json(&format!("/stat?{}", query.to_query())).await
+    }
+
+    /// `/graph`: who called whom over `window`.
+    pub async fn graph(&self, window: std::time::Duration) -> anyhow::Result<Vec<GraphEdge>> {
+        self.get_json(&format!("/graph?window={}", window_param(window)))
+            .await
     }
 }
 
@@ -164,6 +177,126 @@ mod tests {
         })
         .await;
         assert!(e.contains("is not a Unix socket"), "{e}");
+    }
+
+    /// A node that serves golden signals and nothing else.
+    struct GoldenView;
+
+    impl crate::admin::server::NodeView for GoldenView {
+        fn workloads(&self) -> Vec<crate::admin::api::WorkloadInfo> {
+            Vec::new()
+        }
+        fn config_dump(&self) -> crate::admin::api::ConfigDump {
+            unimplemented!()
+        }
+        fn status(&self) -> crate::admin::api::Status {
+            unimplemented!()
+        }
+        fn stats(&self) -> crate::admin::api::Stats {
+            crate::admin::api::Stats::default()
+        }
+        fn certs(&self) -> Vec<crate::admin::api::CertInfo> {
+            Vec::new()
+        }
+        fn ready(&self) -> Result<(), String> {
+            Ok(())
+        }
+        fn flows(
+            &self,
+            _: &crate::admin::api::FlowFilter,
+        ) -> Vec<std::sync::Arc<crate::admin::api::Flow>> {
+            Vec::new()
+        }
+        fn follow_flows(
+            &self,
+            _: &crate::admin::api::FlowFilter,
+        ) -> (
+            Vec<std::sync::Arc<crate::admin::api::Flow>>,
+            tokio::sync::broadcast::Receiver<std::sync::Arc<crate::admin::api::Flow>>,
+        ) {
+            unimplemented!()
+        }
+        fn stat(&self, query: &StatQuery) -> Vec<StatRow> {
+            // Echoes the query it got in the row.
+            vec![StatRow {
+                namespace: query.namespace.clone().unwrap_or_default(),
+                name: query.by.to_string(),
+                kind: "Deployment".into(),
+                meshed: true,
+                pods: 1,
+                requests: 3,
+                rps: 0.05,
+                success_rate: Some(1.0),
+                p50_ms: Some(1.0),
+                p95_ms: None,
+                p99_ms: None,
+                tcp_connections: 0,
+                tcp_opened: 0,
+                tcp_bytes_sent_per_sec: 0.0,
+                tcp_bytes_received_per_sec: 0.0,
+                window_seconds: query.window.as_secs_f64(),
+            }]
+        }
+        fn graph(&self, window: std::time::Duration) -> Vec<GraphEdge> {
+            vec![GraphEdge {
+                source: "a/client".into(),
+                destination: "b/server".into(),
+                service: None,
+                protocol: crate::admin::api::EdgeProtocol::Tcp,
+                requests: 0,
+                rps: 0.0,
+                error_rate: None,
+                mtls: true,
+                tcp_connections: 2,
+                tcp_opened: 2,
+                tcp_bytes_sent_per_sec: 1.5,
+                tcp_bytes_received_per_sec: 2.5,
+                window_seconds: window.as_secs_f64(),
+            }]
+        }
+    }
+
+    async fn golden_node() -> AdminClient {
+        let app = crate::admin::server::router(std::sync::Arc::new(GoldenView));
+        let l = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = l.local_addr().unwrap();
+        tokio::spawn(async move { axum::serve(l, app).await });
+        AdminClient::new(Target::Tcp(addr))
+    }
+
+    #[tokio::test]
+    async fn stat_and_graph_carry_their_query() {
+        use crate::admin::api::StatBy;
+        use std::time::Duration;
+        let client = golden_node().await;
+        let rows = client
+            .stat(&StatQuery {
+                by: StatBy::Svc,
+                namespace: Some("shop".into()),
+                window: Duration::from_secs(150),
+            })
+            .await
+            .unwrap();
+        assert_eq!(rows.len(), 1);
+        assert_eq!(
+            (rows[0].namespace.as_str(), rows[0].name.as_str()),
+            ("shop", "svc")
+        );
+        assert_eq!(rows[0].window_seconds, 150.0);
+        assert_eq!(rows[0].p95_ms, None);
+        let edges = client.graph(Duration::from_secs(600)).await.unwrap();
+        assert_eq!(edges[0].window_seconds, 600.0);
+        assert_eq!(edges[0].tcp_connections, 2);
+        // Defaults: deploy, every namespace, 1m.
+        let rows: Vec<StatRow> = client.get_json("/stat").await.unwrap();
+        assert_eq!(
+            (rows[0].name.as_str(), rows[0].window_seconds),
+            ("deploy", 60.0)
+        );
+        let e = client.get("/stat?by=rs").await.map(drop).unwrap_err();
+        assert!(e.to_string().contains("unknown resource \"rs\""), "{e}");
+        let e = client.get("/graph?window=1h").await.map(drop).unwrap_err();
+        assert!(e.to_string().contains("between 10s and 10m"), "{e}");
     }
 
     #[tokio::test]

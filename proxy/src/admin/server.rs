@@ -8,6 +8,8 @@
 //! | `/status` | programs, maps, counters, HBONE connections |
 //! | `/certs` | workload certificates (SVIDs) held by this node |
 //! | `/stats` | per-destination counters in Envoy's text form (`?format=json`, `?filter=<regex>`, `?usedonly`) |
+//! | `/stat` | golden signals of the calls into each target as JSON rows: `by` (`deploy`, `sts`, `ds`, `job`, `cronjob`, `workload`, `pod`, `svc`, `ns`; default `deploy`), `namespace` (default: all), `window` (10s to 10m, default 1m) |
+//! | `/graph` | who called whom over `window` (default 1m), as JSON edges |
 //! | `/healthz/ready` | 200 once programs are attached and the registry is loaded, else 503 |
 
 use std::convert::Infallible;
@@ -31,8 +33,8 @@ use tokio_stream::wrappers::BroadcastStream;
 use tokio::sync::broadcast;
 
 use super::api::{
-    parse_since, CertInfo, ConfigDump, Flow, FlowFilter, LostFlows, Stats, Status, StatusFilter,
-    Verdict, WorkloadInfo,
+    parse_since, parse_window, CertInfo, ConfigDump, Flow, FlowFilter, GraphEdge, LostFlows,
+    StatQuery, StatRow, Stats, Status, StatusFilter, Verdict, WorkloadInfo, STAT_WINDOW_DEFAULT,
 };
 
 /// What the admin API asks of the running node.
@@ -51,6 +53,10 @@ pub trait NodeView: Send + Sync + 'static {
     /// The same, and a live feed of every flow recorded after them (no gap, no repeat).
     fn follow_flows(&self, filter: &FlowFilter)
         -> (Vec<Arc<Flow>>, broadcast::Receiver<Arc<Flow>>);
+    /// `/stat`: the golden signals of the calls into each target.
+    fn stat(&self, query: &StatQuery) -> Vec<StatRow>;
+    /// `/graph`: who called whom over `window`.
+    fn graph(&self, window: std::time::Duration) -> Vec<GraphEdge>;
 }
 
 #[derive(Clone)]
@@ -79,6 +85,8 @@ pub fn router(view: Arc<dyn NodeView>) -> Router {
             get(|State(s): State<AppState>| async move { Json(s.view.certs()) }),
         )
         .route("/stats", get(stats_handler))
+        .route("/stat", get(stat_handler))
+        .route("/graph", get(graph_handler))
         .route("/healthz/ready", get(ready_handler))
         .with_state(AppState { view })
 }
@@ -163,6 +171,32 @@ async fn stats_handler(State(s): State<AppState>, Query(q): Query<StatsQuery>) -
             format!("format: {other:?} is not json or text\n"),
         )
             .into_response(),
+    }
+}
+
+#[derive(Deserialize)]
+struct StatParams {
+    by: Option<String>,
+    namespace: Option<String>,
+    window: Option<String>,
+}
+
+async fn stat_handler(State(s): State<AppState>, Query(q): Query<StatParams>) -> Response {
+    match StatQuery::from_params(q.by.as_deref(), q.namespace.as_deref(), q.window.as_deref()) {
+        Ok(query) => Json(s.view.stat(&query)).into_response(),
+        Err(e) => (StatusCode::BAD_REQUEST, format!("{e}\n")).into_response(),
+    }
+}
+
+#[derive(Deserialize)]
+struct GraphParams {
+    window: Option<String>,
+}
+
+async fn graph_handler(State(s): State<AppState>, Query(q): Query<GraphParams>) -> Response {
+    match q.window.as_deref().map(parse_window).transpose() {
+        Ok(window) => Json(s.view.graph(window.unwrap_or(STAT_WINDOW_DEFAULT))).into_response(),
+        Err(e) => (StatusCode::BAD_REQUEST, format!("{e}\n")).into_response(),
     }
 }
 

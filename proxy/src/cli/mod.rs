@@ -1,5 +1,5 @@
 //! The `weft` command line. Its definition (every subcommand and flag) lives here; the
-//! subcommands that ask a running node — `flows`, `workloads`, `status`, `certs`, `stats` — are run here
+//! subcommands that ask a running node — `flows`, `workloads`, `status`, `certs`, `stats`, `stat`, `graph` — are run here
 //! too, and only render [`crate::admin::api`] types they get from the admin API. `weft node`,
 //! `weft ca` and `weft uninstall` are run by the binary's entry (`main.rs`).
 //!
@@ -7,6 +7,7 @@
 
 mod certs;
 mod flows;
+mod stat;
 mod stats;
 mod status;
 mod table;
@@ -59,6 +60,13 @@ pub enum Query {
     /// Show every destination's counters (retries, timeouts, overflows, responses by class)
     /// in Envoy's names: `cluster.<cluster>.<stat>: <value>`.
     Stats(StatsArgs),
+    /// Show the golden signals of the calls into each deployment (or statefulset, pod,
+    /// service, …) this node saw: success rate, requests per second, latency percentiles, TCP
+    /// connections and bytes, as `linkerd viz stat` does.
+    Stat(StatArgs),
+    /// Show who called whom, as this node saw it: an edge per calling and called workload,
+    /// with requests per second, errors and mTLS, as a table, Graphviz DOT or Mermaid.
+    Graph(GraphArgs),
 }
 
 #[derive(Subcommand, Debug)]
@@ -272,6 +280,57 @@ pub struct StatsArgs {
     pub target: AdminTarget,
 }
 
+#[derive(clap::Args, Debug)]
+pub struct StatArgs {
+    /// What a row is: the calls into each one of these.
+    #[arg(value_enum, default_value_t = crate::admin::api::StatBy::Deploy)]
+    pub resource: crate::admin::api::StatBy,
+    /// Only the rows of this namespace (default: `default`; `ns` rows: every namespace).
+    #[arg(short, long, conflicts_with = "all_namespaces")]
+    pub namespace: Option<String>,
+    /// The rows of every namespace.
+    #[arg(short = 'A', long)]
+    pub all_namespaces: bool,
+    /// How far back: 10s to 10m, rounded to 10 s.
+    #[arg(long, default_value = "1m", value_parser = window)]
+    pub window: std::time::Duration,
+    /// Output format.
+    #[arg(short, long, value_enum, default_value_t = Output::Table)]
+    pub output: Output,
+    #[command(flatten)]
+    pub target: AdminTarget,
+}
+
+#[derive(clap::Args, Debug)]
+pub struct GraphArgs {
+    /// How far back: 10s to 10m, rounded to 10 s.
+    #[arg(long, default_value = "1m", value_parser = window)]
+    pub window: std::time::Duration,
+    /// Output format.
+    #[arg(short, long, value_enum, default_value_t = GraphOutput::Table)]
+    pub output: GraphOutput,
+    #[command(flatten)]
+    pub target: AdminTarget,
+}
+
+#[derive(ValueEnum, Clone, Copy, Debug, PartialEq, Eq)]
+pub enum GraphOutput {
+    /// Aligned columns for people.
+    Table,
+    /// One JSON object per line.
+    Json,
+    /// Graphviz DOT (`weft graph -o dot | dot -Tsvg > graph.svg`).
+    Dot,
+    /// A Mermaid flowchart.
+    Mermaid,
+}
+
+/// Checks `--window` here, so a typo never reaches the node.
+fn window(s: &str) -> Result<std::time::Duration, String> {
+    crate::admin::api::parse_window(s)
+        .map_err(|e| e.trim_start_matches(&format!("window {s:?}: ")).to_string())
+}
+
 /// Runs a subcommand that asks a running node.
 pub async fn run(query: Query) -> anyhow::Result<()> {
     match query {
@@ -280,6 +339,8 @@ pub async fn run(query: Query) -> anyhow::Result<()> {
         Query::Status(args) => status::run(args).await,
         Query::Certs(args) => certs::run(args).await,
         Query::Stats(args) => stats::run(args).await,
+        Query::Stat(args) => stat::run_stat(args).await,
+        Query::Graph(args) => stat::run_graph(args).await,
     }
 }
 

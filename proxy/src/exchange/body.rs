@@ -15,13 +15,78 @@ use crate::admin::api::{Verdict, NO_FLAGS};
 use crate::l7::respond::Flag;
 use crate::telemetry::RequestRecord;
 
-/// Bytes counted as they pass.
+/// Bytes counted as they pass (and, for a gRPC call, its messages).
 #[derive(Clone, Default)]
-pub struct Counter(Arc<AtomicU64>);
+pub struct Counter(Arc<Counts>);
+
+#[derive(Default)]
+struct Counts {
+    bytes: AtomicU64,
+    /// gRPC messages, when `grpc`.
+    messages: AtomicU64,
+    grpc: bool,
+}
 
 impl Counter {
+    /// A counter for the body of a request, which counts gRPC messages too when it is a gRPC
+    /// call's.
+    pub fn for_request(grpc: bool) -> Counter {
+        Counter(Arc::new(Counts {
+            grpc,
+            ..Counts::default()
+        }))
+    }
+
     pub fn get(&self) -> u64 {
-        self.0.load(Ordering::Relaxed)
+        self.0.bytes.load(Ordering::Relaxed)
+    }
+
+    /// gRPC messages counted (0 unless made for a gRPC call).
+    pub fn messages(&self) -> u64 {
+        self.0.messages.load(Ordering::Relaxed)
+    }
+}
+
+/// Counts the messages of a gRPC body as its bytes pass: each is a 5-byte prefix (a flag and
+/// a big-endian length) and that many bytes; a message counts when its prefix is complete,
+/// as Envoy's gRPC stats count them.
+#[derive(Debug, Default, Clone)]
+pub struct GrpcFrames {
+    prefix: [u8; 5],
+    /// Bytes of the prefix read so far.
+    have: usize,
+    /// Bytes of the current message still to pass.
+    remaining: u64,
+}
+
+impl GrpcFrames {
+    /// Reads `data`; returns how many messages began in it.
+    pub fn feed(&mut self, mut data: &[u8]) -> u64 {
+        let mut began = 0;
+        while !data.is_empty() {
+            if self.remaining > 0 {
+                let take = (self.remaining.min(data.len() as u64)) as usize;
+                self.remaining -= take as u64;
+                data = &data[take..];
+                continue;
+            }
+            let take = (5 - self.have).min(data.len());
+            self.prefix[self.have..self.have + take].copy_from_slice(&data[..take]);
+            self.have += take;
+            data = &data[take..];
+            if self.have == 5 {
+                began += 1;
+                self.have = 0;
+                let len = [
+                    self.prefix[1],
+                    self.prefix[2],
+                    self.prefix[3],
+                    self.prefix[4],
+                ];
+                self.remaining = u64::from(u32::from_be_bytes(len));
+            }
+        }
+        began
     }
 }
 
@@ -29,6 +94,7 @@ impl Counter {
 pub struct Counted<B> {
     pub inner: B,
     pub count: Counter,
+    pub frames: GrpcFrames,
 }
 
 impl<B> http_body::Body for Counted<B>
@@ -45,7 +111,12 @@ where
         let frame = ready!(Pin::new(&mut self.inner).poll_frame(cx));
         if let Some(Ok(f)) = &frame {
             if let Some(d) = f.data_ref() {
-                self.count.0.fetch_add(d.len() as u64, Ordering::Relaxed);
+                let counts = self.count.0.clone();
+                counts.bytes.fetch_add(d.len() as u64, Ordering::Relaxed);
+                if counts.grpc {
+                    let n = self.frames.feed(d);
+                    counts.messages.fetch_add(n, Ordering::Relaxed);
+                }
             }
         }
         Poll::Ready(frame)
@@ -197,6 +268,8 @@ pub struct Recorded<H: Held = ()> {
     record: Option<RequestRecord>,
     sent: Counter,
     received: u64,
+    /// The response's gRPC messages, for a gRPC call.
+    frames: Option<(GrpcFrames, u64)>,
     status: u16,
     /// The route's timeout, when it has one: a body still coming at it is cut.
     deadline: Option<Pin<Box<tokio::time::Sleep>>>,
@@ -216,15 +289,22 @@ impl<H: Held> Recorded<H> {
         deadline: Option<tokio::time::Instant>,
         in_flight: Option<H>,
     ) -> Recorded<H> {
-        Recorded {
+        let mut recorded = Recorded {
             inner,
+            frames: record.is_grpc().then(|| (GrpcFrames::default(), 0)),
             record: Some(record),
             sent,
             received: 0,
             status,
             deadline: deadline.map(|d| Box::pin(tokio::time::sleep_until(d))),
             in_flight,
+        };
+        if http_body::Body::is_end_stream(&recorded.inner) {
+            // No body (a gRPC trailers-only answer, a 204, a HEAD): nobody polls it, so the
+            // request ends here.
+            recorded.finish(None, None);
         }
+        recorded
     }
 }
 
@@ -237,6 +317,9 @@ impl<H: Held> Recorded<H> {
         }
         if let Some(mut r) = self.record.take() {
             r.bytes(self.sent.get(), self.received);
+            if let Some((_, messages)) = &self.frames {
+                r.messages(self.sent.messages(), *messages);
+            }
             let flags = flag.map_or(NO_FLAGS, Flag::as_str);
             r.finish(Verdict::Forwarded, self.status, flags, error);
         }
@@ -272,6 +355,16 @@ impl<H: Held> http_body::Body for Recorded<H> {
             Some(Ok(f)) => {
                 if let Some(d) = f.data_ref() {
                     self.received += d.len() as u64;
+                    if let Some((frames, messages)) = &mut self.frames {
+                        *messages += frames.feed(d);
+                    }
+                } else if let Some(trailers) = f.trailers_ref() {
+                    let status = super::grpc_status(trailers);
+                    if let (Some(r), Some(g)) = (self.record.as_mut(), status) {
+                        if r.is_grpc() {
+                            r.grpc_status(g);
+                        }
+                    }
                 }
                 if self.inner.is_end_stream() {
                     self.finish(None, None);
@@ -300,6 +393,30 @@ mod tests {
     use super::*;
     use http_body_util::{BodyExt, StreamBody};
     use std::convert::Infallible;
+
+    fn message(len: u32) -> Vec<u8> {
+        let mut m = vec![0u8];
+        m.extend_from_slice(&len.to_be_bytes());
+        m.extend(std::iter::repeat_n(7u8, len as usize));
+        m
+    }
+
+    #[test]
+    fn grpc_messages_are_counted_whatever_the_data_frames_cut() {
+        let stream: Vec<u8> = [message(3), message(0), message(300), message(1)].concat();
+        // Whole, and cut at every size from one byte up.
+        for cut in 1..=stream.len() {
+            let mut frames = GrpcFrames::default();
+            let n: u64 = stream.chunks(cut).map(|c| frames.feed(c)).sum();
+            assert_eq!(n, 4, "cut in chunks of {cut}");
+        }
+        // A message counts when its prefix is complete, before its bytes arrive.
+        let mut frames = GrpcFrames::default();
+        assert_eq!(frames.feed(&[0, 0, 0, 1]), 0);
+        assert_eq!(frames.feed(&[0]), 1);
+        assert_eq!(frames.feed(&[9; 256]), 0);
+        assert_eq!(frames.feed(&[0, 0, 0, 0, 0]), 1);
+    }
 
     fn frames(n: usize) -> impl http_body::Body<Data = Bytes, Error = Infallible> + Unpin {
         let chunks = (0..n).map(|i| Ok(Frame::data(Bytes::from(format!("{i};")))));

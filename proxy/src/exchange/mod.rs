@@ -154,8 +154,49 @@ pub fn client_response<H: body::Held>(
         ClientVersion::Http2 => HttpVersion::HTTP_2,
     };
     let status = parts.status.as_u16();
+    let mut record = record;
+    if record.is_grpc() {
+        // A trailers-only response carries its status in the head.
+        if let Some(g) = grpc_status(&parts.headers) {
+            record.grpc_status(g);
+        }
+    }
     let body = body::Recorded::new(body, record, sent, status, deadline, in_flight);
     Response::from_parts(parts, body.boxed())
+}
+
+/// What a request's record keeps of its headers as the client sent them: `User-Agent`,
+/// `X-Forwarded-For`, and whether it is a gRPC call.
+pub fn note_request(record: &mut RequestRecord, headers: &HeaderMap) {
+    let text = |name: header::HeaderName| {
+        headers
+            .get(name)
+            .map(|v| String::from_utf8_lossy(v.as_bytes()).into_owned())
+    };
+    record.client_headers(
+        text(header::USER_AGENT),
+        text(header::HeaderName::from_static("x-forwarded-for")),
+    );
+    if is_grpc(headers) {
+        record.grpc();
+    }
+}
+
+/// `content-type: application/grpc` (or `application/grpc+proto`, `;…`).
+pub fn is_grpc(headers: &HeaderMap) -> bool {
+    headers
+        .get(header::CONTENT_TYPE)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.strip_prefix("application/grpc"))
+        .is_some_and(|rest| rest.is_empty() || rest.starts_with('+') || rest.starts_with(';'))
+}
+
+/// The `grpc-status` of a response head or trailers.
+pub fn grpc_status(headers: &HeaderMap) -> Option<u16> {
+    headers
+        .get("grpc-status")
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.trim().parse().ok())
 }
 
 pub fn authority_of<B>(req: &Request<B>) -> String {
@@ -220,6 +261,7 @@ where
     let body = Counted {
         inner: body,
         count: sent.clone(),
+        frames: body::GrpcFrames::default(),
     };
     Request::from_parts(parts, body.boxed())
 }

@@ -6,10 +6,11 @@ use std::net::{IpAddr, SocketAddr};
 use std::sync::Arc;
 
 use crate::identity::SpiffeId;
+use crate::l7::protocol::AppProtocol;
 use crate::policy::{
     ConnRequest, ConnectionDecision, Decision, DenyReason, HttpRequest, PolicySet, Protocol,
 };
-use crate::registry::{Pod, Snapshot};
+use crate::registry::{Pod, Service, ServicePort, Snapshot, TargetPort};
 
 /// Who is calling, as the destination side knows it.
 #[derive(Debug, Clone, Copy)]
@@ -107,6 +108,72 @@ pub fn admit(
             reason,
         },
     }
+}
+
+/// The Services selecting `pod` with a TCP port whose target is `port` (the pod's port), and
+/// that port of each, in Service order.
+pub fn services_of<'a>(
+    snapshot: &'a Snapshot,
+    pod: &'a Pod,
+    port: u16,
+) -> impl Iterator<Item = (&'a Arc<Service>, &'a ServicePort)> + 'a {
+    let start = snapshot
+        .services
+        .partition_point(|s| s.namespace.as_str() < pod.namespace.as_str());
+    snapshot.services[start..]
+        .iter()
+        .take_while(|s| s.namespace == pod.namespace)
+        .filter(|s| s.selector.as_ref().is_some_and(|sel| pod.matches(sel)))
+        .flat_map(|s| s.ports.iter().map(move |p| (s, p)))
+        .filter(|(_, p)| p.protocol == "TCP")
+        .filter(move |(_, p)| match &p.target_port {
+            TargetPort::Number(n) => *n == port,
+            TargetPort::Name(name) => pod.named_port(name, "TCP") == Some(port),
+        })
+}
+
+/// Whether a Service selecting `pod` declares `port` (its target port) as HTTP: then this
+/// node serves the tunnel's requests one by one, to report each (Istio's destination-side
+/// request metrics, the server span) as a destination sidecar would. Ports declared otherwise,
+/// or by no Service, are relayed as bytes (no waiting for a server-first protocol's first
+/// bytes).
+pub fn declared_http(snapshot: &Snapshot, pod: &Pod, port: u16) -> bool {
+    services_of(snapshot, pod, port).any(|(_, p)| {
+        matches!(
+            crate::l7::protocol::declared(p),
+            Some(AppProtocol::Http1 | AppProtocol::Http2 | AppProtocol::Grpc)
+        )
+    })
+}
+
+/// Of `services` (those selecting the pod a request reached), the one the request's
+/// `authority` names (`name`, `name.namespace`, `…svc`, `…svc.<domain>`, with or without a
+/// port), else the first: the request's `destination_service`.
+pub fn service_for_authority<'a>(
+    services: &'a [Arc<Service>],
+    authority: &str,
+) -> Option<&'a Arc<Service>> {
+    let host = match authority.rsplit_once(':') {
+        Some((h, p)) if p.bytes().all(|b| b.is_ascii_digit()) => h,
+        _ => authority,
+    };
+    let names = |s: &Service| {
+        let fqdn = format!(
+            "{}.{}.svc.{}",
+            s.name,
+            s.namespace,
+            crate::config::CLUSTER_DOMAIN
+        );
+        host == s.name
+            || fqdn
+                .strip_prefix(host)
+                .is_some_and(|rest| rest.is_empty() || rest.starts_with('.'))
+                && host.starts_with(&format!("{}.{}", s.name, s.namespace))
+    };
+    services
+        .iter()
+        .find(|s| names(s))
+        .or_else(|| services.first())
 }
 
 /// The pod at `target` if `node` hosts it.
@@ -351,5 +418,59 @@ mod tests {
             }
             other => panic!("{other:?}"),
         }
+    }
+
+    #[test]
+    fn a_port_a_selecting_service_declares_http_is_served_request_by_request() {
+        let extra = "apiVersion: v1\nkind: Service\nmetadata: {namespace: back, name: web-tcp}\nspec:\n  clusterIP: 10.96.0.13\n  selector: {app: web}\n  ports: [{name: tcp-db, port: 5432, targetPort: 5432}, {port: 9000, targetPort: 9000, appProtocol: grpc}]\n";
+        let (s, _) = setup(extra);
+        let web0 = s.pod("back", "web-0").unwrap().clone();
+        let web1 = s.pod("back", "web-1").unwrap().clone();
+        // `targetPort: http`: the container port named http, 8080 on web-0, 9080 on web-1.
+        assert!(declared_http(&s, &web0, 8080));
+        assert!(!declared_http(&s, &web0, 9080));
+        assert!(declared_http(&s, &web1, 9080));
+        // A port named tcp-…, and one no Service targets: bytes.
+        assert!(!declared_http(&s, &web0, 5432));
+        assert!(!declared_http(&s, &web0, 7777));
+        // appProtocol grpc.
+        assert!(declared_http(&s, &web0, 9000));
+        // A pod no Service selects.
+        let client = s.pod("front", "client").unwrap().clone();
+        assert!(!declared_http(&s, &client, 8080));
+        let names: Vec<String> = services_of(&s, &web0, 8080)
+            .map(|(svc, _)| svc.name.clone())
+            .collect();
+        assert_eq!(names, ["web"]);
+    }
+
+    #[test]
+    fn the_service_a_request_names_is_its_destination_service() {
+        let extra = "apiVersion: v1\nkind: Service\nmetadata: {namespace: back, name: web-canary}\nspec:\n  clusterIP: 10.96.0.14\n  selector: {app: web}\n  ports: [{name: http, port: 80, targetPort: http}]\n";
+        let (s, _) = setup(extra);
+        let web0 = s.pod("back", "web-0").unwrap().clone();
+        let services: Vec<Arc<Service>> = services_of(&s, &web0, 8080)
+            .map(|(svc, _)| svc.clone())
+            .collect();
+        assert_eq!(services.len(), 2);
+        let pick = |authority: &str| {
+            service_for_authority(&services, authority)
+                .map(|s| s.name.clone())
+                .unwrap_or_default()
+        };
+        for authority in [
+            "web-canary",
+            "web-canary:80",
+            "web-canary.back",
+            "web-canary.back.svc",
+            "web-canary.back.svc.cluster.local:80",
+        ] {
+            assert_eq!(pick(authority), "web-canary", "{authority}");
+        }
+        assert_eq!(pick("web.back.svc.cluster.local"), "web");
+        // Not a name of either (an address, another namespace's): the first.
+        assert_eq!(pick("10.96.0.14:80"), "web");
+        assert_eq!(pick("web-canary.front"), "web");
+        assert_eq!(service_for_authority(&[], "web"), None);
     }
 }

@@ -10,7 +10,8 @@ use http::{Request, Response};
 use hyper::body::Incoming;
 use tokio::io::{AsyncRead, AsyncWrite};
 
-use super::authorize::{authorize_request, Caller};
+use super::authorize::{authorize_request, service_for_authority, Caller};
+use crate::admin::api::Text;
 use crate::admin::api::{HttpFlow, Verdict};
 use crate::exchange::body::Counter;
 use crate::exchange::{
@@ -20,16 +21,20 @@ use crate::identity::SpiffeId;
 use crate::inputs::ProxyInputs;
 use crate::l7::respond::Flag;
 use crate::policy::{Decision, HttpRequest};
-use crate::registry::Pod;
+use crate::registry::{Pod, Service};
+use crate::telemetry::trace::SpanKind;
 use crate::telemetry::{shared, ConnectionRecord, Names, RequestTemplate};
 use crate::upstream::http::{HttpPool, PoolKey, Reuse, Sender};
 use crate::upstream::OnBehalfOf;
+use crate::workload::identity_of;
 
 /// One tunnel's HTTP: who calls, and the pod it reaches.
 pub struct Tunnelled {
     pub peer: SpiffeId,
     pub forwarded_for: Option<std::net::IpAddr>,
     pub pod: Arc<Pod>,
+    /// The Services selecting the pod on this port (see [`service_for_authority`]).
+    pub services: Vec<Arc<Service>>,
     pub target: SocketAddr,
     pub version: ClientVersion,
 }
@@ -38,6 +43,10 @@ pub struct Tunnelled {
 struct Tunnel {
     t: Tunnelled,
     names: Names,
+    /// Each of `t.services`, named for records.
+    services: Vec<Names>,
+    /// The destination pod's SPIFFE id.
+    identity: Option<Text>,
     via: Arc<str>,
 }
 
@@ -55,6 +64,8 @@ pub async fn serve<S>(
     let template = record.requests();
     let t = Arc::new(Tunnel {
         names: Names::endpoint(t.target, Some(&t.pod)),
+        services: t.services.iter().map(|s| Names::service(s)).collect(),
+        identity: identity_of(&inputs.trust_domain, &t.pod).map(|id| Text::from(id.to_string())),
         // Delivered from the caller's address where it is known: never shared between callers.
         via: match t.forwarded_for {
             Some(ip) => format!("inbound {} from {ip}", t.peer),
@@ -87,7 +98,7 @@ async fn request(
 ) -> Response<ResponseBody> {
     let t = &tunnel.t;
     let authority = authority_of(&req);
-    let (parts, body) = req.into_parts();
+    let (mut parts, body) = req.into_parts();
     let path = parts
         .uri
         .path_and_query()
@@ -107,6 +118,13 @@ async fn request(
     {
         record.request_id(id);
     }
+    exchange::note_request(&mut record, &parts.headers);
+    if let Some(service) = service_for_authority(&t.services, &authority) {
+        if let Some(i) = t.services.iter().position(|s| Arc::ptr_eq(s, service)) {
+            record.service(&tunnel.services[i]);
+        }
+    }
+    record.trace(&mut parts.headers, SpanKind::Server);
     let decision = {
         let http = HttpRequest {
             method: parts.method.as_str(),
@@ -120,7 +138,7 @@ async fn request(
         };
         authorize_request(&inputs.policies.load(), &t.pod, t.target, &caller, &http)
     };
-    record.upstream(&tunnel.names, None, true);
+    record.upstream(&tunnel.names, tunnel.identity.clone(), true);
     if let Decision::Deny { policy, .. } = decision {
         record.policy(policy);
         return denied(record);
@@ -133,8 +151,9 @@ async fn request(
         cluster: 0,
         generation: inputs.registry.snapshot().generation,
     };
-    let sent = Counter::default();
+    let sent = Counter::for_request(record.is_grpc());
     let req = upstream_request(Request::from_parts(parts, body), version, &authority, &sent);
+    let sent_at = std::time::Instant::now();
     let mut sender = match clients.checkout(&key) {
         Some(s) => s,
         None => {
@@ -174,6 +193,7 @@ async fn request(
     match sender.send(req).await {
         Ok(resp) => {
             clients.checkin(&key, sender);
+            record.upstream_service_time(sent_at.elapsed());
             exchange::client_response(resp, t.version, record, sent, None, None::<()>)
         }
         Err(e) => own(

@@ -16,7 +16,10 @@ use std::time::Duration;
 
 use bytes::Bytes;
 
-use self::authorize::{admit, authorize, calling_pod, verified_source_ip, Admission, Caller};
+use self::authorize::{
+    admit, authorize, calling_pod, declared_http, services_of, verified_source_ip, Admission,
+    Caller,
+};
 use crate::admin::api::Verdict;
 use crate::exchange::guard::Rewind;
 use crate::exchange::ClientVersion;
@@ -24,8 +27,9 @@ use crate::inputs::ProxyInputs;
 use crate::l7::sniff::{sniff, Sniffed};
 use crate::policy::deny_message;
 use crate::policy::Decision;
-use crate::registry::Pod;
+use crate::registry::{Pod, Service};
 use crate::relay::Relayed;
+use crate::telemetry::istio::Reporter;
 use crate::telemetry::ConnectionRecord;
 use crate::tunnel::server::{Handler, Pending, Rejection};
 use crate::tunnel::Stream;
@@ -91,6 +95,7 @@ impl Handler for Inbound {
         };
         let mut record = ConnectionRecord::accepted(&inputs.telemetry);
         record
+            .reporter(Reporter::Destination)
             .source_identity(&req.peer)
             .original_destination(req.target)
             .destination_address(req.target)
@@ -106,13 +111,21 @@ impl Handler for Inbound {
             if let Some(pod) = calling_pod(&snapshot, &caller) {
                 record.source_pod(&pod);
             }
-            admit(
+            match admit(
                 &snapshot,
                 &inputs.policies.load(),
                 &inputs.node,
                 req.target,
                 &caller,
-            )
+            ) {
+                // A port declared HTTP is served request by request even when no policy
+                // needs it: each request is reported here, as the destination.
+                Admission::Deliver { pod, per_request } => Admission::Deliver {
+                    per_request: per_request || declared_http(&snapshot, &pod, req.target.port()),
+                    pod,
+                },
+                other => other,
+            }
         };
         let pod = match admission {
             Admission::NotHere => {
@@ -144,8 +157,20 @@ impl Handler for Inbound {
         };
         let (pod, per_request) = pod;
         record_destination(&mut record, inputs, &pod);
+        // The Services the pod serves on this port: what the call's `destination_service` is.
+        let services = {
+            let snapshot = inputs.registry.snapshot();
+            let mut all: Vec<Arc<Service>> = services_of(&snapshot, &pod, req.target.port())
+                .map(|(s, _)| s.clone())
+                .collect();
+            all.dedup_by(|a, b| Arc::ptr_eq(a, b));
+            all
+        };
+        if let Some(service) = services.first() {
+            record.service(service);
+        }
         if per_request {
-            self.per_request(pending, pod, req, record).await;
+            self.per_request(pending, pod, services, req, record).await;
             return;
         }
         let upstream = match inputs
@@ -240,6 +265,7 @@ impl Inbound {
         &self,
         pending: Pending,
         pod: Arc<Pod>,
+        services: Vec<Arc<Service>>,
         req: crate::tunnel::server::ConnectRequest,
         mut record: ConnectionRecord,
     ) {
@@ -263,6 +289,7 @@ impl Inbound {
                 peer: req.peer.clone(),
                 forwarded_for: req.forwarded_for,
                 pod,
+                services,
                 target: req.target,
                 version,
             };

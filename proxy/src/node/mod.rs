@@ -128,7 +128,7 @@ pub async fn run(cfg: NodeConfig) -> anyhow::Result<()> {
     );
     identity.clone().spawn_rotation();
     let connect_timeout = Duration::from_millis(cfg.connect_timeout_ms);
-    let telemetry = Arc::new(Telemetry::new(cfg.node_name.clone(), cfg.flow_capacity));
+    let telemetry = Arc::new(telemetry(&cfg)?);
     let (generation, policies, routes, index) = {
         let snapshot = registry.snapshot();
         (
@@ -389,4 +389,38 @@ async fn shutdown_signal() {
         _ = term.recv() => {}
         _ = tokio::signal::ctrl_c() => {}
     }
+}
+
+/// The node's telemetry as configured: Istio's cluster id, the access log, tracing.
+fn telemetry(cfg: &NodeConfig) -> anyhow::Result<Telemetry> {
+    use crate::config::{LogFormat, OtlpTransport};
+    use crate::telemetry::access_log::{AccessLog, AccessLogFormat, AccessLogTarget};
+    use crate::telemetry::trace::{OtlpProtocol, TraceConfig, Tracing};
+    let target: AccessLogTarget = cfg
+        .access_log
+        .parse()
+        .map_err(|e| anyhow::anyhow!("--access-log {:?}: {e}", cfg.access_log))?;
+    let format = match cfg.access_log_format {
+        LogFormat::Text => AccessLogFormat::Text,
+        LogFormat::Json => AccessLogFormat::Json,
+    };
+    let access_log = AccessLog::new(target, format, &cfg.node_name)
+        .with_context(|| format!("--access-log {}", cfg.access_log))?;
+    let tracing = Tracing::new(
+        TraceConfig {
+            endpoint: cfg.otlp_endpoint.clone(),
+            protocol: match cfg.otlp_protocol {
+                OtlpTransport::Grpc => OtlpProtocol::Grpc,
+                OtlpTransport::HttpProtobuf => OtlpProtocol::HttpProtobuf,
+            },
+            sampling_percent: cfg.trace_sampling,
+            ..TraceConfig::default()
+        },
+        &cfg.node_name,
+    )
+    .context("--otlp-endpoint")?;
+    Ok(Telemetry::new(cfg.node_name.clone(), cfg.flow_capacity)
+        .with_cluster(&cfg.cluster_id)
+        .with_access_log(access_log)
+        .with_tracing(tracing))
 }

@@ -8,8 +8,9 @@ use tokio::sync::broadcast;
 
 use super::NodeProxy;
 use crate::admin::api::{
-    CertInfo, ConfigDump, Flow, FlowCounts, FlowFilter, MeshStatus, RegistryDump, RegistryStatus,
-    StatValue, Stats, Status, TunnelStatus, WatchStatus, WorkloadCounts, WorkloadInfo,
+    CertInfo, ConfigDump, Flow, FlowCounts, FlowFilter, GraphEdge, MeshStatus, RegistryDump,
+    RegistryStatus, StatQuery, StatRow, StatValue, Stats, Status, TunnelStatus, WatchStatus,
+    WorkloadCounts, WorkloadInfo,
 };
 use crate::admin::server::NodeView;
 use crate::outbound::cluster::StatKind;
@@ -163,6 +164,14 @@ impl NodeView for NodeProxy {
         filter: &FlowFilter,
     ) -> (Vec<Arc<Flow>>, broadcast::Receiver<Arc<Flow>>) {
         self.inputs.telemetry.flows.follow(filter)
+    }
+
+    fn stat(&self, query: &StatQuery) -> Vec<StatRow> {
+        self.inputs.telemetry.golden.stat(query)
+    }
+
+    fn graph(&self, window: std::time::Duration) -> Vec<GraphEdge> {
+        self.inputs.telemetry.golden.graph(window)
     }
 }
 

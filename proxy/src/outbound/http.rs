@@ -44,6 +44,7 @@ use crate::l7::route::{
 use crate::policy::HttpRequest;
 use crate::registry::kinds::networking::{H2UpgradePolicy, Resolution, SimpleLb, TlsMode};
 use crate::registry::{Pod, Service, ServicePort, Snapshot};
+use crate::telemetry::trace::SpanKind;
 use crate::telemetry::{shared, ConnectionRecord, Names, RequestRecord, RequestTemplate};
 use crate::tunnel::client::Pool;
 use crate::upstream::dns::Dns;
@@ -290,6 +291,8 @@ impl HttpPath {
             ..HttpFlow::default()
         });
         let upgrade = conn.client == ClientVersion::Http1 && is_upgrade(&req);
+        exchange::note_request(&mut record, req.headers());
+        record.trace(req.headers_mut(), SpanKind::Client);
         let id = hygiene::prepare(req.headers_mut(), &conn.forwarded_for, upgrade);
         record.request_id(id);
 
@@ -809,7 +812,7 @@ impl HttpPath {
             Some((policy, _)) => request_hash(policy, &req, conn),
             None => (None, None),
         };
-        let sent = Counter::default();
+        let sent = Counter::for_request(record.is_grpc());
         let small = |b: &B| {
             b.is_end_stream()
                 || b.size_hint()
@@ -852,7 +855,7 @@ impl HttpPath {
         // Held while a retry is out (`upstream_rq_retry_active`, which `maxRetries` limits).
         let mut retrying = None;
         loop {
-            let Some(req) = next.take().or_else(|| replay.as_ref().map(Replay::request)) else {
+            let Some(mut req) = next.take().or_else(|| replay.as_ref().map(Replay::request)) else {
                 unreachable!("a request is sent again only when it has a replay");
             };
             let Some(i) = pick(target, tried, ignore_tried, key_hash, remote) else {
@@ -898,7 +901,13 @@ impl HttpPath {
                 // Not held while the request is out: a long one would keep old snapshots alive.
                 snapshot = None;
             }
-            record.upstream(&up.names, reach.identity.clone(), reach.mtls);
+            record
+                .upstream(&up.names, reach.identity.clone(), reach.mtls)
+                .delivered_here(reach.local);
+            if reach.local && record.wants_server_span() {
+                // Delivered by this node: it is the server's proxy too.
+                record.trace(req.headers_mut(), SpanKind::Server);
+            }
             let try_deadline = match (deadline, per_try.map(|t| tokio::time::Instant::now() + t)) {
                 (Some(d), Some(t)) => Some(d.min(t)),
                 (d, t) => d.or(t),
@@ -909,9 +918,13 @@ impl HttpPath {
                 return overflow(record);
             }
             cluster::inc(&stats.rq_total);
+            let sent_at = std::time::Instant::now();
             let attempt = self
                 .attempt(req, reach, conn, target, &up.state, try_deadline)
                 .await;
+            if attempt.is_ok() {
+                record.upstream_service_time(sent_at.elapsed());
+            }
             let per_try = try_deadline != deadline;
             if let Some(d) = &target.detection {
                 let seen = match &attempt {
@@ -1071,6 +1084,7 @@ impl HttpPath {
             Action::DeliverLocal { .. } | Action::Refuse(Refusal::Denied { .. })
         );
         let mtls = matches!(action, Action::Tunnel(_));
+        let local = matches!(action, Action::DeliverLocal { .. });
         let (via, connect): (String, Connect) = match action {
             Action::Refuse(refusal) => {
                 return Err(Refused {
@@ -1108,6 +1122,7 @@ impl HttpPath {
             },
             connect,
             mtls,
+            local,
             identity,
         };
         Ok((reach, per_request))
@@ -1309,6 +1324,8 @@ struct Reach {
     key: PoolKey,
     connect: Connect,
     mtls: bool,
+    /// A pod of this node, in the mesh: this node reports as the destination too.
+    local: bool,
     /// The destination's SPIFFE identity, when it is in the mesh.
     identity: Option<Text>,
 }

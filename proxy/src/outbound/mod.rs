@@ -46,6 +46,7 @@ use crate::l7::sniff::{sniff, Sniffed};
 use crate::policy::{deny_message, PolicySet};
 use crate::registry::{Resolved, Snapshot};
 use crate::relay::{relay, relay_until, reset};
+use crate::telemetry::istio::Reporter;
 use crate::telemetry::ConnectionRecord;
 use crate::tunnel::client::Pool;
 use crate::upstream::OnBehalfOf;
@@ -132,7 +133,7 @@ impl Outbound {
         };
         let inputs = &self.inputs;
         let mut record = ConnectionRecord::accepted(&inputs.telemetry);
-        record.source_ip(peer.ip());
+        record.reporter(Reporter::Source).source_ip(peer.ip());
         let Some(redirect) = self.capture.take_redirect(peer, local) else {
             debug!(%peer, "connection without a redirect record: original destination unknown, closing");
             reset(&client);
@@ -380,6 +381,9 @@ fn fill(record: &mut ConnectionRecord, plan: &Plan) {
     }
     if let Some(id) = &d.identity {
         record.destination_identity(id);
+    }
+    if matches!(plan.action, Action::DeliverLocal { .. }) {
+        record.delivered_here();
     }
 }
 

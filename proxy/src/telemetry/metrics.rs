@@ -82,6 +82,40 @@ pub trait GaugeSource: Send + Sync + std::fmt::Debug + 'static {
 }
 
 const OPENMETRICS: &str = "application/openmetrics-text; version=1.0.0; charset=utf-8";
+const PROMETHEUS_TEXT: &str = "text/plain; version=0.0.4; charset=utf-8";
+
+/// The Prometheus text format (0.0.4) of an OpenMetrics exposition: a counter's `HELP` and
+/// `TYPE` name its samples (`…_total`), as that format wants; no `# EOF`, no `# UNIT`.
+pub fn classic_text(openmetrics: &str) -> String {
+    let mut out = String::with_capacity(openmetrics.len());
+    let mut help: Option<&str> = None;
+    for line in openmetrics.lines() {
+        if let Some(rest) = line.strip_prefix("# HELP ") {
+            help = Some(rest);
+            continue;
+        }
+        if let Some(rest) = line.strip_prefix("# TYPE ") {
+            let (name, kind) = rest.split_once(' ').unwrap_or((rest, "untyped"));
+            let name = if kind == "counter" {
+                format!("{name}_total")
+            } else {
+                name.to_string()
+            };
+            if let Some(h) = help.take() {
+                let text = h.split_once(' ').map_or("", |(_, t)| t);
+                out.push_str(&format!("# HELP {name} {text}\n"));
+            }
+            out.push_str(&format!("# TYPE {name} {kind}\n"));
+            continue;
+        }
+        if line == "# EOF" || line.starts_with("# UNIT ") {
+            continue;
+        }
+        out.push_str(line);
+        out.push('\n');
+    }
+    out
+}
 
 #[derive(Debug)]
 struct NodeCollector {
@@ -183,6 +217,34 @@ impl Collector for NodeCollector {
                     ConstCounter::new(c.value)
                         .encode(family.encode_family(&[("cluster_name", c.cluster.as_str())])?)?;
                 }
+            }
+        }
+        t.istio.encode(&mut enc)?;
+        {
+            let help =
+                "Access log lines, by result: written, or dropped because the writer fell behind";
+            let proto = ConstCounter::new(0u64);
+            let mut family =
+                enc.encode_descriptor("weft_access_log_lines", help, None, proto.metric_type())?;
+            for (result, n) in [
+                ("written", t.access_log.written()),
+                ("dropped", t.access_log.dropped()),
+            ] {
+                ConstCounter::new(n).encode(family.encode_family(&[("result", result)])?)?;
+            }
+        }
+        {
+            let c = t.tracing.counts();
+            let help = "Trace spans, by result: exported, dropped (export queue full), failed (the collector refused or was unreachable)";
+            let proto = ConstCounter::new(0u64);
+            let mut family =
+                enc.encode_descriptor("weft_trace_spans", help, None, proto.metric_type())?;
+            for (result, n) in [
+                ("exported", c.exported),
+                ("dropped", c.dropped),
+                ("failed", c.failed),
+            ] {
+                ConstCounter::new(n).encode(family.encode_family(&[("result", result)])?)?;
             }
         }
         gauge(
@@ -322,16 +384,30 @@ pub fn router(telemetry: Arc<Telemetry>, node: Arc<dyn GaugeSource>) -> Router {
         .route("/healthz/live", get(|| async { "live\n" }))
         .route(
             "/metrics",
-            get(move || {
+            get(move |headers: axum::http::HeaderMap| {
                 let registry = registry.clone();
                 async move {
                     let mut body = String::new();
-                    match prometheus_client::encoding::text::encode(&mut body, &registry) {
-                        Ok(()) => ([(header::CONTENT_TYPE, OPENMETRICS)], body),
-                        Err(_) => (
+                    if prometheus_client::encoding::text::encode(&mut body, &registry).is_err() {
+                        return (
                             [(header::CONTENT_TYPE, "text/plain")],
                             "encoding failed\n".into(),
-                        ),
+                        );
+                    }
+                    // OpenMetrics to scrapers that ask for it (Prometheus does), else the
+                    // classic text format, as Envoy's and Istio's proxies serve.
+                    let openmetrics = headers
+                        .get_all(header::ACCEPT)
+                        .iter()
+                        .filter_map(|v| v.to_str().ok())
+                        .any(|v| v.contains("application/openmetrics-text"));
+                    if openmetrics {
+                        ([(header::CONTENT_TYPE, OPENMETRICS)], body)
+                    } else {
+                        (
+                            [(header::CONTENT_TYPE, PROMETHEUS_TEXT)],
+                            classic_text(&body),
+                        )
                     }
                 }
             }),
@@ -413,6 +489,18 @@ mod tests {
         }));
         let mut out = String::new();
         prometheus_client::encoding::text::encode(&mut out, &registry).unwrap();
+        let classic = classic_text(&out);
+        for line in [
+            "# HELP weft_flows_total Connections handled by the node proxy, by verdict",
+            "# TYPE weft_flows_total counter",
+            "# TYPE weft_active_connections gauge",
+        ] {
+            assert!(
+                classic.lines().any(|l| l == line),
+                "missing {line:?} in\n{classic}"
+            );
+        }
+        assert!(!classic.contains("# EOF"));
         for line in [
             "weft_flows_total{verdict=\"forwarded\"} 1",
             "weft_flows_total{verdict=\"denied\"} 1",

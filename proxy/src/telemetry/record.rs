@@ -16,6 +16,8 @@ use time::OffsetDateTime;
 use tracing::debug;
 
 use super::counters::Held;
+use super::istio::{CallLabels, Peer, Protocol, Reporter, Security, ServiceLabels};
+use super::trace::{SpanEnd, SpanKind, SpanStart};
 use super::Telemetry;
 use crate::admin::api::{Flow, HttpFlow, Text, Verdict};
 use crate::identity::SpiffeId;
@@ -31,6 +33,48 @@ pub struct ConnectionRecord {
     /// A relay started: what a record dropped unfinished was doing.
     relaying: bool,
     emitted: bool,
+    report: Report,
+}
+
+/// Who reports a call, and the labels of both its sides (Istio's standard metrics, the golden
+/// signals): made once per connection, shared by the records of its requests.
+#[derive(Clone, Debug, Default)]
+pub struct Report {
+    /// This node is the caller's (`reporter="source"`).
+    pub by_source: bool,
+    /// This node is the callee's (`reporter="destination"`): inbound tunnels.
+    pub by_destination: bool,
+    /// A connection this node delivers to a pod it hosts: it reports as the destination too
+    /// (requests of an HTTP connection each decide this for themselves).
+    pub delivered_here: bool,
+    pub source: Option<Arc<Peer>>,
+    pub destination: Option<Arc<Peer>>,
+    pub service: Option<Arc<ServiceLabels>>,
+    /// The TCP connection was counted opened (when its relay started).
+    pub opened: bool,
+}
+
+impl Report {
+    /// The reporters of this call, in order.
+    pub fn reporters(&self) -> impl Iterator<Item = Reporter> {
+        let source = self.by_source.then_some(Reporter::Source);
+        let destination =
+            (self.by_destination || self.delivered_here).then_some(Reporter::Destination);
+        source.into_iter().chain(destination)
+    }
+
+    /// The labels `reporter` gives the call `flow` describes.
+    pub fn labels(&self, reporter: Reporter, flow: &Flow) -> CallLabels {
+        CallLabels {
+            reporter,
+            source: self.source.clone().unwrap_or_else(Peer::unknown),
+            source_principal: flow.source.identity.clone(),
+            destination: self.destination.clone().unwrap_or_else(Peer::unknown),
+            destination_principal: flow.destination.identity.clone(),
+            service: self.service.clone().unwrap_or_else(ServiceLabels::unknown),
+            security: Security::reported(reporter, flow.mtls),
+        }
+    }
 }
 
 impl ConnectionRecord {
@@ -53,7 +97,17 @@ impl ConnectionRecord {
             started: None,
             relaying: false,
             emitted: false,
+            report: Report::default(),
         }
+    }
+
+    /// Reported as seen by `reporter`'s proxy (this node is the caller's, or the callee's).
+    pub fn reporter(&mut self, reporter: Reporter) -> &mut Self {
+        match reporter {
+            Reporter::Source => self.report.by_source = true,
+            Reporter::Destination => self.report.by_destination = true,
+        }
+        self
     }
 
     /// The address the connection came from.
@@ -70,6 +124,9 @@ impl ConnectionRecord {
         if s.ip.is_none() {
             s.ip = pod.ip;
         }
+        let peer = Arc::new(Peer::of_pod(pod));
+        s.workload = Some(peer.workload.clone());
+        self.report.source = Some(peer);
         self
     }
 
@@ -100,6 +157,10 @@ impl ConnectionRecord {
         let d = &mut self.flow.destination;
         d.service = Some(format!("{}/{}", service.namespace, service.name).into());
         d.namespace = Some(service.namespace.as_str().into());
+        self.report.service = Some(Arc::new(ServiceLabels::service(
+            &service.namespace,
+            &service.name,
+        )));
         self
     }
 
@@ -108,6 +169,15 @@ impl ConnectionRecord {
         let d = &mut self.flow.destination;
         d.namespace = Some(pod.namespace.as_str().into());
         d.pod = Some(pod.name.as_str().into());
+        let peer = Arc::new(Peer::of_pod(pod));
+        d.workload = Some(peer.workload.clone());
+        self.report.destination = Some(peer);
+        self
+    }
+
+    /// Delivered to a pod this node hosts: reported by this node as the destination too.
+    pub fn delivered_here(&mut self) -> &mut Self {
+        self.report.delivered_here = true;
         self
     }
 
@@ -145,6 +215,8 @@ impl ConnectionRecord {
     /// and error. Cancellation-safe: the active count is given back on drop.
     pub async fn relay(&mut self, relay: impl std::future::Future<Output = Relayed>) {
         self.relaying = true;
+        self.report.opened = true;
+        self.telemetry.tcp_opened(&self.flow, &self.report);
         let relayed = {
             let _active = Held::up(&self.telemetry.active);
             relay.await
@@ -174,6 +246,10 @@ impl ConnectionRecord {
         RequestTemplate {
             telemetry: self.telemetry.clone(),
             flow: Arc::new(flow),
+            report: Arc::new(Report {
+                delivered_here: false,
+                ..self.report.clone()
+            }),
         }
     }
 
@@ -218,7 +294,7 @@ impl ConnectionRecord {
             error = flow.error.as_deref().unwrap_or(""),
             "flow"
         );
-        self.telemetry.flows.record(flow)
+        self.telemetry.connection(flow, &self.report)
     }
 }
 
@@ -231,6 +307,10 @@ pub struct Names {
     pub namespace: Option<Text>,
     /// The Service's `namespace/name`, or the endpoint's pod.
     pub name: Option<Text>,
+    /// The endpoint's workload, as Istio's labels name it.
+    pub peer: Option<Arc<Peer>>,
+    /// The Service, as Istio's labels name it.
+    pub service: Option<Arc<ServiceLabels>>,
 }
 
 impl Names {
@@ -239,6 +319,11 @@ impl Names {
             address: None,
             namespace: Some(service.namespace.as_str().into()),
             name: Some(format!("{}/{}", service.namespace, service.name).into()),
+            peer: None,
+            service: Some(Arc::new(ServiceLabels::service(
+                &service.namespace,
+                &service.name,
+            ))),
         }
     }
 
@@ -247,6 +332,8 @@ impl Names {
             address: Some(addr.to_string().into()),
             namespace: pod.map(|p| p.namespace.as_str().into()),
             name: pod.map(|p| p.name.as_str().into()),
+            peer: pod.map(|p| Arc::new(Peer::of_pod(p))),
+            service: None,
         }
     }
 }
@@ -287,6 +374,7 @@ pub fn shared(s: &str) -> Text {
 pub struct RequestTemplate {
     telemetry: Arc<Telemetry>,
     flow: Arc<Flow>,
+    report: Arc<Report>,
 }
 
 impl RequestTemplate {
@@ -298,6 +386,13 @@ impl RequestTemplate {
         RequestRecord {
             telemetry: self.telemetry.clone(),
             flow,
+            report: self.report.clone(),
+            destination: None,
+            service: None,
+            delivered_here: false,
+            grpc: false,
+            messages: (0, 0),
+            spans: Vec::new(),
             started: Instant::now(),
             emitted: false,
             delay_injected: false,
@@ -311,6 +406,20 @@ impl RequestTemplate {
 pub struct RequestRecord {
     telemetry: Arc<Telemetry>,
     flow: Flow,
+    /// The connection's report; the destination and Service this request went to replace
+    /// the connection's.
+    report: Arc<Report>,
+    destination: Option<Arc<Peer>>,
+    service: Option<Arc<ServiceLabels>>,
+    /// This node delivered it to a pod it hosts: it reports as the destination too.
+    delivered_here: bool,
+    /// A gRPC call (`content-type: application/grpc…`).
+    grpc: bool,
+    /// gRPC messages each way.
+    messages: (u64, u64),
+    /// Sampled spans of this request at this node: the client's, and (a call to a pod of this
+    /// node, or one that came in a tunnel) the server's.
+    spans: Vec<SpanStart>,
     started: Instant,
     emitted: bool,
     /// A fault delay held the request: Envoy's `DI`, joined to whatever flags it ends with.
@@ -359,11 +468,74 @@ impl RequestRecord {
         self
     }
 
+    /// `User-Agent` and `X-Forwarded-For` as the client sent them.
+    pub fn client_headers(
+        &mut self,
+        user_agent: Option<String>,
+        forwarded_for: Option<String>,
+    ) -> &mut Self {
+        let h = self.http();
+        h.user_agent = user_agent;
+        h.forwarded_for = forwarded_for;
+        self
+    }
+
+    /// From sending the request upstream to its response's head.
+    pub fn upstream_service_time(&mut self, took: std::time::Duration) -> &mut Self {
+        self.http().upstream_service_time_ms = Some(took.as_micros() as f64 / 1000.0);
+        self
+    }
+
     /// The Service the request was sent to (after routing, it may differ from the one called).
     pub fn service(&mut self, service: &Names) -> &mut Self {
         self.flow.destination.service = service.name.clone();
         self.flow.destination.namespace = service.namespace.clone();
+        self.service = service.service.clone();
         self
+    }
+
+    /// The request was delivered to a pod of this node (this node reports as its destination
+    /// too), or not (after a retry elsewhere).
+    pub fn delivered_here(&mut self, here: bool) -> &mut Self {
+        self.delivered_here = here;
+        self
+    }
+
+    /// A gRPC call.
+    pub fn grpc(&mut self) -> &mut Self {
+        self.grpc = true;
+        self
+    }
+
+    /// gRPC messages sent by the client and by the server.
+    pub fn messages(&mut self, request: u64, response: u64) -> &mut Self {
+        self.messages = (request, response);
+        self
+    }
+
+    /// The gRPC status the call ended with.
+    pub fn grpc_status(&mut self, status: u16) -> &mut Self {
+        self.http().grpc_status = Some(status);
+        self
+    }
+
+    /// Whether the request is gRPC.
+    pub fn is_grpc(&self) -> bool {
+        self.grpc
+    }
+
+    /// Starts this node's span of `kind` for the request whose headers are `headers` (when
+    /// tracing samples it), and passes the trace on in them. See [`super::trace::Tracing::start`].
+    pub fn trace(&mut self, headers: &mut http::HeaderMap, kind: SpanKind) -> &mut Self {
+        if let Some(span) = self.telemetry.tracing.start(headers, kind) {
+            self.spans.push(span);
+        }
+        self
+    }
+
+    /// A client span is out and no server span yet: what a delivery on this node should add.
+    pub fn wants_server_span(&self) -> bool {
+        !self.spans.is_empty() && self.spans.iter().all(|s| s.kind == SpanKind::Client)
     }
 
     /// An upstream attempt to `endpoint` (with `identity`, over HBONE when `mtls`).
@@ -374,6 +546,8 @@ impl RequestRecord {
             d.namespace = endpoint.namespace.clone();
             d.pod = endpoint.name.clone();
         }
+        d.workload = endpoint.peer.as_ref().map(|p| p.workload.clone());
+        self.destination = endpoint.peer.clone();
         d.identity = identity;
         self.flow.mtls = mtls;
         let h = self.http();
@@ -436,7 +610,91 @@ impl RequestRecord {
             verdict = %flow.verdict,
             "request"
         );
-        self.telemetry.flows.record(flow)
+        let mut report = (*self.report).clone();
+        if let Some(d) = self.destination.take() {
+            report.destination = Some(d);
+        }
+        if let Some(s) = self.service.take() {
+            report.service = Some(s);
+        }
+        report.delivered_here = self.delivered_here;
+        let protocol = if self.grpc {
+            Protocol::Grpc
+        } else {
+            Protocol::Http
+        };
+        for span in std::mem::take(&mut self.spans) {
+            self.finish_span(span, &flow, &report);
+        }
+        self.telemetry
+            .request(flow, &report, protocol, self.messages)
+    }
+}
+
+impl RequestRecord {
+    /// Ends `span` with what the request's flow says, named as Istio's proxies name theirs.
+    fn finish_span(&self, span: SpanStart, flow: &Flow, report: &Report) {
+        let Some(h) = &flow.http else {
+            return;
+        };
+        let port = |addr: &str| addr.rsplit_once(':').map_or("", |(_, p)| p).to_string();
+        let (peer, port, cluster_prefix) = match span.kind {
+            SpanKind::Client => (
+                report.source.as_deref(),
+                port(&flow.original_destination),
+                "outbound",
+            ),
+            SpanKind::Server => (
+                report.destination.as_deref(),
+                port(flow.destination.address.as_deref().unwrap_or("")),
+                "inbound",
+            ),
+        };
+        let host = match &report.service {
+            Some(s) => s.host.to_string(),
+            None => h
+                .authority
+                .rsplit_once(':')
+                .map_or(h.authority.as_str(), |(host, _)| host)
+                .to_string(),
+        };
+        let service_name = match peer {
+            Some(p) if p.known => format!("{}.{}", p.canonical_service, p.namespace),
+            _ => super::istio::UNKNOWN.to_string(),
+        };
+        let upstream_cluster = match span.kind {
+            SpanKind::Client => format!("{cluster_prefix}|{port}||{host}"),
+            SpanKind::Server => format!("{cluster_prefix}|{port}||"),
+        };
+        let peer_address = match span.kind {
+            SpanKind::Client => flow
+                .destination
+                .address
+                .as_deref()
+                .unwrap_or("")
+                .to_string(),
+            SpanKind::Server => flow.source.ip.map(|ip| ip.to_string()).unwrap_or_default(),
+        };
+        let name = format!("{host}:{port}/*");
+        let url = format!("http://{}{}", h.authority, h.path);
+        self.telemetry.tracing.finish(
+            span,
+            SpanEnd {
+                name: &name,
+                service_name: &service_name,
+                method: &h.method,
+                url: &url,
+                status_code: h.status,
+                upstream_cluster: &upstream_cluster,
+                peer_address: &peer_address,
+                response_flags: &h.response_flags,
+                node_id: "",
+                request_id: h.request_id.as_deref(),
+                protocol: &h.protocol,
+                grpc_status: h.grpc_status,
+                error: h.status == 0 || h.status >= 500 || h.grpc_status.is_some_and(|g| g != 0),
+            },
+        );
     }
 }
 
@@ -474,6 +732,7 @@ impl Drop for ConnectionRecord {
 mod tests {
     use super::*;
     use crate::admin::api::FlowFilter;
+    use crate::telemetry::istio::Reporter;
 
     fn telemetry() -> Arc<Telemetry> {
         Arc::new(Telemetry::new("node-1", 100))
@@ -588,5 +847,86 @@ mod tests {
             Some("spiffe://cluster.local/ns/front/sa/client")
         );
         assert!(flow.mtls);
+    }
+
+    #[test]
+    fn a_request_is_reported_by_each_proxy_it_passes() {
+        use crate::telemetry::istio::tests::pod;
+        let t = telemetry();
+        let client = pod("front", "web-6d9f7c8b5-a", "web", &[("app", "web")]);
+        let server = pod(
+            "back",
+            "ratings-v1-6d9f7c8b5-b",
+            "ratings-v1",
+            &[("app", "ratings")],
+        );
+        let mut conn = ConnectionRecord::accepted(&t);
+        conn.reporter(Reporter::Source).source_pod(&client);
+        let requests = conn.requests();
+        let endpoint = Names::endpoint("10.244.1.3:8080".parse().unwrap(), Some(&server));
+        // A pod of this node: reported as source and as destination.
+        let mut r = requests.start(HttpFlow::default());
+        r.upstream(&endpoint, None, false).delivered_here(true);
+        let flow = r.finish(Verdict::Forwarded, 200, "-", None::<&str>);
+        assert_eq!(flow.source.workload.as_deref(), Some("web"));
+        assert_eq!(flow.destination.workload.as_deref(), Some("ratings-v1"));
+        assert_eq!(t.istio.series_count(), (2, 0));
+        // Counted once in the golden signals, though reported twice.
+        let rows = t.golden.stat(&crate::admin::api::StatQuery {
+            by: crate::admin::api::StatBy::Pod,
+            namespace: None,
+            window: std::time::Duration::from_secs(60),
+        });
+        let row = rows
+            .iter()
+            .find(|r| r.name == "ratings-v1-6d9f7c8b5-b")
+            .unwrap();
+        assert_eq!(row.requests, 1, "{rows:?}");
+        // Another node's: the source only (a new series: 503).
+        let mut r = requests.start(HttpFlow::default());
+        r.upstream(&endpoint, None, true).delivered_here(false);
+        r.finish(Verdict::Forwarded, 503, "-", None::<&str>);
+        assert_eq!(t.istio.series_count(), (3, 0));
+        // The connection itself adds no TCP series: its requests were its report.
+        conn.finish_http(2, None::<&str>);
+        assert_eq!(t.istio.series_count(), (3, 0));
+    }
+
+    #[test]
+    fn a_tcp_connection_is_counted_open_while_it_relays_and_closed_with_its_bytes() {
+        use crate::telemetry::istio::tests::pod;
+        let t = telemetry();
+        let client = pod("front", "web-6d9f7c8b5-a", "web", &[("app", "web")]);
+        let server = pod("back", "db-6d9f7c8b5-b", "db", &[("app", "db")]);
+        let mut r = ConnectionRecord::accepted(&t);
+        r.reporter(Reporter::Destination)
+            .source_pod(&client)
+            .destination_pod(&server)
+            .mtls();
+        let t2 = t.clone();
+        futures::executor::block_on(r.relay(async move {
+            assert_eq!(
+                t2.istio.series_count(),
+                (0, 1),
+                "opened when the relay starts"
+            );
+            Relayed {
+                sent: 5,
+                received: 7,
+                error: None,
+            }
+        }));
+        r.finish(Verdict::Forwarded, None::<&str>);
+        assert_eq!(t.istio.series_count(), (0, 1), "closed on the same series");
+        // A refused one: opened and closed at once, with its flag.
+        let mut r = ConnectionRecord::accepted(&t);
+        r.reporter(Reporter::Destination)
+            .source_pod(&client)
+            .destination_pod(&server);
+        r.finish(Verdict::Denied, Some("denied"));
+        assert_eq!(t.istio.series_count(), (0, 2));
+        // One the proxy could not attribute: a flow only.
+        ConnectionRecord::accepted(&t).finish(Verdict::Unidentified, Some("no redirect"));
+        assert_eq!(t.istio.series_count(), (0, 2));
     }
 }

@@ -110,17 +110,20 @@ async fn connect(o: &Opts) -> Result<Sender, String> {
     }
 }
 
+/// Request `i` of the run: `{i}` in the path is its number (distinct paths).
 fn request(
     o: &Opts,
     headers: &[(HeaderName, HeaderValue)],
+    i: u64,
 ) -> Result<Request<Empty<Bytes>>, String> {
+    let path = o.path.replace("{i}", &i.to_string());
     let method = Method::from_bytes(o.method.as_bytes()).map_err(|e| format!("method: {e}"))?;
     let authority = o.host.clone().unwrap_or_else(|| o.addr.to_string());
     // HTTP/2 takes `:authority` from the URI; HTTP/1.1 sends the URI as the request target.
     let uri = if o.http2 {
-        format!("http://{authority}{}", o.path)
+        format!("http://{authority}{path}")
     } else {
-        o.path.clone()
+        path
     };
     let mut b = Request::builder().method(method).uri(uri);
     if !o.http2 {
@@ -181,7 +184,7 @@ async fn load(o: &Opts) -> Summary {
             s.failed = o.count - s.ok;
             break;
         }
-        let req = match request(o, &headers) {
+        let req = match request(o, &headers, i) {
             Ok(r) => r,
             Err(e) => {
                 s.error(e);
@@ -277,12 +280,12 @@ mod tests {
             max: Duration::from_secs(1),
             interval: Duration::ZERO,
         };
-        let r = request(&o, &[]).unwrap();
+        let r = request(&o, &[], 0).unwrap();
         assert_eq!(r.uri().to_string(), "http://reviews/p?q=1");
         assert!(r.headers().get("host").is_none());
         o.http2 = false;
         o.host = None;
-        let r = request(&o, &[]).unwrap();
+        let r = request(&o, &[], 0).unwrap();
         assert_eq!(r.uri().to_string(), "/p?q=1");
         assert_eq!(r.headers()["host"], "10.96.0.10:9080");
     }

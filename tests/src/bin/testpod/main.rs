@@ -110,6 +110,7 @@ enum Cmd {
         count: u64,
         #[arg(long, default_value = "GET")]
         method: String,
+        /// Request path; `{i}` in it is the request's number (distinct paths).
         #[arg(long, default_value = "/")]
         path: String,
         /// Extra request header `Name: value` (repeatable).
