@@ -11,11 +11,10 @@ use hyper::body::Incoming;
 use tokio::io::{AsyncRead, AsyncWrite};
 
 use super::authorize::{authorize_request, service_for_authority, Caller};
-use crate::admin::api::Text;
-use crate::admin::api::{HttpFlow, Verdict};
+use crate::admin::api::{HttpFlow, Text, Verdict, NO_FLAGS};
 use crate::exchange::body::Counter;
 use crate::exchange::{
-    self, authority_of, denied, own, upstream_request, ClientVersion, ResponseBody,
+    self, authority_of, denied, is_upgrade, own, upstream_request, ClientVersion, ResponseBody,
 };
 use crate::identity::SpiffeId;
 use crate::inputs::ProxyInputs;
@@ -56,6 +55,7 @@ pub async fn serve<S>(
     clients: Arc<HttpPool>,
     io: S,
     t: Tunnelled,
+    connected: Option<tokio::net::TcpStream>,
     max_head: usize,
     mut record: ConnectionRecord,
 ) where
@@ -74,6 +74,18 @@ pub async fn serve<S>(
         .into(),
         t,
     });
+    if let Some(tcp) = connected {
+        // The connection opened before the tunnel was accepted: the first requests' upstream.
+        let version = t.t.version.as_version();
+        match Sender::handshake(tcp, version, Reuse::default(), ()).await {
+            Ok(sender) => {
+                clients.checkin(&pool_key(&inputs, &t, version), sender);
+            }
+            Err(e) => {
+                tracing::debug!(error = %e, pod = %t.t.target, "handshake with the pod failed")
+            }
+        }
+    }
     let tmpl = template.clone();
     let (requests, error) = exchange::serve(io, t.t.version, max_head, &template, &mut record, {
         move |req| {
@@ -94,10 +106,13 @@ async fn request(
     clients: &HttpPool,
     tunnel: &Tunnel,
     template: &RequestTemplate,
-    req: Request<Incoming>,
+    mut req: Request<Incoming>,
 ) -> Response<ResponseBody> {
     let t = &tunnel.t;
     let authority = authority_of(&req);
+    // A WebSocket (or other) upgrade: once the pod agrees, both sides are bytes.
+    let upgrade = t.version == ClientVersion::Http1 && is_upgrade(&req);
+    let client_upgrade = upgrade.then(|| hyper::upgrade::on(&mut req));
     let (mut parts, body) = req.into_parts();
     let path = parts
         .uri
@@ -144,13 +159,7 @@ async fn request(
         return denied(record);
     }
     let version = t.version.as_version();
-    let key = PoolKey {
-        endpoint: t.target,
-        via: tunnel.via.clone(),
-        version,
-        cluster: 0,
-        generation: inputs.registry.snapshot().generation,
-    };
+    let key = pool_key(inputs, tunnel, version);
     let sent = Counter::for_request(record.is_grpc());
     let req = upstream_request(Request::from_parts(parts, body), version, &authority, &sent);
     let sent_at = std::time::Instant::now();
@@ -191,9 +200,29 @@ async fn request(
         }
     };
     match sender.send(req).await {
-        Ok(resp) => {
-            clients.checkin(&key, sender);
+        Ok(mut resp) => {
             record.upstream_service_time(sent_at.elapsed());
+            let switching = resp.status() == http::StatusCode::SWITCHING_PROTOCOLS
+                || (upgrade && resp.status().is_success() && record.method() == "CONNECT");
+            if let (true, Some(client_upgrade)) = (switching, client_upgrade) {
+                // The connection to the pod is handed over to the upgrade: not kept.
+                let upstream_upgrade = hyper::upgrade::on(&mut resp);
+                tokio::spawn(async move {
+                    match tokio::try_join!(client_upgrade, upstream_upgrade) {
+                        Ok((c, u)) => {
+                            let mut c = hyper_util::rt::TokioIo::new(c);
+                            let mut u = hyper_util::rt::TokioIo::new(u);
+                            let _ = tokio::io::copy_bidirectional(&mut c, &mut u).await;
+                        }
+                        Err(e) => tracing::debug!(error = %e, "upgrade did not complete"),
+                    }
+                });
+                let status = resp.status().as_u16();
+                let (parts, _) = resp.into_parts();
+                record.finish(Verdict::Forwarded, status, NO_FLAGS, None::<&str>);
+                return Response::from_parts(parts, exchange::empty());
+            }
+            clients.checkin(&key, sender);
             exchange::client_response(resp, t.version, record, sent, None, None::<()>)
         }
         Err(e) => own(
@@ -202,5 +231,20 @@ async fn request(
             Flag::UpstreamRemoteReset,
             Some(e.to_string()),
         ),
+    }
+}
+
+/// Where the connections to a tunnel's pod are kept, by the caller they are made for.
+fn pool_key(
+    inputs: &ProxyInputs,
+    tunnel: &Tunnel,
+    version: crate::upstream::http::Version,
+) -> PoolKey {
+    PoolKey {
+        endpoint: tunnel.t.target,
+        via: tunnel.via.clone(),
+        version,
+        cluster: 0,
+        generation: inputs.registry.snapshot().generation,
     }
 }

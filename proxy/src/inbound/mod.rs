@@ -120,10 +120,6 @@ impl Handler for Inbound {
             ) {
                 // A port declared HTTP is served request by request even when no policy
                 // needs it: each request is reported here, as the destination.
-                Admission::Deliver { pod, per_request } => Admission::Deliver {
-                    per_request: per_request || declared_http(&snapshot, &pod, req.target.port()),
-                    pod,
-                },
                 other => other,
             }
         };
@@ -170,9 +166,15 @@ impl Handler for Inbound {
             record.service(service);
         }
         if per_request {
-            self.per_request(pending, pod, services, req, record).await;
+            self.per_request(pending, pod, services, req, None, record)
+                .await;
             return;
         }
+        // A port a Service declares HTTP is served request by request too, so that each
+        // request is reported here, as the destination; connected to first, as any tunnel
+        // that needs no request's decision is, so that a pod that refuses is a refused tunnel
+        // (the caller's node sees a connect failure, as without HTTP).
+        let declared = declared_http(&inputs.registry.snapshot(), &pod, req.target.port());
         let upstream = match inputs
             .connector
             .connect(
@@ -191,6 +193,11 @@ impl Handler for Inbound {
                 return;
             }
         };
+        if declared {
+            self.per_request(pending, pod, services, req, Some(upstream), record)
+                .await;
+            return;
+        }
         let stream = match pending.accept() {
             Ok(s) => s,
             Err(e) => {
@@ -259,14 +266,17 @@ impl Inbound {
 }
 
 impl Inbound {
-    /// A tunnel whose requests decide: HTTP is served and authorized request by request;
-    /// anything else is authorized as TCP and relayed.
+    /// A tunnel served request by request (its policies decide each request, or its port is
+    /// declared HTTP): HTTP is served, authorized and reported request by request; anything
+    /// else is authorized as TCP and relayed. `connected`: the connection to the pod, when it
+    /// was opened before the tunnel was accepted.
     async fn per_request(
         &self,
         pending: Pending,
         pod: Arc<Pod>,
         services: Vec<Arc<Service>>,
         req: crate::tunnel::server::ConnectRequest,
+        connected: Option<tokio::net::TcpStream>,
         mut record: ConnectionRecord,
     ) {
         let inputs = &self.inputs;
@@ -298,6 +308,7 @@ impl Inbound {
                 self.clients.clone(),
                 Rewind::new(first, stream),
                 t,
+                connected,
                 self.config.max_request_headers,
                 record,
             )
@@ -315,17 +326,19 @@ impl Inbound {
             record.finish(Verdict::Denied, Some(message));
             return;
         }
-        let mut upstream = match inputs
-            .connector
-            .connect(
-                OnBehalfOf::Peer {
-                    identity: &req.peer,
-                    source: req.forwarded_for,
-                },
-                req.target,
-            )
-            .await
-        {
+        let connecting = async {
+            match connected {
+                Some(c) => Ok(c),
+                None => {
+                    let on_behalf = OnBehalfOf::Peer {
+                        identity: &req.peer,
+                        source: req.forwarded_for,
+                    };
+                    inputs.connector.connect(on_behalf, req.target).await
+                }
+            }
+        };
+        let mut upstream = match connecting.await {
             Ok(s) => s,
             Err(e) => {
                 record.finish(Verdict::ConnectFailed, Some(e));
