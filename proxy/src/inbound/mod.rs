@@ -111,17 +111,13 @@ impl Handler for Inbound {
             if let Some(pod) = calling_pod(&snapshot, &caller) {
                 record.source_pod(&pod);
             }
-            match admit(
+            admit(
                 &snapshot,
                 &inputs.policies.load(),
                 &inputs.node,
                 req.target,
                 &caller,
-            ) {
-                // A port declared HTTP is served request by request even when no policy
-                // needs it: each request is reported here, as the destination.
-                other => other,
-            }
+            )
         };
         let pod = match admission {
             Admission::NotHere => {
