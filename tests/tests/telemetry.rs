@@ -195,6 +195,7 @@ fn wait_value(
     }
 }
 
+/// The `traceparent` header (a `-H` argument) of a request in `trace` from span `span`.
 fn traceparent(trace: &str, span: &str, sampled: bool) -> String {
     format!(
         "traceparent: 00-{trace}-{span}-{}",
@@ -586,19 +587,16 @@ fn istio_metrics_access_logs_traces_and_golden_signals_report_scripted_traffic()
     assert!(dot.starts_with("digraph"), "{dot}");
 
     // Traces: the client's traceparent is continued by both proxies, parent to child.
-    let trace = "4bf92f3577b34da6a3ce929d0e0e4736";
     let client_span = "00f067aa0ba902b7";
-    let r = http(
-        &web,
-        reviews_svc.addr(HTTP_PORT),
-        &[
-            "--host",
-            reviews_fqdn,
-            "-H",
-            &traceparent(trace, client_span, true),
-        ],
-    );
-    assert_eq!(r.status, 200, "{r:?}");
+    // A GET from web to `to` (with Host `host`), in trace `trace` (sampled or not): answered 200.
+    let traced = |to: std::net::SocketAddr, host: &str, trace: &str, sampled: bool| {
+        let header = traceparent(trace, client_span, sampled);
+        let r = http(&web, to, &["--host", host, "-H", &header]);
+        assert_eq!(r.status, 200, "{r:?}");
+        r
+    };
+    let trace = "4bf92f3577b34da6a3ce929d0e0e4736";
+    let r = traced(reviews_svc.addr(HTTP_PORT), reviews_fqdn, trace, true);
     let from_a = spans_of(&grpc_collector.wait_for(1, WAIT), trace);
     let from_b = spans_of(&http_collector.wait_for(1, WAIT), trace);
     assert_eq!(
@@ -624,12 +622,7 @@ fn istio_metrics_access_logs_traces_and_golden_signals_report_scripted_traffic()
     assert_eq!(seen, [format!("00-{trace}-{}-01", server.span_id)], "{r:?}");
     // Same node: both spans from node-a.
     let trace2 = "5bf92f3577b34da6a3ce929d0e0e4737";
-    let r = http(
-        &web,
-        ratings_svc.addr(HTTP_PORT),
-        &["-H", &traceparent(trace2, client_span, true)],
-    );
-    assert_eq!(r.status, 200, "{r:?}");
+    traced(ratings_svc.addr(HTTP_PORT), ratings_fqdn, trace2, true);
     let deadline = Instant::now() + WAIT;
     let both = loop {
         let s = spans_of(&grpc_collector.spans(), trace2);
@@ -653,36 +646,15 @@ fn istio_metrics_access_logs_traces_and_golden_signals_report_scripted_traffic()
     assert_eq!(server.service_name, "ratings.back");
     // Not sampled: nothing is exported.
     let trace3 = "6bf92f3577b34da6a3ce929d0e0e4738";
-    let r = http(
-        &web,
-        reviews_svc.addr(HTTP_PORT),
-        &[
-            "--host",
-            reviews_fqdn,
-            "-H",
-            &traceparent(trace3, client_span, false),
-        ],
-    );
-    assert_eq!(r.status, 200, "{r:?}");
+    traced(reviews_svc.addr(HTTP_PORT), reviews_fqdn, trace3, false);
     std::thread::sleep(Duration::from_millis(1500));
     assert!(spans_of(&grpc_collector.spans(), trace3).is_empty());
     assert!(spans_of(&http_collector.spans(), trace3).is_empty());
     // A collector that refuses changes nothing for traffic; the loss is counted.
     grpc_collector.set_refusing(true);
     for i in 0..5 {
-        let r = http(
-            &web,
-            ratings_svc.addr(HTTP_PORT),
-            &[
-                "-H",
-                &traceparent(
-                    &format!("7bf92f3577b34da6a3ce929d0e0e47{i:02}"),
-                    client_span,
-                    true,
-                ),
-            ],
-        );
-        assert_eq!(r.status, 200, "{r:?}");
+        let trace = format!("7bf92f3577b34da6a3ce929d0e0e47{i:02}");
+        traced(ratings_svc.addr(HTTP_PORT), ratings_fqdn, &trace, true);
     }
     let deadline = Instant::now() + WAIT;
     loop {

@@ -175,6 +175,10 @@ pub struct Flow {
     /// The HTTP request, when this flow is one request of an HTTP connection.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub http: Option<HttpFlow>,
+    /// It came in an HBONE tunnel from another node: this node is the destination's (Istio's
+    /// inbound side).
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub inbound: bool,
 }
 
 /// One HTTP request as weft handled it (a flow's `http`).
@@ -286,6 +290,7 @@ impl Default for Flow {
             mtls: false,
             policy: None,
             http: None,
+            inbound: false,
         }
     }
 }

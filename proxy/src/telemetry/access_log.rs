@@ -590,8 +590,19 @@ fn destination_service(flow: &Flow) -> Option<&str> {
 }
 
 /// Istio's name of the cluster of the Service called: `outbound|<port>||<host>`, the port the
-/// client called; `None` when no Service was.
+/// client called; `None` when no Service was. On the destination's node (a call that came in a
+/// tunnel), Istio's inbound cluster: `inbound|<pod port>||`.
 fn upstream_cluster(flow: &Flow) -> Option<String> {
+    if flow.inbound {
+        let port = flow
+            .destination
+            .address
+            .as_deref()
+            .and_then(|a| a.parse::<std::net::SocketAddr>().ok())
+            .map(|a| a.port().to_string())
+            .unwrap_or_default();
+        return Some(format!("inbound|{port}||"));
+    }
     let host = service_host(destination_service(flow)?);
     let port = flow
         .original_destination
@@ -721,6 +732,7 @@ mod tests {
                 upstream_service_time_ms: Some(9.6),
                 grpc_status: None,
             }),
+            inbound: false,
         }
     }
 
@@ -751,6 +763,18 @@ mod tests {
             error: Some("connection refused".into()),
             ..Flow::default()
         }
+    }
+
+    #[test]
+    fn the_destinations_node_logs_istios_inbound_cluster() {
+        let flow = Flow {
+            inbound: true,
+            ..request()
+        };
+        let line = text_line(&flow);
+        assert!(line.contains(" inbound|8080|| "), "{line}");
+        let json: serde_json::Value = serde_json::from_str(&json_line(&flow)).unwrap();
+        assert_eq!(json["upstream_cluster"], "inbound|8080||");
     }
 
     #[test]

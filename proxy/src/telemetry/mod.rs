@@ -109,7 +109,8 @@ impl Telemetry {
 
     /// Emits a connection's record: flows, Istio's TCP metrics (HTTP connections are counted
     /// by their requests), the access log.
-    fn connection(&self, flow: Flow, report: &Report) -> Arc<Flow> {
+    fn connection(&self, mut flow: Flow, report: &Report) -> Arc<Flow> {
+        flow.inbound = report.by_destination && !report.by_source;
         if flow.http.is_none() && flow.protocol.as_ref() != "http" && labelled(&flow) {
             let flags = tcp_flags(flow.verdict);
             for reporter in report.reporters() {
@@ -145,11 +146,12 @@ impl Telemetry {
     /// Emits a request's record: flows, Istio's request metrics, the access log.
     fn request(
         &self,
-        flow: Flow,
+        mut flow: Flow,
         report: &Report,
         protocol: Protocol,
         messages: (u64, u64),
     ) -> Arc<Flow> {
+        flow.inbound = report.by_destination && !report.by_source;
         if let Some(http) = &flow.http {
             let sample = RequestSample {
                 duration_ms: http.duration_ms,
