@@ -162,7 +162,7 @@ pub fn service_for_authority<'a>(
             "{}.{}.svc.{}",
             s.name,
             s.namespace,
-            crate::config::CLUSTER_DOMAIN
+            crate::registry::CLUSTER_DOMAIN
         );
         host == s.name
             || fqdn
