@@ -68,6 +68,7 @@
 //! | `connect_failed` | `UF` | Envoy: upstream connection failure (refused, unreachable, timed out) |
 //! | `denied` | `DENY` | ztunnel's flag for a connection an AuthorizationPolicy denied (Envoy's RBAC filter sets none); `POLICY` names the policy |
 //! | `malformed` | `DPE` | Envoy: downstream protocol error |
+//! | `over_limit` | `OM` | Envoy: the overload manager refused it; here a connection limit of weft's (`--max-connections`, `--max-connections-per-pod`) |
 //! | `unidentified` | `NR` | Envoy: no route (no filter chain) for the connection; its destination is unknown |
 //! | `unhandled` | `NR` | the connection never reached the proxy: nothing routed it |
 //!
@@ -362,6 +363,8 @@ pub fn tcp_response_flags(verdict: Verdict) -> &'static str {
         Verdict::ConnectFailed => "UF",
         Verdict::Denied => "DENY",
         Verdict::Malformed => "DPE",
+        // Envoy's overload flag: the proxy itself had no room for the connection.
+        Verdict::OverLimit => "OM",
         Verdict::Unidentified | Verdict::Unhandled => "NR",
     }
 }

@@ -8,6 +8,10 @@
 //!
 //! Each data-path worker ([`crate::worker`]) keeps connections of its own, as Envoy's workers
 //! do: a request and its upstream connection are served by the same thread.
+//!
+//! A connection with no request sent and no byte moved for its idle timeout (DestinationRule
+//! `connectionPool.http.idleTimeout`, Istio's default 1 h) is closed by its own task, whether
+//! or not another request comes: nothing is kept open for an endpoint nobody calls any more.
 
 use std::collections::HashMap;
 use std::net::SocketAddr;
@@ -81,6 +85,115 @@ struct Shared {
     /// Requests sent on it.
     used: AtomicU32,
     reuse: Reuse,
+    /// When a request was last sent on it or a byte last moved.
+    activity: Arc<Activity>,
+}
+
+/// When a connection was last used, in milliseconds since [`epoch`].
+#[derive(Debug, Default)]
+struct Activity(AtomicU64);
+
+impl Activity {
+    fn touch(&self) {
+        self.0.store(since_epoch(Instant::now()), Ordering::Relaxed);
+    }
+
+    /// How long it has been unused at `now`.
+    fn idle(&self, now: Instant) -> Duration {
+        Duration::from_millis(since_epoch(now).saturating_sub(self.0.load(Ordering::Relaxed)))
+    }
+}
+
+/// A fixed instant every [`Activity`] counts from.
+fn epoch() -> Instant {
+    static EPOCH: std::sync::OnceLock<Instant> = std::sync::OnceLock::new();
+    *EPOCH.get_or_init(Instant::now)
+}
+
+fn since_epoch(now: Instant) -> u64 {
+    now.saturating_duration_since(epoch()).as_millis() as u64
+}
+
+/// Ends once the connection has been unused for `timeout` (never with `None`): looked at on a
+/// coarse tick, a quarter of the timeout (100 ms to 30 s).
+async fn unused_for(activity: &Activity, timeout: Option<Duration>) {
+    let Some(timeout) = timeout else {
+        return std::future::pending().await;
+    };
+    let mut every = tokio::time::interval(
+        (timeout / 4).clamp(Duration::from_millis(100), Duration::from_secs(30)),
+    );
+    loop {
+        every.tick().await;
+        if activity.idle(Instant::now()) >= timeout {
+            return;
+        }
+    }
+}
+
+/// A connection's byte stream, noting in its [`Activity`] when bytes move.
+struct Watched<T> {
+    inner: T,
+    activity: Arc<Activity>,
+}
+
+impl<T: AsyncRead + Unpin> AsyncRead for Watched<T> {
+    fn poll_read(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+        buf: &mut tokio::io::ReadBuf<'_>,
+    ) -> std::task::Poll<std::io::Result<()>> {
+        let before = buf.filled().len();
+        let r = std::pin::Pin::new(&mut self.inner).poll_read(cx, buf);
+        if buf.filled().len() > before {
+            self.activity.touch();
+        }
+        r
+    }
+}
+
+impl<T: AsyncWrite + Unpin> AsyncWrite for Watched<T> {
+    fn poll_write(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+        buf: &[u8],
+    ) -> std::task::Poll<std::io::Result<usize>> {
+        let r = std::pin::Pin::new(&mut self.inner).poll_write(cx, buf);
+        if matches!(r, std::task::Poll::Ready(Ok(n)) if n > 0) {
+            self.activity.touch();
+        }
+        r
+    }
+
+    fn poll_write_vectored(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+        bufs: &[std::io::IoSlice<'_>],
+    ) -> std::task::Poll<std::io::Result<usize>> {
+        let r = std::pin::Pin::new(&mut self.inner).poll_write_vectored(cx, bufs);
+        if matches!(r, std::task::Poll::Ready(Ok(n)) if n > 0) {
+            self.activity.touch();
+        }
+        r
+    }
+
+    fn is_write_vectored(&self) -> bool {
+        self.inner.is_write_vectored()
+    }
+
+    fn poll_flush(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<std::io::Result<()>> {
+        std::pin::Pin::new(&mut self.inner).poll_flush(cx)
+    }
+
+    fn poll_shutdown(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<std::io::Result<()>> {
+        std::pin::Pin::new(&mut self.inner).poll_shutdown(cx)
+    }
 }
 
 /// How long a connection may be reused (DestinationRule `connectionPool.http`).
@@ -107,13 +220,25 @@ impl Sender {
     where
         T: AsyncRead + AsyncWrite + Send + Unpin + 'static,
     {
-        let io = TokioIo::new(io);
+        let activity = Arc::new(Activity::default());
+        activity.touch();
+        let io = TokioIo::new(Watched {
+            inner: io,
+            activity: activity.clone(),
+        });
+        let idle = reuse.idle_timeout;
         let conn = match version {
             Version::Http1 => {
                 let (send, conn) = http1::Builder::new().handshake(io).await?;
+                let activity = activity.clone();
                 tokio::spawn(async move {
-                    if let Err(e) = conn.with_upgrades().await {
-                        debug!(error = %e, "upstream HTTP/1.1 connection ended");
+                    tokio::select! {
+                        r = conn.with_upgrades() => if let Err(e) = r {
+                            debug!(error = %e, "upstream HTTP/1.1 connection ended");
+                        },
+                        () = unused_for(&activity, idle) => {
+                            debug!(?idle, "upstream HTTP/1.1 connection idle: closed");
+                        }
                     }
                     drop(hold);
                 });
@@ -124,9 +249,15 @@ impl Sender {
                     .timer(hyper_util::rt::TokioTimer::new())
                     .handshake(io)
                     .await?;
+                let activity = activity.clone();
                 tokio::spawn(async move {
-                    if let Err(e) = conn.await {
-                        debug!(error = %e, "upstream HTTP/2 connection ended");
+                    tokio::select! {
+                        r = conn => if let Err(e) = r {
+                            debug!(error = %e, "upstream HTTP/2 connection ended");
+                        },
+                        () = unused_for(&activity, idle) => {
+                            debug!(?idle, "upstream HTTP/2 connection idle: closed");
+                        }
                     }
                     drop(hold);
                 });
@@ -138,6 +269,7 @@ impl Sender {
             shared: Arc::new(Shared {
                 used: AtomicU32::new(0),
                 reuse,
+                activity,
             }),
             idle_since: Instant::now(),
         })
@@ -165,6 +297,7 @@ impl Sender {
     /// Sends a request and waits for the response head.
     pub async fn send(&mut self, req: Request<Body>) -> Result<Response<Incoming>, hyper::Error> {
         self.shared.used.fetch_add(1, Ordering::Relaxed);
+        self.shared.activity.touch();
         match &mut self.conn {
             Conn::Http1(s) => {
                 s.ready().await?;
@@ -501,6 +634,43 @@ mod tests {
             assert!(
                 pool.checkout(&key).is_none(),
                 "{version:?}: idle too long, let go"
+            );
+        }
+    }
+
+    #[tokio::test]
+    async fn an_unused_connection_is_closed_without_another_request() {
+        for version in [Version::Http1, Version::Http2] {
+            let addr = server(version).await;
+            let io = tokio::net::TcpStream::connect(addr).await.unwrap();
+            let (closed_tx, closed_rx) = tokio::sync::oneshot::channel::<()>();
+            let reuse = Reuse {
+                max_requests: 0,
+                idle_timeout: Some(Duration::from_millis(300)),
+            };
+            let mut s = Sender::handshake(io, version, reuse, closed_tx)
+                .await
+                .unwrap();
+            let req = Request::builder()
+                .uri(format!("http://{addr}/"))
+                .body(Empty::new().map_err(|e| match e {}).boxed())
+                .unwrap();
+            let resp = s.send(req).await.unwrap();
+            resp.into_body().collect().await.unwrap();
+            let pool = HttpPool::default();
+            let key = direct(addr, version);
+            assert!(pool.checkin(&key, s));
+            let started = Instant::now();
+            // The connection's task lets go of what holds it open once it is closed.
+            let _ = tokio::time::timeout(Duration::from_secs(3), closed_rx).await;
+            let took = started.elapsed();
+            assert!(
+                took >= Duration::from_millis(250) && took < Duration::from_secs(2),
+                "{version:?}: closed after {took:?}"
+            );
+            assert!(
+                pool.checkout(&key).is_none(),
+                "{version:?}: closed, not reused"
             );
         }
     }

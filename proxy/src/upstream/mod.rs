@@ -30,6 +30,7 @@ pub mod tls;
 use std::fmt;
 use std::io;
 use std::net::{IpAddr, SocketAddr, SocketAddrV4};
+use std::os::fd::AsFd;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -76,12 +77,39 @@ pub enum ConnectError {
 }
 
 /// TCP keepalive for an upstream socket (DestinationRule `tcp.tcpKeepalive`; a field left
-/// out: the kernel's setting).
+/// out: [`KEEPALIVE`]'s).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Keepalive {
     pub probes: Option<u32>,
     pub time: Option<Duration>,
     pub interval: Option<Duration>,
+}
+
+/// TCP keepalive on every socket weft accepts or opens, so that a peer that vanished (a node
+/// powered off, a pod's network torn down) is found even when nothing is being sent:
+/// ztunnel's values, a first probe after 180 s without traffic, then one every 180 s, and the
+/// connection dropped after 9 unanswered (about half an hour). The kernel's own defaults
+/// (2 h, then 9 × 75 s) would hold a dead peer's descriptors for over two hours.
+pub const KEEPALIVE: Keepalive = Keepalive {
+    probes: Some(9),
+    time: Some(Duration::from_secs(180)),
+    interval: Some(Duration::from_secs(180)),
+};
+
+/// Turns TCP keepalive on for `socket`: `keepalive`'s fields, [`KEEPALIVE`]'s where it leaves
+/// one out. On a listening socket, every connection it accepts inherits the setting (Linux
+/// copies it to each accepted socket), so a listener needs this once.
+pub fn set_keepalive(socket: &impl AsFd, keepalive: Keepalive) -> io::Result<()> {
+    let ka = socket2::TcpKeepalive::new()
+        .with_time(keepalive.time.or(KEEPALIVE.time).unwrap_or_default())
+        .with_interval(
+            keepalive
+                .interval
+                .or(KEEPALIVE.interval)
+                .unwrap_or_default(),
+        )
+        .with_retries(keepalive.probes.or(KEEPALIVE.probes).unwrap_or_default());
+    socket2::SockRef::from(socket).set_tcp_keepalive(&ka)
 }
 
 /// Told about each IPv4 connection weft opens, after its local port is bound and before its
@@ -124,7 +152,7 @@ impl Connector {
     }
 
     /// Connects to `target` for `on_behalf`, with `TCP_NODELAY` set (the proxy relays what it
-    /// reads at once; batching is the endpoints' business).
+    /// reads at once; batching is the endpoints' business) and [`KEEPALIVE`].
     pub async fn connect(
         &self,
         on_behalf: OnBehalfOf<'_>,
@@ -163,19 +191,7 @@ impl Connector {
                 .map_err(|_| ConnectError::TimedOut(timeout))??,
         };
         let _ = stream.set_nodelay(true);
-        if let Some(k) = keepalive {
-            let mut ka = socket2::TcpKeepalive::new();
-            if let Some(t) = k.time {
-                ka = ka.with_time(t);
-            }
-            if let Some(i) = k.interval {
-                ka = ka.with_interval(i);
-            }
-            if let Some(p) = k.probes {
-                ka = ka.with_retries(p);
-            }
-            socket2::SockRef::from(&stream).set_tcp_keepalive(&ka)?;
-        }
+        set_keepalive(&stream, keepalive.unwrap_or(KEEPALIVE))?;
         Ok(stream)
     }
 
@@ -240,6 +256,43 @@ mod tests {
         drop(l);
         let e = c.connect(OnBehalfOf::Unidentified, addr).await.unwrap_err();
         assert!(matches!(e, ConnectError::Io(_)), "{e}");
+    }
+
+    #[tokio::test]
+    async fn every_socket_has_keepalive_and_accepted_ones_inherit_it() {
+        let l = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        set_keepalive(&l, KEEPALIVE).unwrap();
+        let addr = l.local_addr().unwrap();
+        let c = Connector::new(Duration::from_secs(2));
+        let opened = c.connect(OnBehalfOf::Unidentified, addr).await.unwrap();
+        let (accepted, _) = l.accept().await.unwrap();
+        for s in [&opened, &accepted] {
+            let s = socket2::SockRef::from(s);
+            assert!(s.keepalive().unwrap());
+            assert_eq!(s.tcp_keepalive_time().unwrap(), Duration::from_secs(180));
+            assert_eq!(
+                s.tcp_keepalive_interval().unwrap(),
+                Duration::from_secs(180)
+            );
+            assert_eq!(s.tcp_keepalive_retries().unwrap(), 9);
+        }
+        // A DestinationRule's field wins; the ones it leaves out are weft's.
+        let ruled = c
+            .connect_with(
+                OnBehalfOf::Unidentified,
+                addr,
+                None,
+                Some(Keepalive {
+                    probes: None,
+                    time: Some(Duration::from_secs(30)),
+                    interval: None,
+                }),
+            )
+            .await
+            .unwrap();
+        let s = socket2::SockRef::from(&ruled);
+        assert_eq!(s.tcp_keepalive_time().unwrap(), Duration::from_secs(30));
+        assert_eq!(s.tcp_keepalive_retries().unwrap(), 9);
     }
 
     #[test]
