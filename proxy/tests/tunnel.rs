@@ -4,6 +4,7 @@
 use std::collections::HashSet;
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -13,6 +14,7 @@ use rustls::{DigitallySignedStruct, SignatureScheme};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
 
+use weft::drain::Draining;
 use weft::identity::{
     init_ca, sni_for, AuthorityConfig, IdentityConfig, IdentityManager, SpiffeId,
 };
@@ -28,8 +30,12 @@ use weft::upstream::{Connector, OnBehalfOf};
 #[derive(Debug, Clone, PartialEq, Eq)]
 enum Decision {
     Deliver,
-    Deny { policy: String },
+    Deny {
+        policy: String,
+    },
     NotFound,
+    /// Never answers (a target that takes forever to connect to), until dropped.
+    Hang,
 }
 
 /// How a stream ended, as the test's destination node saw it.
@@ -88,6 +94,18 @@ type Decide = Box<dyn Fn(&ConnectRequest) -> Decision + Send + Sync>;
 struct Handler {
     decide: Decide,
     finished: Mutex<Vec<(ConnectRequest, Outcome)>>,
+    /// `Hang` streams started, and those whose work was dropped.
+    hanging: AtomicUsize,
+    dropped: Arc<AtomicUsize>,
+}
+
+/// Counts a handler's work dropped before it finished.
+struct CountDrop(Arc<AtomicUsize>);
+
+impl Drop for CountDrop {
+    fn drop(&mut self) {
+        self.0.fetch_add(1, Ordering::SeqCst);
+    }
 }
 
 impl ServerHandler for Handler {
@@ -101,6 +119,12 @@ impl ServerHandler for Handler {
             error: None,
         };
         match (self.decide)(&req) {
+            Decision::Hang => {
+                let _dropped = CountDrop(self.dropped.clone());
+                self.hanging.fetch_add(1, Ordering::SeqCst);
+                std::future::pending::<()>().await;
+                drop(pending);
+            }
             Decision::NotFound => {
                 pending.refuse(Rejection::NotFound);
                 (outcome.verdict, outcome.status) = (Ended::NotFound, 404);
@@ -161,6 +185,8 @@ impl Handler {
         Arc::new(Handler {
             decide: Box::new(f),
             finished: Mutex::new(Vec::new()),
+            hanging: AtomicUsize::new(0),
+            dropped: Arc::new(AtomicUsize::new(0)),
         })
     }
 
@@ -205,7 +231,7 @@ async fn node(
 ) -> (SocketAddr, Arc<Server<Handler>>) {
     let l = TcpListener::bind("127.0.0.1:0").await.unwrap();
     let addr = l.local_addr().unwrap();
-    let inbound = Server::new(identity, handler, config, telemetry());
+    let inbound = Server::new(identity, handler, config, telemetry(), Draining::never());
     tokio::spawn(inbound.clone().serve(l));
     (addr, inbound)
 }
@@ -1168,4 +1194,486 @@ impl ServerCertVerifier for AnyServer {
     fn supported_verify_schemes(&self) -> Vec<SignatureScheme> {
         self.0.signature_verification_algorithms.supported_schemes()
     }
+}
+
+/// An authenticated TLS connection to the setup's node, as its client identity, for frames
+/// written by hand or by a bare h2 client.
+async fn client_tls(s: &Setup) -> tokio_rustls::client::TlsStream<TcpStream> {
+    s.client.ready(&s.src).await.unwrap();
+    let config = s.client.client_config(&s.src, &s.dst).unwrap();
+    let tcp = TcpStream::connect(s.node).await.unwrap();
+    let name = ServerName::try_from(sni_for(&s.dst)).unwrap();
+    tokio_rustls::TlsConnector::from(config)
+        .connect(name, tcp)
+        .await
+        .unwrap()
+}
+
+/// Waits until `f` holds, for up to 10 s.
+async fn eventually(what: &str, mut f: impl FnMut() -> bool) {
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while !f() {
+        assert!(Instant::now() < deadline, "never: {what}");
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+}
+
+/// HTTP/2 rapid reset (CVE-2023-44487): each CONNECT is reset by the client once the node works
+/// on it. The work is dropped at once (not one connect to the target is left running), and the
+/// connection is closed with ENHANCE_YOUR_CALM after Envoy's 250 premature resets; others are
+/// served on.
+#[tokio::test]
+async fn rapid_reset_cancels_the_work_and_closes_the_connection() {
+    let s = setup().await;
+    let slow: SocketAddr = "127.0.0.1:9".parse().unwrap();
+    let handler = Handler::with(|_| Decision::Hang);
+    let (node, inbound) = node(s.server.clone(), handler.clone(), ServerConfig::default()).await;
+    let s = Setup { node, inbound, ..s };
+    let (mut send, mut conn) = h2::client::handshake(client_tls(&s).await).await.unwrap();
+    let mut closed_with = None;
+    let mut sent = 0;
+    for n in 1..=1000 {
+        let ready = tokio::select! {
+            r = send.clone().ready() => r,
+            r = &mut conn => { closed_with = Some(r); break; }
+        };
+        let Ok(mut ready) = ready else { break };
+        let (response, stream) = match ready.send_request(connect_request(slow), false) {
+            Ok(x) => x,
+            Err(_) => break,
+        };
+        sent = n;
+        // Reset once the node works on it (what the attack's HEADERS + RST_STREAM become when
+        // the node is quick).
+        let started = async {
+            while handler.hanging.load(Ordering::SeqCst) < n {
+                tokio::time::sleep(Duration::from_millis(1)).await;
+            }
+        };
+        tokio::select! {
+            () = started => {}
+            r = &mut conn => { closed_with = Some(r); break; }
+        }
+        drop((response, stream));
+        send = ready;
+    }
+    let closed_with = match closed_with {
+        Some(r) => r,
+        None => tokio::time::timeout(Duration::from_secs(5), conn)
+            .await
+            .expect("the node closes the connection"),
+    };
+    // The GOAWAY comes first; a client still writing may see the close before reading it.
+    let e = closed_with.expect_err("closed by the node");
+    assert!(
+        e.reason() == Some(h2::Reason::ENHANCE_YOUR_CALM) || e.is_io(),
+        "{e}"
+    );
+    assert!(
+        (250..=260).contains(&sent),
+        "closed after {sent} streams; Envoy's rule closes at the 250th premature reset"
+    );
+    // Every started connect was dropped: nothing left in flight.
+    eventually("every reset stream's work dropped", || {
+        handler.dropped.load(Ordering::SeqCst) == handler.hanging.load(Ordering::SeqCst)
+    })
+    .await;
+    let stats = s.inbound.stats();
+    assert_eq!(stats.reset_floods, 1, "{stats:?}");
+    assert!(stats.premature_resets >= 250, "{stats:?}");
+    assert_eq!(stats.streams_cancelled, stats.premature_resets, "{stats:?}");
+    eventually("no stream left", || s.inbound.stats().streams_active == 0).await;
+}
+
+/// Streams that end normally, with a reset now and then, never trip the rule.
+#[tokio::test]
+async fn occasional_cancellations_keep_the_connection() {
+    let s = setup().await;
+    let (send, conn) = h2::client::handshake(client_tls(&s).await).await.unwrap();
+    let conn = tokio::spawn(conn);
+    for n in 0..600 {
+        let mut ready = send.clone().ready().await.unwrap();
+        let (response, mut stream) = ready.send_request(connect_request(s.echo), false).unwrap();
+        let response = response.await.unwrap();
+        assert_eq!(response.status(), 200);
+        if n % 3 == 0 {
+            // Answered, then cancelled: not premature.
+            stream.send_reset(h2::Reason::CANCEL);
+        } else {
+            stream.send_data(bytes::Bytes::new(), true).unwrap();
+            let mut body = response.into_body();
+            while body.data().await.is_some() {}
+        }
+    }
+    assert!(!conn.is_finished(), "the connection is kept");
+    assert_eq!(s.inbound.stats().reset_floods, 0);
+}
+
+/// PING and SETTINGS floods from a client that never reads: h2 acknowledges each before it
+/// reads the next frame, so the node stops reading instead of queueing acknowledgements.
+#[tokio::test]
+async fn ping_and_settings_floods_stall_instead_of_queueing() {
+    let s = setup().await;
+    for (kind, frame) in [
+        ("PING", {
+            let mut f = vec![0, 0, 8, 0x6, 0, 0, 0, 0, 0];
+            f.extend_from_slice(b"flooding");
+            f
+        }),
+        ("SETTINGS", vec![0, 0, 0, 0x4, 0, 0, 0, 0, 0]),
+    ] {
+        let mut tls = client_tls(&s).await;
+        tls.write_all(b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n")
+            .await
+            .unwrap();
+        tls.write_all(&[0, 0, 0, 0x4, 0, 0, 0, 0, 0]).await.unwrap();
+        let batch: Vec<u8> = frame
+            .iter()
+            .copied()
+            .cycle()
+            .take(frame.len() * 4096)
+            .collect();
+        let mut written = 0usize;
+        let limit = 256usize << 20;
+        let stalled = loop {
+            match tokio::time::timeout(Duration::from_secs(2), tls.write_all(&batch)).await {
+                Ok(Ok(())) => written += batch.len(),
+                Ok(Err(e)) => panic!("{kind} flood: the node closed the connection: {e}"),
+                Err(_) => break true,
+            }
+            if written > limit {
+                break false;
+            }
+        };
+        assert!(
+            stalled,
+            "{kind} flood: the node read {written} bytes without the client reading an ACK"
+        );
+        eprintln!("{kind} flood: the node stopped reading after {written} bytes");
+        s.assert_serves().await;
+    }
+}
+
+/// The pool pings its connections: one whose peer stops answering (packets dropped, no FIN, no
+/// RST) is closed and leaves the pool within interval + timeout, and the next CONNECT dials a
+/// new connection once the peer is reachable again.
+#[tokio::test]
+async fn unanswered_ping_closes_the_pooled_connection() {
+    let s = setup().await;
+    // A wire that can black-hole: bytes stop flowing both ways, the sockets stay open.
+    let wire = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let wire_addr = wire.local_addr().unwrap();
+    let node_addr = s.node;
+    let (hole_tx, hole_rx) = tokio::sync::watch::channel(false);
+    tokio::spawn(async move {
+        loop {
+            let (a, _) = wire.accept().await.unwrap();
+            let b = TcpStream::connect(node_addr).await.unwrap();
+            let (ar, aw) = a.into_split();
+            let (br, bw) = b.into_split();
+            for (mut r, mut w) in [(ar, bw), (br, aw)] {
+                let mut hole = hole_rx.clone();
+                tokio::spawn(async move {
+                    let mut buf = vec![0u8; 64 << 10];
+                    loop {
+                        let _ = hole.wait_for(|h| !*h).await;
+                        let n = match r.read(&mut buf).await {
+                            Ok(0) | Err(_) => return,
+                            Ok(n) => n,
+                        };
+                        if *hole.borrow() {
+                            continue;
+                        }
+                        if w.write_all(&buf[..n]).await.is_err() {
+                            return;
+                        }
+                    }
+                });
+            }
+        }
+    });
+    let pool = Pool::new(
+        s.client.clone(),
+        PoolConfig {
+            keepalive_interval: Duration::from_millis(200),
+            keepalive_timeout: Duration::from_millis(300),
+            ..Default::default()
+        },
+        telemetry(),
+    );
+    let req = hbone(&s.src, &s.dst, wire_addr, s.echo);
+    let mut t = pool.connect(req.clone()).await.unwrap();
+    assert_eq!(echo_round_trip(&mut t, b"before").await, b"before");
+    drop(t);
+    // Pinged and answered: kept.
+    tokio::time::sleep(Duration::from_millis(800)).await;
+    assert_eq!(pool.stats().connections, 1);
+    assert_eq!(pool.stats().keepalive_timeouts_total, 0);
+    hole_tx.send(true).unwrap();
+    let cut = Instant::now();
+    eventually("the dead connection leaves the pool", || {
+        pool.stats().connections == 0
+    })
+    .await;
+    let took = cut.elapsed();
+    assert!(
+        took < Duration::from_millis(1500),
+        "noticed after {took:?} (interval 200 ms + timeout 300 ms)"
+    );
+    assert_eq!(pool.stats().keepalive_timeouts_total, 1);
+    hole_tx.send(false).unwrap();
+    let mut t = pool.connect(req).await.unwrap();
+    assert_eq!(echo_round_trip(&mut t, b"after").await, b"after");
+    assert_eq!(pool.stats().connections_opened_total, 2);
+}
+
+/// A destination node that restarts: it drains (GOAWAY on its connections, open tunnels run
+/// on) while its successor accepts on the same listening socket. No new tunnel fails, the
+/// old connection is never used again, and it ends (releasing the drain) with its last
+/// tunnel.
+#[tokio::test]
+async fn draining_node_hands_new_tunnels_to_its_successor() {
+    let s = setup().await;
+    let std_listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    std_listener.set_nonblocking(true).unwrap();
+    let addr = std_listener.local_addr().unwrap();
+    let successor_socket = std_listener.try_clone().unwrap();
+    let (trigger, draining) = weft::drain::channel();
+    let old = Server::new(
+        s.server.clone(),
+        s.handler.clone(),
+        ServerConfig::default(),
+        telemetry(),
+        draining,
+    );
+    let old_serving = tokio::spawn(
+        old.clone()
+            .serve(TcpListener::from_std(std_listener).unwrap()),
+    );
+    let pool = s.pool();
+    let req = hbone(&s.src, &s.dst, addr, s.echo);
+    let mut open = pool.connect(req.clone()).await.unwrap();
+    let old_conn = open.connection().id;
+    assert_eq!(echo_round_trip(&mut open, b"before").await, b"before");
+
+    trigger.start();
+    eventually("GOAWAY sent", || old.stats().drain_goaways == 1).await;
+    trigger.hand_over();
+    tokio::time::timeout(Duration::from_secs(5), old_serving)
+        .await
+        .expect("the old node stops accepting once its socket is handed over")
+        .unwrap();
+    let successor = Server::new(
+        s.server.clone(),
+        s.handler.clone(),
+        ServerConfig::default(),
+        telemetry(),
+        Draining::never(),
+    );
+    tokio::spawn(
+        successor
+            .clone()
+            .serve(TcpListener::from_std(successor_socket).unwrap()),
+    );
+    // The open tunnel runs on over the old connection.
+    assert_eq!(echo_round_trip(&mut open, b"during").await, b"during");
+    // New tunnels: never on the old connection, none failing.
+    for i in 0..20 {
+        let mut t = pool
+            .connect(req.clone())
+            .await
+            .unwrap_or_else(|e| panic!("tunnel {i}: {e}"));
+        assert_ne!(t.connection().id, old_conn);
+        assert_eq!(echo_round_trip(&mut t, b"new").await, b"new");
+    }
+    assert_eq!(successor.stats().delivered, 20);
+    assert_eq!(old.stats().delivered, 1);
+    assert_eq!(trigger.in_flight(), 1, "the old connection holds the drain");
+    drop(open);
+    tokio::time::timeout(Duration::from_secs(5), trigger.drained())
+        .await
+        .expect("the old connection ends with its last tunnel");
+    assert_eq!(old.stats().connections_active, 0);
+}
+
+/// At the drain timeout, connections still open are closed.
+#[tokio::test]
+async fn drain_timeout_closes_what_is_left() {
+    let s = setup().await;
+    let l = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = l.local_addr().unwrap();
+    let (trigger, draining) = weft::drain::channel();
+    let server = Server::new(
+        s.server.clone(),
+        s.handler.clone(),
+        ServerConfig::default(),
+        telemetry(),
+        draining,
+    );
+    tokio::spawn(server.clone().serve(l));
+    let pool = s.pool();
+    let mut open = pool
+        .connect(hbone(&s.src, &s.dst, addr, s.echo))
+        .await
+        .unwrap();
+    assert_eq!(echo_round_trip(&mut open, b"x").await, b"x");
+    trigger.start();
+    eventually("GOAWAY sent", || server.stats().drain_goaways == 1).await;
+    assert_eq!(echo_round_trip(&mut open, b"y").await, b"y");
+    trigger.close();
+    tokio::time::timeout(Duration::from_secs(5), trigger.drained())
+        .await
+        .expect("closed at the drain timeout");
+    let mut buf = [0u8; 1];
+    assert!(
+        !matches!(open.read(&mut buf).await, Ok(1)),
+        "the tunnel is cut with its connection"
+    );
+}
+
+/// What a node that begins to drain as a CONNECT arrives sends, written frame by frame: its
+/// SETTINGS, ACKs for the client's SETTINGS and PINGs, and at the first HEADERS a `GOAWAY` whose
+/// last stream id (0) is below it. The connection is then left open.
+async fn serve_goaway_below_first_stream<S>(mut io: S)
+where
+    S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin,
+{
+    let frame = |kind: u8, flags: u8, stream: u32, payload: &[u8]| {
+        let len = payload.len() as u32;
+        let mut f = vec![(len >> 16) as u8, (len >> 8) as u8, len as u8, kind, flags];
+        f.extend_from_slice(&stream.to_be_bytes());
+        f.extend_from_slice(payload);
+        f
+    };
+    let mut preface = [0u8; 24];
+    io.read_exact(&mut preface).await.unwrap();
+    assert_eq!(&preface, b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n");
+    io.write_all(&frame(0x4, 0, 0, &[])).await.unwrap();
+    loop {
+        let mut head = [0u8; 9];
+        if io.read_exact(&mut head).await.is_err() {
+            return;
+        }
+        let len = u32::from_be_bytes([0, head[0], head[1], head[2]]) as usize;
+        let mut payload = vec![0u8; len];
+        io.read_exact(&mut payload).await.unwrap();
+        let reply = match (head[3], head[4] & 1) {
+            (0x4, 0) => frame(0x4, 1, 0, &[]),
+            (0x6, 0) => frame(0x6, 1, 0, &payload),
+            (0x1, _) => frame(0x7, 0, 0, &[0; 8]),
+            _ => continue,
+        };
+        io.write_all(&reply).await.unwrap();
+        io.flush().await.unwrap();
+    }
+}
+
+/// A stream refused because of a GOAWAY (above its last stream id), or with REFUSED_STREAM,
+/// was not processed: it is tried once more on a fresh connection.
+#[tokio::test]
+async fn refused_streams_are_retried_on_a_fresh_connection() {
+    for goaway in [false, true] {
+        let s = setup().await;
+        s.server.ready(&s.dst).await.unwrap();
+        // The first connection reaches a node that refuses its first stream; later ones the
+        // real node.
+        let front = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let front_addr = front.local_addr().unwrap();
+        let (node_addr, server_config) = (s.node, s.server.server_config());
+        tokio::spawn(async move {
+            let (tcp, _) = front.accept().await.unwrap();
+            tokio::spawn(async move {
+                let tls = tokio_rustls::TlsAcceptor::from(server_config)
+                    .accept(tcp)
+                    .await
+                    .unwrap();
+                if goaway {
+                    return serve_goaway_below_first_stream(tls).await;
+                }
+                let mut conn = h2::server::handshake(tls).await.unwrap();
+                if let Some(Ok((_, mut respond))) = conn.accept().await {
+                    respond.send_reset(h2::Reason::REFUSED_STREAM);
+                }
+                while let Some(Ok(_)) = conn.accept().await {}
+            });
+            loop {
+                let (mut a, _) = front.accept().await.unwrap();
+                tokio::spawn(async move {
+                    let mut b = TcpStream::connect(node_addr).await.unwrap();
+                    let _ = tokio::io::copy_bidirectional(&mut a, &mut b).await;
+                });
+            }
+        });
+        let pool = s.pool();
+        let mut t = pool
+            .connect(hbone(&s.src, &s.dst, front_addr, s.echo))
+            .await
+            .unwrap_or_else(|e| panic!("goaway={goaway}: {e}"));
+        assert_eq!(echo_round_trip(&mut t, b"retried").await, b"retried");
+        let stats = pool.stats();
+        assert_eq!(stats.streams_retried_total, 1, "goaway={goaway}: {stats:?}");
+        assert_eq!(
+            stats.connections_opened_total, 2,
+            "goaway={goaway}: {stats:?}"
+        );
+    }
+}
+
+/// Past the admission limits, new connections are reset at once and counted; within them, a
+/// good client is served.
+#[tokio::test]
+async fn handshakes_held_open_are_limited_per_peer() {
+    let s = setup_with(|c| {
+        c.admission.max_handshakes_per_peer = 4;
+        c.admission.max_connections_per_peer = 6;
+    })
+    .await;
+    // Four connections that never start TLS: all of this address's handshakes.
+    let mut idle = Vec::new();
+    for _ in 0..4 {
+        idle.push(TcpStream::connect(s.node).await.unwrap());
+    }
+    eventually("four accepted", || s.inbound.stats().tcp_accepted == 4).await;
+    let mut fifth = TcpStream::connect(s.node).await.unwrap();
+    let mut buf = [0u8; 1];
+    let r = tokio::time::timeout(Duration::from_secs(5), fifth.read(&mut buf))
+        .await
+        .expect("refused at once");
+    assert!(
+        matches!(&r, Err(e) if e.kind() == std::io::ErrorKind::ConnectionReset),
+        "{r:?}"
+    );
+    assert_eq!(s.inbound.stats().refused_peer_handshakes, 1);
+    // Established connections do not count as handshakes, but towards the address's open
+    // connections.
+    drop(idle.pop());
+    drop(idle.pop());
+    eventually("two left", || s.inbound.stats().tls_failed == 2).await;
+    let pool = s.pool();
+    let mut t = pool
+        .connect(s.hbone())
+        .await
+        .expect("served within the limits");
+    assert_eq!(echo_round_trip(&mut t, b"ok").await, b"ok");
+    let other = Pool::new(
+        s.client.clone(),
+        PoolConfig {
+            max_streams_per_conn: 1,
+            ..Default::default()
+        },
+        telemetry(),
+    );
+    let mut tunnels = Vec::new();
+    for _ in 0..3 {
+        tunnels.push(other.connect(s.hbone()).await.unwrap());
+    }
+    // 2 idle + 1 + 3 = 6 open from 127.0.0.1: the next is refused.
+    let e = other.connect(s.hbone()).await.unwrap_err();
+    assert!(
+        matches!(e, TunnelError::Tls { .. } | TunnelError::Connect { .. }),
+        "{e}"
+    );
+    assert_eq!(s.inbound.stats().refused_peer_connections, 1);
+    drop(tunnels);
+    drop(idle);
 }

@@ -321,6 +321,16 @@ impl Cluster {
         Ok(node)
     }
 
+    /// Takes `node`'s port on the fabric down (`up: false`) or back up: its packets to and from
+    /// other nodes are dropped silently (no FIN, no RST), as when a node loses its link; its
+    /// own addresses and routes are left alone, so bringing the port up restores everything.
+    pub fn set_node_link(&self, node: &Node, up: bool) -> Result<()> {
+        let port = format!("n{}", node.index());
+        let state = if up { "up" } else { "down" };
+        netns::ip(&self.shared.fabric, &["link", "set", &port, state])?;
+        Ok(())
+    }
+
     /// Add a pod on `node`: netns with eth0 = 10.244.<k>.<n>/32, default route via 169.254.1.1
     /// (proxy ARP on the node's host veth), a /32 route on the node, a kubelet-layout cgroup.
     pub fn add_pod(&self, node: &Node, spec: PodSpec) -> Result<Pod> {

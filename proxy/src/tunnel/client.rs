@@ -6,10 +6,14 @@
 //! pair. Each carries up to `max_streams_per_conn` streams; when all of a key's connections are
 //! full a new one is dialled, and callers arriving while it is being dialled wait for it instead
 //! of dialling their own. Connections idle for `idle_timeout` are closed; dead ones (closed by
-//! the peer, failed, `GOAWAY`) are dropped and a stream that could not start on them is retried
-//! on a fresh connection. A connection takes no new streams once its own or its peer's
-//! certificate has expired (rotation gives new connections new certificates; open streams are
-//! never cut).
+//! the peer, failed, `GOAWAY`) take no new stream, and a `CONNECT` refused because of that
+//! (`GOAWAY` past its stream, `REFUSED_STREAM`, the connection gone) is tried once more on a
+//! fresh connection, so a destination node that restarts (and says `GOAWAY`) fails no new
+//! tunnel. Every connection is pinged (HTTP/2 `PING`) every `keepalive_interval`; one whose
+//! `PING` is not answered within `keepalive_timeout` is closed and leaves the pool, so a peer
+//! node that vanished (link cut, powered off) is noticed without waiting for TCP. A connection
+//! takes no new streams once its own or its peer's certificate has expired (rotation gives new
+//! connections new certificates; open streams are never cut).
 //!
 //! Each data-path worker ([`crate::worker`]) streams over the connections it dialled itself,
 //! as Envoy's workers do: a stream's bytes never hop between threads.
@@ -32,11 +36,11 @@ use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::net::TcpStream;
 use tokio::sync::{watch, Notify};
 use tokio_rustls::TlsConnector;
-use tracing::{debug, info};
+use tracing::{debug, info, warn};
 
 use super::{
-    forwarded_for, Stream, CONNECTION_WINDOW, DENY_REASON_HEADER, MAX_FRAME, MAX_HEADER_LIST,
-    POLICY_HEADER, SEND_BUFFER, STREAM_WINDOW,
+    forwarded_for, set_tcp_keepalive, Stream, CONNECTION_WINDOW, DENY_REASON_HEADER, HEADER_TABLE,
+    MAX_FRAME, MAX_HEADER_LIST, POLICY_HEADER, SEND_BUFFER, STREAM_WINDOW,
 };
 use crate::admin::api::{PoolKeyStats, PoolStats};
 use crate::identity::{sni_for, IdentityManager, SpiffeId, ALPN_H2};
@@ -45,8 +49,10 @@ use crate::relay::Relayed;
 use crate::telemetry::counters::{inc, read};
 use crate::telemetry::Telemetry;
 
-/// How many times a stream is tried on a fresh connection when the chosen one turned out dead.
-const ATTEMPTS: usize = 3;
+/// A stream is tried on a pooled connection, then once on a fresh one if that one turned out
+/// unusable (`GOAWAY`, `REFUSED_STREAM`, closed): the server did not process it, so trying again
+/// is safe.
+const ATTEMPTS: usize = 2;
 /// How long a closing connection without streams may take to finish its in-flight frames.
 const CLOSE_GRACE: Duration = Duration::from_secs(5);
 
@@ -61,6 +67,10 @@ pub struct PoolConfig {
     /// From sending `CONNECT` to the response (the destination node connects to the pod
     /// meanwhile).
     pub response_timeout: Duration,
+    /// A `PING` is sent on every connection this often (zero: never).
+    pub keepalive_interval: Duration,
+    /// A connection whose `PING` is not answered within this is closed and leaves the pool.
+    pub keepalive_timeout: Duration,
     /// Where the calling pods' network namespaces are: a tunnel's TCP connection is opened in
     /// its source pod's, so it leaves with the pod's address (and connections are pooled per
     /// source pod). `None`: from the node.
@@ -74,6 +84,9 @@ impl Default for PoolConfig {
             idle_timeout: Duration::from_secs(60),
             connect_timeout: Duration::from_secs(10),
             response_timeout: Duration::from_secs(15),
+            // ztunnel's HBONE pool's values: a dead peer is noticed within 30 seconds.
+            keepalive_interval: Duration::from_secs(10),
+            keepalive_timeout: Duration::from_secs(20),
             networks: None,
         }
     }
@@ -185,8 +198,22 @@ impl Tunnel {
     /// Relays `client` ⇄ the tunnel until both directions end or one fails.
     /// `sent` = client → tunnel bytes, `received` = tunnel → client.
     pub async fn relay(self, client: TcpStream) -> Relayed {
+        self.relay_bounded(client, std::future::pending(), None)
+            .await
+    }
+
+    /// [`Tunnel::relay`], closed cleanly once `close` ends (with why) or nothing has moved
+    /// for `idle_timeout`.
+    pub async fn relay_bounded(
+        self,
+        client: TcpStream,
+        close: impl std::future::Future<Output = String>,
+        idle_timeout: Option<std::time::Duration>,
+    ) -> Relayed {
         let Tunnel { stream, _slot, .. } = self;
-        stream.relay(client).await
+        stream
+            .relay_bounded(client, std::future::pending(), close, idle_timeout)
+            .await
     }
 }
 
@@ -278,6 +305,9 @@ struct Conn {
     streams: AtomicUsize,
     idle_since: Mutex<Instant>,
     dead: AtomicBool,
+    /// The server said `GOAWAY` (or closed cleanly) while it was being dialled: a node that
+    /// began draining as it accepted; a stream waiting for it may go to a fresh one.
+    went_away: AtomicBool,
     close: Notify,
 }
 
@@ -314,7 +344,7 @@ impl Conn {
         }
         match &*self.state.borrow() {
             ConnState::Connecting => true,
-            ConnState::Ready(r) => now < r.info.expires,
+            ConnState::Ready(r) => now < r.info.expires && !told_to_go(&r.send),
             ConnState::Failed(_) | ConnState::Closed => false,
         }
     }
@@ -381,12 +411,20 @@ impl Pool {
                 .map(|_| req.forwarded_for),
         };
         let mut last = None;
-        for _ in 0..ATTEMPTS {
-            let slot = self.checkout(&key);
+        for attempt in 0..ATTEMPTS {
+            let fresh = attempt > 0;
+            if fresh {
+                inc(&self.inner.telemetry.hbone_client.streams_retried);
+            }
+            let slot = self.checkout(&key, fresh);
             let ready = match slot.conn.ready().await {
                 Ok(r) => r,
+                Err(Some(e)) if slot.conn.went_away.load(Ordering::Acquire) => {
+                    last = Some(e);
+                    continue;
+                }
                 Err(Some(e)) => return Err(e),
-                // Closed before it could be used: try another.
+                // Closed before it could be used: try a fresh one.
                 Err(None) => continue,
             };
             match self.open_stream(&ready, &req).await {
@@ -427,25 +465,43 @@ impl Pool {
             connections_closed_total: read(&c.connections_closed),
             streams_opened_total: read(&c.streams_opened),
             streams_rejected_total: read(&c.streams_rejected),
+            keepalive_timeouts_total: read(&c.keepalive_timeouts),
+            streams_retried_total: read(&c.streams_retried),
             ..Default::default()
         };
-        let conns = i.conns.lock();
-        for (key, list) in conns.iter() {
-            let live: Vec<_> = list
+        // `checkout` takes `conns` for every tunnelled connection: only count and clone the
+        // ids under it, the (slower) formatting happens after.
+        let counted: Vec<(SpiffeId, SpiffeId, SocketAddr, usize, usize)> = {
+            let conns = i.conns.lock();
+            conns
                 .iter()
-                .filter(|c| !c.dead.load(Ordering::Acquire))
-                .collect();
-            if live.is_empty() {
-                continue;
-            }
-            let streams: usize = live.iter().map(|c| c.streams.load(Ordering::Relaxed)).sum();
-            out.connections += live.len();
+                .filter_map(|(key, list)| {
+                    let (live, streams) = list
+                        .iter()
+                        .filter(|c| !c.dead.load(Ordering::Acquire))
+                        .fold((0, 0), |(n, s), c| {
+                            (n + 1, s + c.streams.load(Ordering::Relaxed))
+                        });
+                    (live > 0).then(|| {
+                        let PoolKey {
+                            source,
+                            destination,
+                            node,
+                            ..
+                        } = key;
+                        (source.clone(), destination.clone(), *node, live, streams)
+                    })
+                })
+                .collect()
+        };
+        for (source, destination, node, live, streams) in counted {
+            out.connections += live;
             out.streams_active += streams;
             out.keys.push(PoolKeyStats {
-                source: key.source.to_string(),
-                destination: key.destination.to_string(),
-                node: key.node,
-                connections: live.len(),
+                source: source.to_string(),
+                destination: destination.to_string(),
+                node,
+                connections: live,
                 streams_active: streams,
             });
         }
@@ -455,15 +511,16 @@ impl Pool {
         out
     }
 
-    /// Picks a connection of `key` with a free stream slot, or starts dialling a new one.
-    fn checkout(&self, key: &PoolKey) -> Slot {
+    /// Picks a connection of `key` with a free stream slot, or starts dialling a new one
+    /// (always, if `fresh`).
+    fn checkout(&self, key: &PoolKey, fresh: bool) -> Slot {
         let max = self.inner.config.max_streams_per_conn.max(1);
         let now = SystemTime::now();
         let worker = crate::worker::current();
         let mut conns = self.inner.conns.lock();
         let list = conns.entry(key.clone()).or_default();
         list.retain(|c| !c.dead.load(Ordering::Acquire));
-        for c in list.iter() {
+        for c in list.iter().filter(|_| !fresh) {
             if c.worker != worker || !c.usable(now) {
                 continue;
             }
@@ -487,6 +544,7 @@ impl Pool {
             streams: AtomicUsize::new(1),
             idle_since: Mutex::new(Instant::now()),
             dead: AtomicBool::new(false),
+            went_away: AtomicBool::new(false),
             close: Notify::new(),
         });
         list.push(conn.clone());
@@ -501,8 +559,7 @@ impl Pool {
     ) -> Result<(h2::SendStream<Bytes>, h2::RecvStream), Open> {
         let node = req.node;
         let h2_err = |e: h2::Error| {
-            let retry =
-                e.is_go_away() || e.is_io() || e.reason() == Some(h2::Reason::REFUSED_STREAM);
+            let retry = not_processed(&e);
             let e = TunnelError::Http2 {
                 node,
                 message: e.to_string(),
@@ -558,6 +615,38 @@ enum Open {
     Fail(TunnelError),
 }
 
+/// Whether a `CONNECT` that failed with `e` was certainly not processed by the server (RFC 9113
+/// §8.7: refused with `REFUSED_STREAM`, or above the last stream id of a `GOAWAY`), or failed
+/// because its connection is gone before any answer: it may be sent again elsewhere.
+fn not_processed(e: &h2::Error) -> bool {
+    e.is_go_away() || e.is_io() || e.reason() == Some(h2::Reason::REFUSED_STREAM)
+}
+
+/// Whether the server told this connection to go away (`GOAWAY`) or it is closed: h2 then
+/// refuses new streams on it.
+fn told_to_go(send: &SendRequest<Bytes>) -> bool {
+    let waker = futures::task::noop_waker();
+    let mut cx = Context::from_waker(&waker);
+    // A fresh handle has no stream pending, so this only reads the connection's state.
+    matches!(send.clone().poll_ready(&mut cx), Poll::Ready(Err(_)))
+}
+
+/// Pings the peer every `interval`; returns why the connection must be given up once a
+/// `PING` is not answered within `timeout`. Never returns with a zero `interval`.
+async fn keepalive(ping: &mut h2::PingPong, interval: Duration, timeout: Duration) -> String {
+    if interval.is_zero() {
+        return std::future::pending().await;
+    }
+    loop {
+        tokio::time::sleep(interval).await;
+        match tokio::time::timeout(timeout, ping.ping(h2::Ping::opaque())).await {
+            Ok(Ok(_)) => {}
+            Ok(Err(e)) => return format!("PING failed: {e}"),
+            Err(_) => return format!("PING not answered within {timeout:?}"),
+        }
+    }
+}
+
 /// Dials one connection, publishes it, drives it until it ends or is asked to close, then
 /// takes it out of the pool.
 async fn run_connection(inner: Arc<Inner>, conn: Arc<Conn>, tx: watch::Sender<ConnState>) {
@@ -567,7 +656,7 @@ async fn run_connection(inner: Arc<Inner>, conn: Arc<Conn>, tx: watch::Sender<Co
     let weak = Arc::downgrade(&inner);
     // The connection task must not keep the pool alive.
     drop(inner);
-    let (ready, connection) = match dialled {
+    let (ready, connection, mut ping) = match dialled {
         Ok(Ok(x)) => x,
         Ok(Err(e)) => return fail(&weak, &conn, &tx, e),
         Err(_) => {
@@ -585,6 +674,10 @@ async fn run_connection(inner: Arc<Inner>, conn: Arc<Conn>, tx: watch::Sender<Co
         peer_serial = %ready.info.peer_serial, "HBONE connection open");
     let _ = tx.send(ConnState::Ready(ready));
     tokio::pin!(connection);
+    let (interval, timeout) = match weak.upgrade() {
+        Some(i) => (i.config.keepalive_interval, i.config.keepalive_timeout),
+        None => (Duration::ZERO, Duration::ZERO),
+    };
     let closing = tokio::select! {
         r = &mut connection => {
             if let Err(e) = r {
@@ -593,6 +686,15 @@ async fn run_connection(inner: Arc<Inner>, conn: Arc<Conn>, tx: watch::Sender<Co
             false
         }
         _ = conn.close.notified() => true,
+        why = keepalive(&mut ping, interval, timeout) => {
+            // The peer is gone: its streams are cut (dropping the connection), and the next
+            // CONNECT dials anew.
+            warn!(conn = conn.id, %node, reason = %why, "HBONE peer not answering: connection closed");
+            if let Some(inner) = weak.upgrade() {
+                inc(&inner.telemetry.hbone_client.keepalive_timeouts);
+            }
+            false
+        }
     };
     conn.dead.store(true, Ordering::Release);
     // Dropping the last request handle lets h2 close the connection (GOAWAY) once its streams
@@ -631,7 +733,10 @@ fn fail(weak: &Weak<Inner>, conn: &Arc<Conn>, tx: &watch::Sender<ConnState>, e: 
 
 type Connection = h2::client::Connection<tokio_rustls::client::TlsStream<TcpStream>, Bytes>;
 
-async fn dial(inner: &Inner, conn: &Conn) -> Result<(Arc<Ready>, Connection), TunnelError> {
+async fn dial(
+    inner: &Inner,
+    conn: &Conn,
+) -> Result<(Arc<Ready>, Connection, h2::PingPong), TunnelError> {
     let key = &conn.key;
     let node = key.node;
     let config = inner
@@ -662,6 +767,9 @@ async fn dial(inner: &Inner, conn: &Conn) -> Result<(Arc<Ready>, Connection), Tu
         message: e.to_string(),
     })?;
     let _ = tcp.set_nodelay(true);
+    if let Err(e) = set_tcp_keepalive(&tcp) {
+        debug!(%node, error = %e, "no TCP keepalive on the HBONE connection");
+    }
     let tls = TlsConnector::from(config)
         .connect(name, tcp)
         .await
@@ -696,6 +804,7 @@ async fn dial(inner: &Inner, conn: &Conn) -> Result<(Arc<Ready>, Connection), Tu
         .max_frame_size(MAX_FRAME)
         .max_send_buffer_size(SEND_BUFFER)
         .max_header_list_size(MAX_HEADER_LIST)
+        .header_table_size(HEADER_TABLE)
         .enable_push(false)
         .handshake(tls)
         .await
@@ -715,6 +824,9 @@ async fn dial(inner: &Inner, conn: &Conn) -> Result<(Arc<Ready>, Connection), Tu
         r = &mut connection => r.and_then(|()| Err(h2::Error::from(h2::Reason::NO_ERROR))),
     };
     if let Err(e) = accepted {
+        if e.is_go_away() || e.reason() == Some(h2::Reason::NO_ERROR) {
+            conn.went_away.store(true, Ordering::Release);
+        }
         return Err(if e.is_io() {
             TunnelError::Tls {
                 node,
@@ -735,7 +847,7 @@ async fn dial(inner: &Inner, conn: &Conn) -> Result<(Arc<Ready>, Connection), Tu
         local_serial: local.serial.clone(),
         expires: peer_not_after.min(local.not_after),
     });
-    Ok((Arc::new(Ready { send, info }), connection))
+    Ok((Arc::new(Ready { send, info }), connection, ping))
 }
 
 impl Inner {

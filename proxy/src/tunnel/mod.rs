@@ -7,7 +7,8 @@
 //! `CONNECT` to its [`server::Handler`] (the node's inbound path), which answers it and, once
 //! it has accepted it, relays the [`Stream`] to the pod.
 //!
-//! May import: `identity`, `relay`, `telemetry` (counters), `admin::api` (stats types).
+//! May import: `drain`, `identity`, `netns`, `relay`, `telemetry` (counters), `upstream`
+//! (TCP keepalive), `worker`, `admin::api` (stats types).
 //!
 //! Wire contract (both directions of weft speak it):
 //! - TLS 1.3 only, ALPN `h2`, client certificate required; both certificates are SVIDs
@@ -43,6 +44,18 @@ pub(crate) const MAX_FRAME: u32 = 256 << 10;
 pub(crate) const SEND_BUFFER: usize = 1 << 20;
 /// Largest header block accepted (a CONNECT needs a few hundred bytes).
 pub(crate) const MAX_HEADER_LIST: u32 = 16 << 10;
+/// HPACK dynamic table the peer may make us keep (RFC 9113's default; a CONNECT has few
+/// headers to compress).
+pub(crate) const HEADER_TABLE: u32 = 4096;
+
+/// TCP keepalive of HBONE sockets, both ends: a peer that vanished without a FIN or RST (node
+/// powered off, link cut) is dropped by the kernel even where nothing else would notice (the
+/// server never pings its clients). The values are the node's for every socket
+/// ([`crate::upstream::KEEPALIVE`], ztunnel's); the pool's HTTP/2 PINGs notice much sooner on
+/// the client side.
+pub(crate) fn set_tcp_keepalive(tcp: &tokio::net::TcpStream) -> std::io::Result<()> {
+    crate::upstream::set_keepalive(tcp, crate::upstream::KEEPALIVE)
+}
 
 /// `Forwarded` header value for `ip` (RFC 7239: IPv6 quoted in brackets).
 pub fn forwarded_for(ip: IpAddr) -> String {

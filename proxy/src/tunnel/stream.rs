@@ -3,16 +3,18 @@
 use std::future::poll_fn;
 use std::future::Future;
 use std::io;
+use std::os::fd::AsRawFd;
 use std::pin::Pin;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::task::{ready, Context, Poll};
+use std::time::Duration;
 
 use bytes::{Buf, Bytes, BytesMut};
 use h2::{Reason, RecvStream, SendStream};
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, ReadBuf};
 use tokio::net::TcpStream;
 
-use crate::relay::{both_ways, reset, Relayed};
+use crate::relay::{both_ways, either, idle, reset, shutdown_read, Ending, Relayed};
 
 /// The read buffer allocated at a time: many small reads share one allocation.
 const CHUNK: usize = 256 << 10;
@@ -21,30 +23,47 @@ const MIN_READ: usize = 16 << 10;
 
 /// Relays `tcp` ⇄ an HTTP/2 stream until both directions have ended or one fails. End of
 /// stream is passed on as a half-close each way; a failure resets both (TCP RST,
-/// `RST_STREAM(CANCEL)`). `sent` counts TCP → stream bytes, `received` stream → TCP.
+/// `RST_STREAM(CANCEL)`). Idle for `idle_timeout`, it is closed cleanly: reading the socket is
+/// shut down, so `END_STREAM` goes to the tunnel, and the peer's end of stream (once it
+/// closes in turn) becomes the socket's FIN. `sent` counts TCP → stream bytes, `received`
+/// stream → TCP.
 async fn relay(
     mut tcp: TcpStream,
     mut send: SendStream<Bytes>,
     mut recv: RecvStream,
     pending: Bytes,
     stop: impl Future<Output = String>,
+    close: impl Future<Output = String>,
+    idle_timeout: Option<Duration>,
 ) -> Relayed {
     let to_h2 = AtomicU64::new(0);
     let from_h2 = AtomicU64::new(0);
-    let error = {
+    let ending = {
+        let fd = tcp.as_raw_fd();
         let (mut rd, mut wr) = tcp.split();
         let up = tcp_to_h2(&mut rd, &mut send, &to_h2);
         let down = h2_to_tcp(&mut recv, &mut wr, pending, &from_h2);
-        both_ways(up, "client→tunnel", down, "tunnel→client", stop).await
+        let idle = either(close, idle(&to_h2, &from_h2, idle_timeout));
+        let close = || shutdown_read(&fd);
+        both_ways(
+            up,
+            "client→tunnel",
+            down,
+            "tunnel→client",
+            stop,
+            idle,
+            close,
+        )
+        .await
     };
-    if error.is_some() {
+    if let Ending::Failed(_) = ending {
         send.send_reset(Reason::CANCEL);
         reset(&tcp);
     }
     Relayed {
         sent: to_h2.load(Ordering::Relaxed),
         received: from_h2.load(Ordering::Relaxed),
-        error,
+        error: ending.error(),
     }
 }
 
@@ -185,8 +204,32 @@ impl Stream {
         socket: TcpStream,
         stop: impl Future<Output = String>,
     ) -> Relayed {
+        self.relay_bounded(socket, stop, std::future::pending(), None)
+            .await
+    }
+
+    /// [`Stream::relay_until`], and closed cleanly once `close` ends (with why, e.g. the
+    /// node's drain timeout) or no byte has moved either way for `idle_timeout` (`None`:
+    /// never): `END_STREAM` to the tunnel, FIN to the socket, and the error says why
+    /// (`closed: idle for …`).
+    pub async fn relay_bounded(
+        self,
+        socket: TcpStream,
+        stop: impl Future<Output = String>,
+        close: impl Future<Output = String>,
+        idle_timeout: Option<Duration>,
+    ) -> Relayed {
         let _ = socket.set_nodelay(true);
-        relay(socket, self.send, self.recv, self.pending, stop).await
+        relay(
+            socket,
+            self.send,
+            self.recv,
+            self.pending,
+            stop,
+            close,
+            idle_timeout,
+        )
+        .await
     }
 }
 
@@ -266,5 +309,81 @@ impl AsyncWrite for Stream {
             this.send.send_data(Bytes::new(), true).map_err(h2_io)?;
         }
         Poll::Ready(Ok(()))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use tokio::net::TcpListener;
+
+    /// A `CONNECT` stream relayed to a socket whose peer is `tcp_peer`; the tunnel's other end
+    /// is (`send`, `recv`), as the other node holds it.
+    async fn relayed(
+        idle_timeout: Duration,
+    ) -> (
+        TcpStream,
+        SendStream<Bytes>,
+        RecvStream,
+        tokio::task::JoinHandle<Relayed>,
+    ) {
+        let (c_io, s_io) = tokio::io::duplex(1 << 16);
+        let server = tokio::spawn(async move {
+            let mut conn = h2::server::handshake(s_io).await.unwrap();
+            let (request, mut respond) = conn.accept().await.unwrap().unwrap();
+            let send = respond
+                .send_response(http::Response::new(()), false)
+                .unwrap();
+            tokio::spawn(async move { while conn.accept().await.is_some() {} });
+            Stream::new(send, request.into_body())
+        });
+        let (mut client, conn) = h2::client::handshake(c_io).await.unwrap();
+        tokio::spawn(conn);
+        let request = http::Request::builder()
+            .method(http::Method::CONNECT)
+            .uri("10.0.0.1:80")
+            .body(())
+            .unwrap();
+        let (response, peer_send) = client.send_request(request, false).unwrap();
+        let stream = server.await.unwrap();
+        let peer_recv = response.await.unwrap().into_body();
+        let l = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let tcp_peer = TcpStream::connect(l.local_addr().unwrap()).await.unwrap();
+        let (socket, _) = l.accept().await.unwrap();
+        let task = tokio::spawn(stream.relay_bounded(
+            socket,
+            std::future::pending(),
+            std::future::pending(),
+            Some(idle_timeout),
+        ));
+        (tcp_peer, peer_send, peer_recv, task)
+    }
+
+    #[tokio::test]
+    async fn an_idle_stream_is_ended_cleanly_both_ways() {
+        let (mut tcp_peer, mut peer_send, mut peer_recv, task) =
+            relayed(Duration::from_millis(300)).await;
+        tcp_peer.write_all(b"hi").await.unwrap();
+        let got = poll_fn(|cx| peer_recv.poll_data(cx))
+            .await
+            .unwrap()
+            .unwrap();
+        assert_eq!(&got[..], b"hi");
+        let _ = peer_recv.flow_control().release_capacity(got.len());
+        // Idle: END_STREAM comes through the tunnel (no reset) ...
+        let started = std::time::Instant::now();
+        // (an empty DATA frame carries the END_STREAM flag)
+        while let Some(frame) = poll_fn(|cx| peer_recv.poll_data(cx)).await {
+            assert!(frame.unwrap().is_empty());
+        }
+        assert!(started.elapsed() >= Duration::from_millis(250));
+        // ... the other node ends its side in turn, and the socket's peer gets a FIN.
+        peer_send.send_data(Bytes::new(), true).unwrap();
+        let mut rest = Vec::new();
+        assert_eq!(tcp_peer.read_to_end(&mut rest).await.unwrap(), 0);
+        let r = task.await.unwrap();
+        assert_eq!((r.sent, r.received), (2, 0));
+        let error = r.error.unwrap();
+        assert!(error.starts_with("closed: idle for "), "{error}");
     }
 }
