@@ -695,8 +695,8 @@ fn echo_stream_to(m: &Mesh, pod: &Pod, ms: u64) -> (Proc, Proc) {
 const DENY_CLIENT: &str = "apiVersion: security.istio.io/v1\nkind: AuthorizationPolicy\nmetadata:\n  name: deny-client\n  namespace: back\nspec:\n  action: DENY\n  rules:\n  - from:\n    - source:\n        principals: [\"cluster.local/ns/front/sa/client\"]\n";
 
 /// `stream` (an [`echo_stream`]) ends, closed by `weft` because `DENY_CLIENT` now denies it:
-/// its flow to `pod` says so and keeps what it relayed until then.
-fn assert_closed_by_policy(stream: &mut Proc, weft: &Weft, pod: &str) {
+/// its flow to `pod` says so and keeps what it relayed until then. Returns that flow.
+fn assert_closed_by_policy(stream: &mut Proc, weft: &Weft, pod: &str) -> Value {
     let status = stream
         .wait_timeout(WAIT)
         .unwrap()
@@ -717,20 +717,273 @@ fn assert_closed_by_policy(stream: &mut Proc, weft: &Weft, pod: &str) {
         "what it relayed before it was closed is in its flow: {}",
         flows[0]
     );
+    flows[0].clone()
 }
 
-/// A tunnel admitted under the policies of then is closed by the destination node once a
-/// policy denies it: a policy change applies to open connections, not only to new ones.
+/// Milliseconds since the Unix epoch of a UTC RFC 3339 time (`2026-01-02T03:04:05.678Z`), as
+/// flows and weft's log lines write it.
+fn unix_ms(rfc3339: &str) -> f64 {
+    let parsed = || -> Option<f64> {
+        let (date, clock) = rfc3339.split_once('T')?;
+        let mut date = date.split('-').map(|p| p.parse::<i64>().ok());
+        let (y, m, d) = (date.next()??, date.next()??, date.next()??);
+        let mut clock = clock.strip_suffix('Z')?.split(':');
+        let h: i64 = clock.next()?.parse().ok()?;
+        let min: i64 = clock.next()?.parse().ok()?;
+        let sec: f64 = clock.next()?.parse().ok()?;
+        // Days from the civil date (proleptic Gregorian), counted from 1970-01-01.
+        let y = if m <= 2 { y - 1 } else { y };
+        let era = y.div_euclid(400);
+        let yoe = y - era * 400;
+        let doy = (153 * ((m + 9) % 12) + 2) / 5 + d - 1;
+        let days = era * 146_097 + yoe * 365 + yoe / 4 - yoe / 100 + doy - 719_468;
+        Some(((days * 86_400 + h * 3600 + min * 60) as f64 + sec) * 1000.0)
+    };
+    parsed().unwrap_or_else(|| panic!("not a UTC RFC 3339 time: {rfc3339:?}"))
+}
+
+/// When (Unix milliseconds) weft logged the first line containing `message` after its first
+/// `skip` such lines.
+fn logged_at(weft: &Weft, message: &str, skip: usize) -> Option<f64> {
+    let log = weft.log();
+    let line = log.lines().filter(|l| l.contains(message)).nth(skip)?;
+    // Colours, when the log has them, wrap the time.
+    let mut plain = String::new();
+    let mut chars = line.chars();
+    while let Some(c) = chars.next() {
+        if c == '\u{1b}' {
+            chars.by_ref().find(|c| c.is_ascii_alphabetic());
+        } else {
+            plain.push(c);
+        }
+    }
+    Some(unix_ms(plain.split_whitespace().next()?))
+}
+
+/// How many lines of weft's log contain `message`.
+fn logged(weft: &Weft, message: &str) -> usize {
+    weft.log().lines().filter(|l| l.contains(message)).count()
+}
+
+/// When (Unix milliseconds) `flow` ended: accepted at `time`, open for `duration_ms`.
+fn ended_ms(flow: &Value) -> f64 {
+    unix_ms(s(flow, "/time")) + flow["duration_ms"].as_f64().unwrap()
+}
+
+/// A DENY policy added while a tunnel and a same-node relay are open closes both within a
+/// second: connections admitted under the policies of then are decided again when the policies
+/// change (the tunnel by the destination node, the same-node relay by the node that delivered
+/// it), not only new ones. The second is counted from when each node applied the change (its
+/// `policies updated` log line) to the end of its flow.
 #[test]
-fn a_policy_change_closes_tunnels_it_no_longer_allows() {
+fn a_policy_change_closes_open_tunnels_and_same_node_relays_within_a_second() {
     let m = mesh("revoke", &[]);
-    let (_echo, mut stream) = echo_stream(&m, 60_000);
+    // A second web pod on node-a, next to the client.
+    let local = m
+        .cluster
+        .add_pod(
+            &m.a,
+            PodSpec::new("back", "web-local")
+                .service_account("web")
+                .port("http", 8080),
+        )
+        .unwrap();
+    wait_until(WAIT, || {
+        m.weft_a
+            .workloads()
+            .unwrap()
+            .iter()
+            .any(|w| s(w, "/pod") == "web-local")
+    })
+    .unwrap();
+    let (_echo_b, mut tunnel) = echo_stream(&m, 60_000);
+    let (_echo_a, mut relay) = echo_stream_to(&m, &local, 60_000);
     std::thread::sleep(Duration::from_secs(2));
-    assert!(stream.is_running(), "{}", stream.stderr());
+    assert!(tunnel.is_running(), "{}", tunnel.stderr());
+    assert!(relay.is_running(), "{}", relay.stderr());
+    let applied = "policies updated";
+    let before = (logged(&m.weft_a, applied), logged(&m.weft_b, applied));
+    let reloaded = "registry: reloaded";
+    let reloads = (logged(&m.weft_a, reloaded), logged(&m.weft_b, reloaded));
+    let written = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_secs_f64()
+        * 1000.0;
     apply(&m, DENY_CLIENT);
-    assert_closed_by_policy(&mut stream, &m.weft_b, "web-0");
+
+    let tunnelled = assert_closed_by_policy(&mut tunnel, &m.weft_b, "web-0");
+    assert_eq!(tunnelled["mtls"], Value::Bool(true), "{tunnelled}");
+    let same_node = assert_closed_by_policy(&mut relay, &m.weft_a, "web-local");
+    assert_eq!(same_node["mtls"], Value::Bool(false), "{same_node}");
+    for (weft, flow, skip, reloads) in [
+        (&m.weft_b, &tunnelled, before.1, reloads.1),
+        (&m.weft_a, &same_node, before.0, reloads.0),
+    ] {
+        let node = weft.node().name();
+        let applied_at = logged_at(weft, applied, skip)
+            .unwrap_or_else(|| panic!("{node} never logged {applied:?}:\n{}", weft.log()));
+        let reloaded_at = logged_at(weft, reloaded, reloads).unwrap();
+        let ended = ended_ms(flow);
+        eprintln!(
+            "{node}, from the registry file's change: reloaded at {:.0} ms, policies applied \
+             at {:.0} ms, flow closed at {:.0} ms ({:.0} ms after the apply)",
+            reloaded_at - written,
+            applied_at - written,
+            ended - written,
+            ended - applied_at,
+        );
+        assert!(
+            ended >= applied_at && ended - applied_at < 1000.0,
+            "{node}: the flow ended {:.0} ms after the node applied the policy: {flow}",
+            ended - applied_at
+        );
+        assert!(
+            ended - written < 1000.0,
+            "{node}: the flow ended {:.0} ms after the registry file changed: {flow}",
+            ended - written
+        );
+    }
     // New connections are refused.
     wait_denied(&m, &m.client, m.web.addr(7070), "back/deny-client");
+    wait_denied(&m, &m.client, local.addr(7070), "back/deny-client");
+}
+
+/// A same-node HTTP connection is served request by request, each authorized under the
+/// policies in force when it comes: once a DENY is applied, the next request on the same
+/// keep-alive connection is refused (403) and the connection stays open for the answer.
+#[test]
+fn a_policy_change_reaches_the_next_request_of_an_open_http_connection() {
+    let m = mesh("revoke_http", &[]);
+    let local = m
+        .cluster
+        .add_pod(
+            &m.a,
+            PodSpec::new("back", "web-local")
+                .service_account("web")
+                .port("http", 8080),
+        )
+        .unwrap();
+    let _srv = serve(&local, 8080, "http");
+    wait_until(WAIT, || {
+        m.weft_a
+            .workloads()
+            .unwrap()
+            .iter()
+            .any(|w| s(w, "/pod") == "web-local")
+    })
+    .unwrap();
+    let mut load = m
+        .client
+        .spawn(testpod().args([
+            "http-load",
+            &local.addr(8080).to_string(),
+            "--count",
+            "60",
+            "--interval-ms",
+            "50",
+            "--max-secs",
+            "20",
+        ]))
+        .unwrap();
+    std::thread::sleep(Duration::from_secs(1));
+    assert!(load.is_running(), "{}", load.stderr());
+    apply(&m, DENY_CLIENT);
+    load.wait_timeout(WAIT)
+        .unwrap()
+        .expect("http-load did not end");
+    let out: Value = serde_json::from_str(load.stdout().trim()).unwrap();
+    let status = |code: &str| out["statuses"][code].as_u64().unwrap_or(0);
+    assert!(status("200") > 0 && status("403") > 0, "{out}");
+    assert_eq!(status("200") + status("403"), 60, "{out}");
+    assert_eq!(
+        out["connections"],
+        Value::from(1),
+        "one connection throughout: {out}"
+    );
+    m.weft_a
+        .wait_flows(1, WAIT, |f| {
+            s(f, "/verdict") == "denied"
+                && s(f, "/destination/pod") == "web-local"
+                && s(f, "/policy") == "back/deny-client"
+                && f["http"].is_object()
+        })
+        .unwrap();
+}
+
+/// Connections that name no workload (here: a pod dialling the node proxy's capture port
+/// itself, which no redirect record describes) are kept in a ring of their own, a tenth of
+/// `--flow-capacity`: a flood of them leaves every workload flow in `weft flows`, and `weft
+/// status` counts what they were.
+#[test]
+fn junk_connections_never_push_workload_flows_out_of_the_flow_log() {
+    let m = mesh("junk_flows", &["--flow-capacity", "20"]);
+    for i in 0..5 {
+        call_ok(&m.client, m.web.addr(8080), &format!("real-{i}"));
+    }
+    let forwarded = |f: &Value| s(f, "/verdict") == "forwarded";
+    let real: Vec<u64> = m
+        .weft_a
+        .wait_flows(5, WAIT, forwarded)
+        .unwrap()
+        .iter()
+        .map(|f| f["seq"].as_u64().unwrap())
+        .collect();
+    let proxy: SocketAddr = (m.a.ip(), 15001).into();
+    let out = m
+        .client
+        .output(testpod().args([
+            "load",
+            &proxy.to_string(),
+            "--conns",
+            "200",
+            "--parallel",
+            "8",
+            "--tag",
+            "junk",
+        ]))
+        .unwrap();
+    assert!(
+        !out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stdout)
+    );
+    let unattributed = |st: &Value| st["flows"]["unattributed"].clone();
+    wait_until(WAIT, || {
+        unattributed(&m.weft_a.status().unwrap())["seen"].as_u64() >= Some(200)
+    })
+    .unwrap();
+    let st = unattributed(&m.weft_a.status().unwrap());
+    let seen = st["seen"].as_u64().unwrap();
+    assert_eq!(
+        (&st["kept"], &st["capacity"], st["dropped"].as_u64()),
+        (&Value::from(2), &Value::from(2), Some(seen - 2)),
+        "{st}"
+    );
+
+    let flows = m.weft_a.flows(&[]).unwrap();
+    let kept: Vec<u64> = flows
+        .iter()
+        .filter(|f| forwarded(f))
+        .map(|f| f["seq"].as_u64().unwrap())
+        .collect();
+    assert_eq!(kept, real, "every workload flow survived the flood");
+    let junk: Vec<&Value> = flows
+        .iter()
+        .filter(|f| s(f, "/verdict") == "unidentified")
+        .collect();
+    assert_eq!(junk.len(), 2, "the latest junk only");
+    // One list, in the order the flows were recorded.
+    let seqs: Vec<u64> = flows.iter().map(|f| f["seq"].as_u64().unwrap()).collect();
+    assert!(seqs.windows(2).all(|w| w[0] < w[1]), "{seqs:?}");
+    let text = m.weft_a.cli(&["status"]).unwrap();
+    assert!(
+        text.contains(&format!(
+            "Unattributed flows (no workload, or over a limit): 2 kept of 2, {seen} seen, {} dropped",
+            seen - 2
+        )),
+        "{text}"
+    );
 }
 
 #[test]

@@ -27,6 +27,7 @@ use weft_common::{
     STRICT_ENTRIES, UNCAPTURED_ENTRIES,
 };
 
+use super::status::StatusMaps;
 use super::{Capture, CaptureConfig};
 use crate::config::DEFAULT_BPFFS;
 use crate::workload::cgroup_id;
@@ -233,6 +234,7 @@ impl Capture {
             node_addrs: Mutex::new(take_map(&mut ebpf, names::NODE_ADDRS)?),
             uncaptured: Mutex::new(take_map(&mut ebpf, names::UNCAPTURED)?),
             events: Mutex::new(Some(take_map(&mut ebpf, names::EVENTS)?)),
+            status_maps: StatusMaps::open(&pin_dir)?,
             shutdown: watch::channel(()).0,
             own_cgroups: own_cgroup_ids().unwrap_or_else(|err| {
                 warn!("cannot tell which cgroup this process is in: {err:#}");

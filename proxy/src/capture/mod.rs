@@ -129,6 +129,8 @@ pub struct Capture {
     node_addrs: Mutex<BpfHashMap<MapData, u32, u8>>,
     uncaptured: Mutex<BpfHashMap<MapData, u64, u64>>,
     events: Mutex<Option<RingBuf<MapData>>>,
+    /// `/status` counts map entries through these, never through the handles above.
+    status_maps: status::StatusMaps,
     /// Dropped with the `Capture`, which stops the event pump task.
     shutdown: watch::Sender<()>,
     /// The cgroup this process runs in and its ancestors: never enrolled, or the proxy's own

@@ -332,8 +332,10 @@ impl IdentityManager {
 
     /// The SVIDs currently held, sorted by identity.
     pub fn certs(&self) -> Vec<CertInfo> {
-        let local = self.state.lock();
-        let mut out: Vec<CertInfo> = local.svids.values().map(|s| s.info()).collect();
+        // Every handshake takes this lock (`svid`, `is_local`): only clone the `Arc`s under it,
+        // describing the certificates happens after.
+        let svids: Vec<Arc<Svid>> = self.state.lock().svids.values().cloned().collect();
+        let mut out: Vec<CertInfo> = svids.iter().map(|s| s.info()).collect();
         out.sort_by(|a, b| a.identity.cmp(&b.identity));
         out
     }
