@@ -44,7 +44,7 @@ pub use process::Proc;
 pub use registry::{Labels, ServicePort, TargetPort};
 pub use spec::{PodSpec, Service, ServiceSpec};
 pub use wait::{tcp_connect, wait_for, wait_for_tcp, wait_until};
-pub use weft::{mesh_ca, Weft};
+pub use weft::{mesh_ca, supports_handover, HandOver, Weft};
 
 use std::path::PathBuf;
 

@@ -95,7 +95,8 @@ impl Weft {
         Ok(w)
     }
 
-    fn launch(&mut self) -> Result<()> {
+    /// The `weft node` command line this weft runs with (the same for a successor).
+    fn command(&self) -> Command {
         let mut cmd = Command::new(weft_bin());
         cmd.arg("node")
             .args(["--node-name", self.node.name()])
@@ -113,6 +114,44 @@ impl Weft {
                 "WEFT_LOG",
                 std::env::var("WEFT_LOG").unwrap_or_else(|_| "info".into()),
             );
+        // Each node hands over through a socket of its own: with weft's default path, a weft
+        // starting anywhere on the machine (another test's) would take this one's listeners.
+        if supports_handover()
+            && !self
+                .extra
+                .iter()
+                .any(|a| a.starts_with("--handover-socket"))
+        {
+            cmd.arg("--handover-socket").arg(self.handover_socket());
+        }
+        cmd
+    }
+
+    /// Where this node's weft hands its listeners over to a successor: the
+    /// `--handover-socket` given in the extra flags, else one in the node's state directory.
+    pub fn handover_socket(&self) -> PathBuf {
+        let given = self.extra.iter().enumerate().find_map(|(i, a)| {
+            if a == "--handover-socket" {
+                self.extra.get(i + 1).cloned()
+            } else {
+                a.strip_prefix("--handover-socket=").map(str::to_string)
+            }
+        });
+        given.map_or_else(
+            || self.node.state_dir().join("handover.sock"),
+            PathBuf::from,
+        )
+    }
+
+    fn spawn_command(&self, cmd: &Command) -> Result<Proc> {
+        match &self.cgroup {
+            Some(cg) => self.node.spawn_in_cgroup(cg, cmd),
+            None => self.node.spawn(cmd),
+        }
+    }
+
+    fn launch(&mut self) -> Result<()> {
+        let cmd = self.command();
         let mut proc = match &self.cgroup {
             Some(cg) => self.node.spawn_in_cgroup(cg, &cmd)?,
             None => self.node.spawn(&cmd)?,
@@ -157,6 +196,90 @@ impl Weft {
     pub fn restart(&mut self) -> Result<()> {
         self.stop()?;
         self.launch()
+    }
+
+    /// Restarts weft without a gap, as a rolling update of the node does: starts a successor
+    /// with the same command line (same flags, cgroup, `WEFT_LOG`), which takes the listening
+    /// sockets over from the running weft through the hand-over socket; waits until the
+    /// successor has taken over, then until the predecessor, which drains what it still
+    /// serves, exits by itself within `exit_within` (its `--drain-timeout` and a margin).
+    ///
+    /// "Taken over" is read from the kernel, not from a log line: the successor holds a
+    /// listening socket on the proxy port (`/proc/<pid>/net/tcp*` against its descriptors),
+    /// holds the listening admin socket at this weft's path (`/proc/<pid>/net/unix`), and
+    /// answers `/healthz/ready` there.
+    ///
+    /// On success this `Weft` is the successor ([`Weft::pid`], [`Weft::log`]); the
+    /// predecessor's log stays in [`HandOver::old_log`]. If the successor exits or does not
+    /// take over within 30 s, it is killed and the predecessor stays in place (an error). If
+    /// the predecessor outlives `exit_within`, it is killed and an error says so; the
+    /// successor stays in place.
+    pub fn hand_over(&mut self, exit_within: Duration) -> Result<HandOver> {
+        let old_pid = self
+            .pid()
+            .context("weft is not running: nothing to hand over")?;
+        let proxy_port = self
+            .status()
+            .ok()
+            .and_then(|s| {
+                s.pointer("/proxy_address")
+                    .and_then(Value::as_str)
+                    .and_then(|a| a.parse::<std::net::SocketAddr>().ok())
+            })
+            .map_or(DEFAULT_PROXY_PORT, |a| a.port());
+        let started = Instant::now();
+        let mut new = self.spawn_command(&self.command())?;
+        let new_pid = new.pid();
+        let deadline = started + Duration::from_secs(30);
+        let took_over = loop {
+            if listens_on(new_pid, proxy_port)
+                && serves_unix(new_pid, &self.admin_socket)
+                && self.ready()
+            {
+                break started.elapsed();
+            }
+            if let Some(status) = new.try_wait()? {
+                bail!(
+                    "the successor weft on {} exited ({status}) before taking over:\n{}",
+                    self.node.name(),
+                    new.stderr()
+                );
+            }
+            if Instant::now() > deadline {
+                new.kill();
+                bail!(
+                    "the successor weft on {} did not take over within 30s (listening on \
+                     :{proxy_port}, serving {}, ready):\n{}",
+                    self.node.name(),
+                    self.admin_socket.display(),
+                    new.stderr()
+                );
+            }
+            std::thread::sleep(Duration::from_millis(10));
+        };
+        let mut old = self
+            .proc
+            .replace(new)
+            .context("weft is not running: nothing to hand over")?;
+        let old_log = old.stderr_path().to_path_buf();
+        let Some(old_status) = old.wait_timeout(exit_within.saturating_sub(started.elapsed()))?
+        else {
+            old.kill();
+            bail!(
+                "the predecessor weft on {} (pid {old_pid}) did not exit within {exit_within:?} \
+                 of the hand-over; killed. Its log: {}",
+                self.node.name(),
+                old_log.display()
+            );
+        };
+        Ok(HandOver {
+            old_pid,
+            new_pid,
+            took_over,
+            old_exited: started.elapsed(),
+            old_status,
+            old_log,
+        })
     }
 
     pub fn admin_socket(&self) -> &Path {
@@ -289,6 +412,107 @@ impl Weft {
     }
 }
 
+/// `weft node`'s default `--proxy-address` port (the captured connections' listener).
+const DEFAULT_PROXY_PORT: u16 = 15001;
+
+/// What one [`Weft::hand_over`] took.
+#[derive(Debug, Clone)]
+pub struct HandOver {
+    pub old_pid: u32,
+    pub new_pid: u32,
+    /// From starting the successor until it had taken over (listening on the proxy port,
+    /// serving the admin socket, ready).
+    pub took_over: Duration,
+    /// From starting the successor until the predecessor had exited.
+    pub old_exited: Duration,
+    pub old_status: std::process::ExitStatus,
+    /// The predecessor's stderr (its log).
+    pub old_log: PathBuf,
+}
+
+/// Whether the `weft` under test has a hand-over (`weft node --handover-socket`): asked once
+/// per binary.
+pub fn supports_handover() -> bool {
+    static KNOWN: std::sync::Mutex<Vec<(PathBuf, bool)>> = std::sync::Mutex::new(Vec::new());
+    let bin = weft_bin();
+    let mut known = KNOWN.lock().unwrap_or_else(|e| e.into_inner());
+    if let Some((_, yes)) = known.iter().find(|(b, _)| *b == bin) {
+        return *yes;
+    }
+    let yes = Command::new(&bin)
+        .args(["node", "--help"])
+        .output()
+        .map(|o| String::from_utf8_lossy(&o.stdout).contains("--handover-socket"))
+        .unwrap_or(false);
+    known.push((bin, yes));
+    yes
+}
+
+/// Socket inodes among `pid`'s descriptors.
+fn socket_inodes(pid: u32) -> Vec<u64> {
+    let Ok(fds) = std::fs::read_dir(format!("/proc/{pid}/fd")) else {
+        return Vec::new();
+    };
+    fds.flatten()
+        .filter_map(|fd| {
+            let link = std::fs::read_link(fd.path()).ok()?;
+            let link = link.to_str()?;
+            link.strip_prefix("socket:[")?
+                .strip_suffix(']')?
+                .parse()
+                .ok()
+        })
+        .collect()
+}
+
+/// `pid` holds a TCP socket listening on `port` (any address) in its network namespace.
+fn listens_on(pid: u32, port: u16) -> bool {
+    let mut listening = Vec::new();
+    for table in ["tcp", "tcp6"] {
+        let text = std::fs::read_to_string(format!("/proc/{pid}/net/{table}")).unwrap_or_default();
+        listening.extend(tcp_listeners(&text, port));
+    }
+    !listening.is_empty() && socket_inodes(pid).iter().any(|i| listening.contains(i))
+}
+
+/// Inodes of the sockets listening on `port` in a `/proc/net/tcp` table.
+fn tcp_listeners(table: &str, port: u16) -> Vec<u64> {
+    const LISTEN: &str = "0A";
+    table
+        .lines()
+        .skip(1)
+        .filter_map(|l| {
+            let f: Vec<&str> = l.split_whitespace().collect();
+            let local_port = f.get(1)?.rsplit_once(':')?.1;
+            let ok = u16::from_str_radix(local_port, 16).ok()? == port && *f.get(3)? == LISTEN;
+            ok.then(|| f.get(9)?.parse().ok()).flatten()
+        })
+        .collect()
+}
+
+/// `pid` holds a listening Unix socket bound to `path`.
+fn serves_unix(pid: u32, path: &Path) -> bool {
+    let text = std::fs::read_to_string(format!("/proc/{pid}/net/unix")).unwrap_or_default();
+    let inodes = unix_listeners(&text, path);
+    !inodes.is_empty() && socket_inodes(pid).iter().any(|i| inodes.contains(i))
+}
+
+/// Inodes of the listening sockets bound to `path` in a `/proc/net/unix` table.
+fn unix_listeners(table: &str, path: &Path) -> Vec<u64> {
+    // Flags: __SO_ACCEPTCON, a socket that listen() was called on.
+    const ACCEPTING: u32 = 0x10000;
+    table
+        .lines()
+        .skip(1)
+        .filter_map(|l| {
+            let f: Vec<&str> = l.split_whitespace().collect();
+            let flags = u32::from_str_radix(f.get(3)?, 16).ok()?;
+            let ok = flags & ACCEPTING != 0 && Path::new(f.get(7)?) == path;
+            ok.then(|| f.get(6)?.parse().ok()).flatten()
+        })
+        .collect()
+}
+
 impl Drop for Weft {
     fn drop(&mut self) {
         if let Some(mut p) = self.proc.take() {
@@ -318,4 +542,35 @@ fn json_lines(s: &str) -> Result<Vec<Value>> {
         .filter(|l| !l.trim().is_empty())
         .map(|l| serde_json::from_str(l).with_context(|| format!("bad JSON line {l:?}")))
         .collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn listeners_are_read_from_the_tcp_table() {
+        let table = "  sl  local_address rem_address   st tx_queue rx_queue tr tm->when retrnsmt   uid  timeout inode
+   0: 00000000:3A99 00000000:0000 0A 00000000:00000000 00:00000000 00000000     0        0 41001 1 0000000000000000 100 0 0 10 0
+   1: 0100007F:3A98 00000000:0000 0A 00000000:00000000 00:00000000 00000000     0        0 41002 1 0000000000000000 100 0 0 10 0
+   2: 0A00000A:3A99 0A00000B:C350 01 00000000:00000000 00:00000000 00000000     0        0 41003 1 0000000000000000 20 4 30 10 -1
+";
+        assert_eq!(tcp_listeners(table, 15001), vec![41001]);
+        assert_eq!(tcp_listeners(table, 15000), vec![41002]);
+        assert!(tcp_listeners(table, 80).is_empty());
+        assert!(tcp_listeners("garbage\nmore garbage", 15001).is_empty());
+    }
+
+    #[test]
+    fn the_admin_listener_is_the_accepting_socket_at_the_path() {
+        let table = "Num       RefCount Protocol Flags    Type St Inode Path
+0000000000000000: 00000002 00000000 00010000 0001 01 52001 /tmp/n/admin.sock
+0000000000000000: 00000003 00000000 00000000 0001 03 52002 /tmp/n/admin.sock
+0000000000000000: 00000002 00000000 00010000 0001 01 52003 /tmp/n/other.sock
+0000000000000000: 00000003 00000000 00000000 0001 03 52004
+";
+        let admin = Path::new("/tmp/n/admin.sock");
+        assert_eq!(unix_listeners(table, admin), vec![52001]);
+        assert!(unix_listeners(table, Path::new("/nowhere")).is_empty());
+    }
 }

@@ -32,6 +32,11 @@
 //! weft's Kubernetes registry source against an API server holding a synthetic cluster of
 //! 10 000 pods (sync time, memory, CPU and latency of one change).
 //!
+//! `--only soak` (module `soak`) holds 10 000 long-lived connections and a steady HTTP rate
+//! through weft for 10 minutes and samples weft's memory and CPU; `--only restart` (module
+//! `restart`) restarts weft 5 times under HTTP and TCP load and counts what failed. Both are
+//! off the default run and share their one-node cluster and load client (module `steady`).
+//!
 //! This file holds the command line ([`Args`]), [`run`] and the order of the measurements in
 //! each topology; `cases` says what each case measures and runs one, `http` does the same for
 //! the HTTP cases, `topology` builds the clusters and the proxies, `machine` probes the host and
@@ -42,6 +47,9 @@ mod http;
 mod machine;
 mod registry;
 mod report;
+mod restart;
+mod soak;
+mod steady;
 mod topology;
 
 use std::path::PathBuf;
@@ -96,20 +104,31 @@ pub struct Args {
     paths: Vec<PathKind>,
     /// Run one topology only [default: both, single node first]. Cross-node measures `direct`
     /// and `weft` (haproxy and nginx are single-node only). `registry` runs the registry case
-    /// instead (weft's Kubernetes registry at 10 000 pods; never part of the default run).
+    /// instead (weft's Kubernetes registry at 10 000 pods; never part of the default run);
+    /// `soak` and `restart` the long-running cases (never part of the default run either).
     #[arg(long, value_enum)]
     only: Option<Only>,
     /// Also write the report (Markdown) to this file [default: none: standard output only].
     #[arg(long)]
     output: Option<PathBuf>,
-    /// Use target/release as it is instead of running `cargo build --release --bins` first
-    /// [default: off: build first].
+    /// Use target/release as it is instead of running `cargo build --release --bins` first;
+    /// `WEFT_BIN` and `WEFT_TESTPOD_BIN`, when set, then name the binaries [default: off:
+    /// build first].
     #[arg(long)]
     no_build: bool,
     /// An extra `weft node` flag for the weft paths, e.g. `--weft-arg=--source-address=node`
     /// (repeatable) [default: none].
     #[arg(long = "weft-arg", allow_hyphen_values = true)]
     weft_args: Vec<String>,
+    /// `--only soak`: how long the load runs, in seconds.
+    #[arg(long, default_value_t = 600, value_parser = clap::value_parser!(u64).range(10..=86_400))]
+    soak_duration: u64,
+    /// `--only soak`: long-lived connections held through weft.
+    #[arg(long, default_value_t = 10_000, value_parser = clap::value_parser!(u64).range(1..=50_000))]
+    soak_connections: u64,
+    /// `--only restart`: how many times weft is restarted under load.
+    #[arg(long, default_value_t = 5, value_parser = clap::value_parser!(u64).range(1..=50))]
+    restarts: u64,
 }
 
 /// What `--only` runs.
@@ -119,6 +138,12 @@ pub enum Only {
     CrossNode,
     /// weft's Kubernetes registry source at scale (module `registry`).
     Registry,
+    /// Long-lived connections and steady HTTP through weft for `--soak-duration`: weft's
+    /// memory and CPU over time (module `soak`).
+    Soak,
+    /// weft restarted `--restarts` times under load: what failed, how long a hand-over took
+    /// (module `restart`).
+    Restart,
 }
 
 /// A path from a client pod to the server, compared with the others.
@@ -153,7 +178,16 @@ pub fn run(args: Args) -> Result<()> {
         cargo(&["build", "--release", "--bins"])?;
     }
     let release = release_dir();
-    let (weft, testpod) = (release.join("weft"), release.join("weft-testpod"));
+    // With --no-build, binaries named by WEFT_BIN / WEFT_TESTPOD_BIN are measured as they are
+    // (a debug build to check the tooling, a copy of a release build).
+    let from_env = |var: &str, name: &str| match std::env::var_os(var) {
+        Some(p) if args.no_build => PathBuf::from(p),
+        _ => release.join(name),
+    };
+    let (weft, testpod) = (
+        from_env("WEFT_BIN", "weft"),
+        from_env("WEFT_TESTPOD_BIN", "weft-testpod"),
+    );
     let registry = args.only == Some(Only::Registry);
     let need_weft = args.paths.contains(&PathKind::Weft) || registry;
     if args.paths.contains(&PathKind::WeftResilient) && !need_weft {
@@ -194,6 +228,28 @@ pub fn run(args: Args) -> Result<()> {
         std::env::set_var("WEFT_LOG", "warn");
     }
     let machine = Machine::probe();
+    match args.only {
+        Some(Only::Soak) => {
+            return soak::run(
+                &command,
+                &machine,
+                args.output.as_deref(),
+                std::time::Duration::from_secs(args.soak_duration),
+                args.soak_connections,
+                &args.weft_args,
+            )
+        }
+        Some(Only::Restart) => {
+            return restart::run(
+                &command,
+                &machine,
+                args.output.as_deref(),
+                args.restarts,
+                &args.weft_args,
+            )
+        }
+        _ => {}
+    }
     let started = Instant::now();
     let mut paths = args.paths.clone();
     paths.push(PathKind::Direct);
@@ -203,7 +259,9 @@ pub fn run(args: Args) -> Result<()> {
     let topos = match args.only {
         Some(Only::SingleNode) => vec![Topology::SingleNode],
         Some(Only::CrossNode) => vec![Topology::CrossNode],
-        Some(Only::Registry) | None => vec![Topology::SingleNode, Topology::CrossNode],
+        Some(Only::Registry | Only::Soak | Only::Restart) | None => {
+            vec![Topology::SingleNode, Topology::CrossNode]
+        }
     };
     let mut res = Results::default();
     // One topology at a time: the first cluster is gone before the next is built.

@@ -19,9 +19,15 @@
 //! - `bench <connect|rr|stream|connect-latency> ADDR --duration-ms N --parallel P --size BYTES`:
 //!   a bounded measurement against an echo (`stream`: a discard) server, after a warm-up; prints
 //!   one JSON object (counts, rates, latency percentiles in µs, throughput). See `bench`.
+//! - `steady --duration-s N [--tcp ADDR…] [--hold N] [--streams N] [--churn-rate R] [--http ADDR
+//!   --http-rate R --http-new-rate R]`: a steady load for a fixed time (long-lived connections
+//!   with periodic echoes, streaming connections checking their bytes, new connections, HTTP at
+//!   a fixed rate), every failure counted by kind and time; one JSON object. `serve --tasks`
+//!   is its echo server for many connections. See `steady`.
 
 mod http_load;
 mod http_server;
+mod steady;
 mod websocket;
 
 use clap::{Parser, Subcommand, ValueEnum};
@@ -94,6 +100,10 @@ enum Cmd {
         /// thread per connection.
         #[arg(long, default_value_t = 0, value_parser = clap::value_parser!(u64).range(0..=1024))]
         workers: u64,
+        /// `--mode echo`: one tokio task per connection on one thread (tens of thousands of
+        /// long-lived connections; the open-file limit is raised first).
+        #[arg(long, conflicts_with = "workers")]
+        tasks: bool,
         /// `--mode https`: the certificate chain (PEM).
         #[arg(long, required_if_eq("mode", "https"))]
         cert: Option<PathBuf>,
@@ -194,6 +204,57 @@ enum Cmd {
         #[arg(long, default_value_t = 120)]
         max_secs: u64,
     },
+    /// A steady load for a fixed time; prints one JSON object. Exit 1 if anything failed.
+    Steady {
+        /// Echo server for the held, streaming and new connections (repeatable; used in turn).
+        #[arg(long)]
+        tcp: Vec<SocketAddr>,
+        /// Long-lived connections held to the end.
+        #[arg(long, default_value_t = 0, value_parser = clap::value_parser!(u64).range(0..=200_000))]
+        hold: u64,
+        /// Least time between two messages of a held connection.
+        #[arg(long, default_value_t = 10_000)]
+        hold_min_ms: u64,
+        /// Most time between two messages of a held connection.
+        #[arg(long, default_value_t = 30_000)]
+        hold_max_ms: u64,
+        /// Held connections opened per second.
+        #[arg(long, default_value_t = 500, value_parser = clap::value_parser!(u64).range(1..=100_000))]
+        open_rate: u64,
+        /// Streaming connections at a time.
+        #[arg(long, default_value_t = 0, value_parser = clap::value_parser!(u64).range(0..=1000))]
+        streams: u64,
+        /// Life of one streaming connection.
+        #[arg(long, default_value_t = 3000)]
+        stream_life_ms: u64,
+        /// Bytes per second written on each streaming connection.
+        #[arg(long, default_value_t = 262_144, value_parser = clap::value_parser!(u64).range(4096..=1_000_000_000))]
+        stream_rate: u64,
+        /// New connections per second (connect, 64 B echoed, close).
+        #[arg(long, default_value_t = 0, value_parser = clap::value_parser!(u64).range(0..=100_000))]
+        churn_rate: u64,
+        /// HTTP/1.1 server.
+        #[arg(long)]
+        http: Option<SocketAddr>,
+        /// Requests per second over the keep-alive connections.
+        #[arg(long, default_value_t = 0, value_parser = clap::value_parser!(u64).range(0..=100_000))]
+        http_rate: u64,
+        /// Keep-alive connections carrying `--http-rate`.
+        #[arg(long, default_value_t = 16, value_parser = clap::value_parser!(u64).range(1..=10_000))]
+        http_conns: u64,
+        /// Requests per second each on a new connection.
+        #[arg(long, default_value_t = 0, value_parser = clap::value_parser!(u64).range(0..=100_000))]
+        http_new_rate: u64,
+        /// How long the load runs.
+        #[arg(long, value_parser = clap::value_parser!(u64).range(1..=86_400))]
+        duration_s: u64,
+        /// Time limit of one connect, echo or request.
+        #[arg(long, default_value_t = 5000)]
+        timeout_ms: u64,
+        /// Progress line on stderr every this many seconds.
+        #[arg(long, default_value_t = 10, value_parser = clap::value_parser!(u64).range(1..))]
+        report_every_s: u64,
+    },
     /// A bounded measurement; prints one JSON object. Exit 1 if any operation failed.
     Bench {
         #[arg(value_enum)]
@@ -230,9 +291,52 @@ fn main() -> ExitCode {
             mode,
             name,
             workers,
+            tasks,
             cert,
             key,
-        } => serve(listen, mode, name, workers, cert.zip(key)),
+        } => {
+            if tasks {
+                return serve_tasks(listen, mode);
+            }
+            serve(listen, mode, name, workers, cert.zip(key))
+        }
+        Cmd::Steady {
+            tcp,
+            hold,
+            hold_min_ms,
+            hold_max_ms,
+            open_rate,
+            streams,
+            stream_life_ms,
+            stream_rate,
+            churn_rate,
+            http,
+            http_rate,
+            http_conns,
+            http_new_rate,
+            duration_s,
+            timeout_ms,
+            report_every_s,
+        } => steady::run(steady::Opts {
+            tcp,
+            hold,
+            hold_every: (
+                Duration::from_millis(hold_min_ms),
+                Duration::from_millis(hold_max_ms.max(hold_min_ms)),
+            ),
+            open_rate,
+            streams,
+            stream_life: Duration::from_millis(stream_life_ms),
+            stream_rate,
+            churn_rate,
+            http,
+            http_rate,
+            http_conns,
+            http_new_rate,
+            duration: Duration::from_secs(duration_s),
+            timeout: Duration::from_millis(timeout_ms),
+            report_every: Duration::from_secs(report_every_s),
+        }),
         Cmd::HttpLoad {
             addr,
             count,
@@ -332,6 +436,29 @@ fn main() -> ExitCode {
             },
         ),
     }
+}
+
+/// `serve --tasks`: the echo server of `steady` (see there).
+fn serve_tasks(listen: Vec<SocketAddr>, mode: Mode) -> ExitCode {
+    if mode != Mode::Echo {
+        eprintln!("--tasks serves --mode echo only");
+        return ExitCode::from(2);
+    }
+    let mut listeners = Vec::new();
+    for addr in &listen {
+        match TcpListener::bind(addr) {
+            Ok(l) => {
+                println!("listening on {addr}");
+                listeners.push(l);
+            }
+            Err(e) => {
+                eprintln!("bind {addr}: {e}");
+                return ExitCode::from(1);
+            }
+        }
+    }
+    let _ = std::io::stdout().flush();
+    steady::serve_echo(listeners)
 }
 
 fn serve(
