@@ -15,6 +15,9 @@ use serde::{Deserialize, Serialize};
 /// Default outbound capture port.
 pub const DEFAULT_PROXY_PORT: u16 = 15001;
 pub const DEFAULT_ADMIN_SOCKET: &str = "/run/weft/admin.sock";
+pub const DEFAULT_HANDOVER_SOCKET: &str = "/run/weft/handover.sock";
+/// Envoy's `--drain-time-s` and Kubernetes' default grace period are 30 s too.
+pub const DEFAULT_DRAIN_TIMEOUT: Duration = Duration::from_secs(30);
 pub const DEFAULT_ADMIN_ADDRESS: &str = "127.0.0.1:15000";
 pub const DEFAULT_METRICS_ADDRESS: &str = "0.0.0.0:15020";
 /// How long an enrolled pod may stay uncaptured (cgroup not found) before it is reported.
@@ -40,6 +43,35 @@ pub const DEFAULT_PROTOCOL_DETECTION_TIMEOUT_MS: u64 = 100;
 pub const DEFAULT_CLUSTER_ID: &str = "Kubernetes";
 /// Percent of new traces sampled, as Istio's default.
 pub const DEFAULT_TRACE_SAMPLING: f64 = 1.0;
+/// Descriptors a relayed connection holds at most: its two sockets (all an idle one holds),
+/// and a splice pipe of two ends for each direction while bytes are in flight (2 + 2 × 2).
+/// The default limit is sized for every relay moving bytes both ways at once, so it never
+/// runs the process out of descriptors; mostly idle relays leave room for a higher
+/// `--max-connections`.
+pub const FDS_PER_CONNECTION: u64 = 6;
+/// Default idle timeout of a relayed connection: Envoy's `tcp_proxy` default, and Istio's
+/// DestinationRule `connectionPool.tcp.idleTimeout` default.
+pub const DEFAULT_IDLE_TIMEOUT: Duration = Duration::from_secs(3600);
+/// Default ceiling of connections open at once on the admin API (TCP and Unix socket).
+pub const DEFAULT_ADMIN_MAX_CONNECTIONS: usize = 64;
+/// Default ceiling of connections open at once on the metrics listener.
+pub const DEFAULT_METRICS_MAX_CONNECTIONS: usize = 256;
+/// Default ceiling of connections open at once on the metrics listener from one address.
+pub const DEFAULT_METRICS_MAX_CONNECTIONS_PER_IP: usize = 8;
+/// Default time a client of the admin or metrics listener has to send a request's head.
+pub const DEFAULT_ADMIN_HEADER_TIMEOUT: Duration = Duration::from_secs(10);
+/// Default time an admin or metrics connection may stay open without a request.
+pub const DEFAULT_ADMIN_IDLE_TIMEOUT: Duration = Duration::from_secs(60);
+/// HBONE client pool: a `PING` on every connection this often (ztunnel's value).
+pub const DEFAULT_HBONE_KEEPALIVE_INTERVAL: Duration = Duration::from_secs(10);
+/// HBONE client pool: a connection whose `PING` is unanswered this long is closed (ztunnel's).
+pub const DEFAULT_HBONE_KEEPALIVE_TIMEOUT: Duration = Duration::from_secs(20);
+/// HBONE server: TLS handshakes in progress on the node.
+pub const DEFAULT_HBONE_MAX_HANDSHAKES: usize = 4096;
+/// HBONE server: TLS handshakes in progress from one source address.
+pub const DEFAULT_HBONE_MAX_HANDSHAKES_PER_PEER: usize = 512;
+/// HBONE server: connections open from one source address.
+pub const DEFAULT_HBONE_MAX_CONNECTIONS_PER_PEER: usize = 4096;
 /// `--registry kube`: the Kubernetes API.
 pub const REGISTRY_KUBE: &str = "kube";
 /// The cluster's DNS domain: Services are `name.namespace.svc.<domain>`.
@@ -85,6 +117,15 @@ pub struct NodeArgs {
     /// Admin API TCP address (default 127.0.0.1:15000).
     #[arg(long, value_name = "IP:PORT")]
     pub admin_address: Option<SocketAddr>,
+    /// Unix socket through which a `weft node` starting on this node takes the listening
+    /// sockets over from the one running, for a restart or upgrade without a refused
+    /// connection (default /run/weft/handover.sock).
+    #[arg(long, value_name = "PATH")]
+    pub handover_socket: Option<PathBuf>,
+    /// How long a stopping node (SIGTERM, or listeners handed over) lets open connections and
+    /// requests finish before it closes them (default 30s).
+    #[arg(long, value_name = "DURATION")]
+    pub drain_timeout: Option<String>,
     /// Prometheus `/metrics` address (default 0.0.0.0:15020).
     #[arg(long, value_name = "IP:PORT")]
     pub metrics_address: Option<SocketAddr>,
@@ -193,6 +234,68 @@ pub struct NodeArgs {
     /// 100 (default 1).
     #[arg(long, value_name = "PERCENT")]
     pub trace_sampling: Option<f64>,
+    /// Connections the capture listener holds open at once, node-wide; more are reset at
+    /// accept and recorded `over_limit`. Default: RLIMIT_NOFILE (raised to its hard limit at
+    /// start) / 8. A relayed connection holds 2 descriptors (its sockets) while idle, plus a
+    /// splice pipe of 2 for each direction while bytes are in flight: 6 at most, so at the
+    /// limit, even with every relay busy both ways, three quarters of the descriptors are in
+    /// relays and a quarter is left for HBONE, the admin API and metrics: the limit refuses
+    /// before the process runs out. Mostly idle relays hold a third of that, so a higher limit
+    /// is safe for them.
+    #[arg(long, value_name = "N")]
+    pub max_connections: Option<usize>,
+    /// Connections one pod may hold open at once through the capture listener (counted by the
+    /// pod's cgroup); more are reset and recorded `over_limit`. Default: a quarter of
+    /// --max-connections, so no one pod can take the node's whole allowance, and no normal pod
+    /// comes near it (a pod's captured connections all go to one proxy address and port, so
+    /// the kernel's ephemeral ports, 28 232 by default, bound them at about that anyway).
+    #[arg(long, value_name = "N")]
+    pub max_connections_per_pod: Option<usize>,
+    /// A relayed TCP connection that moves no byte either way for this long is closed cleanly
+    /// (FIN both ways; its flow says `closed: idle for …`); a DestinationRule's
+    /// `connectionPool.tcp.idleTimeout` wins for its destination. 0 turns it off (default 1h,
+    /// Envoy's and Istio's).
+    #[arg(long, value_name = "DURATION")]
+    pub idle_timeout: Option<String>,
+    /// Connections the admin API (TCP and Unix socket together) holds open at once; more are
+    /// closed at accept (default 64).
+    #[arg(long, value_name = "N")]
+    pub admin_max_connections: Option<usize>,
+    /// Connections the metrics listener holds open at once; more are closed at accept
+    /// (default 256).
+    #[arg(long, value_name = "N")]
+    pub metrics_max_connections: Option<usize>,
+    /// Connections the metrics listener holds open at once from one address (it is reachable
+    /// from pods: one cannot lock Prometheus or kubelet probes out); default 8.
+    #[arg(long, value_name = "N")]
+    pub metrics_max_connections_per_ip: Option<usize>,
+    /// Time a client of the admin API or the metrics listener has to send a whole request
+    /// head, from its first byte; slower ones are closed (default 10s).
+    #[arg(long, value_name = "DURATION")]
+    pub admin_header_timeout: Option<String>,
+    /// An admin API or metrics connection with no request in flight and no byte moved for
+    /// this long is closed (default 60s).
+    #[arg(long, value_name = "DURATION")]
+    pub admin_idle_timeout: Option<String>,
+    /// HBONE connections to other nodes are pinged (HTTP/2 PING) this often; 0 turns it off
+    /// (default 10s).
+    #[arg(long, value_name = "DURATION")]
+    pub hbone_keepalive_interval: Option<String>,
+    /// An HBONE connection whose PING is not answered within this is closed, and the next
+    /// tunnel to that node dials anew (default 20s).
+    #[arg(long, value_name = "DURATION")]
+    pub hbone_keepalive_timeout: Option<String>,
+    /// TLS handshakes in progress on the HBONE listener; past it new connections are reset at
+    /// once. 0: no limit (default 4096).
+    #[arg(long, value_name = "N")]
+    pub hbone_max_handshakes: Option<usize>,
+    /// TLS handshakes in progress on the HBONE listener from one address (a pod or a node);
+    /// 0: no limit (default 512).
+    #[arg(long, value_name = "N")]
+    pub hbone_max_handshakes_per_peer: Option<usize>,
+    /// HBONE connections open from one address; 0: no limit (default 4096).
+    #[arg(long, value_name = "N")]
+    pub hbone_max_connections_per_peer: Option<usize>,
 }
 
 /// The same settings as they appear in a `--config` file.
@@ -208,6 +311,8 @@ struct FileConfig {
     bpffs: Option<PathBuf>,
     admin_socket: Option<PathBuf>,
     admin_address: Option<SocketAddr>,
+    handover_socket: Option<PathBuf>,
+    drain_timeout: Option<String>,
     metrics_address: Option<SocketAddr>,
     exclude_ports: Option<Vec<u16>>,
     exclude_cidrs: Option<Vec<ipnet::Ipv4Net>>,
@@ -236,6 +341,19 @@ struct FileConfig {
     otlp_endpoint: Option<String>,
     otlp_protocol: Option<OtlpTransport>,
     trace_sampling: Option<f64>,
+    max_connections: Option<usize>,
+    max_connections_per_pod: Option<usize>,
+    idle_timeout: Option<String>,
+    admin_max_connections: Option<usize>,
+    metrics_max_connections: Option<usize>,
+    metrics_max_connections_per_ip: Option<usize>,
+    admin_header_timeout: Option<String>,
+    admin_idle_timeout: Option<String>,
+    hbone_keepalive_interval: Option<String>,
+    hbone_keepalive_timeout: Option<String>,
+    hbone_max_handshakes: Option<usize>,
+    hbone_max_handshakes_per_peer: Option<usize>,
+    hbone_max_connections_per_peer: Option<usize>,
 }
 
 /// `--dns-server`: `IP` (port 53) or `IP:PORT`.
@@ -306,6 +424,9 @@ pub struct NodeConfig {
     pub bpffs: PathBuf,
     pub admin_socket: PathBuf,
     pub admin_address: SocketAddr,
+    pub handover_socket: PathBuf,
+    #[serde(with = "humantime_serde")]
+    pub drain_timeout: Duration,
     pub metrics_address: SocketAddr,
     pub exclude_ports: Vec<u16>,
     pub exclude_cidrs: Vec<ipnet::Ipv4Net>,
@@ -341,12 +462,61 @@ pub struct NodeConfig {
     pub otlp_protocol: OtlpTransport,
     /// Percent of new traces sampled.
     pub trace_sampling: f64,
+    /// `None`: derived from RLIMIT_NOFILE at start ([`NodeConfig::connection_limits`]).
+    pub max_connections: Option<usize>,
+    /// `None`: a quarter of the node's.
+    pub max_connections_per_pod: Option<usize>,
+    /// `None`: relays are never closed for idleness.
+    #[serde(with = "humantime_serde")]
+    pub idle_timeout: Option<Duration>,
+    pub admin_max_connections: usize,
+    pub metrics_max_connections: usize,
+    pub metrics_max_connections_per_ip: usize,
+    #[serde(with = "humantime_serde")]
+    pub admin_header_timeout: Duration,
+    #[serde(with = "humantime_serde")]
+    pub admin_idle_timeout: Duration,
+    /// Zero: HBONE connections are not pinged.
+    #[serde(with = "humantime_serde")]
+    pub hbone_keepalive_interval: Duration,
+    #[serde(with = "humantime_serde")]
+    pub hbone_keepalive_timeout: Duration,
+    /// 0: no limit.
+    pub hbone_max_handshakes: usize,
+    pub hbone_max_handshakes_per_peer: usize,
+    pub hbone_max_connections_per_peer: usize,
 }
 
 impl NodeConfig {
     /// Whether the registry is the Kubernetes API (`--registry kube`).
     pub fn kube(&self) -> bool {
         self.registry == Path::new(REGISTRY_KUBE)
+    }
+
+    /// The capture listener's limits (node-wide, per pod) with `nofile` descriptors allowed:
+    /// the flags, else their defaults (see `--max-connections`).
+    pub fn connection_limits(&self, nofile: u64) -> (usize, usize) {
+        let node = self.max_connections.unwrap_or_else(|| {
+            // Three quarters of the descriptors for relays; the rest for everything else.
+            usize::try_from(nofile / 4 * 3 / FDS_PER_CONNECTION)
+                .unwrap_or(usize::MAX)
+                .max(1)
+        });
+        let pod = self.max_connections_per_pod.unwrap_or((node / 4).max(1));
+        (node, pod)
+    }
+}
+
+/// A duration flag: `DURATION` as humantime reads it (`1h`, `90s`, `500ms`).
+fn parse_duration_flag(
+    flag: &str,
+    value: Option<String>,
+    default: Duration,
+) -> anyhow::Result<Duration> {
+    match value {
+        Some(s) => humantime::parse_duration(&s)
+            .with_context(|| format!("--{flag} {s:?}: expected a duration like 1h, 30s or 500ms")),
+        None => Ok(default),
     }
 }
 
@@ -402,6 +572,12 @@ impl NodeArgs {
         if svid_ttl < Duration::from_secs(2) {
             bail!("--svid-ttl must be at least 2s");
         }
+        let drain_timeout = match self.drain_timeout.or(file.drain_timeout) {
+            Some(s) => humantime::parse_duration(&s).with_context(|| {
+                format!("--drain-timeout {s:?}: expected a duration like 30s or 2m")
+            })?,
+            None => DEFAULT_DRAIN_TIMEOUT,
+        };
         let enroll_timeout = match self.enroll_timeout.or(file.enroll_timeout) {
             Some(s) => humantime::parse_duration(&s).with_context(|| {
                 format!("--enroll-timeout {s:?}: expected a duration like 5s or 500ms")
@@ -446,6 +622,70 @@ impl NodeArgs {
         if access_log.is_empty() {
             bail!("--access-log must be off, stdout or a file path");
         }
+        let idle_timeout = Some(parse_duration_flag(
+            "idle-timeout",
+            self.idle_timeout.or(file.idle_timeout),
+            DEFAULT_IDLE_TIMEOUT,
+        )?)
+        .filter(|d| !d.is_zero());
+        let admin_header_timeout = parse_duration_flag(
+            "admin-header-timeout",
+            self.admin_header_timeout.or(file.admin_header_timeout),
+            DEFAULT_ADMIN_HEADER_TIMEOUT,
+        )?;
+        let admin_idle_timeout = parse_duration_flag(
+            "admin-idle-timeout",
+            self.admin_idle_timeout.or(file.admin_idle_timeout),
+            DEFAULT_ADMIN_IDLE_TIMEOUT,
+        )?;
+        if admin_header_timeout.is_zero() || admin_idle_timeout.is_zero() {
+            bail!("--admin-header-timeout and --admin-idle-timeout must be above 0");
+        }
+        let at_least_one = |flag: &str, v: Option<usize>| match v {
+            Some(0) => Err(anyhow::anyhow!("--{flag} must be at least 1")),
+            v => Ok(v),
+        };
+        let max_connections = at_least_one(
+            "max-connections",
+            self.max_connections.or(file.max_connections),
+        )?;
+        let max_connections_per_pod = at_least_one(
+            "max-connections-per-pod",
+            self.max_connections_per_pod
+                .or(file.max_connections_per_pod),
+        )?;
+        let admin_max_connections = at_least_one(
+            "admin-max-connections",
+            self.admin_max_connections.or(file.admin_max_connections),
+        )?
+        .unwrap_or(DEFAULT_ADMIN_MAX_CONNECTIONS);
+        let metrics_max_connections = at_least_one(
+            "metrics-max-connections",
+            self.metrics_max_connections
+                .or(file.metrics_max_connections),
+        )?
+        .unwrap_or(DEFAULT_METRICS_MAX_CONNECTIONS);
+        let metrics_max_connections_per_ip = at_least_one(
+            "metrics-max-connections-per-ip",
+            self.metrics_max_connections_per_ip
+                .or(file.metrics_max_connections_per_ip),
+        )?
+        .unwrap_or(DEFAULT_METRICS_MAX_CONNECTIONS_PER_IP);
+        let hbone_keepalive_interval = parse_duration_flag(
+            "hbone-keepalive-interval",
+            self.hbone_keepalive_interval
+                .or(file.hbone_keepalive_interval),
+            DEFAULT_HBONE_KEEPALIVE_INTERVAL,
+        )?;
+        let hbone_keepalive_timeout = parse_duration_flag(
+            "hbone-keepalive-timeout",
+            self.hbone_keepalive_timeout
+                .or(file.hbone_keepalive_timeout),
+            DEFAULT_HBONE_KEEPALIVE_TIMEOUT,
+        )?;
+        if hbone_keepalive_timeout.is_zero() {
+            bail!("--hbone-keepalive-timeout must be above 0");
+        }
         let kubeconfig = self.kubeconfig.or(file.kubeconfig);
         let kube_context = self.kube_context.or(file.kube_context);
         if registry != Path::new(REGISTRY_KUBE) && (kubeconfig.is_some() || kube_context.is_some())
@@ -474,6 +714,11 @@ impl NodeArgs {
                 .admin_address
                 .or(file.admin_address)
                 .unwrap_or_else(|| DEFAULT_ADMIN_ADDRESS.parse().expect("valid default")),
+            handover_socket: self
+                .handover_socket
+                .or(file.handover_socket)
+                .unwrap_or_else(|| DEFAULT_HANDOVER_SOCKET.into()),
+            drain_timeout,
             metrics_address: self
                 .metrics_address
                 .or(file.metrics_address)
@@ -538,6 +783,28 @@ impl NodeArgs {
                 .or(file.otlp_protocol)
                 .unwrap_or_default(),
             trace_sampling,
+            max_connections,
+            max_connections_per_pod,
+            idle_timeout,
+            admin_max_connections,
+            metrics_max_connections,
+            metrics_max_connections_per_ip,
+            admin_header_timeout,
+            admin_idle_timeout,
+            hbone_keepalive_interval,
+            hbone_keepalive_timeout,
+            hbone_max_handshakes: self
+                .hbone_max_handshakes
+                .or(file.hbone_max_handshakes)
+                .unwrap_or(DEFAULT_HBONE_MAX_HANDSHAKES),
+            hbone_max_handshakes_per_peer: self
+                .hbone_max_handshakes_per_peer
+                .or(file.hbone_max_handshakes_per_peer)
+                .unwrap_or(DEFAULT_HBONE_MAX_HANDSHAKES_PER_PEER),
+            hbone_max_connections_per_peer: self
+                .hbone_max_connections_per_peer
+                .or(file.hbone_max_connections_per_peer)
+                .unwrap_or(DEFAULT_HBONE_MAX_CONNECTIONS_PER_PEER),
         })
     }
 }
@@ -692,6 +959,96 @@ mod tests {
             err.contains("--ca-cert") && err.contains("weft ca init"),
             "{err}"
         );
+    }
+
+    #[test]
+    fn limits_default_from_the_descriptor_limit_and_timeouts_parse() {
+        let base = || NodeArgs {
+            node_name: Some("n".into()),
+            registry: Some("/r".into()),
+            ca_cert: Some("/ca.crt".into()),
+            ca_key: Some("/ca.key".into()),
+            ..Default::default()
+        };
+        let c = base().resolve().unwrap();
+        // 1 048 576 descriptors: 131 072 relays of 6 at most, a quarter of them per pod.
+        assert_eq!(c.connection_limits(1 << 20), (131_072, 32_768));
+        assert_eq!(c.connection_limits(1024), (128, 32));
+        assert_eq!(c.connection_limits(0), (1, 1));
+        assert_eq!(c.idle_timeout, Some(Duration::from_secs(3600)));
+        assert_eq!(c.admin_header_timeout, Duration::from_secs(10));
+        assert_eq!(c.metrics_max_connections_per_ip, 8);
+        let set = NodeArgs {
+            max_connections: Some(100),
+            max_connections_per_pod: Some(40),
+            idle_timeout: Some("0s".into()),
+            ..base()
+        }
+        .resolve()
+        .unwrap();
+        assert_eq!(set.connection_limits(1 << 20), (100, 40));
+        assert_eq!(set.idle_timeout, None, "0 turns it off");
+        let only_node = NodeArgs {
+            max_connections: Some(100),
+            ..base()
+        }
+        .resolve()
+        .unwrap();
+        assert_eq!(only_node.connection_limits(1 << 20), (100, 25));
+        for bad in [
+            NodeArgs {
+                max_connections_per_pod: Some(0),
+                ..base()
+            },
+            NodeArgs {
+                idle_timeout: Some("soon".into()),
+                ..base()
+            },
+            NodeArgs {
+                admin_header_timeout: Some("0s".into()),
+                ..base()
+            },
+        ] {
+            assert!(bad.resolve().is_err());
+        }
+    }
+
+    #[test]
+    fn hbone_keepalive_and_admission_flags() {
+        let base = || NodeArgs {
+            node_name: Some("n".into()),
+            registry: Some("/r".into()),
+            ca_cert: Some("/ca.crt".into()),
+            ca_key: Some("/ca.key".into()),
+            ..Default::default()
+        };
+        let c = base().resolve().unwrap();
+        assert_eq!(c.hbone_keepalive_interval, Duration::from_secs(10));
+        assert_eq!(c.hbone_keepalive_timeout, Duration::from_secs(20));
+        assert_eq!(
+            (
+                c.hbone_max_handshakes,
+                c.hbone_max_handshakes_per_peer,
+                c.hbone_max_connections_per_peer
+            ),
+            (4096, 512, 4096)
+        );
+        let set = NodeArgs {
+            hbone_keepalive_interval: Some("500ms".into()),
+            hbone_keepalive_timeout: Some("1s".into()),
+            hbone_max_handshakes_per_peer: Some(0),
+            ..base()
+        }
+        .resolve()
+        .unwrap();
+        assert_eq!(set.hbone_keepalive_interval, Duration::from_millis(500));
+        assert_eq!(set.hbone_keepalive_timeout, Duration::from_secs(1));
+        assert_eq!(set.hbone_max_handshakes_per_peer, 0, "0: no limit");
+        let zero_timeout = NodeArgs {
+            hbone_keepalive_timeout: Some("0s".into()),
+            ..base()
+        };
+        assert!(zero_timeout.resolve().is_err());
     }
 
     #[test]

@@ -3,12 +3,13 @@
 //! the upstream connector and the telemetry sinks. Functions take the bundle, not seven
 //! arguments.
 //!
-//! May import: `registry`, `policy`, `l7`, `workload`, `upstream`, `telemetry`.
+//! May import: `drain`, `registry`, `policy`, `l7`, `workload`, `upstream`, `telemetry`.
 
 use std::sync::Arc;
 
 use arc_swap::ArcSwap;
 
+use crate::drain::Draining;
 use crate::l7::route::RouteTable;
 use crate::policy::PolicySet;
 use crate::registry::Registry;
@@ -35,6 +36,8 @@ pub struct ProxyInputs {
     pub workloads: Arc<ArcSwap<WorkloadIndex>>,
     pub connector: Connector,
     pub telemetry: Arc<Telemetry>,
+    /// Whether the node is draining (it stops: finish what is open, accept nothing new).
+    pub draining: Draining,
 }
 
 impl std::fmt::Debug for ProxyInputs {

@@ -11,7 +11,9 @@
 
 pub mod ca;
 pub mod config;
+pub mod drain;
 pub mod exchange;
+pub mod limits;
 
 pub mod capture;
 pub mod identity;

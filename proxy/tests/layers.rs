@@ -10,13 +10,18 @@ use std::path::{Path, PathBuf};
 /// nothing may import it.
 const ALLOWED: &[(&str, &[&str])] = &[
     ("config", &[]),
-    ("admin", &[]),
+    ("admin", &["limits"]),
     ("memory", &[]),
     ("netns", &[]),
     ("registry", &["memory"]),
     ("relay", &[]),
+    ("drain", &[]),
+    ("limits", &[]),
     ("l7", &["registry", "config"]),
-    ("exchange", &["admin", "l7", "telemetry", "upstream"]),
+    (
+        "exchange",
+        &["admin", "drain", "l7", "telemetry", "upstream"],
+    ),
     ("identity", &["admin"]),
     ("ca", &["identity", "registry"]),
     ("policy", &["registry"]),
@@ -26,16 +31,26 @@ const ALLOWED: &[(&str, &[&str])] = &[
     ("upstream", &["registry", "identity", "worker", "netns"]),
     (
         "telemetry",
-        &["admin", "config", "registry", "identity", "relay"],
+        &["admin", "config", "registry", "identity", "limits", "relay"],
     ),
     ("capture", &["admin", "config", "workload"]),
     (
         "tunnel",
-        &["admin", "identity", "netns", "relay", "telemetry", "worker"],
+        &[
+            "admin",
+            "drain",
+            "identity",
+            "netns",
+            "relay",
+            "telemetry",
+            "upstream",
+            "worker",
+        ],
     ),
     (
         "inputs",
         &[
+            "drain",
             "registry",
             "policy",
             "l7",
@@ -48,6 +63,7 @@ const ALLOWED: &[(&str, &[&str])] = &[
         "inbound",
         &[
             "admin",
+            "drain",
             "exchange",
             "identity",
             "inputs",
@@ -66,10 +82,12 @@ const ALLOWED: &[(&str, &[&str])] = &[
         &[
             "admin",
             "capture",
+            "drain",
             "exchange",
             "identity",
             "inbound",
             "inputs",
+            "limits",
             "l7",
             "policy",
             "registry",

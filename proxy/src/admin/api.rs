@@ -54,10 +54,14 @@ pub enum Verdict {
     /// The client sent something that is not valid HTTP (a malformed request, a request
     /// smuggling attempt, an oversized header block): answered 400/431, nothing forwarded.
     Malformed,
+    /// Refused at once (reset) because the node, or the calling pod, holds as many
+    /// connections as weft's limits allow (`--max-connections`, `--max-connections-per-pod`);
+    /// the flow's `error` names the limit.
+    OverLimit,
 }
 
 impl Verdict {
-    pub const ALL: [Verdict; 8] = [
+    pub const ALL: [Verdict; 9] = [
         Verdict::Forwarded,
         Verdict::NoEndpoint,
         Verdict::ConnectFailed,
@@ -66,6 +70,7 @@ impl Verdict {
         Verdict::Denied,
         Verdict::Responded,
         Verdict::Malformed,
+        Verdict::OverLimit,
     ];
 
     pub fn as_str(self) -> &'static str {
@@ -78,6 +83,7 @@ impl Verdict {
             Verdict::Denied => "denied",
             Verdict::Responded => "responded",
             Verdict::Malformed => "malformed",
+            Verdict::OverLimit => "over_limit",
         }
     }
 }
@@ -458,6 +464,27 @@ pub struct Status {
     pub mesh: MeshStatus,
     pub tunnel: TunnelStatus,
     pub flows: FlowCounts,
+    #[serde(default)]
+    pub limits: LimitsStatus,
+}
+
+/// Connection limits and what they refused.
+#[derive(Serialize, Deserialize, Debug, Clone, PartialEq, Eq, Default)]
+pub struct LimitsStatus {
+    /// Connections held on the capture listener now, and its limits.
+    pub capture_open: u64,
+    pub max_connections: u64,
+    pub max_connections_per_pod: u64,
+    /// Refused connections by listener (`capture`, `metrics`, `admin`) and reason (`total`,
+    /// `per_pod`, `per_source`), since start.
+    pub refused: Vec<RefusedCount>,
+}
+
+#[derive(Serialize, Deserialize, Debug, Clone, PartialEq, Eq)]
+pub struct RefusedCount {
+    pub listener: String,
+    pub reason: String,
+    pub count: u64,
 }
 
 #[derive(Serialize, Deserialize, Debug, Clone, PartialEq, Eq)]
@@ -592,6 +619,12 @@ pub struct PoolStats {
     pub streams_opened_total: u64,
     /// `CONNECT` answered with another status.
     pub streams_rejected_total: u64,
+    /// Connections closed because a keepalive PING went unanswered.
+    #[serde(default)]
+    pub keepalive_timeouts_total: u64,
+    /// `CONNECT`s tried again on a fresh connection (`GOAWAY`, `REFUSED_STREAM`, closed).
+    #[serde(default)]
+    pub streams_retried_total: u64,
     pub keys: Vec<PoolKeyStats>,
 }
 
@@ -631,14 +664,53 @@ pub struct InboundStats {
     pub not_found: u64,
     /// Answered 503: the pod could not be reached.
     pub connect_failed: u64,
+    /// Reset at accept: too many TLS handshakes in progress on the node.
+    #[serde(default)]
+    pub refused_handshakes: u64,
+    /// Reset at accept: too many TLS handshakes in progress from that address.
+    #[serde(default)]
+    pub refused_peer_handshakes: u64,
+    /// Reset at accept: too many open HBONE connections from that address.
+    #[serde(default)]
+    pub refused_peer_connections: u64,
+    /// Streams the client reset before they were answered (their connect was dropped).
+    #[serde(default)]
+    pub streams_cancelled: u64,
+    /// Of those, reset within the minimum stream lifetime (HTTP/2 rapid reset).
+    #[serde(default)]
+    pub premature_resets: u64,
+    /// Connections closed (`GOAWAY ENHANCE_YOUR_CALM`) for resetting streams too fast.
+    #[serde(default)]
+    pub reset_floods: u64,
+    /// Connections sent `GOAWAY` because the node drains.
+    #[serde(default)]
+    pub drain_goaways: u64,
 }
 
 #[derive(Serialize, Deserialize, Debug, Clone, PartialEq, Eq)]
 pub struct FlowCounts {
+    /// Workload flows kept, of `capacity` (`--flow-capacity`).
     pub kept: usize,
     pub capacity: usize,
     /// Flows recorded since start, by verdict.
     pub totals: BTreeMap<Verdict, u64>,
+    /// Flows that name no workload (no redirect record, refused before being identified) or
+    /// were refused over a connection limit, kept in a ring of their own so that they never
+    /// push a workload's flow out.
+    #[serde(default)]
+    pub unattributed: UnattributedFlows,
+}
+
+/// The ring of flows that name no workload or were refused over a limit (`/status`
+/// `flows.unattributed`).
+#[derive(Serialize, Deserialize, Debug, Clone, Default, PartialEq, Eq)]
+pub struct UnattributedFlows {
+    pub kept: usize,
+    pub capacity: usize,
+    /// Recorded since start.
+    pub seen: u64,
+    /// Pushed out of the ring by newer ones.
+    pub dropped: u64,
 }
 
 // ---------------------------------------------------------------------------------------------

@@ -109,6 +109,12 @@ fn render(out: &mut impl Write, s: &Status) -> std::io::Result<()> {
         writeln!(out, "  {:<30} {v}", format!("flows.{k}"))?;
     }
     writeln!(out, "Flows kept:  {} of {}", s.flows.kept, s.flows.capacity)?;
+    let junk = &s.flows.unattributed;
+    writeln!(
+        out,
+        "Unattributed flows (no workload, or over a limit): {} kept of {}, {} seen, {} dropped",
+        junk.kept, junk.capacity, junk.seen, junk.dropped
+    )?;
     let m = &s.mesh;
     writeln!(
         out,
@@ -137,11 +143,43 @@ fn render(out: &mut impl Write, s: &Status) -> std::io::Result<()> {
             writeln!(out, "               {line}")?;
         }
     }
+    let l = &s.limits;
+    if l.max_connections > 0 {
+        let refused: Vec<String> = l
+            .refused
+            .iter()
+            .filter(|r| r.count > 0)
+            .map(|r| format!("{} {} {}", r.listener, r.reason, r.count))
+            .collect();
+        writeln!(
+            out,
+            "Limits:      capture {} of {} connections open ({} per pod); refused: {}",
+            l.capture_open,
+            l.max_connections,
+            l.max_connections_per_pod,
+            if refused.is_empty() {
+                "none".to_string()
+            } else {
+                refused.join(", ")
+            }
+        )?;
+    }
     let t = &s.tunnel;
     writeln!(
         out,
         "HBONE:       outbound {} TLS connections ({} streams active); inbound {} TLS accepted, {} refused",
         t.outbound.connections, t.outbound.streams_active, t.inbound.tls_accepted, t.inbound.tls_failed
+    )?;
+    let i = &t.inbound;
+    writeln!(
+        out,
+        "             refused at accept: {} (node handshakes), {} (handshakes per address), {} (connections per address); {} premature resets, {} connections closed for reset floods; {} outbound keepalive timeouts",
+        i.refused_handshakes,
+        i.refused_peer_handshakes,
+        i.refused_peer_connections,
+        i.premature_resets,
+        i.reset_floods,
+        t.outbound.keepalive_timeouts_total
     )?;
     Ok(())
 }

@@ -3,7 +3,7 @@
 //! shaped for its upstream, each response recorded when its body ends ([`body::Recorded`]), and
 //! the responses weft makes itself.
 //!
-//! May import: `admin::api`, `l7`, `telemetry`, `upstream`.
+//! May import: `admin::api`, `drain`, `l7`, `telemetry`, `upstream`.
 
 pub mod body;
 pub mod guard;
@@ -30,6 +30,7 @@ use tracing::debug;
 use self::body::{Counted, Counter};
 use self::guard::{parser_limit, Guarded};
 use crate::admin::api::{HttpFlow, Verdict, NO_FLAGS};
+use crate::drain::Draining;
 use crate::l7::respond::{self, Flag};
 use crate::telemetry::{ConnectionRecord, RequestRecord, RequestTemplate};
 use crate::upstream::http::{Body, Version};
@@ -60,12 +61,18 @@ impl ClientVersion {
 /// Serves one client connection: `handle` answers each request. HTTP/1.1 is read through the
 /// guard (refusals are answered 400/431); a connection that ends in a protocol error is
 /// recorded as a `DPE` request. Returns how many requests were served.
+///
+/// While the node drains, an HTTP/1.1 client is answered `Connection: close` (the connection
+/// ends after the response, so an idle keep-alive connection is never closed under a request
+/// on its way, as Envoy drains), an HTTP/2 client is sent `GOAWAY` and its open streams are
+/// served to their end; at the drain timeout the connection is closed.
 pub async fn serve<S, F, Fut>(
     io: S,
     version: ClientVersion,
     max_head: usize,
     template: &RequestTemplate,
     record: &mut ConnectionRecord,
+    draining: &Draining,
     handle: F,
 ) -> (u64, Option<String>)
 where
@@ -76,10 +83,23 @@ where
     let requests = Arc::new(std::sync::atomic::AtomicU64::new(0));
     let counted = requests.clone();
     let handle = Arc::new(handle);
+    let drain = draining.clone();
     let svc = service_fn(move |req| {
         counted.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
         let fut = handle(req);
-        async move { Ok::<_, Infallible>(fut.await) }
+        let drain = drain.clone();
+        async move {
+            let mut response = fut.await;
+            if version == ClientVersion::Http1
+                && drain.is_draining()
+                && response.status() != http::StatusCode::SWITCHING_PROTOCOLS
+            {
+                response
+                    .headers_mut()
+                    .insert(header::CONNECTION, HeaderValue::from_static("close"));
+            }
+            Ok::<_, Infallible>(response)
+        }
     });
     let refusal = Arc::new(Mutex::new(None));
     let served = match version {
@@ -93,17 +113,41 @@ where
                 .header_read_timeout(Duration::from_secs(30))
                 .serve_connection(TokioIo::new(io), svc)
                 .with_upgrades();
-            record.serve(conn).await
+            // Closed by its responses while draining (above): only the deadline is watched.
+            record
+                .serve(async {
+                    tokio::select! {
+                        served = conn => Ok(served),
+                        why = draining.cut() => Err(why),
+                    }
+                })
+                .await
         }
         ClientVersion::Http2 => {
             let conn = hyper::server::conn::http2::Builder::new(TokioExecutor::new())
                 .timer(TokioTimer::new())
                 .max_header_list_size(max_head as u32)
                 .serve_connection(TokioIo::new(io), svc);
-            record.serve(conn).await
+            record
+                .serve(async {
+                    tokio::pin!(conn);
+                    tokio::select! {
+                        served = conn.as_mut() => return Ok(served),
+                        _ = draining.started() => conn.as_mut().graceful_shutdown(),
+                    }
+                    tokio::select! {
+                        served = conn => Ok(served),
+                        why = draining.cut() => Err(why),
+                    }
+                })
+                .await
         }
     };
     let requests = requests.load(std::sync::atomic::Ordering::Relaxed);
+    let served = match served {
+        Ok(served) => served,
+        Err(cut) => return (requests, Some(cut)),
+    };
     match served {
         Ok(()) => (requests, None),
         Err(e) if e.is_parse() || e.is_parse_too_large() || refusal.lock().is_some() => {
@@ -134,6 +178,31 @@ where
             debug!(error = %e, "HTTP connection ended with an error");
             (requests, Some(e.to_string()))
         }
+    }
+}
+
+/// Both sides of an exchange that left HTTP (a WebSocket or other upgrade, a `CONNECT`), as
+/// bytes until either ends. Counted in flight while the node drains, and closed at its drain
+/// timeout.
+pub async fn splice_upgraded(
+    client: hyper::upgrade::OnUpgrade,
+    upstream: hyper::upgrade::OnUpgrade,
+    draining: Draining,
+) {
+    let _hold = draining.hold();
+    match tokio::try_join!(client, upstream) {
+        Ok((c, u)) => {
+            let mut c = TokioIo::new(c);
+            let mut u = TokioIo::new(u);
+            tokio::select! {
+                _ = tokio::io::copy_bidirectional(&mut c, &mut u) => {}
+                _ = draining.closing() => {
+                    use tokio::io::AsyncWriteExt;
+                    let _ = tokio::join!(c.shutdown(), u.shutdown());
+                }
+            }
+        }
+        Err(e) => debug!(error = %e, "upgrade did not complete"),
     }
 }
 

@@ -87,16 +87,25 @@ pub async fn serve<S>(
         }
     }
     let tmpl = template.clone();
-    let (requests, error) = exchange::serve(io, t.t.version, max_head, &template, &mut record, {
-        move |req| {
-            let inputs = inputs.clone();
-            let clients = clients.clone();
-            let t = t.clone();
-            let template = tmpl.clone();
-            // Boxed once: hyper and the exchange move the future they are handed.
-            Box::pin(async move { request(&inputs, &clients, &t, &template, req).await })
-        }
-    })
+    let draining = inputs.draining.clone();
+    let (requests, error) = exchange::serve(
+        io,
+        t.t.version,
+        max_head,
+        &template,
+        &mut record,
+        &draining,
+        {
+            move |req| {
+                let inputs = inputs.clone();
+                let clients = clients.clone();
+                let t = t.clone();
+                let template = tmpl.clone();
+                // Boxed once: hyper and the exchange move the future they are handed.
+                Box::pin(async move { request(&inputs, &clients, &t, &template, req).await })
+            }
+        },
+    )
     .await;
     record.finish_http(requests, error);
 }
@@ -207,16 +216,11 @@ async fn request(
             if let (true, Some(client_upgrade)) = (switching, client_upgrade) {
                 // The connection to the pod is handed over to the upgrade: not kept.
                 let upstream_upgrade = hyper::upgrade::on(&mut resp);
-                tokio::spawn(async move {
-                    match tokio::try_join!(client_upgrade, upstream_upgrade) {
-                        Ok((c, u)) => {
-                            let mut c = hyper_util::rt::TokioIo::new(c);
-                            let mut u = hyper_util::rt::TokioIo::new(u);
-                            let _ = tokio::io::copy_bidirectional(&mut c, &mut u).await;
-                        }
-                        Err(e) => tracing::debug!(error = %e, "upgrade did not complete"),
-                    }
-                });
+                tokio::spawn(exchange::splice_upgraded(
+                    client_upgrade,
+                    upstream_upgrade,
+                    inputs.draining.clone(),
+                ));
                 let status = resp.status().as_u16();
                 let (parts, _) = resp.into_parts();
                 record.finish(Verdict::Forwarded, status, NO_FLAGS, None::<&str>);

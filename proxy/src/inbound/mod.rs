@@ -61,6 +61,9 @@ pub struct InboundConfig {
     /// How long a tunnel's first bytes may take to tell HTTP from TCP, when policies need to
     /// know.
     pub detection_timeout: Duration,
+    /// A tunnelled TCP connection that moves nothing for this long is closed cleanly
+    /// (`--idle-timeout`; `None`: never).
+    pub idle_timeout: Option<Duration>,
 }
 
 impl Inbound {
@@ -76,6 +79,7 @@ impl Inbound {
 impl Handler for Inbound {
     async fn serve(self: Arc<Self>, pending: Pending) {
         let inputs = &self.inputs;
+        let _hold = inputs.draining.hold();
         let mut req = pending.request().clone();
         // From here on the source address is the verified one (or unknown), never the claim.
         let claimed = req.forwarded_for.take();
@@ -207,9 +211,13 @@ impl Handler for Inbound {
         // (denied, or its requests to be authorized one by one), it is closed, and the
         // client's next connection is decided anew.
         let revoked = self.revoked(&req, policy_changes);
+        let cut = inputs.draining.cut();
+        let idle_timeout = self.config.idle_timeout;
         record
             .relay(async move {
-                let r = stream.relay_until(upstream, revoked).await;
+                let r = stream
+                    .relay_bounded(upstream, revoked, cut, idle_timeout)
+                    .await;
                 Relayed {
                     sent: r.received,
                     received: r.sent,

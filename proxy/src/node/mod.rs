@@ -5,9 +5,12 @@
 //!   STRICT maps and the compiled policies in step with the registry and the cgroups.
 //! - [`view`]: what the admin API and `/metrics` read from the running node.
 //! - [`workers`]: the data-path threads that accept and serve connections.
+//! - [`handover`]: the listening sockets taken over from a running node, and handed to the
+//!   next one; then [`crate::drain`] lets what is open finish.
 //!
 //! May import: everything; nothing imports it.
 
+mod handover;
 mod networks;
 mod reconcile;
 mod view;
@@ -15,6 +18,7 @@ mod workers;
 
 use std::collections::HashSet;
 use std::net::{IpAddr, SocketAddr, SocketAddrV4};
+use std::os::fd::AsRawFd;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
@@ -38,9 +42,9 @@ use crate::registry::kube::{KubeOptions, KubeSource};
 use crate::registry::{FileSource, Registry};
 use crate::telemetry::{metrics, Telemetry};
 use crate::tunnel::client::{Pool, PoolConfig};
-use crate::tunnel::server::{Server, ServerConfig};
+use crate::tunnel::server::{AdmissionLimits, Server, ServerConfig};
 use crate::upstream::dns::Dns;
-use crate::upstream::Connector;
+use crate::upstream::{set_keepalive, Connector, KEEPALIVE};
 use crate::workload::WorkloadIndex;
 
 /// The running node, as the admin API, `/metrics` and the reconcile loop see it.
@@ -78,6 +82,15 @@ impl std::fmt::Debug for NodeProxy {
 }
 
 pub async fn run(cfg: NodeConfig) -> anyhow::Result<()> {
+    // Before anything is bound: a node running here hands its listening sockets over.
+    let handover_path = cfg.handover_socket.clone();
+    let mut inherited = tokio::task::spawn_blocking(move || handover::take_over(&handover_path))
+        .await?
+        .unwrap_or_else(|e| {
+            warn!(error = %format!("{e:#}"), "could not take the listeners over from the running node; binding them");
+            None
+        });
+    let (trigger, draining) = crate::drain::channel();
     let (registry, kube) = if cfg.kube() {
         let source = KubeSource::start(KubeOptions {
             kubeconfig: cfg.kubeconfig.clone(),
@@ -128,7 +141,7 @@ pub async fn run(cfg: NodeConfig) -> anyhow::Result<()> {
     );
     identity.clone().spawn_rotation();
     let connect_timeout = Duration::from_millis(cfg.connect_timeout_ms);
-    let telemetry = Arc::new(telemetry(&cfg)?);
+    let telemetry = Arc::new(telemetry(&cfg)?.with_admission(capture_admission(&cfg)));
     let (generation, policies, routes, index) = {
         let snapshot = registry.snapshot();
         (
@@ -164,12 +177,15 @@ pub async fn run(cfg: NodeConfig) -> anyhow::Result<()> {
         workloads: workloads.clone(),
         connector,
         telemetry: telemetry.clone(),
+        draining: draining.clone(),
     });
     let pool = Pool::new(
         identity.clone(),
         PoolConfig {
             connect_timeout,
             networks: pod_networks,
+            keepalive_interval: cfg.hbone_keepalive_interval,
+            keepalive_timeout: cfg.hbone_keepalive_timeout,
             ..PoolConfig::default()
         },
         telemetry.clone(),
@@ -177,9 +193,14 @@ pub async fn run(cfg: NodeConfig) -> anyhow::Result<()> {
 
     // HBONE inbound: mutual TLS, then only pods hosted here, then AuthorizationPolicy.
     let hbone_addr = SocketAddr::new(hbone_ip(&cfg, &registry)?, cfg.hbone_port);
-    let hbone_listener = tokio::net::TcpListener::bind(hbone_addr)
-        .await
-        .with_context(|| format!("binding the HBONE listener {hbone_addr}"))?;
+    let hbone_listener = match take(&mut inherited, handover::HBONE, hbone_addr)? {
+        Some(l) => l,
+        None => tokio::net::TcpListener::bind(hbone_addr)
+            .await
+            .with_context(|| format!("binding the HBONE listener {hbone_addr}"))?,
+    };
+    // Accepted connections inherit it: dead peers are found.
+    set_keepalive(&hbone_listener, KEEPALIVE).context("HBONE listener keepalive")?;
     let hbone = Server::new(
         identity.clone(),
         Arc::new(Inbound::new(
@@ -189,14 +210,31 @@ pub async fn run(cfg: NodeConfig) -> anyhow::Result<()> {
                 detection_timeout: Duration::from_millis(
                     cfg.protocol_detection_timeout_ms.max(100),
                 ),
+                idle_timeout: cfg.idle_timeout,
             },
         )),
-        ServerConfig::default(),
+        ServerConfig {
+            admission: AdmissionLimits {
+                max_handshakes: cfg.hbone_max_handshakes,
+                max_handshakes_per_peer: cfg.hbone_max_handshakes_per_peer,
+                max_connections_per_peer: cfg.hbone_max_connections_per_peer,
+            },
+            ..ServerConfig::default()
+        },
         telemetry.clone(),
+        inputs.draining.clone(),
     );
 
     // Listen before enrolling anyone, so no enrolled connect is redirected to a closed port.
-    let listener = outbound::bind(SocketAddr::V4(proxy_addr)).await?;
+    let listener = match take(
+        &mut inherited,
+        handover::CAPTURE,
+        SocketAddr::V4(proxy_addr),
+    )? {
+        Some(l) => l,
+        None => outbound::bind(SocketAddr::V4(proxy_addr)).await?,
+    };
+    set_keepalive(&listener, KEEPALIVE).context("capture listener keepalive")?;
     let node = Arc::new(NodeProxy {
         cfg: cfg.clone(),
         proxy_addr,
@@ -216,27 +254,35 @@ pub async fn run(cfg: NodeConfig) -> anyhow::Result<()> {
     });
     let kernel = reconcile::apply(&node, generation)?;
 
-    let outbound = Arc::new(Outbound::new(
-        inputs.clone(),
-        capture.clone(),
-        pool,
-        node.clusters.clone(),
-        HttpConfig {
-            max_request_headers: cfg.max_request_headers_kb * 1024,
-            retry_body: cfg.retry_body_kb * 1024,
-            dns: Arc::new(
-                Dns::new(cfg.dns_server).context("setting up DNS for ServiceEntry hosts")?,
-            ),
-        },
-        Duration::from_millis(cfg.protocol_detection_timeout_ms),
-    ));
-    workers::start(
+    let outbound = Arc::new(
+        Outbound::new(
+            inputs.clone(),
+            capture.clone(),
+            pool,
+            node.clusters.clone(),
+            HttpConfig {
+                max_request_headers: cfg.max_request_headers_kb * 1024,
+                retry_body: cfg.retry_body_kb * 1024,
+                dns: Arc::new(
+                    Dns::new(cfg.dns_server).context("setting up DNS for ServiceEntry hosts")?,
+                ),
+            },
+            Duration::from_millis(cfg.protocol_detection_timeout_ms),
+        )
+        .with_idle_timeout(cfg.idle_timeout),
+    );
+    let listening = workers::start(
         cfg.workers,
         outbound.clone(),
         hbone.clone(),
         listener,
         hbone_listener,
     )?;
+    // Kept to hand over: the workers' copies are theirs.
+    let mut offer = vec![
+        (handover::CAPTURE, listening.capture.as_raw_fd()),
+        (handover::HBONE, listening.tunnels.as_raw_fd()),
+    ];
     match capture.events() {
         Ok(events) => {
             tokio::spawn(outbound.clone().watch_redirects(events));
@@ -248,24 +294,49 @@ pub async fn run(cfg: NodeConfig) -> anyhow::Result<()> {
     tokio::spawn(reconcile::run(node.clone(), kernel));
 
     let router = admin::server::router(node.clone());
-    let tcp = admin::server::bind_tcp(cfg.admin_address).await?;
+    let tcp = match take(&mut inherited, handover::ADMIN, cfg.admin_address)? {
+        Some(l) => l,
+        None => admin::server::bind_tcp(cfg.admin_address).await?,
+    };
+    let mut copies = vec![copy(&tcp)?];
+    offer.push((handover::ADMIN, copies[0].as_raw_fd()));
     let socket_path = cfg.admin_socket.clone();
     let unix_router = router.clone();
+    // The admin API and /metrics serve until a successor serves them (a node draining on its
+    // own still answers `weft status`).
+    let (d1, d2, d3) = (draining.clone(), draining.clone(), draining.clone());
+    // One ceiling for the admin API's two listeners; the metrics listener's is per address too.
+    let (admin_gate, metrics_gate, bounds) = control_bounds(&cfg, &telemetry);
+    let unix_gate = admin_gate.clone();
     tokio::spawn(async move {
-        if let Err(e) = admin::server::serve_unix(&socket_path, unix_router).await {
-            error!(error = %format!("{e:#}"), "admin socket stopped");
+        tokio::select! {
+            served = admin::server::serve_unix_bounded(&socket_path, unix_router, unix_gate, bounds) => if let Err(e) = served {
+                error!(error = %format!("{e:#}"), "admin socket stopped");
+            },
+            _ = d1.handed_over() => {}
         }
     });
     tokio::spawn(async move {
-        if let Err(e) = admin::server::serve_tcp(tcp, router).await {
-            error!(error = %format!("{e:#}"), "admin TCP listener stopped");
+        tokio::select! {
+            served = admin::server::serve_bounded(tcp, router, admin_gate, bounds) => if let Err(e) = served {
+                error!(error = %format!("{e:#}"), "admin TCP listener stopped");
+            },
+            _ = d2.handed_over() => {}
         }
     });
-    let metrics_addr = cfg.metrics_address;
+    let metrics_listener = match take(&mut inherited, handover::METRICS, cfg.metrics_address)? {
+        Some(l) => l,
+        None => metrics::bind(cfg.metrics_address).await?,
+    };
+    copies.push(copy(&metrics_listener)?);
+    offer.push((handover::METRICS, copies[1].as_raw_fd()));
     let gauges = node.clone();
     tokio::spawn(async move {
-        if let Err(e) = metrics::serve(metrics_addr, telemetry, gauges).await {
-            error!(error = %format!("{e:#}"), "metrics listener stopped");
+        tokio::select! {
+            served = metrics::serve(metrics_listener, telemetry, gauges, metrics_gate, bounds) => if let Err(e) = served {
+                error!(error = %format!("{e:#}"), "metrics listener stopped");
+            },
+            _ = d3.handed_over() => {}
         }
     });
 
@@ -273,10 +344,102 @@ pub async fn run(cfg: NodeConfig) -> anyhow::Result<()> {
     info!(node = %cfg.node_name, proxy = %proxy_addr, hbone = %hbone_addr, cgroup_root = %cfg.cgroup_root.display(),
         admin_socket = %cfg.admin_socket.display(), admin_address = %cfg.admin_address, "weft node ready");
 
-    shutdown_signal().await;
-    info!("shutting down; eBPF programs stay attached and pinned for the next start");
-    let _ = std::fs::remove_file(&cfg.admin_socket);
+    // This node serves: the predecessor, if any, stops accepting and drains; then the next
+    // node can take over from this one.
+    if let Some(predecessor) = inherited {
+        let (pid, version) = (predecessor.pid, predecessor.version.clone());
+        match tokio::task::spawn_blocking(move || predecessor.serving()).await? {
+            Ok(()) => {
+                info!(predecessor = pid, predecessor_version = %version, "took over: the predecessor drains")
+            }
+            Err(e) => {
+                warn!(predecessor = pid, error = %format!("{e:#}"), "the predecessor did not confirm it stopped accepting")
+            }
+        }
+    }
+    let offered = Arc::new(handover::Offered::bind(&cfg.handover_socket)?);
+    let (taken_tx, taken_rx) = tokio::sync::oneshot::channel();
+    {
+        let offered = offered.clone();
+        std::thread::Builder::new()
+            .name("weft-handover".into())
+            .spawn(move || {
+                // These keep the descriptors in `offer` open while they are offered.
+                let _kept = (listening, copies);
+                offered.serve_until_taken(&offer);
+                let _ = taken_tx.send(());
+            })
+            .context("starting the hand-over thread")?;
+    }
+
+    // A successor may take over while this node serves, or while it drains after SIGTERM.
+    let trigger = Arc::new(trigger);
+    tokio::spawn({
+        let trigger = trigger.clone();
+        async move {
+            if taken_rx.await.is_ok() {
+                trigger.hand_over();
+                trigger.start();
+            }
+        }
+    });
+    tokio::select! {
+        _ = shutdown_signal() => {
+            info!(drain_timeout = ?cfg.drain_timeout, "stopping: draining (a node started now still takes the listeners over)");
+        }
+        _ = draining.started() => {}
+    }
+    node.ready.store(false, Ordering::Release);
+    trigger.start();
+    drain(&trigger, cfg.drain_timeout).await;
+    info!("stopped; eBPF programs stay attached and pinned for the next start");
+    offered.remove();
+    if !draining.is_handed_over() {
+        // Otherwise the socket at that path is the successor's.
+        let _ = std::fs::remove_file(&cfg.admin_socket);
+    }
     Ok(())
+}
+
+/// Lets what is open finish, for at most `timeout`; then closes what is left and gives it a
+/// moment to be recorded.
+async fn drain(trigger: &crate::drain::Trigger, timeout: Duration) {
+    let left = trigger.in_flight();
+    info!(in_flight = left, ?timeout, "draining");
+    if tokio::time::timeout(timeout, trigger.drained())
+        .await
+        .is_ok()
+    {
+        info!("drained: every connection ended");
+        return;
+    }
+    warn!(
+        in_flight = trigger.in_flight(),
+        "drain timeout reached: closing what is still open"
+    );
+    trigger.close();
+    let _ = tokio::time::timeout(CLOSE_GRACE, trigger.drained()).await;
+}
+
+/// How long connections closed at the drain timeout get to record themselves.
+const CLOSE_GRACE: Duration = Duration::from_secs(2);
+
+/// A descriptor of the same listening socket, kept to hand over while the original serves.
+fn copy(listener: &tokio::net::TcpListener) -> anyhow::Result<socket2::Socket> {
+    Ok(socket2::SockRef::from(listener).try_clone()?)
+}
+
+/// The listener handed over as `name` if it is bound where this node listens, as a tokio one.
+fn take(
+    inherited: &mut Option<handover::Inherited>,
+    name: &str,
+    addr: SocketAddr,
+) -> anyhow::Result<Option<tokio::net::TcpListener>> {
+    let Some(listener) = inherited.as_mut().and_then(|i| i.take(name, addr)) else {
+        return Ok(None);
+    };
+    listener.set_nonblocking(true)?;
+    Ok(Some(tokio::net::TcpListener::from_std(listener)?))
 }
 
 fn proxy_address(cfg: &NodeConfig, registry: &Registry) -> anyhow::Result<SocketAddrV4> {
@@ -423,4 +586,53 @@ fn telemetry(cfg: &NodeConfig) -> anyhow::Result<Telemetry> {
         .with_cluster(&cfg.cluster_id)
         .with_access_log(access_log)
         .with_tracing(tracing))
+}
+
+/// The capture listener's limits: RLIMIT_NOFILE raised to its hard limit first, since the
+/// defaults are derived from it.
+fn capture_admission(cfg: &NodeConfig) -> crate::limits::Admission {
+    match crate::limits::raise_nofile() {
+        Ok((before, after)) if after > before => {
+            info!(before, after, "raised the open file limit (RLIMIT_NOFILE)")
+        }
+        Ok((_, now)) => info!(limit = now, "open file limit (RLIMIT_NOFILE)"),
+        Err(e) => warn!(error = %e, "cannot raise the open file limit (RLIMIT_NOFILE)"),
+    }
+    let (node, per_pod) = cfg.connection_limits(crate::limits::nofile());
+    info!(
+        max_connections = node,
+        max_connections_per_pod = per_pod,
+        "capture listener connection limits"
+    );
+    crate::limits::Admission::new(node, per_pod)
+}
+
+/// The admin API's and the metrics listener's connection limits and timeouts.
+fn control_bounds(
+    cfg: &NodeConfig,
+    telemetry: &Telemetry,
+) -> (
+    admin::server::Gate,
+    admin::server::Gate,
+    admin::server::Bounds,
+) {
+    use crate::limits::Listener;
+    let admission = telemetry.admission.clone();
+    let admin = admin::server::Gate::new(
+        Listener::Admin,
+        cfg.admin_max_connections,
+        None,
+        admission.clone(),
+    );
+    let metrics = admin::server::Gate::new(
+        Listener::Metrics,
+        cfg.metrics_max_connections,
+        Some(cfg.metrics_max_connections_per_ip),
+        admission,
+    );
+    let bounds = admin::server::Bounds {
+        header_timeout: cfg.admin_header_timeout,
+        idle_timeout: cfg.admin_idle_timeout,
+    };
+    (admin, metrics, bounds)
 }

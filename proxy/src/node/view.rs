@@ -8,9 +8,9 @@ use tokio::sync::broadcast;
 
 use super::NodeProxy;
 use crate::admin::api::{
-    CertInfo, ConfigDump, Flow, FlowCounts, FlowFilter, GraphEdge, MeshStatus, RegistryDump,
-    RegistryStatus, StatQuery, StatRow, StatValue, Stats, Status, TunnelStatus, WatchStatus,
-    WorkloadCounts, WorkloadInfo,
+    CertInfo, ConfigDump, Flow, FlowCounts, FlowFilter, GraphEdge, LimitsStatus, MeshStatus,
+    RefusedCount, RegistryDump, RegistryStatus, StatQuery, StatRow, StatValue, Stats, Status,
+    TunnelStatus, UnattributedFlows, WatchStatus, WorkloadCounts, WorkloadInfo,
 };
 use crate::admin::server::NodeView;
 use crate::outbound::cluster::StatKind;
@@ -64,7 +64,7 @@ impl NodeView for NodeProxy {
         let snap = inputs.registry.snapshot();
         let index = inputs.workloads.load();
         let policies = inputs.policies.load();
-        let flows = &inputs.telemetry.flows;
+        let flows = inputs.telemetry.flows.counts();
         let ca = self.identity.ca_requests();
         Status {
             node: self.cfg.node_name.clone(),
@@ -122,10 +122,35 @@ impl NodeView for NodeProxy {
                 outbound: self.pool.stats(),
                 inbound: self.hbone.stats(),
             },
+            limits: {
+                // Atomics only: `/status` never takes a lock the capture listener's admission takes.
+                let admission = &inputs.telemetry.admission;
+                LimitsStatus {
+                    capture_open: admission.capture.open() as u64,
+                    max_connections: admission.capture.max() as u64,
+                    max_connections_per_pod: admission.capture.max_per_key() as u64,
+                    refused: admission
+                        .refused
+                        .totals()
+                        .into_iter()
+                        .map(|(listener, reason, count)| RefusedCount {
+                            listener: listener.as_str().to_string(),
+                            reason: reason.as_str().to_string(),
+                            count,
+                        })
+                        .collect(),
+                }
+            },
             flows: FlowCounts {
-                kept: flows.len(),
-                capacity: flows.capacity(),
-                totals: flows.totals(),
+                kept: flows.kept,
+                capacity: flows.capacity,
+                totals: inputs.telemetry.flows.totals(),
+                unattributed: UnattributedFlows {
+                    kept: flows.unattributed_kept,
+                    capacity: flows.unattributed_capacity,
+                    seen: flows.unattributed_seen,
+                    dropped: flows.unattributed_dropped,
+                },
             },
         }
     }

@@ -16,15 +16,23 @@ use crate::inbound::Inbound;
 use crate::outbound::Outbound;
 use crate::tunnel::server::Server;
 
-/// Starts `n` workers serving `capture` (outbound) and `hbone` (inbound) connections. The
-/// listeners stay open for as long as any worker runs.
+/// The listening sockets as the node keeps them to hand over (each worker has its own copy).
+#[derive(Debug)]
+pub struct Listening {
+    pub capture: std::net::TcpListener,
+    pub tunnels: std::net::TcpListener,
+}
+
+/// Starts `n` workers serving `capture` (outbound) and `hbone` (inbound) connections. A
+/// worker stops accepting once the listeners are handed to a successor, and runs on until the
+/// process exits so what it accepted is served to its end.
 pub fn start(
     n: usize,
     outbound: Arc<Outbound>,
     hbone: Arc<Server<Inbound>>,
     capture: TcpListener,
     tunnels: TcpListener,
-) -> anyhow::Result<()> {
+) -> anyhow::Result<Listening> {
     let capture = capture.into_std().context("capture listener")?;
     let tunnels = tunnels.into_std().context("HBONE listener")?;
     for i in 0..n {
@@ -48,6 +56,8 @@ pub fn start(
                     match listeners {
                         Ok((capture, tunnels)) => {
                             tokio::join!(outbound.serve(capture), hbone.serve(tunnels));
+                            // The connections accepted are tasks of this runtime: keep it.
+                            std::future::pending::<()>().await;
                         }
                         Err(e) => error!(worker = i, error = %e, "worker cannot listen"),
                     }
@@ -56,5 +66,5 @@ pub fn start(
             .context("starting a worker thread")?;
     }
     info!(workers = n, "data-path workers started");
-    Ok(())
+    Ok(Listening { capture, tunnels })
 }

@@ -16,7 +16,6 @@ use std::sync::{Arc, OnceLock, Weak};
 use bytes::Bytes;
 use http::{header, HeaderValue, Request, Response, StatusCode};
 use hyper::body::Incoming;
-use hyper_util::rt::TokioIo;
 use parking_lot::Mutex;
 use tokio::net::TcpStream;
 use tracing::debug;
@@ -259,6 +258,7 @@ impl HttpPath {
             self.config.max_request_headers,
             &conn.template,
             &mut record,
+            &self.inputs.draining,
             move |req| {
                 let this = this.clone();
                 let conn = c.clone();
@@ -1004,16 +1004,10 @@ impl HttpPath {
                 // connection over: it is counted here from now on).
                 let upstream_upgrade = hyper::upgrade::on(&mut resp);
                 let open = Up::new(&target.cluster, |s| &s.cx_active);
+                let draining = self.inputs.draining.clone();
                 tokio::spawn(async move {
                     let _held = (in_flight, open);
-                    match tokio::try_join!(client_upgrade, upstream_upgrade) {
-                        Ok((c, u)) => {
-                            let mut c = TokioIo::new(c);
-                            let mut u = TokioIo::new(u);
-                            let _ = tokio::io::copy_bidirectional(&mut c, &mut u).await;
-                        }
-                        Err(e) => debug!(error = %e, "upgrade did not complete"),
-                    }
+                    exchange::splice_upgraded(client_upgrade, upstream_upgrade, draining).await;
                 });
                 let status = resp.status().as_u16();
                 let (parts, _) = resp.into_parts();

@@ -11,9 +11,10 @@
 //! - [`redirects`]: redirects that never became connections (`unhandled` flows).
 //!
 //! May import: `inputs`, `capture`, `workload`, `registry`, `policy`, `identity`, `inbound`
-//! (the shared authorization step), `tunnel` (client), `upstream`, `relay`, `telemetry`,
+//! (the shared authorization step), `tunnel` (client), `upstream`, `relay`, `telemetry`, `limits`,
 //! `admin::api`.
 
+mod admission;
 pub mod balance;
 pub mod budget;
 pub mod cluster;
@@ -43,9 +44,10 @@ use crate::inputs::ProxyInputs;
 use crate::l7::protocol::{self, AppProtocol};
 use crate::l7::route::RouteTable;
 use crate::l7::sniff::{sniff, Sniffed};
+use crate::limits::Slot;
 use crate::policy::{deny_message, PolicySet};
 use crate::registry::{Resolved, Snapshot};
-use crate::relay::{relay, relay_until, reset};
+use crate::relay::{relay_bounded, reset};
 use crate::telemetry::istio::Reporter;
 use crate::telemetry::ConnectionRecord;
 use crate::tunnel::client::Pool;
@@ -61,6 +63,9 @@ pub struct Outbound {
     http: Arc<HttpPath>,
     /// Wait for the first bytes of a connection to a port that declares no protocol.
     detection_timeout: Duration,
+    /// A relay that moves nothing for this long is closed (`None`: never), unless its
+    /// destination's DestinationRule says otherwise.
+    idle_timeout: Option<Duration>,
 }
 
 /// How long a client of a port declared HTTP may take to send its first bytes (hyper's own
@@ -89,16 +94,38 @@ impl Outbound {
             clusters,
             tracker: Arc::default(),
             detection_timeout,
+            idle_timeout: None,
         }
     }
 
-    /// Accepts redirected connections forever.
+    /// Closes relays idle for `timeout` (`--idle-timeout`).
+    pub fn with_idle_timeout(mut self, timeout: Option<Duration>) -> Outbound {
+        self.idle_timeout = timeout;
+        self
+    }
+
+    /// Accepts redirected connections until the listening socket is handed to a successor
+    /// (what was accepted is served on, to its end or the drain timeout).
     pub async fn serve(self: Arc<Self>, listener: TcpListener) {
+        let draining = self.inputs.draining.clone();
+        let handed_over = draining.handed_over();
+        tokio::pin!(handed_over);
         loop {
-            match listener.accept().await {
+            let accepted = tokio::select! {
+                biased;
+                _ = &mut handed_over => return,
+                accepted = listener.accept() => accepted,
+            };
+            match accepted {
                 Ok((conn, peer)) => {
                     let this = self.clone();
-                    tokio::spawn(async move { this.handle(conn, peer).await });
+                    let hold = draining.hold();
+                    // Counted from accept: none left, it is refused once identified.
+                    let slot = self.inputs.telemetry.admission.capture.admit();
+                    tokio::spawn(async move {
+                        this.handle(conn, peer, slot).await;
+                        drop(hold);
+                    });
                 }
                 Err(e) => {
                     // EMFILE and friends: back off briefly instead of spinning.
@@ -123,7 +150,7 @@ impl Outbound {
         .await
     }
 
-    async fn handle(&self, client: TcpStream, peer: SocketAddr) {
+    async fn handle(&self, client: TcpStream, peer: SocketAddr, slot: Option<Slot<u64>>) {
         let local = match client.local_addr() {
             Ok(a) => a,
             Err(e) => {
@@ -160,6 +187,17 @@ impl Outbound {
                     "source address differs from the pod's registered IP; identified by cgroup");
             }
         }
+        let _slot = match self.admit(slot, redirect.cgroup_id, source.as_deref()) {
+            Ok(slot) => slot,
+            Err(why) => {
+                reset(&client);
+                if let Some(pod) = &source {
+                    record.source_pod(pod);
+                }
+                record.finish(Verdict::OverLimit, Some(why));
+                return;
+            }
+        };
         // Heard from before the decision: a same-node connection is decided again on each change.
         let policy_changes = inputs.policy_generation.subscribe();
         let snapshot = inputs.registry.snapshot();
@@ -279,6 +317,7 @@ impl Outbound {
             }
             _ => None,
         };
+        let idle = self.idle_timeout(&plan);
         let (target, local) = match plan.action {
             Action::Refuse(refusal) => {
                 reset(&client);
@@ -295,7 +334,11 @@ impl Outbound {
             Action::Tunnel(hbone) => {
                 match self.pool.connect(hbone).await {
                     Ok(tunnel) => {
-                        record.mtls().relay(tunnel.relay(client)).await;
+                        let cut = self.inputs.draining.cut();
+                        record
+                            .mtls()
+                            .relay(tunnel.relay_bounded(client, cut, idle))
+                            .await;
                         record.finish(Verdict::Forwarded, None::<&str>);
                     }
                     Err(e) if e.is_denied() => {
@@ -324,12 +367,19 @@ impl Outbound {
                 // This node authorized it: when the policies change so that it would not be
                 // authorized now, it is closed (the client's next connection is decided anew).
                 let revoked = self.revoked(&plan.source, target, policy_changes);
-                record.relay(relay_until(client, upstream, revoked)).await;
+                let cut = self.inputs.draining.cut();
+                record
+                    .relay(relay_bounded(client, upstream, revoked, cut, idle))
+                    .await;
                 record.finish(Verdict::Forwarded, None::<&str>);
             }
             Ok(upstream) => {
                 let _ = client.set_nodelay(true);
-                record.relay(relay(client, upstream)).await;
+                let cut = self.inputs.draining.cut();
+                let never = std::future::pending();
+                record
+                    .relay(relay_bounded(client, upstream, never, cut, idle))
+                    .await;
                 record.finish(Verdict::Forwarded, None::<&str>);
             }
             Err(e) => {

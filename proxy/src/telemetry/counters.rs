@@ -13,6 +13,10 @@ pub struct ClientCounters {
     pub connections_closed: AtomicU64,
     pub streams_opened: AtomicU64,
     pub streams_rejected: AtomicU64,
+    /// Connections closed because a keepalive PING went unanswered (the peer node is gone).
+    pub keepalive_timeouts: AtomicU64,
+    /// `CONNECT`s tried again on a fresh connection (`GOAWAY`, `REFUSED_STREAM`, closed).
+    pub streams_retried: AtomicU64,
 }
 
 /// The HBONE server's counters (`:15008`).
@@ -30,6 +34,23 @@ pub struct ServerCounters {
     pub denied: AtomicU64,
     pub not_found: AtomicU64,
     pub connect_failed: AtomicU64,
+    /// Connections reset at accept: too many TLS handshakes in progress on the node.
+    pub refused_handshakes: AtomicU64,
+    /// … too many TLS handshakes in progress from that source address.
+    pub refused_peer_handshakes: AtomicU64,
+    /// … too many open connections from that source address.
+    pub refused_peer_connections: AtomicU64,
+    /// Streams the client reset before weft answered them (their work was dropped).
+    pub streams_cancelled: AtomicU64,
+    /// Of those, the ones that count against the connection (reset within the minimum
+    /// stream lifetime).
+    pub premature_resets: AtomicU64,
+    /// Connections closed with `GOAWAY(ENHANCE_YOUR_CALM)` for resetting streams too fast:
+    /// weft's premature-reset rule, or h2's own limits (streams reset before they were taken,
+    /// streams reset for the client's protocol errors).
+    pub reset_floods: AtomicU64,
+    /// Connections told to go elsewhere (`GOAWAY`) because the node drains.
+    pub drain_goaways: AtomicU64,
 }
 
 impl ServerCounters {
@@ -47,6 +68,13 @@ impl ServerCounters {
             denied: read(&self.denied),
             not_found: read(&self.not_found),
             connect_failed: read(&self.connect_failed),
+            refused_handshakes: read(&self.refused_handshakes),
+            refused_peer_handshakes: read(&self.refused_peer_handshakes),
+            refused_peer_connections: read(&self.refused_peer_connections),
+            streams_cancelled: read(&self.streams_cancelled),
+            premature_resets: read(&self.premature_resets),
+            reset_floods: read(&self.reset_floods),
+            drain_goaways: read(&self.drain_goaways),
         }
     }
 }

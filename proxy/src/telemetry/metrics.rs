@@ -20,6 +20,7 @@ use prometheus_client::metrics::gauge::ConstGauge;
 use prometheus_client::registry::Registry;
 
 use super::Telemetry;
+use crate::admin::server::{serve_bounded, Bounds, Gate};
 
 /// What the node reports besides its traffic, read at scrape time.
 #[derive(Debug, Default, Clone)]
@@ -253,6 +254,22 @@ impl Collector for NodeCollector {
             "Connections being relayed now",
             g(t.active_connections()),
         )?;
+        {
+            let help = "Connections refused at accept by a connection limit of weft's, by listener (capture, metrics, admin) and reason (total: the listener's limit; per_pod: the calling pod's; per_source: the client address's)";
+            let proto = ConstCounter::new(0u64);
+            let mut family =
+                enc.encode_descriptor("weft_connections_refused", help, None, proto.metric_type())?;
+            for (listener, reason, n) in t.admission.refused.totals() {
+                let labels = [("listener", listener.as_str()), ("reason", reason.as_str())];
+                ConstCounter::new(n).encode(family.encode_family(&labels)?)?;
+            }
+        }
+        gauge(
+            &mut enc,
+            "weft_capture_connections",
+            "Connections held open on the capture listener now (counted against --max-connections)",
+            g(t.admission.capture.open() as u64),
+        )?;
         gauge(
             &mut enc,
             "weft_workloads",
@@ -271,6 +288,41 @@ impl Collector for NodeCollector {
             "Enrolled pods on this node whose cgroup was not found within --enroll-timeout: their connections are not captured",
             g(m.uncaptured_workloads),
         )?;
+        {
+            let c = &t.hbone_server;
+            let help = "HBONE connections the node refused or closed for abuse, by reason: handshakes (TLS handshakes in progress on the node), peer_handshakes and peer_connections (from one address), reset_flood (GOAWAY ENHANCE_YOUR_CALM for HTTP/2 rapid reset)";
+            let proto = ConstCounter::new(0u64);
+            let mut family = enc.encode_descriptor(
+                "weft_hbone_inbound_refused",
+                help,
+                None,
+                proto.metric_type(),
+            )?;
+            for (reason, n) in [
+                ("handshakes", &c.refused_handshakes),
+                ("peer_handshakes", &c.refused_peer_handshakes),
+                ("peer_connections", &c.refused_peer_connections),
+                ("reset_flood", &c.reset_floods),
+            ] {
+                ConstCounter::new(crate::telemetry::counters::read(n))
+                    .encode(family.encode_family(&[("reason", reason)])?)?;
+            }
+        }
+        for (name, help, n) in [
+            (
+                "weft_hbone_premature_resets",
+                "HBONE streams the client reset before they were answered, within the minimum stream lifetime (their connect was dropped)",
+                &t.hbone_server.premature_resets,
+            ),
+            (
+                "weft_hbone_keepalive_timeouts",
+                "Pooled HBONE connections closed because a keepalive PING went unanswered",
+                &t.hbone_client.keepalive_timeouts,
+            ),
+        ] {
+            let c = ConstCounter::new(crate::telemetry::counters::read(n));
+            c.encode(enc.encode_descriptor(name, help, None, c.metric_type())?)?;
+        }
         {
             let help = "Requests to the CA service for workload certificates, by result";
             let proto = ConstCounter::new(0u64);
@@ -414,15 +466,24 @@ pub fn router(telemetry: Arc<Telemetry>, node: Arc<dyn GaugeSource>) -> Router {
         )
 }
 
+/// Binds the metrics address (a node that takes over from its predecessor is handed the
+/// predecessor's socket instead).
+pub async fn bind(addr: SocketAddr) -> anyhow::Result<tokio::net::TcpListener> {
+    tokio::net::TcpListener::bind(addr)
+        .await
+        .with_context(|| format!("binding the metrics address {addr}"))
+}
+
+/// Serves `/metrics` on `listener`. It is reachable from pods: `gate` bounds how many
+/// connections it holds (in total and per address), `bounds` how long a client may take.
 pub async fn serve(
-    addr: SocketAddr,
+    listener: tokio::net::TcpListener,
     telemetry: Arc<Telemetry>,
     node: Arc<dyn GaugeSource>,
+    gate: Gate,
+    bounds: Bounds,
 ) -> anyhow::Result<()> {
-    let listener = tokio::net::TcpListener::bind(addr)
-        .await
-        .with_context(|| format!("binding the metrics address {addr}"))?;
-    axum::serve(listener, router(telemetry, node))
+    serve_bounded(listener, router(telemetry, node), gate, bounds)
         .await
         .context("metrics server")
 }
@@ -474,6 +535,10 @@ mod tests {
             });
         }
         let telemetry = Arc::new(Telemetry::new("n1", 100));
+        telemetry.admission.refused.count(
+            crate::limits::Listener::Capture,
+            crate::limits::Reason::PerPod,
+        );
         for (verdict, sent, received) in [(Verdict::Forwarded, 10, 20), (Verdict::Denied, 0, 0)] {
             telemetry.flows.record(Flow {
                 verdict,
@@ -516,6 +581,9 @@ mod tests {
             "weft_registry_watch_state{kind=\"Pod\",state=\"retrying\"} 1",
             "weft_registry_watch_state{kind=\"Pod\",state=\"watching\"} 0",
             "weft_registry_last_sync_age_seconds{kind=\"Pod\"} 1.5",
+            "weft_connections_refused_total{listener=\"capture\",reason=\"per_pod\"} 1",
+            "weft_connections_refused_total{listener=\"metrics\",reason=\"per_source\"} 0",
+            "weft_capture_connections 0",
             "envoy_cluster_upstream_rq_retry_total{cluster_name=\"outbound|9080|v2|reviews.back.svc.cluster.local\"} 9",
             "envoy_cluster_upstream_rq_total{cluster_name=\"outbound|9080|v2|reviews.back.svc.cluster.local\"} 12",
             "envoy_cluster_upstream_rq_active{cluster_name=\"outbound|9080|v2|reviews.back.svc.cluster.local\"} 2",

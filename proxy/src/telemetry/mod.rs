@@ -14,7 +14,7 @@
 //! - [`metrics`]: Prometheus `/metrics`, read from the above at scrape time.
 //!
 //! May import: `admin::api` (the record types), `registry` (pod and service names), `identity`
-//! (SPIFFE ids), `relay` (byte counts), `config` (defaults).
+//! (SPIFFE ids), `relay` (byte counts), `config` (defaults), `limits` (what the limits refused).
 
 pub mod access_log;
 pub mod counters;
@@ -37,6 +37,7 @@ use istio::{IstioMetrics, Protocol, RequestLabels, RequestSample, TcpLabels};
 use trace::Tracing;
 
 use crate::admin::api::{Flow, Verdict};
+use crate::limits::Admission;
 
 /// The node's telemetry sinks, shared by every path.
 pub struct Telemetry {
@@ -54,6 +55,8 @@ pub struct Telemetry {
     pub access_log: AccessLog,
     /// Golden signals per caller and callee over the last minutes (`/stat`, `/graph`).
     pub golden: golden::Golden,
+    /// Connection limits and what they refused.
+    pub admission: Arc<Admission>,
 }
 
 impl Telemetry {
@@ -69,7 +72,14 @@ impl Telemetry {
             tracing: Tracing::disabled(),
             access_log: AccessLog::off(),
             golden: golden::Golden::new(),
+            admission: Arc::default(),
         }
+    }
+
+    /// Counts connections against `admission`'s limits.
+    pub fn with_admission(mut self, admission: Admission) -> Telemetry {
+        self.admission = Arc::new(admission);
+        self
     }
 
     /// Labels peers of this cluster with `cluster` (Istio's cluster id).
@@ -221,6 +231,8 @@ pub fn tcp_flags(verdict: Verdict) -> &'static str {
         Verdict::ConnectFailed => "UF",
         Verdict::Denied => "DENY",
         Verdict::Malformed => "DPE",
+        // Envoy's overload flag: the proxy itself had no room for the connection.
+        Verdict::OverLimit => "OM",
         Verdict::Unidentified | Verdict::Unhandled => "NR",
     }
 }

@@ -790,6 +790,7 @@ fn pod_targets(workload: &Yaml, pod_name: &str, node: &str) -> Vec<BTreeMap<Stri
     base.insert("__meta_kubernetes_pod_name".into(), pod_name.into());
     base.insert("__meta_kubernetes_pod_node_name".into(), node.into());
     base.insert("__meta_kubernetes_pod_phase".into(), "Running".into());
+    base.insert("__meta_kubernetes_pod_ip".into(), "10.0.0.1".into());
     for (k, v) in template["metadata"]["labels"].as_mapping().unwrap() {
         base.insert(
             format!(
@@ -810,6 +811,8 @@ fn pod_targets(workload: &Yaml, pod_name: &str, node: &str) -> Vec<BTreeMap<Stri
             t.insert("__meta_kubernetes_pod_container_init".into(), init.into());
             let ports = c["ports"].as_sequence().cloned().unwrap_or_default();
             if ports.is_empty() {
+                // A container without ports: one target, at the pod's address alone.
+                t.insert("__address__".into(), "10.0.0.1".into());
                 out.push(t);
                 continue;
             }
@@ -860,12 +863,21 @@ fn relabel(
             "drop" if literal_regex_matches(regex, &value) => return None,
             "keep" | "drop" => {}
             "replace" => {
-                assert_eq!(regex, "(.*)", "replace with the default regex only");
+                // `(.+)` does not match an empty value: nothing is replaced then.
+                assert!(
+                    regex == "(.*)" || regex == "(.+)",
+                    "replace with a whole-value regex only"
+                );
+                if regex == "(.+)" && value.is_empty() {
+                    continue;
+                }
                 let replacement = c["replacement"].as_str().unwrap_or("$1");
                 assert_eq!(
-                    replacement, "$1",
-                    "replace with the default replacement only"
+                    replacement.matches('$').count(),
+                    1,
+                    "a replacement using $1 once"
                 );
+                let value = replacement.replace("$1", &value);
                 let to = c["target_label"].as_str().expect("target_label");
                 if value.is_empty() {
                     target.remove(to);
@@ -1034,13 +1046,20 @@ fn pod_monitor_is_the_charts() {
         "the dashboard's Node variable"
     );
     let ds = object(&docs, "DaemonSet", "weft");
-    let port = ds["spec"]["template"]["spec"]["containers"][0]["ports"]
+    let metrics_address = ds["spec"]["template"]["spec"]["containers"][0]["args"]
         .as_sequence()
         .unwrap()
         .iter()
-        .find(|p| p["name"] == endpoint["port"])
-        .unwrap_or_else(|| panic!("the weft container has no port {:?}", endpoint["port"]));
-    assert_eq!(port["containerPort"], 15020);
+        .find_map(|a| a.as_str()?.strip_prefix("--metrics-address="))
+        .expect("--metrics-address");
+    assert_eq!(
+        metrics_address.rsplit(':').next(),
+        endpoint["portNumber"]
+            .as_i64()
+            .map(|n| n.to_string())
+            .as_deref(),
+        "the PodMonitor scrapes the port weft serves /metrics on"
+    );
     assert_eq!(
         chart["spec"]["selector"]["matchLabels"],
         ds["spec"]["selector"]["matchLabels"]
