@@ -50,12 +50,13 @@ const AIM_SPREAD_PCT: f64 = 10.0;
 /// Memory a held connection may need on the machine, all ends together (client, weft's two
 /// sockets and state, the server): a generous bound for the check before the run.
 const KIB_PER_CONNECTION: u64 = 64;
-/// Descriptors weft holds per proxied TCP connection: the two sockets and, for the relay's
-/// `splice(2)`, a pipe (two descriptors) per direction.
-const FDS_PER_CONNECTION: u64 = 6;
+/// Descriptors weft holds per idle proxied TCP connection: its two sockets. The relay's
+/// `splice(2)` pipes are taken from a per-worker pool only while bytes are in flight.
+const FDS_PER_CONNECTION: u64 = 2;
 /// Descriptors weft holds besides its connections' (listeners, eBPF maps and links, the
-/// registry, its runtime), with a margin.
-const FDS_BESIDES: u64 = 500;
+/// registry, its runtime, the pipes of the directions busy at a time and the pooled spares),
+/// with a margin.
+const FDS_BESIDES: u64 = 1000;
 /// Connections weft may hold beyond the load's (the checks before it, a straggler).
 const LIMIT_MARGIN: u64 = 64;
 
