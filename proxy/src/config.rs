@@ -572,12 +572,11 @@ impl NodeArgs {
         if svid_ttl < Duration::from_secs(2) {
             bail!("--svid-ttl must be at least 2s");
         }
-        let drain_timeout = match self.drain_timeout.or(file.drain_timeout) {
-            Some(s) => humantime::parse_duration(&s).with_context(|| {
-                format!("--drain-timeout {s:?}: expected a duration like 30s or 2m")
-            })?,
-            None => DEFAULT_DRAIN_TIMEOUT,
-        };
+        let drain_timeout = parse_duration_flag(
+            "drain-timeout",
+            self.drain_timeout.or(file.drain_timeout),
+            DEFAULT_DRAIN_TIMEOUT,
+        )?;
         let enroll_timeout = match self.enroll_timeout.or(file.enroll_timeout) {
             Some(s) => humantime::parse_duration(&s).with_context(|| {
                 format!("--enroll-timeout {s:?}: expected a duration like 5s or 500ms")
@@ -840,6 +839,17 @@ pub fn parse_proxy_address(s: &str) -> anyhow::Result<ProxyAddress> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// The fewest flags a node resolves with (development-mode CA).
+    fn signing_node() -> NodeArgs {
+        NodeArgs {
+            node_name: Some("n".into()),
+            registry: Some("/r".into()),
+            ca_cert: Some("/ca.crt".into()),
+            ca_key: Some("/ca.key".into()),
+            ..Default::default()
+        }
+    }
     use std::io::Write;
 
     #[test]
@@ -963,13 +973,7 @@ mod tests {
 
     #[test]
     fn limits_default_from_the_descriptor_limit_and_timeouts_parse() {
-        let base = || NodeArgs {
-            node_name: Some("n".into()),
-            registry: Some("/r".into()),
-            ca_cert: Some("/ca.crt".into()),
-            ca_key: Some("/ca.key".into()),
-            ..Default::default()
-        };
+        let base = signing_node;
         let c = base().resolve().unwrap();
         // 1 048 576 descriptors: 131 072 relays of 6 at most, a quarter of them per pod.
         assert_eq!(c.connection_limits(1 << 20), (131_072, 32_768));
@@ -1015,13 +1019,7 @@ mod tests {
 
     #[test]
     fn hbone_keepalive_and_admission_flags() {
-        let base = || NodeArgs {
-            node_name: Some("n".into()),
-            registry: Some("/r".into()),
-            ca_cert: Some("/ca.crt".into()),
-            ca_key: Some("/ca.key".into()),
-            ..Default::default()
-        };
+        let base = signing_node;
         let c = base().resolve().unwrap();
         assert_eq!(c.hbone_keepalive_interval, Duration::from_secs(10));
         assert_eq!(c.hbone_keepalive_timeout, Duration::from_secs(20));

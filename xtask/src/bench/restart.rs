@@ -30,7 +30,7 @@ use anyhow::{Context, Result};
 use weft_tests::{supports_handover, Weft};
 
 use super::machine::{load_average, Machine};
-use super::steady::{unix_ms, LoadSummary, SteadyCluster, LOADS};
+use super::steady::{unix_ms, write_notes, LoadSummary, SteadyCluster, LOADS};
 
 const HTTP_RATE: u64 = 200;
 const HTTP_CONNS: u64 = 8;
@@ -426,25 +426,8 @@ impl Report<'_> {
                 notes.push(format!("restart {}: {e}", k + 1));
             }
         }
-        let events = sum.events();
-        for (t, load, why, what) in events.iter().take(12) {
-            notes.push(format!(
-                "at {:.2} s {load} {why}: {what}",
-                *t as f64 / 1000.0
-            ));
-        }
-        if events.len() > 12 {
-            notes.push(format!(
-                "… {} more failure events in the client's output",
-                events.len() - 12
-            ));
-        }
-        if !notes.is_empty() {
-            let _ = writeln!(s, "\nNotes:\n");
-            for n in notes {
-                let _ = writeln!(s, "- {n}");
-            }
-        }
+        notes.extend(sum.event_notes(12));
+        write_notes(&mut s, &notes);
         s
     }
 }

@@ -32,7 +32,7 @@ use weft_tests::Weft;
 
 use super::machine::{load_average, proc_cpu_us, proc_status_kib, Machine};
 use super::steady::{
-    fd_limit, mem_available_kib, weft_has_flag, LoadSummary, SteadyCluster, LOADS,
+    fd_limit, mem_available_kib, weft_has_flag, write_notes, LoadSummary, SteadyCluster, LOADS,
 };
 
 /// Held connections opened per second (10 000 in 20 s).
@@ -429,25 +429,8 @@ impl Report<'_> {
                 notes.push(format!("{l}: {}", sum.json["loads"][l]["failures"]));
             }
         }
-        let events = sum.events();
-        for (t, load, why, what) in events.iter().take(10) {
-            notes.push(format!(
-                "at {:.1} s {load} {why}: {what}",
-                *t as f64 / 1000.0
-            ));
-        }
-        if events.len() > 10 {
-            notes.push(format!(
-                "… {} more failure events in the client's output",
-                events.len() - 10
-            ));
-        }
-        if !notes.is_empty() {
-            let _ = writeln!(s, "\nNotes:\n");
-            for n in notes {
-                let _ = writeln!(s, "- {n}");
-            }
-        }
+        notes.extend(sum.event_notes(10));
+        write_notes(&mut s, &notes);
         s
     }
 }

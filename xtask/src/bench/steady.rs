@@ -214,6 +214,17 @@ pub(super) struct LoadSummary {
 /// The loads of `weft-testpod steady`, by their JSON name.
 pub(super) const LOADS: [&str; 5] = ["hold", "stream", "churn", "http", "http_new"];
 
+/// A report's closing "Notes:" list, if there is anything to note.
+pub(super) fn write_notes(s: &mut String, notes: &[String]) {
+    use std::fmt::Write as _;
+    if !notes.is_empty() {
+        let _ = writeln!(s, "\nNotes:\n");
+        for n in notes {
+            let _ = writeln!(s, "- {n}");
+        }
+    }
+}
+
 impl LoadSummary {
     /// Waits for the client to exit (at most `limit`) and reads its JSON.
     pub(super) fn wait(mut client: Proc, limit: Duration) -> Result<LoadSummary> {
@@ -261,6 +272,25 @@ impl LoadSummary {
                 )
             })
             .collect()
+    }
+
+    /// The first `most` failure events as report notes, and how many more there were.
+    pub(super) fn event_notes(&self, most: usize) -> Vec<String> {
+        let events = self.events();
+        let mut notes: Vec<String> = events
+            .iter()
+            .take(most)
+            .map(|(t, load, why, what)| {
+                format!("at {:.2} s {load} {why}: {what}", *t as f64 / 1000.0)
+            })
+            .collect();
+        if events.len() > most {
+            notes.push(format!(
+                "… {} more failure events in the client's output",
+                events.len() - most
+            ));
+        }
+        notes
     }
 
     /// The client's start, as milliseconds since the Unix epoch.
