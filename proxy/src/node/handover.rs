@@ -259,6 +259,9 @@ impl Offered {
         }
         let listener = UnixListener::bind(path)
             .with_context(|| format!("binding the hand-over socket {}", path.display()))?;
+        // Whoever connects is given the node's listening sockets: this user only.
+        std::fs::set_permissions(path, std::os::unix::fs::PermissionsExt::from_mode(0o600))
+            .with_context(|| format!("restricting {}", path.display()))?;
         let meta = std::fs::metadata(path)?;
         Ok(Offered {
             path: path.to_path_buf(),
@@ -306,6 +309,15 @@ impl Offered {
 
 /// One successor: hello, offer with descriptors, then its word that it serves. Returns its pid.
 fn hand_over(mut conn: UnixStream, listeners: &[(&str, RawFd)]) -> anyhow::Result<u32> {
+    // The socket file is this user's only; the peer's credentials are checked all the same.
+    let peer = nix::sys::socket::getsockopt(&conn, nix::sys::socket::sockopt::PeerCredentials)?;
+    if peer.uid() != nix::unistd::geteuid().as_raw() {
+        bail!(
+            "process {} of user {} may not take the listeners over",
+            peer.pid(),
+            peer.uid()
+        );
+    }
     conn.set_read_timeout(Some(EXCHANGE_WAIT))?;
     conn.set_write_timeout(Some(EXCHANGE_WAIT))?;
     let hello: Hello = {
@@ -405,6 +417,16 @@ mod tests {
         assert!(path.exists());
         successor.remove();
         assert!(!path.exists());
+    }
+
+    #[test]
+    fn only_this_user_may_connect() {
+        use std::os::unix::fs::PermissionsExt;
+        let path = socket_path("mode");
+        let offered = Offered::bind(&path).unwrap();
+        let mode = std::fs::metadata(&path).unwrap().permissions().mode();
+        assert_eq!(mode & 0o777, 0o600);
+        offered.remove();
     }
 
     #[test]
