@@ -3,12 +3,15 @@
 //! redirected connection.
 
 use std::collections::{HashMap, HashSet};
+use std::io;
 use std::net::{IpAddr, Ipv4Addr, SocketAddr, SocketAddrV4};
+use std::os::fd::{AsFd, AsRawFd, BorrowedFd};
+use std::sync::atomic::Ordering;
 
 use anyhow::Context as _;
-use aya::maps::{lpm_trie::Key as LpmKey, HashMap as BpfHashMap, MapData, MapError};
+use aya::maps::{lpm_trie::Key as LpmKey, HashMap as BpfHashMap, IterableMap, MapData, MapError};
 use tracing::warn;
-use weft_common::{strict_mode, Config, FlowKey, StrictKey};
+use weft_common::{strict_mode, Config, FlowKey, OrigDst, StrictKey};
 
 use super::{ip4_ne, redirect_of, Capture, CaptureConfig, Redirect, StrictMode};
 
@@ -150,8 +153,10 @@ impl Capture {
         latest.map(|at| std::time::Duration::from_nanos(now.saturating_sub(at)))
     }
 
-    /// On accept: `peer` = client (pod) address, `local` = our listener address. Looks the
-    /// connection up in `BY_TUPLE` and deletes the entry. `None` if unknown.
+    /// On accept: `peer` = client (pod) address, `local` = our listener address. Takes the
+    /// connection's entry out of `BY_TUPLE`: one `BPF_MAP_LOOKUP_AND_DELETE_ELEM` call, without
+    /// a lock (the kernel looks up and deletes under the bucket's lock), where a lookup and a
+    /// delete would cost two calls per connection. `None` if unknown.
     pub fn take_redirect(&self, peer: SocketAddr, local: SocketAddr) -> Option<Redirect> {
         let key = FlowKey {
             src_ip4: ip4_ne(v4(peer.ip())?),
@@ -159,19 +164,32 @@ impl Capture {
             src_port: peer.port(),
             dst_port: local.port(),
         };
-        let mut map = self.by_tuple.lock();
-        let orig = match map.get(&key, 0) {
-            Ok(orig) => orig,
-            Err(MapError::KeyNotFound) => return None,
+        let fd = self.by_tuple.map().fd().as_fd();
+        let taken = if self.take_in_one_call.load(Ordering::Relaxed) {
+            match bpf_elem::<FlowKey, OrigDst>(BPF_MAP_LOOKUP_AND_DELETE_ELEM, fd, &key) {
+                Err(e) if unsupported(&e) => {
+                    warn!("this kernel cannot look up and delete in one call (Linux < 5.14): two calls per connection");
+                    self.take_in_one_call.store(false, Ordering::Relaxed);
+                    return self.take_redirect(peer, local);
+                }
+                taken => taken,
+            }
+        } else {
+            bpf_elem::<FlowKey, OrigDst>(BPF_MAP_LOOKUP_ELEM, fd, &key).inspect(|found| {
+                if found.is_some() {
+                    if let Err(err) = bpf_elem::<FlowKey, OrigDst>(BPF_MAP_DELETE_ELEM, fd, &key) {
+                        warn!(%peer, %local, "BY_TUPLE delete failed: {err}");
+                    }
+                }
+            })
+        };
+        match taken {
+            Ok(orig) => orig.map(|orig| redirect_of(&orig)),
             Err(err) => {
                 warn!(%peer, %local, "BY_TUPLE lookup failed: {err}");
-                return None;
+                None
             }
-        };
-        if let Err(err) = ignore_missing(map.remove(&key)) {
-            warn!(%peer, %local, "BY_TUPLE delete failed: {err}");
         }
-        Some(redirect_of(&orig))
     }
 
     /// Writes the exclusion maps, then `CONFIG` (which turns redirection on).
@@ -258,6 +276,74 @@ pub(super) fn delivery_key(local_port: u16, target: SocketAddrV4) -> FlowKey {
     }
 }
 
+const BPF_MAP_LOOKUP_ELEM: libc::c_long = 1;
+const BPF_MAP_DELETE_ELEM: libc::c_long = 3;
+const BPF_MAP_LOOKUP_AND_DELETE_ELEM: libc::c_long = 21;
+
+/// The `bpf(2)` attribute of the element commands (`union bpf_attr`'s first variant).
+#[repr(C)]
+struct ElemAttr {
+    map_fd: u32,
+    _pad: u32,
+    key: u64,
+    value: u64,
+    flags: u64,
+}
+
+/// One element command on the map `fd` with `key`: the value it returned (lookups), `None`
+/// where the key is not in the map. aya keeps `BPF_MAP_LOOKUP_AND_DELETE_ELEM` to queues and
+/// stacks; the kernel does it for hash maps too.
+fn bpf_elem<K: Copy, V: Copy>(
+    cmd: libc::c_long,
+    fd: BorrowedFd<'_>,
+    key: &K,
+) -> io::Result<Option<V>> {
+    let mut value = std::mem::MaybeUninit::<V>::uninit();
+    let attr = ElemAttr {
+        map_fd: fd.as_raw_fd() as u32,
+        _pad: 0,
+        key: key as *const K as u64,
+        value: if cmd == BPF_MAP_DELETE_ELEM {
+            0
+        } else {
+            value.as_mut_ptr() as u64
+        },
+        flags: 0,
+    };
+    // SAFETY: `attr` points at a key of the map's key size and room for a value of its value
+    // size (the map was opened with these types, which aya checks); the kernel reads the key
+    // and writes the value before returning.
+    let r = unsafe {
+        libc::syscall(
+            libc::SYS_bpf,
+            cmd,
+            &attr as *const ElemAttr,
+            std::mem::size_of::<ElemAttr>() as libc::c_uint,
+        )
+    };
+    if r < 0 {
+        let e = io::Error::last_os_error();
+        return match e.raw_os_error() {
+            Some(libc::ENOENT) => Ok(None),
+            _ => Err(e),
+        };
+    }
+    if cmd == BPF_MAP_DELETE_ELEM {
+        return Ok(None);
+    }
+    // SAFETY: the kernel wrote the value (the call succeeded).
+    Ok(Some(unsafe { value.assume_init() }))
+}
+
+/// An error saying the kernel does not know the command for this map type.
+fn unsupported(e: &io::Error) -> bool {
+    // 524: the kernel's ENOTSUPP, which it returns for map types without the operation.
+    matches!(
+        e.raw_os_error(),
+        Some(libc::EINVAL | libc::EOPNOTSUPP | 524)
+    )
+}
+
 fn ignore_missing(r: Result<(), MapError>) -> Result<(), MapError> {
     match r {
         Err(MapError::KeyNotFound | MapError::ElementNotFound) => Ok(()),
@@ -288,6 +374,94 @@ fn v4(ip: IpAddr) -> Option<Ipv4Addr> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// A hash map of the kernel's, made for the test alone (needs root, like the capture).
+    fn hash_map(key_size: u32, value_size: u32) -> std::os::fd::OwnedFd {
+        #[repr(C)]
+        struct CreateAttr {
+            map_type: u32,
+            key_size: u32,
+            value_size: u32,
+            max_entries: u32,
+            map_flags: u32,
+        }
+        let attr = CreateAttr {
+            map_type: 1, // BPF_MAP_TYPE_HASH
+            key_size,
+            value_size,
+            max_entries: 16,
+            map_flags: 0,
+        };
+        // SAFETY: BPF_MAP_CREATE reads `attr`; it returns a new descriptor or -1.
+        let fd = unsafe {
+            libc::syscall(
+                libc::SYS_bpf,
+                0,
+                &attr as *const CreateAttr,
+                std::mem::size_of::<CreateAttr>() as libc::c_uint,
+            )
+        };
+        assert!(fd >= 0, "BPF_MAP_CREATE: {}", io::Error::last_os_error());
+        // SAFETY: a descriptor the kernel just returned, owned by nobody else.
+        unsafe { <std::os::fd::OwnedFd as std::os::fd::FromRawFd>::from_raw_fd(fd as i32) }
+    }
+
+    fn insert(fd: BorrowedFd<'_>, key: &FlowKey, value: &OrigDst) {
+        let attr = ElemAttr {
+            map_fd: fd.as_raw_fd() as u32,
+            _pad: 0,
+            key: key as *const FlowKey as u64,
+            value: value as *const OrigDst as u64,
+            flags: 0,
+        };
+        // SAFETY: BPF_MAP_UPDATE_ELEM reads a key and a value of the map's sizes.
+        let r = unsafe {
+            libc::syscall(
+                libc::SYS_bpf,
+                2,
+                &attr as *const ElemAttr,
+                std::mem::size_of::<ElemAttr>() as libc::c_uint,
+            )
+        };
+        assert_eq!(r, 0, "BPF_MAP_UPDATE_ELEM: {}", io::Error::last_os_error());
+    }
+
+    #[test]
+    fn an_entry_is_taken_once_in_one_call_or_two() {
+        let map = hash_map(
+            std::mem::size_of::<FlowKey>() as u32,
+            std::mem::size_of::<OrigDst>() as u32,
+        );
+        let key = FlowKey {
+            src_ip4: 1,
+            dst_ip4: 2,
+            src_port: 3,
+            dst_port: 4,
+        };
+        let orig = OrigDst {
+            cookie: 9,
+            cgroup_id: 42,
+            ip4: 7,
+            port: 80,
+            family: 2,
+        };
+        for take in [BPF_MAP_LOOKUP_AND_DELETE_ELEM, BPF_MAP_LOOKUP_ELEM] {
+            insert(map.as_fd(), &key, &orig);
+            let taken = bpf_elem::<FlowKey, OrigDst>(take, map.as_fd(), &key).unwrap();
+            assert_eq!(taken, Some(orig));
+            if take == BPF_MAP_LOOKUP_ELEM {
+                // The fallback's second call.
+                bpf_elem::<FlowKey, OrigDst>(BPF_MAP_DELETE_ELEM, map.as_fd(), &key).unwrap();
+            }
+            assert_eq!(
+                bpf_elem::<FlowKey, OrigDst>(take, map.as_fd(), &key).unwrap(),
+                None,
+                "taken once"
+            );
+        }
+        assert!(unsupported(&io::Error::from_raw_os_error(libc::EINVAL)));
+        assert!(!unsupported(&io::Error::from_raw_os_error(libc::EPERM)));
+    }
 
     #[test]
     fn mapped_addresses_are_ipv4() {

@@ -122,7 +122,11 @@ pub struct Capture {
     excl_ports: Mutex<BpfHashMap<MapData, u16, u8>>,
     excl_cidrs: Mutex<LpmTrie<MapData, u32, u8>>,
     by_cookie: Mutex<BpfHashMap<MapData, u64, OrigDst>>,
-    by_tuple: Mutex<BpfHashMap<MapData, FlowKey, OrigDst>>,
+    /// Read and emptied once per accepted connection, by every worker at once: no lock (see
+    /// [`Capture::take_redirect`]).
+    by_tuple: BpfHashMap<MapData, FlowKey, OrigDst>,
+    /// Whether the kernel does `BPF_MAP_LOOKUP_AND_DELETE_ELEM` on hash maps (Linux 5.14).
+    take_in_one_call: std::sync::atomic::AtomicBool,
     stats: Mutex<PerCpuArray<MapData, u64>>,
     strict: Mutex<BpfHashMap<MapData, StrictKey, u8>>,
     deliveries: Mutex<BpfHashMap<MapData, FlowKey, u64>>,
