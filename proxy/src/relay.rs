@@ -1,14 +1,16 @@
 //! Moving bytes between two connections: [`relay`] for two TCP sockets, [`both_ways`] for any
 //! pair of directions (the HBONE stream ⇄ socket relay uses it too).
 //!
-//! Each direction is relayed with `splice(2)` through a pipe, so payload bytes stay in the
-//! kernel (socket → pipe → socket); the proxy never copies them through user space. End of
-//! stream in one direction is passed on as a half-close (`shutdown(SHUT_WR)`) while the other
-//! direction keeps flowing. A reset on one side is passed on as a reset on the other.
+//! Each direction copies small messages through a 16 KiB buffer and relays bulk data with
+//! `splice(2)` through a pipe, so bulk payload stays in the kernel (socket → pipe → socket):
+//! a read that fills the buffer switches the direction to splicing, a splicing round that
+//! brings less than a buffer switches it back. End of stream in one direction is passed on
+//! as a half-close (`shutdown(SHUT_WR)`) while the other direction keeps flowing. A reset on
+//! one side is passed on as a reset on the other.
 //!
-//! A direction holds a pipe only while bytes are in flight: it borrows one from its thread's
-//! pool of spare pipes when its source turns readable, splices until the pipe is empty again
-//! and gives it back. An idle relay costs its two sockets and nothing more; a pipe still
+//! A direction holds a buffer or a pipe only while bytes are in flight: it borrows one from
+//! its thread's pool when its source turns readable, and gives it back once what it brought
+//! is written out. An idle relay costs its two sockets and nothing more; a pipe still
 //! holding bytes (the destination is slow) stays with its direction, and one left non-empty
 //! by a failed or dropped direction is closed, never pooled.
 //!
@@ -246,9 +248,11 @@ pub async fn idle(a: &AtomicU64, b: &AtomicU64, timeout: Option<Duration>) -> St
     };
     let mut clock = IdleClock::new(timeout, Instant::now());
     clock.observe(total(), Instant::now());
-    let mut every = tokio::time::interval(clock.tick());
+    // The first tick a period from now: an interval's immediate first tick would register a
+    // timer due at once, which wakes the runtime's driver for nothing (see `node::workers`).
+    let mut every =
+        tokio::time::interval_at(tokio::time::Instant::now() + clock.tick(), clock.tick());
     every.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-    every.tick().await;
     loop {
         every.tick().await;
         if let Some(idle) = clock.observe(total(), Instant::now()) {
@@ -275,61 +279,155 @@ pub fn reset(stream: &TcpStream) {
 }
 
 /// One direction, `src` → `dst`, adding the bytes it moves to `moved`.
+///
+/// What a readiness brings is copied through a small buffer while it fits in one
+/// ([`COPY_BUFFER`]): requests, responses, handshakes, the bytes of a short connection. A read
+/// that fills the buffer means bulk data, and the direction splices (socket → pipe → socket,
+/// no copy) from then on, until a round of splicing brings less than the buffer again. For
+/// small messages a copy costs fewer calls than a splice (two per message, where splicing takes
+/// three: in, out, and the one that finds the socket drained) and no pipe pages.
 async fn pump(src: &TcpStream, dst: &TcpStream, moved: &AtomicU64) -> io::Result<()> {
-    let flags = SpliceFFlags::SPLICE_F_MOVE | SpliceFFlags::SPLICE_F_NONBLOCK;
+    let mut bulk = false;
     loop {
-        // No pipe is held while waiting: an idle direction costs no descriptor.
+        // Nothing is held while waiting: an idle direction costs no buffer and no pipe.
         src.readable().await?;
-        let mut pipe = LentPipe::take()?;
-        // Fill and empty the pipe while `src` has bytes; back to the pool once it has none.
-        loop {
-            let n = match src.try_io(Interest::READABLE, || {
-                splice(
-                    src.as_fd(),
-                    None,
-                    pipe.pipe().w.as_fd(),
-                    None,
-                    CHUNK,
-                    flags | SpliceFFlags::SPLICE_F_MORE,
-                )
-                .map_err(io::Error::from)
-            }) {
-                Ok(n) => n,
-                Err(e) if e.kind() == io::ErrorKind::WouldBlock => break,
-                Err(e) => return Err(e),
-            };
-            if n == 0 {
-                // End of stream from src: pass the half-close on.
-                drop(pipe);
-                return shutdown_write(dst);
+        if bulk {
+            match splice_round(src, dst, moved).await? {
+                Round::Bulk => {}
+                // A round that brought little: back to copying.
+                Round::Small => bulk = false,
+                Round::Ended => return shutdown_write(dst),
             }
-            pipe.held += n;
-            let bulk = n >= pipe.pipe().capacity;
-            // pipe → socket, until the pipe is empty again. If `dst` blocks, the bytes stay in
-            // the pipe and the pipe stays with this direction.
-            while pipe.held > 0 {
-                dst.writable().await?;
-                match dst.try_io(Interest::WRITABLE, || {
-                    let held = pipe.held;
-                    splice(pipe.pipe().r.as_fd(), None, dst.as_fd(), None, held, flags)
-                        .map_err(io::Error::from)
-                }) {
-                    Ok(0) => return Err(io::ErrorKind::WriteZero.into()),
-                    Ok(m) => {
-                        pipe.held -= m;
-                        moved.fetch_add(m as u64, Ordering::Relaxed);
-                    }
-                    Err(e) if e.kind() == io::ErrorKind::WouldBlock => continue,
-                    Err(e) => return Err(e),
-                }
-            }
-            if bulk {
-                pipe.pipe().grow();
-            }
-            // A busy direction must not starve the worker's other connections: the readiness
-            // futures above return at once while both sockets are ready.
-            tokio::task::consume_budget().await;
+            continue;
         }
+        let mut buf = LentBuffer::take();
+        let n = match read_drained(src, buf.bytes()) {
+            Ok(n) => n,
+            Err(e) if e.kind() == io::ErrorKind::WouldBlock => continue,
+            Err(e) => return Err(e),
+        };
+        if n == 0 {
+            // End of stream from src: pass the half-close on.
+            return shutdown_write(dst);
+        }
+        write_all(dst, &buf.bytes()[..n]).await?;
+        moved.fetch_add(n as u64, Ordering::Relaxed);
+        drop(buf);
+        if n == COPY_BUFFER {
+            // The buffer came back full: there is more, and it is bulk.
+            bulk = true;
+        }
+        // A busy direction must not starve the worker's other connections.
+        tokio::task::consume_budget().await;
+    }
+}
+
+/// What one readiness of `src` is read with while a direction copies: enough for a request or
+/// response head and a TLS handshake message; a read that fills it switches to splicing.
+const COPY_BUFFER: usize = 16 << 10;
+
+/// One `recv(2)` from `src` into `buf`. A read shorter than `buf` drained the socket (as
+/// tokio's own reads assume under edge-triggered epoll): its readiness is cleared with it, so
+/// the next wait goes to epoll instead of costing a `recv(2)` that finds nothing.
+fn read_drained(src: &TcpStream, buf: &mut [u8]) -> io::Result<usize> {
+    let mut short = None;
+    let r = src.try_io(Interest::READABLE, || {
+        let n = nix::sys::socket::recv(src.as_raw_fd(), buf, nix::sys::socket::MsgFlags::empty())
+            .map_err(io::Error::from)?;
+        if n > 0 && n < buf.len() {
+            short = Some(n);
+            // Clears the readiness; the bytes read are returned below.
+            return Err(io::ErrorKind::WouldBlock.into());
+        }
+        Ok(n)
+    });
+    match (r, short) {
+        (_, Some(n)) => Ok(n),
+        (r, None) => r,
+    }
+}
+
+/// Writes all of `bytes` to `dst`, waiting for room when its send buffer is full.
+async fn write_all(dst: &TcpStream, mut bytes: &[u8]) -> io::Result<()> {
+    while !bytes.is_empty() {
+        match dst.try_write(bytes) {
+            Ok(0) => return Err(io::ErrorKind::WriteZero.into()),
+            Ok(m) => bytes = &bytes[m..],
+            Err(e) if e.kind() == io::ErrorKind::WouldBlock => dst.writable().await?,
+            Err(e) => return Err(e),
+        }
+    }
+    Ok(())
+}
+
+/// How a round of splicing ended.
+enum Round {
+    /// It brought a copy buffer's worth or more: splice the next one too.
+    Bulk,
+    /// It brought less: copy the next one.
+    Small,
+    /// `src` reached end of stream (everything before it was passed on).
+    Ended,
+}
+
+/// Splices what `src` has (it is readable) to `dst` through a pipe borrowed for the round.
+async fn splice_round(src: &TcpStream, dst: &TcpStream, moved: &AtomicU64) -> io::Result<Round> {
+    let flags = SpliceFFlags::SPLICE_F_MOVE | SpliceFFlags::SPLICE_F_NONBLOCK;
+    let mut round = 0usize;
+    let mut pipe = LentPipe::take()?;
+    // Fill and empty the pipe while `src` has bytes; back to the pool once it has none.
+    loop {
+        let n = match src.try_io(Interest::READABLE, || {
+            splice(
+                src.as_fd(),
+                None,
+                pipe.pipe().w.as_fd(),
+                None,
+                CHUNK,
+                flags | SpliceFFlags::SPLICE_F_MORE,
+            )
+            .map_err(io::Error::from)
+        }) {
+            Ok(n) => n,
+            Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
+                return Ok(if round >= COPY_BUFFER {
+                    Round::Bulk
+                } else {
+                    Round::Small
+                });
+            }
+            Err(e) => return Err(e),
+        };
+        if n == 0 {
+            return Ok(Round::Ended);
+        }
+        round += n;
+        pipe.held += n;
+        let full = n >= pipe.pipe().capacity;
+        // pipe → socket, until the pipe is empty again. If `dst` blocks, the bytes stay in
+        // the pipe and the pipe stays with this direction.
+        while pipe.held > 0 {
+            dst.writable().await?;
+            match dst.try_io(Interest::WRITABLE, || {
+                let held = pipe.held;
+                splice(pipe.pipe().r.as_fd(), None, dst.as_fd(), None, held, flags)
+                    .map_err(io::Error::from)
+            }) {
+                Ok(0) => return Err(io::ErrorKind::WriteZero.into()),
+                Ok(m) => {
+                    pipe.held -= m;
+                    moved.fetch_add(m as u64, Ordering::Relaxed);
+                }
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => continue,
+                Err(e) => return Err(e),
+            }
+        }
+        if full {
+            pipe.pipe().grow();
+        }
+        // A busy direction must not starve the worker's other connections: the readiness
+        // futures above return at once while both sockets are ready.
+        tokio::task::consume_budget().await;
     }
 }
 
@@ -370,6 +468,51 @@ impl Pipe {
             self.capacity = n as usize;
         } else {
             self.capacity = usize::MAX;
+        }
+    }
+}
+
+/// Spare copy buffers kept per thread (16 KiB each).
+const SPARE_BUFFERS_PER_THREAD: usize = 64;
+
+thread_local! {
+    /// Copy buffers for this thread's directions to borrow between a readiness and the
+    /// write-out of what it brought.
+    static SPARE_BUFFERS: RefCell<Vec<Box<[u8]>>> = const { RefCell::new(Vec::new()) };
+}
+
+/// A copy buffer borrowed from this thread's pool by one direction for one read and its
+/// write-out; back to the pool when dropped. Only the bytes of the read just made are ever
+/// written from it.
+struct LentBuffer(Option<Box<[u8]>>);
+
+impl LentBuffer {
+    fn take() -> LentBuffer {
+        let spare = SPARE_BUFFERS
+            .try_with(|spare| spare.borrow_mut().pop())
+            .ok()
+            .flatten();
+        LentBuffer(Some(
+            spare.unwrap_or_else(|| vec![0u8; COPY_BUFFER].into_boxed_slice()),
+        ))
+    }
+
+    fn bytes(&mut self) -> &mut [u8] {
+        self.0
+            .as_deref_mut()
+            .expect("a lent buffer is only given up when dropped")
+    }
+}
+
+impl Drop for LentBuffer {
+    fn drop(&mut self) {
+        if let Some(buf) = self.0.take() {
+            let _ = SPARE_BUFFERS.try_with(|spare| {
+                let mut spare = spare.borrow_mut();
+                if spare.len() < SPARE_BUFFERS_PER_THREAD {
+                    spare.push(buf);
+                }
+            });
         }
     }
 }
@@ -613,6 +756,39 @@ mod tests {
 
     fn open_fds() -> usize {
         std::fs::read_dir("/proc/self/fd").unwrap().count()
+    }
+
+    #[tokio::test(flavor = "current_thread")]
+    async fn small_messages_are_copied_and_bulk_spliced_in_order() {
+        // A fresh thread's pools are empty: a pipe in them afterwards was used.
+        let (mut client, mut server, task) = setup().await;
+        let mut got = [0u8; 100];
+        client.write_all(&[1u8; 100]).await.unwrap();
+        server.read_exact(&mut got).await.unwrap();
+        server.write_all(&[2u8; 100]).await.unwrap();
+        client.read_exact(&mut got).await.unwrap();
+        assert_eq!(got, [2u8; 100]);
+        assert_eq!(spare_pipes().0, 0, "small messages take no pipe");
+
+        // Small, bulk, small again, back to back: every byte arrives, in order.
+        let mut sent: Vec<u8> = vec![3u8; 10];
+        sent.extend((0..4_000_000u32).map(|i| (i % 253) as u8));
+        sent.extend([4u8; 7]);
+        let expect = sent.clone();
+        let writer = tokio::spawn(async move {
+            client.write_all(&sent[..10]).await.unwrap();
+            client.write_all(&sent[10..]).await.unwrap();
+            client.shutdown().await.unwrap();
+            client
+        });
+        let mut received = Vec::new();
+        server.read_to_end(&mut received).await.unwrap();
+        assert!(received == expect, "bytes lost or reordered");
+        assert!(spare_pipes().0 >= 1, "bulk data went through a pipe");
+        server.shutdown().await.unwrap();
+        drop(writer.await.unwrap());
+        let r = task.await.unwrap();
+        assert_eq!((r.sent, r.received, r.error), (100 + 4_000_017, 100, None));
     }
 
     #[tokio::test(flavor = "current_thread")]

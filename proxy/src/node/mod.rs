@@ -44,7 +44,7 @@ use crate::telemetry::{metrics, Telemetry};
 use crate::tunnel::client::{Pool, PoolConfig};
 use crate::tunnel::server::{AdmissionLimits, Server, ServerConfig};
 use crate::upstream::dns::Dns;
-use crate::upstream::{set_keepalive, Connector, KEEPALIVE};
+use crate::upstream::{set_listening_options, Connector};
 use crate::workload::WorkloadIndex;
 
 /// The running node, as the admin API, `/metrics` and the reconcile loop see it.
@@ -199,8 +199,8 @@ pub async fn run(cfg: NodeConfig) -> anyhow::Result<()> {
             .await
             .with_context(|| format!("binding the HBONE listener {hbone_addr}"))?,
     };
-    // Accepted connections inherit it: dead peers are found.
-    set_keepalive(&hbone_listener, KEEPALIVE).context("HBONE listener keepalive")?;
+    // Accepted connections inherit them: dead peers are found, no per-connection call.
+    set_listening_options(&hbone_listener).context("HBONE listener options")?;
     let hbone = Server::new(
         identity.clone(),
         Arc::new(Inbound::new(
@@ -234,7 +234,7 @@ pub async fn run(cfg: NodeConfig) -> anyhow::Result<()> {
         Some(l) => l,
         None => outbound::bind(SocketAddr::V4(proxy_addr)).await?,
     };
-    set_keepalive(&listener, KEEPALIVE).context("capture listener keepalive")?;
+    set_listening_options(&listener).context("capture listener options")?;
     let node = Arc::new(NodeProxy {
         cfg: cfg.clone(),
         proxy_addr,

@@ -7,6 +7,7 @@
 //! busy worker leaves new connections to the others.
 
 use std::sync::Arc;
+use std::time::Duration;
 
 use anyhow::Context;
 use tokio::net::TcpListener;
@@ -15,6 +16,21 @@ use tracing::{error, info};
 use crate::inbound::Inbound;
 use crate::outbound::Outbound;
 use crate::tunnel::server::Server;
+
+/// How often a worker's timer fires when nothing else is due (see [`heartbeat`]).
+const HEARTBEAT: Duration = Duration::from_secs(1);
+
+/// A timer always due within [`HEARTBEAT`], for the whole life of a worker. tokio's timer
+/// wakes its runtime's (possibly busy) thread with a `write(2)` to an eventfd whenever a timer
+/// is registered that is due before the earliest one the runtime last parked with, and for
+/// every timer when it parked with none. Every connection registers a few (connect timeout,
+/// idle watch, due seconds to hours away): without this, a `write(2)` and a spurious
+/// `epoll_wait(2)` return per connection; with it, none of them is ever the earliest.
+async fn heartbeat() {
+    loop {
+        tokio::time::sleep(HEARTBEAT).await;
+    }
+}
 
 /// The listening sockets as the node keeps them to hand over (each worker has its own copy).
 #[derive(Debug)]
@@ -53,6 +69,7 @@ pub fn start(
                 rt.block_on(async move {
                     let listeners = TcpListener::from_std(capture)
                         .and_then(|c| Ok((c, TcpListener::from_std(tunnels)?)));
+                    tokio::spawn(heartbeat());
                     match listeners {
                         Ok((capture, tunnels)) => {
                             tokio::join!(outbound.serve(capture), hbone.serve(tunnels));

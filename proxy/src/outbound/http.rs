@@ -235,7 +235,6 @@ impl HttpPath {
         declared: Option<Declared>,
         mut record: ConnectionRecord,
     ) {
-        let _ = client.set_nodelay(true);
         let host = match &called {
             Called::Service { service, .. } => Some(routes_host(service)),
             _ => None,

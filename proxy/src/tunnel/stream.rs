@@ -219,7 +219,8 @@ impl Stream {
         close: impl Future<Output = String>,
         idle_timeout: Option<Duration>,
     ) -> Relayed {
-        let _ = socket.set_nodelay(true);
+        // `socket` has TCP_NODELAY already: inherited from weft's listeners, or set by the
+        // connector.
         relay(
             socket,
             self.send,

@@ -120,9 +120,10 @@ async fn unused_for(activity: &Activity, timeout: Option<Duration>) {
     let Some(timeout) = timeout else {
         return std::future::pending().await;
     };
-    let mut every = tokio::time::interval(
-        (timeout / 4).clamp(Duration::from_millis(100), Duration::from_secs(30)),
-    );
+    let tick = (timeout / 4).clamp(Duration::from_millis(100), Duration::from_secs(30));
+    // First tick a period from now: an immediate one would wake the runtime's driver for
+    // nothing.
+    let mut every = tokio::time::interval_at(tokio::time::Instant::now() + tick, tick);
     loop {
         every.tick().await;
         if activity.idle(Instant::now()) >= timeout {

@@ -112,6 +112,15 @@ pub fn set_keepalive(socket: &impl AsFd, keepalive: Keepalive) -> io::Result<()>
     socket2::SockRef::from(socket).set_tcp_keepalive(&ka)
 }
 
+/// The options every connection a listener accepts starts with, set once on the listener
+/// (Linux copies them to each accepted socket): [`KEEPALIVE`] and `TCP_NODELAY` (the proxy
+/// relays what it reads at once). No accepted connection then needs a `setsockopt(2)` of its
+/// own.
+pub fn set_listening_options(listener: &impl AsFd) -> io::Result<()> {
+    set_keepalive(listener, KEEPALIVE)?;
+    socket2::SockRef::from(listener).set_tcp_nodelay(true)
+}
+
 /// Told about each IPv4 connection weft opens, after its local port is bound and before its
 /// SYN leaves, and again once it is connected or failed.
 pub trait Deliveries: Send + Sync + fmt::Debug {
@@ -261,12 +270,13 @@ mod tests {
     #[tokio::test]
     async fn every_socket_has_keepalive_and_accepted_ones_inherit_it() {
         let l = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-        set_keepalive(&l, KEEPALIVE).unwrap();
+        set_listening_options(&l).unwrap();
         let addr = l.local_addr().unwrap();
         let c = Connector::new(Duration::from_secs(2));
         let opened = c.connect(OnBehalfOf::Unidentified, addr).await.unwrap();
         let (accepted, _) = l.accept().await.unwrap();
         for s in [&opened, &accepted] {
+            assert!(s.nodelay().unwrap(), "no Nagle delay, set or inherited");
             let s = socket2::SockRef::from(s);
             assert!(s.keepalive().unwrap());
             assert_eq!(s.tcp_keepalive_time().unwrap(), Duration::from_secs(180));
