@@ -375,6 +375,66 @@ async fn tunnel_bytes_both_ways_with_half_close() {
 }
 
 #[tokio::test]
+async fn first_bytes_go_with_the_connect_and_refused_ones_are_dropped() {
+    let s = setup().await;
+    let denied_target: SocketAddr = "127.0.0.1:9".parse().unwrap();
+    let echo = s.echo;
+    let handler = Handler::with(move |r| {
+        if r.target == echo {
+            Decision::Deliver
+        } else {
+            Decision::Deny {
+                policy: "server-ns/deny-sleep".into(),
+            }
+        }
+    });
+    let (node_addr, _inbound) = node(s.server.clone(), handler.clone(), Default::default()).await;
+    let pool = s.pool();
+
+    // Refused with its first bytes on the way: the refusal is what the client gets, and the
+    // connection carries the next stream.
+    let e = pool
+        .connect_early(
+            hbone(&s.src, &s.dst, node_addr, denied_target),
+            bytes::Bytes::from_static(b"GET / HTTP/1.1\r\n\r\n"),
+        )
+        .await
+        .unwrap_err();
+    assert!(e.is_denied(), "{e}");
+
+    // Accepted: the target answers what came with the CONNECT before the client wrote anything.
+    let tunnel = pool
+        .connect_early(
+            hbone(&s.src, &s.dst, node_addr, echo),
+            bytes::Bytes::from_static(b"early"),
+        )
+        .await
+        .unwrap();
+    let l = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let mut app = TcpStream::connect(l.local_addr().unwrap()).await.unwrap();
+    let (proxied, _) = l.accept().await.unwrap();
+    let relay = tokio::spawn(tunnel.relay(proxied));
+    let mut got = [0u8; 5];
+    app.read_exact(&mut got).await.unwrap();
+    assert_eq!(&got, b"early");
+    assert_eq!(echo_round_trip(&mut app, b"then more").await, b"then more");
+    app.shutdown().await.unwrap();
+    let mut rest = Vec::new();
+    app.read_to_end(&mut rest).await.unwrap();
+    let relayed = relay.await.unwrap();
+    assert_eq!((relayed.sent, relayed.received), (14, 14), "{relayed:?}");
+    assert_eq!(relayed.error, None);
+    let finished = handler.wait_finished(2).await;
+    let delivered = finished
+        .iter()
+        .find(|(r, _)| r.target == echo)
+        .expect("delivered stream");
+    assert_eq!(delivered.1.bytes_to_target, 14);
+    let stats = pool.stats();
+    assert_eq!(stats.connections_opened_total, 1, "one connection for both");
+}
+
+#[tokio::test]
 async fn relay_passes_half_close_from_the_target() {
     // The target greets, half-closes, then reads what the client says until EOF.
     let s = setup().await;

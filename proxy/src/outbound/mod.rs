@@ -108,6 +108,12 @@ impl Outbound {
     /// (what was accepted is served on, to its end or the drain timeout).
     pub async fn serve(self: Arc<Self>, listener: TcpListener) {
         let draining = self.inputs.draining.clone();
+        // Bound to one address (the capture address), every accepted connection's local
+        // address is the listener's: no getsockname(2) per connection.
+        let bound = listener
+            .local_addr()
+            .ok()
+            .filter(|a| !a.ip().is_unspecified());
         let handed_over = draining.handed_over();
         tokio::pin!(handed_over);
         loop {
@@ -123,7 +129,7 @@ impl Outbound {
                     // Counted from accept: none left, it is refused once identified.
                     let slot = self.inputs.telemetry.admission.capture.admit();
                     tokio::spawn(async move {
-                        this.handle(conn, peer, slot).await;
+                        this.handle(conn, peer, bound, slot).await;
                         drop(hold);
                     });
                 }
@@ -150,8 +156,14 @@ impl Outbound {
         .await
     }
 
-    async fn handle(&self, client: TcpStream, peer: SocketAddr, slot: Option<Slot<u64>>) {
-        let local = match client.local_addr() {
+    async fn handle(
+        &self,
+        client: TcpStream,
+        peer: SocketAddr,
+        bound: Option<SocketAddr>,
+        slot: Option<Slot<u64>>,
+    ) {
+        let local = match bound.map_or_else(|| client.local_addr(), Ok) {
             Ok(a) => a,
             Err(e) => {
                 debug!(error = %e, "connection gone before it could be identified");
@@ -231,9 +243,13 @@ impl Outbound {
         if !matches!(plan.action, Action::Refuse(Refusal::NoIdentity)) {
             if let Some((version, declared)) = self.http_version(&client, &called).await {
                 record.protocol("http");
-                self.http
-                    .serve(client, version, plan.source, called, declared, record)
-                    .await;
+                // Boxed: the HTTP server's state is large, and every connection's task would
+                // otherwise be allocated (and moved) at that size, TCP ones too.
+                Box::pin(
+                    self.http
+                        .serve(client, version, plan.source, called, declared, record),
+                )
+                .await;
                 return;
             }
         }
@@ -332,7 +348,7 @@ impl Outbound {
                 return;
             }
             Action::Tunnel(hbone) => {
-                match self.pool.connect(hbone).await {
+                match self.pool.connect_early(hbone, early_bytes(&client)).await {
                     Ok(tunnel) => {
                         let cut = self.inputs.draining.cut();
                         record
@@ -363,7 +379,6 @@ impl Outbound {
         };
         match self.inputs.connector.connect(on_behalf, target).await {
             Ok(upstream) if local => {
-                let _ = client.set_nodelay(true);
                 // This node authorized it: when the policies change so that it would not be
                 // authorized now, it is closed (the client's next connection is decided anew).
                 let revoked = self.revoked(&plan.source, target, policy_changes);
@@ -374,7 +389,6 @@ impl Outbound {
                 record.finish(Verdict::Forwarded, None::<&str>);
             }
             Ok(upstream) => {
-                let _ = client.set_nodelay(true);
                 let cut = self.inputs.draining.cut();
                 let never = std::future::pending();
                 record
@@ -434,6 +448,20 @@ fn fill(record: &mut ConnectionRecord, plan: &Plan) {
     }
     if matches!(plan.action, Action::DeliverLocal { .. }) {
         record.delivered_here();
+    }
+}
+
+/// At most this much of a client's first bytes goes out with its `CONNECT`: a request head,
+/// a TLS ClientHello.
+const EARLY_BYTES: usize = 16 << 10;
+
+/// What the client has sent already (nothing if it has not: no waiting), read to go out with
+/// the tunnel's `CONNECT` ([`Pool::connect_early`]).
+fn early_bytes(client: &TcpStream) -> bytes::Bytes {
+    let mut buf = bytes::BytesMut::with_capacity(EARLY_BYTES);
+    match client.try_read_buf(&mut buf) {
+        Ok(n) if n > 0 => buf.freeze(),
+        _ => bytes::Bytes::new(),
     }
 }
 

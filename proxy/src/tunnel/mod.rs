@@ -48,6 +48,22 @@ pub(crate) const MAX_HEADER_LIST: u32 = 16 << 10;
 /// headers to compress).
 pub(crate) const HEADER_TABLE: u32 = 4096;
 
+/// Reads of an HBONE connection's socket go through a buffer this large. rustls asks its
+/// transport for at most 4 KiB at a time: unbuffered, that is a `recvfrom(2)` per 4 KiB, four
+/// or five per full TLS record; buffered, one call takes in up to this much (several records)
+/// and rustls copies its 4 KiB out of memory. One per connection, allocated with it (HBONE
+/// connections are few: pooled per identity pair and node).
+pub(crate) const TLS_READ_BUFFER: usize = 64 << 10;
+
+/// An HBONE connection's socket as TLS runs on it: reads buffered ([`TLS_READ_BUFFER`]),
+/// writes straight through (rustls writes whole records, vectored).
+pub(crate) type TlsTransport = tokio::io::BufReader<tokio::net::TcpStream>;
+
+/// The socket `tcp`, read through [`TLS_READ_BUFFER`].
+pub(crate) fn tls_transport(tcp: tokio::net::TcpStream) -> TlsTransport {
+    tokio::io::BufReader::with_capacity(TLS_READ_BUFFER, tcp)
+}
+
 /// TCP keepalive of HBONE sockets, both ends: a peer that vanished without a FIN or RST (node
 /// powered off, link cut) is dropped by the kernel even where nothing else would notice (the
 /// server never pings its clients). The values are the node's for every socket

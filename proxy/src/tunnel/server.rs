@@ -532,7 +532,11 @@ impl<H: Handler> Server<H> {
         // The ClientHello first: a certificate not yet fetched from the CA service is waited for
         // (a new pod's first inbound connection may come before the rotation task fetched it).
         let handshake = async {
-            let start = LazyConfigAcceptor::new(rustls::server::Acceptor::default(), tcp).await?;
+            let start = LazyConfigAcceptor::new(
+                rustls::server::Acceptor::default(),
+                super::tls_transport(tcp),
+            )
+            .await?;
             let local = start
                 .client_hello()
                 .server_name()
