@@ -26,7 +26,7 @@ pub(super) const LATENCY_RATE: u64 = 2000;
 pub(super) const CONNECT_ONE_RATE: u64 = 1000;
 
 /// A measured case: one `weft-testpod bench` invocation per path and repetition.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, clap::ValueEnum)]
 pub(super) enum Case {
     /// connect + 64 B echo + close, `--parallel` clients.
     Connect,

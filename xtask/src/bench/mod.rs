@@ -102,6 +102,10 @@ pub struct Args {
         default_value = "direct,weft,weft-resilient,haproxy,nginx"
     )]
     paths: Vec<PathKind>,
+    /// TCP cases to run (comma separated) [default: all of them]. The report leaves out the
+    /// rows of the others.
+    #[arg(long, value_enum, value_delimiter = ',')]
+    cases: Vec<Case>,
     /// Run one topology only [default: both, single node first]. Cross-node measures `direct`
     /// and `weft` (haproxy and nginx are single-node only). `registry` runs the registry case
     /// instead (weft's Kubernetes registry at 10 000 pods; never part of the default run);
@@ -442,6 +446,9 @@ impl Bench {
         }
         for rep in 0..reps as usize {
             for case in Case::ALL {
+                if !self.args.cases.is_empty() && !self.args.cases.contains(&case) {
+                    continue;
+                }
                 let mut order = live.to_vec();
                 let n = order.len();
                 order.rotate_left(rep % n);
