@@ -145,7 +145,7 @@ impl LinkCapture {
         let (b, st) = (bytes.clone(), stop.clone());
         let thread = std::thread::spawn(move || {
             let mut buf = vec![0u8; 65536];
-            while !st.load(Ordering::Relaxed) {
+            loop {
                 // SAFETY: reading into our buffer from our socket.
                 let n =
                     unsafe { libc::recv(fd.as_raw_fd(), buf.as_mut_ptr().cast(), buf.len(), 0) };
@@ -154,6 +154,11 @@ impl LinkCapture {
                     if all.len() < (256 << 20) {
                         all.extend_from_slice(&buf[..n as usize]);
                     }
+                } else if st.load(Ordering::Relaxed) {
+                    // Stopped, and nothing left queued (the receive timed out): every frame
+                    // that crossed the link before `finish` has been read, even on a busy
+                    // machine where this thread lagged behind.
+                    break;
                 }
             }
         });
