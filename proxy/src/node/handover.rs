@@ -9,10 +9,15 @@
 //! says so; only then does the predecessor stop accepting and drain what it has open. A
 //! successor that dies before it serves changes nothing: the predecessor never stopped.
 //!
+//! A name may come several times: the capture and HBONE listeners are groups of sockets on one
+//! address (`SO_REUSEPORT`, one per worker), and the whole group changes hands, so no socket
+//! with connections in its queue is closed and none is left without a process accepting.
+//!
 //! The exchange, one line of JSON each way, on one connection:
-//! - successor → `{"pid":…,"version":…}`;
-//! - predecessor → `{"pid":…,"version":…,"listeners":["capture",…]}` with one descriptor per
-//!   name, in that order;
+//! - successor → `{"pid":…,"version":…,"groups":true}`;
+//! - predecessor → `{"pid":…,"version":…,"listeners":["capture","capture",…]}` with one
+//!   descriptor per name, in that order (a successor that does not say `groups` is refused a
+//!   group: it would keep one socket of it and leave the others' connections unaccepted);
 //! - successor → `{"serving":true}` once its workers accept;
 //! - predecessor → `{"draining":true}`: it no longer accepts.
 
@@ -35,8 +40,9 @@ use tracing::{debug, info, warn};
 const SERVE_WAIT: Duration = Duration::from_secs(120);
 /// How long the first lines of the exchange may take.
 const EXCHANGE_WAIT: Duration = Duration::from_secs(5);
-/// More descriptors than any node hands over.
-const MAX_FDS: usize = 16;
+/// The most descriptors one message may carry (the kernel's `SCM_MAX_FD`): more than a node
+/// hands over (two groups of at most `workers::MAX_GROUP`, and two single listeners).
+const MAX_FDS: usize = 253;
 
 /// The listeners a node hands over, by name.
 pub const CAPTURE: &str = "capture";
@@ -48,6 +54,9 @@ pub const METRICS: &str = "metrics";
 struct Hello {
     pid: u32,
     version: String,
+    /// Takes every socket of a listener group (see the module's notes).
+    #[serde(default)]
+    groups: bool,
 }
 
 #[derive(Debug, Serialize, Deserialize)]
@@ -70,7 +79,7 @@ struct Draining {
 /// The listening sockets a successor was handed, and the line back to its predecessor.
 #[derive(Debug)]
 pub struct Inherited {
-    listeners: HashMap<String, TcpListener>,
+    listeners: HashMap<String, Vec<TcpListener>>,
     predecessor: UnixStream,
     /// The predecessor's process id (logs, status).
     pub pid: u32,
@@ -78,22 +87,26 @@ pub struct Inherited {
 }
 
 impl Inherited {
-    /// The listener handed over as `name`, if it is bound to `want` (a changed address is
-    /// bound anew by the caller; the predecessor closes the old one when it exits).
-    pub fn take(&mut self, name: &str, want: SocketAddr) -> Option<TcpListener> {
-        let listener = self.listeners.remove(name)?;
-        match listener.local_addr() {
-            Ok(addr) if same_address(addr, want) => Some(listener),
-            Ok(addr) => {
-                warn!(listener = name, handed = %addr, configured = %want,
-                    "the predecessor's listener is bound elsewhere: binding anew");
-                None
-            }
-            Err(e) => {
-                warn!(listener = name, error = %e, "a handed-over listener is unusable");
-                None
+    /// The listeners handed over as `name` (one, or a group), if they are bound to `want`;
+    /// none if not (a changed address is bound anew by the caller; the predecessor closes the
+    /// old sockets when it exits).
+    pub fn take(&mut self, name: &str, want: SocketAddr) -> Vec<TcpListener> {
+        let group = self.listeners.remove(name).unwrap_or_default();
+        for listener in &group {
+            match listener.local_addr() {
+                Ok(addr) if same_address(addr, want) => {}
+                Ok(addr) => {
+                    warn!(listener = name, handed = %addr, configured = %want,
+                        "the predecessor's listener is bound elsewhere: binding anew");
+                    return Vec::new();
+                }
+                Err(e) => {
+                    warn!(listener = name, error = %e, "a handed-over listener is unusable");
+                    return Vec::new();
+                }
             }
         }
+        group
     }
 
     /// Tells the predecessor this node serves: it stops accepting and drains. Waits for its
@@ -141,6 +154,7 @@ pub fn take_over(path: &Path) -> anyhow::Result<Option<Inherited>> {
         &Hello {
             pid: std::process::id(),
             version: env!("CARGO_PKG_VERSION").into(),
+            groups: true,
         },
     )?;
     let (offer, fds) = receive_offer(&stream).context("receiving the listening sockets")?;
@@ -151,12 +165,13 @@ pub fn take_over(path: &Path) -> anyhow::Result<Option<Inherited>> {
             fds.len()
         );
     }
-    let listeners = offer
-        .listeners
-        .iter()
-        .cloned()
-        .zip(fds.into_iter().map(TcpListener::from))
-        .collect::<HashMap<_, _>>();
+    let mut listeners: HashMap<String, Vec<TcpListener>> = HashMap::new();
+    for (name, fd) in offer.listeners.iter().zip(fds) {
+        listeners
+            .entry(name.clone())
+            .or_default()
+            .push(TcpListener::from(fd));
+    }
     info!(predecessor = offer.pid, version = %offer.version, listeners = ?offer.listeners,
         "taking the listening sockets over from the running node");
     // From here on the predecessor waits for this node to serve.
@@ -325,6 +340,18 @@ fn hand_over(mut conn: UnixStream, listeners: &[(&str, RawFd)]) -> anyhow::Resul
         read_line(&mut reader).context("the successor's hello")?
     };
     info!(successor = hello.pid, version = %hello.version, "a successor asks for the listening sockets");
+    let names: Vec<&str> = listeners.iter().map(|(n, _)| *n).collect();
+    if !hello.groups
+        && names
+            .iter()
+            .enumerate()
+            .any(|(i, n)| names[..i].contains(n))
+    {
+        bail!(
+            "process {} cannot take a group of listening sockets over (it would leave connections unaccepted)",
+            hello.pid
+        );
+    }
     let offer = Offer {
         pid: std::process::id(),
         version: env!("CARGO_PKG_VERSION").into(),
@@ -395,8 +422,10 @@ mod tests {
         let mut inherited = take_over(&path).unwrap().expect("a running node answers");
         assert_eq!(inherited.pid, std::process::id());
         let wrong = "127.0.0.1:1".parse().unwrap();
-        let taken = inherited.take(CAPTURE, addr).expect("handed over");
-        assert!(inherited.take(CAPTURE, wrong).is_none(), "taken once");
+        let mut taken = inherited.take(CAPTURE, addr);
+        assert_eq!(taken.len(), 1, "handed over");
+        let taken = taken.remove(0);
+        assert!(inherited.take(CAPTURE, wrong).is_empty(), "taken once");
         inherited.serving().unwrap();
         let offered = predecessor.join().unwrap();
         // The predecessor closes its copy: the queue lives on in the successor's.
@@ -417,6 +446,105 @@ mod tests {
         assert!(path.exists());
         successor.remove();
         assert!(!path.exists());
+    }
+
+    /// Sockets sharing one address, the kernel spreading connections among them.
+    fn group(n: usize) -> Vec<TcpListener> {
+        use socket2::{Domain, Socket, Type};
+        let mut addr: SocketAddr = "127.0.0.1:0".parse().unwrap();
+        (0..n)
+            .map(|_| {
+                let s = Socket::new(Domain::IPV4, Type::STREAM, None).unwrap();
+                s.set_reuse_port(true).unwrap();
+                s.bind(&addr.into()).unwrap();
+                s.listen(64).unwrap();
+                let l = TcpListener::from(s);
+                addr = l.local_addr().unwrap();
+                l
+            })
+            .collect()
+    }
+
+    #[test]
+    fn a_group_changes_hands_whole_with_every_queued_connection() {
+        let path = socket_path("group");
+        let offered = Offered::bind(&path).unwrap();
+        let capture = group(3);
+        let addr = capture[0].local_addr().unwrap();
+        // Queued before the hand-over, spread over the group's sockets by the kernel.
+        let mut early: Vec<_> = (0..24)
+            .map(|i: u8| {
+                let mut c = std::net::TcpStream::connect(addr).unwrap();
+                c.write_all(&[i]).unwrap();
+                c
+            })
+            .collect();
+        let fds: Vec<(&str, RawFd)> = capture.iter().map(|l| (CAPTURE, l.as_raw_fd())).collect();
+        let taken = std::thread::scope(|s| {
+            let serve = s.spawn(|| offered.serve_until_taken(&fds));
+            let mut inherited = take_over(&path).unwrap().expect("a running node answers");
+            let taken = inherited.take(CAPTURE, addr);
+            inherited.serving().unwrap();
+            serve.join().unwrap();
+            taken
+        });
+        assert_eq!(taken.len(), 3, "the whole group");
+        drop(capture);
+        let mut seen = Vec::new();
+        let mut sockets_used = 0;
+        for l in &taken {
+            l.set_nonblocking(true).unwrap();
+            let before = seen.len();
+            while let Ok((mut conn, _)) = l.accept() {
+                conn.set_nonblocking(false).unwrap();
+                let mut b = [0u8; 1];
+                conn.read_exact(&mut b).unwrap();
+                seen.push(b[0]);
+            }
+            sockets_used += usize::from(seen.len() > before);
+        }
+        assert!(
+            sockets_used > 1,
+            "the kernel spread the connections over the group"
+        );
+        seen.sort_unstable();
+        assert_eq!(
+            seen,
+            (0..24).collect::<Vec<u8>>(),
+            "every queued connection is served"
+        );
+        early.clear();
+        offered.remove();
+    }
+
+    #[test]
+    fn a_successor_that_cannot_take_a_group_is_refused_it() {
+        let path = socket_path("legacy");
+        let offered = Offered::bind(&path).unwrap();
+        let capture = group(2);
+        let fds: Vec<(&str, RawFd)> = capture.iter().map(|l| (CAPTURE, l.as_raw_fd())).collect();
+        std::thread::scope(|s| {
+            let serve = s.spawn(|| offered.serve_until_taken(&fds));
+            // A successor that does not know groups: no descriptors, the connection closed.
+            let mut legacy = UnixStream::connect(&path).unwrap();
+            legacy
+                .write_all(b"{\"pid\":1,\"version\":\"0\"}\n")
+                .unwrap();
+            let mut rest = Vec::new();
+            legacy.read_to_end(&mut rest).unwrap();
+            assert!(rest.is_empty(), "offered nothing: {rest:?}");
+            // The node still serves, and a successor that takes groups takes it.
+            let mut inherited = take_over(&path).unwrap().expect("still offered");
+            assert_eq!(
+                inherited
+                    .take(CAPTURE, capture[0].local_addr().unwrap())
+                    .len(),
+                2
+            );
+            inherited.serving().unwrap();
+            serve.join().unwrap();
+        });
+        offered.remove();
     }
 
     #[test]

@@ -36,7 +36,7 @@ use crate::inputs::ProxyInputs;
 use crate::l7::route::RouteTable;
 use crate::outbound::cluster::Clusters;
 use crate::outbound::http::HttpConfig;
-use crate::outbound::{self, Outbound};
+use crate::outbound::Outbound;
 use crate::policy::PolicySet;
 use crate::registry::kube::{KubeOptions, KubeSource};
 use crate::registry::{FileSource, Registry};
@@ -44,7 +44,7 @@ use crate::telemetry::{metrics, Telemetry};
 use crate::tunnel::client::{Pool, PoolConfig};
 use crate::tunnel::server::{AdmissionLimits, Server, ServerConfig};
 use crate::upstream::dns::Dns;
-use crate::upstream::{set_listening_options, Connector};
+use crate::upstream::Connector;
 use crate::workload::WorkloadIndex;
 
 /// The running node, as the admin API, `/metrics` and the reconcile loop see it.
@@ -193,14 +193,12 @@ pub async fn run(cfg: NodeConfig) -> anyhow::Result<()> {
 
     // HBONE inbound: mutual TLS, then only pods hosted here, then AuthorizationPolicy.
     let hbone_addr = SocketAddr::new(hbone_ip(&cfg, &registry)?, cfg.hbone_port);
-    let hbone_listener = match take(&mut inherited, handover::HBONE, hbone_addr)? {
-        Some(l) => l,
-        None => tokio::net::TcpListener::bind(hbone_addr)
-            .await
-            .with_context(|| format!("binding the HBONE listener {hbone_addr}"))?,
-    };
-    // Accepted connections inherit them: dead peers are found, no per-connection call.
-    set_listening_options(&hbone_listener).context("HBONE listener options")?;
+    let hbone_listeners = workers::listen(
+        "HBONE",
+        hbone_addr,
+        cfg.workers,
+        take_group(&mut inherited, handover::HBONE, hbone_addr),
+    )?;
     let hbone = Server::new(
         identity.clone(),
         Arc::new(Inbound::new(
@@ -226,15 +224,16 @@ pub async fn run(cfg: NodeConfig) -> anyhow::Result<()> {
     );
 
     // Listen before enrolling anyone, so no enrolled connect is redirected to a closed port.
-    let listener = match take(
-        &mut inherited,
-        handover::CAPTURE,
+    let capture_listeners = workers::listen(
+        "capture",
         SocketAddr::V4(proxy_addr),
-    )? {
-        Some(l) => l,
-        None => outbound::bind(SocketAddr::V4(proxy_addr)).await?,
-    };
-    set_listening_options(&listener).context("capture listener options")?;
+        cfg.workers,
+        take_group(
+            &mut inherited,
+            handover::CAPTURE,
+            SocketAddr::V4(proxy_addr),
+        ),
+    )?;
     let node = Arc::new(NodeProxy {
         cfg: cfg.clone(),
         proxy_addr,
@@ -275,14 +274,19 @@ pub async fn run(cfg: NodeConfig) -> anyhow::Result<()> {
         cfg.workers,
         outbound.clone(),
         hbone.clone(),
-        listener,
-        hbone_listener,
+        capture_listeners,
+        hbone_listeners,
     )?;
-    // Kept to hand over: the workers' copies are theirs.
-    let mut offer = vec![
-        (handover::CAPTURE, listening.capture.as_raw_fd()),
-        (handover::HBONE, listening.tunnels.as_raw_fd()),
-    ];
+    // Kept to hand over, every socket of both groups: the workers' copies are theirs.
+    let capture_fds = listening
+        .capture
+        .iter()
+        .map(|l| (handover::CAPTURE, l.as_raw_fd()));
+    let hbone_fds = listening
+        .tunnels
+        .iter()
+        .map(|l| (handover::HBONE, l.as_raw_fd()));
+    let mut offer: Vec<_> = capture_fds.chain(hbone_fds).collect();
     match capture.events() {
         Ok(events) => {
             tokio::spawn(outbound.clone().watch_redirects(events));
@@ -435,11 +439,33 @@ fn take(
     name: &str,
     addr: SocketAddr,
 ) -> anyhow::Result<Option<tokio::net::TcpListener>> {
-    let Some(listener) = inherited.as_mut().and_then(|i| i.take(name, addr)) else {
+    let Some(listener) = take_group(inherited, name, addr).pop() else {
         return Ok(None);
     };
-    listener.set_nonblocking(true)?;
     Ok(Some(tokio::net::TcpListener::from_std(listener)?))
+}
+
+/// The sockets handed over as `name` (a group, or one), if bound where this node listens;
+/// non-blocking.
+fn take_group(
+    inherited: &mut Option<handover::Inherited>,
+    name: &str,
+    addr: SocketAddr,
+) -> Vec<std::net::TcpListener> {
+    let group = inherited
+        .as_mut()
+        .map(|i| i.take(name, addr))
+        .unwrap_or_default();
+    group
+        .into_iter()
+        .filter(|l| match l.set_nonblocking(true) {
+            Ok(()) => true,
+            Err(e) => {
+                warn!(listener = name, error = %e, "a handed-over listener is unusable");
+                false
+            }
+        })
+        .collect()
 }
 
 fn proxy_address(cfg: &NodeConfig, registry: &Registry) -> anyhow::Result<SocketAddrV4> {

@@ -3,15 +3,20 @@
 //! HTTP connections of its own (Envoy's worker model). A request's tasks never hop between
 //! threads; the control plane (registry, reconcile, admin, metrics) stays on the main runtime.
 //!
-//! Every worker waits on the same listening sockets: whichever is free first accepts, so a
-//! busy worker leaves new connections to the others.
+//! Each address is listened on by a group of sockets, one per worker (`SO_REUSEPORT`, as Envoy
+//! and nginx's `reuseport` do): the kernel hashes each new connection to one socket, and only
+//! that socket's worker wakes for it. A single socket all workers waited on woke every idle
+//! worker for every connection, all but one to find nothing (0.8 failed `accept4` per
+//! connection on two workers).
 
+use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
 
 use anyhow::Context;
+use socket2::{Domain, Socket, Type};
 use tokio::net::TcpListener;
-use tracing::{error, info};
+use tracing::{error, info, warn};
 
 use crate::inbound::Inbound;
 use crate::outbound::Outbound;
@@ -32,30 +37,102 @@ async fn heartbeat() {
     }
 }
 
-/// The listening sockets as the node keeps them to hand over (each worker has its own copy).
+/// The most sockets in a group: workers beyond it share them.
+pub const MAX_GROUP: usize = 64;
+/// Each socket's accept queue (tokio's default for one listener).
+const BACKLOG: i32 = 1024;
+
+/// The listening sockets as the node keeps them to hand over (each worker has its own copies).
 #[derive(Debug)]
 pub struct Listening {
-    pub capture: std::net::TcpListener,
-    pub tunnels: std::net::TcpListener,
+    pub capture: Vec<std::net::TcpListener>,
+    pub tunnels: Vec<std::net::TcpListener>,
 }
 
-/// Starts `n` workers serving `capture` (outbound) and `hbone` (inbound) connections. A
+/// The group of sockets listening on `addr` for `workers` workers: the `inherited` ones (a
+/// predecessor's, all kept: closing one would drop the connections in its queue), and new ones
+/// bound beside them (`SO_REUSEPORT`) up to one per worker.
+pub fn listen(
+    what: &str,
+    addr: SocketAddr,
+    workers: usize,
+    mut group: Vec<std::net::TcpListener>,
+) -> anyhow::Result<Vec<std::net::TcpListener>> {
+    let want = workers.clamp(1, MAX_GROUP);
+    // A predecessor's single socket without SO_REUSEPORT admits nobody beside it: shared.
+    let joinable = group
+        .iter()
+        .all(|l| socket2::SockRef::from(l).reuse_port().unwrap_or(false));
+    while group.len() < want && joinable {
+        // Port 0: the rest join the port the first one was given.
+        let addr = group
+            .first()
+            .and_then(|l| l.local_addr().ok())
+            .unwrap_or(addr);
+        match bind(addr) {
+            Ok(l) => group.push(l),
+            Err(e) if !group.is_empty() => {
+                warn!(listener = what, %addr, error = %format!("{e:#}"), sockets = group.len(),
+                    "cannot add a socket to the listener group: its workers share");
+                break;
+            }
+            Err(e) => return Err(e).with_context(|| format!("binding the {what} listener {addr}")),
+        }
+    }
+    for l in &group {
+        // Accepted connections inherit them: dead peers are found, no per-connection call.
+        crate::upstream::set_listening_options(l)
+            .with_context(|| format!("{what} listener options"))?;
+    }
+    info!(listener = what, %addr, sockets = group.len(), "listening");
+    Ok(group)
+}
+
+/// One socket of a group on `addr`.
+fn bind(addr: SocketAddr) -> anyhow::Result<std::net::TcpListener> {
+    let s = Socket::new(Domain::for_address(addr), Type::STREAM, None)?;
+    s.set_reuse_address(true)?;
+    s.set_reuse_port(true)?;
+    s.set_nonblocking(true)?;
+    s.bind(&addr.into())?;
+    s.listen(BACKLOG)?;
+    Ok(s.into())
+}
+
+/// Which sockets of a group of `sockets` worker `i` of `n` accepts from: its own share when
+/// there are enough to go round, else one shared with others.
+fn share(i: usize, n: usize, sockets: usize) -> Vec<usize> {
+    if sockets >= n {
+        (i..sockets).step_by(n).collect()
+    } else {
+        vec![i % sockets]
+    }
+}
+
+/// Starts `n` workers serving the `capture` (outbound) and `hbone` (inbound) listener groups. A
 /// worker stops accepting once the listeners are handed to a successor, and runs on until the
 /// process exits so what it accepted is served to its end.
 pub fn start(
     n: usize,
     outbound: Arc<Outbound>,
     hbone: Arc<Server<Inbound>>,
-    capture: TcpListener,
-    tunnels: TcpListener,
+    capture: Vec<std::net::TcpListener>,
+    tunnels: Vec<std::net::TcpListener>,
 ) -> anyhow::Result<Listening> {
-    let capture = capture.into_std().context("capture listener")?;
-    let tunnels = tunnels.into_std().context("HBONE listener")?;
+    anyhow::ensure!(
+        !capture.is_empty() && !tunnels.is_empty(),
+        "no listening socket"
+    );
+    let n = n.max(1);
     for i in 0..n {
-        let capture = capture
-            .try_clone()
-            .context("sharing the capture listener")?;
-        let tunnels = tunnels.try_clone().context("sharing the HBONE listener")?;
+        let copies = |group: &[std::net::TcpListener]| {
+            share(i, n, group.len())
+                .into_iter()
+                .map(|j| group[j].try_clone())
+                .collect::<std::io::Result<Vec<_>>>()
+        };
+        let capture = copies(&capture).context("sharing the capture listeners")?;
+        let tunnels = copies(&tunnels).context("sharing the HBONE listeners")?;
         let rt = tokio::runtime::Builder::new_current_thread()
             .enable_all()
             .thread_name(format!("weft-worker-{i}"))
@@ -67,21 +144,81 @@ pub fn start(
             .spawn(move || {
                 crate::worker::enter(i);
                 rt.block_on(async move {
-                    let listeners = TcpListener::from_std(capture)
-                        .and_then(|c| Ok((c, TcpListener::from_std(tunnels)?)));
                     tokio::spawn(heartbeat());
-                    match listeners {
-                        Ok((capture, tunnels)) => {
-                            tokio::join!(outbound.serve(capture), hbone.serve(tunnels));
-                            // The connections accepted are tasks of this runtime: keep it.
-                            std::future::pending::<()>().await;
+                    for l in capture {
+                        match TcpListener::from_std(l) {
+                            Ok(l) => drop(tokio::spawn(outbound.clone().serve(l))),
+                            Err(e) => error!(worker = i, error = %e, "worker cannot listen"),
                         }
-                        Err(e) => error!(worker = i, error = %e, "worker cannot listen"),
                     }
+                    for l in tunnels {
+                        match TcpListener::from_std(l) {
+                            Ok(l) => drop(tokio::spawn(hbone.clone().serve(l))),
+                            Err(e) => error!(worker = i, error = %e, "worker cannot listen"),
+                        }
+                    }
+                    // The connections accepted are tasks of this runtime: keep it.
+                    std::future::pending::<()>().await
                 })
             })
             .context("starting a worker thread")?;
     }
     info!(workers = n, "data-path workers started");
     Ok(Listening { capture, tunnels })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn every_socket_has_a_worker_and_every_worker_a_socket() {
+        for (n, sockets) in [(1, 1), (2, 2), (2, 3), (3, 2), (4, 1), (2, 5)] {
+            let shares: Vec<Vec<usize>> = (0..n).map(|i| share(i, n, sockets)).collect();
+            assert!(shares.iter().all(|s| !s.is_empty()), "{n} on {sockets}");
+            let mut all: Vec<usize> = shares.concat();
+            all.sort_unstable();
+            all.dedup();
+            assert_eq!(all, (0..sockets).collect::<Vec<_>>(), "{n} on {sockets}");
+            if sockets >= n {
+                assert_eq!(
+                    shares.concat().len(),
+                    sockets,
+                    "none shared: {n} on {sockets}"
+                );
+            }
+        }
+    }
+
+    #[tokio::test]
+    async fn a_group_spreads_connections_and_grows_beside_inherited_sockets() {
+        let group = listen("test", "127.0.0.1:0".parse().unwrap(), 2, Vec::new()).unwrap();
+        assert_eq!(group.len(), 2);
+        let addr = group[0].local_addr().unwrap();
+        assert_eq!(group[1].local_addr().unwrap(), addr, "one address");
+        let nodelay = socket2::SockRef::from(&group[1]).tcp_nodelay().unwrap();
+        assert!(nodelay, "listening options on every socket");
+        // A successor with more workers keeps both and binds a third beside them.
+        let inherited: Vec<_> = group.iter().map(|l| l.try_clone().unwrap()).collect();
+        let grown = listen("test", addr, 3, inherited).unwrap();
+        assert_eq!(grown.len(), 3);
+        let clients: Vec<_> = (0..30)
+            .map(|_| std::net::TcpStream::connect(addr).unwrap())
+            .collect();
+        let mut used = 0;
+        let mut accepted = 0;
+        for l in &grown {
+            let before = accepted;
+            while l.accept().is_ok() {
+                accepted += 1;
+            }
+            used += usize::from(accepted > before);
+        }
+        assert_eq!(accepted, clients.len());
+        assert!(used > 1, "the kernel spread the connections");
+        // One socket without SO_REUSEPORT (bound alone) is shared, never joined.
+        let alone = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let addr = alone.local_addr().unwrap();
+        assert_eq!(listen("test", addr, 4, vec![alone]).unwrap().len(), 1);
+    }
 }

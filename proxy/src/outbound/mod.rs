@@ -31,7 +31,7 @@ use std::time::Duration;
 
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::watch;
-use tracing::{debug, info, warn};
+use tracing::{debug, warn};
 
 use self::cluster::Clusters;
 use self::http::{declared_http, Called, Declared, HttpConfig, HttpPath};
@@ -487,14 +487,4 @@ async fn detect(client: &TcpStream, wait: Duration) -> Sniffed {
             decided => return decided,
         }
     }
-}
-
-/// Binds the capture listener and logs its address.
-pub async fn bind(addr: SocketAddr) -> anyhow::Result<TcpListener> {
-    use anyhow::Context;
-    let l = TcpListener::bind(addr)
-        .await
-        .with_context(|| format!("binding the capture listener {addr}"))?;
-    info!(%addr, "capture listener ready");
-    Ok(l)
 }
