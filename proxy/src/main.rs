@@ -14,6 +14,8 @@ use weft::cli::{CaCommand, Cli, Command};
 static ALLOC: mimalloc::MiMalloc = mimalloc::MiMalloc;
 
 fn main() {
+    // Before the allocator has much to put in them (see `weft::memory`).
+    let huge_pages = weft::memory::no_huge_pages();
     let cli = Cli::parse();
     let default_level = match cli.command {
         Command::Node(_) | Command::Ca(CaCommand::Serve(_)) => "info",
@@ -26,6 +28,9 @@ fn main() {
         )
         .with_writer(std::io::stderr)
         .init();
+    if let Err(e) = huge_pages {
+        tracing::debug!(error = %e, "transparent huge pages stay on");
+    }
     // The control plane (registry, reconcile, admin) runs here; the data path on its own
     // worker threads. Idle control-plane threads return memory the registry freed.
     let rt = tokio::runtime::Builder::new_multi_thread()

@@ -11,6 +11,11 @@
 //!
 //! With another global allocator (tests) mimalloc's heaps are empty and this does nothing.
 //!
+//! Transparent huge pages are turned off for the process ([`no_huge_pages`]): mimalloc asks
+//! for them on its arenas (`MADV_HUGEPAGE`), so every partly used 2 MiB region counted whole,
+//! 30 of a node's 31 MB of anonymous memory at rest; without them 25 MB (the data path's CPU
+//! per connection and per request did not move beyond the run-to-run noise).
+//!
 //! May import: nothing.
 
 use std::cell::Cell;
@@ -40,6 +45,13 @@ pub fn on_park() {
     }
 }
 
+/// Turns transparent huge pages off for this process and what it starts (`prctl(2)`
+/// `PR_SET_THP_DISABLE`; what mimalloc's `MIMALLOC_ALLOW_THP=0` does). Call it first thing:
+/// memory already in huge pages stays there.
+pub fn no_huge_pages() -> std::io::Result<()> {
+    nix::sys::prctl::set_thp_disable(true).map_err(std::io::Error::from)
+}
+
 /// How many [`release`]s were asked for.
 pub fn releases() -> u64 {
     RELEASES.load(Ordering::Relaxed)
@@ -54,6 +66,12 @@ fn collect() {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn huge_pages_are_off_once_asked() {
+        no_huge_pages().unwrap();
+        assert!(nix::sys::prctl::get_thp_disable().unwrap());
+    }
 
     // Other tests may release too (the registry does after its rebuilds): only lower bounds.
     #[test]
