@@ -75,12 +75,14 @@ pub async fn relay_bounded(
 ) -> Relayed {
     // Counted as bytes move, so a direction that is cut short still reports what it moved.
     let (sent, received) = (AtomicU64::new(0), AtomicU64::new(0));
-    let up = pump(&client, &upstream, &sent);
-    let down = pump(&upstream, &client, &received);
+    let ends = Ends::default();
+    let up = pump(&client, &upstream, &sent, &ends);
+    let down = pump(&upstream, &client, &received, &ends);
     let idle = either(close, idle(&sent, &received, idle_timeout));
     // Reading ends on both sockets: each direction then passes a half-close on, as if its peer
     // had closed, and the relay ends the way a finished one does.
     let close = || {
+        ends.closing.store(true, Ordering::Relaxed);
         shutdown_read(&client);
         shutdown_read(&upstream);
     };
@@ -286,7 +288,7 @@ pub fn reset(stream: &TcpStream) {
 /// no copy) from then on, until a round of splicing brings less than the buffer again. For
 /// small messages a copy costs fewer calls than a splice (two per message, where splicing takes
 /// three: in, out, and the one that finds the socket drained) and no pipe pages.
-async fn pump(src: &TcpStream, dst: &TcpStream, moved: &AtomicU64) -> io::Result<()> {
+async fn pump(src: &TcpStream, dst: &TcpStream, moved: &AtomicU64, ends: &Ends) -> io::Result<()> {
     let mut bulk = false;
     loop {
         // Nothing is held while waiting: an idle direction costs no buffer and no pipe.
@@ -296,7 +298,7 @@ async fn pump(src: &TcpStream, dst: &TcpStream, moved: &AtomicU64) -> io::Result
                 Round::Bulk => {}
                 // A round that brought little: back to copying.
                 Round::Small => bulk = false,
-                Round::Ended => return shutdown_write(dst),
+                Round::Ended => return ends.pass_on(dst),
             }
             continue;
         }
@@ -308,7 +310,7 @@ async fn pump(src: &TcpStream, dst: &TcpStream, moved: &AtomicU64) -> io::Result
         };
         if n == 0 {
             // End of stream from src: pass the half-close on.
-            return shutdown_write(dst);
+            return ends.pass_on(dst);
         }
         write_all(dst, &buf.bytes()[..n]).await?;
         moved.fetch_add(n as u64, Ordering::Relaxed);
@@ -566,6 +568,29 @@ impl Drop for LentPipe {
                 spare.push(pipe);
             }
         });
+    }
+}
+
+/// How a relay's two directions pass their sources' ends of stream on. The first to end
+/// half-closes its destination (`shutdown(SHUT_WR)`): the other direction flows on. The second
+/// leaves its destination's FIN to the close that follows at once as the relay returns: that
+/// socket is the first direction's source, which already ended, so nothing is left unread on
+/// it and closing it sends a FIN, not a reset. One system call fewer per connection. Not once
+/// the relay is being closed: reading was shut down on both sockets, bytes may be left unread,
+/// and each direction half-closes.
+#[derive(Debug, Default)]
+struct Ends {
+    one_ended: std::sync::atomic::AtomicBool,
+    closing: std::sync::atomic::AtomicBool,
+}
+
+impl Ends {
+    fn pass_on(&self, dst: &TcpStream) -> io::Result<()> {
+        let other_ended = self.one_ended.swap(true, Ordering::Relaxed);
+        if other_ended && !self.closing.load(Ordering::Relaxed) {
+            return Ok(());
+        }
+        shutdown_write(dst)
     }
 }
 
