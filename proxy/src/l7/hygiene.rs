@@ -316,7 +316,7 @@ pub fn prepare(headers: &mut HeaderMap, client: &HeaderValue, upgrade: bool) -> 
             headers.insert(X_FORWARDED_FOR, client.clone());
         }
     }
-    match headers.get(&X_REQUEST_ID).and_then(|v| v.to_str().ok()) {
+    let id = match headers.get(&X_REQUEST_ID).and_then(|v| v.to_str().ok()) {
         Some(id) if !id.is_empty() => id.to_string(),
         _ => {
             let id = request_id();
@@ -326,7 +326,19 @@ pub fn prepare(headers: &mut HeaderMap, client: &HeaderValue, upgrade: bool) -> 
             );
             id
         }
+    };
+    if let Some(v) = headers.get_mut(&X_REQUEST_ID) {
+        once_per_request(v);
     }
+    id
+}
+
+/// Marks a value that differs on every request (a request or trace id) never to be indexed
+/// by HPACK: an HTTP/2 hop encodes it as a plain literal instead of adding it to the
+/// connection's header table, where each new id evicted the lasting entries (authority,
+/// user agent, forwarded-for) and made every later request's encoder walk the ids before it.
+pub fn once_per_request(v: &mut HeaderValue) {
+    v.set_sensitive(true);
 }
 
 /// A client's address as [`prepare`] appends it to `x-forwarded-for`: made once per connection.
@@ -491,6 +503,22 @@ mod tests {
         assert_eq!(h["upgrade"], "websocket");
         assert_eq!(h["connection"], "upgrade");
         assert_eq!(h["x-forwarded-for"], "10.0.0.1");
+    }
+
+    #[test]
+    fn request_ids_are_never_indexed_by_hpack() {
+        let client = client_address("10.0.0.1".parse().unwrap());
+        let mut made = HeaderMap::new();
+        prepare(&mut made, &client, false);
+        assert!(made[&X_REQUEST_ID].is_sensitive(), "one weft made");
+        let mut given = HeaderMap::new();
+        given.insert(X_REQUEST_ID, HeaderValue::from_static("abc"));
+        assert_eq!(prepare(&mut given, &client, false), "abc");
+        assert!(given[&X_REQUEST_ID].is_sensitive(), "the client's");
+        assert!(
+            !given[&X_FORWARDED_FOR].is_sensitive(),
+            "lasting values are indexed"
+        );
     }
 
     #[test]

@@ -337,8 +337,12 @@ fn put_hex(out: &mut [u8], mut v: u128) {
 }
 
 /// A header value from ASCII hex and dashes (always valid).
+/// A trace or span id's header value: new on every request, so never indexed by HPACK (see
+/// `hygiene::once_per_request`).
 fn value(bytes: &[u8]) -> HeaderValue {
-    HeaderValue::from_bytes(bytes).expect("hex and dashes are a valid header value")
+    let mut v = HeaderValue::from_bytes(bytes).expect("hex and dashes are a valid header value");
+    v.set_sensitive(true);
+    v
 }
 
 /// A B3 trace id: 16 hex when the upper half is zero, else 32. Returns the length written.
@@ -692,6 +696,11 @@ mod tests {
             Some("rojo=00f067aa0ba902b7,congo=t61rcWkgMzE")
         );
         assert_eq!(h.len(), 2, "no B3 headers added: {h:?}");
+        assert!(
+            h["traceparent"].is_sensitive(),
+            "new per request: never indexed"
+        );
+        assert!(!h["tracestate"].is_sensitive(), "passed on as it came");
         // Unknown flags are not propagated; version is ours.
         let mut h = headers(&[("traceparent", &format!("42-{TRACE}-{SPAN}-fc-extra"))]);
         let ex = extract(&h);
