@@ -347,6 +347,10 @@ pub async fn run(cfg: NodeConfig) -> anyhow::Result<()> {
     node.ready.store(true, Ordering::Release);
     info!(node = %cfg.node_name, proxy = %proxy_addr, hbone = %hbone_addr, cgroup_root = %cfg.cgroup_root.display(),
         admin_socket = %cfg.admin_socket.display(), admin_address = %cfg.admin_address, "weft node ready");
+    // What starting up let go of (the kernel's BTF, read to load the eBPF object; the first
+    // registry build) was freed on this thread, which no runtime's park hook visits: handed
+    // back now, and by every control-plane thread as it next parks.
+    crate::memory::release();
 
     // This node serves: the predecessor, if any, stops accepting and drains; then the next
     // node can take over from this one.
