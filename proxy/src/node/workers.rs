@@ -6,8 +6,8 @@
 //! Each address is listened on by a group of sockets, one per worker (`SO_REUSEPORT`, as Envoy
 //! and nginx's `reuseport` do): the kernel hashes each new connection to one socket, and only
 //! that socket's worker wakes for it. A single socket all workers waited on woke every idle
-//! worker for every connection, all but one to find nothing (0.8 failed `accept4` per
-//! connection on two workers).
+//! worker's epoll for every connection (tokio does not use `EPOLLEXCLUSIVE`), all but one to
+//! find nothing: a cost that grows with the number of workers.
 
 use std::net::SocketAddr;
 use std::sync::Arc;
