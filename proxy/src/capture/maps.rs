@@ -290,6 +290,23 @@ struct ElemAttr {
     flags: u64,
 }
 
+/// `bpf(2)` with `attr` as its attribute block: its result, or -1 with `errno` set.
+///
+/// # Safety
+/// Every pointer in `attr` must be valid for what `cmd` reads and writes through it.
+unsafe fn sys_bpf<A>(cmd: libc::c_long, attr: &A) -> libc::c_long {
+    // SAFETY: the caller vouches for the pointers in `attr`; the kernel reads `size_of::<A>()`
+    // bytes of it.
+    unsafe {
+        libc::syscall(
+            libc::SYS_bpf,
+            cmd,
+            attr as *const A,
+            std::mem::size_of::<A>() as libc::c_uint,
+        )
+    }
+}
+
 /// One element command on the map `fd` with `key`: the value it returned (lookups), `None`
 /// where the key is not in the map. aya keeps `BPF_MAP_LOOKUP_AND_DELETE_ELEM` to queues and
 /// stacks; the kernel does it for hash maps too.
@@ -313,14 +330,7 @@ fn bpf_elem<K: Copy, V: Copy>(
     // SAFETY: `attr` points at a key of the map's key size and room for a value of its value
     // size (the map was opened with these types, which aya checks); the kernel reads the key
     // and writes the value before returning.
-    let r = unsafe {
-        libc::syscall(
-            libc::SYS_bpf,
-            cmd,
-            &attr as *const ElemAttr,
-            std::mem::size_of::<ElemAttr>() as libc::c_uint,
-        )
-    };
+    let r = unsafe { sys_bpf(cmd, &attr) };
     if r < 0 {
         let e = io::Error::last_os_error();
         return match e.raw_os_error() {
@@ -393,14 +403,7 @@ mod tests {
             map_flags: 0,
         };
         // SAFETY: BPF_MAP_CREATE reads `attr`; it returns a new descriptor or -1.
-        let fd = unsafe {
-            libc::syscall(
-                libc::SYS_bpf,
-                0,
-                &attr as *const CreateAttr,
-                std::mem::size_of::<CreateAttr>() as libc::c_uint,
-            )
-        };
+        let fd = unsafe { sys_bpf(0, &attr) };
         assert!(fd >= 0, "BPF_MAP_CREATE: {}", io::Error::last_os_error());
         // SAFETY: a descriptor the kernel just returned, owned by nobody else.
         unsafe { <std::os::fd::OwnedFd as std::os::fd::FromRawFd>::from_raw_fd(fd as i32) }
@@ -415,14 +418,7 @@ mod tests {
             flags: 0,
         };
         // SAFETY: BPF_MAP_UPDATE_ELEM reads a key and a value of the map's sizes.
-        let r = unsafe {
-            libc::syscall(
-                libc::SYS_bpf,
-                2,
-                &attr as *const ElemAttr,
-                std::mem::size_of::<ElemAttr>() as libc::c_uint,
-            )
-        };
+        let r = unsafe { sys_bpf(2, &attr) };
         assert_eq!(r, 0, "BPF_MAP_UPDATE_ELEM: {}", io::Error::last_os_error());
     }
 
