@@ -374,6 +374,14 @@ async fn tunnel_bytes_both_ways_with_half_close() {
     assert_eq!(stats.connections, 1);
 }
 
+/// A client connection as the capture path holds it: `app` is the application's end.
+async fn client_pair() -> (TcpStream, TcpStream) {
+    let l = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let app = TcpStream::connect(l.local_addr().unwrap()).await.unwrap();
+    let (proxied, _) = l.accept().await.unwrap();
+    (app, proxied)
+}
+
 #[tokio::test]
 async fn first_bytes_go_with_the_connect_and_refused_ones_are_dropped() {
     let s = setup().await;
@@ -393,26 +401,21 @@ async fn first_bytes_go_with_the_connect_and_refused_ones_are_dropped() {
 
     // Refused with its first bytes on the way: the refusal is what the client gets, and the
     // connection carries the next stream.
+    let (mut app, proxied) = client_pair().await;
+    app.write_all(b"GET / HTTP/1.1\r\n\r\n").await.unwrap();
     let e = pool
-        .connect_early(
-            hbone(&s.src, &s.dst, node_addr, denied_target),
-            bytes::Bytes::from_static(b"GET / HTTP/1.1\r\n\r\n"),
-        )
+        .connect_for(hbone(&s.src, &s.dst, node_addr, denied_target), &proxied)
         .await
         .unwrap_err();
     assert!(e.is_denied(), "{e}");
 
-    // Accepted: the target answers what came with the CONNECT before the client wrote anything.
+    // Accepted: the target answers what the client wrote before the tunnel was asked for.
+    let (mut app, proxied) = client_pair().await;
+    app.write_all(b"early").await.unwrap();
     let tunnel = pool
-        .connect_early(
-            hbone(&s.src, &s.dst, node_addr, echo),
-            bytes::Bytes::from_static(b"early"),
-        )
+        .connect_for(hbone(&s.src, &s.dst, node_addr, echo), &proxied)
         .await
         .unwrap();
-    let l = TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let mut app = TcpStream::connect(l.local_addr().unwrap()).await.unwrap();
-    let (proxied, _) = l.accept().await.unwrap();
     let relay = tokio::spawn(tunnel.relay(proxied));
     let mut got = [0u8; 5];
     app.read_exact(&mut got).await.unwrap();
@@ -432,6 +435,69 @@ async fn first_bytes_go_with_the_connect_and_refused_ones_are_dropped() {
     assert_eq!(delivered.1.bytes_to_target, 14);
     let stats = pool.stats();
     assert_eq!(stats.connections_opened_total, 1, "one connection for both");
+}
+
+/// A destination node that answers a `CONNECT` only once the stream's first bytes are in, then
+/// echoes: a client that held its bytes back until the answer would wait for ever.
+async fn node_answering_after_first_bytes(identity: Arc<IdentityManager>) -> SocketAddr {
+    let l = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = l.local_addr().unwrap();
+    let acceptor = tokio_rustls::TlsAcceptor::from(identity.server_config());
+    tokio::spawn(async move {
+        let (tcp, _) = l.accept().await.unwrap();
+        let tls = acceptor.accept(tcp).await.unwrap();
+        let mut conn = h2::server::handshake(tls).await.unwrap();
+        while let Some(Ok((request, mut respond))) = conn.accept().await {
+            tokio::spawn(async move {
+                let mut body = request.into_body();
+                let mut answer = None;
+                while let Some(Ok(data)) = body.data().await {
+                    let _ = body.flow_control().release_capacity(data.len());
+                    let send = answer.get_or_insert_with(|| {
+                        respond
+                            .send_response(http::Response::new(()), false)
+                            .unwrap()
+                    });
+                    send.send_data(data, false).unwrap();
+                }
+                if let Some(mut send) = answer {
+                    let _ = send.send_data(bytes::Bytes::new(), true);
+                }
+            });
+        }
+    });
+    addr
+}
+
+#[tokio::test]
+async fn what_the_client_sends_before_the_answer_follows_the_connect() {
+    let s = setup().await;
+    let node = node_answering_after_first_bytes(s.server.clone()).await;
+    let pool = s.pool();
+    let (mut app, proxied) = client_pair().await;
+    let connect = pool.connect_for(hbone(&s.src, &s.dst, node, s.echo), &proxied);
+    let write_later = async {
+        // Once the `CONNECT` has left with nothing behind it.
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        app.write_all(b"first").await.unwrap();
+    };
+    let (tunnel, ()) = tokio::join!(
+        tokio::time::timeout(Duration::from_secs(5), connect),
+        write_later
+    );
+    let tunnel = tunnel
+        .expect("the client's bytes waited for the CONNECT's answer")
+        .unwrap();
+    let relay = tokio::spawn(tunnel.relay(proxied));
+    let mut got = [0u8; 5];
+    app.read_exact(&mut got).await.unwrap();
+    assert_eq!(&got, b"first");
+    assert_eq!(echo_round_trip(&mut app, b"then more").await, b"then more");
+    app.shutdown().await.unwrap();
+    let mut rest = Vec::new();
+    app.read_to_end(&mut rest).await.unwrap();
+    let relayed = relay.await.unwrap();
+    assert_eq!((relayed.sent, relayed.received), (14, 14), "{relayed:?}");
 }
 
 #[tokio::test]
@@ -1665,11 +1731,21 @@ async fn refused_streams_are_retried_on_a_fresh_connection() {
             }
         });
         let pool = s.pool();
-        let mut t = pool
-            .connect(hbone(&s.src, &s.dst, front_addr, s.echo))
+        // The client's first bytes went with the refused stream: they go again with the retry.
+        let (mut app, proxied) = client_pair().await;
+        app.write_all(b"first, ").await.unwrap();
+        let t = pool
+            .connect_for(hbone(&s.src, &s.dst, front_addr, s.echo), &proxied)
             .await
             .unwrap_or_else(|e| panic!("goaway={goaway}: {e}"));
-        assert_eq!(echo_round_trip(&mut t, b"retried").await, b"retried");
+        let _relay = tokio::spawn(t.relay(proxied));
+        app.write_all(b"retried").await.unwrap();
+        let mut got = [0u8; 14];
+        tokio::time::timeout(Duration::from_secs(5), app.read_exact(&mut got))
+            .await
+            .expect("the first bytes were lost with the refused stream")
+            .unwrap();
+        assert_eq!(&got, b"first, retried", "goaway={goaway}");
         let stats = pool.stats();
         assert_eq!(stats.streams_retried_total, 1, "goaway={goaway}: {stats:?}");
         assert_eq!(

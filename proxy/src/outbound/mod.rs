@@ -348,7 +348,7 @@ impl Outbound {
                 return;
             }
             Action::Tunnel(hbone) => {
-                match self.pool.connect_early(hbone, early_bytes(&client)).await {
+                match self.pool.connect_for(hbone, &client).await {
                     Ok(tunnel) => {
                         let cut = self.inputs.draining.cut();
                         record
@@ -448,20 +448,6 @@ fn fill(record: &mut ConnectionRecord, plan: &Plan) {
     }
     if matches!(plan.action, Action::DeliverLocal { .. }) {
         record.delivered_here();
-    }
-}
-
-/// At most this much of a client's first bytes goes out with its `CONNECT`: a request head,
-/// a TLS ClientHello.
-const EARLY_BYTES: usize = 16 << 10;
-
-/// What the client has sent already (nothing if it has not: no waiting), read to go out with
-/// the tunnel's `CONNECT` ([`Pool::connect_early`]).
-fn early_bytes(client: &TcpStream) -> bytes::Bytes {
-    let mut buf = bytes::BytesMut::with_capacity(EARLY_BYTES);
-    match client.try_read_buf(&mut buf) {
-        Ok(n) if n > 0 => buf.freeze(),
-        _ => bytes::Bytes::new(),
     }
 }
 

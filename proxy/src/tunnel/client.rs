@@ -186,7 +186,7 @@ impl TunnelError {
 pub struct Tunnel {
     stream: Stream,
     info: Arc<ConnectionInfo>,
-    /// Bytes sent right behind the `CONNECT` ([`Pool::connect_early`]).
+    /// Bytes sent ahead of the `CONNECT`'s answer ([`Pool::connect_for`]).
     early: u64,
     _slot: Slot,
 }
@@ -400,17 +400,23 @@ impl Pool {
 
     /// Opens a tunnel: a `CONNECT` stream on a pooled (or new) connection, answered 200.
     pub async fn connect(&self, req: Hbone) -> Result<Tunnel, TunnelError> {
-        self.connect_early(req, Bytes::new()).await
+        self.open(req, None).await
     }
 
-    /// [`Pool::connect`], with the client's first bytes (`early`, already read from it) sent
-    /// right behind the `CONNECT`, in the same write, instead of a round trip later once the
-    /// answer is in: HTTP/2 lets a stream's DATA follow its HEADERS at once, and the
-    /// destination node reads them only once it has connected to the pod (refused, they are
-    /// dropped with the stream). A request/response protocol's first answer then comes one
-    /// node-to-node round trip sooner. Sent again if the `CONNECT` is retried on another
-    /// connection (it was not processed); counted in the relay's `sent`.
-    pub async fn connect_early(&self, req: Hbone, early: Bytes) -> Result<Tunnel, TunnelError> {
+    /// [`Pool::connect`] for `client`'s connection, whose bytes follow the `CONNECT` without
+    /// waiting for its answer: what the client has sent already goes in the same write as the
+    /// `HEADERS`, and what it sends while the answer is on its way goes as it comes (HTTP/2
+    /// lets a stream's DATA follow its HEADERS at once; the destination node reads them only
+    /// once it has connected to the pod, and drops them with the stream if it refuses it). A
+    /// request/response protocol's first answer then comes a node-to-node round trip sooner,
+    /// whenever the client writes first. At most [`EARLY_BYTES`] go ahead of the answer; they
+    /// are kept, and sent again if the `CONNECT` is retried on another connection (it was not
+    /// processed). Counted in the relay's `sent`.
+    pub async fn connect_for(&self, req: Hbone, client: &TcpStream) -> Result<Tunnel, TunnelError> {
+        self.open(req, Some(client)).await
+    }
+
+    async fn open(&self, req: Hbone, client: Option<&TcpStream>) -> Result<Tunnel, TunnelError> {
         // A connection authenticated as an identity that has left this node carries no more
         // streams.
         if !self.inner.identity.is_local(&req.source) {
@@ -430,6 +436,7 @@ impl Pool {
                 .as_ref()
                 .map(|_| req.forwarded_for),
         };
+        let mut early = Early::new(client);
         let mut last = None;
         for attempt in 0..ATTEMPTS {
             let fresh = attempt > 0;
@@ -447,13 +454,13 @@ impl Pool {
                 // Closed before it could be used: try a fresh one.
                 Err(None) => continue,
             };
-            match self.open_stream(&ready, &req, &early).await {
+            match self.open_stream(&ready, &req, &mut early).await {
                 Ok((send, recv)) => {
                     inc(&self.inner.telemetry.hbone_client.streams_opened);
                     return Ok(Tunnel {
                         stream: Stream::new(send, recv),
                         info: ready.info.clone(),
-                        early: early.len() as u64,
+                        early: early.sent,
                         _slot: slot,
                     });
                 }
@@ -577,7 +584,7 @@ impl Pool {
         &self,
         ready: &Ready,
         req: &Hbone,
-        early: &Bytes,
+        early: &mut Early<'_>,
     ) -> Result<(h2::SendStream<Bytes>, h2::RecvStream), Open> {
         let node = req.node;
         let h2_err = |e: h2::Error| {
@@ -606,11 +613,28 @@ impl Pool {
             })?;
         let exchange = async {
             let mut send = ready.send.clone().ready().await.map_err(h2_err)?;
+            early.read_now();
             let (response, mut stream) = send.send_request(request, false).map_err(h2_err)?;
-            if !early.is_empty() {
-                stream.send_data(early.clone(), false).map_err(h2_err)?;
+            for chunk in &early.chunks {
+                stream.send_data(chunk.clone(), false).map_err(h2_err)?;
             }
-            let response = response.await.map_err(h2_err)?;
+            // While the answer is on its way, what the client sends follows.
+            let mut response = std::pin::pin!(response);
+            let response = loop {
+                let Some(client) = early.open() else {
+                    break response.await;
+                };
+                tokio::select! {
+                    biased;
+                    answer = &mut response => break answer,
+                    Ok(()) = client.readable() => {
+                        if let Some(chunk) = early.read_now() {
+                            stream.send_data(chunk, false).map_err(h2_err)?;
+                        }
+                    }
+                }
+            }
+            .map_err(h2_err)?;
             Ok::<_, Open>((response, stream))
         };
         let (response, stream) = tokio::time::timeout(timeout, exchange)
@@ -631,6 +655,57 @@ impl Pool {
             }));
         }
         Ok((stream, response.into_body()))
+    }
+}
+
+/// At most this much of a client's bytes goes ahead of its `CONNECT`'s answer: a request
+/// head, a TLS ClientHello; the rest waits for the answer.
+pub const EARLY_BYTES: usize = 16 << 10;
+
+/// A client's bytes read before its `CONNECT` is answered ([`Pool::connect_for`]).
+struct Early<'a> {
+    /// Read from while there is room and it has neither ended nor failed.
+    client: Option<&'a TcpStream>,
+    /// What was read, in order: sent again on a retried `CONNECT`.
+    chunks: Vec<Bytes>,
+    sent: u64,
+}
+
+impl<'a> Early<'a> {
+    fn new(client: Option<&'a TcpStream>) -> Early<'a> {
+        Early {
+            client,
+            chunks: Vec::new(),
+            sent: 0,
+        }
+    }
+
+    /// The client, while more of its bytes may go ahead.
+    fn open(&self) -> Option<&'a TcpStream> {
+        self.client
+    }
+
+    /// What the client has sent and no earlier call read, without waiting (`None`: nothing
+    /// yet). Its end or an error stops the reading: the relay finds them again.
+    fn read_now(&mut self) -> Option<Bytes> {
+        let client = self.client?;
+        let mut buf = bytes::BytesMut::with_capacity(EARLY_BYTES - self.sent as usize);
+        match client.try_read_buf(&mut buf) {
+            Ok(n) if n > 0 => {
+                let chunk = buf.freeze();
+                self.sent += n as u64;
+                if self.sent as usize == EARLY_BYTES {
+                    self.client = None;
+                }
+                self.chunks.push(chunk.clone());
+                Some(chunk)
+            }
+            Err(e) if e.kind() == io::ErrorKind::WouldBlock => None,
+            _ => {
+                self.client = None;
+                None
+            }
+        }
     }
 }
 
