@@ -85,8 +85,9 @@ pub struct Keepalive {
     pub interval: Option<Duration>,
 }
 
-/// TCP keepalive on every socket weft accepts or opens, so that a peer that vanished (a node
-/// powered off, a pod's network torn down) is found even when nothing is being sent:
+/// TCP keepalive on every socket weft accepts or opens (but one to an address of its own
+/// namespace: [`keepalive_for`]), so that a peer that vanished (a node powered off, a pod's
+/// network torn down) is found even when nothing is being sent:
 /// ztunnel's values, a first probe after 180 s without traffic, then one every 180 s, and the
 /// connection dropped after 9 unanswered (about half an hour). The kernel's own defaults
 /// (2 h, then 9 × 75 s) would hold a dead peer's descriptors for over two hours.
@@ -161,7 +162,8 @@ impl Connector {
     }
 
     /// Connects to `target` for `on_behalf`, with `TCP_NODELAY` set (the proxy relays what it
-    /// reads at once; batching is the endpoints' business) and [`KEEPALIVE`].
+    /// reads at once; batching is the endpoints' business) and [`KEEPALIVE`] where it can
+    /// find anything ([`keepalive_for`]).
     pub async fn connect(
         &self,
         on_behalf: OnBehalfOf<'_>,
@@ -180,7 +182,7 @@ impl Connector {
     ) -> Result<TcpStream, ConnectError> {
         trace!(%target, on_behalf = %on_behalf, "connecting");
         let timeout = timeout.unwrap_or(self.timeout);
-        let (socket, bound) = self.socket(on_behalf, target)?;
+        let (socket, bound, here) = self.socket(on_behalf, target)?;
         let stream = match (&self.deliveries, target) {
             (Some(deliveries), SocketAddr::V4(v4)) if deliveries.wanted(v4) => {
                 if !bound {
@@ -200,12 +202,15 @@ impl Connector {
                 .map_err(|_| ConnectError::TimedOut(timeout))??,
         };
         let _ = stream.set_nodelay(true);
-        set_keepalive(&stream, keepalive.unwrap_or(KEEPALIVE))?;
+        if let Some(keepalive) = keepalive_for(here, keepalive) {
+            set_keepalive(&stream, keepalive)?;
+        }
         Ok(stream)
     }
 
-    /// The socket for a connection to `target` on behalf of `on_behalf`, and whether it is
-    /// bound already:
+    /// The socket for a connection to `target` on behalf of `on_behalf`, whether it is bound
+    /// already, and whether `target` is an address of the namespace the socket is made in
+    /// (loopback, or the pod's own):
     /// - a pod of this node: in its network namespace (its address);
     /// - a workload of another node with a verified address, to a pod of this node: in the
     ///   destination pod's namespace, bound to the caller's address (`IP_TRANSPARENT`), so the
@@ -215,12 +220,14 @@ impl Connector {
         &self,
         on_behalf: OnBehalfOf<'_>,
         target: SocketAddr,
-    ) -> io::Result<(tokio::net::TcpSocket, bool)> {
+    ) -> io::Result<(tokio::net::TcpSocket, bool, bool)> {
+        let looped = target.ip().is_loopback();
         if let Some(networks) = &self.networks {
             match (on_behalf, target) {
                 (OnBehalfOf::Pod(pod), _) => {
                     if let Some(ns) = pod.ip.and_then(|ip| networks.of_pod(ip)) {
-                        return Ok((ns.tcp_socket(target.is_ipv4())?, false));
+                        let own = pod.ip == Some(target.ip());
+                        return Ok((ns.tcp_socket(target.is_ipv4())?, false, looped || own));
                     }
                 }
                 (
@@ -232,7 +239,7 @@ impl Connector {
                 ) => {
                     if let Some(ns) = networks.of_pod(IpAddr::V4(*v4.ip())) {
                         match ns.prepare_transparent() {
-                            Ok(()) => return Ok((ns.transparent_socket(source)?, true)),
+                            Ok(()) => return Ok((ns.transparent_socket(source)?, true, true)),
                             Err(e) => {
                                 debug!(%target, error = %e, "no transparent delivery: from the node");
                             }
@@ -247,7 +254,22 @@ impl Connector {
         } else {
             tokio::net::TcpSocket::new_v6()?
         };
-        Ok((socket, false))
+        Ok((socket, false, looped))
+    }
+}
+
+/// The keepalive an upstream socket is given: what a DestinationRule asked for, always;
+/// otherwise [`KEEPALIVE`], unless the target is an address of the namespace the socket is
+/// made in (`here`). Such a peer is this kernel's, reached over the namespace's loopback, and
+/// cannot vanish silently: its end is closed, and the FIN or RST sent, when its process exits
+/// or is killed, and the namespace lives on while weft's socket holds it. Probes would find
+/// nothing, and the four `setsockopt(2)` calls are spared on every connection delivered to a
+/// pod from another node.
+fn keepalive_for(here: bool, asked: Option<Keepalive>) -> Option<Keepalive> {
+    match asked {
+        Some(asked) => Some(asked),
+        None if here => None,
+        None => Some(KEEPALIVE),
     }
 }
 
@@ -267,6 +289,19 @@ mod tests {
         assert!(matches!(e, ConnectError::Io(_)), "{e}");
     }
 
+    #[test]
+    fn keepalive_unless_the_peer_is_in_the_same_namespace_or_a_rule_asks() {
+        let ruled = Keepalive {
+            probes: Some(3),
+            time: None,
+            interval: None,
+        };
+        assert_eq!(keepalive_for(false, None), Some(KEEPALIVE));
+        assert_eq!(keepalive_for(true, None), None);
+        assert_eq!(keepalive_for(true, Some(ruled)), Some(ruled));
+        assert_eq!(keepalive_for(false, Some(ruled)), Some(ruled));
+    }
+
     #[tokio::test]
     async fn every_socket_has_keepalive_and_accepted_ones_inherit_it() {
         let l = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
@@ -275,17 +310,20 @@ mod tests {
         let c = Connector::new(Duration::from_secs(2));
         let opened = c.connect(OnBehalfOf::Unidentified, addr).await.unwrap();
         let (accepted, _) = l.accept().await.unwrap();
-        for s in [&opened, &accepted] {
-            assert!(s.nodelay().unwrap(), "no Nagle delay, set or inherited");
-            let s = socket2::SockRef::from(s);
-            assert!(s.keepalive().unwrap());
-            assert_eq!(s.tcp_keepalive_time().unwrap(), Duration::from_secs(180));
-            assert_eq!(
-                s.tcp_keepalive_interval().unwrap(),
-                Duration::from_secs(180)
-            );
-            assert_eq!(s.tcp_keepalive_retries().unwrap(), 9);
-        }
+        assert!(opened.nodelay().unwrap(), "no Nagle delay");
+        assert!(
+            !socket2::SockRef::from(&opened).keepalive().unwrap(),
+            "a peer over loopback cannot vanish silently: no probes"
+        );
+        assert!(accepted.nodelay().unwrap(), "inherited");
+        let s = socket2::SockRef::from(&accepted);
+        assert!(s.keepalive().unwrap());
+        assert_eq!(s.tcp_keepalive_time().unwrap(), Duration::from_secs(180));
+        assert_eq!(
+            s.tcp_keepalive_interval().unwrap(),
+            Duration::from_secs(180)
+        );
+        assert_eq!(s.tcp_keepalive_retries().unwrap(), 9);
         // A DestinationRule's field wins; the ones it leaves out are weft's.
         let ruled = c
             .connect_with(
