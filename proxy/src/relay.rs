@@ -331,7 +331,7 @@ const COPY_BUFFER: usize = 16 << 10;
 /// One `recv(2)` from `src` into `buf`. A read shorter than `buf` drained the socket (as
 /// tokio's own reads assume under edge-triggered epoll): its readiness is cleared with it, so
 /// the next wait goes to epoll instead of costing a `recv(2)` that finds nothing.
-fn read_drained(src: &TcpStream, buf: &mut [u8]) -> io::Result<usize> {
+pub(crate) fn read_drained(src: &TcpStream, buf: &mut [u8]) -> io::Result<usize> {
     let mut short = None;
     let r = src.try_io(Interest::READABLE, || {
         let n = nix::sys::socket::recv(src.as_raw_fd(), buf, nix::sys::socket::MsgFlags::empty())

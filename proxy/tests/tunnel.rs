@@ -501,6 +501,33 @@ async fn what_the_client_sends_before_the_answer_follows_the_connect() {
 }
 
 #[tokio::test]
+async fn a_first_message_longer_than_what_goes_ahead_arrives_whole_and_in_order() {
+    let s = setup().await;
+    let node = node_answering_after_first_bytes(s.server.clone()).await;
+    let pool = s.pool();
+    let (mut app, proxied) = client_pair().await;
+    // More than goes ahead of the answer, read a few KiB at a time; the rest waits for it.
+    let data = payload(weft::tunnel::client::EARLY_BYTES + 5_000);
+    app.write_all(&data).await.unwrap();
+    let tunnel = tokio::time::timeout(
+        Duration::from_secs(5),
+        pool.connect_for(hbone(&s.src, &s.dst, node, s.echo), &proxied),
+    )
+    .await
+    .unwrap()
+    .unwrap();
+    let relay = tokio::spawn(tunnel.relay(proxied));
+    let mut got = vec![0u8; data.len()];
+    app.read_exact(&mut got).await.unwrap();
+    assert!(got == data, "bytes lost or out of order");
+    app.shutdown().await.unwrap();
+    let mut rest = Vec::new();
+    app.read_to_end(&mut rest).await.unwrap();
+    let relayed = relay.await.unwrap();
+    assert_eq!(relayed.sent, data.len() as u64, "{relayed:?}");
+}
+
+#[tokio::test]
 async fn relay_passes_half_close_from_the_target() {
     // The target greets, half-closes, then reads what the client says until EOF.
     let s = setup().await;

@@ -662,6 +662,10 @@ impl Pool {
 /// head, a TLS ClientHello; the rest waits for the answer.
 pub const EARLY_BYTES: usize = 16 << 10;
 
+/// What one readiness of the client is read with before the answer: a request head, a TLS
+/// ClientHello; more is read on the next turn.
+const EARLY_READ: usize = 4 << 10;
+
 /// A client's bytes read before its `CONNECT` is answered ([`Pool::connect_for`]).
 struct Early<'a> {
     /// Read from while there is room and it has neither ended nor failed.
@@ -686,13 +690,16 @@ impl<'a> Early<'a> {
     }
 
     /// What the client has sent and no earlier call read, without waiting (`None`: nothing
-    /// yet). Its end or an error stops the reading: the relay finds them again.
+    /// yet), at most [`EARLY_READ`] at a time. Its end or an error stops the reading: the
+    /// relay finds them again.
     fn read_now(&mut self) -> Option<Bytes> {
         let client = self.client?;
-        let mut buf = bytes::BytesMut::with_capacity(EARLY_BYTES - self.sent as usize);
-        match client.try_read_buf(&mut buf) {
+        let mut buf = [0u8; EARLY_READ];
+        let room = EARLY_READ.min(EARLY_BYTES - self.sent as usize);
+        // A short read leaves the socket's readiness cleared: the next wait goes to epoll.
+        match crate::relay::read_drained(client, &mut buf[..room]) {
             Ok(n) if n > 0 => {
-                let chunk = buf.freeze();
+                let chunk = Bytes::copy_from_slice(&buf[..n]);
                 self.sent += n as u64;
                 if self.sent as usize == EARLY_BYTES {
                     self.client = None;
