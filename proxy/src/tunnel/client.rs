@@ -865,7 +865,7 @@ async fn dial(
     };
     let connected = match netns {
         Some(ns) => match ns.tcp_socket(node.is_ipv4()) {
-            Ok(socket) => socket.connect(node).await,
+            Ok(socket) => crate::upstream::connect(socket, node).await,
             Err(e) => Err(e),
         },
         None => TcpStream::connect(node).await,

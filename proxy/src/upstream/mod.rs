@@ -30,10 +30,11 @@ pub mod tls;
 use std::fmt;
 use std::io;
 use std::net::{IpAddr, SocketAddr, SocketAddrV4};
-use std::os::fd::AsFd;
+use std::os::fd::{AsFd, FromRawFd, IntoRawFd};
 use std::sync::Arc;
 use std::time::Duration;
 
+use tokio::io::Interest;
 use tokio::net::TcpStream;
 use tracing::{debug, trace, warn};
 
@@ -193,11 +194,11 @@ impl Connector {
                     // A STRICT pod will drop it; anything else is unaffected.
                     warn!(%target, error = %format!("{e:#}"), "cannot announce a delivery");
                 }
-                let connected = tokio::time::timeout(timeout, socket.connect(target)).await;
+                let connected = tokio::time::timeout(timeout, connect(socket, target)).await;
                 deliveries.delivered(port, v4);
                 connected.map_err(|_| ConnectError::TimedOut(timeout))??
             }
-            _ => tokio::time::timeout(timeout, socket.connect(target))
+            _ => tokio::time::timeout(timeout, connect(socket, target))
                 .await
                 .map_err(|_| ConnectError::TimedOut(timeout))??,
         };
@@ -258,6 +259,31 @@ impl Connector {
     }
 }
 
+/// Connects `socket` to `target`. What tokio's `TcpSocket::connect` does, but for the
+/// `getsockopt(SO_ERROR)` it makes once the socket is writable, on every connection: epoll's
+/// own answer tells a failed connection (`EPOLLERR`, `EPOLLHUP`: closed for writing), and the
+/// error is read only then. One system call fewer per connection.
+pub(crate) async fn connect(
+    socket: tokio::net::TcpSocket,
+    target: SocketAddr,
+) -> io::Result<TcpStream> {
+    match socket2::SockRef::from(&socket).connect(&target.into()) {
+        Ok(()) => {}
+        Err(e) if e.raw_os_error() == Some(nix::libc::EINPROGRESS) => {}
+        Err(e) => return Err(e),
+    }
+    // SAFETY: the descriptor is `socket`'s, given up by `into_raw_fd`, so owned once.
+    let std = unsafe { std::net::TcpStream::from_raw_fd(socket.into_raw_fd()) };
+    let stream = TcpStream::from_std(std)?;
+    let ready = stream.ready(Interest::WRITABLE).await?;
+    if ready.is_write_closed() {
+        return Err(stream
+            .take_error()?
+            .unwrap_or_else(|| io::ErrorKind::ConnectionRefused.into()));
+    }
+    Ok(stream)
+}
+
 /// The keepalive an upstream socket is given: what a DestinationRule asked for, always;
 /// otherwise [`KEEPALIVE`], unless the target is an address of the namespace the socket is
 /// made in (`here`). Such a peer is this kernel's, reached over the namespace's loopback, and
@@ -286,7 +312,10 @@ mod tests {
         assert!(s.nodelay().unwrap());
         drop(l);
         let e = c.connect(OnBehalfOf::Unidentified, addr).await.unwrap_err();
-        assert!(matches!(e, ConnectError::Io(_)), "{e}");
+        assert!(
+            matches!(&e, ConnectError::Io(io) if io.kind() == io::ErrorKind::ConnectionRefused),
+            "{e}"
+        );
     }
 
     #[test]
