@@ -73,18 +73,30 @@ pub async fn relay_bounded(
     close: impl Future<Output = String>,
     idle_timeout: Option<Duration>,
 ) -> Relayed {
+    relay_between(&client, &upstream, stop, close, idle_timeout).await
+}
+
+/// [`relay_bounded`] between sockets the caller keeps (and closes once it returns), so that
+/// `stop` may borrow them too.
+pub async fn relay_between(
+    client: &TcpStream,
+    upstream: &TcpStream,
+    stop: impl Future<Output = String>,
+    close: impl Future<Output = String>,
+    idle_timeout: Option<Duration>,
+) -> Relayed {
     // Counted as bytes move, so a direction that is cut short still reports what it moved.
     let (sent, received) = (AtomicU64::new(0), AtomicU64::new(0));
     let ends = Ends::default();
-    let up = pump(&client, &upstream, &sent, &ends);
-    let down = pump(&upstream, &client, &received, &ends);
+    let up = pump(client, upstream, &sent, &ends);
+    let down = pump(upstream, client, &received, &ends);
     let idle = either(close, idle(&sent, &received, idle_timeout));
     // Reading ends on both sockets: each direction then passes a half-close on, as if its peer
     // had closed, and the relay ends the way a finished one does.
     let close = || {
         ends.closing.store(true, Ordering::Relaxed);
-        shutdown_read(&client);
-        shutdown_read(&upstream);
+        shutdown_read(client);
+        shutdown_read(upstream);
     };
     let ending = both_ways(
         up,
@@ -98,8 +110,8 @@ pub async fn relay_bounded(
     .await;
     if let Ending::Failed(_) = ending {
         // Abort: both peers see a reset rather than a clean close.
-        reset(&client);
-        reset(&upstream);
+        reset(client);
+        reset(upstream);
     }
     Relayed {
         sent: sent.load(Ordering::Relaxed),

@@ -47,7 +47,7 @@ use crate::l7::sniff::{sniff, Sniffed};
 use crate::limits::Slot;
 use crate::policy::{deny_message, PolicySet};
 use crate::registry::{Resolved, Snapshot};
-use crate::relay::{relay_bounded, reset};
+use crate::relay::{either, relay_between, reset};
 use crate::telemetry::istio::Reporter;
 use crate::telemetry::ConnectionRecord;
 use crate::tunnel::client::Pool;
@@ -377,22 +377,33 @@ impl Outbound {
             Action::DeliverLocal { target } => (target, true),
             Action::Passthrough { target } => (target, false),
         };
-        match self.inputs.connector.connect(on_behalf, target).await {
-            Ok(upstream) if local => {
+        match self
+            .inputs
+            .connector
+            .connect_relayed(on_behalf, target)
+            .await
+        {
+            Ok((upstream, keepalive)) if local => {
                 // This node authorized it: when the policies change so that it would not be
                 // authorized now, it is closed (the client's next connection is decided anew).
                 let revoked = self.revoked(&plan.source, target, policy_changes);
+                let stop = either(revoked, keepalive.arm(&upstream));
                 let cut = self.inputs.draining.cut();
                 record
-                    .relay(relay_bounded(client, upstream, revoked, cut, idle))
+                    .relay(relay_between(&client, &upstream, stop, cut, idle))
                     .await;
                 record.finish(Verdict::Forwarded, None::<&str>);
             }
-            Ok(upstream) => {
+            Ok((upstream, keepalive)) => {
                 let cut = self.inputs.draining.cut();
-                let never = std::future::pending();
                 record
-                    .relay(relay_bounded(client, upstream, never, cut, idle))
+                    .relay(relay_between(
+                        &client,
+                        &upstream,
+                        keepalive.arm(&upstream),
+                        cut,
+                        idle,
+                    ))
                     .await;
                 record.finish(Verdict::Forwarded, None::<&str>);
             }

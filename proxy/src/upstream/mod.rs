@@ -181,6 +181,36 @@ impl Connector {
         timeout: Option<Duration>,
         keepalive: Option<Keepalive>,
     ) -> Result<TcpStream, ConnectError> {
+        let (stream, owed) = self.open(on_behalf, target, timeout, keepalive).await?;
+        if let Some(keepalive) = owed {
+            set_keepalive(&stream, keepalive)?;
+        }
+        Ok(stream)
+    }
+
+    /// [`Connector::connect`] for a connection to be relayed: [`KEEPALIVE`] is left to
+    /// [`KeepaliveLater::arm`], which sets it only on a relay that lasts
+    /// [`KEEPALIVE_AFTER`]. Most relayed connections end sooner, and never pay the four
+    /// `setsockopt(2)` calls; a peer that vanishes is still found, at most
+    /// [`KEEPALIVE_AFTER`] later than it would have been.
+    pub async fn connect_relayed(
+        &self,
+        on_behalf: OnBehalfOf<'_>,
+        target: SocketAddr,
+    ) -> Result<(TcpStream, KeepaliveLater), ConnectError> {
+        let (stream, owed) = self.open(on_behalf, target, None, None).await?;
+        Ok((stream, KeepaliveLater(owed)))
+    }
+
+    /// A connection to `target`, with `TCP_NODELAY`, and the keepalive it is owed
+    /// ([`keepalive_for`]), not set yet.
+    async fn open(
+        &self,
+        on_behalf: OnBehalfOf<'_>,
+        target: SocketAddr,
+        timeout: Option<Duration>,
+        keepalive: Option<Keepalive>,
+    ) -> Result<(TcpStream, Option<Keepalive>), ConnectError> {
         trace!(%target, on_behalf = %on_behalf, "connecting");
         let timeout = timeout.unwrap_or(self.timeout);
         let (socket, bound, here) = self.socket(on_behalf, target)?;
@@ -203,10 +233,7 @@ impl Connector {
                 .map_err(|_| ConnectError::TimedOut(timeout))??,
         };
         let _ = stream.set_nodelay(true);
-        if let Some(keepalive) = keepalive_for(here, keepalive) {
-            set_keepalive(&stream, keepalive)?;
-        }
-        Ok(stream)
+        Ok((stream, keepalive_for(here, keepalive)))
     }
 
     /// The socket for a connection to `target` on behalf of `on_behalf`, whether it is bound
@@ -256,6 +283,30 @@ impl Connector {
             tokio::net::TcpSocket::new_v6()?
         };
         Ok((socket, false, looped))
+    }
+}
+
+/// How long a relay lasts before its upstream socket gets the keepalive it is owed
+/// ([`Connector::connect_relayed`]): a first probe then goes at most this much later than
+/// [`KEEPALIVE`]'s 180 s of silence.
+pub const KEEPALIVE_AFTER: Duration = Duration::from_secs(10);
+
+/// The keepalive a relayed upstream socket is owed, if any ([`Connector::connect_relayed`]).
+#[derive(Debug)]
+#[must_use = "a relayed socket gets its keepalive only through `arm`"]
+pub struct KeepaliveLater(Option<Keepalive>);
+
+impl KeepaliveLater {
+    /// Sets the keepalive owed on `socket` once [`KEEPALIVE_AFTER`] has passed; never ends
+    /// (race it with the relay, which ends first).
+    pub async fn arm(self, socket: &TcpStream) -> String {
+        if let Some(keepalive) = self.0 {
+            tokio::time::sleep(KEEPALIVE_AFTER).await;
+            if let Err(e) = set_keepalive(socket, keepalive) {
+                debug!(error = %e, "cannot set keepalive on a relayed connection");
+            }
+        }
+        std::future::pending().await
     }
 }
 
@@ -316,6 +367,37 @@ mod tests {
             matches!(&e, ConnectError::Io(io) if io.kind() == io::ErrorKind::ConnectionRefused),
             "{e}"
         );
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_relayed_socket_gets_its_keepalive_only_once_the_relay_has_lasted() {
+        let l = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let s = TcpStream::connect(l.local_addr().unwrap()).await.unwrap();
+        let arm = KeepaliveLater(Some(KEEPALIVE)).arm(&s);
+        tokio::pin!(arm);
+        let short = KEEPALIVE_AFTER - Duration::from_millis(100);
+        assert!(tokio::time::timeout(short, &mut arm).await.is_err());
+        assert!(
+            !socket2::SockRef::from(&s).keepalive().unwrap(),
+            "a relay shorter than KEEPALIVE_AFTER pays nothing"
+        );
+        let more = Duration::from_millis(200);
+        assert!(
+            tokio::time::timeout(more, &mut arm).await.is_err(),
+            "never ends"
+        );
+        let r = socket2::SockRef::from(&s);
+        assert!(r.keepalive().unwrap());
+        assert_eq!(r.tcp_keepalive_time().unwrap(), Duration::from_secs(180));
+        assert_eq!(r.tcp_keepalive_retries().unwrap(), 9);
+
+        // Nothing owed (a peer in the socket's own namespace): nothing set, ever.
+        let s = TcpStream::connect(l.local_addr().unwrap()).await.unwrap();
+        let arm = KeepaliveLater(None).arm(&s);
+        assert!(tokio::time::timeout(KEEPALIVE_AFTER * 2, arm)
+            .await
+            .is_err());
+        assert!(!socket2::SockRef::from(&s).keepalive().unwrap());
     }
 
     #[test]
