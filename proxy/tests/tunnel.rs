@@ -416,16 +416,7 @@ async fn first_bytes_go_with_the_connect_and_refused_ones_are_dropped() {
         .connect_for(hbone(&s.src, &s.dst, node_addr, echo), &proxied)
         .await
         .unwrap();
-    let relay = tokio::spawn(tunnel.relay(proxied));
-    let mut got = [0u8; 5];
-    app.read_exact(&mut got).await.unwrap();
-    assert_eq!(&got, b"early");
-    assert_eq!(echo_round_trip(&mut app, b"then more").await, b"then more");
-    app.shutdown().await.unwrap();
-    let mut rest = Vec::new();
-    app.read_to_end(&mut rest).await.unwrap();
-    let relayed = relay.await.unwrap();
-    assert_eq!((relayed.sent, relayed.received), (14, 14), "{relayed:?}");
+    let relayed = echoes_what_went_ahead(tunnel, app, proxied, b"early").await;
     assert_eq!(relayed.error, None);
     let finished = handler.wait_finished(2).await;
     let delivered = finished
@@ -488,16 +479,28 @@ async fn what_the_client_sends_before_the_answer_follows_the_connect() {
     let tunnel = tunnel
         .expect("the client's bytes waited for the CONNECT's answer")
         .unwrap();
+    echoes_what_went_ahead(tunnel, app, proxied, b"first").await;
+}
+
+/// Relays `tunnel` for `proxied`: `app` gets `ahead` (5 bytes) echoed, then a round trip, and
+/// both counts are 14 bytes.
+async fn echoes_what_went_ahead(
+    tunnel: weft::tunnel::client::Tunnel,
+    mut app: TcpStream,
+    proxied: TcpStream,
+    ahead: &[u8; 5],
+) -> weft::relay::Relayed {
     let relay = tokio::spawn(tunnel.relay(proxied));
     let mut got = [0u8; 5];
     app.read_exact(&mut got).await.unwrap();
-    assert_eq!(&got, b"first");
+    assert_eq!(&got, ahead);
     assert_eq!(echo_round_trip(&mut app, b"then more").await, b"then more");
     app.shutdown().await.unwrap();
     let mut rest = Vec::new();
     app.read_to_end(&mut rest).await.unwrap();
     let relayed = relay.await.unwrap();
     assert_eq!((relayed.sent, relayed.received), (14, 14), "{relayed:?}");
+    relayed
 }
 
 #[tokio::test]
