@@ -25,6 +25,7 @@ pub mod outlier;
 pub mod plan;
 pub mod redirects;
 
+use std::future::Future;
 use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
@@ -47,11 +48,11 @@ use crate::l7::sniff::{sniff, Sniffed};
 use crate::limits::Slot;
 use crate::policy::{deny_message, PolicySet};
 use crate::registry::{Resolved, Snapshot};
-use crate::relay::{either, relay_between, reset};
+use crate::relay::{either, relay_between, reset, Relayed};
 use crate::telemetry::istio::Reporter;
 use crate::telemetry::ConnectionRecord;
 use crate::tunnel::client::Pool;
-use crate::upstream::OnBehalfOf;
+use crate::upstream::{KeepaliveLater, OnBehalfOf};
 
 /// The capture listener's side of the data path.
 pub struct Outbound {
@@ -387,23 +388,17 @@ impl Outbound {
                 // This node authorized it: when the policies change so that it would not be
                 // authorized now, it is closed (the client's next connection is decided anew).
                 let revoked = self.revoked(&plan.source, target, policy_changes);
-                let stop = either(revoked, keepalive.arm(&upstream));
                 let cut = self.inputs.draining.cut();
                 record
-                    .relay(relay_between(&client, &upstream, stop, cut, idle))
+                    .relay(relay(client, upstream, keepalive, revoked, cut, idle))
                     .await;
                 record.finish(Verdict::Forwarded, None::<&str>);
             }
             Ok((upstream, keepalive)) => {
                 let cut = self.inputs.draining.cut();
+                let never = std::future::pending();
                 record
-                    .relay(relay_between(
-                        &client,
-                        &upstream,
-                        keepalive.arm(&upstream),
-                        cut,
-                        idle,
-                    ))
+                    .relay(relay(client, upstream, keepalive, never, cut, idle))
                     .await;
                 record.finish(Verdict::Forwarded, None::<&str>);
             }
@@ -413,6 +408,20 @@ impl Outbound {
             }
         }
     }
+}
+
+/// Relays `client` ⇄ `upstream` ([`relay_between`]) with the upstream's keepalive armed, and
+/// closes both as it returns: a FIN left to the close goes before the flow is recorded.
+async fn relay(
+    client: TcpStream,
+    upstream: TcpStream,
+    keepalive: KeepaliveLater,
+    stop: impl Future<Output = String>,
+    close: impl Future<Output = String>,
+    idle: Option<Duration>,
+) -> Relayed {
+    let stop = either(stop, keepalive.arm(&upstream));
+    relay_between(&client, &upstream, stop, close, idle).await
 }
 
 /// What a plan is decided with: this node's inputs and the tables in force.
