@@ -621,7 +621,7 @@ impl Pool {
             // While the answer is on its way, what the client sends follows.
             let mut response = std::pin::pin!(response);
             let response = loop {
-                let Some(client) = early.open() else {
+                let Some(client) = early.client else {
                     break response.await;
                 };
                 tokio::select! {
@@ -668,7 +668,8 @@ const EARLY_READ: usize = 4 << 10;
 
 /// A client's bytes read before its `CONNECT` is answered ([`Pool::connect_for`]).
 struct Early<'a> {
-    /// Read from while there is room and it has neither ended nor failed.
+    /// Read from while more of its bytes may go ahead: there is room, and it has neither
+    /// ended nor failed.
     client: Option<&'a TcpStream>,
     /// What was read, in order: sent again on a retried `CONNECT`.
     chunks: Vec<Bytes>,
@@ -682,11 +683,6 @@ impl<'a> Early<'a> {
             chunks: Vec::new(),
             sent: 0,
         }
-    }
-
-    /// The client, while more of its bytes may go ahead.
-    fn open(&self) -> Option<&'a TcpStream> {
-        self.client
     }
 
     /// What the client has sent and no earlier call read, without waiting (`None`: nothing
