@@ -1,5 +1,7 @@
 //! The HTTP cases: keep-alive HTTP/1.1 load from `wrk` and HTTP/2 load from `h2load` (h2c,
-//! prior knowledge), 1 KiB responses from an nginx backend in the server pod, on the direct
+//! prior knowledge), each as fast as it goes, and HTTP/1.1 paced to [`PACED_RPS`] requests/s
+//! (`h2load --h1 --rps`: what a proxy costs at a set load, the figure Istio publishes for
+//! ztunnel), 1 KiB responses from an nginx backend in the server pod, on the direct
 //! path, through weft's L7 engine (a Service port declared `http` or `http2`), and through nginx
 //! and haproxy as HTTP reverse proxies.
 //!
@@ -38,6 +40,10 @@ pub(super) const BODY_BYTES: usize = 1024;
 /// upstream; a run makes tens of thousands per connection, and reconnecting in the middle of it
 /// is not what the cases measure.
 const KEEPALIVE_REQUESTS: u64 = 100_000_000;
+/// The paced case: [`PACED_CONNECTIONS`] keep-alive connections, each sending
+/// `PACED_RPS / PACED_CONNECTIONS` requests a second.
+pub(super) const PACED_RPS: u64 = 1000;
+const PACED_CONNECTIONS: u64 = 10;
 /// wrk prints this as its last line (Lua `done` hook): the numbers, not its text summary.
 const WRK_REPORT_LUA: &str = r#"done = function(summary, latency, requests)
   local e = summary.errors
@@ -56,15 +62,19 @@ pub(super) enum HttpCase {
     /// HTTP/2 over cleartext with prior knowledge, `h2load` with `--h2-connections` connections
     /// of `--h2-streams` concurrent streams.
     Http2,
+    /// HTTP/1.1 keep-alive paced to [`PACED_RPS`] requests/s (`h2load --h1 --rps`): CPU and
+    /// memory at a set load rather than the most a path serves.
+    Paced,
 }
 
 impl HttpCase {
-    pub(super) const ALL: [HttpCase; 2] = [HttpCase::Http1, HttpCase::Http2];
+    pub(super) const ALL: [HttpCase; 3] = [HttpCase::Paced, HttpCase::Http1, HttpCase::Http2];
 
     pub(super) fn name(self) -> &'static str {
         match self {
             HttpCase::Http1 => "http1",
             HttpCase::Http2 => "http2",
+            HttpCase::Paced => "http1-paced",
         }
     }
 
@@ -76,13 +86,23 @@ impl HttpCase {
                 "HTTP/2 h2c (h2load, {} connections × {} streams)",
                 a.h2_connections, a.h2_streams
             ),
+            HttpCase::Paced => format!(
+                "HTTP/1.1 at {} requests/s (h2load --h1, {PACED_CONNECTIONS} connections × {}/s)",
+                thousands(PACED_RPS),
+                PACED_RPS / PACED_CONNECTIONS
+            ),
         }
+    }
+
+    /// A load as fast as the path goes (not paced): what requests/s compares.
+    pub(super) fn flat_out(self) -> bool {
+        self != HttpCase::Paced
     }
 
     /// The port of this case in a (HTTP/1.1, h2c) pair.
     fn port(self, (h1, h2): (u16, u16)) -> u16 {
         match self {
-            HttpCase::Http1 => h1,
+            HttpCase::Http1 | HttpCase::Paced => h1,
             HttpCase::Http2 => h2,
         }
     }
@@ -90,7 +110,7 @@ impl HttpCase {
     /// `%{http_version}` as curl reports it.
     fn curl_version(self) -> &'static str {
         match self {
-            HttpCase::Http1 => "1.1",
+            HttpCase::Http1 | HttpCase::Paced => "1.1",
             HttpCase::Http2 => "2",
         }
     }
@@ -98,8 +118,16 @@ impl HttpCase {
     /// The protocol weft records in a flow's `http` part.
     fn flow_protocol(self) -> &'static str {
         match self {
-            HttpCase::Http1 => "HTTP/1.1",
+            HttpCase::Http1 | HttpCase::Paced => "HTTP/1.1",
             HttpCase::Http2 => "HTTP/2",
+        }
+    }
+
+    /// What h2load's `Application protocol:` line says for this case.
+    fn h2load_protocol(self) -> &'static str {
+        match self {
+            HttpCase::Http2 => "h2c",
+            HttpCase::Http1 | HttpCase::Paced => "http/1.1",
         }
     }
 }
@@ -130,6 +158,10 @@ pub(super) struct HttpRun {
     pub(super) backend_worker_cpu_us: Option<u64>,
     /// The client pod (wrk or h2load).
     pub(super) client_cpu_us: Option<u64>,
+    /// The path's proxy processes' resident memory as the run ended (`VmRSS`, KiB; the sum
+    /// over processes: weft on every node, nginx's master and workers); none on the direct
+    /// path.
+    pub(super) proxy_rss_kib: Option<u64>,
 }
 
 impl HttpRun {
@@ -203,8 +235,9 @@ pub(super) fn parse_wrk(stdout: &str) -> Result<Load> {
 }
 
 /// h2load's numbers: counts from its summary, latencies from its per-request log (start time,
-/// status, elapsed µs per line; only the measured requests).
-pub(super) fn parse_h2load(stdout: &str, log: &str) -> Result<Load> {
+/// status, elapsed µs per line; only the measured requests). `want`: the protocol it must have
+/// spoken (`h2c`, `http/1.1`).
+pub(super) fn parse_h2load(stdout: &str, log: &str, want: &str) -> Result<Load> {
     let line = |prefix: &str| {
         stdout
             .lines()
@@ -212,8 +245,8 @@ pub(super) fn parse_h2load(stdout: &str, log: &str) -> Result<Load> {
             .with_context(|| format!("no `{prefix}` line in h2load's output"))
     };
     let protocol = line("Application protocol:")?.trim();
-    if protocol != "h2c" {
-        bail!("h2load spoke {protocol}, not h2c");
+    if protocol != want {
+        bail!("h2load spoke {protocol}, not {want}");
     }
     let finished = line("finished in")?;
     let seconds = parse_h2load_duration(finished.split(',').next().unwrap_or("").trim())
@@ -271,6 +304,15 @@ fn percentile(sorted: &[f64], p: f64) -> Option<f64> {
     }
     let rank = (p / 100.0 * sorted.len() as f64).ceil() as usize;
     Some(sorted[rank.clamp(1, sorted.len()) - 1])
+}
+
+/// `1 000`, as the report writes numbers.
+fn thousands(n: u64) -> String {
+    if n < 1000 {
+        n.to_string()
+    } else {
+        format!("{} {:03}", thousands(n / 1000), n % 1000)
+    }
 }
 
 /// wrk's `-d` takes whole seconds.
@@ -385,8 +427,8 @@ impl Bench {
             return;
         }
         let mut live = vec![PathKind::Direct];
-        // (label, pid) of each proxy whose memory is reported.
-        let mut watched: Vec<(String, u32)> = Vec::new();
+        // (path, label, pid) of each proxy whose memory is reported.
+        let mut watched: Vec<(PathKind, String, u32)> = Vec::new();
         for &p in paths {
             let up = match p {
                 PathKind::Direct => continue,
@@ -395,7 +437,8 @@ impl Bench {
                     Some(w) => self.check_http(p).and_then(|_| self.check_l7(w)).map(|_| {
                         for w in wefts {
                             if let Some(pid) = w.pid() {
-                                watched.push((format!("weft on {}", w.node().name()), pid));
+                                let what = format!("weft on {}", w.node().name());
+                                watched.push((p, what, pid));
                             }
                         }
                     }),
@@ -406,11 +449,11 @@ impl Bench {
                     _ => continue,
                 },
                 PathKind::Haproxy => self.start_http_haproxy().and_then(|pid| {
-                    watched.push(("haproxy (HTTP)".into(), pid));
+                    watched.push((p, "haproxy (HTTP)".into(), pid));
                     self.check_http(p)
                 }),
                 PathKind::Nginx => self.start_http_nginx().and_then(|pid| {
-                    watched.push(("nginx (HTTP: master + workers)".into(), pid));
+                    watched.push((p, "nginx (HTTP: master + workers)".into(), pid));
                     self.check_http(p)
                 }),
             };
@@ -424,7 +467,7 @@ impl Bench {
         }
 
         let mut before = Vec::new();
-        for (_, pid) in &watched {
+        for (_, _, pid) in &watched {
             let pids = with_children(*pid);
             for &p in &pids {
                 if let Err(e) = reset_peak_rss(p) {
@@ -438,9 +481,9 @@ impl Bench {
             _ => None,
         };
 
-        self.run_http_cases(&live, res);
+        self.run_http_cases(&live, &watched, res);
 
-        for ((what, pid), before_kib) in watched.into_iter().zip(before) {
+        for ((_, what, pid), before_kib) in watched.into_iter().zip(before) {
             res.http_rss.push(PeakRss {
                 topo,
                 what,
@@ -463,8 +506,14 @@ impl Bench {
         }
     }
 
-    /// Every HTTP case on every live path, interleaved like the TCP cases.
-    fn run_http_cases(&self, live: &[PathKind], res: &mut Results) {
+    /// Every HTTP case on every live path, interleaved like the TCP cases. `watched`: the
+    /// proxies' processes by path.
+    fn run_http_cases(
+        &self,
+        live: &[PathKind],
+        watched: &[(PathKind, String, u32)],
+        res: &mut Results,
+    ) {
         let (topo, reps) = (self.topo, self.args.reps);
         for rep in 0..reps as usize {
             for case in HttpCase::ALL {
@@ -485,7 +534,17 @@ impl Bench {
                         p.name(),
                         rep + 1
                     );
-                    match self.http_case(case, p) {
+                    // weft-resilient is served by the same weft processes.
+                    let proxy = match p {
+                        PathKind::WeftResilient => PathKind::Weft,
+                        p => p,
+                    };
+                    let pids: Vec<u32> = watched
+                        .iter()
+                        .filter(|(q, _, _)| *q == proxy)
+                        .map(|(_, _, pid)| *pid)
+                        .collect();
+                    match self.http_case(case, p, &pids) {
                         Ok(r) => {
                             if r.load.errors > 0 {
                                 res.notes.push(format!(
@@ -503,8 +562,8 @@ impl Bench {
     }
 
     /// One run: a warm-up (not measured), then the measured load with the CPU time sampled
-    /// around it.
-    fn http_case(&self, case: HttpCase, path: PathKind) -> Result<HttpRun> {
+    /// around it, and the resident memory of `proxy` (the path's processes) as it ended.
+    fn http_case(&self, case: HttpCase, path: PathKind, proxy: &[u32]) -> Result<HttpRun> {
         let (pod, url) = self.http_target(case, path);
         let log = self.proxy_dir()?.join("h2load-requests.log");
         let run = |ms: u64, log: Option<&Path>| -> Result<String> {
@@ -529,13 +588,19 @@ impl Bench {
         let cpu0 = self.cpu_sample(pod);
         let stdout = run(self.args.duration_ms, Some(&log))?;
         let cpu1 = self.cpu_sample(pod);
+        let proxy_rss_kib = if proxy.is_empty() {
+            None
+        } else {
+            let pids: Vec<u32> = proxy.iter().flat_map(|&p| with_children(p)).collect();
+            sum_kib(&pids, "VmRSS")
+        };
         let load = match case {
             HttpCase::Http1 => parse_wrk(&stdout),
-            HttpCase::Http2 => {
+            HttpCase::Http2 | HttpCase::Paced => {
                 let text = std::fs::read_to_string(&log)
                     .with_context(|| format!("reading {}", log.display()))?;
                 let _ = std::fs::remove_file(&log);
-                parse_h2load(&stdout, &text)
+                parse_h2load(&stdout, &text, case.h2load_protocol())
             }
         }
         .with_context(|| format!("reading the load tool's output: {}", stdout.trim()))?;
@@ -555,6 +620,7 @@ impl Bench {
                 .filter_map(|((p0, a), (p1, b))| (p0 == p1).then(|| elapsed(*a, *b)).flatten())
                 .max(),
             client_cpu_us: elapsed(cpu0.client, cpu1.client),
+            proxy_rss_kib,
         })
     }
 
@@ -579,6 +645,16 @@ impl Bench {
                 cmd = Command::new("h2load");
                 cmd.args(["-t", "1", "-c", &a.h2_connections.to_string()])
                     .args(["-m", &a.h2_streams.to_string()])
+                    .args(["-D", &format!("{ms}ms")]);
+                if let Some(log) = log {
+                    cmd.arg("--log-file").arg(log);
+                }
+                cmd.arg(url);
+            }
+            HttpCase::Paced => {
+                cmd = Command::new("h2load");
+                cmd.args(["--h1", "-t", "1", "-c", &PACED_CONNECTIONS.to_string()])
+                    .args(["--rps", &(PACED_RPS / PACED_CONNECTIONS).to_string()])
                     .args(["-D", &format!("{ms}ms")]);
                 if let Some(log) = log {
                     cmd.arg("--log-file").arg(log);
@@ -625,7 +701,7 @@ impl Bench {
     /// Both cases' URLs answer 200 with the 1 KiB body in the case's HTTP version.
     fn check_http(&self, path: PathKind) -> Result<()> {
         let deadline = Instant::now() + Duration::from_secs(15);
-        for case in HttpCase::ALL {
+        for case in [HttpCase::Http1, HttpCase::Http2] {
             let (pod, url) = self.http_target(case, path);
             let want = format!("200 {BODY_BYTES} {}", case.curl_version());
             loop {
@@ -659,7 +735,7 @@ impl Bench {
     /// across nodes over mTLS.
     fn check_l7(&self, w: &Weft) -> Result<()> {
         let mtls = self.topo == Topology::CrossNode;
-        for case in HttpCase::ALL {
+        for case in [HttpCase::Http1, HttpCase::Http2] {
             w.wait_flows(1, Duration::from_secs(10), |f| {
                 f.pointer("/http/protocol").and_then(Value::as_str) == Some(case.flow_protocol())
                     && (!mtls || f.pointer("/mtls").and_then(Value::as_bool) == Some(true))
@@ -785,7 +861,7 @@ traffic: 77.99MB (81782632) total, 5.49MB (5759838) headers (space savings 49.50
     fn h2load_counts_2xx_as_answered_and_the_rest_of_done_as_failed() {
         let log = "1796208557879159\t200\t5562\n1796208557879159\t200\t300\n\
                    1796208557879160\t200\t800\n1796208557879161\t404\t9000\n";
-        let l = parse_h2load(H2LOAD, log).unwrap();
+        let l = parse_h2load(H2LOAD, log, "h2c").unwrap();
         assert_eq!(l.ok, 74820);
         assert_eq!(l.errors, 6);
         assert_eq!(l.seconds, 2.0);
@@ -795,13 +871,17 @@ traffic: 77.99MB (81782632) total, 5.49MB (5759838) headers (space savings 49.50
     #[test]
     fn h2load_that_fell_back_to_http1_is_refused() {
         let out = H2LOAD.replace("h2c", "http/1.1");
-        let e = parse_h2load(&out, "1\t200\t5\n").unwrap_err();
+        let e = parse_h2load(&out, "1\t200\t5\n", "h2c").unwrap_err();
         assert!(e.to_string().contains("not h2c"), "{e}");
+        // The paced case asks for HTTP/1.1, and must get it.
+        assert!(parse_h2load(&out, "1\t200\t5\n", "http/1.1").is_ok());
+        let e = parse_h2load(H2LOAD, "1\t200\t5\n", "http/1.1").unwrap_err();
+        assert!(e.to_string().contains("not http/1.1"), "{e}");
     }
 
     #[test]
     fn h2load_without_logged_requests_is_an_error() {
-        assert!(parse_h2load(H2LOAD, "").is_err());
+        assert!(parse_h2load(H2LOAD, "", "h2c").is_err());
     }
 
     #[test]
@@ -835,6 +915,14 @@ traffic: 77.99MB (81782632) total, 5.49MB (5759838) headers (space savings 49.50
     }
 
     #[test]
+    fn the_paced_case_is_named_with_its_rate() {
+        assert_eq!(thousands(1000), "1 000");
+        assert_eq!(thousands(1_234_005), "1 234 005");
+        assert_eq!(thousands(999), "999");
+        assert!(!HttpCase::Paced.flat_out() && HttpCase::Http1.flat_out());
+    }
+
+    #[test]
     fn wrk_durations_round_up_to_whole_seconds() {
         assert_eq!(whole_seconds(500), 1);
         assert_eq!(whole_seconds(2000), 2);
@@ -855,6 +943,7 @@ traffic: 77.99MB (81782632) total, 5.49MB (5759838) headers (space savings 49.50
             backend_cpu_us: Some(500_000),
             backend_worker_cpu_us: Some(400_000),
             client_cpu_us: None,
+            proxy_rss_kib: Some(20_480),
         };
         assert_eq!(r.rps(), Some(20_000.0));
         assert_eq!(r.cpu_per_1k(None), Some(20.0));

@@ -24,7 +24,8 @@
 //! repeated and the median is reported, with the ratio to the direct path.
 //!
 //! Then, in the same clusters, the HTTP cases (module `http`; off with `--no-http`): keep-alive
-//! HTTP/1.1 (`wrk`) and HTTP/2 h2c (`h2load`) against an nginx backend in the server pod
+//! HTTP/1.1 paced to 1 000 requests/s (`h2load --h1 --rps`), then HTTP/1.1 (`wrk`) and HTTP/2
+//! h2c (`h2load`) as fast as they go, against an nginx backend in the server pod
 //! returning 1 KiB, direct, through weft's L7 engine (Service ports named `http` / `http2`),
 //! and single-node through nginx and haproxy as HTTP reverse proxies.
 //!
