@@ -7,7 +7,11 @@
 //! pages at once on every free (`MIMALLOC_PURGE_DELAY=0`) costs the data path a quarter more CPU
 //! per request. Instead the registry calls [`release`] once its changes have been quiet for a
 //! moment, and every control-plane thread returns what it holds the next time it goes idle
-//! ([`on_park`], the main runtime's park hook).
+//! ([`on_park`], the main runtime's park hook). A data-path worker returns what it freed the
+//! first time a second passes with nothing to do ([`Quiet`], checked by its heartbeat): what a
+//! burst of connections or requests left behind goes back once the burst is over, while a
+//! worker under load keeps its pages to reuse (mimalloc returns a busy thread's free pages on
+//! its own, after `purge_delay`, as later frees pass by).
 //!
 //! With another global allocator (tests) mimalloc's heaps are empty and this does nothing.
 //!
@@ -52,6 +56,41 @@ pub fn no_huge_pages() -> std::io::Result<()> {
     nix::sys::prctl::set_thp_disable(true).map_err(std::io::Error::from)
 }
 
+/// Returns what this thread has freed to the system now (a worker gone [`Quiet`]).
+pub fn release_here() {
+    collect();
+}
+
+/// The most wake-ups of a thread in one beat that still count as nothing to do: the beat's own
+/// timer, and a stray timer or two (an idle connection's watch coming due).
+pub const QUIET_WAKES: u64 = 3;
+
+/// Tells, beat by beat, when a thread that worked has gone quiet: the first beat with at most
+/// [`QUIET_WAKES`] wake-ups since the one before (its runtime's `worker_park_count`), once per
+/// quiet spell. A thread never seen working is quiet once, at its first quiet beat (what
+/// starting up freed).
+#[derive(Debug, Default)]
+pub struct Quiet {
+    /// The wake-up count at the last beat (none before the first).
+    last: Option<u64>,
+    /// This quiet spell was acted on.
+    acted: bool,
+}
+
+impl Quiet {
+    /// A beat with the thread's wake-up count so far: whether to hand memory back now.
+    pub fn beat(&mut self, wakes: u64) -> bool {
+        let Some(last) = self.last.replace(wakes) else {
+            return false;
+        };
+        if wakes.saturating_sub(last) > QUIET_WAKES {
+            self.acted = false;
+            return false;
+        }
+        !std::mem::replace(&mut self.acted, true)
+    }
+}
+
 /// How many [`release`]s were asked for.
 pub fn releases() -> u64 {
     RELEASES.load(Ordering::Relaxed)
@@ -66,6 +105,32 @@ fn collect() {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_worker_hands_memory_back_once_per_quiet_spell() {
+        let mut q = Quiet::default();
+        // The first beat only sets the count.
+        assert!(!q.beat(100));
+        // Busy: many wake-ups a beat.
+        assert!(!q.beat(900));
+        assert!(!q.beat(5_000));
+        // Quiet: once, then not again while it stays quiet.
+        assert!(q.beat(5_000 + QUIET_WAKES));
+        assert!(!q.beat(5_000 + QUIET_WAKES + 1));
+        assert!(!q.beat(5_000 + QUIET_WAKES + 1));
+        // Busy again, then quiet again: once more.
+        assert!(!q.beat(9_000));
+        assert!(q.beat(9_001));
+        assert!(!q.beat(9_002));
+    }
+
+    #[test]
+    fn a_worker_that_never_worked_hands_back_what_starting_freed() {
+        let mut q = Quiet::default();
+        assert!(!q.beat(0));
+        assert!(q.beat(1));
+        assert!(!q.beat(2));
+    }
 
     #[test]
     fn huge_pages_are_off_once_asked() {

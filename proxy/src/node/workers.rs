@@ -31,9 +31,18 @@ const HEARTBEAT: Duration = Duration::from_secs(1);
 /// every timer when it parked with none. Every connection registers a few (connect timeout,
 /// idle watch, due seconds to hours away): without this, a `write(2)` and a spurious
 /// `epoll_wait(2)` return per connection; with it, none of them is ever the earliest.
+///
+/// Each beat also looks at how often the worker woke since the last one: the first beat of a
+/// quiet spell hands what the worker freed back to the system ([`crate::memory::Quiet`]).
 async fn heartbeat() {
+    let metrics = tokio::runtime::Handle::current().metrics();
+    let mut quiet = crate::memory::Quiet::default();
     loop {
         tokio::time::sleep(HEARTBEAT).await;
+        // A current-thread runtime is its one worker, 0.
+        if quiet.beat(metrics.worker_park_count(0)) {
+            crate::memory::release_here();
+        }
     }
 }
 
