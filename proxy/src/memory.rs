@@ -15,10 +15,12 @@
 //!
 //! With another global allocator (tests) mimalloc's heaps are empty and this does nothing.
 //!
-//! Transparent huge pages are turned off for the process ([`no_huge_pages`]): mimalloc asks
-//! for them on its arenas (`MADV_HUGEPAGE`), so every partly used 2 MiB region counted whole,
-//! 30 of a node's 31 MB of anonymous memory at rest; without them 25 MB (the data path's CPU
-//! per connection and per request did not move beyond the run-to-run noise).
+//! Transparent huge pages are off: mimalloc asked for them on its arenas (`MADV_HUGEPAGE`), so
+//! every partly used 2 MiB region counted whole, 30 of a node's 31 MB of anonymous memory at
+//! rest; without them 25 MB (the data path's CPU per connection and per request did not move
+//! beyond the run-to-run noise). The allocator is built not to ask (mimalloc's `no_thp`, which
+//! also covers what it maps before `main`), and [`no_huge_pages`] turns them off for the
+//! process where the system hands them out unasked (`always`).
 //!
 //! May import: nothing.
 
