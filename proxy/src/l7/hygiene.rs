@@ -159,18 +159,29 @@ impl H1Guard {
             State::ChunkSize => b"\r\n",
             _ => b"\r\n\r\n",
         };
-        // A trailer section that is just CRLF ends at once.
-        if self.state == State::Trailers && self.held.is_empty() && input.starts_with(b"\r\n") {
-            return (2, true);
+        // A trailer section that is just CRLF ends with it, even with its CR and LF in two reads.
+        if self.state == State::Trailers {
+            match (self.held.as_slice(), input) {
+                ([], [b'\r', b'\n', ..]) => return (2, true),
+                ([b'\r'], [b'\n', ..]) => return (1, true),
+                _ => {}
+            }
         }
+        // A terminator that began in what is held: its first bytes are the held tail's last
+        // (fewer than the terminator's length), the rest the input's first.
         let tail = self.held.len().min(terminator.len() - 1);
-        let mut joined = self.held[self.held.len() - tail..].to_vec();
-        joined.extend_from_slice(input);
-        match joined
-            .windows(terminator.len())
-            .position(|w| w == terminator)
-        {
-            Some(p) => (p + terminator.len() - tail, true),
+        if tail > 0 {
+            let take = input.len().min(terminator.len() - 1);
+            let mut edge = [0u8; 6];
+            edge[..tail].copy_from_slice(&self.held[self.held.len() - tail..]);
+            edge[tail..tail + take].copy_from_slice(&input[..take]);
+            // Too few input bytes for a whole terminator: any match here began in the tail.
+            if let Some(p) = memchr::memmem::find(&edge[..tail + take], terminator) {
+                return (p + terminator.len() - tail, true);
+            }
+        }
+        match memchr::memmem::find(input, terminator) {
+            Some(p) => (p + terminator.len(), true),
             None => (input.len(), false),
         }
     }
@@ -384,6 +395,41 @@ mod tests {
             released(&mut g, b"\nGET /2 HTTP/1.1\r\n\r\n"),
             b"GET / HTTP/1.1\r\nHost: a\r\n\r\nGET /2 HTTP/1.1\r\n\r\n"
         );
+    }
+
+    /// Every way a stream of heads, a chunked body and its empty trailer section can be cut in
+    /// three reads (an empty trailer section's CR and LF in two reads once left the guard
+    /// waiting for a trailer line that never came).
+    #[test]
+    fn heads_split_anywhere_are_released_and_refused_as_whole_ones() {
+        let ok = b"GET / HTTP/1.1\r\nHost: a\r\n\r\nPOST /b HTTP/1.1\r\nTransfer-Encoding: chunked\r\n\r\n3\r\nabc\r\n0\r\n\r\n";
+        let bad = b"GET / HTTP/1.1\r\nHost: a\r\n\r\nPOST / HTTP/1.1\r\nContent-Length: 2\r\nTransfer-Encoding: chunked\r\n\r\n";
+        for cut in 0..=ok.len() {
+            for second in cut..=ok.len() {
+                let mut g = H1Guard::new(60 * 1024);
+                let mut out = released(&mut g, &ok[..cut]);
+                out.extend(released(&mut g, &ok[cut..second]));
+                out.extend(released(&mut g, &ok[second..]));
+                assert_eq!(out, ok, "split at {cut} and {second}");
+                assert_eq!(g.state, State::Head, "split at {cut} and {second}");
+            }
+        }
+        let first = b"GET / HTTP/1.1\r\nHost: a\r\n\r\n".len();
+        for cut in 0..bad.len() {
+            let mut g = H1Guard::new(60 * 1024);
+            let mut out = Vec::new();
+            let mut refused = None;
+            for part in [&bad[..cut], &bad[cut..]] {
+                match g.feed(part) {
+                    Feed::Release(b) => out.extend(b),
+                    Feed::Refuse(v) => refused = Some(v),
+                }
+            }
+            assert_eq!(refused, Some(Violation::BothLengths), "split at {cut}");
+            // The first head goes when it came in a read of its own; never the smuggling one.
+            let want: &[u8] = if cut >= first { &bad[..first] } else { b"" };
+            assert_eq!(out, want, "split at {cut}");
+        }
     }
 
     #[test]
