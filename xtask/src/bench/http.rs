@@ -26,7 +26,7 @@ use super::machine::{
     cgroup_cpu_us, online_cpus, proc_cpu_us, proc_status_kib, reset_peak_rss, with_children,
 };
 use super::topology::{Bench, Topology};
-use super::{Args, PathKind};
+use super::{fmt_num, Args, PathKind};
 
 /// The backend's ports in the server pod (HTTP/1.1, h2c prior knowledge); the Service exposes
 /// the same numbers, named `http` and `http2`.
@@ -88,7 +88,7 @@ impl HttpCase {
             ),
             HttpCase::Paced => format!(
                 "HTTP/1.1 at {} requests/s (h2load --h1, {PACED_CONNECTIONS} connections × {}/s)",
-                thousands(PACED_RPS),
+                fmt_num(PACED_RPS as f64),
                 PACED_RPS / PACED_CONNECTIONS
             ),
         }
@@ -304,15 +304,6 @@ fn percentile(sorted: &[f64], p: f64) -> Option<f64> {
     }
     let rank = (p / 100.0 * sorted.len() as f64).ceil() as usize;
     Some(sorted[rank.clamp(1, sorted.len()) - 1])
-}
-
-/// `1 000`, as the report writes numbers.
-fn thousands(n: u64) -> String {
-    if n < 1000 {
-        n.to_string()
-    } else {
-        format!("{} {:03}", thousands(n / 1000), n % 1000)
-    }
 }
 
 /// wrk's `-d` takes whole seconds.
@@ -916,9 +907,17 @@ traffic: 77.99MB (81782632) total, 5.49MB (5759838) headers (space savings 49.50
 
     #[test]
     fn the_paced_case_is_named_with_its_rate() {
-        assert_eq!(thousands(1000), "1 000");
-        assert_eq!(thousands(1_234_005), "1 234 005");
-        assert_eq!(thousands(999), "999");
+        #[derive(clap::Parser)]
+        struct Cli {
+            #[command(flatten)]
+            args: Args,
+        }
+        let a = <Cli as clap::Parser>::parse_from(["bench"]).args;
+        let label = HttpCase::Paced.label(&a);
+        assert!(
+            label.starts_with("HTTP/1.1 at 1\u{2009}000 requests/s"),
+            "{label}"
+        );
         assert!(!HttpCase::Paced.flat_out() && HttpCase::Http1.flat_out());
     }
 

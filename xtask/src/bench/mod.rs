@@ -476,3 +476,26 @@ impl Bench {
         }
     }
 }
+
+/// A number as the report writes it: thousands grouped by a thin space, fewer decimals the
+/// larger it is.
+pub(super) fn fmt_num(x: f64) -> String {
+    if x >= 1000.0 {
+        // Thousands separated by a thin space for readability.
+        let s = format!("{:.0}", x);
+        let mut out = String::new();
+        for (i, c) in s.chars().enumerate() {
+            if i > 0 && (s.len() - i) % 3 == 0 {
+                out.push('\u{2009}');
+            }
+            out.push(c);
+        }
+        out
+    } else if x >= 100.0 {
+        format!("{x:.0}")
+    } else if x >= 10.0 {
+        format!("{x:.1}")
+    } else {
+        format!("{x:.2}")
+    }
+}

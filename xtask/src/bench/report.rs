@@ -10,7 +10,7 @@ use super::cases::{Case, LatCase, Results, Run, CONNECT_ONE_RATE, LATENCY_RATE};
 use super::http::{HttpCase, HttpRun, BODY_BYTES};
 use super::machine::{load_average, Machine};
 use super::topology::Topology;
-use super::{Args, PathKind};
+use super::{fmt_num, Args, PathKind};
 
 /// The whole report of a benchmark run.
 pub(super) fn markdown(
@@ -813,26 +813,5 @@ fn ratio(v: Option<f64>, base: Option<f64>) -> String {
     match (v, base) {
         (Some(v), Some(b)) if b > 0.0 => format!("{:.2}×", v / b),
         _ => "n/a".into(),
-    }
-}
-
-fn fmt_num(x: f64) -> String {
-    if x >= 1000.0 {
-        // Thousands separated by a thin space for readability.
-        let s = format!("{:.0}", x);
-        let mut out = String::new();
-        for (i, c) in s.chars().enumerate() {
-            if i > 0 && (s.len() - i) % 3 == 0 {
-                out.push('\u{2009}');
-            }
-            out.push(c);
-        }
-        out
-    } else if x >= 100.0 {
-        format!("{x:.0}")
-    } else if x >= 10.0 {
-        format!("{x:.1}")
-    } else {
-        format!("{x:.2}")
     }
 }
