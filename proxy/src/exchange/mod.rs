@@ -344,8 +344,10 @@ pub fn strip_hop_by_hop(headers: &mut HeaderMap) {
         header::TRANSFER_ENCODING,
         header::UPGRADE,
     ];
-    for name in &HOP_BY_HOP {
-        headers.remove(name);
+    if crate::l7::hygiene::any_of(headers, &HOP_BY_HOP) {
+        for name in &HOP_BY_HOP {
+            headers.remove(name);
+        }
     }
 }
 

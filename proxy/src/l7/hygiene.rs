@@ -9,7 +9,7 @@
 //!   dropped (the upstream connection frames the message again, possibly in another HTTP
 //!   version); `traceparent`/`tracestate` are left exactly as they came.
 
-use http::header::{HeaderMap, HeaderName, HeaderValue};
+use http::header::{Entry, HeaderMap, HeaderName, HeaderValue};
 use std::net::IpAddr;
 
 /// Why a client's bytes were refused.
@@ -281,6 +281,65 @@ const X_REQUEST_ID: HeaderName = HeaderName::from_static("x-request-id");
 /// `x-request-id` when missing, appends the client (its address, see [`client_address`]) to
 /// `x-forwarded-for`. Returns the request id.
 pub fn prepare(headers: &mut HeaderMap, client: &HeaderValue, upgrade: bool) -> String {
+    // Most requests carry none: one pass over their few names instead of a lookup for each
+    // hop-by-hop name (`Connection` and `TE` are among them).
+    if any_of(headers, &HOP_BY_HOP) {
+        remove_hop_by_hop(headers, upgrade);
+    }
+    if upgrade {
+        headers.insert(
+            http::header::CONNECTION,
+            HeaderValue::from_static("upgrade"),
+        );
+    }
+    match headers.entry(X_FORWARDED_FOR) {
+        Entry::Occupied(mut e) => {
+            let prev = e.get().to_str().ok().filter(|p| !p.trim().is_empty());
+            let joined = match prev {
+                Some(prev) => {
+                    HeaderValue::from_bytes(&[prev.as_bytes(), b", ", client.as_bytes()].concat())
+                        .ok()
+                }
+                None => Some(client.clone()),
+            };
+            if let Some(v) = joined {
+                e.insert(v);
+            }
+        }
+        Entry::Vacant(e) => {
+            e.insert(client.clone());
+        }
+    }
+    match headers.entry(X_REQUEST_ID) {
+        Entry::Occupied(mut e) => match e.get().to_str() {
+            Ok(id) if !id.is_empty() => {
+                let id = id.to_string();
+                once_per_request(e.get_mut());
+                id
+            }
+            _ => {
+                let id = request_id();
+                e.insert(new_request_id(&id));
+                id
+            }
+        },
+        Entry::Vacant(e) => {
+            let id = request_id();
+            e.insert(new_request_id(&id));
+            id
+        }
+    }
+}
+
+fn new_request_id(id: &str) -> HeaderValue {
+    let mut v = HeaderValue::from_str(id).expect("a UUID is a valid header value");
+    once_per_request(&mut v);
+    v
+}
+
+/// Removes the hop-by-hop headers and those `Connection` names (keeping `Upgrade` and
+/// `Connection` on an upgrade, and `TE: trailers`).
+fn remove_hop_by_hop(headers: &mut HeaderMap, upgrade: bool) {
     let named: Vec<HeaderName> = headers
         .get_all(http::header::CONNECTION)
         .iter()
@@ -310,38 +369,12 @@ pub fn prepare(headers: &mut HeaderMap, client: &HeaderValue, upgrade: bool) -> 
         // gRPC needs it end to end; it is the one TE value HTTP/2 allows.
         headers.insert(http::header::TE, HeaderValue::from_static("trailers"));
     }
-    if upgrade {
-        headers.insert(
-            http::header::CONNECTION,
-            HeaderValue::from_static("upgrade"),
-        );
-    }
-    match headers.get(&X_FORWARDED_FOR).and_then(|v| v.to_str().ok()) {
-        Some(prev) if !prev.trim().is_empty() => {
-            let xff = [prev.as_bytes(), b", ", client.as_bytes()].concat();
-            if let Ok(v) = HeaderValue::from_bytes(&xff) {
-                headers.insert(X_FORWARDED_FOR, v);
-            }
-        }
-        _ => {
-            headers.insert(X_FORWARDED_FOR, client.clone());
-        }
-    }
-    let id = match headers.get(&X_REQUEST_ID).and_then(|v| v.to_str().ok()) {
-        Some(id) if !id.is_empty() => id.to_string(),
-        _ => {
-            let id = request_id();
-            headers.insert(
-                X_REQUEST_ID,
-                HeaderValue::from_str(&id).expect("a UUID is a valid header value"),
-            );
-            id
-        }
-    };
-    if let Some(v) = headers.get_mut(&X_REQUEST_ID) {
-        once_per_request(v);
-    }
-    id
+}
+
+/// `headers` holds one of `names`: a pass over the map's names (a request has a handful),
+/// which costs less than hashing each of `names` to look it up.
+pub fn any_of(headers: &HeaderMap, names: &[HeaderName]) -> bool {
+    headers.keys().any(|k| names.contains(k))
 }
 
 /// Marks a value that differs on every request (a request or trace id) never to be indexed
@@ -549,6 +582,29 @@ mod tests {
         assert_eq!(h["upgrade"], "websocket");
         assert_eq!(h["connection"], "upgrade");
         assert_eq!(h["x-forwarded-for"], "10.0.0.1");
+    }
+
+    #[test]
+    fn a_lone_hop_by_hop_header_goes_and_empty_ids_are_replaced() {
+        let client = client_address("10.0.0.1".parse().unwrap());
+        for name in HOP_BY_HOP.iter().filter(|n| **n != http::header::TE) {
+            let mut h = HeaderMap::new();
+            h.insert("accept", HeaderValue::from_static("*/*"));
+            h.insert(name, HeaderValue::from_static("x"));
+            h.insert(X_FORWARDED_FOR, HeaderValue::from_static(" "));
+            h.insert(X_REQUEST_ID, HeaderValue::from_static(""));
+            let id = prepare(&mut h, &client, false);
+            assert!(!h.contains_key(name), "{name}");
+            assert_eq!(h["accept"], "*/*");
+            assert_eq!(h[&X_FORWARDED_FOR], "10.0.0.1", "an empty one is replaced");
+            assert_eq!(id.len(), 36, "an empty id is replaced");
+            assert_eq!(h[&X_REQUEST_ID], id.as_str());
+            assert!(h[&X_REQUEST_ID].is_sensitive());
+        }
+        let mut h = HeaderMap::new();
+        h.insert(http::header::TE, HeaderValue::from_static("gzip"));
+        prepare(&mut h, &client, false);
+        assert!(!h.contains_key(http::header::TE), "TE other than trailers");
     }
 
     #[test]
