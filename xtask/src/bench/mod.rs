@@ -309,6 +309,15 @@ pub fn run(args: Args) -> Result<()> {
     Ok(())
 }
 
+/// Stops weft as its DaemonSet pod is stopped (SIGTERM, SIGKILL after 5 s): its shutdown runs,
+/// and an instrumented build writes its profile as it exits.
+fn stop(w: &mut Weft, res: &mut Results) {
+    if let Err(e) = w.stop() {
+        res.notes
+            .push(format!("weft on {} did not stop: {e:#}", w.node().name()));
+    }
+}
+
 impl Bench {
     /// `--weft-arg` flags, as `Weft::start_with` takes them.
     fn weft_args(&self) -> Vec<&str> {
@@ -369,8 +378,9 @@ impl Bench {
                 self.latency(LatCase::EnrolledWeft, res);
             }
         }
-        if let Some(w) = &weft {
+        if let Some(w) = &mut weft {
             self.note_warnings(w, res);
+            stop(w, res);
         }
     }
 
@@ -417,8 +427,9 @@ impl Bench {
             };
             self.measure_http(&[PathKind::Direct, PathKind::Weft], &wefts, res);
         }
-        for w in &wefts {
+        for w in &mut wefts {
             self.note_warnings(w, res);
+            stop(w, res);
         }
     }
 
