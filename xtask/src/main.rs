@@ -1,8 +1,9 @@
-//! Project tasks: `cargo xtask setup | test | demo | bench | chart`.
+//! Project tasks: `cargo xtask setup | test | demo | bench | pgo | chart`.
 
 mod bench;
 mod chart;
 mod demo;
+mod pgo;
 mod setup;
 
 use std::process::Command;
@@ -40,6 +41,10 @@ enum Cmd {
     /// Data-path benchmark: on one node, direct vs. weft vs. haproxy vs. nginx; across two
     /// nodes, direct vs. weft over HBONE (needs root). See docs/benchmarks.md.
     Bench(bench::Args),
+    /// Build weft with profile-guided optimization: an instrumented build runs the benchmark's
+    /// cases (needs root), llvm-profdata merges its counts, and weft is built again with them:
+    /// target/pgo/weft (`cargo xtask bench --pgo` measures it).
+    Pgo(pgo::Args),
     /// Render the Helm chart deploy/helm/weft as `helm template` does (without Helm):
     /// `cargo xtask chart --out deploy/weft.yaml` regenerates the plain manifest.
     Chart(chart::Args),
@@ -51,6 +56,7 @@ fn main() -> anyhow::Result<()> {
         Cmd::Demo(args) => demo::run(args),
         Cmd::Test { args } => test(&args),
         Cmd::Bench(args) => bench::run(args),
+        Cmd::Pgo(args) => pgo::run(args),
         Cmd::Chart(args) => chart::run(args),
     }
 }

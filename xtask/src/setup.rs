@@ -57,7 +57,23 @@ pub fn run() -> anyhow::Result<()> {
     apt_packages()?;
     kubernetes_validate()?;
     helm()?;
+    llvm_profdata()?;
     Ok(())
+}
+
+/// `llvm-profdata` of the LLVM that the stable rustc is built on (its profiles' format is that
+/// LLVM's), from Debian's `llvm-<major>`: `cargo xtask pgo` merges the training's counts with it.
+pub fn llvm_profdata() -> anyhow::Result<PathBuf> {
+    let version = output(Command::new("rustc").arg("-vV"))?;
+    let major = crate::pgo::field(&version, "LLVM version")
+        .and_then(|v| v.split('.').next())
+        .context("rustc -vV names no LLVM version")?
+        .to_string();
+    let tool = PathBuf::from(format!("/usr/lib/llvm-{major}/bin/llvm-profdata"));
+    if !tool.exists() {
+        apt_install(&[&format!("llvm-{major}")])?;
+    }
+    Ok(tool)
 }
 
 pub fn kubernetes_validate_bin() -> PathBuf {
@@ -251,6 +267,10 @@ fn apt_packages() -> anyhow::Result<()> {
     if missing.is_empty() {
         return Ok(());
     }
+    apt_install(&missing)
+}
+
+fn apt_install(packages: &[&str]) -> anyhow::Result<()> {
     exec(
         Command::new("apt-get")
             .arg("update")
@@ -259,7 +279,7 @@ fn apt_packages() -> anyhow::Result<()> {
     exec(
         Command::new("apt-get")
             .args(["install", "-y", "--no-install-recommends"])
-            .args(&missing)
+            .args(packages)
             .env("DEBIAN_FRONTEND", "noninteractive"),
     )
 }

@@ -121,6 +121,11 @@ pub struct Args {
     /// build first].
     #[arg(long)]
     no_build: bool,
+    /// Measure weft built with profile-guided optimization (`cargo xtask pgo`, which trains it
+    /// on this benchmark's cases first): target/pgo/weft; with `--no-build`, as it is [default:
+    /// off: the plain release build].
+    #[arg(long)]
+    pgo: bool,
     /// An extra `weft node` flag for the weft paths, e.g. `--weft-arg=--source-address=node`
     /// (repeatable) [default: none].
     #[arg(long = "weft-arg", allow_hyphen_values = true)]
@@ -179,8 +184,22 @@ impl PathKind {
 pub fn run(args: Args) -> Result<()> {
     crate::setup::run()?;
     require_root("the benchmark builds a cluster of network namespaces and loads eBPF programs")?;
+    let pgo = match (args.pgo, args.no_build) {
+        (false, _) => None,
+        (true, true) => Some(crate::pgo::pgo_dir().join("weft")),
+        (true, false) => {
+            let train = crate::pgo::Args {
+                reuse_profile: false,
+                train_ms: 1500,
+            };
+            Some(crate::pgo::build(&train)?)
+        }
+    };
     if !args.no_build {
-        cargo(&["build", "--release", "--bins"])?;
+        match pgo {
+            Some(_) => cargo(&["build", "--release", "--bin", "weft-testpod"])?,
+            None => cargo(&["build", "--release", "--bins"])?,
+        }
     }
     let release = release_dir();
     // With --no-build, binaries named by WEFT_BIN / WEFT_TESTPOD_BIN are measured as they are
@@ -190,7 +209,7 @@ pub fn run(args: Args) -> Result<()> {
         _ => release.join(name),
     };
     let (weft, testpod) = (
-        from_env("WEFT_BIN", "weft"),
+        pgo.unwrap_or_else(|| from_env("WEFT_BIN", "weft")),
         from_env("WEFT_TESTPOD_BIN", "weft-testpod"),
     );
     let registry = args.only == Some(Only::Registry);
@@ -310,7 +329,7 @@ pub fn run(args: Args) -> Result<()> {
 }
 
 /// Stops weft as its DaemonSet pod is stopped (SIGTERM, SIGKILL after 5 s): its shutdown runs,
-/// and an instrumented build writes its profile as it exits.
+/// and an instrumented build (`cargo xtask pgo`) writes its profile as it exits.
 fn stop(w: &mut Weft, res: &mut Results) {
     if let Err(e) = w.stop() {
         res.notes
