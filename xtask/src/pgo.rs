@@ -63,9 +63,12 @@ pub fn build(args: &Args) -> anyhow::Result<PathBuf> {
         if counts.is_empty() {
             bail!("training left no profile in {}", raw.display());
         }
+        // Not `--sparse`: a function the training never ran stays in the profile with no
+        // counts, so LLVM knows it cold and builds it for size, apart from the hot code
+        // (dropped from the profile, it would be built as if nothing were known of it).
         exec(
             Command::new(setup::llvm_profdata()?)
-                .args(["merge", "--sparse", "-o"])
+                .args(["merge", "-o"])
                 .arg(&profile)
                 .args(&counts),
         )?;
