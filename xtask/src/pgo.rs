@@ -29,23 +29,30 @@ pub struct Args {
     #[arg(long)]
     pub reuse_profile: bool,
     /// Measured time of each training case [default: 1500 ms; each case also warms up 300 ms].
-    #[arg(long, default_value_t = 1500, value_parser = clap::value_parser!(u64).range(100..=60_000))]
+    #[arg(long, default_value_t = TRAIN_MS, value_parser = clap::value_parser!(u64).range(100..=60_000))]
     pub train_ms: u64,
 }
 
+/// The training's measured time per case when `cargo xtask bench --pgo` builds.
+pub const TRAIN_MS: u64 = 1500;
+
 pub fn run(args: Args) -> anyhow::Result<()> {
+    setup::run()?;
     let weft = build(&args)?;
     eprintln!("pgo: {}", weft.display());
     Ok(())
 }
 
-/// Steps 1 to 4; returns the optimized binary.
+/// Steps 1 to 4 (after `cargo xtask setup`); returns the optimized binary.
 pub fn build(args: &Args) -> anyhow::Result<PathBuf> {
-    setup::run()?;
     let dir = pgo_dir();
     let profile = dir.join("weft.profdata");
     let triple = host_triple()?;
-    if !(args.reuse_profile && profile.exists()) {
+    if args.reuse_profile {
+        if !profile.exists() {
+            bail!("--reuse-profile: {} is missing", profile.display());
+        }
+    } else {
         require_root("training runs the benchmark's clusters of network namespaces")?;
         let raw = dir.join("raw");
         let _ = std::fs::remove_dir_all(&raw);
@@ -72,8 +79,6 @@ pub fn build(args: &Args) -> anyhow::Result<PathBuf> {
                 .arg(&profile)
                 .args(&counts),
         )?;
-    } else if !profile.exists() {
-        bail!("--reuse-profile: {} is missing", profile.display());
     }
     let optimized = cargo_weft(
         &dir.join("use"),

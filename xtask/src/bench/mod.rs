@@ -190,7 +190,7 @@ pub fn run(args: Args) -> Result<()> {
         (true, false) => {
             let train = crate::pgo::Args {
                 reuse_profile: false,
-                train_ms: 1500,
+                train_ms: crate::pgo::TRAIN_MS,
             };
             Some(crate::pgo::build(&train)?)
         }
