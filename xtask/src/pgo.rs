@@ -28,7 +28,7 @@ pub struct Args {
     /// again].
     #[arg(long)]
     pub reuse_profile: bool,
-    /// Measured time of each training case [default: 1500 ms; each case also warms up 300 ms].
+    /// Measured time of each training case, in milliseconds (each also warms up for 300).
     #[arg(long, default_value_t = TRAIN_MS, value_parser = clap::value_parser!(u64).range(100..=60_000))]
     pub train_ms: u64,
 }
