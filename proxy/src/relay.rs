@@ -23,7 +23,9 @@ use std::cell::RefCell;
 use std::future::Future;
 use std::io;
 use std::os::fd::{AsFd, AsRawFd, OwnedFd};
+use std::pin::{pin, Pin};
 use std::sync::atomic::{AtomicU64, Ordering};
+use std::task::{Context, Poll};
 use std::time::{Duration, Instant};
 
 use nix::fcntl::{splice, OFlag, SpliceFFlags};
@@ -49,18 +51,18 @@ pub struct Relayed {
 }
 
 /// Relays `client` ⇄ `upstream` until both directions reach end of stream or one fails.
-pub async fn relay(client: TcpStream, upstream: TcpStream) -> Relayed {
-    relay_until(client, upstream, std::future::pending()).await
+pub fn relay(client: TcpStream, upstream: TcpStream) -> impl Future<Output = Relayed> {
+    relay_until(client, upstream, std::future::pending())
 }
 
 /// [`relay`], cut short when `stop` ends first (with why): both peers are then reset, and the
 /// bytes moved until then are reported with that reason as the error.
-pub async fn relay_until(
+pub fn relay_until(
     client: TcpStream,
     upstream: TcpStream,
     stop: impl Future<Output = String>,
-) -> Relayed {
-    relay_bounded(client, upstream, stop, std::future::pending(), None).await
+) -> impl Future<Output = Relayed> {
+    relay_bounded(client, upstream, stop, std::future::pending(), None)
 }
 
 /// [`relay_until`], and closed cleanly once `close` ends (with why, e.g. the node's drain
@@ -73,24 +75,29 @@ pub async fn relay_bounded(
     close: impl Future<Output = String>,
     idle_timeout: Option<Duration>,
 ) -> Relayed {
-    relay_between(&client, &upstream, stop, close, idle_timeout).await
+    relay_between(&client, &upstream, pin!(stop), pin!(close), idle_timeout).await
 }
 
 /// [`relay_bounded`] between sockets the caller keeps (and closes once it returns), so that
-/// `stop` may borrow them too.
-pub async fn relay_between(
+/// `stop` may borrow them too. `stop` and `close` are pinned by the caller (see
+/// [`both_ways`]).
+pub async fn relay_between<S, C>(
     client: &TcpStream,
     upstream: &TcpStream,
-    stop: impl Future<Output = String>,
-    close: impl Future<Output = String>,
+    stop: Pin<&mut S>,
+    close: Pin<&mut C>,
     idle_timeout: Option<Duration>,
-) -> Relayed {
+) -> Relayed
+where
+    S: Future<Output = String>,
+    C: Future<Output = String>,
+{
     // Counted as bytes move, so a direction that is cut short still reports what it moved.
     let (sent, received) = (AtomicU64::new(0), AtomicU64::new(0));
     let ends = Ends::default();
-    let up = pump(client, upstream, &sent, &ends);
-    let down = pump(upstream, client, &received, &ends);
-    let idle = either(close, idle(&sent, &received, idle_timeout));
+    let up = pin!(pump(client, upstream, &sent, &ends));
+    let down = pin!(pump(upstream, client, &received, &ends));
+    let idle = pin!(either(close, idle(&sent, &received, idle_timeout)));
     // Reading ends on both sockets: each direction then passes a half-close on, as if its peer
     // had closed, and the relay ends the way a finished one does.
     let close = || {
@@ -120,11 +127,39 @@ pub async fn relay_between(
     }
 }
 
-/// Whichever of two reasons to close comes first.
-pub async fn either(a: impl Future<Output = String>, b: impl Future<Output = String>) -> String {
-    tokio::select! {
-        why = a => why,
-        why = b => why,
+/// Whichever of two reasons to close comes first (`a` when both are ready).
+pub fn either<A, B>(a: A, b: B) -> Either<A, B>
+where
+    A: Future<Output = String>,
+    B: Future<Output = String>,
+{
+    Either { a, b }
+}
+
+pin_project_lite::pin_project! {
+    /// [`either`]'s future: each reason held once (an `async fn` would hold both twice).
+    #[must_use = "futures do nothing unless polled"]
+    pub struct Either<A, B> {
+        #[pin]
+        a: A,
+        #[pin]
+        b: B,
+    }
+}
+
+impl<A, B> Future for Either<A, B>
+where
+    A: Future<Output = String>,
+    B: Future<Output = String>,
+{
+    type Output = String;
+
+    fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<String> {
+        let this = self.project();
+        if let Poll::Ready(why) = this.a.poll(cx) {
+            return Poll::Ready(why);
+        }
+        this.b.poll(cx)
     }
 }
 
@@ -157,16 +192,24 @@ const CLOSE_GRACE: Duration = Duration::from_secs(5);
 /// reason). When `idle` ends first, `close` is called (it must make both directions end, e.g.
 /// by shutting their reading down) and they get [`CLOSE_GRACE`] to do so: [`Ending::Closed`]
 /// with `idle`'s reason, or failed if they do not.
-pub async fn both_ways(
-    up: impl Future<Output = io::Result<()>>,
+///
+/// The futures are pinned where the caller made them: taken by value, each would be held
+/// twice in this one's state (an `async fn`'s argument, then the pinned copy).
+pub async fn both_ways<U, D, S, I>(
+    mut up: Pin<&mut U>,
     up_name: &str,
-    down: impl Future<Output = io::Result<()>>,
+    mut down: Pin<&mut D>,
     down_name: &str,
-    stop: impl Future<Output = String>,
-    idle: impl Future<Output = String>,
+    mut stop: Pin<&mut S>,
+    mut idle: Pin<&mut I>,
     close: impl FnOnce(),
-) -> Ending {
-    tokio::pin!(up, down, stop, idle);
+) -> Ending
+where
+    U: Future<Output = io::Result<()>>,
+    D: Future<Output = io::Result<()>>,
+    S: Future<Output = String>,
+    I: Future<Output = String>,
+{
     let (mut up_done, mut down_done) = (false, false);
     let mut closing: Option<(String, tokio::time::Instant)> = None;
     let mut close = Some(close);
@@ -626,6 +669,28 @@ mod tests {
     use super::*;
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
     use tokio::net::TcpListener;
+
+    /// A reason to close that holds `N` bytes across its wait.
+    fn reason<const N: usize>() -> impl Future<Output = String> {
+        async {
+            let held = [0u8; N];
+            tokio::task::yield_now().await;
+            format!("{}", held.len())
+        }
+    }
+
+    #[test]
+    fn either_holds_each_reason_once() {
+        let (a, b) = (reason::<1000>(), reason::<500>());
+        let parts = std::mem::size_of_val(&a) + std::mem::size_of_val(&b);
+        let both = either(a, b);
+        // An `async fn` held its arguments twice (about 2 × parts).
+        assert!(
+            std::mem::size_of_val(&both) <= parts + 16,
+            "{} for {parts}",
+            std::mem::size_of_val(&both)
+        );
+    }
 
     /// client ⇄ [relay] ⇄ server over loopback; returns (client side, server side, relay task).
     async fn setup() -> (TcpStream, TcpStream, tokio::task::JoinHandle<Relayed>) {

@@ -14,7 +14,7 @@ use tracing::debug;
 
 use std::time::Duration;
 
-use bytes::Bytes;
+use bytes::{Bytes, BytesMut};
 
 use self::authorize::{
     admit, authorize, calling_pod, declared_http, services_of, verified_source_ip, Admission,
@@ -165,9 +165,10 @@ impl Handler for Inbound {
         if let Some(service) = services.first() {
             record.service(service);
         }
+        // Boxed: serving HTTP takes far more state than relaying bytes, and every stream's
+        // task would otherwise be allocated (and moved) at that size, TCP ones too.
         if per_request {
-            self.per_request(pending, pod, services, req, None, record)
-                .await;
+            Box::pin(self.per_request(pending, pod, services, req, None, record)).await;
             return;
         }
         // A port a Service declares HTTP is served request by request too, so that each
@@ -194,8 +195,7 @@ impl Handler for Inbound {
             }
         };
         if declared {
-            self.per_request(pending, pod, services, req, Some(upstream), record)
-                .await;
+            Box::pin(self.per_request(pending, pod, services, req, Some(upstream), record)).await;
             return;
         }
         let stream = match pending.accept() {
@@ -373,18 +373,21 @@ impl Inbound {
 async fn first_bytes(stream: &mut Stream, wait: Duration) -> (Bytes, Sniffed) {
     use tokio::io::AsyncReadExt;
     let deadline = tokio::time::Instant::now() + wait;
-    let mut buf = Vec::with_capacity(1024);
+    // Read into the buffer's own room (a chunk on the stack would be held in the task across
+    // every wait).
+    let mut buf = BytesMut::with_capacity(4096);
     loop {
-        let mut chunk = [0u8; 4096];
-        let n = match tokio::time::timeout_at(deadline, stream.read(&mut chunk)).await {
-            Ok(Ok(n)) if n > 0 => n,
-            _ => return (Bytes::from(buf), Sniffed::Other),
-        };
-        buf.extend_from_slice(&chunk[..n]);
+        if buf.len() == buf.capacity() {
+            buf.reserve(4096);
+        }
+        match tokio::time::timeout_at(deadline, stream.read_buf(&mut buf)).await {
+            Ok(Ok(n)) if n > 0 => {}
+            _ => return (buf.freeze(), Sniffed::Other),
+        }
         match sniff(&buf) {
             Sniffed::NeedMore if buf.len() < 8192 => continue,
-            Sniffed::NeedMore => return (Bytes::from(buf), Sniffed::Other),
-            decided => return (Bytes::from(buf), decided),
+            Sniffed::NeedMore => return (buf.freeze(), Sniffed::Other),
+            decided => return (buf.freeze(), decided),
         }
     }
 }

@@ -27,6 +27,7 @@ pub mod redirects;
 
 use std::future::Future;
 use std::net::SocketAddr;
+use std::pin::pin;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -420,8 +421,8 @@ async fn relay(
     close: impl Future<Output = String>,
     idle: Option<Duration>,
 ) -> Relayed {
-    let stop = either(stop, keepalive.arm(&upstream));
-    relay_between(&client, &upstream, stop, close, idle).await
+    let stop = pin!(either(stop, keepalive.arm(&upstream)));
+    relay_between(&client, &upstream, stop, pin!(close), idle).await
 }
 
 /// What a plan is decided with: this node's inputs and the tables in force.

@@ -8,8 +8,11 @@
 //! keeps the totals `/status` and `/metrics` report.
 
 use std::fmt::Display;
+use std::future::Future;
 use std::net::{IpAddr, SocketAddr};
+use std::pin::Pin;
 use std::sync::Arc;
+use std::task::{ready, Context, Poll};
 use std::time::{Instant, SystemTime};
 
 use time::OffsetDateTime;
@@ -213,18 +216,17 @@ impl ConnectionRecord {
 
     /// Runs `relay`, counted among the active connections meanwhile, and keeps its byte counts
     /// and error. Cancellation-safe: the active count is given back on drop.
-    pub async fn relay(&mut self, relay: impl std::future::Future<Output = Relayed>) {
+    ///
+    /// A future of its own rather than an `async fn`: an `async fn` would hold `relay` twice
+    /// (its argument, then the awaited value), and the relay is most of a connection's task.
+    pub fn relay<F: Future<Output = Relayed>>(&mut self, relay: F) -> Relaying<'_, F> {
         self.relaying = true;
         self.report.opened = true;
         self.telemetry.tcp_opened(&self.flow, &self.report);
-        let relayed = {
-            let _active = Held::up(&self.telemetry.active);
-            relay.await
-        };
-        self.flow.bytes_sent = relayed.sent;
-        self.flow.bytes_received = relayed.received;
-        if let Some(e) = relayed.error {
-            self.flow.error = Some(e);
+        Relaying {
+            relay,
+            flow: &mut self.flow,
+            active: Some(Held::up(&self.telemetry.active)),
         }
     }
 
@@ -269,11 +271,14 @@ impl ConnectionRecord {
         self.finish(verdict, error);
     }
 
-    /// Marks the connection as being served (for the active gauge and the verdict on drop).
-    pub async fn serve<T>(&mut self, serving: impl std::future::Future<Output = T>) -> T {
+    /// Marks the connection as being served (for the active gauge and the verdict on drop)
+    /// while `serving` runs; a future of its own for the reason [`ConnectionRecord::relay`] is.
+    pub fn serve<F: Future>(&mut self, serving: F) -> Serving<'_, F> {
         self.relaying = true;
-        let _active = Held::up(&self.telemetry.active);
-        serving.await
+        Serving {
+            serving,
+            _active: Held::up(&self.telemetry.active),
+        }
     }
 
     fn emit(&mut self) -> Arc<Flow> {
@@ -295,6 +300,51 @@ impl ConnectionRecord {
             "flow"
         );
         self.telemetry.connection(flow, &self.report)
+    }
+}
+
+pin_project_lite::pin_project! {
+    /// [`ConnectionRecord::relay`]: the relay, then its counts into the record.
+    #[must_use = "futures do nothing unless polled"]
+    pub struct Relaying<'a, F> {
+        #[pin]
+        relay: F,
+        flow: &'a mut Flow,
+        active: Option<Held<'a>>,
+    }
+}
+
+impl<F: Future<Output = Relayed>> Future for Relaying<'_, F> {
+    type Output = ();
+
+    fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<()> {
+        let this = self.project();
+        let relayed = ready!(this.relay.poll(cx));
+        this.active.take();
+        this.flow.bytes_sent = relayed.sent;
+        this.flow.bytes_received = relayed.received;
+        if let Some(e) = relayed.error {
+            this.flow.error = Some(e);
+        }
+        Poll::Ready(())
+    }
+}
+
+pin_project_lite::pin_project! {
+    /// [`ConnectionRecord::serve`]: what serves the connection, counted active meanwhile.
+    #[must_use = "futures do nothing unless polled"]
+    pub struct Serving<'a, F> {
+        #[pin]
+        serving: F,
+        _active: Held<'a>,
+    }
+}
+
+impl<F: Future> Future for Serving<'_, F> {
+    type Output = F::Output;
+
+    fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<F::Output> {
+        self.project().serving.poll(cx)
     }
 }
 
@@ -811,6 +861,29 @@ mod tests {
         // A record of a connection the proxy never held has no duration.
         let r = ConnectionRecord::at(&t, SystemTime::now());
         assert_eq!(r.finish(Verdict::Unhandled, Some("x")).duration_ms, 0.0);
+    }
+
+    #[test]
+    fn a_relay_is_held_once() {
+        fn relaying() -> impl std::future::Future<Output = Relayed> {
+            async {
+                let held = [0u8; 4096];
+                tokio::task::yield_now().await;
+                Relayed {
+                    sent: held.len() as u64,
+                    ..Relayed::default()
+                }
+            }
+        }
+        let t = telemetry();
+        let mut r = ConnectionRecord::accepted(&t);
+        let alone = std::mem::size_of_val(&relaying());
+        let wrapped = std::mem::size_of_val(&r.relay(relaying()));
+        // An `async fn` held the relay twice (its argument, then the awaited value): the
+        // connection's task, allocated per connection, was that much larger.
+        assert!(wrapped <= alone + 64, "{wrapped} for {alone}");
+        let served = std::mem::size_of_val(&r.serve(relaying()));
+        assert!(served <= alone + 64, "{served} for {alone}");
     }
 
     #[tokio::test]

@@ -28,6 +28,7 @@ use std::task::{Context, Poll};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use bytes::Bytes;
+use futures::FutureExt as _;
 use h2::client::SendRequest;
 use http::{Method, Request, StatusCode};
 use parking_lot::Mutex;
@@ -199,30 +200,32 @@ impl Tunnel {
 
     /// Relays `client` ⇄ the tunnel until both directions end or one fails.
     /// `sent` = client → tunnel bytes, `received` = tunnel → client.
-    pub async fn relay(self, client: TcpStream) -> Relayed {
+    pub fn relay(self, client: TcpStream) -> impl std::future::Future<Output = Relayed> {
         self.relay_bounded(client, std::future::pending(), None)
-            .await
     }
 
     /// [`Tunnel::relay`], closed cleanly once `close` ends (with why) or nothing has moved
-    /// for `idle_timeout`.
-    pub async fn relay_bounded(
+    /// for `idle_timeout`. The stream's relay itself, its count mapped (not an `async fn`
+    /// around it, which would hold it twice).
+    pub fn relay_bounded(
         self,
         client: TcpStream,
         close: impl std::future::Future<Output = String>,
         idle_timeout: Option<std::time::Duration>,
-    ) -> Relayed {
+    ) -> impl std::future::Future<Output = Relayed> {
         let Tunnel {
             stream,
             early,
             _slot,
             ..
         } = self;
-        let mut relayed = stream
+        stream
             .relay_bounded(client, std::future::pending(), close, idle_timeout)
-            .await;
-        relayed.sent += early;
-        relayed
+            .map(move |mut relayed| {
+                drop(_slot);
+                relayed.sent += early;
+                relayed
+            })
     }
 }
 

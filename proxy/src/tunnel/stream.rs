@@ -4,7 +4,7 @@ use std::future::poll_fn;
 use std::future::Future;
 use std::io;
 use std::os::fd::AsRawFd;
-use std::pin::Pin;
+use std::pin::{pin, Pin};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::task::{ready, Context, Poll};
 use std::time::Duration;
@@ -41,16 +41,16 @@ async fn relay(
     let ending = {
         let fd = tcp.as_raw_fd();
         let (mut rd, mut wr) = tcp.split();
-        let up = tcp_to_h2(&mut rd, &mut send, &to_h2);
-        let down = h2_to_tcp(&mut recv, &mut wr, pending, &from_h2);
-        let idle = either(close, idle(&to_h2, &from_h2, idle_timeout));
+        let up = pin!(tcp_to_h2(&mut rd, &mut send, &to_h2));
+        let down = pin!(h2_to_tcp(&mut recv, &mut wr, pending, &from_h2));
+        let idle = pin!(either(close, idle(&to_h2, &from_h2, idle_timeout)));
         let close = || shutdown_read(&fd);
         both_ways(
             up,
             "client→tunnel",
             down,
             "tunnel→client",
-            stop,
+            pin!(stop),
             idle,
             close,
         )
@@ -192,33 +192,35 @@ impl Stream {
 
     /// Relays `socket` ⇄ the stream until both directions end or one fails.
     /// `sent` = socket → stream bytes, `received` = stream → socket.
-    pub async fn relay(self, socket: TcpStream) -> Relayed {
-        self.relay_until(socket, std::future::pending()).await
+    pub fn relay(self, socket: TcpStream) -> impl Future<Output = Relayed> {
+        self.relay_until(socket, std::future::pending())
     }
 
     /// [`Stream::relay`], cut short when `stop` ends first (with why): the stream is then
     /// cancelled and the socket reset, and the bytes moved until then are reported with that
     /// reason as the error.
-    pub async fn relay_until(
+    pub fn relay_until(
         self,
         socket: TcpStream,
         stop: impl Future<Output = String>,
-    ) -> Relayed {
+    ) -> impl Future<Output = Relayed> {
         self.relay_bounded(socket, stop, std::future::pending(), None)
-            .await
     }
 
     /// [`Stream::relay_until`], and closed cleanly once `close` ends (with why, e.g. the
     /// node's drain timeout) or no byte has moved either way for `idle_timeout` (`None`:
     /// never): `END_STREAM` to the tunnel, FIN to the socket, and the error says why
     /// (`closed: idle for …`).
-    pub async fn relay_bounded(
+    ///
+    /// These return the relay's own future (not an `async fn` around it, which would hold
+    /// its arguments twice): what a tunnelled connection's task holds while it lasts.
+    pub fn relay_bounded(
         self,
         socket: TcpStream,
         stop: impl Future<Output = String>,
         close: impl Future<Output = String>,
         idle_timeout: Option<Duration>,
-    ) -> Relayed {
+    ) -> impl Future<Output = Relayed> {
         // `socket` has TCP_NODELAY already: inherited from weft's listeners, or set by the
         // connector.
         relay(
@@ -230,7 +232,6 @@ impl Stream {
             close,
             idle_timeout,
         )
-        .await
     }
 }
 
