@@ -79,13 +79,30 @@ impl SpiffeId {
     }
 }
 
+impl SpiffeId {
+    /// `spiffe://<trust domain>/ns/<namespace>/sa/<service account>`, written directly (what
+    /// `to_string` gives, without the formatting machinery: a flow writes one or two per
+    /// connection).
+    pub fn uri(&self) -> String {
+        let parts = [
+            "spiffe://",
+            &self.trust_domain,
+            "/ns/",
+            &self.namespace,
+            "/sa/",
+            &self.service_account,
+        ];
+        let mut out = String::with_capacity(parts.iter().map(|p| p.len()).sum());
+        for p in parts {
+            out.push_str(p);
+        }
+        out
+    }
+}
+
 impl fmt::Display for SpiffeId {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        write!(
-            f,
-            "spiffe://{}/ns/{}/sa/{}",
-            self.trust_domain, self.namespace, self.service_account
-        )
+        f.write_str(&self.uri())
     }
 }
 

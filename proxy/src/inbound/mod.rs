@@ -395,7 +395,7 @@ async fn first_bytes(stream: &mut Stream, wait: Duration) -> (Bytes, Sniffed) {
 fn record_destination(
     record: &mut ConnectionRecord,
     inputs: &ProxyInputs,
-    pod: &crate::registry::Pod,
+    pod: &Arc<crate::registry::Pod>,
 ) {
     record.destination_pod(pod);
     if let Some(id) = identity_of(&inputs.trust_domain, pod) {

@@ -1303,7 +1303,7 @@ struct Upstream {
 impl Upstream {
     fn new(addr: SocketAddr, pod: Option<Arc<Pod>>, state: Arc<EndpointState>) -> Upstream {
         Upstream {
-            names: Names::endpoint(addr, pod.as_deref()),
+            names: Names::endpoint(addr, pod.as_ref()),
             addr,
             pod,
             state,

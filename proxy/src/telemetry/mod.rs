@@ -22,6 +22,7 @@ pub mod flow_log;
 pub mod golden;
 pub mod istio;
 pub mod metrics;
+pub mod names;
 pub mod record;
 pub mod trace;
 
@@ -36,12 +37,13 @@ use access_log::AccessLog;
 use istio::{IstioMetrics, Protocol, RequestLabels, RequestSample, TcpLabels};
 use trace::Tracing;
 
-use crate::admin::api::{Flow, Verdict};
+use crate::admin::api::{Flow, Text, Verdict};
 use crate::limits::Admission;
 
 /// The node's telemetry sinks, shared by every path.
 pub struct Telemetry {
-    node: String,
+    /// Shared by every flow this node records.
+    node: Text,
     pub flows: FlowLog,
     /// HBONE client pool (outbound tunnels).
     pub hbone_client: ClientCounters,
@@ -63,7 +65,7 @@ impl Telemetry {
     /// Telemetry of node `node`, keeping up to `flow_capacity` flows.
     pub fn new(node: impl Into<String>, flow_capacity: usize) -> Telemetry {
         Telemetry {
-            node: node.into(),
+            node: node.into().into(),
             flows: FlowLog::new(flow_capacity),
             hbone_client: ClientCounters::default(),
             hbone_server: ServerCounters::default(),
@@ -202,7 +204,7 @@ impl Telemetry {
     }
 
     /// The node every record is attributed to.
-    pub fn node(&self) -> &str {
+    pub fn node(&self) -> &Text {
         &self.node
     }
 

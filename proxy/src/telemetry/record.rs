@@ -20,6 +20,7 @@ use tracing::debug;
 
 use super::counters::Held;
 use super::istio::{CallLabels, Peer, Protocol, Reporter, Security, ServiceLabels};
+use super::names;
 use super::trace::{SpanEnd, SpanKind, SpanStart};
 use super::Telemetry;
 use crate::admin::api::{Flow, HttpFlow, Text, Verdict};
@@ -94,7 +95,7 @@ impl ConnectionRecord {
             telemetry: telemetry.clone(),
             flow: Flow {
                 time: OffsetDateTime::from(time),
-                node: telemetry.node().into(),
+                node: telemetry.node().clone(),
                 ..Flow::default()
             },
             started: None,
@@ -120,23 +121,23 @@ impl ConnectionRecord {
     }
 
     /// The calling pod (its address too, when none was seen on the wire).
-    pub fn source_pod(&mut self, pod: &Pod) -> &mut Self {
+    pub fn source_pod(&mut self, pod: &Arc<Pod>) -> &mut Self {
+        let names = names::pod(pod);
         let s = &mut self.flow.source;
-        s.namespace = Some(pod.namespace.as_str().into());
-        s.pod = Some(pod.name.as_str().into());
+        s.namespace = Some(names.namespace.clone());
+        s.pod = Some(names.name.clone());
         if s.ip.is_none() {
             s.ip = pod.ip;
         }
-        let peer = Arc::new(Peer::of_pod(pod));
-        s.workload = Some(peer.workload.clone());
-        self.report.source = Some(peer);
+        s.workload = Some(names.peer.workload.clone());
+        self.report.source = Some(names.peer.clone());
         self
     }
 
     /// The calling workload's identity (and its namespace, when no pod is known).
     pub fn source_identity(&mut self, id: &SpiffeId) -> &mut Self {
         let s = &mut self.flow.source;
-        s.identity = Some(id.to_string().into());
+        s.identity = Some(id.uri().into());
         if s.namespace.is_none() {
             s.namespace = Some(id.namespace().into());
         }
@@ -145,7 +146,7 @@ impl ConnectionRecord {
 
     /// Where the client wanted to go, before redirection.
     pub fn original_destination(&mut self, dst: SocketAddr) -> &mut Self {
-        self.flow.original_destination = dst.to_string().into();
+        self.flow.original_destination = names::address(dst);
         self
     }
 
@@ -156,25 +157,23 @@ impl ConnectionRecord {
     }
 
     /// The Service whose VIP was called.
-    pub fn service(&mut self, service: &Service) -> &mut Self {
+    pub fn service(&mut self, service: &Arc<Service>) -> &mut Self {
+        let names = names::service(service);
         let d = &mut self.flow.destination;
-        d.service = Some(format!("{}/{}", service.namespace, service.name).into());
-        d.namespace = Some(service.namespace.as_str().into());
-        self.report.service = Some(Arc::new(ServiceLabels::service(
-            &service.namespace,
-            &service.name,
-        )));
+        d.service = names.name.clone();
+        d.namespace = names.namespace.clone();
+        self.report.service = names.service.clone();
         self
     }
 
     /// The destination pod.
-    pub fn destination_pod(&mut self, pod: &Pod) -> &mut Self {
+    pub fn destination_pod(&mut self, pod: &Arc<Pod>) -> &mut Self {
+        let names = names::pod(pod);
         let d = &mut self.flow.destination;
-        d.namespace = Some(pod.namespace.as_str().into());
-        d.pod = Some(pod.name.as_str().into());
-        let peer = Arc::new(Peer::of_pod(pod));
-        d.workload = Some(peer.workload.clone());
-        self.report.destination = Some(peer);
+        d.namespace = Some(names.namespace.clone());
+        d.pod = Some(names.name.clone());
+        d.workload = Some(names.peer.workload.clone());
+        self.report.destination = Some(names.peer.clone());
         self
     }
 
@@ -186,13 +185,13 @@ impl ConnectionRecord {
 
     /// The address the proxy connects (or connected) to.
     pub fn destination_address(&mut self, addr: SocketAddr) -> &mut Self {
-        self.flow.destination.address = Some(addr.to_string().into());
+        self.flow.destination.address = Some(names::address(addr));
         self
     }
 
     /// The destination workload's identity.
     pub fn destination_identity(&mut self, id: &SpiffeId) -> &mut Self {
-        self.flow.destination.identity = Some(id.to_string().into());
+        self.flow.destination.identity = Some(id.uri().into());
         self
     }
 
@@ -377,12 +376,13 @@ impl Names {
         }
     }
 
-    pub fn endpoint(addr: SocketAddr, pod: Option<&Pod>) -> Names {
+    pub fn endpoint(addr: SocketAddr, pod: Option<&Arc<Pod>>) -> Names {
+        let pod = pod.map(names::pod);
         Names {
-            address: Some(addr.to_string().into()),
-            namespace: pod.map(|p| p.namespace.as_str().into()),
-            name: pod.map(|p| p.name.as_str().into()),
-            peer: pod.map(|p| Arc::new(Peer::of_pod(p))),
+            address: Some(names::address(addr)),
+            namespace: pod.as_ref().map(|p| p.namespace.clone()),
+            name: pod.as_ref().map(|p| p.name.clone()),
+            peer: pod.map(|p| p.peer.clone()),
             service: None,
         }
     }
@@ -926,13 +926,13 @@ mod tests {
     fn a_request_is_reported_by_each_proxy_it_passes() {
         use crate::telemetry::istio::tests::pod;
         let t = telemetry();
-        let client = pod("front", "web-6d9f7c8b5-a", "web", &[("app", "web")]);
-        let server = pod(
+        let client = Arc::new(pod("front", "web-6d9f7c8b5-a", "web", &[("app", "web")]));
+        let server = Arc::new(pod(
             "back",
             "ratings-v1-6d9f7c8b5-b",
             "ratings-v1",
             &[("app", "ratings")],
-        );
+        ));
         let mut conn = ConnectionRecord::accepted(&t);
         conn.reporter(Reporter::Source).source_pod(&client);
         let requests = conn.requests();
@@ -969,8 +969,8 @@ mod tests {
     fn a_tcp_connection_is_counted_open_while_it_relays_and_closed_with_its_bytes() {
         use crate::telemetry::istio::tests::pod;
         let t = telemetry();
-        let client = pod("front", "web-6d9f7c8b5-a", "web", &[("app", "web")]);
-        let server = pod("back", "db-6d9f7c8b5-b", "db", &[("app", "db")]);
+        let client = Arc::new(pod("front", "web-6d9f7c8b5-a", "web", &[("app", "web")]));
+        let server = Arc::new(pod("back", "db-6d9f7c8b5-b", "db", &[("app", "db")]));
         let mut r = ConnectionRecord::accepted(&t);
         r.reporter(Reporter::Destination)
             .source_pod(&client)
