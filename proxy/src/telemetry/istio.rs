@@ -15,7 +15,7 @@
 //! May import: `registry` (pods, for [`Peer::of_pod`]), `admin::api` (`Text`).
 
 use std::collections::HashMap;
-use std::hash::Hash;
+use std::hash::{BuildHasher, Hash, Hasher};
 use std::sync::Arc;
 
 use parking_lot::RwLock;
@@ -84,8 +84,9 @@ impl Security {
 }
 
 /// One side of a call as Istio's labels name it (without its principal, which comes from the
-/// connection: a certificate or the caller's cgroup).
-#[derive(Clone, Debug, PartialEq, Eq, Hash)]
+/// connection: a certificate or the caller's cgroup). Made by its constructors only, and not
+/// changed after: its hash is made once, from the labels.
+#[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Peer {
     /// The workload (Deployment, StatefulSet, …) the pod belongs to.
     pub workload: Text,
@@ -98,6 +99,14 @@ pub struct Peer {
     pub kind: Option<&'static str>,
     /// Part of this cluster (its `*_cluster` is the node's cluster id), or unknown.
     pub known: bool,
+    /// The hash of the fields above: a series lookup hashes this instead of every label.
+    key: u64,
+}
+
+impl Hash for Peer {
+    fn hash<H: Hasher>(&self, h: &mut H) {
+        h.write_u64(self.key);
+    }
 }
 
 impl Peer {
@@ -113,7 +122,8 @@ impl Peer {
                 canonical_revision: UNKNOWN.into(),
                 kind: None,
                 known: false,
-            });
+                key: 0,
+            }.keyed());
         }
         UNKNOWN_PEER.with(Arc::clone)
     }
@@ -131,47 +141,75 @@ impl Peer {
             canonical_revision: w.canonical_revision.into(),
             kind: Some(w.kind),
             known: true,
+            key: 0,
         }
+        .keyed()
+    }
+
+    fn keyed(mut self) -> Peer {
+        self.key = fixed_hash((
+            &self.workload,
+            &self.namespace,
+            &self.app,
+            &self.version,
+            &self.canonical_service,
+            &self.canonical_revision,
+            self.kind,
+            self.known,
+        ));
+        self
     }
 }
 
-/// The Service a call was for: `destination_service` (its host), `_name`, `_namespace`.
-#[derive(Clone, Debug, PartialEq, Eq, Hash)]
+/// The Service a call was for: `destination_service` (its host), `_name`, `_namespace`. Made
+/// by its constructors only (its hash is made once, as a [`Peer`]'s).
+#[derive(Clone, Debug, PartialEq, Eq)]
 pub struct ServiceLabels {
     pub host: Text,
     pub name: Text,
     pub namespace: Text,
+    key: u64,
+}
+
+impl Hash for ServiceLabels {
+    fn hash<H: Hasher>(&self, h: &mut H) {
+        h.write_u64(self.key);
+    }
 }
 
 impl ServiceLabels {
     pub fn unknown() -> Arc<ServiceLabels> {
         thread_local! {
-            static UNKNOWN_SERVICE: Arc<ServiceLabels> = Arc::new(ServiceLabels {
-                host: UNKNOWN.into(),
-                name: UNKNOWN.into(),
-                namespace: UNKNOWN.into(),
-            });
+            static UNKNOWN_SERVICE: Arc<ServiceLabels> =
+                Arc::new(ServiceLabels::new(UNKNOWN, UNKNOWN, UNKNOWN));
         }
         UNKNOWN_SERVICE.with(Arc::clone)
     }
 
     /// A Kubernetes Service: host `name.namespace.svc.<domain>`.
     pub fn service(namespace: &str, name: &str) -> ServiceLabels {
-        ServiceLabels {
-            host: format!("{name}.{namespace}.svc.{}", crate::config::CLUSTER_DOMAIN).into(),
-            name: name.into(),
-            namespace: namespace.into(),
-        }
+        let host = format!("{name}.{namespace}.svc.{}", crate::config::CLUSTER_DOMAIN);
+        ServiceLabels::new(&host, name, namespace)
     }
 
     /// A host of a ServiceEntry (name and host are the host, as Istio reports them).
     pub fn external(host: &str, namespace: &str) -> ServiceLabels {
+        ServiceLabels::new(host, host, namespace)
+    }
+
+    fn new(host: &str, name: &str, namespace: &str) -> ServiceLabels {
         ServiceLabels {
             host: host.into(),
-            name: host.into(),
+            name: name.into(),
             namespace: namespace.into(),
+            key: fixed_hash((host, name, namespace)),
         }
     }
+}
+
+/// A hash of `parts` that is the same in every process (series keys only: never exposed).
+fn fixed_hash(parts: impl Hash) -> u64 {
+    foldhash::fast::FixedState::with_seed(0x5745_4654).hash_one(parts)
 }
 
 /// Who called whom, as both HTTP and TCP series are labelled.
@@ -592,6 +630,42 @@ pub(crate) mod tests {
             service: Arc::new(ServiceLabels::service("back", "reviews")),
             security: Security::reported(reporter, mtls),
         }
+    }
+
+    #[test]
+    fn equal_labels_hash_alike_and_any_label_tells_them_apart() {
+        let hash = |v: &dyn Fn(&mut std::collections::hash_map::DefaultHasher)| {
+            let mut h = std::collections::hash_map::DefaultHasher::new();
+            v(&mut h);
+            h.finish()
+        };
+        let a = Peer::of_pod(&pod("front", "web-1", "web", &[("app", "web")]));
+        let same = Peer::of_pod(&pod("front", "web-2", "web", &[("app", "web")]));
+        assert_eq!(a, same);
+        assert_eq!(hash(&|h| a.hash(h)), hash(&|h| same.hash(h)));
+        for other in [
+            pod(
+                "front",
+                "web-1",
+                "web",
+                &[("app", "web"), ("version", "v2")],
+            ),
+            pod("back", "web-1", "web", &[("app", "web")]),
+            pod("front", "web-1", "api", &[("app", "web")]),
+        ] {
+            let other = Peer::of_pod(&other);
+            assert_ne!(a, other);
+            assert_ne!(hash(&|h| a.hash(h)), hash(&|h| other.hash(h)));
+        }
+        assert_ne!(Peer::unknown().key, a.key);
+        let s = ServiceLabels::service("back", "reviews");
+        assert_eq!(s, ServiceLabels::service("back", "reviews"));
+        assert_eq!(s.host.as_ref(), "reviews.back.svc.cluster.local");
+        assert_ne!(s.key, ServiceLabels::service("back", "ratings").key);
+        assert_ne!(
+            s.key,
+            ServiceLabels::external("reviews.back.svc.cluster.local", "back").key
+        );
     }
 
     #[test]
