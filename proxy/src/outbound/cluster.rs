@@ -37,7 +37,7 @@ pub fn name(port: u16, subset: Option<&str>, host: &str) -> String {
 /// Every cluster this node has sent to.
 #[derive(Debug, Default)]
 pub struct Clusters {
-    all: Mutex<HashMap<String, Arc<Cluster>>>,
+    all: Mutex<HashMap<String, Arc<Cluster>, foldhash::fast::RandomState>>,
 }
 
 /// The next cluster's id (0 is no cluster's).
@@ -98,14 +98,14 @@ pub struct Cluster {
 /// A cluster's endpoints, and the size at which those nobody holds are let go.
 #[derive(Debug)]
 struct Endpoints {
-    all: HashMap<SocketAddr, Arc<EndpointState>>,
+    all: HashMap<SocketAddr, Arc<EndpointState>, foldhash::fast::RandomState>,
     prune_at: usize,
 }
 
 impl Default for Endpoints {
     fn default() -> Self {
         Endpoints {
-            all: HashMap::new(),
+            all: HashMap::default(),
             prune_at: PRUNE_AT,
         }
     }

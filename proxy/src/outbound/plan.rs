@@ -170,20 +170,27 @@ fn decide(
     let original = redirect.original_dst;
     let (target, pod) = match ctx.snapshot.resolve(original) {
         Resolved::Service { service, port } => {
-            let (service, port, subset, subset_name) =
-                match tcp_route(&service, original, source, ctx) {
+            let called = service_fqdn(&service.namespace, &service.name);
+            let (routed, port, subset, subset_name) =
+                match tcp_route(&called, original, source, ctx) {
                     Some(Ok(routed)) => routed,
                     Some(Err(())) => {
                         dest.service = Some(service);
                         return Action::Refuse(Refusal::NoEndpoint);
                     }
-                    None => (service, port, None, None),
+                    None => (service.clone(), port, None, None),
                 };
+            // The host's name is made once, unless a route sent the connection elsewhere.
+            let host = if Arc::ptr_eq(&routed, &service) {
+                called
+            } else {
+                service_fqdn(&routed.namespace, &routed.name)
+            };
+            let service = routed;
             let mut endpoints = ctx.snapshot.endpoints(&service, &port);
             if let Some(labels) = &subset {
                 endpoints.retain(|e| e.pod.matches(labels));
             }
-            let host = service_fqdn(&service.namespace, &service.name);
             let name = cluster::name(port.port, subset_name.as_deref(), &host);
             dest.service = Some(service);
             // The destination's DestinationRule: how an endpoint is chosen, how many
@@ -191,8 +198,7 @@ fn decide(
             let ns = source.pod.as_ref().map(|p| p.namespace.as_str());
             let policy = ctx
                 .routes
-                .backend(&host, Some(port.port), subset_name.as_deref(), ns)
-                .map(|b| b.policy)
+                .policy(&host, port.port, subset_name.as_deref(), ns)
                 .unwrap_or_default();
             let cluster = ctx.clusters.get(&name);
             dest.cluster = Some(name);
@@ -249,20 +255,19 @@ fn choose_endpoint(
     Lb::of(lb).choose(endpoints.len(), cluster.round_tcp(), open, (roll, second))
 }
 
-/// Where a VirtualService `tcp[]` rule sends a connection to `service`: the Service, port and
-/// subset (labels and name) of its weighted destination; `Some(Err)` when that destination has no Service
-/// port (nothing to connect to); `None` when no rule applies.
+/// Where a VirtualService `tcp[]` rule sends a connection to the Service `host`: the Service,
+/// port and subset (labels and name) of its weighted destination; `Some(Err)` when that
+/// destination has no Service port (nothing to connect to); `None` when no rule applies.
 #[allow(clippy::type_complexity)]
 fn tcp_route(
-    service: &Service,
+    host: &str,
     original: SocketAddr,
     source: &Source,
     ctx: &Context<'_>,
 ) -> Option<Result<(Arc<Service>, ServicePort, Option<Labels>, Option<String>), ()>> {
-    let host = service_fqdn(&service.namespace, &service.name);
     let ns = source.pod.as_ref().map(|p| p.namespace.as_str());
     let labels = source.pod.as_ref().map(|p| &p.labels);
-    let rule = ctx.routes.route_tcp(&host, original, ns, labels)?;
+    let rule = ctx.routes.route_tcp(host, original, ns, labels)?;
     let d = rule.pick(ctx.roll);
     let backend = ctx.routes.backend(
         &d.host,

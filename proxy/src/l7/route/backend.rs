@@ -121,18 +121,21 @@ struct MergedRule {
 /// Services, ServiceEntries and DestinationRules, indexed.
 #[derive(Debug, Default)]
 pub(crate) struct Backends {
-    services: HashMap<String, Arc<Service>>,
+    services: FastMap<String, Arc<Service>>,
     externals: Vec<External>,
-    external_hosts: HashMap<String, Vec<usize>>,
+    external_hosts: FastMap<String, Vec<usize>>,
     /// Wildcard hosts, longest first.
     external_wildcards: Vec<(String, usize)>,
-    external_ips: HashMap<(IpAddr, u16), usize>,
+    external_ips: FastMap<(IpAddr, u16), usize>,
     external_cidrs: Vec<(IpNet, u16, usize)>,
     /// namespace → qualified host → merged rules (looked up per request without allocating).
-    rules: HashMap<String, HashMap<String, MergedRule>>,
+    rules: FastMap<String, FastMap<String, MergedRule>>,
     /// namespace → wildcard hosts with rules there, longest first.
-    wildcard_rules: HashMap<String, Vec<String>>,
+    wildcard_rules: FastMap<String, Vec<String>>,
 }
+
+/// The tables' maps: looked up on every connection and request, by keys from the registry.
+type FastMap<K, V> = HashMap<K, V, foldhash::fast::RandomState>;
 
 fn merge(into: &mut MergedRule, dr: &DestinationRule) {
     if into.policy.is_none() {
@@ -417,6 +420,36 @@ impl Backends {
             policy,
             protocol,
         })
+    }
+
+    /// What [`Backends::backend`] gives as its `policy`, without building the rest: a TCP
+    /// connection's plan needs only the DestinationRule settings.
+    pub(crate) fn policy(
+        &self,
+        host: &str,
+        port: u16,
+        subset: Option<&str>,
+        from: Option<&str>,
+    ) -> Option<TrafficPolicy> {
+        let service = parse_service_fqdn(host).and_then(|_| self.services.get(host));
+        let namespace = match service {
+            Some(svc) => {
+                let tcp = |p: &&ServicePort| p.protocol == "TCP" && p.port == port;
+                svc.ports.iter().find(tcp)?;
+                svc.namespace.as_str()
+            }
+            None => {
+                let e = self.external(host, from)?;
+                e.ports.iter().find(|p| p.number == port)?;
+                e.namespace.as_str()
+            }
+        };
+        let rule = self.rule_for(host, namespace, from);
+        let subset = match subset {
+            None => None,
+            Some(name) => Some(rule?.subsets.iter().find(|s| s.name == name)?),
+        };
+        Some(merged_policy(rule, subset, port))
     }
 }
 

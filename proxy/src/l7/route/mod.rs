@@ -188,7 +188,9 @@ struct HostRoutes {
 /// Every route of a snapshot, compiled. `Send + Sync`; build once per snapshot.
 #[derive(Debug, Default)]
 pub struct RouteTable {
-    hosts: HashMap<String, HostRoutes>,
+    /// By host: looked up on every request (foldhash: the std hasher costs more than the rest
+    /// of the lookup).
+    hosts: HashMap<String, HostRoutes, foldhash::fast::RandomState>,
     /// VirtualServices for wildcard hosts (`*.example.com`), longest pattern first.
     wildcard_hosts: Vec<(String, Vec<Arc<istio::CompiledVs>>)>,
     backends: backend::Backends,
@@ -362,6 +364,18 @@ impl RouteTable {
         source_namespace: Option<&str>,
     ) -> Option<Backend> {
         self.backends.backend(host, port, subset, source_namespace)
+    }
+
+    /// [`RouteTable::backend`]'s `policy` alone, for a port given (what a TCP connection's
+    /// plan needs).
+    pub fn policy(
+        &self,
+        host: &str,
+        port: u16,
+        subset: Option<&str>,
+        source_namespace: Option<&str>,
+    ) -> Option<TrafficPolicy> {
+        self.backends.policy(host, port, subset, source_namespace)
     }
 
     /// Number of compiled rule matches (for logs and benchmarks).

@@ -640,6 +640,25 @@ spec:
     assert!(t
         .backend("nothing.back.svc.cluster.local", None, None, None)
         .is_none());
+    // The policy alone is the backend's, for every client namespace, subset and port.
+    let json = |p: &TrafficPolicy| serde_json::to_value(p).unwrap();
+    for from in [
+        None,
+        Some("legacy"),
+        Some("front"),
+        Some("back"),
+        Some("other"),
+    ] {
+        for subset in [None, Some("v1"), Some("v2"), Some("v3"), Some("v9")] {
+            for (host, port) in [(WEB, 80), (WEB, 81), ("nothing.back.svc.cluster.local", 80)] {
+                let whole = t
+                    .backend(host, Some(port), subset, from)
+                    .map(|b| json(&b.policy));
+                let alone = t.policy(host, port, subset, from).map(|p| json(&p));
+                assert_eq!(alone, whole, "{host}:{port} {subset:?} from {from:?}");
+            }
+        }
+    }
 }
 
 fn http_route(name: &str, ns: &str, created: &str, rules: &str) -> String {
