@@ -60,45 +60,64 @@ pub fn service(service: &Arc<Service>) -> Arc<Names> {
     SERVICES.with(|m| m.borrow_mut().get(service, Names::service))
 }
 
-/// `addr` as a flow writes it (`ip:port`, `[ip]:port`): an IPv4 address written directly,
-/// without the formatting machinery.
+/// `addr` as a flow writes it (`ip:port`, `[ip]:port`): an IPv4 address written directly into
+/// a buffer on the stack, without the formatting machinery, and shared from one allocation.
 pub fn address(addr: SocketAddr) -> Text {
     match addr {
         SocketAddr::V4(v4) => {
-            let mut out = String::with_capacity(21);
+            let mut out = Digits::default();
             for (i, octet) in v4.ip().octets().into_iter().enumerate() {
                 if i > 0 {
-                    out.push('.');
+                    out.push(b'.');
                 }
-                push_decimal(&mut out, u32::from(octet));
+                out.decimal(u32::from(octet));
             }
-            out.push(':');
-            push_decimal(&mut out, u32::from(v4.port()));
-            out.into()
+            out.push(b':');
+            out.decimal(u32::from(v4.port()));
+            out.as_str().into()
         }
         SocketAddr::V6(_) => {
             let mut out = String::with_capacity(48);
             let _ = write!(out, "{addr}");
-            out.into()
+            out.as_str().into()
         }
     }
 }
 
-/// Appends `n` in decimal.
-fn push_decimal(out: &mut String, n: u32) {
-    let mut digits = [0u8; 10];
-    let mut at = digits.len();
-    let mut n = n;
-    loop {
-        at -= 1;
-        digits[at] = b'0' + (n % 10) as u8;
-        n /= 10;
-        if n == 0 {
-            break;
+/// ASCII written on the stack: an IPv4 address and port fit (21 bytes).
+#[derive(Default)]
+struct Digits {
+    buf: [u8; 24],
+    len: usize,
+}
+
+impl Digits {
+    fn push(&mut self, b: u8) {
+        self.buf[self.len] = b;
+        self.len += 1;
+    }
+
+    /// Appends `n` in decimal.
+    fn decimal(&mut self, n: u32) {
+        let mut digits = [0u8; 10];
+        let mut at = digits.len();
+        let mut n = n;
+        loop {
+            at -= 1;
+            digits[at] = b'0' + (n % 10) as u8;
+            n /= 10;
+            if n == 0 {
+                break;
+            }
+        }
+        for &d in &digits[at..] {
+            self.push(d);
         }
     }
-    for &d in &digits[at..] {
-        out.push(char::from(d));
+
+    fn as_str(&self) -> &str {
+        // Only ASCII digits, dots and colons are written.
+        std::str::from_utf8(&self.buf[..self.len]).unwrap_or_default()
     }
 }
 
