@@ -671,12 +671,10 @@ mod tests {
     use tokio::net::TcpListener;
 
     /// A reason to close that holds `N` bytes across its wait.
-    fn reason<const N: usize>() -> impl Future<Output = String> {
-        async {
-            let held = [0u8; N];
-            tokio::task::yield_now().await;
-            format!("{}", held.len())
-        }
+    async fn reason<const N: usize>() -> String {
+        let held = [0u8; N];
+        tokio::task::yield_now().await;
+        format!("{}", held.len())
     }
 
     #[test]

@@ -1613,14 +1613,17 @@ fn refused_stream(e: &hyper::Error) -> bool {
     false
 }
 
-/// `fut`'s output, or `None` once `deadline` has passed first.
-async fn within<F: std::future::Future>(
+/// `fut`'s output, or `None` once `deadline` has passed first. A future of its own (an
+/// `async fn` would hold `fut` twice): a request's task holds it while the upstream answers.
+fn within<F: std::future::Future>(
     deadline: Option<tokio::time::Instant>,
     fut: F,
-) -> Option<F::Output> {
+) -> impl std::future::Future<Output = Option<F::Output>> {
+    use futures::future::Either;
+    use futures::FutureExt as _;
     match deadline {
-        Some(d) => tokio::time::timeout_at(d, fut).await.ok(),
-        None => Some(fut.await),
+        Some(d) => Either::Left(tokio::time::timeout_at(d, fut).map(Result::ok)),
+        None => Either::Right(fut.map(Some)),
     }
 }
 

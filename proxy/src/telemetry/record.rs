@@ -865,14 +865,12 @@ mod tests {
 
     #[test]
     fn a_relay_is_held_once() {
-        fn relaying() -> impl std::future::Future<Output = Relayed> {
-            async {
-                let held = [0u8; 4096];
-                tokio::task::yield_now().await;
-                Relayed {
-                    sent: held.len() as u64,
-                    ..Relayed::default()
-                }
+        async fn relaying() -> Relayed {
+            let held = [0u8; 4096];
+            tokio::task::yield_now().await;
+            Relayed {
+                sent: held.len() as u64,
+                ..Relayed::default()
             }
         }
         let t = telemetry();
