@@ -80,29 +80,29 @@ impl SpiffeId {
 }
 
 impl SpiffeId {
-    /// `spiffe://<trust domain>/ns/<namespace>/sa/<service account>`, written directly (what
-    /// `to_string` gives, without the formatting machinery: a flow writes one or two per
-    /// connection).
-    pub fn uri(&self) -> String {
-        let parts = [
+    /// The URI's parts, in order.
+    fn parts(&self) -> [&str; 6] {
+        [
             "spiffe://",
             &self.trust_domain,
             "/ns/",
             &self.namespace,
             "/sa/",
             &self.service_account,
-        ];
-        let mut out = String::with_capacity(parts.iter().map(|p| p.len()).sum());
-        for p in parts {
-            out.push_str(p);
-        }
-        out
+        ]
+    }
+
+    /// `spiffe://<trust domain>/ns/<namespace>/sa/<service account>`, written directly (what
+    /// `to_string` gives, without the formatting machinery: a flow writes one or two per
+    /// connection).
+    pub fn uri(&self) -> String {
+        self.parts().concat()
     }
 }
 
 impl fmt::Display for SpiffeId {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str(&self.uri())
+        self.parts().into_iter().try_for_each(|p| f.write_str(p))
     }
 }
 

@@ -408,12 +408,7 @@ impl Backends {
                 )
             }
         };
-        let rule = self.rule_for(host, &namespace, from);
-        let subset = match subset {
-            None => None,
-            Some(name) => Some(rule?.subsets.iter().find(|s| s.name == name)?),
-        };
-        let policy = merged_policy(rule, subset, number);
+        let (subset, policy) = self.subset_policy(host, &namespace, number, subset, from)?;
         Some(Backend {
             target,
             subset_labels: subset.map(|s| s.labels.clone()),
@@ -444,12 +439,26 @@ impl Backends {
                 e.namespace.as_str()
             }
         };
+        self.subset_policy(host, namespace, port, subset, from)
+            .map(|(_, policy)| policy)
+    }
+
+    /// The subset named (`None`: no such subset in the rule in force) and the settings in
+    /// force for `host` of `namespace` on `port`, as the client in `from` sees them.
+    fn subset_policy(
+        &self,
+        host: &str,
+        namespace: &str,
+        port: u16,
+        subset: Option<&str>,
+        from: Option<&str>,
+    ) -> Option<(Option<&Subset>, TrafficPolicy)> {
         let rule = self.rule_for(host, namespace, from);
         let subset = match subset {
             None => None,
             Some(name) => Some(rule?.subsets.iter().find(|s| s.name == name)?),
         };
-        Some(merged_policy(rule, subset, port))
+        Some((subset, merged_policy(rule, subset, port)))
     }
 }
 
