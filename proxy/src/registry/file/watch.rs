@@ -15,6 +15,7 @@ use tokio::time::Instant;
 use tracing::{debug, info, warn};
 
 use super::{fingerprint, parse_sources, read_sources, source_files, LoadErrors};
+use crate::registry::kube::RELEASE_AFTER;
 use crate::registry::{Conversion, ObjectKey, Registry};
 
 /// Timing of [`FileSource::spawn_watcher_with`].
@@ -292,8 +293,11 @@ async fn watch_loop(source: Arc<FileSource>, config: WatchConfig) {
     poll.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     poll.tick().await;
     let mut deadline: Option<Instant> = None;
+    // When to hand back what the reloads freed, and the code only they ran ([`crate::memory`]).
+    let mut release_at: Option<Instant> = None;
     loop {
         let sleep = tokio::time::sleep_until(deadline.unwrap_or_else(Instant::now));
+        let release = tokio::time::sleep_until(release_at.unwrap_or_else(Instant::now));
         tokio::select! {
             Some(()) = rx.recv() => {
                 deadline = Some(Instant::now() + config.debounce);
@@ -301,28 +305,38 @@ async fn watch_loop(source: Arc<FileSource>, config: WatchConfig) {
             () = sleep, if deadline.is_some() => {
                 deadline = None;
                 last_stamp = stamp(&path);
-                reload_and_log(&source, &mut logged).await;
+                if reload_and_log(&source, &mut logged).await {
+                    release_at = Some(Instant::now() + RELEASE_AFTER);
+                }
+            }
+            () = release, if release_at.is_some() => {
+                release_at = None;
+                crate::memory::release();
             }
             _ = poll.tick() => {
                 fs_watch.arm();
                 let now = stamp(&path);
                 if now != last_stamp {
                     last_stamp = now;
-                    reload_and_log(&source, &mut logged).await;
+                    if reload_and_log(&source, &mut logged).await {
+                        release_at = Some(Instant::now() + RELEASE_AFTER);
+                    }
                 }
             }
         }
     }
 }
 
-async fn reload_and_log(source: &Arc<FileSource>, logged: &mut Option<String>) {
+/// Reloads the files and logs the outcome; whether they had changed (a new snapshot, or errors
+/// to report), so the reload built and dropped things.
+async fn reload_and_log(source: &Arc<FileSource>, logged: &mut Option<String>) -> bool {
     let r = source.clone();
     let registry = &source.registry;
     let result = match tokio::task::spawn_blocking(move || r.reload()).await {
         Ok(result) => result,
         Err(e) => {
             warn!("registry: reload task failed: {e}");
-            return;
+            return false;
         }
     };
     match result {
@@ -339,8 +353,12 @@ async fn reload_and_log(source: &Arc<FileSource>, logged: &mut Option<String>) {
                 others = s.others.len(),
                 "registry: reloaded"
             );
+            true
         }
-        Ok(false) => *logged = None,
+        Ok(false) => {
+            *logged = None;
+            false
+        }
         Err(errors) => {
             let text = errors.to_string();
             if logged.as_deref() != Some(text.as_str()) {
@@ -354,6 +372,7 @@ async fn reload_and_log(source: &Arc<FileSource>, logged: &mut Option<String>) {
                 );
                 *logged = Some(text);
             }
+            true
         }
     }
 }
