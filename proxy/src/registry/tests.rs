@@ -746,6 +746,7 @@ async fn watcher_follows_file_edits() {
     let task = src.clone().spawn_watcher_with(WatchConfig {
         debounce: Duration::from_millis(50),
         poll_interval: Duration::from_secs(60),
+        release_after: Duration::from_millis(10),
     });
     // Let the watch be set up before the first change.
     tokio::time::sleep(Duration::from_millis(100)).await;
@@ -763,10 +764,19 @@ async fn watcher_follows_file_edits() {
         "last good kept"
     );
 
+    let releases = crate::memory::releases();
     std::fs::write(&file, GOOD_V2).unwrap();
     wait_for(&mut rx, |s| s.namespaces.contains_key("two")).await;
     assert_eq!(reg.last_error(), None);
     assert_eq!(reg.snapshot().generation, 2);
+    // What the reload freed, and the code only it ran, are handed back once it is quiet.
+    tokio::time::timeout(Duration::from_secs(10), async {
+        while crate::memory::releases() == releases {
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+    })
+    .await
+    .expect("no release after the reload");
     task.abort();
 }
 
@@ -793,6 +803,7 @@ async fn watcher_follows_configmap_style_symlink_swaps() {
     let task = src.clone().spawn_watcher_with(WatchConfig {
         debounce: Duration::from_millis(50),
         poll_interval: Duration::from_secs(60),
+        ..WatchConfig::default()
     });
     tokio::time::sleep(Duration::from_millis(100)).await;
     version("v2", GOOD_V2);
@@ -811,6 +822,7 @@ async fn watcher_polls_when_events_are_missed() {
     let task = src.clone().spawn_watcher_with(WatchConfig {
         debounce: Duration::from_secs(3600),
         poll_interval: Duration::from_millis(100),
+        ..WatchConfig::default()
     });
     save(&file, GOOD_V2);
     wait_for(&mut rx, |s| s.namespaces.contains_key("two")).await;

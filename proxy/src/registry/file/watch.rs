@@ -25,6 +25,9 @@ pub struct WatchConfig {
     pub debounce: Duration,
     /// How often mtimes are compared, in case an event was missed.
     pub poll_interval: Duration,
+    /// Quiet time after a reload before what it freed, and the code only it ran, are handed
+    /// back ([`crate::memory::release`]).
+    pub release_after: Duration,
 }
 
 impl Default for WatchConfig {
@@ -32,6 +35,7 @@ impl Default for WatchConfig {
         WatchConfig {
             debounce: Duration::from_millis(200),
             poll_interval: Duration::from_secs(5),
+            release_after: RELEASE_AFTER,
         }
     }
 }
@@ -306,7 +310,7 @@ async fn watch_loop(source: Arc<FileSource>, config: WatchConfig) {
                 deadline = None;
                 last_stamp = stamp(&path);
                 if reload_and_log(&source, &mut logged).await {
-                    release_at = Some(Instant::now() + RELEASE_AFTER);
+                    release_at = Some(Instant::now() + config.release_after);
                 }
             }
             () = release, if release_at.is_some() => {
@@ -319,7 +323,7 @@ async fn watch_loop(source: Arc<FileSource>, config: WatchConfig) {
                 if now != last_stamp {
                     last_stamp = now;
                     if reload_and_log(&source, &mut logged).await {
-                        release_at = Some(Instant::now() + RELEASE_AFTER);
+                        release_at = Some(Instant::now() + config.release_after);
                     }
                 }
             }
