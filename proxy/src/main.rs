@@ -17,6 +17,10 @@ fn main() {
     // Before the allocator has much to put in them (see `weft::memory`).
     let huge_pages = weft::memory::no_huge_pages();
     let cli = Cli::parse();
+    if matches!(cli.command, Command::Node(_)) {
+        // Until it serves, what starting frees goes back at once (see `weft::memory`).
+        weft::memory::starting();
+    }
     let default_level = match cli.command {
         Command::Node(_) | Command::Ca(CaCommand::Serve(_)) => "info",
         _ => "warn",

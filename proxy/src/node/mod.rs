@@ -349,8 +349,10 @@ pub async fn run(cfg: NodeConfig) -> anyhow::Result<()> {
         admin_socket = %cfg.admin_socket.display(), admin_address = %cfg.admin_address, "weft node ready");
     // What starting up let go of (the kernel's BTF, read to load the eBPF object; the first
     // registry build) was freed on this thread, which no runtime's park hook visits: handed
-    // back now, and by every control-plane thread as it next parks.
+    // back now, and by every control-plane thread as it next parks. From here on what is freed
+    // goes back after the allocator's delay, as it does on a busy data path.
     crate::memory::release();
+    crate::memory::serving();
 
     // This node serves: the predecessor, if any, stops accepting and drains; then the next
     // node can take over from this one.
