@@ -22,7 +22,6 @@ pub struct Guarded<S: AsyncRead + AsyncWrite + Send + Unpin + 'static> {
     guard: H1Guard,
     /// Bytes released by the guard, not yet read by the server.
     pending: Bytes,
-    scratch: Box<[u8]>,
     refusal: Arc<Mutex<Option<Violation>>>,
     /// The HTTP parser's own head limit.
     parser_limit: usize,
@@ -34,7 +33,6 @@ impl<S: AsyncRead + AsyncWrite + Send + Unpin + 'static> Guarded<S> {
             inner: Some(inner),
             guard: H1Guard::new(max_head),
             pending: Bytes::new(),
-            scratch: vec![0u8; 16 * 1024].into_boxed_slice(),
             refusal,
             parser_limit: parser_limit(max_head),
         }
@@ -54,14 +52,20 @@ impl<S: AsyncRead + AsyncWrite + Send + Unpin + 'static> AsyncRead for Guarded<S
                 buf.put_slice(&this.pending.split_to(n));
                 return Poll::Ready(Ok(()));
             }
-            let mut rb = ReadBuf::new(&mut this.scratch);
+            // Read straight into the parser's buffer: what the guard lets pass as it is (whole
+            // heads, bodies) stays there, uncopied.
+            let before = buf.filled().len();
             let stream = this.inner.as_mut().expect("present until dropped");
-            ready!(Pin::new(stream).poll_read(cx, &mut rb))?;
-            let n = rb.filled().len();
-            if n == 0 {
+            ready!(Pin::new(stream).poll_read(cx, buf))?;
+            let read = &buf.filled()[before..];
+            if read.is_empty() || this.guard.pass(read) {
                 return Poll::Ready(Ok(()));
             }
-            match this.guard.feed(&this.scratch[..n]) {
+            // A head cut short, a refusal, or what follows a held head: take the read back and
+            // hand the parser what the guard releases instead.
+            let read = read.to_vec();
+            buf.set_filled(before);
+            match this.guard.feed(&read) {
                 Feed::Release(bytes) => this.pending = Bytes::from(bytes),
                 Feed::Refuse(v) => {
                     debug!(violation = %v, "refusing an HTTP/1 request");

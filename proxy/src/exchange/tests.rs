@@ -6,7 +6,8 @@ use std::net::SocketAddr;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 
-/// A guarded HTTP/1 server answering 200 to whatever it accepts; returns its address.
+/// A guarded HTTP/1 server answering 200 to whatever it accepts, with the path and the length
+/// of the body it read; returns its address.
 async fn guarded_server(max_head: usize) -> SocketAddr {
     let l = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let addr = l.local_addr().unwrap();
@@ -15,8 +16,11 @@ async fn guarded_server(max_head: usize) -> SocketAddr {
             let (s, _) = l.accept().await.unwrap();
             tokio::spawn(async move {
                 let io = Guarded::new(s, max_head, Arc::default());
-                let svc = service_fn(|_req: Request<Incoming>| async {
-                    Ok::<_, Infallible>(Response::new(Full::new(Bytes::from_static(b"ok"))))
+                let svc = service_fn(|req: Request<Incoming>| async move {
+                    let path = req.uri().path().to_string();
+                    let body = req.into_body().collect().await.map(|b| b.to_bytes());
+                    let said = format!("{path} {}\n", body.map_or(0, |b| b.len()));
+                    Ok::<_, Infallible>(Response::new(Full::new(Bytes::from(said))))
                 });
                 let _ = hyper::server::conn::http1::Builder::new()
                     .max_buf_size(parser_limit(max_head))
@@ -87,4 +91,47 @@ async fn smuggling_and_oversized_heads_get_answers_not_resets() {
     );
     let resp = exchange(addr, big.as_bytes()).await;
     assert!(resp.starts_with("HTTP/1.1 431"), "{resp}");
+}
+
+/// Reads that stop inside a head, inside a body and between pipelined requests: whatever the
+/// guard lets pass in place and whatever it holds and copies, the parser gets every request
+/// whole and in order, and a smuggling head that comes after them is still refused.
+#[tokio::test]
+async fn requests_cut_across_reads_reach_the_parser_whole() {
+    let addr = guarded_server(60 * 1024).await;
+    let mut c = TcpStream::connect(addr).await.unwrap();
+    c.set_nodelay(true).unwrap();
+    let pieces: [&[u8]; 6] = [
+        b"GET /1 HTTP/1.1\r\nHo",
+        b"st: a\r\n\r\nPOST /2 HTTP/1.1\r\nHost: a\r\nContent-Length: 10\r\n\r\nhel",
+        b"lo",
+        b"world",
+        b"GET /3 HTTP/1.1\r\nHost: a\r\n\r\nPOST /4 HTTP/1.1\r\nHost: a\r\nContent-Length: 1\r\n",
+        b"Transfer-Encoding: chunked\r\n\r\n0\r\n\r\n",
+    ];
+    for piece in pieces {
+        c.write_all(piece).await.unwrap();
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let mut out = Vec::new();
+    let read = tokio::time::timeout(Duration::from_secs(10), c.read_to_end(&mut out)).await;
+    assert!(read.is_ok(), "timed out: {}", String::from_utf8_lossy(&out));
+    let out = String::from_utf8_lossy(&out);
+    let answers: Vec<&str> = out
+        .lines()
+        .filter(|l| l.starts_with("HTTP/1.1 ") || l.starts_with('/'))
+        .collect();
+    assert_eq!(
+        answers,
+        [
+            "HTTP/1.1 200 OK",
+            "/1 0",
+            "HTTP/1.1 200 OK",
+            "/2 10",
+            "HTTP/1.1 200 OK",
+            "/3 0",
+            "HTTP/1.1 400 Bad Request"
+        ],
+        "{out}"
+    );
 }

@@ -89,6 +89,46 @@ impl H1Guard {
         }
     }
 
+    /// Whether `input`, read next, passes exactly as it is: nothing was held before it, it ends
+    /// with no head left incomplete, and nothing in it is refused. Then the guard moves past it
+    /// and the bytes can stay where they were read, uncopied; otherwise the guard is unchanged
+    /// and `input` must be given to [`H1Guard::feed`]. The same decisions as `feed`'s: a head
+    /// is checked whole before any of it passes.
+    pub fn pass(&mut self, mut input: &[u8]) -> bool {
+        if !self.held.is_empty() {
+            return false;
+        }
+        let mut state = self.state;
+        while !input.is_empty() {
+            match state {
+                State::Opaque => break,
+                State::Body(n) | State::ChunkData(n) => {
+                    let take = n.min(input.len() as u64);
+                    input = &input[take as usize..];
+                    state = match state {
+                        State::Body(_) if n == take => State::Head,
+                        State::Body(_) => State::Body(n - take),
+                        _ if n == take => State::ChunkSize,
+                        _ => State::ChunkData(n - take),
+                    };
+                }
+                State::Head | State::ChunkSize | State::Trailers => {
+                    let (end, done) = scan(state, &[], input);
+                    if !done || end > self.max_head {
+                        return false;
+                    }
+                    match complete(state, &input[..end]) {
+                        Ok(next) => state = next,
+                        Err(_) => return false,
+                    }
+                    input = &input[end..];
+                }
+            }
+        }
+        self.state = state;
+        true
+    }
+
     /// Feeds bytes read from the client.
     pub fn feed(&mut self, mut input: &[u8]) -> Feed {
         let mut out = Vec::with_capacity(input.len());
@@ -120,7 +160,7 @@ impl H1Guard {
                     };
                 }
                 State::Head | State::ChunkSize | State::Trailers => {
-                    let (end, done) = self.scan(input);
+                    let (end, done) = scan(self.state, &self.held, input);
                     self.held.extend_from_slice(&input[..end]);
                     input = &input[end..];
                     if self.held.len() > self.max_head {
@@ -132,8 +172,11 @@ impl H1Guard {
                     if !done {
                         continue;
                     }
-                    match self.complete() {
-                        Ok(()) => out.append(&mut self.held),
+                    match complete(self.state, &self.held) {
+                        Ok(next) => {
+                            self.state = next;
+                            out.append(&mut self.held);
+                        }
                         Err(v) => {
                             self.held.clear();
                             self.state = State::Opaque;
@@ -152,114 +195,109 @@ impl H1Guard {
     pub fn gave_up(&self) -> bool {
         self.gave_up
     }
+}
 
-    /// How much of `input` belongs to the current head/line, and whether it ends there.
-    fn scan(&self, input: &[u8]) -> (usize, bool) {
-        let terminator: &[u8] = match self.state {
-            State::ChunkSize => b"\r\n",
-            _ => b"\r\n\r\n",
-        };
-        // A trailer section that is just CRLF ends with it, even with its CR and LF in two reads.
-        if self.state == State::Trailers {
-            match (self.held.as_slice(), input) {
-                ([], [b'\r', b'\n', ..]) => return (2, true),
-                ([b'\r'], [b'\n', ..]) => return (1, true),
-                _ => {}
-            }
-        }
-        // A terminator that began in what is held: its first bytes are the held tail's last
-        // (fewer than the terminator's length), the rest the input's first.
-        let tail = self.held.len().min(terminator.len() - 1);
-        if tail > 0 {
-            let take = input.len().min(terminator.len() - 1);
-            let mut edge = [0u8; 6];
-            edge[..tail].copy_from_slice(&self.held[self.held.len() - tail..]);
-            edge[tail..tail + take].copy_from_slice(&input[..take]);
-            // Too few input bytes for a whole terminator: any match here began in the tail.
-            if let Some(p) = memchr::memmem::find(&edge[..tail + take], terminator) {
-                return (p + terminator.len() - tail, true);
-            }
-        }
-        match memchr::memmem::find(input, terminator) {
-            Some(p) => (p + terminator.len(), true),
-            None => (input.len(), false),
+/// How much of `input` belongs to the current head/line of `state` (after `held`, what is
+/// already held of it), and whether it ends there.
+fn scan(state: State, held: &[u8], input: &[u8]) -> (usize, bool) {
+    let terminator: &[u8] = match state {
+        State::ChunkSize => b"\r\n",
+        _ => b"\r\n\r\n",
+    };
+    // A trailer section that is just CRLF ends with it, even with its CR and LF in two reads.
+    if state == State::Trailers {
+        match (held, input) {
+            ([], [b'\r', b'\n', ..]) => return (2, true),
+            ([b'\r'], [b'\n', ..]) => return (1, true),
+            _ => {}
         }
     }
-
-    /// A whole head, chunk-size line or trailer section is held: check it, pick the next state.
-    fn complete(&mut self) -> Result<(), Violation> {
-        match self.state {
-            State::ChunkSize => {
-                let line = &self.held[..self.held.len() - 2];
-                let hex = line.split(|&b| b == b';').next().unwrap_or_default();
-                let hex = std::str::from_utf8(hex).map_err(|_| Violation::BadChunk)?;
-                let size = u64::from_str_radix(hex.trim(), 16).map_err(|_| Violation::BadChunk)?;
-                self.state = if size == 0 {
-                    State::Trailers
-                } else {
-                    State::ChunkData(size.checked_add(2).ok_or(Violation::BadChunk)?)
-                };
-                Ok(())
-            }
-            State::Trailers => {
-                self.state = State::Head;
-                Ok(())
-            }
-            _ => self.head(),
+    // A terminator that began in what is held: its first bytes are the held tail's last
+    // (fewer than the terminator's length), the rest the input's first.
+    let tail = held.len().min(terminator.len() - 1);
+    if tail > 0 {
+        let take = input.len().min(terminator.len() - 1);
+        let mut edge = [0u8; 6];
+        edge[..tail].copy_from_slice(&held[held.len() - tail..]);
+        edge[tail..tail + take].copy_from_slice(&input[..take]);
+        // Too few input bytes for a whole terminator: any match here began in the tail.
+        if let Some(p) = memchr::memmem::find(&edge[..tail + take], terminator) {
+            return (p + terminator.len() - tail, true);
         }
     }
-
-    fn head(&mut self) -> Result<(), Violation> {
-        // Leading empty lines before a request line are allowed (RFC 9112 §2.2).
-        let mut headers = [httparse::EMPTY_HEADER; 128];
-        let mut req = httparse::Request::new(&mut headers);
-        match req.parse(&self.held) {
-            Ok(httparse::Status::Complete(_)) => {}
-            // Malformed or too many headers: the parser will say so.
-            _ => {
-                self.state = State::Opaque;
-                return Ok(());
-            }
-        }
-        let mut length = None;
-        let mut chunked = false;
-        let mut te = false;
-        let mut upgrade = false;
-        for h in req.headers.iter() {
-            if h.name.eq_ignore_ascii_case("content-length") {
-                length = std::str::from_utf8(h.value)
-                    .ok()
-                    .and_then(|v| v.trim().parse::<u64>().ok())
-                    .or(Some(0));
-            } else if h.name.eq_ignore_ascii_case("transfer-encoding") {
-                te = true;
-                chunked = h
-                    .value
-                    .rsplit(|&b| b == b',')
-                    .next()
-                    .is_some_and(|last| last.trim_ascii().eq_ignore_ascii_case(b"chunked"));
-            } else if h.name.eq_ignore_ascii_case("upgrade") {
-                upgrade = true;
-            }
-        }
-        if te && length.is_some() {
-            return Err(Violation::BothLengths);
-        }
-        self.state = if req.method == Some("CONNECT") || upgrade {
-            State::Opaque
-        } else if te && chunked {
-            State::ChunkSize
-        } else if te {
-            // Not chunked last: the parser refuses it.
-            State::Opaque
-        } else {
-            match length {
-                Some(n) if n > 0 => State::Body(n),
-                _ => State::Head,
-            }
-        };
-        Ok(())
+    match memchr::memmem::find(input, terminator) {
+        Some(p) => (p + terminator.len(), true),
+        None => (input.len(), false),
     }
+}
+
+/// A whole head, chunk-size line or trailer section (`line`) of `state` was read: check it,
+/// pick the next state.
+fn complete(state: State, line: &[u8]) -> Result<State, Violation> {
+    match state {
+        State::ChunkSize => {
+            let line = &line[..line.len() - 2];
+            let hex = line.split(|&b| b == b';').next().unwrap_or_default();
+            let hex = std::str::from_utf8(hex).map_err(|_| Violation::BadChunk)?;
+            let size = u64::from_str_radix(hex.trim(), 16).map_err(|_| Violation::BadChunk)?;
+            Ok(if size == 0 {
+                State::Trailers
+            } else {
+                State::ChunkData(size.checked_add(2).ok_or(Violation::BadChunk)?)
+            })
+        }
+        State::Trailers => Ok(State::Head),
+        _ => head(line),
+    }
+}
+
+/// What follows the request head `head`.
+fn head(head: &[u8]) -> Result<State, Violation> {
+    // Leading empty lines before a request line are allowed (RFC 9112 §2.2).
+    let mut headers = [httparse::EMPTY_HEADER; 128];
+    let mut req = httparse::Request::new(&mut headers);
+    match req.parse(head) {
+        Ok(httparse::Status::Complete(_)) => {}
+        // Malformed or too many headers: the parser will say so.
+        _ => return Ok(State::Opaque),
+    }
+    let mut length = None;
+    let mut chunked = false;
+    let mut te = false;
+    let mut upgrade = false;
+    for h in req.headers.iter() {
+        if h.name.eq_ignore_ascii_case("content-length") {
+            length = std::str::from_utf8(h.value)
+                .ok()
+                .and_then(|v| v.trim().parse::<u64>().ok())
+                .or(Some(0));
+        } else if h.name.eq_ignore_ascii_case("transfer-encoding") {
+            te = true;
+            chunked = h
+                .value
+                .rsplit(|&b| b == b',')
+                .next()
+                .is_some_and(|last| last.trim_ascii().eq_ignore_ascii_case(b"chunked"));
+        } else if h.name.eq_ignore_ascii_case("upgrade") {
+            upgrade = true;
+        }
+    }
+    if te && length.is_some() {
+        return Err(Violation::BothLengths);
+    }
+    Ok(if req.method == Some("CONNECT") || upgrade {
+        State::Opaque
+    } else if te && chunked {
+        State::ChunkSize
+    } else if te {
+        // Not chunked last: the parser refuses it.
+        State::Opaque
+    } else {
+        match length {
+            Some(n) if n > 0 => State::Body(n),
+            _ => State::Head,
+        }
+    })
 }
 
 /// Headers that describe one connection, not the message (RFC 9110 §7.6.1), plus what hyper
@@ -463,6 +501,93 @@ mod tests {
             let want: &[u8] = if cut >= first { &bad[..first] } else { b"" };
             assert_eq!(out, want, "split at {cut}");
         }
+    }
+
+    /// What a reader does: each read passes in place when [`H1Guard::pass`] says so, and is fed
+    /// otherwise. Returns what reached the parser and the refusal.
+    fn read_through(g: &mut H1Guard, parts: &[&[u8]]) -> (Vec<u8>, Option<Violation>, usize) {
+        let (mut out, mut refused, mut in_place) = (Vec::new(), None, 0);
+        for part in parts {
+            if g.pass(part) {
+                out.extend_from_slice(part);
+                in_place += 1;
+                continue;
+            }
+            match g.feed(part) {
+                Feed::Release(b) => out.extend(b),
+                Feed::Refuse(v) => refused = Some(v),
+            }
+        }
+        (out, refused, in_place)
+    }
+
+    /// Passing reads in place decides exactly as feeding them: the same bytes reach the parser,
+    /// the same refusals, the same state after, however the stream is cut in three reads.
+    #[test]
+    fn reads_passed_in_place_are_what_feeding_them_releases() {
+        let streams: [&[u8]; 6] = [
+            b"GET / HTTP/1.1\r\nHost: a\r\nX-Long: aaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaa\r\n\r\nGET / HTTP/1.1\r\n\r\n",
+            b"GET / HTTP/1.1\r\nHost: a\r\n\r\nPOST /b HTTP/1.1\r\nTransfer-Encoding: chunked\r\n\r\n3\r\nabc\r\n0\r\n\r\nGET /c HTTP/1.1\r\n\r\n",
+            b"POST / HTTP/1.1\r\nContent-Length: 5\r\n\r\nhelloGET / HTTP/1.1\r\nContent-Length: 1\r\nTransfer-Encoding: chunked\r\n\r\nx",
+            b"POST / HTTP/1.1\r\nTransfer-Encoding: chunked\r\n\r\n2;e=1\r\nab\r\n0\r\nX-T: 1\r\n\r\nGET / HTTP/1.1\r\n\r\n",
+            b"POST / HTTP/1.1\r\nTransfer-Encoding: chunked\r\n\r\nzz\r\nGET / HTTP/1.1\r\n\r\n",
+            b"GET / HTTP/1.1\r\nX: 1\r\n\r\nGET /ws HTTP/1.1\r\nUpgrade: websocket\r\n\r\n\x81\x05hello",
+        ];
+        for (i, stream) in streams.iter().enumerate() {
+            for max_head in [64, 60 * 1024] {
+                for cut in 0..=stream.len() {
+                    for second in cut..=stream.len() {
+                        let parts = [&stream[..cut], &stream[cut..second], &stream[second..]];
+                        let mut fed = H1Guard::new(max_head);
+                        let mut want = (Vec::new(), None);
+                        for part in parts {
+                            match fed.feed(part) {
+                                Feed::Release(b) => want.0.extend(b),
+                                Feed::Refuse(v) => want.1 = Some(v),
+                            }
+                        }
+                        let mut g = H1Guard::new(max_head);
+                        let (out, refused, _) = read_through(&mut g, &parts);
+                        let at = format!("stream {i}, head limit {max_head}, cut {cut}/{second}");
+                        assert_eq!((out, refused), want, "{at}");
+                        assert_eq!((g.state, g.gave_up), (fed.state, fed.gave_up), "{at}");
+                        assert_eq!(g.held, fed.held, "{at}");
+                    }
+                }
+            }
+        }
+    }
+
+    /// Whole heads, bodies and chunks stay where they were read; only a head cut short, a
+    /// refusal and what follows a held head are copied.
+    #[test]
+    fn whole_heads_and_bodies_pass_in_place() {
+        let mut g = H1Guard::new(60 * 1024);
+        let reads: [&[u8]; 4] = [
+            b"GET / HTTP/1.1\r\nHost: a\r\n\r\n",
+            b"POST / HTTP/1.1\r\nContent-Length: 10\r\n\r\nhello",
+            b"world",
+            b"POST / HTTP/1.1\r\nTransfer-Encoding: chunked\r\n\r\n3\r\nabc\r\n0\r\n\r\n",
+        ];
+        assert_eq!(read_through(&mut g, &reads).2, 4);
+        let mut g = H1Guard::new(60 * 1024);
+        let cut: [&[u8]; 3] = [
+            b"GET / HTTP/1.1\r\nHo",
+            b"st: a\r\n\r\n",
+            b"GET / HTTP/1.1\r\n\r\n",
+        ];
+        assert_eq!(
+            read_through(&mut g, &cut).2,
+            1,
+            "only the read after the held head"
+        );
+        let mut g = H1Guard::new(60 * 1024);
+        let smuggled: [&[u8]; 1] =
+            [b"GET / HTTP/1.1\r\nContent-Length: 1\r\nTransfer-Encoding: chunked\r\n\r\n"];
+        assert_eq!(
+            read_through(&mut g, &smuggled),
+            (Vec::new(), Some(Violation::BothLengths), 0)
+        );
     }
 
     #[test]
