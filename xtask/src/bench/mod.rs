@@ -136,6 +136,10 @@ pub struct Args {
     /// `--only soak`: long-lived connections held through weft.
     #[arg(long, default_value_t = 10_000, value_parser = clap::value_parser!(u64).range(1..=50_000))]
     soak_connections: u64,
+    /// `--only soak`: the keep-alive HTTP/1.1 connections its requests are spread over, each
+    /// held open between its requests.
+    #[arg(long, default_value_t = soak::HTTP_CONNS, value_parser = clap::value_parser!(u64).range(1..=50_000))]
+    soak_http_connections: u64,
     /// `--only restart`: how many times weft is restarted under load.
     #[arg(long, default_value_t = 5, value_parser = clap::value_parser!(u64).range(1..=50))]
     restarts: u64,
@@ -260,6 +264,7 @@ pub fn run(args: Args) -> Result<()> {
                 args.output.as_deref(),
                 std::time::Duration::from_secs(args.soak_duration),
                 args.soak_connections,
+                args.soak_http_connections,
                 &args.weft_args,
             )
         }

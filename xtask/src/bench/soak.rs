@@ -5,7 +5,9 @@
 //! pod holds `--soak-connections` (10 000) long-lived TCP connections through weft, opened at
 //! [`OPEN_RATE`] per second and kept to the end, each sending a 32 B message every 10–30 s
 //! (uniformly drawn) and checking its echo; and sends [`HTTP_RATE`] HTTP/1.1 requests per
-//! second over [`HTTP_CONNS`] keep-alive connections through weft's L7 engine, for
+//! second over `--soak-http-connections` ([`HTTP_CONNS`]) keep-alive connections through weft's
+//! L7 engine (each held open between its requests: with many of them, what an idle HTTP/1.1
+//! connection costs weft shows), for
 //! `--soak-duration` (600 s). Every [`SAMPLE_EVERY`] the bench reads weft's `VmRSS`
 //! (`/proc/<pid>/status`), its CPU time (`utime + stime` of `/proc/<pid>/stat`) and its open
 //! descriptors.
@@ -37,9 +39,10 @@ use super::steady::{
 
 /// Held connections opened per second (10 000 in 20 s).
 const OPEN_RATE: u64 = 500;
-/// HTTP requests per second, fixed, over [`HTTP_CONNS`] keep-alive connections.
+/// HTTP requests per second, fixed, over `--soak-http-connections` keep-alive connections.
 const HTTP_RATE: u64 = 500;
-const HTTP_CONNS: u64 = 16;
+/// Keep-alive HTTP connections the requests are spread over, unless told otherwise.
+pub(super) const HTTP_CONNS: u64 = 16;
 /// Time between two messages of a held connection, drawn in this range.
 const HOLD_EVERY_MS: (u64, u64) = (10_000, 30_000);
 const SAMPLE_EVERY: Duration = Duration::from_secs(10);
@@ -74,10 +77,11 @@ pub(super) fn run(
     output: Option<&Path>,
     duration: Duration,
     connections: u64,
+    http_conns: u64,
     weft_args: &[String],
 ) -> Result<()> {
     let started = Instant::now();
-    let need_kib = connections * KIB_PER_CONNECTION + 1024 * 1024;
+    let need_kib = (connections + http_conns) * KIB_PER_CONNECTION + 1024 * 1024;
     if let Some(avail) = mem_available_kib() {
         if avail < need_kib {
             bail!(
@@ -89,12 +93,13 @@ pub(super) fn run(
     }
     let sc = SteadyCluster::new("bench-soak")?;
     let most = fd_limit().saturating_sub(FDS_BESIDES) / FDS_PER_CONNECTION;
-    if connections > most {
+    if connections + http_conns > most {
         bail!(
             "weft would run with an open-file limit of {} (the hard limit here, which this \
-             process may not raise), enough for {most} connections, not {connections}: use \
-             --soak-connections {most} or raise the hard limit (ulimit -Hn)",
-            fd_limit()
+             process may not raise), enough for {most} connections, not {}: use fewer \
+             (--soak-connections, --soak-http-connections) or raise the hard limit (ulimit -Hn)",
+            fd_limit(),
+            connections + http_conns
         );
     }
     eprintln!(
@@ -106,7 +111,7 @@ pub(super) fn run(
     let mut notes = Vec::new();
     // One client pod holds every connection: weft's default limits (a quarter of the node's
     // allowance per pod, the node's derived from the open-file limit) would reset most of them.
-    let limit = (connections + HTTP_CONNS + LIMIT_MARGIN).to_string();
+    let limit = (connections + http_conns + LIMIT_MARGIN).to_string();
     for flag in ["--max-connections", "--max-connections-per-pod"] {
         let given = extra
             .iter()
@@ -126,14 +131,15 @@ pub(super) fn run(
         ("--hold-min-ms", HOLD_EVERY_MS.0),
         ("--hold-max-ms", HOLD_EVERY_MS.1),
         ("--http-rate", HTTP_RATE),
-        ("--http-conns", HTTP_CONNS),
+        ("--http-conns", http_conns),
         ("--duration-s", duration.as_secs()),
     ]
     .iter()
     .flat_map(|(k, v)| [k.to_string(), v.to_string()])
     .collect();
     eprintln!(
-        "bench: soak: {connections} held connections and {HTTP_RATE} HTTP requests/s for {} s",
+        "bench: soak: {connections} held connections and {HTTP_RATE} HTTP requests/s over \
+         {http_conns} connections for {} s",
         duration.as_secs()
     );
     let mut client = sc.start_load(&args)?;
@@ -192,6 +198,7 @@ pub(super) fn run(
         machine,
         duration,
         connections,
+        http_conns,
         samples: &samples,
         summary: &summary,
         notes: &notes,
@@ -242,6 +249,7 @@ struct Report<'a> {
     machine: &'a Machine,
     duration: Duration,
     connections: u64,
+    http_conns: u64,
     samples: &'a [Sample],
     summary: &'a LoadSummary,
     notes: &'a [String],
@@ -293,11 +301,12 @@ impl Report<'_> {
             s,
             "- load, for {} s: {} held TCP connections through weft (opened at {OPEN_RATE}/s, \
              a 32 B echo each every {}–{} s), {HTTP_RATE} HTTP/1.1 requests/s over \
-             {HTTP_CONNS} keep-alive connections through weft's L7 engine",
+             {} keep-alive connections through weft's L7 engine",
             self.duration.as_secs(),
             self.connections,
             HOLD_EVERY_MS.0 / 1000,
-            HOLD_EVERY_MS.1 / 1000
+            HOLD_EVERY_MS.1 / 1000,
+            self.http_conns
         );
         let _ = writeln!(
             s,
