@@ -82,24 +82,10 @@ where
 {
     let requests = Arc::new(std::sync::atomic::AtomicU64::new(0));
     let counted = requests.clone();
-    let handle = Arc::new(handle);
     let drain = draining.clone();
     let svc = service_fn(move |req| {
         counted.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-        let fut = handle(req);
-        let drain = drain.clone();
-        async move {
-            let mut response = fut.await;
-            if version == ClientVersion::Http1
-                && drain.is_draining()
-                && response.status() != http::StatusCode::SWITCHING_PROTOCOLS
-            {
-                response
-                    .headers_mut()
-                    .insert(header::CONNECTION, HeaderValue::from_static("close"));
-            }
-            Ok::<_, Infallible>(response)
-        }
+        respond(&handle, req, version, drain.clone())
     });
     let refusal = Arc::new(Mutex::new(None));
     let served = match version {
@@ -178,6 +164,37 @@ where
             debug!(error = %e, "HTTP connection ended with an error");
             (requests, Some(e.to_string()))
         }
+    }
+}
+
+/// One request's answer from `handle`, closed (`Connection: close`) when the node drains an
+/// HTTP/1.1 client. The handler's future (routing, retries, the upstream exchange, the record:
+/// kilobytes) is boxed here, once, for the request's time only: hyper moves the future it is
+/// handed, and keeps an HTTP/1.1 connection's service future in an allocation of that future's
+/// size for as long as the connection lives, which an idle keep-alive connection would hold for
+/// nothing.
+fn respond<R, F, Fut>(
+    handle: &F,
+    req: R,
+    version: ClientVersion,
+    drain: Draining,
+) -> impl Future<Output = Result<Response<ResponseBody>, Infallible>> + Send + 'static
+where
+    F: Fn(R) -> Fut,
+    Fut: Future<Output = Response<ResponseBody>> + Send + 'static,
+{
+    let fut = Box::pin(handle(req));
+    async move {
+        let mut response = fut.await;
+        if version == ClientVersion::Http1
+            && drain.is_draining()
+            && response.status() != http::StatusCode::SWITCHING_PROTOCOLS
+        {
+            response
+                .headers_mut()
+                .insert(header::CONNECTION, HeaderValue::from_static("close"));
+        }
+        Ok(response)
     }
 }
 

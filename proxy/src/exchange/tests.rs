@@ -135,3 +135,24 @@ async fn requests_cut_across_reads_reach_the_parser_whole() {
         "{out}"
     );
 }
+
+/// What hyper keeps for an HTTP/1.1 connection's lifetime is the service's future, allocated at
+/// its size: a handler future of kilobytes is boxed for its request's time, so an idle
+/// keep-alive connection holds a pointer, not the handler's state.
+#[test]
+fn a_connection_keeps_no_handler_state_between_requests() {
+    let handle = |_: ()| async {
+        let scratch = [0u8; 8192];
+        tokio::task::yield_now().await;
+        Response::new(ResponseBody::new(
+            Full::new(Bytes::copy_from_slice(&scratch[..1])).map_err(|never| match never {}),
+        ))
+    };
+    assert!(std::mem::size_of_val(&handle(())) > 8192);
+    let fut = respond(&handle, (), ClientVersion::Http1, Draining::never());
+    assert!(
+        std::mem::size_of_val(&fut) <= 128,
+        "{} bytes",
+        std::mem::size_of_val(&fut)
+    );
+}

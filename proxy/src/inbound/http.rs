@@ -101,8 +101,7 @@ pub async fn serve<S>(
                 let clients = clients.clone();
                 let t = t.clone();
                 let template = tmpl.clone();
-                // Boxed once: hyper and the exchange move the future they are handed.
-                Box::pin(async move { request(&inputs, &clients, &t, &template, req).await })
+                async move { request(&inputs, &clients, &t, &template, req).await }
             }
         },
     )

@@ -261,9 +261,7 @@ impl HttpPath {
             move |req| {
                 let this = this.clone();
                 let conn = c.clone();
-                // Boxed once: hyper and the exchange move the future they are handed, and a
-                // request's is kilobytes.
-                Box::pin(async move { this.request(req, &conn).await })
+                async move { this.request(req, &conn).await }
             },
         )
         .await;
