@@ -245,8 +245,10 @@ impl Outbound {
         if !matches!(plan.action, Action::Refuse(Refusal::NoIdentity)) {
             if let Some((version, declared)) = self.http_version(&client, &called).await {
                 record.protocol("http");
-                // Boxed: the HTTP server's state is large, and every connection's task would
-                // otherwise be allocated (and moved) at that size, TCP ones too.
+                // Each path boxed, at its own size: a connection's task is allocated (and moved)
+                // at the size of its largest, so inline they would make every TCP connection
+                // carry the HTTP server's state and every HTTP connection the relay's (kilobytes
+                // an idle keep-alive connection holds for its life).
                 Box::pin(
                     self.http
                         .serve(client, version, plan.source, called, declared, record),
@@ -255,7 +257,7 @@ impl Outbound {
                 return;
             }
         }
-        self.execute(client, plan, record, policy_changes).await;
+        Box::pin(self.execute(client, plan, record, policy_changes)).await;
     }
 
     /// Waits until the snapshot and policies in force would no longer deliver a same-node
