@@ -102,15 +102,15 @@ impl H1Guard {
         while !input.is_empty() {
             match state {
                 State::Opaque => break,
-                State::Body(n) | State::ChunkData(n) => {
-                    let take = n.min(input.len() as u64);
-                    input = &input[take as usize..];
-                    state = match state {
-                        State::Body(_) if n == take => State::Head,
-                        State::Body(_) => State::Body(n - take),
-                        _ if n == take => State::ChunkSize,
-                        _ => State::ChunkData(n - take),
-                    };
+                State::Body(n) => {
+                    let take;
+                    (take, state) = counted(n, input.len(), State::Head, State::Body);
+                    input = &input[take..];
+                }
+                State::ChunkData(n) => {
+                    let take;
+                    (take, state) = counted(n, input.len(), State::ChunkSize, State::ChunkData);
+                    input = &input[take..];
                 }
                 State::Head | State::ChunkSize | State::Trailers => {
                     let (end, done) = scan(state, &[], input);
@@ -139,25 +139,18 @@ impl H1Guard {
                     break;
                 }
                 State::Body(n) => {
-                    let take = (n.min(input.len() as u64)) as usize;
+                    let take;
+                    (take, self.state) = counted(n, input.len(), State::Head, State::Body);
                     out.extend_from_slice(&input[..take]);
                     input = &input[take..];
-                    self.state = if n == take as u64 {
-                        State::Head
-                    } else {
-                        State::Body(n - take as u64)
-                    };
                 }
                 State::ChunkData(n) => {
                     // `n` counts the chunk's trailing CRLF too.
-                    let take = (n.min(input.len() as u64)) as usize;
+                    let take;
+                    (take, self.state) =
+                        counted(n, input.len(), State::ChunkSize, State::ChunkData);
                     out.extend_from_slice(&input[..take]);
                     input = &input[take..];
-                    self.state = if n == take as u64 {
-                        State::ChunkSize
-                    } else {
-                        State::ChunkData(n - take as u64)
-                    };
                 }
                 State::Head | State::ChunkSize | State::Trailers => {
                     let (end, done) = scan(self.state, &self.held, input);
@@ -195,6 +188,15 @@ impl H1Guard {
     pub fn gave_up(&self) -> bool {
         self.gave_up
     }
+}
+
+/// Of `available` bytes, how many belong to the `n` a counted state (a body, a chunk's data)
+/// still expects, and the state after them: `then` once all `n` are in, else `rest` of what is
+/// left.
+fn counted(n: u64, available: usize, then: State, rest: fn(u64) -> State) -> (usize, State) {
+    let take = n.min(available as u64);
+    let next = if take == n { then } else { rest(n - take) };
+    (take as usize, next)
 }
 
 /// How much of `input` belongs to the current head/line of `state` (after `held`, what is
