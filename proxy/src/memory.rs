@@ -23,13 +23,14 @@
 //! serves, the delay is back: returning every freed page at once costs the data path a
 //! quarter more CPU per request.
 //!
-//! A [`release`] also lets go of the executable's own pages that hold nothing of the process's:
-//! its code and read-only data, mapped from the file and never written ([`release_code`]).
-//! Starting up and a registry rebuild run code that a request never does (the registry's
-//! parsers, serde's visitors for every kind, the eBPF loader), and the kernel maps 64 KiB
-//! around each page touched: 18 MB of a node's 31 MB resident set under HTTP load was the
-//! binary, of which 2 MB was read in five seconds of it. The pages stay in the page cache; what
-//! runs next faults its own back in.
+//! A [`release`] also lets go of the pages of files mapped read-only that hold nothing of the
+//! process's: the executable's code and read-only data, the libraries', mapped from their
+//! files and never written ([`release_file_pages`]). Starting up and a registry rebuild run
+//! code that a request never does (the registry's parsers, serde's visitors for every kind,
+//! the eBPF loader), and the kernel maps 64 KiB around each page touched: 18 MB of a node's
+//! 31 MB resident set under HTTP load was the binary, of which 2 MB was read in five seconds
+//! of it, and 2 MB more libc, libm and the loader. The pages stay in the page cache; what runs
+//! next faults its own back in.
 //!
 //! Transparent huge pages are off: mimalloc asked for them on its arenas (`MADV_HUGEPAGE`), so
 //! every partly used 2 MiB region counted whole, 30 of a node's 31 MB of anonymous memory at
@@ -88,42 +89,43 @@ pub fn release() {
     let n = RELEASES.fetch_add(1, Ordering::Relaxed) + 1;
     SEEN.with(|s| s.set(n));
     collect();
-    match release_code() {
-        Ok(bytes) => tracing::debug!(bytes, "executable pages let go of"),
-        Err(e) => tracing::debug!(error = %e, "executable pages kept"),
+    match release_file_pages() {
+        Ok(bytes) => tracing::debug!(bytes, "mapped files' pages let go of"),
+        Err(e) => tracing::debug!(error = %e, "mapped files' pages kept"),
     }
 }
 
-/// Drops from the resident set the pages of the running executable that hold nothing of the
-/// process's own: mappings of the file this code runs from (the device and inode of the
-/// mapping that holds this function) that are not writable and hold no anonymous page (code,
-/// read-only data; not the relocated data made read-only after start, which is the process's
-/// own copy). `madvise(MADV_DONTNEED)` on them unmaps what was mapped; the next access maps
-/// the page cache's page again (a minor fault). Returns the bytes that were resident.
+/// Drops from the resident set the pages of files mapped read-only that hold nothing of the
+/// process's own: every private mapping of a file that is not writable and holds no anonymous
+/// page (the executable's code and read-only data, the libraries', the locale files; not the
+/// relocated data made read-only after start, which is the process's own copy).
+/// `madvise(MADV_DONTNEED)` on them unmaps what was mapped; the next access maps the page
+/// cache's page again (a minor fault). Returns the bytes that were resident.
 /// One release at a time: two at once would read the same mappings and count them twice.
-pub fn release_code() -> std::io::Result<usize> {
-    let _one = RELEASING_CODE
+pub fn release_file_pages() -> std::io::Result<usize> {
+    let _one = RELEASING_FILE_PAGES
         .lock()
         .unwrap_or_else(std::sync::PoisonError::into_inner);
-    drop_clean_code()
+    drop_clean_file_pages()
 }
 
-/// Held by whoever drops the executable's pages.
-static RELEASING_CODE: std::sync::Mutex<()> = std::sync::Mutex::new(());
+/// Held by whoever drops the file pages.
+static RELEASING_FILE_PAGES: std::sync::Mutex<()> = std::sync::Mutex::new(());
 
-/// [`release_code`]'s work, with [`RELEASING_CODE`] held.
-fn drop_clean_code() -> std::io::Result<usize> {
+/// [`release_file_pages`]'s work, with [`RELEASING_FILE_PAGES`] held.
+fn drop_clean_file_pages() -> std::io::Result<usize> {
     let smaps = std::fs::read("/proc/self/smaps")?;
     let smaps = String::from_utf8_lossy(&smaps);
     let mut dropped = 0;
-    for (range, resident) in clean_file_ranges(&smaps, release_code as *const () as usize) {
-        // SAFETY: the range is a whole mapping of the executable's file that is not writable
-        // and held no anonymous page when `smaps` was read just above: dropping its pages
-        // loses nothing, and the next access reads the same bytes from the page cache, as
-        // after the kernel reclaimed them. What could give such a mapping a page of its own
-        // in between (a debugger's breakpoint, a uprobe, a write through `/proc/self/mem`)
-        // would be dropped with it: the probe stops firing in this process; nothing the
-        // program itself wrote is lost, as it writes to none of these mappings.
+    for (range, resident) in clean_file_ranges(&smaps) {
+        // SAFETY: the range is a whole private mapping of a file that is not writable and
+        // held no anonymous page when `smaps` was read just above: dropping its pages loses
+        // nothing, and the next access reads the same bytes from the page cache, as after
+        // the kernel reclaimed them (which it may do to these pages at any time). What could
+        // give such a mapping a page of its own in between (a debugger's breakpoint, a
+        // uprobe, a write through `/proc/self/mem`) would be dropped with it: the probe stops
+        // firing in this process; nothing the program itself wrote is lost, as it writes to
+        // none of these mappings.
         let r = unsafe {
             libc::madvise(
                 range.start as *mut libc::c_void,
@@ -139,20 +141,13 @@ fn drop_clean_code() -> std::io::Result<usize> {
     Ok(dropped)
 }
 
-/// The mappings in `smaps` (`/proc/<pid>/smaps`) of the file mapped at `here` (same device and
-/// inode), not writable, and seen to hold no anonymous page, resident or swapped out (a private
-/// mapping's written page is anonymous; `Private_Dirty` also counts the page cache's own dirty
-/// pages of a file just written, which are the file's): each with the bytes it has resident.
-/// A mapping whose `Anonymous:` line is missing or unreadable is kept.
-fn clean_file_ranges(smaps: &str, here: usize) -> Vec<(std::ops::Range<usize>, usize)> {
-    let headers = smaps.lines().filter_map(mapping_header);
-    let Some(file) = headers
-        .clone()
-        .find(|m| m.range.contains(&here) && m.inode != "0")
-        .map(|m| (m.dev, m.inode))
-    else {
-        return Vec::new();
-    };
+/// The private mappings of files in `smaps` (`/proc/<pid>/smaps`) that are not writable and
+/// are seen to hold no anonymous page, resident or swapped out (a private mapping's written
+/// page is anonymous; `Private_Dirty` also counts the page cache's own dirty pages of a file
+/// just written, which are the file's): each with the bytes it has resident. Not shared
+/// mappings (an eBPF ring's pages), nor the kernel's own (`[vdso]`, inode 0). A mapping whose
+/// `Anonymous:` line is missing or unreadable is kept.
+fn clean_file_ranges(smaps: &str) -> Vec<(std::ops::Range<usize>, usize)> {
     let mut ranges = Vec::new();
     /// The mapping being read.
     struct Reading {
@@ -171,7 +166,7 @@ fn clean_file_ranges(smaps: &str, here: usize) -> Vec<(std::ops::Range<usize>, u
         if let Some(m) = mapping_header(line) {
             finish(current.take());
             current = Some(Reading {
-                candidate: (m.dev, m.inode) == file && !m.perms.contains('w'),
+                candidate: m.inode != "0" && !m.perms.contains('w') && m.perms.ends_with('p'),
                 range: m.range,
                 no_anonymous: false,
                 resident: 0,
@@ -200,7 +195,6 @@ fn clean_file_ranges(smaps: &str, here: usize) -> Vec<(std::ops::Range<usize>, u
 struct Mapping<'a> {
     range: std::ops::Range<usize>,
     perms: &'a str,
-    dev: &'a str,
     inode: &'a str,
 }
 
@@ -219,7 +213,6 @@ fn mapping_header(line: &str) -> Option<Mapping<'_>> {
     Some(Mapping {
         range: start..end,
         perms,
-        dev,
         inode,
     })
 }
@@ -346,25 +339,29 @@ Anonymous:             0 kB
 7f0000600000-7f0000700000 r-xp 00000000 fd:01 1235                       /opt/weft/weft (deleted)
 Rss:                  64 kB
 Anonymous:             0 kB
+7f0000800000-7f0000810000 r--s 00000000 00:0e 4321                       anon_inode:bpf-map
+Rss:                  64 kB
+Anonymous:             0 kB
+7ffd00000000-7ffd00002000 r-xp 00000000 00:00 0                          [vdso]
+Rss:                   8 kB
+Anonymous:             0 kB
 ";
 
     #[test]
-    fn only_the_executables_clean_read_only_mappings_are_dropped() {
-        // Running from the mapping at 0x55d0a1000000 (device fd:01, inode 1234).
+    fn only_clean_private_read_only_file_mappings_are_dropped() {
         assert_eq!(
-            clean_file_ranges(SMAPS, 0x55d0a1000000),
+            clean_file_ranges(SMAPS),
             vec![
                 (0x55d0a0000000..0x55d0a02b3000, 2716 * 1024),
                 (0x55d0a02b3000..0x55d0a1900000, 15680 * 1024),
+                (0x7f0000000000..0x7f0000100000, 0),
+                (0x7f0000400000..0x7f0000500000, 0),
+                (0x7f0000600000..0x7f0000700000, 64 * 1024),
             ],
-            "not the relocated read-only data, the writable data, a mapping not seen to hold no \
-             anonymous page, another file (the same inode on another device), libraries or \
-             anonymous memory"
-        );
-        // A replaced binary still runs from its deleted file, named so.
-        assert_eq!(
-            clean_file_ranges(SMAPS, 0x7f0000600000),
-            vec![(0x7f0000600000..0x7f0000700000, 64 * 1024)]
+            "the executable's code and constants, a library's, another file's, a replaced \
+             binary's (still run from its deleted file); not the relocated read-only data, \
+             writable data, a mapping not seen to hold no anonymous page, anonymous memory, a \
+             shared mapping or the kernel's"
         );
         // A page of its own anywhere in a mapping keeps all of it.
         let swapped = SMAPS.replacen(
@@ -372,20 +369,18 @@ Anonymous:             0 kB
             "Swap:                  4 kB",
             1,
         );
-        assert_eq!(
-            clean_file_ranges(&swapped, 0x55d0a1000000),
-            vec![(0x55d0a0000000..0x55d0a02b3000, 2716 * 1024)]
-        );
-        // Not running from any file mapping listed, or nothing readable: nothing.
-        assert!(clean_file_ranges(SMAPS, 0x7f0000250000).is_empty());
-        assert!(clean_file_ranges(SMAPS, 0x1000).is_empty());
-        assert!(clean_file_ranges("garbage\nAnonymous: 0 kB\n", 0x1000).is_empty());
+        assert!(!clean_file_ranges(&swapped)
+            .iter()
+            .any(|(range, _)| range.start == 0x55d0a02b3000));
+        // Nothing readable: nothing.
+        assert!(clean_file_ranges("").is_empty());
+        assert!(clean_file_ranges("garbage\nAnonymous: 0 kB\n").is_empty());
     }
 
-    /// The resident kB of the mappings `release_code` drops, from `/proc/self/smaps`.
-    fn executable_rss_kb() -> usize {
+    /// The resident kB of the mappings `release_file_pages` drops, from `/proc/self/smaps`.
+    fn clean_file_rss_kb() -> usize {
         let smaps = std::fs::read_to_string("/proc/self/smaps").unwrap();
-        clean_file_ranges(&smaps, release_code as *const () as usize)
+        clean_file_ranges(&smaps)
             .iter()
             .map(|(_, resident)| resident / 1024)
             .sum()
@@ -434,25 +429,24 @@ Anonymous:             0 kB
     }
 
     #[test]
-    fn the_executables_pages_are_let_go_of_and_run_again() {
+    fn mapped_files_pages_are_let_go_of_and_run_again() {
         // Other tests release too (the registry's rebuilds): none while this one counts.
-        let _one = RELEASING_CODE
+        let _one = RELEASING_FILE_PAGES
             .lock()
             .unwrap_or_else(std::sync::PoisonError::into_inner);
         let sum = read_constants();
         let (mapped, total) = constants_mapped();
         assert!(total >= 8, "{total} pages");
         assert_eq!(mapped, total, "constants read are mapped");
-        // This test binary's code and constants: found, and resident (the harness ran).
-        let before = executable_rss_kb();
+        // This test binary's code and constants, its libraries': found, and resident.
+        let before = clean_file_rss_kb();
         assert!(before > 0);
-        let dropped = drop_clean_code().unwrap();
+        let dropped = drop_clean_file_pages().unwrap();
         assert!(dropped >= before * 1024 / 2, "{dropped} bytes let go of");
         // Let go of, and read again from the page cache: the same bytes.
         assert_eq!(constants_mapped(), (0, total));
         assert_eq!(read_constants(), sum);
         assert_eq!(constants_mapped(), (total, total));
-        assert!(clean_file_ranges("", 0).is_empty());
     }
 
     #[test]
