@@ -103,16 +103,19 @@ pub fn release() {
 /// cache's page again (a minor fault). Returns the bytes that were resident.
 /// One release at a time: two at once would read the same mappings and count them twice.
 pub fn release_file_pages() -> std::io::Result<usize> {
-    let _one = RELEASING_FILE_PAGES
-        .lock()
-        .unwrap_or_else(std::sync::PoisonError::into_inner);
+    let _one = releasing_file_pages();
     drop_clean_file_pages()
 }
 
-/// Held by whoever drops the file pages.
-static RELEASING_FILE_PAGES: std::sync::Mutex<()> = std::sync::Mutex::new(());
+/// Held by whoever drops the file pages (a panic while holding it left nothing half done).
+fn releasing_file_pages() -> std::sync::MutexGuard<'static, ()> {
+    static RELEASING: std::sync::Mutex<()> = std::sync::Mutex::new(());
+    RELEASING
+        .lock()
+        .unwrap_or_else(std::sync::PoisonError::into_inner)
+}
 
-/// [`release_file_pages`]'s work, with [`RELEASING_FILE_PAGES`] held.
+/// [`release_file_pages`]'s work, with [`releasing_file_pages`] held.
 fn drop_clean_file_pages() -> std::io::Result<usize> {
     let smaps = std::fs::read("/proc/self/smaps")?;
     let smaps = String::from_utf8_lossy(&smaps);
@@ -386,8 +389,9 @@ Anonymous:             0 kB
             .sum()
     }
 
-    /// Constants of this test binary's own, read by the test below only: 16 pages of
-    /// read-only data whose fault-around windows (64 KiB, aligned) hold nothing else.
+    /// Constants of this test binary's own, read by the test below only: 256 KiB of read-only
+    /// data, in which the pages of the (aligned, 64 KiB) fault-around windows wholly inside it,
+    /// at least three, hold nothing else.
     static CONSTANTS: [u8; 256 * 1024] = {
         let mut a = [0; 256 * 1024];
         let mut i = 0;
@@ -431,9 +435,7 @@ Anonymous:             0 kB
     #[test]
     fn mapped_files_pages_are_let_go_of_and_run_again() {
         // Other tests release too (the registry's rebuilds): none while this one counts.
-        let _one = RELEASING_FILE_PAGES
-            .lock()
-            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        let _one = releasing_file_pages();
         let sum = read_constants();
         let (mapped, total) = constants_mapped();
         assert!(total >= 8, "{total} pages");
