@@ -22,7 +22,7 @@ const ALLOWED: &[(&str, &[&str])] = &[
         "exchange",
         &["admin", "drain", "l7", "telemetry", "upstream"],
     ),
-    ("identity", &["admin"]),
+    ("identity", &["admin", "memory"]),
     ("ca", &["identity", "registry"]),
     ("policy", &["registry"]),
     ("l7", &["registry", "config"]),

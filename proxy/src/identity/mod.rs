@@ -19,7 +19,7 @@
 //! authentication against the trust bundle, the server certificate chosen by SNI ([`sni_for`]),
 //! the server's SPIFFE id checked by the client.
 //!
-//! May import: `admin::api` (certificate rows).
+//! May import: `admin::api` (certificate rows), `memory` (a release once new SVIDs are made).
 
 pub mod ca_client;
 pub mod issuer;
@@ -164,6 +164,10 @@ pub(crate) struct State {
     /// Requests to the CA service answered with a certificate, and failed.
     issued: std::sync::atomic::AtomicU64,
     failed: std::sync::atomic::AtomicU64,
+    /// SVIDs made since start (minted here or fetched), and how many of them had been made
+    /// when [`rotate`] last handed memory back.
+    made: std::sync::atomic::AtomicU64,
+    released: std::sync::atomic::AtomicU64,
     /// The last failure, for `weft status`.
     last_error: Mutex<Option<String>>,
 }
@@ -227,6 +231,8 @@ impl IdentityManager {
             fetching: tokio::sync::Mutex::new(()),
             issued: Default::default(),
             failed: Default::default(),
+            made: Default::default(),
+            released: Default::default(),
             last_error: Mutex::new(None),
         });
         let server_config = tls::server_config(&state)?;
@@ -385,35 +391,18 @@ async fn rotate(state: Weak<State>) {
     loop {
         let sleep = {
             let Some(state) = state.upgrade() else { return };
-            let now = SystemTime::now();
-            let ids: Vec<SpiffeId> = state.lock().ids.iter().cloned().collect();
-            failures.retain(|id, _| ids.contains(id));
-            let mut next = now + ROTATION_MAX_SLEEP;
-            for id in ids {
-                match state.renew(&id).await {
-                    Ok(svid) => {
-                        failures.remove(&id);
-                        next = next.min(svid.refresh_at);
-                    }
-                    // Removed meanwhile, or the CA cannot sign: retry with backoff. The SVID held
-                    // (if any) keeps serving until it expires.
-                    Err(e) => {
-                        let n = failures.entry(id.clone()).or_default();
-                        *n = n.saturating_add(1);
-                        // Never so long that the SVID held expires before the next attempt.
-                        let remaining = state
-                            .lock()
-                            .svids
-                            .get(&id)
-                            .and_then(|s| s.not_after.duration_since(now).ok())
-                            .map_or(RETRY_MAX, |r| (r / 4).max(RETRY_MIN));
-                        let wait = Duration::from_secs(1u64 << (*n - 1).min(5))
-                            .min(RETRY_MAX)
-                            .min(remaining);
-                        warn!(identity = %id, error = %format!("{e:#}"), retry_in = ?wait, "getting SVID failed");
-                        next = next.min(now + wait);
-                    }
-                }
+            let next = state.renew_all(&mut failures).await;
+            let made = state.made.load(std::sync::atomic::Ordering::Relaxed);
+            if state
+                .released
+                .swap(made, std::sync::atomic::Ordering::Relaxed)
+                != made
+            {
+                // Making a key and getting its certificate (signed here, or fetched by this
+                // task or a connection that came first) ran code nothing on the data path runs:
+                // key generation, the CA client's TLS and gRPC, X.509 parsing. Its pages, and
+                // what it freed, are handed back (a busy node never goes quiet).
+                crate::memory::release();
             }
             let sleep = next
                 .duration_since(SystemTime::now())
@@ -430,6 +419,42 @@ async fn rotate(state: Weak<State>) {
 impl State {
     fn lock(&self) -> MutexGuard<'_, Local> {
         self.local.lock()
+    }
+
+    /// Renews every local identity that is due (`failures`: consecutive failures per identity,
+    /// for the backoff of the next attempt). Returns when the next round is due.
+    async fn renew_all(&self, failures: &mut HashMap<SpiffeId, u32>) -> SystemTime {
+        let now = SystemTime::now();
+        let ids: Vec<SpiffeId> = self.lock().ids.iter().cloned().collect();
+        failures.retain(|id, _| ids.contains(id));
+        let mut next = now + ROTATION_MAX_SLEEP;
+        for id in ids {
+            match self.renew(&id).await {
+                Ok(svid) => {
+                    failures.remove(&id);
+                    next = next.min(svid.refresh_at);
+                }
+                // Removed meanwhile, or the CA cannot sign: retry with backoff. The SVID held
+                // (if any) keeps serving until it expires.
+                Err(e) => {
+                    let n = failures.entry(id.clone()).or_default();
+                    *n = n.saturating_add(1);
+                    // Never so long that the SVID held expires before the next attempt.
+                    let remaining = self
+                        .lock()
+                        .svids
+                        .get(&id)
+                        .and_then(|s| s.not_after.duration_since(now).ok())
+                        .map_or(RETRY_MAX, |r| (r / 4).max(RETRY_MIN));
+                    let wait = Duration::from_secs(1u64 << (*n - 1).min(5))
+                        .min(RETRY_MAX)
+                        .min(remaining);
+                    warn!(identity = %id, error = %format!("{e:#}"), retry_in = ?wait, "getting SVID failed");
+                    next = next.min(now + wait);
+                }
+            }
+        }
+        next
     }
 
     fn is_local(&self, id: &SpiffeId) -> bool {
@@ -451,6 +476,7 @@ impl State {
                 let svid = Arc::new(self.mint(ca, id, now)?);
                 debug!(identity = %id, serial = %svid.serial, "minted SVID");
                 local.svids.insert(id.clone(), svid.clone());
+                self.made.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
                 Ok(svid)
             }
             Authority::Service(ca) => match held.filter(|s| now < s.not_after) {
@@ -535,6 +561,7 @@ impl State {
             bail!("{id} is no longer hosted on this node");
         }
         local.svids.insert(id.clone(), svid.clone());
+        self.made.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
         Ok(svid)
     }
 

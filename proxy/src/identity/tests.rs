@@ -150,6 +150,19 @@ async fn rotation_task_remints_idle_identities() {
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
     let first = first.expect("rotation task minted the SVID");
+    // What making it ran is handed back ([`crate::memory::release`]) once the round is over.
+    for _ in 0..100 {
+        if m.state.released.load(std::sync::atomic::Ordering::Relaxed) == 1 {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    assert_eq!(m.state.made.load(std::sync::atomic::Ordering::Relaxed), 1);
+    assert_eq!(
+        m.state.released.load(std::sync::atomic::Ordering::Relaxed),
+        1,
+        "memory handed back after the SVID was made"
+    );
     tokio::time::sleep(Duration::from_millis(1600)).await;
     let now = m.certs().pop().unwrap().serial;
     assert_ne!(first, now, "re-minted at half-life");
