@@ -78,7 +78,7 @@ mod tests {
             .unwrap();
         let verifier = rustls::client::WebPkiServerVerifier::builder_with_provider(
             Arc::new(roots),
-            Arc::new(rustls::crypto::ring::default_provider()),
+            Arc::new(rustls::crypto::aws_lc_rs::default_provider()),
         )
         .build()
         .unwrap();

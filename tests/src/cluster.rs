@@ -34,9 +34,9 @@ const MAX_NODES: usize = 200;
 
 /// 64 random bits (for tokens).
 fn rand_u64() -> u64 {
-    use ring::rand::SecureRandom;
+    use aws_lc_rs::rand::SecureRandom;
     let mut b = [0u8; 8];
-    ring::rand::SystemRandom::new()
+    aws_lc_rs::rand::SystemRandom::new()
         .fill(&mut b)
         .expect("the kernel's random source");
     u64::from_ne_bytes(b)

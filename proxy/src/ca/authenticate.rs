@@ -53,7 +53,7 @@ impl Authenticator {
 /// The node of `token` in a tokens file. Compares SHA-256 digests, so the time taken does not
 /// tell how much of a guess was right.
 pub fn node_of_token(text: &str, token: &str) -> Option<String> {
-    use ring::digest::{digest, SHA256};
+    use aws_lc_rs::digest::{digest, SHA256};
     let want = digest(&SHA256, token.as_bytes());
     let mut found = None;
     for line in text.lines() {

@@ -109,7 +109,7 @@ pub async fn serve(cfg: CaServeConfig) -> Result<()> {
 
     let resolver = Arc::new(ServerCert::new(ca.clone(), cfg.server_names.clone())?);
     tokio::spawn(resolver.clone().renew());
-    let provider = Arc::new(rustls::crypto::ring::default_provider());
+    let provider = Arc::new(rustls::crypto::aws_lc_rs::default_provider());
     let mut tls = rustls::ServerConfig::builder_with_provider(provider)
         .with_protocol_versions(&[&rustls::version::TLS13])?
         .with_no_client_auth()
@@ -274,7 +274,7 @@ impl ServerCert {
         let mut chain: Vec<CertificateDer<'static>> = vec![signed.leaf];
         chain.extend(ca.intermediates().iter().cloned());
         let der = PrivateKeyDer::Pkcs8(PrivatePkcs8KeyDer::from(key.serialize_der()));
-        let signer = rustls::crypto::ring::sign::any_supported_type(&der)?;
+        let signer = rustls::crypto::aws_lc_rs::sign::any_supported_type(&der)?;
         Ok(Arc::new(CertifiedKey::new(chain, signer)))
     }
 

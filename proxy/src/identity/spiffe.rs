@@ -207,7 +207,7 @@ pub fn sni_for(id: &SpiffeId) -> String {
     if dns.len() <= MAX_DNS_NAME {
         return dns;
     }
-    let digest = ring::digest::digest(&ring::digest::SHA256, principal.as_bytes());
+    let digest = aws_lc_rs::digest::digest(&aws_lc_rs::digest::SHA256, principal.as_bytes());
     format!(
         "{}.{SNI_HASH_LABEL}.{SNI_SUFFIX}",
         base32_encode(digest.as_ref())

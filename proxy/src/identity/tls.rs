@@ -21,9 +21,9 @@ use super::{SpiffeId, State};
 /// The only application protocol of the tunnel.
 pub const ALPN_H2: &[u8] = b"h2";
 
-/// ring, with AES-128-GCM preferred (the cheapest suite on hardware with AES instructions).
+/// aws-lc-rs, with AES-128-GCM preferred (the cheapest suite on hardware with AES instructions).
 pub(crate) fn provider() -> CryptoProvider {
-    use rustls::crypto::ring::cipher_suite::{
+    use rustls::crypto::aws_lc_rs::cipher_suite::{
         TLS13_AES_128_GCM_SHA256, TLS13_AES_256_GCM_SHA384, TLS13_CHACHA20_POLY1305_SHA256,
     };
     CryptoProvider {
@@ -32,7 +32,7 @@ pub(crate) fn provider() -> CryptoProvider {
             TLS13_AES_256_GCM_SHA384,
             TLS13_CHACHA20_POLY1305_SHA256,
         ],
-        ..rustls::crypto::ring::default_provider()
+        ..rustls::crypto::aws_lc_rs::default_provider()
     }
 }
 

@@ -71,7 +71,7 @@ impl Originator {
         if let Some(c) = self.configs.lock().get(o) {
             return Ok(c.clone());
         }
-        let provider = Arc::new(rustls::crypto::ring::default_provider());
+        let provider = Arc::new(rustls::crypto::aws_lc_rs::default_provider());
         let builder = rustls::ClientConfig::builder_with_provider(provider.clone())
             .with_protocol_versions(rustls::DEFAULT_VERSIONS)
             .map_err(TlsError::Config)?;
@@ -198,7 +198,7 @@ mod tests {
         let ca_path = dir.path().join("ca.pem");
         std::fs::write(&ca_path, ca.pem()).unwrap();
         let server = rustls::ServerConfig::builder_with_provider(Arc::new(
-            rustls::crypto::ring::default_provider(),
+            rustls::crypto::aws_lc_rs::default_provider(),
         ))
         .with_protocol_versions(rustls::DEFAULT_VERSIONS)
         .unwrap()

@@ -576,7 +576,8 @@ pub(crate) fn canonical(mut obj: Value) -> Result<(ResId, Value), ApiError> {
 /// A random RFC 4122 version 4 UUID.
 pub(crate) fn new_uid() -> String {
     let mut b = [0u8; 16];
-    ring::rand::SecureRandom::fill(&ring::rand::SystemRandom::new(), &mut b).expect("random");
+    aws_lc_rs::rand::SecureRandom::fill(&aws_lc_rs::rand::SystemRandom::new(), &mut b)
+        .expect("random");
     b[6] = (b[6] & 0x0f) | 0x40;
     b[8] = (b[8] & 0x3f) | 0x80;
     let h: String = b.iter().map(|x| format!("{x:02x}")).collect();
@@ -594,7 +595,8 @@ pub(crate) fn new_uid() -> String {
 pub(crate) fn name_suffix() -> String {
     const ALPHABET: &[u8] = b"bcdfghjklmnpqrstvwxz2456789";
     let mut b = [0u8; 5];
-    ring::rand::SecureRandom::fill(&ring::rand::SystemRandom::new(), &mut b).expect("random");
+    aws_lc_rs::rand::SecureRandom::fill(&aws_lc_rs::rand::SystemRandom::new(), &mut b)
+        .expect("random");
     b.iter()
         .map(|x| ALPHABET[*x as usize % ALPHABET.len()] as char)
         .collect()

@@ -170,7 +170,7 @@ fn tls_config(cert: &Path, key: &Path) -> anyhow::Result<Arc<rustls::ServerConfi
         .with_context(|| format!("parsing {}", cert.display()))?;
     let key = PrivateKeyDer::from_pem_file(key).with_context(|| format!("{}", key.display()))?;
     let mut config = rustls::ServerConfig::builder_with_provider(Arc::new(
-        rustls::crypto::ring::default_provider(),
+        rustls::crypto::aws_lc_rs::default_provider(),
     ))
     .with_safe_default_protocol_versions()?
     .with_no_client_auth()

@@ -2,7 +2,7 @@
 //! http` and the `ws` client. After the handshake both only move raw bytes (no framing): what
 //! the tests check is that a proxy passes an upgraded connection through untouched.
 //!
-//! Imports: http, ring (SHA-1), base64.
+//! Imports: http, aws-lc-rs (SHA-1), base64.
 
 use std::io::{BufRead, BufReader, Read, Write};
 use std::net::{SocketAddr, TcpStream};
@@ -17,8 +17,8 @@ const GUID: &str = "258EAFA5-E914-47DA-95CA-C5AB0DC85B11";
 
 /// `Sec-WebSocket-Accept` for a `Sec-WebSocket-Key`.
 pub fn accept_key(key: &str) -> String {
-    let digest = ring::digest::digest(
-        &ring::digest::SHA1_FOR_LEGACY_USE_ONLY,
+    let digest = aws_lc_rs::digest::digest(
+        &aws_lc_rs::digest::SHA1_FOR_LEGACY_USE_ONLY,
         format!("{key}{GUID}").as_bytes(),
     );
     base64::engine::general_purpose::STANDARD.encode(digest.as_ref())
