@@ -24,10 +24,12 @@ use std::future::Future;
 use std::io;
 use std::os::fd::{AsFd, AsRawFd, OwnedFd};
 use std::pin::{pin, Pin};
-use std::sync::atomic::{AtomicU64, Ordering};
-use std::task::{Context, Poll};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::Arc;
+use std::task::{Context, Poll, Wake, Waker};
 use std::time::{Duration, Instant};
 
+use futures::task::AtomicWaker;
 use nix::fcntl::{splice, OFlag, SpliceFFlags};
 use tokio::io::Interest;
 use tokio::net::TcpStream;
@@ -200,8 +202,8 @@ pub async fn both_ways<U, D, S, I>(
     up_name: &str,
     mut down: Pin<&mut D>,
     down_name: &str,
-    mut stop: Pin<&mut S>,
-    mut idle: Pin<&mut I>,
+    stop: Pin<&mut S>,
+    idle: Pin<&mut I>,
     close: impl FnOnce(),
 ) -> Ending
 where
@@ -210,6 +212,12 @@ where
     S: Future<Output = String>,
     I: Future<Output = String>,
 {
+    // `select!` polls every branch each time any of them is ready: on every message. `stop`
+    // and `idle` wait on watches shared by all connections (the drain, the policies) and on a
+    // coarse timer; polled again while still registered, a watch's notification takes the
+    // lock all its receivers share. They are polled only when they woke the task themselves.
+    let mut stop = Woken::new(stop);
+    let mut idle = Woken::new(idle);
     let (mut up_done, mut down_done) = (false, false);
     let mut closing: Option<(String, tokio::time::Instant)> = None;
     let mut close = Some(close);
@@ -253,6 +261,63 @@ where
     match closing {
         Some((why, _)) => Ending::Closed(why),
         None => Ending::Done,
+    }
+}
+
+/// A future polled only when it woke its task (and the first time): otherwise its poll
+/// answers `Pending` at once. For a future that waits beside busier ones in a `select!`,
+/// which polls every branch whenever any of them is ready. The inner future is given a waker
+/// of its own, which notes that it fired and wakes the task.
+pub struct Woken<F> {
+    inner: F,
+    flag: Arc<WokenFlag>,
+    waker: Waker,
+    polled: bool,
+}
+
+struct WokenFlag {
+    woken: AtomicBool,
+    task: AtomicWaker,
+}
+
+impl Wake for WokenFlag {
+    fn wake(self: Arc<Self>) {
+        self.wake_by_ref();
+    }
+
+    fn wake_by_ref(self: &Arc<Self>) {
+        self.woken.store(true, Ordering::Release);
+        self.task.wake();
+    }
+}
+
+impl<F: Future + Unpin> Woken<F> {
+    pub fn new(inner: F) -> Woken<F> {
+        let flag = Arc::new(WokenFlag {
+            woken: AtomicBool::new(false),
+            task: AtomicWaker::new(),
+        });
+        Woken {
+            inner,
+            waker: Waker::from(flag.clone()),
+            flag,
+            polled: false,
+        }
+    }
+}
+
+impl<F: Future + Unpin> Future for Woken<F> {
+    type Output = F::Output;
+
+    fn poll(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<F::Output> {
+        let this = &mut *self;
+        // Registered before the flag is read: a wake in between is seen now or wakes the task.
+        this.flag.task.register(cx.waker());
+        if this.polled && !this.flag.woken.swap(false, Ordering::AcqRel) {
+            return Poll::Pending;
+        }
+        this.polled = true;
+        Pin::new(&mut this.inner).poll(&mut Context::from_waker(&this.waker))
     }
 }
 
@@ -669,6 +734,90 @@ mod tests {
     use super::*;
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
     use tokio::net::TcpListener;
+
+    /// A task waker that counts its wakes.
+    struct Count(std::sync::atomic::AtomicUsize);
+
+    impl Wake for Count {
+        fn wake(self: Arc<Self>) {
+            self.0.fetch_add(1, Ordering::Relaxed);
+        }
+    }
+
+    /// Counts its polls and keeps the waker of the last one; ready once `ready` is set.
+    struct Watched {
+        polls: usize,
+        waker: Option<Waker>,
+        ready: bool,
+    }
+
+    impl Future for Watched {
+        type Output = ();
+
+        fn poll(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<()> {
+            self.polls += 1;
+            if self.ready {
+                return Poll::Ready(());
+            }
+            self.waker = Some(cx.waker().clone());
+            Poll::Pending
+        }
+    }
+
+    #[test]
+    fn a_woken_future_is_polled_only_when_it_woke_the_task() {
+        let task = Arc::new(Count(Default::default()));
+        let task_waker = Waker::from(task.clone());
+        let mut cx = Context::from_waker(&task_waker);
+        let mut inner = Watched {
+            polls: 0,
+            waker: None,
+            ready: false,
+        };
+        let mut woken = Woken::new(Pin::new(&mut inner));
+        assert!(Pin::new(&mut woken).poll(&mut cx).is_pending());
+        // The task polled again for its other branches: the inner future is left alone.
+        for _ in 0..3 {
+            assert!(Pin::new(&mut woken).poll(&mut cx).is_pending());
+        }
+        assert_eq!(woken.inner.polls, 1);
+        // It wakes: the task is woken, and the next poll reaches it.
+        woken.inner.waker.take().unwrap().wake();
+        assert_eq!(task.0.load(Ordering::Relaxed), 1);
+        woken.inner.ready = true;
+        assert!(Pin::new(&mut woken).poll(&mut cx).is_ready());
+        assert_eq!(woken.inner.polls, 2);
+    }
+
+    #[tokio::test]
+    async fn a_relay_is_stopped_by_a_watch_while_its_bytes_flow() {
+        // The stop future waits on a watch, beside directions busy with messages: it is polled
+        // only when the watch wakes it, and the relay ends when it does.
+        let (tx, mut rx) = tokio::sync::watch::channel(false);
+        let (msgs_tx, mut msgs_rx) = tokio::sync::mpsc::channel::<()>(1);
+        let relay = tokio::spawn(async move {
+            let stop = pin!(async move {
+                let _ = rx.wait_for(|stopped| *stopped).await;
+                "stopped".to_string()
+            });
+            let up = pin!(async move {
+                while msgs_rx.recv().await.is_some() {}
+                Ok(())
+            });
+            let down = pin!(std::future::pending::<io::Result<()>>());
+            let idle = pin!(std::future::pending::<String>());
+            both_ways(up, "up", down, "down", stop, idle, || {}).await
+        });
+        for _ in 0..100 {
+            msgs_tx.send(()).await.unwrap();
+        }
+        tx.send_replace(true);
+        let ending = tokio::time::timeout(Duration::from_secs(5), relay)
+            .await
+            .expect("the relay ended when told to")
+            .unwrap();
+        assert_eq!(ending, Ending::Failed("stopped".into()));
+    }
 
     /// A reason to close that holds `N` bytes across its wait.
     async fn reason<const N: usize>() -> String {

@@ -21,7 +21,7 @@
 use std::collections::HashMap;
 use std::io;
 use std::net::{IpAddr, SocketAddr};
-use std::pin::Pin;
+use std::pin::{pin, Pin};
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Weak};
 use std::task::{Context, Poll};
@@ -46,7 +46,7 @@ use super::{
 use crate::admin::api::{PoolKeyStats, PoolStats};
 use crate::identity::{sni_for, IdentityManager, SpiffeId, ALPN_H2};
 use crate::netns::PodNetworks;
-use crate::relay::Relayed;
+use crate::relay::{Relayed, Woken};
 use crate::telemetry::counters::{inc, read};
 use crate::telemetry::Telemetry;
 
@@ -784,6 +784,12 @@ async fn run_connection(inner: Arc<Inner>, conn: Arc<Conn>, tx: watch::Sender<Co
         Some(i) => (i.config.keepalive_interval, i.config.keepalive_timeout),
         None => (Duration::ZERO, Duration::ZERO),
     };
+    // Polled on every frame of the connection: what waits beside it is polled only when it
+    // wakes ([`Woken`]).
+    let close = pin!(conn.close.notified());
+    let mut close = Woken::new(close);
+    let keepalive = pin!(keepalive(&mut ping, interval, timeout));
+    let mut keepalive = Woken::new(keepalive);
     let closing = tokio::select! {
         r = &mut connection => {
             if let Err(e) = r {
@@ -791,8 +797,8 @@ async fn run_connection(inner: Arc<Inner>, conn: Arc<Conn>, tx: watch::Sender<Co
             }
             false
         }
-        _ = conn.close.notified() => true,
-        why = keepalive(&mut ping, interval, timeout) => {
+        _ = &mut close => true,
+        why = &mut keepalive => {
             // The peer is gone: its streams are cut (dropping the connection), and the next
             // CONNECT dials anew.
             warn!(conn = conn.id, %node, reason = %why, "HBONE peer not answering: connection closed");

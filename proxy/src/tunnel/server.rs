@@ -24,6 +24,7 @@
 use std::collections::HashMap;
 use std::future::{poll_fn, Future};
 use std::net::{IpAddr, SocketAddr};
+use std::pin::pin;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::task::Poll;
@@ -47,6 +48,7 @@ use super::{
 use crate::admin::api::InboundStats;
 use crate::drain::{Draining, Hold};
 use crate::identity::{IdentityManager, SpiffeId, ALPN_H2};
+use crate::relay::Woken;
 use crate::telemetry::counters::{inc, Held};
 use crate::telemetry::{ServerCounters, Telemetry};
 
@@ -606,10 +608,19 @@ impl<H: Handler> Server<H> {
             self.config.premature_reset_total_stream_count,
         ));
         let mut told_to_go = false;
+        // This task runs on every frame of the connection: what it waits on beside the
+        // connection is made once and polled only when it wakes ([`Woken`]); a drain watch
+        // polled anew takes the lock every connection's receiver shares.
+        let flood = pin!(tally.flood.notified());
+        let mut flood = Woken::new(flood);
+        let started = pin!(self.draining.started());
+        let mut started = Woken::new(started);
+        let closing = pin!(self.draining.closing());
+        let mut closing = Woken::new(closing);
         loop {
             let next = tokio::select! {
                 next = conn.accept() => next,
-                () = tally.flood.notified() => {
+                () = &mut flood => {
                     inc(&self.counters().reset_floods);
                     warn!(peer = %peer_addr, identity = %peer,
                         closed = tally.closed.load(Ordering::Relaxed),
@@ -619,14 +630,14 @@ impl<H: Handler> Server<H> {
                     self.finish(&mut conn, peer_addr).await;
                     break;
                 }
-                () = self.draining.started(), if !told_to_go => {
+                () = &mut started, if !told_to_go => {
                     // Streams the client has sent run on; it opens new ones elsewhere.
                     inc(&self.counters().drain_goaways);
                     conn.graceful_shutdown();
                     told_to_go = true;
                     continue;
                 }
-                () = self.draining.closing() => {
+                () = &mut closing => {
                     debug!(peer = %peer_addr, "HBONE connection closed by the drain timeout");
                     conn.abrupt_shutdown(Reason::NO_ERROR);
                     self.finish(&mut conn, peer_addr).await;
