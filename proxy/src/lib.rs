@@ -15,6 +15,7 @@ pub mod drain;
 pub mod exchange;
 pub mod limits;
 
+pub mod batch;
 pub mod capture;
 pub mod identity;
 pub mod inbound;

@@ -15,12 +15,13 @@ const ALLOWED: &[(&str, &[&str])] = &[
     ("netns", &[]),
     ("registry", &["memory"]),
     ("relay", &[]),
+    ("batch", &[]),
     ("drain", &[]),
     ("limits", &[]),
     ("l7", &["registry", "config"]),
     (
         "exchange",
-        &["admin", "drain", "l7", "telemetry", "upstream"],
+        &["admin", "batch", "drain", "l7", "telemetry", "upstream"],
     ),
     ("identity", &["admin", "memory"]),
     ("ca", &["identity", "registry"]),
@@ -28,7 +29,10 @@ const ALLOWED: &[(&str, &[&str])] = &[
     ("l7", &["registry", "config"]),
     ("workload", &["registry", "identity"]),
     ("worker", &[]),
-    ("upstream", &["registry", "identity", "worker", "netns"]),
+    (
+        "upstream",
+        &["batch", "registry", "identity", "worker", "netns"],
+    ),
     (
         "telemetry",
         &["admin", "config", "registry", "identity", "limits", "relay"],

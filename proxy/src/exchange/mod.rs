@@ -30,6 +30,7 @@ use tracing::debug;
 use self::body::{Counted, Counter};
 use self::guard::{parser_limit, Guarded};
 use crate::admin::api::{HttpFlow, Verdict, NO_FLAGS};
+use crate::batch;
 use crate::drain::Draining;
 use crate::l7::respond::{self, Flag};
 use crate::telemetry::{ConnectionRecord, RequestRecord, RequestTemplate};
@@ -110,16 +111,19 @@ where
                 .await
         }
         ClientVersion::Http2 => {
+            // The frames of all the streams one turn of the connection answers, in one write.
+            let (io, flusher) = batch::batched(io);
             let conn = hyper::server::conn::http2::Builder::new(TokioExecutor::new())
                 .timer(TokioTimer::new())
                 .max_header_list_size(max_head as u32)
                 .serve_connection(TokioIo::new(io), svc);
+            let conn = flusher.around(conn);
             record
                 .serve(async {
                     tokio::pin!(conn);
                     tokio::select! {
                         served = conn.as_mut() => return Ok(served),
-                        _ = draining.started() => conn.as_mut().graceful_shutdown(),
+                        _ = draining.started() => conn.as_mut().engine().graceful_shutdown(),
                     }
                     tokio::select! {
                         served = conn => Ok(served),

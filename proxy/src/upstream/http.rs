@@ -29,6 +29,8 @@ use parking_lot::Mutex;
 use tokio::io::{AsyncRead, AsyncWrite};
 use tracing::debug;
 
+use crate::batch;
+
 /// The request body weft sends upstream.
 pub type Body = BoxBody<Bytes, hyper::Error>;
 
@@ -223,14 +225,14 @@ impl Sender {
     {
         let activity = Arc::new(Activity::default());
         activity.touch();
-        let io = TokioIo::new(Watched {
+        let io = Watched {
             inner: io,
             activity: activity.clone(),
-        });
+        };
         let idle = reuse.idle_timeout;
         let conn = match version {
             Version::Http1 => {
-                let (send, conn) = http1::Builder::new().handshake(io).await?;
+                let (send, conn) = http1::Builder::new().handshake(TokioIo::new(io)).await?;
                 let activity = activity.clone();
                 tokio::spawn(async move {
                     tokio::select! {
@@ -246,10 +248,13 @@ impl Sender {
                 Conn::Http1(send)
             }
             Version::Http2 => {
+                // The requests of all the streams one turn of the connection sends, in one write.
+                let (io, flusher) = batch::batched(io);
                 let (send, conn) = http2::Builder::new(TokioExecutor::new())
                     .timer(hyper_util::rt::TokioTimer::new())
-                    .handshake(io)
+                    .handshake(TokioIo::new(io))
                     .await?;
+                let conn = flusher.around(conn);
                 let activity = activity.clone();
                 tokio::spawn(async move {
                     tokio::select! {
