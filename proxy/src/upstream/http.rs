@@ -91,33 +91,23 @@ struct Shared {
     activity: Arc<Activity>,
 }
 
-/// When a connection was last used, in milliseconds since [`epoch`].
+/// How many times a connection was used (a request sent, bytes moved): a count, not a clock
+/// read, on the data path; [`unused_for`] looks at it on a coarse tick.
 #[derive(Debug, Default)]
 struct Activity(AtomicU64);
 
 impl Activity {
     fn touch(&self) {
-        self.0.store(since_epoch(Instant::now()), Ordering::Relaxed);
+        self.0.fetch_add(1, Ordering::Relaxed);
     }
 
-    /// How long it has been unused at `now`.
-    fn idle(&self, now: Instant) -> Duration {
-        Duration::from_millis(since_epoch(now).saturating_sub(self.0.load(Ordering::Relaxed)))
+    fn count(&self) -> u64 {
+        self.0.load(Ordering::Relaxed)
     }
-}
-
-/// A fixed instant every [`Activity`] counts from.
-fn epoch() -> Instant {
-    static EPOCH: std::sync::OnceLock<Instant> = std::sync::OnceLock::new();
-    *EPOCH.get_or_init(Instant::now)
-}
-
-fn since_epoch(now: Instant) -> u64 {
-    now.saturating_duration_since(epoch()).as_millis() as u64
 }
 
 /// Ends once the connection has been unused for `timeout` (never with `None`): looked at on a
-/// coarse tick, a quarter of the timeout (100 ms to 30 s).
+/// coarse tick, a quarter of the timeout (100 ms to 30 s), so it ends within a tick after.
 async fn unused_for(activity: &Activity, timeout: Option<Duration>) {
     let Some(timeout) = timeout else {
         return std::future::pending().await;
@@ -126,9 +116,15 @@ async fn unused_for(activity: &Activity, timeout: Option<Duration>) {
     // First tick a period from now: an immediate one would wake the runtime's driver for
     // nothing.
     let mut every = tokio::time::interval_at(tokio::time::Instant::now() + tick, tick);
+    let mut seen = activity.count();
+    let mut used = tokio::time::Instant::now();
     loop {
-        every.tick().await;
-        if activity.idle(Instant::now()) >= timeout {
+        let now = every.tick().await;
+        let count = activity.count();
+        if count != seen {
+            seen = count;
+            used = now;
+        } else if now.saturating_duration_since(used) >= timeout {
             return;
         }
     }
@@ -612,12 +608,7 @@ mod tests {
             let send = |reuse: Reuse| async move {
                 let io = tokio::net::TcpStream::connect(addr).await.unwrap();
                 let mut s = Sender::handshake(io, version, reuse, ()).await.unwrap();
-                let req = Request::builder()
-                    .uri(format!("http://{addr}/"))
-                    .body(Empty::new().map_err(|e| match e {}).boxed())
-                    .unwrap();
-                let resp = s.send(req).await.unwrap();
-                resp.into_body().collect().await.unwrap();
+                send_one(&mut s, addr).await;
                 s
             };
             let once = send(Reuse {
@@ -644,25 +635,38 @@ mod tests {
         }
     }
 
+    /// A connection of `version` to a test server, idle for 300 ms at most, and what tells
+    /// when its task has let go of it.
+    async fn idle_after_300ms(
+        version: Version,
+    ) -> (SocketAddr, Sender, tokio::sync::oneshot::Receiver<()>) {
+        let addr = server(version).await;
+        let io = tokio::net::TcpStream::connect(addr).await.unwrap();
+        let (closed_tx, closed_rx) = tokio::sync::oneshot::channel::<()>();
+        let reuse = Reuse {
+            max_requests: 0,
+            idle_timeout: Some(Duration::from_millis(300)),
+        };
+        let s = Sender::handshake(io, version, reuse, closed_tx)
+            .await
+            .unwrap();
+        (addr, s, closed_rx)
+    }
+
+    async fn send_one(s: &mut Sender, addr: SocketAddr) {
+        let req = Request::builder()
+            .uri(format!("http://{addr}/"))
+            .body(Empty::new().map_err(|e| match e {}).boxed())
+            .unwrap();
+        let resp = s.send(req).await.unwrap();
+        resp.into_body().collect().await.unwrap();
+    }
+
     #[tokio::test]
     async fn an_unused_connection_is_closed_without_another_request() {
         for version in [Version::Http1, Version::Http2] {
-            let addr = server(version).await;
-            let io = tokio::net::TcpStream::connect(addr).await.unwrap();
-            let (closed_tx, closed_rx) = tokio::sync::oneshot::channel::<()>();
-            let reuse = Reuse {
-                max_requests: 0,
-                idle_timeout: Some(Duration::from_millis(300)),
-            };
-            let mut s = Sender::handshake(io, version, reuse, closed_tx)
-                .await
-                .unwrap();
-            let req = Request::builder()
-                .uri(format!("http://{addr}/"))
-                .body(Empty::new().map_err(|e| match e {}).boxed())
-                .unwrap();
-            let resp = s.send(req).await.unwrap();
-            resp.into_body().collect().await.unwrap();
+            let (addr, mut s, closed_rx) = idle_after_300ms(version).await;
+            send_one(&mut s, addr).await;
             let pool = HttpPool::default();
             let key = direct(addr, version);
             assert!(pool.checkin(&key, s));
@@ -678,6 +682,26 @@ mod tests {
                 pool.checkout(&key).is_none(),
                 "{version:?}: closed, not reused"
             );
+        }
+    }
+
+    #[tokio::test]
+    async fn a_connection_in_use_outlives_its_idle_timeout() {
+        for version in [Version::Http1, Version::Http2] {
+            let (addr, mut s, mut closed_rx) = idle_after_300ms(version).await;
+            // A request every 100 ms for three times the timeout: never idle that long.
+            for _ in 0..9 {
+                send_one(&mut s, addr).await;
+                tokio::time::sleep(Duration::from_millis(100)).await;
+                assert!(
+                    closed_rx.try_recv().is_err(),
+                    "{version:?}: closed while in use"
+                );
+            }
+            assert!(!s.is_closed(), "{version:?}");
+            // Then left alone, it is closed.
+            let _ = tokio::time::timeout(Duration::from_secs(3), closed_rx).await;
+            assert!(s.is_closed(), "{version:?}: closed once unused");
         }
     }
 
