@@ -42,6 +42,7 @@ const ALLOWED: &[(&str, &[&str])] = &[
         "tunnel",
         &[
             "admin",
+            "batch",
             "drain",
             "identity",
             "netns",

@@ -44,6 +44,7 @@ use super::{
     MAX_FRAME, MAX_HEADER_LIST, POLICY_HEADER, SEND_BUFFER, STREAM_WINDOW,
 };
 use crate::admin::api::{PoolKeyStats, PoolStats};
+use crate::batch;
 use crate::identity::{sni_for, IdentityManager, SpiffeId, ALPN_H2};
 use crate::netns::PodNetworks;
 use crate::relay::{Relayed, Woken};
@@ -843,8 +844,10 @@ fn fail(weak: &Weak<Inner>, conn: &Arc<Conn>, tx: &watch::Sender<ConnState>, e: 
     }
 }
 
-type Connection =
-    h2::client::Connection<tokio_rustls::client::TlsStream<super::TlsTransport>, Bytes>;
+type Tls = tokio_rustls::client::TlsStream<super::TlsTransport>;
+/// The connection's engine, the frames of all the streams one turn of it sends written (and
+/// encrypted) together.
+type Connection = batch::Flushing<Tls, h2::client::Connection<batch::Batched<Tls>, Bytes>>;
 
 async fn dial(
     inner: &Inner,
@@ -911,6 +914,7 @@ async fn dial(
             node,
             message: "server certificate unreadable".into(),
         })?;
+    let (io, flusher) = batch::batched(tls);
     let (send, mut connection) = h2::client::Builder::new()
         .initial_window_size(STREAM_WINDOW)
         .initial_connection_window_size(CONNECTION_WINDOW)
@@ -919,7 +923,7 @@ async fn dial(
         .max_header_list_size(MAX_HEADER_LIST)
         .header_table_size(HEADER_TABLE)
         .enable_push(false)
-        .handshake(tls)
+        .handshake(io)
         .await
         .map_err(|e| TunnelError::Http2 {
             node,
@@ -960,7 +964,11 @@ async fn dial(
         local_serial: local.serial.clone(),
         expires: peer_not_after.min(local.not_after),
     });
-    Ok((Arc::new(Ready { send, info }), connection, ping))
+    Ok((
+        Arc::new(Ready { send, info }),
+        flusher.around(connection),
+        ping,
+    ))
 }
 
 impl Inner {

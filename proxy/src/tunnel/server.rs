@@ -46,6 +46,7 @@ use super::{
     HEADER_TABLE, MAX_FRAME, MAX_HEADER_LIST, POLICY_HEADER, SEND_BUFFER, STREAM_WINDOW,
 };
 use crate::admin::api::InboundStats;
+use crate::batch;
 use crate::drain::{Draining, Hold};
 use crate::identity::{IdentityManager, SpiffeId, ALPN_H2};
 use crate::relay::Woken;
@@ -589,7 +590,8 @@ impl<H: Handler> Server<H> {
         let _active = Held::up(&self.counters().connections_active);
         debug!(peer = %peer_addr, identity = %peer, "HBONE connection accepted");
 
-        let handshake = h2_server(&self.config).handshake::<_, Bytes>(tls);
+        let (io, flusher) = batch::batched(tls);
+        let handshake = h2_server(&self.config).handshake::<_, Bytes>(io);
         let mut conn = match tokio::time::timeout_at(deadline, handshake).await {
             Ok(Ok(c)) => c,
             Ok(Err(e)) => {
@@ -607,70 +609,75 @@ impl<H: Handler> Server<H> {
         let tally = Arc::new(ResetTally::new(
             self.config.premature_reset_total_stream_count,
         ));
-        let mut told_to_go = false;
-        // This task runs on every frame of the connection: what it waits on beside the
-        // connection is made once and polled only when it wakes ([`Woken`]); a drain watch
-        // polled anew takes the lock every connection's receiver shares.
-        let flood = pin!(tally.flood.notified());
-        let mut flood = Woken::new(flood);
-        let started = pin!(self.draining.started());
-        let mut started = Woken::new(started);
-        let closing = pin!(self.draining.closing());
-        let mut closing = Woken::new(closing);
-        loop {
-            let next = tokio::select! {
-                next = conn.accept() => next,
-                () = &mut flood => {
-                    inc(&self.counters().reset_floods);
-                    warn!(peer = %peer_addr, identity = %peer,
-                        closed = tally.closed.load(Ordering::Relaxed),
-                        premature = tally.premature.load(Ordering::Relaxed),
-                        "HBONE client resets most of its streams before they are answered: connection closed (ENHANCE_YOUR_CALM)");
-                    conn.abrupt_shutdown(Reason::ENHANCE_YOUR_CALM);
-                    self.finish(&mut conn, peer_addr).await;
-                    break;
-                }
-                () = &mut started, if !told_to_go => {
-                    // Streams the client has sent run on; it opens new ones elsewhere.
-                    inc(&self.counters().drain_goaways);
-                    conn.graceful_shutdown();
-                    told_to_go = true;
-                    continue;
-                }
-                () = &mut closing => {
-                    debug!(peer = %peer_addr, "HBONE connection closed by the drain timeout");
-                    conn.abrupt_shutdown(Reason::NO_ERROR);
-                    self.finish(&mut conn, peer_addr).await;
-                    break;
-                }
-            };
-            match next {
-                Some(Ok((request, respond))) => {
-                    let this = self.clone();
-                    let peer = peer.clone();
-                    let tally = tally.clone();
-                    tokio::spawn(async move {
-                        this.stream(peer, peer_addr, request, respond, &tally).await;
-                    });
-                }
-                Some(Err(e)) if e.reason() == Some(Reason::ENHANCE_YOUR_CALM) => {
-                    // h2's own limits tripped first: streams reset before we could take them,
-                    // or too many streams we had to reset for the client's errors.
-                    inc(&self.counters().reset_floods);
-                    warn!(peer = %peer_addr, identity = %peer, error = %e,
-                        "HBONE client flooded the connection with resets: connection closed (ENHANCE_YOUR_CALM)");
-                    break;
-                }
-                Some(Err(e)) => {
-                    if !(e.is_go_away() && e.reason() == Some(Reason::NO_ERROR)) {
-                        inc(&self.counters().h2_failed);
-                        debug!(peer = %peer_addr, error = %e, "HBONE connection error");
+        // The frames of all the streams one turn of the connection answers are written (and
+        // encrypted) together.
+        let serving = async {
+            let mut told_to_go = false;
+            // This task runs on every frame of the connection: what it waits on beside the
+            // connection is made once and polled only when it wakes ([`Woken`]); a drain watch
+            // polled anew takes the lock every connection's receiver shares.
+            let flood = pin!(tally.flood.notified());
+            let mut flood = Woken::new(flood);
+            let started = pin!(self.draining.started());
+            let mut started = Woken::new(started);
+            let closing = pin!(self.draining.closing());
+            let mut closing = Woken::new(closing);
+            loop {
+                let next = tokio::select! {
+                    next = conn.accept() => next,
+                    () = &mut flood => {
+                        inc(&self.counters().reset_floods);
+                        warn!(peer = %peer_addr, identity = %peer,
+                            closed = tally.closed.load(Ordering::Relaxed),
+                            premature = tally.premature.load(Ordering::Relaxed),
+                            "HBONE client resets most of its streams before they are answered: connection closed (ENHANCE_YOUR_CALM)");
+                        conn.abrupt_shutdown(Reason::ENHANCE_YOUR_CALM);
+                        self.finish(&mut conn, peer_addr).await;
+                        break;
                     }
-                    break;
+                    () = &mut started, if !told_to_go => {
+                        // Streams the client has sent run on; it opens new ones elsewhere.
+                        inc(&self.counters().drain_goaways);
+                        conn.graceful_shutdown();
+                        told_to_go = true;
+                        continue;
+                    }
+                    () = &mut closing => {
+                        debug!(peer = %peer_addr, "HBONE connection closed by the drain timeout");
+                        conn.abrupt_shutdown(Reason::NO_ERROR);
+                        self.finish(&mut conn, peer_addr).await;
+                        break;
+                    }
+                };
+                match next {
+                    Some(Ok((request, respond))) => {
+                        let this = self.clone();
+                        let peer = peer.clone();
+                        let tally = tally.clone();
+                        tokio::spawn(async move {
+                            this.stream(peer, peer_addr, request, respond, &tally).await;
+                        });
+                    }
+                    Some(Err(e)) if e.reason() == Some(Reason::ENHANCE_YOUR_CALM) => {
+                        // h2's own limits tripped first: streams reset before we could take them,
+                        // or too many streams we had to reset for the client's errors.
+                        inc(&self.counters().reset_floods);
+                        warn!(peer = %peer_addr, identity = %peer, error = %e,
+                            "HBONE client flooded the connection with resets: connection closed (ENHANCE_YOUR_CALM)");
+                        break;
+                    }
+                    Some(Err(e)) => {
+                        if !(e.is_go_away() && e.reason() == Some(Reason::NO_ERROR)) {
+                            inc(&self.counters().h2_failed);
+                            debug!(peer = %peer_addr, error = %e, "HBONE connection error");
+                        }
+                        break;
+                    }
+                    None => break,
                 }
-                None => break,
             }
-        }
+        };
+        flusher.around(serving).await;
         debug!(peer = %peer_addr, identity = %peer, "HBONE connection closed");
     }
 
