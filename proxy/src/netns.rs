@@ -197,18 +197,42 @@ impl PodNetns {
     }
 
     /// A TCP socket in this namespace bound to `source` (not an address of the namespace: the
-    /// remote client's) with `IP_TRANSPARENT` and [`DELIVERY_MARK`]. Needs
-    /// [`PodNetns::prepare_transparent`].
+    /// remote client's) with `IP_TRANSPARENT` and [`DELIVERY_MARK`]. Its port is chosen when it
+    /// connects, unless `port_now` (a delivery announced by port before it connects): see
+    /// [`bind_source`]. Needs [`PodNetns::prepare_transparent`].
     pub fn transparent_socket(
         &self,
         source: std::net::Ipv4Addr,
+        port_now: bool,
     ) -> io::Result<tokio::net::TcpSocket> {
         let socket = self.raw_socket(true)?;
         socket.set_ip_transparent_v4(true)?;
         socket.set_mark(DELIVERY_MARK)?;
-        socket.bind(&std::net::SocketAddr::from((source, 0)).into())?;
+        bind_source(&socket, source, port_now)?;
         Ok(tokio::net::TcpSocket::from_std_stream(socket.into()))
     }
+}
+
+/// Binds `socket` to `source` with its port left to `connect` (`IP_BIND_ADDRESS_NO_PORT`), as
+/// an unbound client's is, unless `port_now`. A bind to port 0 takes a port no other socket of
+/// that address holds, whatever its destination, and a closed connection's `TIME_WAIT` holds
+/// its port for a minute: deliveries from one caller's address ran out of ports (and the
+/// kernel's search for a free one grew with every connection in `TIME_WAIT`), where a port
+/// chosen at `connect` need only make the four-tuple unique.
+fn bind_source(
+    socket: &socket2::Socket,
+    source: std::net::Ipv4Addr,
+    port_now: bool,
+) -> io::Result<()> {
+    if !port_now {
+        nix::sys::socket::setsockopt(
+            socket,
+            nix::sys::socket::sockopt::IpBindAddressNoPort,
+            &true,
+        )
+        .map_err(io::Error::from)?;
+    }
+    socket.bind(&std::net::SocketAddr::from((source, 0)).into())
 }
 
 /// In the pod's namespace: the sysctl, the rule and the route of
@@ -301,6 +325,45 @@ pub trait PodNetworks: Send + Sync + std::fmt::Debug {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// In a network namespace of its own with two ephemeral ports (`connect` takes the even
+    /// one, a bind to port 0 either): three connections from one source address to three
+    /// destinations all share a port chosen at `connect`; bound to port 0 first, the third
+    /// finds none.
+    #[test]
+    fn deliveries_from_one_address_share_ports_across_destinations() {
+        let connections = |port_now: bool| {
+            std::thread::spawn(move || -> io::Result<usize> {
+                nix::sched::unshare(CloneFlags::CLONE_NEWNET)?;
+                // This thread's namespace: what it opens and runs is in it.
+                std::fs::write("/proc/sys/net/ipv4/ip_local_port_range", "40000 40001")?;
+                let up = std::process::Command::new("ip")
+                    .args(["link", "set", "lo", "up"])
+                    .status()?;
+                assert!(up.success());
+                let listeners: Vec<_> = (5001..=5003)
+                    .map(|port| std::net::TcpListener::bind(("127.0.0.1", port)))
+                    .collect::<io::Result<_>>()?;
+                let mut open = Vec::new();
+                for l in &listeners {
+                    let socket =
+                        socket2::Socket::new(socket2::Domain::IPV4, socket2::Type::STREAM, None)?;
+                    let connected = bind_source(&socket, std::net::Ipv4Addr::LOCALHOST, port_now)
+                        .and_then(|()| socket.connect(&l.local_addr()?.into()));
+                    match connected {
+                        Ok(()) => open.push(socket),
+                        Err(e) if e.kind() == io::ErrorKind::AddrInUse => break,
+                        Err(e) => return Err(e),
+                    }
+                }
+                Ok(open.len())
+            })
+            .join()
+            .unwrap()
+        };
+        assert_eq!(connections(false).unwrap(), 3, "port chosen at connect");
+        assert_eq!(connections(true).unwrap(), 2, "port chosen at bind");
+    }
 
     #[test]
     fn a_cgroup_without_processes_has_no_namespace() {

@@ -213,9 +213,14 @@ impl Connector {
     ) -> Result<(TcpStream, Option<Keepalive>), ConnectError> {
         trace!(%target, on_behalf = %on_behalf, "connecting");
         let timeout = timeout.unwrap_or(self.timeout);
-        let (socket, bound, here) = self.socket(on_behalf, target)?;
+        // A delivery the eBPF side is told of by port, before it connects, needs its port now.
+        let announced = match (&self.deliveries, target) {
+            (Some(deliveries), SocketAddr::V4(v4)) => deliveries.wanted(v4),
+            _ => false,
+        };
+        let (socket, bound, here) = self.socket(on_behalf, target, announced)?;
         let stream = match (&self.deliveries, target) {
-            (Some(deliveries), SocketAddr::V4(v4)) if deliveries.wanted(v4) => {
+            (Some(deliveries), SocketAddr::V4(v4)) if announced => {
                 if !bound {
                     socket.bind(SocketAddr::from(([0, 0, 0, 0], 0)))?;
                 }
@@ -242,12 +247,13 @@ impl Connector {
     /// - a pod of this node: in its network namespace (its address);
     /// - a workload of another node with a verified address, to a pod of this node: in the
     ///   destination pod's namespace, bound to the caller's address (`IP_TRANSPARENT`), so the
-    ///   application sees who called;
+    ///   application sees who called; its port chosen when it connects, unless `port_now`;
     /// - otherwise, and wherever the namespace is not found: in the node's.
     fn socket(
         &self,
         on_behalf: OnBehalfOf<'_>,
         target: SocketAddr,
+        port_now: bool,
     ) -> io::Result<(tokio::net::TcpSocket, bool, bool)> {
         let looped = target.ip().is_loopback();
         if let Some(networks) = &self.networks {
@@ -267,7 +273,10 @@ impl Connector {
                 ) => {
                     if let Some(ns) = networks.of_pod(IpAddr::V4(*v4.ip())) {
                         match ns.prepare_transparent() {
-                            Ok(()) => return Ok((ns.transparent_socket(source)?, true, true)),
+                            Ok(()) => {
+                                let socket = ns.transparent_socket(source, port_now)?;
+                                return Ok((socket, true, true));
+                            }
                             Err(e) => {
                                 debug!(%target, error = %e, "no transparent delivery: from the node");
                             }
