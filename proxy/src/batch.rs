@@ -116,15 +116,11 @@ impl<S: AsyncWrite + Unpin> Held<S> {
         if let Some(kind) = self.failed {
             return Poll::Ready(Err(kind.into()));
         }
-        if len < DIRECT && self.held() + len <= HELD {
-            for b in bufs {
-                self.buf.extend_from_slice(b);
-            }
-            return Poll::Ready(Ok(len));
-        }
         if len < DIRECT {
-            // Full: what is held goes first; the write waits for room.
-            ready!(self.poll_send(cx))?;
+            if self.held() + len > HELD {
+                // Full: what is held goes first; the write waits for room.
+                ready!(self.poll_send(cx))?;
+            }
             for b in bufs {
                 self.buf.extend_from_slice(b);
             }

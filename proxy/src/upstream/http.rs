@@ -87,7 +87,7 @@ struct Shared {
     /// Requests sent on it.
     used: AtomicU32,
     reuse: Reuse,
-    /// When a request was last sent on it or a byte last moved.
+    /// Counts its use (a request sent, bytes moved): what tells it idle.
     activity: Arc<Activity>,
 }
 
