@@ -140,6 +140,10 @@ pub struct Args {
     /// held open between its requests.
     #[arg(long, default_value_t = soak::HTTP_CONNS, value_parser = clap::value_parser!(u64).range(1..=50_000))]
     soak_http_connections: u64,
+    /// `--only soak`: the keep-alive connections speak HTTP/2 (prior knowledge, one request at
+    /// a time on each) instead of HTTP/1.1 [default: off].
+    #[arg(long)]
+    soak_http2: bool,
     /// `--only restart`: how many times weft is restarted under load.
     #[arg(long, default_value_t = 5, value_parser = clap::value_parser!(u64).range(1..=50))]
     restarts: u64,
@@ -262,9 +266,12 @@ pub fn run(args: Args) -> Result<()> {
                 &command,
                 &machine,
                 args.output.as_deref(),
-                std::time::Duration::from_secs(args.soak_duration),
-                args.soak_connections,
-                args.soak_http_connections,
+                soak::Load {
+                    duration: std::time::Duration::from_secs(args.soak_duration),
+                    connections: args.soak_connections,
+                    http_conns: args.soak_http_connections,
+                    http2: args.soak_http2,
+                },
                 &args.weft_args,
             )
         }

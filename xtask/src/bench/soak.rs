@@ -7,7 +7,7 @@
 //! (uniformly drawn) and checking its echo; and sends [`HTTP_RATE`] HTTP/1.1 requests per
 //! second over `--soak-http-connections` ([`HTTP_CONNS`]) keep-alive connections through weft's
 //! L7 engine (each held open between its requests: with many of them, what an idle HTTP/1.1
-//! connection costs weft shows), for
+//! connection costs weft shows; HTTP/2 ones with `--soak-http2`), for
 //! `--soak-duration` (600 s). Every [`SAMPLE_EVERY`] the bench reads weft's `VmRSS`
 //! (`/proc/<pid>/status`), its CPU time (`utime + stime` of `/proc/<pid>/stat`) and its open
 //! descriptors.
@@ -71,15 +71,28 @@ struct Sample {
     fds: usize,
 }
 
+/// The soak's load: how long, how many held TCP connections, and over how many keep-alive
+/// HTTP connections (HTTP/2 ones when `http2`) its requests go.
+pub(super) struct Load {
+    pub duration: Duration,
+    pub connections: u64,
+    pub http_conns: u64,
+    pub http2: bool,
+}
+
 pub(super) fn run(
     command: &str,
     machine: &Machine,
     output: Option<&Path>,
-    duration: Duration,
-    connections: u64,
-    http_conns: u64,
+    load: Load,
     weft_args: &[String],
 ) -> Result<()> {
+    let Load {
+        duration,
+        connections,
+        http_conns,
+        http2,
+    } = load;
     let started = Instant::now();
     let need_kib = (connections + http_conns) * KIB_PER_CONNECTION + 1024 * 1024;
     if let Some(avail) = mem_available_kib() {
@@ -136,10 +149,12 @@ pub(super) fn run(
     ]
     .iter()
     .flat_map(|(k, v)| [k.to_string(), v.to_string()])
+    .chain(http2.then(|| "--http2".to_string()))
     .collect();
     eprintln!(
-        "bench: soak: {connections} held connections and {HTTP_RATE} HTTP requests/s over \
+        "bench: soak: {connections} held connections and {HTTP_RATE} {} requests/s over \
          {http_conns} connections for {} s",
+        http_version(http2),
         duration.as_secs()
     );
     let mut client = sc.start_load(&args)?;
@@ -199,6 +214,7 @@ pub(super) fn run(
         duration,
         connections,
         http_conns,
+        http2,
         samples: &samples,
         summary: &summary,
         notes: &notes,
@@ -212,6 +228,15 @@ pub(super) fn run(
         eprintln!("bench: report written to {}", out.display());
     }
     Ok(())
+}
+
+/// The keep-alive connections' protocol, as the report names it.
+fn http_version(http2: bool) -> &'static str {
+    if http2 {
+        "HTTP/2"
+    } else {
+        "HTTP/1.1"
+    }
 }
 
 /// The warm-up left out of the steady state: a minute, or a third of a short run.
@@ -250,6 +275,7 @@ struct Report<'a> {
     duration: Duration,
     connections: u64,
     http_conns: u64,
+    http2: bool,
     samples: &'a [Sample],
     summary: &'a LoadSummary,
     notes: &'a [String],
@@ -300,12 +326,13 @@ impl Report<'_> {
         let _ = writeln!(
             s,
             "- load, for {} s: {} held TCP connections through weft (opened at {OPEN_RATE}/s, \
-             a 32 B echo each every {}–{} s), {HTTP_RATE} HTTP/1.1 requests/s over \
+             a 32 B echo each every {}–{} s), {HTTP_RATE} {} requests/s over \
              {} keep-alive connections through weft's L7 engine",
             self.duration.as_secs(),
             self.connections,
             HOLD_EVERY_MS.0 / 1000,
             HOLD_EVERY_MS.1 / 1000,
+            http_version(self.http2),
             self.http_conns
         );
         let _ = writeln!(

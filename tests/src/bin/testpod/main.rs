@@ -242,6 +242,9 @@ enum Cmd {
         /// Keep-alive connections carrying `--http-rate`.
         #[arg(long, default_value_t = 16, value_parser = clap::value_parser!(u64).range(1..=10_000))]
         http_conns: u64,
+        /// The keep-alive connections speak HTTP/2 (prior knowledge), one request at a time.
+        #[arg(long)]
+        http2: bool,
         /// Requests per second each on a new connection.
         #[arg(long, default_value_t = 0, value_parser = clap::value_parser!(u64).range(0..=100_000))]
         http_new_rate: u64,
@@ -313,6 +316,7 @@ fn main() -> ExitCode {
             http,
             http_rate,
             http_conns,
+            http2,
             http_new_rate,
             duration_s,
             timeout_ms,
@@ -332,6 +336,7 @@ fn main() -> ExitCode {
             http,
             http_rate,
             http_conns,
+            http2,
             http_new_rate,
             duration: Duration::from_secs(duration_s),
             timeout: Duration::from_millis(timeout_ms),

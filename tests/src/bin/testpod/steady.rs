@@ -13,7 +13,8 @@
 //!   echoed byte and the total after a half-close; then the next connection.
 //! - **new connections** (`--churn-rate R`): R per second, each connect, 64 B echoed, close.
 //! - **HTTP** (`--http ADDR`): `--http-rate` GET/s spread over `--http-conns` keep-alive
-//!   HTTP/1.1 connections, and `--http-new-rate` GET/s each on a connection of its own
+//!   HTTP/1.1 connections (HTTP/2 ones with `--http2`, prior knowledge, one stream at a time),
+//!   and `--http-new-rate` GET/s each on an HTTP/1.1 connection of its own
 //!   (`Connection: close`). A keep-alive connection the server closed between two requests
 //!   (`Connection: close`, idle close) is replaced without counting a failure; a request sent
 //!   and not answered with a 2xx is a failure.
@@ -40,7 +41,7 @@ use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 use bytes::Bytes;
 use http::Request;
 use http_body_util::{BodyExt, Empty};
-use hyper_util::rt::TokioIo;
+use hyper_util::rt::{TokioExecutor, TokioIo};
 use serde_json::json;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
@@ -65,6 +66,8 @@ pub struct Opts {
     pub http: Option<SocketAddr>,
     pub http_rate: u64,
     pub http_conns: u64,
+    /// The keep-alive connections speak HTTP/2 (prior knowledge).
+    pub http2: bool,
     pub http_new_rate: u64,
     pub duration: Duration,
     pub timeout: Duration,
@@ -472,19 +475,60 @@ async fn churn(o: Arc<Opts>, t: Arc<Tally>, end: Instant) {
     }
 }
 
-type Sender = hyper::client::conn::http1::SendRequest<Empty<Bytes>>;
-
-async fn http_connect(addr: SocketAddr, limit: Duration) -> Result<Sender, (Why, String)> {
-    let tcp = connect(addr, limit).await?;
-    let (send, conn) = hyper::client::conn::http1::handshake(TokioIo::new(tcp))
-        .await
-        .map_err(|e| (Why::Other, format!("handshake: {e}")))?;
-    tokio::spawn(conn);
-    Ok(send)
+/// A keep-alive connection's request side, HTTP/1.1 or HTTP/2.
+enum Sender {
+    Http1(hyper::client::conn::http1::SendRequest<Empty<Bytes>>),
+    Http2(hyper::client::conn::http2::SendRequest<Empty<Bytes>>),
 }
 
-fn http_request(addr: SocketAddr, close: bool) -> Request<Empty<Bytes>> {
-    let mut b = Request::get("/steady").header(http::header::HOST, addr.to_string());
+impl Sender {
+    /// Ready for a request (`Err`: the connection is gone).
+    async fn ready(&mut self) -> hyper::Result<()> {
+        match self {
+            Sender::Http1(s) => s.ready().await,
+            Sender::Http2(s) => s.ready().await,
+        }
+    }
+
+    async fn send_request(
+        &mut self,
+        req: Request<Empty<Bytes>>,
+    ) -> hyper::Result<hyper::Response<hyper::body::Incoming>> {
+        match self {
+            Sender::Http1(s) => s.send_request(req).await,
+            Sender::Http2(s) => s.send_request(req).await,
+        }
+    }
+}
+
+async fn http_connect(
+    addr: SocketAddr,
+    http2: bool,
+    limit: Duration,
+) -> Result<Sender, (Why, String)> {
+    let tcp = connect(addr, limit).await?;
+    let handshake = |e: hyper::Error| (Why::Other, format!("handshake: {e}"));
+    if http2 {
+        let (send, conn) =
+            hyper::client::conn::http2::handshake(TokioExecutor::new(), TokioIo::new(tcp))
+                .await
+                .map_err(handshake)?;
+        tokio::spawn(conn);
+        return Ok(Sender::Http2(send));
+    }
+    let (send, conn) = hyper::client::conn::http1::handshake(TokioIo::new(tcp))
+        .await
+        .map_err(handshake)?;
+    tokio::spawn(conn);
+    Ok(Sender::Http1(send))
+}
+
+fn http_request(addr: SocketAddr, close: bool, http2: bool) -> Request<Empty<Bytes>> {
+    let mut b = if http2 {
+        Request::get(format!("http://{addr}/steady"))
+    } else {
+        Request::get("/steady").header(http::header::HOST, addr.to_string())
+    };
     if close {
         b = b.header(http::header::CONNECTION, "close");
     }
@@ -500,7 +544,7 @@ async fn http_exchange(
 ) -> Result<(), (Why, String)> {
     let r = timeout(limit, async {
         let resp = send
-            .send_request(http_request(addr, close))
+            .send_request(http_request(addr, close, matches!(send, Sender::Http2(_))))
             .await
             .map_err(|e| (Why::Closed, format!("request: {e}")))?;
         let status = resp.status();
@@ -544,7 +588,7 @@ async fn http_keepalive(k: u64, addr: SocketAddr, o: Arc<Opts>, t: Arc<Tally>, e
             None => false,
         };
         if !live {
-            match http_connect(addr, o.timeout).await {
+            match http_connect(addr, o.http2, o.timeout).await {
                 Ok(s) => {
                     t.opened(Load::Http);
                     sender = Some(s);
@@ -573,7 +617,7 @@ async fn http_keepalive(k: u64, addr: SocketAddr, o: Arc<Opts>, t: Arc<Tally>, e
 
 async fn http_new_one(i: u64, addr: SocketAddr, o: Arc<Opts>, t: Arc<Tally>) {
     let began = Instant::now();
-    let mut send = match http_connect(addr, o.timeout).await {
+    let mut send = match http_connect(addr, o.http2, o.timeout).await {
         Ok(s) => s,
         Err((why, e)) => return t.fail(Load::HttpNew, why, format!("request {i}: {e}")),
     };
