@@ -326,6 +326,18 @@ impl<H: Held> Recorded<H> {
     }
 }
 
+/// Trailers with values of their own ([`super::own_values`]): the client's connection may
+/// index them.
+fn own_trailers(frame: Frame<Bytes>) -> Frame<Bytes> {
+    match frame.into_trailers() {
+        Ok(mut trailers) => {
+            super::own_values(&mut trailers);
+            Frame::trailers(trailers)
+        }
+        Err(frame) => frame,
+    }
+}
+
 /// What cuts a response body at the route's timeout.
 const TIMED_OUT: &str = "upstream request timeout";
 
@@ -351,6 +363,7 @@ impl<H: Held> http_body::Body for Recorded<H> {
                 return Poll::Pending;
             }
         };
+        let frame = frame.map(|f| f.map(own_trailers));
         match &frame {
             Some(Ok(f)) => {
                 if let Some(d) = f.data_ref() {

@@ -241,7 +241,10 @@ pub fn client_response<H: body::Held>(
     strip_hop_by_hop(&mut parts.headers);
     parts.version = match client {
         ClientVersion::Http1 => HttpVersion::HTTP_11,
-        ClientVersion::Http2 => HttpVersion::HTTP_2,
+        ClientVersion::Http2 => {
+            own_values(&mut parts.headers);
+            HttpVersion::HTTP_2
+        }
     };
     let status = parts.status.as_u16();
     let mut record = record;
@@ -253,6 +256,31 @@ pub fn client_response<H: body::Held>(
     }
     let body = body::Recorded::new(body, record, sent, status, deadline, in_flight);
     Response::from_parts(parts, body.boxed())
+}
+
+/// Moves the values of `headers` into one allocation of their own.
+///
+/// A parsed header value is a slice of the buffer its connection read it into (hyper's HTTP/1.1
+/// read buffer, an HTTP/2 frame's), and keeps all of that buffer alive. An HTTP/2 connection's
+/// HPACK encoder keeps the values it indexes until newer ones push them out: a value passed
+/// from one connection to another's HTTP/2 encoder as it was would hold a read buffer of the
+/// first (8 KiB or more) for each entry of the second's table, for as long as that connection
+/// lives. Done once per message headed for an HTTP/2 peer: one allocation of the values' size.
+pub fn own_values(headers: &mut HeaderMap) {
+    let total: usize = headers.values().map(HeaderValue::len).sum();
+    let mut buf = bytes::BytesMut::with_capacity(total);
+    for v in headers.values() {
+        buf.extend_from_slice(v.as_bytes());
+    }
+    let mut owned = buf.freeze();
+    for v in headers.values_mut() {
+        let bytes = owned.split_to(v.len());
+        // The same bytes as a value they were: they cannot fail to be one.
+        if let Ok(mut own) = HeaderValue::from_maybe_shared(bytes) {
+            own.set_sensitive(v.is_sensitive());
+            *v = own;
+        }
+    }
 }
 
 /// What a request's record keeps of its headers as the client sent them: `User-Agent`,
@@ -345,6 +373,7 @@ where
                     parts.uri = uri;
                 }
                 parts.headers.remove(header::HOST);
+                own_values(&mut parts.headers);
             }
         }
     }

@@ -156,3 +156,53 @@ fn a_connection_keeps_no_handler_state_between_requests() {
         std::mem::size_of_val(&fut)
     );
 }
+
+#[test]
+fn owned_values_keep_no_read_buffer_alive() {
+    use std::sync::atomic::{AtomicBool, Ordering};
+    /// A connection's read buffer: says when the last slice of it is gone.
+    struct ReadBuffer(Arc<AtomicBool>, Vec<u8>);
+    impl AsRef<[u8]> for ReadBuffer {
+        fn as_ref(&self) -> &[u8] {
+            &self.1
+        }
+    }
+    impl Drop for ReadBuffer {
+        fn drop(&mut self) {
+            self.0.store(true, Ordering::SeqCst);
+        }
+    }
+    let freed = Arc::new(AtomicBool::new(false));
+    let read = Bytes::from_owner(ReadBuffer(
+        freed.clone(),
+        b"text/plain a=1 b=2 s3cret".to_vec(),
+    ));
+    let value = |from, to| HeaderValue::from_maybe_shared(read.slice(from..to)).unwrap();
+    let mut headers = HeaderMap::new();
+    headers.insert(header::CONTENT_TYPE, value(0, 10));
+    headers.append(header::SET_COOKIE, value(11, 14));
+    headers.append(header::SET_COOKIE, value(15, 18));
+    let mut secret = value(19, 25);
+    secret.set_sensitive(true);
+    headers.insert(header::AUTHORIZATION, secret);
+    headers.insert(header::SERVER, HeaderValue::from_static("weft"));
+    drop(read);
+    assert!(
+        !freed.load(Ordering::SeqCst),
+        "the parsed values hold the read buffer"
+    );
+
+    own_values(&mut headers);
+    assert!(
+        freed.load(Ordering::SeqCst),
+        "a value still holds the read buffer"
+    );
+    assert_eq!(headers[header::CONTENT_TYPE], "text/plain");
+    let cookies: Vec<_> = headers.get_all(header::SET_COOKIE).iter().collect();
+    assert_eq!(cookies, ["a=1", "b=2"]);
+    assert_eq!(headers[header::AUTHORIZATION], "s3cret");
+    assert!(headers[header::AUTHORIZATION].is_sensitive());
+    assert!(!headers[header::CONTENT_TYPE].is_sensitive());
+    assert_eq!(headers[header::SERVER], "weft");
+    assert_eq!(headers.len(), 5);
+}
