@@ -27,8 +27,10 @@ use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 pub const HELD: usize = 64 * 1024;
 /// Writes this long or longer are not copied: they go out at once, behind what is held.
 const DIRECT: usize = 8 * 1024;
-/// Buffer capacity kept between turns; a larger one (after a burst) is let go.
-const KEPT: usize = 16 * 1024;
+/// The buffer's capacity when a turn's first write is copied. It is let go once everything
+/// held is written, so an idle connection holds none: a turn pays one allocation, not the
+/// growth from a few bytes.
+const START: usize = 16 * 1024;
 
 /// `io` behind a buffer, and the handle that writes the buffer out after each poll of the
 /// connection's engine.
@@ -87,11 +89,8 @@ impl<S: AsyncWrite + Unpin> Held<S> {
             }
             self.sent += n;
         }
-        self.buf.clear();
+        self.buf = Vec::new();
         self.sent = 0;
-        if self.buf.capacity() > KEPT {
-            self.buf = Vec::new();
-        }
         Poll::Ready(Ok(()))
     }
 
@@ -121,6 +120,9 @@ impl<S: AsyncWrite + Unpin> Held<S> {
                 // Full: what is held goes first; the write waits for room.
                 ready!(self.poll_send(cx))?;
             }
+            if self.buf.capacity() == 0 {
+                self.buf.reserve(START);
+            }
             for b in bufs {
                 self.buf.extend_from_slice(b);
             }
@@ -143,7 +145,7 @@ impl<S: AsyncWrite + Unpin> Held<S> {
                 self.sent += n;
                 continue;
             }
-            self.buf.clear();
+            self.buf = Vec::new();
             self.sent = 0;
             if n > held {
                 return Poll::Ready(Ok(n - held));
@@ -375,6 +377,23 @@ mod tests {
         assert_eq!(socket.writes().len(), 1, "one write for the whole turn");
         assert_eq!(socket.written(), frames.concat());
         assert_eq!(socket.0.lock().flushes, 1);
+    }
+
+    #[tokio::test]
+    async fn a_connection_between_turns_holds_no_buffer() {
+        let socket = Socket::default();
+        let (mut io, flusher) = batched(socket.clone());
+        let frames = frames(8, 1000);
+        // A turn's writes, then the engine waits for the peer, as an idle connection does.
+        let mut run = Box::pin(flusher.around(async {
+            engine(&mut io, &frames).await;
+            std::future::pending::<()>().await
+        }));
+        let mut cx = Context::from_waker(std::task::Waker::noop());
+        assert!(run.as_mut().poll(&mut cx).is_pending());
+        assert_eq!(socket.writes().len(), 1);
+        assert_eq!(socket.written(), frames.concat());
+        assert_eq!(run.shared.lock().buf.capacity(), 0);
     }
 
     #[tokio::test]
