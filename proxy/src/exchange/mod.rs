@@ -258,25 +258,20 @@ pub fn client_response<H: body::Held>(
     Response::from_parts(parts, body.boxed())
 }
 
-/// Moves the values of `headers` into one allocation of their own.
+/// Copies each value of `headers` into an allocation of its own.
 ///
 /// A parsed header value is a slice of the buffer its connection read it into (hyper's HTTP/1.1
 /// read buffer, an HTTP/2 frame's), and keeps all of that buffer alive. An HTTP/2 connection's
-/// HPACK encoder keeps the values it indexes until newer ones push them out: a value passed
-/// from one connection to another's HTTP/2 encoder as it was would hold a read buffer of the
-/// first (8 KiB or more) for each entry of the second's table, for as long as that connection
-/// lives. Done once per message headed for an HTTP/2 peer: one allocation of the values' size.
+/// HPACK encoder keeps the values it indexes until newer ones push them out of its 4 KiB table:
+/// a value passed from one connection to another's HTTP/2 encoder as it was would hold a read
+/// buffer of the first (8 KiB or more) for each entry of the second's table, for as long as that
+/// connection lives. Each value its own (not all of a message's in one buffer), an entry holds
+/// its own bytes only, and a full table about what it counts. Done once per message headed for
+/// an HTTP/2 peer.
 pub fn own_values(headers: &mut HeaderMap) {
-    let total: usize = headers.values().map(HeaderValue::len).sum();
-    let mut buf = bytes::BytesMut::with_capacity(total);
-    for v in headers.values() {
-        buf.extend_from_slice(v.as_bytes());
-    }
-    let mut owned = buf.freeze();
     for v in headers.values_mut() {
-        let bytes = owned.split_to(v.len());
         // The same bytes as a value they were: they cannot fail to be one.
-        if let Ok(mut own) = HeaderValue::from_maybe_shared(bytes) {
+        if let Ok(mut own) = HeaderValue::from_bytes(v.as_bytes()) {
             own.set_sensitive(v.is_sensitive());
             *v = own;
         }
