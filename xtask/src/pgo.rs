@@ -18,7 +18,6 @@ use std::path::{Path, PathBuf};
 use std::process::Command;
 
 use anyhow::{bail, Context};
-use clap::Parser;
 
 use crate::{exec, release_dir, require_root, setup, workspace_root};
 
@@ -126,28 +125,7 @@ fn cargo_weft(target_dir: &Path, triple: &str, flag: &str) -> anyhow::Result<Pat
 /// the direct path (which the report needs), one short repetition each.
 fn train(weft: &Path, train_ms: u64) -> anyhow::Result<()> {
     crate::cargo(&["build", "--release", "--bin", "weft-testpod"])?;
-    #[derive(Parser)]
-    struct Bench {
-        #[command(flatten)]
-        args: crate::bench::Args,
-    }
-    let duration = train_ms.to_string();
-    let bench = Bench::try_parse_from([
-        "bench",
-        "--no-build",
-        "--paths",
-        "direct,weft",
-        "--reps",
-        "1",
-        "--warmup-ms",
-        "300",
-        "--duration-ms",
-        &duration,
-    ])?;
-    // The bench starts the binaries these name (single-threaded here: nothing reads env yet).
-    std::env::set_var("WEFT_BIN", weft);
-    std::env::set_var("WEFT_TESTPOD_BIN", release_dir().join("weft-testpod"));
-    crate::bench::run(bench.args)
+    crate::bench::run_short(weft, "direct,weft", train_ms)
 }
 
 /// The host's target triple, as rustc reports it.
