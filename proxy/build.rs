@@ -93,7 +93,27 @@ fn main() -> anyhow::Result<()> {
     if !skip && !obj.is_file() {
         bail!("aya-build did not produce {}", obj.display());
     }
+    link_order(&manifest_dir);
     Ok(())
+}
+
+/// Lays out the functions a serving node runs first and together in the executable's code
+/// (`link-order.txt`, one symbol per line, written by `cargo xtask order`): a page of code is
+/// mapped with the 64 KiB around it, so what runs, spread over the whole text, maps most of it.
+/// Release builds on x86_64 Linux only, where rustc links with its own LLD; symbols the file
+/// names that a build no longer has are skipped.
+fn link_order(manifest_dir: &std::path::Path) {
+    let order = manifest_dir.join("link-order.txt");
+    println!("cargo:rerun-if-changed={}", order.display());
+    let release = env::var("PROFILE").is_ok_and(|p| p == "release");
+    let lld = env::var("TARGET").is_ok_and(|t| t == "x86_64-unknown-linux-gnu");
+    if release && lld && order.is_file() {
+        println!(
+            "cargo:rustc-link-arg-bin=weft=-Wl,--symbol-ordering-file={}",
+            order.display()
+        );
+        println!("cargo:rustc-link-arg-bin=weft=-Wl,--no-warn-symbol-ordering");
+    }
 }
 
 fn which_bpf_linker() -> Option<PathBuf> {

@@ -1,8 +1,9 @@
-//! Project tasks: `cargo xtask setup | test | demo | bench | pgo | chart`.
+//! Project tasks: `cargo xtask setup | test | demo | bench | pgo | order | chart`.
 
 mod bench;
 mod chart;
 mod demo;
+mod order;
 mod pgo;
 mod setup;
 
@@ -45,6 +46,10 @@ enum Cmd {
     /// cases (needs root), llvm-profdata merges its counts, and weft is built again with them:
     /// target/pgo/weft (`cargo xtask bench --pgo` measures it).
     Pgo(pgo::Args),
+    /// Write proxy/link-order.txt, the functions a serving node runs, which release builds lay
+    /// out first and together (less of the executable mapped): the benchmark's cases run with
+    /// each node under callgrind, counted from ready (needs root and valgrind).
+    Order(order::Args),
     /// Render the Helm chart deploy/helm/weft as `helm template` does (without Helm):
     /// `cargo xtask chart --out deploy/weft.yaml` regenerates the plain manifest.
     Chart(chart::Args),
@@ -57,6 +62,7 @@ fn main() -> anyhow::Result<()> {
         Cmd::Test { args } => test(&args),
         Cmd::Bench(args) => bench::run(args),
         Cmd::Pgo(args) => pgo::run(args),
+        Cmd::Order(args) => order::run(args),
         Cmd::Chart(args) => chart::run(args),
     }
 }

@@ -37,6 +37,8 @@ const APT_PACKAGES: &[&str] = &[
     "kubectl",
     // promtool, which the chart tests check deploy/grafana's Prometheus scrape config with.
     "prometheus",
+    // callgrind, which `cargo xtask order` counts the functions a serving node runs with.
+    "valgrind",
 ];
 
 /// kubernetes-validate, which the chart tests validate every rendered object with (against the

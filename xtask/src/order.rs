@@ -1,0 +1,236 @@
+//! `cargo xtask order`: `proxy/link-order.txt`, the functions a serving node runs, which the
+//! release build lays out first and together in weft's code (`proxy/build.rs` hands the file to
+//! the linker).
+//!
+//! Why: the kernel maps a file's pages 64 KiB at a time around each one touched. The 2 to 3 MB
+//! of code a node runs while it serves, spread over a 22 MB text among the code that runs once
+//! at start (the registry's parsers, the eBPF loader, certificate issuance), kept 7 to 11 MB of
+//! the executable mapped. Laid out together, it maps about its own size.
+//!
+//! How:
+//! 1. the release build of weft and weft-testpod;
+//! 2. the benchmark's cases, both topologies, TCP and HTTP, weft only, with each `weft node`
+//!    run under valgrind's callgrind, counting switched on once the node answers
+//!    `/healthz/ready` (start-up's code is left out);
+//! 3. every function of weft's executable that ran, by the instructions it ran, most first:
+//!    the file's lines.
+//!
+//! Symbols are mangled names with a hash of their crate's build; a function the file does not
+//! name (new code, or a build whose hashes changed) is laid out where it would be without the
+//! file. Run it again after changes to the data path or to dependencies.
+
+use std::collections::HashMap;
+use std::path::{Path, PathBuf};
+
+use anyhow::{bail, Context};
+
+use crate::{release_dir, require_root, setup, workspace_root};
+
+#[derive(clap::Args, Debug, Clone)]
+pub struct Args {
+    /// Measured time of each benchmark case, in milliseconds (each also warms up for 300); the
+    /// node runs about 50 times slower under callgrind.
+    #[arg(long, default_value_t = 3000, value_parser = clap::value_parser!(u64).range(500..=60_000))]
+    pub case_ms: u64,
+}
+
+/// The file the release build reads, relative to the workspace.
+const ORDER_FILE: &str = "proxy/link-order.txt";
+
+pub fn run(args: Args) -> anyhow::Result<()> {
+    setup::run()?;
+    require_root("the benchmark's clusters are network namespaces")?;
+    crate::cargo(&["build", "--release", "--bins"])?;
+    let dir = order_dir();
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::create_dir_all(&dir)?;
+    let weft = release_dir().join("weft");
+    let wrapper = dir.join("weft-callgrind");
+    write_wrapper(&wrapper, &weft, &dir)?;
+
+    crate::bench::run_short(&wrapper, "weft", args.case_ms)?;
+
+    let mut counts = Vec::new();
+    for entry in std::fs::read_dir(&dir)? {
+        let path = entry?.path();
+        if path
+            .file_name()
+            .is_some_and(|n| n.to_string_lossy().starts_with("callgrind."))
+        {
+            counts.push(
+                std::fs::read_to_string(&path)
+                    .with_context(|| format!("reading {}", path.display()))?,
+            );
+        }
+    }
+    let object = weft.to_string_lossy();
+    let order = hot_functions(counts.iter().map(String::as_str), &object);
+    if order.is_empty() {
+        bail!(
+            "callgrind counted no function of {object} (outputs in {})",
+            dir.display()
+        );
+    }
+    let out = workspace_root().join(ORDER_FILE);
+    std::fs::write(&out, render(&order)).with_context(|| format!("writing {}", out.display()))?;
+    eprintln!(
+        "order: {} functions in {} (rebuild to use it: cargo build --release)",
+        order.len(),
+        out.display()
+    );
+    Ok(())
+}
+
+/// `weft` for every command but `node`, which runs under callgrind with counting off until
+/// its admin socket answers ready. SIGTERM (how the bench stops a node) is passed on, and the
+/// node's exit status returned.
+fn write_wrapper(path: &Path, weft: &Path, dir: &Path) -> anyhow::Result<()> {
+    let script = format!(
+        r#"#!/bin/bash
+# weft under callgrind for `cargo xtask order` (generated).
+weft='{weft}'
+case " $* " in *" node "*) ;; *) exec "$weft" "$@" ;; esac
+sock=; prev=
+for a in "$@"; do [ "$prev" = --admin-socket ] && sock=$a; prev=$a; done
+valgrind --tool=callgrind --demangle=no --instr-atstart=no \
+  --callgrind-out-file='{dir}/callgrind.%p' "$weft" "$@" &
+pid=$!
+trap 'kill -TERM $pid 2>/dev/null' TERM INT
+(
+  until curl -sf --unix-socket "$sock" http://weft/healthz/ready >/dev/null; do
+    kill -0 $pid 2>/dev/null || exit 0
+    sleep 0.2
+  done
+  callgrind_control -i on $pid >/dev/null
+) &
+# `wait` returns early when a trapped signal comes: wait again while the node runs.
+while :; do
+  wait $pid; rc=$?
+  kill -0 $pid 2>/dev/null || break
+done
+exit $rc
+"#,
+        weft = weft.display(),
+        dir = dir.display(),
+    );
+    std::fs::write(path, script).with_context(|| format!("writing {}", path.display()))?;
+    use std::os::unix::fs::PermissionsExt;
+    std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o755))?;
+    Ok(())
+}
+
+/// The functions of `object` that ran in any of the callgrind outputs `counts` (written with
+/// `--demangle=no`), by the instructions they ran themselves, most first; ties by name.
+pub fn hot_functions<'a>(counts: impl IntoIterator<Item = &'a str>, object: &str) -> Vec<String> {
+    let mut cost: HashMap<String, u64> = HashMap::new();
+    for text in counts {
+        // callgrind's name compression: `fn=(7) name` names id 7 the first time, `fn=(7)`
+        // after; objects (`ob=`, `cob=`) and called functions (`cfn=`) likewise.
+        let mut objects: HashMap<&str, &str> = HashMap::new();
+        let mut functions: HashMap<&str, &str> = HashMap::new();
+        let mut current: Option<&str> = None;
+        let mut in_object = false;
+        let mut after_calls = false;
+        for line in text.lines() {
+            if let Some(rest) = line.strip_prefix("ob=") {
+                in_object = compressed(rest, &mut objects) == Some(object);
+            } else if let Some(rest) = line.strip_prefix("cob=") {
+                compressed(rest, &mut objects);
+            } else if let Some(rest) = line.strip_prefix("fn=") {
+                // A function entered recursively is named `name'2`.
+                current =
+                    compressed(rest, &mut functions).map(|f| f.split('\'').next().unwrap_or(f));
+            } else if let Some(rest) = line.strip_prefix("cfn=") {
+                compressed(rest, &mut functions);
+            } else if line.starts_with("calls=") {
+                // The cost line after `calls=` is the call's (inclusive), not the caller's own.
+                after_calls = true;
+            } else if line.starts_with(|c: char| c.is_ascii_digit() || "+-*".contains(c)) {
+                if std::mem::take(&mut after_calls) {
+                    continue;
+                }
+                let (Some(name), true) = (current, in_object) else {
+                    continue;
+                };
+                let ir = line
+                    .split_whitespace()
+                    .nth(1)
+                    .and_then(|n| n.parse::<u64>().ok())
+                    .unwrap_or(0);
+                if ir > 0 && !name.starts_with("0x") {
+                    *cost.entry(name.to_string()).or_default() += ir;
+                }
+            }
+        }
+    }
+    let mut hot: Vec<(String, u64)> = cost.into_iter().collect();
+    hot.sort_by(|a, b| b.1.cmp(&a.1).then_with(|| a.0.cmp(&b.0)));
+    hot.into_iter().map(|(name, _)| name).collect()
+}
+
+/// `(id) name` (names id) or `(id)` (names what id named before); returns the name.
+fn compressed<'a>(field: &'a str, names: &mut HashMap<&'a str, &'a str>) -> Option<&'a str> {
+    let rest = field.strip_prefix('(')?;
+    let (id, name) = rest.split_once(')')?;
+    let name = name.trim_start();
+    if name.is_empty() {
+        names.get(id).copied()
+    } else {
+        names.insert(id, name);
+        Some(name)
+    }
+}
+
+fn render(order: &[String]) -> String {
+    let mut out = String::from(
+        "# The functions a serving weft node runs, most run first: the release build lays them\n\
+         # out together at the start of its code (proxy/build.rs). Written by `cargo xtask\n\
+         # order`; run it again after changes to the data path or to dependencies.\n",
+    );
+    for name in order {
+        out.push_str(name);
+        out.push('\n');
+    }
+    out
+}
+
+/// Where the callgrind outputs go: `target/order` (or `$CARGO_TARGET_DIR/order`).
+fn order_dir() -> PathBuf {
+    release_dir()
+        .parent()
+        .map(Path::to_path_buf)
+        .unwrap_or_else(|| workspace_root().join("target"))
+        .join("order")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A callgrind output as `--demangle=no` writes it (names compressed, a call's cost line,
+    /// another object, a recursive entry).
+    const OUT: &str = "# callgrind format\nversion: 1\nevents: Ir\n\
+        ob=(1) /t/weft\nfl=(1) a.rs\nfn=(1) _ZN4weft3hot\n10 500\n+1 20\n\
+        cfl=(1)\ncfn=(2) _ZN4weft4cold\ncalls=3 5\n+2 9000\n\
+        fn=(2)\n5 30\n\
+        ob=(2) /usr/lib/libc.so.6\nfn=(3) memcpy\n1 99999\n\
+        ob=(1)\nfn=(4) _ZN4weft4rec'2\n7 40\nfn=(1)\n11 100\n";
+
+    #[test]
+    fn functions_of_the_object_by_their_own_instructions() {
+        let order = hot_functions([OUT], "/t/weft");
+        assert_eq!(
+            order,
+            ["_ZN4weft3hot", "_ZN4weft4rec", "_ZN4weft4cold"].map(String::from),
+            "hot: 620 (the call's 9000 is cold's), rec: 40, cold: 30; libc's memcpy is not weft's"
+        );
+    }
+
+    #[test]
+    fn outputs_add_up() {
+        let other = "ob=(1) /t/weft\nfn=(9) _ZN4weft4cold\n1 1000\n";
+        let order = hot_functions([OUT, other], "/t/weft");
+        assert_eq!(order[0], "_ZN4weft4cold", "30 + 1000 now");
+        assert!(hot_functions([OUT], "/other").is_empty());
+    }
+}
