@@ -81,6 +81,80 @@ pub fn run(args: Args) -> anyhow::Result<()> {
     Ok(())
 }
 
+/// How a weft executable is laid out against `proxy/link-order.txt`, for the benchmark's notes
+/// (read with `nm`); `None` when there is no file or `nm` fails.
+pub fn layout_note(weft: &Path) -> Option<String> {
+    let order = std::fs::read_to_string(workspace_root().join(ORDER_FILE)).ok()?;
+    let out = std::process::Command::new("nm")
+        .args(["-S", "--defined-only"])
+        .arg(weft)
+        .output()
+        .ok()
+        .filter(|o| o.status.success())?;
+    let l = Layout::of(&order, &String::from_utf8_lossy(&out.stdout));
+    let mb = |b: u64| b as f64 / 1e6;
+    let mut note = format!(
+        "weft's code layout: {} of the {} functions {ORDER_FILE} names are in {}, \
+         {:.2} MB of code spanning {:.2} MB",
+        l.found,
+        l.listed,
+        weft.display(),
+        mb(l.size),
+        mb(l.span),
+    );
+    if l.found * 10 < l.listed * 9 {
+        note.push_str(" (the file is stale for this build: `cargo xtask order` writes it again)");
+    } else if l.span > l.size + l.size / 10 {
+        note.push_str(" (not laid out together: not a release build of this tree?)");
+    }
+    Some(note)
+}
+
+/// The functions an order file names, and where an executable has them.
+#[derive(Debug, PartialEq)]
+struct Layout {
+    /// Names in the file.
+    listed: usize,
+    /// Of them, symbols the executable defines.
+    found: usize,
+    /// Their code, in bytes.
+    size: u64,
+    /// From the first of them to the end of the last, in bytes.
+    span: u64,
+}
+
+impl Layout {
+    /// `order`: the file (`#` comments); `nm`: `nm -S --defined-only` of the executable.
+    fn of(order: &str, nm: &str) -> Layout {
+        let symbols: HashMap<&str, (u64, u64)> = nm
+            .lines()
+            .filter_map(|l| {
+                let mut f = l.split_whitespace();
+                let (addr, size, _kind, name) = (f.next()?, f.next()?, f.next()?, f.next()?);
+                let hex = |s| u64::from_str_radix(s, 16).ok();
+                Some((name, (hex(addr)?, hex(size)?)))
+            })
+            .collect();
+        let names: Vec<&str> = order
+            .lines()
+            .map(|l| l.split('#').next().unwrap_or("").trim())
+            .filter(|l| !l.is_empty())
+            .collect();
+        let found: Vec<(u64, u64)> = names
+            .iter()
+            .filter_map(|n| symbols.get(n).copied())
+            .collect();
+        let start = found.iter().map(|&(a, _)| a).min().unwrap_or(0);
+        let end = found.iter().map(|&(a, s)| a + s).max().unwrap_or(0);
+        Layout {
+            listed: names.len(),
+            found: found.len(),
+            size: found.iter().map(|&(_, s)| s).sum(),
+            span: end - start,
+        }
+    }
+}
+
 /// `weft` for every command but `node`, which runs under callgrind with counting off until
 /// its admin socket answers ready. SIGTERM (how the bench stops a node) is passed on, and the
 /// node's exit status returned.
@@ -224,6 +298,28 @@ mod tests {
             ["_ZN4weft3hot", "_ZN4weft4rec", "_ZN4weft4cold"].map(String::from),
             "hot: 620 (the call's 9000 is cold's), rec: 40, cold: 30; libc's memcpy is not weft's"
         );
+    }
+
+    #[test]
+    fn a_layout_is_where_the_named_functions_are() {
+        let order = "# comment\n_ZN1a\n_ZN1b\n_ZN1c\n";
+        let together = "0000000000001000 0000000000000100 t _ZN1a\n\
+            0000000000001100 0000000000000080 T _ZN1b\n\
+            0000000000009000 0000000000000010 t _ZN1z\n\
+            0000000000002000 D _data_without_size\n";
+        assert_eq!(
+            Layout::of(order, together),
+            Layout {
+                listed: 3,
+                found: 2,
+                size: 0x180,
+                span: 0x180
+            }
+        );
+        let apart = "0000000000001000 0000000000000100 t _ZN1a\n\
+            0000000000009000 0000000000000100 t _ZN1b\n";
+        assert_eq!(Layout::of(order, apart).span, 0x8100);
+        assert_eq!(Layout::of(order, "").found, 0);
     }
 
     #[test]

@@ -319,6 +319,10 @@ pub fn run(args: Args) -> Result<()> {
         _ => {}
     }
     let started = Instant::now();
+    let mut res = Results::default();
+    if args.paths.contains(&PathKind::Weft) {
+        res.notes.extend(crate::order::layout_note(&weft));
+    }
     let mut paths = args.paths.clone();
     paths.push(PathKind::Direct);
     paths.sort();
@@ -331,7 +335,6 @@ pub fn run(args: Args) -> Result<()> {
             vec![Topology::SingleNode, Topology::CrossNode]
         }
     };
-    let mut res = Results::default();
     // One topology at a time: the first cluster is gone before the next is built.
     for topo in topos {
         if topo == Topology::CrossNode && !paths.contains(&PathKind::Weft) {
