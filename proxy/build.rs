@@ -101,13 +101,17 @@ fn main() -> anyhow::Result<()> {
 /// (`link-order.txt`, one symbol per line, written by `cargo xtask order`): a page of code is
 /// mapped with the 64 KiB around it, so what runs, spread over the whole text, maps most of it.
 /// Release builds on x86_64 Linux only, where rustc links with its own LLD; symbols the file
-/// names that a build no longer has are skipped.
+/// names that a build no longer has are skipped. `WEFT_LINK_ORDER=off` leaves it out (a linker
+/// of one's own that knows no `--symbol-ordering-file`: GNU ld).
 fn link_order(manifest_dir: &std::path::Path) {
     let order = manifest_dir.join("link-order.txt");
     println!("cargo:rerun-if-changed={}", order.display());
+    println!("cargo:rerun-if-env-changed=WEFT_LINK_ORDER");
     let release = env::var("PROFILE").is_ok_and(|p| p == "release");
     let lld = env::var("TARGET").is_ok_and(|t| t == "x86_64-unknown-linux-gnu");
-    if release && lld && order.is_file() {
+    let off = env::var("WEFT_LINK_ORDER")
+        .is_ok_and(|v| ["off", "0", "false", "no"].contains(&v.to_ascii_lowercase().as_str()));
+    if release && lld && !off && order.is_file() {
         println!(
             "cargo:rustc-link-arg-bin=weft=-Wl,--symbol-ordering-file={}",
             order.display()
