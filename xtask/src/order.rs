@@ -2,10 +2,10 @@
 //! release build lays out first and together in weft's code (`proxy/build.rs` hands the file to
 //! the linker).
 //!
-//! Why: the kernel maps a file's pages 64 KiB at a time around each one touched. The 2 to 3 MB
-//! of code a node runs while it serves, spread over a 22 MB text among the code that runs once
-//! at start (the registry's parsers, the eBPF loader, certificate issuance), kept 7 to 11 MB of
-//! the executable mapped. Laid out together, it maps about its own size.
+//! Why: the kernel maps a file's pages 64 KiB at a time around each one touched. The 3.7 MB of
+//! code a node runs while it serves, spread over a 22.8 MB text among the code that runs once
+//! at start (the registry's parsers, the eBPF loader, certificate issuance), kept 11 MB of the
+//! executable mapped. Laid out together, it maps about its own size (docs/benchmarks.md).
 //!
 //! How:
 //! 1. the release build of weft and weft-testpod;
