@@ -9,11 +9,13 @@
 //!
 //! How:
 //! 1. the release build of weft and weft-testpod;
-//! 2. the benchmark's cases, both topologies, TCP and HTTP, weft only, with each `weft node`
-//!    run under valgrind's callgrind, counting switched on once the node answers
-//!    `/healthz/ready` (start-up's code is left out);
-//! 3. every function of weft's executable that ran, by the instructions it ran, most first:
-//!    the file's lines.
+//! 2. the benchmark's cases, weft only, with each `weft node` run under valgrind's callgrind,
+//!    counting switched on once the node answers `/healthz/ready` (start-up's code is left
+//!    out), in three parts ([`STAGES`]): one node serving HTTP, one node serving TCP, two
+//!    nodes carrying both in HBONE;
+//! 3. every function of weft's executable that ran, part by part, each part's functions that
+//!    no earlier part ran by the instructions they ran, most first: the file's lines. A node
+//!    that serves what the first part measured maps that part's code and no more.
 //!
 //! Symbols are mangled names with a hash of their crate's build; a function the file does not
 //! name (new code, or a build whose hashes changed) is laid out where it would be without the
@@ -47,38 +49,70 @@ pub fn run(args: Args) -> anyhow::Result<()> {
     let weft = release_dir().join("weft");
     let wrapper = dir.join("weft-callgrind");
     write_wrapper(&wrapper, &weft, &dir)?;
+    let object = weft.to_string_lossy();
 
-    crate::bench::run_short(&wrapper, "weft", args.case_ms)?;
-
-    let mut counts = Vec::new();
-    for entry in std::fs::read_dir(&dir)? {
-        let path = entry?.path();
-        if path
-            .file_name()
-            .is_some_and(|n| n.to_string_lossy().starts_with("callgrind."))
-        {
-            counts.push(
-                std::fs::read_to_string(&path)
-                    .with_context(|| format!("reading {}", path.display()))?,
+    let mut stages = Vec::new();
+    for (i, (what, only)) in STAGES.iter().enumerate() {
+        eprintln!("order: {what}");
+        crate::bench::run_short(&wrapper, "weft", args.case_ms, only)?;
+        // This stage's outputs, kept apart from the next one's.
+        let kept = dir.join(format!("stage-{i}"));
+        std::fs::create_dir_all(&kept)?;
+        let mut counts = Vec::new();
+        for entry in std::fs::read_dir(&dir)? {
+            let path = entry?.path();
+            if path
+                .file_name()
+                .is_some_and(|n| n.to_string_lossy().starts_with("callgrind."))
+            {
+                counts.push(
+                    std::fs::read_to_string(&path)
+                        .with_context(|| format!("reading {}", path.display()))?,
+                );
+                std::fs::rename(&path, kept.join(path.file_name().unwrap_or_default()))?;
+            }
+        }
+        let hot = hot_functions(counts.iter().map(String::as_str), &object);
+        if hot.is_empty() {
+            bail!(
+                "callgrind counted no function of {object} in {what} (outputs in {})",
+                kept.display()
             );
         }
+        stages.push((*what, hot));
     }
-    let object = weft.to_string_lossy();
-    let order = hot_functions(counts.iter().map(String::as_str), &object);
-    if order.is_empty() {
-        bail!(
-            "callgrind counted no function of {object} (outputs in {})",
-            dir.display()
-        );
-    }
+    let order = first_needed(&stages);
     let out = workspace_root().join(ORDER_FILE);
     std::fs::write(&out, render(&order)).with_context(|| format!("writing {}", out.display()))?;
+    let functions: usize = order.iter().map(|(_, names)| names.len()).sum();
     eprintln!(
-        "order: {} functions in {} (rebuild to use it: cargo build --release)",
-        order.len(),
+        "order: {functions} functions in {} (rebuild to use it: cargo build --release)",
         out.display()
     );
     Ok(())
+}
+
+/// The benchmark's cases, in the order their code is laid out: what a node serving HTTP on
+/// its own runs, then what plain TCP adds to it, then what carrying traffic to and from other
+/// nodes in HBONE adds. A node maps the code of what it serves: one that serves no HBONE
+/// leaves its code (about 1.1 MB) unmapped.
+const STAGES: [(&str, &[&str]); 3] = [
+    ("one node, HTTP", &["--only", "single-node", "--no-tcp"]),
+    ("one node, TCP", &["--only", "single-node", "--no-http"]),
+    ("two nodes, HBONE", &["--only", "cross-node"]),
+];
+
+/// Each stage's functions that no earlier stage ran, most run first: the stages' hot
+/// functions ([`hot_functions`]) laid one after the other.
+fn first_needed<'a>(stages: &[(&'a str, Vec<String>)]) -> Vec<(&'a str, Vec<String>)> {
+    let mut seen = std::collections::HashSet::new();
+    stages
+        .iter()
+        .map(|(what, hot)| {
+            let new = hot.iter().filter(|n| seen.insert(n.as_str())).cloned();
+            (*what, new.collect())
+        })
+        .collect()
 }
 
 /// How a weft executable is laid out against `proxy/link-order.txt`, for the benchmark's notes
@@ -255,15 +289,19 @@ fn compressed<'a>(field: &'a str, names: &mut HashMap<&'a str, &'a str>) -> Opti
     }
 }
 
-fn render(order: &[String]) -> String {
+fn render(order: &[(&str, Vec<String>)]) -> String {
     let mut out = String::from(
-        "# The functions a serving weft node runs, most run first: the release build lays them\n\
-         # out together at the start of its code (proxy/build.rs). Written by `cargo xtask\n\
-         # order`; run it again after changes to the data path or to dependencies.\n",
+        "# The functions a serving weft node runs: the release build lays them out together at\n\
+         # the start of its code (proxy/build.rs), by what a node serves (each part's functions\n\
+         # that no earlier part ran, most run first). Written by `cargo xtask order`; run it\n\
+         # again after changes to the data path or to dependencies.\n",
     );
-    for name in order {
-        out.push_str(name);
-        out.push('\n');
+    for (what, names) in order {
+        out.push_str(&format!("# {what}: {} functions\n", names.len()));
+        for name in names {
+            out.push_str(name);
+            out.push('\n');
+        }
     }
     out
 }
@@ -320,6 +358,29 @@ mod tests {
             0000000000009000 0000000000000100 t _ZN1b\n";
         assert_eq!(Layout::of(order, apart).span, 0x8100);
         assert_eq!(Layout::of(order, "").found, 0);
+    }
+
+    #[test]
+    fn each_part_adds_what_no_earlier_part_ran() {
+        let hot = |names: &[&str]| names.iter().map(|n| n.to_string()).collect::<Vec<_>>();
+        let stages = [
+            ("http", hot(&["serve", "accept", "parse"])),
+            ("tcp", hot(&["copy", "accept"])),
+            ("hbone", hot(&["accept", "tls", "serve", "frame"])),
+        ];
+        let order = first_needed(&stages);
+        assert_eq!(
+            order,
+            [
+                ("http", hot(&["serve", "accept", "parse"])),
+                ("tcp", hot(&["copy"])),
+                ("hbone", hot(&["tls", "frame"])),
+            ]
+        );
+        let file = render(&order);
+        assert!(file.contains("# tcp: 1 functions\ncopy\n# hbone: 2 functions\ntls\nframe\n"));
+        let names: Vec<&str> = file.lines().filter(|l| !l.starts_with('#')).collect();
+        assert_eq!(names, ["serve", "accept", "parse", "copy", "tls", "frame"]);
     }
 
     #[test]

@@ -125,7 +125,7 @@ fn cargo_weft(target_dir: &Path, triple: &str, flag: &str) -> anyhow::Result<Pat
 /// the direct path (which the report needs), one short repetition each.
 fn train(weft: &Path, train_ms: u64) -> anyhow::Result<()> {
     crate::cargo(&["build", "--release", "--bin", "weft-testpod"])?;
-    crate::bench::run_short(weft, "direct,weft", train_ms)
+    crate::bench::run_short(weft, "direct,weft", train_ms, &[])
 }
 
 /// The host's target triple, as rustc reports it.

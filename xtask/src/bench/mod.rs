@@ -189,29 +189,39 @@ impl PathKind {
     }
 }
 
-/// Every case of both topologies on `paths`, one repetition of `duration_ms` (after 300 ms of
+/// Every case of both topologies on `paths` (or those that the bench flags in `only` leave,
+/// e.g. `--only single-node --no-tcp`), one repetition of `duration_ms` (after 300 ms of
 /// warm-up), on the release build's weft-testpod and on `weft` (a build of its own, or a
 /// wrapper that starts one): how `cargo xtask pgo` trains and `cargo xtask order` counts. Call
-/// it before any thread that reads the environment starts.
-pub fn run_short(weft: &std::path::Path, paths: &str, duration_ms: u64) -> Result<()> {
+/// it while no other thread reads the environment.
+pub fn run_short(
+    weft: &std::path::Path,
+    paths: &str,
+    duration_ms: u64,
+    only: &[&str],
+) -> Result<()> {
     #[derive(clap::Parser)]
     struct Bench {
         #[command(flatten)]
         args: Args,
     }
     let duration = duration_ms.to_string();
-    let bench = <Bench as clap::Parser>::try_parse_from([
-        "bench",
-        "--no-build",
-        "--paths",
-        paths,
-        "--reps",
-        "1",
-        "--warmup-ms",
-        "300",
-        "--duration-ms",
-        &duration,
-    ])?;
+    let bench = <Bench as clap::Parser>::try_parse_from(
+        [
+            "bench",
+            "--no-build",
+            "--paths",
+            paths,
+            "--reps",
+            "1",
+            "--warmup-ms",
+            "300",
+            "--duration-ms",
+            &duration,
+        ]
+        .iter()
+        .chain(only),
+    )?;
     // The bench starts the binaries these name.
     std::env::set_var("WEFT_BIN", weft);
     std::env::set_var(
