@@ -130,8 +130,8 @@ async fn request(
     let mut record = template.start(HttpFlow {
         protocol: shared(t.version.as_version().as_str()),
         method: shared(parts.method.as_str()),
-        authority: authority.clone(),
-        path: path.clone(),
+        authority: authority.as_str().into(),
+        path: path.as_str().into(),
         ..HttpFlow::default()
     });
     if let Some(id) = parts

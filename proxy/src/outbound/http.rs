@@ -278,12 +278,11 @@ impl HttpPath {
         let path = req
             .uri()
             .path_and_query()
-            .map(|p| p.as_str().to_string())
-            .unwrap_or_else(|| req.uri().to_string());
+            .map_or_else(|| req.uri().to_string().into(), |p| p.as_str().into());
         let mut record = conn.template.start(HttpFlow {
             protocol: shared(conn.client.as_version().as_str()),
             method: shared(req.method().as_str()),
-            authority: client_authority.clone(),
+            authority: client_authority.as_str().into(),
             path,
             ..HttpFlow::default()
         });
@@ -348,7 +347,7 @@ impl HttpPath {
                 Vec::new(),
             ),
             RouteDecision::Matched(m) => {
-                record.route(&m.rule.id);
+                record.route(&m.rule.label);
                 match &m.rule.action {
                     RouteAction::DirectResponse(d) => {
                         let mut resp = Response::new(Bytes::clone(&d.body));
@@ -521,7 +520,7 @@ impl HttpPath {
         let record = conn.template.start(HttpFlow {
             protocol: shared(conn.client.as_version().as_str()),
             method: shared(req.method().as_str()),
-            authority: host.to_string(),
+            authority: host.into(),
             path: record_path(&req),
             ..HttpFlow::default()
         });
@@ -1659,11 +1658,11 @@ fn fault_aborted(record: RequestRecord, error: AbortError) -> Response<ResponseB
 }
 
 /// The path and query of a request as sent.
-fn record_path<B>(req: &Request<B>) -> String {
+fn record_path<B>(req: &Request<B>) -> Box<str> {
     req.uri()
         .path_and_query()
-        .map(|p| p.as_str().to_string())
-        .unwrap_or_else(|| "/".to_string())
+        .map_or("/", |p| p.as_str())
+        .into()
 }
 
 fn apply_all(ops: &[HeaderOps], headers: &mut http::HeaderMap) {

@@ -403,7 +403,7 @@ pub fn text_line(flow: &Flow) -> String {
                 h.forwarded_for.as_deref(),
                 h.user_agent.as_deref(),
                 h.request_id.as_deref(),
-                Some(h.authority.as_str()),
+                Some(&*h.authority),
                 h.upstream.as_deref(),
             ] {
                 out.push(' ');
@@ -693,22 +693,22 @@ mod tests {
             seq: 7,
             time: datetime!(2024-05-01 12:34:56.789654 UTC),
             node: "node-a".into(),
-            source: FlowSource {
+            source: Arc::new(FlowSource {
                 namespace: Some("front".into()),
                 pod: Some("client-5d8f7-x2kqp".into()),
                 ip: Some("10.244.1.2".parse().unwrap()),
                 identity: Some("spiffe://cluster.local/ns/front/sa/client".into()),
                 workload: Some("client".into()),
-            },
+            }),
             original_destination: "10.96.0.10:80".into(),
-            destination: FlowDestination {
+            destination: Arc::new(FlowDestination {
                 namespace: Some("back".into()),
                 pod: Some("web-0".into()),
                 service: Some("back/web".into()),
                 address: Some("10.244.2.2:8080".into()),
                 identity: Some("spiffe://cluster.local/ns/back/sa/web".into()),
                 workload: Some("web".into()),
-            },
+            }),
             protocol: "http".into(),
             verdict: Verdict::Forwarded,
             bytes_sent: 17,
@@ -743,22 +743,22 @@ mod tests {
         Flow {
             time: datetime!(2024-05-01 14:34:56.789 +2),
             node: "node-a".into(),
-            source: FlowSource {
+            source: Arc::new(FlowSource {
                 namespace: Some("front".into()),
                 pod: Some("client-5d8f7-x2kqp".into()),
                 ip: Some("10.244.1.2".parse().unwrap()),
                 identity: Some("spiffe://cluster.local/ns/front/sa/client".into()),
                 workload: Some("client".into()),
-            },
+            }),
             original_destination: "10.96.0.40:5432".into(),
-            destination: FlowDestination {
+            destination: Arc::new(FlowDestination {
                 namespace: Some("back".into()),
                 pod: Some("db-0".into()),
                 service: Some("back/db".into()),
                 address: Some("10.244.2.7:5432".into()),
                 identity: None,
                 workload: Some("db".into()),
-            },
+            }),
             verdict: Verdict::ConnectFailed,
             bytes_sent: 120,
             bytes_received: 0,
@@ -927,7 +927,7 @@ mod tests {
         let mut flow = request();
         let h = flow.http.as_mut().unwrap();
         h.user_agent = Some("evil\" 500 - \"x\\y\nforged line\r\t\u{1}\u{7f}é".into());
-        h.forwarded_for = Some(String::new());
+        h.forwarded_for = Some("".into());
         let line = text_line(&flow);
         assert!(!line.contains('\n') && !line.contains('\r'), "{line}");
         assert!(

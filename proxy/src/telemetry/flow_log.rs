@@ -319,11 +319,11 @@ mod tests {
         Flow {
             time: OffsetDateTime::now_utc(),
             node: "n1".into(),
-            source: FlowSource {
+            source: Arc::new(FlowSource {
                 namespace: Some("a".into()),
                 pod: Some(pod.into()),
                 ..Default::default()
-            },
+            }),
             verdict,
             bytes_sent: 1,
             bytes_received: 2,
@@ -336,10 +336,10 @@ mod tests {
         Flow {
             time: OffsetDateTime::now_utc(),
             node: "n1".into(),
-            source: FlowSource {
+            source: Arc::new(FlowSource {
                 ip: Some("10.0.0.9".parse().unwrap()),
                 ..Default::default()
-            },
+            }),
             verdict: Verdict::Unidentified,
             error: Some("no eBPF redirect record for this connection".into()),
             ..Flow::default()
@@ -390,13 +390,14 @@ mod tests {
         // A peer node's workload, by its certificate only.
         let mut inbound = unidentified();
         inbound.verdict = Verdict::ConnectFailed;
-        inbound.source.identity = Some("spiffe://cluster.local/ns/a/sa/b".into());
+        Arc::make_mut(&mut inbound.source).identity =
+            Some("spiffe://cluster.local/ns/a/sa/b".into());
         assert_eq!(kept_in(&inbound), Kept::Attributed);
         // A redirect from a cgroup no pod is known by, refused before anything was identified.
         let mut nobody = unidentified();
         nobody.verdict = Verdict::Unhandled;
         assert_eq!(kept_in(&nobody), Kept::Unattributed);
-        nobody.destination.pod = Some("web-0".into());
+        Arc::make_mut(&mut nobody.destination).pod = Some("web-0".into());
         assert_eq!(kept_in(&nobody), Kept::Attributed);
         assert_eq!(unattributed_capacity(10_000), 1_000);
         assert_eq!(unattributed_capacity(5), 1);

@@ -23,7 +23,7 @@ use super::istio::{CallLabels, Peer, Protocol, Reporter, Security, ServiceLabels
 use super::names;
 use super::trace::{SpanEnd, SpanKind, SpanStart};
 use super::Telemetry;
-use crate::admin::api::{Flow, HttpFlow, Text, Verdict};
+use crate::admin::api::{Flow, FlowDestination, HttpFlow, Text, Verdict};
 use crate::identity::SpiffeId;
 use crate::registry::{Pod, Service};
 use crate::relay::Relayed;
@@ -116,14 +116,14 @@ impl ConnectionRecord {
 
     /// The address the connection came from.
     pub fn source_ip(&mut self, ip: IpAddr) -> &mut Self {
-        self.flow.source.ip = Some(ip);
+        Arc::make_mut(&mut self.flow.source).ip = Some(ip);
         self
     }
 
     /// The calling pod (its address too, when none was seen on the wire).
     pub fn source_pod(&mut self, pod: &Arc<Pod>) -> &mut Self {
         let names = names::pod(pod);
-        let s = &mut self.flow.source;
+        let s = Arc::make_mut(&mut self.flow.source);
         s.namespace = Some(names.namespace.clone());
         s.pod = Some(names.name.clone());
         if s.ip.is_none() {
@@ -136,7 +136,7 @@ impl ConnectionRecord {
 
     /// The calling workload's identity (and its namespace, when no pod is known).
     pub fn source_identity(&mut self, id: &SpiffeId) -> &mut Self {
-        let s = &mut self.flow.source;
+        let s = Arc::make_mut(&mut self.flow.source);
         s.identity = Some(id.uri().into());
         if s.namespace.is_none() {
             s.namespace = Some(id.namespace().into());
@@ -159,7 +159,7 @@ impl ConnectionRecord {
     /// The Service whose VIP was called.
     pub fn service(&mut self, service: &Arc<Service>) -> &mut Self {
         let names = names::service(service);
-        let d = &mut self.flow.destination;
+        let d = Arc::make_mut(&mut self.flow.destination);
         d.service = names.name.clone();
         d.namespace = names.namespace.clone();
         self.report.service = names.service.clone();
@@ -169,7 +169,7 @@ impl ConnectionRecord {
     /// The destination pod.
     pub fn destination_pod(&mut self, pod: &Arc<Pod>) -> &mut Self {
         let names = names::pod(pod);
-        let d = &mut self.flow.destination;
+        let d = Arc::make_mut(&mut self.flow.destination);
         d.namespace = Some(names.namespace.clone());
         d.pod = Some(names.name.clone());
         d.workload = Some(names.peer.workload.clone());
@@ -185,13 +185,13 @@ impl ConnectionRecord {
 
     /// The address the proxy connects (or connected) to.
     pub fn destination_address(&mut self, addr: SocketAddr) -> &mut Self {
-        self.flow.destination.address = Some(names::address(addr));
+        Arc::make_mut(&mut self.flow.destination).address = Some(names::address(addr));
         self
     }
 
     /// The destination workload's identity.
     pub fn destination_identity(&mut self, id: &SpiffeId) -> &mut Self {
-        self.flow.destination.identity = Some(id.uri().into());
+        Arc::make_mut(&mut self.flow.destination).identity = Some(id.uri().into());
         self
     }
 
@@ -209,7 +209,7 @@ impl ConnectionRecord {
 
     /// The AuthorizationPolicy (`namespace/name`) that decided.
     pub fn policy(&mut self, policy: impl Into<String>) -> &mut Self {
-        self.flow.policy = Some(policy.into());
+        self.flow.policy = Some(policy.into().into_boxed_str());
         self
     }
 
@@ -234,7 +234,7 @@ impl ConnectionRecord {
     pub fn finish(mut self, verdict: Verdict, error: Option<impl Display>) -> Arc<Flow> {
         self.flow.verdict = verdict;
         if let Some(e) = error {
-            self.flow.error = Some(e.to_string());
+            self.flow.error = Some(e.to_string().into_boxed_str());
         }
         self.emit()
     }
@@ -247,6 +247,7 @@ impl ConnectionRecord {
         RequestTemplate {
             telemetry: self.telemetry.clone(),
             flow: Arc::new(flow),
+            destinations: Arc::default(),
             report: Arc::new(Report {
                 delivered_here: false,
                 ..self.report.clone()
@@ -323,7 +324,7 @@ impl<F: Future<Output = Relayed>> Future for Relaying<'_, F> {
         this.flow.bytes_sent = relayed.sent;
         this.flow.bytes_received = relayed.received;
         if let Some(e) = relayed.error {
-            this.flow.error = Some(e);
+            this.flow.error = Some(e.into_boxed_str());
         }
         Poll::Ready(())
     }
@@ -425,6 +426,30 @@ pub struct RequestTemplate {
     telemetry: Arc<Telemetry>,
     flow: Arc<Flow>,
     report: Arc<Report>,
+    destinations: Arc<Destinations>,
+}
+
+/// The destinations a connection's requests went to lately, most recent first: the flows of
+/// requests sent to the same place share one, so that a flow the log keeps holds a pointer to
+/// it instead of a copy (a connection's requests mostly go to one place, or to a few).
+#[derive(Default)]
+struct Destinations(parking_lot::Mutex<Vec<Arc<FlowDestination>>>);
+
+impl Destinations {
+    /// How many are kept.
+    const KEPT: usize = 4;
+
+    /// The kept one equal to `d`, else `d`, kept from now on.
+    fn shared(&self, d: FlowDestination) -> Arc<FlowDestination> {
+        let mut kept = self.0.lock();
+        if let Some(same) = kept.iter().find(|k| ***k == d) {
+            return same.clone();
+        }
+        let d = Arc::new(d);
+        kept.truncate(Self::KEPT - 1);
+        kept.insert(0, d.clone());
+        d
+    }
 }
 
 impl RequestTemplate {
@@ -437,6 +462,8 @@ impl RequestTemplate {
             telemetry: self.telemetry.clone(),
             flow,
             report: self.report.clone(),
+            destinations: self.destinations.clone(),
+            to: None,
             destination: None,
             service: None,
             delivered_here: false,
@@ -459,6 +486,11 @@ pub struct RequestRecord {
     /// The connection's report; the destination and Service this request went to replace
     /// the connection's.
     report: Arc<Report>,
+    /// Where the connection's requests went, for this one's flow to share.
+    destinations: Arc<Destinations>,
+    /// Where this request went, once it differs from the connection's destination (the
+    /// flow's until then).
+    to: Option<FlowDestination>,
     destination: Option<Arc<Peer>>,
     service: Option<Arc<ServiceLabels>>,
     /// This node delivered it to a pod it hosts: it reports as the destination too.
@@ -488,7 +520,7 @@ impl RequestRecord {
     /// Why the request ended as it did, when no error says so (an error given at the finish
     /// replaces it).
     pub fn note(&mut self, why: &str) -> &mut Self {
-        self.flow.error = Some(why.to_string());
+        self.flow.error = Some(why.into());
         self
     }
 
@@ -507,14 +539,21 @@ impl RequestRecord {
         self.flow.http.get_or_insert_with(HttpFlow::default)
     }
 
+    /// Where this request went, to change (see [`RequestRecord::to`]).
+    fn to(&mut self) -> &mut FlowDestination {
+        let flow = &self.flow;
+        self.to.get_or_insert_with(|| (*flow.destination).clone())
+    }
+
     /// The routing rule that matched.
-    pub fn route(&mut self, route: impl Display) -> &mut Self {
-        self.http().route = Some(route.to_string());
+    pub fn route(&mut self, route: &Text) -> &mut Self {
+        self.http().route = Some(route.clone());
         self
     }
 
     pub fn request_id(&mut self, id: impl Into<String>) -> &mut Self {
-        self.http().request_id = Some(id.into());
+        // Exactly as long as it is (a request id made here, a header's copy): no copy again.
+        self.http().request_id = Some(id.into().into_boxed_str());
         self
     }
 
@@ -525,8 +564,8 @@ impl RequestRecord {
         forwarded_for: Option<String>,
     ) -> &mut Self {
         let h = self.http();
-        h.user_agent = user_agent;
-        h.forwarded_for = forwarded_for;
+        h.user_agent = user_agent.map(String::into_boxed_str);
+        h.forwarded_for = forwarded_for.map(String::into_boxed_str);
         self
     }
 
@@ -538,8 +577,9 @@ impl RequestRecord {
 
     /// The Service the request was sent to (after routing, it may differ from the one called).
     pub fn service(&mut self, service: &Names) -> &mut Self {
-        self.flow.destination.service = service.name.clone();
-        self.flow.destination.namespace = service.namespace.clone();
+        let d = self.to();
+        d.service = service.name.clone();
+        d.namespace = service.namespace.clone();
         self.service = service.service.clone();
         self
     }
@@ -590,15 +630,15 @@ impl RequestRecord {
 
     /// An upstream attempt to `endpoint` (with `identity`, over HBONE when `mtls`).
     pub fn upstream(&mut self, endpoint: &Names, identity: Option<Text>, mtls: bool) -> &mut Self {
-        let d = &mut self.flow.destination;
+        let d = self.to();
         d.address = endpoint.address.clone();
         if endpoint.name.is_some() {
             d.namespace = endpoint.namespace.clone();
             d.pod = endpoint.name.clone();
         }
         d.workload = endpoint.peer.as_ref().map(|p| p.workload.clone());
-        self.destination = endpoint.peer.clone();
         d.identity = identity;
+        self.destination = endpoint.peer.clone();
         self.flow.mtls = mtls;
         let h = self.http();
         h.upstream = endpoint.address.clone();
@@ -607,7 +647,7 @@ impl RequestRecord {
     }
 
     pub fn policy(&mut self, policy: impl Into<String>) -> &mut Self {
-        self.flow.policy = Some(policy.into());
+        self.flow.policy = Some(policy.into().into_boxed_str());
         self
     }
 
@@ -629,7 +669,7 @@ impl RequestRecord {
     ) -> Arc<Flow> {
         self.flow.verdict = verdict;
         if let Some(e) = error {
-            self.flow.error = Some(e.to_string());
+            self.flow.error = Some(e.to_string().into_boxed_str());
         }
         let h = self.http();
         h.status = status;
@@ -642,6 +682,11 @@ impl RequestRecord {
         let us = self.started.elapsed().as_micros() as f64;
         let mut flow = std::mem::take(&mut self.flow);
         flow.duration_ms = us / 1000.0;
+        if let Some(to) = self.to.take() {
+            if to != *flow.destination {
+                flow.destination = self.destinations.shared(to);
+            }
+        }
         if let Some(h) = &mut flow.http {
             h.duration_ms = us / 1000.0;
             if self.retries_exhausted {
@@ -655,7 +700,7 @@ impl RequestRecord {
         debug!(
             source = %flow.source.pod.as_deref().unwrap_or("?"),
             method = %flow.http.as_ref().map(|h| &*h.method).unwrap_or(""),
-            path = %flow.http.as_ref().map(|h| h.path.as_str()).unwrap_or(""),
+            path = %flow.http.as_ref().map(|h| &*h.path).unwrap_or(""),
             status = flow.http.as_ref().map(|h| h.status).unwrap_or(0),
             verdict = %flow.verdict,
             "request"
@@ -705,7 +750,7 @@ impl RequestRecord {
             None => h
                 .authority
                 .rsplit_once(':')
-                .map_or(h.authority.as_str(), |(host, _)| host)
+                .map_or(&*h.authority, |(host, _)| host)
                 .to_string(),
         };
         let service_name = match peer {
@@ -806,6 +851,53 @@ mod tests {
         assert_eq!(flow.destination.address.as_deref(), Some("10.244.1.3:8080"));
         assert_eq!(t.flows.recent(&FlowFilter::default()).len(), 1);
         assert_eq!(t.flows.totals()[&Verdict::Denied], 1);
+    }
+
+    #[test]
+    fn requests_sent_to_the_same_place_share_its_record() {
+        let t = telemetry();
+        let mut conn = ConnectionRecord::accepted(&t);
+        conn.source_ip("10.244.1.2".parse().unwrap())
+            .destination_address("10.96.0.10:80".parse().unwrap());
+        let requests = conn.requests();
+        let service = Names {
+            namespace: Some("back".into()),
+            name: Some("back/web".into()),
+            ..Names::default()
+        };
+        let endpoint = |ip: &str| Names::endpoint(ip.parse().unwrap(), None);
+        let sent = |to: Option<&Names>| {
+            let mut r = requests.start(HttpFlow::default());
+            if let Some(to) = to {
+                r.service(&service).upstream(to, None, false);
+            }
+            r.finish(Verdict::Forwarded, 200, "-", None::<&str>)
+        };
+        let (a, b) = (endpoint("10.244.2.1:8080"), endpoint("10.244.2.2:8080"));
+        let (one, two, other, three) = (
+            sent(Some(&a)),
+            sent(Some(&a)),
+            sent(Some(&b)),
+            sent(Some(&a)),
+        );
+        assert_eq!(one.destination.address.as_deref(), Some("10.244.2.1:8080"));
+        assert_eq!(one.destination.service.as_deref(), Some("back/web"));
+        assert!(Arc::ptr_eq(&one.destination, &two.destination));
+        assert!(Arc::ptr_eq(&one.destination, &three.destination));
+        assert_eq!(
+            other.destination.address.as_deref(),
+            Some("10.244.2.2:8080")
+        );
+        assert!(!Arc::ptr_eq(&one.destination, &other.destination));
+        // Every request shares the connection's source; one that went nowhere else, its
+        // destination too.
+        assert!(Arc::ptr_eq(&one.source, &other.source));
+        let answered_here = sent(None);
+        assert_eq!(
+            answered_here.destination.address.as_deref(),
+            Some("10.96.0.10:80")
+        );
+        assert!(Arc::ptr_eq(&answered_here.source, &one.source));
     }
 
     #[test]

@@ -296,9 +296,9 @@ fn http_entries(
         [m] if m.path().kind == PathMatchType::PathPrefix => Some(m.path().value().to_string()),
         _ => None,
     };
-    let compiled = Arc::new(Rule {
-        id: route_id(RouteKind::HttpRoute, meta, index, &rule.name),
-        action: http_action(
+    let compiled = Arc::new(Rule::new(
+        route_id(RouteKind::HttpRoute, meta, index, &rule.name),
+        http_action(
             &rule.filters,
             &rule.backend_refs,
             &meta.namespace,
@@ -310,7 +310,7 @@ fn http_entries(
                 .map(|d| d.0),
             rule.retry.as_ref(),
         ),
-    });
+    ));
     for (j, m) in matches.iter().enumerate() {
         let (conditions, key) = http_conditions(m);
         let mut key = key;
@@ -369,9 +369,9 @@ fn grpc_entries(
     out: &mut HashMap<Bucket, Vec<Keyed>>,
     bucket: &Bucket,
 ) {
-    let compiled = Arc::new(Rule {
-        id: route_id(RouteKind::GrpcRoute, meta, index, &rule.name),
-        action: http_action(
+    let compiled = Arc::new(Rule::new(
+        route_id(RouteKind::GrpcRoute, meta, index, &rule.name),
+        http_action(
             &rule.filters,
             &rule.backend_refs,
             &meta.namespace,
@@ -380,7 +380,7 @@ fn grpc_entries(
             None,
             None,
         ),
-    });
+    ));
     let matches = if rule.matches.is_empty() {
         vec![Default::default()]
     } else {

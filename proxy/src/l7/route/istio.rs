@@ -117,16 +117,16 @@ fn compile_one(vs: &VirtualService, hosts: &Hosts<'_>) -> CompiledVs {
     let ns = &vs.meta.namespace;
     let mut entries = Vec::new();
     for (i, http) in vs.spec.http.iter().enumerate() {
-        let rule = Arc::new(Rule {
-            id: RouteId {
+        let rule = Arc::new(Rule::new(
+            RouteId {
                 kind: RouteKind::VirtualService,
                 namespace: ns.clone(),
                 name: vs.meta.name.clone(),
                 rule: i,
                 rule_name: (!http.name.is_empty()).then(|| http.name.clone()),
             },
-            action: action(http, ns, hosts),
-        });
+            action(http, ns, hosts),
+        ));
         if http.matches.is_empty() {
             entries.push(Entry {
                 conditions: Conditions::default(),

@@ -82,7 +82,19 @@ pub struct Matched {
 #[derive(Debug, Clone)]
 pub struct Rule {
     pub id: RouteId,
+    /// The id as flows name the rule, made once: every request it matches shares it.
+    pub label: Arc<str>,
     pub action: Action,
+}
+
+impl Rule {
+    pub fn new(id: RouteId, action: Action) -> Rule {
+        Rule {
+            label: id.to_string().into(),
+            id,
+            action,
+        }
+    }
 }
 
 /// The API a rule came from.
