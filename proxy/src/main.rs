@@ -9,9 +9,10 @@ use clap::Parser;
 use weft::cli::{CaCommand, Cli, Command};
 
 /// The data path allocates and frees small buffers and headers per request; mimalloc's
-/// thread-local free lists serve that far cheaper than glibc's arenas.
+/// thread-local free lists serve that far cheaper than glibc's arenas (see
+/// `weft::memory::Allocator` for how it is asked).
 #[global_allocator]
-static ALLOC: mimalloc::MiMalloc = mimalloc::MiMalloc;
+static ALLOC: weft::memory::Allocator = weft::memory::Allocator;
 
 fn main() {
     // Before the allocator has much to put in them (see `weft::memory`).
