@@ -364,7 +364,7 @@ mod tests {
             for &p in &blocks {
                 assert!(!p.is_null());
                 assert_eq!(usable(p), 384, "round {round}");
-                assert_eq!(p as usize % 8, 0);
+                assert!((p as usize).is_multiple_of(8));
             }
             for p in blocks {
                 unsafe { Allocator.dealloc(p, flow) };
@@ -374,7 +374,7 @@ mod tests {
             let layout = Layout::from_size_align(200, align).unwrap();
             let p = unsafe { Allocator.alloc_zeroed(layout) };
             assert!(
-                !p.is_null() && p as usize % align == 0,
+                !p.is_null() && (p as usize).is_multiple_of(align),
                 "aligned to {align}"
             );
             assert!(unsafe { std::slice::from_raw_parts(p, 200) }
@@ -382,7 +382,7 @@ mod tests {
                 .all(|&b| b == 0));
             let q = unsafe { Allocator.realloc(p, layout, 5_000) };
             assert!(
-                !q.is_null() && q as usize % align == 0,
+                !q.is_null() && (q as usize).is_multiple_of(align),
                 "still aligned to {align}"
             );
             unsafe { Allocator.dealloc(q, Layout::from_size_align(5_000, align).unwrap()) };

@@ -429,8 +429,8 @@ pub struct RequestTemplate {
     destinations: Arc<Destinations>,
 }
 
-/// The destinations a connection's requests went to lately, most recent first: the flows of
-/// requests sent to the same place share one, so that a flow the log keeps holds a pointer to
+/// The last few different destinations a connection's requests went to, the newest first:
+/// the flows of requests sent to the same place share one, so that a flow the log keeps holds a pointer to
 /// it instead of a copy (a connection's requests mostly go to one place, or to a few).
 #[derive(Default)]
 struct Destinations(parking_lot::Mutex<Vec<Arc<FlowDestination>>>);
