@@ -430,8 +430,9 @@ pub struct RequestTemplate {
 }
 
 /// The last few different destinations a connection's requests went to, the newest first:
-/// the flows of requests sent to the same place share one, so that a flow the log keeps holds a pointer to
-/// it instead of a copy (a connection's requests mostly go to one place, or to a few).
+/// the flows of requests sent to the same place share one, so that a flow the log keeps holds
+/// a pointer to it instead of a copy (a connection's requests mostly go to one place, or to a
+/// few).
 #[derive(Default)]
 struct Destinations(parking_lot::Mutex<Vec<Arc<FlowDestination>>>);
 
