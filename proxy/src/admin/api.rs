@@ -197,10 +197,10 @@ pub struct HttpFlow {
     /// `HTTP/1.1` or `HTTP/2`, as the client spoke.
     pub protocol: Text,
     pub method: Text,
-    /// `Host` / `:authority` as the client sent it.
-    pub authority: Box<str>,
-    /// Path and query as the client sent them.
-    pub path: Box<str>,
+    /// `authority`, `path`, `request_id`, `user_agent` and `forwarded_for` (see
+    /// [`RequestTexts`]); in the JSON they are the flow's own fields.
+    #[serde(flatten)]
+    pub texts: RequestTexts,
     /// The status returned to the client (0 when the connection ended before a response).
     pub status: u16,
     /// Envoy response flags (`NR`, `UH`, `UF`, `URX`, `DPE`, …), `-` when none.
@@ -216,14 +216,6 @@ pub struct HttpFlow {
     pub attempts: u32,
     /// From the request's head to the end of its response (milliseconds, to the microsecond).
     pub duration_ms: f64,
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub request_id: Option<Box<str>>,
-    /// `User-Agent` as the client sent it.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub user_agent: Option<Box<str>>,
-    /// `X-Forwarded-For` as the client sent it.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub forwarded_for: Option<Box<str>>,
     /// From sending the request upstream to the response's head (Envoy's
     /// `x-envoy-upstream-service-time`); absent when no upstream answered.
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -232,6 +224,142 @@ pub struct HttpFlow {
     /// response); absent for anything else.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub grpc_status: Option<u16>,
+}
+
+/// The texts of a request its flow keeps, as [`RequestTexts::get`] reads them.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize)]
+pub struct Texts<'a> {
+    /// `Host` / `:authority` as the client sent it.
+    pub authority: &'a str,
+    /// Path and query as the client sent them.
+    pub path: &'a str,
+    /// `x-request-id`: the client's, or the one this hop made.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub request_id: Option<&'a str>,
+    /// `User-Agent` as the client sent it.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub user_agent: Option<&'a str>,
+    /// `X-Forwarded-For` as the client sent it.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub forwarded_for: Option<&'a str>,
+}
+
+/// A request's [`Texts`] in one block: the flow log keeps thousands of requests, and five
+/// texts of their own each were five blocks of the allocator and 80 bytes of every flow.
+///
+/// The block starts with the five texts' lengths, each one more than the length (0: absent),
+/// seven bits to a byte, the high bit set on every byte but a length's last; the texts follow
+/// in order. Empty (the default), every text is absent and nothing is allocated.
+#[derive(Clone, Default, PartialEq, Eq)]
+pub struct RequestTexts(Box<[u8]>);
+
+impl RequestTexts {
+    pub fn new(t: Texts<'_>) -> RequestTexts {
+        let texts = [
+            Some(t.authority),
+            Some(t.path),
+            t.request_id,
+            t.user_agent,
+            t.forwarded_for,
+        ];
+        let lengths = texts.map(|t| t.map_or(0, |t| t.len() + 1));
+        let size: usize = lengths
+            .iter()
+            .map(|&n| length_bytes(n) + n.saturating_sub(1))
+            .sum();
+        let mut block = Vec::with_capacity(size);
+        for mut n in lengths {
+            while n >= 0x80 {
+                block.push((n & 0x7f) as u8 | 0x80);
+                n >>= 7;
+            }
+            block.push(n as u8);
+        }
+        for t in texts.into_iter().flatten() {
+            block.extend_from_slice(t.as_bytes());
+        }
+        RequestTexts(block.into_boxed_slice())
+    }
+
+    /// The texts (a text the block cannot give back whole reads as absent, and the authority
+    /// and path as empty: never the case for a block [`RequestTexts::new`] made).
+    pub fn get(&self) -> Texts<'_> {
+        let block = &*self.0;
+        let mut at = 0;
+        let mut lengths = [0usize; 5];
+        for n in &mut lengths {
+            let mut shift = 0;
+            while let Some(&b) = block.get(at) {
+                at += 1;
+                *n |= usize::from(b & 0x7f).checked_shl(shift).unwrap_or(0);
+                shift += 7;
+                if b & 0x80 == 0 {
+                    break;
+                }
+            }
+        }
+        let mut texts = [None; 5];
+        for (text, n) in texts.iter_mut().zip(lengths) {
+            let Some(len) = n.checked_sub(1) else {
+                continue;
+            };
+            let end = at.saturating_add(len);
+            *text = block.get(at..end).and_then(|b| std::str::from_utf8(b).ok());
+            at = end;
+        }
+        let [authority, path, request_id, user_agent, forwarded_for] = texts;
+        Texts {
+            authority: authority.unwrap_or(""),
+            path: path.unwrap_or(""),
+            request_id,
+            user_agent,
+            forwarded_for,
+        }
+    }
+}
+
+/// Bytes a length takes at the head of a [`RequestTexts`] block.
+fn length_bytes(n: usize) -> usize {
+    (usize::BITS - n.leading_zeros()).div_ceil(7).max(1) as usize
+}
+
+impl std::fmt::Debug for RequestTexts {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        self.get().fmt(f)
+    }
+}
+
+impl Serialize for RequestTexts {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        self.get().serialize(s)
+    }
+}
+
+impl<'de> Deserialize<'de> for RequestTexts {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        /// The texts as JSON gives them (escaped, they cannot be borrowed).
+        #[derive(Deserialize)]
+        struct Owned {
+            #[serde(default)]
+            authority: String,
+            #[serde(default)]
+            path: String,
+            #[serde(default)]
+            request_id: Option<String>,
+            #[serde(default)]
+            user_agent: Option<String>,
+            #[serde(default)]
+            forwarded_for: Option<String>,
+        }
+        let o = Owned::deserialize(d)?;
+        Ok(RequestTexts::new(Texts {
+            authority: &o.authority,
+            path: &o.path,
+            request_id: o.request_id.as_deref(),
+            user_agent: o.user_agent.as_deref(),
+            forwarded_for: o.forwarded_for.as_deref(),
+        }))
+    }
 }
 
 /// Response flags of a request weft did not have to flag: Envoy's `-`.
@@ -380,7 +508,7 @@ impl FlowFilter {
             if self
                 .path
                 .as_ref()
-                .is_some_and(|p| !http.path.starts_with(p.as_str()))
+                .is_some_and(|p| !http.texts.get().path.starts_with(p.as_str()))
             {
                 return false;
             }
@@ -759,10 +887,87 @@ mod tests {
     #[test]
     fn a_kept_flow_is_small() {
         assert!(
-            std::mem::size_of::<Flow>() + 2 * std::mem::size_of::<usize>() <= 384,
+            std::mem::size_of::<Flow>() + 2 * std::mem::size_of::<usize>() <= 320,
             "a flow is {} bytes",
             std::mem::size_of::<Flow>()
         );
+    }
+
+    #[test]
+    fn a_requests_texts_come_back_as_they_went_in() {
+        let long = "/p".repeat(9_000);
+        for t in [
+            Texts::default(),
+            Texts {
+                authority: "web.back:80",
+                path: "/",
+                request_id: Some("5f1e2d3c-0000-4000-8000-000000000001"),
+                user_agent: Some("curl/8.5.0"),
+                forwarded_for: Some("10.0.0.1, 10.0.0.2"),
+            },
+            Texts {
+                authority: "",
+                path: &long,
+                request_id: Some(""),
+                user_agent: None,
+                forwarded_for: Some("é\u{0}\"x"),
+            },
+            Texts {
+                authority: &long[..127],
+                path: &long[..128],
+                request_id: None,
+                user_agent: Some(&long[..16_384]),
+                forwarded_for: None,
+            },
+        ] {
+            let packed = RequestTexts::new(t);
+            assert_eq!(packed.get(), t);
+            let sum: usize = [t.authority, t.path]
+                .into_iter()
+                .chain(t.request_id)
+                .chain(t.user_agent)
+                .chain(t.forwarded_for)
+                .map(str::len)
+                .sum();
+            assert!(
+                packed.0.len() <= sum + 5 * 3,
+                "{} for {sum}",
+                packed.0.len()
+            );
+        }
+        assert!(RequestTexts::default().get() == Texts::default());
+    }
+
+    #[test]
+    fn a_requests_json_is_what_it_was_before_its_texts_were_packed() {
+        let http = HttpFlow {
+            protocol: "HTTP/1.1".into(),
+            method: "GET".into(),
+            texts: RequestTexts::new(Texts {
+                authority: "web.back:80",
+                path: "/a?b=1",
+                request_id: Some("id-1"),
+                user_agent: None,
+                forwarded_for: Some(""),
+            }),
+            status: 200,
+            ..HttpFlow::default()
+        };
+        let json = serde_json::to_value(&http).unwrap();
+        assert_eq!(json["authority"], "web.back:80");
+        assert_eq!(json["path"], "/a?b=1");
+        assert_eq!(json["request_id"], "id-1");
+        assert_eq!(json["forwarded_for"], "");
+        assert!(json.get("user_agent").is_none(), "{json}");
+        assert!(json.get("texts").is_none(), "{json}");
+        let back: HttpFlow = serde_json::from_value(json).unwrap();
+        assert_eq!(back, http);
+        let escaped: HttpFlow =
+            serde_json::from_str(r#"{"protocol":"HTTP/2","method":"GET","authority":"a\"b","path":"/\u00e9","status":0,"response_flags":"-","attempts":0,"duration_ms":0.0}"#)
+                .unwrap();
+        assert_eq!(escaped.texts.get().authority, "a\"b");
+        assert_eq!(escaped.texts.get().path, "/é");
+        assert_eq!(escaped.texts.get().request_id, None);
     }
 
     #[test]
@@ -775,7 +980,10 @@ mod tests {
         assert!(!filter.matches(&f), "a TCP flow is no request");
         f.http = Some(HttpFlow {
             method: "POST".into(),
-            path: "/api/x".into(),
+            texts: RequestTexts::new(Texts {
+                path: "/api/x",
+                ..Texts::default()
+            }),
             status: 503,
             ..HttpFlow::default()
         });

@@ -8,6 +8,7 @@
 pub mod body;
 pub mod guard;
 
+use std::borrow::Cow;
 use std::convert::Infallible;
 use std::future::Future;
 use std::sync::Arc;
@@ -29,7 +30,7 @@ use tracing::debug;
 
 use self::body::{Counted, Counter};
 use self::guard::{parser_limit, Guarded};
-use crate::admin::api::{HttpFlow, Verdict, NO_FLAGS};
+use crate::admin::api::{HttpFlow, RequestTexts, Texts, Verdict, NO_FLAGS};
 use crate::batch;
 use crate::drain::Draining;
 use crate::l7::respond::{self, Flag};
@@ -278,20 +279,37 @@ pub fn own_values(headers: &mut HeaderMap) {
     }
 }
 
-/// What a request's record keeps of its headers as the client sent them: `User-Agent`,
-/// `X-Forwarded-For`, and whether it is a gRPC call.
-pub fn note_request(record: &mut RequestRecord, headers: &HeaderMap) {
-    let text = |name: header::HeaderName| {
-        headers
-            .get(name)
-            .map(|v| String::from_utf8_lossy(v.as_bytes()).into_owned())
-    };
-    record.client_headers(
-        text(header::USER_AGENT),
-        text(header::HeaderName::from_static("x-forwarded-for")),
-    );
-    if is_grpc(headers) {
-        record.grpc();
+/// What a request's flow keeps of its headers as the client sent them: `User-Agent` and
+/// `X-Forwarded-For` (taken before this hop appends its client to the latter). The values are
+/// the header map's own (cloning one copies no bytes), until [`ClientHeaders::texts`] packs them
+/// with the rest.
+pub struct ClientHeaders {
+    user_agent: Option<HeaderValue>,
+    forwarded_for: Option<HeaderValue>,
+}
+
+impl ClientHeaders {
+    pub fn of(headers: &HeaderMap) -> ClientHeaders {
+        ClientHeaders {
+            user_agent: headers.get(header::USER_AGENT).cloned(),
+            forwarded_for: headers.get("x-forwarded-for").cloned(),
+        }
+    }
+
+    /// The request's texts for its flow: these headers with what else it was asked with.
+    pub fn texts(&self, authority: &str, path: &str, request_id: Option<&str>) -> RequestTexts {
+        fn text(v: Option<&HeaderValue>) -> Option<Cow<'_, str>> {
+            v.map(|v| String::from_utf8_lossy(v.as_bytes()))
+        }
+        let user_agent = text(self.user_agent.as_ref());
+        let forwarded_for = text(self.forwarded_for.as_ref());
+        RequestTexts::new(Texts {
+            authority,
+            path,
+            request_id,
+            user_agent: user_agent.as_deref(),
+            forwarded_for: forwarded_for.as_deref(),
+        })
     }
 }
 

@@ -14,7 +14,8 @@ use super::authorize::{authorize_request, service_for_authority, Caller};
 use crate::admin::api::{HttpFlow, Text, Verdict, NO_FLAGS};
 use crate::exchange::body::Counter;
 use crate::exchange::{
-    self, authority_of, denied, is_upgrade, own, upstream_request, ClientVersion, ResponseBody,
+    self, authority_of, denied, is_upgrade, own, upstream_request, ClientHeaders, ClientVersion,
+    ResponseBody,
 };
 use crate::identity::SpiffeId;
 use crate::inputs::ProxyInputs;
@@ -122,26 +123,21 @@ async fn request(
     let upgrade = t.version == ClientVersion::Http1 && is_upgrade(&req);
     let client_upgrade = upgrade.then(|| hyper::upgrade::on(&mut req));
     let (mut parts, body) = req.into_parts();
-    let path = parts
-        .uri
-        .path_and_query()
-        .map(|p| p.as_str().to_string())
-        .unwrap_or_else(|| "/".into());
+    let path = parts.uri.path_and_query().map_or("/", |p| p.as_str());
+    let request_id = parts
+        .headers
+        .get("x-request-id")
+        .and_then(|v| v.to_str().ok());
+    let texts = ClientHeaders::of(&parts.headers).texts(&authority, path, request_id);
     let mut record = template.start(HttpFlow {
         protocol: shared(t.version.as_version().as_str()),
         method: shared(parts.method.as_str()),
-        authority: authority.as_str().into(),
-        path: path.as_str().into(),
+        texts,
         ..HttpFlow::default()
     });
-    if let Some(id) = parts
-        .headers
-        .get("x-request-id")
-        .and_then(|v| v.to_str().ok())
-    {
-        record.request_id(id);
+    if exchange::is_grpc(&parts.headers) {
+        record.grpc();
     }
-    exchange::note_request(&mut record, &parts.headers);
     if let Some(service) = service_for_authority(&t.services, &authority) {
         if let Some(i) = t.services.iter().position(|s| Arc::ptr_eq(s, service)) {
             record.service(&tunnel.services[i]);
@@ -152,7 +148,7 @@ async fn request(
         let http = HttpRequest {
             method: parts.method.as_str(),
             authority: &authority,
-            path: &path,
+            path,
             headers: &parts.headers,
         };
         let caller = Caller {

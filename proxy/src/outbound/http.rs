@@ -26,11 +26,11 @@ use super::hash;
 use super::locality::{self, Locality, Spread};
 use super::outlier::{self, Detection, Observed};
 use super::plan::{self, Action, Destination, Refusal, Source};
-use crate::admin::api::{HttpFlow, Text, Verdict, NO_FLAGS};
+use crate::admin::api::{HttpFlow, RequestTexts, Text, Texts, Verdict, NO_FLAGS};
 use crate::exchange::body::{self, Counter, Mirrored, Teed};
 use crate::exchange::{
-    self, authority_of, denied, empty, is_upgrade, own, upstream_request, ClientVersion,
-    ResponseBody,
+    self, authority_of, denied, empty, is_upgrade, own, upstream_request, ClientHeaders,
+    ClientVersion, ResponseBody,
 };
 use crate::inputs::ProxyInputs;
 use crate::l7::hygiene;
@@ -275,22 +275,25 @@ impl HttpPath {
     ) -> Response<ResponseBody> {
         let arrived = tokio::time::Instant::now();
         let client_authority = authority_of(&req);
-        let path = req
-            .uri()
-            .path_and_query()
-            .map_or_else(|| req.uri().to_string().into(), |p| p.as_str().into());
+        // Shares the request's bytes (no copy) until the flow's texts are packed.
+        let path = req.uri().path_and_query().cloned();
+        let client = ClientHeaders::of(req.headers());
+        let upgrade = conn.client == ClientVersion::Http1 && is_upgrade(&req);
+        let id = hygiene::prepare(req.headers_mut(), &conn.forwarded_for, upgrade);
+        let texts = match &path {
+            Some(p) => client.texts(&client_authority, p.as_str(), Some(&id)),
+            None => client.texts(&client_authority, &req.uri().to_string(), Some(&id)),
+        };
         let mut record = conn.template.start(HttpFlow {
             protocol: shared(conn.client.as_version().as_str()),
             method: shared(req.method().as_str()),
-            authority: client_authority.as_str().into(),
-            path,
+            texts,
             ..HttpFlow::default()
         });
-        let upgrade = conn.client == ClientVersion::Http1 && is_upgrade(&req);
-        exchange::note_request(&mut record, req.headers());
+        if exchange::is_grpc(req.headers()) {
+            record.grpc();
+        }
         record.trace(req.headers_mut(), SpanKind::Client);
-        let id = hygiene::prepare(req.headers_mut(), &conn.forwarded_for, upgrade);
-        record.request_id(id);
 
         let snapshot = self.inputs.registry.snapshot();
         let routes = self.inputs.routes.load();
@@ -520,8 +523,11 @@ impl HttpPath {
         let record = conn.template.start(HttpFlow {
             protocol: shared(conn.client.as_version().as_str()),
             method: shared(req.method().as_str()),
-            authority: host.into(),
-            path: record_path(&req),
+            texts: RequestTexts::new(Texts {
+                authority: host,
+                path: &record_path(&req),
+                ..Texts::default()
+            }),
             ..HttpFlow::default()
         });
         let snapshot = self.inputs.registry.snapshot();

@@ -377,10 +377,11 @@ pub fn text_line(flow: &Flow) -> String {
     out.push_str("] ");
     match &flow.http {
         Some(h) => {
+            let texts = h.texts.get();
             out.push('"');
             push_field(&mut out, &h.method);
             out.push(' ');
-            push_field(&mut out, &h.path);
+            push_field(&mut out, texts.path);
             out.push(' ');
             push_field(&mut out, &h.protocol);
             out.push('"');
@@ -400,10 +401,10 @@ pub fn text_line(flow: &Flow) -> String {
                 None => out.push('-'),
             }
             for value in [
-                h.forwarded_for.as_deref(),
-                h.user_agent.as_deref(),
-                h.request_id.as_deref(),
-                Some(&*h.authority),
+                texts.forwarded_for,
+                texts.user_agent,
+                texts.request_id,
+                Some(texts.authority),
                 h.upstream.as_deref(),
             ] {
                 out.push(' ');
@@ -475,10 +476,11 @@ fn json_line_of(flow: &Flow, node: &str) -> String {
     let mut start_time = String::with_capacity(24);
     push_start_time(&mut start_time, flow);
     let http = flow.http.as_ref();
+    let texts = http.map(|h| h.texts.get());
     let line = JsonLine {
         start_time,
         method: http.and_then(|h| text(&h.method)),
-        path: http.and_then(|h| text(&h.path)),
+        path: texts.and_then(|t| text(t.path)),
         protocol: http.and_then(|h| text(&h.protocol)),
         response_code: http.map_or(0, |h| h.status),
         response_flags: match http {
@@ -490,10 +492,10 @@ fn json_line_of(flow: &Flow, node: &str) -> String {
         bytes_sent: flow.bytes_received,
         duration: whole_ms(flow.duration_ms),
         upstream_service_time: http.and_then(|h| h.upstream_service_time_ms.map(whole_ms)),
-        x_forwarded_for: known(http.and_then(|h| h.forwarded_for.as_deref())),
-        user_agent: known(http.and_then(|h| h.user_agent.as_deref())),
-        request_id: known(http.and_then(|h| h.request_id.as_deref())),
-        authority: http.and_then(|h| text(&h.authority)),
+        x_forwarded_for: known(texts.and_then(|t| t.forwarded_for)),
+        user_agent: known(texts.and_then(|t| t.user_agent)),
+        request_id: known(texts.and_then(|t| t.request_id)),
+        authority: texts.and_then(|t| text(t.authority)),
         upstream_host: match http {
             Some(h) => known(h.upstream.as_deref()),
             None => known(flow.destination.address.as_deref()),
@@ -686,7 +688,7 @@ mod tests {
     use time::macros::datetime;
 
     use super::*;
-    use crate::admin::api::{FlowDestination, FlowSource, HttpFlow};
+    use crate::admin::api::{FlowDestination, FlowSource, HttpFlow, RequestTexts, Texts};
 
     fn request() -> Flow {
         Flow {
@@ -721,17 +723,19 @@ mod tests {
             http: Some(HttpFlow {
                 protocol: "HTTP/1.1".into(),
                 method: "GET".into(),
-                authority: "web.back:80".into(),
-                path: "/api/items?page=2".into(),
+                texts: RequestTexts::new(Texts {
+                    authority: "web.back:80",
+                    path: "/api/items?page=2",
+                    request_id: Some("7f0c6a1e"),
+                    user_agent: Some("curl/8.5.0"),
+                    forwarded_for: None,
+                }),
                 status: 200,
                 response_flags: "-".into(),
                 route: Some("VirtualService back/web http[0]".into()),
                 upstream: Some("10.244.2.2:8080".into()),
                 attempts: 1,
                 duration_ms: 12.999,
-                request_id: Some("7f0c6a1e".into()),
-                user_agent: Some("curl/8.5.0".into()),
-                forwarded_for: None,
                 upstream_service_time_ms: Some(9.6),
                 grpc_status: None,
             }),
@@ -926,8 +930,11 @@ mod tests {
     fn what_a_client_sends_cannot_break_a_line() {
         let mut flow = request();
         let h = flow.http.as_mut().unwrap();
-        h.user_agent = Some("evil\" 500 - \"x\\y\nforged line\r\t\u{1}\u{7f}é".into());
-        h.forwarded_for = Some("".into());
+        h.texts = RequestTexts::new(Texts {
+            user_agent: Some("evil\" 500 - \"x\\y\nforged line\r\t\u{1}\u{7f}é"),
+            forwarded_for: Some(""),
+            ..h.texts.get()
+        });
         let line = text_line(&flow);
         assert!(!line.contains('\n') && !line.contains('\r'), "{line}");
         assert!(

@@ -552,24 +552,6 @@ impl RequestRecord {
         self
     }
 
-    pub fn request_id(&mut self, id: impl Into<String>) -> &mut Self {
-        // Exactly as long as it is (a request id made here, a header's copy): no copy again.
-        self.http().request_id = Some(id.into().into_boxed_str());
-        self
-    }
-
-    /// `User-Agent` and `X-Forwarded-For` as the client sent them.
-    pub fn client_headers(
-        &mut self,
-        user_agent: Option<String>,
-        forwarded_for: Option<String>,
-    ) -> &mut Self {
-        let h = self.http();
-        h.user_agent = user_agent.map(String::into_boxed_str);
-        h.forwarded_for = forwarded_for.map(String::into_boxed_str);
-        self
-    }
-
     /// From sending the request upstream to its response's head.
     pub fn upstream_service_time(&mut self, took: std::time::Duration) -> &mut Self {
         self.http().upstream_service_time_ms = Some(took.as_micros() as f64 / 1000.0);
@@ -701,7 +683,7 @@ impl RequestRecord {
         debug!(
             source = %flow.source.pod.as_deref().unwrap_or("?"),
             method = %flow.http.as_ref().map(|h| &*h.method).unwrap_or(""),
-            path = %flow.http.as_ref().map(|h| &*h.path).unwrap_or(""),
+            path = %flow.http.as_ref().map_or("", |h| h.texts.get().path),
             status = flow.http.as_ref().map(|h| h.status).unwrap_or(0),
             verdict = %flow.verdict,
             "request"
@@ -733,6 +715,7 @@ impl RequestRecord {
         let Some(h) = &flow.http else {
             return;
         };
+        let texts = h.texts.get();
         let port = |addr: &str| addr.rsplit_once(':').map_or("", |(_, p)| p).to_string();
         let (peer, port, cluster_prefix) = match span.kind {
             SpanKind::Client => (
@@ -748,10 +731,10 @@ impl RequestRecord {
         };
         let host = match &report.service {
             Some(s) => s.host.to_string(),
-            None => h
+            None => texts
                 .authority
                 .rsplit_once(':')
-                .map_or(&*h.authority, |(host, _)| host)
+                .map_or(texts.authority, |(host, _)| host)
                 .to_string(),
         };
         let service_name = match peer {
@@ -772,7 +755,7 @@ impl RequestRecord {
             SpanKind::Server => flow.source.ip.map(|ip| ip.to_string()).unwrap_or_default(),
         };
         let name = format!("{host}:{port}/*");
-        let url = format!("http://{}{}", h.authority, h.path);
+        let url = format!("http://{}{}", texts.authority, texts.path);
         self.telemetry.tracing.finish(
             span,
             SpanEnd {
@@ -785,7 +768,7 @@ impl RequestRecord {
                 peer_address: &peer_address,
                 response_flags: &h.response_flags,
                 node_id: "",
-                request_id: h.request_id.as_deref(),
+                request_id: texts.request_id,
                 protocol: &h.protocol,
                 grpc_status: h.grpc_status,
                 error: h.status == 0 || h.status >= 500 || h.grpc_status.is_some_and(|g| g != 0),
