@@ -16,7 +16,7 @@
 
 use std::collections::{BTreeMap, VecDeque};
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::Arc;
+use std::sync::{Arc, OnceLock};
 
 use parking_lot::Mutex;
 use tokio::sync::broadcast;
@@ -182,10 +182,15 @@ struct Rings {
     unattributed: Ring,
 }
 
+/// Flows a follower may fall behind by before it is told it lagged.
+const LIVE_CAPACITY: usize = 4096;
+
 /// The node's flow log: bounded rings of recent flows plus a live feed.
 pub struct FlowLog {
     rings: Mutex<Rings>,
-    live: broadcast::Sender<Arc<Flow>>,
+    /// Made when the first subscriber comes: its 4 096 slots are 128 KiB, which a node that
+    /// nobody follows would hold for nothing.
+    live: OnceLock<broadcast::Sender<Arc<Flow>>>,
     /// Flows recorded per verdict, indexed by `Verdict as usize`.
     by_verdict: [AtomicU64; Verdict::ALL.len()],
     bytes_sent: AtomicU64,
@@ -196,14 +201,13 @@ impl FlowLog {
     /// A log keeping `capacity` workload flows, and [`unattributed_capacity`] others.
     pub fn new(capacity: usize) -> Self {
         let capacity = capacity.max(1);
-        let (live, _) = broadcast::channel(4096);
         Self {
             rings: Mutex::new(Rings {
                 next_seq: 1,
                 attributed: Ring::new(capacity),
                 unattributed: Ring::new(unattributed_capacity(capacity)),
             }),
-            live,
+            live: OnceLock::new(),
             by_verdict: Default::default(),
             bytes_sent: AtomicU64::new(0),
             bytes_received: AtomicU64::new(0),
@@ -229,8 +233,10 @@ impl FlowLog {
             Kept::Attributed => rings.attributed.push(flow.clone()),
             Kept::Unattributed => rings.unattributed.push(flow.clone()),
         }
-        // No subscriber is not an error.
-        let _ = self.live.send(flow.clone());
+        if let Some(live) = self.live.get() {
+            // No subscriber (any more) is not an error.
+            let _ = live.send(flow.clone());
+        }
         flow
     }
 
@@ -248,7 +254,7 @@ impl FlowLog {
     pub fn follow(&self, filter: &FlowFilter) -> (Vec<Arc<Flow>>, broadcast::Receiver<Arc<Flow>>) {
         let (snapshot, rx) = {
             let rings = self.rings.lock();
-            let rx = self.live.subscribe();
+            let rx = self.live().subscribe();
             let snapshot = FlowSnapshot {
                 attributed: rings.attributed.snapshot(),
                 unattributed: rings.unattributed.snapshot(),
@@ -265,7 +271,12 @@ impl FlowLog {
 
     /// A live feed of flows recorded from now on.
     pub fn subscribe(&self) -> broadcast::Receiver<Arc<Flow>> {
-        self.live.subscribe()
+        self.live().subscribe()
+    }
+
+    fn live(&self) -> &broadcast::Sender<Arc<Flow>> {
+        self.live
+            .get_or_init(|| broadcast::channel(LIVE_CAPACITY).0)
     }
 
     /// Both rings' fill and the unattributed ring's totals, read at once (no flow copied).
@@ -516,10 +527,12 @@ mod tests {
     #[tokio::test]
     async fn live_subscribers_see_new_flows() {
         let store = FlowLog::new(10);
+        store.record(flow("a", Verdict::Forwarded));
+        assert!(store.live.get().is_none(), "a feed before anyone follows");
         let mut rx = store.subscribe();
         store.record(flow("b", Verdict::NoEndpoint));
         let got = rx.recv().await.unwrap();
         assert_eq!(got.verdict, Verdict::NoEndpoint);
-        assert_eq!(got.seq, 1);
+        assert_eq!(got.seq, 2);
     }
 }
