@@ -178,6 +178,7 @@ impl FlowTable {
     fn cells(&self, f: &Flow) -> Vec<String> {
         match (&f.http, self.http) {
             (Some(h), true) => {
+                let texts = h.texts.get();
                 let status = match (h.status, &f.policy) {
                     (0, _) => "-".to_string(),
                     (s, Some(p)) => format!("{s} ({p})"),
@@ -187,8 +188,8 @@ impl FlowTable {
                     f.time.format(TIME_FORMAT).unwrap_or_default(),
                     source_cell(f),
                     h.method.to_string(),
-                    h.texts.get().authority.to_string(),
-                    h.texts.get().path.to_string(),
+                    texts.authority.to_string(),
+                    texts.path.to_string(),
                     status,
                     h.response_flags.to_string(),
                     h.route.as_deref().unwrap_or("-").to_string(),

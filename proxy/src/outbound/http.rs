@@ -525,7 +525,7 @@ impl HttpPath {
             method: shared(req.method().as_str()),
             texts: RequestTexts::new(Texts {
                 authority: host,
-                path: &record_path(&req),
+                path: req.uri().path_and_query().map_or("/", |p| p.as_str()),
                 ..Texts::default()
             }),
             ..HttpFlow::default()
