@@ -34,8 +34,9 @@ use aya_ebpf::{
 };
 use weft_common::{
     strict_mode, Config, Counter, FlowKey, OrigDst, RedirectEvent, StrictKey, DELIVERIES_ENTRIES,
-    DELIVERY_TTL_NS, ENROLLED_ENTRIES, EVENTS_BYTES, EXCL_CIDRS_ENTRIES, EXCL_PORTS_ENTRIES,
-    MAX_CGROUP_DEPTH, NODE_ADDRS_ENTRIES, ORIG_DST_ENTRIES, STRICT_ENTRIES, UNCAPTURED_ENTRIES,
+    DELIVERY_TTL_NS, ENROLLED_ENTRIES, EVENTS_BYTES, EVENTS_WAKE_BYTES, EXCL_CIDRS_ENTRIES,
+    EXCL_PORTS_ENTRIES, MAX_CGROUP_DEPTH, NODE_ADDRS_ENTRIES, ORIG_DST_ENTRIES, STRICT_ENTRIES,
+    UNCAPTURED_ENTRIES,
 };
 
 const AF_INET: u16 = 2;
@@ -73,6 +74,10 @@ const TCP_FLAG_ACK: u8 = 0x10;
 
 /// `BPF_RB_NO_WAKEUP`: submit a ring-buffer record without waking its reader.
 const BPF_RB_NO_WAKEUP: u64 = 1;
+/// `BPF_RB_FORCE_WAKEUP`: submit a ring-buffer record and wake its reader.
+const BPF_RB_FORCE_WAKEUP: u64 = 2;
+/// `BPF_RB_AVAIL_DATA`: ask a ring buffer how many bytes wait to be read.
+const BPF_RB_AVAIL_DATA: u64 = 0;
 #[map(name = "ENROLLED")]
 static ENROLLED: HashMap<u64, u8> = HashMap::with_max_entries(ENROLLED_ENTRIES, 0);
 
@@ -206,9 +211,15 @@ fn redirect<C: EbpfContext>(ctx: &C, ip4: u32, port: u16, family: u16) -> Option
                 boot_ns: unsafe { bpf_ktime_get_boot_ns() },
                 orig,
             });
-            // No wake-up: waking the reader on every connect costs the connecting pod tens of
-            // microseconds; the proxy drains the ring on a short timer instead.
-            entry.submit(BPF_RB_NO_WAKEUP);
+            // Waking the reader on every connect would cost the connecting pod tens of
+            // microseconds: the proxy drains the ring on a timer, and is woken only when a
+            // burst has filled a quarter of it (the record just reserved counts).
+            let wake = if EVENTS.query(BPF_RB_AVAIL_DATA) >= EVENTS_WAKE_BYTES {
+                BPF_RB_FORCE_WAKEUP
+            } else {
+                BPF_RB_NO_WAKEUP
+            };
+            entry.submit(wake);
         }
         None => count(Counter::EventsDropped),
     }

@@ -57,11 +57,13 @@ fn client_helper() {
     let mut cgroup = None;
     let mut netns = None;
     let mut target = None;
+    let mut burst = None;
     for part in spec.split(';') {
         match part.split_once('=') {
             Some(("cgroup", v)) => cgroup = Some(v.to_owned()),
             Some(("netns", v)) => netns = Some(v.to_owned()),
             Some(("target", v)) => target = Some(v.parse::<SocketAddr>().expect("target")),
+            Some(("burst", v)) => burst = Some(v.parse::<usize>().expect("burst")),
             _ => panic!("bad helper spec {spec:?}"),
         }
     }
@@ -73,8 +75,26 @@ fn client_helper() {
     )
     .expect("joining the cgroup");
     enter_netns(&netns.expect("netns"));
+    let target = target.expect("target");
+    if let Some(n) = burst {
+        // `n` connects as fast as they can be made: each started without waiting for the
+        // handshake, and closed.
+        let result = (0..n).try_for_each(|_| {
+            let socket = Socket::new(Domain::IPV4, Type::STREAM, Some(Protocol::TCP))?;
+            socket.set_nonblocking(true)?;
+            match socket.connect(&target.into()) {
+                Err(e) if e.raw_os_error() != Some(libc::EINPROGRESS) => Err(e),
+                _ => Ok(()),
+            }
+        });
+        match result {
+            Ok(()) => println!("\nRESULT connects={n}"),
+            Err(err) => println!("\nRESULT error={err}"),
+        }
+        return;
+    }
     let result = (|| -> std::io::Result<String> {
-        let mut stream = TcpStream::connect_timeout(&target.expect("target"), TIMEOUT)?;
+        let mut stream = TcpStream::connect_timeout(&target, TIMEOUT)?;
         stream.set_read_timeout(Some(TIMEOUT))?;
         let local = stream.local_addr()?;
         let peer = stream.peer_addr()?;
@@ -235,10 +255,11 @@ impl World {
         }
     }
 
-    /// Runs a pod process in `cgroup` that connects to `target`.
-    fn connect_from(&self, cgroup: &Path, target: &str) -> Client {
+    /// Runs the client helper as a pod process in `cgroup` (its options after `target`);
+    /// returns the fields of the line it printed after `RESULT`.
+    fn run_client(&self, cgroup: &Path, target: &str, more: &str) -> HashMap<String, String> {
         let spec = format!(
-            "cgroup={};netns={};target={target}",
+            "cgroup={};netns={};target={target}{more}",
             cgroup.display(),
             self.name
         );
@@ -262,21 +283,33 @@ impl World {
                     String::from_utf8_lossy(&out.stderr)
                 )
             });
-        let field = |name: &str| {
-            line.split(' ')
-                .find_map(|f| f.strip_prefix(name)?.strip_prefix('='))
-                .map(str::to_owned)
-        };
-        if let Some(err) = field("error") {
+        let fields: HashMap<String, String> = line
+            .split(' ')
+            .filter_map(|f| f.split_once('='))
+            .map(|(k, v)| (k.to_owned(), v.to_owned()))
+            .collect();
+        if let Some(err) = fields.get("error") {
             panic!(
                 "connect to {target} from {} failed: {err}",
                 cgroup.display()
             );
         }
+        fields
+    }
+
+    /// Runs a pod process in `cgroup` that connects to `target`.
+    fn connect_from(&self, cgroup: &Path, target: &str) -> Client {
+        let fields = self.run_client(cgroup, target, "");
         Client {
-            local: field("local").unwrap().parse().unwrap(),
-            tag: field("tag").unwrap(),
+            local: fields["local"].parse().unwrap(),
+            tag: fields["tag"].clone(),
         }
+    }
+
+    /// Runs a pod process in `cgroup` that starts `n` connects to `target` and closes them.
+    fn burst_from(&self, cgroup: &Path, target: &str, n: usize) {
+        let fields = self.run_client(cgroup, target, &format!(";burst={n}"));
+        assert_eq!(fields["connects"], n.to_string());
     }
 
     /// Connects from `cgroup` and expects the proxy to answer; returns what `take_redirect`
@@ -570,6 +603,90 @@ fn redirects_enrolled_pods_and_survives_restart() {
     capture.detach_and_unpin().expect("detach");
     assert!(!world.pin_dir.exists(), "pins left behind");
     world.expect_direct(&ctr, "10.250.0.2:9090");
+}
+
+/// Whether `epoll` reports an event within `timeout`.
+fn woken(epoll: &std::os::fd::OwnedFd, timeout: Duration) -> bool {
+    use std::os::fd::AsRawFd;
+    let mut event = libc::epoll_event { events: 0, u64: 0 };
+    // SAFETY: one event buffer of one entry, valid for the call.
+    let n = unsafe {
+        libc::epoll_wait(
+            epoll.as_raw_fd(),
+            &mut event,
+            1,
+            timeout.as_millis() as libc::c_int,
+        )
+    };
+    assert!(n >= 0, "epoll_wait: {}", io::Error::last_os_error());
+    n == 1
+}
+
+/// The programs wake the ring's reader once a quarter of the ring waits, and not before: a
+/// burst of redirects is read while it lasts, and the connects of a quiet pod cost no wake-up.
+#[test]
+fn a_filling_event_ring_wakes_its_reader() {
+    use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
+    let world = World::new("wake");
+    let root = world.top.clone();
+    let pod = world.cgroup("pod");
+    let capture = Capture::attach(&world.config(&root)).expect("attach");
+    capture.set_enrolled(&enrolled(&[cgroup_id(&pod)])).unwrap();
+
+    // A reader of the pinned ring of its own (the capture's is not started here), waiting as
+    // the proxy's does: edge-triggered, so only a wake-up reports new records.
+    let map = aya::maps::MapData::from_pin(world.pin_dir.join("EVENTS")).expect("pinned ring");
+    let mut ring = aya::maps::RingBuf::try_from(aya::maps::Map::RingBuf(map)).expect("ring");
+    // SAFETY: epoll_create1 returns a new descriptor (checked) that nothing else owns.
+    let epoll = unsafe {
+        let fd = libc::epoll_create1(libc::EPOLL_CLOEXEC);
+        assert!(fd >= 0, "epoll_create1: {}", io::Error::last_os_error());
+        OwnedFd::from_raw_fd(fd)
+    };
+    let mut interest = libc::epoll_event {
+        events: (libc::EPOLLIN | libc::EPOLLET) as u32,
+        u64: 0,
+    };
+    // SAFETY: both descriptors are open; the event is read during the call only.
+    let added = unsafe {
+        libc::epoll_ctl(
+            epoll.as_raw_fd(),
+            libc::EPOLL_CTL_ADD,
+            ring.as_raw_fd(),
+            &mut interest,
+        )
+    };
+    assert_eq!(added, 0, "epoll_ctl: {}", io::Error::last_os_error());
+    assert!(!woken(&epoll, Duration::ZERO), "the ring starts empty");
+
+    // A record is 8 bytes of header and the event, rounded up to 8 bytes.
+    let record = (std::mem::size_of::<weft_common::RedirectEvent>() + 8).next_multiple_of(8);
+    let quarter = (weft_common::EVENTS_WAKE_BYTES as usize).div_ceil(record);
+    world.burst_from(&pod, SERVICE, quarter - 1);
+    assert!(
+        !woken(&epoll, Duration::from_millis(300)),
+        "{} records woke the reader, below a quarter of the ring",
+        quarter - 1
+    );
+    world.burst_from(&pod, SERVICE, 1);
+    assert!(
+        woken(&epoll, TIMEOUT),
+        "the record that made a quarter of the ring did not wake the reader"
+    );
+    let mut read = 0;
+    while let Some(item) = ring.next() {
+        assert_eq!(
+            item.len(),
+            std::mem::size_of::<weft_common::RedirectEvent>()
+        );
+        read += 1;
+    }
+    assert_eq!(read, quarter);
+    let counters = capture.status().counters;
+    assert_eq!(counters["redirected"], quarter as u64, "{counters:?}");
+    assert_eq!(counters["events_dropped"], 0, "{counters:?}");
+    drop(ring);
+    capture.detach_and_unpin().expect("detach");
 }
 
 #[test]
