@@ -385,33 +385,41 @@ const RETRY_MAX: Duration = Duration::from_secs(30);
 /// Shortest: near the end of an SVID's life, attempts come this often.
 const RETRY_MIN: Duration = Duration::from_millis(250);
 
+/// How long after a round that made SVIDs its memory is handed back: what the exchange with
+/// the CA runs after the answer has come (below) is done by then.
+const RELEASE_AFTER: Duration = Duration::from_secs(1);
+
 async fn rotate(state: Weak<State>) {
     // Consecutive failures per identity: the next attempt waits 1 s, 2 s, … up to RETRY_MAX.
     let mut failures: HashMap<SpiffeId, u32> = HashMap::new();
     loop {
-        let sleep = {
+        let (sleep, made_some) = {
             let Some(state) = state.upgrade() else { return };
             let next = state.renew_all(&mut failures).await;
             let made = state.made.load(std::sync::atomic::Ordering::Relaxed);
-            if state
+            let made_some = state
                 .released
                 .swap(made, std::sync::atomic::Ordering::Relaxed)
-                != made
-            {
-                // Making a key and getting its certificate (signed here, or fetched by this
-                // task or a connection that came first) ran code nothing on the data path runs:
-                // key generation, the CA client's TLS and gRPC, X.509 parsing. Its pages, and
-                // what it freed, are handed back (a busy node never goes quiet).
-                crate::memory::release();
-            }
+                != made;
             let sleep = next
                 .duration_since(SystemTime::now())
                 .unwrap_or_default()
                 .max(Duration::from_millis(10));
             // Wake early when the set of local identities changes.
             let changed = async move { state.changed.notified().await };
-            tokio::time::timeout(sleep, changed)
+            (tokio::time::timeout(sleep, changed), made_some)
         };
+        if made_some {
+            // Making a key and getting its certificate (signed here, or fetched by this task
+            // or a connection that came first) ran code nothing on the data path runs: key
+            // generation, the CA client's TLS and gRPC, X.509 parsing. Its pages, and what it
+            // freed, are handed back (a busy node never goes quiet); not at once, as the
+            // exchange goes on after the answer has come: the CA connection's own task reads
+            // the stream's end and gives its window back, over TLS. Handed back before that,
+            // its pages were mapped again for good a few milliseconds later.
+            tokio::time::sleep(RELEASE_AFTER).await;
+            crate::memory::release();
+        }
         let _ = sleep.await;
     }
 }
