@@ -10,12 +10,16 @@
 //! How:
 //! 1. the release build of weft and weft-testpod;
 //! 2. the benchmark's cases, weft only, with each `weft node` run under valgrind's callgrind,
-//!    counting switched on once the node answers `/healthz/ready` (start-up's code is left
-//!    out), in three parts ([`STAGES`]): one node serving HTTP, one node serving TCP, two
+//!    counting switched on once the node answers `/healthz/ready`, has made its first
+//!    certificates and has handed back what making them ran (start-up's code is left out,
+//!    and so is the certificates', which would otherwise fall in whichever part's count it
+//!    happened to come in), in three parts ([`STAGES`]): one node serving HTTP, one node serving TCP, two
 //!    nodes carrying both in HBONE;
 //! 3. every function of weft's executable that ran, part by part, each part's functions that
 //!    no earlier part ran by the instructions they ran, most first: the file's lines. A node
-//!    that serves what the first part measured maps that part's code and no more.
+//!    that serves what the first part measured maps that part's code and no more;
+//! 4. at the end of the first part, what callgrind cannot show: the slow paths of contended
+//!    locks ([`CONTENDED`]; callgrind runs one thread at a time).
 //!
 //! Symbols are mangled names with a hash of their crate's build; a function the file does not
 //! name (new code, or a build whose hashes changed) is laid out where it would be without the
@@ -81,7 +85,9 @@ pub fn run(args: Args) -> anyhow::Result<()> {
         }
         stages.push((*what, hot));
     }
-    let order = first_needed(&stages);
+    let mut order = first_needed(&stages);
+    let unseen = contended(&symbols(&weft)?);
+    add_unseen(&mut order, unseen);
     let out = workspace_root().join(ORDER_FILE);
     std::fs::write(&out, render(&order)).with_context(|| format!("writing {}", out.display()))?;
     let functions: usize = order.iter().map(|(_, names)| names.len()).sum();
@@ -101,6 +107,77 @@ const STAGES: [(&str, &[&str]); 3] = [
     ("one node, TCP", &["--only", "single-node", "--no-http"]),
     ("two nodes, HBONE", &["--only", "cross-node"]),
 ];
+
+/// What no count can show: callgrind runs one thread at a time, so no lock is ever contended
+/// under it, and the slow paths of the locks two workers take at once (parking_lot's, which
+/// tokio's scheduler uses too, and the standard library's) never run there. A node serving
+/// HTTP on two workers runs them in its first seconds: demangled names starting with these
+/// are laid out at the end of the first part.
+const CONTENDED: [&str; 3] = ["parking_lot::", "parking_lot_core::", "<std::sys::sync::"];
+
+/// The functions of `symbols` (mangled and demangled names, as [`symbols`] reads them) that
+/// [`CONTENDED`] names, in the order given.
+fn contended(symbols: &[(String, String)]) -> Vec<String> {
+    symbols
+        .iter()
+        .filter(|(_, shown)| CONTENDED.iter().any(|p| shown.starts_with(p)))
+        .map(|(name, _)| name.clone())
+        .collect()
+}
+
+/// `names` added to the end of the first part, but those some part already has.
+fn add_unseen(order: &mut [(&str, Vec<String>)], names: Vec<String>) {
+    let seen: std::collections::HashSet<String> =
+        order.iter().flat_map(|(_, n)| n.iter().cloned()).collect();
+    if let Some((_, first)) = order.first_mut() {
+        let mut added = std::collections::HashSet::new();
+        first.extend(
+            names
+                .into_iter()
+                .filter(|n| !seen.contains(n) && added.insert(n.clone())),
+        );
+    }
+}
+
+/// The functions `object` defines: each mangled name with its demangled one (`nm`, with and
+/// without `-C`, both in the symbol table's order).
+fn symbols(object: &Path) -> anyhow::Result<Vec<(String, String)>> {
+    let nm = |demangle: bool| -> anyhow::Result<String> {
+        let mut cmd = std::process::Command::new("nm");
+        cmd.args(["--defined-only", "--no-sort"]);
+        if demangle {
+            cmd.arg("-C");
+        }
+        let out = cmd
+            .arg(object)
+            .output()
+            .with_context(|| format!("nm {}", object.display()))?;
+        if !out.status.success() {
+            bail!(
+                "nm {}: {}",
+                object.display(),
+                String::from_utf8_lossy(&out.stderr)
+            );
+        }
+        Ok(String::from_utf8_lossy(&out.stdout).into_owned())
+    };
+    let (plain, shown) = (nm(false)?, nm(true)?);
+    // `ADDRESS KIND NAME`: functions are `t`/`T`; a demangled name may hold spaces.
+    let function = |l: &str| {
+        let mut f = l.splitn(3, ' ');
+        let (_, kind, name) = (f.next()?, f.next()?, f.next()?);
+        matches!(kind, "t" | "T").then(|| name.to_string())
+    };
+    let pairs: Vec<(String, String)> = plain
+        .lines()
+        .zip(shown.lines())
+        .filter_map(|(p, s)| Some((function(p)?, function(s)?)))
+        .collect();
+    if plain.lines().count() != shown.lines().count() {
+        bail!("nm listed {} differently with -C", object.display());
+    }
+    Ok(pairs)
+}
 
 /// Each stage's functions that no earlier stage ran, most run first: the stages' hot
 /// functions ([`hot_functions`]) laid one after the other.
@@ -190,7 +267,8 @@ impl Layout {
 }
 
 /// `weft` for every command but `node`, which runs under callgrind with counting off until
-/// its admin socket answers ready. SIGTERM (how the bench stops a node) is passed on, and the
+/// its admin socket answers ready and its first certificates are made (up to 30 s), and the
+/// node has handed back what making them ran. SIGTERM (how the bench stops a node) is passed on, and the
 /// node's exit status returned.
 fn write_wrapper(path: &Path, weft: &Path, dir: &Path) -> anyhow::Result<()> {
     let script = format!(
@@ -209,6 +287,14 @@ trap 'kill -TERM $pid 2>/dev/null' TERM INT
     kill -0 $pid 2>/dev/null || exit 0
     sleep 0.2
   done
+  # The node's first certificates (and what it hands back after them) are start-up's too:
+  # counted, they would land in whichever part's count they happened to fall into.
+  for _ in $(seq 150); do
+    curl -sf --unix-socket "$sock" http://weft/certs | grep -q serial && break
+    kill -0 $pid 2>/dev/null || exit 0
+    sleep 0.2
+  done
+  sleep 5
   callgrind_control -i on $pid >/dev/null
 ) &
 # `wait` returns early when a trapped signal comes: wait again while the node runs.
@@ -358,6 +444,46 @@ mod tests {
             0000000000009000 0000000000000100 t _ZN1b\n";
         assert_eq!(Layout::of(order, apart).span, 0x8100);
         assert_eq!(Layout::of(order, "").found, 0);
+    }
+
+    #[test]
+    fn the_slow_paths_of_contended_locks_end_the_first_part() {
+        let symbols: Vec<(String, String)> = [
+            (
+                "_ZN11parking_lot10raw_rwlock9RawRwLock16lock_shared_slow17h1E",
+                "parking_lot::raw_rwlock::RawRwLock::lock_shared_slow",
+            ),
+            (
+                "_RNvMNtNtNtNtCs1_3std3sys4sync5mutex5futexNtB2_5Mutex14lock_contended",
+                "<std::sys::sync::mutex::futex::Mutex>::lock_contended",
+            ),
+            ("_ZN4weft5relay4pump17h2E", "weft::relay::pump"),
+            (
+                "_ZN17parking_lot_core11parking_lot10ThreadData3new17h3E",
+                "parking_lot_core::parking_lot::ThreadData::new",
+            ),
+        ]
+        .map(|(a, b)| (a.to_string(), b.to_string()))
+        .into();
+        let unseen = contended(&symbols);
+        assert_eq!(unseen.len(), 3);
+        let mut order = vec![
+            ("http", vec!["_ZN4weft3hot".to_string()]),
+            (
+                "tcp",
+                vec!["_ZN17parking_lot_core11parking_lot10ThreadData3new17h3E".to_string()],
+            ),
+        ];
+        add_unseen(&mut order, unseen);
+        assert_eq!(
+            order[0].1,
+            [
+                "_ZN4weft3hot",
+                "_ZN11parking_lot10raw_rwlock9RawRwLock16lock_shared_slow17h1E",
+                "_RNvMNtNtNtNtCs1_3std3sys4sync5mutex5futexNtB2_5Mutex14lock_contended",
+            ]
+        );
+        assert_eq!(order[1].1.len(), 1, "a part that has one keeps it");
     }
 
     #[test]
