@@ -165,7 +165,7 @@ pub(crate) struct State {
     issued: std::sync::atomic::AtomicU64,
     failed: std::sync::atomic::AtomicU64,
     /// SVIDs made since start (minted here or fetched), and how many of them had been made
-    /// when [`rotate`] last handed memory back.
+    /// when [`rotate`] last finished a round (it hands memory back [`RELEASE_AFTER`] then).
     made: std::sync::atomic::AtomicU64,
     released: std::sync::atomic::AtomicU64,
     /// The last failure, for `weft status`.

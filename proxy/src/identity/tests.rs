@@ -150,7 +150,8 @@ async fn rotation_task_remints_idle_identities() {
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
     let first = first.expect("rotation task minted the SVID");
-    // What making it ran is handed back ([`crate::memory::release`]) once the round is over.
+    // What making it ran is counted once the round is over, and handed back
+    // ([`crate::memory::release`]) a second after.
     for _ in 0..100 {
         if m.state.released.load(std::sync::atomic::Ordering::Relaxed) == 1 {
             break;
