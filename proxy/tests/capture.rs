@@ -733,6 +733,138 @@ fn stale_pins_are_replaced() {
     capture.detach_and_unpin().unwrap();
 }
 
+/// Replaces the attachment pinned in `pin_dir` by one of a build whose redirect-event ring is
+/// `ring_bytes` large: the same programs, loaded with the other pinned maps (and what they
+/// hold) and a ring of that size, attached beside the old links before those are let go of.
+fn attach_as_build_with_ring(pin_dir: &Path, cgroup_root: &Path, ring_bytes: u32) {
+    use aya::programs::{links::FdLink, links::PinnedLink, CgroupSkb, CgroupSockAddr, SockOps};
+    use aya::programs::{CgroupAttachMode, Program};
+    use weft_common::names;
+    static OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/weft"));
+    let ring = pin_dir.join(names::EVENTS);
+    let ring_tmp = pin_dir.join("EVENTS_other_build");
+    let mut loader = aya::EbpfLoader::new();
+    loader.map_max_entries(names::EVENTS, ring_bytes);
+    loader.map_pin_path(names::EVENTS, &ring_tmp);
+    // Every other map pinned (links apart) is the other build's too.
+    let maps: Vec<String> = fs::read_dir(pin_dir)
+        .expect("pin directory")
+        .map(|e| e.unwrap().file_name().into_string().unwrap())
+        .filter(|n| !n.starts_with(names::LINK_PIN_PREFIX) && n != names::EVENTS)
+        .collect();
+    for name in &maps {
+        loader.map_pin_path(name, pin_dir.join(name));
+    }
+    let mut ebpf = loader.load(OBJECT).expect("loading the object");
+    let cgroup = File::open(cgroup_root).expect("cgroup");
+    let mut links = Vec::new();
+    for (name, program) in ebpf.programs_mut() {
+        use std::os::fd::AsFd;
+        let link = match program {
+            Program::CgroupSockAddr(p) => {
+                let p: &mut CgroupSockAddr = p;
+                p.load().unwrap();
+                let id = p.attach(cgroup.as_fd(), CgroupAttachMode::Single).unwrap();
+                FdLink::try_from(p.take_link(id).unwrap()).unwrap()
+            }
+            Program::SockOps(p) => {
+                let p: &mut SockOps = p;
+                p.load().unwrap();
+                let id = p.attach(cgroup.as_fd(), CgroupAttachMode::Single).unwrap();
+                FdLink::try_from(p.take_link(id).unwrap()).unwrap()
+            }
+            Program::CgroupSkb(p) => {
+                let p: &mut CgroupSkb = p;
+                p.load().unwrap();
+                let kind = (*p.expected_attach_type()).unwrap();
+                let id = p
+                    .attach(cgroup.as_fd(), kind, CgroupAttachMode::Single)
+                    .unwrap();
+                FdLink::try_from(p.take_link(id).unwrap()).unwrap()
+            }
+            other => panic!("unexpected program {name}: {:?}", other.prog_type()),
+        };
+        links.push((name.to_owned(), link));
+    }
+    // The old links go (the last reference to a link detaches it), the new ones take their pins.
+    for (name, link) in links {
+        let pin = pin_dir.join(format!("{}{name}", names::LINK_PIN_PREFIX));
+        drop(
+            PinnedLink::from_pin(&pin)
+                .expect("old link")
+                .unpin()
+                .unwrap(),
+        );
+        link.pin(&pin).expect("pinning the link");
+    }
+    fs::rename(&ring_tmp, &ring).expect("the other build's ring in place");
+}
+
+/// A build whose redirect ring is another size than the pinned one's makes the ring anew and
+/// keeps the other maps: the pods stay enrolled and STRICT enforced, without a window, and the
+/// programs it attaches write to the new ring while the old ones are gone.
+#[test]
+fn a_map_of_another_size_is_made_anew_and_the_rest_kept() {
+    let world = World::new("resize");
+    let root = world.top.clone();
+    let pod = world.cgroup("pod");
+    let capture = Capture::attach(&world.config(&root)).expect("attach");
+    capture.set_enrolled(&enrolled(&[cgroup_id(&pod)])).unwrap();
+    capture
+        .set_strict(&strict(&[(&pod, 7070, StrictMode::Strict)]))
+        .unwrap();
+    drop(capture);
+    let other = 2 * weft_common::EVENTS_BYTES;
+    attach_as_build_with_ring(&world.pin_dir, &root, other);
+    let ring_pin = world.pin_dir.join("EVENTS");
+    let ring_size = || {
+        aya::maps::MapInfo::from_pin(&ring_pin)
+            .expect("pinned ring")
+            .max_entries()
+    };
+    assert_eq!(ring_size(), other);
+    // The other build's programs redirect, and record in their ring.
+    let old_ring = aya::maps::MapData::from_pin(&ring_pin).expect("pinned ring");
+    let mut old_ring =
+        aya::maps::RingBuf::try_from(aya::maps::Map::RingBuf(old_ring)).expect("ring");
+    let _accepted = world.expect_proxy(&pod, SERVICE);
+    assert!(
+        old_ring.next().is_some(),
+        "the other build's ring holds its redirect"
+    );
+
+    let capture = Capture::attach(&world.config(&root)).expect("attach over the other build");
+    let status = capture.status();
+    assert!(!status.reused_pins, "{status:?}");
+    assert!(status.programs.iter().all(|p| p.attached), "{status:?}");
+    assert_eq!(ring_size(), weft_common::EVENTS_BYTES);
+    let entries = |name: &str| {
+        capture
+            .status()
+            .maps
+            .into_iter()
+            .find(|m| m.name == name)
+            .unwrap_or_else(|| panic!("{name} in status"))
+            .entries
+    };
+    assert_eq!(entries("ENROLLED"), 1, "the enrolled pods are kept");
+    assert_eq!(entries("STRICT"), 1, "STRICT is kept");
+
+    // Redirected without enrolling again, recorded in the new ring only.
+    let ring = aya::maps::MapData::from_pin(&ring_pin).expect("pinned ring");
+    let mut ring = aya::maps::RingBuf::try_from(aya::maps::Map::RingBuf(ring)).expect("ring");
+    let r = world.redirected(&capture, &pod, SERVICE);
+    assert_eq!(r.cgroup_id, cgroup_id(&pod));
+    assert!(ring.next().is_some(), "the redirect is in the new ring");
+    assert!(ring.next().is_none(), "one program redirected it, not two");
+    assert!(
+        old_ring.next().is_none(),
+        "the other build's programs are detached"
+    );
+    drop((ring, old_ring));
+    capture.detach_and_unpin().expect("detach");
+}
+
 fn strict(entries: &[(&Path, u16, StrictMode)]) -> HashMap<(u64, u16), StrictMode> {
     entries
         .iter()

@@ -191,17 +191,29 @@ impl Capture {
             .with_context(|| format!("cgroup id of {}", cfg.cgroup_root.display()))?;
 
         let pin_dir = cfg.bpffs.clone();
-        let mut existing = match inspect_pins(&pin_dir, cgroup_id) {
-            Ok(existing) => existing,
+        let Pins {
+            links: mut existing,
+            remade,
+        } = match inspect_pins(&pin_dir, cgroup_id) {
+            Ok(pins) => pins,
             Err(err) => {
                 warn!(
                     pin_dir = %pin_dir.display(),
                     "pinned capture state is unusable, removing it and loading fresh: {err:#}"
                 );
                 remove_pins(&pin_dir, false)?;
-                no_links()
+                Pins {
+                    links: no_links(),
+                    remade: Vec::new(),
+                }
             }
         };
+        // A map of another build's layout is made anew (empty); the others, and what they
+        // hold (the enrolled pods, STRICT, the original destinations), are kept. The attached
+        // programs use the old map until they are replaced below.
+        for name in &remade {
+            remove_file_if_exists(&pin_dir.join(name))?;
+        }
 
         let mut loader = EbpfLoader::new();
         let specs = map_specs();
@@ -260,7 +272,9 @@ impl Capture {
                 .tag();
             if let Some(old) = old.take() {
                 let old_tag = old.info()?.prog_tag;
-                if old_tag == tag {
+                // A program's tag does not cover which maps it uses: one that uses a map made
+                // anew is replaced even when its code is the same.
+                if old_tag == tag && remade.is_empty() {
                     debug!(program = spec.name, pin = %pin.display(), "re-using pinned link");
                     capture.links.push(old);
                     reused += 1;
@@ -560,14 +574,25 @@ impl LinkHandle {
     }
 }
 
+/// What [`inspect_pins`] found in a pin directory.
+struct Pins {
+    /// Per program (in `PROGRAMS` order), its pinned link when all of them form a working
+    /// attachment; all `None` when there are no pinned links.
+    links: Vec<Option<LinkHandle>>,
+    /// Maps pinned with another layout than this build's (another build's): made anew, and
+    /// every program replaced to use the new ones.
+    remade: Vec<&'static str>,
+}
+
 /// Opens the pinned links in `dir` and checks that they form a working attachment to the cgroup
-/// `cgroup_id` whose maps are the pinned maps with the expected layout. Returns the links (per
-/// program, in `PROGRAMS` order) when all of them are fine, all `None` when there are no pinned
-/// links, and an error when the pins are unusable (the caller removes them). Pins of a build
-/// with fewer programs or maps are unusable: everything is loaded fresh.
-fn inspect_pins(dir: &Path, cgroup_id: u64) -> anyhow::Result<Vec<Option<LinkHandle>>> {
-    // Pinned maps must have this build's layout, whether or not links are pinned.
+/// `cgroup_id` whose maps are the pinned maps. Maps of another layout (type, key, value or
+/// size: another build's) are listed to be made anew. Returns an error when the pins are
+/// unusable (the caller removes them all): links missing, detached or attached elsewhere,
+/// programs using maps that are not the pinned ones (a build with fewer maps).
+fn inspect_pins(dir: &Path, cgroup_id: u64) -> anyhow::Result<Pins> {
+    // Which pinned maps have this build's layout, whether or not links are pinned.
     let mut pinned_map_ids = HashSet::new();
+    let mut remade = Vec::new();
     for spec in map_specs() {
         let path = dir.join(spec.name);
         if !path.exists() {
@@ -583,9 +608,9 @@ fn inspect_pins(dir: &Path, cgroup_id: u64) -> anyhow::Result<Vec<Option<LinkHan
             || info.value_size() != spec.value_size
             || info.max_entries() != spec.max_entries
         {
-            bail!(
-                "pinned map {} has layout {:?} key {} value {} max {}, expected {:?} key {} value {} max {}",
-                path.display(),
+            warn!(
+                map = spec.name,
+                "pinned map has layout {:?} key {} value {} max {}, this build's is {:?} key {} value {} max {}: made anew, what it held is lost",
                 map_type,
                 info.key_size(),
                 info.value_size(),
@@ -595,6 +620,7 @@ fn inspect_pins(dir: &Path, cgroup_id: u64) -> anyhow::Result<Vec<Option<LinkHan
                 spec.value_size,
                 spec.max_entries
             );
+            remade.push(spec.name);
         }
         pinned_map_ids.insert(info.id());
     }
@@ -604,7 +630,10 @@ fn inspect_pins(dir: &Path, cgroup_id: u64) -> anyhow::Result<Vec<Option<LinkHan
         .map(|spec| link_pin_path(dir, spec.name))
         .collect();
     if pins.iter().all(|p| !p.exists()) {
-        return Ok(no_links());
+        return Ok(Pins {
+            links: no_links(),
+            remade,
+        });
     }
     if pinned_map_ids.len() != map_specs().len() {
         bail!(
@@ -651,7 +680,7 @@ fn inspect_pins(dir: &Path, cgroup_id: u64) -> anyhow::Result<Vec<Option<LinkHan
             dir.display()
         );
     }
-    Ok(links)
+    Ok(Pins { links, remade })
 }
 
 /// One `None` per program: nothing pinned to re-use.

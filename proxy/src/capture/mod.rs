@@ -10,10 +10,13 @@
 //! ```
 //!
 //! A later `attach` with the same directory re-opens the pins instead of re-attaching. Pins
-//! that do not describe a working attachment (links detached or attached elsewhere, maps with
-//! another layout, maps that are not the ones the programs use) are removed and everything is
-//! loaded fresh. When the embedded programs differ from the attached ones (a new build), the new
-//! programs are attached first and the old links detached after, so no connect goes unseen.
+//! that do not describe a working attachment (links detached or attached elsewhere, maps that
+//! are not the ones the programs use) are removed and everything is loaded fresh. When the
+//! embedded programs differ from the attached ones (a new build), the new programs are attached
+//! first and the old links detached after, so no connect goes unseen. A map whose layout this
+//! build changed (its type, key, value or size) is made anew, empty, and every program replaced
+//! to use it; the other maps keep what they hold, so the pods stay enrolled and STRICT enforced
+//! across the upgrade.
 //!
 //! What the programs do, and the byte orders of the map records, is described in
 //! `weft_common` and `ebpf/src/main.rs`.
