@@ -30,7 +30,9 @@
 //! the eBPF loader), and the kernel maps 64 KiB around each page touched: 18 MB of a node's
 //! 31 MB resident set under HTTP load was the binary, of which 2 MB was read in five seconds
 //! of it, and 2 MB more libc, libm and the loader. The pages stay in the page cache; what runs
-//! next faults its own back in.
+//! next faults its own back in. The data path does the same once all its workers are quiet
+//! ([`Workers`]): the code of the traffic before (TCP relays, HBONE) does not stay resident
+//! beside that of the traffic after (HTTP).
 //!
 //! Transparent huge pages are off: mimalloc asked for them on its arenas (`MADV_HUGEPAGE`), so
 //! every partly used 2 MiB region counted whole, 30 of a node's 31 MB of anonymous memory at
@@ -43,7 +45,7 @@
 
 use std::alloc::{GlobalAlloc, Layout};
 use std::cell::Cell;
-use std::sync::atomic::{AtomicI64, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicI64, AtomicU64, AtomicUsize, Ordering};
 
 /// The `weft` binary's global allocator: mimalloc, asked the way C asks it.
 ///
@@ -152,7 +154,14 @@ pub fn serving() {
 pub fn release() {
     let n = RELEASES.fetch_add(1, Ordering::Relaxed) + 1;
     SEEN.with(|s| s.set(n));
+    // Files first: reading the mappings allocates (`smaps` is hundreds of kB), and what that
+    // freed goes back with the rest.
+    let_go_of_file_pages();
     collect();
+}
+
+/// [`release_file_pages`], its outcome logged.
+fn let_go_of_file_pages() {
     match release_file_pages() {
         Ok(bytes) => tracing::debug!(bytes, "mapped files' pages let go of"),
         Err(e) => tracing::debug!(error = %e, "mapped files' pages kept"),
@@ -310,28 +319,83 @@ pub fn release_here() {
 pub const QUIET_WAKES: u64 = 3;
 
 /// Tells, beat by beat, when a thread that worked has gone quiet: the first beat with at most
-/// [`QUIET_WAKES`] wake-ups since the one before (its runtime's `worker_park_count`), once per
-/// quiet spell. A thread never seen working is quiet once, at its first quiet beat (what
-/// starting up freed).
+/// [`QUIET_WAKES`] wake-ups since the one before (its runtime's `worker_park_count`) begins a
+/// quiet spell, the first beat with more ends it. A thread never seen working begins one at its
+/// first quiet beat (what starting up freed).
 #[derive(Debug, Default)]
 pub struct Quiet {
     /// The wake-up count at the last beat (none before the first).
     last: Option<u64>,
-    /// This quiet spell was acted on.
-    acted: bool,
+    /// In a quiet spell.
+    quiet: bool,
+}
+
+/// What a beat of [`Quiet`] saw change.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Spell {
+    /// The thread went quiet: hand back what it freed.
+    Began,
+    /// It works again.
+    Ended,
 }
 
 impl Quiet {
-    /// A beat with the thread's wake-up count so far: whether to hand memory back now.
-    pub fn beat(&mut self, wakes: u64) -> bool {
-        let Some(last) = self.last.replace(wakes) else {
-            return false;
-        };
-        if wakes.saturating_sub(last) > QUIET_WAKES {
-            self.acted = false;
-            return false;
+    /// A beat with the thread's wake-up count so far: whether a quiet spell began or ended.
+    pub fn beat(&mut self, wakes: u64) -> Option<Spell> {
+        let last = self.last.replace(wakes)?;
+        let quiet = wakes.saturating_sub(last) <= QUIET_WAKES;
+        match (std::mem::replace(&mut self.quiet, quiet), quiet) {
+            (false, true) => Some(Spell::Began),
+            (true, false) => Some(Spell::Ended),
+            _ => None,
         }
-        !std::mem::replace(&mut self.acted, true)
+    }
+}
+
+/// The data-path workers' quiet spells, counted together. Once the last of them goes quiet the
+/// node serves nothing, and the pages of its mapped files go too ([`release_file_pages`]): the
+/// code and read-only data the traffic before ran (a TCP relay's, the HBONE path's) do not stay
+/// resident through what comes next, which maps its own again (a minor fault per 64 KiB). A
+/// node under load never drops them: a worker with work is not quiet.
+#[derive(Debug)]
+pub struct Workers {
+    count: usize,
+    quiet: AtomicUsize,
+}
+
+impl Workers {
+    /// `count` workers, none quiet yet.
+    pub fn new(count: usize) -> Workers {
+        Workers {
+            count,
+            quiet: AtomicUsize::new(0),
+        }
+    }
+
+    /// A worker's beat saw `spell`: hands back what this thread freed when it went quiet, and
+    /// the mapped files' pages when it was the last to. Returns whether it let go of those.
+    pub fn beat(&self, spell: Option<Spell>) -> bool {
+        match spell {
+            Some(Spell::Began) => {
+                let last = self.went_quiet();
+                if last {
+                    // Before the heap's pages: reading the mappings allocates.
+                    let_go_of_file_pages();
+                }
+                release_here();
+                return last;
+            }
+            Some(Spell::Ended) => {
+                self.quiet.fetch_sub(1, Ordering::AcqRel);
+            }
+            None => {}
+        }
+        false
+    }
+
+    /// Counts a worker gone quiet: whether it was the last.
+    fn went_quiet(&self) -> bool {
+        self.quiet.fetch_add(1, Ordering::AcqRel) + 1 == self.count
     }
 }
 
@@ -393,26 +457,46 @@ mod tests {
     fn a_worker_hands_memory_back_once_per_quiet_spell() {
         let mut q = Quiet::default();
         // The first beat only sets the count.
-        assert!(!q.beat(100));
+        assert_eq!(q.beat(100), None);
         // Busy: many wake-ups a beat.
-        assert!(!q.beat(900));
-        assert!(!q.beat(5_000));
+        assert_eq!(q.beat(900), None);
+        assert_eq!(q.beat(5_000), None);
         // Quiet: once, then not again while it stays quiet.
-        assert!(q.beat(5_000 + QUIET_WAKES));
-        assert!(!q.beat(5_000 + QUIET_WAKES + 1));
-        assert!(!q.beat(5_000 + QUIET_WAKES + 1));
+        assert_eq!(q.beat(5_000 + QUIET_WAKES), Some(Spell::Began));
+        assert_eq!(q.beat(5_000 + QUIET_WAKES + 1), None);
+        assert_eq!(q.beat(5_000 + QUIET_WAKES + 1), None);
         // Busy again, then quiet again: once more.
-        assert!(!q.beat(9_000));
-        assert!(q.beat(9_001));
-        assert!(!q.beat(9_002));
+        assert_eq!(q.beat(9_000), Some(Spell::Ended));
+        assert_eq!(q.beat(12_000), None);
+        assert_eq!(q.beat(12_001), Some(Spell::Began));
+        assert_eq!(q.beat(12_002), None);
     }
 
     #[test]
     fn a_worker_that_never_worked_hands_back_what_starting_freed() {
         let mut q = Quiet::default();
-        assert!(!q.beat(0));
-        assert!(q.beat(1));
-        assert!(!q.beat(2));
+        assert_eq!(q.beat(0), None);
+        assert_eq!(q.beat(1), Some(Spell::Began));
+        assert_eq!(q.beat(2), None);
+    }
+
+    /// The mapped files' pages go when the last worker goes quiet, not while another works,
+    /// and again each time all of them are quiet after some worked.
+    #[test]
+    fn the_last_worker_to_go_quiet_lets_go_of_the_files() {
+        let workers = Workers::new(2);
+        assert!(!workers.beat(Some(Spell::Began)), "one of two is quiet");
+        assert!(!workers.beat(None));
+        assert!(workers.beat(Some(Spell::Began)), "the last one went quiet");
+        assert!(!workers.beat(None), "once per spell of them all");
+        assert!(!workers.beat(Some(Spell::Ended)));
+        assert!(workers.beat(Some(Spell::Began)), "all quiet again");
+        assert!(!workers.beat(Some(Spell::Ended)));
+        assert!(!workers.beat(Some(Spell::Ended)));
+        assert!(!workers.beat(Some(Spell::Began)));
+        assert!(workers.beat(Some(Spell::Began)));
+        let one = Workers::new(1);
+        assert!(one.beat(Some(Spell::Began)));
     }
 
     const SMAPS: &str = "\

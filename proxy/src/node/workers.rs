@@ -33,16 +33,16 @@ const HEARTBEAT: Duration = Duration::from_secs(1);
 /// `epoll_wait(2)` return per connection; with it, none of them is ever the earliest.
 ///
 /// Each beat also looks at how often the worker woke since the last one: the first beat of a
-/// quiet spell hands what the worker freed back to the system ([`crate::memory::Quiet`]).
-async fn heartbeat() {
+/// quiet spell hands what the worker freed back to the system ([`crate::memory::Quiet`]), and
+/// the last worker to go quiet the pages of the code the traffic ran
+/// ([`crate::memory::Workers`]).
+async fn heartbeat(workers: Arc<crate::memory::Workers>) {
     let metrics = tokio::runtime::Handle::current().metrics();
     let mut quiet = crate::memory::Quiet::default();
     loop {
         tokio::time::sleep(HEARTBEAT).await;
         // A current-thread runtime is its one worker, 0.
-        if quiet.beat(metrics.worker_park_count(0)) {
-            crate::memory::release_here();
-        }
+        workers.beat(quiet.beat(metrics.worker_park_count(0)));
     }
 }
 
@@ -133,6 +133,7 @@ pub fn start(
         "no listening socket"
     );
     let n = n.max(1);
+    let quiet = Arc::new(crate::memory::Workers::new(n));
     for i in 0..n {
         let copies = |group: &[std::net::TcpListener]| {
             share(i, n, group.len())
@@ -147,13 +148,13 @@ pub fn start(
             .thread_name(format!("weft-worker-{i}"))
             .build()
             .context("starting a worker runtime")?;
-        let (outbound, hbone) = (outbound.clone(), hbone.clone());
+        let (outbound, hbone, quiet) = (outbound.clone(), hbone.clone(), quiet.clone());
         std::thread::Builder::new()
             .name(format!("weft-worker-{i}"))
             .spawn(move || {
                 crate::worker::enter(i);
                 rt.block_on(async move {
-                    tokio::spawn(heartbeat());
+                    tokio::spawn(heartbeat(quiet));
                     for l in capture {
                         match TcpListener::from_std(l) {
                             Ok(l) => drop(tokio::spawn(outbound.clone().serve(l))),
