@@ -54,6 +54,14 @@ pub fn run(args: Args) -> anyhow::Result<()> {
     let wrapper = dir.join("weft-callgrind");
     write_wrapper(&wrapper, &weft, &dir)?;
     let object = weft.to_string_lossy();
+    // Read first: a binary whose lock functions are not found fails before the stages' minutes.
+    let unseen = contended(&symbols(&weft)?);
+    if unseen.is_empty() {
+        bail!(
+            "no function of {object} starts with any of {CONTENDED:?}: the locks' slow paths \
+             would go unlaid out (rename the prefixes to what the binary names them now)"
+        );
+    }
 
     let mut stages = Vec::new();
     for (i, (what, only)) in STAGES.iter().enumerate() {
@@ -76,6 +84,16 @@ pub fn run(args: Args) -> anyhow::Result<()> {
                 std::fs::rename(&path, kept.join(path.file_name().unwrap_or_default()))?;
             }
         }
+        let late = std::fs::read_dir(&dir)?
+            .filter_map(Result::ok)
+            .any(|e| e.file_name().to_string_lossy().starts_with(NO_CERTIFICATE));
+        if late {
+            bail!(
+                "a node under callgrind made no certificate within 30 s in {what}: its counts \
+                 would hold start-up's certificate code (outputs in {})",
+                kept.display()
+            );
+        }
         let hot = hot_functions(counts.iter().map(String::as_str), &object);
         if hot.is_empty() {
             bail!(
@@ -86,7 +104,6 @@ pub fn run(args: Args) -> anyhow::Result<()> {
         stages.push((*what, hot));
     }
     let mut order = first_needed(&stages);
-    let unseen = contended(&symbols(&weft)?);
     add_unseen(&mut order, unseen);
     let out = workspace_root().join(ORDER_FILE);
     std::fs::write(&out, render(&order)).with_context(|| format!("writing {}", out.display()))?;
@@ -97,6 +114,10 @@ pub fn run(args: Args) -> anyhow::Result<()> {
     );
     Ok(())
 }
+
+/// What the callgrind wrapper leaves in the output directory (with the node's process id) when
+/// a node made no certificate in time: counting started anyway, and the stage is refused.
+const NO_CERTIFICATE: &str = "no-certificate.";
 
 /// The benchmark's cases, in the order their code is laid out: what a node serving HTTP on
 /// its own runs, then what plain TCP adds to it, then what carrying traffic to and from other
@@ -267,7 +288,8 @@ impl Layout {
 }
 
 /// `weft` for every command but `node`, which runs under callgrind with counting off until
-/// its admin socket answers ready and its first certificates are made (up to 30 s), and the
+/// its admin socket answers ready and its first certificates are made (up to 30 s; past that it
+/// counts anyway and leaves a [`NO_CERTIFICATE`] file for the stage to refuse), and the
 /// node has handed back what making them ran. SIGTERM (how the bench stops a node) is passed on, and the
 /// node's exit status returned.
 fn write_wrapper(path: &Path, weft: &Path, dir: &Path) -> anyhow::Result<()> {
@@ -289,11 +311,13 @@ trap 'kill -TERM $pid 2>/dev/null' TERM INT
   done
   # The node's first certificates (and what it hands back after them) are start-up's too:
   # counted, they would land in whichever part's count they happened to fall into.
+  certified=
   for _ in $(seq 150); do
-    curl -sf --unix-socket "$sock" http://weft/certs | grep -q serial && break
+    curl -sf --unix-socket "$sock" http://weft/certs | grep -q serial && certified=1 && break
     kill -0 $pid 2>/dev/null || exit 0
     sleep 0.2
   done
+  [ -n "$certified" ] || : > '{dir}/{no_certificate}'$pid
   sleep 5
   callgrind_control -i on $pid >/dev/null
 ) &
@@ -306,6 +330,7 @@ exit $rc
 "#,
         weft = weft.display(),
         dir = dir.display(),
+        no_certificate = NO_CERTIFICATE,
     );
     std::fs::write(path, script).with_context(|| format!("writing {}", path.display()))?;
     use std::os::unix::fs::PermissionsExt;
@@ -507,6 +532,24 @@ mod tests {
         assert!(file.contains("# tcp: 1 functions\ncopy\n# hbone: 2 functions\ntls\nframe\n"));
         let names: Vec<&str> = file.lines().filter(|l| !l.starts_with('#')).collect();
         assert_eq!(names, ["serve", "accept", "parse", "copy", "tls", "frame"]);
+    }
+
+    /// The wrapper is a script bash reads, with the paths and the marker written in.
+    #[test]
+    fn the_wrapper_is_a_valid_script() {
+        let dir = std::env::temp_dir().join(format!("weft-order-test-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let path = dir.join("weft-callgrind");
+        write_wrapper(&path, Path::new("/t/weft"), &dir).unwrap();
+        let script = std::fs::read_to_string(&path).unwrap();
+        let checked = std::process::Command::new("bash")
+            .arg("-n")
+            .arg(&path)
+            .status()
+            .unwrap();
+        std::fs::remove_dir_all(&dir).unwrap();
+        assert!(checked.success(), "bash -n refused:\n{script}");
+        assert!(script.contains(&format!("'{}/{NO_CERTIFICATE}'$pid", dir.display())));
     }
 
     #[test]
