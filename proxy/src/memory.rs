@@ -318,14 +318,22 @@ pub fn release_here() {
 /// timer, and a stray timer or two (an idle connection's watch coming due).
 pub const QUIET_WAKES: u64 = 3;
 
+/// The most time a thread may spend running tasks in one beat and still count as quiet. A
+/// runtime whose tasks are always ready never parks, so its wake-up count stands still while
+/// it works flat out: its busy time (a second a beat) tells it apart. A quiet beat's own work
+/// counts too: handing memory back (a millisecond or two) stays well below it, so a release
+/// never ends the spell it began.
+pub const QUIET_BUSY: std::time::Duration = std::time::Duration::from_millis(50);
+
 /// Tells, beat by beat, when a thread that worked has gone quiet: the first beat with at most
-/// [`QUIET_WAKES`] wake-ups since the one before (its runtime's `worker_park_count`) begins a
-/// quiet spell, the first beat with more ends it. A thread never seen working begins one at its
-/// first quiet beat (what starting up freed).
+/// [`QUIET_WAKES`] wake-ups and [`QUIET_BUSY`] of work since the one before (its runtime's
+/// `worker_park_count` and `worker_total_busy_duration`) begins a quiet spell, the first beat
+/// with more ends it. A thread never seen working begins one at its first quiet beat (what
+/// starting up freed).
 #[derive(Debug, Default)]
 pub struct Quiet {
-    /// The wake-up count at the last beat (none before the first).
-    last: Option<u64>,
+    /// The wake-up count and the busy time at the last beat (none before the first).
+    last: Option<(u64, std::time::Duration)>,
     /// In a quiet spell.
     quiet: bool,
 }
@@ -340,10 +348,12 @@ pub enum Spell {
 }
 
 impl Quiet {
-    /// A beat with the thread's wake-up count so far: whether a quiet spell began or ended.
-    pub fn beat(&mut self, wakes: u64) -> Option<Spell> {
-        let last = self.last.replace(wakes)?;
-        let quiet = wakes.saturating_sub(last) <= QUIET_WAKES;
+    /// A beat with the thread's wake-up count and busy time so far: whether a quiet spell
+    /// began or ended.
+    pub fn beat(&mut self, wakes: u64, busy: std::time::Duration) -> Option<Spell> {
+        let (last_wakes, last_busy) = self.last.replace((wakes, busy))?;
+        let quiet = wakes.saturating_sub(last_wakes) <= QUIET_WAKES
+            && busy.saturating_sub(last_busy) <= QUIET_BUSY;
         match (std::mem::replace(&mut self.quiet, quiet), quiet) {
             (false, true) => Some(Spell::Began),
             (true, false) => Some(Spell::Ended),
@@ -453,31 +463,87 @@ mod tests {
         }
     }
 
+    /// A beat `ms` milliseconds busy in all.
+    fn busy(ms: u64) -> std::time::Duration {
+        std::time::Duration::from_millis(ms)
+    }
+
     #[test]
     fn a_worker_hands_memory_back_once_per_quiet_spell() {
         let mut q = Quiet::default();
-        // The first beat only sets the count.
-        assert_eq!(q.beat(100), None);
+        // The first beat only sets the counts.
+        assert_eq!(q.beat(100, busy(50)), None);
         // Busy: many wake-ups a beat.
-        assert_eq!(q.beat(900), None);
-        assert_eq!(q.beat(5_000), None);
+        assert_eq!(q.beat(900, busy(300)), None);
+        assert_eq!(q.beat(5_000, busy(600)), None);
         // Quiet: once, then not again while it stays quiet.
-        assert_eq!(q.beat(5_000 + QUIET_WAKES), Some(Spell::Began));
-        assert_eq!(q.beat(5_000 + QUIET_WAKES + 1), None);
-        assert_eq!(q.beat(5_000 + QUIET_WAKES + 1), None);
+        assert_eq!(q.beat(5_000 + QUIET_WAKES, busy(601)), Some(Spell::Began));
+        assert_eq!(q.beat(5_000 + QUIET_WAKES + 1, busy(601)), None);
+        assert_eq!(q.beat(5_000 + QUIET_WAKES + 1, busy(602)), None);
         // Busy again, then quiet again: once more.
-        assert_eq!(q.beat(9_000), Some(Spell::Ended));
-        assert_eq!(q.beat(12_000), None);
-        assert_eq!(q.beat(12_001), Some(Spell::Began));
-        assert_eq!(q.beat(12_002), None);
+        assert_eq!(q.beat(9_000, busy(900)), Some(Spell::Ended));
+        assert_eq!(q.beat(12_000, busy(1_200)), None);
+        assert_eq!(q.beat(12_001, busy(1_200)), Some(Spell::Began));
+        assert_eq!(q.beat(12_002, busy(1_201)), None);
+    }
+
+    /// A worker whose tasks are always ready never parks: its wake-up count stands still while
+    /// it works flat out, and its busy time tells.
+    #[test]
+    fn a_worker_that_never_parks_is_not_quiet() {
+        let mut q = Quiet::default();
+        assert_eq!(q.beat(10, busy(0)), None);
+        assert_eq!(q.beat(10, busy(990)), None);
+        assert_eq!(q.beat(10, busy(1_980)), None);
+        assert_eq!(q.beat(10, busy(1_980 + 50)), Some(Spell::Began));
+        assert_eq!(q.beat(10, busy(2_900)), Some(Spell::Ended));
+    }
+
+    /// What the previous test assumes of tokio: a current-thread runtime kept busy by tasks
+    /// that are always ready counts no park, and counts the time it works (a beat's worth here).
+    #[test]
+    fn a_saturated_runtime_counts_busy_time_and_no_park() {
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .unwrap();
+        let metrics = rt.metrics();
+        let (parks, busy) = rt.block_on(async {
+            // Let the runtime settle (its first park), then work without a pause.
+            tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+            let before = (
+                metrics.worker_park_count(0),
+                metrics.worker_total_busy_duration(0),
+            );
+            let until = std::time::Instant::now() + std::time::Duration::from_secs(1);
+            let spin = tokio::spawn(async move {
+                while std::time::Instant::now() < until {
+                    tokio::task::yield_now().await;
+                }
+            });
+            while !spin.is_finished() {
+                tokio::task::yield_now().await;
+            }
+            (
+                metrics.worker_park_count(0) - before.0,
+                metrics.worker_total_busy_duration(0) - before.1,
+            )
+        });
+        assert!(parks <= QUIET_WAKES, "{parks} parks while always ready");
+        // Not all of it: each yield parks to poll the driver (not counted busy); a worker whose
+        // tasks are ready from I/O does so once every 61 tasks.
+        assert!(
+            busy > QUIET_BUSY * 2,
+            "{busy:?} counted busy in a second of work"
+        );
     }
 
     #[test]
     fn a_worker_that_never_worked_hands_back_what_starting_freed() {
         let mut q = Quiet::default();
-        assert_eq!(q.beat(0), None);
-        assert_eq!(q.beat(1), Some(Spell::Began));
-        assert_eq!(q.beat(2), None);
+        assert_eq!(q.beat(0, busy(0)), None);
+        assert_eq!(q.beat(1, busy(0)), Some(Spell::Began));
+        assert_eq!(q.beat(2, busy(1)), None);
     }
 
     /// The mapped files' pages go when the last worker goes quiet, not while another works,

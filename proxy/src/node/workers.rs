@@ -42,7 +42,10 @@ async fn heartbeat(workers: Arc<crate::memory::Workers>) {
     loop {
         tokio::time::sleep(HEARTBEAT).await;
         // A current-thread runtime is its one worker, 0.
-        workers.beat(quiet.beat(metrics.worker_park_count(0)));
+        workers.beat(quiet.beat(
+            metrics.worker_park_count(0),
+            metrics.worker_total_busy_duration(0),
+        ));
     }
 }
 
