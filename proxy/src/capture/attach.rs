@@ -1,8 +1,10 @@
 //! Loading, pinning and attaching the programs, and taking them away again.
 //!
-//! Pins are re-used when they describe a working attachment of this build's programs; anything
-//! else is removed and loaded fresh. bpf(2) is called directly for the two commands aya 0.14
-//! has no API for (`BPF_OBJ_GET` on a link pin, `BPF_LINK_DETACH`).
+//! Pins are re-used when they describe a working attachment of this build's programs; a map of
+//! another build's layout is made anew and the programs replaced, the other maps kept; pins
+//! that describe no working attachment are removed and everything loaded fresh. bpf(2) is
+//! called directly for the two commands aya 0.14 has no API for (`BPF_OBJ_GET` on a link pin,
+//! `BPF_LINK_DETACH`).
 
 use std::collections::HashSet;
 use std::ffi::CString;
