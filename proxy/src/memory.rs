@@ -393,14 +393,14 @@ impl Workers {
                     let_go_of_file_pages();
                 }
                 release_here();
-                return last;
+                last
             }
             Some(Spell::Ended) => {
                 self.quiet.fetch_sub(1, Ordering::AcqRel);
+                false
             }
-            None => {}
+            None => false,
         }
-        false
     }
 
     /// Counts a worker gone quiet: whether it was the last.
