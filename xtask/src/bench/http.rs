@@ -55,15 +55,18 @@ end
 "#;
 
 /// A measured HTTP case.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, clap::ValueEnum)]
 pub(super) enum HttpCase {
     /// HTTP/1.1 keep-alive, `wrk` with `--http-connections` connections.
+    #[value(name = "http1")]
     Http1,
     /// HTTP/2 over cleartext with prior knowledge, `h2load` with `--h2-connections` connections
     /// of `--h2-streams` concurrent streams.
+    #[value(name = "http2")]
     Http2,
     /// HTTP/1.1 keep-alive paced to [`PACED_RPS`] requests/s (`h2load --h1 --rps`): CPU and
     /// memory at a set load rather than the most a path serves.
+    #[value(name = "http1-paced")]
     Paced,
 }
 
@@ -508,6 +511,9 @@ impl Bench {
         let (topo, reps) = (self.topo, self.args.reps);
         for rep in 0..reps as usize {
             for case in HttpCase::ALL {
+                if !self.args.runs_http(case) {
+                    continue;
+                }
                 let mut order = live.to_vec();
                 order.rotate_left(rep % live.len());
                 for p in order {

@@ -62,6 +62,7 @@ use weft_tests::Weft;
 
 use crate::{cargo, release_dir, require_root};
 use cases::{Case, LatCase, Results, TunnelCounts};
+use http::HttpCase;
 use machine::{BpfStats, Machine};
 use topology::{Bench, Topology};
 
@@ -86,6 +87,10 @@ pub struct Args {
     /// latency) and run the HTTP cases only [default: off].
     #[arg(long, conflicts_with = "no_http")]
     no_tcp: bool,
+    /// HTTP cases to run (comma separated) [default: all of them]. The report leaves out the
+    /// rows of the others.
+    #[arg(long, value_enum, value_delimiter = ',')]
+    http_cases: Vec<HttpCase>,
     /// Keep-alive connections of the HTTP/1.1 case (`wrk -c`; one request in flight on each).
     #[arg(long, default_value_t = 16, value_parser = clap::value_parser!(u64).range(1..=256))]
     http_connections: u64,
@@ -175,6 +180,13 @@ pub enum PathKind {
     WeftResilient,
     Haproxy,
     Nginx,
+}
+
+impl Args {
+    /// Whether `--http-cases` asks for `case` (all of them when it names none).
+    fn runs_http(&self, case: HttpCase) -> bool {
+        self.http_cases.is_empty() || self.http_cases.contains(&case)
+    }
 }
 
 impl PathKind {

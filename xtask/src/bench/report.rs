@@ -585,6 +585,9 @@ fn http_section(s: &mut String, res: &Results, a: &Args, topo: Topology, paths: 
     }
     let _ = writeln!(s, "{head}\n{rule}");
     for case in HttpCase::ALL {
+        if !res.http.keys().any(|&(t, c, _)| t == topo && c == case) {
+            continue;
+        }
         for m in HTTP_METRICS {
             let label = match (m.kind, cross) {
                 (Row::ProxyCpu, true) => "weft CPU (both nodes) per 1 000 requests, ms ↓",
