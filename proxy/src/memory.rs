@@ -325,17 +325,36 @@ pub const QUIET_WAKES: u64 = 3;
 /// never ends the spell it began.
 pub const QUIET_BUSY: std::time::Duration = std::time::Duration::from_millis(50);
 
+/// The busiest beat since memory was last handed back must have run at least this long for a
+/// fall of the load to hand it back again ([`Spell::Fell`]): below it, the pages a thread keeps
+/// for its next requests are few.
+pub const FALL_PEAK: std::time::Duration = std::time::Duration::from_millis(200);
+
+/// A beat at most this part of the busiest one since memory was last handed back is a fall of
+/// the load ([`Spell::Fell`]).
+pub const FALL_RATIO: u32 = 4;
+
 /// Tells, beat by beat, when a thread that worked has gone quiet: the first beat with at most
 /// [`QUIET_WAKES`] wake-ups and [`QUIET_BUSY`] of work since the one before (its runtime's
 /// `worker_park_count` and `worker_total_busy_duration`) begins a quiet spell, the first beat
 /// with more ends it. A thread never seen working begins one at its first quiet beat (what
 /// starting up freed).
+///
+/// It also tells when the load fell without stopping: a beat busy for at most a
+/// [`FALL_RATIO`]th of the busiest beat since memory last went back, that one busy for at least
+/// [`FALL_PEAK`]. A node that served a burst flat out and goes on serving a trickle would
+/// otherwise keep, as long as the trickle lasts, the free pages the burst's requests left in
+/// its heap (about 0.3 MiB of the 2 MiB a node serving 1 000 requests/s holds more after
+/// saturation than before it; the rest is live, the upstream connections kept for reuse among
+/// it: docs/benchmarks.md).
 #[derive(Debug, Default)]
 pub struct Quiet {
     /// The wake-up count and the busy time at the last beat (none before the first).
     last: Option<(u64, std::time::Duration)>,
     /// In a quiet spell.
     quiet: bool,
+    /// The busiest beat since memory last went back (a fall or a quiet spell).
+    peak: std::time::Duration,
 }
 
 /// What a beat of [`Quiet`] saw change.
@@ -345,6 +364,8 @@ pub enum Spell {
     Began,
     /// It works again.
     Ended,
+    /// It works, at a fraction of its load before: hand back what the load before freed.
+    Fell,
 }
 
 impl Quiet {
@@ -352,13 +373,21 @@ impl Quiet {
     /// began or ended.
     pub fn beat(&mut self, wakes: u64, busy: std::time::Duration) -> Option<Spell> {
         let (last_wakes, last_busy) = self.last.replace((wakes, busy))?;
-        let quiet = wakes.saturating_sub(last_wakes) <= QUIET_WAKES
-            && busy.saturating_sub(last_busy) <= QUIET_BUSY;
-        match (std::mem::replace(&mut self.quiet, quiet), quiet) {
+        let worked = busy.saturating_sub(last_busy);
+        let quiet = wakes.saturating_sub(last_wakes) <= QUIET_WAKES && worked <= QUIET_BUSY;
+        let fell = self.peak >= FALL_PEAK && worked * FALL_RATIO <= self.peak;
+        self.peak = self.peak.max(worked);
+        let spell = match (std::mem::replace(&mut self.quiet, quiet), quiet) {
             (false, true) => Some(Spell::Began),
             (true, false) => Some(Spell::Ended),
+            (false, false) if fell => Some(Spell::Fell),
             _ => None,
+        };
+        if matches!(spell, Some(Spell::Began | Spell::Fell)) {
+            // Handed back: the next fall is measured from here.
+            self.peak = worked;
         }
+        spell
     }
 }
 
@@ -397,6 +426,11 @@ impl Workers {
             }
             Some(Spell::Ended) => {
                 self.quiet.fetch_sub(1, Ordering::AcqRel);
+                false
+            }
+            Some(Spell::Fell) => {
+                // The node still serves: its code stays; the heap's free pages go.
+                release_here();
                 false
             }
             None => false,
@@ -485,6 +519,33 @@ mod tests {
         assert_eq!(q.beat(12_000, busy(1_200)), None);
         assert_eq!(q.beat(12_001, busy(1_200)), Some(Spell::Began));
         assert_eq!(q.beat(12_002, busy(1_201)), None);
+    }
+
+    /// A worker that served flat out and goes on serving a trickle hands back once, when the
+    /// load fell; again only after another peak and fall.
+    #[test]
+    fn a_worker_hands_memory_back_when_its_load_falls() {
+        let mut q = Quiet::default();
+        assert_eq!(q.beat(0, busy(0)), None);
+        // A light load: no peak to fall from.
+        assert_eq!(q.beat(500, busy(100)), None);
+        assert_eq!(q.beat(1_000, busy(110)), None);
+        // Flat out, then a trickle: a fall.
+        assert_eq!(q.beat(1_100, busy(1_000)), None);
+        assert_eq!(q.beat(1_200, busy(1_900)), None);
+        assert_eq!(q.beat(1_700, busy(2_000)), Some(Spell::Fell));
+        // The trickle goes on: nothing more to hand back.
+        assert_eq!(q.beat(2_200, busy(2_040)), None);
+        assert_eq!(q.beat(2_700, busy(2_080)), None);
+        // Half the load of the peak is not a fall.
+        assert_eq!(q.beat(2_800, busy(2_980)), None);
+        assert_eq!(q.beat(3_300, busy(3_430)), None);
+        // A quarter of it is.
+        assert_eq!(q.beat(3_800, busy(3_655)), Some(Spell::Fell));
+        // A fall to nothing is a quiet spell (which hands back more).
+        assert_eq!(q.beat(4_000, busy(4_555)), None);
+        assert_eq!(q.beat(4_001, busy(4_556)), Some(Spell::Began));
+        assert_eq!(q.beat(5_000, busy(4_800)), Some(Spell::Ended));
     }
 
     /// A worker whose tasks are always ready never parks: its wake-up count stands still while
