@@ -199,13 +199,22 @@ fn counted(n: u64, available: usize, then: State, rest: fn(u64) -> State) -> (us
     (take as usize, next)
 }
 
+/// The searchers for the end of a head (or trailer section) and of a chunk-size line, made
+/// once: `memmem::find` makes its searcher again on every call, which cost a request's head
+/// more than the search.
+static HEAD_END: std::sync::LazyLock<memchr::memmem::Finder<'static>> =
+    std::sync::LazyLock::new(|| memchr::memmem::Finder::new(b"\r\n\r\n"));
+static LINE_END: std::sync::LazyLock<memchr::memmem::Finder<'static>> =
+    std::sync::LazyLock::new(|| memchr::memmem::Finder::new(b"\r\n"));
+
 /// How much of `input` belongs to the current head/line of `state` (after `held`, what is
 /// already held of it), and whether it ends there.
 fn scan(state: State, held: &[u8], input: &[u8]) -> (usize, bool) {
-    let terminator: &[u8] = match state {
-        State::ChunkSize => b"\r\n",
-        _ => b"\r\n\r\n",
+    let finder = match state {
+        State::ChunkSize => &*LINE_END,
+        _ => &*HEAD_END,
     };
+    let terminator = finder.needle();
     // A trailer section that is just CRLF ends with it, even with its CR and LF in two reads.
     if state == State::Trailers {
         match (held, input) {
@@ -227,7 +236,7 @@ fn scan(state: State, held: &[u8], input: &[u8]) -> (usize, bool) {
             return (p + terminator.len() - tail, true);
         }
     }
-    match memchr::memmem::find(input, terminator) {
+    match finder.find(input) {
         Some(p) => (p + terminator.len(), true),
         None => (input.len(), false),
     }
