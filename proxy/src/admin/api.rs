@@ -113,6 +113,17 @@ impl std::str::FromStr for Verdict {
 /// count, since every request of a connection repeats its connection's.
 pub type Text = Arc<str>;
 
+/// Whether two optional [`Text`]s say the same: the same allocation first (what a connection's
+/// requests share), then the bytes. `Arc`'s own `==` compares the bytes always: it checks the
+/// pointers first only for sized contents.
+pub fn same_text(a: &Option<Text>, b: &Option<Text>) -> bool {
+    match (a, b) {
+        (Some(a), Some(b)) => Arc::ptr_eq(a, b) || a == b,
+        (None, None) => true,
+        _ => false,
+    }
+}
+
 /// The calling side of a flow.
 #[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct FlowSource {
@@ -128,7 +139,7 @@ pub struct FlowSource {
 }
 
 /// Where the flow went (after Service resolution).
-#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Clone, Debug, Default, Eq, Serialize, Deserialize)]
 pub struct FlowDestination {
     pub namespace: Option<Text>,
     pub pod: Option<Text>,
@@ -142,6 +153,27 @@ pub struct FlowDestination {
     /// The destination pod's workload (its Deployment, StatefulSet, … as Istio names it).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub workload: Option<Text>,
+}
+
+/// Compared per request (is a request's destination its connection's?): shared texts by
+/// pointer first ([`same_text`]). Every field is named, so a new one cannot be left out.
+impl PartialEq for FlowDestination {
+    fn eq(&self, other: &Self) -> bool {
+        let FlowDestination {
+            namespace,
+            pod,
+            service,
+            address,
+            identity,
+            workload,
+        } = self;
+        same_text(address, &other.address)
+            && same_text(pod, &other.pod)
+            && same_text(service, &other.service)
+            && same_text(namespace, &other.namespace)
+            && same_text(identity, &other.identity)
+            && same_text(workload, &other.workload)
+    }
 }
 
 /// One proxied (or attempted) connection.
@@ -883,6 +915,32 @@ pub struct RegistryDump {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// Texts compare by what they say: the same allocation, or another with the same bytes.
+    #[test]
+    fn texts_are_the_same_by_pointer_or_by_bytes() {
+        let a: Text = "reviews-v1".into();
+        let copy: Text = "reviews-v1".into();
+        let other: Text = "reviews-v2".into();
+        assert!(same_text(&Some(a.clone()), &Some(a.clone())));
+        assert!(same_text(&Some(a.clone()), &Some(copy.clone())));
+        assert!(!same_text(&Some(a.clone()), &Some(other.clone())));
+        assert!(!same_text(&Some(a.clone()), &None));
+        assert!(same_text(&None, &None));
+        let dest = |pod: &Text| FlowDestination {
+            namespace: Some("default".into()),
+            pod: Some(pod.clone()),
+            service: Some("default/reviews".into()),
+            address: Some("10.244.1.7:9080".into()),
+            identity: None,
+            workload: Some("reviews-v1".into()),
+        };
+        assert_eq!(dest(&a), dest(&copy), "equal texts in other allocations");
+        assert_ne!(dest(&a), dest(&other));
+        let mut d = dest(&a);
+        d.identity = Some("spiffe://cluster.local/ns/default/sa/reviews".into());
+        assert_ne!(d, dest(&a), "every field counts");
+    }
 
     /// The flow log keeps thousands of these (4 096 by default), one per request: with its
     /// reference counts a flow is 320 bytes, one of the allocator's size classes (it was 600,

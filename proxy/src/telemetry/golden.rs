@@ -44,7 +44,8 @@ use std::time::{Duration, Instant};
 use parking_lot::Mutex;
 
 use crate::admin::api::{
-    EdgeProtocol, GraphEdge, StatBy, StatQuery, StatRow, Text, STAT_WINDOW_MAX, STAT_WINDOW_MIN,
+    same_text, EdgeProtocol, GraphEdge, StatBy, StatQuery, StatRow, Text, STAT_WINDOW_MAX,
+    STAT_WINDOW_MIN,
 };
 
 /// Which proxy saw it: the node of the caller (source) or of the callee (destination); a
@@ -52,7 +53,10 @@ use crate::admin::api::{
 pub use super::istio::Reporter;
 
 /// One side of a call, as the store keys it.
-#[derive(Clone, Debug, Default, PartialEq, Eq, Hash)]
+// `==` is written out below to look at pointers first; it says what the derived one would,
+// so the derived hash agrees with it.
+#[allow(clippy::derived_hash_with_manual_eq)]
+#[derive(Clone, Debug, Default, Eq, Hash)]
 pub struct Side {
     pub namespace: Option<Text>,
     /// The pod's workload (its Deployment, StatefulSet, … as Istio names it).
@@ -61,6 +65,24 @@ pub struct Side {
     /// `ReplicaSet`, `Pod`, …
     pub kind: Option<&'static str>,
     pub pod: Option<Text>,
+}
+
+/// Compared on every record against the stored key: the texts by pointer first (a call's
+/// sides share their peer's), then by bytes ([`same_text`]). Every field is named, so a new
+/// one cannot be left out.
+impl PartialEq for Side {
+    fn eq(&self, other: &Self) -> bool {
+        let Side {
+            namespace,
+            workload,
+            kind,
+            pod,
+        } = self;
+        kind == &other.kind
+            && same_text(pod, &other.pod)
+            && same_text(workload, &other.workload)
+            && same_text(namespace, &other.namespace)
+    }
 }
 
 /// The time of a slot; windows are whole slots.
@@ -886,6 +908,27 @@ mod tests {
     use super::*;
 
     const MIN: Duration = Duration::from_secs(60);
+
+    /// Sides made from separate texts that say the same are one key; any field that differs
+    /// makes another.
+    #[test]
+    fn sides_are_equal_by_what_they_say() {
+        let a = side("default", "reviews-v1", "Deployment", "reviews-v1-abc");
+        assert_eq!(
+            a,
+            side("default", "reviews-v1", "Deployment", "reviews-v1-abc")
+        );
+        assert_eq!(a, a.clone());
+        for other in [
+            side("prod", "reviews-v1", "Deployment", "reviews-v1-abc"),
+            side("default", "reviews-v2", "Deployment", "reviews-v1-abc"),
+            side("default", "reviews-v1", "StatefulSet", "reviews-v1-abc"),
+            side("default", "reviews-v1", "Deployment", "reviews-v1-xyz"),
+            Side::default(),
+        ] {
+            assert_ne!(a, other);
+        }
+    }
 
     fn side(ns: &str, workload: &str, kind: &'static str, pod: &str) -> Side {
         Side {
