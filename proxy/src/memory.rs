@@ -411,8 +411,9 @@ impl Workers {
         }
     }
 
-    /// A worker's beat saw `spell`: hands back what this thread freed when it went quiet, and
-    /// the mapped files' pages when it was the last to. Returns whether it let go of those.
+    /// A worker's beat saw `spell`: hands back what this thread freed when it went quiet or its
+    /// load fell, and the mapped files' pages when it was the last to go quiet. Returns whether
+    /// it let go of those.
     pub fn beat(&self, spell: Option<Spell>) -> bool {
         match spell {
             Some(Spell::Began) => {

@@ -32,10 +32,10 @@ const HEARTBEAT: Duration = Duration::from_secs(1);
 /// idle watch, due seconds to hours away): without this, a `write(2)` and a spurious
 /// `epoll_wait(2)` return per connection; with it, none of them is ever the earliest.
 ///
-/// Each beat also looks at how often the worker woke since the last one: the first beat of a
-/// quiet spell hands what the worker freed back to the system ([`crate::memory::Quiet`]), and
-/// the last worker to go quiet the pages of the code the traffic ran
-/// ([`crate::memory::Workers`]).
+/// Each beat also looks at how often the worker woke and how long it worked since the last
+/// one: the first beat of a quiet spell, and a beat whose load fell to a fraction of its peak,
+/// hand what the worker freed back to the system ([`crate::memory::Quiet`]), and the last
+/// worker to go quiet the pages of the code the traffic ran ([`crate::memory::Workers`]).
 async fn heartbeat(workers: Arc<crate::memory::Workers>) {
     let metrics = tokio::runtime::Handle::current().metrics();
     let mut quiet = crate::memory::Quiet::default();
