@@ -23,6 +23,7 @@
 
 pub mod ca_client;
 pub mod issuer;
+mod seal;
 mod spiffe;
 mod tls;
 

@@ -21,17 +21,13 @@ use super::{SpiffeId, State};
 /// The only application protocol of the tunnel.
 pub const ALPN_H2: &[u8] = b"h2";
 
-/// aws-lc-rs, with AES-128-GCM preferred (the cheapest suite on hardware with AES instructions).
+/// aws-lc-rs, with AES-128-GCM preferred (the cheapest suite on hardware with AES instructions)
+/// and the AES-GCM records sealed from the plaintext where it lies ([`super::seal`]).
 pub(crate) fn provider() -> CryptoProvider {
-    use rustls::crypto::aws_lc_rs::cipher_suite::{
-        TLS13_AES_128_GCM_SHA256, TLS13_AES_256_GCM_SHA384, TLS13_CHACHA20_POLY1305_SHA256,
-    };
+    use rustls::crypto::aws_lc_rs::cipher_suite::TLS13_CHACHA20_POLY1305_SHA256;
+    let [aes_128, aes_256] = super::seal::aes_gcm_suites();
     CryptoProvider {
-        cipher_suites: vec![
-            TLS13_AES_128_GCM_SHA256,
-            TLS13_AES_256_GCM_SHA384,
-            TLS13_CHACHA20_POLY1305_SHA256,
-        ],
+        cipher_suites: vec![aes_128, aes_256, TLS13_CHACHA20_POLY1305_SHA256],
         ..rustls::crypto::aws_lc_rs::default_provider()
     }
 }
