@@ -886,13 +886,14 @@ async fn dial(
     if let Err(e) = set_tcp_keepalive(&tcp) {
         debug!(%node, error = %e, "no TCP keepalive on the HBONE connection");
     }
-    let tls = TlsConnector::from(config)
+    let mut tls = TlsConnector::from(config)
         .connect(name, super::tls_transport(tcp))
         .await
         .map_err(|e| TunnelError::Tls {
             node,
             message: e.to_string(),
         })?;
+    super::set_send_buffer(tls.get_mut().1);
     let (_, session) = tls.get_ref();
     if session.alpn_protocol() != Some(ALPN_H2) {
         return Err(TunnelError::Tls {

@@ -551,7 +551,7 @@ impl<H: Handler> Server<H> {
             }
             start.into_stream(self.server_config.clone()).await
         };
-        let tls = match tokio::time::timeout_at(deadline, handshake).await {
+        let mut tls = match tokio::time::timeout_at(deadline, handshake).await {
             Ok(Ok(tls)) => tls,
             Ok(Err(e)) => {
                 inc(&self.counters().tls_failed);
@@ -569,6 +569,7 @@ impl<H: Handler> Server<H> {
                 return;
             }
         };
+        super::set_send_buffer(tls.get_mut().1);
         let (_, session) = tls.get_ref();
         if session.alpn_protocol() != Some(ALPN_H2) {
             inc(&self.counters().tls_failed);
