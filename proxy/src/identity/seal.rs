@@ -220,7 +220,8 @@ impl Sealer {
     }
 }
 
-/// Calls `f` on each non-empty piece of `chunks`, in order, until it fails.
+/// Calls `f` on each piece of `chunks` (the window rustls cut out of them), in order, until it
+/// fails; a piece may be empty.
 fn for_each_chunk(
     chunks: &OutboundChunks<'_>,
     mut f: impl FnMut(&[u8]) -> Option<()>,
