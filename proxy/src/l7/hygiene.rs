@@ -265,9 +265,11 @@ fn complete(state: State, line: &[u8]) -> Result<State, Violation> {
 /// What follows the request head `head`.
 fn head(head: &[u8]) -> Result<State, Violation> {
     // Leading empty lines before a request line are allowed (RFC 9112 §2.2).
-    let mut headers = [httparse::EMPTY_HEADER; 128];
-    let mut req = httparse::Request::new(&mut headers);
-    match req.parse(head) {
+    // Left uninitialized: the parser writes the headers it finds (128 empty ones to start from
+    // were 4 KiB of stores a request).
+    let mut headers = [const { std::mem::MaybeUninit::<httparse::Header<'_>>::uninit() }; 128];
+    let mut req = httparse::Request::new(&mut []);
+    match req.parse_with_uninit_headers(head, &mut headers) {
         Ok(httparse::Status::Complete(_)) => {}
         // Malformed or too many headers: the parser will say so.
         _ => return Ok(State::Opaque),
@@ -446,15 +448,17 @@ pub fn request_id() -> String {
     let mut b = fastrand::u128(..).to_be_bytes();
     b[6] = (b[6] & 0x0f) | 0x40;
     b[8] = (b[8] & 0x3f) | 0x80;
-    let mut out = String::with_capacity(36);
+    let mut out = [b'-'; 36];
+    let mut at = 0;
     for (i, byte) in b.iter().enumerate() {
         if matches!(i, 4 | 6 | 8 | 10) {
-            out.push('-');
+            at += 1;
         }
-        out.push(HEX[usize::from(byte >> 4)] as char);
-        out.push(HEX[usize::from(byte & 0x0f)] as char);
+        out[at] = HEX[usize::from(byte >> 4)];
+        out[at + 1] = HEX[usize::from(byte & 0x0f)];
+        at += 2;
     }
-    out
+    String::from_utf8(out.to_vec()).expect("hex digits and dashes are ASCII")
 }
 
 #[cfg(test)]
