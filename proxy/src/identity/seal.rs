@@ -280,6 +280,25 @@ mod tests {
     use super::*;
     use aws_lc_rs::aead::{Aad, LessSafeKey, Nonce as AeadNonce, UnboundKey, AES_128_GCM};
 
+    #[test]
+    fn the_mesh_provider_seals_aes_gcm_records_here() {
+        let provider = super::super::tls::provider();
+        let sealed = aes_gcm_suites();
+        assert_eq!(provider.cipher_suites.len(), 3);
+        for (offered, ours) in provider.cipher_suites.iter().zip(&sealed) {
+            let (SupportedCipherSuite::Tls13(offered), SupportedCipherSuite::Tls13(ours)) =
+                (offered, ours)
+            else {
+                panic!("the mesh speaks TLS 1.3 only");
+            };
+            assert!(
+                std::ptr::eq(*offered, *ours),
+                "{:?} is not sealed here",
+                offered.common.suite
+            );
+        }
+    }
+
     fn plain<'a>(payload: OutboundChunks<'a>) -> OutboundPlainMessage<'a> {
         OutboundPlainMessage {
             typ: ContentType::ApplicationData,
