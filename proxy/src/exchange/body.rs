@@ -9,11 +9,11 @@ use std::task::{ready, Context as TaskContext, Poll};
 
 use bytes::Bytes;
 use http_body::{Frame, SizeHint};
-use hyper::body::Incoming;
 
 use crate::admin::api::{Verdict, NO_FLAGS};
 use crate::l7::respond::Flag;
 use crate::telemetry::RequestRecord;
+use crate::upstream::http::Received;
 
 /// Bytes counted as they pass (and, for a gRPC call, its messages).
 #[derive(Clone, Default)]
@@ -264,7 +264,7 @@ impl http_body::Body for Mirrored {
 /// An upstream response body that finishes the request's record when it ends (or, dropped
 /// early, leaves it to the record's drop: the client went away).
 pub struct Recorded<H: Held = ()> {
-    inner: Incoming,
+    inner: Received,
     record: Option<RequestRecord>,
     sent: Counter,
     received: u64,
@@ -282,7 +282,7 @@ impl<H: Held> Recorded<H> {
     /// `sent` counts the request body. At `deadline` (the route's timeout) a body still
     /// coming is cut, as Envoy resets it: flag `UT`.
     pub fn new(
-        inner: Incoming,
+        inner: Received,
         record: RequestRecord,
         sent: Counter,
         status: u16,

@@ -3,7 +3,8 @@
 //! shaped for its upstream, each response recorded when its body ends ([`body::Recorded`]), and
 //! the responses weft makes itself.
 //!
-//! May import: `admin::api`, `drain`, `l7`, `telemetry`, `upstream`.
+//! May import: `admin::api`, `drain`, `l7`, `telemetry`, `upstream`, `tunnel` (an HTTP/2
+//! `CONNECT` stream as bytes, for an upgrade).
 
 pub mod body;
 pub mod guard;
@@ -35,7 +36,7 @@ use crate::batch;
 use crate::drain::Draining;
 use crate::l7::respond::{self, Flag};
 use crate::telemetry::{ConnectionRecord, RequestRecord, RequestTemplate};
-use crate::upstream::http::{Body, Version};
+use crate::upstream::http::{Body, Received, Upgrade, Version};
 
 /// The body of a response weft returns to the client: an error ends it abruptly (hyper closes
 /// an HTTP/1.1 connection, resets an HTTP/2 stream).
@@ -208,30 +209,45 @@ where
 /// timeout.
 pub async fn splice_upgraded(
     client: hyper::upgrade::OnUpgrade,
-    upstream: hyper::upgrade::OnUpgrade,
+    upstream: Upgrade,
     draining: Draining,
 ) {
     let _hold = draining.hold();
-    match tokio::try_join!(client, upstream) {
-        Ok((c, u)) => {
-            let mut c = TokioIo::new(c);
-            let mut u = TokioIo::new(u);
-            tokio::select! {
-                _ = tokio::io::copy_bidirectional(&mut c, &mut u) => {}
-                _ = draining.closing() => {
-                    use tokio::io::AsyncWriteExt;
-                    let _ = tokio::join!(c.shutdown(), u.shutdown());
-                }
-            }
+    let client = match client.await {
+        Ok(c) => TokioIo::new(c),
+        Err(e) => return debug!(error = %e, "upgrade did not complete"),
+    };
+    match upstream {
+        Upgrade::Http1(u) => match u.await {
+            Ok(u) => splice(client, TokioIo::new(u), &draining).await,
+            Err(e) => debug!(error = %e, "upgrade did not complete"),
+        },
+        Upgrade::Http2(send, recv) => {
+            splice(client, crate::tunnel::Stream::new(send, recv), &draining).await;
         }
-        Err(e) => debug!(error = %e, "upgrade did not complete"),
+        Upgrade::None => debug!("upgrade did not complete: the upstream carries none"),
+    }
+}
+
+/// Copies both ways until both end, or until weft drains.
+async fn splice<C, U>(mut c: C, mut u: U, draining: &Draining)
+where
+    C: AsyncRead + AsyncWrite + Unpin,
+    U: AsyncRead + AsyncWrite + Unpin,
+{
+    tokio::select! {
+        _ = tokio::io::copy_bidirectional(&mut c, &mut u) => {}
+        _ = draining.closing() => {
+            use tokio::io::AsyncWriteExt;
+            let _ = tokio::join!(c.shutdown(), u.shutdown());
+        }
     }
 }
 
 /// The response the client gets from an upstream's: hop-by-hop headers dropped, in the
 /// client's HTTP version, recorded when its body ends.
 pub fn client_response<H: body::Held>(
-    resp: Response<Incoming>,
+    resp: Response<Received>,
     client: ClientVersion,
     record: RequestRecord,
     sent: Counter,

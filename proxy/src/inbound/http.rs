@@ -210,7 +210,7 @@ async fn request(
                 || (upgrade && resp.status().is_success() && record.method() == "CONNECT");
             if let (true, Some(client_upgrade)) = (switching, client_upgrade) {
                 // The connection to the pod is handed over to the upgrade: not kept.
-                let upstream_upgrade = hyper::upgrade::on(&mut resp);
+                let upstream_upgrade = crate::upstream::http::upgrade(&mut resp);
                 tokio::spawn(exchange::splice_upgraded(
                     client_upgrade,
                     upstream_upgrade,

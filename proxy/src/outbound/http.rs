@@ -47,7 +47,7 @@ use crate::telemetry::trace::SpanKind;
 use crate::telemetry::{shared, ConnectionRecord, Names, RequestRecord, RequestTemplate};
 use crate::tunnel::client::Pool;
 use crate::upstream::dns::Dns;
-use crate::upstream::http::{self as upstream, HttpPool, PoolKey, Sender, Version};
+use crate::upstream::http::{self as upstream, HttpPool, PoolKey, Received, Sender, Version};
 use crate::upstream::tls::{Origination, Originator};
 use crate::upstream::{ConnectError, OnBehalfOf};
 
@@ -1004,7 +1004,7 @@ impl HttpPath {
                 // Both sides agreed to leave HTTP: from now on, bytes. The request stays in
                 // flight, and its connection open, until they are done (hyper hands the
                 // connection over: it is counted here from now on).
-                let upstream_upgrade = hyper::upgrade::on(&mut resp);
+                let upstream_upgrade = upstream::upgrade(&mut resp);
                 let open = Up::new(&target.cluster, |s| &s.cx_active);
                 let draining = self.inputs.draining.clone();
                 tokio::spawn(async move {
@@ -1135,7 +1135,7 @@ impl HttpPath {
         target: &Target,
         endpoint: &Arc<EndpointState>,
         deadline: Option<tokio::time::Instant>,
-    ) -> Result<(Response<Incoming>, Sender, InFlight), Failure> {
+    ) -> Result<(Response<Received>, Sender, InFlight), Failure> {
         let (cluster, limits) = (&target.cluster, &target.limits);
         // Counted waiting for a connection while the cluster may open no more.
         let mut pending = None;
@@ -1193,11 +1193,9 @@ impl HttpPath {
         match within(deadline, sender.send(req)).await {
             None => Err(Failure::TimedOut),
             Some(Ok(resp)) => Ok((resp, sender, in_flight)),
-            Some(Err(e)) if e.is_closed() || e.is_incomplete_message() || e.is_canceled() => {
-                Err(Failure::Closed(e.to_string()))
-            }
+            Some(Err(e)) if e.is_closed() => Err(Failure::Closed(e.to_string())),
             Some(Err(e)) => Err(Failure::Reset {
-                refused: refused_stream(&e),
+                refused: e.is_refused(),
                 error: e.to_string(),
             }),
         }
@@ -1602,18 +1600,6 @@ fn request_hash<B>(
             }
         }
     }
-}
-
-/// Whether an upstream error is an HTTP/2 `REFUSED_STREAM`: the request was never processed.
-fn refused_stream(e: &hyper::Error) -> bool {
-    let mut source = std::error::Error::source(e);
-    while let Some(s) = source {
-        if let Some(h2) = s.downcast_ref::<h2::Error>() {
-            return h2.reason() == Some(h2::Reason::REFUSED_STREAM);
-        }
-        source = s.source();
-    }
-    false
 }
 
 /// `fut`'s output, or `None` once `deadline` has passed first. A future of its own (an

@@ -4,7 +4,8 @@
 //! care) and handed to [`Sender::handshake`]; after a request, [`HttpPool::checkin`] keeps it
 //! for the next request to the same [`PoolKey`]. HTTP/1.1 connections carry one request at a
 //! time, so a checked-in sender is reused only once its previous response has been read;
-//! HTTP/2 connections are shared by every request to the key.
+//! HTTP/2 connections are shared by every request to the key; their requests are sent on
+//! `h2` from each request's own task ([`super::http2`]).
 //!
 //! Each data-path worker ([`crate::worker`]) keeps connections of its own, as Envoy's workers
 //! do: a request and its upstream connection are served by the same thread.
@@ -15,20 +16,23 @@
 
 use std::collections::HashMap;
 use std::net::SocketAddr;
-use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
+use std::pin::Pin;
+use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
+use http_body::{Frame, SizeHint};
 use http_body_util::combinators::BoxBody;
 use hyper::body::Incoming;
-use hyper::client::conn::{http1, http2};
+use hyper::client::conn::http1;
 use hyper::{Request, Response};
-use hyper_util::rt::{TokioExecutor, TokioIo};
+use hyper_util::rt::TokioIo;
 use parking_lot::Mutex;
 use tokio::io::{AsyncRead, AsyncWrite};
 use tracing::debug;
 
+use super::http2::{self, Failed};
 use crate::batch;
 
 /// The request body weft sends upstream.
@@ -79,7 +83,7 @@ pub struct Sender {
 
 enum Conn {
     Http1(http1::SendRequest<Body>),
-    Http2(http2::SendRequest<Body>),
+    Http2(h2::client::SendRequest<Bytes>),
 }
 
 /// What every handle of one connection shares.
@@ -92,17 +96,145 @@ struct Shared {
 }
 
 /// How many times a connection was used (a request sent, bytes moved): a count, not a clock
-/// read, on the data path; [`unused_for`] looks at it on a coarse tick.
+/// read, on the data path; [`unused_for`] looks at it on a coarse tick. And whether its task
+/// has ended.
 #[derive(Debug, Default)]
-struct Activity(AtomicU64);
+struct Activity {
+    count: AtomicU64,
+    ended: AtomicBool,
+}
 
 impl Activity {
     fn touch(&self) {
-        self.0.fetch_add(1, Ordering::Relaxed);
+        self.count.fetch_add(1, Ordering::Relaxed);
     }
 
     fn count(&self) -> u64 {
-        self.0.load(Ordering::Relaxed)
+        self.count.load(Ordering::Relaxed)
+    }
+}
+
+/// Why an upstream request failed.
+#[derive(Debug)]
+pub enum Error {
+    Http1(hyper::Error),
+    Http2(Failed),
+}
+
+impl Error {
+    /// The connection ended before the request was processed: it was closed, or could take
+    /// no new stream.
+    pub fn is_closed(&self) -> bool {
+        match self {
+            Error::Http1(e) => e.is_closed() || e.is_incomplete_message() || e.is_canceled(),
+            Error::Http2(Failed::Unsent(_)) => true,
+            Error::Http2(Failed::Sent(_)) => false,
+        }
+    }
+
+    /// The server refused the stream (HTTP/2 `REFUSED_STREAM`): the request was never
+    /// processed.
+    pub fn is_refused(&self) -> bool {
+        let reason = match self {
+            Error::Http1(e) => http2::reason_of(e),
+            Error::Http2(Failed::Sent(e) | Failed::Unsent(e)) => e.reason(),
+        };
+        reason == Some(h2::Reason::REFUSED_STREAM)
+    }
+}
+
+impl std::fmt::Display for Error {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Error::Http1(e) => e.fmt(f),
+            Error::Http2(Failed::Unsent(e)) => {
+                write!(f, "connection could not take the request: {e}")
+            }
+            Error::Http2(Failed::Sent(e)) => e.fmt(f),
+        }
+    }
+}
+
+impl std::error::Error for Error {
+    fn source(&self) -> Option<&(dyn std::error::Error + 'static)> {
+        match self {
+            Error::Http1(e) => Some(e),
+            Error::Http2(Failed::Sent(e) | Failed::Unsent(e)) => Some(e),
+        }
+    }
+}
+
+/// An upstream response's body.
+#[derive(Debug)]
+pub struct Received(Inner);
+
+#[derive(Debug)]
+enum Inner {
+    Http1(Incoming),
+    Http2(http2::RecvBody),
+    /// Taken by [`upgrade`].
+    Taken,
+}
+
+impl http_body::Body for Received {
+    type Data = Bytes;
+    type Error = Error;
+
+    fn poll_frame(
+        mut self: Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<Option<Result<Frame<Bytes>, Error>>> {
+        use std::task::Poll;
+        match &mut self.0 {
+            Inner::Http1(b) => Pin::new(b)
+                .poll_frame(cx)
+                .map(|f| f.map(|f| f.map_err(Error::Http1))),
+            Inner::Http2(b) => Pin::new(b)
+                .poll_frame(cx)
+                .map(|f| f.map(|f| f.map_err(|e| Error::Http2(Failed::Sent(e))))),
+            Inner::Taken => Poll::Ready(None),
+        }
+    }
+
+    fn is_end_stream(&self) -> bool {
+        match &self.0 {
+            Inner::Http1(b) => b.is_end_stream(),
+            Inner::Http2(b) => b.is_end_stream(),
+            Inner::Taken => true,
+        }
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        match &self.0 {
+            Inner::Http1(b) => b.size_hint(),
+            Inner::Http2(b) => b.size_hint(),
+            Inner::Taken => SizeHint::with_exact(0),
+        }
+    }
+}
+
+/// What an exchange that left HTTP (a `101 Switching Protocols`, an answered `CONNECT`) goes
+/// on over.
+pub enum Upgrade {
+    /// The HTTP/1.1 connection itself, once hyper hands it over.
+    Http1(hyper::upgrade::OnUpgrade),
+    /// The `CONNECT` stream's two halves.
+    Http2(h2::SendStream<Bytes>, h2::RecvStream),
+    /// Nothing to go on over: not an upgrade hyper or h2 can carry.
+    None,
+}
+
+/// Takes what `resp` goes on over once it leaves HTTP; its body is left empty.
+pub fn upgrade(resp: &mut Response<Received>) -> Upgrade {
+    if matches!(resp.body().0, Inner::Http1(_)) {
+        return Upgrade::Http1(hyper::upgrade::on(resp));
+    }
+    match std::mem::replace(&mut resp.body_mut().0, Inner::Taken) {
+        Inner::Http2(b) => match b.into_connect() {
+            Some((send, recv)) => Upgrade::Http2(send, recv),
+            None => Upgrade::None,
+        },
+        _ => Upgrade::None,
     }
 }
 
@@ -215,7 +347,7 @@ impl Sender {
         version: Version,
         reuse: Reuse,
         hold: impl Send + 'static,
-    ) -> Result<Sender, hyper::Error>
+    ) -> Result<Sender, Error>
     where
         T: AsyncRead + AsyncWrite + Send + Unpin + 'static,
     {
@@ -228,7 +360,10 @@ impl Sender {
         let idle = reuse.idle_timeout;
         let conn = match version {
             Version::Http1 => {
-                let (send, conn) = http1::Builder::new().handshake(TokioIo::new(io)).await?;
+                let (send, conn) = http1::Builder::new()
+                    .handshake(TokioIo::new(io))
+                    .await
+                    .map_err(Error::Http1)?;
                 let activity = activity.clone();
                 tokio::spawn(async move {
                     tokio::select! {
@@ -239,6 +374,7 @@ impl Sender {
                             debug!(?idle, "upstream HTTP/1.1 connection idle: closed");
                         }
                     }
+                    activity.ended.store(true, Ordering::Release);
                     drop(hold);
                 });
                 Conn::Http1(send)
@@ -246,11 +382,12 @@ impl Sender {
             Version::Http2 => {
                 // The requests of all the streams one turn of the connection sends, in one write.
                 let (io, flusher) = batch::batched(io);
-                let (send, conn) = http2::Builder::new(TokioExecutor::new())
-                    .timer(hyper_util::rt::TokioTimer::new())
-                    .handshake(TokioIo::new(io))
-                    .await?;
+                let (send, conn) = http2::builder()
+                    .handshake::<_, Bytes>(io)
+                    .await
+                    .map_err(|e| Error::Http2(Failed::Unsent(e)))?;
                 let conn = flusher.around(conn);
+                // h2 closes the connection itself once no handle and no stream is left.
                 let activity = activity.clone();
                 tokio::spawn(async move {
                     tokio::select! {
@@ -261,6 +398,7 @@ impl Sender {
                             debug!(?idle, "upstream HTTP/2 connection idle: closed");
                         }
                     }
+                    activity.ended.store(true, Ordering::Release);
                     drop(hold);
                 });
                 Conn::Http2(send)
@@ -297,17 +435,18 @@ impl Sender {
     }
 
     /// Sends a request and waits for the response head.
-    pub async fn send(&mut self, req: Request<Body>) -> Result<Response<Incoming>, hyper::Error> {
+    pub async fn send(&mut self, req: Request<Body>) -> Result<Response<Received>, Error> {
         self.shared.used.fetch_add(1, Ordering::Relaxed);
         self.shared.activity.touch();
         match &mut self.conn {
             Conn::Http1(s) => {
-                s.ready().await?;
-                s.send_request(req).await
+                s.ready().await.map_err(Error::Http1)?;
+                let resp = s.send_request(req).await.map_err(Error::Http1)?;
+                Ok(resp.map(|b| Received(Inner::Http1(b))))
             }
             Conn::Http2(s) => {
-                s.ready().await?;
-                s.send_request(req).await
+                let resp = http2::send(s, req).await.map_err(Error::Http2)?;
+                Ok(resp.map(|b| Received(Inner::Http2(b))))
             }
         }
     }
@@ -315,14 +454,14 @@ impl Sender {
     fn is_closed(&self) -> bool {
         match &self.conn {
             Conn::Http1(s) => s.is_closed(),
-            Conn::Http2(s) => s.is_closed(),
+            Conn::Http2(_) => self.shared.activity.ended.load(Ordering::Acquire),
         }
     }
 
     fn is_ready(&self) -> bool {
         match &self.conn {
             Conn::Http1(s) => s.is_ready(),
-            Conn::Http2(s) => s.is_ready(),
+            Conn::Http2(_) => !self.is_closed(),
         }
     }
 
@@ -506,6 +645,7 @@ mod tests {
     use super::*;
     use http_body_util::{BodyExt, Empty, Full};
     use hyper::service::service_fn;
+    use hyper_util::rt::TokioExecutor;
     use std::convert::Infallible;
 
     async fn server(version: Version) -> SocketAddr {
@@ -739,5 +879,153 @@ mod tests {
         resp.into_body().collect().await.unwrap();
         tokio::task::yield_now().await;
         assert!(pool.checkout(&key).is_some());
+    }
+
+    async fn h2_sender(addr: SocketAddr, hold: impl Send + 'static) -> Sender {
+        let io = tokio::net::TcpStream::connect(addr).await.unwrap();
+        Sender::handshake(io, Version::Http2, Reuse::default(), hold)
+            .await
+            .unwrap()
+    }
+
+    #[tokio::test]
+    async fn an_http2_request_body_and_trailers_reach_the_server_as_they_come() {
+        // The server answers with the body it read and the trailer it got.
+        let l = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = l.local_addr().unwrap();
+        tokio::spawn(async move {
+            let (s, _) = l.accept().await.unwrap();
+            let svc = service_fn(|req: Request<Incoming>| async {
+                let whole = req.into_body().collect().await.unwrap();
+                let trailer = whole
+                    .trailers()
+                    .and_then(|t| t.get("x-sum"))
+                    .map(|v| v.to_str().unwrap().to_string())
+                    .unwrap_or_default();
+                let body = format!("{}|{trailer}", String::from_utf8_lossy(&whole.to_bytes()));
+                Ok::<_, Infallible>(Response::new(Full::new(Bytes::from(body))))
+            });
+            let _ = hyper::server::conn::http2::Builder::new(TokioExecutor::new())
+                .serve_connection(TokioIo::new(s), svc)
+                .await;
+        });
+        let mut sender = h2_sender(addr, ()).await;
+        // A body that is not there yet when the head goes: sent by a task of its own.
+        let (tx, rx) = tokio::sync::mpsc::channel::<Result<Frame<Bytes>, hyper::Error>>(4);
+        let body = http_body_util::StreamBody::new(tokio_stream::wrappers::ReceiverStream::new(rx));
+        let req = Request::builder()
+            .method("POST")
+            .uri(format!("http://{addr}/"))
+            .body(body.boxed())
+            .unwrap();
+        let feed = tokio::spawn(async move {
+            for part in ["one ", "two ", "three"] {
+                tokio::time::sleep(Duration::from_millis(20)).await;
+                tx.send(Ok(Frame::data(Bytes::from(part)))).await.unwrap();
+            }
+            let mut t = http::HeaderMap::new();
+            t.insert("x-sum", http::HeaderValue::from_static("3"));
+            tx.send(Ok(Frame::trailers(t))).await.unwrap();
+        });
+        let resp = sender.send(req).await.unwrap();
+        let got = resp.into_body().collect().await.unwrap().to_bytes();
+        assert_eq!(got, "one two three|3");
+        feed.await.unwrap();
+
+        // A body already whole goes without a task, with its length.
+        let req = Request::builder()
+            .method("POST")
+            .uri(format!("http://{addr}/"))
+            .body(Full::new(Bytes::from("all at once")).map_err(|e| match e {}).boxed())
+            .unwrap();
+        let got = sender.send(req).await.unwrap().into_body().collect().await;
+        assert_eq!(got.unwrap().to_bytes(), "all at once|");
+    }
+
+    #[tokio::test]
+    async fn a_refused_http2_stream_is_told_from_other_failures() {
+        // A server that refuses its first stream and resets its second with an error.
+        let l = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = l.local_addr().unwrap();
+        tokio::spawn(async move {
+            let (s, _) = l.accept().await.unwrap();
+            let mut conn = h2::server::handshake(s).await.unwrap();
+            for reason in [h2::Reason::REFUSED_STREAM, h2::Reason::INTERNAL_ERROR] {
+                let Some(Ok((_req, mut respond))) = conn.accept().await else {
+                    return;
+                };
+                respond.send_reset(reason);
+            }
+            std::future::poll_fn(|cx| conn.poll_closed(cx)).await.ok();
+        });
+        let mut sender = h2_sender(addr, ()).await;
+        let get = || {
+            Request::builder()
+                .uri(format!("http://{addr}/"))
+                .body(Empty::new().map_err(|e| match e {}).boxed())
+                .unwrap()
+        };
+        let refused = sender.send(get()).await.unwrap_err();
+        assert!(refused.is_refused(), "{refused}");
+        assert!(!refused.is_closed(), "{refused}: it was sent");
+        let reset = sender.send(get()).await.unwrap_err();
+        assert!(!reset.is_refused(), "{reset}");
+        assert!(!reset.is_closed(), "{reset}");
+    }
+
+    #[tokio::test]
+    async fn an_answered_http2_connect_goes_on_as_bytes() {
+        let l = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = l.local_addr().unwrap();
+        tokio::spawn(async move {
+            let (s, _) = l.accept().await.unwrap();
+            let mut conn = h2::server::handshake(s).await.unwrap();
+            let (req, mut respond) = conn.accept().await.unwrap().unwrap();
+            assert_eq!(req.method(), http::Method::CONNECT);
+            tokio::spawn(async move {
+                let (_, mut recv) = req.into_parts();
+                let mut send = respond.send_response(Response::new(()), false).unwrap();
+                // Echoes what comes, upper-cased.
+                while let Some(Ok(data)) = recv.data().await {
+                    let _ = recv.flow_control().release_capacity(data.len());
+                    send.send_data(Bytes::from(data.to_ascii_uppercase()), false)
+                        .unwrap();
+                }
+                let _ = send.send_data(Bytes::new(), true);
+            });
+            std::future::poll_fn(|cx| conn.poll_closed(cx)).await.ok();
+        });
+        let mut sender = h2_sender(addr, ()).await;
+        let req = Request::builder()
+            .method("CONNECT")
+            .uri("10.0.0.1:443")
+            .body(Empty::new().map_err(|e| match e {}).boxed())
+            .unwrap();
+        let mut resp = sender.send(req).await.unwrap();
+        assert_eq!(resp.status(), 200);
+        let Upgrade::Http2(mut send, mut recv) = upgrade(&mut resp) else {
+            panic!("an HTTP/2 CONNECT goes on over its stream");
+        };
+        send.send_data(Bytes::from_static(b"ping"), false).unwrap();
+        let echoed = recv.data().await.unwrap().unwrap();
+        assert_eq!(echoed, "PING");
+    }
+
+    #[tokio::test]
+    async fn an_http2_connection_nobody_holds_any_more_is_closed() {
+        // No idle timeout: only its last handle's drop ends it.
+        let addr = server(Version::Http2).await;
+        let (closed_tx, closed_rx) = tokio::sync::oneshot::channel::<()>();
+        let mut s = h2_sender(addr, closed_tx).await;
+        send_one(&mut s, addr).await;
+        let shared = s.share().unwrap();
+        drop(s);
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        assert!(!shared.is_closed(), "another handle still holds it");
+        drop(shared);
+        tokio::time::timeout(Duration::from_secs(2), closed_rx)
+            .await
+            .expect("closed once nobody holds it")
+            .unwrap_err();
     }
 }

@@ -18,13 +18,14 @@
 //! connections connect as usual.
 //!
 //! - [`http`]: HTTP/1.1 and HTTP/2 client connections over any stream (TCP, an HBONE tunnel,
-//!   TLS), kept for reuse per endpoint.
+//!   TLS), kept for reuse per endpoint; [`http2`] sends an HTTP/2 one's requests.
 //! - [`tls`]: TLS origination towards external services (DestinationRule `tls.mode: SIMPLE`).
 //!
 //! May import: `registry`, `identity`.
 
 pub mod dns;
 pub mod http;
+mod http2;
 pub mod tls;
 
 use std::fmt;
