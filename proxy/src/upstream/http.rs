@@ -936,7 +936,11 @@ mod tests {
         let req = Request::builder()
             .method("POST")
             .uri(format!("http://{addr}/"))
-            .body(Full::new(Bytes::from("all at once")).map_err(|e| match e {}).boxed())
+            .body(
+                Full::new(Bytes::from("all at once"))
+                    .map_err(|e| match e {})
+                    .boxed(),
+            )
             .unwrap();
         let got = sender.send(req).await.unwrap().into_body().collect().await;
         assert_eq!(got.unwrap().to_bytes(), "all at once|");
