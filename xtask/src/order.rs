@@ -11,10 +11,12 @@
 //! 1. the release build of weft and weft-testpod;
 //! 2. the benchmark's cases, weft only, with each `weft node` run under valgrind's callgrind,
 //!    counting switched on once the node answers `/healthz/ready`, has made its first
-//!    certificates and has handed back what making them ran (start-up's code is left out,
-//!    and so is the certificates', which would otherwise fall in whichever part's count it
-//!    happened to come in), in three parts ([`STAGES`]): one node serving HTTP, one node serving TCP, two
-//!    nodes carrying both in HBONE;
+//!    certificates and has handed back what making them ran, and the bench has checked its
+//!    paths and begins its cases ([`crate::bench::MEASURING_ENV`]): start-up's code is left
+//!    out, and so are the certificates' and the checks' (a tunnel's first TLS handshake),
+//!    which would otherwise fall in whichever part's count they happened to come in. In three
+//!    parts ([`STAGES`]): one node serving HTTP, one node serving TCP, two nodes carrying both
+//!    in HBONE;
 //! 3. every function of weft's executable that ran, part by part, each part's functions that
 //!    no earlier part ran by the instructions they ran, most first: the file's lines. A node
 //!    that serves what the first part measured maps that part's code and no more;
@@ -64,8 +66,11 @@ pub fn run(args: Args) -> anyhow::Result<()> {
     }
 
     let mut stages = Vec::new();
+    let measuring = dir.join(MEASURING);
+    std::env::set_var(crate::bench::MEASURING_ENV, &measuring);
     for (i, (what, only)) in STAGES.iter().enumerate() {
         eprintln!("order: {what}");
+        let _ = std::fs::remove_file(&measuring);
         crate::bench::run_short(&wrapper, "weft", args.case_ms, only)?;
         // This stage's outputs, kept apart from the next one's.
         let kept = dir.join(format!("stage-{i}"));
@@ -118,6 +123,10 @@ pub fn run(args: Args) -> anyhow::Result<()> {
 /// What the callgrind wrapper leaves in the output directory (with the node's process id) when
 /// a node made no certificate in time: counting started anyway, and the stage is refused.
 const NO_CERTIFICATE: &str = "no-certificate.";
+
+/// The file the bench writes in the output directory when its cases begin: the wrapper starts
+/// counting then.
+const MEASURING: &str = "measuring";
 
 /// The benchmark's cases, in the order their code is laid out: what a node serving HTTP on
 /// its own runs, then what plain TCP adds to it, then what carrying traffic to and from other
@@ -289,9 +298,9 @@ impl Layout {
 
 /// `weft` for every command but `node`, which runs under callgrind with counting off until
 /// its admin socket answers ready and its first certificates are made (up to 30 s; past that it
-/// counts anyway and leaves a [`NO_CERTIFICATE`] file for the stage to refuse), and the
-/// node has handed back what making them ran. SIGTERM (how the bench stops a node) is passed on, and the
-/// node's exit status returned.
+/// counts anyway and leaves a [`NO_CERTIFICATE`] file for the stage to refuse), the node has
+/// handed back what making them ran, and the bench's cases begin (the [`MEASURING`] file).
+/// SIGTERM (how the bench stops a node) is passed on, and the node's exit status returned.
 fn write_wrapper(path: &Path, weft: &Path, dir: &Path) -> anyhow::Result<()> {
     let script = format!(
         r#"#!/bin/bash
@@ -319,6 +328,11 @@ trap 'kill -TERM $pid 2>/dev/null' TERM INT
   done
   [ -n "$certified" ] || : > '{dir}/{no_certificate}'$pid
   sleep 5
+  # The bench's checks (a tunnel's first handshake) are set-up too: count its cases.
+  until [ -e '{dir}/{measuring}' ]; do
+    kill -0 $pid 2>/dev/null || exit 0
+    sleep 0.2
+  done
   callgrind_control -i on $pid >/dev/null
 ) &
 # `wait` returns early when a trapped signal comes: wait again while the node runs.
@@ -331,6 +345,7 @@ exit $rc
         weft = weft.display(),
         dir = dir.display(),
         no_certificate = NO_CERTIFICATE,
+        measuring = MEASURING,
     );
     std::fs::write(path, script).with_context(|| format!("writing {}", path.display()))?;
     use std::os::unix::fs::PermissionsExt;
@@ -550,6 +565,7 @@ mod tests {
         std::fs::remove_dir_all(&dir).unwrap();
         assert!(checked.success(), "bash -n refused:\n{script}");
         assert!(script.contains(&format!("'{}/{NO_CERTIFICATE}'$pid", dir.display())));
+        assert!(script.contains(&format!("until [ -e '{}/{MEASURING}' ]", dir.display())));
     }
 
     #[test]

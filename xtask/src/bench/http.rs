@@ -475,6 +475,7 @@ impl Bench {
             _ => None,
         };
 
+        super::measuring();
         self.run_http_cases(&live, &watched, res);
 
         for ((_, what, pid), before_kib) in watched.into_iter().zip(before) {
