@@ -29,7 +29,9 @@
 //! its calls), else the [`Reporter::Destination`] ones.
 //!
 //! **Memory.** The keys are spread over 16 shards, each a `Mutex<HashMap>` (a request costs one
-//! hash and one uncontended lock; no `Side` is cloned unless the key is new). Keys with no
+//! hash and one uncontended lock, and an HTTP connection keeps the hashes of the keys its
+//! requests used ([`KeptKeys`]): its next requests compare instead of hashing; no `Side` is
+//! cloned unless the key is new). Keys with no
 //! event for longer than the longest window and no TCP connection open are dropped (each shard
 //! sweeps itself when a new slot starts, and on queries); beyond [`DEFAULT_MAX_KEYS`] keys, the
 //! least recently used key of the shard is dropped to make room ([`Golden::evicted`] counts
@@ -327,6 +329,16 @@ impl Entry {
     }
 }
 
+/// The keys a connection's requests were recorded under, with their hashes: a connection
+/// mostly repeats a key or two (one per reporter).
+#[derive(Default)]
+pub struct KeptKeys(Mutex<Vec<(Key, u64)>>);
+
+impl KeptKeys {
+    /// How many are kept.
+    const KEPT: usize = 4;
+}
+
 /// The map's keys are already hashes.
 #[derive(Default)]
 struct Prehashed(u64);
@@ -549,6 +561,45 @@ impl Golden {
         self.record(Instant::now(), call, event);
     }
 
+    /// The same, for a connection whose keys' hashes are kept in `kept`: a key it recorded
+    /// before is found there by comparing (pointers first), not hashed again.
+    #[allow(clippy::too_many_arguments)]
+    pub fn request_kept(
+        &self,
+        kept: &KeptKeys,
+        reporter: Reporter,
+        source: &Side,
+        destination: &Side,
+        service: Option<&Text>,
+        mtls: bool,
+        success: bool,
+        duration_ms: f64,
+    ) {
+        let call = Call {
+            reporter,
+            source,
+            destination,
+            service,
+            mtls,
+        };
+        let mut keys = kept.0.lock();
+        let hash = match keys.iter().find(|(k, _)| k.is(&call)) {
+            Some(&(_, hash)) => hash,
+            None => {
+                let hash = self.hash(&call);
+                keys.truncate(KeptKeys::KEPT - 1);
+                keys.insert(0, (call.to_key(), hash));
+                hash
+            }
+        };
+        drop(keys);
+        let event = Event::Request {
+            success,
+            duration_ms,
+        };
+        self.record_hashed(Instant::now(), call, hash, event);
+    }
+
     /// One TCP connection opened.
     pub fn tcp_opened(
         &self,
@@ -626,16 +677,23 @@ impl Golden {
         &self.shards[(hash >> 32) as usize % self.shards.len()]
     }
 
-    fn record(&self, now: Instant, call: Call<'_>, event: Event) {
-        let nanos = self.nanos(now);
-        let n = nanos / SLOT_NANOS;
-        let hash = self.hasher.hash_one((
+    fn hash(&self, call: &Call<'_>) -> u64 {
+        self.hasher.hash_one((
             call.reporter,
             call.source,
             call.destination,
             call.service,
             call.mtls,
-        ));
+        ))
+    }
+
+    fn record(&self, now: Instant, call: Call<'_>, event: Event) {
+        self.record_hashed(now, call, self.hash(&call), event);
+    }
+
+    fn record_hashed(&self, now: Instant, call: Call<'_>, hash: u64, event: Event) {
+        let nanos = self.nanos(now);
+        let n = nanos / SLOT_NANOS;
         let mut guard = self.shard_of(hash).lock();
         let shard = &mut *guard;
         if n > shard.swept {
@@ -1011,6 +1069,90 @@ mod tests {
 
     fn close(a: f64, b: f64) -> bool {
         (a - b).abs() < 1e-9 * b.abs().max(1.0)
+    }
+
+    #[test]
+    fn kept_keys_record_where_hashing_them_does() {
+        let g = Golden::new();
+        let kept = KeptKeys::default();
+        let (c, s) = (deploy("a", "client", "c-1"), deploy("b", "server", "s-1"));
+        let other = deploy("b", "server", "s-2");
+        let svc: Text = "server.b.svc.cluster.local".into();
+        for _ in 0..3 {
+            g.request_kept(
+                &kept,
+                Reporter::Source,
+                &c,
+                &s,
+                Some(&svc),
+                false,
+                true,
+                1.0,
+            );
+        }
+        // The same key in texts of its own, kept or not: one key (a kept hash that was not
+        // the key's own would have made another).
+        let (c2, s2) = (deploy("a", "client", "c-1"), deploy("b", "server", "s-1"));
+        let svc2: Text = "server.b.svc.cluster.local".into();
+        g.request_kept(
+            &kept,
+            Reporter::Source,
+            &c2,
+            &s2,
+            Some(&svc2),
+            false,
+            false,
+            1.0,
+        );
+        g.request(Reporter::Source, &c2, &s2, Some(&svc2), false, true, 1.0);
+        assert_eq!(g.keys(), 1);
+        assert_eq!(kept.0.lock().len(), 1, "one key, kept once");
+        // Another pod, Service or mTLS: keys apart, more than are kept.
+        g.request_kept(
+            &kept,
+            Reporter::Source,
+            &c,
+            &other,
+            Some(&svc),
+            false,
+            true,
+            1.0,
+        );
+        g.request_kept(&kept, Reporter::Source, &c, &s, None, false, true, 1.0);
+        let other_svc: Text = "other.b.svc.cluster.local".into();
+        g.request_kept(
+            &kept,
+            Reporter::Source,
+            &c,
+            &s,
+            Some(&other_svc),
+            false,
+            true,
+            1.0,
+        );
+        g.request_kept(
+            &kept,
+            Reporter::Source,
+            &c2,
+            &s2,
+            Some(&svc2),
+            false,
+            false,
+            1.0,
+        );
+        g.request(Reporter::Source, &c, &s, Some(&svc), false, true, 1.0);
+        assert_eq!(g.keys(), 4);
+        assert!(kept.0.lock().len() <= KeptKeys::KEPT);
+        let q = StatQuery {
+            by: StatBy::Pod,
+            namespace: Some("b".into()),
+            window: MIN,
+        };
+        let rows = g.stat(&q);
+        let pod = |name: &str| rows.iter().find(|r| r.name == name).expect(name);
+        assert_eq!(pod("s-1").requests, 9, "{rows:#?}");
+        assert_eq!(pod("s-2").requests, 1, "{rows:#?}");
+        assert_eq!(pod("s-1").success_rate, Some(7.0 / 9.0), "{rows:#?}");
     }
 
     #[test]

@@ -24,7 +24,7 @@ use prometheus_client::metrics::counter::{ConstCounter, Counter};
 use prometheus_client::metrics::histogram::Histogram;
 use prometheus_client::metrics::MetricType;
 
-use crate::admin::api::Text;
+use crate::admin::api::{same_text, Text};
 use crate::registry::workload::workload_of;
 use crate::registry::Pod;
 
@@ -253,6 +253,37 @@ pub struct RequestLabels {
     pub flags: Text,
 }
 
+impl RequestLabels {
+    /// The same labels, the texts compared by pointer first: a connection's requests label
+    /// with its own texts (and the worker's shared flags), so the bytes are rarely looked at.
+    fn same(&self, other: &RequestLabels) -> bool {
+        let (a, b) = (&self.call, &other.call);
+        self.response_code == other.response_code
+            && self.protocol == other.protocol
+            && self.grpc_status == other.grpc_status
+            && (Arc::ptr_eq(&self.flags, &other.flags) || self.flags == other.flags)
+            && a.reporter == b.reporter
+            && a.security == b.security
+            && a.source == b.source
+            && a.destination == b.destination
+            && a.service == b.service
+            && same_text(&a.source_principal, &b.source_principal)
+            && same_text(&a.destination_principal, &b.destination_principal)
+    }
+}
+
+/// The series a connection's requests were last counted in, with their labels: looked up
+/// again by comparing labels, without hashing them or taking the family's lock. A connection
+/// mostly repeats one outcome per reporter; a few are kept (series are never removed, so a
+/// kept one is always the family's own).
+#[derive(Default)]
+pub struct KeptSeries(parking_lot::Mutex<Vec<(RequestLabels, Arc<RequestSeries>)>>);
+
+impl KeptSeries {
+    /// How many are kept.
+    const KEPT: usize = 4;
+}
+
 /// One series of the TCP family.
 #[derive(Clone, Debug, PartialEq, Eq, Hash)]
 pub struct TcpLabels {
@@ -343,7 +374,26 @@ impl IstioMetrics {
 
     /// One finished request.
     pub fn request(&self, labels: &RequestLabels, sample: RequestSample) {
-        let s = series(&self.requests, labels);
+        Self::count(&series(&self.requests, labels), labels, sample);
+    }
+
+    /// One finished request of a connection whose series are kept in `kept`.
+    pub fn request_kept(&self, kept: &KeptSeries, labels: RequestLabels, sample: RequestSample) {
+        let mut kept = kept.0.lock();
+        let s = match kept.iter().find(|(l, _)| l.same(&labels)) {
+            Some((_, s)) => s.clone(),
+            None => {
+                let s = series(&self.requests, &labels);
+                kept.truncate(KeptSeries::KEPT - 1);
+                kept.insert(0, (labels.clone(), s.clone()));
+                s
+            }
+        };
+        drop(kept);
+        Self::count(&s, &labels, sample);
+    }
+
+    fn count(s: &RequestSeries, labels: &RequestLabels, sample: RequestSample) {
         s.requests.inc();
         s.duration.observe(sample.duration_ms);
         s.request_bytes.observe(sample.request_bytes as f64);
@@ -666,6 +716,61 @@ pub(crate) mod tests {
             s.key,
             ServiceLabels::external("reviews.back.svc.cluster.local", "back").key
         );
+    }
+
+    #[test]
+    fn kept_series_count_where_the_family_does() {
+        let m = Arc::new(IstioMetrics::new("Kubernetes"));
+        let kept = KeptSeries::default();
+        let labels = |code: u16, flags: &str| RequestLabels {
+            call: call(Reporter::Source, true),
+            protocol: Protocol::Http,
+            response_code: code,
+            grpc_status: None,
+            flags: flags.into(),
+        };
+        let ok = labels(200, "-");
+        for _ in 0..3 {
+            m.request_kept(&kept, ok.clone(), RequestSample::default());
+        }
+        {
+            let kept = kept.0.lock();
+            assert_eq!(kept.len(), 1, "one outcome, one series kept");
+            assert!(Arc::ptr_eq(&kept[0].1, &series(&m.requests, &ok)));
+        }
+        // Equal labels in texts of their own: the same series, kept or not.
+        m.request_kept(&kept, labels(200, "-"), RequestSample::default());
+        m.request(&labels(200, "-"), RequestSample::default());
+        // Any label apart is a series apart, however many are kept.
+        for (code, flags) in [
+            (503, "UF"),
+            (200, "URX"),
+            (404, "NR"),
+            (500, "-"),
+            (503, "UF"),
+        ] {
+            m.request_kept(&kept, labels(code, flags), RequestSample::default());
+        }
+        m.request_kept(&kept, ok.clone(), RequestSample::default());
+        assert_eq!(m.series_count().0, 5);
+        let out = scrape(&m);
+        let total = |code: &str, flags: &str| {
+            let l = out
+                .lines()
+                .find(|l| {
+                    l.starts_with("istio_requests_total{")
+                        && l.contains(&format!("response_code=\"{code}\""))
+                        && l.contains(&format!("response_flags=\"{flags}\""))
+                })
+                .unwrap_or_else(|| panic!("no series {code} {flags} in\n{out}"));
+            l.rsplit(' ').next().unwrap().to_string()
+        };
+        assert_eq!(total("200", "-"), "6");
+        assert_eq!(total("503", "UF"), "2");
+        assert_eq!(total("200", "URX"), "1");
+        assert_eq!(total("404", "NR"), "1");
+        assert_eq!(total("500", "-"), "1");
+        assert!(kept.0.lock().len() <= KeptSeries::KEPT);
     }
 
     #[test]

@@ -162,6 +162,7 @@ impl Telemetry {
         report: &Report,
         protocol: Protocol,
         messages: (u64, u64),
+        kept: &Kept,
     ) -> Arc<Flow> {
         flow.inbound = report.by_destination && !report.by_source;
         if let Some(http) = &flow.http {
@@ -183,12 +184,13 @@ impl Telemetry {
                     },
                     flags: http.response_flags.clone(),
                 };
-                self.istio.request(&labels, sample);
+                self.istio.request_kept(&kept.series, labels, sample);
             }
             let (src, dst) = sides(&flow, report);
             let success = http.status != 0 && http.status < 500;
             for reporter in report.reporters() {
-                self.golden.request(
+                self.golden.request_kept(
+                    &kept.keys,
                     reporter,
                     &src,
                     &dst,
@@ -246,6 +248,14 @@ fn labelled(flow: &Flow) -> bool {
 }
 
 /// Both sides of a call as the golden signals key them.
+/// What one connection's requests were last counted under (Istio's series, the golden signals'
+/// keys): found again by comparison, the labels not hashed again for every request.
+#[derive(Default)]
+pub struct Kept {
+    series: istio::KeptSeries,
+    keys: golden::KeptKeys,
+}
+
 fn sides(flow: &Flow, report: &Report) -> (golden::Side, golden::Side) {
     let side = |peer: Option<&Arc<istio::Peer>>, pod: &Option<crate::admin::api::Text>| {
         let peer = peer.filter(|p| p.known);

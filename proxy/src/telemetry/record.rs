@@ -22,7 +22,7 @@ use super::counters::Held;
 use super::istio::{CallLabels, Peer, Protocol, Reporter, Security, ServiceLabels};
 use super::names;
 use super::trace::{SpanEnd, SpanKind, SpanStart};
-use super::Telemetry;
+use super::{Kept, Telemetry};
 use crate::admin::api::{Flow, FlowDestination, HttpFlow, Text, Verdict};
 use crate::identity::SpiffeId;
 use crate::registry::{Pod, Service};
@@ -248,6 +248,7 @@ impl ConnectionRecord {
             telemetry: self.telemetry.clone(),
             flow: Arc::new(flow),
             destinations: Arc::default(),
+            kept: Arc::default(),
             report: Arc::new(Report {
                 delivered_here: false,
                 ..self.report.clone()
@@ -427,6 +428,7 @@ pub struct RequestTemplate {
     flow: Arc<Flow>,
     report: Arc<Report>,
     destinations: Arc<Destinations>,
+    kept: Arc<Kept>,
 }
 
 /// The last few different destinations a connection's requests went to, the newest first:
@@ -464,6 +466,7 @@ impl RequestTemplate {
             flow,
             report: self.report.clone(),
             destinations: self.destinations.clone(),
+            kept: self.kept.clone(),
             to: None,
             destination: None,
             service: None,
@@ -489,6 +492,8 @@ pub struct RequestRecord {
     report: Arc<Report>,
     /// Where the connection's requests went, for this one's flow to share.
     destinations: Arc<Destinations>,
+    /// What the connection's requests were counted under.
+    kept: Arc<Kept>,
     /// Where this request went, once it differs from the connection's destination (the
     /// flow's until then).
     to: Option<FlowDestination>,
@@ -705,7 +710,7 @@ impl RequestRecord {
             self.finish_span(span, &flow, &report);
         }
         self.telemetry
-            .request(flow, &report, protocol, self.messages)
+            .request(flow, &report, protocol, self.messages, &self.kept)
     }
 }
 
