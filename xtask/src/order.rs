@@ -11,10 +11,11 @@
 //! 1. the release build of weft and weft-testpod;
 //! 2. the benchmark's cases, weft only, with each `weft node` run under valgrind's callgrind,
 //!    counting switched on once the node answers `/healthz/ready`, has made its first
-//!    certificates and has handed back what making them ran, and the bench has checked its
-//!    paths and begins its cases ([`crate::bench::MEASURING_ENV`]): start-up's code is left
-//!    out, and so are the certificates' and the checks' (a tunnel's first TLS handshake),
-//!    which would otherwise fall in whichever part's count they happened to come in. In three
+//!    certificates and has handed back what making them ran, and then only while the bench
+//!    runs its cases, not while it checks its paths ([`crate::bench::MEASURING_ENV`]):
+//!    start-up's code is left out, and so are the certificates' and the checks' (a tunnel's
+//!    first TLS handshake), which would otherwise fall in whichever part's count they happened
+//!    to come in. In three
 //!    parts ([`STAGES`]): one node serving HTTP, one node serving TCP, two nodes carrying both
 //!    in HBONE;
 //! 3. every function of weft's executable that ran, part by part, each part's functions that
@@ -124,8 +125,8 @@ pub fn run(args: Args) -> anyhow::Result<()> {
 /// a node made no certificate in time: counting started anyway, and the stage is refused.
 const NO_CERTIFICATE: &str = "no-certificate.";
 
-/// The file the bench writes in the output directory when its cases begin: the wrapper starts
-/// counting then.
+/// The file that is in the output directory while the bench runs its cases: the wrapper counts
+/// while it is there.
 const MEASURING: &str = "measuring";
 
 /// The benchmark's cases, in the order their code is laid out: what a node serving HTTP on
@@ -299,7 +300,8 @@ impl Layout {
 /// `weft` for every command but `node`, which runs under callgrind with counting off until
 /// its admin socket answers ready and its first certificates are made (up to 30 s; past that it
 /// counts anyway and leaves a [`NO_CERTIFICATE`] file for the stage to refuse), the node has
-/// handed back what making them ran, and the bench's cases begin (the [`MEASURING`] file).
+/// handed back what making them ran; from then on it counts while the bench runs its cases
+/// (while the [`MEASURING`] file is there).
 /// SIGTERM (how the bench stops a node) is passed on, and the node's exit status returned.
 fn write_wrapper(path: &Path, weft: &Path, dir: &Path) -> anyhow::Result<()> {
     let script = format!(
@@ -328,12 +330,16 @@ trap 'kill -TERM $pid 2>/dev/null' TERM INT
   done
   [ -n "$certified" ] || : > '{dir}/{no_certificate}'$pid
   sleep 5
-  # The bench's checks (a tunnel's first handshake) are set-up too: count its cases.
-  until [ -e '{dir}/{measuring}' ]; do
-    kill -0 $pid 2>/dev/null || exit 0
+  # The bench's checks (a tunnel's first handshake) are set-up too: count its cases only.
+  counting=
+  while kill -0 $pid 2>/dev/null; do
+    if [ -e '{dir}/{measuring}' ]; then
+      [ -n "$counting" ] || {{ callgrind_control -i on $pid >/dev/null; counting=1; }}
+    else
+      [ -z "$counting" ] || {{ callgrind_control -i off $pid >/dev/null; counting=; }}
+    fi
     sleep 0.2
   done
-  callgrind_control -i on $pid >/dev/null
 ) &
 # `wait` returns early when a trapped signal comes: wait again while the node runs.
 while :; do
@@ -565,7 +571,7 @@ mod tests {
         std::fs::remove_dir_all(&dir).unwrap();
         assert!(checked.success(), "bash -n refused:\n{script}");
         assert!(script.contains(&format!("'{}/{NO_CERTIFICATE}'$pid", dir.display())));
-        assert!(script.contains(&format!("until [ -e '{}/{MEASURING}' ]", dir.display())));
+        assert!(script.contains(&format!("if [ -e '{}/{MEASURING}' ]", dir.display())));
     }
 
     #[test]

@@ -410,6 +410,8 @@ impl Bench {
     /// processes, the client node's first (none: the weft path is left out).
     pub(super) fn measure_http(&mut self, paths: &[PathKind], wefts: &[&Weft], res: &mut Results) {
         let topo = self.topo;
+        // Its checks (a tunnel for the HTTP client's identity) are set-up.
+        super::measuring(false);
         if let Err(e) = self
             .start_backend()
             .and_then(|_| self.check_http(PathKind::Direct))
@@ -475,7 +477,7 @@ impl Bench {
             _ => None,
         };
 
-        super::measuring();
+        super::measuring(true);
         self.run_http_cases(&live, &watched, res);
 
         for ((_, what, pid), before_kib) in watched.into_iter().zip(before) {

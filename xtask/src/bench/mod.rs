@@ -544,7 +544,7 @@ impl Bench {
         if live.is_empty() {
             return;
         }
-        measuring();
+        measuring(true);
         for rep in 0..reps as usize {
             for case in Case::ALL {
                 if !self.args.cases.is_empty() && !self.args.cases.contains(&case) {
@@ -577,16 +577,25 @@ impl Bench {
     }
 }
 
-/// The environment variable naming a file the bench writes once its paths are checked and its
-/// cases begin ([`measuring`]).
+/// The environment variable naming a file that is there while the bench runs its cases, and
+/// not while it checks its paths ([`measuring`]).
 pub const MEASURING_ENV: &str = "WEFT_BENCH_MEASURING";
 
 /// Tells whoever counts the nodes' work (`cargo xtask order`'s wrapper, through the file
-/// [`MEASURING_ENV`] names) that the cases begin: what the checks before them ran (a tunnel's
-/// first handshake, the first connections) is set-up, not the cases'.
-fn measuring() {
-    if let Some(path) = std::env::var_os(MEASURING_ENV) {
-        let _ = std::fs::write(path, b"");
+/// [`MEASURING_ENV`] names) whether the cases run (`true`) or the paths are checked: what the
+/// checks run (a tunnel's first TLS handshake, the first connections) is set-up, not the
+/// cases'. Gives the counter two seconds to follow.
+fn measuring(on: bool) {
+    let Some(path) = std::env::var_os(MEASURING_ENV) else {
+        return;
+    };
+    let changed = if on {
+        !std::path::Path::new(&path).exists() && std::fs::write(&path, b"").is_ok()
+    } else {
+        std::fs::remove_file(&path).is_ok()
+    };
+    if changed {
+        std::thread::sleep(std::time::Duration::from_secs(2));
     }
 }
 
