@@ -547,18 +547,17 @@ impl Golden {
         success: bool,
         duration_ms: f64,
     ) {
-        let call = Call {
+        let kept = KeptKeys::default();
+        self.request_kept(
+            &kept,
             reporter,
             source,
             destination,
             service,
             mtls,
-        };
-        let event = Event::Request {
             success,
             duration_ms,
-        };
-        self.record(Instant::now(), call, event);
+        );
     }
 
     /// The same, for a connection whose keys' hashes are kept in `kept`: a key it recorded
