@@ -21,7 +21,15 @@ const ALLOWED: &[(&str, &[&str])] = &[
     ("l7", &["registry", "config"]),
     (
         "exchange",
-        &["admin", "batch", "drain", "l7", "telemetry", "upstream"],
+        &[
+            "admin",
+            "batch",
+            "drain",
+            "l7",
+            "telemetry",
+            "upstream",
+            "tunnel",
+        ],
     ),
     ("identity", &["admin", "memory"]),
     ("ca", &["identity", "registry"]),
