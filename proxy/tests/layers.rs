@@ -26,6 +26,7 @@ const ALLOWED: &[(&str, &[&str])] = &[
             "batch",
             "drain",
             "l7",
+            "relay",
             "telemetry",
             "upstream",
             "tunnel",
@@ -39,7 +40,7 @@ const ALLOWED: &[(&str, &[&str])] = &[
     ("worker", &[]),
     (
         "upstream",
-        &["batch", "registry", "identity", "worker", "netns"],
+        &["batch", "registry", "identity", "worker", "netns", "relay"],
     ),
     (
         "telemetry",

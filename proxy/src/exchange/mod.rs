@@ -3,8 +3,9 @@
 //! shaped for its upstream, each response recorded when its body ends ([`body::Recorded`]), and
 //! the responses weft makes itself.
 //!
-//! May import: `admin::api`, `drain`, `l7`, `telemetry`, `upstream`, `tunnel` (an HTTP/2
-//! `CONNECT` stream as bytes, for an upgrade).
+//! May import: `admin::api`, `drain`, `l7`, `relay` (`Woken`: the drain's watch polled only
+//! when it wakes), `telemetry`, `upstream`, `tunnel` (an HTTP/2 `CONNECT` stream as bytes, for
+//! an upgrade).
 
 pub mod body;
 pub mod guard;
@@ -13,7 +14,6 @@ use std::borrow::Cow;
 use std::convert::Infallible;
 use std::future::Future;
 use std::sync::Arc;
-use std::time::Duration;
 
 use bytes::Bytes;
 use http::uri::{PathAndQuery, Scheme};
@@ -35,6 +35,7 @@ use crate::admin::api::{HttpFlow, RequestTexts, Texts, Verdict, NO_FLAGS};
 use crate::batch;
 use crate::drain::Draining;
 use crate::l7::respond::{self, Flag};
+use crate::relay::Woken;
 use crate::telemetry::{ConnectionRecord, RequestRecord, RequestTemplate};
 use crate::upstream::http::{Body, Received, Upgrade, Version};
 
@@ -94,20 +95,29 @@ where
     let served = match version {
         ClientVersion::Http1 => {
             let io = Guarded::new(io, max_head, refusal.clone());
+            let progress = io.progress();
             let conn = hyper::server::conn::http1::Builder::new()
                 // A client may half-close after its request and still wait for the answer.
                 .half_close(true)
                 .max_buf_size(parser_limit(max_head))
                 .timer(TokioTimer::new())
-                .header_read_timeout(Duration::from_secs(30))
+                // Timed by the guard's watcher instead (`guard::watch`).
+                .header_read_timeout(None)
                 .serve_connection(TokioIo::new(io), svc)
                 .with_upgrades();
             // Closed by its responses while draining (above): only the deadline is watched.
+            // The drain and the watcher are polled only when they wake, not at every turn of
+            // the connection.
             record
                 .serve(async {
+                    let cut = std::pin::pin!(draining.cut());
+                    let cut = Woken::new(cut);
+                    let watch = std::pin::pin!(guard::watch(&progress));
+                    let watch = Woken::new(watch);
                     tokio::select! {
                         served = conn => Ok(served),
-                        why = draining.cut() => Err(why),
+                        why = cut => Err(why),
+                        why = watch => Err(why),
                     }
                 })
                 .await
@@ -123,13 +133,17 @@ where
             record
                 .serve(async {
                     tokio::pin!(conn);
+                    let started = std::pin::pin!(draining.started());
+                    let started = Woken::new(started);
                     tokio::select! {
                         served = conn.as_mut() => return Ok(served),
-                        _ = draining.started() => conn.as_mut().engine().graceful_shutdown(),
+                        _ = started => conn.as_mut().engine().graceful_shutdown(),
                     }
+                    let cut = std::pin::pin!(draining.cut());
+                    let cut = Woken::new(cut);
                     tokio::select! {
                         served = conn => Ok(served),
-                        why = draining.cut() => Err(why),
+                        why = cut => Err(why),
                     }
                 })
                 .await
@@ -235,9 +249,11 @@ where
     C: AsyncRead + AsyncWrite + Unpin,
     U: AsyncRead + AsyncWrite + Unpin,
 {
+    let closing = std::pin::pin!(draining.closing());
+    let closing = Woken::new(closing);
     tokio::select! {
         _ = tokio::io::copy_bidirectional(&mut c, &mut u) => {}
-        _ = draining.closing() => {
+        _ = closing => {
             use tokio::io::AsyncWriteExt;
             let _ = tokio::join!(c.shutdown(), u.shutdown());
         }

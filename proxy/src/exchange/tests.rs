@@ -3,6 +3,7 @@
 use super::guard::{parser_limit, Guarded};
 use super::*;
 use std::net::SocketAddr;
+use std::time::Duration;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 
@@ -205,4 +206,113 @@ fn owned_values_keep_no_read_buffer_alive() {
     assert!(!headers[header::CONTENT_TYPE].is_sensitive());
     assert_eq!(headers[header::SERVER], "weft");
     assert_eq!(headers.len(), 5);
+}
+
+/// Serves one accepted connection with [`serve`], answering 200 to every request; returns
+/// how many requests it served and why it was cut.
+async fn served_alone() -> (
+    SocketAddr,
+    tokio::sync::oneshot::Receiver<(u64, Option<String>)>,
+) {
+    let l = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = l.local_addr().unwrap();
+    let (tx, rx) = tokio::sync::oneshot::channel();
+    tokio::spawn(async move {
+        let (s, _) = l.accept().await.unwrap();
+        let telemetry = Arc::new(crate::telemetry::Telemetry::new("node-1", 16));
+        let mut record = ConnectionRecord::accepted(&telemetry);
+        let template = record.requests();
+        let served = serve(
+            s,
+            ClientVersion::Http1,
+            60 * 1024,
+            &template,
+            &mut record,
+            &Draining::never(),
+            |_req| async { Response::new(empty()) },
+        )
+        .await;
+        let _ = tx.send(served);
+    });
+    (addr, rx)
+}
+
+/// Reads one response head (the responses here have no body).
+async fn response_head(c: &mut TcpStream) -> String {
+    let mut head = Vec::new();
+    let mut byte = [0u8; 1];
+    while !head.ends_with(b"\r\n\r\n") {
+        match c.read(&mut byte).await {
+            Ok(1) => head.push(byte[0]),
+            _ => break,
+        }
+    }
+    String::from_utf8_lossy(&head).into_owned()
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_keep_alive_connection_idle_for_minutes_serves_on() {
+    let (addr, served) = served_alone().await;
+    let mut c = TcpStream::connect(addr).await.unwrap();
+    let request = b"GET / HTTP/1.1\r\nHost: a\r\n\r\n";
+    c.write_all(request).await.unwrap();
+    assert!(response_head(&mut c).await.starts_with("HTTP/1.1 200"));
+    // Longer than a request head may take: an idle connection is not a slow head.
+    tokio::time::sleep(Duration::from_secs(10 * 60)).await;
+    c.write_all(request).await.unwrap();
+    let again = response_head(&mut c).await;
+    assert!(
+        again.starts_with("HTTP/1.1 200"),
+        "after 10 minutes idle: {again:?}"
+    );
+    drop(c);
+    assert_eq!(served.await.unwrap(), (2, None));
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_connection_idle_for_an_hour_is_closed() {
+    let (addr, served) = served_alone().await;
+    let mut c = TcpStream::connect(addr).await.unwrap();
+    c.write_all(b"GET / HTTP/1.1\r\nHost: a\r\n\r\n")
+        .await
+        .unwrap();
+    assert!(response_head(&mut c).await.starts_with("HTTP/1.1 200"));
+    let started = tokio::time::Instant::now();
+    let mut rest = Vec::new();
+    c.read_to_end(&mut rest).await.unwrap();
+    let after = started.elapsed();
+    assert!(rest.is_empty());
+    assert!(
+        after >= guard::IDLE_TIMEOUT && after <= guard::IDLE_TIMEOUT * 5 / 4,
+        "closed after {after:?}"
+    );
+    let (requests, why) = served.await.unwrap();
+    assert_eq!(requests, 1);
+    assert_eq!(why.as_deref(), Some("idle for 3600s"));
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_trickled_request_head_is_cut_after_its_timeout() {
+    let (addr, served) = served_alone().await;
+    let mut c = TcpStream::connect(addr).await.unwrap();
+    // A connection left idle first: the head's time runs from its first bytes.
+    tokio::time::sleep(Duration::from_secs(90)).await;
+    let started = tokio::time::Instant::now();
+    c.write_all(b"GET / HTTP/1.1\r\nHo").await.unwrap();
+    tokio::time::sleep(Duration::from_secs(20)).await;
+    // More of the head: it is still the same head, its time still runs.
+    c.write_all(b"st: a\r\n").await.unwrap();
+    let mut rest = Vec::new();
+    let _ = c.read_to_end(&mut rest).await;
+    let after = started.elapsed();
+    assert!(
+        after >= guard::HEAD_TIMEOUT && after < guard::HEAD_TIMEOUT + Duration::from_secs(1),
+        "closed after {after:?}"
+    );
+    let (requests, why) = served.await.unwrap();
+    assert_eq!(requests, 0);
+    assert_eq!(
+        why.as_deref(),
+        Some("request head not complete within 30s of its first bytes")
+    );
 }

@@ -188,6 +188,11 @@ impl H1Guard {
     pub fn gave_up(&self) -> bool {
         self.gave_up
     }
+
+    /// Whether part of a request head has arrived and the rest has not.
+    pub fn holding_head(&self) -> bool {
+        self.state == State::Head && !self.held.is_empty()
+    }
 }
 
 /// Of `available` bytes, how many belong to the `n` a counted state (a body, a chunk's data)

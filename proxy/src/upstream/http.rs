@@ -34,6 +34,7 @@ use tracing::debug;
 
 use super::http2::{self, Failed};
 use crate::batch;
+use crate::relay::Woken;
 
 /// The request body weft sends upstream.
 pub type Body = BoxBody<Bytes, hyper::Error>;
@@ -366,11 +367,14 @@ impl Sender {
                     .map_err(Error::Http1)?;
                 let activity = activity.clone();
                 tokio::spawn(async move {
+                    // Polled only when its tick fires, not at every turn of the connection.
+                    let unused = std::pin::pin!(unused_for(&activity, idle));
+                    let unused = Woken::new(unused);
                     tokio::select! {
                         r = conn.with_upgrades() => if let Err(e) = r {
                             debug!(error = %e, "upstream HTTP/1.1 connection ended");
                         },
-                        () = unused_for(&activity, idle) => {
+                        () = unused => {
                             debug!(?idle, "upstream HTTP/1.1 connection idle: closed");
                         }
                     }
@@ -390,11 +394,13 @@ impl Sender {
                 // h2 closes the connection itself once no handle and no stream is left.
                 let activity = activity.clone();
                 tokio::spawn(async move {
+                    let unused = std::pin::pin!(unused_for(&activity, idle));
+                    let unused = Woken::new(unused);
                     tokio::select! {
                         r = conn => if let Err(e) = r {
                             debug!(error = %e, "upstream HTTP/2 connection ended");
                         },
-                        () = unused_for(&activity, idle) => {
+                        () = unused => {
                             debug!(?idle, "upstream HTTP/2 connection idle: closed");
                         }
                     }

@@ -21,7 +21,7 @@
 //!   TLS), kept for reuse per endpoint; [`http2`] sends an HTTP/2 one's requests.
 //! - [`tls`]: TLS origination towards external services (DestinationRule `tls.mode: SIMPLE`).
 //!
-//! May import: `registry`, `identity`.
+//! May import: `batch`, `registry`, `identity`, `worker`, `netns`, `relay`.
 
 pub mod dns;
 pub mod http;
