@@ -439,9 +439,13 @@ pub fn strip_hop_by_hop(headers: &mut HeaderMap) {
         header::TRANSFER_ENCODING,
         header::UPGRADE,
     ];
-    if crate::l7::hygiene::any_of(headers, &HOP_BY_HOP) {
-        for name in &HOP_BY_HOP {
-            headers.remove(name);
+    // Only those present are looked up again: most responses carry one or none.
+    let present = crate::l7::hygiene::present(headers, &HOP_BY_HOP);
+    if present != 0 {
+        for (i, name) in HOP_BY_HOP.iter().enumerate() {
+            if present & (1 << i) != 0 {
+                headers.remove(name);
+            }
         }
     }
 }

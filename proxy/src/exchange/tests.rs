@@ -316,3 +316,27 @@ async fn a_trickled_request_head_is_cut_after_its_timeout() {
         Some("request head not complete within 30s of its first bytes")
     );
 }
+
+#[test]
+fn a_response_loses_its_hop_by_hop_headers_and_keeps_the_rest() {
+    let mut h = HeaderMap::new();
+    h.insert(
+        header::TRANSFER_ENCODING,
+        HeaderValue::from_static("chunked"),
+    );
+    h.insert("keep-alive", HeaderValue::from_static("timeout=5"));
+    h.insert(header::CONTENT_TYPE, HeaderValue::from_static("text/plain"));
+    h.insert("x-app", HeaderValue::from_static("1"));
+    assert_eq!(
+        crate::l7::hygiene::present(&h, &[header::CONNECTION, header::TRANSFER_ENCODING]),
+        0b10
+    );
+    strip_hop_by_hop(&mut h);
+    let mut left: Vec<&str> = h.keys().map(|k| k.as_str()).collect();
+    left.sort();
+    assert_eq!(left, ["content-type", "x-app"]);
+    let mut none = HeaderMap::new();
+    none.insert("x-app", HeaderValue::from_static("1"));
+    strip_hop_by_hop(&mut none);
+    assert_eq!(none.len(), 1);
+}

@@ -339,8 +339,9 @@ const X_REQUEST_ID: HeaderName = HeaderName::from_static("x-request-id");
 pub fn prepare(headers: &mut HeaderMap, client: &HeaderValue, upgrade: bool) -> String {
     // Most requests carry none: one pass over their few names instead of a lookup for each
     // hop-by-hop name (`Connection` and `TE` are among them).
-    if any_of(headers, &HOP_BY_HOP) {
-        remove_hop_by_hop(headers, upgrade);
+    let hop_by_hop = present(headers, &HOP_BY_HOP);
+    if hop_by_hop != 0 {
+        remove_hop_by_hop(headers, hop_by_hop, upgrade);
     }
     if upgrade {
         headers.insert(
@@ -395,7 +396,7 @@ fn new_request_id(id: &str) -> HeaderValue {
 
 /// Removes the hop-by-hop headers and those `Connection` names (keeping `Upgrade` and
 /// `Connection` on an upgrade, and `TE: trailers`).
-fn remove_hop_by_hop(headers: &mut HeaderMap, upgrade: bool) {
+fn remove_hop_by_hop(headers: &mut HeaderMap, present: u32, upgrade: bool) {
     let named: Vec<HeaderName> = headers
         .get_all(http::header::CONNECTION)
         .iter()
@@ -415,8 +416,10 @@ fn remove_hop_by_hop(headers: &mut HeaderMap, upgrade: bool) {
             headers.remove(name);
         }
     }
-    for name in &HOP_BY_HOP {
-        if upgrade && (name == http::header::UPGRADE || name == http::header::CONNECTION) {
+    for (i, name) in HOP_BY_HOP.iter().enumerate() {
+        if present & (1 << i) == 0
+            || upgrade && (name == http::header::UPGRADE || name == http::header::CONNECTION)
+        {
             continue;
         }
         headers.remove(name);
@@ -427,10 +430,18 @@ fn remove_hop_by_hop(headers: &mut HeaderMap, upgrade: bool) {
     }
 }
 
-/// `headers` holds one of `names`: a pass over the map's names (a request has a handful),
-/// which costs less than hashing each of `names` to look it up.
-pub fn any_of(headers: &HeaderMap, names: &[HeaderName]) -> bool {
-    headers.keys().any(|k| names.contains(k))
+/// Which of `names` (at most 32) `headers` holds, as bits by their place in `names`: a pass
+/// over the map's names (a message has a handful), which costs less than hashing each of
+/// `names` to look it up, and only those present are looked up again to go.
+pub fn present(headers: &HeaderMap, names: &[HeaderName]) -> u32 {
+    debug_assert!(names.len() <= 32);
+    let mut bits = 0;
+    for k in headers.keys() {
+        if let Some(i) = names.iter().position(|n| n == k) {
+            bits |= 1 << i;
+        }
+    }
+    bits
 }
 
 /// Marks a value that differs on every request (a request or trace id) never to be indexed
