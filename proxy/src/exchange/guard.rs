@@ -5,7 +5,8 @@
 //! A client has [`HEAD_TIMEOUT`] to finish a request head once its first bytes have arrived (a
 //! client that trickles a head, slowloris, holds a connection no longer), and a connection with
 //! no byte either way for [`IDLE_TIMEOUT`] is closed (Envoy's HTTP connection manager's
-//! `idle_timeout` default). Both are timed here rather than by hyper: hyper's header read timeout
+//! `idle_timeout` default); an HTTP/2 client's connection ([`Moving`]) is told to go away
+//! (`GOAWAY`) then, its open streams served to their end. Both are timed here rather than by hyper: hyper's header read timeout
 //! runs from the end of one exchange to the next head, so it closed every keep-alive connection
 //! left idle 30 s, and it armed a timer for every request. Here nothing is done per request: the
 //! guard counts what moves and notes when a head arrives in pieces, and the watcher wakes only
@@ -338,6 +339,80 @@ impl<S: AsyncRead + AsyncWrite + Send + Unpin + 'static> AsyncWrite for Guarded<
 
     fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut TaskContext<'_>) -> Poll<io::Result<()>> {
         Pin::new(self.stream()).poll_shutdown(cx)
+    }
+}
+
+/// An HTTP/2 client connection's stream, counting what moves for [`watch`] (which, with no
+/// guard to note heads, closes it only for idleness).
+pub struct Moving<S> {
+    inner: S,
+    progress: Arc<Progress>,
+}
+
+impl<S> Moving<S> {
+    pub fn new(inner: S) -> Moving<S> {
+        Moving {
+            inner,
+            progress: Arc::default(),
+        }
+    }
+
+    /// What [`watch`] reads of it.
+    pub fn progress(&self) -> Arc<Progress> {
+        self.progress.clone()
+    }
+}
+
+impl<S: AsyncRead + Unpin> AsyncRead for Moving<S> {
+    fn poll_read(
+        mut self: Pin<&mut Self>,
+        cx: &mut TaskContext<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<io::Result<()>> {
+        let before = buf.filled().len();
+        let r = Pin::new(&mut self.inner).poll_read(cx, buf);
+        if buf.filled().len() > before {
+            self.progress.moved();
+        }
+        r
+    }
+}
+
+impl<S: AsyncWrite + Unpin> AsyncWrite for Moving<S> {
+    fn poll_write(
+        mut self: Pin<&mut Self>,
+        cx: &mut TaskContext<'_>,
+        buf: &[u8],
+    ) -> Poll<io::Result<usize>> {
+        let r = Pin::new(&mut self.inner).poll_write(cx, buf);
+        if matches!(r, Poll::Ready(Ok(n)) if n > 0) {
+            self.progress.moved();
+        }
+        r
+    }
+
+    fn poll_write_vectored(
+        mut self: Pin<&mut Self>,
+        cx: &mut TaskContext<'_>,
+        bufs: &[io::IoSlice<'_>],
+    ) -> Poll<io::Result<usize>> {
+        let r = Pin::new(&mut self.inner).poll_write_vectored(cx, bufs);
+        if matches!(r, Poll::Ready(Ok(n)) if n > 0) {
+            self.progress.moved();
+        }
+        r
+    }
+
+    fn is_write_vectored(&self) -> bool {
+        self.inner.is_write_vectored()
+    }
+
+    fn poll_flush(mut self: Pin<&mut Self>, cx: &mut TaskContext<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.inner).poll_flush(cx)
+    }
+
+    fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut TaskContext<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.inner).poll_shutdown(cx)
     }
 }
 

@@ -123,6 +123,8 @@ where
                 .await
         }
         ClientVersion::Http2 => {
+            let io = guard::Moving::new(io);
+            let progress = io.progress();
             // The frames of all the streams one turn of the connection answers, in one write.
             let (io, flusher) = batch::batched(io);
             let conn = hyper::server::conn::http2::Builder::new(TokioExecutor::new())
@@ -135,9 +137,17 @@ where
                     tokio::pin!(conn);
                     let started = std::pin::pin!(draining.started());
                     let started = Woken::new(started);
+                    // Idle (no byte either way for the idle timeout): told to go away as when
+                    // the node drains; its open streams, if any, are served to their end.
+                    let watch = std::pin::pin!(guard::watch(&progress));
+                    let watch = Woken::new(watch);
                     tokio::select! {
                         served = conn.as_mut() => return Ok(served),
                         _ = started => conn.as_mut().engine().graceful_shutdown(),
+                        why = watch => {
+                            debug!(%why, "HTTP/2 client connection: GOAWAY");
+                            conn.as_mut().engine().graceful_shutdown();
+                        }
                     }
                     let cut = std::pin::pin!(draining.cut());
                     let cut = Woken::new(cut);

@@ -208,23 +208,25 @@ fn owned_values_keep_no_read_buffer_alive() {
     assert_eq!(headers.len(), 5);
 }
 
-/// Serves one accepted connection with [`serve`], answering 200 to every request; returns
-/// how many requests it served and why it was cut.
-async fn served_alone() -> (
-    SocketAddr,
+/// Serves one connection with [`serve`], answering 200 to every request: the client's end of
+/// an in-memory stream (no socket: with tokio's clock paused, time moves only when every task
+/// waits on a timer, never while bytes are on their way), and how many requests it served and
+/// why it was cut once it ends.
+fn served_alone(
+    version: ClientVersion,
+) -> (
+    tokio::io::DuplexStream,
     tokio::sync::oneshot::Receiver<(u64, Option<String>)>,
 ) {
-    let l = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let addr = l.local_addr().unwrap();
+    let (client, server) = tokio::io::duplex(64 * 1024);
     let (tx, rx) = tokio::sync::oneshot::channel();
     tokio::spawn(async move {
-        let (s, _) = l.accept().await.unwrap();
         let telemetry = Arc::new(crate::telemetry::Telemetry::new("node-1", 16));
         let mut record = ConnectionRecord::accepted(&telemetry);
         let template = record.requests();
         let served = serve(
-            s,
-            ClientVersion::Http1,
+            server,
+            version,
             60 * 1024,
             &template,
             &mut record,
@@ -234,11 +236,11 @@ async fn served_alone() -> (
         .await;
         let _ = tx.send(served);
     });
-    (addr, rx)
+    (client, rx)
 }
 
 /// Reads one response head (the responses here have no body).
-async fn response_head(c: &mut TcpStream) -> String {
+async fn response_head(c: &mut tokio::io::DuplexStream) -> String {
     let mut head = Vec::new();
     let mut byte = [0u8; 1];
     while !head.ends_with(b"\r\n\r\n") {
@@ -252,8 +254,7 @@ async fn response_head(c: &mut TcpStream) -> String {
 
 #[tokio::test(start_paused = true)]
 async fn a_keep_alive_connection_idle_for_minutes_serves_on() {
-    let (addr, served) = served_alone().await;
-    let mut c = TcpStream::connect(addr).await.unwrap();
+    let (mut c, served) = served_alone(ClientVersion::Http1);
     let request = b"GET / HTTP/1.1\r\nHost: a\r\n\r\n";
     c.write_all(request).await.unwrap();
     assert!(response_head(&mut c).await.starts_with("HTTP/1.1 200"));
@@ -271,8 +272,7 @@ async fn a_keep_alive_connection_idle_for_minutes_serves_on() {
 
 #[tokio::test(start_paused = true)]
 async fn a_connection_idle_for_an_hour_is_closed() {
-    let (addr, served) = served_alone().await;
-    let mut c = TcpStream::connect(addr).await.unwrap();
+    let (mut c, served) = served_alone(ClientVersion::Http1);
     c.write_all(b"GET / HTTP/1.1\r\nHost: a\r\n\r\n")
         .await
         .unwrap();
@@ -293,8 +293,7 @@ async fn a_connection_idle_for_an_hour_is_closed() {
 
 #[tokio::test(start_paused = true)]
 async fn a_trickled_request_head_is_cut_after_its_timeout() {
-    let (addr, served) = served_alone().await;
-    let mut c = TcpStream::connect(addr).await.unwrap();
+    let (mut c, served) = served_alone(ClientVersion::Http1);
     // A connection left idle first: the head's time runs from its first bytes.
     tokio::time::sleep(Duration::from_secs(90)).await;
     let started = tokio::time::Instant::now();
@@ -339,4 +338,37 @@ fn a_response_loses_its_hop_by_hop_headers_and_keeps_the_rest() {
     none.insert("x-app", HeaderValue::from_static("1"));
     strip_hop_by_hop(&mut none);
     assert_eq!(none.len(), 1);
+}
+
+#[tokio::test(start_paused = true)]
+async fn an_http2_connection_idle_for_an_hour_is_told_to_go_away() {
+    let (c, served) = served_alone(ClientVersion::Http2);
+    let (mut send, conn) =
+        hyper::client::conn::http2::handshake(TokioExecutor::new(), TokioIo::new(c))
+            .await
+            .unwrap();
+    let conn = tokio::spawn(conn);
+    let get = || {
+        Request::get("http://a/")
+            .body(http_body_util::Empty::<Bytes>::new())
+            .unwrap()
+    };
+    let resp = send.send_request(get()).await.unwrap();
+    assert_eq!(resp.status(), 200);
+    tokio::time::sleep(Duration::from_secs(10 * 60)).await;
+    let resp = send.send_request(get()).await.unwrap();
+    assert_eq!(resp.status(), 200, "after 10 minutes idle");
+    let idle = tokio::time::Instant::now();
+    // The client's connection ends cleanly: told to go away (`GOAWAY`), not cut.
+    tokio::time::timeout(guard::IDLE_TIMEOUT * 2, conn)
+        .await
+        .expect("still open two idle timeouts after its last request")
+        .unwrap()
+        .unwrap();
+    let after = idle.elapsed();
+    assert!(
+        after >= guard::IDLE_TIMEOUT && after <= guard::IDLE_TIMEOUT * 5 / 4,
+        "gone after {after:?}"
+    );
+    assert_eq!(served.await.unwrap().0, 2);
 }
