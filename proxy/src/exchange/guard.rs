@@ -32,14 +32,14 @@ use crate::l7::hygiene::{self, Feed, H1Guard, Violation};
 /// as a request line it answers 400 to, and the violation is kept for the record.
 pub struct Guarded<S: AsyncRead + AsyncWrite + Send + Unpin + 'static> {
     /// Taken on drop, to drain it (see `Drop`).
-    inner: Option<S>,
+    inner: Option<Moving<S>>,
     guard: H1Guard,
     /// Bytes released by the guard, not yet read by the server.
     pending: Bytes,
     refusal: Arc<Mutex<Option<Violation>>>,
     /// The HTTP parser's own head limit.
     parser_limit: usize,
-    /// What [`watch`] reads.
+    /// What [`watch`] reads (the stream's [`Moving`] counts what moves).
     progress: Arc<Progress>,
     /// Whether the guard held part of a head after the last read.
     holding: bool,
@@ -194,13 +194,14 @@ pub async fn watch(progress: &Progress) -> String {
 
 impl<S: AsyncRead + AsyncWrite + Send + Unpin + 'static> Guarded<S> {
     pub fn new(inner: S, max_head: usize, refusal: Arc<Mutex<Option<Violation>>>) -> Guarded<S> {
+        let inner = Moving::new(inner);
         Guarded {
+            progress: inner.progress(),
             inner: Some(inner),
             guard: H1Guard::new(max_head),
             pending: Bytes::new(),
             refusal,
             parser_limit: parser_limit(max_head),
-            progress: Arc::default(),
             holding: false,
         }
     }
@@ -241,7 +242,6 @@ impl<S: AsyncRead + AsyncWrite + Send + Unpin + 'static> AsyncRead for Guarded<S
             if read.is_empty() {
                 return Poll::Ready(Ok(()));
             }
-            this.progress.moved();
             if this.guard.pass(read) {
                 // Nothing was held (or it would not pass), and nothing is now.
                 return Poll::Ready(Ok(()));
@@ -264,7 +264,7 @@ impl<S: AsyncRead + AsyncWrite + Send + Unpin + 'static> AsyncRead for Guarded<S
 }
 
 impl<S: AsyncRead + AsyncWrite + Send + Unpin + 'static> Guarded<S> {
-    fn stream(&mut self) -> &mut S {
+    fn stream(&mut self) -> &mut Moving<S> {
         self.inner.as_mut().expect("present until dropped")
     }
 }
@@ -310,11 +310,7 @@ impl<S: AsyncRead + AsyncWrite + Send + Unpin + 'static> AsyncWrite for Guarded<
         cx: &mut TaskContext<'_>,
         buf: &[u8],
     ) -> Poll<io::Result<usize>> {
-        let r = Pin::new(self.stream()).poll_write(cx, buf);
-        if matches!(r, Poll::Ready(Ok(n)) if n > 0) {
-            self.progress.moved();
-        }
-        r
+        Pin::new(self.stream()).poll_write(cx, buf)
     }
 
     fn poll_write_vectored(
@@ -322,11 +318,7 @@ impl<S: AsyncRead + AsyncWrite + Send + Unpin + 'static> AsyncWrite for Guarded<
         cx: &mut TaskContext<'_>,
         bufs: &[io::IoSlice<'_>],
     ) -> Poll<io::Result<usize>> {
-        let r = Pin::new(self.stream()).poll_write_vectored(cx, bufs);
-        if matches!(r, Poll::Ready(Ok(n)) if n > 0) {
-            self.progress.moved();
-        }
-        r
+        Pin::new(self.stream()).poll_write_vectored(cx, bufs)
     }
 
     fn is_write_vectored(&self) -> bool {
@@ -342,8 +334,8 @@ impl<S: AsyncRead + AsyncWrite + Send + Unpin + 'static> AsyncWrite for Guarded<
     }
 }
 
-/// An HTTP/2 client connection's stream, counting what moves for [`watch`] (which, with no
-/// guard to note heads, closes it only for idleness).
+/// A client connection's stream, counting what moves for [`watch`]: under the HTTP/1.1 guard,
+/// and on its own for an HTTP/2 client (with no guard to note heads, closed only for idleness).
 pub struct Moving<S> {
     inner: S,
     progress: Arc<Progress>,
