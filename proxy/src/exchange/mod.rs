@@ -34,6 +34,7 @@ use self::guard::{parser_limit, Guarded};
 use crate::admin::api::{HttpFlow, RequestTexts, Texts, Verdict, NO_FLAGS};
 use crate::batch;
 use crate::drain::Draining;
+use crate::l7::hygiene;
 use crate::l7::respond::{self, Flag};
 use crate::relay::Woken;
 use crate::telemetry::{ConnectionRecord, RequestRecord, RequestTemplate};
@@ -170,7 +171,7 @@ where
             // Not HTTP: answered 400/431 by the server, recorded as a request that went nowhere.
             let refused = refusal.lock().take();
             let status = match &refused {
-                Some(crate::l7::hygiene::Violation::HeadTooLarge(_)) => 431,
+                Some(hygiene::Violation::HeadTooLarge(_)) => 431,
                 _ if e.is_parse_too_large() => 431,
                 _ => 400,
             };
@@ -213,7 +214,9 @@ where
     F: Fn(R) -> Fut,
     Fut: Future<Output = Response<ResponseBody>> + Send + 'static,
 {
-    let fut = Box::pin(handle(req));
+    // Written into its allocation where the compiler can: boxing a future already made copies
+    // all of it.
+    let fut = Box::into_pin(Box::write(Box::<Fut>::new_uninit(), handle(req)));
     async move {
         let mut response = fut.await;
         if version == ClientVersion::Http1
@@ -334,7 +337,7 @@ impl ClientHeaders {
     pub fn of(headers: &HeaderMap) -> ClientHeaders {
         ClientHeaders {
             user_agent: headers.get(header::USER_AGENT).cloned(),
-            forwarded_for: headers.get("x-forwarded-for").cloned(),
+            forwarded_for: headers.get(hygiene::X_FORWARDED_FOR).cloned(),
         }
     }
 
@@ -364,10 +367,14 @@ pub fn is_grpc(headers: &HeaderMap) -> bool {
         .is_some_and(|rest| rest.is_empty() || rest.starts_with('+') || rest.starts_with(';'))
 }
 
+/// A header name looked up by a `HeaderName` already made: a `&str` is parsed and checked
+/// at every lookup.
+const GRPC_STATUS: header::HeaderName = header::HeaderName::from_static("grpc-status");
+
 /// The `grpc-status` of a response head or trailers.
 pub fn grpc_status(headers: &HeaderMap) -> Option<u16> {
     headers
-        .get("grpc-status")
+        .get(GRPC_STATUS)
         .and_then(|v| v.to_str().ok())
         .and_then(|v| v.trim().parse().ok())
 }
@@ -450,7 +457,7 @@ pub fn strip_hop_by_hop(headers: &mut HeaderMap) {
         header::UPGRADE,
     ];
     // Only those present are looked up again: most responses carry one or none.
-    let present = crate::l7::hygiene::present(headers, &HOP_BY_HOP);
+    let present = hygiene::present(headers, &HOP_BY_HOP);
     if present != 0 {
         for (i, name) in HOP_BY_HOP.iter().enumerate() {
             if present & (1 << i) != 0 {

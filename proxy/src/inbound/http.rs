@@ -19,6 +19,7 @@ use crate::exchange::{
 };
 use crate::identity::SpiffeId;
 use crate::inputs::ProxyInputs;
+use crate::l7::hygiene;
 use crate::l7::respond::Flag;
 use crate::policy::{Decision, HttpRequest};
 use crate::registry::{Pod, Service};
@@ -126,7 +127,7 @@ async fn request(
     let path = parts.uri.path_and_query().map_or("/", |p| p.as_str());
     let request_id = parts
         .headers
-        .get("x-request-id")
+        .get(hygiene::X_REQUEST_ID)
         .and_then(|v| v.to_str().ok());
     let texts = ClientHeaders::of(&parts.headers).texts(&authority, path, request_id);
     let mut record = template.start(HttpFlow {

@@ -329,8 +329,8 @@ const HOP_BY_HOP: [HeaderName; 7] = [
     http::header::TE,
     http::header::TRAILER,
 ];
-const X_FORWARDED_FOR: HeaderName = HeaderName::from_static("x-forwarded-for");
-const X_REQUEST_ID: HeaderName = HeaderName::from_static("x-request-id");
+pub const X_FORWARDED_FOR: HeaderName = HeaderName::from_static("x-forwarded-for");
+pub const X_REQUEST_ID: HeaderName = HeaderName::from_static("x-request-id");
 
 /// Prepares a request's headers for the upstream: removes hop-by-hop headers (and those the
 /// `Connection` header names), keeps `Upgrade` when the request is an upgrade, generates

@@ -258,20 +258,17 @@ impl HttpPath {
             &conn.template,
             &mut record,
             &self.inputs.draining,
-            move |req| {
-                let this = this.clone();
-                let conn = c.clone();
-                async move { this.request(req, &conn).await }
-            },
+            // The request's own future, not one around it: it is boxed once, as it is.
+            move |req| this.clone().request(req, c.clone()),
         )
         .await;
         record.finish_http(requests, error);
     }
 
     async fn request(
-        self: &Arc<Self>,
+        self: Arc<Self>,
         mut req: Request<Incoming>,
-        conn: &Arc<Conn>,
+        conn: Arc<Conn>,
     ) -> Response<ResponseBody> {
         let arrived = tokio::time::Instant::now();
         let client_authority = authority_of(&req);
@@ -448,7 +445,7 @@ impl HttpPath {
                 // Boxed: resolving is rare (a connection keeps what it resolved) and its future is large;
                 // the request's own future stays small, and cheap to move.
                 let (target, lasting) =
-                    Box::pin(self.target(backend, want.subset.as_deref(), conn, &snapshot)).await;
+                    Box::pin(self.target(backend, want.subset.as_deref(), &conn, &snapshot)).await;
                 let target = Arc::new(target);
                 if lasting {
                     conn.memo
@@ -469,11 +466,11 @@ impl HttpPath {
             record.service(service);
         }
         let authority = rewritten.as_deref().unwrap_or(&client_authority);
-        let req = self.mirror(req, conn, mirrors, authority, port);
+        let req = self.mirror(req, &conn, mirrors, authority, port);
         let mut resp = self
             .forward(
                 req,
-                conn,
+                &conn,
                 record,
                 &target,
                 snapshot,
@@ -954,11 +951,7 @@ impl HttpPath {
             let outcome = match &attempt {
                 Ok((resp, ..)) => Some(Outcome::Response {
                     status: resp.status().as_u16(),
-                    grpc: resp
-                        .headers()
-                        .get("grpc-status")
-                        .and_then(|v| v.to_str().ok())
-                        .and_then(|v| v.parse().ok()),
+                    grpc: exchange::grpc_status(resp.headers()).map(u32::from),
                 }),
                 Err(f) => f.outcome(per_try),
             };

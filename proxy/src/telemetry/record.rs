@@ -461,30 +461,55 @@ impl RequestTemplate {
         let mut flow = (*self.flow).clone();
         flow.time = OffsetDateTime::now_utc();
         flow.http = Some(http);
-        RequestRecord {
-            telemetry: self.telemetry.clone(),
-            flow,
-            report: self.report.clone(),
-            destinations: self.destinations.clone(),
-            kept: self.kept.clone(),
-            to: None,
-            destination: None,
-            service: None,
-            delivered_here: false,
-            grpc: false,
-            messages: (0, 0),
-            spans: Vec::new(),
-            started: Instant::now(),
-            emitted: false,
-            delay_injected: false,
-            retries_exhausted: false,
-        }
+        // Written into its allocation, not made and then copied there.
+        RequestRecord(Box::write(
+            Box::new_uninit(),
+            Requested {
+                telemetry: self.telemetry.clone(),
+                flow,
+                report: self.report.clone(),
+                destinations: self.destinations.clone(),
+                kept: self.kept.clone(),
+                to: None,
+                destination: None,
+                service: None,
+                delivered_here: false,
+                grpc: false,
+                messages: (0, 0),
+                spans: Vec::new(),
+                started: Instant::now(),
+                emitted: false,
+                delay_injected: false,
+                retries_exhausted: false,
+            },
+        ))
     }
 }
 
 /// One record per HTTP request: a flow whose `http` says what was asked and answered, emitted
 /// once, by [`RequestRecord::finish`] or on drop (the client went away before the answer).
-pub struct RequestRecord {
+///
+/// Boxed: a request's record goes with it through routing, each attempt and the response's
+/// body, and a pointer moves where half a kilobyte would be copied at every step (and held
+/// twice in the futures that take it).
+pub struct RequestRecord(Box<Requested>);
+
+impl std::ops::Deref for RequestRecord {
+    type Target = Requested;
+
+    fn deref(&self) -> &Requested {
+        &self.0
+    }
+}
+
+impl std::ops::DerefMut for RequestRecord {
+    fn deref_mut(&mut self) -> &mut Requested {
+        &mut self.0
+    }
+}
+
+/// What a [`RequestRecord`] holds.
+pub struct Requested {
     telemetry: Arc<Telemetry>,
     flow: Flow,
     /// The connection's report; the destination and Service this request went to replace
@@ -547,8 +572,8 @@ impl RequestRecord {
 
     /// Where this request went, to change (see [`RequestRecord::to`]).
     fn to(&mut self) -> &mut FlowDestination {
-        let flow = &self.flow;
-        self.to.get_or_insert_with(|| (*flow.destination).clone())
+        let r = &mut *self.0;
+        r.to.get_or_insert_with(|| (*r.flow.destination).clone())
     }
 
     /// The routing rule that matched.
