@@ -449,17 +449,11 @@ where
 
 /// Response headers that belong to the upstream connection, not the message.
 pub fn strip_hop_by_hop(headers: &mut HeaderMap) {
-    const HOP_BY_HOP: [header::HeaderName; 5] = [
-        header::CONNECTION,
-        header::HeaderName::from_static("keep-alive"),
-        header::HeaderName::from_static("proxy-connection"),
-        header::TRANSFER_ENCODING,
-        header::UPGRADE,
-    ];
+    let names = &hygiene::HOP_BY_HOP[..hygiene::CONNECTION_OWN];
     // Only those present are looked up again: most responses carry one or none.
-    let present = hygiene::present(headers, &HOP_BY_HOP);
+    let present = hygiene::present(headers, names);
     if present != 0 {
-        for (i, name) in HOP_BY_HOP.iter().enumerate() {
+        for (i, name) in names.iter().enumerate() {
             if present & (1 << i) != 0 {
                 headers.remove(name);
             }

@@ -319,8 +319,9 @@ fn head(head: &[u8]) -> Result<State, Violation> {
 }
 
 /// Headers that describe one connection, not the message (RFC 9110 §7.6.1), plus what hyper
-/// frames itself.
-const HOP_BY_HOP: [HeaderName; 7] = [
+/// frames itself. The first [`CONNECTION_OWN`] are the connection's own in a response too
+/// (`te` and `trailer` are a request's, or announce a response's trailers).
+pub const HOP_BY_HOP: [HeaderName; 7] = [
     http::header::CONNECTION,
     HeaderName::from_static("keep-alive"),
     HeaderName::from_static("proxy-connection"),
@@ -329,6 +330,8 @@ const HOP_BY_HOP: [HeaderName; 7] = [
     http::header::TE,
     http::header::TRAILER,
 ];
+/// How many of [`HOP_BY_HOP`] a response's connection owns.
+pub const CONNECTION_OWN: usize = 5;
 pub const X_FORWARDED_FOR: HeaderName = HeaderName::from_static("x-forwarded-for");
 pub const X_REQUEST_ID: HeaderName = HeaderName::from_static("x-request-id");
 
