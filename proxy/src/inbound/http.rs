@@ -5,6 +5,7 @@
 
 use std::net::SocketAddr;
 use std::sync::Arc;
+use std::time::Instant;
 
 use http::{Request, Response};
 use hyper::body::Incoming;
@@ -81,7 +82,7 @@ pub async fn serve<S>(
         let version = t.t.version.as_version();
         match Sender::handshake(tcp, version, Reuse::default(), ()).await {
             Ok(sender) => {
-                clients.checkin(&pool_key(&inputs, &t, version), sender);
+                clients.checkin(&pool_key(&inputs, &t, version), sender, Instant::now());
             }
             Err(e) => {
                 tracing::debug!(error = %e, pod = %t.t.target, "handshake with the pod failed")
@@ -167,8 +168,8 @@ async fn request(
     let key = pool_key(inputs, tunnel, version);
     let sent = Counter::for_request(record.is_grpc());
     let req = upstream_request(Request::from_parts(parts, body), version, &authority, &sent);
-    let sent_at = std::time::Instant::now();
-    let mut sender = match clients.checkout(&key) {
+    let sent_at = Instant::now();
+    let mut sender = match clients.checkout(&key, sent_at) {
         Some(s) => s,
         None => {
             // Boxed: opening is rare and its future large; the request's stays small.
@@ -206,7 +207,10 @@ async fn request(
     };
     match sender.send(req).await {
         Ok(mut resp) => {
-            record.upstream_service_time(sent_at.elapsed());
+            // One reading for both: how long the answer took, and since when the connection
+            // that carried it is idle.
+            let answered = Instant::now();
+            record.upstream_service_time(answered - sent_at);
             let switching = resp.status() == http::StatusCode::SWITCHING_PROTOCOLS
                 || (upgrade && resp.status().is_success() && record.method() == "CONNECT");
             if let (true, Some(client_upgrade)) = (switching, client_upgrade) {
@@ -222,7 +226,7 @@ async fn request(
                 record.finish(Verdict::Forwarded, status, NO_FLAGS, None::<&str>);
                 return Response::from_parts(parts, exchange::empty());
             }
-            clients.checkin(&key, sender);
+            clients.checkin(&key, sender, answered);
             exchange::client_response(resp, t.version, record, sent, None, None::<()>)
         }
         Err(e) => own(

@@ -919,10 +919,13 @@ impl HttpPath {
             cluster::inc(&stats.rq_total);
             let sent_at = std::time::Instant::now();
             let attempt = self
-                .attempt(req, reach, conn, target, &up.state, try_deadline)
+                .attempt(req, reach, conn, target, &up.state, try_deadline, sent_at)
                 .await;
+            // One reading for both: how long the answer took, and since when the connection
+            // that carried it is idle.
+            let answered = std::time::Instant::now();
             if attempt.is_ok() {
-                record.upstream_service_time(sent_at.elapsed());
+                record.upstream_service_time(answered - sent_at);
             }
             let per_try = try_deadline != deadline;
             if let Some(d) = &target.detection {
@@ -1009,7 +1012,7 @@ impl HttpPath {
                 record.finish(Verdict::Forwarded, status, NO_FLAGS, None::<&str>);
                 return Response::from_parts(parts, empty());
             }
-            if !self.clients.checkin(&reach.key, sender) {
+            if !self.clients.checkin(&reach.key, sender, answered) {
                 cluster::inc(&stats.cx_max_requests);
             }
             target.cluster.free();
@@ -1119,7 +1122,9 @@ impl HttpPath {
 
     /// One attempt: a kept or new connection to `reach`, the request sent on it, its response
     /// head read, all by `deadline`. Past it the request is dropped: hyper cancels it upstream
-    /// (an HTTP/1.1 connection is closed, an HTTP/2 stream reset).
+    /// (an HTTP/1.1 connection is closed, an HTTP/2 stream reset). `now`: the clock as it
+    /// starts.
+    #[allow(clippy::too_many_arguments)]
     async fn attempt(
         &self,
         req: Request<upstream::Body>,
@@ -1128,16 +1133,17 @@ impl HttpPath {
         target: &Target,
         endpoint: &Arc<EndpointState>,
         deadline: Option<tokio::time::Instant>,
+        mut now: std::time::Instant,
     ) -> Result<(Response<Received>, Sender, InFlight), Failure> {
         let (cluster, limits) = (&target.cluster, &target.limits);
         // Counted waiting for a connection while the cluster may open no more.
         let mut pending = None;
         let mut sender = loop {
-            if let Some(s) = self.clients.checkout(&reach.key) {
+            if let Some(s) = self.clients.checkout(&reach.key, now) {
                 break s;
             }
             if pending.is_some() {
-                if let Some(s) = self.clients.checkout_any(&reach.key) {
+                if let Some(s) = self.clients.checkout_any(&reach.key, now) {
                     break s;
                 }
             }
@@ -1179,6 +1185,7 @@ impl HttpPath {
             if within(deadline, freed).await.is_none() {
                 return Err(Failure::WaitedOut);
             }
+            now = std::time::Instant::now();
         };
         drop(pending);
         // Counted in flight once on a connection (waiting for one, it was pending), as Envoy.

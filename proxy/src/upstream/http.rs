@@ -550,16 +550,17 @@ impl HttpPool {
         }
     }
 
-    /// A connection for `key` that can take a request now, if one is kept by this worker.
-    pub fn checkout(&self, key: &PoolKey) -> Option<Sender> {
+    /// A connection for `key` that can take a request `now` (the caller's clock reading, as
+    /// it sends), if one is kept by this worker.
+    pub fn checkout(&self, key: &PoolKey, now: Instant) -> Option<Sender> {
         self.retire(key);
         let local = Local::here(key);
-        Self::take(self.shard(&local), &local)
+        Self::take(self.shard(&local), &local, now)
     }
 
     /// The same from any worker's connections (a request waiting for a connection, when the
     /// destination may open no more, takes the first one free anywhere).
-    pub fn checkout_any(&self, key: &PoolKey) -> Option<Sender> {
+    pub fn checkout_any(&self, key: &PoolKey, now: Instant) -> Option<Sender> {
         self.shards.iter().find_map(|shard| {
             let workers: Vec<Local> = match key.version {
                 Version::Http1 => shard
@@ -577,12 +578,13 @@ impl HttpPool {
                     .cloned()
                     .collect(),
             };
-            workers.iter().find_map(|local| Self::take(shard, local))
+            workers
+                .iter()
+                .find_map(|local| Self::take(shard, local, now))
         })
     }
 
-    fn take(shard: &Shard, local: &Local) -> Option<Sender> {
-        let now = Instant::now();
+    fn take(shard: &Shard, local: &Local, now: Instant) -> Option<Sender> {
         match local.key.version {
             Version::Http2 => {
                 let mut map = shard.http2.lock();
@@ -597,25 +599,33 @@ impl HttpPool {
             Version::Http1 => {
                 let mut map = shard.http1.lock();
                 let idle = map.get_mut(local)?;
-                idle.retain(|s| s.reusable(now));
-                // A sender whose response is still being read is not ready: leave it.
-                let ready = idle.iter().position(Sender::is_ready)?;
-                Some(idle.swap_remove(ready))
+                // A sender whose response is still being read is not ready: leave it. Only the
+                // one handed out is looked at further: one that may not be used again is let
+                // go, and the next looked for (the rest are let go at a check-in once closed,
+                // or by their own task once idle too long).
+                loop {
+                    let ready = idle.iter().position(Sender::is_ready)?;
+                    let sender = idle.swap_remove(ready);
+                    if sender.reusable(now) {
+                        return Some(sender);
+                    }
+                }
             }
         }
     }
 
     /// Keeps `sender` for the next request to `key` (an HTTP/1.1 one is reused once the
-    /// response it is carrying has been read). `false`: it has carried as many requests as
-    /// it may, and is let go (closed once its response is read).
-    pub fn checkin(&self, key: &PoolKey, mut sender: Sender) -> bool {
+    /// response it is carrying has been read), idle from `now` (the caller's clock reading, as
+    /// the response came). `false`: it has carried as many requests as it may, and is let go
+    /// (closed once its response is read).
+    pub fn checkin(&self, key: &PoolKey, mut sender: Sender, now: Instant) -> bool {
         if sender.spent() {
             return false;
         }
         if sender.is_closed() || key.generation < self.generation.load(Ordering::Acquire) {
             return true;
         }
-        sender.idle_since = Instant::now();
+        sender.idle_since = now;
         let local = Local::here(key);
         let shard = self.shard(&local);
         match sender.conn {
@@ -695,7 +705,7 @@ mod tests {
     }
 
     async fn get(pool: &HttpPool, key: &PoolKey) -> String {
-        let mut sender = match pool.checkout(key) {
+        let mut sender = match pool.checkout(key, Instant::now()) {
             Some(s) => s,
             None => {
                 let io = tokio::net::TcpStream::connect(key.endpoint).await.unwrap();
@@ -709,7 +719,7 @@ mod tests {
             .body(Empty::new().map_err(|e| match e {}).boxed())
             .unwrap();
         let resp = sender.send(req).await.unwrap();
-        pool.checkin(key, sender);
+        pool.checkin(key, sender, Instant::now());
         let body = resp.into_body().collect().await.unwrap().to_bytes();
         String::from_utf8(body.to_vec()).unwrap()
     }
@@ -739,7 +749,7 @@ mod tests {
                 "{version:?}: after a change"
             );
             assert!(
-                pool.checkout(&key).is_none(),
+                pool.checkout(&key, Instant::now()).is_none(),
                 "{version:?}: older ones let go"
             );
         }
@@ -762,23 +772,66 @@ mod tests {
                 idle_timeout: None,
             })
             .await;
-            assert!(!pool.checkin(&key, once), "{version:?}: spent after one");
-            assert!(pool.checkout(&key).is_none());
+            assert!(
+                !pool.checkin(&key, once, Instant::now()),
+                "{version:?}: spent after one"
+            );
+            assert!(pool.checkout(&key, Instant::now()).is_none());
             let idle = send(Reuse {
                 max_requests: 0,
                 idle_timeout: Some(std::time::Duration::from_millis(50)),
             })
             .await;
-            assert!(pool.checkin(&key, idle));
+            assert!(pool.checkin(&key, idle, Instant::now()));
             tokio::task::yield_now().await;
-            let again = pool.checkout(&key).expect("reused while fresh");
-            pool.checkin(&key, again);
+            let again = pool
+                .checkout(&key, Instant::now())
+                .expect("reused while fresh");
+            pool.checkin(&key, again, Instant::now());
             tokio::time::sleep(std::time::Duration::from_millis(120)).await;
             assert!(
-                pool.checkout(&key).is_none(),
+                pool.checkout(&key, Instant::now()).is_none(),
                 "{version:?}: idle too long, let go"
             );
         }
+    }
+
+    #[tokio::test]
+    async fn a_connection_kept_too_long_is_passed_over_for_a_fresher_one() {
+        let version = Version::Http1;
+        let addr = server(version).await;
+        let pool = HttpPool::default();
+        let key = direct(addr, version);
+        let reuse = Reuse {
+            max_requests: 0,
+            idle_timeout: Some(std::time::Duration::from_secs(10)),
+        };
+        let used = || async move {
+            let io = tokio::net::TcpStream::connect(addr).await.unwrap();
+            let mut s = Sender::handshake(io, version, reuse, ()).await.unwrap();
+            send_one(&mut s, addr).await;
+            s
+        };
+        let (old, fresh) = (used().await, used().await);
+        tokio::task::yield_now().await;
+        // The clock is the callers' reading: 12 s on, one has been kept 12 s, the other 4 s.
+        let t0 = Instant::now();
+        let secs = std::time::Duration::from_secs;
+        assert!(pool.checkin(&key, old, t0));
+        assert!(pool.checkin(&key, fresh, t0 + secs(8)));
+        let s = pool.checkout(&key, t0 + secs(12)).expect("the fresher one");
+        assert_eq!(s.idle_since, t0 + secs(8), "the one kept 4 s");
+        assert_eq!(pool.kept().0, 0, "the one kept 12 s is let go");
+        assert!(pool.checkin(&key, s, t0 + secs(12)));
+        assert!(
+            pool.checkout(&key, t0 + secs(21)).is_some(),
+            "9 s: still fresh"
+        );
+        assert!(pool.checkin(&key, used().await, t0 + secs(21)));
+        assert!(
+            pool.checkout(&key, t0 + secs(32)).is_none(),
+            "11 s: too long"
+        );
     }
 
     /// A connection of `version` to a test server, idle for 300 ms at most, and what tells
@@ -815,7 +868,7 @@ mod tests {
             send_one(&mut s, addr).await;
             let pool = HttpPool::default();
             let key = direct(addr, version);
-            assert!(pool.checkin(&key, s));
+            assert!(pool.checkin(&key, s, Instant::now()));
             let started = Instant::now();
             // The connection's task lets go of what holds it open once it is closed.
             let _ = tokio::time::timeout(Duration::from_secs(3), closed_rx).await;
@@ -825,7 +878,7 @@ mod tests {
                 "{version:?}: closed after {took:?}"
             );
             assert!(
-                pool.checkout(&key).is_none(),
+                pool.checkout(&key, Instant::now()).is_none(),
                 "{version:?}: closed, not reused"
             );
         }
@@ -880,11 +933,14 @@ mod tests {
             .body(Empty::new().map_err(|e| match e {}).boxed())
             .unwrap();
         let resp = sender.send(req).await.unwrap();
-        pool.checkin(&key, sender);
-        assert!(pool.checkout(&key).is_none(), "the body is still coming");
+        pool.checkin(&key, sender, Instant::now());
+        assert!(
+            pool.checkout(&key, Instant::now()).is_none(),
+            "the body is still coming"
+        );
         resp.into_body().collect().await.unwrap();
         tokio::task::yield_now().await;
-        assert!(pool.checkout(&key).is_some());
+        assert!(pool.checkout(&key, Instant::now()).is_some());
     }
 
     async fn h2_sender(addr: SocketAddr, hold: impl Send + 'static) -> Sender {
