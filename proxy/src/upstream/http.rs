@@ -13,6 +13,8 @@
 //! A connection with no request sent and no byte moved for its idle timeout (DestinationRule
 //! `connectionPool.http.idleTimeout`, Istio's default 1 h) is closed by its own task, whether
 //! or not another request comes: nothing is kept open for an endpoint nobody calls any more.
+//! The pool itself reads no clock: a request hands it its own readings (as it is sent, as its
+//! answer came), and a connection kept longer than its idle timeout by them is not handed out.
 
 use std::collections::HashMap;
 use std::net::SocketAddr;
